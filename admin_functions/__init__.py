@@ -1,0 +1,199 @@
+"""Management routes (API.md section 3): HTTP in, calls into shared.manage, JSON out."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import azure.functions as func
+import orjson
+from azurefunctions.extensions.http.fastapi import Request, Response
+from starlette.responses import Response as StarletteResponse
+
+from shared import manage
+from shared.errors import ProxyError
+from shared.manage import Caller
+from shared.pipeline import error_response, new_request_id
+from shared.runtime import get_runtime
+from shared.tables import StorageUnavailable
+
+bp = func.Blueprint()
+
+_FUNCTION = func.AuthLevel.FUNCTION
+
+
+def _json(data: Any, status: int = 200) -> StarletteResponse:
+    return StarletteResponse(orjson.dumps(data), status, media_type="application/json")
+
+
+async def _body(req: Any) -> dict[str, Any]:
+    raw = await req.body()
+    try:
+        body = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise ProxyError("invalid_request", f"The body is not valid JSON ({exc.msg}).") from exc
+    if not isinstance(body, dict):
+        raise ProxyError("invalid_request", "The body must be a JSON object.")
+    return body
+
+
+def _caller(req: Any) -> Caller:
+    from shared.principal import owner_of
+
+    return Caller(owner=owner_of(req.headers, get_runtime().settings))
+
+
+async def _answer(work: Callable[[], Awaitable[StarletteResponse]]) -> StarletteResponse:
+    try:
+        return await work()
+    except ProxyError as error:
+        return error_response(error, new_request_id())
+    except StorageUnavailable:
+        error = ProxyError(
+            "storage_unavailable", "Storage is not reachable. Retry in a few seconds."
+        )
+        return error_response(error, new_request_id())
+
+
+@bp.route(route="manage/events", methods=["GET", "POST"], auth_level=_FUNCTION)
+async def manage_events(req: Request) -> Response:
+    async def work() -> StarletteResponse:
+        runtime, caller = get_runtime(), _caller(req)
+        if req.method == "POST":
+            created = await manage.create_event(runtime, caller, await _body(req))
+            return _json(created.to_json(), 201)
+        return _json([e.to_json() for e in await manage.list_events(runtime, caller)])
+
+    return await _answer(work)
+
+
+@bp.route(
+    route="manage/events/{event_id}", methods=["GET", "PATCH", "DELETE"], auth_level=_FUNCTION
+)
+async def manage_event(req: Request) -> Response:
+    event_id = req.path_params["event_id"]
+
+    async def work() -> StarletteResponse:
+        runtime, caller = get_runtime(), _caller(req)
+        if req.method == "PATCH":
+            changed = await manage.update_event(runtime, caller, event_id, await _body(req))
+            return _json(changed.to_json())
+        if req.method == "DELETE":
+            force = req.query_params.get("force", "").lower() == "true"
+            await manage.delete_event(runtime, caller, event_id, force=force)
+            return StarletteResponse(status_code=204)
+        return _json((await manage.event(runtime, caller, event_id)).to_json())
+
+    return await _answer(work)
+
+
+@bp.route(route="manage/resources", methods=["GET", "POST"], auth_level=_FUNCTION)
+async def manage_resources(req: Request) -> Response:
+    async def work() -> StarletteResponse:
+        runtime, caller = get_runtime(), _caller(req)
+        if req.method == "POST":
+            created = await manage.create_resource(runtime, caller, await _body(req))
+            return _json(created.to_json(), 201)
+        return _json([r.to_json() for r in await manage.list_resources(runtime, caller)])
+
+    return await _answer(work)
+
+
+@bp.route(
+    route="manage/resources/{resource_id}", methods=["GET", "PATCH", "DELETE"], auth_level=_FUNCTION
+)
+async def manage_resource(req: Request) -> Response:
+    resource_id = req.path_params["resource_id"]
+
+    async def work() -> StarletteResponse:
+        runtime, caller = get_runtime(), _caller(req)
+        if req.method == "PATCH":
+            changed = await manage.update_resource(runtime, caller, resource_id, await _body(req))
+            return _json(changed.to_json())
+        if req.method == "DELETE":
+            await manage.delete_resource(runtime, caller, resource_id)
+            return StarletteResponse(status_code=204)
+        return _json((await manage.resource(runtime, caller, resource_id)).to_json())
+
+    return await _answer(work)
+
+
+@bp.route(route="manage/events/{event_id}/resources", methods=["GET"], auth_level=_FUNCTION)
+async def manage_event_catalog(req: Request) -> Response:
+    event_id = req.path_params["event_id"]
+
+    async def work() -> StarletteResponse:
+        found = await manage.event_catalog(get_runtime(), _caller(req), event_id)
+        return _json([r.to_json() for r in found])
+
+    return await _answer(work)
+
+
+@bp.route(
+    route="manage/events/{event_id}/resources/{resource_id}",
+    methods=["PUT", "DELETE"],
+    auth_level=_FUNCTION,
+)
+async def manage_event_resource(req: Request) -> Response:
+    event_id, resource_id = req.path_params["event_id"], req.path_params["resource_id"]
+
+    async def work() -> StarletteResponse:
+        runtime, caller = get_runtime(), _caller(req)
+        if req.method == "DELETE":
+            await manage.detach(runtime, caller, event_id, resource_id)
+            return StarletteResponse(status_code=204)
+        attached = await manage.attach(runtime, caller, event_id, resource_id)
+        return _json({"event_id": event_id, "resource": attached.to_json()})
+
+    return await _answer(work)
+
+
+@bp.route(route="manage/events/{event_id}/attendees", methods=["GET", "POST"], auth_level=_FUNCTION)
+async def manage_attendees(req: Request) -> Response:
+    event_id = req.path_params["event_id"]
+
+    async def work() -> StarletteResponse:
+        runtime, caller = get_runtime(), _caller(req)
+        if req.method == "POST":
+            found, created = await manage.add_attendee(runtime, caller, event_id, await _body(req))
+            return _json(found.to_json(runtime.sealer), 201 if created else 200)
+        attendees = await manage.list_attendees(runtime, caller, event_id)
+        return _json([a.to_json() for a in attendees])
+
+    return await _answer(work)
+
+
+@bp.route(
+    route="manage/events/{event_id}/attendees/{attendee_id}",
+    methods=["GET", "DELETE"],
+    auth_level=_FUNCTION,
+)
+async def manage_attendee(req: Request) -> Response:
+    event_id, attendee_id = req.path_params["event_id"], req.path_params["attendee_id"]
+
+    async def work() -> StarletteResponse:
+        runtime, caller = get_runtime(), _caller(req)
+        if req.method == "DELETE":
+            revoked = await manage.revoke(runtime, caller, event_id, attendee_id)
+            return _json(revoked.to_json())
+        found = await manage.attendee(runtime, caller, event_id, attendee_id)
+        return _json(found.to_json(runtime.sealer))
+
+    return await _answer(work)
+
+
+@bp.route(
+    route="manage/events/{event_id}/attendees/{attendee_id}/rotate",
+    methods=["POST"],
+    auth_level=_FUNCTION,
+)
+async def manage_attendee_rotate(req: Request) -> Response:
+    event_id, attendee_id = req.path_params["event_id"], req.path_params["attendee_id"]
+
+    async def work() -> StarletteResponse:
+        runtime, caller = get_runtime(), _caller(req)
+        key = await manage.rotate(runtime, caller, event_id, attendee_id)
+        found = await manage.attendee(runtime, caller, event_id, attendee_id)
+        return _json({**found.to_json(), "api_key": key})
+
+    return await _answer(work)

@@ -1,0 +1,71 @@
+"""The Function app: HTTP and timer triggers, each a thin call into shared/."""
+
+from __future__ import annotations
+
+import azure.functions as func
+from azurefunctions.extensions.http.fastapi import Request, Response, StreamingResponse
+
+from admin_functions import bp as manage_blueprint
+from shared import pipeline, public
+
+app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+app.register_functions(manage_blueprint)
+
+
+# --- proxy: Azure OpenAI deployments paths ------------------------------------------------
+
+
+@app.route(route="openai/deployments/{deployment}/chat/completions", methods=["POST"])
+async def chat_completions(req: Request) -> StreamingResponse:
+    return await pipeline.proxy(req, pipeline.CHAT, req.path_params["deployment"])
+
+
+@app.route(route="openai/deployments/{deployment}/extensions/chat/completions", methods=["POST"])
+async def extensions_chat_completions(req: Request) -> StreamingResponse:
+    return await pipeline.proxy(req, pipeline.EXTENSIONS_CHAT, req.path_params["deployment"])
+
+
+@app.route(route="openai/deployments/{deployment}/completions", methods=["POST"])
+async def completions(req: Request) -> StreamingResponse:
+    return await pipeline.proxy(req, pipeline.COMPLETIONS, req.path_params["deployment"])
+
+
+@app.route(route="openai/deployments/{deployment}/embeddings", methods=["POST"])
+async def embeddings(req: Request) -> Response:
+    return await pipeline.proxy(req, pipeline.EMBEDDINGS, req.path_params["deployment"])
+
+
+# --- proxy: OpenAI v1 paths, the deployment is the body's "model" -------------------------
+
+
+@app.route(route="openai/v1/chat/completions", methods=["POST"])
+async def v1_chat_completions(req: Request) -> StreamingResponse:
+    return await pipeline.proxy(req, pipeline.CHAT, None)
+
+
+@app.route(route="openai/v1/completions", methods=["POST"])
+async def v1_completions(req: Request) -> StreamingResponse:
+    return await pipeline.proxy(req, pipeline.COMPLETIONS, None)
+
+
+@app.route(route="openai/v1/embeddings", methods=["POST"])
+async def v1_embeddings(req: Request) -> Response:
+    return await pipeline.proxy(req, pipeline.EMBEDDINGS, None)
+
+
+# --- attendees and health -----------------------------------------------------------------
+
+
+@app.route(route="eventinfo", methods=["GET"])
+async def eventinfo(req: Request) -> Response:
+    return await pipeline.event_info(req)
+
+
+@app.route(route="events/{event_id}", methods=["GET"])
+async def public_event(req: Request) -> Response:
+    return await public.event_page_info(req.path_params["event_id"])
+
+
+@app.route(route="health", methods=["GET"])
+async def health(req: Request) -> Response:
+    return await public.health()

@@ -1,0 +1,164 @@
+"""`make run`: Azurite, the simulated upstream and the dev host, plus a demo event to try.
+
+Data lives in .data/azurite, so a restart keeps events and keys. Ctrl-C stops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+from cryptography.fernet import Fernet
+
+from local.azurite import Azurite, wait_for_port
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVHOST_PORT = int(os.environ.get("AIPROXY_PORT", "7071"))
+AZURITE_PORT = int(os.environ.get("AIPROXY_AZURITE_PORT", "10002"))
+SIMULATOR_PORT = int(os.environ.get("AIPROXY_SIMULATOR_PORT", "7080"))
+SIMULATOR_KEY = "simulated-upstream-key"
+DEMO_USER = "demo@example.com"
+
+
+def ensure_local_settings() -> dict[str, str]:
+    """local.settings.json from the example, with fresh secrets, written once."""
+    path = ROOT / "local.settings.json"
+    if not path.exists():
+        data = json.loads((ROOT / "local.settings.example.json").read_text())
+        values = data["Values"]
+        values["AIPROXY_ENCRYPTION_KEY"] = Fernet.generate_key().decode()
+        values["AIPROXY_FUNCTION_KEY"] = "local-" + os.urandom(12).hex()
+        values["AIPROXY_STORAGE_CONNECTION_STRING"] = ""
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote {path.name} with a fresh encryption key and function key")
+    return json.loads(path.read_text())["Values"]
+
+
+def seed_demo(base: str, function_key: str) -> str:
+    """Create the demo event once (wired to the simulator); return the demo attendee's key."""
+    manage = httpx.Client(base_url=f"{base}/manage", headers={"x-functions-key": function_key})
+    events = manage.get("/events").raise_for_status().json()
+    demo = next((e for e in events if e["name"] == "AI Proxy demo"), None)
+    if demo is None:
+        today = datetime.now(UTC).date()
+        demo = (
+            manage.post(
+                "/events",
+                json={
+                    "name": "AI Proxy demo",
+                    "starts_at": f"{today - timedelta(days=1)}T00:00:00",
+                    "ends_at": f"{today + timedelta(days=365)}T00:00:00",
+                    "time_zone": "UTC",
+                    "max_token_cap": 4096,
+                    "daily_request_cap": 1000,
+                    "daily_token_cap": 500_000,
+                    "description_markdown": "A demo event served by the **simulated upstream**.",
+                    "organizer_name": "AI Proxy",
+                    "shared_code": "demo",
+                },
+            )
+            .raise_for_status()
+            .json()
+        )
+        simulator = f"http://127.0.0.1:{SIMULATOR_PORT}"
+        for deployment, model_class in (
+            ("gpt-4o-mini", "openai-chat"),
+            ("gpt-35-turbo-instruct", "openai-completions"),
+            ("text-embedding-3-small", "openai-embeddings"),
+        ):
+            resource = (
+                manage.post(
+                    "/resources",
+                    json={
+                        "name": f"simulated {deployment}",
+                        "deployment": deployment,
+                        "model_class": model_class,
+                        "endpoint": simulator,
+                        "auth": "key",
+                        "api_key": SIMULATOR_KEY,
+                    },
+                )
+                .raise_for_status()
+                .json()
+            )
+            manage.put(f"/events/{demo['id']}/resources/{resource['id']}").raise_for_status()
+        print(f"created the demo event {demo['id']}")
+    attendee = manage.post(f"/events/{demo['id']}/attendees", json={"user": DEMO_USER})
+    return attendee.raise_for_status().json()["api_key"]
+
+
+def examples(base: str, key: str) -> str:
+    return f"""
+AI Proxy is running at {base}
+
+  demo key: {key}
+
+Try it with curl:
+
+  curl -s {base}/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21 \\
+    -H "api-key: {key}" -H "content-type: application/json" \\
+    -d '{{"messages": [{{"role": "user", "content": "Say hello"}}]}}'
+
+Or with the OpenAI Python SDK (pip install openai):
+
+  from openai import AzureOpenAI
+  client = AzureOpenAI(azure_endpoint="{base.removesuffix("/api")}/api", api_key="{key}",
+                       api_version="2024-10-21")
+  reply = client.chat.completions.create(
+      model="gpt-4o-mini", messages=[{{"role": "user", "content": "Say hello"}}])
+  print(reply.choices[0].message.content)
+
+Press Ctrl-C to stop.
+"""
+
+
+def main() -> None:
+    values = ensure_local_settings()
+    env = {**os.environ}
+    for name, value in values.items():
+        env.setdefault(name, str(value))
+    azurite = Azurite(AZURITE_PORT, ROOT / ".data" / "azurite").start()
+    env["AIPROXY_STORAGE_CONNECTION_STRING"] = azurite.connection_string
+    children = []
+    try:
+        simulator = subprocess.Popen(
+            [sys.executable, "-m", "local.simulator", "--port", str(SIMULATOR_PORT),
+             "--api-key", SIMULATOR_KEY, "--latency-ms-per-token", "15"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        children.append(simulator)
+        devhost = subprocess.Popen(
+            [sys.executable, "-m", "local.devhost", "--port", str(DEVHOST_PORT)], cwd=ROOT, env=env
+        )
+        children.append(devhost)
+        wait_for_port(SIMULATOR_PORT, process=simulator)
+        wait_for_port(DEVHOST_PORT, process=devhost)
+        base = f"http://127.0.0.1:{DEVHOST_PORT}/api"
+        key = seed_demo(base, env["AIPROXY_FUNCTION_KEY"])
+        print(examples(base, key), flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        azurite.stop()
+
+
+if __name__ == "__main__":
+    main()

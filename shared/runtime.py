@@ -1,0 +1,168 @@
+"""The long-lived objects of one process, and the cached lookups on the request path.
+
+Created on first use inside the running event loop (the Functions worker's or the dev
+host's), closed by `shutdown()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from shared import settings as settings_module
+from shared.attendees import Attendee, AttendeeStore
+from shared.balancer import Balancer
+from shared.cache import TTLCache
+from shared.catalog import CatalogStore, Resource
+from shared.errors import ProxyError
+from shared.events import Event, EventStore
+from shared.keys import hash_key, is_well_formed
+from shared.settings import Settings
+from shared.tables import StorageUnavailable, Tables
+from shared.upstream import UpstreamClient
+from shared.usage import UsageWriter
+from shared.vault import Sealer, SecretStore, secret_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Access:
+    """Who is calling, for which event."""
+
+    attendee: Attendee
+    event: Event
+
+
+class Runtime:
+    """Stores, caches and clients shared by every request of this process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.tables = Tables(settings)
+        self.sealer = Sealer(settings.encryption_key)
+        self.secrets: SecretStore = secret_store(settings, self.tables, self.sealer)
+        self.events = EventStore(self.tables)
+        self.catalog = CatalogStore(self.tables)
+        self.attendees = AttendeeStore(self.tables, self.sealer)
+        self.upstream = UpstreamClient(settings)
+        self.balancer = Balancer()
+        self.usage = UsageWriter(self.tables, settings.usage_flush_seconds)
+        ttl = settings.cache_ttl_seconds
+        self._access: TTLCache[str, Attendee | None] = TTLCache(ttl)
+        self._events: TTLCache[str, Event | None] = TTLCache(ttl)
+        self._pools: TTLCache[str, dict[str, list[Resource]]] = TTLCache(ttl)
+        self._secrets: TTLCache[str, str | None] = TTLCache(max(ttl, 300.0))
+
+    async def access(self, key: str | None) -> Access:
+        """The attendee and event of a key, or the specific reason it is refused."""
+        if not key:
+            raise ProxyError(
+                "invalid_api_key",
+                "No API key. Send your event key in the 'api-key' header "
+                "or as 'Authorization: Bearer <key>'.",
+            )
+        if not is_well_formed(key):
+            raise ProxyError(
+                "invalid_api_key",
+                "Malformed API key. Event keys look like 'aip-' followed by 32 letters and "
+                "digits; copy it again from your registration page or organiser.",
+            )
+        key_hash = hash_key(key)
+        try:
+            attendee = await self._access.get_or_load(
+                key_hash, lambda: self.attendees.find_by_key_hash(key_hash)
+            )
+        except StorageUnavailable as exc:
+            raise storage_down() from exc
+        if attendee is None:
+            raise ProxyError(
+                "invalid_api_key",
+                "Unknown API key. Check that you copied the whole key for this event; "
+                "a rotated key stops working.",
+            )
+        if not attendee.active:
+            raise ProxyError(
+                "key_revoked",
+                "This key was revoked by the event organiser. Ask them for a new one.",
+            )
+        event = await self.event(attendee.event_id)
+        if event is None:
+            raise ProxyError("invalid_api_key", "The event of this key no longer exists.")
+        return Access(attendee, event)
+
+    async def event(self, event_id: str) -> Event | None:
+        try:
+            return await self._events.get_or_load(event_id, lambda: self.events.get(event_id))
+        except StorageUnavailable as exc:
+            raise storage_down() from exc
+
+    async def pools(self, event_id: str) -> dict[str, list[Resource]]:
+        """The event's catalog: deployment name -> active resources serving it."""
+
+        async def load() -> dict[str, list[Resource]]:
+            pools: dict[str, list[Resource]] = {}
+            for resource in await self.catalog.event_resources(event_id):
+                if resource.active:
+                    pools.setdefault(resource.deployment, []).append(resource)
+            return pools
+
+        try:
+            return await self._pools.get_or_load(event_id, load)
+        except StorageUnavailable as exc:
+            raise storage_down() from exc
+
+    async def upstream_key(self, resource: Resource) -> str | None:
+        name = resource.secret_name
+        try:
+            return await self._secrets.get_or_load(name, lambda: self.secrets.get(name))
+        except StorageUnavailable as exc:
+            raise storage_down() from exc
+
+    def forget_key(self, key_hash: str) -> None:
+        self._access.invalidate(key_hash)
+
+    def forget_event(self, event_id: str) -> None:
+        self._events.invalidate(event_id)
+        self._pools.invalidate(event_id)
+
+    def forget_resource(self, resource: Resource) -> None:
+        self._pools.clear()
+        self._secrets.invalidate(resource.secret_name)
+
+    async def close(self) -> None:
+        await self.usage.close()
+        await self.upstream.close()
+        await self.tables.close()
+
+
+def storage_down() -> ProxyError:
+    return ProxyError(
+        "storage_unavailable",
+        "The proxy cannot reach its storage right now and has no cached answer. "
+        "Retry in a few seconds.",
+        headers={"Retry-After": "5"},
+    )
+
+
+_runtime: Runtime | None = None
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def get_runtime() -> Runtime:
+    """This process's runtime, created in the current event loop on first use."""
+    global _runtime, _loop
+    loop = asyncio.get_running_loop()
+    if _runtime is None or _loop is not loop:
+        _runtime = Runtime(settings_module.get())
+        _loop = loop
+    return _runtime
+
+
+async def shutdown() -> None:
+    """Flush usage and close clients (the dev host calls this; on Azure, on worker exit)."""
+    global _runtime
+    if _runtime is not None:
+        await _runtime.close()
+        _runtime = None

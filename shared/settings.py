@@ -1,0 +1,112 @@
+"""The one place that reads configuration.
+
+Every setting the app reads is named here, with its default, so that local.settings.example.json,
+the Bicep app settings and this module can be checked against each other.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from functools import lru_cache
+
+# Azurite's well-known development account; only ever a default for local runs.
+AZURITE_ACCOUNT_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+AZURITE_CONNECTION_STRING = (
+    "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+    f"AccountKey={AZURITE_ACCOUNT_KEY};"
+    "TableEndpoint=http://127.0.0.1:10002/devstoreaccount1;"
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Configuration of one process, read from the environment (app settings)."""
+
+    # Table Storage: a connection string locally, an endpoint plus managed identity in Azure.
+    storage_connection_string: str = ""
+    storage_table_endpoint: str = ""
+    table_prefix: str = "aiproxy"
+    # Fernet key (urlsafe base64, 32 bytes) sealing upstream keys and attendee keys at rest.
+    encryption_key: str = ""
+    # Key Vault URL; when set, upstream keys live there instead of sealed in tables.
+    key_vault_url: str = ""
+    # Client id of the user-assigned identity used for storage, Key Vault and upstreams.
+    managed_identity_client_id: str = ""
+    default_api_version: str = "2024-10-21"
+    max_body_bytes: int = 26_214_400
+    cache_ttl_seconds: float = 5.0
+    usage_flush_seconds: float = 1.0
+    upstream_connect_timeout: float = 5.0
+    upstream_read_timeout: float = 60.0
+    stream_idle_timeout: float = 60.0
+    upstream_total_timeout: float = 220.0
+    trust_easyauth: bool = False
+    # Dev host only: the key that function-level routes require locally.
+    function_key: str = ""
+
+
+_ENV_NAMES = {
+    "storage_connection_string": "AIPROXY_STORAGE_CONNECTION_STRING",
+    "storage_table_endpoint": "AIPROXY_STORAGE_TABLE_ENDPOINT",
+    "table_prefix": "AIPROXY_TABLE_PREFIX",
+    "encryption_key": "AIPROXY_ENCRYPTION_KEY",
+    "key_vault_url": "AIPROXY_KEY_VAULT_URL",
+    "managed_identity_client_id": "AZURE_CLIENT_ID",
+    "default_api_version": "AIPROXY_DEFAULT_API_VERSION",
+    "max_body_bytes": "AIPROXY_MAX_BODY_BYTES",
+    "cache_ttl_seconds": "AIPROXY_CACHE_TTL_SECONDS",
+    "usage_flush_seconds": "AIPROXY_USAGE_FLUSH_SECONDS",
+    "upstream_connect_timeout": "AIPROXY_UPSTREAM_CONNECT_TIMEOUT",
+    "upstream_read_timeout": "AIPROXY_UPSTREAM_READ_TIMEOUT",
+    "stream_idle_timeout": "AIPROXY_STREAM_IDLE_TIMEOUT",
+    "upstream_total_timeout": "AIPROXY_UPSTREAM_TOTAL_TIMEOUT",
+    "trust_easyauth": "AIPROXY_TRUST_EASYAUTH",
+    "function_key": "AIPROXY_FUNCTION_KEY",
+}
+
+# Settings the Functions host resolves itself (timer schedules written as %NAME%).
+SCHEDULE_SETTINGS = {
+    "AIPROXY_ROLLUP_SCHEDULE": "0 */5 * * * *",
+}
+
+
+def env_names() -> list[str]:
+    """Every app setting name this app reads."""
+    return sorted([*_ENV_NAMES.values(), *SCHEDULE_SETTINGS])
+
+
+def _convert(raw: str, kind: type, name: str) -> object:
+    if kind is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise ValueError(f"app setting {name}={raw!r} is not a valid {kind.__name__}") from exc
+
+
+def load(environ: dict[str, str] | None = None) -> Settings:
+    """Build Settings from an environment mapping (os.environ by default)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for field in fields(Settings):
+        name = _ENV_NAMES[field.name]
+        raw = env.get(name)
+        if raw is None or raw == "":
+            continue
+        kind = type(getattr(Settings, field.name))
+        values[field.name] = _convert(raw, kind, name)
+    if not values.get("storage_connection_string") and not values.get("storage_table_endpoint"):
+        jobs = env.get("AzureWebJobsStorage", "")
+        values["storage_connection_string"] = (
+            AZURITE_CONNECTION_STRING if jobs in ("", "UseDevelopmentStorage=true") else jobs
+        )
+    return Settings(**values)
+
+
+@lru_cache(maxsize=1)
+def get() -> Settings:
+    """The settings of this process, read once."""
+    return load()
