@@ -29,10 +29,12 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-def load_local_settings(root: Path = ROOT) -> dict[str, str]:
+def load_local_settings(root: Path = ROOT, path: Path | None = None) -> dict[str, str]:
     """local.settings.json Values (or the example's) into os.environ, never over what is set."""
-    for name in ("local.settings.json", "local.settings.example.json"):
-        path = root / name
+    candidates = (
+        [path] if path else [root / "local.settings.json", root / "local.settings.example.json"]
+    )
+    for path in candidates:
         if path.exists():
             values = json.loads(path.read_text()).get("Values", {})
             for key, value in values.items():
@@ -287,8 +289,8 @@ async def _send_json(
     await send({"type": "http.response.body", "body": body})
 
 
-def build(root: Path = ROOT) -> DevHost:
-    load_local_settings(root)
+def build(root: Path = ROOT, settings_file: Path | None = None) -> DevHost:
+    load_local_settings(root, settings_file)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     import function_app
@@ -301,6 +303,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7071)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "--settings",
+        type=Path,
+        help="settings file to read (default: local.settings.json, else the example)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -309,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("azure").setLevel(logging.WARNING)
     import uvicorn
 
-    host = build()
+    host = build(settings_file=args.settings)
     print(f"dev host: {len(host.http)} HTTP functions, {len(host.timers)} timers", flush=True)
     uvicorn.run(
         host,

@@ -25,11 +25,14 @@ AZURITE_PORT = int(os.environ.get("AIPROXY_AZURITE_PORT", "10002"))
 SIMULATOR_PORT = int(os.environ.get("AIPROXY_SIMULATOR_PORT", "7080"))
 SIMULATOR_KEY = "simulated-upstream-key"
 DEMO_USER = "demo@example.com"
+# Overridable so a test can run `make run` beside a developer's own instance.
+SETTINGS_PATH = Path(os.environ.get("AIPROXY_LOCAL_SETTINGS", ROOT / "local.settings.json"))
+DATA_DIR = Path(os.environ.get("AIPROXY_DATA_DIR", ROOT / ".data"))
 
 
 def ensure_local_settings() -> dict[str, str]:
     """local.settings.json from the example, with fresh secrets, written once."""
-    path = ROOT / "local.settings.json"
+    path = SETTINGS_PATH
     if not path.exists():
         data = json.loads((ROOT / "local.settings.example.json").read_text())
         values = data["Values"]
@@ -119,12 +122,19 @@ Press Ctrl-C to stop.
 """
 
 
+def _stop(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    # Both signals stop everything cleanly, even when started with SIGINT ignored (nohup, &).
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
     values = ensure_local_settings()
     env = {**os.environ}
     for name, value in values.items():
         env.setdefault(name, str(value))
-    azurite = Azurite(AZURITE_PORT, ROOT / ".data" / "azurite").start()
+    azurite = Azurite(AZURITE_PORT, DATA_DIR / "azurite").start()
     env["AIPROXY_STORAGE_CONNECTION_STRING"] = azurite.connection_string
     children = []
     try:
@@ -135,15 +145,16 @@ def main() -> None:
         )  # fmt: skip
         children.append(simulator)
         devhost = subprocess.Popen(
-            [sys.executable, "-m", "local.devhost", "--port", str(DEVHOST_PORT)], cwd=ROOT, env=env
-        )
+            [sys.executable, "-m", "local.devhost", "--port", str(DEVHOST_PORT),
+             "--settings", str(SETTINGS_PATH)],
+            cwd=ROOT, env=env,
+        )  # fmt: skip
         children.append(devhost)
         wait_for_port(SIMULATOR_PORT, process=simulator)
         wait_for_port(DEVHOST_PORT, process=devhost)
         base = f"http://127.0.0.1:{DEVHOST_PORT}/api"
         key = seed_demo(base, env["AIPROXY_FUNCTION_KEY"])
         print(examples(base, key), flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from shared import clock, tokens
-from shared.balancer import cooldown_seconds
+from shared.balancer import DEFAULT_COOLDOWN_SECONDS, cooldown_seconds
 from shared.catalog import Resource, valid_deployment_name
 from shared.errors import ProxyError
 from shared.keys import key_from_headers
@@ -171,7 +171,7 @@ class Forwarder:
         ordered = balancer.order(pool_name, members)
         if not ordered:
             raise no_capacity(balancer.soonest(members))
-        timed_out = False
+        failures: list[str] = []  # per attempt: "throttled", "timeout" or "error"
         for resource in ordered:
             headers = await self.headers(resource)
             if content_type:
@@ -179,27 +179,32 @@ class Forwarder:
             try:
                 answer = await self.runtime.upstream.send("POST", url_of(resource), headers, body)
             except UpstreamTimeout:
-                timed_out = True
-                balancer.cool(resource.id, 10.0)
+                failures.append("timeout")
+                balancer.cool(resource.id, DEFAULT_COOLDOWN_SECONDS)
                 continue
             except UpstreamUnreachable:
-                balancer.cool(resource.id, 10.0)
+                failures.append("error")
+                balancer.cool(resource.id, DEFAULT_COOLDOWN_SECONDS)
                 continue
             if answer.status in _RETRYABLE:
                 balancer.cool(resource.id, cooldown_seconds(answer.headers))
                 answer.close()
-                if answer.status in (408, 504):
-                    timed_out = True
+                failures.append(
+                    "throttled"
+                    if answer.status == 429
+                    else "timeout"
+                    if answer.status in (408, 504)
+                    else "error"
+                )
                 continue
             return resource, answer
-        if timed_out:
+        if all(f == "throttled" for f in failures):
+            raise no_capacity(balancer.soonest(members))
+        if "timeout" in failures:
             raise ProxyError(
                 "upstream_timeout",
                 "Every deployment for this model was too slow to answer. Retry shortly.",
             )
-        soonest = balancer.soonest(members)
-        if soonest > 0 and all(balancer.cooling_for(m.id) > 0 for m in members):
-            raise no_capacity(soonest)
         raise ProxyError(
             "upstream_error",
             "No deployment for this model could answer. Retry shortly.",
@@ -417,6 +422,9 @@ class Call:
                     chunk = await asyncio.wait_for(content.readany(), idle)
                 except (TimeoutError, aiohttp.ClientError) as exc:
                     outcome = "cut"
+                    out = meter.feed(answer.received_before_failure())
+                    if out:
+                        yield out
                     raise StreamCut(str(exc) or type(exc).__name__) from exc
                 if not chunk:
                     break

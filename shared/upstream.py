@@ -45,6 +45,19 @@ class UpstreamAnswer:
         finally:
             self.response.release()
 
+    def received_before_failure(self) -> bytes:
+        """Bytes that arrived but were not read yet when the connection failed.
+
+        aiohttp raises a connection failure before handing out data it already buffered; a
+        stream cut by the upstream would otherwise lose its last events (and their tokens).
+        """
+        buffer = getattr(self.response.content, "_buffer", None)
+        if not buffer:
+            return b""
+        data = b"".join(buffer)
+        buffer.clear()
+        return data
+
     def close(self) -> None:
         self.response.close()
 

@@ -1,0 +1,217 @@
+"""Real servers on loopback for the tests: Azurite, the simulated upstream, dev hosts."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from azure.data.tables import TableServiceClient
+from cryptography.fernet import Fernet
+
+from local.azurite import free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_SETTINGS = ROOT / "local.settings.example.json"
+FUNCTION_KEY = "test-function-key"
+SIM_KEY = "simkey"
+ENCRYPTION_KEY = Fernet.generate_key().decode()
+
+
+class Process:
+    """A child process whose output goes to a log file the test can read."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+class Simulator:
+    """One simulated Azure OpenAI upstream."""
+
+    def __init__(self, log_dir: Path, name: str = "sim", **options: Any) -> None:
+        self.port = free_port()
+        args = [sys.executable, "-m", "local.simulator", "--port", str(self.port)]
+        args += ["--api-key", SIM_KEY, "--name", name]
+        for option, value in options.items():
+            args += [f"--{option.replace('_', '-')}", str(value)]
+        self.proc = Process(args, dict(os.environ), log_dir / f"simulator-{name}-{self.port}.log")
+        wait_for_port(self.port, process=self.proc.process)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/_sim/stats").json()
+
+    def configure(self, **config: Any) -> None:
+        httpx.post(f"{self.url}/_sim/config", json=config).raise_for_status()
+
+    def reset(self) -> None:
+        httpx.post(f"{self.url}/_sim/reset").raise_for_status()
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def devhost_env(storage: str, prefix: str, **overrides: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "AIPROXY_STORAGE_CONNECTION_STRING": storage,
+        "AIPROXY_TABLE_PREFIX": prefix,
+        "AIPROXY_ENCRYPTION_KEY": ENCRYPTION_KEY,
+        "AIPROXY_FUNCTION_KEY": FUNCTION_KEY,
+        "AIPROXY_USAGE_FLUSH_SECONDS": "0.2",
+        "AIPROXY_CACHE_TTL_SECONDS": "2",
+        "AIPROXY_UPSTREAM_READ_TIMEOUT": "3",
+        "AIPROXY_STREAM_IDLE_TIMEOUT": "3",
+    }
+    env.update(overrides)
+    return env
+
+
+class DevHost:
+    """One dev host process serving function_app on a free port."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str], name: str = "devhost") -> None:
+        self.port = free_port()
+        self.env = env
+        args = [sys.executable, "-m", "local.devhost", "--port", str(self.port)]
+        args += ["--settings", str(EXAMPLE_SETTINGS), "--log-level", "warning"]
+        self.proc = Process(args, env, log_dir / f"{name}-{self.port}.log")
+        wait_for_port(self.port, timeout=60, process=self.proc.process)
+        self.base = f"http://127.0.0.1:{self.port}/api"
+        self.manage = httpx.Client(
+            base_url=f"{self.base}/manage", headers={"x-functions-key": FUNCTION_KEY}, timeout=30
+        )
+        self.http = httpx.Client(base_url=self.base, timeout=30)
+
+    def stop(self) -> None:
+        self.manage.close()
+        self.http.close()
+        self.proc.stop()
+
+
+class Storage:
+    """Direct reads of the app's tables, to check what the app wrote."""
+
+    def __init__(self, connection_string: str, prefix: str) -> None:
+        self.service = TableServiceClient.from_connection_string(connection_string)
+        self.prefix = prefix
+
+    def rows(self, table: str, filter: str | None = None) -> list[dict[str, Any]]:
+        client = self.service.get_table_client(self.prefix + table)
+        try:
+            if filter:
+                return [dict(e) for e in client.query_entities(filter)]
+            return [dict(e) for e in client.list_entities()]
+        except Exception as exc:  # a table not created yet holds no rows
+            if "TableNotFound" in str(exc) or "ResourceNotFound" in str(exc):
+                return []
+            raise
+
+    def usage(self, event_id: str, *, expect: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The usage records of an event, once at least `expect` of them were written."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.rows("usage", f"event_id eq '{event_id}'")
+            if len(rows) >= expect or time.monotonic() > deadline:
+                return sorted(rows, key=lambda r: r["RowKey"])
+            time.sleep(0.1)
+
+
+def window(hours_before: float = 1, hours_after: float = 24, zone: str = "UTC") -> dict[str, str]:
+    """starts_at/ends_at around now, as wall-clock times in `zone`."""
+    from zoneinfo import ZoneInfo
+
+    now = datetime.now(UTC).astimezone(ZoneInfo(zone)).replace(tzinfo=None, microsecond=0)
+    return {
+        "starts_at": (now - timedelta(hours=hours_before)).isoformat(),
+        "ends_at": (now + timedelta(hours=hours_after)).isoformat(),
+        "time_zone": zone,
+    }
+
+
+class EventSetup:
+    """An event with a catalog on the simulator and one attendee, built over the API."""
+
+    def __init__(self, host: DevHost, sim: Simulator, **event_fields: Any) -> None:
+        self.host = host
+        body = {
+            "name": event_fields.pop("name", "Test event"),
+            **window(),
+            "max_token_cap": 512,
+            "daily_request_cap": 1000,
+            **event_fields,
+        }
+        response = host.manage.post("/events", json=body)
+        assert response.status_code == 201, response.text
+        self.event = response.json()
+        self.id = self.event["id"]
+        self.resources: dict[str, dict[str, Any]] = {}
+        for deployment, model_class in (
+            ("gpt-4o-mini", "openai-chat"),
+            ("gpt-35-turbo-instruct", "openai-completions"),
+            ("text-embedding-3-small", "openai-embeddings"),
+        ):
+            self.add_resource(sim.url, deployment, model_class)
+        self.attendee = self.add_attendee("attendee@example.com")
+        self.key = self.attendee["api_key"]
+
+    def add_resource(self, endpoint: str, deployment: str, model_class: str, **extra: Any) -> dict:
+        body = {
+            "name": f"{deployment} at {endpoint}",
+            "deployment": deployment,
+            "model_class": model_class,
+            "endpoint": endpoint,
+            "auth": "key",
+            "api_key": SIM_KEY,
+            **extra,
+        }
+        resource = self.host.manage.post("/resources", json=body)
+        assert resource.status_code == 201, resource.text
+        attached = self.host.manage.put(f"/events/{self.id}/resources/{resource.json()['id']}")
+        assert attached.status_code == 200, attached.text
+        self.resources[resource.json()["id"]] = resource.json()
+        return resource.json()
+
+    def add_attendee(self, user: str) -> dict[str, Any]:
+        response = self.host.manage.post(f"/events/{self.id}/attendees", json={"user": user})
+        assert response.status_code in (200, 201), response.text
+        return response.json()
+
+
+@contextmanager
+def timed() -> Iterator[list[float]]:
+    """Elapsed seconds, appended on exit."""
+    elapsed: list[float] = []
+    start = time.perf_counter()
+    yield elapsed
+    elapsed.append(time.perf_counter() - start)
+
+
+def unique_prefix(label: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", f"t{label}{os.getpid()}{int(time.time() * 1000) % 10**8}")[:30]

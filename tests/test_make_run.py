@@ -1,0 +1,91 @@
+"""`make run` starts everything, prints a key and examples that work, and keeps its data."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from local.azurite import free_port
+from tests.harness import ROOT
+
+
+def start_make_run(tmp: Path, ports: dict[str, int]) -> tuple[subprocess.Popen[str], str]:
+    env = {
+        **os.environ,
+        "AIPROXY_LOCAL_SETTINGS": str(tmp / "local.settings.json"),
+        "AIPROXY_DATA_DIR": str(tmp / "data"),
+        "AIPROXY_PORT": str(ports["devhost"]),
+        "AIPROXY_AZURITE_PORT": str(ports["azurite"]),
+        "AIPROXY_SIMULATOR_PORT": str(ports["simulator"]),
+    }
+    process = subprocess.Popen(
+        ["make", "--no-print-directory", "run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    output, deadline = [], time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        output.append(line)
+        if "Press Ctrl-C to stop." in line:
+            return process, "".join(output)
+    stop(process)
+    raise AssertionError("make run did not become ready:\n" + "".join(output))
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture
+def ports() -> Iterator[dict[str, int]]:
+    yield {"devhost": free_port(), "azurite": free_port(), "simulator": free_port()}
+
+
+def test_make_run_prints_a_key_whose_examples_work_and_survives_a_restart(
+    tmp_path: Path, ports: dict[str, int]
+) -> None:
+    process, output = start_make_run(tmp_path, ports)
+    try:
+        key = re.search(r"demo key: (aip-\w+)", output).group(1)  # type: ignore[union-attr]
+        curl = output.split("Try it with curl:")[1].split("Or with the OpenAI")[0].strip()
+        answer = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=30)
+        assert '"usage"' in answer.stdout and '"choices"' in answer.stdout, answer.stdout
+
+        snippet = output.split("pip install openai):")[1].split("Press Ctrl-C")[0]
+        snippet = "\n".join(line[2:] for line in snippet.strip("\n").splitlines())
+        ran = subprocess.run(
+            [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert len(ran.stdout.split()) >= 5  # the simulated answer, printed
+    finally:
+        stop(process)
+    assert process.returncode is not None
+
+    again, output = start_make_run(tmp_path, ports)
+    try:
+        assert "created the demo event" not in output  # the event was kept
+        assert f"demo key: {key}" in output  # and so was the key
+    finally:
+        stop(again)

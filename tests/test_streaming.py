@@ -1,0 +1,117 @@
+"""Streams pass through chunk by chunk and are metered exactly."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+
+from tests.harness import DevHost, EventSetup, Simulator, Storage
+
+
+def client(host: DevHost, key: str, api_version: str = "2024-10-21") -> openai.AzureOpenAI:
+    return openai.AzureOpenAI(
+        azure_endpoint=host.base, api_key=key, api_version=api_version, max_retries=0
+    )
+
+
+def test_first_chunk_arrives_while_the_upstream_is_still_producing(
+    host: DevHost, event: EventSetup
+) -> None:
+    # 10 tokens at 150 ms each: the upstream needs about 1.5 s for the whole answer.
+    messages = [{"role": "user", "content": "[sim:tokens=10 latency_ms_per_token=150] go"}]
+    started = time.perf_counter()
+    arrivals = []
+    for chunk in client(host, event.key).chat.completions.create(
+        model="gpt-4o-mini", messages=messages, stream=True
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.perf_counter() - started)
+    assert len(arrivals) == 10
+    assert arrivals[-1] > 1.3  # the upstream really took its time
+    assert arrivals[0] < arrivals[-1] - 1.0  # and the first words came long before the last
+
+
+def test_usage_chunk_is_hidden_from_a_client_that_did_not_ask(
+    host: DevHost, event: EventSetup, sim: Simulator, storage: Storage
+) -> None:
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    chunks = list(
+        client(host, event.key).chat.completions.create(
+            model="gpt-4o-mini", messages=messages, stream=True, max_tokens=9
+        )
+    )
+    assert all(c.usage is None for c in chunks)
+    assert all(c.choices or c.prompt_filter_results for c in chunks)  # no empty usage chunk
+    upstream_body = sim.stats()["last_requests"][-1]["body"]
+    assert upstream_body["stream_options"] == {"include_usage": True}  # asked on their behalf
+    [record] = storage.usage(event.id, expect=1)
+    assert record["completion_tokens"] == 9
+    assert (
+        record["prompt_tokens"] == 12
+    )  # 3 + (3 + user + 5 content tokens) + 1... as counted upstream
+    assert record["estimated"] is False
+    assert record["streamed"] is True
+
+
+def test_client_that_asked_for_usage_gets_the_usage_chunk(
+    host: DevHost, event: EventSetup, storage: Storage
+) -> None:
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    chunks = list(
+        client(host, event.key).chat.completions.create(
+            model="gpt-4o-mini",
+            messages=messages,
+            stream=True,
+            max_tokens=7,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 7
+    [record] = storage.usage(event.id, expect=1)
+    assert record["completion_tokens"] == 7
+    assert record["total_tokens"] == chunks[-1].usage.total_tokens
+
+
+def test_old_api_version_is_not_sent_stream_options_and_the_record_is_estimated(
+    host: DevHost, event: EventSetup, sim: Simulator, storage: Storage
+) -> None:
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    text = "".join(
+        c.choices[0].delta.content or ""
+        for c in client(host, event.key, api_version="2024-06-01").chat.completions.create(
+            model="gpt-4o-mini", messages=messages, stream=True, max_tokens=8
+        )
+        if c.choices
+    )
+    assert "stream_options" not in sim.stats()["last_requests"][-1]["body"]
+    [record] = storage.usage(event.id, expect=1)
+    assert record["estimated"] is True
+    assert record["completion_tokens"] == 8  # tiktoken count of the streamed text
+    assert text
+
+
+def test_stream_cut_by_upstream_makes_the_sdk_raise_and_is_recorded(
+    host: DevHost, event: EventSetup, storage: Storage
+) -> None:
+    messages = [{"role": "user", "content": "[sim:cut_after=3 tokens=10] go"}]
+    received = []
+    try:
+        for chunk in client(host, event.key).chat.completions.create(
+            model="gpt-4o-mini", messages=messages, stream=True
+        ):
+            if chunk.choices and chunk.choices[0].delta.content:
+                received.append(chunk.choices[0].delta.content)
+    except openai.APIError as exc:
+        error = exc
+    else:
+        raise AssertionError("a cut stream ended cleanly")
+    assert "cut the stream" in str(error)
+    assert len(received) == 3
+    [record] = storage.usage(event.id, expect=1)
+    assert record["outcome"] == "cut"
+    assert record["status"] == 502
+    assert record["completion_tokens"] == 3  # estimated from what did arrive
+    assert record["estimated"] is True
