@@ -1,0 +1,202 @@
+"""Organisers set up a whole event over the management API; bad input names the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.harness import SIM_KEY, DevHost, EventSetup, Simulator, Storage, window
+
+EVENT = {
+    "name": "Workshop",
+    **window(),
+    "max_token_cap": 256,
+    "daily_request_cap": 100,
+}
+
+
+def invalid_field(response: httpx.Response, field: str) -> str:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert error["param"] == field
+    assert field in error["message"]
+    return error["message"]
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"name": ""}, "name"),
+        ({"name": 5}, "name"),
+        ({"time_zone": "Mars/Olympus"}, "time_zone"),
+        ({"starts_at": "next tuesday"}, "starts_at"),
+        ({"ends_at": "2020-01-01T00:00:00"}, "ends_at"),
+        ({"max_token_cap": 0}, "max_token_cap"),
+        ({"max_token_cap": "lots"}, "max_token_cap"),
+        ({"daily_request_cap": -1}, "daily_request_cap"),
+        ({"daily_token_cap": 1.5}, "daily_token_cap"),
+        ({"active": "yes"}, "active"),
+        ({"colour": "blue"}, "colour"),
+        ({"image_url": "javascript:alert(1)"}, "image_url"),
+    ],
+)
+def test_bad_event_field_is_named(host: DevHost, change: dict[str, Any], field: str) -> None:
+    invalid_field(host.manage.post("/events", json={**EVENT, **change}), field)
+
+
+def test_missing_event_field_is_named(host: DevHost) -> None:
+    body = {k: v for k, v in EVENT.items() if k != "daily_request_cap"}
+    assert "required" in invalid_field(host.manage.post("/events", json=body), "daily_request_cap")
+
+
+def test_body_that_is_not_a_json_object_is_refused(host: DevHost) -> None:
+    for content in (b"[1]", b"{oops"):
+        response = host.manage.post("/events", content=content)
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid_request"
+
+
+def test_event_round_trip_keeps_wall_clock_times_and_adds_utc(host: DevHost) -> None:
+    body = {
+        **EVENT,
+        "starts_at": "2026-03-28T09:00:00",
+        "ends_at": "2026-03-30T17:00:00",
+        "time_zone": "Europe/Berlin",
+    }
+    created = host.manage.post("/events", json=body)
+    assert created.status_code == 201
+    event = host.manage.get(f"/events/{created.json()['id']}").json()
+    assert event["starts_at"] == "2026-03-28T09:00:00"
+    assert event["starts_at_utc"] == "2026-03-28T08:00:00Z"  # CET, +01:00
+    assert event["ends_at_utc"] == "2026-03-30T15:00:00Z"  # CEST after the DST change, +02:00
+    assert event["id"] in [e["id"] for e in host.manage.get("/events").json()]
+
+
+def test_event_patch_changes_only_what_is_sent(host: DevHost) -> None:
+    created = host.manage.post("/events", json=EVENT).json()
+    changed = host.manage.patch(f"/events/{created['id']}", json={"max_token_cap": 64})
+    assert changed.status_code == 200
+    assert changed.json()["max_token_cap"] == 64
+    assert changed.json()["name"] == "Workshop"
+    invalid_field(
+        host.manage.patch(f"/events/{created['id']}", json={"ends_at": "2000-01-01"}), "ends_at"
+    )
+
+
+def test_unknown_event_is_404(host: DevHost) -> None:
+    for method in ("GET", "PATCH", "DELETE"):
+        response = host.manage.request(method, "/events/nosuchevent", json={})
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "not_found"
+
+
+def test_event_with_attendees_is_only_deleted_with_force(
+    host: DevHost, event: EventSetup, storage: Storage
+) -> None:
+    refused = host.manage.delete(f"/events/{event.id}")
+    assert refused.status_code == 409
+    assert "force=true" in refused.json()["error"]["message"]
+    assert host.manage.delete(f"/events/{event.id}?force=true").status_code == 204
+    assert host.manage.get(f"/events/{event.id}").status_code == 404
+    assert storage.rows("attendees", f"PartitionKey eq '{event.id}'") == []
+
+
+def test_resource_api_key_is_write_only(host: DevHost, sim: Simulator, storage: Storage) -> None:
+    body = {
+        "name": "east",
+        "deployment": "gpt-4o",
+        "model_class": "openai-chat",
+        "endpoint": sim.url,
+        "api_key": "super-secret-upstream-key",
+    }
+    created = host.manage.post("/resources", json=body)
+    assert created.status_code == 201
+    assert "api_key" not in created.json() and created.json()["has_api_key"] is True
+    listed = host.manage.get("/resources").text
+    assert "super-secret-upstream-key" not in listed
+    sealed = storage.rows("secrets", f"RowKey eq 'resource-{created.json()['id']}'")
+    assert len(sealed) == 1 and "super-secret-upstream-key" not in str(sealed[0])
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"model_class": "openai-video"}, "model_class"),
+        ({"endpoint": "ftp://example.com"}, "endpoint"),
+        ({"deployment": "../etc"}, "deployment"),
+        ({"auth": "password"}, "auth"),
+        ({"weight": 0}, "weight"),
+        ({"priority": -1}, "priority"),
+        ({"api_key": None}, "api_key"),
+    ],
+)
+def test_bad_resource_field_is_named(
+    host: DevHost, sim: Simulator, change: dict[str, Any], field: str
+) -> None:
+    body = {
+        "name": "r",
+        "deployment": "gpt-4o",
+        "model_class": "openai-chat",
+        "endpoint": sim.url,
+        "api_key": SIM_KEY,
+        **change,
+    }
+    invalid_field(host.manage.post("/resources", json=body), field)
+
+
+def test_resource_in_use_cannot_be_deleted_until_detached(host: DevHost, event: EventSetup) -> None:
+    resource_id = next(iter(event.resources))
+    refused = host.manage.delete(f"/resources/{resource_id}")
+    assert refused.status_code == 409
+    assert event.id in refused.json()["error"]["message"]
+    assert host.manage.delete(f"/events/{event.id}/resources/{resource_id}").status_code == 204
+    catalog = host.manage.get(f"/events/{event.id}/resources").json()
+    assert resource_id not in [r["id"] for r in catalog]
+    assert host.manage.delete(f"/resources/{resource_id}").status_code == 204
+    assert host.manage.get(f"/resources/{resource_id}").status_code == 404
+
+
+def test_detached_deployment_is_no_longer_served(host: DevHost, event: EventSetup) -> None:
+    chat_id = next(i for i, r in event.resources.items() if r["model_class"] == "openai-chat")
+    path = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    assert host.http.post(path, json=body, headers={"api-key": event.key}).status_code == 200
+    host.manage.delete(f"/events/{event.id}/resources/{chat_id}")
+    after = host.http.post(path, json=body, headers={"api-key": event.key})
+    assert after.status_code == 404
+    assert after.json()["error"]["code"] == "deployment_not_found"
+
+
+def test_adding_the_same_attendee_twice_returns_the_same_key(
+    host: DevHost, event: EventSetup
+) -> None:
+    first = host.manage.post(f"/events/{event.id}/attendees", json={"user": "Ada@Example.com"})
+    again = host.manage.post(f"/events/{event.id}/attendees", json={"user": "ada@example.com"})
+    assert first.status_code == 201 and again.status_code == 200
+    assert first.json()["id"] == again.json()["id"]
+    assert first.json()["api_key"] == again.json()["api_key"]
+    assert first.json()["api_key"].startswith("aip-")
+    listed = host.manage.get(f"/events/{event.id}/attendees").json()
+    assert {a["user"] for a in listed} == {"attendee@example.com", "Ada@Example.com"}
+    assert all("api_key" not in a for a in listed)
+
+
+def test_attendee_without_user_is_refused(host: DevHost, event: EventSetup) -> None:
+    invalid_field(host.manage.post(f"/events/{event.id}/attendees", json={}), "user")
+    invalid_field(host.manage.post(f"/events/{event.id}/attendees", json={"user": "  "}), "user")
+
+
+def test_management_refuses_without_the_function_key(host: DevHost) -> None:
+    for headers, params in (({}, {}), ({"x-functions-key": "wrong"}, {}), ({}, {"code": "wrong"})):
+        response = host.http.get("/manage/events", headers=headers, params=params)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "unauthorized"
+
+
+def test_function_key_works_as_code_query_parameter(host: DevHost) -> None:
+    from tests.harness import FUNCTION_KEY
+
+    assert host.http.get("/manage/events", params={"code": FUNCTION_KEY}).status_code == 200

@@ -1,0 +1,68 @@
+"""Every proxied request appends one usage record with the upstream's token counts."""
+
+from __future__ import annotations
+
+import openai
+
+from tests.harness import DevHost, EventSetup, Storage
+
+
+def test_plain_chat_record_matches_the_reply_usage(
+    host: DevHost, event: EventSetup, storage: Storage
+) -> None:
+    client = openai.AzureOpenAI(
+        azure_endpoint=host.base, api_key=event.key, api_version="2024-10-21", max_retries=0
+    )
+    reply = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Count to five."}], max_tokens=6
+    )
+    [record] = storage.usage(event.id, expect=1)
+    chat_resource = next(i for i, r in event.resources.items() if r["model_class"] == "openai-chat")
+    assert reply.usage is not None
+    assert record["prompt_tokens"] == reply.usage.prompt_tokens
+    assert record["completion_tokens"] == reply.usage.completion_tokens == 6
+    assert record["total_tokens"] == reply.usage.total_tokens
+    assert record["deployment"] == "gpt-4o-mini"
+    assert record["resource_id"] == chat_resource
+    assert record["model_class"] == "openai-chat"
+    assert record["attendee_id"] == event.attendee["id"]
+    assert record["status"] == 200
+    assert record["outcome"] == "ok"
+    assert record["streamed"] is False and record["estimated"] is False
+    assert record["latency_ms"] > 0
+    assert record["PartitionKey"] == f"{event.id}_{record['local_date']}"
+
+
+def test_embeddings_record_counts_input_tokens(
+    host: DevHost, event: EventSetup, storage: Storage
+) -> None:
+    client = openai.OpenAI(base_url=f"{host.base}/openai/v1", api_key=event.key, max_retries=0)
+    reply = client.embeddings.create(model="text-embedding-3-small", input="the quick brown fox")
+    [record] = storage.usage(event.id, expect=1)
+    assert record["prompt_tokens"] == reply.usage.prompt_tokens == 4
+    assert record["completion_tokens"] == 0
+    assert record["model_class"] == "openai-embeddings"
+
+
+def test_upstream_refusal_is_recorded_with_its_status(
+    host: DevHost, event: EventSetup, storage: Storage
+) -> None:
+    path = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+    body = {"messages": [{"role": "user", "content": "[sim:content_filter]"}]}
+    assert host.http.post(path, json=body, headers={"api-key": event.key}).status_code == 400
+    [record] = storage.usage(event.id, expect=1)
+    assert record["status"] == 400
+    assert record["outcome"] == "upstream_status"
+    assert record["total_tokens"] == 0
+
+
+def test_refused_requests_write_no_record(
+    host: DevHost, event: EventSetup, storage: Storage
+) -> None:
+    path = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100_000}
+    assert host.http.post(path, json=body, headers={"api-key": event.key}).status_code == 400
+    ok = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert host.http.post(path, json=ok, headers={"api-key": event.key}).status_code == 200
+    records = storage.usage(event.id, expect=2, timeout=2)
+    assert len(records) == 1 and records[0]["completion_tokens"] == 2
