@@ -69,3 +69,31 @@ async def public_event(req: Request) -> Response:
 @app.route(route="health", methods=["GET"])
 async def health(req: Request) -> Response:
     return await public.health()
+
+
+# --- images, audio, Azure AI Search ------------------------------------------------------
+
+
+@app.route(route="openai/deployments/{deployment}/images/generations", methods=["POST"])
+async def images_generations(req: Request) -> Response:
+    return await pipeline.proxy(req, pipeline.IMAGES, req.path_params["deployment"])
+
+
+@app.route(route="openai/v1/images/generations", methods=["POST"])
+async def v1_images_generations(req: Request) -> Response:
+    return await pipeline.proxy(req, pipeline.IMAGES, None)
+
+
+@app.route(route="openai/deployments/{deployment}/audio/transcriptions", methods=["POST"])
+async def audio_transcriptions(req: Request) -> Response:
+    return await pipeline.proxy(req, pipeline.TRANSCRIPTIONS, req.path_params["deployment"])
+
+
+@app.route(route="indexes/{index}/docs/search", methods=["POST"])
+async def search(req: Request) -> Response:
+    return await pipeline.proxy(req, pipeline.SEARCH, req.path_params["index"])
+
+
+@app.route(route="indexes('{index}')/docs/search.post.search", methods=["POST"])
+async def search_odata(req: Request) -> Response:
+    return await pipeline.proxy(req, pipeline.SEARCH, req.path_params["index"])

@@ -63,11 +63,26 @@ RATE_LIMIT_TOKENS_PER_MINUTE = 1_000_000
 KIND_CHAT = "chat/completions"
 KIND_COMPLETIONS = "completions"
 KIND_EMBEDDINGS = "embeddings"
+KIND_EXTENSIONS_CHAT = "extensions/chat/completions"
+KIND_IMAGES = "images/generations"
+KIND_AUDIO = "audio/transcriptions"
+KIND_SEARCH = "docs/search"
 OPERATION_NAMES = {
     KIND_CHAT: "ChatCompletions_Create",
+    KIND_EXTENSIONS_CHAT: "ChatCompletions_Create",
     KIND_COMPLETIONS: "Completions_Create",
     KIND_EMBEDDINGS: "Embeddings_Create",
+    KIND_IMAGES: "ImageGenerations_Create",
+    KIND_AUDIO: "Transcriptions_Create",
 }
+# A valid 1x1 PNG, the picture every image generation returns.
+PNG_1X1 = base64.b64encode(
+    bytes.fromhex(
+        "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+        "1f15c4890000000d49444154789c6360f8cfc0f01f0005000201a0a3b3"
+        "0b0000000049454e44ae426082"
+    )
+).decode()
 
 # Accepted keys of directives and of /_sim/config, with their value types. ``bool`` keys may be
 # given as a bare flag in a directive (``[sim:hang]``).
@@ -226,7 +241,7 @@ def count_prompt(prompt: Any) -> int:
 
 
 def _iter_strings(kind: str, body: dict[str, Any]):
-    if kind == KIND_CHAT:
+    if kind in (KIND_CHAT, KIND_EXTENSIONS_CHAT):
         messages = body.get("messages")
         if isinstance(messages, list):
             for m in messages:
@@ -240,7 +255,8 @@ def _iter_strings(kind: str, body: dict[str, Any]):
                         if isinstance(part, dict) and isinstance(part.get("text"), str):
                             yield part["text"]
     else:
-        value = body.get("prompt" if kind == KIND_COMPLETIONS else "input")
+        field = {KIND_EMBEDDINGS: "input", KIND_SEARCH: "search"}.get(kind, "prompt")
+        value = body.get(field)
         if isinstance(value, str):
             yield value
         elif isinstance(value, list):
@@ -595,8 +611,12 @@ async def _serve(
 
     if kind == KIND_EMBEDDINGS:
         return await _embeddings(request, state, body, settings, headers, first_byte_ms, record)
+    if kind == KIND_IMAGES:
+        return _images(body, headers)
+    if kind == KIND_SEARCH:
+        return _search(request.match_info["deployment"], body, headers)
 
-    if kind == KIND_CHAT:
+    if kind in (KIND_CHAT, KIND_EXTENSIONS_CHAT):
         if not isinstance(body.get("messages"), list):
             return _json_response(
                 400,
@@ -634,6 +654,8 @@ async def _serve(
         resp.content_type = "text/event-stream" if stream else "application/json"
         return resp
 
+    if kind == KIND_EXTENSIONS_CHAT:
+        kind = KIND_CHAT  # "on your data" answers in the chat shape
     prefix = "chatcmpl-" if kind == KIND_CHAT else "cmpl-"
     completion_id = prefix + uuid.uuid4().hex[:29]
     created = int(time.time())
@@ -879,6 +901,94 @@ async def _embeddings(
 # /_sim control endpoints
 
 
+def _images(body: dict[str, Any], headers: dict[str, str]) -> web.Response:
+    """DALL-E 3 shape: `n` pictures, each a 1x1 PNG, as base64 or as a data URL."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        return _simple_error(400, "BadRequest", "'prompt' is a required property", headers)
+    n = body.get("n", 1)
+    if not isinstance(n, int) or not 1 <= n <= 10:
+        return _simple_error(400, "BadRequest", "'n' must be between 1 and 10", headers)
+    as_b64 = body.get("response_format") == "b64_json"
+    data = [
+        {"b64_json": PNG_1X1, "revised_prompt": prompt}
+        if as_b64
+        else {"url": f"data:image/png;base64,{PNG_1X1}", "revised_prompt": prompt}
+        for _ in range(n)
+    ]
+    return _json_response(200, {"created": int(time.time()), "data": data}, headers)
+
+
+def _search(index: str, body: dict[str, Any], headers: dict[str, str]) -> web.Response:
+    """A search answer with `top` documents (default 3) that mention the query."""
+    query = str(body.get("search") or "*")
+    top = body.get("top", 3)
+    top = top if isinstance(top, int) and 0 <= top <= 50 else 3
+    value = [
+        {
+            "@search.score": round(1.0 / (i + 1), 4),
+            "id": str(i + 1),
+            "title": f"Document {i + 1} of {index}",
+            "content": f"A passage about {query} from {index}.",
+        }
+        for i in range(top)
+    ]
+    return _json_response(200, {"@odata.count": top, "value": value}, headers)
+
+
+def _wav_seconds(data: bytes) -> float:
+    """Duration of a PCM WAV file from its header; 0 when it is not one."""
+    if len(data) < 44 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return 0.0
+    byte_rate = struct.unpack("<I", data[28:32])[0]
+    return round((len(data) - 44) / byte_rate, 3) if byte_rate else 0.0
+
+
+async def _handle_audio(request: web.Request) -> web.Response:
+    """Transcriptions: multipart with `file`; answers json, text or verbose_json."""
+    state = request.app[STATE_KEY]
+    deployment = request.match_info["deployment"]
+    ok, key_info, auth_info = state.check_auth(request)
+    state.total_requests += 1
+    per_dep = state.by_deployment.setdefault(deployment, {})
+    per_dep[KIND_AUDIO] = per_dep.get(KIND_AUDIO, 0) + 1
+    headers = _base_headers(state, _request_id())
+    if not ok:
+        response = _json_response(401, _error_body(401, KIND_AUDIO, 0), headers)
+    elif not request.query.get("api-version"):
+        response = _simple_error(400, "missing_api_version", "Missing api-version.", headers)
+    elif not (request.content_type or "").startswith("multipart/form-data"):
+        response = _simple_error(400, "BadRequest", "Send multipart/form-data.", headers)
+    else:
+        form = await request.post()
+        upload = form.get("file")
+        if upload is None or not hasattr(upload, "file"):
+            response = _simple_error(400, "BadRequest", "'file' is a required field", headers)
+        else:
+            data = upload.file.read()
+            seconds = _wav_seconds(data)
+            text = get_corpus().text_for(max(1, min(200, int(seconds * 2) or 8)))
+            fmt = form.get("response_format", "json")
+            if fmt == "text":
+                response = web.Response(text=text, headers=headers, content_type="text/plain")
+            elif fmt == "verbose_json":
+                payload = {
+                    "task": "transcribe",
+                    "language": "english",
+                    "duration": seconds,
+                    "text": text,
+                }
+                response = _json_response(200, payload, headers)
+            else:
+                response = _json_response(200, {"text": text}, headers)
+    state.last_requests.append(
+        {"path": request.path, "query": dict(request.query), "headers": {"api-key": key_info, "authorization": auth_info},
+         "body": None, "time": time.time(), "status": response.status}
+    )  # fmt: skip
+    state.by_status[str(response.status)] = state.by_status.get(str(response.status), 0) + 1
+    return response
+
+
 async def _stats(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     return web.json_response(
@@ -951,8 +1061,13 @@ def build_app(
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[STATE_KEY] = SimState(api_key, name, latency_ms_per_token, first_byte_ms)
     base = "/openai/deployments/{deployment}/"
-    for kind in (KIND_CHAT, KIND_COMPLETIONS, KIND_EMBEDDINGS):
+    for kind in (KIND_CHAT, KIND_EXTENSIONS_CHAT, KIND_COMPLETIONS, KIND_EMBEDDINGS, KIND_IMAGES):
         app.router.add_post(base + kind, functools.partial(_handle_api, kind=kind))
+    app.router.add_post(base + KIND_AUDIO, _handle_audio)
+    # Azure AI Search: the REST form and the OData form the Azure SDKs use.
+    search = functools.partial(_handle_api, kind=KIND_SEARCH)
+    app.router.add_post("/indexes/{deployment}/docs/search", search)
+    app.router.add_post("/indexes('{deployment}')/docs/search.post.search", search)
     app.router.add_get("/_sim/stats", _stats)
     app.router.add_get("/_sim/config", _get_config)
     app.router.add_post("/_sim/config", _set_config)

@@ -20,6 +20,7 @@ def storage_credential(settings: Settings) -> Any:
 
 
 COGNITIVE_SCOPE = "https://cognitiveservices.azure.com/.default"
+SEARCH_SCOPE = "https://search.azure.com/.default"
 _REFRESH_MARGIN_SECONDS = 300
 
 
@@ -48,21 +49,31 @@ class TokenSource:
         return self._token
 
 
-_token_source: TokenSource | None = None
+def scope_for(model_class: str) -> str:
+    """Azure AI Search takes tokens for its own audience; every OpenAI class for Cognitive Services."""
+    return SEARCH_SCOPE if model_class == "azure-ai-search" else COGNITIVE_SCOPE
 
 
-def set_token_source(source: TokenSource | None) -> None:
-    """Stand in a token source (tests) or reset to the default credential."""
-    global _token_source
-    _token_source = source
+_credential: Any = None
+_token_sources: dict[str, TokenSource] = {}
 
 
-async def upstream_token(settings: Settings) -> str:
-    """A bearer token for Azure OpenAI with the app's managed identity."""
-    global _token_source
-    if _token_source is None:
-        _token_source = TokenSource(storage_credential(settings))
-    return await _token_source.token()
+def set_credential(credential: Any) -> None:
+    """Stand in the Entra credential (tests): anything with an async get_token(scope)."""
+    global _credential
+    _credential = credential
+    _token_sources.clear()
+
+
+async def upstream_token(settings: Settings, scope: str = COGNITIVE_SCOPE) -> str:
+    """A bearer token for an upstream with the app's managed identity, cached per scope."""
+    global _credential
+    if _credential is None:
+        _credential = storage_credential(settings)
+    source = _token_sources.get(scope)
+    if source is None:
+        source = _token_sources[scope] = TokenSource(_credential, scope)
+    return await source.token()
 
 
 class KeyVaultSecretStore:

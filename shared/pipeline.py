@@ -35,12 +35,21 @@ _STREAM_OPTIONS_FROM = "2024-09-01-preview"
 
 @dataclass(frozen=True)
 class Operation:
-    """One kind of proxied call: its model class and the path under the deployment."""
+    """One kind of proxied call: its model class, upstream path and how its body is read."""
 
     model_class: str
     path: str
     streams: bool = False
     token_capped: bool = False
+    multipart: bool = False  # forwarded as it came (audio uploads); never parsed
+
+    def upstream_url(self, resource: Resource, query: str) -> str:
+        if self.model_class == "azure-ai-search":
+            return f"{resource.endpoint}/indexes/{resource.upstream_deployment}/{self.path}?{query}"
+        return (
+            f"{resource.endpoint}/openai/deployments/{resource.upstream_deployment}/"
+            f"{self.path}?{query}"
+        )
 
 
 CHAT = Operation("openai-chat", "chat/completions", streams=True, token_capped=True)
@@ -49,6 +58,11 @@ EXTENSIONS_CHAT = Operation(
 )
 COMPLETIONS = Operation("openai-completions", "completions", streams=True, token_capped=True)
 EMBEDDINGS = Operation("openai-embeddings", "embeddings")
+IMAGES = Operation("openai-images", "images/generations")
+TRANSCRIPTIONS = Operation("openai-audio", "audio/transcriptions", multipart=True)
+SEARCH = Operation("azure-ai-search", "docs/search")
+# Azure AI Search has api-versions of its own.
+SEARCH_API_VERSION = "2024-07-01"
 
 
 def new_request_id() -> str:
@@ -144,11 +158,12 @@ class Forwarder:
         self.runtime = runtime
 
     async def headers(self, resource: Resource) -> dict[str, str]:
-        headers = {"content-type": "application/json", "accept": "application/json"}
+        headers = {"content-type": "application/json"}
         if resource.auth == "managed_identity":
-            from shared.identity import upstream_token
+            from shared.identity import scope_for, upstream_token
 
-            headers["authorization"] = f"Bearer {await upstream_token(self.runtime.settings)}"
+            token = await upstream_token(self.runtime.settings, scope_for(resource.model_class))
+            headers["authorization"] = f"Bearer {token}"
         else:
             key = await self.runtime.upstream_key(resource)
             if key is None:
@@ -220,6 +235,22 @@ def no_capacity(seconds: float) -> ProxyError:
     )
 
 
+_TOKEN_CLASSES = frozenset({"openai-chat", "openai-completions", "openai-embeddings"})
+
+
+def units_of(operation: Operation, answer: Any) -> int:
+    """What a call used in its own unit: images made, audio seconds, searches run."""
+    if operation.model_class == "openai-images":
+        data = answer.get("data") if isinstance(answer, dict) else None
+        return len(data) if isinstance(data, list) else 0
+    if operation.model_class == "openai-audio":
+        duration = answer.get("duration") if isinstance(answer, dict) else None
+        return int(duration + 0.999) if isinstance(duration, int | float) else 0
+    if operation.model_class == "azure-ai-search":
+        return 1
+    return 0
+
+
 def _usage_numbers(usage: dict[str, Any] | None) -> tuple[int, int, int]:
     if not usage:
         return 0, 0, 0
@@ -250,6 +281,7 @@ class Call:
         streamed: bool,
         estimated: bool,
         outcome: str,
+        units: int = 0,
     ) -> None:
         assert self.access is not None
         event = self.access.event
@@ -272,6 +304,7 @@ class Call:
                 local_date=event.local_date(now),
                 request_id=self.request_id,
                 outcome=outcome,
+                units=units,
             )
         )
 
@@ -284,8 +317,20 @@ class Call:
         event = self.access.event
         event.check_open(clock.now())
         body = await read_body(request, self.runtime.settings.max_body_bytes)
-        payload = parse_json_body(body, headers.get("content-type"))
-        if deployment is None:
+        operation = self.operation
+        content_type = headers.get("content-type")
+        if operation.multipart:
+            if not content_type or not content_type.lower().startswith("multipart/form-data"):
+                raise ProxyError(
+                    "invalid_request",
+                    "Send the audio file as multipart/form-data with a 'file' field.",
+                )
+            payload: dict[str, Any] = {}
+        else:
+            payload = parse_json_body(body, content_type)
+            content_type = None
+        from_body = deployment is None
+        if from_body:
             model = payload.get("model")
             if not isinstance(model, str) or not model:
                 raise ProxyError(
@@ -300,16 +345,17 @@ class Call:
                 "Deployment names hold letters, digits, '.', '_' and '-' (at most 64).",
             )
         self.deployment = deployment
-        members = find_pool(
-            await self.runtime.pools(event.id), deployment, self.operation.model_class
-        )
-        if self.operation.token_capped:
+        members = find_pool(await self.runtime.pools(event.id), deployment, operation.model_class)
+        if operation.token_capped:
             check_token_cap(payload, event.max_token_cap)
 
-        api_version = (
-            request.query_params.get("api-version") or self.runtime.settings.default_api_version
+        default_version = (
+            SEARCH_API_VERSION
+            if operation.model_class == "azure-ai-search"
+            else self.runtime.settings.default_api_version
         )
-        stream = self.operation.streams and payload.get("stream") is True
+        api_version = request.query_params.get("api-version") or default_version
+        stream = operation.streams and payload.get("stream") is True
         hide_usage = False
         changed = False
         if stream:
@@ -318,21 +364,18 @@ class Call:
             if not asked and supports_stream_options(api_version):
                 payload["stream_options"] = {**(options or {}), "include_usage": True}
                 hide_usage = changed = True
-        if "model" in payload and request.path_params.get("deployment") is None:
+        if from_body:
             del payload["model"]  # the v1 route: the deployment is in the upstream path instead
             changed = True
         upstream_body = orjson.dumps(payload) if changed else body
         query = self._upstream_query(api_version)
 
         def url_of(resource: Resource) -> str:
-            return (
-                f"{resource.endpoint}/openai/deployments/{resource.upstream_deployment}/"
-                f"{self.operation.path}?{query}"
-            )
+            return operation.upstream_url(resource, query)
 
         try:
             resource, answer = await Forwarder(self.runtime).send(
-                f"{event.id}/{deployment}", members, url_of, upstream_body
+                f"{event.id}|{deployment}", members, url_of, upstream_body, content_type
             )
         except ProxyError as error:
             if error.code in ("upstream_error", "upstream_timeout", "no_capacity"):
@@ -374,19 +417,24 @@ class Call:
         headers: dict[str, str],
         stream: bool,
     ) -> Response:
+        remaining = (
+            self.started + self.runtime.settings.upstream_total_timeout - time.perf_counter()
+        )
         try:
-            content = await answer.read()
-        except (UpstreamTimeout, UpstreamUnreachable) as exc:
+            async with asyncio.timeout(max(remaining, 0.001)):
+                content = await answer.read()
+        except (UpstreamTimeout, UpstreamUnreachable, TimeoutError) as exc:
             self.record(
                 resource, 502, (0, 0, 0), streamed=stream, estimated=False, outcome="upstream_error"
             )
-            code = "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_error"
+            timed_out = isinstance(exc, UpstreamTimeout | TimeoutError)
+            code = "upstream_timeout" if timed_out else "upstream_error"
             raise ProxyError(code, "The deployment stopped answering midway. Retry.") from exc
-        usage: dict[str, Any] | None = None
-        if answer.status == 200:
+        parsed: Any = None
+        json_answer = "json" in answer.headers.get("content-type", "")
+        if answer.status == 200 and (json_answer or not self.operation.multipart):
             try:
                 parsed = orjson.loads(content)
-                usage = parsed.get("usage") if isinstance(parsed, dict) else None
             except orjson.JSONDecodeError:
                 self.record(
                     resource,
@@ -399,13 +447,20 @@ class Call:
                 raise ProxyError(
                     "upstream_error", "The deployment answered with something that is not JSON."
                 ) from None
+        usage = parsed.get("usage") if isinstance(parsed, dict) else None
         numbers, estimated = _usage_numbers(usage), False
-        if answer.status == 200 and not usage:
+        if answer.status == 200 and not usage and self.operation.model_class in _TOKEN_CLASSES:
             prompt = tokens.prompt_tokens(payload)
             numbers, estimated = (prompt, 0, prompt), True
         outcome = "ok" if answer.status < 400 else "upstream_status"
         self.record(
-            resource, answer.status, numbers, streamed=stream, estimated=estimated, outcome=outcome
+            resource,
+            answer.status,
+            numbers,
+            streamed=stream,
+            estimated=estimated,
+            outcome=outcome,
+            units=units_of(self.operation, parsed) if answer.status == 200 else 0,
         )
         return Response(content, answer.status, headers)
 
@@ -414,12 +469,22 @@ class Call:
     ) -> AsyncIterator[bytes]:
         meter = StreamMeter(hide_usage=hide_usage)
         outcome = "ok"
-        idle = self.runtime.settings.stream_idle_timeout
+        settings = self.runtime.settings
+        deadline = self.started + settings.upstream_total_timeout
         content = answer.response.content
         try:
             while True:
+                # Azure ends HTTP responses at 230 s: stop cleanly before the platform does.
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    outcome = "cut"
+                    raise StreamCut(
+                        f"the stream ran longer than {settings.upstream_total_timeout}s"
+                    )
                 try:
-                    chunk = await asyncio.wait_for(content.readany(), idle)
+                    chunk = await asyncio.wait_for(
+                        content.readany(), min(settings.stream_idle_timeout, remaining)
+                    )
                 except (TimeoutError, aiohttp.ClientError) as exc:
                     outcome = "cut"
                     out = meter.feed(answer.received_before_failure())

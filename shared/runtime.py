@@ -47,7 +47,7 @@ class Runtime:
         self.catalog = CatalogStore(self.tables)
         self.attendees = AttendeeStore(self.tables, self.sealer)
         self.upstream = UpstreamClient(settings)
-        self.balancer = Balancer()
+        self.balancer = Balancer(self.tables, settings.balancer_sync_seconds)
         self.usage = UsageWriter(self.tables, settings.usage_flush_seconds)
         ttl = settings.cache_ttl_seconds
         self._access: TTLCache[str, Attendee | None] = TTLCache(ttl)
@@ -132,6 +132,7 @@ class Runtime:
         self._secrets.invalidate(resource.secret_name)
 
     async def close(self) -> None:
+        await self.balancer.close()
         await self.usage.close()
         await self.upstream.close()
         await self.tables.close()

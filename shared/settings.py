@@ -39,6 +39,7 @@ class Settings:
     max_body_bytes: int = 26_214_400
     cache_ttl_seconds: float = 5.0
     usage_flush_seconds: float = 1.0
+    balancer_sync_seconds: float = 1.0
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 60.0
     stream_idle_timeout: float = 60.0
@@ -59,6 +60,7 @@ _ENV_NAMES = {
     "max_body_bytes": "AIPROXY_MAX_BODY_BYTES",
     "cache_ttl_seconds": "AIPROXY_CACHE_TTL_SECONDS",
     "usage_flush_seconds": "AIPROXY_USAGE_FLUSH_SECONDS",
+    "balancer_sync_seconds": "AIPROXY_BALANCER_SYNC_SECONDS",
     "upstream_connect_timeout": "AIPROXY_UPSTREAM_CONNECT_TIMEOUT",
     "upstream_read_timeout": "AIPROXY_UPSTREAM_READ_TIMEOUT",
     "stream_idle_timeout": "AIPROXY_STREAM_IDLE_TIMEOUT",

@@ -88,6 +88,17 @@ class Tables:
         except AzureError as exc:
             raise StorageUnavailable(str(exc)) from exc
 
+    async def get_versioned(self, table: str, pk: str, rk: str) -> tuple[Entity, str] | None:
+        """The entity with its ETag, for a later conditional update."""
+        client = await self.client(table)
+        try:
+            found = await client.get_entity(pk, rk)
+        except ResourceNotFoundError:
+            return None
+        except AzureError as exc:
+            raise StorageUnavailable(str(exc)) from exc
+        return dict(found), found.metadata["etag"]
+
     async def insert(self, table: str, entity: Entity) -> None:
         client = await self.client(table)
         try:

@@ -115,3 +115,49 @@ def test_stream_cut_by_upstream_makes_the_sdk_raise_and_is_recorded(
     assert record["status"] == 502
     assert record["completion_tokens"] == 3  # estimated from what did arrive
     assert record["estimated"] is True
+
+
+def test_client_that_goes_away_cancels_the_upstream_and_is_recorded(
+    host: DevHost, event: EventSetup, sim: Simulator, storage: Storage
+) -> None:
+    closed_before = sim.stats()["by_status"].get("client_closed", 0)
+    body = {
+        "messages": [{"role": "user", "content": "[sim:tokens=60 latency_ms_per_token=100] go"}],
+        "stream": True,
+    }
+    path = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+    contents = 0
+    with host.http.stream("POST", path, json=body, headers={"api-key": event.key}) as response:
+        for line in response.iter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                contents += 1
+            if contents == 3:
+                break  # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 5
+    while sim.stats()["by_status"].get("client_closed", 0) == closed_before:
+        assert time.monotonic() < deadline, "the upstream request was not cancelled"
+        time.sleep(0.1)
+    [record] = storage.usage(event.id, expect=1)
+    assert record["outcome"] == "client_gone"
+    assert 3 <= record["completion_tokens"] < 60  # what was streamed before the client left
+    assert record["estimated"] is True
+
+
+def test_stream_that_stalls_past_the_idle_timeout_is_ended_with_an_error(
+    host: DevHost, event: EventSetup, storage: Storage
+) -> None:
+    # The test dev host allows 3 s of silence; this upstream waits 4 s between tokens.
+    messages = [{"role": "user", "content": "[sim:tokens=3 latency_ms_per_token=4000] go"}]
+    started = time.perf_counter()
+    try:
+        for _ in client(host, event.key).chat.completions.create(
+            model="gpt-4o-mini", messages=messages, stream=True
+        ):
+            pass
+    except openai.APIError as exc:
+        assert "cut the stream" in str(exc)
+    else:
+        raise AssertionError("a stalled stream ended cleanly")
+    assert time.perf_counter() - started < 8.5  # ended by the idle timeout, not by the upstream
+    [record] = storage.usage(event.id, expect=1)
+    assert record["outcome"] == "cut"

@@ -1,0 +1,201 @@
+"""Deployment pools: weighted round-robin, priorities, failover with cooldowns, shared state."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from local.azurite import Azurite, free_port
+from tests.harness import DevHost, EventSetup, Simulator, Storage, devhost_env
+
+CHAT = "/openai/deployments/pool/chat/completions?api-version=2024-10-21"
+HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def sims(log_dir: Path) -> Iterator[list[Simulator]]:
+    servers = [Simulator(log_dir, name=f"pool{i}") for i in range(3)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def host2(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[DevHost]:
+    """A second instance of the app on the same storage."""
+    server = DevHost(log_dir, devhost_env(azurite.connection_string, prefix), name="devhost2")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fresh(sims: list[Simulator]) -> list[Simulator]:
+    for sim in sims:
+        sim.reset()
+    return sims
+
+
+def pool_event(host: DevHost, sims: list[Simulator], members: list[dict[str, Any]]) -> EventSetup:
+    """An event whose deployment 'pool' has one resource per entry, on sims[i]."""
+    setup = EventSetup(host, sims[0])
+    for member in members:
+        index = member.pop("sim")
+        setup.add_resource(sims[index].url, "pool", "openai-chat", **member)
+    return setup
+
+
+def served(sims: list[Simulator]) -> list[int]:
+    return [sim.stats()["by_status"].get("200", 0) for sim in sims]
+
+
+def call(host: DevHost, key: str, body: dict[str, Any] = HELLO) -> httpx.Response:
+    return host.http.post(CHAT, json=body, headers={"api-key": key})
+
+
+def test_weights_split_requests_proportionally(host: DevHost, fresh: list[Simulator]) -> None:
+    setup = pool_event(
+        host, fresh, [{"sim": 0, "weight": 1}, {"sim": 1, "weight": 1}, {"sim": 2, "weight": 2}]
+    )
+    for _ in range(400):
+        assert call(host, setup.key).status_code == 200
+    counts = served(fresh)
+    assert sum(counts) == 400
+    for count, expected in zip(counts, (100, 100, 200), strict=True):
+        assert abs(count - expected) <= expected * 0.10, counts
+
+
+def test_lower_priority_serves_only_while_the_higher_one_cools(
+    host: DevHost, fresh: list[Simulator]
+) -> None:
+    setup = pool_event(host, fresh, [{"sim": 0, "priority": 1}, {"sim": 1, "priority": 2}])
+    for _ in range(20):
+        assert call(host, setup.key).status_code == 200
+    assert served(fresh)[:2] == [20, 0]
+    fresh[0].configure(status=429, retry_after_ms=1500)
+    for _ in range(10):
+        assert call(host, setup.key).status_code == 200  # failed over, the caller never knew
+    fresh[0].configure(status=None, retry_after_ms=None)
+    assert fresh[0].stats()["by_status"]["429"] == 1
+    assert served(fresh)[1] == 10
+    time.sleep(1.7)
+    for _ in range(10):
+        assert call(host, setup.key).status_code == 200
+    assert served(fresh)[:2] == [30, 10]  # back on the provisioned deployment
+
+
+def test_retry_after_ms_cools_a_member_for_exactly_that_long(
+    host: DevHost, fresh: list[Simulator]
+) -> None:
+    setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}])
+    fresh[0].configure(status=429, retry_after_ms=2000)
+    while fresh[0].stats()["by_status"].get("429", 0) == 0:
+        assert call(host, setup.key).status_code == 200
+    throttled_at = time.monotonic()
+    fresh[0].configure(status=None, retry_after_ms=None)
+    before = fresh[0].stats()["total_requests"]
+    sent = 0
+    while time.monotonic() - throttled_at < 1.8:
+        assert call(host, setup.key).status_code == 200
+        sent += 1
+    assert sent >= 10
+    assert fresh[0].stats()["total_requests"] == before  # nothing reached the cooled member
+    time.sleep(max(0.0, 2.2 - (time.monotonic() - throttled_at)))
+    for _ in range(10):
+        assert call(host, setup.key).status_code == 200
+    assert fresh[0].stats()["total_requests"] - before >= 4  # used again after 2 s
+
+
+def test_two_instances_continue_one_round_robin_sequence(
+    host: DevHost, host2: DevHost, fresh: list[Simulator], storage: Storage
+) -> None:
+    setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}, {"sim": 2}])
+    for i in range(300):
+        assert call(host if i % 2 else host2, setup.key).status_code == 200
+    counts = served(fresh)
+    assert all(abs(c - 100) <= 10 for c in counts), counts
+    cursors = storage.rows(
+        "cursors", f"PartitionKey ge '{setup.id}' and PartitionKey lt '{setup.id}~'"
+    )
+    assert len(cursors) == 1
+    # Each instance leased blocks of 8 cycles of 3 from the one shared counter.
+    assert cursors[0]["next"] % 24 == 0 and cursors[0]["next"] >= 2 * 24
+
+
+def test_cooldown_reaches_the_other_instance_within_two_seconds(
+    host: DevHost, host2: DevHost, fresh: list[Simulator]
+) -> None:
+    setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}])
+    assert call(host2, setup.key).status_code == 200  # host2 knows the pool
+    fresh[0].configure(status=429, retry_after_ms=6000)
+    while fresh[0].stats()["by_status"].get("429", 0) == 0:
+        assert call(host, setup.key).status_code == 200
+    fresh[0].configure(status=None, retry_after_ms=None)
+    time.sleep(2.0)
+    before = fresh[0].stats()["total_requests"]
+    for _ in range(12):
+        assert call(host2, setup.key).status_code == 200
+    assert fresh[0].stats()["total_requests"] == before  # host2 never sent to the cooled member
+
+
+def test_all_members_throttled_gives_no_capacity_with_the_soonest_retry_after(
+    host: DevHost, fresh: list[Simulator]
+) -> None:
+    setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}])
+    fresh[0].configure(status=429, retry_after=5)
+    fresh[1].configure(status=429, retry_after=9)
+    response = call(host, setup.key)
+    assert response.status_code == 429
+    assert response.json()["error"]["code"] == "no_capacity"
+    assert response.headers["retry-after"] == "5"
+    assert response.headers["x-aiproxy-request-id"]
+
+
+def test_all_members_down_gives_upstream_error(host: DevHost, fresh: list[Simulator]) -> None:
+    setup = EventSetup(host, fresh[0])
+    for _ in range(2):
+        setup.add_resource(f"http://127.0.0.1:{free_port()}", "pool", "openai-chat")
+    response = call(host, setup.key)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_error"
+
+
+def test_all_members_failing_with_5xx_gives_upstream_error(
+    host: DevHost, fresh: list[Simulator]
+) -> None:
+    setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}])
+    fresh[0].configure(status=500)
+    fresh[1].configure(status=503)
+    response = call(host, setup.key)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_error"
+    assert [s.stats()["total_requests"] for s in fresh[:2]] == [1, 1]  # each tried once
+
+
+def test_all_members_slow_gives_upstream_timeout(host: DevHost, fresh: list[Simulator]) -> None:
+    setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}])
+    body = {"messages": [{"role": "user", "content": "[sim:hang]"}]}
+    response = call(host, setup.key, body)
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "upstream_timeout"
+    assert [s.stats()["by_status"].get("hang", 0) for s in fresh[:2]] == [1, 1]
+
+
+def test_failover_happens_before_any_byte_reaches_a_streaming_client(
+    host: DevHost, fresh: list[Simulator]
+) -> None:
+    setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}])
+    fresh[0].configure(status=503, retry_after=3)
+    fresh[1].configure(status=503, retry_after=3)
+    fresh[2].reset()
+    setup.add_resource(fresh[2].url, "pool", "openai-chat", priority=5)
+    body = {**HELLO, "stream": True}
+    with host.http.stream("POST", CHAT, json=body, headers={"api-key": setup.key}) as response:
+        assert response.status_code == 200
+        text = response.read().decode()
+    assert text.rstrip().endswith("data: [DONE]")
+    assert served(fresh)[2] == 1
