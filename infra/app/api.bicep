@@ -1,0 +1,202 @@
+// The Function app on Flex Consumption (Linux, Python 3.11) and every app setting it reads.
+// The runtime, scale and deployment package live in functionAppConfig; Flex rejects the older
+// settings for them (FUNCTIONS_WORKER_RUNTIME, WEBSITE_RUN_FROM_PACKAGE, content shares, ...).
+param name string
+param planName string
+param location string = resourceGroup().location
+param tags object = {}
+param identityName string
+param storageAccountName string
+param deploymentContainerName string
+param keyVaultName string
+param encryptionKeySecretName string
+param appInsightsName string
+
+@minValue(1)
+@maxValue(1000)
+param maximumInstanceCount int = 100
+
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+param authEnabled bool = false
+param authClientId string = ''
+param authTenantId string = tenant().tenantId
+
+@description('Key Vault secret holding the sign-in client secret; empty: none.')
+param authClientSecretName string = ''
+
+resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' existing = {
+  name: identityName
+}
+
+resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+  name: storageAccountName
+}
+
+resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
+  name: keyVaultName
+}
+
+resource encryptionKeySecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' existing = {
+  parent: vault
+  name: encryptionKeySecretName
+}
+
+resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
+  name: appInsightsName
+}
+
+resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+  name: planName
+  location: location
+  tags: tags
+  kind: 'functionapp'
+  sku: {
+    name: 'FC1'
+    tier: 'FlexConsumption'
+  }
+  properties: {
+    reserved: true
+  }
+}
+
+resource app 'Microsoft.Web/sites@2024-04-01' = {
+  name: name
+  location: location
+  tags: union(tags, {
+    'azd-service-name': 'api'
+  })
+  kind: 'functionapp,linux'
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identity.id}': {}
+    }
+  }
+  properties: {
+    serverFarmId: plan.id
+    httpsOnly: true
+    // @Microsoft.KeyVault(...) app settings resolve with the user-assigned identity.
+    keyVaultReferenceIdentity: identity.id
+    siteConfig: {
+      minTlsVersion: '1.2'
+    }
+    functionAppConfig: {
+      deployment: {
+        storage: {
+          type: 'blobContainer'
+          value: '${storage.properties.primaryEndpoints.blob}${deploymentContainerName}'
+          authentication: {
+            type: 'UserAssignedIdentity'
+            userAssignedIdentityResourceId: identity.id
+          }
+        }
+      }
+      scaleAndConcurrency: {
+        maximumInstanceCount: maximumInstanceCount
+        instanceMemoryMB: instanceMemoryMB
+      }
+      runtime: {
+        name: 'python'
+        version: '3.11'
+      }
+    }
+  }
+}
+
+// Every setting shared/settings.py reads, plus what the host needs; defaults match the module.
+// Left out on purpose: AIPROXY_FUNCTION_KEY (the host issues keys) and
+// AIPROXY_STORAGE_CONNECTION_STRING (the identity replaces it). tests/test_infra.py checks this.
+var settings = {
+  // The host's own storage (keys, timer locks) through the identity: no connection string.
+  AzureWebJobsStorage__accountName: storage.name
+  AzureWebJobsStorage__credential: 'managedidentity'
+  AzureWebJobsStorage__clientId: identity.properties.clientId
+  // Telemetry: the connection string names the resource; ingestion authenticates as the identity.
+  APPLICATIONINSIGHTS_CONNECTION_STRING: appInsights.properties.ConnectionString
+  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identity.properties.clientId};Authorization=AAD'
+  // The HTTP streams extension needs init indexing on Python 3.11/3.12.
+  PYTHON_ENABLE_INIT_INDEXING: '1'
+  // Table Storage through the identity (DefaultAzureCredential with AZURE_CLIENT_ID).
+  AIPROXY_STORAGE_TABLE_ENDPOINT: storage.properties.primaryEndpoints.table
+  AZURE_CLIENT_ID: identity.properties.clientId
+  AIPROXY_TABLE_PREFIX: 'aiproxy'
+  AIPROXY_KEY_VAULT_URL: vault.properties.vaultUri
+  AIPROXY_ENCRYPTION_KEY: '@Microsoft.KeyVault(SecretUri=${encryptionKeySecret.properties.secretUri})'
+  AIPROXY_DEFAULT_API_VERSION: '2024-10-21'
+  AIPROXY_MAX_BODY_BYTES: '26214400'
+  AIPROXY_CACHE_TTL_SECONDS: '5'
+  AIPROXY_USAGE_FLUSH_SECONDS: '1'
+  AIPROXY_SYNC_SECONDS: '1'
+  AIPROXY_UPSTREAM_CONNECT_TIMEOUT: '5'
+  AIPROXY_UPSTREAM_READ_TIMEOUT: '60'
+  AIPROXY_STREAM_IDLE_TIMEOUT: '60'
+  AIPROXY_UPSTREAM_TOTAL_TIMEOUT: '220'
+  // Only App Service authentication strips a client's own X-MS-CLIENT-PRINCIPAL header, so the
+  // app may trust that header exactly when sign-in is switched on.
+  AIPROXY_TRUST_EASYAUTH: authEnabled ? 'true' : 'false'
+  AIPROXY_ROLLUP_SCHEDULE: '0 */5 * * * *'
+}
+
+var authClientSecretReference = '@Microsoft.KeyVault(SecretUri=${vault.properties.vaultUri}secrets/${authClientSecretName})'
+var authSettings = (authEnabled && !empty(authClientSecretName)) ? {
+  MICROSOFT_PROVIDER_AUTHENTICATION_SECRET: authClientSecretReference
+} : {}
+
+resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
+  parent: app
+  name: 'appsettings'
+  properties: union(settings, authSettings)
+}
+
+// Entra sign-in for the console. Anonymous requests still pass (attendees use event keys), and
+// the routes that take an event key are left out entirely: OpenAI clients send the key as a
+// bearer token, which sign-in would otherwise try to validate as an Entra token and refuse.
+// None of those routes reads the principal header.
+resource auth 'Microsoft.Web/sites/config@2024-04-01' = if (authEnabled) {
+  parent: app
+  name: 'authsettingsV2'
+  properties: {
+    platform: {
+      enabled: true
+    }
+    globalValidation: {
+      requireAuthentication: false
+      unauthenticatedClientAction: 'AllowAnonymous'
+      excludedPaths: [
+        '/api/openai/*'
+        '/api/indexes/*'
+        '/api/eventinfo'
+      ]
+    }
+    httpSettings: {
+      requireHttps: true
+    }
+    login: {
+      tokenStore: {
+        enabled: false
+      }
+    }
+    identityProviders: {
+      azureActiveDirectory: {
+        enabled: true
+        registration: {
+          clientId: authClientId
+          clientSecretSettingName: empty(authClientSecretName) ? null : 'MICROSOFT_PROVIDER_AUTHENTICATION_SECRET'
+          openIdIssuer: '${environment().authentication.loginEndpoint}${authTenantId}/v2.0'
+        }
+      }
+    }
+  }
+  dependsOn: [
+    appSettings
+  ]
+}
+
+output name string = app.name
+output url string = 'https://${app.properties.defaultHostName}/api'

@@ -1,0 +1,191 @@
+// AI Proxy on Azure: a Flex Consumption Function app and what it needs, provisioned by `azd up`.
+// Every resource lives in one resource group; the app reaches storage, Key Vault, Application
+// Insights and (optionally) Azure OpenAI with one user-assigned identity, never with a key.
+targetScope = 'subscription'
+
+@minLength(1)
+@maxLength(64)
+@description('Name of the azd environment; a hash of it (with subscription and region) names every resource.')
+param environmentName string
+
+@minLength(1)
+@description('Region of every resource. It must offer Flex Consumption: az functionapp list-flexconsumption-locations')
+@metadata({
+  azd: {
+    type: 'location'
+  }
+})
+param location string
+
+@description('Object id of the person (or pipeline) running azd; gets data access for the CLI and local debugging. Empty: none.')
+param principalId string = ''
+
+@allowed([
+  'User'
+  'Group'
+  'ServicePrincipal'
+])
+@description('Kind of principalId.')
+param principalType string = 'User'
+
+// The Fernet key that seals attendee keys (and upstream keys outside Key Vault). It comes from
+// the azd environment (AIPROXY_ENCRYPTION_KEY) rather than from newGuid(): a default computed at
+// deploy time would change on every `azd provision` and make every sealed value unreadable, and
+// GUIDs hold too little randomness for a 32-byte key. The preprovision hook checks it is set and
+// well formed; Bicep only stores it as a Key Vault secret that the app reads by reference.
+@secure()
+@minLength(44)
+@maxLength(44)
+@description('Fernet key: 32 random bytes, url-safe base64 (44 characters). Set once with azd env set AIPROXY_ENCRYPTION_KEY; never change it.')
+param encryptionKey string
+
+@minValue(1)
+@maxValue(1000)
+@description('Most instances the Function app scales out to; bounds the cost of a traffic spike.')
+param maximumInstanceCount int = 100
+
+@description('Put Entra sign-in (App Service authentication) in front of the console and make the app trust its principal header.')
+param authEnabled bool = false
+
+@description('Application (client) id of the Entra app registration used for sign-in; required when authEnabled.')
+param authClientId string = ''
+
+@secure()
+@description('Client secret of that app registration; stored in Key Vault. Empty: sign-in uses ID tokens only.')
+param authClientSecret string = ''
+
+@description('Create an Azure OpenAI account with the deployments below, which the app calls with its identity.')
+param createOpenAi bool = false
+
+@description('Region of the Azure OpenAI account (model availability differs by region). Empty: the main region.')
+param openAiLocation string = ''
+
+@description('Model deployments for the Azure OpenAI account: name, model, version, sku (GlobalStandard, Standard, ...), capacity (thousands of tokens per minute).')
+param openAiDeployments array = []
+
+var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
+var tags = {
+  'azd-env-name': environmentName
+}
+var functionAppName = 'func-api-${resourceToken}'
+var deploymentContainerName = 'app-package-${resourceToken}'
+var encryptionKeySecretName = 'aiproxy-encryption-key'
+var authClientSecretName = 'aiproxy-auth-client-secret'
+var openAiAccountName = 'oai-${resourceToken}'
+
+resource rg 'Microsoft.Resources/resourceGroups@2024-03-01' = {
+  name: 'rg-${environmentName}'
+  location: location
+  tags: tags
+}
+
+module identity './app/identity.bicep' = {
+  name: 'identity'
+  scope: rg
+  params: {
+    name: 'id-api-${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module storage './app/storage.bicep' = {
+  name: 'storage'
+  scope: rg
+  params: {
+    name: 'st${resourceToken}'
+    location: location
+    tags: tags
+    deploymentContainerName: deploymentContainerName
+  }
+}
+
+module monitoring './app/monitoring.bicep' = {
+  name: 'monitoring'
+  scope: rg
+  params: {
+    logAnalyticsName: 'log-${resourceToken}'
+    appInsightsName: 'appi-${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module keyVault './app/keyvault.bicep' = {
+  name: 'keyvault'
+  scope: rg
+  params: {
+    name: 'kv-${resourceToken}'
+    location: location
+    tags: tags
+    encryptionKeySecretName: encryptionKeySecretName
+    encryptionKey: encryptionKey
+    authClientSecretName: authClientSecretName
+    authClientSecret: authClientSecret
+  }
+}
+
+module openAi './app/openai.bicep' = if (createOpenAi) {
+  name: 'openai'
+  scope: rg
+  params: {
+    name: openAiAccountName
+    location: empty(openAiLocation) ? location : openAiLocation
+    tags: tags
+    deployments: openAiDeployments
+    identityPrincipalId: identity.outputs.principalId
+    userPrincipalId: principalId
+    userPrincipalType: principalType
+  }
+}
+
+module rbac './app/rbac.bicep' = {
+  name: 'rbac'
+  scope: rg
+  params: {
+    identityPrincipalId: identity.outputs.principalId
+    userPrincipalId: principalId
+    userPrincipalType: principalType
+    storageAccountName: storage.outputs.name
+    keyVaultName: keyVault.outputs.name
+    appInsightsName: monitoring.outputs.appInsightsName
+  }
+}
+
+module api './app/api.bicep' = {
+  name: 'api'
+  scope: rg
+  params: {
+    name: functionAppName
+    planName: 'plan-${resourceToken}'
+    location: location
+    tags: tags
+    identityName: identity.outputs.name
+    storageAccountName: storage.outputs.name
+    deploymentContainerName: deploymentContainerName
+    keyVaultName: keyVault.outputs.name
+    encryptionKeySecretName: encryptionKeySecretName
+    appInsightsName: monitoring.outputs.appInsightsName
+    maximumInstanceCount: maximumInstanceCount
+    authEnabled: authEnabled
+    authClientId: authClientId
+    authClientSecretName: empty(authClientSecret) ? '' : authClientSecretName
+  }
+  // The identity must hold its roles before the host starts: it reads its deployment package,
+  // host storage and the encryption key with them.
+  dependsOn: [
+    rbac
+    openAi
+  ]
+}
+
+output AZURE_LOCATION string = location
+output AZURE_TENANT_ID string = tenant().tenantId
+output AZURE_RESOURCE_GROUP string = rg.name
+output AZURE_FUNCTION_NAME string = api.outputs.name
+output SERVICE_API_NAME string = api.outputs.name
+output AIPROXY_URL string = api.outputs.url
+output AZURE_KEY_VAULT_NAME string = keyVault.outputs.name
+output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
+output AIPROXY_STORAGE_TABLE_ENDPOINT string = storage.outputs.tableEndpoint
+output AZURE_OPENAI_ENDPOINT string = createOpenAi ? 'https://${openAiAccountName}.openai.azure.com/' : ''

@@ -1,0 +1,552 @@
+"""The azd infrastructure, checked offline: every Bicep file parses and says what we rely on.
+
+pycep turns Bicep into JSON. Identifiers and string literals both come out as plain strings, so
+the checks compare against names written in infra/ (parameters, variables, symbols) as well as
+literal values; an expression such as `a.b.c` comes out as nested property accessors.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import os
+import re
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+from cryptography.fernet import Fernet
+from pycep import BicepParser
+
+from shared import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+INFRA = ROOT / "infra"
+BICEP_FILES = sorted(INFRA.rglob("*.bicep"))
+
+# Settings the code reads that Azure deliberately leaves unset, each with its reason.
+NOT_SET_IN_AZURE = {
+    # The dev host's stand-in for function keys; in Azure the Functions host issues the keys.
+    "AIPROXY_FUNCTION_KEY": "dev host only",
+    # Local only: in Azure the app uses AIPROXY_STORAGE_TABLE_ENDPOINT with its identity, and a
+    # connection string would need the shared key that the storage account refuses.
+    "AIPROXY_STORAGE_CONNECTION_STRING": "local only",
+}
+
+# App settings Flex Consumption rejects or ignores: their job moved to functionAppConfig
+# (runtime, scale, deployment package) or does not exist on Flex (content share, Oryx build).
+FLEX_REJECTED_SETTINGS = {
+    "FUNCTIONS_WORKER_RUNTIME",
+    "FUNCTIONS_WORKER_RUNTIME_VERSION",
+    "FUNCTIONS_EXTENSION_VERSION",
+    "FUNCTIONS_MAX_HTTP_CONCURRENCY",
+    "FUNCTIONS_WORKER_PROCESS_COUNT",
+    "WEBSITE_RUN_FROM_PACKAGE",
+    "WEBSITE_CONTENTAZUREFILECONNECTIONSTRING",
+    "WEBSITE_CONTENTSHARE",
+    "WEBSITE_CONTENTOVERVNET",
+    "WEBSITE_SKIP_CONTENTSHARE_VALIDATION",
+    "WEBSITE_MAX_DYNAMIC_APPLICATION_SCALE_OUT",
+    "WEBSITE_NODE_DEFAULT_VERSION",
+    "WEBSITE_TIME_ZONE",
+    "WEBSITE_VNET_ROUTE_ALL",
+    "WEBSITES_CONTAINER_START_TIME_LIMIT",
+    "SCM_DO_BUILD_DURING_DEPLOYMENT",
+    "ENABLE_ORYX_BUILD",
+    "TZ",
+    # A connection string for host storage would carry the account key; identity-based only.
+    "AzureWebJobsStorage",
+}
+
+# Built-in role definition ids (the same in every tenant).
+ROLES = {
+    "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3": "Storage Table Data Contributor",
+    "b7e6dc6d-f1e8-4753-8033-0f276bb0955b": "Storage Blob Data Owner",
+    "b86a8fe4-44ce-4948-aee5-eccb2c155cd7": "Key Vault Secrets Officer",
+    "5e0bd9bd-7b93-4f28-af87-19fc36ad61bd": "Cognitive Services OpenAI User",
+    "3913510d-42f4-4e42-8a64-420c390055eb": "Monitoring Metrics Publisher",
+}
+STORAGE = "Microsoft.Storage/storageAccounts"
+VAULT = "Microsoft.KeyVault/vaults"
+APP_INSIGHTS = "Microsoft.Insights/components"
+OPENAI = "Microsoft.CognitiveServices/accounts"
+
+
+# --- reading the parsed Bicep ---------------------------------------------------------------
+
+
+@cache
+def _parser() -> BicepParser:
+    return BicepParser()
+
+
+@cache
+def bicep(name: str) -> dict[str, Any]:
+    """The parsed file infra/<name>.bicep."""
+    return _parser().parse(file_path=INFRA / f"{name}.bicep")
+
+
+def unwrap(entry: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """A resource's or module's body and its deploy condition (None when unconditional)."""
+    config = entry["config"]
+    if "loop_type" in config or ("condition" in config and "config" in config):
+        return config["config"], config.get("condition")
+    return config, None
+
+
+def resources(doc: dict[str, Any], kind: str, *, existing: bool = False) -> dict[str, Any]:
+    """The resources of one type in a parsed file, by symbol."""
+    return {
+        symbol: entry
+        for symbol, entry in doc.get("resources", {}).items()
+        if entry["type"] == kind and entry["existing"] == existing
+    }
+
+
+def only(doc: dict[str, Any], kind: str) -> dict[str, Any]:
+    (entry,) = resources(doc, kind).values()
+    return unwrap(entry)[0]
+
+
+def path(value: Any) -> list[str]:
+    """`a.b.c` as ['a', 'b', 'c']; a plain name as [name]."""
+    if isinstance(value, str):
+        return [value]
+    operator = value["operator"]
+    assert operator["type"] == "property_accessor", value
+    return path(operator["operands"]["operand_1"]) + path(operator["operands"]["operand_2"])
+
+
+def call(value: Any, function: str) -> dict[str, Any]:
+    assert value["function"]["type"] == function, value
+    return value["function"].get("parameters", {})
+
+
+def conditional(value: Any) -> dict[str, Any]:
+    """The operands of `condition ? a : b`."""
+    assert isinstance(value, dict) and value["operator"]["type"] == "conditional", value
+    return value["operator"]["operands"]
+
+
+def conditional_operand(condition: Any) -> Any:
+    """The x in a deploy condition `!x`."""
+    assert condition["operator"]["type"] == "not", condition
+    return condition["operator"]["operands"]["bool_value"]
+
+
+def site_config(name: str) -> tuple[dict[str, Any], Any]:
+    """The Function app's config resource `name` (appsettings, authsettingsV2) and condition."""
+    (entry,) = (
+        entry
+        for entry in resources(bicep("app/api"), "Microsoft.Web/sites/config").values()
+        if unwrap(entry)[0]["name"] == name
+    )
+    return unwrap(entry)
+
+
+def app_settings() -> dict[str, Any]:
+    """Every app setting the Function app gets, with sign-in switched on."""
+    api = bicep("app/api")
+    config, condition = site_config("appsettings")
+    assert condition is None
+    union = call(config["properties"], "union")
+    merged: dict[str, Any] = {}
+    for name in union.values():
+        value = api["variables"][name]["value"]
+        merged.update(conditional(value)["true_value"] if "operator" in value else value)
+    return merged
+
+
+def role_assignments() -> list[dict[str, Any]]:
+    """Every role assignment in infra/: role name, scope type, principal, condition."""
+    found = []
+    for file in BICEP_FILES:
+        doc = bicep(str(file.relative_to(INFRA).with_suffix("")))
+        for entry in resources(doc, "Microsoft.Authorization/roleAssignments").values():
+            body, condition = unwrap(entry)
+            role = call(body["properties"]["roleDefinitionId"], "subscription_resource_id")
+            assert role["resource_type"] == "Microsoft.Authorization/roleDefinitions"
+            role_id = doc["variables"][role["resource_name_1"]]["value"]
+            found.append(
+                {
+                    "file": file.name,
+                    "role": ROLES.get(role_id, role_id),
+                    "scope": doc["resources"][body["scope"]]["type"],
+                    "principal": body["properties"]["principalId"],
+                    "principalType": body["properties"]["principalType"],
+                    "condition": condition,
+                }
+            )
+    return found
+
+
+def decorators(param: dict[str, Any]) -> dict[str, Any]:
+    return {d["type"]: d.get("argument") for d in param["decorators"]}
+
+
+def main_parameters() -> dict[str, Any]:
+    return json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
+
+
+def load_hook() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("preprovision", INFRA / "hooks/preprovision.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- the files parse and fit together -------------------------------------------------------
+
+
+def test_there_is_a_main_template_with_modules_under_app() -> None:
+    names = {str(file.relative_to(INFRA)) for file in BICEP_FILES}
+    assert "main.bicep" in names
+    assert {"app/api.bicep", "app/storage.bicep", "app/rbac.bicep", "app/keyvault.bicep"} <= names
+
+
+@pytest.mark.parametrize("file", BICEP_FILES, ids=lambda f: str(f.relative_to(INFRA)))
+def test_every_bicep_file_parses_offline(file: Path) -> None:
+    assert bicep(str(file.relative_to(INFRA).with_suffix("")))
+
+
+@pytest.mark.parametrize("file", BICEP_FILES, ids=lambda f: str(f.relative_to(INFRA)))
+def test_every_module_gets_the_params_it_declares_and_no_others(file: Path) -> None:
+    doc = bicep(str(file.relative_to(INFRA).with_suffix("")))
+    for symbol, entry in doc.get("modules", {}).items():
+        target = (file.parent / entry["detail"]["path"]).resolve()
+        assert target.is_file(), f"{symbol}: {target} is missing"
+        declared = bicep(str(target.relative_to(INFRA).with_suffix("")))["parameters"]
+        passed = set(unwrap(entry)[0].get("params", {}))
+        required = {name for name, param in declared.items() if param["default"] is None}
+        assert passed <= set(declared), f"{symbol} passes unknown {passed - set(declared)}"
+        assert required <= passed, f"{symbol} misses {required - passed}"
+
+
+def test_main_deploys_a_resource_group_at_subscription_scope() -> None:
+    main = bicep("main")
+    assert main["globals"]["scope"]["value"] == "subscription"
+    assert resources(main, "Microsoft.Resources/resourceGroups")
+    for entry in main["modules"].values():
+        assert unwrap(entry)[0]["scope"] == "rg"
+
+
+def test_parameters_file_maps_the_azd_environment() -> None:
+    declared = bicep("main")["parameters"]
+    given = main_parameters()
+    assert set(given) <= set(declared)
+    assert {name for name, param in declared.items() if param["default"] is None} <= set(given)
+    assert given["environmentName"]["value"] == "${AZURE_ENV_NAME}"
+    assert given["location"]["value"] == "${AZURE_LOCATION}"
+    assert given["principalId"]["value"] == "${AZURE_PRINCIPAL_ID}"
+    assert given["encryptionKey"]["value"] == "${AIPROXY_ENCRYPTION_KEY}"
+    assert given["authEnabled"]["value"] == "${AIPROXY_AUTH_ENABLED=false}"
+
+
+def test_azure_yaml_deploys_the_root_as_a_python_function_app() -> None:
+    project = yaml.safe_load((ROOT / "azure.yaml").read_text())
+    assert project["name"] == "aiproxy"
+    assert project["services"] == {
+        "api": {"project": ".", "language": "python", "host": "function"}
+    }
+    for platform in project["hooks"]["preprovision"].values():
+        script = platform["run"].split()[-1]
+        assert (ROOT / script).is_file()
+
+
+# --- Flex Consumption, Python 3.11 ----------------------------------------------------------
+
+
+def test_plan_is_flex_consumption_fc1() -> None:
+    plan = only(bicep("app/api"), "Microsoft.Web/serverfarms")
+    assert plan["sku"] == {"name": "FC1", "tier": "FlexConsumption"}
+    assert plan["properties"]["reserved"] is True
+
+
+def test_function_app_runs_python_311_from_its_deployment_container() -> None:
+    api = bicep("app/api")
+    site = only(api, "Microsoft.Web/sites")
+    assert site["kind"] == "functionapp,linux"
+    config = site["properties"]["functionAppConfig"]
+    assert config["runtime"] == {"name": "python", "version": "3.11"}
+    storage = config["deployment"]["storage"]
+    assert storage["type"] == "blobContainer"
+    assert storage["value"].endswith("${deploymentContainerName}")
+    assert storage["authentication"]["type"] == "UserAssignedIdentity"
+    assert path(storage["authentication"]["userAssignedIdentityResourceId"]) == ["identity", "id"]
+    assert site["identity"]["type"] == "UserAssigned"
+    assert path(site["properties"]["keyVaultReferenceIdentity"]) == ["identity", "id"]
+
+
+def test_scale_is_2048_mb_instances_up_to_a_parameter_defaulting_to_100() -> None:
+    api, main = bicep("app/api"), bicep("main")
+    scale = only(api, "Microsoft.Web/sites")["properties"]["functionAppConfig"]
+    scale = scale["scaleAndConcurrency"]
+    assert scale["instanceMemoryMB"] == "instanceMemoryMB"
+    assert api["parameters"]["instanceMemoryMB"]["default"] == 2048
+    assert scale["maximumInstanceCount"] == "maximumInstanceCount"
+    assert api["parameters"]["maximumInstanceCount"]["default"] == 100
+    assert main["parameters"]["maximumInstanceCount"]["default"] == 100
+    passed = unwrap(main["modules"]["api"])[0]["params"]
+    assert passed["maximumInstanceCount"] == "maximumInstanceCount"
+
+
+def test_azd_finds_the_app_by_its_service_tag() -> None:
+    site = only(bicep("app/api"), "Microsoft.Web/sites")
+    assert call(site["tags"], "union")["arg_2"] == {"'azd-service-name'": "api"}
+
+
+def test_app_sets_no_setting_flex_consumption_rejects() -> None:
+    names = {name.lower() for name in app_settings()}
+    assert not names & {name.lower() for name in FLEX_REJECTED_SETTINGS}
+
+
+def test_http_streaming_gets_init_indexing() -> None:
+    assert app_settings()["PYTHON_ENABLE_INIT_INDEXING"] == "1"
+
+
+# --- every setting the code reads is provided -----------------------------------------------
+
+
+def test_every_setting_the_code_reads_is_in_local_settings_example() -> None:
+    example = json.loads((ROOT / "local.settings.example.json").read_text())["Values"]
+    assert set(settings.env_names()) <= set(example)
+
+
+def test_every_setting_the_code_reads_is_set_in_azure_or_listed_as_not_set() -> None:
+    read, provided = set(settings.env_names()), set(app_settings())
+    assert set(NOT_SET_IN_AZURE) <= read, "the list names a setting the code no longer reads"
+    assert not set(NOT_SET_IN_AZURE) & provided
+    assert read - set(NOT_SET_IN_AZURE) <= provided
+
+
+def test_azure_defaults_are_the_settings_module_defaults() -> None:
+    literals = {
+        name: value
+        for name, value in app_settings().items()
+        if name in settings.env_names() and isinstance(value, str) and "${" not in value
+    }
+    assert settings.load(literals) == settings.load({})
+    for name, default in settings.SCHEDULE_SETTINGS.items():
+        assert literals[name] == default
+
+
+# --- identity everywhere, no shared key -----------------------------------------------------
+
+
+def test_storage_account_refuses_shared_keys_and_public_blobs() -> None:
+    storage = bicep("app/storage")
+    properties = only(storage, STORAGE)["properties"]
+    assert properties["allowSharedKeyAccess"] is False
+    assert properties["allowBlobPublicAccess"] is False
+    assert properties["minimumTlsVersion"] == "TLS1_2"
+    container = only(storage, "Microsoft.Storage/storageAccounts/blobServices/containers")
+    assert container["name"] == "deploymentContainerName"
+    assert container["properties"]["publicAccess"] == "None"
+
+
+def test_no_template_reads_a_storage_key_or_builds_a_connection_string() -> None:
+    for file in BICEP_FILES:
+        text = file.read_text()
+        for marker in ("listKeys", "listAccountSas", "listServiceSas", "AccountKey="):
+            assert marker not in text, f"{file.name} uses {marker}"
+
+
+def test_host_storage_is_identity_based() -> None:
+    values = app_settings()
+    assert path(values["AzureWebJobsStorage__accountName"]) == ["storage", "name"]
+    assert values["AzureWebJobsStorage__credential"] == "managedidentity"
+    assert path(values["AzureWebJobsStorage__clientId"]) == ["identity", "properties", "clientId"]
+
+
+def test_tables_are_reached_through_the_endpoint_and_the_user_assigned_identity() -> None:
+    values, api = app_settings(), bicep("app/api")
+    assert path(values["AIPROXY_STORAGE_TABLE_ENDPOINT"]) == [
+        "storage",
+        "properties",
+        "primaryEndpoints",
+        "table",
+    ]
+    assert path(values["AZURE_CLIENT_ID"]) == ["identity", "properties", "clientId"]
+    identity = api["resources"]["identity"]
+    assert identity["type"] == "Microsoft.ManagedIdentity/userAssignedIdentities"
+    assert api["resources"]["storage"]["type"] == STORAGE
+
+
+def test_telemetry_goes_to_application_insights_with_entra_auth() -> None:
+    values = app_settings()
+    connection = path(values["APPLICATIONINSIGHTS_CONNECTION_STRING"])
+    assert connection == ["appInsights", "properties", "ConnectionString"]
+    assert values["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"] == (
+        "ClientId=${identity.properties.clientId};Authorization=AAD"
+    )
+    monitoring = bicep("app/monitoring")
+    assert only(monitoring, APP_INSIGHTS)["properties"]["DisableLocalAuth"] is True
+    assert resources(monitoring, "Microsoft.OperationalInsights/workspaces")
+
+
+# --- Key Vault and the encryption key -------------------------------------------------------
+
+
+def test_key_vault_uses_rbac_and_the_app_gets_its_uri() -> None:
+    vault = only(bicep("app/keyvault"), VAULT)
+    assert vault["properties"]["enableRbacAuthorization"] is True
+    assert path(app_settings()["AIPROXY_KEY_VAULT_URL"]) == ["vault", "properties", "vaultUri"]
+
+
+def test_encryption_key_is_a_secure_parameter_stored_in_key_vault_and_referenced() -> None:
+    main, keyvault = bicep("main"), bicep("app/keyvault")
+    param = decorators(main["parameters"]["encryptionKey"])
+    assert "secure" in param and param["min_length"] == param["max_length"] == 44
+    assert "secure" in decorators(keyvault["parameters"]["encryptionKey"])
+    secrets = resources(keyvault, "Microsoft.KeyVault/vaults/secrets")
+    stored = [unwrap(entry)[0] for entry in secrets.values()]
+    assert {"name": "encryptionKeySecretName", "value": "encryptionKey"} in [
+        {"name": body["name"], "value": body["properties"]["value"]} for body in stored
+    ]
+    assert app_settings()["AIPROXY_ENCRYPTION_KEY"] == (
+        "@Microsoft.KeyVault(SecretUri=${encryptionKeySecret.properties.secretUri})"
+    )
+
+
+# --- optional sign-in -----------------------------------------------------------------------
+
+
+def test_sign_in_is_switched_by_a_parameter_and_lets_anonymous_event_keys_through() -> None:
+    api = bicep("app/api")
+    body, condition = site_config("authsettingsV2")
+    assert condition == "authEnabled"
+    assert api["parameters"]["authEnabled"]["default"] is False
+    validation = body["properties"]["globalValidation"]
+    assert validation["requireAuthentication"] is False
+    assert validation["unauthenticatedClientAction"] == "AllowAnonymous"
+    assert {"/api/openai/*", "/api/eventinfo"} <= set(validation["excludedPaths"])
+    assert body["properties"]["identityProviders"]["azureActiveDirectory"]["enabled"] is True
+
+
+def test_app_trusts_the_principal_header_only_when_sign_in_is_on() -> None:
+    trust = conditional(app_settings()["AIPROXY_TRUST_EASYAUTH"])
+    assert trust == {"condition": "authEnabled", "true_value": "true", "false_value": "false"}
+    main = bicep("main")
+    assert main["parameters"]["authEnabled"]["default"] is False
+    assert unwrap(main["modules"]["api"])[0]["params"]["authEnabled"] == "authEnabled"
+
+
+# --- role assignments -----------------------------------------------------------------------
+
+
+def test_every_role_assignment_uses_a_known_built_in_role() -> None:
+    assert {assignment["role"] for assignment in role_assignments()} <= set(ROLES.values())
+
+
+def test_app_identity_holds_the_roles_the_app_needs() -> None:
+    held = {
+        (a["role"], a["scope"])
+        for a in role_assignments()
+        if a["principal"] == "identityPrincipalId" and a["condition"] is None
+    }
+    assert held == {
+        ("Storage Table Data Contributor", STORAGE),
+        ("Storage Blob Data Owner", STORAGE),
+        ("Key Vault Secrets Officer", VAULT),
+        ("Monitoring Metrics Publisher", APP_INSIGHTS),
+        ("Cognitive Services OpenAI User", OPENAI),
+    }
+    for a in role_assignments():
+        if a["principal"] == "identityPrincipalId":
+            assert a["principalType"] == "ServicePrincipal"
+
+
+def test_deploying_user_gets_data_access_when_known() -> None:
+    held = {
+        (a["role"], a["scope"]) for a in role_assignments() if a["principal"] == "userPrincipalId"
+    }
+    assert {
+        ("Storage Table Data Contributor", STORAGE),
+        ("Key Vault Secrets Officer", VAULT),
+    } <= held
+    for a in role_assignments():
+        if a["principal"] == "userPrincipalId":
+            assert call(conditional_operand(a["condition"]), "empty") == {
+                "item_to_test": "userPrincipalId"
+            }
+
+
+def test_role_principals_are_wired_from_the_identity_and_the_azd_user() -> None:
+    main = bicep("main")
+    for module in ("rbac", "openAi"):
+        params = unwrap(main["modules"][module])[0]["params"]
+        assert path(params["identityPrincipalId"]) == ["identity", "outputs", "principalId"]
+        assert params["userPrincipalId"] == "principalId"
+
+
+def test_optional_openai_account_is_keyless_with_deployments_from_a_parameter() -> None:
+    main, openai = bicep("main"), bicep("app/openai")
+    assert unwrap(main["modules"]["openAi"])[1] == "createOpenAi"
+    assert main["parameters"]["createOpenAi"]["default"] is False
+    account = only(openai, OPENAI)
+    assert account["kind"] == "OpenAI"
+    assert account["properties"]["disableLocalAuth"] is True
+    (deployments,) = resources(openai, "Microsoft.CognitiveServices/accounts/deployments").values()
+    assert deployments["config"]["loop_type"]["detail"]["array_name"] == "deployments"
+    assert decorators(deployments)["batchSize"] == 1
+    for deployment in main_parameters()["openAiDeployments"]["value"]:
+        assert {"name", "model", "version", "sku", "capacity"} <= set(deployment)
+
+
+# --- the preprovision hook ------------------------------------------------------------------
+
+
+def test_hook_accepts_a_key_made_the_documented_way_or_by_fernet() -> None:
+    hook = load_hook()
+    documented = base64.urlsafe_b64encode(os.urandom(32)).decode()
+    for key in (documented, Fernet.generate_key().decode()):
+        assert hook.problems({"AIPROXY_ENCRYPTION_KEY": key}) == []
+
+
+def test_hook_tells_how_to_create_a_key_for_a_new_environment() -> None:
+    (problem,) = load_hook().problems({})
+    assert "azd env set AIPROXY_ENCRYPTION_KEY" in problem and "os.urandom(32)" in problem
+
+
+def test_hook_never_invents_a_key_for_a_provisioned_environment() -> None:
+    (problem,) = load_hook().problems({"AZURE_KEY_VAULT_NAME": "kv-abc"})
+    assert "az keyvault secret show --vault-name kv-abc --name aiproxy-encryption-key" in problem
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["not-a-key", "A" * 44, base64.urlsafe_b64encode(b"31 bytes are one byte too few.").decode()],
+)
+def test_hook_refuses_a_malformed_key(key: str) -> None:
+    assert load_hook().problems({"AIPROXY_ENCRYPTION_KEY": key})
+
+
+def test_hook_refuses_sign_in_without_an_app_registration() -> None:
+    env = {"AIPROXY_ENCRYPTION_KEY": Fernet.generate_key().decode(), "AIPROXY_AUTH_ENABLED": "true"}
+    (problem,) = load_hook().problems(env)
+    assert "AIPROXY_AUTH_CLIENT_ID" in problem
+
+
+# --- the README tells an Azure user everything ----------------------------------------------
+
+
+def test_readme_has_a_deploy_section_covering_the_whole_path() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(r"^## Deploy to Azure$", readme, flags=re.MULTILINE)
+    deploy = re.split(r"^## ", readme.split("\n## Deploy to Azure\n", 1)[1], flags=re.MULTILINE)[0]
+    for needed in (
+        "azd up",
+        "azd deploy",
+        "AIPROXY_ENCRYPTION_KEY",
+        "az functionapp keys list",
+        "$URL/manage",
+        "AIPROXY_AUTH_ENABLED",
+        "AIPROXY_CREATE_OPENAI",
+        "Cost",
+    ):
+        assert needed in deploy, needed
