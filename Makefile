@@ -10,6 +10,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -29,6 +30,9 @@ test: setup
 lint: setup
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
+
+bench: setup
+	$(PY) -m bench.run
 
 clean:
 	rm -rf $(VENV) node_modules .data artifacts .pytest_cache .ruff_cache

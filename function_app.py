@@ -6,7 +6,7 @@ import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response, StreamingResponse
 
 from admin_functions import bp as manage_blueprint
-from shared import pipeline, public
+from shared import maintenance, pipeline, public
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 app.register_functions(manage_blueprint)
@@ -97,3 +97,31 @@ async def search(req: Request) -> Response:
 @app.route(route="indexes('{index}')/docs/search.post.search", methods=["POST"])
 async def search_odata(req: Request) -> Response:
     return await pipeline.proxy(req, pipeline.SEARCH, req.path_params["index"])
+
+
+# --- timers: usage rollups and retention --------------------------------------------------
+
+
+@app.timer_trigger(schedule="%AIPROXY_ROLLUP_SCHEDULE%", arg_name="timer", run_on_startup=False)
+async def rollup_usage(timer: func.TimerRequest) -> None:
+    await maintenance.roll_up_usage()
+
+
+@app.timer_trigger(schedule="%AIPROXY_RETENTION_SCHEDULE%", arg_name="timer", run_on_startup=False)
+async def prune_usage(timer: func.TimerRequest) -> None:
+    await maintenance.prune_usage()
+
+
+# --- self-registration and the API description -------------------------------------------
+
+from shared import openapi, registration  # noqa: E402 - this section's own import
+
+
+@app.route(route="events/{event_id}/register", methods=["POST"])
+async def register(req: Request) -> Response:
+    return await registration.register(req, req.path_params["event_id"])
+
+
+@app.route(route="openapi.json", methods=["GET"])
+async def openapi_document(req: Request) -> Response:
+    return await openapi.answer(req)

@@ -157,8 +157,7 @@ async def manage_attendees(req: Request) -> Response:
         if req.method == "POST":
             found, created = await manage.add_attendee(runtime, caller, event_id, await _body(req))
             return _json(found.to_json(runtime.sealer), 201 if created else 200)
-        attendees = await manage.list_attendees(runtime, caller, event_id)
-        return _json([a.to_json() for a in attendees])
+        return _json(await manage.attendees_with_totals(runtime, caller, event_id))
 
     return await _answer(work)
 
@@ -195,5 +194,32 @@ async def manage_attendee_rotate(req: Request) -> Response:
         key = await manage.rotate(runtime, caller, event_id, attendee_id)
         found = await manage.attendee(runtime, caller, event_id, attendee_id)
         return _json({**found.to_json(), "api_key": key})
+
+    return await _answer(work)
+
+
+@bp.route(route="manage/events/{event_id}/usage", methods=["GET"], auth_level=_FUNCTION)
+async def manage_usage(req: Request) -> Response:
+    event_id = req.path_params["event_id"]
+
+    async def work() -> StarletteResponse:
+        group_by = req.query_params.get("group_by", "attendee")
+        answer_format = req.query_params.get("format", "json")
+        if answer_format not in ("json", "csv"):
+            raise ProxyError(
+                "invalid_request", "Query 'format' must be json or csv.", param="format"
+            )
+        report = await manage.usage_report(get_runtime(), _caller(req), event_id, group_by)
+        if answer_format == "csv":
+            from shared.rollups import to_csv
+
+            return StarletteResponse(
+                to_csv(report),
+                media_type="text/csv",
+                headers={
+                    "content-disposition": f'attachment; filename="usage-{event_id}-{group_by}.csv"'
+                },
+            )
+        return _json(report)
 
     return await _answer(work)

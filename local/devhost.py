@@ -84,8 +84,21 @@ def _enum_value(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
+_collected: dict[int, tuple[list[HttpFunction], list[TimerFunction]]] = {}
+
+
 def collect(app: Any, prefix: str) -> tuple[list[HttpFunction], list[TimerFunction]]:
-    """The HTTP and timer functions an azure.functions FunctionApp registered."""
+    """The HTTP and timer functions an azure.functions FunctionApp registered.
+
+    The Functions library indexes an app once per process, so the answer is kept.
+    """
+    key = id(app)
+    if key not in _collected:
+        _collected[key] = _collect(app, prefix)
+    return _collected[key]
+
+
+def _collect(app: Any, prefix: str) -> tuple[list[HttpFunction], list[TimerFunction]]:
     http, timers = [], []
     for function in app.get_functions():
         trigger = function.get_trigger().get_dict_repr()
@@ -195,6 +208,9 @@ class DevHost:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, method = scope["path"], scope["method"]
+        if path.startswith("/admin/functions/") and method == "POST":
+            await self._run_function(path.removeprefix("/admin/functions/"), scope, send)
+            return
         allowed: set[str] = set()
         for function in self.http:
             match = function.pattern.match(path)
@@ -229,6 +245,19 @@ class DevHost:
         await _send_json(
             send, *_json_error(404, "not_found", f"No route for {method} {path[:200]}.")
         )
+
+    async def _run_function(self, name: str, scope: Scope, send: Send) -> None:
+        """The host's admin API: run a timer function now. Unlike Azure, which answers 202 at
+        once, the dev host answers when the run is over, so scripts and tests can wait for it."""
+        if not self._authorized(scope):
+            await _send_json(send, *_json_error(401, "unauthorized", "Send the function key."))
+            return
+        timer = next((t for t in self.timers if t.name == name), None)
+        if timer is None:
+            await _send_json(send, *_json_error(404, "not_found", f"No timer function {name!r}."))
+            return
+        await _fire(timer)
+        await _send_json(send, 202, b"")
 
     async def _call(
         self,

@@ -71,11 +71,12 @@ LEASE_REFILL_AT = 0.25
 
 @dataclass
 class Lease:
-    """A block of round-robin positions [next, end) this instance owns."""
+    """A block of round-robin positions [next, end) this instance owns, and the next one."""
 
     next: int
     end: int
     refilling: bool = False
+    queued: tuple[int, int] | None = None
 
 
 class Balancer:
@@ -152,11 +153,16 @@ class Balancer:
             # Until the first lease arrives, start anywhere: new instances must not all pick
             # the same member first.
             lease = self._leases[key] = Lease(next=random.randrange(block), end=0)
+        if lease.next >= lease.end and lease.queued is not None:
+            # Switch leases only at the end of one: a lease is whole cycles, so the sequence
+            # stays exactly weighted.
+            (lease.next, lease.end), lease.queued = lease.queued, None
         position = lease.next
         lease.next += 1
         if (
             self._tables is not None
             and not lease.refilling
+            and lease.queued is None
             and lease.end - lease.next <= block * LEASE_REFILL_AT
         ):
             lease.refilling = True
@@ -166,8 +172,9 @@ class Balancer:
     async def _refill(self, key: str, lease: Lease, block: int) -> None:
         try:
             start = await self.lease(key, block)
-            # Positions handed out beyond the old lease while waiting were local extras.
-            lease.next, lease.end = start, start + block
+            # Used when the current lease runs out; positions handed out past its end while
+            # waiting were local extras.
+            lease.queued = (start, start + block)
         except StorageUnavailable as exc:
             log.warning("round-robin lease for %s not taken: %s", key, str(exc)[:200])
         finally:

@@ -20,11 +20,8 @@ class TTLCache(Generic[K, V]):
 
     def get(self, key: K) -> tuple[bool, V | None]:
         entry = self._entries.get(key)
-        if entry is None:
-            return False, None
-        if entry[0] < time.monotonic():
-            del self._entries[key]
-            return False, None
+        if entry is None or entry[0] < time.monotonic():
+            return False, None  # an expired entry stays, as a fallback for get_or_load
         return True, entry[1]
 
     def put(self, key: K, value: V) -> None:
@@ -32,11 +29,24 @@ class TTLCache(Generic[K, V]):
             self._evict()
         self._entries[key] = (time.monotonic() + self.ttl, value)
 
-    async def get_or_load(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
+    async def get_or_load(
+        self,
+        key: K,
+        load: Callable[[], Awaitable[V]],
+        stale_on: tuple[type[BaseException], ...] = (),
+    ) -> V:
+        """The cached value, else a fresh load; if loading fails with `stale_on`, the expired
+        value when there is one (keeps requests flowing while storage is down)."""
         found, value = self.get(key)
         if found:
             return value  # type: ignore[return-value]
-        value = await load()
+        try:
+            value = await load()
+        except stale_on:
+            entry = self._entries.get(key)
+            if entry is None:
+                raise
+            return entry[1]
         self.put(key, value)
         return value
 

@@ -14,6 +14,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "event_not_started": 403,
     "event_ended": 403,
     "event_inactive": 403,
+    "registration_refused": 403,
     "not_found": 404,
     "deployment_not_found": 404,
     "method_not_allowed": 405,

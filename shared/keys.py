@@ -28,9 +28,12 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def same_key(a: str, b: str) -> bool:
-    """Compare two keys in constant time."""
-    return hmac.compare_digest(a.encode(), b.encode())
+def same_secret(given: str, expected: str) -> bool:
+    """Compare a secret (key, shared code) in constant time, so timing tells nothing about it."""
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+same_key = same_secret
 
 
 def key_from_headers(api_key: str | None, authorization: str | None) -> str | None:

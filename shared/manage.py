@@ -118,10 +118,15 @@ async def delete_resource(runtime: Runtime, caller: Caller, resource_id: str) ->
     found = await resource(runtime, caller, resource_id)
     users = await runtime.catalog.events_using(found.id)
     if users:
+        # Name only the events this caller may see; an owner learns nothing of others' events.
+        visible = [e.id for e in await list_events(runtime, caller) if e.id in users]
+        named = f" ({', '.join(visible[:5])})" if visible else ""
+        others = len(users) - len(visible)
+        hidden = f" {others} of them are not yours: ask an operator." if others else ""
         raise ProxyError(
             "conflict",
-            f"Resource '{found.name}' is in the catalog of {len(users)} event(s) "
-            f"({', '.join(users[:5])}). Detach it from them first.",
+            f"Resource '{found.name}' is in the catalog of {len(users)} event(s){named}. "
+            f"Detach it from them first.{hidden}",
         )
     await runtime.secrets.delete(found.secret_name)
     await runtime.catalog.delete_resource(found.id)
@@ -187,3 +192,30 @@ async def rotate(runtime: Runtime, caller: Caller, event_id: str, attendee_id: s
     key = await runtime.attendees.rotate(found)
     runtime.forget_key(old_hash)
     return key
+
+
+async def usage_report(
+    runtime: Runtime, caller: Caller, event_id: str, group_by: str
+) -> dict[str, Any]:
+    """Totals of an event grouped by attendee, deployment or day (fresh: rolls up first)."""
+    from shared import rollups
+
+    if group_by not in rollups.GROUPS:
+        raise invalid("group_by", f"must be one of {', '.join(rollups.GROUPS)}")
+    found_event = await event(runtime, caller, event_id)
+    await runtime.usage.flush_quietly()
+    users = {a.id: a.user for a in await runtime.attendees.list(found_event.id)}
+    return await rollups.report(runtime.tables, found_event.id, group_by, users)
+
+
+async def attendees_with_totals(
+    runtime: Runtime, caller: Caller, event_id: str
+) -> list[dict[str, Any]]:
+    """The attendee list, each with all-time request and token totals."""
+    from shared import rollups
+
+    found = await list_attendees(runtime, caller, event_id)
+    await runtime.usage.flush_quietly()
+    totals = await rollups.attendee_totals(runtime.tables, event_id)
+    empty = dict.fromkeys(rollups.NUMBERS, 0)
+    return [{**a.to_json(), **totals.get(a.id, empty)} for a in found]

@@ -12,13 +12,16 @@ from typing import Any
 
 import aiohttp
 import orjson
+from opentelemetry.trace import SpanKind
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from shared import clock, tokens
+from shared import clock, telemetry, tokens
 from shared.balancer import DEFAULT_COOLDOWN_SECONDS, cooldown_seconds
+from shared.caps import Counter
 from shared.catalog import Resource, valid_deployment_name
 from shared.errors import ProxyError
+from shared.guard import client_address
 from shared.keys import key_from_headers
 from shared.runtime import Access, Runtime, get_runtime
 from shared.streaming import StreamMeter
@@ -29,6 +32,9 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-aiproxy-request-id"
 _RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
+# Never passed upstream: the api-version is set explicitly, and a key or function code put in
+# the query string by mistake must not travel further.
+_NOT_FORWARDED_QUERY = frozenset({"api-version", "api-key", "key", "code", "subscription-key"})
 # api-versions from which Azure OpenAI accepts stream_options (2024-09-01-preview, GA 2024-10-21).
 _STREAM_OPTIONS_FROM = "2024-09-01-preview"
 
@@ -115,11 +121,17 @@ def parse_json_body(body: bytes, content_type: str | None) -> dict[str, Any]:
     return payload
 
 
-def check_token_cap(payload: dict[str, Any], cap: int) -> None:
+def apply_token_cap(payload: dict[str, Any], cap: int, limit_field: str) -> bool:
+    """Refuse a limit above the cap; name the cap as the limit when the request has none.
+
+    Returns True when the payload was changed.
+    """
+    named = False
     for field in ("max_tokens", "max_completion_tokens"):
         value = payload.get(field)
         if value is None:
             continue
+        named = True
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ProxyError(
                 "invalid_request", f"'{field}' must be a positive whole number.", param=field
@@ -131,6 +143,10 @@ def check_token_cap(payload: dict[str, Any], cap: int) -> None:
                 f"Ask for {cap} or fewer.",
                 param=field,
             )
+    if not named:
+        payload[limit_field] = cap  # so that no single call can pass the cap
+        return True
+    return False
 
 
 def find_pool(
@@ -176,43 +192,41 @@ class Forwarder:
 
     async def send(
         self,
-        pool_name: str,
+        event_id: str,
+        deployment: str,
         members: list[Resource],
         url_of: Any,
         body: bytes,
         content_type: str | None = None,
     ) -> tuple[Resource, UpstreamAnswer]:
         balancer = self.runtime.balancer
-        ordered = balancer.order(pool_name, members)
+        ordered = balancer.order(f"{event_id}|{deployment}", members)
         if not ordered:
             raise no_capacity(balancer.soonest(members))
         failures: list[str] = []  # per attempt: "throttled", "timeout" or "error"
         for resource in ordered:
-            headers = await self.headers(resource)
-            if content_type:
-                headers["content-type"] = content_type
-            try:
-                answer = await self.runtime.upstream.send("POST", url_of(resource), headers, body)
-            except UpstreamTimeout:
-                failures.append("timeout")
-                balancer.cool(resource.id, DEFAULT_COOLDOWN_SECONDS)
-                continue
-            except UpstreamUnreachable:
-                failures.append("error")
-                balancer.cool(resource.id, DEFAULT_COOLDOWN_SECONDS)
-                continue
-            if answer.status in _RETRYABLE:
-                balancer.cool(resource.id, cooldown_seconds(answer.headers))
-                answer.close()
-                failures.append(
-                    "throttled"
-                    if answer.status == 429
-                    else "timeout"
-                    if answer.status in (408, 504)
-                    else "error"
+            if failures:
+                telemetry.failover(event_id, deployment, resource.id, failures[-1])
+            with telemetry.tracer.start_as_current_span(
+                "upstream",
+                kind=SpanKind.CLIENT,
+                attributes={
+                    "aiproxy.event_id": event_id,
+                    "aiproxy.deployment": deployment,
+                    "aiproxy.resource_id": resource.id,
+                    "aiproxy.attempt": len(failures) + 1,
+                },
+            ) as span:
+                failure, answer = await self._attempt(
+                    resource, url_of(resource), body, content_type
                 )
-                continue
-            return resource, answer
+                if answer is not None:
+                    span.set_attribute("http.response.status_code", answer.status)
+                if failure:
+                    span.set_attribute("aiproxy.failure", failure)
+            if failure is None and answer is not None:
+                return resource, answer
+            failures.append(failure or "error")
         if all(f == "throttled" for f in failures):
             raise no_capacity(balancer.soonest(members))
         if "timeout" in failures:
@@ -224,6 +238,30 @@ class Forwarder:
             "upstream_error",
             "No deployment for this model could answer. Retry shortly.",
         )
+
+    async def _attempt(
+        self, resource: Resource, url: str, body: bytes, content_type: str | None
+    ) -> tuple[str | None, UpstreamAnswer | None]:
+        """One try at one member: (None, answer) or (why it failed, answer if any)."""
+        balancer = self.runtime.balancer
+        headers = await self.headers(resource)
+        if content_type:
+            headers["content-type"] = content_type
+        try:
+            answer = await self.runtime.upstream.send("POST", url, headers, body)
+        except UpstreamTimeout:
+            balancer.cool(resource.id, DEFAULT_COOLDOWN_SECONDS)
+            return "timeout", None
+        except UpstreamUnreachable:
+            balancer.cool(resource.id, DEFAULT_COOLDOWN_SECONDS)
+            return "error", None
+        if answer.status not in _RETRYABLE:
+            return None, answer
+        balancer.cool(resource.id, cooldown_seconds(answer.headers))
+        answer.close()
+        if answer.status == 429:
+            return "throttled", answer
+        return ("timeout" if answer.status in (408, 504) else "error"), answer
 
 
 def no_capacity(seconds: float) -> ProxyError:
@@ -270,7 +308,15 @@ class Call:
         self.request_id = new_request_id()
         self.started = time.perf_counter()
         self.access: Access | None = None
+        self.counter: Counter | None = None
+        self.worst_case_tokens = 0
         self.deployment = ""
+
+    def release(self) -> None:
+        """Give back a token reservation no record will settle (the call failed before)."""
+        if self.counter is not None:
+            self.runtime.caps.settle(self.counter, self.worst_case_tokens, 0)
+            self.counter = None
 
     def record(
         self,
@@ -284,8 +330,27 @@ class Call:
         units: int = 0,
     ) -> None:
         assert self.access is not None
+        if self.counter is not None:
+            self.runtime.caps.settle(self.counter, self.worst_case_tokens, usage[2])
+            self.counter = None  # settled once
         event = self.access.event
         now = clock.now()
+        latency_ms = (time.perf_counter() - self.started) * 1000
+        telemetry.call_finished(
+            {
+                "request_id": self.request_id,
+                "event_id": event.id,
+                "attendee_id": self.access.attendee.id,
+                "deployment": self.deployment,
+                "resource_id": resource.id if resource else "",
+                "status": status,
+                "outcome": outcome,
+                "streamed": streamed,
+                "prompt_tokens": usage[0],
+                "completion_tokens": usage[1],
+                "latency_ms": round(latency_ms, 1),
+            }
+        )
         self.runtime.usage.append(
             UsageRecord(
                 event_id=event.id,
@@ -299,7 +364,7 @@ class Call:
                 total_tokens=usage[2],
                 streamed=streamed,
                 estimated=estimated,
-                latency_ms=(time.perf_counter() - self.started) * 1000,
+                latency_ms=latency_ms,
                 time=now,
                 local_date=event.local_date(now),
                 request_id=self.request_id,
@@ -312,7 +377,8 @@ class Call:
         request = self.request
         headers = request.headers
         self.access = await self.runtime.access(
-            key_from_headers(headers.get("api-key"), headers.get("authorization"))
+            key_from_headers(headers.get("api-key"), headers.get("authorization")),
+            client_address(headers, request.client),
         )
         event = self.access.event
         event.check_open(clock.now())
@@ -346,9 +412,6 @@ class Call:
             )
         self.deployment = deployment
         members = find_pool(await self.runtime.pools(event.id), deployment, operation.model_class)
-        if operation.token_capped:
-            check_token_cap(payload, event.max_token_cap)
-
         default_version = (
             SEARCH_API_VERSION
             if operation.model_class == "azure-ai-search"
@@ -358,6 +421,22 @@ class Call:
         stream = operation.streams and payload.get("stream") is True
         hide_usage = False
         changed = False
+        if operation.token_capped:
+            # max_completion_tokens came with the same api-versions as stream_options; the
+            # reasoning models refuse max_tokens.
+            limit_field = (
+                "max_completion_tokens"
+                if operation.model_class == "openai-chat" and supports_stream_options(api_version)
+                else "max_tokens"
+            )
+            changed = apply_token_cap(payload, event.max_token_cap, limit_field)
+        if event.daily_token_cap:
+            # A cheap worst case (about 4 bytes a token): no tokenizer on the request path.
+            limit = payload.get("max_completion_tokens") or payload.get("max_tokens") or 0
+            self.worst_case_tokens = len(body) // 4 + (limit if isinstance(limit, int) else 0)
+        self.counter = await self.runtime.caps.admit(
+            event, self.access.attendee.id, clock.now(), self.worst_case_tokens
+        )
         if stream:
             options = payload.get("stream_options")
             asked = isinstance(options, dict) and options.get("include_usage") is True
@@ -375,7 +454,7 @@ class Call:
 
         try:
             resource, answer = await Forwarder(self.runtime).send(
-                f"{event.id}|{deployment}", members, url_of, upstream_body, content_type
+                event.id, deployment, members, url_of, upstream_body, content_type
             )
         except ProxyError as error:
             if error.code in ("upstream_error", "upstream_timeout", "no_capacity"):
@@ -403,7 +482,11 @@ class Call:
         return await self._finish(resource, answer, payload, response_headers, stream)
 
     def _upstream_query(self, api_version: str) -> str:
-        params = [(k, v) for k, v in self.request.query_params.multi_items() if k != "api-version"]
+        params = [
+            (k, v)
+            for k, v in self.request.query_params.multi_items()
+            if k.lower() not in _NOT_FORWARDED_QUERY
+        ]
         params.append(("api-version", api_version))
         from urllib.parse import urlencode
 
@@ -541,7 +624,12 @@ async def proxy(request: Request, operation: Operation, deployment: str | None) 
     try:
         return await call.run(deployment)
     except ProxyError as error:
+        call.release()
+        telemetry.refused(error.code, call.request_id, call.access.event.id if call.access else "")
         return error_response(error, call.request_id)
+    except BaseException:
+        call.release()
+        raise
 
 
 async def event_info(request: Request) -> Response:
@@ -551,7 +639,8 @@ async def event_info(request: Request) -> Response:
     try:
         headers = request.headers
         access = await runtime.access(
-            key_from_headers(headers.get("api-key"), headers.get("authorization"))
+            key_from_headers(headers.get("api-key"), headers.get("authorization")),
+            client_address(headers, request.client),
         )
         event = access.event
         by_class: dict[str, list[str]] = {}
@@ -565,9 +654,21 @@ async def event_info(request: Request) -> Response:
             if not event.active
             else ("upcoming" if now < start else "ended" if now >= end else "live")
         )
+        used_requests, used_tokens = await runtime.caps.today(event, access.attendee.id, now)
+        today: dict[str, Any] = {
+            "date": event.local_date(now),
+            "requests_used": used_requests,
+            "requests_left": max(0, event.daily_request_cap - used_requests),
+            "tokens_used": used_tokens,
+            "tokens_left": (
+                max(0, event.daily_token_cap - used_tokens) if event.daily_token_cap else None
+            ),
+            "resets_in_seconds": event.seconds_to_local_midnight(now),
+        }
         info = {
             **event.public(),
             "status": status,
+            "today": today,
             "attendee": {"id": access.attendee.id, "user": access.attendee.user},
             "max_token_cap": event.max_token_cap,
             "daily_request_cap": event.daily_request_cap,

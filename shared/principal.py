@@ -5,46 +5,105 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from shared.settings import Settings
 
+# Claims that carry a stable user id, in order of preference (Entra object id first).
+_ID_CLAIMS = (
+    "http://schemas.microsoft.com/identity/claims/objectidentifier",
+    "oid",
+    "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier",
+    "sub",
+)
+_NAME_CLAIMS = (
+    "preferred_username",
+    "name",
+    "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/name",
+    "emails",
+)
 
-def principal(headers: Mapping[str, str], settings: Settings) -> dict[str, Any] | None:
-    """The decoded X-MS-CLIENT-PRINCIPAL, only when AIPROXY_TRUST_EASYAUTH is on.
+
+@dataclass(frozen=True)
+class Principal:
+    """A signed-in user: its provider ('aad', 'github', …), stable id and display name."""
+
+    provider: str
+    id: str
+    name: str
+
+    @property
+    def owner(self) -> str:
+        """The owner id of what this user creates; the id, because names can change."""
+        return f"{self.provider}:{self.id}"
+
+    @property
+    def user(self) -> str:
+        """The attendee name of this user when it registers for an event."""
+        return f"{self.provider}:{self.name or self.id}"
+
+
+def _decode(encoded: str) -> dict[str, Any] | None:
+    try:
+        padded = encoded.strip() + "=" * (-len(encoded.strip()) % 4)
+        decoded = orjson.loads(base64.b64decode(padded, validate=False))
+    except (binascii.Error, ValueError, orjson.JSONDecodeError):
+        return None
+    return decoded if isinstance(decoded, dict) else None
+
+
+def _claims(decoded: dict[str, Any]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for claim in decoded.get("claims") or []:
+        if isinstance(claim, dict) and isinstance(claim.get("typ"), str):
+            found.setdefault(claim["typ"], str(claim.get("val", "")))
+    return found
+
+
+def principal(headers: Mapping[str, str], settings: Settings) -> Principal | None:
+    """The caller signed in through EasyAuth, only when AIPROXY_TRUST_EASYAUTH is on.
 
     App Service strips these headers from outside requests and sets them itself; without
-    EasyAuth in front, anybody could forge them, hence the setting.
+    EasyAuth in front, anybody could forge them, hence the setting. Reads both the App Service
+    shape ({auth_typ, claims, name_typ}) and the Static Web Apps shape ({identityProvider,
+    userId, userDetails}); the X-MS-CLIENT-PRINCIPAL-ID/-NAME/-IDP headers take precedence.
     """
     if not settings.trust_easyauth:
         return None
     encoded = headers.get("x-ms-client-principal")
     if not encoded:
         return None
-    try:
-        decoded = orjson.loads(base64.b64decode(encoded, validate=False))
-    except (binascii.Error, ValueError, orjson.JSONDecodeError):
+    decoded = _decode(encoded)
+    if decoded is None:
         return None
-    if not isinstance(decoded, dict):
-        return None
-    principal_id = headers.get("x-ms-client-principal-id") or ""
-    provider = decoded.get("auth_typ") or headers.get("x-ms-client-principal-idp") or ""
-    name = headers.get("x-ms-client-principal-name") or ""
-    for claim in decoded.get("claims") or []:
-        if (
-            isinstance(claim, dict)
-            and not name
-            and claim.get("typ") in ("name", "preferred_username")
-        ):
-            name = str(claim.get("val", ""))
+    claims = _claims(decoded)
+    principal_id = (
+        headers.get("x-ms-client-principal-id")
+        or str(decoded.get("userId") or "")
+        or next((claims[c] for c in _ID_CLAIMS if claims.get(c)), "")
+    )
+    provider = (
+        headers.get("x-ms-client-principal-idp")
+        or str(decoded.get("auth_typ") or decoded.get("identityProvider") or "")
+        or "aad"
+    )
+    name_claim = decoded.get("name_typ")
+    name = (
+        headers.get("x-ms-client-principal-name")
+        or str(decoded.get("userDetails") or "")
+        or (claims.get(name_claim, "") if isinstance(name_claim, str) else "")
+        or next((claims[c] for c in _NAME_CLAIMS if claims.get(c)), "")
+    )
+    principal_id, provider, name = principal_id.strip(), provider.strip().lower(), name.strip()
     if not principal_id:
         return None
-    return {"id": principal_id, "provider": str(provider), "name": name}
+    return Principal(provider=provider[:32], id=principal_id[:128], name=name[:200])
 
 
 def owner_of(headers: Mapping[str, str], settings: Settings) -> str:
     """The owner id for management calls: '' (operator) unless a trusted principal is present."""
     found = principal(headers, settings)
-    return f"{found['provider']}:{found['id']}" if found else ""
+    return found.owner if found else ""

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from shared import settings as settings_module
 from shared.attendees import Attendee, AttendeeStore
 from shared.balancer import Balancer
 from shared.cache import TTLCache
+from shared.caps import Caps
 from shared.catalog import CatalogStore, Resource
 from shared.errors import ProxyError
 from shared.events import Event, EventStore
+from shared.guard import FailedKeyGuard
 from shared.keys import hash_key, is_well_formed
 from shared.settings import Settings
 from shared.tables import StorageUnavailable, Tables
@@ -25,6 +29,9 @@ from shared.usage import UsageWriter
 from shared.vault import Sealer, SecretStore, secret_store
 
 log = logging.getLogger(__name__)
+
+# Storage outages fall back to what was cached before, however old.
+_STALE_ON = (StorageUnavailable,)
 
 
 @dataclass
@@ -47,16 +54,30 @@ class Runtime:
         self.catalog = CatalogStore(self.tables)
         self.attendees = AttendeeStore(self.tables, self.sealer)
         self.upstream = UpstreamClient(settings)
-        self.balancer = Balancer(self.tables, settings.balancer_sync_seconds)
-        self.usage = UsageWriter(self.tables, settings.usage_flush_seconds)
+        self.balancer = Balancer(self.tables, settings.sync_seconds)
+        self.caps = Caps(self.tables, settings.sync_seconds)
+        spill_dir = Path(
+            settings.usage_spill_dir
+            or Path(tempfile.gettempdir()) / f"aiproxy-usage-{settings.table_prefix}"
+        )
+        self.usage = UsageWriter(self.tables, settings.usage_flush_seconds, spill_dir)
+        self.guard = FailedKeyGuard()
         ttl = settings.cache_ttl_seconds
         self._access: TTLCache[str, Attendee | None] = TTLCache(ttl)
         self._events: TTLCache[str, Event | None] = TTLCache(ttl)
         self._pools: TTLCache[str, dict[str, list[Resource]]] = TTLCache(ttl)
         self._secrets: TTLCache[str, str | None] = TTLCache(max(ttl, 300.0))
 
-    async def access(self, key: str | None) -> Access:
+    async def access(self, key: str | None, client: str = "") -> Access:
         """The attendee and event of a key, or the specific reason it is refused."""
+        try:
+            return await self._access_of(key, client)
+        except ProxyError as error:
+            if error.code == "invalid_api_key":
+                self.guard.failed(client)
+            raise
+
+    async def _access_of(self, key: str | None, client: str) -> Access:
         if not key:
             raise ProxyError(
                 "invalid_api_key",
@@ -70,9 +91,11 @@ class Runtime:
                 "digits; copy it again from your registration page or organiser.",
             )
         key_hash = hash_key(key)
+        if not self._access.get(key_hash)[0]:
+            self.guard.check_lookup(client)
         try:
             attendee = await self._access.get_or_load(
-                key_hash, lambda: self.attendees.find_by_key_hash(key_hash)
+                key_hash, lambda: self.attendees.find_by_key_hash(key_hash), _STALE_ON
             )
         except StorageUnavailable as exc:
             raise storage_down() from exc
@@ -94,7 +117,9 @@ class Runtime:
 
     async def event(self, event_id: str) -> Event | None:
         try:
-            return await self._events.get_or_load(event_id, lambda: self.events.get(event_id))
+            return await self._events.get_or_load(
+                event_id, lambda: self.events.get(event_id), _STALE_ON
+            )
         except StorageUnavailable as exc:
             raise storage_down() from exc
 
@@ -109,14 +134,14 @@ class Runtime:
             return pools
 
         try:
-            return await self._pools.get_or_load(event_id, load)
+            return await self._pools.get_or_load(event_id, load, _STALE_ON)
         except StorageUnavailable as exc:
             raise storage_down() from exc
 
     async def upstream_key(self, resource: Resource) -> str | None:
         name = resource.secret_name
         try:
-            return await self._secrets.get_or_load(name, lambda: self.secrets.get(name))
+            return await self._secrets.get_or_load(name, lambda: self.secrets.get(name), _STALE_ON)
         except StorageUnavailable as exc:
             raise storage_down() from exc
 
@@ -133,6 +158,7 @@ class Runtime:
 
     async def close(self) -> None:
         await self.balancer.close()
+        await self.caps.close()
         await self.usage.close()
         await self.upstream.close()
         await self.tables.close()
@@ -156,6 +182,9 @@ def get_runtime() -> Runtime:
     global _runtime, _loop
     loop = asyncio.get_running_loop()
     if _runtime is None or _loop is not loop:
+        from shared import telemetry
+
+        telemetry.configure(settings_module.get())
         _runtime = Runtime(settings_module.get())
         _loop = loop
     return _runtime

@@ -39,12 +39,17 @@ class Settings:
     max_body_bytes: int = 26_214_400
     cache_ttl_seconds: float = 5.0
     usage_flush_seconds: float = 1.0
-    balancer_sync_seconds: float = 1.0
+    # Where usage records wait on disk while storage is down ("": the system temp folder).
+    usage_spill_dir: str = ""
+    usage_retention_days: int = 30
+    sync_seconds: float = 1.0
     upstream_connect_timeout: float = 5.0
     upstream_read_timeout: float = 60.0
     stream_idle_timeout: float = 60.0
     upstream_total_timeout: float = 220.0
     trust_easyauth: bool = False
+    # OpenTelemetry to Application Insights when set.
+    appinsights_connection_string: str = ""
     # Dev host only: the key that function-level routes require locally.
     function_key: str = ""
 
@@ -60,18 +65,22 @@ _ENV_NAMES = {
     "max_body_bytes": "AIPROXY_MAX_BODY_BYTES",
     "cache_ttl_seconds": "AIPROXY_CACHE_TTL_SECONDS",
     "usage_flush_seconds": "AIPROXY_USAGE_FLUSH_SECONDS",
-    "balancer_sync_seconds": "AIPROXY_BALANCER_SYNC_SECONDS",
+    "usage_spill_dir": "AIPROXY_USAGE_SPILL_DIR",
+    "usage_retention_days": "AIPROXY_USAGE_RETENTION_DAYS",
+    "sync_seconds": "AIPROXY_SYNC_SECONDS",
     "upstream_connect_timeout": "AIPROXY_UPSTREAM_CONNECT_TIMEOUT",
     "upstream_read_timeout": "AIPROXY_UPSTREAM_READ_TIMEOUT",
     "stream_idle_timeout": "AIPROXY_STREAM_IDLE_TIMEOUT",
     "upstream_total_timeout": "AIPROXY_UPSTREAM_TOTAL_TIMEOUT",
     "trust_easyauth": "AIPROXY_TRUST_EASYAUTH",
+    "appinsights_connection_string": "APPLICATIONINSIGHTS_CONNECTION_STRING",
     "function_key": "AIPROXY_FUNCTION_KEY",
 }
 
 # Settings the Functions host resolves itself (timer schedules written as %NAME%).
 SCHEDULE_SETTINGS = {
     "AIPROXY_ROLLUP_SCHEDULE": "0 */5 * * * *",
+    "AIPROXY_RETENTION_SCHEDULE": "0 30 3 * * *",
 }
 
 

@@ -45,16 +45,27 @@ class Tables:
 
     def __init__(self, settings: Settings) -> None:
         self._prefix = settings.table_prefix
+        # azure-core retries a refused connection for seconds by default; the request path
+        # would wait that long before falling back to its cache. Callers that must not lose
+        # anything (the usage writer) retry on their own.
+        options = {
+            "retry_total": 2,
+            "retry_connect": 1,
+            "retry_backoff_factor": 0.2,
+            "connection_timeout": 5,
+            "read_timeout": 20,
+        }
         if settings.storage_table_endpoint:
             from shared.identity import storage_credential
 
             self._service = TableServiceClient(
                 endpoint=settings.storage_table_endpoint,
                 credential=storage_credential(settings),
+                **options,
             )
         else:
             self._service = TableServiceClient.from_connection_string(
-                settings.storage_connection_string
+                settings.storage_connection_string, **options
             )
         self._clients: dict[str, TableClient] = {}
         self._ready: set[str] = set()

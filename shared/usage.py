@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
+
+import orjson
 
 from shared.tables import StorageUnavailable, Tables
 
 log = logging.getLogger(__name__)
 
 USAGE_TABLE = "usage"
+DAYS_TABLE = "usagedays"  # (event, day) -> last_write, for the rollups
 _BATCH = 100  # Table Storage's limit of operations in one transaction
 
 
@@ -55,18 +61,29 @@ class UsageRecord:
 class UsageWriter:
     """Buffers records and writes them per partition in batches, within `flush_seconds`.
 
-    A failed write keeps its records and is retried with backoff; records are only dropped
-    from memory once Table Storage accepted them.
+    Records leave memory only once Table Storage accepted them. While storage is down, writes
+    are retried with backoff (up to 30 s apart); beyond `max_pending` records in memory, and on
+    a shutdown that cannot reach storage, records are spilled as JSON lines to `spill_dir` and
+    written when storage answers again (by this process or the next one on the same disk).
+    Rewriting a record is harmless: its row key is unique, so a retry cannot count it twice.
     """
 
-    def __init__(self, tables: Tables, flush_seconds: float) -> None:
+    def __init__(
+        self,
+        tables: Tables,
+        flush_seconds: float,
+        spill_dir: Path | None = None,
+        max_pending: int = 50_000,
+    ) -> None:
         self._tables = tables
         self._flush_seconds = flush_seconds
+        self._spill_dir = spill_dir
+        self._max_pending = max_pending
         self._pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._count = 0
-        self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+        self._spilled_checked = False
         self.written = 0
         self.failures = 0
 
@@ -75,17 +92,27 @@ class UsageWriter:
         return self._count
 
     def append(self, record: UsageRecord) -> None:
-        entity = record.to_entity()
+        self._add(record.to_entity())
+        if self._count > self._max_pending:
+            self._spill()
+        self._ensure_running()
+
+    def _add(self, entity: dict[str, Any]) -> None:
         self._pending[entity["PartitionKey"]].append(entity)
         self._count += 1
+
+    def _ensure_running(self) -> None:
         if self._task is None or self._task.done():
-            self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         backoff = self._flush_seconds
-        while self._count:
+        while True:
             await asyncio.sleep(backoff)
+            if not self._spilled_checked:
+                self._spilled_checked = self._load_spilled()
+            if not self._count:
+                return
             try:
                 await self.flush()
                 backoff = self._flush_seconds
@@ -111,17 +138,66 @@ class UsageWriter:
                     self._count -= len(chunk)
                     self.written += len(chunk)
                 del self._pending[partition]
+                event_id, _, day = partition.rpartition("_")
+                await self._tables.upsert(
+                    DAYS_TABLE, {"PartitionKey": event_id, "RowKey": day, "last_write": time.time()}
+                )
+
+    async def flush_quietly(self) -> None:
+        """Flush what is pending if storage takes it; otherwise leave it to the writer."""
+        try:
+            await self.flush()
+        except StorageUnavailable:
+            pass
+
+    def _spill(self) -> None:
+        """Move every pending record to a file (memory stays bounded while storage is down)."""
+        if self._spill_dir is None or not self._count:
+            return
+        self._spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self._spill_dir / f"usage-{os.getpid()}-{time.time_ns()}.jsonl"
+        with path.open("wb") as out:
+            for rows in self._pending.values():
+                for row in rows:
+                    out.write(orjson.dumps(row) + b"\n")
+        log.warning("usage writer: %d records spilled to %s", self._count, path)
+        self._pending.clear()
+        self._count = 0
+        self._spilled_checked = False
+
+    def _load_spilled(self) -> bool:
+        """Take spilled records back into memory; their files go once they are written."""
+        if self._spill_dir is None or not self._spill_dir.exists():
+            return True
+        for path in sorted(self._spill_dir.glob("usage-*.jsonl")):
+            if self._count > self._max_pending:
+                return False
+            try:
+                lines = path.read_bytes().splitlines()
+                path.unlink()
+            except OSError:
+                continue
+            for line in lines:
+                if line.strip():
+                    self._add(orjson.loads(line))
+            log.info("usage writer: %d spilled records taken back from %s", len(lines), path)
+        return True
 
     async def close(self, timeout: float = 10.0) -> None:
-        """Flush on shutdown, trying until `timeout`; say how many records could not be saved."""
+        """Flush on shutdown, trying until `timeout`; spill to disk what storage did not take."""
         if self._task is not None:
             self._task.cancel()
+        if not self._spilled_checked:
+            self._load_spilled()
         deadline = asyncio.get_running_loop().time() + timeout
         while self._count:
             try:
                 await self.flush()
             except StorageUnavailable:
                 if asyncio.get_running_loop().time() > deadline:
-                    log.error("usage writer: %d records could not be written", self._count)
+                    if self._spill_dir is not None:
+                        self._spill()
+                    else:
+                        log.error("usage writer: %d records could not be written", self._count)
                     return
                 await asyncio.sleep(0.5)

@@ -161,3 +161,28 @@ def test_stream_that_stalls_past_the_idle_timeout_is_ended_with_an_error(
     assert time.perf_counter() - started < 8.5  # ended by the idle timeout, not by the upstream
     [record] = storage.usage(event.id, expect=1)
     assert record["outcome"] == "cut"
+
+
+def test_estimate_without_upstream_usage_is_within_ten_percent_for_english(
+    host: DevHost, event: EventSetup, storage: Storage
+) -> None:
+    text = (
+        "Plan a two day workshop for forty students who are new to machine learning. "
+        "Include short lectures, hands-on exercises with notebooks, a small team project, "
+        "and a final demo session where every team presents what it built."
+    )
+    exact = client(host, event.key).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": text}], max_tokens=30
+    )
+    assert exact.usage is not None
+    messages = [{"role": "user", "content": text + " [sim:no_usage]"}]
+    list(
+        client(host, event.key).chat.completions.create(
+            model="gpt-4o-mini", messages=messages, max_tokens=30, stream=True
+        )
+    )
+    plain, streamed = storage.usage(event.id, expect=2)
+    assert plain["estimated"] is False and streamed["estimated"] is True
+    directive_tokens = 6  # " [sim:no_usage]" is in the streamed prompt only
+    estimate = streamed["total_tokens"] - directive_tokens
+    assert abs(estimate - exact.usage.total_tokens) <= 0.10 * exact.usage.total_tokens

@@ -13,18 +13,17 @@ from azure.core.credentials import AccessToken
 from azure.core.exceptions import ResourceNotFoundError
 
 from local.azurite import Azurite
-from shared import identity, runtime, settings
+from shared import identity, runtime
 from shared.identity import COGNITIVE_SCOPE, SEARCH_SCOPE, TokenSource
 from tests.harness import (
-    EXAMPLE_SETTINGS,
     FUNCTION_KEY,
     SIM_KEY,
     Simulator,
     Storage,
-    devhost_env,
     unique_prefix,
     window,
 )
+from tests.inprocess import inprocess_app
 
 
 class StandInKeyVault:
@@ -60,20 +59,11 @@ class StandInCredential:
 
 @pytest.fixture(scope="module")
 def asgi_app(azurite: Azurite) -> Iterator[tuple[Any, str]]:
-    """The dev host's app in this process (built once: the Functions library indexes once)."""
-    from local.devhost import build
-
+    """The dev host's app in this process, configured with a Key Vault."""
     prefix = unique_prefix("cred")
-    env = devhost_env(
-        azurite.connection_string, prefix, AIPROXY_KEY_VAULT_URL="https://vault.test/"
-    )
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            if name.startswith(("AIPROXY_", "AZURE_")):
-                patch.setenv(name, value)
-        settings.get.cache_clear()
-        yield build(settings_file=EXAMPLE_SETTINGS), prefix
-    settings.get.cache_clear()
+    vault = {"AIPROXY_KEY_VAULT_URL": "https://vault.test/"}
+    with inprocess_app(azurite.connection_string, prefix, **vault) as host:
+        yield host, prefix
 
 
 @pytest.fixture

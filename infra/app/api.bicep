@@ -132,6 +132,9 @@ var settings = {
   AIPROXY_MAX_BODY_BYTES: '26214400'
   AIPROXY_CACHE_TTL_SECONDS: '5'
   AIPROXY_USAGE_FLUSH_SECONDS: '1'
+  // Empty: usage records wait in the instance's temp folder while storage is down.
+  AIPROXY_USAGE_SPILL_DIR: ''
+  AIPROXY_USAGE_RETENTION_DAYS: '30'
   AIPROXY_SYNC_SECONDS: '1'
   AIPROXY_UPSTREAM_CONNECT_TIMEOUT: '5'
   AIPROXY_UPSTREAM_READ_TIMEOUT: '60'
@@ -141,6 +144,7 @@ var settings = {
   // app may trust that header exactly when sign-in is switched on.
   AIPROXY_TRUST_EASYAUTH: authEnabled ? 'true' : 'false'
   AIPROXY_ROLLUP_SCHEDULE: '0 */5 * * * *'
+  AIPROXY_RETENTION_SCHEDULE: '0 30 3 * * *'
 }
 
 var authClientSecretReference = '@Microsoft.KeyVault(SecretUri=${vault.properties.vaultUri}secrets/${authClientSecretName})'

@@ -1,0 +1,555 @@
+"""aiproxy: manage events, resources, catalogs, attendees and usage from the command line.
+
+Exit codes: 0 done, 1 the API refused (4xx/5xx), 2 usage error, 3 cannot reach the proxy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cli.api import Api, ApiError, Target, Unreachable, normalize_endpoint
+from cli.bulk import InputError, issue_keys, read_users, write_keys
+from cli.output import print_json, table
+
+OK, API_ERROR, USAGE_ERROR, UNREACHABLE = 0, 1, 2, 3
+PROG = "aiproxy"
+MODEL_CLASSES = (
+    "openai-chat",
+    "openai-completions",
+    "openai-embeddings",
+    "openai-images",
+    "openai-audio",
+    "azure-ai-search",
+)
+USAGE_NUMBERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "units")
+USAGE_KEYS = {"attendee": ("attendee_id", "user"), "deployment": ("deployment",), "day": ("day",)}
+
+
+class UsageError(Exception):
+    """The command line itself is wrong (exit code 2)."""
+
+
+# --- field flags shared by create and update --------------------------------------------------
+
+# (flag, API field, type, help)
+EVENT_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--name", "name", str, "the event's name, shown to attendees"),
+    ("--starts-at", "starts_at", str, "start, wall clock in --time-zone: 2026-05-04T09:00:00"),
+    ("--ends-at", "ends_at", str, "end, wall clock in --time-zone: 2026-05-05T18:00:00"),
+    ("--time-zone", "time_zone", str, "IANA time zone of the event, e.g. Europe/Berlin"),
+    ("--max-token-cap", "max_token_cap", int, "largest max_tokens one request may ask for"),
+    ("--daily-request-cap", "daily_request_cap", int, "requests per attendee per day"),
+    ("--daily-token-cap", "daily_token_cap", int, "tokens per attendee per day (0: no cap)"),
+    ("--description", "description_markdown", str, "registration page text; @FILE reads a file"),
+    ("--organizer-name", "organizer_name", str, "shown on the registration page"),
+    ("--organizer-email", "organizer_email", str, "for your records, never shown"),
+    ("--image-url", "image_url", str, "image of the registration page (http(s) URL)"),
+    ("--shared-code", "shared_code", str, "code attendees register with ('' switches it off)"),
+]
+EVENT_REQUIRED = {"--name", "--starts-at", "--ends-at", "--time-zone", "--max-token-cap"}
+EVENT_REQUIRED |= {"--daily-request-cap"}
+
+RESOURCE_FLAGS: list[tuple[str, str, type, str]] = [
+    ("--name", "name", str, "your label for it, e.g. 'gpt-4o-mini in Sweden Central'"),
+    ("--deployment", "deployment", str, "the name attendees use; same name = one pool"),
+    ("--model-class", "model_class", str, "what it serves: " + ", ".join(MODEL_CLASSES)),
+    ("--url", "endpoint", str, "its endpoint, e.g. https://NAME.openai.azure.com"),
+    ("--upstream-deployment", "upstream_deployment", str, "its name upstream (default: same)"),
+    ("--auth", "auth", str, "'key' (default) or 'managed_identity'"),
+    ("--api-key", "api_key", str, "upstream key, stored sealed and never shown; '-' reads stdin"),
+    ("--priority", "priority", int, "lower is used first (default 1)"),
+    ("--weight", "weight", int, "share of requests within its priority (default 1)"),
+    ("--region", "region", str, "for your records"),
+]
+RESOURCE_REQUIRED = {"--name", "--deployment", "--model-class", "--url"}
+_CHOICES = {"--model-class": MODEL_CLASSES, "--auth": ("key", "managed_identity")}
+
+
+def _add_fields(
+    parser: argparse.ArgumentParser,
+    flags: list[tuple[str, str, type, str]],
+    required: set[str],
+) -> None:
+    for flag, dest, kind, text in flags:
+        parser.add_argument(
+            flag,
+            dest=f"field_{dest}",
+            type=kind,
+            required=flag in required,
+            choices=_CHOICES.get(flag),
+            metavar=None if flag in _CHOICES else dest.upper(),
+            help=text,
+        )
+    switch = parser.add_mutually_exclusive_group()
+    switch.add_argument(
+        "--active", dest="field_active", action="store_const", const=True, help="switch it on"
+    )
+    switch.add_argument(
+        "--inactive",
+        dest="field_active",
+        action="store_const",
+        const=False,
+        help="switch it off (--active switches it on again)",
+    )
+
+
+def _fields(args: argparse.Namespace) -> dict[str, Any]:
+    body = {
+        name[len("field_") :]: value
+        for name, value in vars(args).items()
+        if name.startswith("field_") and value is not None
+    }
+    description = body.get("description_markdown")
+    if isinstance(description, str) and description.startswith("@"):
+        try:
+            body["description_markdown"] = Path(description[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot read --description file: {exc}") from exc
+    if body.get("api_key") == "-":
+        body["api_key"] = sys.stdin.readline().strip()
+    return body
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def events_list(api: Api, args: argparse.Namespace) -> None:
+    found = api.json("GET", "/events")
+    if args.json:
+        return print_json(found)
+    columns = ["id", "name", "starts_at", "ends_at", "time_zone", "active"]
+    table(sorted(found, key=lambda e: e["starts_at"]), columns)
+
+
+def events_create(api: Api, args: argparse.Namespace) -> None:
+    created = api.json("POST", "/events", body=_fields(args))
+    print_json(created) if args.json else print(created["id"])
+
+
+def events_show(api: Api, args: argparse.Namespace) -> None:
+    print_json(api.json("GET", f"/events/{args.event_id}"))
+
+
+def events_update(api: Api, args: argparse.Namespace) -> None:
+    body = _fields(args)
+    if not body:
+        raise UsageError("nothing to change: give at least one field, e.g. --name or --inactive")
+    print_json(api.json("PATCH", f"/events/{args.event_id}", body=body))
+
+
+def events_delete(api: Api, args: argparse.Namespace) -> None:
+    params = {"force": "true"} if args.force else None
+    api.send("DELETE", f"/events/{args.event_id}", params=params)
+    print(f"deleted event {args.event_id}", file=sys.stderr)
+
+
+RESOURCE_COLUMNS = ["id", "name", "deployment", "model_class", "endpoint", "auth", "priority"]
+RESOURCE_COLUMNS += ["weight", "active"]
+
+
+def resources_list(api: Api, args: argparse.Namespace) -> None:
+    found = api.json("GET", "/resources")
+    print_json(found) if args.json else table(found, RESOURCE_COLUMNS)
+
+
+def resources_add(api: Api, args: argparse.Namespace) -> None:
+    created = api.json("POST", "/resources", body=_fields(args))
+    print_json(created) if args.json else print(created["id"])
+
+
+def resources_update(api: Api, args: argparse.Namespace) -> None:
+    body = _fields(args)
+    if not body:
+        raise UsageError("nothing to change: give at least one field, e.g. --weight or --api-key")
+    print_json(api.json("PATCH", f"/resources/{args.resource_id}", body=body))
+
+
+def resources_delete(api: Api, args: argparse.Namespace) -> None:
+    api.send("DELETE", f"/resources/{args.resource_id}")
+    print(f"deleted resource {args.resource_id}", file=sys.stderr)
+
+
+def catalog_attach(api: Api, args: argparse.Namespace) -> None:
+    attached = api.json("PUT", f"/events/{args.event}/resources/{args.resource}")
+    resource = attached["resource"]
+    print(
+        f"attached {resource['id']} ({resource['deployment']}) to event {args.event}",
+        file=sys.stderr,
+    )
+
+
+def catalog_detach(api: Api, args: argparse.Namespace) -> None:
+    api.send("DELETE", f"/events/{args.event}/resources/{args.resource}")
+    print(f"detached {args.resource} from event {args.event}", file=sys.stderr)
+
+
+def catalog_list(api: Api, args: argparse.Namespace) -> None:
+    found = api.json("GET", f"/events/{args.event}/resources")
+    print_json(found) if args.json else table(found, RESOURCE_COLUMNS)
+
+
+def _attendee_id(api: Api, args: argparse.Namespace) -> str:
+    if args.attendee:
+        return args.attendee
+    wanted = args.user.strip().lower()
+    for attendee in api.json("GET", f"/events/{args.event}/attendees"):
+        if attendee["user"].strip().lower() == wanted:
+            return attendee["id"]
+    raise ApiError(404, "not_found", f"No attendee '{args.user}' in event {args.event}.")
+
+
+def attendees_add(api: Api, args: argparse.Namespace) -> None:
+    response = api.send("POST", f"/events/{args.event}/attendees", body={"user": args.user})
+    added = response.json()
+    if response.status_code == 200:
+        print(f"{args.user} already had a key; it is unchanged", file=sys.stderr)
+    print_json(added) if args.json else print(added["api_key"])
+
+
+def attendees_list(api: Api, args: argparse.Namespace) -> None:
+    found = api.json("GET", f"/events/{args.event}/attendees")
+    if args.json:
+        return print_json(found)
+    columns = ["id", "user", "active", "requests", "total_tokens", "created_at"]
+    table(sorted(found, key=lambda a: a["user"].lower()), columns)
+
+
+def attendees_revoke(api: Api, args: argparse.Namespace) -> None:
+    attendee_id = _attendee_id(api, args)
+    revoked = api.json("DELETE", f"/events/{args.event}/attendees/{attendee_id}")
+    print(f"revoked {revoked['user']} ({attendee_id})", file=sys.stderr)
+
+
+def attendees_rotate(api: Api, args: argparse.Namespace) -> None:
+    attendee_id = _attendee_id(api, args)
+    rotated = api.json("POST", f"/events/{args.event}/attendees/{attendee_id}/rotate")
+    print_json(rotated) if args.json else print(rotated["api_key"])
+
+
+def attendees_bulk(api: Api, args: argparse.Namespace) -> int:
+    if args.concurrency < 1 or args.concurrency > 64:
+        raise UsageError("--concurrency must be from 1 to 64")
+    try:
+        text = Path(args.input).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.input}: {exc.strerror or exc}") from exc
+    try:
+        users = read_users(text, args.column)
+    except InputError as exc:
+        raise UsageError(f"{args.input}: {exc}") from exc
+    issued = asyncio.run(
+        issue_keys(
+            api.target, args.event, users, concurrency=args.concurrency, progress=not args.quiet
+        )
+    )
+    write_keys(issued, args.output)
+    failed = [i for i in issued if i.error]
+    created = sum(1 for i in issued if i.created)
+    done = len(issued) - len(failed)
+    where = "stdout" if args.output == "-" else args.output
+    print(
+        f"{done} keys ({created} new, {done - created} existing) written to {where}",
+        file=sys.stderr,
+    )
+    for failure in failed:
+        print(f"{PROG}: error: {failure.user}: {failure.error}", file=sys.stderr)
+    return API_ERROR if failed else OK
+
+
+def usage(api: Api, args: argparse.Namespace) -> None:
+    params = {"group_by": args.group_by}
+    if args.format == "csv":
+        params["format"] = "csv"
+        text = api.send("GET", f"/events/{args.event}/usage", params=params).text
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return
+    report = api.json("GET", f"/events/{args.event}/usage", params=params)
+    if args.format == "json":
+        return print_json(report)
+    keys = USAGE_KEYS[args.group_by]
+    footer = {**report["totals"], keys[0]: "total"}
+    table(report["rows"], [*keys, *USAGE_NUMBERS], footer=footer)
+
+
+# --- the parser ---------------------------------------------------------------------------
+
+
+def _common() -> argparse.ArgumentParser:
+    """Connection options, accepted before or after the command (default: the environment)."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("connection")
+    group.add_argument(
+        "--endpoint",
+        default=argparse.SUPPRESS,
+        help="the proxy's base URL, e.g. http://127.0.0.1:7071/api (env AIPROXY_ENDPOINT)",
+    )
+    group.add_argument(
+        "--key",
+        default=argparse.SUPPRESS,
+        help="the function key for manage/* (env AIPROXY_FUNCTION_KEY)",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="seconds to wait for each answer (default 30)",
+    )
+    return common
+
+
+def _json_flag(parser: argparse.ArgumentParser, what: str = "the API's JSON") -> None:
+    parser.add_argument("--json", action="store_true", help=f"print {what} instead")
+
+
+def _attendee_choice(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--event", required=True, help="the event's id")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--attendee", help="the attendee's id")
+    which.add_argument("--user", help="or the attendee's user name / email")
+
+
+Command = Callable[[Api, argparse.Namespace], int | None]
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        formatter_class=_Formatter,
+        parents=[common],
+        description="Manage AI Proxy events, resources, catalogs, attendees and usage.",
+        epilog=(
+            "Set AIPROXY_ENDPOINT (e.g. http://127.0.0.1:7071/api) and AIPROXY_FUNCTION_KEY,\n"
+            "or pass --endpoint and --key. Exit codes: 0 done, 1 the API refused,\n"
+            "2 usage error, 3 cannot reach the proxy.\n\n"
+            "Set up an event from nothing:\n"
+            "  RES=$(aiproxy resources add --name east --deployment gpt-4o-mini \\\n"
+            "        --model-class openai-chat --url https://NAME.openai.azure.com --api-key -)\n"
+            "  EVENT=$(aiproxy events create --name Hackathon --starts-at 2026-05-04T09:00:00 \\\n"
+            "        --ends-at 2026-05-05T18:00:00 --time-zone Europe/Berlin \\\n"
+            "        --max-token-cap 2048 --daily-request-cap 500)\n"
+            "  aiproxy catalog attach --event $EVENT --resource $RES\n"
+            "  aiproxy attendees bulk --event $EVENT --input users.csv --output keys.csv\n"
+            "  aiproxy usage --event $EVENT --group-by attendee"
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} 0.1.0")
+    parser.set_defaults(endpoint=None, key=None, timeout=30.0)
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND")
+
+    def group(name: str, text: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+        sub = groups.add_parser(
+            name, help=text, description=text, formatter_class=_Formatter, parents=[common]
+        )
+        sub.set_defaults(group_parser=sub)
+        return sub.add_subparsers(dest="command", metavar="ACTION")
+
+    def command(
+        actions: argparse._SubParsersAction[argparse.ArgumentParser],
+        name: str,
+        run: Command,
+        text: str,
+        epilog: str | None = None,
+    ) -> argparse.ArgumentParser:
+        sub = actions.add_parser(
+            name,
+            help=text,
+            description=text,
+            epilog=epilog,
+            formatter_class=_Formatter,
+            parents=[common],
+        )
+        sub.set_defaults(run=run)
+        return sub
+
+    events = group("events", "create, list, show, change and delete events")
+    sub = command(events, "list", events_list, "List the events you may see.")
+    _json_flag(sub)
+    sub = command(
+        events,
+        "create",
+        events_create,
+        "Create an event; prints its id.",
+        "example:\n  aiproxy events create --name Hackathon --starts-at 2026-05-04T09:00:00 \\\n"
+        "    --ends-at 2026-05-05T18:00:00 --time-zone Europe/Berlin --max-token-cap 2048 \\\n"
+        "    --daily-request-cap 500 --shared-code SPRING26",
+    )
+    _add_fields(sub, EVENT_FLAGS, EVENT_REQUIRED)
+    _json_flag(sub, "the created event as JSON")
+    sub = command(events, "show", events_show, "Show one event as JSON.")
+    sub.add_argument("event_id", help="the event's id")
+    sub = command(
+        events,
+        "update",
+        events_update,
+        "Change the fields given; prints the event as JSON.",
+        "example:\n  aiproxy events update EVENT_ID --daily-request-cap 1000 --inactive",
+    )
+    sub.add_argument("event_id", help="the event's id")
+    _add_fields(sub, EVENT_FLAGS, set())
+    sub = command(
+        events, "delete", events_delete, "Delete an event (refused while it has attendees)."
+    )
+    sub.add_argument("event_id", help="the event's id")
+    sub.add_argument(
+        "--force", action="store_true", help="also delete its attendees and their keys"
+    )
+
+    resources = group("resources", "the upstream deployments events can use")
+    sub = command(resources, "list", resources_list, "List resources (never with their keys).")
+    _json_flag(sub)
+    sub = command(
+        resources,
+        "add",
+        resources_add,
+        "Add an upstream deployment; prints its id.",
+        "example:\n  aiproxy resources add --name east --deployment gpt-4o-mini \\\n"
+        "    --model-class openai-chat --url https://NAME.openai.azure.com --api-key - < key.txt",
+    )
+    _add_fields(sub, RESOURCE_FLAGS, RESOURCE_REQUIRED)
+    _json_flag(sub, "the created resource as JSON")
+    sub = command(
+        resources, "update", resources_update, "Change the fields given; prints it as JSON."
+    )
+    sub.add_argument("resource_id", help="the resource's id")
+    _add_fields(sub, RESOURCE_FLAGS, set())
+    sub = command(
+        resources, "delete", resources_delete, "Delete a resource (refused while in a catalog)."
+    )
+    sub.add_argument("resource_id", help="the resource's id")
+
+    catalog = group("catalog", "which resources an event's attendees can use")
+    for name, run, text in (
+        ("attach", catalog_attach, "Add a resource to an event's catalog."),
+        ("detach", catalog_detach, "Take a resource out of an event's catalog."),
+    ):
+        sub = command(catalog, name, run, text)
+        sub.add_argument("--event", required=True, help="the event's id")
+        sub.add_argument("--resource", required=True, help="the resource's id")
+    sub = command(catalog, "list", catalog_list, "List an event's catalog.")
+    sub.add_argument("--event", required=True, help="the event's id")
+    _json_flag(sub)
+
+    attendees = group("attendees", "keys for the people at an event")
+    sub = command(
+        attendees,
+        "add",
+        attendees_add,
+        "Issue a key to one user and print it (the same user again gets the same key).",
+    )
+    sub.add_argument("--event", required=True, help="the event's id")
+    sub.add_argument("--user", required=True, help="an email, a login or any name")
+    _json_flag(sub, "the attendee as JSON")
+    sub = command(attendees, "list", attendees_list, "List attendees with their totals.")
+    sub.add_argument("--event", required=True, help="the event's id")
+    _json_flag(sub)
+    sub = command(attendees, "revoke", attendees_revoke, "Revoke an attendee's key.")
+    _attendee_choice(sub)
+    sub = command(attendees, "rotate", attendees_rotate, "Give an attendee a new key and print it.")
+    _attendee_choice(sub)
+    _json_flag(sub, "the attendee as JSON")
+    sub = command(
+        attendees,
+        "bulk",
+        attendees_bulk,
+        "Issue keys for every user of a CSV file; write user,attendee_id,api_key.",
+        "The users are the column given by --column, else 'user', else 'email', else the\n"
+        "first column. A first row without those names is a header unless it holds an\n"
+        "email address. Users who already have a key get the same key again, so the\n"
+        "command can be re-run safely.\n\n"
+        "example:\n  aiproxy attendees bulk --event EVENT_ID --input users.csv --output keys.csv",
+    )
+    sub.add_argument("--event", required=True, help="the event's id")
+    sub.add_argument("--input", required=True, metavar="CSV", help="the users")
+    sub.add_argument(
+        "--output", required=True, metavar="CSV", help="where the keys go ('-': stdout)"
+    )
+    sub.add_argument("--column", help="the column holding the users")
+    sub.add_argument("--concurrency", type=int, default=8, help="requests at a time (default 8)")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub = groups.add_parser(
+        "usage",
+        help="usage totals of an event",
+        description="Usage totals of an event: requests and tokens by attendee, deployment or day.",
+        epilog="example:\n  aiproxy usage --event EVENT_ID --group-by day --format csv > usage.csv",
+        formatter_class=_Formatter,
+        parents=[common],
+    )
+    sub.set_defaults(run=usage)
+    sub.add_argument("--event", required=True, help="the event's id")
+    sub.add_argument(
+        "--group-by",
+        choices=tuple(USAGE_KEYS),
+        default="attendee",
+        help="one row per attendee (default), deployment or day (event time zone)",
+    )
+    sub.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="a table with totals (default), CSV, or the API's JSON",
+    )
+    return parser
+
+
+def _target(args: argparse.Namespace) -> Target:
+    endpoint = args.endpoint or os.environ.get("AIPROXY_ENDPOINT", "")
+    key = args.key or os.environ.get("AIPROXY_FUNCTION_KEY", "")
+    if not endpoint:
+        raise UsageError(
+            "no endpoint: pass --endpoint or set AIPROXY_ENDPOINT (e.g. http://127.0.0.1:7071/api)"
+        )
+    if not endpoint.startswith(("http://", "https://")):
+        raise UsageError(f"the endpoint must be an http(s) URL, not {endpoint!r}")
+    if not key:
+        raise UsageError("no function key: pass --key or set AIPROXY_FUNCTION_KEY")
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    return Target(normalize_endpoint(endpoint), key, args.timeout)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        (getattr(args, "group_parser", None) or parser).print_help(sys.stderr)
+        return USAGE_ERROR
+    try:
+        api = Api(_target(args))
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    try:
+        return args.run(api, args) or OK
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except ApiError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return API_ERROR
+    except Unreachable as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return UNREACHABLE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        api.close()
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,262 @@
+"""Daily caps per attendee that hold across instances.
+
+One counter row per attendee and day (the event's local day) holds `granted` (requests handed
+out to instances), `used` (requests admitted) and `tokens` (tokens counted).
+
+Requests: an instance reserves a block of requests from the row with a conditional update
+(ETag) and admits locally while it holds some. `granted` never passes the cap, so the request
+cap is never overshot while storage answers. Blocks shrink as the cap nears (remaining / 8,
+at most 100, at least 1), so the last requests of a day are reserved one by one, and an
+instance hands back what it did not use after `idle_seconds` without requests.
+
+Tokens are only known after a call: each instance adds what it counted to the row every
+`sync_seconds` and reads the row back. A call is refused once the tokens known here reach the
+cap, so tokens can overshoot by what was in flight when the cap was crossed plus what other
+instances admitted before they saw it (at most one sync interval).
+
+When storage cannot be reached, an instance keeps admitting on its last view of the row and
+records its grants as provisional; they are written once storage answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from shared.errors import ProxyError
+from shared.events import Event
+from shared.tables import Conflict, StorageUnavailable, Tables
+
+log = logging.getLogger(__name__)
+
+COUNTERS_TABLE = "counters"
+MAX_BLOCK = 100
+
+
+def block_size(remaining: int) -> int:
+    return max(1, min(MAX_BLOCK, remaining // 8))
+
+
+@dataclass
+class Counter:
+    """This instance's view of one attendee's day."""
+
+    partition: str
+    attendee_id: str
+    allowance: int = 0  # requests reserved here and not used yet
+    provisional: int = 0  # requests admitted while storage was down, not yet granted
+    granted_seen: int = 0
+    used_seen: int = 0
+    tokens_seen: int = 0
+    used_unflushed: int = 0
+    tokens_unflushed: int = 0
+    tokens_in_flight: int = 0  # worst-case tokens of calls admitted here and not answered yet
+    last_used: float = 0.0
+    refilling: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def used(self) -> int:
+        return self.used_seen + self.used_unflushed
+
+    @property
+    def tokens(self) -> int:
+        return self.tokens_seen + self.tokens_unflushed
+
+
+class Caps:
+    """Admits or refuses calls against the daily caps, and counts what they used."""
+
+    def __init__(
+        self, tables: Tables, sync_seconds: float = 1.0, idle_seconds: float = 5.0
+    ) -> None:
+        self._tables = tables
+        self._sync_seconds = sync_seconds
+        self._idle_seconds = idle_seconds
+        self._counters: dict[tuple[str, str], Counter] = {}
+        self._caps: dict[str, int] = {}  # partition -> request cap, for hand-backs
+        self._task: asyncio.Task[None] | None = None
+
+    def _counter(self, event: Event, attendee_id: str, now: datetime) -> Counter:
+        partition = f"{event.id}_{event.local_date(now)}"
+        key = (partition, attendee_id)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = Counter(partition, attendee_id)
+        self._caps[partition] = event.daily_request_cap
+        return counter
+
+    async def admit(
+        self, event: Event, attendee_id: str, now: datetime, worst_case_tokens: int = 0
+    ) -> Counter:
+        """Take one request from today's cap, or refuse with the cap's error.
+
+        `worst_case_tokens` stays reserved here until `settle`: calls in flight on this
+        instance cannot together pass the token cap.
+        """
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._sync_loop())
+        counter = self._counter(event, attendee_id, now)
+        self._check_tokens(counter, event, now)  # fail fast, before waiting for storage
+        if counter.allowance == 0:
+            await self._reserve(counter, event.daily_request_cap)
+            if counter.allowance == 0:
+                raise cap_error(event, now, tokens=False)
+        # No await from the check to the reservation: concurrent calls see each other.
+        self._check_tokens(counter, event, now)
+        counter.allowance -= 1
+        counter.used_unflushed += 1
+        counter.tokens_in_flight += worst_case_tokens
+        counter.last_used = time.monotonic()
+        return counter
+
+    @staticmethod
+    def _check_tokens(counter: Counter, event: Event, now: datetime) -> None:
+        cap = event.daily_token_cap
+        if not cap or counter.tokens + counter.tokens_in_flight < cap:
+            return
+        if counter.tokens >= cap or not counter.tokens_in_flight:
+            raise cap_error(event, now, tokens=True)
+        raise ProxyError(
+            "daily_token_cap_exceeded",
+            f"Calls of yours still running may use the rest of today's {cap} tokens for "
+            f"'{event.name}'. Retry when they have finished.",
+            headers={"Retry-After": "5"},
+        )
+
+    def settle(self, counter: Counter, worst_case_tokens: int, tokens: int) -> None:
+        """A call finished: swap its reservation for what it really used."""
+        counter.tokens_in_flight -= worst_case_tokens
+        counter.tokens_unflushed += tokens
+
+    async def _reserve(self, counter: Counter, cap: int) -> None:
+        async with counter.lock:
+            if counter.allowance > 0:
+                return
+            try:
+                await self._write(counter, cap, reserve=True)
+            except StorageUnavailable as exc:
+                # Keep serving on the last view of the row; the grant is written later.
+                if counter.granted_seen + counter.provisional < cap:
+                    counter.provisional += 1
+                    counter.allowance += 1
+                log.warning(
+                    "caps: storage unavailable, admitting on the last view: %s", str(exc)[:200]
+                )
+
+    async def _write(
+        self, counter: Counter, cap: int, *, reserve: bool, give_back: int = 0
+    ) -> None:
+        """Merge this instance's deltas into the row (and reserve a block); read it back.
+
+        `give_back` requests were already taken out of the allowance by the caller.
+        """
+        for _ in range(20):
+            used, tokens = counter.used_unflushed, counter.tokens_unflushed
+            provisional = counter.provisional
+            found = await self._tables.get_versioned(
+                COUNTERS_TABLE, counter.partition, counter.attendee_id
+            )
+            row: dict[str, Any] = found[0] if found else {}
+            granted = int(row.get("granted", 0)) + provisional - give_back
+            block = block_size(cap - granted) if reserve and granted < cap else 0
+            entity = {
+                "PartitionKey": counter.partition,
+                "RowKey": counter.attendee_id,
+                "granted": granted + block,
+                "used": int(row.get("used", 0)) + used,
+                "tokens": int(row.get("tokens", 0)) + tokens,
+            }
+            changed = used or tokens or provisional or give_back or block
+            try:
+                if not changed:
+                    pass  # a read is all this sync needed
+                elif found is None:
+                    await self._tables.insert(COUNTERS_TABLE, entity)
+                else:
+                    await self._tables.update(COUNTERS_TABLE, entity, etag=found[1])
+            except Conflict:
+                await asyncio.sleep(0.005)
+                continue
+            counter.used_unflushed -= used
+            counter.tokens_unflushed -= tokens
+            counter.provisional -= provisional
+            counter.allowance += block
+            counter.granted_seen = entity["granted"]
+            counter.used_seen = entity["used"]
+            counter.tokens_seen = entity["tokens"]
+            return
+        raise StorageUnavailable(f"counter {counter.partition}/{counter.attendee_id} is contended")
+
+    async def sync(self) -> None:
+        """Flush what this instance counted, hand back idle allowance, see other instances'."""
+        now = time.monotonic()
+        for key, counter in list(self._counters.items()):
+            idle = now - counter.last_used > self._idle_seconds
+            dirty = counter.used_unflushed or counter.tokens_unflushed or counter.provisional
+            if idle and not dirty and not counter.allowance:
+                if now - counter.last_used > 600:
+                    del self._counters[key]
+                continue
+            async with counter.lock:
+                give_back = counter.allowance if idle else 0
+                counter.allowance -= give_back
+                try:
+                    await self._write(
+                        counter, self._caps.get(counter.partition, 0), reserve=False,
+                        give_back=give_back,
+                    )  # fmt: skip
+                except StorageUnavailable:
+                    counter.allowance += give_back
+                    raise
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._sync_seconds)
+            try:
+                await self.sync()
+            except StorageUnavailable as exc:
+                log.warning("caps: counters not synced: %s", str(exc)[:200])
+            except Exception:
+                log.exception("caps: sync failed")
+
+    async def today(self, event: Event, attendee_id: str, now: datetime) -> tuple[int, int]:
+        """(requests used, tokens used) today, as fresh as storage allows."""
+        counter = self._counter(event, attendee_id, now)
+        try:
+            async with counter.lock:
+                await self._write(counter, event.daily_request_cap, reserve=False)
+        except StorageUnavailable:
+            pass
+        return counter.used, counter.tokens
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for counter in self._counters.values():
+            counter.last_used = 0.0  # hand everything back
+        try:
+            await self.sync()
+        except StorageUnavailable:
+            log.warning("caps: counters not flushed on shutdown")
+
+
+def cap_error(event: Event, now: datetime, *, tokens: bool) -> ProxyError:
+    wait = event.seconds_to_local_midnight(now)
+    if tokens:
+        return ProxyError(
+            "daily_token_cap_exceeded",
+            f"You have used today's {event.daily_token_cap} tokens for '{event.name}'. "
+            f"The cap resets at midnight {event.time_zone} (in {wait} seconds).",
+            headers={"Retry-After": str(wait)},
+        )
+    return ProxyError(
+        "daily_request_cap_exceeded",
+        f"You have made today's {event.daily_request_cap} requests for '{event.name}'. "
+        f"The cap resets at midnight {event.time_zone} (in {wait} seconds).",
+        headers={"Retry-After": str(wait)},
+    )

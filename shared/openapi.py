@@ -1,0 +1,884 @@
+"""The OpenAPI 3 description of the app's HTTP routes, served at GET /api/openapi.json.
+
+The paths come from OPERATIONS, one row per route and method; tests/test_openapi.py checks it
+against the routes function_app registers. A new route needs a row here (use the helpers
+`manage`, `proxy`, `anonymous` and `page`), and a new body or answer shape a schema in SCHEMAS.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared.catalog import AUTH_KINDS, MODEL_CLASSES
+from shared.errors import STATUS_BY_CODE
+from shared.registration import endpoint_of
+
+Schema = dict[str, Any]
+
+FUNCTION_KEY = "function"  # manage/*: the Functions key, header x-functions-key or ?code=
+ATTENDEE_KEY = "attendee"  # proxy routes: the event key, header api-key or Authorization: Bearer
+ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One route and method of the app, as the document describes it."""
+
+    method: str
+    route: str  # the route template as registered, without the route prefix
+    operation_id: str
+    summary: str
+    tag: str
+    security: str
+    body: str | None = None  # schema name of the request body
+    body_type: str = "application/json"
+    answer: str | None = None  # schema name of the success answer; None: no content
+    status: int = 200
+    answer_types: tuple[str, ...] = ("application/json",)
+    errors: tuple[int, ...] = ()
+    query: tuple[Schema, ...] = ()
+    description: str = ""
+    also: dict[int, str] = field(default_factory=dict)  # more success answers: status -> text
+
+
+# --- schemas ------------------------------------------------------------------------------
+
+
+def _string(description: str, **extra: Any) -> Schema:
+    return {"type": "string", "description": description, **extra}
+
+
+def _integer(description: str, minimum: int = 0) -> Schema:
+    return {"type": "integer", "minimum": minimum, "description": description}
+
+
+def _boolean(description: str) -> Schema:
+    return {"type": "boolean", "description": description}
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _object(properties: dict[str, Schema], required: tuple[str, ...] = (), **extra: Any) -> Schema:
+    schema: Schema = {"type": "object", "properties": properties, **extra}
+    if required:
+        schema["required"] = list(required)
+    return schema
+
+
+_WALL_CLOCK = "ISO 8601 wall-clock time in time_zone, e.g. 2026-05-04T09:00:00"
+_EVENT_FIELDS: dict[str, Schema] = {
+    "name": _string("shown to attendees", maxLength=200),
+    "starts_at": _string(_WALL_CLOCK),
+    "ends_at": _string(_WALL_CLOCK + "; after starts_at"),
+    "time_zone": _string("IANA time zone such as Europe/Berlin; DST is honoured"),
+    "max_token_cap": _integer("largest max_tokens a request may ask for", 1),
+    "daily_request_cap": _integer("requests per attendee per day (event time zone)", 1),
+    "daily_token_cap": _integer("tokens per attendee per day; 0 for none"),
+    "description_markdown": _string("registration page text", maxLength=20_000),
+    "organizer_name": _string("shown on the registration page", maxLength=200),
+    "organizer_email": _string("for the organiser's records, never public", maxLength=320),
+    "image_url": _string("http(s) URL of the registration page image", maxLength=2_000),
+    "shared_code": _string(
+        "code attendees send to register themselves; empty: no self-registration by code",
+        maxLength=100,
+    ),
+    "active": _boolean("false switches the event off at once"),
+}
+_EVENT_REQUIRED = (
+    "name",
+    "starts_at",
+    "ends_at",
+    "time_zone",
+    "max_token_cap",
+    "daily_request_cap",
+)
+_PUBLIC_EVENT: dict[str, Schema] = {
+    "id": _string("event id"),
+    "name": _EVENT_FIELDS["name"],
+    "starts_at": _EVENT_FIELDS["starts_at"],
+    "ends_at": _EVENT_FIELDS["ends_at"],
+    "time_zone": _EVENT_FIELDS["time_zone"],
+    "starts_at_utc": _string("the start in UTC", format="date-time"),
+    "ends_at_utc": _string("the end in UTC", format="date-time"),
+    "organizer_name": _EVENT_FIELDS["organizer_name"],
+    "description_markdown": _EVENT_FIELDS["description_markdown"],
+    "image_url": _EVENT_FIELDS["image_url"],
+    "active": _EVENT_FIELDS["active"],
+}
+_RESOURCE_FIELDS: dict[str, Schema] = {
+    "name": _string("the organiser's label", maxLength=200),
+    "deployment": _string(
+        "deployment name attendees use; resources sharing it in an event form a pool",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+    ),
+    "model_class": {"type": "string", "enum": list(MODEL_CLASSES)},
+    "endpoint": _string("https://NAME.openai.azure.com (or an AI Search endpoint)"),
+    "upstream_deployment": _string("deployment name upstream; default: deployment"),
+    "auth": {"type": "string", "enum": list(AUTH_KINDS), "default": "key"},
+    "priority": {
+        **_integer("lower is used first; higher only while lower ones cool down"),
+        "maximum": 1000,
+    },
+    "weight": {**_integer("share of requests within its priority", 1), "maximum": 1000},
+    "region": _string("for the organiser's records", maxLength=64),
+    "active": _boolean("false takes it out of every pool at once"),
+}
+_USAGE_NUMBERS: dict[str, Schema] = {
+    "requests": _integer("requests answered"),
+    "prompt_tokens": _integer("prompt tokens"),
+    "completion_tokens": _integer("completion tokens"),
+    "total_tokens": _integer("prompt plus completion tokens"),
+    "units": _integer("images, audio seconds or searches, for models not counted in tokens"),
+}
+_OPENAI_ANSWER = _object(
+    {}, additionalProperties=True, description="The upstream's answer, passed through unchanged"
+)
+
+SCHEMAS: dict[str, Schema] = {
+    "Error": _object(
+        {
+            "error": _object(
+                {
+                    "code": {"type": "string", "enum": sorted(STATUS_BY_CODE)},
+                    "message": _string("what went wrong and how to fix it"),
+                    "status": _integer("the HTTP status", 400),
+                    "param": _string("the request field at fault, when there is one"),
+                },
+                ("code", "message", "status"),
+            )
+        },
+        ("error",),
+        description="Every error the proxy produces itself (API.md section 2)",
+    ),
+    "EventCreate": _object(_EVENT_FIELDS, _EVENT_REQUIRED, additionalProperties=False),
+    "EventPatch": _object(
+        _EVENT_FIELDS,
+        additionalProperties=False,
+        description="Only the fields sent change; a new time_zone alone keeps the wall-clock times",
+    ),
+    "Event": _object(
+        {
+            **_PUBLIC_EVENT,
+            **_EVENT_FIELDS,
+            "owner": _string("the signed-in creator ('<idp>:<id>'); empty for operators"),
+            "created_at": _string("creation time, UTC", format="date-time"),
+        },
+        ("id", *_EVENT_REQUIRED, "starts_at_utc", "ends_at_utc", "active"),
+    ),
+    "PublicEvent": _object(
+        _PUBLIC_EVENT,
+        ("id", "name", "starts_at", "ends_at", "time_zone", "starts_at_utc", "ends_at_utc"),
+        description="What anyone may see of an event: the registration page's view",
+    ),
+    "ResourceCreate": _object(
+        {
+            **_RESOURCE_FIELDS,
+            "api_key": _string("upstream key, write-only: stored sealed, never returned"),
+        },
+        ("name", "deployment", "model_class", "endpoint"),
+        additionalProperties=False,
+        description="api_key is required when auth is 'key'",
+    ),
+    "ResourcePatch": _object(
+        {**_RESOURCE_FIELDS, "api_key": _string("a new upstream key, write-only")},
+        additionalProperties=False,
+    ),
+    "Resource": _object(
+        {
+            "id": _string("resource id"),
+            **_RESOURCE_FIELDS,
+            "owner": _string("the signed-in creator; empty for operators"),
+            "created_at": _string("creation time, UTC", format="date-time"),
+            "has_api_key": _boolean("whether an upstream key is stored (never returned)"),
+        },
+        ("id", "name", "deployment", "model_class", "endpoint", "auth", "has_api_key"),
+    ),
+    "CatalogEntry": _object(
+        {"event_id": _string("the event"), "resource": _ref("Resource")},
+        ("event_id", "resource"),
+    ),
+    "AttendeeCreate": _object(
+        {"user": _string("an email, a login or any name; case-insensitive", maxLength=200)},
+        ("user",),
+        additionalProperties=False,
+    ),
+    "Attendee": _object(
+        {
+            "id": _string("attendee id, stable per event and user"),
+            "event_id": _string("the event"),
+            "user": _string("as given when added or registered"),
+            "active": _boolean("false once revoked"),
+            "created_at": _string("creation time, UTC", format="date-time"),
+            "revoked_at": _string("revocation time, UTC; empty while active"),
+            **_USAGE_NUMBERS,
+        },
+        ("id", "event_id", "user", "active"),
+    ),
+    "AttendeeWithKey": {
+        "allOf": [
+            _ref("Attendee"),
+            _object(
+                {"api_key": _string("the attendee's key: 'aip-' and 32 letters and digits")},
+                ("api_key",),
+            ),
+        ]
+    },
+    "UsageReport": _object(
+        {
+            "event_id": _string("the event"),
+            "group_by": {"type": "string", "enum": ["attendee", "deployment", "day"]},
+            "rows": {
+                "type": "array",
+                "items": _object(
+                    {
+                        "attendee_id": _string("group_by=attendee"),
+                        "user": _string("group_by=attendee"),
+                        "deployment": _string("group_by=deployment"),
+                        "day": _string("group_by=day: YYYY-MM-DD in the event's time zone"),
+                        **_USAGE_NUMBERS,
+                    },
+                    tuple(_USAGE_NUMBERS),
+                ),
+            },
+            "totals": _object(_USAGE_NUMBERS, tuple(_USAGE_NUMBERS)),
+        },
+        ("event_id", "group_by", "rows", "totals"),
+    ),
+    "RegistrationRequest": _object(
+        {
+            "email": _string("your email address; it becomes your attendee name, lower-cased"),
+            "shared_code": _string("the registration code from the organiser"),
+        },
+        ("email", "shared_code"),
+        additionalProperties=False,
+        description="Not needed when signed in (EasyAuth)",
+    ),
+    "Registration": _object(
+        {
+            "api_key": _string("your key for this event"),
+            "endpoint": _string("the base URL for the SDKs (azure_endpoint)", format="uri"),
+            "attendee_id": _string("your attendee id"),
+            "user": _string("your attendee name"),
+            "event": _ref("PublicEvent"),
+        },
+        ("api_key", "endpoint", "attendee_id", "event"),
+    ),
+    "EventInfo": {
+        "allOf": [
+            _ref("PublicEvent"),
+            _object(
+                {
+                    "status": {"type": "string", "enum": ["upcoming", "live", "ended", "inactive"]},
+                    "today": _object(
+                        {
+                            "date": _string("today in the event's time zone, YYYYMMDD"),
+                            "requests_used": _integer("requests made today"),
+                            "requests_left": _integer("requests left today"),
+                            "tokens_used": _integer("tokens used today"),
+                            "tokens_left": {
+                                **_integer("tokens left today; null without a token cap"),
+                                "nullable": True,
+                            },
+                            "resets_in_seconds": _integer("seconds to the next local midnight"),
+                        },
+                        description="this key's use of today's caps",
+                    ),
+                    "attendee": _object({"id": _string("attendee id"), "user": _string("name")}),
+                    "max_token_cap": _EVENT_FIELDS["max_token_cap"],
+                    "daily_request_cap": _EVENT_FIELDS["daily_request_cap"],
+                    "daily_token_cap": _EVENT_FIELDS["daily_token_cap"],
+                    "deployments": _object(
+                        {},
+                        additionalProperties={"type": "array", "items": {"type": "string"}},
+                        description="model class -> deployment names this key may use",
+                    ),
+                },
+                ("status", "deployments"),
+            ),
+        ]
+    },
+    "Health": _object(
+        {
+            "status": {"type": "string", "enum": ["ok", "degraded"]},
+            "storage": _string("'ok' or why storage is unavailable"),
+            "usage_pending": _integer("usage records waiting to be written"),
+        },
+        ("status", "storage"),
+    ),
+    "ChatCompletionRequest": _object(
+        {
+            "messages": {"type": "array", "items": {"type": "object"}},
+            "model": _string("the deployment (OpenAI v1 paths); ignored on deployments paths"),
+            "stream": _boolean("answer as server-sent events"),
+            "max_tokens": _integer("at most the event's max_token_cap", 1),
+            "max_completion_tokens": _integer("at most the event's max_token_cap", 1),
+        },
+        ("messages",),
+        additionalProperties=True,
+    ),
+    "CompletionRequest": _object(
+        {
+            "prompt": {"oneOf": [{"type": "string"}, {"type": "array"}]},
+            "model": _string("the deployment (OpenAI v1 paths)"),
+            "stream": _boolean("answer as server-sent events"),
+            "max_tokens": _integer("at most the event's max_token_cap", 1),
+        },
+        additionalProperties=True,
+    ),
+    "EmbeddingRequest": _object(
+        {
+            "input": {"oneOf": [{"type": "string"}, {"type": "array"}]},
+            "model": _string("the deployment (OpenAI v1 paths)"),
+        },
+        ("input",),
+        additionalProperties=True,
+    ),
+    "ImageRequest": _object(
+        {
+            "prompt": _string("what to draw"),
+            "model": _string("the deployment (OpenAI v1 paths)"),
+            "n": _integer("how many images", 1),
+            "size": _string("e.g. 1024x1024"),
+        },
+        ("prompt",),
+        additionalProperties=True,
+    ),
+    "TranscriptionRequest": _object(
+        {
+            "file": _string("the audio file", format="binary"),
+            "model": _string("the deployment"),
+            "language": _string("ISO-639-1 code"),
+            "response_format": _string("json, text, srt, verbose_json or vtt"),
+        },
+        ("file",),
+        additionalProperties=True,
+    ),
+    "SearchRequest": _object(
+        {"search": _string("the query text"), "top": _integer("how many results", 1)},
+        additionalProperties=True,
+        description="An Azure AI Search query, passed through",
+    ),
+    "OpenAIAnswer": _OPENAI_ANSWER,
+}
+
+# --- responses and parameters ---------------------------------------------------------------
+
+_ERROR_TEXT = {
+    400: "Invalid request: the message and `param` name the field",
+    401: "Missing or wrong key",
+    403: "Refused: outside the event window, switched off, or registration refused",
+    404: "Not found (or not yours)",
+    409: "Conflict: still in use; the message says what to do",
+    413: "Body too large",
+    429: "A cap or the capacity is exhausted; see Retry-After",
+    502: "The upstream failed, after failover",
+    503: "Storage is unavailable",
+    504: "The upstream was too slow, after failover",
+}
+_PARAMETERS: dict[str, str] = {
+    "event_id": "the event's id",
+    "resource_id": "the resource's id",
+    "attendee_id": "the attendee's id",
+    "deployment": "the deployment name in the event's catalog",
+    "index": "the search index name in the event's catalog",
+}
+_API_VERSION: Schema = {
+    "name": "api-version",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "forwarded upstream; the configured default when missing",
+}
+_FORCE: Schema = {
+    "name": "force",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "boolean", "default": False},
+    "description": "true also deletes the event's attendees and their keys",
+}
+_USAGE_QUERY: tuple[Schema, ...] = (
+    {
+        "name": "group_by",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "enum": ["attendee", "deployment", "day"]},
+    },
+    {
+        "name": "format",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string", "enum": ["json", "csv"], "default": "json"},
+    },
+)
+
+# --- the table of routes --------------------------------------------------------------------
+
+
+def manage(method: str, route: str, operation_id: str, summary: str, **kw: Any) -> Operation:
+    """A manage/* route: function key; 401 without it, 404 for unknown ids, 400 for bad bodies."""
+    errors = {401, 503, *kw.pop("errors", ())}
+    if "{" in route:
+        errors.add(404)
+    if kw.get("body") or kw.get("query"):
+        errors.add(400)
+    return Operation(
+        method,
+        f"manage/{route}",
+        operation_id,
+        summary,
+        "management",
+        FUNCTION_KEY,
+        errors=tuple(sorted(errors)),
+        **kw,
+    )
+
+
+_PROXY_ERRORS = (400, 401, 403, 404, 413, 429, 502, 503, 504)
+
+
+def proxy(route: str, operation_id: str, summary: str, body: str, **kw: Any) -> Operation:
+    """A proxy route: attendee key; the upstream's answer comes back as it is."""
+    query = kw.pop("query", (_API_VERSION,))
+    return Operation(
+        "POST",
+        route,
+        operation_id,
+        summary,
+        "proxy",
+        ATTENDEE_KEY,
+        body=body,
+        answer="OpenAIAnswer",
+        errors=_PROXY_ERRORS,
+        query=query,
+        **kw,
+    )
+
+
+def anonymous(method: str, route: str, operation_id: str, summary: str, **kw: Any) -> Operation:
+    return Operation(
+        method, route, operation_id, summary, kw.pop("tag", "attendees"), ANONYMOUS, **kw
+    )
+
+
+def page(route: str, operation_id: str, summary: str) -> Operation:
+    """A web page: anonymous, HTML."""
+    return Operation(
+        "GET",
+        route,
+        operation_id,
+        summary,
+        "pages",
+        ANONYMOUS,
+        answer="",
+        answer_types=("text/html",),
+    )
+
+
+_STREAMS = ("application/json", "text/event-stream")
+
+OPERATIONS: list[Operation] = [
+    # management: events
+    manage("GET", "events", "listEvents", "List events (an owner sees its own)", answer="Event[]"),
+    manage(
+        "POST",
+        "events",
+        "createEvent",
+        "Create an event",
+        body="EventCreate",
+        answer="Event",
+        status=201,
+    ),
+    manage("GET", "events/{event_id}", "getEvent", "One event", answer="Event"),
+    manage(
+        "PATCH",
+        "events/{event_id}",
+        "updateEvent",
+        "Change an event",
+        body="EventPatch",
+        answer="Event",
+    ),
+    manage(
+        "DELETE",
+        "events/{event_id}",
+        "deleteEvent",
+        "Delete an event; 409 while it has attendees, unless force=true",
+        status=204,
+        query=(_FORCE,),
+        errors=(409,),
+    ),
+    # management: resources
+    manage(
+        "GET",
+        "resources",
+        "listResources",
+        "List resources, never with secrets",
+        answer="Resource[]",
+    ),
+    manage(
+        "POST",
+        "resources",
+        "createResource",
+        "Add an upstream deployment; api_key is write-only",
+        body="ResourceCreate",
+        answer="Resource",
+        status=201,
+    ),
+    manage("GET", "resources/{resource_id}", "getResource", "One resource", answer="Resource"),
+    manage(
+        "PATCH",
+        "resources/{resource_id}",
+        "updateResource",
+        "Change a resource",
+        body="ResourcePatch",
+        answer="Resource",
+    ),
+    manage(
+        "DELETE",
+        "resources/{resource_id}",
+        "deleteResource",
+        "Delete a resource; 409 while an event's catalog holds it",
+        status=204,
+        errors=(409,),
+    ),
+    # management: catalogs
+    manage(
+        "GET",
+        "events/{event_id}/resources",
+        "listCatalog",
+        "The event's catalog",
+        answer="Resource[]",
+    ),
+    manage(
+        "PUT",
+        "events/{event_id}/resources/{resource_id}",
+        "attachResource",
+        "Add a resource to the event's catalog",
+        answer="CatalogEntry",
+    ),
+    manage(
+        "DELETE",
+        "events/{event_id}/resources/{resource_id}",
+        "detachResource",
+        "Take a resource out of the event's catalog",
+        status=204,
+    ),
+    # management: attendees and usage
+    manage(
+        "GET",
+        "events/{event_id}/attendees",
+        "listAttendees",
+        "The event's attendees with their totals, without keys",
+        answer="Attendee[]",
+    ),
+    manage(
+        "POST",
+        "events/{event_id}/attendees",
+        "addAttendee",
+        "Issue a key to a user; the same user again gets the same attendee (200)",
+        body="AttendeeCreate",
+        answer="AttendeeWithKey",
+        status=201,
+        also={200: "The user already had a key: the same attendee and key"},
+    ),
+    manage(
+        "GET",
+        "events/{event_id}/attendees/{attendee_id}",
+        "getAttendee",
+        "One attendee, with its key",
+        answer="AttendeeWithKey",
+    ),
+    manage(
+        "DELETE",
+        "events/{event_id}/attendees/{attendee_id}",
+        "revokeAttendee",
+        "Revoke the attendee's key (every instance refuses it within the cache TTL)",
+        answer="Attendee",
+    ),
+    manage(
+        "POST",
+        "events/{event_id}/attendees/{attendee_id}/rotate",
+        "rotateAttendeeKey",
+        "A new key for the attendee; the old one stops working",
+        answer="AttendeeWithKey",
+    ),
+    manage(
+        "GET",
+        "events/{event_id}/usage",
+        "usageReport",
+        "Usage totals by attendee, deployment or day",
+        answer="UsageReport",
+        answer_types=("application/json", "text/csv"),
+        query=_USAGE_QUERY,
+    ),
+    # proxy: Azure OpenAI deployments paths
+    proxy(
+        "openai/deployments/{deployment}/chat/completions",
+        "chatCompletions",
+        "Chat completions (Azure OpenAI path)",
+        "ChatCompletionRequest",
+        answer_types=_STREAMS,
+    ),
+    proxy(
+        "openai/deployments/{deployment}/extensions/chat/completions",
+        "extensionsChatCompletions",
+        "Chat completions on your data (legacy path)",
+        "ChatCompletionRequest",
+        answer_types=_STREAMS,
+    ),
+    proxy(
+        "openai/deployments/{deployment}/completions",
+        "completions",
+        "Completions (Azure OpenAI path)",
+        "CompletionRequest",
+        answer_types=_STREAMS,
+    ),
+    proxy(
+        "openai/deployments/{deployment}/embeddings",
+        "embeddings",
+        "Embeddings (Azure OpenAI path)",
+        "EmbeddingRequest",
+    ),
+    proxy(
+        "openai/deployments/{deployment}/images/generations",
+        "imageGenerations",
+        "Image generations (Azure OpenAI path)",
+        "ImageRequest",
+    ),
+    proxy(
+        "openai/deployments/{deployment}/audio/transcriptions",
+        "audioTranscriptions",
+        "Audio transcriptions (multipart)",
+        "TranscriptionRequest",
+        body_type="multipart/form-data",
+    ),
+    # proxy: OpenAI v1 paths, the deployment is the body's model
+    proxy(
+        "openai/v1/chat/completions",
+        "v1ChatCompletions",
+        "Chat completions (OpenAI v1 path; model = deployment)",
+        "ChatCompletionRequest",
+        answer_types=_STREAMS,
+        query=(),
+    ),
+    proxy(
+        "openai/v1/completions",
+        "v1Completions",
+        "Completions (OpenAI v1 path)",
+        "CompletionRequest",
+        answer_types=_STREAMS,
+        query=(),
+    ),
+    proxy(
+        "openai/v1/embeddings",
+        "v1Embeddings",
+        "Embeddings (OpenAI v1 path)",
+        "EmbeddingRequest",
+        query=(),
+    ),
+    proxy(
+        "openai/v1/images/generations",
+        "v1ImageGenerations",
+        "Image generations (OpenAI v1 path)",
+        "ImageRequest",
+        query=(),
+    ),
+    # proxy: Azure AI Search
+    proxy("indexes/{index}/docs/search", "search", "Azure AI Search query", "SearchRequest"),
+    proxy(
+        "indexes('{index}')/docs/search.post.search",
+        "searchOData",
+        "Azure AI Search query (OData path the Search SDK uses)",
+        "SearchRequest",
+    ),
+    # attendees
+    Operation(
+        "GET",
+        "eventinfo",
+        "eventInfo",
+        "The event of this key: window, caps and the deployments it may use",
+        "attendees",
+        ATTENDEE_KEY,
+        answer="EventInfo",
+        errors=(401, 503),
+    ),
+    anonymous(
+        "GET",
+        "events/{event_id}",
+        "publicEvent",
+        "Public registration info of an event",
+        answer="PublicEvent",
+        errors=(404,),
+    ),
+    anonymous(
+        "POST",
+        "events/{event_id}/register",
+        "register",
+        "Register for an event: signed in, or with email and shared code; idempotent",
+        body="RegistrationRequest",
+        answer="Registration",
+        status=201,
+        errors=(400, 403, 404, 429, 503),
+        also={200: "Registered before: the same attendee and key"},
+        description=(
+            "A signed-in user (EasyAuth, when the app trusts it) needs no body. Otherwise send "
+            "the email address and the event's shared code. Open from the event's creation "
+            "until it ends, while it is active."
+        ),
+    ),
+    anonymous(
+        "GET",
+        "health",
+        "health",
+        "200 when storage answers, 503 otherwise",
+        answer="Health",
+        tag="operations",
+        also={503: "Storage is unavailable"},
+    ),
+    anonymous(
+        "GET",
+        "openapi.json",
+        "openapi",
+        "This document",
+        answer="",
+        tag="operations",
+    ),
+]
+
+# --- the document ---------------------------------------------------------------------------
+
+_TEMPLATE = re.compile(r"\{\*?([A-Za-z_][A-Za-z0-9_]*)(?::[^}?]*)?\??\}")
+
+
+def openapi_path(route: str) -> str:
+    """A Functions route template as an OpenAPI path: '/' + route with plain {name}s."""
+    return "/" + _TEMPLATE.sub(r"{\1}", route.strip("/"))
+
+
+def _schema_of(name: str) -> Schema:
+    if name.endswith("[]"):
+        return {"type": "array", "items": _ref(name[:-2])}
+    return _ref(name)
+
+
+def _operation(op: Operation) -> Schema:
+    spec: Schema = {
+        "operationId": op.operation_id,
+        "summary": op.summary,
+        "tags": [op.tag],
+    }
+    if op.description:
+        spec["description"] = op.description
+    parameters = [
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string"},
+            "description": _PARAMETERS.get(name, name),
+        }
+        for name in _TEMPLATE.findall(op.route)
+    ]
+    parameters += [copy.deepcopy(q) for q in op.query]
+    if parameters:
+        spec["parameters"] = parameters
+    if op.body:
+        spec["requestBody"] = {
+            "required": op.body not in ("EventPatch", "ResourcePatch", "RegistrationRequest"),
+            "content": {op.body_type: {"schema": _ref(op.body)}},
+        }
+    responses: Schema = {}
+    success: Schema = {"description": op.summary}
+    if op.answer is not None and op.status != 204:
+        content: Schema = {}
+        for kind in op.answer_types:
+            if kind == "application/json" and op.answer:
+                content[kind] = {"schema": _schema_of(op.answer)}
+            else:
+                content[kind] = {"schema": {"type": "string"}}
+        success["content"] = content
+    responses[str(op.status)] = success
+    for status, text in op.also.items():
+        # The same shape as the main answer (health's 503 carries the same body).
+        answer: Schema = {"description": text}
+        if "content" in success:
+            answer["content"] = success["content"]
+        responses[str(status)] = answer
+    for status in op.errors:
+        responses.setdefault(str(status), {"$ref": f"#/components/responses/Error{status}"})
+    spec["responses"] = responses
+    if op.security == FUNCTION_KEY:
+        spec["security"] = [{"functionKey": []}, {"functionKeyQuery": []}]
+    elif op.security == ATTENDEE_KEY:
+        spec["security"] = [{"apiKey": []}, {"bearer": []}]
+    else:
+        spec["security"] = []
+    return spec
+
+
+@lru_cache(maxsize=1)
+def _base_document() -> Schema:
+    paths: Schema = {}
+    for op in OPERATIONS:
+        paths.setdefault(openapi_path(op.route), {})[op.method.lower()] = _operation(op)
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "AI Proxy",
+            "version": "1.0.0",
+            "description": (
+                "A serverless Azure OpenAI proxy for events. Organisers manage events, resources, "
+                "catalogs and attendees under manage/ with the function key; attendees call the "
+                "OpenAI routes with their event key, exactly as they would call Azure OpenAI."
+            ),
+        },
+        "servers": [{"url": "/api"}],
+        "tags": [
+            {"name": "management", "description": "Organisers and scripts (function key)"},
+            {"name": "proxy", "description": "Azure OpenAI and AI Search, with an event key"},
+            {"name": "attendees", "description": "Event info and self-registration"},
+            {"name": "pages", "description": "Web pages"},
+            {"name": "operations", "description": "Health and this document"},
+        ],
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "responses": {
+                f"Error{status}": {
+                    "description": text,
+                    "content": {"application/json": {"schema": _ref("Error")}},
+                }
+                for status, text in _ERROR_TEXT.items()
+            },
+            "securitySchemes": {
+                "functionKey": {"type": "apiKey", "in": "header", "name": "x-functions-key"},
+                "functionKeyQuery": {"type": "apiKey", "in": "query", "name": "code"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "api-key"},
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Authorization: Bearer <event key>",
+                },
+            },
+        },
+    }
+
+
+def document(server_url: str = "/api") -> Schema:
+    """The OpenAPI document, with the given base URL of the routes."""
+    return {**_base_document(), "servers": [{"url": server_url}]}
+
+
+async def answer(request: Request) -> Response:
+    """GET /api/openapi.json."""
+    server = endpoint_of(request, "openapi.json")
+    return Response(orjson.dumps(document(server)), media_type="application/json")

@@ -1,0 +1,222 @@
+"""Self-registration (API.md section 4): an attendee gets its own key for an event.
+
+Who may register: a signed-in user (trusted EasyAuth principal; user = "<idp>:<name or id>"),
+or anybody with an email address and the event's shared code (user = the email, lower-cased).
+Registration is open from the event's creation until it ends, while it is active. The same user
+registering again gets the same attendee and key back.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared import clock
+from shared.attendees import Attendee
+from shared.errors import ProxyError, invalid
+from shared.events import Event
+from shared.keys import same_secret
+from shared.pipeline import REQUEST_ID_HEADER, error_response, new_request_id
+from shared.principal import principal
+from shared.runtime import Runtime, get_runtime, storage_down
+from shared.tables import StorageUnavailable
+from shared.validation import is_id, known_fields
+
+_EMAIL = re.compile(r"^[^@\s,;<>()\"]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z0-9-]{2,}$")
+_FIELDS = {"email", "shared_code"}
+# Wrong shared codes per event and client address before registration pauses for that client.
+MAX_FAILED_CODES = 10
+FAILED_CODE_WINDOW_SECONDS = 60.0
+
+
+@dataclass
+class Registration:
+    """What a registered attendee gets back."""
+
+    attendee: Attendee
+    api_key: str
+    event: Event
+    created: bool
+
+    def to_json(self, endpoint: str) -> dict[str, Any]:
+        return {
+            "api_key": self.api_key,
+            "endpoint": endpoint,
+            "attendee_id": self.attendee.id,
+            "user": self.attendee.user,
+            "event": self.event.public(),
+        }
+
+
+class FailedCodes:
+    """Wrong shared codes per (event, client) in a sliding window, so codes cannot be guessed."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._failures: dict[tuple[str, str], deque[float]] = {}
+
+    def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
+        failures = self._failures.setdefault(key, deque())
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        return failures
+
+    def check(self, event_id: str, client: str) -> None:
+        now = time.monotonic()
+        failures = self._recent((event_id, client), now)
+        if len(failures) >= self.limit:
+            wait = max(1, int(failures[0] + self.window - now + 0.999))
+            raise ProxyError(
+                "too_many_failed_keys",
+                f"Too many wrong registration codes from your address. Wait {wait} seconds, "
+                "then try again with the code from the organiser.",
+                headers={"Retry-After": str(wait)},
+            )
+
+    def record(self, event_id: str, client: str) -> None:
+        if len(self._failures) > 10_000:
+            self._failures.clear()  # bounded memory; a flood only resets the counting
+        self._recent((event_id, client), time.monotonic()).append(time.monotonic())
+
+
+failed_codes = FailedCodes(MAX_FAILED_CODES, FAILED_CODE_WINDOW_SECONDS)
+
+
+def check_registration_open(event: Event) -> None:
+    """Registration runs from the event's creation until its end, while it is switched on."""
+    if not event.active:
+        raise ProxyError(
+            "event_inactive",
+            f"Event '{event.name}' is switched off by its organiser and takes no registrations "
+            "now. Ask them to activate it.",
+        )
+    if clock.now() >= event.window_utc()[1]:
+        raise ProxyError(
+            "event_ended",
+            f"Event '{event.name}' has ended, so registration is closed. "
+            f"It ran {event.describe_window()}.",
+        )
+
+
+def email_user(body: dict[str, Any]) -> str:
+    """The attendee name for a registration by email: the address, lower-cased."""
+    email = body.get("email")
+    if email is None or (isinstance(email, str) and not email.strip()):
+        raise invalid("email", "is required: the email address you register with")
+    if not isinstance(email, str):
+        raise invalid("email", "must be a string")
+    email = email.strip().lower()
+    if len(email) > 254 or not _EMAIL.match(email):
+        raise invalid("email", "must be an email address such as 'ada@example.com'")
+    return email
+
+
+def check_shared_code(event: Event, body: dict[str, Any], client: str, sign_in: bool) -> None:
+    """The body's code against the event's, in constant time; wrong codes are counted."""
+    if not event.shared_code:
+        how = "Sign in first, or ask" if sign_in else "Ask"
+        raise ProxyError(
+            "registration_refused",
+            f"Event '{event.name}' does not take registrations with a code. "
+            f"{how} the organiser for your key.",
+        )
+    code = body.get("shared_code")
+    if code is None or (isinstance(code, str) and not code.strip()):
+        raise invalid("shared_code", "is required: the registration code the organiser gave you")
+    if not isinstance(code, str):
+        raise invalid("shared_code", "must be a string")
+    failed_codes.check(event.id, client)
+    if not same_secret(code.strip(), event.shared_code):
+        failed_codes.record(event.id, client)
+        raise ProxyError(
+            "registration_refused",
+            f"That is not the registration code of event '{event.name}'. Check the code with "
+            "the organiser (it is case-sensitive) and try again.",
+            param="shared_code",
+        )
+
+
+async def register_user(runtime: Runtime, event: Event, user: str) -> Registration:
+    """The user's attendee and key for the event, created on first registration."""
+    try:
+        found, created = await runtime.attendees.add(event.id, user, now=clock.now())
+    except StorageUnavailable as exc:
+        raise storage_down() from exc
+    if not found.active:
+        raise ProxyError(
+            "registration_refused",
+            f"Your key for event '{event.name}' was revoked by the organiser. "
+            "Ask them to issue a new one.",
+        )
+    return Registration(found, runtime.sealer.unseal(found.key_sealed), event, created)
+
+
+def endpoint_of(request: Request, route_start: str = "events/") -> str:
+    """The proxy's base URL as the caller reached it: <scheme>://<host>/<route prefix>.
+
+    `route_start` is how the called route begins; everything before it is the prefix ('/api').
+    """
+    headers = request.headers
+    scheme = (headers.get("x-forwarded-proto") or request.url.scheme).split(",")[0].strip()
+    host = (headers.get("x-forwarded-host") or request.url.netloc).split(",")[0].strip()
+    path = request.url.path
+    cut = path.lower().rfind("/" + route_start.lower())
+    return f"{scheme}://{host}{path[:cut] if cut >= 0 else ''}"
+
+
+def client_address(request: Request) -> str:
+    """The caller's address; App Service appends it as the last X-Forwarded-For entry."""
+    forwarded = request.headers.get("x-forwarded-for", "")
+    if forwarded:
+        last = forwarded.split(",")[-1].strip()
+        if last.startswith("["):
+            return last[1 : last.find("]")] if "]" in last else last
+        return last.rsplit(":", 1)[0] if last.count(":") == 1 else last
+    return request.client.host if request.client else ""
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise ProxyError("invalid_request", f"The body is not valid JSON ({exc.msg}).") from exc
+    if not isinstance(body, dict):
+        raise ProxyError("invalid_request", "The body must be a JSON object.")
+    return body
+
+
+async def register(request: Request, event_id: str) -> Response:
+    """POST /api/events/{event_id}/register: 201 with a new key, 200 with the same one again."""
+    runtime = get_runtime()
+    request_id = new_request_id()
+    try:
+        event = await runtime.event(event_id) if is_id(event_id) else None
+        if event is None:
+            raise ProxyError("not_found", f"No event with id '{event_id[:64]}'.")
+        check_registration_open(event)
+        signed_in = principal(request.headers, runtime.settings)
+        if signed_in is not None:
+            user = signed_in.user
+        else:
+            body = await _body(request)
+            known_fields(body, _FIELDS, "a registration")
+            check_shared_code(event, body, client_address(request), runtime.settings.trust_easyauth)
+            user = email_user(body)
+        registration = await register_user(runtime, event, user)
+    except ProxyError as error:
+        return error_response(error, request_id)
+    return Response(
+        orjson.dumps(registration.to_json(endpoint_of(request))),
+        201 if registration.created else 200,
+        {REQUEST_ID_HEADER: request_id, "cache-control": "no-store"},
+        media_type="application/json",
+    )

@@ -1,0 +1,96 @@
+"""Caps reset at the event's local midnight, DST included (the clock is moved, not waited for)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from local.azurite import Azurite
+from shared import clock, runtime
+from tests.harness import FUNCTION_KEY, SIM_KEY, Simulator, unique_prefix
+from tests.inprocess import inprocess_app
+
+CHAT = "/openai/deployments/gpt/chat/completions?api-version=2024-10-21"
+HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def asgi_app(azurite: Azurite) -> Iterator[Any]:
+    with inprocess_app(azurite.connection_string, unique_prefix("mid")) as host:
+        yield host
+
+
+@pytest.fixture
+async def client(asgi_app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=asgi_app), base_url="http://app/api", timeout=30
+    ) as http:
+        yield http
+    await runtime.shutdown()
+    clock.reset()
+
+
+def travel_to(utc: str) -> None:
+    clock.reset()
+    clock.shift(datetime.fromisoformat(utc).replace(tzinfo=UTC) - datetime.now(UTC))
+
+
+async def berlin_event(client: httpx.AsyncClient, sim: Simulator, cap: int) -> str:
+    manage = {"x-functions-key": FUNCTION_KEY}
+    event = await client.post(
+        "/manage/events",
+        headers=manage,
+        json={"name": "Autumn school", "starts_at": "2026-10-20T00:00:00",
+              "ends_at": "2026-10-30T00:00:00", "time_zone": "Europe/Berlin",
+              "max_token_cap": 100, "daily_request_cap": cap},
+    )  # fmt: skip
+    resource = await client.post(
+        "/manage/resources",
+        headers=manage,
+        json={"name": "gpt", "deployment": "gpt", "model_class": "openai-chat",
+              "endpoint": sim.url, "api_key": SIM_KEY},
+    )  # fmt: skip
+    event_id = event.json()["id"]
+    await client.put(f"/manage/events/{event_id}/resources/{resource.json()['id']}", headers=manage)
+    attendee = await client.post(
+        f"/manage/events/{event_id}/attendees", headers=manage, json={"user": "night owl"}
+    )
+    return attendee.json()["api_key"]
+
+
+async def test_cap_resets_at_local_midnight_on_the_25_hour_day(
+    client: httpx.AsyncClient, sim: Simulator
+) -> None:
+    # 2026-10-25 in Berlin has 25 hours: CEST (+02:00) until 03:00, then CET (+01:00).
+    travel_to("2026-10-24T22:10:00")  # 00:10 on the 25th in Berlin
+    key = await berlin_event(client, sim, cap=2)
+    for _ in range(2):
+        assert (await client.post(CHAT, json=HELLO, headers={"api-key": key})).status_code == 200
+    refused = await client.post(CHAT, json=HELLO, headers={"api-key": key})
+    assert refused.status_code == 429
+    # Midnight of the 26th is 23:00 UTC: 24 h 50 min away, one hour more than on a usual day.
+    assert refused.headers["retry-after"] == str(24 * 3600 + 50 * 60)
+
+    travel_to("2026-10-25T22:59:58")  # 23:59:58 CET, still the 25th
+    late = await client.post(CHAT, json=HELLO, headers={"api-key": key})
+    assert late.status_code == 429 and late.headers["retry-after"] == "2"
+
+    travel_to("2026-10-25T23:00:01")  # 00:00:01 on the 26th: a new day, a new cap
+    for _ in range(2):
+        assert (await client.post(CHAT, json=HELLO, headers={"api-key": key})).status_code == 200
+    assert (await client.post(CHAT, json=HELLO, headers={"api-key": key})).status_code == 429
+
+
+async def test_cap_day_follows_the_event_zone_not_utc(
+    client: httpx.AsyncClient, sim: Simulator
+) -> None:
+    travel_to("2026-10-21T21:59:00")  # 23:59 in Berlin (CEST), 21:59 in UTC
+    key = await berlin_event(client, sim, cap=1)
+    assert (await client.post(CHAT, json=HELLO, headers={"api-key": key})).status_code == 200
+    assert (await client.post(CHAT, json=HELLO, headers={"api-key": key})).status_code == 429
+    travel_to("2026-10-21T22:00:30")  # past midnight in Berlin, still the 21st in UTC
+    assert (await client.post(CHAT, json=HELLO, headers={"api-key": key})).status_code == 200

@@ -1,0 +1,435 @@
+"""The `aiproxy` command line sets up an event from nothing, issues keys and reports usage."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from local.azurite import free_port
+from tests.harness import FUNCTION_KEY, SIM_KEY, DevHost, Simulator, window
+
+AIPROXY = Path(sys.executable).with_name("aiproxy")
+NUMBERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "units")
+KEY = re.compile(r"^aip-[A-Za-z0-9]{32}$")
+
+
+def cli(
+    host: DevHost | None, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed `aiproxy` script with the endpoint and key in the environment."""
+    assert AIPROXY.exists(), "the aiproxy script is not installed: run `make setup`"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AIPROXY_")}
+    if host is not None:
+        environ |= {"AIPROXY_ENDPOINT": host.base, "AIPROXY_FUNCTION_KEY": FUNCTION_KEY}
+    environ |= env or {}
+    return subprocess.run(
+        [str(AIPROXY), *args], env=environ, input=stdin, capture_output=True, text=True, timeout=120
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, (result.args, result.stdout, result.stderr)
+    return result.stdout
+
+
+def failed(result: subprocess.CompletedProcess[str], code: int) -> str:
+    """The one-line error of a failed command."""
+    assert result.returncode == code, (result.args, result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("aiproxy: error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def parse_table(text: str) -> tuple[list[dict[str, str]], dict[str, str] | None]:
+    """Rows of a printed table (columns cut where the dashes under the header are), and its
+    totals line when it has one."""
+    lines = text.rstrip("\n").splitlines()
+    spans = [m.span() for m in re.finditer(r"-+", lines[1])]
+    header = [lines[0][a:b].strip() for a, b in spans]
+    body = [line for line in lines[2:] if line.strip() and not set(line) <= {"-", " "}]
+    rows = [
+        {h: line[a:b].strip() for h, (a, b) in zip(header, spans, strict=True)} for line in body
+    ]
+    if rows == [] or body == ["(none)"]:
+        return [], None
+    total = rows.pop() if rows[-1][header[0]] == "total" else None
+    return rows, total
+
+
+def chat(base: str, key: str, content: str) -> dict[str, Any]:
+    path = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 20}
+    response = httpx.post(base + path, json=body, headers={"api-key": key}, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()["usage"]
+
+
+def test_an_event_from_nothing_to_a_usage_report(
+    host: DevHost, sim: Simulator, tmp_path: Path
+) -> None:
+    resource = ok(
+        cli(
+            host,
+            *("resources", "add", "--name", "simulated gpt-4o-mini", "--deployment"),
+            *("gpt-4o-mini", "--model-class", "openai-chat", "--url", sim.url, "--api-key", "-"),
+            stdin=SIM_KEY + "\n",
+        )
+    ).strip()
+    assert re.fullmatch(r"[0-9a-f]{16}", resource)
+    span = window(zone="UTC")
+    event_id = ok(
+        cli(
+            host,
+            *("events", "create", "--name", "CLI workshop", "--starts-at", span["starts_at"]),
+            *("--ends-at", span["ends_at"], "--time-zone", "UTC", "--max-token-cap", "256"),
+            *("--daily-request-cap", "100", "--shared-code", "cli-code"),
+        )
+    ).strip()
+    event = host.manage.get(f"/events/{event_id}").json()
+    assert (event["name"], event["max_token_cap"], event["shared_code"]) == (
+        "CLI workshop",
+        256,
+        "cli-code",
+    )
+    attach = cli(host, "catalog", "attach", "--event", event_id, "--resource", resource)
+    ok(attach)
+    assert "attached" in attach.stderr
+    catalog, _ = parse_table(ok(cli(host, "catalog", "list", "--event", event_id)))
+    assert [(r["id"], r["deployment"]) for r in catalog] == [(resource, "gpt-4o-mini")]
+
+    # 50 users from a CSV with a header, a blank line and one repeat.
+    users = [f"user{i:02d}@example.com" for i in range(50)]
+    lines = [
+        "email,team",
+        *(f"{u},team{i % 5}" for i, u in enumerate(users)),
+        "",
+        "USER07@example.com,x",
+    ]
+    (tmp_path / "users.csv").write_text("\n".join(lines) + "\n")
+    keys_csv = tmp_path / "keys.csv"
+    bulk = cli(
+        host,
+        *("attendees", "bulk", "--event", event_id),
+        *("--input", str(tmp_path / "users.csv"), "--output", str(keys_csv)),
+    )
+    ok(bulk)
+    assert "50/50" in bulk.stderr and "50 keys (50 new, 0 existing)" in bulk.stderr
+    with keys_csv.open() as handle:
+        issued = list(csv.DictReader(handle))
+    assert [row["user"] for row in issued] == users
+    assert all(KEY.match(row["api_key"]) for row in issued)
+    assert len({row["api_key"] for row in issued}) == 50
+    assert stat.S_IMODE(keys_csv.stat().st_mode) == 0o600
+    listed = host.manage.get(f"/events/{event_id}/attendees").json()
+    assert {a["id"]: a["user"] for a in listed} == {r["attendee_id"]: r["user"] for r in issued}
+
+    # Again: the same keys, none new.
+    again = cli(
+        host,
+        *("attendees", "bulk", "--event", event_id, "--quiet"),
+        *("--input", str(tmp_path / "users.csv"), "--output", "-"),
+    )
+    assert list(csv.DictReader(io.StringIO(ok(again)))) == issued
+    assert "0 new, 50 existing" in again.stderr
+
+    # Some proxied calls with some of the keys.
+    plan = {0: 3, 1: 2, 17: 1}
+    expected: dict[str, dict[str, int]] = {}
+    for index, calls in plan.items():
+        totals = Counter({name: 0 for name in NUMBERS})
+        for n in range(calls):
+            usage = chat(host.base, issued[index]["api_key"], f"question {n} " * (index + 1))
+            totals.update({k: usage[k] for k in ("prompt_tokens", "completion_tokens")})
+            totals.update(total_tokens=usage["total_tokens"], requests=1)
+        expected[issued[index]["attendee_id"]] = dict(totals)
+    grand = {name: sum(e[name] for e in expected.values()) for name in NUMBERS}
+    assert grand["requests"] == 6 and grand["total_tokens"] > 0
+
+    deadline = time.monotonic() + 15
+    while host.manage.get(f"/events/{event_id}/usage").json()["totals"]["requests"] < 6:
+        assert time.monotonic() < deadline, "usage was not recorded within 15 s"
+        time.sleep(0.2)
+
+    table = ok(cli(host, "usage", "--event", event_id, "--group-by", "attendee"))
+    rows, total = parse_table(table)
+    used = {r["attendee_id"]: r for r in rows if int(r["requests"])}
+    assert set(used) == set(expected)
+    for attendee_id, numbers in expected.items():
+        assert {n: int(used[attendee_id][n]) for n in NUMBERS} == numbers
+        assert used[attendee_id]["user"] == next(
+            r["user"] for r in issued if r["attendee_id"] == attendee_id
+        )
+    assert total is not None and {n: int(total[n]) for n in NUMBERS} == grand
+
+    as_csv = ok(
+        cli(host, "usage", "--event", event_id, "--group-by", "attendee", "--format", "csv")
+    )
+    assert as_csv.splitlines()[0] == "attendee_id,user," + ",".join(NUMBERS)
+    csv_rows = {r["attendee_id"]: r for r in csv.DictReader(io.StringIO(as_csv))}
+    for attendee_id, numbers in expected.items():
+        assert {n: int(csv_rows[attendee_id][n]) for n in NUMBERS} == numbers
+    assert sum(int(r["requests"]) for r in csv_rows.values()) == 6
+
+    by_deployment, total = parse_table(
+        ok(cli(host, "usage", "--event", event_id, "--group-by", "deployment"))
+    )
+    assert [(r["deployment"], int(r["requests"])) for r in by_deployment] == [("gpt-4o-mini", 6)]
+    assert total is not None and int(total["total_tokens"]) == grand["total_tokens"]
+    by_day = ok(cli(host, "usage", "--event", event_id, "--group-by", "day", "--format", "csv"))
+    days = list(csv.DictReader(io.StringIO(by_day)))
+    assert sum(int(d["requests"]) for d in days) == 6
+    assert datetime.now(UTC).strftime("%Y-%m-%d") in {d["day"] for d in days}
+
+
+def test_everyday_commands(host: DevHost, sim: Simulator) -> None:
+    span = window()
+    event_id = ok(
+        cli(
+            host,
+            *("events", "create", "--name", "Everyday", "--starts-at", span["starts_at"]),
+            *("--ends-at", span["ends_at"], "--time-zone", "UTC", "--max-token-cap", "64"),
+            *("--daily-request-cap", "5"),
+        )
+    ).strip()
+    listed, _ = parse_table(ok(cli(host, "events", "list")))
+    assert event_id in {r["id"] for r in listed}
+    updated = ok(cli(host, "events", "update", event_id, "--daily-request-cap", "7", "--inactive"))
+    assert '"daily_request_cap": 7' in updated and '"active": false' in updated
+    assert '"id": "' + event_id in ok(cli(host, "events", "show", event_id))
+
+    resource = ok(
+        cli(
+            host,
+            *("resources", "add", "--name", "r", "--deployment", "gpt-4o-mini", "--json"),
+            *("--model-class", "openai-chat", "--url", sim.url, "--api-key", SIM_KEY),
+        )
+    )
+    resource_id = re.search(r'"id": "([0-9a-f]{16})"', resource).group(1)
+    assert SIM_KEY not in resource
+    assert '"weight": 4' in ok(cli(host, "resources", "update", resource_id, "--weight", "4"))
+    resources, _ = parse_table(ok(cli(host, "resources", "list")))
+    assert resource_id in {r["id"] for r in resources}
+    ok(cli(host, "catalog", "attach", "--event", event_id, "--resource", resource_id))
+
+    key = ok(cli(host, "attendees", "add", "--event", event_id, "--user", "Sam@Example.com"))
+    assert KEY.match(key.strip())
+    same = cli(host, "attendees", "add", "--event", event_id, "--user", "sam@example.com")
+    assert ok(same) == key and "already had a key" in same.stderr
+    rotated = ok(cli(host, "attendees", "rotate", "--event", event_id, "--user", "sam@example.com"))
+    assert KEY.match(rotated.strip()) and rotated != key
+    revoke = cli(host, "attendees", "revoke", "--event", event_id, "--user", "SAM@example.com")
+    assert "revoked Sam@Example.com" in revoke.stderr and revoke.returncode == 0
+    attendees, _ = parse_table(ok(cli(host, "attendees", "list", "--event", event_id)))
+    assert [(a["user"], a["active"]) for a in attendees] == [("Sam@Example.com", "no")]
+
+    conflict = failed(cli(host, "events", "delete", event_id), 1)
+    assert "409 conflict" in conflict and "force=true" in conflict
+    in_use = failed(cli(host, "resources", "delete", resource_id), 1)
+    assert "409 conflict" in in_use
+    ok(cli(host, "catalog", "detach", "--event", event_id, "--resource", resource_id))
+    ok(cli(host, "resources", "delete", resource_id))
+    ok(cli(host, "events", "delete", event_id, "--force"))
+    assert host.manage.get(f"/events/{event_id}").status_code == 404
+
+
+def test_api_errors_exit_1_with_the_apis_message(host: DevHost) -> None:
+    missing = failed(cli(host, "events", "show", "nosuchevent"), 1)
+    assert missing == "aiproxy: error: No event with id 'nosuchevent'. (404 not_found)"
+    wrong_key = cli(host, "events", "list", env={"AIPROXY_FUNCTION_KEY": "wrong"})
+    assert "401 unauthorized" in failed(wrong_key, 1)
+    span = window()
+    bad = cli(
+        host,
+        *("events", "create", "--name", "x", "--starts-at", span["starts_at"]),
+        *("--ends-at", span["ends_at"], "--time-zone", "Mars/Olympus"),
+        *("--max-token-cap", "1", "--daily-request-cap", "1"),
+    )
+    assert "time_zone" in failed(bad, 1) and "400 invalid_request" in bad.stderr
+    usage = failed(cli(host, "usage", "--event", "nosuchevent"), 1)
+    assert "404 not_found" in usage
+
+
+def test_usage_errors_exit_2(host: DevHost, tmp_path: Path) -> None:
+    incomplete = cli(host, "events", "create", "--name", "x")
+    assert incomplete.returncode == 2 and "--starts-at" in incomplete.stderr
+    no_endpoint = failed(cli(None, "events", "list"), 2)
+    assert "AIPROXY_ENDPOINT" in no_endpoint
+    no_key = cli(None, "events", "list", "--endpoint", host.base)
+    assert "AIPROXY_FUNCTION_KEY" in failed(no_key, 2)
+    assert "nothing to change" in failed(cli(host, "events", "update", "someid"), 2)
+    absent = cli(
+        host,
+        *("attendees", "bulk", "--event", "e", "--input", str(tmp_path / "none.csv")),
+        *("--output", str(tmp_path / "keys.csv")),
+    )
+    assert "cannot read" in failed(absent, 2)
+    (tmp_path / "empty.csv").write_text("user\n\n")
+    empty = cli(
+        host,
+        *("attendees", "bulk", "--event", "e", "--input", str(tmp_path / "empty.csv")),
+        *("--output", str(tmp_path / "keys.csv")),
+    )
+    assert "no users" in failed(empty, 2)
+    assert cli(host, "attendees").returncode == 2
+    assert cli(host, "usage", "--event", "e", "--group-by", "week").returncode == 2
+
+
+def test_unreachable_proxy_exits_3(tmp_path: Path) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}/api"
+    env = {"AIPROXY_ENDPOINT": endpoint, "AIPROXY_FUNCTION_KEY": "k"}
+    down = failed(cli(None, "events", "list", env=env), 3)
+    assert "cannot reach " + endpoint in down
+    (tmp_path / "users.csv").write_text("user\nada\n")
+    bulk = cli(
+        None,
+        *("attendees", "bulk", "--event", "e", "--input", str(tmp_path / "users.csv")),
+        *("--output", str(tmp_path / "keys.csv")),
+        env=env,
+    )
+    assert "cannot reach" in failed(bulk, 3)
+    assert not (tmp_path / "keys.csv").exists()
+
+
+def test_the_bulk_input_may_use_a_user_column_or_no_header(
+    host: DevHost, sim: Simulator, tmp_path: Path
+) -> None:
+    span = window()
+    event = host.manage.post(
+        "/events", json={"name": "csv", **span, "max_token_cap": 8, "daily_request_cap": 1}
+    ).json()
+    for name, text, expected in (
+        ("user.csv", "team,user\na,octocat\nb,hubot\n", ["octocat", "hubot"]),
+        ("plain.csv", "ann@example.com\nbo@example.com\n", ["ann@example.com", "bo@example.com"]),
+        ("first.csv", "name,team\nzoe,a\n", ["zoe"]),
+    ):
+        (tmp_path / name).write_text(text)
+        out = cli(
+            host,
+            *("attendees", "bulk", "--event", event["id"], "--quiet"),
+            *("--input", str(tmp_path / name), "--output", "-"),
+        )
+        assert [r["user"] for r in csv.DictReader(io.StringIO(ok(out)))] == expected
+
+
+COMMANDS = [
+    (),
+    ("events",),
+    ("events", "list"),
+    ("events", "create"),
+    ("events", "show"),
+    ("events", "update"),
+    ("events", "delete"),
+    ("resources",),
+    ("resources", "list"),
+    ("resources", "add"),
+    ("resources", "update"),
+    ("resources", "delete"),
+    ("catalog",),
+    ("catalog", "attach"),
+    ("catalog", "detach"),
+    ("catalog", "list"),
+    ("attendees",),
+    ("attendees", "add"),
+    ("attendees", "list"),
+    ("attendees", "revoke"),
+    ("attendees", "rotate"),
+    ("attendees", "bulk"),
+    ("usage",),
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "aiproxy")
+def test_every_command_has_help(command: tuple[str, ...]) -> None:
+    shown = cli(None, *command, "--help")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("usage: aiproxy " + " ".join(command))
+    assert "--endpoint" in shown.stdout and "--key" in shown.stdout
+    description = shown.stdout.split("\n\n")[1]
+    assert len(description) > 15
+
+
+class CountingApi(ThreadingHTTPServer):
+    """A stand-in management API that counts how many key requests are in flight at once."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), CountingHandler)
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.most = 0
+        self.posts: Counter[str] = Counter()
+
+
+class CountingHandler(BaseHTTPRequestHandler):
+    server: CountingApi
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _answer(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._answer(200, {"id": "e"})
+
+    def do_POST(self) -> None:
+        user = json.loads(self.rfile.read(int(self.headers["content-length"])))["user"]
+        with self.server.lock:
+            self.server.posts[user] += 1
+            first_try = self.server.posts[user] == 1
+            self.server.in_flight += 1
+            self.server.most = max(self.server.most, self.server.in_flight)
+        time.sleep(0.2)
+        with self.server.lock:
+            self.server.in_flight -= 1
+        if user == "flaky" and first_try:
+            error = {"code": "storage_unavailable", "message": "later", "status": 503}
+            return self._answer(503, {"error": error})
+        self._answer(201, {"id": f"id-{user}", "api_key": f"key-{user}"})
+
+
+def test_bulk_keeps_at_most_the_concurrency_in_flight_and_retries(tmp_path: Path) -> None:
+    server = CountingApi()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        users = [f"u{i}" for i in range(40)] + ["flaky"]
+        (tmp_path / "users.csv").write_text("user\n" + "\n".join(users) + "\n")
+        env = {
+            "AIPROXY_ENDPOINT": f"http://127.0.0.1:{server.server_port}/api",
+            "AIPROXY_FUNCTION_KEY": "k",
+        }
+        result = cli(
+            None,
+            *("attendees", "bulk", "--event", "e", "--concurrency", "8"),
+            *("--input", str(tmp_path / "users.csv"), "--output", "-"),
+            env=env,
+        )
+        rows = list(csv.DictReader(io.StringIO(ok(result))))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [r["user"] for r in rows] == users
+    assert rows[-1] == {"user": "flaky", "attendee_id": "id-flaky", "api_key": "key-flaky"}
+    assert server.posts["flaky"] == 2  # retried after the 503
+    assert server.most == 8

@@ -1,0 +1,248 @@
+"""Attendees register themselves: signed in, or with email and the event's shared code."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from local.azurite import Azurite
+from tests.harness import DevHost, EventSetup, Simulator, Storage, devhost_env, window
+
+CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+def easyauth(provider: str, user_id: str, name: str = "") -> dict[str, str]:
+    """The headers App Service sets for a signed-in user."""
+    claims = [
+        {"typ": "http://schemas.microsoft.com/identity/claims/objectidentifier", "val": user_id}
+    ]
+    if name:
+        claims.append({"typ": "preferred_username", "val": name})
+    principal = {"auth_typ": provider, "claims": claims, "name_typ": "preferred_username"}
+    headers = {
+        "x-ms-client-principal": base64.b64encode(json.dumps(principal).encode()).decode(),
+        "x-ms-client-principal-id": user_id,
+        "x-ms-client-principal-idp": provider,
+    }
+    if name:
+        headers["x-ms-client-principal-name"] = name
+    return headers
+
+
+@pytest.fixture(scope="module")
+def trusted(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[DevHost]:
+    """An instance behind EasyAuth: it trusts the principal headers."""
+    env = devhost_env(azurite.connection_string, prefix, AIPROXY_TRUST_EASYAUTH="true")
+    server = DevHost(log_dir, env, name="devhost-trusted")
+    yield server
+    server.stop()
+
+
+def with_code(host: DevHost, sim: Simulator, code: str = "SPRING-26", **fields: Any) -> EventSetup:
+    return EventSetup(host, sim, shared_code=code, **fields)
+
+
+def register(host: DevHost, event_id: str, body: Any = None, **kw: Any) -> httpx.Response:
+    return host.http.post(f"/events/{event_id}/register", json=body, **kw)
+
+
+def refused(response: httpx.Response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["status"] == status
+    assert response.headers["x-aiproxy-request-id"]
+    return error["message"]
+
+
+def test_email_and_shared_code_give_a_working_key_once(
+    host: DevHost, sim: Simulator, storage: Storage
+) -> None:
+    setup = with_code(host, sim)
+    first = register(host, setup.id, {"email": " Grace@Example.ORG ", "shared_code": "SPRING-26"})
+    assert first.status_code == 201, first.text
+    answer = first.json()
+    assert answer["api_key"].startswith("aip-") and len(answer["api_key"]) == 36
+    assert answer["endpoint"] == host.base
+    assert answer["user"] == "grace@example.org"
+    assert answer["event"] == host.http.get(f"/events/{setup.id}").json()
+    assert "shared_code" not in answer["event"] and "owner" not in answer["event"]
+    again = register(host, setup.id, {"email": "grace@example.org", "shared_code": "SPRING-26"})
+    assert again.status_code == 200
+    assert again.json()["api_key"] == answer["api_key"]
+    assert again.json()["attendee_id"] == answer["attendee_id"]
+    # The key works against the endpoint it came with, and the organiser sees the attendee.
+    with httpx.Client(base_url=answer["endpoint"], timeout=30) as client:
+        call = client.post(CHAT, json=HELLO, headers={"api-key": answer["api_key"]})
+    assert call.status_code == 200, call.text
+    listed = host.manage.get(f"/events/{setup.id}/attendees").json()
+    assert answer["attendee_id"] in {a["id"] for a in listed}
+    row = storage.rows("attendees", f"RowKey eq '{answer['attendee_id']}'")[0]
+    assert answer["api_key"] not in json.dumps(row, default=str)  # only hash and sealed copy
+
+
+def test_an_organiser_added_attendee_gets_the_same_key_by_registering(
+    host: DevHost, sim: Simulator
+) -> None:
+    setup = with_code(host, sim)
+    added = setup.add_attendee("Lin@Example.com")
+    registered = register(host, setup.id, {"email": "lin@example.com", "shared_code": "SPRING-26"})
+    assert registered.status_code == 200
+    assert registered.json()["api_key"] == added["api_key"]
+
+
+def test_wrong_or_missing_shared_code_is_refused(host: DevHost, sim: Simulator) -> None:
+    setup = with_code(host, sim)
+    message = refused(
+        register(host, setup.id, {"email": "a@example.com", "shared_code": "spring-26"}),
+        403,
+        "registration_refused",
+    )
+    assert "code" in message and "organiser" in message
+    missing = register(host, setup.id, {"email": "a@example.com"})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "shared_code"
+    users = [a["user"] for a in host.manage.get(f"/events/{setup.id}/attendees").json()]
+    assert users == ["attendee@example.com"]  # nobody was registered
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"email": "not-an-address", "shared_code": "SPRING-26"}, "email"),
+        ({"email": "", "shared_code": "SPRING-26"}, "email"),
+        ({"email": 7, "shared_code": "SPRING-26"}, "email"),
+        ({"shared_code": "SPRING-26"}, "email"),
+        ({"email": "a@example.com", "shared_code": 26}, "shared_code"),
+        ({"email": "a@example.com", "shared_code": "SPRING-26", "code": "x"}, "code"),
+    ],
+)
+def test_bad_registration_field_is_named(
+    host: DevHost, sim: Simulator, body: dict[str, Any], param: str
+) -> None:
+    setup = with_code(host, sim)
+    response = register(host, setup.id, body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert response.json()["error"]["param"] == param
+
+
+def test_body_that_is_not_a_json_object_is_refused(host: DevHost, sim: Simulator) -> None:
+    setup = with_code(host, sim)
+    for content in (b"{oops", b"[1]"):
+        response = host.http.post(f"/events/{setup.id}/register", content=content)
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid_request"
+
+
+def test_event_without_shared_code_needs_a_signed_in_attendee(
+    host: DevHost, sim: Simulator
+) -> None:
+    setup = EventSetup(host, sim)
+    message = refused(
+        register(host, setup.id, {"email": "a@example.com", "shared_code": "anything"}),
+        403,
+        "registration_refused",
+    )
+    assert "organiser" in message
+
+
+def test_forged_principal_is_ignored_without_trust(host: DevHost, sim: Simulator) -> None:
+    setup = EventSetup(host, sim)
+    forged = register(
+        host, setup.id, headers=easyauth("aad", "oid-mallory", "mallory@evil.example")
+    )
+    refused(forged, 403, "registration_refused")
+
+
+def test_signed_in_attendee_registers_without_a_code(trusted: DevHost, sim: Simulator) -> None:
+    setup = EventSetup(trusted, sim)
+    headers = easyauth("github", "12345", "octocat")
+    first = register(trusted, setup.id, headers=headers)
+    assert first.status_code == 201, first.text
+    assert first.json()["user"] == "github:octocat"
+    assert first.json()["endpoint"] == trusted.base
+    again = register(trusted, setup.id, headers=headers)
+    assert again.status_code == 200 and again.json()["api_key"] == first.json()["api_key"]
+    call = trusted.http.post(CHAT, json=HELLO, headers={"api-key": first.json()["api_key"]})
+    assert call.status_code == 200
+    nameless = register(trusted, setup.id, headers=easyauth("aad", "oid-7"))
+    assert nameless.status_code == 201 and nameless.json()["user"] == "aad:oid-7"
+    users = {a["user"] for a in trusted.manage.get(f"/events/{setup.id}/attendees").json()}
+    assert {"github:octocat", "aad:oid-7"} <= users
+
+
+def test_trusted_instance_without_principal_still_takes_the_code(
+    trusted: DevHost, sim: Simulator
+) -> None:
+    setup = with_code(trusted, sim)
+    response = register(trusted, setup.id, {"email": "b@example.com", "shared_code": "SPRING-26"})
+    assert response.status_code == 201
+    no_code_event = EventSetup(trusted, sim)
+    message = refused(register(trusted, no_code_event.id, {}), 403, "registration_refused")
+    assert "Sign in" in message
+
+
+def test_inactive_event_refuses_registration(host: DevHost, sim: Simulator) -> None:
+    setup = with_code(host, sim, active=False)
+    body = {"email": "c@example.com", "shared_code": "SPRING-26"}
+    refused(register(host, setup.id, body), 403, "event_inactive")
+    assert host.manage.patch(f"/events/{setup.id}", json={"active": True}).status_code == 200
+    assert register(host, setup.id, body).status_code == 201
+
+
+def test_ended_event_refuses_registration(host: DevHost, sim: Simulator) -> None:
+    setup = with_code(host, sim, **window(hours_before=48, hours_after=-1, zone="Asia/Tokyo"))
+    body = {"email": "d@example.com", "shared_code": "SPRING-26"}
+    message = refused(register(host, setup.id, body), 403, "event_ended")
+    assert "Asia/Tokyo" in message
+
+
+def test_registration_opens_before_the_event_starts(host: DevHost, sim: Simulator) -> None:
+    setup = with_code(host, sim, **window(hours_before=-24, hours_after=48))
+    body = {"email": "early@example.com", "shared_code": "SPRING-26"}
+    response = register(host, setup.id, body)
+    assert response.status_code == 201
+    call = host.http.post(CHAT, json=HELLO, headers={"api-key": response.json()["api_key"]})
+    assert call.status_code == 403 and call.json()["error"]["code"] == "event_not_started"
+
+
+def test_revoked_attendee_cannot_register_again(host: DevHost, sim: Simulator) -> None:
+    setup = with_code(host, sim)
+    body = {"email": "e@example.com", "shared_code": "SPRING-26"}
+    attendee_id = register(host, setup.id, body).json()["attendee_id"]
+    assert host.manage.delete(f"/events/{setup.id}/attendees/{attendee_id}").status_code == 200
+    message = refused(register(host, setup.id, body), 403, "registration_refused")
+    assert "revoked" in message
+
+
+def test_unknown_event_is_404(host: DevHost) -> None:
+    for event_id in ("nosuchevent", "bad id!"):
+        response = register(host, event_id, {"email": "a@example.com", "shared_code": "x"})
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "not_found"
+
+
+def test_register_takes_only_post(host: DevHost, sim: Simulator) -> None:
+    setup = with_code(host, sim)
+    response = host.http.get(f"/events/{setup.id}/register")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+
+
+def test_guessing_the_code_is_paused_after_ten_tries(host: DevHost, sim: Simulator) -> None:
+    setup = with_code(host, sim, code="correct-horse")
+    for attempt in range(10):
+        body = {"email": "guess@example.com", "shared_code": f"guess-{attempt}"}
+        refused(register(host, setup.id, body), 403, "registration_refused")
+    body = {"email": "guess@example.com", "shared_code": "correct-horse"}
+    paused = register(host, setup.id, body)
+    refused(paused, 429, "too_many_failed_keys")
+    assert 1 <= int(paused.headers["retry-after"]) <= 60
+    other = with_code(host, sim, code="correct-horse")  # counted per event
+    assert register(host, other.id, body).status_code == 201

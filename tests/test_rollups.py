@@ -1,0 +1,155 @@
+"""Usage rolls up into daily totals idempotently; reports match the records; retention is safe."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter
+from typing import Any
+
+import httpx
+import openai
+
+from tests.harness import FUNCTION_KEY, DevHost, EventSetup, Storage
+
+NUMBERS = ("prompt_tokens", "completion_tokens", "total_tokens", "units")
+
+
+def run_timer(host: DevHost, name: str) -> None:
+    """The host's admin API, as an operator would trigger a timer on Azure."""
+    response = httpx.post(
+        f"http://127.0.0.1:{host.port}/admin/functions/{name}",
+        headers={"x-functions-key": FUNCTION_KEY},
+        json={"input": ""},
+        timeout=60,
+    )
+    assert response.status_code == 202, response.text
+
+
+def traffic(host: DevHost, setup: EventSetup, users: int = 3) -> list[str]:
+    keys = [setup.key] + [
+        setup.add_attendee(f"user{i}@example.com")["api_key"] for i in range(users - 1)
+    ]
+    for n, key in enumerate(keys):
+        client = openai.AzureOpenAI(
+            azure_endpoint=host.base, api_key=key, api_version="2024-10-21", max_retries=0
+        )
+        for _ in range(n + 1):
+            client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=4 + n
+            )
+        client.embeddings.create(model="text-embedding-3-small", input="some words here")
+    return keys
+
+
+def expected(records: list[dict[str, Any]], key: str) -> dict[str, dict[str, int]]:
+    totals: dict[str, Counter[str]] = {}
+    for record in records:
+        group = totals.setdefault(record[key], Counter())
+        group["requests"] += 1
+        for name in NUMBERS:
+            group[name] += record[name]
+    return {k: dict(v) for k, v in totals.items()}
+
+
+def test_report_by_attendee_and_deployment_equals_the_records(
+    host: DevHost, event: EventSetup, storage: Storage
+) -> None:
+    traffic(host, event)
+    records = storage.usage(event.id, expect=9)
+    assert len(records) == 9
+    by_attendee = host.manage.get(
+        f"/events/{event.id}/usage", params={"group_by": "attendee"}
+    ).json()
+    got = {r["attendee_id"]: {k: r[k] for k in ("requests", *NUMBERS)} for r in by_attendee["rows"]}
+    assert got == expected(records, "attendee_id")
+    assert {r["user"] for r in by_attendee["rows"]} == {
+        "attendee@example.com", "user0@example.com", "user1@example.com"
+    }  # fmt: skip
+    assert by_attendee["totals"]["requests"] == 9
+    assert by_attendee["totals"]["total_tokens"] == sum(r["total_tokens"] for r in records)
+    by_deployment = host.manage.get(f"/events/{event.id}/usage", params={"group_by": "deployment"})
+    rows = {r["deployment"]: r for r in by_deployment.json()["rows"]}
+    assert rows["gpt-4o-mini"]["requests"] == 6 and rows["text-embedding-3-small"]["requests"] == 3
+    by_day = host.manage.get(f"/events/{event.id}/usage", params={"group_by": "day"}).json()
+    assert len(by_day["rows"]) == 1 and by_day["rows"][0]["requests"] == 9
+
+
+def test_csv_report_has_the_same_totals(host: DevHost, event: EventSetup, storage: Storage) -> None:
+    traffic(host, event, users=2)
+    records = storage.usage(event.id, expect=5)
+    response = host.manage.get(
+        f"/events/{event.id}/usage", params={"group_by": "attendee", "format": "csv"}
+    )
+    assert response.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(response.text)))
+    assert list(rows[0]) == ["attendee_id", "user", "requests", *NUMBERS]
+    assert sum(int(r["requests"]) for r in rows) == len(records) == 5
+    assert sum(int(r["total_tokens"]) for r in rows) == sum(r["total_tokens"] for r in records)
+
+
+def test_attendee_list_carries_totals(host: DevHost, event: EventSetup, storage: Storage) -> None:
+    traffic(host, event, users=2)
+    records = storage.usage(event.id, expect=5)
+    listed = {a["user"]: a for a in host.manage.get(f"/events/{event.id}/attendees").json()}
+    mine = [r for r in records if r["attendee_id"] == event.attendee["id"]]
+    assert listed["attendee@example.com"]["requests"] == len(mine) == 2
+    assert listed["attendee@example.com"]["total_tokens"] == sum(r["total_tokens"] for r in mine)
+
+
+def test_rollup_timer_is_idempotent_and_picks_up_late_records(
+    host: DevHost, event: EventSetup, storage: Storage
+) -> None:
+    keys = traffic(host, event, users=2)
+    records = storage.usage(event.id, expect=5)
+    run_timer(host, "rollup_usage")
+    first = {
+        r["RowKey"]: {k: r[k] for k in ("requests", *NUMBERS)}
+        for r in storage.rows("rollups", f"PartitionKey eq '{event.id}'")
+    }
+    run_timer(host, "rollup_usage")
+    again = {
+        r["RowKey"]: {k: r[k] for k in ("requests", *NUMBERS)}
+        for r in storage.rows("rollups", f"PartitionKey eq '{event.id}'")
+    }
+    assert first == again
+    assert sum(v["requests"] for v in first.values()) == len(records)
+    # A record that arrives after the rollup ran is counted by the next run.
+    host.http.post(
+        "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21",
+        json={"messages": [{"role": "user", "content": "late"}], "max_tokens": 3},
+        headers={"api-key": keys[0]},
+    )
+    storage.usage(event.id, expect=6)
+    run_timer(host, "rollup_usage")
+    later = storage.rows("rollups", f"PartitionKey eq '{event.id}'")
+    assert sum(r["requests"] for r in later) == 6
+
+
+def test_retention_deletes_only_rolled_up_days(host: DevHost, storage: Storage) -> None:
+    """Two old days of raw records: one rolled up since its last write, one not."""
+    table = storage.service.create_table_if_not_exists(storage.prefix + "usage")
+    days = storage.service.create_table_if_not_exists(storage.prefix + "usagedays")
+    event_id = "retentiontest"
+    for day, rolled in (("20250101", True), ("20250102", False)):
+        for n in range(3):
+            table.upsert_entity({
+                "PartitionKey": f"{event_id}_{day}", "RowKey": f"{day}T000000_{n}",
+                "event_id": event_id, "attendee_id": "a", "deployment": "d",
+                "prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2, "units": 0,
+            })  # fmt: skip
+        marker = {"PartitionKey": event_id, "RowKey": day, "last_write": 100.0}
+        if rolled:
+            marker["rolled_at"] = 200.0
+        days.upsert_entity(marker)
+    run_timer(host, "prune_usage")
+    left = Counter(r["PartitionKey"] for r in storage.rows("usage", f"event_id eq '{event_id}'"))
+    assert left == {f"{event_id}_20250102": 3}  # the day not rolled up keeps its records
+
+
+def test_report_refuses_an_unknown_grouping(host: DevHost, event: EventSetup) -> None:
+    response = host.manage.get(f"/events/{event.id}/usage", params={"group_by": "colour"})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "group_by"
+    response = host.manage.get(f"/events/{event.id}/usage", params={"format": "xml"})
+    assert response.status_code == 400

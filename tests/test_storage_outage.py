@@ -1,0 +1,70 @@
+"""Storage that goes away mid-run loses nothing: requests keep flowing on cached state, usage
+records wait and are written when storage is back, and the rollups come out right."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from local.azurite import Azurite, free_port
+from tests.harness import DevHost, EventSetup, Simulator, Storage, devhost_env, unique_prefix
+
+CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+
+
+@pytest.fixture
+def persistent_azurite(tmp_path: Path) -> Iterator[Azurite]:
+    server = Azurite(free_port(), tmp_path / "azurite").start()
+    yield server
+    server.stop()
+
+
+async def test_300_concurrent_requests_across_a_storage_restart_leave_300_records(
+    persistent_azurite: Azurite, log_dir: Path, sim: Simulator, tmp_path: Path
+) -> None:
+    prefix = unique_prefix("outage")
+    env = devhost_env(
+        persistent_azurite.connection_string,
+        prefix,
+        AIPROXY_USAGE_SPILL_DIR=str(tmp_path / "spill"),
+    )
+    host = DevHost(log_dir, env, name="outage")
+    storage = Storage(persistent_azurite.connection_string, prefix)
+    try:
+        setup = EventSetup(host, sim, daily_request_cap=100_000)
+        body = {
+            "messages": [
+                {"role": "user", "content": "[sim:tokens=20 latency_ms_per_token=100] go"}
+            ],
+            "stream": False,
+        }
+        warm = host.http.post(CHAT, json=body, headers={"api-key": setup.key})
+        assert warm.status_code == 200  # key, event and catalog are cached now
+
+        async with httpx.AsyncClient(base_url=host.base, timeout=60) as client:
+            calls = [
+                client.post(CHAT, json=body, headers={"api-key": setup.key}) for _ in range(300)
+            ]
+            pending = asyncio.gather(*calls)
+            await asyncio.sleep(0.5)
+            persistent_azurite.stop()  # storage gone while 300 calls are in flight
+            await asyncio.sleep(3.0)  # longer than the 2 s cache: lookups must fall back
+            persistent_azurite.start()
+            answers = await pending
+        assert [a.status_code for a in answers].count(200) == 300
+
+        deadline = time.monotonic() + 60
+        records = storage.usage(setup.id, expect=301, timeout=60)
+        while len(records) < 301 and time.monotonic() < deadline:
+            records = storage.usage(setup.id, expect=301, timeout=5)
+        assert len(records) == 301  # exactly: none lost, none twice
+        report = host.manage.get(f"/events/{setup.id}/usage", params={"group_by": "attendee"})
+        assert report.json()["totals"]["requests"] == 301
+        assert report.json()["totals"]["completion_tokens"] == 301 * 20
+    finally:
+        host.stop()
