@@ -111,6 +111,16 @@ class Balancer:
     def cooling_for(self, resource_id: str) -> float:
         return max(0.0, self._cooling.get(resource_id, 0.0) - time.monotonic())
 
+    def state(self) -> dict[str, Any]:
+        """Counts for the health route: how many members are cooling, and for how long."""
+        now = time.monotonic()
+        cooling = [until - now for until in self._cooling.values() if until > now]
+        return {
+            "members_cooling": len(cooling),
+            "longest_cooldown_seconds": round(max(cooling, default=0.0), 1),
+            "pools_in_use": len(self._cycles),
+        }
+
     def soonest(self, members: Sequence[Resource]) -> float:
         """Seconds until the first member of the pool is usable again."""
         return min((self.cooling_for(m.id) for m in members), default=0.0)
