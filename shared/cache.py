@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
@@ -17,6 +18,9 @@ class TTLCache(Generic[K, V]):
         self.ttl = ttl
         self._max = max_entries
         self._entries: dict[K, tuple[float, V]] = {}
+        self._refreshing: set[K] = set()
+        self._generation = 0  # bumped by every invalidation
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def get(self, key: K) -> tuple[bool, V | None]:
         entry = self._entries.get(key)
@@ -35,26 +39,57 @@ class TTLCache(Generic[K, V]):
         load: Callable[[], Awaitable[V]],
         stale_on: tuple[type[BaseException], ...] = (),
     ) -> V:
-        """The cached value, else a fresh load; if loading fails with `stale_on`, the expired
-        value when there is one (keeps requests flowing while storage is down)."""
-        found, value = self.get(key)
-        if found:
-            return value  # type: ignore[return-value]
+        """The cached value; a load only when there is none.
+
+        An expired value is still answered while one background load replaces it, so the
+        request path waits for storage only the first time a key is seen. A failed background
+        load keeps the old value (and is tried again by the next request) when it fails with
+        `stale_on` (storage outages); any other failure drops the entry.
+        """
+        entry = self._entries.get(key)
+        if entry is None:
+            value = await load()
+            self.put(key, value)
+            return value
+        if entry[0] < time.monotonic() and key not in self._refreshing:
+            self._refreshing.add(key)
+            generation = self._generation
+            task = asyncio.get_running_loop().create_task(
+                self._refresh(key, load, stale_on, generation)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return entry[1]
+
+    async def _refresh(
+        self,
+        key: K,
+        load: Callable[[], Awaitable[V]],
+        stale_on: tuple[type[BaseException], ...],
+        generation: int,
+    ) -> None:
         try:
             value = await load()
         except stale_on:
-            entry = self._entries.get(key)
-            if entry is None:
-                raise
-            return entry[1]
-        self.put(key, value)
-        return value
+            return
+        except Exception:
+            self._entries.pop(key, None)
+            return
+        finally:
+            self._refreshing.discard(key)
+        # An invalidation while loading (a revoke, an edit) wins over what was read before it.
+        if key in self._entries and generation == self._generation:
+            self.put(key, value)
 
     def invalidate(self, key: K) -> None:
         self._entries.pop(key, None)
+        self._refreshing.discard(key)
+        self._generation += 1
 
     def clear(self) -> None:
         self._entries.clear()
+        self._refreshing.clear()
+        self._generation += 1
 
     def _evict(self) -> None:
         now = time.monotonic()

@@ -194,9 +194,7 @@ class CatalogStore:
 
     async def event_resources(self, event_id: str) -> list[Resource]:
         """The resources in an event's catalog (detached or deleted ones are left out)."""
-        found = []
-        for resource_id in await self.resource_ids(event_id):
-            resource = await self.resource(resource_id)
-            if resource is not None:
-                found.append(resource)
-        return found
+        wanted = set(await self.resource_ids(event_id))
+        if not wanted:
+            return []
+        return [r for r in await self.resources() if r.id in wanted]

@@ -7,9 +7,14 @@ StorageUnavailable so callers can tell "not there" from "could not ask".
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Iterable
+from datetime import datetime
 from typing import Any
+from urllib.parse import quote
+from uuid import uuid4
 
+import orjson
 from azure.core.exceptions import (
     AzureError,
     ResourceExistsError,
@@ -184,15 +189,25 @@ class Tables:
             raise StorageUnavailable(str(exc)) from exc
 
     async def upsert_batch(self, table: str, entities: Iterable[Entity]) -> None:
-        """Upsert entities of one partition in one transaction (at most 100)."""
-        operations = [("upsert", entity, {"mode": UpdateMode.REPLACE}) for entity in entities]
-        if not operations:
+        """Upsert entities of one partition in one transaction (at most 100).
+
+        The SDK builds and parses batch bodies with the `email` package, which costs more CPU
+        than the request it carries; the body here is written directly and sent through the
+        table client's own pipeline (its authentication and retries).
+        """
+        rows = list(entities)
+        if not rows:
             return
         client = await self.client(table)
         try:
-            await client.submit_transaction(operations)
-        except TableTransactionError as exc:
-            raise StorageUnavailable(str(exc)) from exc
+            await _send_upsert_batch(client, rows)
+        except (AttributeError, TypeError):
+            # The SDK changed its insides: take its own, slower way.
+            operations = [("upsert", entity, {"mode": UpdateMode.REPLACE}) for entity in rows]
+            try:
+                await client.submit_transaction(operations)
+            except (TableTransactionError, AzureError) as exc:
+                raise StorageUnavailable(str(exc)) from exc
         except AzureError as exc:
             raise StorageUnavailable(str(exc)) from exc
 
@@ -200,3 +215,71 @@ class Tables:
         for client in self._clients.values():
             await client.close()
         await self._service.close()
+
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.1 (\d{3})")
+
+
+def _odata_value(value: Any) -> tuple[Any, str | None]:
+    """A property value as Table Storage's JSON wants it, with its type when JSON cannot say."""
+    if isinstance(value, bool) or value is None or isinstance(value, float | str):
+        return value, None
+    if isinstance(value, int):
+        if -(2**31) <= value < 2**31:
+            return value, None
+        return str(value), "Edm.Int64"
+    if isinstance(value, datetime):
+        return value.isoformat(), "Edm.DateTime"
+    return str(value), None
+
+
+def _entity_json(entity: Entity) -> bytes:
+    body: dict[str, Any] = {}
+    for name, value in entity.items():
+        converted, odata_type = _odata_value(value)
+        body[name] = converted
+        if odata_type:
+            body[f"{name}@odata.type"] = odata_type
+    return orjson.dumps(body)
+
+
+async def _send_upsert_batch(client: TableClient, rows: list[Entity]) -> None:
+    from azure.core.rest import HttpRequest
+
+    base = f"{client.scheme}://{client._primary_hostname}"
+    batch, changeset = f"batch_{uuid4()}", f"changeset_{uuid4()}"
+    parts = [f"--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n".encode()]
+    for entity in rows:
+        pk = quote(str(entity["PartitionKey"]).replace("'", "''"), safe="")
+        rk = quote(str(entity["RowKey"]).replace("'", "''"), safe="")
+        parts.append(
+            (
+                f"--{changeset}\r\nContent-Type: application/http\r\n"
+                "Content-Transfer-Encoding: binary\r\n\r\n"
+                f"PUT {base}/{client.table_name}(PartitionKey='{pk}',RowKey='{rk}') HTTP/1.1\r\n"
+                "Content-Type: application/json\r\nAccept: application/json;odata=nometadata\r\n"
+                "DataServiceVersion: 3.0\r\n\r\n"
+            ).encode()
+            + _entity_json(entity)
+            + b"\r\n"
+        )
+    parts.append(f"--{changeset}--\r\n\r\n--{batch}--\r\n".encode())
+    request = HttpRequest(
+        "POST",
+        f"{base}/$batch",
+        headers={
+            "x-ms-version": client.api_version,
+            "DataServiceVersion": "3.0",
+            "MaxDataServiceVersion": "3.0;NetFx",
+            "Content-Type": f"multipart/mixed; boundary={batch}",
+            "Accept": "application/json",
+        },
+        content=b"".join(parts),
+    )
+    response = await client._client.send_request(request, stream=True)
+    body = await response.read()
+    statuses = [int(code) for code in _STATUS_LINE.findall(body)]
+    if response.status_code != 202 or any(not 200 <= code < 300 for code in statuses):
+        raise StorageUnavailable(
+            f"batch of {len(rows)} refused: {response.status_code} {body[:300]!r}"
+        )

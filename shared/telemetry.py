@@ -67,8 +67,10 @@ def call_finished(fields: dict[str, Any]) -> None:
         tokens_counter.add(fields["prompt_tokens"], {**where, "kind": "prompt"})
     if fields["completion_tokens"]:
         tokens_counter.add(fields["completion_tokens"], {**where, "kind": "completion"})
-    if request_log.isEnabledFor(logging.INFO):
-        request_log.info(json.dumps(fields, separators=(",", ":")))
+    # Successful calls are the bulk and are counted by the metrics: their lines are DEBUG.
+    level = logging.DEBUG if fields["outcome"] == "ok" else logging.INFO
+    if request_log.isEnabledFor(level):
+        request_log.log(level, json.dumps(fields, separators=(",", ":")))
 
 
 def refused(code: str, request_id: str, event_id: str = "") -> None:

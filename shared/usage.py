@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ class UsageRecord:
         return f"{self.event_id}_{self.local_date}"
 
     def to_entity(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = dict(self.__dict__)  # flat fields: no need for asdict's deep copy
         data["time"] = self.time.isoformat()
         data["latency_ms"] = round(self.latency_ms, 2)
         # Sorted by time within the day; the request id keeps retried writes idempotent.
