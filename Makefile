@@ -4,9 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint format bench clean
+.PHONY: setup run test lint format bench clean chromium vendor
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
@@ -22,7 +22,22 @@ setup: $(VENV)/.installed node_modules/.installed
 run: setup
 	$(PY) -m local.run
 
-test: setup
+# The page tests drive Debian's Chromium: test tools cannot download a browser of their own here.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-liberation fonts-dejavu-core; }
+
+# The pages' libraries ship in pages/vendor; this refreshes them from the versions in package.json.
+vendor: node_modules/.installed
+	sed '/^\/\/# sourceMappingURL=/d' node_modules/marked/lib/marked.umd.js > pages/vendor/marked.min.js
+	cp node_modules/marked/LICENSE pages/vendor/marked.LICENSE.txt
+	sed '/^\/\/# sourceMappingURL=/d' node_modules/dompurify/dist/purify.min.js > pages/vendor/purify.min.js
+	cp node_modules/dompurify/LICENSE pages/vendor/purify.LICENSE.txt
+	cp node_modules/dompurify/LICENSE-MPL pages/vendor/purify.LICENSE-MPL.txt
+
+test: setup chromium
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -176,7 +176,20 @@ SCHEMAS: dict[str, Schema] = {
         ("id", *_EVENT_REQUIRED, "starts_at_utc", "ends_at_utc", "active"),
     ),
     "PublicEvent": _object(
-        _PUBLIC_EVENT,
+        {
+            **_PUBLIC_EVENT,
+            "registration": _object(
+                {
+                    "open": {"type": "boolean", "description": "self-registration is possible now"},
+                    "shared_code": {"type": "boolean", "description": "a shared code is asked for"},
+                    "sign_in": {
+                        "type": "boolean",
+                        "description": "Entra/GitHub sign-in is trusted",
+                    },
+                },
+                ("open", "shared_code", "sign_in"),
+            ),
+        },
         ("id", "name", "starts_at", "ends_at", "time_zone", "starts_at_utc", "ends_at_utc"),
         description="What anyone may see of an event: the registration page's view",
     ),
@@ -391,6 +404,7 @@ _PARAMETERS: dict[str, str] = {
     "attendee_id": "the attendee's id",
     "deployment": "the deployment name in the event's catalog",
     "index": "the search index name in the event's catalog",
+    "file": "a file's path under pages/, e.g. vendor/marked.min.js (may hold '/')",
 }
 _API_VERSION: Schema = {
     "name": "api-version",
@@ -744,6 +758,21 @@ OPERATIONS: list[Operation] = [
         tag="operations",
         also={503: "Storage is unavailable"},
     ),
+    # web pages and the files they load
+    page("playground", "playgroundPage", "The attendee playground: try the event's models"),
+    page("register/{event_id}", "registrationPage", "An event's registration page"),
+    page("console", "consolePage", "The organiser console"),
+    Operation(
+        "GET",
+        "pages/{*file}",
+        "pageAsset",
+        "A script, stylesheet or image of the web pages",
+        "pages",
+        ANONYMOUS,
+        answer="",
+        answer_types=("text/javascript", "text/css", "image/svg+xml"),
+        also={304: "Not modified (If-None-Match)", 404: "No such file (plain text)"},
+    ),
     anonymous(
         "GET",
         "openapi.json",
@@ -808,9 +837,9 @@ def _operation(op: Operation) -> Schema:
         success["content"] = content
     responses[str(op.status)] = success
     for status, text in op.also.items():
-        # The same shape as the main answer (health's 503 carries the same body).
+        # The main answer's shape (health's 503 carries the same body); 304 and 4xx carry none.
         answer: Schema = {"description": text}
-        if "content" in success:
+        if "content" in success and status != 304 and not 400 <= status < 500:
             answer["content"] = success["content"]
         responses[str(status)] = answer
     for status in op.errors:

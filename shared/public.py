@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 from starlette.responses import Response
 
+from shared import clock
 from shared.errors import ProxyError
 from shared.pipeline import error_response, new_request_id
 from shared.runtime import get_runtime
@@ -22,7 +23,14 @@ async def event_page_info(event_id: str) -> Response:
         return error_response(
             ProxyError("not_found", f"No event with id '{event_id[:64]}'."), new_request_id()
         )
-    return Response(orjson.dumps(found.public()), media_type="application/json")
+    _, ends = found.window_utc()
+    registration = {
+        "open": found.active and clock.now() < ends,
+        "shared_code": bool(found.shared_code),  # whether a code is asked for, never the code
+        "sign_in": runtime.settings.trust_easyauth,
+    }
+    body = {**found.public(), "registration": registration}
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 async def health() -> Response:

@@ -22,6 +22,7 @@ from shared import clock
 from shared.attendees import Attendee
 from shared.errors import ProxyError, invalid
 from shared.events import Event
+from shared.guard import client_address
 from shared.keys import same_secret
 from shared.pipeline import REQUEST_ID_HEADER, error_response, new_request_id
 from shared.principal import principal
@@ -172,17 +173,6 @@ def endpoint_of(request: Request, route_start: str = "events/") -> str:
     return f"{scheme}://{host}{path[:cut] if cut >= 0 else ''}"
 
 
-def client_address(request: Request) -> str:
-    """The caller's address; App Service appends it as the last X-Forwarded-For entry."""
-    forwarded = request.headers.get("x-forwarded-for", "")
-    if forwarded:
-        last = forwarded.split(",")[-1].strip()
-        if last.startswith("["):
-            return last[1 : last.find("]")] if "]" in last else last
-        return last.rsplit(":", 1)[0] if last.count(":") == 1 else last
-    return request.client.host if request.client else ""
-
-
 async def _body(request: Request) -> dict[str, Any]:
     raw = await request.body()
     try:
@@ -209,7 +199,8 @@ async def register(request: Request, event_id: str) -> Response:
         else:
             body = await _body(request)
             known_fields(body, _FIELDS, "a registration")
-            check_shared_code(event, body, client_address(request), runtime.settings.trust_easyauth)
+            client = client_address(request.headers, request.client)
+            check_shared_code(event, body, client, runtime.settings.trust_easyauth)
             user = email_user(body)
         registration = await register_user(runtime, event, user)
     except ProxyError as error:

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import pytest
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 
-from tests.harness import ROOT, DevHost, EventSetup, window
-
-_COLLECT = """
-import json, function_app
-from local.devhost import collect, route_prefix
-http, _ = collect(function_app.app, route_prefix())
-print(json.dumps([[f.pattern.pattern, sorted(f.methods), f.auth_level] for f in http]))
-"""
+from tests.harness import DevHost, EventSetup, window
 
 
 @dataclass(frozen=True)
@@ -33,23 +22,23 @@ class Route:
     auth_level: str
 
 
-def template_of(pattern: str) -> str:
+def template_of(pattern: str, prefix: str) -> str:
     """The route template back from the dev host's compiled pattern, as an OpenAPI path."""
-    source = pattern.removeprefix("^" + re.escape("/api/")).removesuffix("/?$")
+    source = pattern.removeprefix("^" + re.escape(f"/{prefix}/")).removesuffix("/?$")
     source = re.sub(r"\(\?P<([A-Za-z_][A-Za-z0-9_]*)>[^)]*\)\??", r"{\1}", source)
     return "/" + re.sub(r"\\(.)", r"\1", source)
 
 
-@lru_cache(maxsize=1)
 def registered() -> tuple[Route, ...]:
-    """The app's HTTP functions as local.devhost.collect finds them (in a fresh process, since
-    a FunctionApp indexes its functions only once)."""
-    found = subprocess.run(
-        [sys.executable, "-c", _COLLECT], cwd=ROOT, capture_output=True, text=True, check=True
-    )
+    """The app's HTTP functions as the dev host finds them (local.devhost.collect)."""
+    import function_app
+    from local.devhost import collect, route_prefix
+
+    prefix = route_prefix()
+    http, _ = collect(function_app.app, prefix)
     return tuple(
-        Route(template_of(pattern), frozenset(methods), auth)
-        for pattern, methods, auth in json.loads(found.stdout.strip().splitlines()[-1])
+        Route(template_of(f.pattern.pattern, prefix), frozenset(f.methods), f.auth_level)
+        for f in http
     )
 
 

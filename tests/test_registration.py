@@ -71,7 +71,9 @@ def test_email_and_shared_code_give_a_working_key_once(
     assert answer["api_key"].startswith("aip-") and len(answer["api_key"]) == 36
     assert answer["endpoint"] == host.base
     assert answer["user"] == "grace@example.org"
-    assert answer["event"] == host.http.get(f"/events/{setup.id}").json()
+    public = host.http.get(f"/events/{setup.id}").json()
+    assert public.pop("registration") == {"open": True, "shared_code": True, "sign_in": False}
+    assert answer["event"] == public
     assert "shared_code" not in answer["event"] and "owner" not in answer["event"]
     again = register(host, setup.id, {"email": "grace@example.org", "shared_code": "SPRING-26"})
     assert again.status_code == 200
