@@ -1,13 +1,17 @@
 """Daily totals per event x attendee x deployment, rolled up from the usage records.
 
-The usage writer marks each (event, day) it writes to in `usagedays` with `last_write`. A
-rollup recomputes every day written to since its last rollup from that day's records and
-replaces its totals, so running it twice gives the same totals and late records are picked up.
-Retention deletes a day's raw records only once the day was rolled up after its last write.
+The usage writer marks each 10-minute bucket it writes to in `usagedays` (row key
+`day|bucket`, with `last_write`). A rollup recomputes every bucket written to since its last
+rollup from that bucket's records alone (a range of row keys), stores the bucket's subtotals
+as one entity in `rollupparts`, and sums the day's subtotals (at most 144) into its totals.
+So the work follows new traffic, not the size of the day; running it twice gives the same
+totals; late records mark their own bucket and are picked up. Retention deletes a bucket's raw
+records only once the bucket was rolled up after its last write.
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import logging
@@ -17,13 +21,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
+
 from shared.tables import Tables
 from shared.usage import DAYS_TABLE, USAGE_TABLE
 
 log = logging.getLogger(__name__)
 
+PARTS_TABLE = "rollupparts"
 ROLLUPS_TABLE = "rollups"
 NUMBERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "units")
+_TOKEN_FIELDS = NUMBERS[1:]
+_CHUNK = 30_000  # characters per string property (Table Storage allows 32K)
 
 
 @dataclass
@@ -41,12 +50,23 @@ class Totals:
         self.total_tokens += int(row.get("total_tokens", 0))
         self.units += int(row.get("units", 0))
 
+    def add_numbers(self, numbers: list[int]) -> None:
+        self.requests += numbers[0]
+        self.prompt_tokens += numbers[1]
+        self.completion_tokens += numbers[2]
+        self.total_tokens += numbers[3]
+        self.units += numbers[4]
+
+    def as_list(self) -> list[int]:
+        return [getattr(self, name) for name in NUMBERS]
+
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in NUMBERS}
 
 
 @dataclass
 class RollupResult:
+    buckets: int = 0
     days: int = 0
     records: int = 0
     rows: int = 0
@@ -54,65 +74,107 @@ class RollupResult:
 
 
 async def roll_up(tables: Tables, event_id: str | None = None) -> RollupResult:
-    """Recompute the totals of every day written to since it was last rolled up."""
+    """Recompute the buckets written to since they were last rolled up, then their days."""
     result = RollupResult()
     if event_id is None:
-        days = await tables.all(DAYS_TABLE)
+        markers = await tables.all(DAYS_TABLE)
     else:
-        days = await tables.partition(DAYS_TABLE, event_id)
-    for day in days:
-        if float(day.get("rolled_at", 0)) >= float(day.get("last_write", 0)):
+        markers = await tables.partition(DAYS_TABLE, event_id)
+    days: set[tuple[str, str]] = set()
+    for marker in markers:
+        if float(marker.get("rolled_at", 0)) >= float(marker.get("last_write", 0)):
             continue
-        started = time.time()  # records written from now on make the day dirty again
-        await _roll_up_day(tables, day["PartitionKey"], day["RowKey"], result)
+        event, (day, _, bucket) = marker["PartitionKey"], marker["RowKey"].partition("|")
+        if not bucket:
+            continue  # a day marker of an older layout: nothing to recompute
+        if marker.get("pruned"):
+            log.warning("rollup: records arrived for %s/%s after it was pruned", event, day)
+            continue
+        started = time.time()  # records written from now on make the bucket dirty again
+        await _roll_up_bucket(tables, event, day, bucket, result)
         await tables.upsert(
             DAYS_TABLE,
-            {"PartitionKey": day["PartitionKey"], "RowKey": day["RowKey"], "rolled_at": started},
+            {"PartitionKey": event, "RowKey": marker["RowKey"], "rolled_at": started},
         )
+        days.add((event, day))
+        result.buckets += 1
+        await asyncio.sleep(0)  # let requests in between buckets
+    for event, day in sorted(days):
+        await _sum_day(tables, event, day, result)
         result.days += 1
     return result
 
 
-async def _roll_up_day(tables: Tables, event_id: str, day: str, result: RollupResult) -> None:
-    totals: dict[tuple[str, str], Totals] = defaultdict(Totals)
-    async for record in tables.iter_query(
-        USAGE_TABLE, "PartitionKey eq @pk", {"pk": f"{event_id}_{day}"}
-    ):
-        totals[(record["attendee_id"], record["deployment"])].add(record)
+async def _roll_up_bucket(
+    tables: Tables, event_id: str, day: str, bucket: str, result: RollupResult
+) -> None:
+    groups: dict[str, Totals] = defaultdict(Totals)
+    records = tables.iter_query(
+        USAGE_TABLE,
+        "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
+        {"pk": f"{event_id}_{day}", "low": bucket, "high": bucket + "~"},
+    )
+    async for record in records:
+        groups[f"{record['attendee_id']}|{record['deployment']}"].add(record)
         result.records += 1
-    rows = [
-        {
-            "PartitionKey": event_id,
-            "RowKey": f"{day}|{attendee}|{deployment}",
-            "day": day,
-            "attendee_id": attendee,
-            "deployment": deployment,
-            **t.as_dict(),
-        }
-        for (attendee, deployment), t in totals.items()
-    ]
+    encoded = orjson.dumps({key: t.as_list() for key, t in groups.items()}).decode()
+    part: dict[str, Any] = {"PartitionKey": event_id, "RowKey": f"{day}|{bucket}", "day": day}
+    for index in range(0, max(len(encoded), 1), _CHUNK):
+        part[f"groups{index // _CHUNK}"] = encoded[index : index + _CHUNK]
+    await tables.upsert(PARTS_TABLE, part, replace=True)
+
+
+async def _sum_day(tables: Tables, event_id: str, day: str, result: RollupResult) -> None:
+    parts = await tables.query(
+        PARTS_TABLE,
+        "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
+        {"pk": event_id, "low": f"{day}|", "high": f"{day}|~"},
+    )
+    totals: dict[str, Totals] = defaultdict(Totals)
+    for part in parts:
+        chunks = sorted((k for k in part if k.startswith("groups")), key=lambda k: int(k[6:]))
+        for key, numbers in orjson.loads("".join(part[k] for k in chunks) or "{}").items():
+            totals[key].add_numbers(numbers)
+    rows = []
+    for key, t in totals.items():
+        attendee, _, deployment = key.partition("|")
+        rows.append(
+            {
+                "PartitionKey": event_id,
+                "RowKey": f"{day}|{attendee}|{deployment}",
+                "day": day,
+                "attendee_id": attendee,
+                "deployment": deployment,
+                **t.as_dict(),
+            }
+        )
     for start in range(0, len(rows), 100):
         await tables.upsert_batch(ROLLUPS_TABLE, rows[start : start + 100])
     result.rows += len(rows)
 
 
 async def prune(tables: Tables, retention_days: int, now: datetime) -> int:
-    """Delete raw records of days older than the retention, once they are rolled up."""
+    """Delete raw records of buckets older than the retention, once they are rolled up."""
     cutoff = (now - timedelta(days=retention_days)).strftime("%Y%m%d")
     deleted = 0
-    for day in await tables.all(DAYS_TABLE):
-        if day["RowKey"] >= cutoff or day.get("pruned"):
+    for marker in await tables.all(DAYS_TABLE):
+        day, _, bucket = marker["RowKey"].partition("|")
+        if not bucket or day >= cutoff or marker.get("pruned"):
             continue
-        if float(day.get("rolled_at", 0)) < float(day.get("last_write", 0)):
+        if float(marker.get("rolled_at", 0)) < float(marker.get("last_write", 0)):
             continue  # not rolled up since its last record: keep the records
-        partition = f"{day['PartitionKey']}_{day['RowKey']}"
-        rows = await tables.partition(USAGE_TABLE, partition)
+        partition = f"{marker['PartitionKey']}_{day}"
+        rows = await tables.query(
+            USAGE_TABLE,
+            "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
+            {"pk": partition, "low": bucket, "high": bucket + "~"},
+        )
         for row in rows:
             await tables.delete(USAGE_TABLE, partition, row["RowKey"])
         deleted += len(rows)
         await tables.upsert(
             DAYS_TABLE,
-            {"PartitionKey": day["PartitionKey"], "RowKey": day["RowKey"], "pruned": True},
+            {"PartitionKey": marker["PartitionKey"], "RowKey": marker["RowKey"], "pruned": True},
         )
     return deleted
 

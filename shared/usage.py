@@ -19,7 +19,10 @@ from shared.tables import StorageUnavailable, Tables
 log = logging.getLogger(__name__)
 
 USAGE_TABLE = "usage"
-DAYS_TABLE = "usagedays"  # (event, day) -> last_write, for the rollups
+DAYS_TABLE = "usagedays"  # (event, day|bucket) -> last_write, rolled_at: for the rollups
+# Row keys start with the UTC time YYYYMMDDTHHMM...: their first 12 characters name a
+# 10-minute bucket.
+BUCKET_CHARS = 12
 _BATCH = 100  # Table Storage's limit of operations in one transaction
 
 
@@ -131,6 +134,7 @@ class UsageWriter:
         async with self._lock:
             for partition in list(self._pending):
                 rows = self._pending[partition]
+                chunk_rows = list(rows)
                 while rows:
                     chunk = rows[:_BATCH]
                     await self._tables.upsert_batch(USAGE_TABLE, chunk)
@@ -138,10 +142,14 @@ class UsageWriter:
                     self._count -= len(chunk)
                     self.written += len(chunk)
                 del self._pending[partition]
+                # Mark the 10-minute buckets written to: the rollup recomputes only those.
                 event_id, _, day = partition.rpartition("_")
-                await self._tables.upsert(
-                    DAYS_TABLE, {"PartitionKey": event_id, "RowKey": day, "last_write": time.time()}
-                )
+                now = time.time()
+                for bucket in sorted({row["RowKey"][:BUCKET_CHARS] for row in chunk_rows}):
+                    await self._tables.upsert(
+                        DAYS_TABLE,
+                        {"PartitionKey": event_id, "RowKey": f"{day}|{bucket}", "last_write": now},
+                    )
 
     async def flush_quietly(self) -> None:
         """Flush what is pending if storage takes it; otherwise leave it to the writer."""

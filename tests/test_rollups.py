@@ -138,7 +138,8 @@ def test_retention_deletes_only_rolled_up_days(host: DevHost, storage: Storage) 
                 "event_id": event_id, "attendee_id": "a", "deployment": "d",
                 "prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2, "units": 0,
             })  # fmt: skip
-        marker = {"PartitionKey": event_id, "RowKey": day, "last_write": 100.0}
+        bucket = f"{day}T000"  # the 10-minute bucket of the row keys above
+        marker = {"PartitionKey": event_id, "RowKey": f"{day}|{bucket}", "last_write": 100.0}
         if rolled:
             marker["rolled_at"] = 200.0
         days.upsert_entity(marker)
@@ -153,3 +154,23 @@ def test_report_refuses_an_unknown_grouping(host: DevHost, event: EventSetup) ->
     assert response.json()["error"]["param"] == "group_by"
     response = host.manage.get(f"/events/{event.id}/usage", params={"format": "xml"})
     assert response.status_code == 400
+
+
+def test_a_rollup_reads_only_the_buckets_written_since_the_last_one(
+    host: DevHost, event: EventSetup, storage: Storage
+) -> None:
+    traffic(host, event, users=1)
+    storage.usage(event.id, expect=2)
+    run_timer(host, "rollup_usage")
+    markers = storage.rows("usagedays", f"PartitionKey eq '{event.id}'")
+    assert markers and all("|" in m["RowKey"] for m in markers)
+    assert all(m["rolled_at"] >= m["last_write"] for m in markers)
+    parts = storage.rows("rollupparts", f"PartitionKey eq '{event.id}'")
+    assert len(parts) == len(markers)  # one subtotal entity per bucket
+    rolled = {m["RowKey"]: m["rolled_at"] for m in markers}
+    run_timer(host, "rollup_usage")  # nothing new: no bucket is read again
+    again = {
+        m["RowKey"]: m["rolled_at"]
+        for m in storage.rows("usagedays", f"PartitionKey eq '{event.id}'")
+    }
+    assert again == rolled
