@@ -6,7 +6,7 @@ import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response, StreamingResponse
 
 from admin_functions import bp as manage_blueprint
-from shared import maintenance, pipeline, public
+from shared import maintenance, openapi, pages, pipeline, public, registration
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 app.register_functions(manage_blueprint)
@@ -114,8 +114,6 @@ async def prune_usage(timer: func.TimerRequest) -> None:
 
 # --- self-registration and the API description -------------------------------------------
 
-from shared import openapi, registration  # noqa: E402 - this section's own import
-
 
 @app.route(route="events/{event_id}/register", methods=["POST"])
 async def register(req: Request) -> Response:
@@ -125,3 +123,26 @@ async def register(req: Request) -> Response:
 @app.route(route="openapi.json", methods=["GET"])
 async def openapi_document(req: Request) -> Response:
     return await openapi.answer(req)
+
+
+# --- web pages: playground, registration, console, and the files they load ---------------
+
+
+@app.route(route="playground", methods=["GET"])
+async def playground_page(req: Request) -> Response:
+    return pages.page(req, "playground")
+
+
+@app.route(route="register/{event_id}", methods=["GET"])
+async def registration_page(req: Request) -> Response:
+    return pages.page(req, "register", event_id=req.path_params["event_id"])
+
+
+@app.route(route="console", methods=["GET"])
+async def console_page(req: Request) -> Response:
+    return pages.page(req, "console")
+
+
+@app.route(route="pages/{*file}", methods=["GET"])
+async def page_asset(req: Request) -> Response:
+    return pages.asset(req, req.path_params["file"])

@@ -1,0 +1,467 @@
+// The organiser console: events, their catalog, attendees and usage, over the manage API.
+// The function key is kept in sessionStorage only and sent as x-functions-key.
+
+import {
+  $, ApiError, badge, base, call, callJson, copyText, fill, h, number, session, showError,
+  showNotice, statusOf, visitorZone, windowText,
+} from "./common.js";
+import { barList, columnChart } from "./charts.js";
+
+const KEY_NAME = "aiproxy.functionKey";
+const TOP_ATTENDEES = 10;
+
+const state = {
+  key: "",
+  events: [],
+  counts: {}, // event id -> attendee count
+  selected: null, // the selected event
+  editing: null, // the event being edited, or "new"
+  tab: "catalog",
+};
+
+// --- calls ------------------------------------------------------------------------------------
+
+async function manage(path, options = {}) {
+  try {
+    return await callJson(`/manage${path}`, { ...options, headers: { "x-functions-key": state.key } });
+  } catch (error) {
+    if (error.status === 401 && state.key) signOut(error);
+    throw error;
+  }
+}
+
+/** Run an action from a button: busy while it runs, its error shown on top. */
+async function act(button, work, done = "") {
+  if (button) button.disabled = true;
+  showError($("#console-error"), null);
+  $("#console-ok").hidden = true;
+  try {
+    await work();
+    if (done) showNotice($("#console-ok"), "ok", done);
+  } catch (error) {
+    showError($("#console-error"), error);
+  } finally {
+    if (button) button.disabled = false;
+  }
+}
+
+// --- signing in --------------------------------------------------------------------------------
+
+async function signIn(key) {
+  state.key = key;
+  try {
+    await loadEvents();
+  } catch (error) {
+    state.key = "";
+    throw error;
+  }
+  session.set(KEY_NAME, key);
+  $("#signin-view").hidden = true;
+  $("#console-view").hidden = false;
+  $("#sign-out").hidden = false;
+}
+
+function signOut(error = null) {
+  session.remove(KEY_NAME);
+  Object.assign(state, { key: "", events: [], counts: {}, selected: null, editing: null });
+  $("#console-view").hidden = true;
+  $("#sign-out").hidden = true;
+  $("#signin-view").hidden = false;
+  $("#function-key").value = "";
+  showError($("#signin-error"), error);
+}
+
+// --- events list ---------------------------------------------------------------------------------
+
+const ORDER = { live: 0, upcoming: 1, inactive: 2, ended: 3 };
+
+async function loadEvents() {
+  const events = await manage("/events");
+  events.sort((a, b) => (ORDER[statusOf(a)] - ORDER[statusOf(b)])
+    || (statusOf(a) === "ended" ? b.starts_at_utc.localeCompare(a.starts_at_utc)
+      : a.starts_at_utc.localeCompare(b.starts_at_utc)));
+  state.events = events;
+  renderEvents();
+  countAttendees(events.filter((e) => !(e.id in state.counts)));
+}
+
+const countText = (count) => (count === null || count === undefined ? "" : `${count} attendee${count === 1 ? "" : "s"}`);
+
+/** Attendee counts for the list, a few calls at a time, filled in as they come. */
+async function countAttendees(events, parallel = 4) {
+  const queue = [...events];
+  const worker = async () => {
+    while (queue.length && state.key) {
+      const event = queue.shift();
+      try {
+        state.counts[event.id] = (await manage(`/events/${event.id}/attendees`)).length;
+      } catch {
+        continue; // the list works without a count
+      }
+      showCount(event.id);
+    }
+  };
+  await Promise.all(Array.from({ length: parallel }, worker));
+}
+
+function showCount(eventId) {
+  const span = document.querySelector(`#event-list button[data-event-id="${CSS.escape(eventId)}"] .attendee-count`);
+  if (span) span.textContent = countText(state.counts[eventId]);
+}
+
+function renderEvents() {
+  const list = $("#event-list");
+  fill(list, state.events.map((event) => h("li", {}, h("button", {
+    type: "button",
+    "aria-current": String(Boolean(state.selected && state.selected.id === event.id)),
+    dataset: { eventId: event.id },
+    onclick: () => selectEvent(event.id),
+  },
+  h("span", { class: "name" }, event.name),
+  h("span", { class: "meta" }, badge(statusOf(event)),
+    h("span", { class: "attendee-count" }, countText(state.counts[event.id])),
+    h("span", {}, new Date(event.starts_at_utc).toLocaleDateString(undefined, { day: "numeric", month: "short", year: "numeric" })))))));
+  $("#no-events").hidden = state.events.length > 0;
+}
+
+function show(view) {
+  $("#editor").hidden = view !== "editor";
+  $("#event-view").hidden = view !== "event";
+  $("#placeholder").hidden = view !== "placeholder";
+}
+
+async function selectEvent(id, tab = state.tab) {
+  state.selected = state.events.find((e) => e.id === id) || null;
+  state.editing = null;
+  renderEvents();
+  if (!state.selected) { show("placeholder"); return; }
+  const event = state.selected;
+  $("#event-title").textContent = event.name;
+  $("#event-when").textContent = `${windowText(event.starts_at_utc, event.ends_at_utc)} · caps: `
+    + `${number(event.max_token_cap)} tokens per request, ${number(event.daily_request_cap)} requests`
+    + `${event.daily_token_cap ? ` and ${number(event.daily_token_cap)} tokens` : ""} per attendee per day`;
+  fill($("#event-badge"), badge(statusOf(event)));
+  const link = `${location.origin}${base}/register/${event.id}`;
+  $("#register-link").textContent = link;
+  $("#open-register").href = link;
+  $("#new-key").hidden = true;
+  show("event");
+  await selectTab(tab);
+}
+
+// --- editor -----------------------------------------------------------------------------------------
+
+function zones(selected) {
+  let names = [];
+  try { names = Intl.supportedValuesOf("timeZone"); } catch { names = []; }
+  names = [...new Set(["UTC", ...names, visitorZone, selected].filter(Boolean))];
+  return names.map((zone) => h("option", { value: zone, selected: zone === selected }, zone.replaceAll("_", " ")));
+}
+
+/** "2026-05-04T09:00" for a datetime-local input, `days` from today at `hour`. */
+function localInput(days, hour) {
+  const d = new Date();
+  d.setDate(d.getDate() + days);
+  const pad = (n) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(hour)}:00`;
+}
+
+function openEditor(event = null) {
+  state.editing = event || "new";
+  const e = event || {
+    name: "", starts_at: localInput(1, 9), ends_at: localInput(1, 17), time_zone: visitorZone,
+    max_token_cap: 1024, daily_request_cap: 200, daily_token_cap: 0, shared_code: "",
+    organizer_name: "", organizer_email: "", image_url: "", description_markdown: "", active: true,
+  };
+  $("#editor-title").textContent = event ? `Edit ${event.name}` : "New event";
+  $("#save-event").textContent = event ? "Save changes" : "Create event";
+  $("#delete-event").hidden = !event;
+  $("#ev-name").value = e.name;
+  $("#ev-starts").value = e.starts_at.slice(0, 16);
+  $("#ev-ends").value = e.ends_at.slice(0, 16);
+  fill($("#ev-zone"), zones(e.time_zone));
+  $("#ev-max-token-cap").value = e.max_token_cap;
+  $("#ev-daily-request-cap").value = e.daily_request_cap;
+  $("#ev-daily-token-cap").value = e.daily_token_cap || 0;
+  $("#ev-shared-code").value = e.shared_code || "";
+  $("#ev-organizer-name").value = e.organizer_name || "";
+  $("#ev-organizer-email").value = e.organizer_email || "";
+  $("#ev-image-url").value = e.image_url || "";
+  $("#ev-description").value = e.description_markdown || "";
+  $("#ev-active").checked = e.active !== false;
+  show("editor");
+  $("#ev-name").focus();
+}
+
+function editorBody() {
+  const whole = (id) => Number.parseInt($(id).value || "0", 10);
+  return {
+    name: $("#ev-name").value.trim(),
+    starts_at: $("#ev-starts").value,
+    ends_at: $("#ev-ends").value,
+    time_zone: $("#ev-zone").value,
+    max_token_cap: whole("#ev-max-token-cap"),
+    daily_request_cap: whole("#ev-daily-request-cap"),
+    daily_token_cap: whole("#ev-daily-token-cap"),
+    shared_code: $("#ev-shared-code").value.trim(),
+    organizer_name: $("#ev-organizer-name").value.trim(),
+    organizer_email: $("#ev-organizer-email").value.trim(),
+    image_url: $("#ev-image-url").value.trim(),
+    description_markdown: $("#ev-description").value,
+    active: $("#ev-active").checked,
+  };
+}
+
+async function saveEvent() {
+  const editing = state.editing;
+  const saved = editing === "new"
+    ? await manage("/events", { method: "POST", body: editorBody() })
+    : await manage(`/events/${editing.id}`, { method: "PATCH", body: editorBody() });
+  await loadEvents();
+  await selectEvent(saved.id, editing === "new" ? "catalog" : state.tab);
+}
+
+async function deleteEvent() {
+  const event = state.editing;
+  if (!event || event === "new" || !confirm(`Delete the event “${event.name}”?`)) return;
+  try {
+    await manage(`/events/${event.id}`, { method: "DELETE" });
+  } catch (error) {
+    if (error.status !== 409) throw error;
+    if (!confirm(`“${event.name}” has attendees. Delete it with its attendees and their keys?`)) return;
+    await manage(`/events/${event.id}?force=true`, { method: "DELETE" });
+  }
+  state.selected = null;
+  await loadEvents();
+  show("placeholder");
+}
+
+// --- tabs -----------------------------------------------------------------------------------------------
+
+async function selectTab(tab) {
+  state.tab = tab;
+  for (const name of ["catalog", "attendees", "usage"]) {
+    $(`#tab-${name}`).setAttribute("aria-selected", String(name === tab));
+    $(`#${name}-panel`).hidden = name !== tab;
+  }
+  try {
+    await ({ catalog: loadCatalog, attendees: loadAttendees, usage: loadUsage })[tab]();
+  } catch (error) {
+    showError($("#console-error"), error);
+  }
+}
+
+// --- catalog -------------------------------------------------------------------------------------------
+
+async function loadCatalog() {
+  const eventId = state.selected.id;
+  const [attached, all] = await Promise.all([manage(`/events/${eventId}/resources`), manage("/resources")]);
+  fill($("#catalog-rows"), attached.map((r) => h("tr", { dataset: { resourceId: r.id } },
+    h("td", {}, h("strong", {}, r.deployment)),
+    h("td", {}, r.model_class),
+    h("td", {}, r.name, h("div", { class: "faint small" }, r.endpoint)),
+    h("td", {}, `${r.priority} / ${r.weight}`),
+    h("td", { class: "actions" }, h("button", {
+      type: "button", class: "danger small",
+      onclick: (e) => act(e.currentTarget, async () => {
+        await manage(`/events/${eventId}/resources/${r.id}`, { method: "DELETE" });
+        await loadCatalog();
+      }, `Detached ${r.name}.`),
+    }, "Detach")))));
+  $("#catalog-empty").hidden = attached.length > 0;
+  const attachedIds = new Set(attached.map((r) => r.id));
+  const free = all.filter((r) => !attachedIds.has(r.id));
+  fill($("#attach-resource"), free.length
+    ? free.map((r) => h("option", { value: r.id }, `${r.deployment} · ${r.model_class} · ${r.name}`))
+    : h("option", { value: "" }, "Every resource is attached; add a new one below"));
+  $("#attach").disabled = free.length === 0;
+}
+
+async function attach(resourceId) {
+  await manage(`/events/${state.selected.id}/resources/${resourceId}`, { method: "PUT" });
+  await loadCatalog();
+}
+
+async function addResource() {
+  const value = (id) => $(id).value.trim();
+  const body = {
+    name: value("#res-name"),
+    deployment: value("#res-deployment"),
+    model_class: value("#res-class"),
+    endpoint: value("#res-endpoint"),
+    auth: value("#res-auth"),
+    priority: Number.parseInt(value("#res-priority") || "1", 10),
+    weight: Number.parseInt(value("#res-weight") || "1", 10),
+  };
+  if (value("#res-upstream")) body.upstream_deployment = value("#res-upstream");
+  if (body.auth === "key") body.api_key = $("#res-key").value;
+  const created = await manage("/resources", { method: "POST", body });
+  await attach(created.id);
+  $("#resource-form").reset();
+  $("#resource-details").open = false;
+}
+
+// --- attendees ---------------------------------------------------------------------------------------------
+
+function showNewKey(label, key) {
+  $("#new-key-label").textContent = label;
+  $("#new-key-value").textContent = key;
+  $("#new-key").hidden = false;
+}
+
+async function loadAttendees() {
+  const eventId = state.selected.id;
+  const attendees = await manage(`/events/${eventId}/attendees`);
+  attendees.sort((a, b) => (b.total_tokens || 0) - (a.total_tokens || 0) || a.user.localeCompare(b.user));
+  state.counts[eventId] = attendees.length;
+  showCount(eventId);
+  fill($("#attendee-rows"), attendees.map((a) => h("tr", { dataset: { attendeeId: a.id } },
+    h("td", {}, a.user),
+    h("td", {}, badge(a.active ? "active" : "revoked")),
+    h("td", { class: "num" }, number(a.requests)),
+    h("td", { class: "num" }, number(a.total_tokens)),
+    h("td", { class: "actions" },
+      a.active && h("button", {
+        type: "button", class: "secondary small",
+        onclick: (e) => confirm(`Give ${a.user} a new key? The current one stops working at once.`)
+          && act(e.currentTarget, async () => {
+            const rotated = await manage(`/events/${eventId}/attendees/${a.id}/rotate`, { method: "POST" });
+            showNewKey(`New key for ${a.user}`, rotated.api_key);
+            await loadAttendees();
+          }),
+      }, "Rotate"),
+      a.active && h("button", {
+        type: "button", class: "danger small",
+        onclick: (e) => confirm(`Revoke ${a.user}'s key? It stops working at once.`)
+          && act(e.currentTarget, async () => {
+            await manage(`/events/${eventId}/attendees/${a.id}`, { method: "DELETE" });
+            await loadAttendees();
+          }, `Revoked ${a.user}.`),
+      }, "Revoke")))));
+  $("#attendees-empty").hidden = attendees.length > 0;
+}
+
+async function addAttendee(user) {
+  const added = await manage(`/events/${state.selected.id}/attendees`, { method: "POST", body: { user } });
+  showNewKey(`Key for ${added.user}`, added.api_key);
+  $("#attendee-user").value = "";
+  await loadAttendees();
+}
+
+// --- usage ---------------------------------------------------------------------------------------------------
+
+/** A chart's card; `draw(width)` makes its SVG once the card's width is known. */
+function chartCard(id, title, draw, legendEl = null) {
+  const card = h("div", { class: "chart", id }, h("h3", {}, title), legendEl);
+  card.draw = draw;
+  return card;
+}
+
+const legend = (...names) => h("div", { class: "legend" }, names.map(([cls, text]) => h("span", { class: cls }, text)));
+
+async function loadUsage() {
+  const eventId = state.selected.id;
+  const [byDay, byDeployment, byAttendee] = await Promise.all(["day", "deployment", "attendee"]
+    .map((group) => manage(`/events/${eventId}/usage?group_by=${group}`)));
+  const t = byDay.totals;
+  fill($("#usage-totals"), [
+    ["Requests", t.requests], ["Prompt tokens", t.prompt_tokens],
+    ["Completion tokens", t.completion_tokens], ["Total tokens", t.total_tokens],
+    ["Attendees active", byAttendee.rows.length],
+  ].map(([label, value]) => h("div", { class: "tile" }, h("span", { class: "label" }, label),
+    h("span", { class: "value" }, number(value)))));
+
+  const days = byDay.rows;
+  const dayLabels = days.map((r) => new Date(`${r.day}T12:00:00Z`).toLocaleDateString(undefined, { day: "numeric", month: "short", timeZone: "UTC" }));
+  const deployments = [...byDeployment.rows].sort((a, b) => b.total_tokens - a.total_tokens);
+  const top = [...byAttendee.rows].sort((a, b) => b.total_tokens - a.total_tokens).slice(0, TOP_ATTENDEES);
+  const cards = [
+    chartCard("chart-requests-per-day", "Requests per day", (width) => days.length && columnChart({
+      width, labels: dayLabels, series: [{ name: "requests", className: "bar-requests", values: days.map((r) => r.requests) }],
+    })),
+    chartCard("chart-tokens-per-day", "Tokens per day", (width) => days.length && columnChart({
+      width,
+      labels: dayLabels,
+      series: [
+        { name: "prompt", className: "bar-prompt", values: days.map((r) => r.prompt_tokens) },
+        { name: "completion", className: "bar-completion", values: days.map((r) => r.completion_tokens) },
+      ],
+    }), days.length ? legend(["prompt", "prompt"], ["completion", "completion"]) : null),
+    chartCard("chart-deployments", "Tokens per deployment", (width) => deployments.length && barList({
+      width, labels: deployments.map((r) => r.deployment), values: deployments.map((r) => r.total_tokens), className: "bar-tokens", unit: " tokens",
+    })),
+    chartCard("chart-attendees", `Top ${TOP_ATTENDEES} attendees by tokens`, (width) => top.length && barList({
+      width, labels: top.map((r) => r.user || r.attendee_id), values: top.map((r) => r.total_tokens), className: "bar-requests", unit: " tokens",
+    })),
+  ];
+  fill($("#charts"), cards);
+  for (const card of cards) {
+    card.append(card.draw(Math.max(240, card.clientWidth)) || h("p", { class: "empty" }, "No traffic yet."));
+  }
+}
+
+async function downloadCsv() {
+  const group = $("#csv-group").value;
+  const event = state.selected;
+  const response = await call(`/manage/events/${event.id}/usage?group_by=${group}&format=csv`,
+    { headers: { "x-functions-key": state.key } });
+  const url = URL.createObjectURL(await response.blob());
+  const slug = event.name.toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-|-$/g, "") || event.id;
+  const link = h("a", { href: url, download: `usage-${slug}-by-${group}.csv`, class: "offscreen" });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 30_000);
+}
+
+// --- wiring ------------------------------------------------------------------------------------------------------
+
+$("#signin-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const key = $("#function-key").value.trim();
+  if (!key) return;
+  $("#sign-in").disabled = true;
+  showError($("#signin-error"), null);
+  try {
+    await signIn(key);
+  } catch (error) {
+    showError($("#signin-error"), error);
+  } finally {
+    $("#sign-in").disabled = false;
+  }
+});
+$("#sign-out").addEventListener("click", () => signOut());
+$("#new-event").addEventListener("click", () => { state.selected = null; renderEvents(); openEditor(); });
+$("#edit-event").addEventListener("click", () => openEditor(state.selected));
+$("#cancel-edit").addEventListener("click", () => (state.selected ? selectEvent(state.selected.id) : show("placeholder")));
+$("#event-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  act($("#save-event"), saveEvent, state.editing === "new" ? "Event created. Now attach its deployments." : "Saved.");
+});
+$("#delete-event").addEventListener("click", (event) => act(event.currentTarget, deleteEvent));
+$("#copy-register").addEventListener("click", (event) => copyText($("#register-link").textContent, event.currentTarget));
+for (const tab of ["catalog", "attendees", "usage"]) {
+  $(`#tab-${tab}`).addEventListener("click", () => selectTab(tab));
+}
+$("#attach-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const id = $("#attach-resource").value;
+  if (id) act($("#attach"), () => attach(id), "Attached.");
+});
+$("#resource-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  act($("#add-resource"), addResource, "Resource added and attached.");
+});
+$("#attendee-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const user = $("#attendee-user").value.trim();
+  if (user) act($("#add-attendee"), () => addAttendee(user));
+});
+$("#copy-new-key").addEventListener("click", (event) => copyText($("#new-key-value").textContent, event.currentTarget));
+$("#refresh-usage").addEventListener("click", (event) => act(event.currentTarget, loadUsage));
+$("#download-csv").addEventListener("click", (event) => act(event.currentTarget, downloadCsv));
+
+const remembered = session.get(KEY_NAME);
+if (remembered) {
+  signIn(remembered).catch((error) => signOut(error instanceof ApiError ? error : null));
+}

@@ -1,0 +1,326 @@
+// The attendee playground: paste a key, see the event and what is left today, chat with
+// streaming, generate images. The key is kept in sessionStorage only.
+
+import {
+  $, ApiError, KEY_STORAGE, badge, call, callJson, duration, fill, h, number, session,
+  showError, windowText,
+} from "./common.js";
+
+const API_VERSION = "2024-10-21";
+const DEFAULT_MAX_TOKENS = 1024;
+
+const state = {
+  key: "",
+  info: null,
+  messages: [], // the conversation without the system message
+  controller: null,
+};
+
+// --- connecting -------------------------------------------------------------------------
+
+async function connect(key) {
+  const info = await callJson("/eventinfo", { headers: { "api-key": key } });
+  state.key = key;
+  state.info = info;
+  session.set(KEY_STORAGE, key);
+  showEvent(info);
+  $("#connect-view").hidden = true;
+  $("#play-view").hidden = false;
+  $("#forget").hidden = false;
+  $("#who").textContent = info.attendee ? info.attendee.user : "";
+}
+
+function forget() {
+  if (state.controller) state.controller.abort();
+  session.remove(KEY_STORAGE);
+  Object.assign(state, { key: "", info: null, messages: [] });
+  clearConversation();
+  $("#key").value = "";
+  $("#who").textContent = "";
+  $("#forget").hidden = true;
+  $("#play-view").hidden = true;
+  $("#connect-view").hidden = false;
+  $("#key").focus();
+}
+
+async function refreshInfo() {
+  try {
+    state.info = await callJson("/eventinfo", { headers: { "api-key": state.key } });
+    showEvent(state.info, false);
+  } catch {
+    // The request's own error is already on screen; the panel keeps its last numbers.
+  }
+}
+
+// --- the event panel --------------------------------------------------------------------
+
+function setMeter(el, left, cap) {
+  const bar = el.firstElementChild;
+  const share = cap ? Math.max(0, Math.min(1, left / cap)) : 1;
+  bar.style.width = `${(share * 100).toFixed(1)}%`;
+  el.classList.toggle("low", share < 0.15);
+}
+
+function showEvent(info, first = true) {
+  $("#event-name").textContent = info.name;
+  fill($("#event-status"), badge(info.status));
+  $("#event-window").textContent = windowText(info.starts_at_utc, info.ends_at_utc);
+  $("#event-window").title = `Event time zone: ${info.time_zone}`;
+  const today = info.today || {};
+  $("#requests-left").textContent = `${number(today.requests_left)} of ${number(info.daily_request_cap)}`;
+  setMeter($("#requests-meter"), today.requests_left, info.daily_request_cap);
+  if (info.daily_token_cap) {
+    $("#tokens-left").textContent = `${number(today.tokens_left)} of ${number(info.daily_token_cap)}`;
+    setMeter($("#tokens-meter"), today.tokens_left, info.daily_token_cap);
+    $("#tokens-meter").hidden = false;
+  } else {
+    $("#tokens-left").textContent = "no daily cap";
+    $("#tokens-meter").hidden = true;
+  }
+  $("#max-cap").textContent = number(info.max_token_cap);
+  $("#resets-in").textContent = today.resets_in_seconds ? duration(today.resets_in_seconds) : "—";
+  if (!first) return;
+
+  const chat = (info.deployments && info.deployments["openai-chat"]) || [];
+  fill($("#model"), chat.map((name) => h("option", { value: name }, name)));
+  $("#model").disabled = chat.length === 0;
+  $("#send").disabled = chat.length === 0;
+  if (chat.length === 0) {
+    showError($("#chat-error"), new ApiError("", "This event has no chat models. Ask the organiser to add one."));
+  }
+  const maxTokens = $("#max-tokens");
+  maxTokens.max = String(info.max_token_cap);
+  maxTokens.value = String(Math.min(info.max_token_cap, DEFAULT_MAX_TOKENS));
+  $("#max-tokens-hint").textContent = `(up to ${number(info.max_token_cap)})`;
+
+  const images = (info.deployments && info.deployments["openai-images"]) || [];
+  fill($("#image-model"), images.map((name) => h("option", { value: name }, name)));
+  $("#tab-images").hidden = images.length === 0;
+  selectTab("chat");
+}
+
+function selectTab(name) {
+  for (const tab of ["chat", "images"]) {
+    $(`#tab-${tab}`).setAttribute("aria-selected", String(tab === name));
+    $(`#${tab}-panel`).hidden = tab !== name;
+  }
+}
+
+// --- usage panel ---------------------------------------------------------------------------
+
+const ms = (value) => (value === null || value === undefined ? "—"
+  : value < 1000 ? `${Math.round(value)} ms` : `${(value / 1000).toFixed(2)} s`);
+
+function showUsage({ usage = null, ttft = null, latency = null }) {
+  $("#usage-prompt").textContent = usage ? number(usage.prompt_tokens) : "—";
+  $("#usage-completion").textContent = usage ? number(usage.completion_tokens) : "—";
+  $("#usage-total").textContent = usage ? number(usage.total_tokens) : "—";
+  $("#usage-ttft").textContent = ms(ttft);
+  $("#usage-latency").textContent = ms(latency);
+}
+
+// --- chat ------------------------------------------------------------------------------------
+
+function clearConversation() {
+  state.messages = [];
+  fill($("#conversation"), h("p", { class: "empty", id: "conversation-empty" },
+    "Send a message to start. Answers stream in as the model writes them."));
+  showError($("#chat-error"), null);
+}
+
+function bubble(role, text) {
+  $("#conversation-empty")?.remove();
+  const content = h("span", { class: "content" }, text);
+  const el = h("div", { class: `message ${role}` },
+    h("span", { class: "role" }, role === "user" ? "You" : "Assistant"), content);
+  $("#conversation").append(el);
+  el.scrollIntoView({ block: "end" });
+  return { el, content };
+}
+
+function boundedMaxTokens() {
+  const cap = state.info.max_token_cap;
+  let value = Number.parseInt($("#max-tokens").value, 10);
+  if (!Number.isFinite(value) || value < 1) value = Math.min(cap, DEFAULT_MAX_TOKENS);
+  value = Math.min(value, cap);
+  $("#max-tokens").value = String(value);
+  return value;
+}
+
+function chatBody() {
+  const system = $("#system").value.trim();
+  return {
+    messages: [...(system ? [{ role: "system", content: system }] : []), ...state.messages],
+    stream: true,
+    stream_options: { include_usage: true },
+    max_tokens: boundedMaxTokens(),
+    temperature: Number($("#temperature").value),
+    top_p: Number($("#top-p").value),
+  };
+}
+
+/** The server-sent events of a response, one parsed `data:` payload at a time. */
+async function* events(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    buffer += decoder.decode(value || new Uint8Array(), { stream: !done });
+    let newline;
+    while ((newline = buffer.indexOf("\n")) >= 0) {
+      const line = buffer.slice(0, newline).replace(/\r$/, "");
+      buffer = buffer.slice(newline + 1);
+      if (!line.startsWith("data:")) continue;
+      const data = line.slice(5).trim();
+      if (data === "[DONE]") return;
+      if (data) yield JSON.parse(data);
+    }
+    if (done) return;
+  }
+}
+
+async function send(text) {
+  const model = $("#model").value;
+  showError($("#chat-error"), null);
+  state.messages.push({ role: "user", content: text });
+  const asked = bubble("user", text);
+  const answer = bubble("assistant", "");
+  answer.el.classList.add("streaming");
+  setBusy(true);
+  state.controller = new AbortController();
+  const started = performance.now();
+  let ttft = null, usage = null, received = "";
+  try {
+    const response = await call(
+      `/openai/deployments/${encodeURIComponent(model)}/chat/completions?api-version=${API_VERSION}`,
+      { method: "POST", headers: { "api-key": state.key }, body: chatBody(), signal: state.controller.signal },
+    );
+    for await (const chunk of events(response)) {
+      if (chunk.error) {
+        throw new ApiError(chunk.error.code || "upstream_error", chunk.error.message || "", chunk.error.status || 0);
+      }
+      if (chunk.usage) usage = chunk.usage;
+      const choice = chunk.choices && chunk.choices[0];
+      const delta = choice && choice.delta && choice.delta.content;
+      if (delta) {
+        if (ttft === null) ttft = performance.now() - started;
+        received += delta;
+        answer.content.textContent = received;
+        answer.el.scrollIntoView({ block: "end" });
+      }
+      if (choice && choice.finish_reason === "content_filter") {
+        showError($("#chat-error"), new ApiError("content_filter", "The answer was cut by the content filter."));
+      }
+    }
+    state.messages.push({ role: "assistant", content: received });
+    showUsage({ usage, ttft, latency: performance.now() - started });
+  } catch (error) {
+    if (error.name === "AbortError") {
+      if (received) state.messages.push({ role: "assistant", content: received });
+      else { state.messages.pop(); asked.el.remove(); answer.el.remove(); $("#prompt").value = text; }
+    } else if (received) {
+      // Cut mid-answer: keep what arrived, say why.
+      state.messages.push({ role: "assistant", content: received });
+      showError($("#chat-error"), error);
+    } else {
+      // Nothing arrived: take the question back so it can be sent again.
+      state.messages.pop();
+      asked.el.remove();
+      answer.el.remove();
+      $("#prompt").value = text;
+      showError($("#chat-error"), error);
+    }
+  } finally {
+    answer.el.classList.remove("streaming");
+    state.controller = null;
+    setBusy(false);
+    refreshInfo();
+  }
+}
+
+function setBusy(busy) {
+  $("#send").disabled = busy;
+  $("#stop").hidden = !busy;
+  $("#clear").disabled = busy;
+}
+
+// --- images -----------------------------------------------------------------------------------
+
+async function generate() {
+  const model = $("#image-model").value;
+  const prompt = $("#image-prompt").value.trim();
+  if (!prompt) return;
+  showError($("#image-error"), null);
+  $("#generate").disabled = true;
+  $("#generate").textContent = "Generating…";
+  const started = performance.now();
+  try {
+    const answer = await callJson(
+      `/openai/deployments/${encodeURIComponent(model)}/images/generations?api-version=${API_VERSION}`,
+      {
+        method: "POST",
+        headers: { "api-key": state.key },
+        body: { prompt, n: 1, size: $("#image-size").value, response_format: "b64_json" },
+      },
+    );
+    const picture = answer.data && answer.data[0];
+    if (!picture || !picture.b64_json) throw new ApiError("upstream_error", "The answer held no picture.");
+    $("#image").src = `data:image/png;base64,${picture.b64_json}`;
+    $("#image-caption").textContent = picture.revised_prompt || prompt;
+    $("#image-result").hidden = false;
+    showUsage({ latency: performance.now() - started });
+  } catch (error) {
+    showError($("#image-error"), error);
+  } finally {
+    $("#generate").disabled = false;
+    $("#generate").textContent = "Generate";
+    refreshInfo();
+  }
+}
+
+// --- wiring --------------------------------------------------------------------------------------
+
+$("#connect-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const key = $("#key").value.trim();
+  if (!key) return;
+  $("#connect").disabled = true;
+  showError($("#connect-error"), null);
+  try {
+    await connect(key);
+  } catch (error) {
+    showError($("#connect-error"), error);
+  } finally {
+    $("#connect").disabled = false;
+  }
+});
+$("#forget").addEventListener("click", forget);
+$("#composer").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = $("#prompt").value.trim();
+  if (!text || state.controller) return;
+  $("#prompt").value = "";
+  send(text);
+});
+$("#prompt").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    $("#composer").requestSubmit();
+  }
+});
+$("#stop").addEventListener("click", () => state.controller && state.controller.abort());
+$("#clear").addEventListener("click", clearConversation);
+$("#max-tokens").addEventListener("change", boundedMaxTokens);
+for (const [input, output] of [["#temperature", "#temperature-value"], ["#top-p", "#top-p-value"]]) {
+  $(input).addEventListener("input", () => { $(output).textContent = $(input).value; });
+}
+$("#tab-chat").addEventListener("click", () => selectTab("chat"));
+$("#tab-images").addEventListener("click", () => selectTab("images"));
+$("#image-form").addEventListener("submit", (event) => { event.preventDefault(); generate(); });
+
+const remembered = session.get(KEY_STORAGE);
+if (remembered) {
+  $("#key").value = remembered;
+  connect(remembered).catch((error) => showError($("#connect-error"), error));
+}
