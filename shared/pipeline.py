@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 from opentelemetry.trace import SpanKind
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from shared import clock, telemetry, tokens
@@ -89,12 +89,19 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large(limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise CallerGone from None
     return b"".join(chunks)
+
+
+class CallerGone(Exception):
+    """The client left before it finished sending: nobody is there to answer."""
 
 
 def too_large(limit: int) -> ProxyError:
@@ -627,6 +634,9 @@ async def proxy(request: Request, operation: Operation, deployment: str | None) 
         call.release()
         telemetry.refused(error.code, call.request_id, call.access.event.id if call.access else "")
         return error_response(error, call.request_id)
+    except CallerGone:
+        call.release()
+        return Response(status_code=499)  # never read: the connection is gone
     except BaseException:
         call.release()
         raise

@@ -25,14 +25,12 @@ def _event_end(buffer: bytes) -> int:
 
 
 def _split_events(data: bytes) -> list[bytes]:
-    events, start = [], 0
-    while start < len(data):
-        lf = data.find(b"\n\n", start)
-        crlf = data.find(b"\r\n\r\n", start)
-        ends = [i + 2 for i in (lf,) if i >= 0] + [i + 4 for i in (crlf,) if i >= 0]
-        end = min(ends) if ends else len(data)
-        events.append(data[start:end])
-        start = end
+    """The events in data, each with its separator (one separator kind per stream)."""
+    separator = b"\r\n\r\n" if b"\r\n\r\n" in data else b"\n\n"
+    parts = data.split(separator)
+    events = [part + separator for part in parts[:-1]]
+    if parts[-1]:
+        events.append(parts[-1])
     return events
 
 
@@ -81,16 +79,27 @@ class StreamMeter:
         return complete
 
     def _take_usage(self, complete: bytes) -> bytes:
-        kept = []
-        for event in _split_events(complete):
-            value = _event_json(event) if any(m in event for m in _USAGE_MARKERS) else None
+        """Read the usage event (and cut it out for a client that did not ask for it).
+
+        Only the event around the marker is looked at: a whole buffered stream is never split.
+        """
+        separator = b"\r\n\r\n" if b"\r\n\r\n" in complete else b"\n\n"
+        for marker in _USAGE_MARKERS:
+            at = complete.rfind(marker)
+            if at < 0:
+                continue
+            start = complete.rfind(separator, 0, at)
+            start = 0 if start < 0 else start + len(separator)
+            end = complete.find(separator, at)
+            end = len(complete) if end < 0 else end + len(separator)
+            value = _event_json(complete[start:end])
             usage = value.get("usage") if value else None
             if isinstance(usage, dict):
                 self.usage = usage
                 if self._hide_usage and not value.get("choices"):
-                    continue
-            kept.append(event)
-        return b"".join(kept)
+                    return complete[:start] + complete[end:]
+            return complete
+        return complete
 
     def rest(self) -> bytes:
         """Whatever is left in the buffer when the upstream closed (an unfinished event)."""

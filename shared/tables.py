@@ -53,7 +53,11 @@ class Tables:
         # azure-core retries a refused connection for seconds by default; the request path
         # would wait that long before falling back to its cache. Callers that must not lose
         # anything (the usage writer) retry on their own.
+        from azure.core.pipeline.transport import AioHttpTransport
+
         options = {
+            # Without this, every storage request reads proxy and netrc settings in a thread.
+            "transport": AioHttpTransport(use_env_settings=False),
             "retry_total": 2,
             "retry_connect": 1,
             "retry_backoff_factor": 0.2,

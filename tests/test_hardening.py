@@ -338,3 +338,23 @@ async def test_spans_and_metrics_carry_event_and_deployment(
     assert sum(p.value for p in points["aiproxy.failovers"]) >= 1
     refusals = [p for p in points["aiproxy.refusals"] if p.attributes["event_id"] == event["id"]]
     assert refusals[0].attributes["code"] == "daily_request_cap_exceeded"
+
+
+def test_client_that_hangs_up_while_sending_its_body_is_not_an_error(
+    host: DevHost, event: EventSetup
+) -> None:
+    import socket
+
+    before = host.proc.log().count("ERROR")
+    with socket.create_connection(("127.0.0.1", host.port)) as sock:
+        sock.sendall(
+            b"POST /api/openai/deployments/gpt-4o-mini/chat/completions HTTP/1.1\r\n"
+            b"Host: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"api-key: {event.key}\r\n".encode()
+            + b"Content-Length: 100000\r\n\r\n"
+            + b'{"messages": ['
+        )
+        time.sleep(0.3)
+    time.sleep(0.5)
+    assert host.proc.log().count("ERROR") == before
+    assert chat(host, event.key, "still here").status_code == 200

@@ -1,0 +1,1 @@
+"""`make bench`: the proxy measured against a fake nginx upstream with wrk (see bench/run.py)."""

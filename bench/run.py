@@ -1,0 +1,1024 @@
+"""`make bench`: the proxy's throughput, latency, CPU per request, TTFB and memory.
+
+The harness of shared BENCHMARKS.md: a very fast fake Azure OpenAI upstream (nginx, see
+bench/nginx.py) and the load generator wrk share CPU 1; the dev host under test runs as one
+process pinned to CPU 0 with everything switched on (key and event checks, usage recording to
+Azurite, usage flushed every second). Azurite stands in for Table Storage, a separate service in
+Azure, so it runs beside the upstream on CPU 1 and not on the proxy's core.
+
+Runs (wrk -t1, --latency, 30 s timeout, BENCH_SECONDS each, default 15): plain and streamed
+chat at 1, 16 and 64 connections, straight at nginx ("direct") and through the proxy. Then the
+time to first byte of 200 sequential streams each way, and the dev host's RSS after its first
+10k requests and after 200k (BENCH_MEMORY=0 skips the 200k). Writes bench/results/latest.md
+and bench/results/latest.json.
+
+Run: python -m bench.run (make bench installs what it needs first).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+LUA = BENCH / "chat.lua"
+EXAMPLE_SETTINGS = ROOT / "local.settings.example.json"
+
+API_VERSION = "2024-10-21"
+CONNECTIONS = (1, 16, 64)
+MODES = ("json", "stream")
+PROXY_CPU, LOAD_CPU = 0, 1
+SETTLE_SECONDS = 2.5  # after a run: the usage writer (1 s batches) finishes on the run's bill
+TTFB_REQUESTS, TTFB_WARMUP = 200, 10
+MEMORY_FIRST, MEMORY_TOTAL, MEMORY_LIMIT_SECONDS = 10_000, 200_000, 600
+FUNCTION_KEY = "bench-function-key"
+TABLE_PREFIX = "bench"
+
+
+def env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else default
+
+
+# --- tools ----------------------------------------------------------------------------------
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name) or next(
+        (str(p) for p in (Path("/usr/sbin") / name, Path("/sbin") / name) if p.exists()), None
+    )
+
+
+def ensure_tools() -> None:
+    """nginx, wrk and taskset; installed with apt-get when we are root, else say how."""
+    missing = [name for name in ("nginx", "wrk") if _which(name) is None]
+    if missing:
+        command = "apt-get update && apt-get install -y nginx wrk"
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            print(
+                f"bench: {' and '.join(missing)} missing. Install them first:\n"
+                f"    sudo sh -c '{command}'",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        print(f"bench: installing {' '.join(missing)}: {command}", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "nginx", "wrk"], check=True, env=env)
+    for name in ("nginx",):
+        path = _which(name)
+        if path and shutil.which(name) is None:
+            os.environ["PATH"] += os.pathsep + str(Path(path).parent)
+    if shutil.which("taskset") is None:
+        print("bench: taskset (util-linux) is missing.", file=sys.stderr)
+        sys.exit(2)
+
+
+def pinned(cpu: int | None, args: list[str]) -> list[str]:
+    return args if cpu is None else ["taskset", "-c", str(cpu), *args]
+
+
+# --- /proc ----------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_times() -> dict[int, tuple[float, float, float]]:
+    """Per CPU: (busy, steal, total) seconds since boot, from /proc/stat."""
+    tick = os.sysconf("SC_CLK_TCK")
+    times = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *values = line.split()
+            if not name.startswith("cpu") or name == "cpu":
+                continue
+            numbers = [int(v) for v in values]
+            idle = numbers[3] + numbers[4]  # idle, iowait
+            steal = numbers[7] if len(numbers) > 7 else 0
+            total = sum(numbers[:8])
+            times[int(name[3:])] = ((total - idle - steal) / tick, steal / tick, total / tick)
+    return times
+
+
+def machine_load(
+    before: dict[int, tuple[float, float, float]],
+    after: dict[int, tuple[float, float, float]],
+    devhost_cpu: float,
+) -> dict[str, float]:
+    """How busy each core was during a run, and what ran on the proxy's core besides the
+    dev host (other work on this machine would skew the figures)."""
+    load: dict[str, float] = {}
+    for cpu in sorted(after):
+        busy = after[cpu][0] - before[cpu][0]
+        steal = after[cpu][1] - before[cpu][1]
+        total = (after[cpu][2] - before[cpu][2]) or 1.0
+        load[f"cpu{cpu}_busy"] = round(busy / total, 3)
+        load[f"cpu{cpu}_steal"] = round(steal / total, 3)
+        if cpu == PROXY_CPU:
+            load[f"cpu{cpu}_other"] = round(max(0.0, busy - devhost_cpu) / total, 3)
+    return load
+
+
+def settle(pid: int, *, minimum: float = SETTLE_SECONDS, limit: float = 30.0) -> float:
+    """Wait until the process is quiet (under 3% of a core for 0.5 s, after at least
+    `minimum` s, at most `limit` s): its usage writer has caught up. Returns the seconds."""
+    started = time.monotonic()
+    time.sleep(minimum)
+    while time.monotonic() - started < limit:
+        before = cpu_seconds(pid)
+        time.sleep(0.5)
+        if cpu_seconds(pid) - before < 0.015:
+            break
+    return time.monotonic() - started
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+
+    def version(args: list[str]) -> str:
+        try:
+            out = subprocess.run(args, capture_output=True, text=True, timeout=10)
+        except OSError:
+            return ""
+        return (out.stdout + out.stderr).strip().splitlines()[0] if out.stdout + out.stderr else ""
+
+    from importlib.metadata import version as package_version
+
+    packages = {}
+    for name in ("uvicorn", "aiohttp", "starlette", "azure-data-tables", "orjson"):
+        try:
+            packages[name] = package_version(name)
+        except Exception:
+            packages[name] = ""
+    git = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read only: no index refresh
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, env=git
+    ).stdout.strip()
+    changed = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=git,
+    ).stdout.strip()
+
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "uncommitted_changes": bool(changed),
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "nginx": version(["nginx", "-v"]).replace("nginx version: ", ""),
+        "wrk": version(["wrk", "-v"]).split(" [")[0],
+        "packages": packages,
+    }
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+class DevHost:
+    """The dev host under test: one process, pinned to the proxy's core."""
+
+    def __init__(self, work: Path, storage: str, cpu: int | None) -> None:
+        from cryptography.fernet import Fernet
+
+        from local.azurite import free_port
+
+        self.port = free_port()
+        self.log_path = work / "devhost.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = {
+            **os.environ,
+            "AIPROXY_STORAGE_CONNECTION_STRING": storage,
+            "AIPROXY_TABLE_PREFIX": TABLE_PREFIX,
+            "AIPROXY_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+            "AIPROXY_FUNCTION_KEY": FUNCTION_KEY,
+            "AIPROXY_USAGE_FLUSH_SECONDS": "1",
+        }
+        args = [sys.executable, "-m", "local.devhost", "--port", str(self.port)]
+        args += ["--settings", str(EXAMPLE_SETTINGS), "--log-level", "warning"]
+        self.process = subprocess.Popen(
+            pinned(cpu, args), cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        self.pid = self.process.pid  # taskset execs the program: same pid
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def wait(self) -> None:
+        from local.azurite import wait_for_port
+
+        wait_for_port(self.port, timeout=60, process=self.process)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+def window() -> dict[str, str]:
+    now = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
+    return {
+        "starts_at": (now - timedelta(hours=1)).isoformat(),
+        "ends_at": (now + timedelta(days=2)).isoformat(),
+        "time_zone": "UTC",
+    }
+
+
+def set_up_event(base: str, upstreams: list[str]) -> tuple[str, str]:
+    """An event with roomy caps, pools `bench` and `bench-stream` of two resources each
+    (one per nginx port), and one attendee; returns (event id, attendee key)."""
+    import httpx
+
+    from bench.nginx import API_KEY, JSON_DEPLOYMENT, STREAM_DEPLOYMENT
+
+    with httpx.Client(
+        base_url=f"{base}/api/manage", headers={"x-functions-key": FUNCTION_KEY}, timeout=30
+    ) as manage:
+
+        def ok(response: httpx.Response) -> dict[str, Any]:
+            if response.status_code >= 300:
+                raise RuntimeError(f"management API: {response.status_code} {response.text}")
+            return response.json()
+
+        event = ok(
+            manage.post(
+                "/events",
+                json={
+                    "name": "Benchmark",
+                    **window(),
+                    "max_token_cap": 4096,
+                    "daily_request_cap": 100_000_000,
+                },
+            )
+        )
+        for deployment in (JSON_DEPLOYMENT, STREAM_DEPLOYMENT):
+            for number, url in enumerate(upstreams, 1):
+                resource = ok(
+                    manage.post(
+                        "/resources",
+                        json={
+                            "name": f"{deployment} {number}",
+                            "deployment": deployment,
+                            "model_class": "openai-chat",
+                            "endpoint": url,
+                            "auth": "key",
+                            "api_key": API_KEY,
+                        },
+                    )
+                )
+                ok(manage.put(f"/events/{event['id']}/resources/{resource['id']}"))
+        attendee = ok(
+            manage.post(f"/events/{event['id']}/attendees", json={"user": "bench@example.com"})
+        )
+    return event["id"], attendee["api_key"]
+
+
+# --- targets --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # direct or proxy
+    base: str  # http://127.0.0.1:port
+    prefix: str  # "" or "/api"
+    key: str
+
+    def path(self, mode: str) -> str:
+        from bench.nginx import JSON_DEPLOYMENT, STREAM_DEPLOYMENT
+
+        deployment = STREAM_DEPLOYMENT if mode == "stream" else JSON_DEPLOYMENT
+        return (
+            f"{self.prefix}/openai/deployments/{deployment}/chat/completions"
+            f"?api-version={API_VERSION}"
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self.base.rsplit(":", 1)[1])
+
+
+def request_body(stream: bool) -> bytes:
+    """The same request as bench/chat.lua sends."""
+    body: dict[str, Any] = {
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Write one sentence about rivers."},
+        ],
+        "max_tokens": 128,
+    }
+    if stream:
+        body["stream"] = True
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def smoke(target: Target) -> None:
+    """One plain and one streamed answer, checked, before any load."""
+    import httpx
+
+    headers = {"api-key": target.key, "content-type": "application/json"}
+    with httpx.Client(base_url=target.base, headers=headers, timeout=30) as client:
+        plain = client.post(target.path("json"), content=request_body(False))
+        if plain.status_code != 200 or plain.json().get("usage") is None:
+            raise RuntimeError(f"{target.name} json: {plain.status_code} {plain.text[:500]}")
+        stream = client.post(target.path("stream"), content=request_body(True))
+        text = stream.text
+        if (
+            stream.status_code != 200
+            or "text/event-stream" not in stream.headers.get("content-type", "")
+            or not text.rstrip().endswith("data: [DONE]")
+        ):
+            raise RuntimeError(f"{target.name} stream: {stream.status_code} {text[:500]}")
+
+
+# --- wrk ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    target: str
+    mode: str
+    connections: int
+    seconds: float
+    requests: int
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    mean_ms: float
+    max_ms: float
+    non_2xx: int
+    socket_errors: int
+    errors: dict[str, int]
+    added_p50_ms: float | None = None
+    added_p99_ms: float | None = None
+    cpu_ms_per_request: float | None = None
+    cpu_busy: float | None = None  # share of one core the dev host used during the run
+    settle_seconds: float | None = None  # after the run, until the dev host was quiet
+    load: dict[str, float] | None = None  # per core: busy, steal; other work on the proxy's
+    started: str = ""  # local wall clock, as in the dev host's log
+    ended: str = ""
+    log: list[str] | None = None  # what the dev host logged from the start until quiet again
+
+
+def wrk(
+    target: Target,
+    mode: str,
+    connections: int,
+    seconds: float,
+    *,
+    stop_after: int = 0,
+    mix: bool = False,
+) -> dict[str, Any]:
+    """One wrk run; its BENCH_RESULT line. With stop_after, ends after that many responses."""
+    env = {
+        **os.environ,
+        "BENCH_PATH": target.path(mode),
+        "BENCH_STREAM": "1" if mode == "stream" else "0",
+        "BENCH_MIX_PATH": target.path("stream") if mix else "",
+        "BENCH_KEY": target.key,
+        "BENCH_STOP_AFTER": str(stop_after),
+    }
+    args = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "30s"]
+    args += ["--latency", "-s", str(LUA), target.base]
+    process = subprocess.Popen(
+        pinned(LOAD_CPU if CPUS >= 2 else None, args),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("BENCH_STOPPED") and process.poll() is None:
+                process.send_signal(signal.SIGINT)  # wrk prints its summary on SIGINT
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        process.wait(seconds + 90)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    reader.join(10)
+    for line in lines:
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line.split(" ", 1)[1])
+    raise RuntimeError("wrk gave no result:\n" + "".join(lines)[-2000:])
+
+
+def to_run(target: Target, mode: str, connections: int, result: dict[str, Any]) -> Run:
+    seconds = result["duration_us"] / 1e6
+    latency = result["latency_us"]
+    errors = result["errors"]
+    return Run(
+        target=target.name,
+        mode=mode,
+        connections=connections,
+        seconds=round(seconds, 2),
+        requests=result["requests"],
+        rps=round(result["requests"] / seconds, 1) if seconds else 0.0,
+        p50_ms=latency["p50"] / 1000,
+        p90_ms=latency["p90"] / 1000,
+        p99_ms=latency["p99"] / 1000,
+        p999_ms=latency["p999"] / 1000,
+        mean_ms=round(latency["mean"] / 1000, 3),
+        max_ms=latency["max"] / 1000,
+        non_2xx=errors["status"],
+        socket_errors=errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
+        errors=errors,
+    )
+
+
+# --- time to first byte ---------------------------------------------------------------------
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+class _Connection:
+    """One keep-alive HTTP/1.1 connection on a raw socket, timing each response's arrival."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = b""
+
+    def _more(self) -> bytes:
+        data = self.sock.recv(262144)
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        self.buffer += data
+        return data
+
+    def exchange(self, request: bytes) -> tuple[int, float, float, float, bytes]:
+        """(status, first byte s, first `data:` event s, whole response s, body)."""
+        self.buffer = b""
+        start = time.perf_counter()
+        self.sock.sendall(request)
+        self._more()
+        first_byte = time.perf_counter() - start
+        first_event = None
+        while b"\r\n\r\n" not in self.buffer:
+            self._more()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.strip().lower(): v.strip() for k, v in (x.split(":", 1) for x in lines[1:])}
+        body = b""
+        if b"data:" in self.buffer:
+            first_event = time.perf_counter() - start
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            while True:
+                while b"\r\n" not in self.buffer:
+                    self._more()
+                size_line, rest = self.buffer.split(b"\r\n", 1)
+                size = int(size_line.split(b";")[0], 16)
+                while len(rest) < size + 2:
+                    self._more()
+                    if first_event is None and b"data:" in self.buffer:
+                        first_event = time.perf_counter() - start
+                    size_line, rest = self.buffer.split(b"\r\n", 1)
+                if first_event is None and b"data:" in rest[:size]:
+                    first_event = time.perf_counter() - start
+                body += rest[:size]
+                self.buffer = rest[size + 2 :]
+                if size == 0:
+                    break
+        else:
+            length = int(headers.get("content-length", "0"))
+            while len(self.buffer) < length:
+                self._more()
+            body, self.buffer = self.buffer[:length], self.buffer[length:]
+        total = time.perf_counter() - start
+        return status, first_byte, first_event if first_event is not None else total, total, body
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def ttfb(target: Target, count: int = TTFB_REQUESTS) -> dict[str, Any]:
+    """Sequential streamed requests on one keep-alive connection, like one SDK client."""
+    body = request_body(True)
+    path = target.path("stream")
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{target.port}\r\n"
+        f"Content-Type: application/json\r\napi-key: {target.key}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    connection = _Connection(target.port)
+    first_bytes, first_events, totals, failures = [], [], [], 0
+    try:
+        for i in range(TTFB_WARMUP + count):
+            status, first_byte, first_event, total, content = connection.exchange(request)
+            if i < TTFB_WARMUP:
+                continue
+            if status != 200 or not content.rstrip().endswith(b"data: [DONE]"):
+                failures += 1
+                continue
+            first_bytes.append(first_byte * 1000)
+            first_events.append(first_event * 1000)
+            totals.append(total * 1000)
+    finally:
+        connection.close()
+
+    def summary(values: list[float]) -> dict[str, float]:
+        return {
+            "p50": round(_percentile(values, 50), 3),
+            "p99": round(_percentile(values, 99), 3),
+            "mean": round(statistics.fmean(values), 3) if values else float("nan"),
+        }
+
+    return {
+        "target": target.name,
+        "requests": count,
+        "failures": failures,
+        "first_byte_ms": summary(first_bytes),
+        "first_event_ms": summary(first_events),
+        "whole_stream_ms": summary(totals),
+    }
+
+
+# --- usage records --------------------------------------------------------------------------
+
+
+def count_usage(storage: str, limit_seconds: float = 120.0) -> tuple[int, bool]:
+    """Usage rows in the bench tables (all from this run); (count, complete)."""
+    from azure.data.tables import TableServiceClient
+
+    service = TableServiceClient.from_connection_string(storage)
+    table = service.get_table_client(f"{TABLE_PREFIX}usage")
+    deadline = time.monotonic() + limit_seconds
+    count = 0
+    try:
+        for _ in table.list_entities(select=["RowKey"], results_per_page=1000):
+            count += 1
+            if count % 1000 == 0 and time.monotonic() > deadline:
+                return count, False
+    except Exception as exc:
+        if "TableNotFound" in str(exc) or "ResourceNotFound" in str(exc):
+            return 0, True
+        raise
+    return count, True
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def _ms(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.{digits}f}"
+
+
+def table(runs: list[Run]) -> str:
+    rows = [
+        "| target | mode | conns | req/s | p50 ms | p90 ms | p99 ms | added p50 ms | "
+        "added p99 ms | non-2xx | socket errors | dev host CPU/req ms | dev host CPU busy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        rows.append(
+            f"| {run.target} | {run.mode} | {run.connections} | {run.rps:,.0f} | "
+            f"{_ms(run.p50_ms)} | {_ms(run.p90_ms)} | {_ms(run.p99_ms)} | "
+            f"{_ms(run.added_p50_ms)} | {_ms(run.added_p99_ms)} | {run.non_2xx} | "
+            f"{run.socket_errors} | {_ms(run.cpu_ms_per_request, 3)} | "
+            f"{'—' if run.cpu_busy is None else f'{run.cpu_busy:.0%}'} |"
+        )
+    return "\n".join(rows)
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def load_notes(runs: list[Run]) -> list[str]:
+    """Proxy runs during which something else used the proxy's core, or the dev host logged
+    (its rollup timer, errors): their figures carry that extra work."""
+    notes = []
+    for run in runs:
+        load = run.load or {}
+        other = load.get(f"cpu{PROXY_CPU}_other", 0.0)
+        steal = max((v for k, v in load.items() if k.endswith("_steal")), default=0.0)
+        what = f"- {run.mode} at {plural(run.connections, 'connection')}:"
+        if other > 0.05:
+            notes.append(f"{what} other processes used {other:.0%} of CPU {PROXY_CPU}.")
+        if steal > 0.02:
+            notes.append(f"{what} the hypervisor stole up to {steal:.0%} of a core.")
+        for line in run.log or []:
+            notes.append(f"{what} the dev host logged `{line}`.")
+    return ["During these runs:", "", *notes, ""] if notes else []
+
+
+_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+ ([A-Z]+) ([\w.]+): (.*)$")
+
+
+def log_records(text: str) -> list[tuple[str, str]]:
+    """(time, "LEVEL logger: message [-> exception]") for each record of the dev host's log;
+    tracebacks are reduced to their last line."""
+    records: list[list[str]] = []
+    for line in text.splitlines():
+        match = _LOG_LINE.match(line)
+        if match:
+            stamp, level, logger, message = match.groups()
+            records.append([stamp, f"{level} {logger}: {message[:160]}", ""])
+        elif records and line and not line[0].isspace() and not line.startswith("Traceback"):
+            records[-1][2] = line.strip()[:160]
+    return [(r[0], r[1] + (f" -> {r[2]}" if r[2] else "")) for r in records]
+
+
+def summarize(entries: list[str], examples: int = 1) -> list[str]:
+    """Log entries grouped by level and logger: a count and the first few, shortened."""
+    groups: dict[str, list[str]] = {}
+    for entry in entries:
+        groups.setdefault(entry.split(":", 1)[0], []).append(entry)
+    out = []
+    for name, group in groups.items():
+        if len(group) == 1:
+            out.append(group[0][:160])
+            continue
+        shown = "; ".join(sorted({e.split(": ", 1)[-1][:100] for e in group})[:examples])
+        out.append(f"{len(group)} x {name}, e.g. {shown}")
+    return out
+
+
+def attach_log(runs: list[Run], text: str) -> None:
+    records = log_records(text)
+    for run in runs:
+        if run.started:
+            run.log = summarize(
+                [entry for stamp, entry in records if run.started <= stamp <= run.ended]
+            )
+
+
+def markdown(report: dict[str, Any], runs: list[Run]) -> str:
+    m = report["machine"]
+    packages = ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v)
+    lines = [
+        "# Benchmark: latest run",
+        "",
+        f"- Date: {m['date']}, commit `{m['commit']}`"
+        + (" with uncommitted changes in the working tree" if m["uncommitted_changes"] else ""),
+        f"- Machine: {m['cpu_model']}, {m['cores']} cores, Linux {m['kernel']}",
+        f"- Python {m['python']} ({packages}); nginx {m['nginx']}; {m['wrk']}",
+        f"- Pinning: {report['pinning']}",
+        f"- Each run: `wrk -t1 -c<conns> -d{report['seconds']}s --timeout 30s --latency`, a "
+        "two-message chat completion with `max_tokens: 128`; streams are 35 SSE events from "
+        "the fake upstream (nginx), ending with a usage chunk and `data: [DONE]`.",
+        "- Dev host: key and event checks, usage records to Azurite (in memory) batched every "
+        "1 s. Pools of two resources per deployment. CPU/req is the dev host's utime+stime "
+        "from the start of the run until it is quiet again (its usage writer caught up), "
+        "per request; "
+        "CPU busy is the share of its core it used while wrk ran. Added latency is the proxy "
+        "run's percentile minus the direct run's. Idle, the dev host used "
+        f"{report['idle_cpu']:.1%} of its core.",
+        "",
+        table(runs),
+        "",
+        *load_notes(runs),
+        "## Time to first byte, streams",
+        "",
+        f"{TTFB_REQUESTS} sequential streamed requests on one keep-alive connection "
+        f"(after {TTFB_WARMUP} unmeasured), from a raw-socket client on CPU {LOAD_CPU}. First "
+        "byte: the response's first byte; first event: the first `data:` bytes.",
+        "",
+        "| target | first byte p50 ms | first byte p99 ms | first event p50 ms | "
+        "first event p99 ms | whole stream p50 ms | failures |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in report["ttfb"]:
+        lines.append(
+            f"| {t['target']} | {_ms(t['first_byte_ms']['p50'], 3)} | "
+            f"{_ms(t['first_byte_ms']['p99'], 3)} | {_ms(t['first_event_ms']['p50'], 3)} | "
+            f"{_ms(t['first_event_ms']['p99'], 3)} | {_ms(t['whole_stream_ms']['p50'], 3)} | "
+            f"{t['failures']} |"
+        )
+    memory = report["memory"]
+    lines += [
+        "",
+        "## Dev host memory (VmRSS)",
+        "",
+        "Driven by wrk at 16 connections alternating plain and streamed requests.",
+        "",
+        "| after | proxied requests | RSS MiB |",
+        "|---|---:|---:|",
+    ]
+    for point in memory["points"]:
+        lines.append(
+            f"| {point['label']} | {point['requests']:,} | {point['rss_kib'] / 1024:,.1f} |"
+        )
+    if memory.get("run"):
+        run = memory["run"]
+        errors = sum(run["errors"].values())
+        lines += [
+            "",
+            f"The last step took {run['requests']:,} requests in {run['seconds']:.0f} s "
+            f"({run['requests'] / max(run['seconds'], 0.001):,.0f} req/s), "
+            + (f"errors: {run['errors']}." if errors else "no errors."),
+        ]
+    if memory.get("ratio") is not None:
+        lines += [
+            "",
+            f"RSS after {memory['last_label']} / after 10k requests: {memory['ratio']:.2f}",
+        ]
+    else:
+        lines += ["", f"The 200k-request figure was skipped ({memory.get('skipped', '')})."]
+    problems = report["dev_host_log"]
+    if problems["errors"] or problems["warnings"]:
+        lines += [
+            "",
+            "## Dev host log",
+            "",
+            f"{plural(problems['errors'], 'error')} and "
+            f"{plural(problems['warnings'], 'warning')} logged; the distinct errors:",
+            "",
+            *(f"- `{entry}`" for entry in problems["distinct_errors"]),
+        ]
+    usage = report["usage_records"]
+    lines += [
+        "",
+        "## Usage records",
+        "",
+        f"{usage['count']:,}{'' if usage['complete'] else '+'} usage records in Azurite for "
+        f"{usage['proxied']:,} proxied requests that wrk saw completed (wrk does not count "
+        "the requests still in flight when a run ends; the proxy records those too).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --- main -----------------------------------------------------------------------------------
+
+CPUS = len(os.sched_getaffinity(0))
+
+
+def main() -> int:
+    seconds = env_int("BENCH_SECONDS", 15)
+    memory_on = os.environ.get("BENCH_MEMORY", "1").strip() != "0"
+    ensure_tools()
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bench.nginx import FakeUpstream
+    from local.azurite import Azurite, free_port
+
+    if CPUS >= 2:
+        os.sched_setaffinity(0, {LOAD_CPU})  # this process, Azurite and nginx: the load core
+        pinning = (
+            f"dev host alone on CPU {PROXY_CPU}; nginx, wrk, Azurite and the TTFB client "
+            f"on CPU {LOAD_CPU} (`taskset`)"
+        )
+        proxy_cpu: int | None = PROXY_CPU
+    else:
+        pinning = "none (fewer than 2 CPUs)"
+        proxy_cpu = None
+        print("bench: fewer than 2 CPUs; running unpinned", file=sys.stderr)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    work = Path(tempfile.mkdtemp(prefix="aiproxy-bench-"))
+    azurite = upstream = host = None
+    proxied = 0
+    try:
+        print("bench: starting Azurite, nginx and the dev host", flush=True)
+        azurite = Azurite(free_port()).start()
+        upstream = FakeUpstream(
+            work / "nginx", [free_port(), free_port()], LOAD_CPU if CPUS >= 2 else None
+        ).start()
+        host = DevHost(work, azurite.connection_string, proxy_cpu)
+        host.wait()
+        _event, key = set_up_event(host.base, upstream.urls)
+        from bench.nginx import API_KEY
+
+        direct = Target("direct", upstream.urls[0], "", API_KEY)
+        proxy = Target("proxy", host.base, "/api", key)
+        smoke(direct)
+        smoke(proxy)
+        proxied += 2
+        memory_points = [{"label": "start", "requests": proxied, "rss_kib": rss_kib(host.pid)}]
+        before = cpu_seconds(host.pid)
+        time.sleep(3)
+        idle_cpu = round((cpu_seconds(host.pid) - before) / 3, 4)
+
+        print(f"bench: first {MEMORY_FIRST:,} requests through the proxy (warm-up)", flush=True)
+        result = wrk(proxy, "json", 16, 120, stop_after=MEMORY_FIRST - proxied, mix=True)
+        proxied += result["requests"]
+        settle(host.pid)
+        memory_points.append(
+            {"label": "first 10k requests", "requests": proxied, "rss_kib": rss_kib(host.pid)}
+        )
+
+        runs: list[Run] = []
+        for mode in MODES:
+            for connections in CONNECTIONS:
+                stamp = datetime.now().strftime("%H:%M:%S")
+                what = f"{mode}, {plural(connections, 'connection')}"
+                print(f"bench: {stamp} {what}: direct", flush=True)
+                baseline = to_run(
+                    direct, mode, connections, wrk(direct, mode, connections, seconds)
+                )
+                runs.append(baseline)
+                stamp = datetime.now().strftime("%H:%M:%S")
+                print(f"bench: {stamp} {what}: proxy", flush=True)
+                started = datetime.now().replace(microsecond=0)
+                before = cpu_seconds(host.pid)
+                system_before = cpu_times()
+                result = wrk(proxy, mode, connections, seconds)
+                at_end = cpu_seconds(host.pid)
+                system_after = cpu_times()
+                settled = settle(host.pid)
+                after = cpu_seconds(host.pid)
+                run = to_run(proxy, mode, connections, result)
+                proxied += run.requests
+                run.added_p50_ms = round(run.p50_ms - baseline.p50_ms, 3)
+                run.added_p99_ms = round(run.p99_ms - baseline.p99_ms, 3)
+                if run.requests:
+                    run.cpu_ms_per_request = round((after - before) * 1000 / run.requests, 3)
+                run.cpu_busy = round((at_end - before) / run.seconds, 3) if run.seconds else None
+                run.settle_seconds = round(settled, 1)
+                run.load = machine_load(system_before, system_after, at_end - before)
+                run.started = started.isoformat(sep=" ")
+                run.ended = datetime.now().replace(microsecond=0).isoformat(sep=" ")
+                runs.append(run)
+                print(
+                    f"       direct {baseline.rps:,.0f} req/s, proxy {run.rps:,.0f} req/s, "
+                    f"p50 {run.p50_ms:.2f} ms, non-2xx {run.non_2xx}, "
+                    f"socket errors {run.socket_errors}, "
+                    f"CPU/req {_ms(run.cpu_ms_per_request, 3)} ms",
+                    flush=True,
+                )
+                if run.non_2xx or run.socket_errors:
+                    report_errors(host, proxy, mode, run)
+
+        print(f"bench: time to first byte, {TTFB_REQUESTS} streams each way", flush=True)
+        ttfbs = [ttfb(direct), ttfb(proxy)]
+        proxied += TTFB_REQUESTS + TTFB_WARMUP
+        settle(host.pid)
+        memory_points.append(
+            {"label": "the runs above", "requests": proxied, "rss_kib": rss_kib(host.pid)}
+        )
+
+        memory: dict[str, Any] = {"points": memory_points}
+        if memory_on and proxied < MEMORY_TOTAL:
+            print(
+                f"bench: memory: up to {MEMORY_TOTAL:,} proxied requests "
+                f"(at most {MEMORY_LIMIT_SECONDS} s)",
+                flush=True,
+            )
+            started = time.monotonic()
+            result = wrk(
+                proxy,
+                "json",
+                16,
+                MEMORY_LIMIT_SECONDS,
+                stop_after=MEMORY_TOTAL - proxied,
+                mix=True,
+            )
+            proxied += result["requests"]
+            elapsed = time.monotonic() - started
+            settle(host.pid)
+            label = "200k requests" if proxied >= MEMORY_TOTAL else f"{elapsed:.0f} s bound"
+            memory_points.append(
+                {"label": label, "requests": proxied, "rss_kib": rss_kib(host.pid)}
+            )
+            memory["run"] = {
+                "requests": result["requests"],
+                "seconds": round(elapsed, 1),
+                "errors": result["errors"],
+            }
+            if sum(result["errors"].values()):
+                print(f"bench: memory run errors: {result['errors']}", flush=True)
+        elif not memory_on:
+            memory["skipped"] = "BENCH_MEMORY=0"
+        first = memory_points[1]["rss_kib"]
+        if memory_on:
+            memory["ratio"] = round(memory_points[-1]["rss_kib"] / first, 3) if first else None
+            memory["last_label"] = memory_points[-1]["label"]
+
+        settle(host.pid)
+        print("bench: counting usage records", flush=True)
+        count, complete = count_usage(azurite.connection_string)
+        log = host.log()
+        attach_log(runs, log)
+        errors = [entry for _, entry in log_records(log) if entry.startswith(("ERROR", "CRITICAL"))]
+        report = {
+            "machine": machine(),
+            "pinning": pinning,
+            "seconds": seconds,
+            "connections": list(CONNECTIONS),
+            "runs": [asdict(run) for run in runs],
+            "ttfb": ttfbs,
+            "memory": memory,
+            "idle_cpu": idle_cpu,
+            "usage_records": {"count": count, "complete": complete, "proxied": proxied},
+            "dev_host_log": {
+                "errors": len(errors),
+                "warnings": log.count(" WARNING "),
+                "distinct_errors": sorted(set(errors)),
+            },
+        }
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        text = markdown(report, runs)
+        (RESULTS / "latest.md").write_text(text)
+        (RESULTS / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+        print()
+        print(text)
+        print(f"bench: wrote {RESULTS.relative_to(ROOT)}/latest.md and latest.json")
+        if report["dev_host_log"]["errors"] or report["dev_host_log"]["warnings"]:
+            kept = Path(tempfile.gettempdir()) / f"aiproxy-bench-devhost-{int(time.time())}.log"
+            kept.write_text(log)
+            print(f"bench: the dev host logged problems (whole log: {kept}); its last lines:")
+            print("\n".join(log.splitlines()[-40:]))
+        bad = any(run.non_2xx or run.socket_errors for run in runs)
+        return 1 if bad else 0
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if host is not None:
+            host.stop()
+        if upstream is not None:
+            upstream.stop()
+        if azurite is not None:
+            azurite.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report_errors(host: DevHost, proxy: Target, mode: str, run: Run) -> None:
+    """What the proxy answered and logged when a run saw errors."""
+    import httpx
+
+    print(f"bench: proxy {mode} run at {plural(run.connections, 'connection')}: {run.errors}")
+    try:
+        response = httpx.post(
+            f"{proxy.base}{proxy.path(mode)}",
+            content=request_body(mode == "stream"),
+            headers={"api-key": proxy.key, "content-type": "application/json"},
+            timeout=30,
+        )
+        print(f"bench: a probe request now gets {response.status_code}: {response.text[:300]}")
+    except httpx.HTTPError as exc:
+        print(f"bench: a probe request failed: {exc!r}")
+    tail = host.log().splitlines()[-40:]
+    print("bench: dev host log (last lines):\n" + "\n".join(tail), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
