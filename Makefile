@@ -46,8 +46,11 @@ lint: setup
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+# Throughput, latency and memory against the peers' harness, then the 200-client load run
+# (BENCH_LOAD=0 skips it). Results: bench/results/.
 bench: setup
 	$(PY) -m bench.run
+	[ "$${BENCH_LOAD:-1}" = 0 ] || $(PY) -m bench.load
 
 clean:
 	rm -rf $(VENV) node_modules .data artifacts .pytest_cache .ruff_cache
