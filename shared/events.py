@@ -13,6 +13,8 @@ from shared.tables import Conflict, Tables
 from shared.validation import boolean, known_fields, required, text, whole_number
 
 EVENTS_TABLE = "events"
+# Caps are stored as 32-bit integers; no event needs more.
+CAP_LIMIT = 2**31 - 1
 _PARTITION = "event"
 
 
@@ -190,13 +192,17 @@ def _apply(event: Event, body: dict[str, Any], raw_times: dict[str, Any]) -> Non
         if param in raw_times:
             setattr(event, param, _wall_clock(param, raw_times[param], zone))
     if "max_token_cap" in body:
-        event.max_token_cap = whole_number("max_token_cap", body["max_token_cap"], minimum=1)
+        event.max_token_cap = whole_number(
+            "max_token_cap", body["max_token_cap"], minimum=1, maximum=CAP_LIMIT
+        )
     if "daily_request_cap" in body:
         event.daily_request_cap = whole_number(
-            "daily_request_cap", body["daily_request_cap"], minimum=1
+            "daily_request_cap", body["daily_request_cap"], minimum=1, maximum=CAP_LIMIT
         )
     if "daily_token_cap" in body:
-        event.daily_token_cap = whole_number("daily_token_cap", body["daily_token_cap"] or 0)
+        event.daily_token_cap = whole_number(
+            "daily_token_cap", body["daily_token_cap"] or 0, maximum=CAP_LIMIT
+        )
     for param, limit in (
         ("description_markdown", 20_000),
         ("organizer_name", 200),

@@ -15,7 +15,7 @@ from shared.catalog import Resource, new_resource, patch_resource
 from shared.errors import ProxyError, invalid
 from shared.events import Event, new_event, patch_event
 from shared.runtime import Runtime
-from shared.validation import is_id, text
+from shared.validation import is_id, known_fields, text
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,7 @@ async def add_attendee(
     runtime: Runtime, caller: Caller, event_id: str, body: dict[str, Any]
 ) -> tuple[Attendee, bool]:
     found_event = await event(runtime, caller, event_id)
+    known_fields(body, {"user"}, "an attendee")
     if "user" not in body:
         raise invalid("user", "is required (an email, a GitHub login or any name)")
     user = text("user", body["user"], limit=200, required=True)

@@ -19,6 +19,7 @@ from starlette.responses import Response
 
 from shared.catalog import AUTH_KINDS, MODEL_CLASSES
 from shared.errors import STATUS_BY_CODE
+from shared.events import CAP_LIMIT
 from shared.registration import endpoint_of
 
 Schema = dict[str, Any]
@@ -81,9 +82,18 @@ _EVENT_FIELDS: dict[str, Schema] = {
     "starts_at": _string(_WALL_CLOCK),
     "ends_at": _string(_WALL_CLOCK + "; after starts_at"),
     "time_zone": _string("IANA time zone such as Europe/Berlin; DST is honoured"),
-    "max_token_cap": _integer("largest max_tokens a request may ask for", 1),
-    "daily_request_cap": _integer("requests per attendee per day (event time zone)", 1),
-    "daily_token_cap": _integer("tokens per attendee per day; 0 for none"),
+    "max_token_cap": {
+        **_integer("largest max_tokens a request may ask for", 1),
+        "maximum": CAP_LIMIT,
+    },
+    "daily_request_cap": {
+        **_integer("requests per attendee per day (event time zone)", 1),
+        "maximum": CAP_LIMIT,
+    },
+    "daily_token_cap": {
+        **_integer("tokens per attendee per day; 0 for none"),
+        "maximum": CAP_LIMIT,
+    },
     "description_markdown": _string("registration page text", maxLength=20_000),
     "organizer_name": _string("shown on the registration page", maxLength=200),
     "organizer_email": _string("for the organiser's records, never public", maxLength=320),
@@ -382,6 +392,12 @@ SCHEMAS: dict[str, Schema] = {
         description="An Azure AI Search query, passed through",
     ),
     "OpenAIAnswer": _OPENAI_ANSWER,
+    "UpstreamError": _object(
+        {"error": _object({}, additionalProperties=True)},
+        ("error",),
+        additionalProperties=True,
+        description="The upstream's own error answer, passed through unchanged (API.md section 1)",
+    ),
 }
 
 # --- responses and parameters ---------------------------------------------------------------
@@ -398,6 +414,9 @@ _ERROR_TEXT = {
     503: "Storage is unavailable",
     504: "The upstream was too slow, after failover",
 }
+# Proxy errors an upstream may answer itself (any status it does not fail over on): the caller
+# gets the upstream's status and body, in the upstream's shape.
+_PASSED_THROUGH = (400, 401, 403, 404, 413)
 _PARAMETERS: dict[str, str] = {
     "event_id": "the event's id",
     "resource_id": "the resource's id",
@@ -843,7 +862,8 @@ def _operation(op: Operation) -> Schema:
             answer["content"] = success["content"]
         responses[str(status)] = answer
     for status in op.errors:
-        responses.setdefault(str(status), {"$ref": f"#/components/responses/Error{status}"})
+        name = "UpstreamOrError" if op.tag == "proxy" and status in _PASSED_THROUGH else "Error"
+        responses.setdefault(str(status), {"$ref": f"#/components/responses/{name}{status}"})
     spec["responses"] = responses
     if op.security == FUNCTION_KEY:
         spec["security"] = [{"functionKey": []}, {"functionKeyQuery": []}]
@@ -887,6 +907,17 @@ def _base_document() -> Schema:
                     "content": {"application/json": {"schema": _ref("Error")}},
                 }
                 for status, text in _ERROR_TEXT.items()
+            }
+            | {
+                f"UpstreamOrError{status}": {
+                    "description": f"{_ERROR_TEXT[status]}; or the upstream's own answer",
+                    "content": {
+                        "application/json": {
+                            "schema": {"anyOf": [_ref("Error"), _ref("UpstreamError")]}
+                        }
+                    },
+                }
+                for status in _PASSED_THROUGH
             },
             "securitySchemes": {
                 "functionKey": {"type": "apiKey", "in": "header", "name": "x-functions-key"},

@@ -425,7 +425,19 @@ class Call:
             else self.runtime.settings.default_api_version
         )
         api_version = request.query_params.get("api-version") or default_version
-        stream = operation.streams and payload.get("stream") is True
+        stream_value = payload.get("stream")
+        if stream_value is not None and not isinstance(stream_value, bool):
+            raise ProxyError(
+                "invalid_request", "Field 'stream' must be true or false.", param="stream"
+            )
+        options = payload.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise ProxyError(
+                "invalid_request",
+                "Field 'stream_options' must be an object such as {\"include_usage\": true}.",
+                param="stream_options",
+            )
+        stream = operation.streams and stream_value is True
         hide_usage = False
         changed = False
         if operation.token_capped:
@@ -445,7 +457,6 @@ class Call:
             event, self.access.attendee.id, clock.now(), self.worst_case_tokens
         )
         if stream:
-            options = payload.get("stream_options")
             asked = isinstance(options, dict) and options.get("include_usage") is True
             if not asked and supports_stream_options(api_version):
                 payload["stream_options"] = {**(options or {}), "include_usage": True}

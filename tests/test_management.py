@@ -200,3 +200,17 @@ def test_function_key_works_as_code_query_parameter(host: DevHost) -> None:
     from tests.harness import FUNCTION_KEY
 
     assert host.http.get("/manage/events", params={"code": FUNCTION_KEY}).status_code == 200
+
+
+def test_caps_beyond_32_bits_are_refused_with_the_field_named(host: DevHost) -> None:
+    for field in ("max_token_cap", "daily_request_cap", "daily_token_cap"):
+        invalid_field(host.manage.post("/events", json={**EVENT, field: 2**31}), field)
+    created = host.manage.post("/events", json={**EVENT, "daily_request_cap": 2**31 - 1})
+    assert created.status_code == 201
+    patched = host.manage.patch(f"/events/{created.json()['id']}", json={"max_token_cap": 2**63})
+    invalid_field(patched, "max_token_cap")
+
+
+def test_attendee_with_unknown_fields_is_refused(host: DevHost, event: EventSetup) -> None:
+    response = host.manage.post(f"/events/{event.id}/attendees", json={"user": "a", "role": "x"})
+    invalid_field(response, "role")

@@ -184,3 +184,18 @@ def test_upstream_content_filter_is_passed_through(host: DevHost, event: EventSe
     response = post(host, event.key, body)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "content_filter"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"stream": "yes"}, "stream"),
+        ({"stream": 1}, "stream"),
+        ({"stream_options": [1]}, "stream_options"),
+    ],
+)
+def test_stream_fields_of_the_wrong_type_are_refused(
+    host: DevHost, event: EventSetup, extra: dict[str, Any], param: str
+) -> None:
+    response = post(host, event.key, {**HELLO, **extra})
+    assert error_of(response, 400, "invalid_request")["param"] == param

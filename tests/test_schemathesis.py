@@ -1,0 +1,382 @@
+"""Schemathesis against GET /api/openapi.json: no 5xx anywhere, every error in the contract's shape.
+
+Every documented management, proxy and attendee operation gets a bounded number of generated
+requests (positive and negative data, derandomized, no shrinking) sent to the session dev host on
+loopback. The keys are real (the function key for manage/*, the attendee key of a live event whose
+catalog points at the simulator for the rest), and path parameters and deployment names are real
+most of the time, so requests get past authentication and lookups into the code behind them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import hypothesis
+import pytest
+import requests
+import schemathesis
+from hypothesis import strategies as st
+from schemathesis import APIOperation, Case, CheckContext, GenerationMode, Response
+from schemathesis.checks import not_a_server_error
+from schemathesis.errors import FailureGroup
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from shared.errors import STATUS_BY_CODE
+from tests.harness import FUNCTION_KEY, DevHost, EventSetup, Simulator, window
+
+# Bounded: examples per operation and generation mode (about 1000 requests, well under a minute).
+EXAMPLES = {GenerationMode.POSITIVE: 20, GenerationMode.NEGATIVE: 10}
+SEED = 9
+# Generated requests come from this address (X-Forwarded-For), so the wrong keys of negative cases
+# count against it in the failed-key guard, not against 127.0.0.1 that the other tests share.
+CLIENT = "198.51.100.9"
+SHARED_CODE = "schemathesis-code"
+HELLO = {"messages": [{"role": "user", "content": "hello"}]}
+
+# The web pages answer HTML and plain-text 404s: they are not part of the API's error contract.
+# (Schemathesis leaves out GET /openapi.json itself, the document it was loaded from.)
+EXCLUDED_TAGS = ("pages",)
+# Operations that change or delete what their path names get an event of their own, so they never
+# switch off, revoke, rotate or delete the live event that the proxy operations use.
+MUTATING = {
+    "updateEvent",
+    "deleteEvent",
+    "updateResource",
+    "deleteResource",
+    "attachResource",
+    "detachResource",
+    "addAttendee",
+    "revokeAttendee",
+    "rotateAttendeeKey",
+    "register",
+}
+DEPLOYMENTS = {
+    "openai-chat": "gpt-4o-mini",
+    "openai-completions": "gpt-35-turbo-instruct",
+    "openai-embeddings": "text-embedding-3-small",
+    "openai-images": "dall-e-3",
+    "openai-audio": "whisper",
+    "azure-ai-search": "hotels",
+}
+# Proxy operations: the model class whose deployment their path or body `model` names.
+CLASS_OF = {
+    "chatCompletions": "openai-chat",
+    "extensionsChatCompletions": "openai-chat",
+    "v1ChatCompletions": "openai-chat",
+    "completions": "openai-completions",
+    "v1Completions": "openai-completions",
+    "embeddings": "openai-embeddings",
+    "v1Embeddings": "openai-embeddings",
+    "imageGenerations": "openai-images",
+    "v1ImageGenerations": "openai-images",
+    "audioTranscriptions": "openai-audio",
+    "search": "azure-ai-search",
+    "searchOData": "azure-ai-search",
+}
+# The proxy forwards uploads unparsed, so a malformed multipart body (odd field names, or negative
+# data that is not a form at all) only tests the simulator, which answers it with a 500 where Azure
+# answers 400. Uploads are forms of the documented fields.
+AUDIO_FIELDS = {"file", "model", "language", "response_format"}
+
+# case id -> (requests the upstream received while the case ran, status of its last answer)
+UPSTREAM: dict[str, tuple[int, Any]] = {}
+
+
+@dataclass
+class Fuzz:
+    """The live event of the proxy operations, sandbox events for the mutating ones, the upstream."""
+
+    host: DevHost
+    sim: Simulator
+    main: EventSetup
+    sandboxes: dict[str, EventSetup] = field(default_factory=dict)
+    upstream: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=10))
+
+    def event_for(self, operation_id: str) -> EventSetup:
+        if operation_id not in MUTATING:
+            return self.main
+        if operation_id not in self.sandboxes:
+            self.sandboxes[operation_id] = EventSetup(
+                self.host, self.sim, name=f"Schemathesis {operation_id}", shared_code=SHARED_CODE
+            )
+        return self.sandboxes[operation_id]
+
+    def upstream_state(self) -> tuple[int, Any]:
+        stats = self.upstream.get(f"{self.sim.url}/_sim/stats").json()
+        last = stats["last_requests"][-1]["status"] if stats["last_requests"] else None
+        return stats["total_requests"], last
+
+
+def _ids(host: DevHost, kind: str) -> set[str]:
+    return {item["id"] for item in host.manage.get(f"/{kind}").json()}
+
+
+@pytest.fixture(scope="module")
+def fuzz(host: DevHost, sim: Simulator) -> Iterator[Fuzz]:
+    events_before, resources_before = _ids(host, "events"), _ids(host, "resources")
+    main = EventSetup(host, sim, name="Schemathesis", daily_request_cap=1_000_000)
+    main.add_resource(sim.url, DEPLOYMENTS["openai-images"], "openai-images")
+    main.add_resource(sim.url, DEPLOYMENTS["openai-audio"], "openai-audio")
+    main.add_resource(sim.url, "hotels", "azure-ai-search", upstream_deployment="hotels-v2")
+    # One answered request, so the usage report has rows to group.
+    chat = host.http.post(
+        "/openai/deployments/gpt-4o-mini/chat/completions",
+        json=HELLO,
+        headers={"api-key": main.key},
+    )
+    assert chat.status_code == 200, chat.text
+    state = Fuzz(host, sim, main)
+    yield state
+    state.upstream.close()
+    # Leave the shared storage as it was: what the run created goes (best effort).
+    for event_id in _ids(host, "events") - events_before:
+        host.manage.delete(f"/events/{event_id}", params={"force": "true"})
+    for resource_id in _ids(host, "resources") - resources_before:
+        host.manage.delete(f"/resources/{resource_id}")
+
+
+def load_schema(fuzz: Fuzz) -> schemathesis.BaseSchema:
+    config = schemathesis.Config.from_dict(
+        {
+            "seed": SEED,
+            "headers": {"x-forwarded-for": CLIENT},
+            "request-timeout": 20,
+            "auth": {
+                "openapi": {
+                    "functionKey": {"api_key": FUNCTION_KEY},
+                    "apiKey": {"api_key": fuzz.main.key},
+                }
+            },
+        }
+    )
+    schema = schemathesis.openapi.from_url(f"{fuzz.host.base}/openapi.json", config=config)
+    for tag in EXCLUDED_TAGS:
+        schema = schema.exclude(tag=tag)
+    return schema
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+
+def _passed_through(case: Case, response: Response) -> bool:
+    """A proxy operation's answer that the upstream gave; API.md section 1 passes it on unchanged."""
+    received, last_status = UPSTREAM.get(case.id, (0, None))
+    return (
+        "proxy" in (case.operation.tags or [])
+        and received > 0
+        and last_status == response.status_code
+    )
+
+
+@schemathesis.check
+def contract_error_shape(ctx: CheckContext, response: Response, case: Case) -> bool | None:
+    """API.md section 2: {"error": {"code", "message", "status", "param"?}}, status = HTTP status."""
+    if response.status_code < 400 or _passed_through(case, response):
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    assert isinstance(error, dict), f"HTTP {response.status_code} without an error object"
+    assert set(body) == {"error"}, f"fields besides 'error': {sorted(body)}"
+    assert set(error) <= {"code", "message", "status", "param"}, f"error fields: {sorted(error)}"
+    code, message, status = error.get("code"), error.get("message"), error.get("status")
+    assert isinstance(code, str) and code in STATUS_BY_CODE, f"code {code!r} is not an error code"
+    assert isinstance(message, str) and message.strip(), f"message {message!r}"
+    assert status == response.status_code, f"error.status {status!r}, HTTP {response.status_code}"
+    assert STATUS_BY_CODE[code] == response.status_code, f"{code!r} is a {STATUS_BY_CODE[code]}"
+    assert "param" not in error or isinstance(error["param"], str), f"param {error['param']!r}"
+    return None
+
+
+@schemathesis.check
+def response_schema_conformance_but_streams(
+    ctx: CheckContext, response: Response, case: Case
+) -> bool | None:
+    """The documented answer schema; event streams excepted.
+
+    In OpenAPI 3.0 the document's text/event-stream schema (a string) stands for the whole
+    stream, while schemathesis reads the schema of a 3.0 stream as the schema of each event.
+    """
+    content_type = (response.headers.get("content-type") or [""])[0]
+    if content_type.startswith("text/event-stream"):
+        return None
+    return response_schema_conformance(ctx, response, case)
+
+
+CHECKS = [
+    not_a_server_error,
+    contract_error_shape,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance_but_streams,
+]
+
+
+# --- real ids and bodies, some of the time ------------------------------------------------------
+
+
+def with_real_values(case: Case, pick: int, fuzz: Fuzz) -> bool:
+    """pick 0 and 1: real ids and deployment names; 2: only the event (or another model class's
+    deployment); 3: as generated. Positive bodies get valid values where random ones never are.
+    False: the case is not worth sending."""
+    operation_id = case.operation.definition.raw.get("operationId", "")
+    if operation_id == "audioTranscriptions" and not isinstance(case.body, dict):
+        return False
+    event = fuzz.event_for(operation_id)
+    real = {
+        "event_id": event.id,
+        "resource_id": next(iter(event.resources)),
+        "attendee_id": event.attendee["id"],
+    }
+    model_class = CLASS_OF.get(operation_id)
+    if model_class:
+        mine = DEPLOYMENTS[model_class]
+        real["deployment"] = real["index"] = mine
+        if pick == 2:
+            real["deployment"] = real["index"] = min(set(DEPLOYMENTS.values()) - {mine})
+    params = case.path_parameters or {}
+    for name in params:
+        if name in real and (pick < 2 or (pick == 2 and name in ("event_id", "deployment"))):
+            params[name] = real[name]
+    body = case.body if isinstance(case.body, dict) else None
+    if body is None:
+        return True
+    if operation_id == "audioTranscriptions":
+        for name in set(body) - AUDIO_FIELDS:
+            del body[name]
+    positive = case.meta is None or case.meta.generation.mode == GenerationMode.POSITIVE
+    if not positive or pick >= 2:
+        return True
+    if model_class and "/v1/" in case.operation.path:
+        body["model"] = real["deployment"]
+    elif operation_id == "createEvent" or (operation_id == "updateEvent" and pick == 0):
+        body.update(window())
+        body.pop("image_url", None)
+    elif operation_id in ("createResource", "updateResource") and "endpoint" in body:
+        body["endpoint"] = fuzz.sim.url  # an upstream on loopback, never a generated host
+        if operation_id == "createResource" and body.get("auth", "key") == "key":
+            body.setdefault("api_key", "schemathesis")
+    elif operation_id == "register":
+        body["shared_code"] = SHARED_CODE
+        if pick == 0:
+            body["email"] = "fuzz@example.com"
+    return True
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Finding:
+    """The first case of one kind of failure (operation, status, failed checks), and a count."""
+
+    operation: str
+    mode: str
+    failures: list[str]
+    status: int
+    request: str
+    answer: str
+    count: int = 1
+
+    def __str__(self) -> str:
+        failures = "".join(f"\n  - {text}" for text in self.failures)
+        return (
+            f"{self.operation} ({self.mode} data, {self.count}x): HTTP {self.status}{failures}"
+            f"\n  request: {self.request}\n  answer: {self.answer!r}"
+        )
+
+
+def run_operation(
+    operation: APIOperation,
+    mode: GenerationMode,
+    fuzz: Fuzz,
+    session: requests.Session,
+    findings: dict[tuple[str, ...], Finding],
+    statuses: Counter[int],
+) -> None:
+    proxy = "proxy" in (operation.tags or [])
+
+    @hypothesis.settings(
+        max_examples=EXAMPLES[mode],
+        derandomize=True,
+        database=None,
+        deadline=None,
+        phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],  # no shrinking
+        suppress_health_check=list(hypothesis.HealthCheck),
+    )
+    @hypothesis.given(case=operation.as_strategy(generation_mode=mode), pick=st.integers(0, 3))
+    def run(case: Case, pick: int) -> None:
+        hypothesis.assume(with_real_values(case, pick, fuzz))
+        received = fuzz.upstream_state()[0] if proxy else 0
+        response = case.call(session=session)
+        if proxy:
+            total, last_status = fuzz.upstream_state()
+            UPSTREAM[case.id] = (total - received, last_status)
+        statuses[response.status_code] += 1
+        try:
+            case.validate_response(response, checks=CHECKS)
+        except FailureGroup as group:
+            titles = sorted({failure.title for failure in group.exceptions})
+            key = (operation.label, str(response.status_code), *titles)
+            if key in findings:
+                findings[key].count += 1
+                return
+            sent = response.request
+            body = sent.body.decode(errors="replace") if isinstance(sent.body, bytes) else sent.body
+            findings[key] = Finding(
+                operation.label,
+                mode.value,
+                sorted({f"{f.title}: {f.message.strip()}"[:700] for f in group.exceptions}),
+                response.status_code,
+                f"{sent.method} {sent.url}\n    body: {str(body)[:800]!r}",
+                response.text[:500],
+            )
+
+    try:
+        run()
+    except hypothesis.errors.Unsatisfiable:
+        pass  # negative data: this operation has nothing that can be made invalid
+
+
+def test_no_server_error_and_every_error_in_the_contract_shape(fuzz: Fuzz) -> None:
+    schema = load_schema(fuzz)
+    findings: dict[tuple[str, ...], Finding] = {}
+    statuses: Counter[int] = Counter()
+    labels: list[str] = []
+    started = time.perf_counter()
+    UPSTREAM.clear()
+    with requests.Session() as session:
+        for result in schema.get_all_operations():
+            operation = result.ok()
+            assert operation.base_url.startswith("http://127.0.0.1:"), operation.base_url
+            labels.append(operation.label)
+            for mode in EXAMPLES:
+                run_operation(operation, mode, fuzz, session, findings, statuses)
+    UPSTREAM.clear()
+    print(
+        f"schemathesis: {len(labels)} operations, {statuses.total()} requests "
+        f"in {time.perf_counter() - started:.1f}s, statuses {dict(sorted(statuses.items()))}"
+    )
+    assert {"POST /manage/events", "GET /eventinfo", "POST /events/{event_id}/register"} <= set(
+        labels
+    )
+    assert sum(label.startswith(("POST /openai/", "POST /indexes")) for label in labels) == 12
+    assert sum(label.startswith("GET /manage/") for label in labels) >= 7
+    assert statuses[200] > 200 and statuses[201] > 0, statuses
+    if findings:
+        pytest.fail(
+            f"{len(findings)} kinds of contract violation:\n"
+            + "\n".join(str(finding) for finding in findings.values()),
+            pytrace=False,
+        )
