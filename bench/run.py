@@ -232,7 +232,7 @@ class DevHost:
             "AIPROXY_TABLE_PREFIX": TABLE_PREFIX,
             "AIPROXY_ENCRYPTION_KEY": Fernet.generate_key().decode(),
             "AIPROXY_FUNCTION_KEY": FUNCTION_KEY,
-            "AIPROXY_USAGE_FLUSH_SECONDS": "1",
+            "AIPROXY_USAGE_FLUSH_SECONDS": os.environ.get("BENCH_USAGE_FLUSH_SECONDS", "1"),
         }
         args = [sys.executable, "-m", "local.devhost", "--port", str(self.port)]
         args += ["--settings", str(EXAMPLE_SETTINGS), "--log-level", "warning"]

@@ -63,8 +63,9 @@ def cooldown_seconds(headers: dict[str, str]) -> float:
 
 CURSORS_TABLE = "cursors"
 COOLDOWNS_TABLE = "cooldowns"
-# A lease is this many whole weighted cycles: each fully used lease splits exactly by weight.
-LEASE_CYCLES = 8
+# A lease is whole weighted cycles (each fully used lease splits exactly by weight), at least
+# this many positions: a lease is two storage calls, so small pools must not lease per request.
+LEASE_POSITIONS = 256
 # Take the next lease when this share of the current one is left.
 LEASE_REFILL_AT = 0.25
 
@@ -246,7 +247,8 @@ class Balancer:
             key = f"{pool}|{priority}"
             cycle = self._cycle(key, group)
             if rank == 0:
-                first = cycle[self._position(key, len(cycle) * LEASE_CYCLES) % len(cycle)]
+                cycles = max(8, -(-LEASE_POSITIONS // len(cycle)))
+                first = cycle[self._position(key, len(cycle) * cycles) % len(cycle)]
             else:
                 first = cycle[0]  # fallback groups keep their order; only the first one rotates
             ordered.append(first)

@@ -6,7 +6,7 @@ out to instances), `used` (requests admitted) and `tokens` (tokens counted).
 Requests: an instance reserves a block of requests from the row with a conditional update
 (ETag) and admits locally while it holds some. `granted` never passes the cap, so the request
 cap is never overshot while storage answers. Blocks shrink as the cap nears (remaining / 8,
-at most 100, at least 1), so the last requests of a day are reserved one by one, and an
+at most 1000, at least 1), so the last requests of a day are reserved one by one, and an
 instance hands back what it did not use after `idle_seconds` without requests.
 
 Tokens are only known after a call: each instance adds what it counted to the row every
@@ -34,7 +34,7 @@ from shared.tables import Conflict, StorageUnavailable, Tables
 log = logging.getLogger(__name__)
 
 COUNTERS_TABLE = "counters"
-MAX_BLOCK = 100
+MAX_BLOCK = 1000  # far from the cap, a reservation every 1000 requests; near it, one by one
 
 
 def block_size(remaining: int) -> int:

@@ -122,8 +122,8 @@ def test_two_instances_continue_one_round_robin_sequence(
         "cursors", f"PartitionKey ge '{setup.id}' and PartitionKey lt '{setup.id}~'"
     )
     assert len(cursors) == 1
-    # Each instance leased blocks of 8 cycles of 3 from the one shared counter.
-    assert cursors[0]["next"] % 24 == 0 and cursors[0]["next"] >= 2 * 24
+    # Each instance leased whole cycles of 3, at least 256 positions (258), from one counter.
+    assert cursors[0]["next"] % 258 == 0 and cursors[0]["next"] >= 2 * 258
 
 
 def test_cooldown_reaches_the_other_instance_within_two_seconds(
