@@ -173,11 +173,16 @@ class Tables:
         return [entity async for entity in self.iter_query(table, filter, parameters)]
 
     async def iter_query(
-        self, table: str, filter: str, parameters: dict[str, Any] | None = None
+        self,
+        table: str,
+        filter: str,
+        parameters: dict[str, Any] | None = None,
+        select: list[str] | None = None,
     ) -> AsyncIterator[Entity]:
         client = await self.client(table)
         try:
-            async for entity in client.query_entities(filter, parameters=parameters):
+            pages = client.query_entities(filter, parameters=parameters, select=select)
+            async for entity in pages:
                 yield dict(entity)
         except AzureError as exc:
             raise StorageUnavailable(str(exc)) from exc
