@@ -16,6 +16,7 @@ from shared.manage import Caller
 from shared.pipeline import error_response, new_request_id
 from shared.runtime import get_runtime
 from shared.tables import StorageUnavailable
+from shared.validation import json_object
 
 bp = func.Blueprint()
 
@@ -24,17 +25,6 @@ _FUNCTION = func.AuthLevel.FUNCTION
 
 def _json(data: Any, status: int = 200) -> StarletteResponse:
     return StarletteResponse(orjson.dumps(data), status, media_type="application/json")
-
-
-async def _body(req: Any) -> dict[str, Any]:
-    raw = await req.body()
-    try:
-        body = orjson.loads(raw or b"{}")
-    except orjson.JSONDecodeError as exc:
-        raise ProxyError("invalid_request", f"The body is not valid JSON ({exc.msg}).") from exc
-    if not isinstance(body, dict):
-        raise ProxyError("invalid_request", "The body must be a JSON object.")
-    return body
 
 
 def _caller(req: Any) -> Caller:
@@ -60,7 +50,7 @@ async def manage_events(req: Request) -> Response:
     async def work() -> StarletteResponse:
         runtime, caller = get_runtime(), _caller(req)
         if req.method == "POST":
-            created = await manage.create_event(runtime, caller, await _body(req))
+            created = await manage.create_event(runtime, caller, await json_object(req))
             return _json(created.to_json(), 201)
         return _json([e.to_json() for e in await manage.list_events(runtime, caller)])
 
@@ -76,7 +66,7 @@ async def manage_event(req: Request) -> Response:
     async def work() -> StarletteResponse:
         runtime, caller = get_runtime(), _caller(req)
         if req.method == "PATCH":
-            changed = await manage.update_event(runtime, caller, event_id, await _body(req))
+            changed = await manage.update_event(runtime, caller, event_id, await json_object(req))
             return _json(changed.to_json())
         if req.method == "DELETE":
             force = req.query_params.get("force", "").lower() == "true"
@@ -92,7 +82,7 @@ async def manage_resources(req: Request) -> Response:
     async def work() -> StarletteResponse:
         runtime, caller = get_runtime(), _caller(req)
         if req.method == "POST":
-            created = await manage.create_resource(runtime, caller, await _body(req))
+            created = await manage.create_resource(runtime, caller, await json_object(req))
             return _json(created.to_json(), 201)
         return _json([r.to_json() for r in await manage.list_resources(runtime, caller)])
 
@@ -108,7 +98,9 @@ async def manage_resource(req: Request) -> Response:
     async def work() -> StarletteResponse:
         runtime, caller = get_runtime(), _caller(req)
         if req.method == "PATCH":
-            changed = await manage.update_resource(runtime, caller, resource_id, await _body(req))
+            changed = await manage.update_resource(
+                runtime, caller, resource_id, await json_object(req)
+            )
             return _json(changed.to_json())
         if req.method == "DELETE":
             await manage.delete_resource(runtime, caller, resource_id)
@@ -155,7 +147,9 @@ async def manage_attendees(req: Request) -> Response:
     async def work() -> StarletteResponse:
         runtime, caller = get_runtime(), _caller(req)
         if req.method == "POST":
-            found, created = await manage.add_attendee(runtime, caller, event_id, await _body(req))
+            found, created = await manage.add_attendee(
+                runtime, caller, event_id, await json_object(req)
+            )
             return _json(found.to_json(runtime.sealer), 201 if created else 200)
         return _json(await manage.attendees_with_totals(runtime, caller, event_id))
 

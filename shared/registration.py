@@ -28,7 +28,7 @@ from shared.pipeline import REQUEST_ID_HEADER, error_response, new_request_id
 from shared.principal import principal
 from shared.runtime import Runtime, get_runtime, storage_down
 from shared.tables import StorageUnavailable
-from shared.validation import is_id, known_fields
+from shared.validation import is_id, json_object, known_fields
 
 _EMAIL = re.compile(r"^[^@\s,;<>()\"]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z0-9-]{2,}$")
 _FIELDS = {"email", "shared_code"}
@@ -173,17 +173,6 @@ def endpoint_of(request: Request, route_start: str = "events/") -> str:
     return f"{scheme}://{host}{path[:cut] if cut >= 0 else ''}"
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    try:
-        body = orjson.loads(raw or b"{}")
-    except orjson.JSONDecodeError as exc:
-        raise ProxyError("invalid_request", f"The body is not valid JSON ({exc.msg}).") from exc
-    if not isinstance(body, dict):
-        raise ProxyError("invalid_request", "The body must be a JSON object.")
-    return body
-
-
 async def register(request: Request, event_id: str) -> Response:
     """POST /api/events/{event_id}/register: 201 with a new key, 200 with the same one again."""
     runtime = get_runtime()
@@ -197,7 +186,7 @@ async def register(request: Request, event_id: str) -> Response:
         if signed_in is not None:
             user = signed_in.user
         else:
-            body = await _body(request)
+            body = await json_object(request)
             known_fields(body, _FIELDS, "a registration")
             client = client_address(request.headers, request.client)
             check_shared_code(event, body, client, runtime.settings.trust_easyauth)

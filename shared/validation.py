@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from shared.errors import invalid
+import orjson
+
+from shared.errors import ProxyError, invalid
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -52,3 +54,15 @@ def known_fields(body: dict[str, Any], allowed: set[str], kind: str) -> None:
 def is_id(value: str) -> bool:
     """Ids in paths: short, and safe as Table Storage keys."""
     return _ID.match(value) is not None
+
+
+async def json_object(request: Any) -> dict[str, Any]:
+    """A request body that must be a JSON object (an empty body is an empty object)."""
+    raw = await request.body()
+    try:
+        body = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise ProxyError("invalid_request", f"The body is not valid JSON ({exc.msg}).") from exc
+    if not isinstance(body, dict):
+        raise ProxyError("invalid_request", "The body must be a JSON object.")
+    return body
