@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from local.azurite import wait_for_port
+from local.simulator import CHOICE_FILTER_RESULTS, PROMPT_FILTER_RESULTS
 
 API_KEY = "bench-upstream-key"
 STREAM_DEPLOYMENT = "bench-stream"
@@ -33,27 +34,9 @@ CREATED = 1763800000
 STREAM_EVENTS = 35  # prompt filter chunk, role chunk, 30 content chunks, finish, usage, [DONE]
 PROMPT_TOKENS = 27
 
-_SAFE = {"filtered": False, "severity": "safe"}
-_CHOICE_FILTERS = {
-    "hate": _SAFE,
-    "protected_material_code": {"filtered": False, "detected": False},
-    "protected_material_text": {"filtered": False, "detected": False},
-    "self_harm": _SAFE,
-    "sexual": _SAFE,
-    "violence": _SAFE,
-}
-_PROMPT_FILTERS = [
-    {
-        "prompt_index": 0,
-        "content_filter_results": {
-            "hate": _SAFE,
-            "jailbreak": {"filtered": False, "detected": False},
-            "self_harm": _SAFE,
-            "sexual": _SAFE,
-            "violence": _SAFE,
-        },
-    }
-]
+# The same content-filter results Azure attaches, as the simulator sends them.
+_CHOICE_FILTERS = CHOICE_FILTER_RESULTS
+_PROMPT_FILTERS = PROMPT_FILTER_RESULTS
 # 30 pieces, one token each.
 _TEXT = (
     "Rivers carry water from the mountains to the sea , shaping valleys , feeding "
