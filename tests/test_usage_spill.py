@@ -1,0 +1,64 @@
+"""Usage records survive a shutdown while storage is down: spilled to disk, written later."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from local.azurite import Azurite, free_port
+from shared.settings import load
+from shared.tables import Tables
+from shared.usage import UsageRecord, UsageWriter
+from tests.harness import Storage, unique_prefix
+
+
+def record(n: int) -> UsageRecord:
+    now = datetime.now(UTC)
+    return UsageRecord(
+        event_id="spill", attendee_id="a", deployment="d", resource_id="r",
+        model_class="openai-chat", status=200, prompt_tokens=n, completion_tokens=1,
+        total_tokens=n + 1, streamed=False, estimated=False, latency_ms=1.0, time=now,
+        local_date=now.strftime("%Y%m%d"), request_id=f"req{n:04d}",
+    )  # fmt: skip
+
+
+async def test_records_spilled_at_shutdown_are_written_by_the_next_writer(
+    azurite: Azurite, tmp_path: Path
+) -> None:
+    prefix = unique_prefix("spill")
+    spill = tmp_path / "spill"
+    dead = Tables(load({"AIPROXY_STORAGE_CONNECTION_STRING": Azurite(free_port()).connection_string,
+                        "AIPROXY_TABLE_PREFIX": prefix}))  # fmt: skip
+    first = UsageWriter(dead, flush_seconds=0.1, spill_dir=spill)
+    for n in range(250):
+        first.append(record(n))
+    await first.close(timeout=0.5)  # storage never answers: the records go to disk
+    await dead.close()
+    files = list(spill.glob("usage-*.jsonl"))
+    assert len(files) == 1 and len(files[0].read_bytes().splitlines()) == 250
+
+    alive = Tables(load({"AIPROXY_STORAGE_CONNECTION_STRING": azurite.connection_string,
+                         "AIPROXY_TABLE_PREFIX": prefix}))  # fmt: skip
+    second = UsageWriter(alive, flush_seconds=0.1, spill_dir=spill)
+    await second.close()  # a new process on the same disk takes them back and writes them
+    await alive.close()
+    rows = Storage(azurite.connection_string, prefix).rows("usage", "event_id eq 'spill'")
+    assert sorted(r["request_id"] for r in rows) == [f"req{n:04d}" for n in range(250)]
+    assert sum(r["prompt_tokens"] for r in rows) == sum(range(250))
+    assert not list(spill.glob("usage-*.jsonl"))  # written, so gone from disk
+
+
+async def test_memory_stays_bounded_while_storage_is_down(tmp_path: Path) -> None:
+    prefix = unique_prefix("bound")
+    dead = Tables(load({"AIPROXY_STORAGE_CONNECTION_STRING": Azurite(free_port()).connection_string,
+                        "AIPROXY_TABLE_PREFIX": prefix}))  # fmt: skip
+    writer = UsageWriter(dead, flush_seconds=60, spill_dir=tmp_path, max_pending=100)
+    for n in range(350):
+        writer.append(record(n))
+    assert writer.pending <= 100  # the rest waits on disk
+    on_disk = sum(len(p.read_bytes().splitlines()) for p in tmp_path.glob("usage-*.jsonl"))
+    assert on_disk + writer.pending == 350
+    await writer.close(timeout=0.2)
+    await dead.close()
+    on_disk = sum(len(p.read_bytes().splitlines()) for p in tmp_path.glob("usage-*.jsonl"))
+    assert on_disk == 350  # nothing lost
