@@ -5,6 +5,8 @@ Everything that needs Entra goes through here, so tests can stand in one object.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 from shared.settings import Settings
@@ -35,9 +37,6 @@ class TokenSource:
         self._lock: Any = None
 
     async def token(self) -> str:
-        import asyncio
-        import time
-
         if self._token and self._expires_on - time.time() > _REFRESH_MARGIN_SECONDS:
             return self._token
         if self._lock is None:

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import orjson
@@ -22,6 +23,7 @@ from shared.caps import Counter
 from shared.catalog import Resource, valid_deployment_name
 from shared.errors import ProxyError
 from shared.guard import client_address
+from shared.identity import scope_for, upstream_token
 from shared.keys import key_from_headers
 from shared.runtime import Access, Runtime, get_runtime
 from shared.streaming import StreamMeter
@@ -183,8 +185,6 @@ class Forwarder:
     async def headers(self, resource: Resource) -> dict[str, str]:
         headers = {"content-type": "application/json"}
         if resource.auth == "managed_identity":
-            from shared.identity import scope_for, upstream_token
-
             token = await upstream_token(self.runtime.settings, scope_for(resource.model_class))
             headers["authorization"] = f"Bearer {token}"
         else:
@@ -324,6 +324,14 @@ class Call:
         if self.counter is not None:
             self.runtime.caps.settle(self.counter, self.worst_case_tokens, 0)
             self.counter = None
+
+    def record_failure(
+        self, resource: Resource | None, status: int, outcome: str, *, streamed: bool
+    ) -> None:
+        """A call that used no tokens: the upstream failed or never answered."""
+        self.record(
+            resource, status, (0, 0, 0), streamed=streamed, estimated=False, outcome=outcome
+        )
 
     def record(
         self,
@@ -476,14 +484,7 @@ class Call:
             )
         except ProxyError as error:
             if error.code in ("upstream_error", "upstream_timeout", "no_capacity"):
-                self.record(
-                    None,
-                    error.status,
-                    (0, 0, 0),
-                    streamed=stream,
-                    estimated=False,
-                    outcome=error.code,
-                )
+                self.record_failure(None, error.status, error.code, streamed=stream)
             raise
         response_headers = {**answer.passed_headers(), REQUEST_ID_HEADER: self.request_id}
         if (
@@ -506,8 +507,6 @@ class Call:
             if k.lower() not in _NOT_FORWARDED_QUERY
         ]
         params.append(("api-version", api_version))
-        from urllib.parse import urlencode
-
         return urlencode(params)
 
     async def _finish(
@@ -525,9 +524,7 @@ class Call:
             async with asyncio.timeout(max(remaining, 0.001)):
                 content = await answer.read()
         except (UpstreamTimeout, UpstreamUnreachable, TimeoutError) as exc:
-            self.record(
-                resource, 502, (0, 0, 0), streamed=stream, estimated=False, outcome="upstream_error"
-            )
+            self.record_failure(resource, 502, "upstream_error", streamed=stream)
             timed_out = isinstance(exc, UpstreamTimeout | TimeoutError)
             code = "upstream_timeout" if timed_out else "upstream_error"
             raise ProxyError(code, "The deployment stopped answering midway. Retry.") from exc
@@ -537,14 +534,7 @@ class Call:
             try:
                 parsed = orjson.loads(content)
             except orjson.JSONDecodeError:
-                self.record(
-                    resource,
-                    502,
-                    (0, 0, 0),
-                    streamed=stream,
-                    estimated=False,
-                    outcome="upstream_error",
-                )
+                self.record_failure(resource, 502, "upstream_error", streamed=stream)
                 raise ProxyError(
                     "upstream_error", "The deployment answered with something that is not JSON."
                 ) from None

@@ -22,6 +22,7 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
+from azure.core.rest import HttpRequest
 from azure.data.tables import TableTransactionError, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 
@@ -253,8 +254,6 @@ def _entity_json(entity: Entity) -> bytes:
 
 
 async def _send_upsert_batch(client: TableClient, rows: list[Entity]) -> None:
-    from azure.core.rest import HttpRequest
-
     base = f"{client.scheme}://{client._primary_hostname}"
     batch, changeset = f"batch_{uuid4()}", f"changeset_{uuid4()}"
     parts = [f"--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n".encode()]
