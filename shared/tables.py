@@ -10,7 +10,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator, Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 from uuid import uuid4
 
@@ -29,6 +29,23 @@ from azure.data.tables.aio import TableClient, TableServiceClient
 from shared.settings import Settings
 
 Entity = dict[str, Any]
+
+
+class EncodedRow(NamedTuple):
+    """An entity encoded once for an upsert batch (`Tables.encode_upsert`).
+
+    Encoding is most of a batch's CPU; doing it when the entity is made spreads that cost over
+    the requests instead of spending it in one burst that holds every request back.
+    """
+
+    partition: str
+    row: str
+    part: bytes  # the batch's request for this entity, without its boundary line
+    body_at: int  # where the entity's JSON starts in `part`
+
+    @property
+    def json(self) -> bytes:
+        return self.part[self.body_at : -2]
 
 
 class StorageUnavailable(Exception):
@@ -77,6 +94,7 @@ class Tables:
             self._service = TableServiceClient.from_connection_string(
                 settings.storage_connection_string, **options
             )
+        self._base = f"{self._service.scheme}://{self._service._primary_hostname}"
         self._clients: dict[str, TableClient] = {}
         self._ready: set[str] = set()
         self._lock = asyncio.Lock()
@@ -188,6 +206,56 @@ class Tables:
         except AzureError as exc:
             raise StorageUnavailable(str(exc)) from exc
 
+    async def pages(
+        self,
+        table: str,
+        filter: str,
+        parameters: dict[str, str],
+        select: list[str],
+        size: int = 500,
+    ) -> AsyncIterator[list[Entity]]:
+        """A query's entities a page at a time, as plain JSON values (for big scans).
+
+        The SDK turns every property of every entity into typed objects, about 5 ms per
+        thousand entities in one step of the event loop; a rollup reading a busy day's records
+        that way held requests back for tens of milliseconds. Here a page is parsed in one go
+        by orjson, small enough to be a fraction of a millisecond. `parameters` are strings.
+        """
+        client = await self.client(table)
+        for name, value in parameters.items():
+            filter = filter.replace(f"@{name}", "'" + value.replace("'", "''") + "'")
+        params = {"$filter": filter, "$select": ",".join(select), "$top": str(size)}
+        try:
+            while True:
+                request = HttpRequest(
+                    "GET",
+                    f"{self._base}/{client.table_name}()",
+                    params=params,
+                    headers={
+                        "x-ms-version": client.api_version,
+                        "DataServiceVersion": "3.0",
+                        "Accept": "application/json;odata=nometadata",
+                    },
+                )
+                response = await client._client.send_request(request, stream=True)
+                body = await response.read()
+                if response.status_code != 200:
+                    raise StorageUnavailable(
+                        f"query refused: {response.status_code} {body[:300]!r}"
+                    )
+                yield orjson.loads(body)["value"]
+                next_pk = response.headers.get("x-ms-continuation-NextPartitionKey")
+                if not next_pk:
+                    return
+                params["NextPartitionKey"] = next_pk
+                next_rk = response.headers.get("x-ms-continuation-NextRowKey")
+                if next_rk:
+                    params["NextRowKey"] = next_rk
+                else:
+                    params.pop("NextRowKey", None)
+        except AzureError as exc:
+            raise StorageUnavailable(str(exc)) from exc
+
     async def partition(self, table: str, pk: str) -> list[Entity]:
         return await self.query(table, "PartitionKey eq @pk", {"pk": pk})
 
@@ -198,22 +266,38 @@ class Tables:
         except AzureError as exc:
             raise StorageUnavailable(str(exc)) from exc
 
+    def encode_upsert(self, table: str, entity: Entity) -> EncodedRow:
+        """An entity as one request of an upsert batch, ready for `upsert_encoded`."""
+        pk, rk = str(entity["PartitionKey"]), str(entity["RowKey"])
+        head = (
+            "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+            f"PUT {self._base}/{self.name(table)}(PartitionKey='{_key(pk)}',RowKey='{_key(rk)}')"
+            " HTTP/1.1\r\nContent-Type: application/json\r\n"
+            "Accept: application/json;odata=nometadata\r\nDataServiceVersion: 3.0\r\n\r\n"
+        ).encode()
+        return EncodedRow(pk, rk, head + _entity_json(entity) + b"\r\n", len(head))
+
     async def upsert_batch(self, table: str, entities: Iterable[Entity]) -> None:
-        """Upsert entities of one partition in one transaction (at most 100).
+        """Upsert entities of one partition in one transaction (at most 100)."""
+        await self.upsert_encoded(table, [self.encode_upsert(table, e) for e in entities])
+
+    async def upsert_encoded(self, table: str, rows: list[EncodedRow]) -> None:
+        """Upsert encoded entities of one partition in one transaction (at most 100).
 
         The SDK builds and parses batch bodies with the `email` package, which costs more CPU
         than the request it carries; the body here is written directly and sent through the
         table client's own pipeline (its authentication and retries).
         """
-        rows = list(entities)
         if not rows:
             return
         client = await self.client(table)
         try:
-            await _send_upsert_batch(client, rows)
+            await _send_upsert_batch(client, self._base, rows)
         except (AttributeError, TypeError):
             # The SDK changed its insides: take its own, slower way.
-            operations = [("upsert", entity, {"mode": UpdateMode.REPLACE}) for entity in rows]
+            operations = [
+                ("upsert", _decoded(row.json), {"mode": UpdateMode.REPLACE}) for row in rows
+            ]
             try:
                 await client.submit_transaction(operations)
             except (TableTransactionError, AzureError) as exc:
@@ -253,24 +337,22 @@ def _entity_json(entity: Entity) -> bytes:
     return orjson.dumps(body)
 
 
-async def _send_upsert_batch(client: TableClient, rows: list[Entity]) -> None:
-    base = f"{client.scheme}://{client._primary_hostname}"
+def _key(value: str) -> str:
+    """A key as it goes into an entity's address: quotes doubled, then percent-encoded."""
+    return quote(value.replace("'", "''"), safe="")
+
+
+def _decoded(body: bytes) -> Entity:
+    """An encoded entity back as the SDK takes it (typed values kept as their strings)."""
+    return {k: v for k, v in orjson.loads(body).items() if not k.endswith("@odata.type")}
+
+
+async def _send_upsert_batch(client: TableClient, base: str, rows: list[EncodedRow]) -> None:
     batch, changeset = f"batch_{uuid4()}", f"changeset_{uuid4()}"
+    line = f"--{changeset}\r\n".encode()
     parts = [f"--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n".encode()]
-    for entity in rows:
-        pk = quote(str(entity["PartitionKey"]).replace("'", "''"), safe="")
-        rk = quote(str(entity["RowKey"]).replace("'", "''"), safe="")
-        parts.append(
-            (
-                f"--{changeset}\r\nContent-Type: application/http\r\n"
-                "Content-Transfer-Encoding: binary\r\n\r\n"
-                f"PUT {base}/{client.table_name}(PartitionKey='{pk}',RowKey='{rk}') HTTP/1.1\r\n"
-                "Content-Type: application/json\r\nAccept: application/json;odata=nometadata\r\n"
-                "DataServiceVersion: 3.0\r\n\r\n"
-            ).encode()
-            + _entity_json(entity)
-            + b"\r\n"
-        )
+    for row in rows:
+        parts += (line, row.part)
     parts.append(f"--{changeset}--\r\n\r\n--{batch}--\r\n".encode())
     request = HttpRequest(
         "POST",

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from shared.tables import StorageUnavailable, Tables
+from shared.tables import EncodedRow, StorageUnavailable, Tables
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,9 @@ class UsageWriter:
         self._flush_seconds = flush_seconds
         self._spill_dir = spill_dir
         self._max_pending = max_pending
-        self._pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self._pending: dict[str, list[EncodedRow]] = defaultdict(list)
         self._count = 0
+        self._unmarked: set[tuple[str, str]] = set()  # (partition, bucket) written, not marked
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._spilled_checked = False
@@ -95,13 +96,14 @@ class UsageWriter:
         return self._count
 
     def append(self, record: UsageRecord) -> None:
-        self._add(record.to_entity())
+        self._add(record.to_entity())  # encoded now: a flush then only joins bytes
         if self._count > self._max_pending:
             self._spill()
         self._ensure_running()
 
     def _add(self, entity: dict[str, Any]) -> None:
-        self._pending[entity["PartitionKey"]].append(entity)
+        row = self._tables.encode_upsert(USAGE_TABLE, entity)
+        self._pending[row.partition].append(row)
         self._count += 1
 
     def _ensure_running(self) -> None:
@@ -114,7 +116,7 @@ class UsageWriter:
             await asyncio.sleep(backoff)
             if not self._spilled_checked:
                 self._spilled_checked = self._load_spilled()
-            if not self._count:
+            if not self._count and not self._unmarked:
                 return
             try:
                 await self.flush()
@@ -134,22 +136,24 @@ class UsageWriter:
         async with self._lock:
             for partition in list(self._pending):
                 rows = self._pending[partition]
-                chunk_rows = list(rows)
-                while rows:
+                while rows:  # records appended meanwhile join this loop
                     chunk = rows[:_BATCH]
-                    await self._tables.upsert_batch(USAGE_TABLE, chunk)
+                    await self._tables.upsert_encoded(USAGE_TABLE, chunk)
+                    self._unmarked.update((partition, row.row[:BUCKET_CHARS]) for row in chunk)
                     del rows[: len(chunk)]
                     self._count -= len(chunk)
                     self.written += len(chunk)
                 del self._pending[partition]
-                # Mark the 10-minute buckets written to: the rollup recomputes only those.
+            # Mark the 10-minute buckets written to: the rollup recomputes only those. A bucket
+            # stays unmarked until storage took its mark, even if a later batch failed.
+            now = time.time()
+            for partition, bucket in sorted(self._unmarked):
                 event_id, _, day = partition.rpartition("_")
-                now = time.time()
-                for bucket in sorted({row["RowKey"][:BUCKET_CHARS] for row in chunk_rows}):
-                    await self._tables.upsert(
-                        DAYS_TABLE,
-                        {"PartitionKey": event_id, "RowKey": f"{day}|{bucket}", "last_write": now},
-                    )
+                await self._tables.upsert(
+                    DAYS_TABLE,
+                    {"PartitionKey": event_id, "RowKey": f"{day}|{bucket}", "last_write": now},
+                )
+                self._unmarked.discard((partition, bucket))
 
     async def flush_quietly(self) -> None:
         """Flush what is pending if storage takes it; otherwise leave it to the writer."""
@@ -159,18 +163,24 @@ class UsageWriter:
             pass
 
     def _spill(self) -> None:
-        """Move every pending record to a file (memory stays bounded while storage is down)."""
-        if self._spill_dir is None or not self._count:
+        """Move every pending record to a file (memory stays bounded while storage is down).
+
+        Buckets written to but not yet marked for the rollup go along as `{"mark": [...]}`.
+        """
+        if self._spill_dir is None or not (self._count or self._unmarked):
             return
         self._spill_dir.mkdir(parents=True, exist_ok=True)
         path = self._spill_dir / f"usage-{os.getpid()}-{time.time_ns()}.jsonl"
         with path.open("wb") as out:
             for rows in self._pending.values():
                 for row in rows:
-                    out.write(orjson.dumps(row) + b"\n")
+                    out.write(row.json + b"\n")
+            for mark in sorted(self._unmarked):
+                out.write(orjson.dumps({"mark": mark}) + b"\n")
         log.warning("usage writer: %d records spilled to %s", self._count, path)
         self._pending.clear()
         self._count = 0
+        self._unmarked.clear()
         self._spilled_checked = False
 
     def _load_spilled(self) -> bool:
@@ -186,8 +196,14 @@ class UsageWriter:
             except OSError:
                 continue
             for line in lines:
-                if line.strip():
-                    self._add(orjson.loads(line))
+                if not line.strip():
+                    continue
+                entity = orjson.loads(line)
+                if "mark" in entity:
+                    partition, bucket = entity["mark"]
+                    self._unmarked.add((partition, bucket))
+                else:
+                    self._add(entity)
             log.info("usage writer: %d spilled records taken back from %s", len(lines), path)
         return True
 
@@ -198,7 +214,7 @@ class UsageWriter:
         if not self._spilled_checked:
             self._load_spilled()
         deadline = asyncio.get_running_loop().time() + timeout
-        while self._count:
+        while self._count or self._unmarked:
             try:
                 await self.flush()
             except StorageUnavailable:

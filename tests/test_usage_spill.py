@@ -5,10 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import orjson
+
 from local.azurite import Azurite, free_port
+from shared.rollups import report
 from shared.settings import load
-from shared.tables import Tables
-from shared.usage import UsageRecord, UsageWriter
+from shared.tables import StorageUnavailable, Tables
+from shared.usage import DAYS_TABLE, UsageRecord, UsageWriter
 from tests.harness import Storage, unique_prefix
 
 
@@ -62,3 +65,39 @@ async def test_memory_stays_bounded_while_storage_is_down(tmp_path: Path) -> Non
     await dead.close()
     on_disk = sum(len(p.read_bytes().splitlines()) for p in tmp_path.glob("usage-*.jsonl"))
     assert on_disk == 350  # nothing lost
+
+
+class MarksRefused(Tables):
+    """Real storage that takes the records but refuses every rollup mark (a fault between)."""
+
+    async def upsert(self, table: str, entity: dict, *, replace: bool = False) -> None:
+        if table == DAYS_TABLE:
+            raise StorageUnavailable("injected: marks refused")
+        await super().upsert(table, entity, replace=replace)
+
+
+async def test_buckets_written_but_not_marked_are_marked_later_and_rolled_up(
+    azurite: Azurite, tmp_path: Path
+) -> None:
+    prefix = unique_prefix("marks")
+    settings = load({"AIPROXY_STORAGE_CONNECTION_STRING": azurite.connection_string,
+                     "AIPROXY_TABLE_PREFIX": prefix})  # fmt: skip
+    refusing = MarksRefused(settings)
+    first = UsageWriter(refusing, flush_seconds=60, spill_dir=tmp_path)
+    for n in range(150):
+        first.append(record(n))
+    await first.close(timeout=0.5)  # records written, their bucket's mark refused: spilled
+    await refusing.close()
+    assert first.written == 150
+    lines = [orjson.loads(line) for p in tmp_path.glob("usage-*.jsonl")
+             for line in p.read_bytes().splitlines()]  # fmt: skip
+    assert len(lines) >= 1 and all("mark" in line for line in lines)
+
+    alive = Tables(settings)
+    second = UsageWriter(alive, flush_seconds=60, spill_dir=tmp_path)
+    await second.close()  # takes the marks back and writes them
+    totals = await report(alive, "spill", "attendee", {})
+    await alive.close()
+    assert totals["totals"]["requests"] == 150
+    assert totals["totals"]["prompt_tokens"] == sum(range(150))
+    assert not list(tmp_path.glob("usage-*.jsonl"))

@@ -1,0 +1,70 @@
+"""The lean storage paths (batches written and pages read without the SDK's entity models)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from local.azurite import Azurite
+from shared.rollups import roll_up
+from shared.settings import load
+from shared.tables import Tables
+from shared.usage import UsageRecord, UsageWriter
+from tests.harness import unique_prefix
+
+
+def tables_for(azurite: Azurite, name: str) -> Tables:
+    return Tables(load({"AIPROXY_STORAGE_CONNECTION_STRING": azurite.connection_string,
+                        "AIPROXY_TABLE_PREFIX": unique_prefix(name)}))  # fmt: skip
+
+
+async def test_pages_follow_continuations_and_keep_values(azurite: Azurite) -> None:
+    tables = tables_for(azurite, "pages")
+    partition = "o'brien 1"  # a quote and a space: escaped in the filter and the address
+    rows = [
+        {"PartitionKey": partition, "RowKey": f"r{n:05d}", "n": n, "ratio": n / 4,
+         "name": f"it's {n}", "flag": n % 2 == 0, "big": 2**40 + n}
+        for n in range(1234)
+    ]  # fmt: skip
+    for start in range(0, len(rows), 100):
+        await tables.upsert_batch("t", rows[start : start + 100])
+    await tables.upsert_batch("t", [{"PartitionKey": "other", "RowKey": "r00000", "n": -1}])
+
+    pages = [
+        page
+        async for page in tables.pages(
+            "t", "PartitionKey eq @pk and RowKey ge @low", {"pk": partition, "low": "r00000"},
+            select=["RowKey", "n", "ratio", "name", "flag", "big"], size=500,
+        )
+    ]  # fmt: skip
+    await tables.close()
+    assert [len(page) for page in pages] == [500, 500, 234]
+    found = [row for page in pages for row in page]
+    assert [row["RowKey"] for row in found] == [row["RowKey"] for row in rows]
+    assert found[7] == {"RowKey": "r00007", "n": 7, "ratio": 1.75, "name": "it's 7",
+                        "flag": False, "big": str(2**40 + 7)}  # fmt: skip
+
+
+async def test_a_bucket_of_many_pages_rolls_up_exactly(azurite: Azurite) -> None:
+    tables = tables_for(azurite, "bigbucket")
+    writer = UsageWriter(tables, flush_seconds=60)
+    now = datetime.now(UTC)
+    for n in range(1234):
+        writer.append(
+            UsageRecord(
+                event_id="big", attendee_id=f"a{n % 3}", deployment="d", resource_id="r",
+                model_class="openai-chat", status=200, prompt_tokens=n, completion_tokens=2,
+                total_tokens=n + 2, streamed=False, estimated=False, latency_ms=1.0, time=now,
+                local_date=now.strftime("%Y%m%d"), request_id=f"req{n:05d}",
+            )
+        )  # fmt: skip
+    await writer.close()
+    result = await roll_up(tables, "big")
+    totals = await tables.partition("rollups", "big")
+    await tables.close()
+    assert result.records == 1234 and result.buckets == 1
+    by_attendee = {row["attendee_id"]: row for row in totals}
+    for a in range(3):
+        mine = [n for n in range(1234) if n % 3 == a]
+        assert by_attendee[f"a{a}"]["requests"] == len(mine)
+        assert by_attendee[f"a{a}"]["prompt_tokens"] == sum(mine)
+        assert by_attendee[f"a{a}"]["completion_tokens"] == 2 * len(mine)
