@@ -7,7 +7,9 @@ Requests: an instance reserves a block of requests from the row with a condition
 (ETag) and admits locally while it holds some. `granted` never passes the cap, so the request
 cap is never overshot while storage answers. Blocks shrink as the cap nears (remaining / 8,
 at most 1000, at least 1), so the last requests of a day are reserved one by one, and an
-instance hands back what it did not use after `idle_seconds` without requests.
+instance hands back what it did not use after `idle_seconds` without requests. The next block
+is reserved in the background when a quarter of the last one is left, so calls wait for storage
+only when it is slower than a quarter block of traffic.
 
 Tokens are only known after a call: each instance adds what it counted to the row every
 `sync_seconds` and reads the row back. A call is refused once the tokens known here reach the
@@ -35,6 +37,9 @@ log = logging.getLogger(__name__)
 
 COUNTERS_TABLE = "counters"
 MAX_BLOCK = 1000  # far from the cap, a reservation every 1000 requests; near it, one by one
+# Reserve the next block in the background when this share of the last one is left, so calls
+# do not wait for storage while the cap is far.
+REFILL_AT = 0.25
 
 
 def block_size(remaining: int) -> int:
@@ -56,6 +61,7 @@ class Counter:
     tokens_unflushed: int = 0
     tokens_in_flight: int = 0  # worst-case tokens of calls admitted here and not answered yet
     last_used: float = 0.0
+    block: int = 0  # size of the last block reserved
     refilling: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -80,6 +86,7 @@ class Caps:
         self._counters: dict[tuple[str, str], Counter] = {}
         self._caps: dict[str, int] = {}  # partition -> request cap, for hand-backs
         self._task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     def _counter(self, event: Event, attendee_id: str, now: datetime) -> Counter:
         partition = f"{event.id}_{event.local_date(now)}"
@@ -112,6 +119,17 @@ class Caps:
         counter.used_unflushed += 1
         counter.tokens_in_flight += worst_case_tokens
         counter.last_used = time.monotonic()
+        if (
+            counter.allowance <= counter.block * REFILL_AT
+            and not counter.refilling
+            and counter.granted_seen < event.daily_request_cap
+        ):
+            counter.refilling = True
+            task = asyncio.get_running_loop().create_task(
+                self._reserve_ahead(counter, event.daily_request_cap)
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return counter
 
     @staticmethod
@@ -132,6 +150,17 @@ class Caps:
         """A call finished: swap its reservation for what it really used."""
         counter.tokens_in_flight -= worst_case_tokens
         counter.tokens_unflushed += tokens
+
+    async def _reserve_ahead(self, counter: Counter, cap: int) -> None:
+        """The next block, before this one runs out (calls only wait when storage is slow)."""
+        try:
+            async with counter.lock:
+                await self._write(counter, cap, reserve=True)
+        except StorageUnavailable as exc:
+            # Calls reserve for themselves once the allowance is gone.
+            log.warning("caps: no block reserved ahead: %s", str(exc)[:200])
+        finally:
+            counter.refilling = False
 
     async def _reserve(self, counter: Counter, cap: int) -> None:
         async with counter.lock:
@@ -186,6 +215,8 @@ class Caps:
             counter.tokens_unflushed -= tokens
             counter.provisional -= provisional
             counter.allowance += block
+            if block:
+                counter.block = block
             counter.granted_seen = entity["granted"]
             counter.used_seen = entity["used"]
             counter.tokens_seen = entity["tokens"]
@@ -237,6 +268,8 @@ class Caps:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        for task in list(self._background):
+            task.cancel()
         for counter in self._counters.values():
             counter.last_used = 0.0  # hand everything back
         try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -15,7 +15,11 @@ import httpx
 import pytest
 
 from local.azurite import Azurite
-from tests.harness import DevHost, EventSetup, Simulator, Storage, devhost_env
+from shared.caps import Caps
+from shared.events import Event
+from shared.settings import load
+from shared.tables import Tables
+from tests.harness import DevHost, EventSetup, Simulator, Storage, devhost_env, unique_prefix
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 # 8 prompt tokens and 12 completion tokens: 20 tokens a call.
@@ -159,3 +163,32 @@ def test_unused_allowance_is_handed_back_to_other_instances(
     time.sleep(6.5)  # idle: host hands its reserved request back
     assert call(second_host, setup.key).status_code == 200
     assert call(second_host, setup.key).status_code == 429
+
+
+class SlowStorage(Tables):
+    """Real storage answering every counter read 100 ms late."""
+
+    async def get_versioned(self, table: str, pk: str, rk: str) -> Any:
+        await asyncio.sleep(0.1)
+        return await super().get_versioned(table, pk, rk)
+
+
+async def test_the_next_block_is_reserved_before_calls_run_out(azurite: Azurite) -> None:
+    tables = SlowStorage(load({"AIPROXY_STORAGE_CONNECTION_STRING": azurite.connection_string,
+                               "AIPROXY_TABLE_PREFIX": unique_prefix("ahead")}))  # fmt: skip
+    caps = Caps(tables, sync_seconds=60)
+    start = datetime.now(UTC).replace(tzinfo=None)
+    event = Event(id="ahead", name="Ahead", starts_at=start, ends_at=start + timedelta(days=1),
+                  time_zone="UTC", max_token_cap=100, daily_request_cap=8000)  # fmt: skip
+    waited = []
+    for _ in range(1200):  # up to 1,000 calls a second; blocks of 1000, 875, ...
+        started = time.perf_counter()
+        await caps.admit(event, "a1", datetime.now(UTC))
+        waited.append(time.perf_counter() - started > 0.08)
+        await asyncio.sleep(0.001)
+    counter = await tables.get("counters", f"ahead_{start:%Y%m%d}", "a1")
+    await caps.close()
+    await tables.close()
+    assert waited[0]  # the first call reserves for itself
+    assert sum(waited) == 1, f"{sum(waited)} calls waited for storage"
+    assert counter is not None and counter["granted"] == 1875
