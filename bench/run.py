@@ -707,6 +707,64 @@ def attach_log(runs: list[Run], text: str) -> None:
             )
 
 
+def control_lines(report: dict[str, Any], runs: list[Run]) -> list[str]:
+    controls = report.get("controls") or []
+    if not controls:
+        return []
+    one = [r for r in runs if r.mode == "json" and r.connections == 1]
+    rows = [*(asdict(r) for r in one), *controls]
+    lines = [
+        "## Harness controls at 1 connection",
+        "",
+        "The direct run measures nginx and wrk alone on CPU 1. A proxied request also crosses "
+        "cores four times, and the proxy's usage records keep Azurite busy on CPU 1, beside "
+        "the upstream and wrk. These direct runs add each of those without the proxy (the "
+        "records come from the proxy's own writer, in a thread on CPU 0, at the proxy run's "
+        "rate):",
+        "",
+        "| run | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['target']} | {r['rps']:,.0f} | {_ms(r['p50_ms'])} | {_ms(r['p90_ms'])} | "
+            f"{_ms(r['p99_ms'])} | {_ms(r['p999_ms'])} | {_ms(r['max_ms'])} |"
+        )
+    proxy = next((r for r in one if r.target == "proxy"), None)
+    storage = next((c for c in controls if "Azurite" in c["target"]), None)
+    if proxy and storage:
+        lines += [
+            "",
+            f"Proxy p99 minus the p99 of the direct run with Azurite writing: "
+            f"{proxy.p99_ms - storage['p99_ms']:.2f} ms (p50: "
+            f"{proxy.p50_ms - storage['p50_ms']:.2f} ms).",
+        ]
+    return [*lines, ""]
+
+
+def client_lines(report: dict[str, Any]) -> list[str]:
+    clients = report.get("clients") or []
+    if not clients:
+        return []
+    from bench.clients import CONCURRENCY
+
+    lines = [
+        "## Upstream HTTP clients",
+        "",
+        f"Each client alone in a process on CPU {PROXY_CPU} (uvloop), {CONCURRENCY} tasks "
+        "sending the same chat request to nginx; plain answers read whole, streams chunk by "
+        "chunk. CPU per request is what the client costs a proxy.",
+        "",
+        "| client | mode | req/s | CPU/req ms |",
+        "|---|---|---:|---:|",
+    ]
+    for c in clients:
+        lines.append(
+            f"| {c['client']} | {c['mode']} | {c['rps']:,.0f} | {_ms(c['cpu_ms_per_request'], 3)} |"
+        )
+    return [*lines, ""]
+
+
 def markdown(report: dict[str, Any], runs: list[Run]) -> str:
     m = report["machine"]
     packages = ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v)
@@ -732,6 +790,8 @@ def markdown(report: dict[str, Any], runs: list[Run]) -> str:
         table(runs),
         "",
         *load_notes(runs),
+        *control_lines(report, runs),
+        *client_lines(report),
         "## Time to first byte, streams",
         "",
         f"{TTFB_REQUESTS} sequential streamed requests on one keep-alive connection "
@@ -801,6 +861,100 @@ def markdown(report: dict[str, Any], runs: list[Run]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+# --- upstream HTTP clients and harness controls ---------------------------------------------
+
+
+def compare_clients(base: str, key: str, seconds: float) -> list[dict[str, Any]]:
+    """aiohttp against httpx as the upstream client, each in a process on the proxy's core."""
+    results = []
+    for mode in MODES:
+        for client in ("aiohttp", "httpx"):
+            args = [sys.executable, "-m", "bench.clients", base, key, str(seconds), client, mode]
+            done = subprocess.run(
+                pinned(PROXY_CPU if CPUS >= 2 else None, args),
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=seconds + 120,
+            )
+            line = next(
+                (x for x in done.stdout.splitlines() if x.startswith("BENCH_CLIENT ")), None
+            )
+            if line is None:
+                raise RuntimeError(f"bench.clients {client} {mode}: {done.stderr[-2000:]}")
+            results.append(json.loads(line.split(" ", 1)[1]))
+    return results
+
+
+def _write_usage_at(storage: str, rate: float, stop: threading.Event) -> None:
+    """Usage records at `rate` a second through the proxy's own writer (1 s batches), from a
+    thread on the proxy's core (idle meanwhile): Azurite does what a proxy run makes it do."""
+    import asyncio
+
+    from shared.settings import load
+    from shared.tables import Tables
+    from shared.usage import UsageRecord, UsageWriter
+
+    if CPUS >= 2:
+        os.sched_setaffinity(0, {PROXY_CPU})  # this thread only
+
+    async def main() -> None:
+        tables = Tables(
+            load({"AIPROXY_STORAGE_CONNECTION_STRING": storage, "AIPROXY_TABLE_PREFIX": "control"})
+        )
+        writer = UsageWriter(tables, flush_seconds=1.0)
+        started, n = time.monotonic(), 0
+        while not stop.is_set():
+            due = int((time.monotonic() - started) * rate)
+            now = datetime.now(UTC)
+            for _ in range(due - n):
+                n += 1
+                writer.append(
+                    UsageRecord(
+                        event_id="control", attendee_id="a", deployment="bench",
+                        resource_id="r", model_class="openai-chat", status=200,
+                        prompt_tokens=19, completion_tokens=12, total_tokens=31,
+                        streamed=False, estimated=False, latency_ms=0.6, time=now,
+                        local_date=now.strftime("%Y%m%d"), request_id=f"control{n:08d}",
+                    )
+                )  # fmt: skip
+            await asyncio.sleep(0.01)
+        await writer.close()
+        await tables.close()
+
+    asyncio.run(main())
+
+
+def harness_controls(
+    work: Path, direct: Target, storage: str, write_rate: float, seconds: float
+) -> list[Run]:
+    """Direct runs at one connection under what the proxy run adds besides the proxy itself:
+    the upstream a core away (every proxied request crosses cores four times), and Azurite
+    writing the proxy's usage records on the load core."""
+    from bench.nginx import FakeUpstream
+    from local.azurite import free_port
+
+    controls = []
+    far = FakeUpstream(work / "nginx-far", [free_port()], PROXY_CPU).start()
+    try:
+        target = Target("direct, upstream on CPU 0", far.urls[0], "", direct.key)
+        controls.append(to_run(target, "json", 1, wrk(target, "json", 1, seconds)))
+    finally:
+        far.stop()
+    stop = threading.Event()
+    writer = threading.Thread(target=_write_usage_at, args=(storage, write_rate, stop))
+    writer.start()
+    try:
+        time.sleep(1.5)  # the first batches are on their way
+        target = Target(f"direct, Azurite writing {write_rate:,.0f} records/s", direct.base,
+                        "", direct.key)  # fmt: skip
+        controls.append(to_run(target, "json", 1, wrk(target, "json", 1, seconds)))
+    finally:
+        stop.set()
+        writer.join(60)
+    return controls
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -907,6 +1061,18 @@ def main() -> int:
                 if run.non_2xx or run.socket_errors:
                     report_errors(host, proxy, mode, run)
 
+        controls: list[Run] = []
+        if os.environ.get("BENCH_CONTROLS", "1").strip() != "0":
+            print("bench: harness controls at 1 connection", flush=True)
+            c1 = next(
+                r for r in runs if r.target == "proxy" and r.mode == "json" and r.connections == 1
+            )
+            controls = harness_controls(work, direct, azurite.connection_string, c1.rps, seconds)
+        clients: list[dict[str, Any]] = []
+        if os.environ.get("BENCH_CLIENTS", "1").strip() != "0":
+            print("bench: upstream HTTP clients, aiohttp and httpx", flush=True)
+            clients = compare_clients(upstream.urls[0], API_KEY, min(seconds, 10))
+
         print(f"bench: time to first byte, {TTFB_REQUESTS} streams each way", flush=True)
         ttfbs = [ttfb(direct), ttfb(proxy)]
         proxied += TTFB_REQUESTS + TTFB_WARMUP
@@ -964,6 +1130,8 @@ def main() -> int:
             "seconds": seconds,
             "connections": list(CONNECTIONS),
             "runs": [asdict(run) for run in runs],
+            "controls": [asdict(run) for run in controls],
+            "clients": clients,
             "ttfb": ttfbs,
             "memory": memory,
             "idle_cpu": idle_cpu,
