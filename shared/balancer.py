@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from shared.background import Background
 from shared.catalog import Resource
 from shared.tables import Conflict, StorageUnavailable, Tables
 
@@ -97,7 +98,7 @@ class Balancer:
         self._cycles: dict[str, tuple[tuple[tuple[str, int], ...], list[Resource]]] = {}
         self._cooling: dict[str, float] = {}
         self._sync_task: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background()
 
     # --- cooldowns ---------------------------------------------------------------------
 
@@ -107,7 +108,7 @@ class Balancer:
         if until > self._cooling.get(resource_id, 0.0):
             self._cooling[resource_id] = until
             if self._tables is not None:
-                self._spawn(self._publish_cooldown(resource_id, time.time() + seconds))
+                self._background.spawn(self._publish_cooldown(resource_id, time.time() + seconds))
 
     def cooling_for(self, resource_id: str) -> float:
         return max(0.0, self._cooling.get(resource_id, 0.0) - time.monotonic())
@@ -177,7 +178,7 @@ class Balancer:
             and lease.end - lease.next <= block * LEASE_REFILL_AT
         ):
             lease.refilling = True
-            self._spawn(self._refill(key, lease, block))
+            self._background.spawn(self._refill(key, lease, block))
         return position
 
     async def _refill(self, key: str, lease: Lease, block: int) -> None:
@@ -255,13 +256,7 @@ class Balancer:
             ordered.extend(m for m in group if m is not first)
         return ordered
 
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def close(self) -> None:
         if self._sync_task is not None:
             self._sync_task.cancel()
-        for task in list(self._background):
-            task.cancel()
+        self._background.cancel()

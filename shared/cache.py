@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
+
+from shared.background import Background
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -20,7 +21,7 @@ class TTLCache(Generic[K, V]):
         self._entries: dict[K, tuple[float, V]] = {}
         self._refreshing: set[K] = set()
         self._generation = 0  # bumped by every invalidation
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = Background()
 
     def get(self, key: K) -> tuple[bool, V | None]:
         entry = self._entries.get(key)
@@ -54,11 +55,7 @@ class TTLCache(Generic[K, V]):
         if entry[0] < time.monotonic() and key not in self._refreshing:
             self._refreshing.add(key)
             generation = self._generation
-            task = asyncio.get_running_loop().create_task(
-                self._refresh(key, load, stale_on, generation)
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._background.spawn(self._refresh(key, load, stale_on, generation))
         return entry[1]
 
     async def _refresh(

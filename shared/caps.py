@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from shared.background import Background
 from shared.errors import ProxyError
 from shared.events import Event
 from shared.tables import Conflict, StorageUnavailable, Tables
@@ -86,7 +87,7 @@ class Caps:
         self._counters: dict[tuple[str, str], Counter] = {}
         self._caps: dict[str, int] = {}  # partition -> request cap, for hand-backs
         self._task: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self._background = Background()
 
     def _counter(self, event: Event, attendee_id: str, now: datetime) -> Counter:
         partition = f"{event.id}_{event.local_date(now)}"
@@ -125,11 +126,7 @@ class Caps:
             and counter.granted_seen < event.daily_request_cap
         ):
             counter.refilling = True
-            task = asyncio.get_running_loop().create_task(
-                self._reserve_ahead(counter, event.daily_request_cap)
-            )
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._background.spawn(self._reserve_ahead(counter, event.daily_request_cap))
         return counter
 
     @staticmethod
@@ -268,8 +265,7 @@ class Caps:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        for task in list(self._background):
-            task.cancel()
+        self._background.cancel()
         for counter in self._counters.values():
             counter.last_used = 0.0  # hand everything back
         try:
