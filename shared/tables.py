@@ -223,7 +223,7 @@ class Tables:
         """
         client = await self.client(table)
         for name, value in parameters.items():
-            filter = filter.replace(f"@{name}", "'" + value.replace("'", "''") + "'")
+            filter = filter.replace(f"@{name}", f"'{_literal(value)}'")
         params = {"$filter": filter, "$select": ",".join(select), "$top": str(size)}
         try:
             while True:
@@ -337,9 +337,14 @@ def _entity_json(entity: Entity) -> bytes:
     return orjson.dumps(body)
 
 
+def _literal(value: str) -> str:
+    """A string as it goes between the quotes of an OData literal: its quotes doubled."""
+    return value.replace("'", "''")
+
+
 def _key(value: str) -> str:
-    """A key as it goes into an entity's address: quotes doubled, then percent-encoded."""
-    return quote(value.replace("'", "''"), safe="")
+    """A key as it goes into an entity's address: a literal, percent-encoded."""
+    return quote(_literal(value), safe="")
 
 
 def _decoded(body: bytes) -> Entity:
