@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from local.azurite import wait_for_port
+from local.process import stop
 from local.simulator import CHOICE_FILTER_RESULTS, PROMPT_FILTER_RESULTS
 
 API_KEY = "bench-upstream-key"
@@ -256,11 +257,6 @@ class FakeUpstream:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGQUIT)  # graceful: workers finish, master exits
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop(self.process, signal.SIGQUIT)  # graceful: workers finish, master exits
         self.process = None

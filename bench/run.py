@@ -252,13 +252,9 @@ class DevHost:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        from local.process import stop
+
+        stop(self.process, timeout=20)
         self._log.close()
 
 

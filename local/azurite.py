@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from local.process import stop
 from shared.settings import AZURITE_ACCOUNT_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,12 +83,7 @@ class Azurite:
         return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
+        if self.process is not None:
             # SIGINT: Azurite saves its data on SIGINT but not on SIGTERM.
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop(self.process, signal.SIGINT)
         self.process = None

@@ -18,6 +18,7 @@ from azure.data.tables import TableServiceClient
 from cryptography.fernet import Fernet
 
 from local.azurite import free_port, wait_for_port
+from local.process import stop
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_SETTINGS = ROOT / "local.settings.example.json"
@@ -41,13 +42,7 @@ class Process:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop(self.process, timeout=15)
         self._log.close()
 
 

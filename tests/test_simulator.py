@@ -21,6 +21,8 @@ import openai
 import pytest
 import tiktoken
 
+from local.process import stop
+
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "simkey"
 API_VERSION = "2024-10-21"
@@ -67,12 +69,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         if proc.stdout:
             proc.stdout.close()
     # No traceback or other noise: logging is off by default.
