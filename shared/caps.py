@@ -5,11 +5,12 @@ out to instances), `used` (requests admitted) and `tokens` (tokens counted).
 
 Requests: an instance reserves a block of requests from the row with a conditional update
 (ETag) and admits locally while it holds some. `granted` never passes the cap, so the request
-cap is never overshot while storage answers. Blocks shrink as the cap nears (remaining / 8,
-at most 1000, at least 1), so the last requests of a day are reserved one by one, and an
-instance hands back what it did not use after `idle_seconds` without requests. The next block
-is reserved in the background when a quarter of the last one is left, so calls wait for storage
-only when it is slower than a quarter block of traffic.
+cap is never overshot while storage answers. A block is 1000 requests, or what this instance
+admitted for the attendee in the last `BLOCK_SECONDS` when that is more; blocks shrink as the
+cap nears (remaining / 8, at least 1), so the last requests of a day are reserved one by one.
+An instance hands back what it did not use after `idle_seconds` without requests. The next
+block is reserved in the background when half of the last one is left: calls wait for storage
+only when it takes longer than about one second of their traffic to answer.
 
 Tokens are only known after a call: each instance adds what it counted to the row every
 `sync_seconds` and reads the row back. A call is refused once the tokens known here reach the
@@ -37,14 +38,16 @@ from shared.tables import Conflict, StorageUnavailable, Tables
 log = logging.getLogger(__name__)
 
 COUNTERS_TABLE = "counters"
-MAX_BLOCK = 1000  # far from the cap, a reservation every 1000 requests; near it, one by one
+BLOCK = 1000  # far from the cap, a reservation every 1000 requests at least; near it, one by one
+BLOCK_SECONDS = 2.0  # a busier attendee's block covers this long at their recent rate
 # Reserve the next block in the background when this share of the last one is left, so calls
 # do not wait for storage while the cap is far.
-REFILL_AT = 0.25
+REFILL_AT = 0.5
 
 
-def block_size(remaining: int) -> int:
-    return max(1, min(MAX_BLOCK, remaining // 8))
+def block_size(remaining: int, recent: int = 0) -> int:
+    """The next block: `recent` is what the instance admitted in the last BLOCK_SECONDS."""
+    return max(1, min(max(BLOCK, recent), remaining // 8))
 
 
 @dataclass
@@ -63,6 +66,8 @@ class Counter:
     tokens_in_flight: int = 0  # worst-case tokens of calls admitted here and not answered yet
     last_used: float = 0.0
     block: int = 0  # size of the last block reserved
+    admitted: int = 0  # calls admitted here, ever
+    block_mark: tuple[float, int] = (0.0, 0)  # (when, admitted) as the last block arrived
     refilling: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -119,15 +124,25 @@ class Caps:
         counter.allowance -= 1
         counter.used_unflushed += 1
         counter.tokens_in_flight += worst_case_tokens
+        counter.admitted += 1
         counter.last_used = time.monotonic()
         if (
-            counter.allowance <= counter.block * REFILL_AT
+            counter.allowance < counter.block * REFILL_AT
             and not counter.refilling
             and counter.granted_seen < event.daily_request_cap
         ):
             counter.refilling = True
             self._background.spawn(self._reserve_ahead(counter, event.daily_request_cap))
         return counter
+
+    @staticmethod
+    def _recent(counter: Counter) -> int:
+        """Calls admitted here in the last BLOCK_SECONDS, at the rate since the last block."""
+        since, admitted = counter.block_mark
+        elapsed = time.monotonic() - since
+        if not since or elapsed <= 0:
+            return 0
+        return int((counter.admitted - admitted) * BLOCK_SECONDS / elapsed)
 
     @staticmethod
     def _check_tokens(counter: Counter, event: Event, now: datetime) -> None:
@@ -189,7 +204,9 @@ class Caps:
             )
             row: dict[str, Any] = found[0] if found else {}
             granted = int(row.get("granted", 0)) + provisional - give_back
-            block = block_size(cap - granted) if reserve and granted < cap else 0
+            block = 0
+            if reserve and granted < cap:
+                block = block_size(cap - granted, self._recent(counter))
             entity = {
                 "PartitionKey": counter.partition,
                 "RowKey": counter.attendee_id,
@@ -214,6 +231,7 @@ class Caps:
             counter.allowance += block
             if block:
                 counter.block = block
+                counter.block_mark = (time.monotonic(), counter.admitted)
             counter.granted_seen = entity["granted"]
             counter.used_seen = entity["used"]
             counter.tokens_seen = entity["tokens"]

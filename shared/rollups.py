@@ -34,6 +34,11 @@ NUMBERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "un
 _TOKEN_FIELDS = NUMBERS[1:]
 _CHUNK = 30_000  # characters per string property (Table Storage allows 32K)
 _SLICE = 200  # records summed between two chances for requests to run (about 0.2 ms)
+# After each page of records, rest as long as storage took to serve it. The records share their
+# partition with the usage writer's appends (Table Storage targets 2,000 entities/s per
+# partition), and a single-threaded emulator serves nothing else while it scans: a rollup
+# never takes more than half of what storage gives.
+_REST = 1.0
 
 
 @dataclass
@@ -116,12 +121,15 @@ async def _roll_up_bucket(
         {"pk": f"{event_id}_{day}", "low": bucket, "high": bucket + "~"},
         select=["attendee_id", "deployment", *_TOKEN_FIELDS],  # a third of each record
     )
+    asked = time.monotonic()
     async for page in pages:
+        await asyncio.sleep((time.monotonic() - asked) * _REST)
         for start in range(0, len(page), _SLICE):
             for record in page[start : start + _SLICE]:
                 groups[f"{record['attendee_id']}|{record['deployment']}"].add(record)
             await asyncio.sleep(0)  # a busy bucket must not hold requests back
         result.records += len(page)
+        asked = time.monotonic()
     encoded = orjson.dumps({key: t.as_list() for key, t in groups.items()}).decode()
     part: dict[str, Any] = {"PartitionKey": event_id, "RowKey": f"{day}|{bucket}", "day": day}
     for index in range(0, max(len(encoded), 1), _CHUNK):

@@ -212,7 +212,7 @@ class Tables:
         filter: str,
         parameters: dict[str, str],
         select: list[str],
-        size: int = 500,
+        size: int = 1000,
     ) -> AsyncIterator[list[Entity]]:
         """A query's entities a page at a time, as plain JSON values (for big scans).
 

@@ -166,10 +166,12 @@ def test_unused_allowance_is_handed_back_to_other_instances(
 
 
 class SlowStorage(Tables):
-    """Real storage answering every counter read 100 ms late."""
+    """Real storage answering every counter read `delay` seconds late."""
+
+    delay = 0.1
 
     async def get_versioned(self, table: str, pk: str, rk: str) -> Any:
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(self.delay)
         return await super().get_versioned(table, pk, rk)
 
 
@@ -192,3 +194,30 @@ async def test_the_next_block_is_reserved_before_calls_run_out(azurite: Azurite)
     assert waited[0]  # the first call reserves for itself
     assert sum(waited) == 1, f"{sum(waited)} calls waited for storage"
     assert counter is not None and counter["granted"] == 1875
+
+
+async def test_a_busy_attendees_blocks_grow_with_their_rate(azurite: Azurite) -> None:
+    tables = SlowStorage(load({"AIPROXY_STORAGE_CONNECTION_STRING": azurite.connection_string,
+                               "AIPROXY_TABLE_PREFIX": unique_prefix("rate")}))  # fmt: skip
+    tables.delay = 0.3  # half a block of 1000 lasts less than that at this rate
+    caps = Caps(tables, sync_seconds=60)
+    start = datetime.now(UTC).replace(tzinfo=None)
+    event = Event(id="rate", name="Rate", starts_at=start, ends_at=start + timedelta(days=1),
+                  time_zone="UTC", max_token_cap=100, daily_request_cap=10**7)  # fmt: skip
+    waited, blocks = [], set()
+    for n in range(6000):  # thousands of calls a second, for about two seconds
+        started = time.perf_counter()
+        counter = await caps.admit(event, "a1", datetime.now(UTC))
+        waited.append(time.perf_counter() - started > 0.05)
+        blocks.add(counter.block)
+        if n % 6 == 0:
+            await asyncio.sleep(0.001)
+    await caps.close()
+    await tables.close()
+    # The first call reserves for itself; the first block's second half runs out before the
+    # next block arrives (its size was not known yet). From then on blocks cover about two
+    # seconds of calls and arrive while half of the last one is left. Blocks of 1000 would
+    # make every thousandth call wait.
+    assert waited[0]
+    assert sum(waited) <= 2, f"{sum(waited)} calls waited for storage; blocks {sorted(blocks)}"
+    assert max(blocks) > 1000

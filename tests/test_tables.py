@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 from local.azurite import Azurite
 from shared.rollups import roll_up
@@ -68,3 +72,53 @@ async def test_a_bucket_of_many_pages_rolls_up_exactly(azurite: Azurite) -> None
         assert by_attendee[f"a{a}"]["requests"] == len(mine)
         assert by_attendee[f"a{a}"]["prompt_tokens"] == sum(mine)
         assert by_attendee[f"a{a}"]["completion_tokens"] == 2 * len(mine)
+
+
+class TimedPages(Tables):
+    """Real storage, each page served `delay` late; records when pages are asked for and served."""
+
+    delay = 0.05
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.asked: list[float] = []
+        self.served: list[float] = []
+
+    async def pages(self, *args: Any, **kwargs: Any) -> AsyncIterator[list[dict[str, Any]]]:
+        source = super().pages(*args, **kwargs)
+        while True:
+            self.asked.append(time.monotonic())
+            await asyncio.sleep(self.delay)
+            try:
+                page = await anext(source)
+            except StopAsyncIteration:
+                return
+            self.served.append(time.monotonic())
+            yield page
+
+
+async def test_a_rollup_rests_between_pages_as_long_as_storage_took(azurite: Azurite) -> None:
+    settings = load({"AIPROXY_STORAGE_CONNECTION_STRING": azurite.connection_string,
+                     "AIPROXY_TABLE_PREFIX": unique_prefix("rest")})  # fmt: skip
+    tables = TimedPages(settings)
+    writer = UsageWriter(tables, flush_seconds=60)
+    now = datetime.now(UTC)
+    for n in range(2500):
+        writer.append(
+            UsageRecord(
+                event_id="rest", attendee_id="a", deployment="d", resource_id="r",
+                model_class="openai-chat", status=200, prompt_tokens=1, completion_tokens=1,
+                total_tokens=2, streamed=False, estimated=False, latency_ms=1.0, time=now,
+                local_date=now.strftime("%Y%m%d"), request_id=f"req{n:05d}",
+            )
+        )  # fmt: skip
+    await writer.close()
+    result = await roll_up(tables, "rest")
+    await tables.close()
+    assert result.records == 2500
+    assert len(tables.served) == 3  # pages of 1000, the most Table Storage returns
+    for page in range(len(tables.served)):
+        took = tables.served[page] - tables.asked[page]
+        rested = tables.asked[page + 1] - tables.served[page]
+        assert took >= TimedPages.delay
+        assert rested >= took * 0.9, f"page {page}: served in {took:.3f} s, rested {rested:.3f} s"
