@@ -61,6 +61,8 @@ class Event:
     owner: str = ""
     created_at: str = ""
     _window: tuple[datetime, datetime] | None = field(default=None, repr=False, compare=False)
+    # (YYYYMMDD, its first instant, the next day's first instant), all UTC: every call asks
+    _day: tuple[str, datetime, datetime] | None = field(default=None, repr=False, compare=False)
 
     @property
     def zone(self) -> ZoneInfo:
@@ -76,8 +78,17 @@ class Event:
         return self._window
 
     def local_date(self, now: datetime) -> str:
-        """Today's date in the event's time zone, as YYYYMMDD."""
-        return now.astimezone(self.zone).strftime("%Y%m%d")
+        """Today's date in the event's time zone, as YYYYMMDD (`now` is aware)."""
+        day = self._day
+        if day is not None and day[1] <= now < day[2]:
+            return day[0]
+        zone = self.zone
+        local = now.astimezone(zone)
+        following = local.date() + timedelta(days=1)
+        first = datetime(local.year, local.month, local.day, tzinfo=zone).astimezone(UTC)
+        last = datetime(following.year, following.month, following.day, tzinfo=zone)
+        self._day = (local.strftime("%Y%m%d"), min(first, now), last.astimezone(UTC))
+        return self._day[0]
 
     def seconds_to_local_midnight(self, now: datetime) -> int:
         zone = self.zone
@@ -218,7 +229,7 @@ def _apply(event: Event, body: dict[str, Any], raw_times: dict[str, Any]) -> Non
         event.active = boolean("active", body["active"])
     if event.ends_at <= event.starts_at:
         raise invalid("ends_at", "must be after starts_at")
-    event._window = None
+    event._window = event._day = None
 
 
 def new_event(body: dict[str, Any], *, owner: str, now: datetime) -> Event:

@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 from opentelemetry.trace import SpanKind
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from shared import clock, telemetry, tokens
 from shared.balancer import DEFAULT_COOLDOWN_SECONDS, cooldown_seconds
@@ -26,7 +26,7 @@ from shared.guard import client_address
 from shared.identity import scope_for, upstream_token
 from shared.keys import key_from_headers
 from shared.runtime import Access, Runtime, get_runtime
-from shared.streaming import StreamMeter
+from shared.streaming import EventStreamResponse, StreamMeter
 from shared.upstream import UpstreamAnswer, UpstreamTimeout, UpstreamUnreachable
 from shared.usage import UsageRecord
 
@@ -492,7 +492,7 @@ class Call:
             and answer.status == 200
             and "text/event-stream" in answer.headers.get("content-type", "")
         ):
-            return StreamingResponse(
+            return EventStreamResponse(
                 self._relay(resource, answer, payload, hide_usage),
                 status_code=200,
                 headers=response_headers,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -58,3 +59,16 @@ def test_local_date_and_midnight_follow_the_zone_across_dst() -> None:
     assert e.local_date(at("2026-10-24T22:30:00")) == "20261025"
     # The night of the 25th has 25 hours: midnight in Berlin is 23:00 UTC (CET, +01:00).
     assert e.seconds_to_local_midnight(at("2026-10-25T22:00:00")) == 3600
+
+
+@pytest.mark.parametrize("zone", ["Europe/Berlin", "America/Santiago", "Pacific/Apia", "UTC"])
+def test_the_remembered_local_date_changes_exactly_at_local_midnight(zone: str) -> None:
+    """One event asked again and again, minute by minute across DST changes and backwards,
+    answers as a fresh computation would."""
+    e = event("2026-01-01T00:00:00", "2027-01-01T00:00:00", zone)
+    starts = [at("2026-03-28T20:00:00"), at("2026-04-04T20:00:00"), at("2026-09-05T20:00:00"),
+              at("2026-10-24T20:00:00"), at("2026-12-31T20:00:00")]  # fmt: skip
+    for start in starts:
+        for step in [*range(0, 60 * 30, 7), *range(60 * 30, 0, -11)]:  # minutes on, then back
+            now = start + timedelta(minutes=step)
+            assert e.local_date(now) == now.astimezone(ZoneInfo(zone)).strftime("%Y%m%d"), now

@@ -44,3 +44,13 @@ def test_completion_tokens_are_estimated_from_the_text_that_passed() -> None:
     meter.feed(b"\n\n".join([CHUNK] * 4) + b"\n\n")
     assert meter.usage is None
     assert meter.estimate_completion_tokens() == 4  # "HiHiHiHi" is 4 tokens in cl100k
+
+
+@pytest.mark.parametrize("separator", [b"\n\n", b"\r\n\r\n"])
+def test_a_stream_cut_into_small_pieces_passes_whole(separator: bytes) -> None:
+    stream = separator.join([CHUNK, CHUNK, USAGE, DONE]) + separator
+    meter = StreamMeter(hide_usage=False)
+    out = b"".join(meter.feed(stream[i : i + 7]) for i in range(0, len(stream), 7))
+    assert out + meter.rest() == stream
+    assert meter.usage is not None and meter.usage["total_tokens"] == 7
+    assert meter.done

@@ -121,6 +121,7 @@ def test_client_that_goes_away_cancels_the_upstream_and_is_recorded(
     host: DevHost, event: EventSetup, sim: Simulator, storage: Storage
 ) -> None:
     closed_before = sim.stats()["by_status"].get("client_closed", 0)
+    logged_before = len(host.proc.log())
     body = {
         "messages": [{"role": "user", "content": "[sim:tokens=60 latency_ms_per_token=100] go"}],
         "stream": True,
@@ -141,6 +142,7 @@ def test_client_that_goes_away_cancels_the_upstream_and_is_recorded(
     assert record["outcome"] == "client_gone"
     assert 3 <= record["completion_tokens"] < 60  # what was streamed before the client left
     assert record["estimated"] is True
+    assert "Traceback" not in host.proc.log()[logged_before:]  # a client leaving is no server error
 
 
 def test_stream_that_stalls_past_the_idle_timeout_is_ended_with_an_error(
