@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from shared.tables import EncodedRow, StorageUnavailable, Tables
+from shared.tables import EncodedRow, Refused, StorageUnavailable, Tables
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,7 @@ DAYS_TABLE = "usagedays"  # (event, day|bucket) -> last_write, rolled_at: for th
 # 10-minute bucket.
 BUCKET_CHARS = 12
 _BATCH = 100  # Table Storage's limit of operations in one transaction
+REFUSED_FILE = "refused-usage.jsonl"  # records storage would not take: for an operator to see
 
 
 @dataclass
@@ -90,6 +91,7 @@ class UsageWriter:
         self._spilled_checked = False
         self.written = 0
         self.failures = 0
+        self.refused = 0  # records storage would not take, set aside in REFUSED_FILE
 
     @property
     def pending(self) -> int:
@@ -138,11 +140,16 @@ class UsageWriter:
                 rows = self._pending[partition]
                 while rows:  # records appended meanwhile join this loop
                     chunk = rows[:_BATCH]
-                    await self._tables.upsert_encoded(USAGE_TABLE, chunk)
+                    try:
+                        await self._tables.upsert_encoded(USAGE_TABLE, chunk)
+                        refused: list[EncodedRow] = []
+                    except Refused:
+                        refused = await self._write_apart(chunk)
+                        self._set_aside(refused)
                     self._unmarked.update((partition, row.row[:BUCKET_CHARS]) for row in chunk)
                     del rows[: len(chunk)]
                     self._count -= len(chunk)
-                    self.written += len(chunk)
+                    self.written += len(chunk) - len(refused)
                 del self._pending[partition]
             # Mark the 10-minute buckets written to: the rollup recomputes only those. A bucket
             # stays unmarked until storage took its mark, even if a later batch failed.
@@ -154,6 +161,44 @@ class UsageWriter:
                     {"PartitionKey": event_id, "RowKey": f"{day}|{bucket}", "last_write": now},
                 )
                 self._unmarked.discard((partition, bucket))
+
+    async def _write_apart(self, rows: list[EncodedRow]) -> list[EncodedRow]:
+        """Write a batch storage refused in halves, down to single records; return the records
+        refused on their own.
+
+        One bad record costs about 2 x log2(100) small batches instead of stopping the writer.
+        An outage meanwhile raises: the whole batch stays pending and is tried again.
+        """
+        if len(rows) == 1:
+            return rows
+        half = len(rows) // 2
+        refused = []
+        for part in (rows[:half], rows[half:]):
+            try:
+                await self._tables.upsert_encoded(USAGE_TABLE, part)
+            except Refused:
+                refused += await self._write_apart(part)
+        return refused
+
+    def _set_aside(self, rows: list[EncodedRow]) -> None:
+        """Keep records storage refuses in `refused-usage.jsonl` beside the spill files (never
+        read back), or in the error log when there is no spill directory."""
+        self.refused += len(rows)
+        lines = b"".join(row.json + b"\n" for row in rows)
+        if self._spill_dir is not None:
+            try:
+                self._spill_dir.mkdir(parents=True, exist_ok=True)
+                with (self._spill_dir / REFUSED_FILE).open("ab") as out:
+                    out.write(lines)
+                log.error(
+                    "usage writer: %d records refused by storage, kept in %s",
+                    len(rows),
+                    self._spill_dir / REFUSED_FILE,
+                )
+                return
+            except OSError as exc:
+                log.error("usage writer: could not keep refused records on disk: %s", exc)
+        log.error("usage writer: %d records refused by storage: %s", len(rows), lines.decode())
 
     async def flush_quietly(self) -> None:
         """Flush what is pending if storage takes it; otherwise leave it to the writer."""

@@ -11,17 +11,17 @@ from local.azurite import Azurite, free_port
 from shared.rollups import report
 from shared.settings import load
 from shared.tables import StorageUnavailable, Tables
-from shared.usage import DAYS_TABLE, UsageRecord, UsageWriter
+from shared.usage import DAYS_TABLE, REFUSED_FILE, UsageRecord, UsageWriter
 from tests.harness import Storage, unique_prefix
 
 
-def record(n: int) -> UsageRecord:
+def record(n: int, request_id: str = "") -> UsageRecord:
     now = datetime.now(UTC)
     return UsageRecord(
         event_id="spill", attendee_id="a", deployment="d", resource_id="r",
         model_class="openai-chat", status=200, prompt_tokens=n, completion_tokens=1,
         total_tokens=n + 1, streamed=False, estimated=False, latency_ms=1.0, time=now,
-        local_date=now.strftime("%Y%m%d"), request_id=f"req{n:04d}",
+        local_date=now.strftime("%Y%m%d"), request_id=request_id or f"req{n:04d}",
     )  # fmt: skip
 
 
@@ -101,3 +101,29 @@ async def test_buckets_written_but_not_marked_are_marked_later_and_rolled_up(
     assert totals["totals"]["requests"] == 150
     assert totals["totals"]["prompt_tokens"] == sum(range(150))
     assert not list(tmp_path.glob("usage-*.jsonl"))
+
+
+async def test_records_storage_refuses_are_set_aside_and_the_rest_written(
+    azurite: Azurite, tmp_path: Path
+) -> None:
+    """A record storage will never take ('/' is not allowed in a row key) must not hold back
+    the others in its batch, nor be retried for ever."""
+    prefix = unique_prefix("refused")
+    tables = Tables(load({"AIPROXY_STORAGE_CONNECTION_STRING": azurite.connection_string,
+                          "AIPROXY_TABLE_PREFIX": prefix}))  # fmt: skip
+    writer = UsageWriter(tables, flush_seconds=60, spill_dir=tmp_path)
+    bad = {37: "bad/one", 121: "bad/two"}
+    for n in range(150):
+        writer.append(record(n, bad.get(n, "")))
+    await writer.flush()  # no exception: nothing here is an outage
+    await writer.flush()  # and nothing is left to try again
+    await tables.close()
+    assert (writer.pending, writer.written, writer.refused) == (0, 148, 2)
+    rows = Storage(azurite.connection_string, prefix).rows("usage", "event_id eq 'spill'")
+    assert sorted(r["request_id"] for r in rows) == [
+        f"req{n:04d}" for n in range(150) if n not in bad
+    ]
+    kept = [orjson.loads(line) for line in (tmp_path / REFUSED_FILE).read_bytes().splitlines()]
+    assert [r["request_id"] for r in kept] == ["bad/one", "bad/two"]
+    assert [r["prompt_tokens"] for r in kept] == [37, 121]  # whole records, for an operator
+    assert not list(tmp_path.glob("usage-*.jsonl"))  # not taken for spilled records
