@@ -573,9 +573,9 @@ class Call:
                         f"the stream ran longer than {settings.upstream_total_timeout}s"
                     )
                 try:
-                    chunk = await asyncio.wait_for(
-                        content.readany(), min(settings.stream_idle_timeout, remaining)
-                    )
+                    # A timeout scope, not wait_for: no task per chunk.
+                    async with asyncio.timeout(min(settings.stream_idle_timeout, remaining)):
+                        chunk = await content.readany()
                 except (TimeoutError, aiohttp.ClientError) as exc:
                     outcome = "cut"
                     out = meter.feed(answer.received_before_failure())
