@@ -142,7 +142,7 @@ class EventStreamResponse(StreamingResponse):
 
     Starlette's StreamingResponse sends the body and waits for the client's disconnect in an
     anyio task group when the server speaks ASGI spec 2.3 or older (uvicorn does): two tasks and
-    a cancel scope per stream, about a tenth of the proxy's CPU for a short stream. Here one
+    a cancel scope per stream, 4% of the proxy's CPU per short stream in an A/B run. Here one
     plain task waits for the disconnect and cancels the sending task, which ends the body (the
     relay records the call as the client's leaving) and returns quietly.
     """
