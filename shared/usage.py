@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from shared import memory
 from shared.tables import EncodedRow, Refused, StorageUnavailable, Tables
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,9 @@ DAYS_TABLE = "usagedays"  # (event, day|bucket) -> last_write, rolled_at: for th
 # 10-minute bucket.
 BUCKET_CHARS = 12
 _BATCH = 100  # Table Storage's limit of operations in one transaction
+# Records held at once (about 1 KB each) after which the memory they took is handed back to the
+# system once they are written (`shared.memory`): a backlog, not one flush interval of traffic.
+TRIM_AFTER = 5_000
 REFUSED_FILE = "refused-usage.jsonl"  # records storage would not take: for an operator to see
 
 
@@ -85,6 +89,7 @@ class UsageWriter:
         self._max_pending = max_pending
         self._pending: dict[str, list[EncodedRow]] = defaultdict(list)
         self._count = 0
+        self._peak = 0  # most records held at once since memory was last handed back
         self._unmarked: set[tuple[str, str]] = set()  # (partition, bucket) written, not marked
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -92,6 +97,7 @@ class UsageWriter:
         self.written = 0
         self.failures = 0
         self.refused = 0  # records storage would not take, set aside in REFUSED_FILE
+        self.trims = 0  # times memory was handed back after a backlog was written
 
     @property
     def pending(self) -> int:
@@ -107,6 +113,8 @@ class UsageWriter:
         row = self._tables.encode_upsert(USAGE_TABLE, entity)
         self._pending[row.partition].append(row)
         self._count += 1
+        if self._count > self._peak:
+            self._peak = self._count
 
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():
@@ -123,6 +131,9 @@ class UsageWriter:
             try:
                 await self.flush()
                 backoff = self._flush_seconds
+                if not self._count and self._peak >= TRIM_AFTER:
+                    self._peak = 0
+                    self.trims += await memory.trim()
             except StorageUnavailable as exc:
                 self.failures += 1
                 backoff = min(backoff * 2, 30.0)
