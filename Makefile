@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint format bench clean chromium vendor
+.PHONY: setup run test lint format bench bench-ab clean chromium vendor
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ lint: setup
 bench: setup
 	$(PY) -m bench.run
 	[ "$${BENCH_LOAD:-1}" = 0 ] || $(PY) -m bench.load
+
+# A change measured against a commit, in alternating rounds: make bench-ab COMMIT=HEAD~1
+bench-ab: setup
+	$(PY) -m bench.ab $(COMMIT)
 
 clean:
 	rm -rf $(VENV) node_modules .data artifacts .pytest_cache .ruff_cache

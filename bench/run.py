@@ -218,7 +218,8 @@ def machine() -> dict[str, Any]:
 class DevHost:
     """The dev host under test: one process, pinned to the proxy's core."""
 
-    def __init__(self, work: Path, storage: str, cpu: int | None) -> None:
+    def __init__(self, work: Path, storage: str, cpu: int | None, root: Path = ROOT) -> None:
+        """`root`: the tree whose code runs (another commit's worktree for an A/B)."""
         from cryptography.fernet import Fernet
 
         from local.azurite import free_port
@@ -237,7 +238,7 @@ class DevHost:
         args = [sys.executable, "-m", "local.devhost", "--port", str(self.port)]
         args += ["--settings", str(EXAMPLE_SETTINGS), "--log-level", "warning"]
         self.process = subprocess.Popen(
-            pinned(cpu, args), cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
+            pinned(cpu, args), cwd=root, env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
         self.pid = self.process.pid  # taskset execs the program: same pid
         self.base = f"http://127.0.0.1:{self.port}"
