@@ -39,6 +39,13 @@ _SLICE = 200  # records summed between two chances for requests to run (about 0.
 # partition), and a single-threaded emulator serves nothing else while it scans: a rollup
 # never takes more than half of what storage gives.
 _REST = 1.0
+# The rows of one partition whose row keys start with a prefix (see `_prefixed`).
+_PREFIX_RANGE = "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high"
+
+
+def _prefixed(pk: str, prefix: str) -> dict[str, str]:
+    """Parameters of `_PREFIX_RANGE`: '~' sorts after every character used in our keys."""
+    return {"pk": pk, "low": prefix, "high": prefix + "~"}
 
 
 @dataclass
@@ -117,8 +124,8 @@ async def _roll_up_bucket(
     groups: dict[str, Totals] = defaultdict(Totals)
     pages = tables.pages(
         USAGE_TABLE,
-        "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
-        {"pk": f"{event_id}_{day}", "low": bucket, "high": bucket + "~"},
+        _PREFIX_RANGE,
+        _prefixed(f"{event_id}_{day}", bucket),
         select=["attendee_id", "deployment", *_TOKEN_FIELDS],  # a third of each record
     )
     asked = time.monotonic()
@@ -140,8 +147,8 @@ async def _roll_up_bucket(
 async def _sum_day(tables: Tables, event_id: str, day: str, result: RollupResult) -> None:
     parts = await tables.query(
         PARTS_TABLE,
-        "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
-        {"pk": event_id, "low": f"{day}|", "high": f"{day}|~"},
+        _PREFIX_RANGE,
+        _prefixed(event_id, f"{day}|"),
     )
     totals: dict[str, Totals] = defaultdict(Totals)
     for part in parts:
@@ -179,8 +186,8 @@ async def prune(tables: Tables, retention_days: int, now: datetime) -> int:
         partition = f"{marker['PartitionKey']}_{day}"
         rows = await tables.query(
             USAGE_TABLE,
-            "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
-            {"pk": partition, "low": bucket, "high": bucket + "~"},
+            _PREFIX_RANGE,
+            _prefixed(partition, bucket),
         )
         for row in rows:
             await tables.delete(USAGE_TABLE, partition, row["RowKey"])

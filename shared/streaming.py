@@ -28,9 +28,8 @@ def _separator_of(data: bytes) -> bytes | None:
     return b"\r\n\r\n" if data[newline - 1 : newline] == b"\r" else b"\n\n"
 
 
-def _split_events(data: bytes) -> list[bytes]:
-    """The events in data, each with its separator (one separator kind per stream)."""
-    separator = b"\r\n\r\n" if b"\r\n\r\n" in data else b"\n\n"
+def _split_events(data: bytes, separator: bytes) -> list[bytes]:
+    """The events in data, each with its separator."""
     parts = data.split(separator)
     events = [part + separator for part in parts[:-1]]
     if parts[-1]:
@@ -123,8 +122,10 @@ class StreamMeter:
 
     def estimate_completion_tokens(self) -> int:
         """Tokens of the text the stream carried, for when no usage chunk came."""
+        if self._separator is None:
+            return 0  # not one line end came: no complete event, nothing kept
         parts: list[str] = []
-        for event in _split_events(b"".join(self._kept)):
+        for event in _split_events(b"".join(self._kept), self._separator):
             value = _event_json(event)
             for choice in (value or {}).get("choices") or []:
                 if not isinstance(choice, dict):
