@@ -24,6 +24,7 @@ from shared.errors import ProxyError, invalid
 from shared.events import Event
 from shared.guard import client_address
 from shared.keys import same_secret
+from shared.pages import base_path
 from shared.pipeline import REQUEST_ID_HEADER, error_response, new_request_id
 from shared.principal import principal
 from shared.runtime import Runtime, get_runtime, storage_down
@@ -168,9 +169,7 @@ def endpoint_of(request: Request, route_start: str = "events/") -> str:
     headers = request.headers
     scheme = (headers.get("x-forwarded-proto") or request.url.scheme).split(",")[0].strip()
     host = (headers.get("x-forwarded-host") or request.url.netloc).split(",")[0].strip()
-    path = request.url.path
-    cut = path.lower().rfind("/" + route_start.lower())
-    return f"{scheme}://{host}{path[:cut] if cut >= 0 else ''}"
+    return f"{scheme}://{host}{base_path(request, route_start)}"
 
 
 async def register(request: Request, event_id: str) -> Response:
