@@ -39,10 +39,20 @@ param principalType string = 'User'
 @description('Fernet key: 32 random bytes, url-safe base64 (44 characters). Set once with azd env set AIPROXY_ENCRYPTION_KEY; never change it.')
 param encryptionKey string
 
+@minValue(40)
+@maxValue(1000)
+@description('Most instances the Function app scales out to; bounds the cost of a traffic spike. 40 is the lowest Flex Consumption documents outside preview regions (only those accept less), so less is refused here; 1000 is the highest.')
+param maximumInstanceCount int = 100
+
 @minValue(1)
 @maxValue(1000)
-@description('Most instances the Function app scales out to; bounds the cost of a traffic spike.')
-param maximumInstanceCount int = 100
+@description('Concurrent HTTP calls one instance takes before another is added. Unset, Flex Consumption gives Python apps 1. The default comes from a measurement (README, HTTP concurrency per instance).')
+param httpPerInstanceConcurrency int = 16
+
+@minValue(0)
+@maxValue(1000)
+@description('Always-ready instances for the HTTP functions, billed around the clock while set; 0: none (instances start on demand).')
+param alwaysReadyInstanceCount int = 0
 
 @description('Put Entra sign-in (App Service authentication) in front of the console and make the app trust its principal header.')
 param authEnabled bool = false
@@ -167,6 +177,8 @@ module api './app/api.bicep' = {
     encryptionKeySecretName: encryptionKeySecretName
     appInsightsName: monitoring.outputs.appInsightsName
     maximumInstanceCount: maximumInstanceCount
+    httpPerInstanceConcurrency: httpPerInstanceConcurrency
+    alwaysReadyInstanceCount: alwaysReadyInstanceCount
     authEnabled: authEnabled
     authClientId: authClientId
     authClientSecretName: empty(authClientSecret) ? '' : authClientSecretName

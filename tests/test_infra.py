@@ -192,6 +192,20 @@ def main_parameters() -> dict[str, Any]:
     return json.loads((INFRA / "main.parameters.json").read_text())["parameters"]
 
 
+def azd_option(parameter: str) -> tuple[str, str | None]:
+    """The azd environment value behind a parameter, and its default: ${NAME=default}."""
+    value = main_parameters()[parameter]["value"]
+    match = re.fullmatch(r"\$\{(\w+)(?:=(.*))?\}", value)
+    assert match, f"{parameter} is not fed from the azd environment: {value}"
+    return match[1], match[2]
+
+
+def scale() -> dict[str, Any]:
+    """The Function app's functionAppConfig.scaleAndConcurrency."""
+    site = only(bicep("app/api"), "Microsoft.Web/sites")
+    return site["properties"]["functionAppConfig"]["scaleAndConcurrency"]
+
+
 def load_hook() -> ModuleType:
     spec = importlib.util.spec_from_file_location("preprovision", INFRA / "hooks/preprovision.py")
     assert spec and spec.loader
@@ -293,6 +307,55 @@ def test_scale_is_2048_mb_instances_up_to_a_parameter_defaulting_to_100() -> Non
     assert main["parameters"]["maximumInstanceCount"]["default"] == 100
     passed = unwrap(main["modules"]["api"])[0]["params"]
     assert passed["maximumInstanceCount"] == "maximumInstanceCount"
+
+
+def test_maximum_instance_count_is_at_least_the_documented_lowest_40() -> None:
+    for doc in (bicep("main"), bicep("app/api")):
+        param = doc["parameters"]["maximumInstanceCount"]
+        assert decorators(param)["min_value"] == 40
+        assert decorators(param)["max_value"] == 1000
+        assert "40" in decorators(param)["description"]
+    main_description = decorators(bicep("main")["parameters"]["maximumInstanceCount"])[
+        "description"
+    ]
+    assert "preview" in main_description
+    assert azd_option("maximumInstanceCount") == ("AIPROXY_MAXIMUM_INSTANCE_COUNT", "100")
+
+
+def test_http_concurrency_per_instance_comes_from_the_azd_environment() -> None:
+    # Unset, Flex Consumption gives Python apps one HTTP call per instance.
+    assert scale()["triggers"] == {"http": {"perInstanceConcurrency": "httpPerInstanceConcurrency"}}
+    main, api = bicep("main"), bicep("app/api")
+    for doc in (main, api):
+        param = doc["parameters"]["httpPerInstanceConcurrency"]
+        assert param["default"] == 16
+        assert (decorators(param)["min_value"], decorators(param)["max_value"]) == (1, 1000)
+    passed = unwrap(main["modules"]["api"])[0]["params"]
+    assert passed["httpPerInstanceConcurrency"] == "httpPerInstanceConcurrency"
+    assert azd_option("httpPerInstanceConcurrency") == ("AIPROXY_HTTP_CONCURRENCY", "16")
+
+
+def test_always_ready_instances_are_sent_for_the_http_group_only_when_asked_for() -> None:
+    # Part of every provision: a count set by hand with az would not survive the next one.
+    always_ready = conditional(scale()["alwaysReady"])
+    assert always_ready["condition"] == {
+        "operator": {
+            "type": "greater_than",
+            "operands": {"operand_1": "alwaysReadyInstanceCount", "operand_2": 0},
+        }
+    }
+    assert always_ready["true_value"] == [
+        {"name": "http", "instanceCount": "alwaysReadyInstanceCount"}
+    ]
+    assert always_ready["false_value"] == []
+    main, api = bicep("main"), bicep("app/api")
+    for doc in (main, api):
+        param = doc["parameters"]["alwaysReadyInstanceCount"]
+        assert param["default"] == 0
+        assert decorators(param)["min_value"] == 0
+    passed = unwrap(main["modules"]["api"])[0]["params"]
+    assert passed["alwaysReadyInstanceCount"] == "alwaysReadyInstanceCount"
+    assert azd_option("alwaysReadyInstanceCount") == ("AIPROXY_ALWAYS_READY", "0")
 
 
 def test_azd_finds_the_app_by_its_service_tag() -> None:
@@ -549,6 +612,31 @@ def test_readme_has_a_deploy_section_covering_the_whole_path() -> None:
         "aiproxy catalog attach",
         "AIPROXY_AUTH_ENABLED",
         "AIPROXY_CREATE_OPENAI",
+        "AIPROXY_HTTP_CONCURRENCY",
+        "AIPROXY_ALWAYS_READY",
         "Cost",
+        "### HTTP concurrency per instance",
     ):
         assert needed in deploy, needed
+    # always-ready set with az would be undone by the next azd provision
+    assert "always-ready set" not in deploy
+
+
+def test_readme_options_table_matches_the_parameters_file() -> None:
+    readme = (ROOT / "README.md").read_text()
+    options = readme.split("\n### Options\n", 1)[1].split("\n### ", 1)[0]
+    rows = {
+        match[1]: match[2]
+        for match in re.finditer(r"^\| `(AIPROXY_\w+)`[^|]*\| ([^|]+) \|", options, re.MULTILINE)
+    }
+    for parameter, given in main_parameters().items():
+        if not str(given["value"]).startswith("${AIPROXY_"):
+            continue
+        name, default = azd_option(parameter)
+        if name == "AIPROXY_ENCRYPTION_KEY":
+            continue
+        if name == "AIPROXY_AUTH_CLIENT_SECRET":
+            name = "AIPROXY_AUTH_CLIENT_ID"  # one row for the app registration
+        assert name in rows, name
+        if default is not None:
+            assert rows[name] == f"`{default}`", (name, rows[name])

@@ -12,9 +12,22 @@ param keyVaultName string
 param encryptionKeySecretName string
 param appInsightsName string
 
+@minValue(40)
+@maxValue(1000)
+@description('Most instances the app scales out to. 40 is the lowest Flex Consumption documents outside preview regions; 1000 the highest.')
+param maximumInstanceCount int = 100
+
+// Flex Consumption gives Python apps 1 concurrent HTTP call per instance unless told otherwise,
+// which would hold a whole instance for every open stream.
 @minValue(1)
 @maxValue(1000)
-param maximumInstanceCount int = 100
+@description('Concurrent HTTP calls one instance takes before Flex Consumption adds another (the http scale group).')
+param httpPerInstanceConcurrency int = 16
+
+@minValue(0)
+@maxValue(1000)
+@description('Instances of the http scale group kept running (and billed) around the clock; 0: none.')
+param alwaysReadyInstanceCount int = 0
 
 @allowed([
   512
@@ -100,6 +113,18 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
       scaleAndConcurrency: {
         maximumInstanceCount: maximumInstanceCount
         instanceMemoryMB: instanceMemoryMB
+        triggers: {
+          http: {
+            perInstanceConcurrency: httpPerInstanceConcurrency
+          }
+        }
+        // Sent on every provision, so an always-ready count set by hand does not survive it.
+        alwaysReady: (alwaysReadyInstanceCount > 0) ? [
+          {
+            name: 'http'
+            instanceCount: alwaysReadyInstanceCount
+          }
+        ] : []
       }
       runtime: {
         name: 'python'
