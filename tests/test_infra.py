@@ -358,6 +358,18 @@ def test_always_ready_instances_are_sent_for_the_http_group_only_when_asked_for(
     assert azd_option("alwaysReadyInstanceCount") == ("AIPROXY_ALWAYS_READY", "0")
 
 
+def test_deployments_roll_instead_of_stopping_running_calls() -> None:
+    # Recreate, the default, stops running executions (streams) on every deploy.
+    api = bicep("app/api")
+    (site,) = resources(api, "Microsoft.Web/sites").values()
+    # Its published schema has functionAppConfig.siteUpdateStrategy; 2024-11-01's does not.
+    assert site["api_version"] >= "2025-05-01"
+    config = unwrap(site)[0]["properties"]["functionAppConfig"]
+    assert config["siteUpdateStrategy"] == {"type": "RollingUpdate"}
+    for child in resources(api, "Microsoft.Web/sites/config").values():
+        assert child["api_version"] == site["api_version"]
+
+
 def test_azd_finds_the_app_by_its_service_tag() -> None:
     site = only(bicep("app/api"), "Microsoft.Web/sites")
     assert call(site["tags"], "union")["arg_2"] == {"'azd-service-name'": "api"}
@@ -615,6 +627,7 @@ def test_readme_has_a_deploy_section_covering_the_whole_path() -> None:
         "AIPROXY_HTTP_CONCURRENCY",
         "AIPROXY_ALWAYS_READY",
         "Cost",
+        "rolling updates",
         "### HTTP concurrency per instance",
     ):
         assert needed in deploy, needed

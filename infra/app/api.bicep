@@ -78,7 +78,9 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   }
 }
 
-resource app 'Microsoft.Web/sites@2024-04-01' = {
+// 2025-05-01: its published schema has functionAppConfig.siteUpdateStrategy, which the Bicep
+// types of 2024-11-01 and 2025-03-01 lack.
+resource app 'Microsoft.Web/sites@2025-05-01' = {
   name: name
   location: location
   tags: union(tags, {
@@ -125,6 +127,11 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
             instanceCount: alwaysReadyInstanceCount
           }
         ] : []
+      }
+      // The default (Recreate) stops running executions, streams included, on every deploy and
+      // settings change; rolling updates drain instances in batches and let calls finish.
+      siteUpdateStrategy: {
+        type: 'RollingUpdate'
       }
       runtime: {
         name: 'python'
@@ -177,7 +184,7 @@ var authSettings = (authEnabled && !empty(authClientSecretName)) ? {
   MICROSOFT_PROVIDER_AUTHENTICATION_SECRET: authClientSecretReference
 } : {}
 
-resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
+resource appSettings 'Microsoft.Web/sites/config@2025-05-01' = {
   parent: app
   name: 'appsettings'
   properties: union(settings, authSettings)
@@ -187,7 +194,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
 // the routes that take an event key are left out entirely: OpenAI clients send the key as a
 // bearer token, which sign-in would otherwise try to validate as an Entra token and refuse.
 // None of those routes reads the principal header.
-resource auth 'Microsoft.Web/sites/config@2024-04-01' = if (authEnabled) {
+resource auth 'Microsoft.Web/sites/config@2025-05-01' = if (authEnabled) {
   parent: app
   name: 'authsettingsV2'
   properties: {
