@@ -7,6 +7,7 @@ literal values; an expression such as `a.b.c` comes out as nested property acces
 
 from __future__ import annotations
 
+import ast
 import base64
 import importlib.util
 import json
@@ -491,16 +492,73 @@ def test_encryption_key_is_a_secure_parameter_stored_in_key_vault_and_referenced
 # --- optional sign-in -----------------------------------------------------------------------
 
 
-def test_sign_in_is_switched_by_a_parameter_and_lets_anonymous_event_keys_through() -> None:
+def test_sign_in_settings_are_always_deployed_and_follow_the_flag() -> None:
     api = bicep("app/api")
     body, condition = site_config("authsettingsV2")
-    assert condition == "authEnabled"
+    # Deployed only when on, switching sign-in off would leave the old settings running.
+    assert condition is None
+    assert body["properties"]["platform"]["enabled"] == "authEnabled"
     assert api["parameters"]["authEnabled"]["default"] is False
-    validation = body["properties"]["globalValidation"]
+    providers = conditional(body["properties"]["identityProviders"])
+    assert providers["condition"] == "authEnabled"
+    assert providers["true_value"]["azureActiveDirectory"]["enabled"] is True
+    assert providers["false_value"] == {}
+
+
+def test_sign_in_lets_anonymous_callers_through() -> None:
+    validation = site_config("authsettingsV2")[0]["properties"]["globalValidation"]
     assert validation["requireAuthentication"] is False
     assert validation["unauthenticatedClientAction"] == "AllowAnonymous"
-    assert {"/api/openai/*", "/api/eventinfo"} <= set(validation["excludedPaths"])
-    assert body["properties"]["identityProviders"]["azureActiveDirectory"]["enabled"] is True
+
+
+def excluded_by_sign_in(path: str) -> bool:
+    """Whether App Service authentication skips `path`: exact, or a prefix ending in `*`."""
+    patterns = site_config("authsettingsV2")[0]["properties"]["globalValidation"]["excludedPaths"]
+    return any(
+        path.startswith(pattern[:-1]) if pattern.endswith("*") else path == pattern
+        for pattern in patterns
+    )
+
+
+def function_app_routes() -> dict[str, set[str]]:
+    """Every HTTP route in function_app.py, with the pipeline functions its body calls."""
+    tree = ast.parse((ROOT / "function_app.py").read_text())
+    routes: dict[str, set[str]] = {}
+    for function in tree.body:
+        if not isinstance(function, ast.AsyncFunctionDef | ast.FunctionDef):
+            continue
+        for decorator in function.decorator_list:
+            if isinstance(decorator, ast.Call) and getattr(decorator.func, "attr", "") == "route":
+                (route,) = (k.value.value for k in decorator.keywords if k.arg == "route")
+                routes[route] = {
+                    node.attr
+                    for node in ast.walk(function)
+                    if isinstance(node, ast.Attribute)
+                    and isinstance(node.value, ast.Name)
+                    and node.value.id == "pipeline"
+                }
+    return routes
+
+
+def request_path(route: str) -> str:
+    """A path the host would match to `route`, under the /api prefix."""
+    return "/api/" + re.sub(r"\{\*?(\w+)[^}]*\}", lambda m: f"some-{m[1]}", route)
+
+
+def test_sign_in_skips_every_route_that_takes_an_event_key() -> None:
+    # OpenAI clients send the event key as a bearer token, which sign-in would try to validate
+    # as an Entra token and refuse; the Search SDKs' OData route must pass as well.
+    routes = function_app_routes()
+    keyed = {route for route, calls in routes.items() if calls & {"proxy", "event_info"}}
+    assert "indexes('{index}')/docs/search.post.search" in keyed
+    assert "indexes/{index}/docs/search" in keyed
+    for route in keyed:
+        assert excluded_by_sign_in(request_path(route)), route
+
+
+def test_sign_in_still_covers_routes_that_read_the_principal() -> None:
+    for route in ("events/{event_id}/register", "console", "manage/events"):
+        assert not excluded_by_sign_in(request_path(route)), route
 
 
 def test_app_trusts_the_principal_header_only_when_sign_in_is_on() -> None:
@@ -629,6 +687,7 @@ def test_readme_has_a_deploy_section_covering_the_whole_path() -> None:
         "Cost",
         "rolling updates",
         "### HTTP concurrency per instance",
+        "indexes('{index}')/docs/search.post.search",
     ):
         assert needed in deploy, needed
     # always-ready set with az would be undone by the next azd provision

@@ -190,16 +190,18 @@ resource appSettings 'Microsoft.Web/sites/config@2025-05-01' = {
   properties: union(settings, authSettings)
 }
 
-// Entra sign-in for the console. Anonymous requests still pass (attendees use event keys), and
-// the routes that take an event key are left out entirely: OpenAI clients send the key as a
-// bearer token, which sign-in would otherwise try to validate as an Entra token and refuse.
-// None of those routes reads the principal header.
-resource auth 'Microsoft.Web/sites/config@2025-05-01' = if (authEnabled) {
+// Entra sign-in for the console. Always deployed, with platform.enabled following the flag:
+// deploying it only when on would leave sign-in running after it is switched off. Anonymous
+// requests still pass (attendees use event keys), and the routes that take an event key are left
+// out entirely: OpenAI clients send the key as a bearer token, which sign-in would otherwise try
+// to validate as an Entra token and refuse. None of those routes reads the principal header.
+// Both search routes are covered: /indexes/{index}/... and /indexes('{index}')/....
+resource auth 'Microsoft.Web/sites/config@2025-05-01' = {
   parent: app
   name: 'authsettingsV2'
   properties: {
     platform: {
-      enabled: true
+      enabled: authEnabled
     }
     globalValidation: {
       requireAuthentication: false
@@ -207,6 +209,7 @@ resource auth 'Microsoft.Web/sites/config@2025-05-01' = if (authEnabled) {
       excludedPaths: [
         '/api/openai/*'
         '/api/indexes/*'
+        '/api/indexes(*'
         '/api/eventinfo'
       ]
     }
@@ -218,7 +221,7 @@ resource auth 'Microsoft.Web/sites/config@2025-05-01' = if (authEnabled) {
         enabled: false
       }
     }
-    identityProviders: {
+    identityProviders: authEnabled ? {
       azureActiveDirectory: {
         enabled: true
         registration: {
@@ -227,7 +230,7 @@ resource auth 'Microsoft.Web/sites/config@2025-05-01' = if (authEnabled) {
           openIdIssuer: '${environment().authentication.loginEndpoint}${authTenantId}/v2.0'
         }
       }
-    }
+    } : {}
   }
   dependsOn: [
     appSettings
