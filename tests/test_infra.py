@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import fnmatch
 import importlib.util
 import json
 import os
@@ -385,6 +386,12 @@ def test_http_streaming_gets_init_indexing() -> None:
     assert app_settings()["PYTHON_ENABLE_INIT_INDEXING"] == "1"
 
 
+def test_azd_is_recent_enough_to_honour_funcignore() -> None:
+    project = yaml.safe_load((ROOT / "azure.yaml").read_text())
+    # azd reads .funcignore from 1.18.0 on; older versions package the whole directory.
+    assert project["requiredVersions"] == {"azd": ">= 1.18.0"}
+
+
 # --- every setting the code reads is provided -----------------------------------------------
 
 
@@ -629,6 +636,86 @@ def test_optional_openai_account_is_keyless_with_deployments_from_a_parameter() 
     assert decorators(deployments)["batchSize"] == 1
     for deployment in main_parameters()["openAiDeployments"]["value"]:
         assert {"name", "model", "version", "sku", "capacity"} <= set(deployment)
+
+
+# --- the app package -------------------------------------------------------------------------
+
+
+def funcignore() -> list[str]:
+    lines = (ROOT / ".funcignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def left_out(relative: str) -> bool:
+    """Whether .funcignore leaves `relative` out: a pattern matching any of its path parts."""
+    parts = relative.split("/")
+    return any(
+        fnmatch.fnmatchcase(part, pattern.rstrip("/")) for pattern in funcignore() for part in parts
+    )
+
+
+def runtime_packages() -> set[str]:
+    """Top-level local packages that function_app.py and what it imports import, transitively."""
+    found: set[str] = set()
+    todo = [ROOT / "function_app.py"]
+    while todo:
+        tree = ast.parse(todo.pop().read_text())
+        for node in ast.walk(tree):
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                else []
+            )
+            for name in names:
+                top = name.split(".")[0]
+                if top not in found and (ROOT / top / "__init__.py").is_file():
+                    found.add(top)
+                    todo.extend((ROOT / top).rglob("*.py"))
+    return found
+
+
+def test_funcignore_uses_only_patterns_the_checks_here_understand() -> None:
+    # Plain names and globs match a path part at any depth, in azd's gitignore parser as here.
+    for pattern in funcignore():
+        assert not pattern.startswith("!") and "/" not in pattern.rstrip("/"), pattern
+        assert "**" not in pattern, pattern
+
+
+def test_app_package_keeps_what_the_app_needs_at_run_time() -> None:
+    assert runtime_packages() == {"shared", "admin_functions"}
+    needed = ["function_app.py", "host.json", "requirements.txt", "pages/console.html"]
+    needed += [f"{package}/__init__.py" for package in runtime_packages()]
+    for relative in needed:
+        assert (ROOT / relative).is_file(), relative
+        assert not left_out(relative), relative
+
+
+def test_app_package_leaves_out_development_files() -> None:
+    for relative in (
+        "cli/main.py",
+        "local/host.py",
+        "bench/run.py",
+        "tests/test_infra.py",
+        "infra/main.bicep",
+        "README.md",
+        "pyproject.toml",
+        "requirements-dev.txt",
+        "aiproxy.egg-info/PKG-INFO",
+        ".venv/pyvenv.cfg",
+        "py313_env/pyvenv.cfg",
+        "shared/__pycache__/keys.cpython-313.pyc",
+        ".pytest_cache/README.md",
+        ".ruff_cache/CACHEDIR.TAG",
+        "local.settings.json",
+        "node_modules/marked/package.json",
+    ):
+        assert left_out(relative), relative
+
+
+def test_nothing_shipped_imports_a_development_package() -> None:
+    assert not runtime_packages() & {"cli", "local", "bench", "tests"}
 
 
 # --- the preprovision hook ------------------------------------------------------------------
