@@ -752,6 +752,80 @@ def test_hook_refuses_sign_in_without_an_app_registration() -> None:
     assert "AIPROXY_AUTH_CLIENT_ID" in problem
 
 
+# What Go's strconv.ParseBool accepts, which azd uses for bool parameters.
+GO_BOOLS = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True}
+GO_BOOLS |= {"0": False, "f": False, "F": False, "FALSE": False, "false": False, "False": False}
+
+
+def with_key(**options: str) -> dict[str, str]:
+    return {"AIPROXY_ENCRYPTION_KEY": Fernet.generate_key().decode(), **options}
+
+
+@pytest.mark.parametrize("name", ["AIPROXY_AUTH_ENABLED", "AIPROXY_CREATE_OPENAI"])
+@pytest.mark.parametrize("spelling", sorted(GO_BOOLS))
+def test_hook_accepts_every_boolean_spelling_azd_accepts(name: str, spelling: str) -> None:
+    hook = load_hook()
+    assert hook.parse_bool(spelling) is GO_BOOLS[spelling]
+    env = with_key(**{name: spelling, "AIPROXY_AUTH_CLIENT_ID": "app-id"})
+    assert hook.problems(env) == []
+
+
+@pytest.mark.parametrize("name", ["AIPROXY_AUTH_ENABLED", "AIPROXY_CREATE_OPENAI"])
+@pytest.mark.parametrize("spelling", ["yes", "no", "on", "off", "tRuE", "y", " true", "true\n"])
+def test_hook_refuses_booleans_azd_would_replace_by_the_default(name: str, spelling: str) -> None:
+    (problem,) = load_hook().problems(with_key(**{name: spelling}))
+    assert name in problem and repr(spelling) in problem
+    assert f"azd env set {name} true" in problem and f"azd env set {name} false" in problem
+
+
+def test_hook_treats_sign_in_spelled_the_go_way_as_on() -> None:
+    (problem,) = load_hook().problems(with_key(AIPROXY_AUTH_ENABLED="T"))
+    assert "AIPROXY_AUTH_CLIENT_ID" in problem
+
+
+def test_hook_lets_unset_and_empty_options_take_their_defaults() -> None:
+    names = ["AIPROXY_AUTH_ENABLED", "AIPROXY_CREATE_OPENAI", *load_hook().INT_OPTIONS]
+    assert load_hook().problems(with_key(**dict.fromkeys(names, ""))) == []
+
+
+@pytest.mark.parametrize("value", ["16", "+16", "016", "1000"])
+def test_hook_accepts_whole_numbers_as_azd_reads_them(value: str) -> None:
+    assert load_hook().problems(with_key(AIPROXY_HTTP_CONCURRENCY=value)) == []
+
+
+@pytest.mark.parametrize("value", ["16.0", "1_6", " 16", "sixteen", "\u0661\u0666", "0x10"])
+def test_hook_refuses_numbers_azd_would_replace_by_the_default(value: str) -> None:
+    (problem,) = load_hook().problems(with_key(AIPROXY_HTTP_CONCURRENCY=value))
+    assert repr(value) in problem and "azd env set AIPROXY_HTTP_CONCURRENCY 16" in problem
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("AIPROXY_MAXIMUM_INSTANCE_COUNT", "39"), ("AIPROXY_HTTP_CONCURRENCY", "0")],
+)
+def test_hook_refuses_numbers_outside_the_template_range(name: str, value: str) -> None:
+    (problem,) = load_hook().problems(with_key(**{name: value}))
+    assert name in problem and "must be from" in problem
+
+
+def test_hook_knows_the_same_options_ranges_and_defaults_as_the_templates() -> None:
+    hook, main = load_hook(), bicep("main")
+    ints, bools = {}, set()
+    for parameter, declared in main["parameters"].items():
+        if parameter not in main_parameters() or declared["type"] not in ("int", "bool"):
+            continue
+        name, default = azd_option(parameter)
+        if declared["type"] == "bool":
+            bools.add(name)
+            assert hook.parse_bool(default) is declared["default"]
+        else:
+            bounds = decorators(declared)
+            ints[name] = (bounds["min_value"], bounds["max_value"], declared["default"])
+            assert int(default) == declared["default"]
+    assert set(hook.BOOL_OPTIONS) == bools
+    assert ints == hook.INT_OPTIONS
+
+
 # --- the README tells an Azure user everything ----------------------------------------------
 
 
