@@ -460,6 +460,29 @@ def test_tables_are_reached_through_the_endpoint_and_the_user_assigned_identity(
     assert api["resources"]["storage"]["type"] == STORAGE
 
 
+def test_host_logs_no_line_per_call_and_samples_requests_but_not_exceptions() -> None:
+    logging = json.loads((ROOT / "host.json").read_text())["logging"]
+    levels = logging["logLevel"]
+    # "Executing"/"Executed" per invocation, and the worker's per-call lines, are Information.
+    assert levels["Function"] == "Warning"
+    assert levels["default"] == "Warning"
+    # Requests stay (sampled below); aggregates and startup are per instance, not per call.
+    assert levels["Host.Results"] == "Information"
+    assert levels["Host.Aggregator"] == "Information"
+    assert levels["Host.Startup"] == "Information"
+    sampling = logging["applicationInsights"]["samplingSettings"]
+    assert sampling["isEnabled"] is True
+    assert sampling["maxTelemetryItemsPerSecond"] <= 5
+    excluded = set(sampling["excludedTypes"].split(";"))
+    assert "Exception" in excluded and "Request" not in excluded
+
+
+def test_storage_calls_make_no_telemetry_of_their_own() -> None:
+    # Three spans per storage call, and the sync loops call storage every second per instance.
+    disabled = app_settings()["OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"].split(",")
+    assert "azure_sdk" in disabled
+
+
 def test_telemetry_goes_to_application_insights_with_entra_auth() -> None:
     values = app_settings()
     connection = path(values["APPLICATIONINSIGHTS_CONNECTION_STRING"])
@@ -847,6 +870,7 @@ def test_readme_has_a_deploy_section_covering_the_whole_path() -> None:
         "AIPROXY_ALWAYS_READY",
         "Cost",
         "rolling updates",
+        "per 100k calls",
         "### HTTP concurrency per instance",
         "indexes('{index}')/docs/search.post.search",
     ):

@@ -152,6 +152,10 @@ var settings = {
   // Telemetry: the connection string names the resource; ingestion authenticates as the identity.
   APPLICATIONINSIGHTS_CONNECTION_STRING: appInsights.properties.ConnectionString
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identity.properties.clientId};Authorization=AAD'
+  // The app's own spans (one per upstream attempt) go to Application Insights, the Azure SDK's do
+  // not: every storage call makes three spans, and the sync loops call storage every second on
+  // every instance, busy or idle.
+  OTEL_PYTHON_DISABLED_INSTRUMENTATIONS: 'azure_sdk'
   // The HTTP streams extension needs init indexing on Python 3.11/3.12.
   PYTHON_ENABLE_INIT_INDEXING: '1'
   // Table Storage through the identity (DefaultAzureCredential with AZURE_CLIENT_ID).
