@@ -1,23 +1,31 @@
 # Two commands: `make run` starts everything locally, `make test` proves it works.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# Python 3.13: the first version whose Functions worker runtime is on PyPI. A plain python3.13
+# first; else a pyenv-installed 3.13 (its shim refuses to run unless that version is selected).
+PYTHON ?= $(shell for p in python3.13 $$(pyenv root 2>/dev/null)/versions/3.13*/bin/python3.13; do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 13)' >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: setup run test lint format bench bench-ab clean chromium vendor
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
+$(VENV)/.installed-3.13: requirements.txt requirements-dev.txt requirements-protos.txt pyproject.toml
+	@[ -n "$(PYTHON)" ] || { echo "Python 3.13 not found. Install it (pyenv install 3.13, or your system's python3.13 package), or name it: make PYTHON=/path/to/python3.13" >&2; exit 1; }
+	@[ ! -x $(PY) ] || $(PY) -c 'import sys; assert sys.version_info[:2] == (3, 13)' 2>/dev/null || rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+	# The host protocol's generated modules: from a pinned wheel, never installed (local/protos.py).
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --require-hashes -r requirements-protos.txt -d $(VENV)/wheels
+	$(PY) -m local.protos install $(VENV)/wheels
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-setup: $(VENV)/.installed node_modules/.installed
+setup: $(VENV)/.installed-3.13 node_modules/.installed
 
 run: setup
 	$(PY) -m local.run

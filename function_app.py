@@ -6,8 +6,9 @@ import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response, StreamingResponse
 
 from admin_functions import bp as manage_blueprint
-from shared import maintenance, openapi, pages, pipeline, public, registration
+from shared import maintenance, openapi, pages, pipeline, public, registration, telemetry
 
+telemetry.set_log_levels()
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 app.register_functions(manage_blueprint)
 

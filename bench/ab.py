@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
         return 2
     label = {"A": f"A ({commit})", "B": "B (working tree)"}
     azurite = upstream = None
-    hosts: dict[str, bench.DevHost] = {}
+    hosts: dict[str, bench.AppHost] = {}
     try:
         azurite = Azurite(free_port()).start()
         upstream = FakeUpstream(
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
         targets = {}
         for name, root in (("A", tree), ("B", bench.ROOT)):
             (work / name.lower()).mkdir(exist_ok=True)
-            hosts[name] = bench.DevHost(
+            hosts[name] = bench.AppHost(
                 work / name.lower(), azurite.connection_string, proxy_cpu, root=root
             )
         for name, host in hosts.items():

@@ -215,7 +215,7 @@ def machine() -> dict[str, Any]:
 # --- processes ------------------------------------------------------------------------------
 
 
-class DevHost:
+class AppHost:
     """The dev host under test: one process, pinned to the proxy's core."""
 
     def __init__(self, work: Path, storage: str, cpu: int | None, root: Path = ROOT) -> None:
@@ -993,7 +993,7 @@ def main() -> int:
         upstream = FakeUpstream(
             work / "nginx", [free_port(), free_port()], LOAD_CPU if CPUS >= 2 else None
         ).start()
-        host = DevHost(work, azurite.connection_string, proxy_cpu)
+        host = AppHost(work, azurite.connection_string, proxy_cpu)
         host.wait()
         _event, key = set_up_event(host.base, upstream.urls)
         from bench.nginx import API_KEY
@@ -1166,7 +1166,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def report_errors(host: DevHost, proxy: Target, mode: str, run: Run) -> None:
+def report_errors(host: AppHost, proxy: Target, mode: str, run: Run) -> None:
     """What the proxy answered and logged when a run saw errors."""
     import httpx
 

@@ -34,8 +34,24 @@ class ApiError(Exception):
                 error.get("param"),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
-            text = " ".join(response.text.split())[:200] or response.reason_phrase
-            return cls(response.status_code, "http_error", text)
+            pass
+        text = " ".join(response.text.split())[:200]
+        # The Functions host itself answers these, with no body (the app never sees the call).
+        if response.status_code == 401 and not text:
+            return cls(
+                401,
+                "unauthorized",
+                "The function key was refused: pass the app's function key with --key "
+                "or AIPROXY_FUNCTION_KEY.",
+            )
+        if response.status_code == 404 and not text:
+            return cls(
+                404,
+                "not_found",
+                f"No such route at {response.request.url.path}: is --endpoint the app's "
+                "base URL ending in /api?",
+            )
+        return cls(response.status_code, "http_error", text or response.reason_phrase)
 
 
 class Unreachable(Exception):

@@ -1,4 +1,5 @@
-"""`make run`: Azurite, the simulated upstream and the dev host, plus a demo event to try.
+"""`make run`: Azurite, the simulated upstream and the app (host stand-in and Python worker),
+plus a demo event to try.
 
 Data lives in .data/azurite, so a restart keeps events and keys. Ctrl-C stops everything.
 """
@@ -20,7 +21,7 @@ from cryptography.fernet import Fernet
 from local.azurite import Azurite, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
-DEVHOST_PORT = int(os.environ.get("AIPROXY_PORT", "7071"))
+HOST_PORT = int(os.environ.get("AIPROXY_PORT", "7071"))
 AZURITE_PORT = int(os.environ.get("AIPROXY_AZURITE_PORT", "10002"))
 SIMULATOR_PORT = int(os.environ.get("AIPROXY_SIMULATOR_PORT", "7080"))
 SIMULATOR_KEY = "simulated-upstream-key"
@@ -144,15 +145,15 @@ def main() -> None:
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
         )  # fmt: skip
         children.append(simulator)
-        devhost = subprocess.Popen(
-            [sys.executable, "-m", "local.devhost", "--port", str(DEVHOST_PORT),
+        host = subprocess.Popen(
+            [sys.executable, "-m", "local.host", "--port", str(HOST_PORT),
              "--settings", str(SETTINGS_PATH)],
             cwd=ROOT, env=env,
         )  # fmt: skip
-        children.append(devhost)
+        children.append(host)
         wait_for_port(SIMULATOR_PORT, process=simulator)
-        wait_for_port(DEVHOST_PORT, process=devhost)
-        base = f"http://127.0.0.1:{DEVHOST_PORT}/api"
+        wait_for_port(HOST_PORT, timeout=90, process=host)
+        base = f"http://127.0.0.1:{HOST_PORT}/api"
         key = seed_demo(base, env["AIPROXY_FUNCTION_KEY"])
         print(examples(base, key), flush=True)
         while all(child.poll() is None for child in children):

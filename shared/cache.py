@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
 
 from shared.background import Background
 
-K = TypeVar("K")
-V = TypeVar("V")
 
-
-class TTLCache(Generic[K, V]):
+class TTLCache[K, V]:
     """Values kept for `ttl` seconds; `invalidate` drops one at once (revoke, rotate, edit)."""
 
     def __init__(self, ttl: float, max_entries: int = 100_000) -> None:

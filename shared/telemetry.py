@@ -32,6 +32,18 @@ refusals_counter = _meter.create_counter(
 
 _configured = False
 
+# INFO chatter of the libraries under the app, per call: the Azure SDK logs each storage request
+# with its headers, the Functions runtime three lines per invocation, the worker's uvicorn an
+# access line. In the worker every record becomes a message to the host (and Application
+# Insights), so they are held at WARNING; the app's own per-call line is `aiproxy.request`.
+QUIET_LOGGERS = ("azure", "azure.functions", "uvicorn.access")
+
+
+def set_log_levels() -> None:
+    """The app's log levels, whoever runs it (the Functions worker sets the root to INFO)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
 
 def configure(settings: Settings) -> bool:
     """Send traces, metrics and logs to Application Insights when it is configured."""

@@ -14,11 +14,11 @@ if str(ROOT) not in sys.path:
 
 from local.azurite import Azurite, free_port  # noqa: E402
 from tests.harness import (  # noqa: E402
-    DevHost,
+    AppHost,
     EventSetup,
     Simulator,
     Storage,
-    devhost_env,
+    host_env,
     unique_prefix,
 )
 
@@ -48,8 +48,8 @@ def prefix() -> str:
 
 
 @pytest.fixture(scope="session")
-def host(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[DevHost]:
-    server = DevHost(log_dir, devhost_env(azurite.connection_string, prefix))
+def host(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
+    server = AppHost(log_dir, host_env(azurite.connection_string, prefix))
     yield server
     server.stop()
 
@@ -60,6 +60,6 @@ def storage(azurite: Azurite, prefix: str) -> Storage:
 
 
 @pytest.fixture
-def event(host: DevHost, sim: Simulator) -> EventSetup:
+def event(host: AppHost, sim: Simulator) -> EventSetup:
     """A fresh live event with chat, completions and embeddings on the simulator."""
     return EventSetup(host, sim)

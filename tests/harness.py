@@ -1,4 +1,4 @@
-"""Real servers on loopback for the tests: Azurite, the simulated upstream, dev hosts."""
+"""Real servers on loopback for the tests: Azurite, the simulated upstream, app hosts."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class Simulator:
         self.proc.stop()
 
 
-def devhost_env(storage: str, prefix: str, **overrides: str) -> dict[str, str]:
+def host_env(storage: str, prefix: str, **overrides: str) -> dict[str, str]:
     env = {
         **os.environ,
         "AIPROXY_STORAGE_CONNECTION_STRING": storage,
@@ -88,26 +88,43 @@ def devhost_env(storage: str, prefix: str, **overrides: str) -> dict[str, str]:
     return env
 
 
-class DevHost:
-    """One dev host process serving function_app on a free port."""
+class AppHost:
+    """One host stand-in process on a free port, with its Python worker process."""
 
-    def __init__(self, log_dir: Path, env: dict[str, str], name: str = "devhost") -> None:
+    def __init__(self, log_dir: Path, env: dict[str, str], name: str = "host") -> None:
         self.port = free_port()
         self.env = env
-        args = [sys.executable, "-m", "local.devhost", "--port", str(self.port)]
-        args += ["--settings", str(EXAMPLE_SETTINGS), "--log-level", "warning"]
+        args = [sys.executable, "-m", "local.host", "--port", str(self.port)]
+        args += ["--settings", str(EXAMPLE_SETTINGS), "--log-level", "info"]
         self.proc = Process(args, env, log_dir / f"{name}-{self.port}.log")
-        wait_for_port(self.port, timeout=60, process=self.proc.process)
+        wait_for_port(self.port, timeout=90, process=self.proc.process)
         self.base = f"http://127.0.0.1:{self.port}/api"
         self.manage = httpx.Client(
             base_url=f"{self.base}/manage", headers={"x-functions-key": FUNCTION_KEY}, timeout=30
         )
         self.http = httpx.Client(base_url=self.base, timeout=30)
 
+    def status(self) -> dict[str, Any]:
+        """The host's status, with its worker process (pid, runtime version, restarts)."""
+        answer = httpx.get(
+            f"http://127.0.0.1:{self.port}/admin/host/status",
+            headers={"x-functions-key": FUNCTION_KEY},
+            timeout=30,
+        )
+        answer.raise_for_status()
+        return answer.json()
+
     def stop(self) -> None:
         self.manage.close()
         self.http.close()
         self.proc.stop()
+
+
+def host_answer(response: httpx.Response, status: int) -> None:
+    """An answer of the Functions host itself (no route, wrong method: 404; no function key:
+    401): the app never sees the call, and the host sends no body (API.md section 2)."""
+    assert response.status_code == status, (response.request.url, response.text)
+    assert response.content == b"", response.text
 
 
 class Storage:
@@ -153,7 +170,7 @@ def window(hours_before: float = 1, hours_after: float = 24, zone: str = "UTC") 
 class EventSetup:
     """An event with a catalog on the simulator and one attendee, built over the API."""
 
-    def __init__(self, host: DevHost, sim: Simulator, **event_fields: Any) -> None:
+    def __init__(self, host: AppHost, sim: Simulator, **event_fields: Any) -> None:
         self.host = host
         body = {
             "name": event_fields.pop("name", "Test event"),
@@ -210,3 +227,53 @@ def timed() -> Iterator[list[float]]:
 
 def unique_prefix(label: str) -> str:
     return re.sub(r"[^a-z0-9]", "", f"t{label}{os.getpid()}{int(time.time() * 1000) % 10**8}")[:30]
+
+
+class StandIns:
+    """The control API of the stand-ins inside a worker (tests/standins.py)."""
+
+    def __init__(self, port: int) -> None:
+        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+
+    def travel_to(self, utc: str) -> None:
+        """Move the worker's clock to `utc` (ISO 8601, UTC)."""
+        target = datetime.fromisoformat(utc).replace(tzinfo=UTC)
+        shift = (target - datetime.now(UTC)).total_seconds()
+        self.http.post("/clock", json={"shift": shift}).raise_for_status()
+
+    def reset(self) -> None:
+        """The real time again, the runtime flushed and closed, fresh stand-ins."""
+        self.http.post("/clock", json={}).raise_for_status()
+        self.http.post("/shutdown").raise_for_status()
+
+    def vault_secrets(self) -> dict[str, str]:
+        return self.http.get("/vault").json()
+
+    def credential_scopes(self) -> list[str]:
+        return self.http.get("/credential").json()
+
+    def telemetry(self) -> dict[str, Any]:
+        return self.http.get("/telemetry").json()
+
+
+@contextmanager
+def host_with_standins(
+    log_dir: Path, storage: str, prefix: str, name: str, **overrides: str
+) -> Iterator[tuple[AppHost, StandIns]]:
+    """An app host whose worker carries the tests' stand-ins, and their control API."""
+    port = free_port()
+    env = host_env(
+        storage,
+        prefix,
+        AIPROXY_WORKER_PRELOAD="tests.standins",
+        AIPROXY_STANDINS_PORT=str(port),
+        **overrides,
+    )
+    host = AppHost(log_dir, env, name=name)
+    control = StandIns(port)
+    try:
+        wait_for_port(port, timeout=30)
+        yield host, control
+    finally:
+        control.http.close()
+        host.stop()

@@ -19,14 +19,14 @@ from shared.caps import Caps
 from shared.events import Event
 from shared.settings import load
 from shared.tables import Tables
-from tests.harness import DevHost, EventSetup, Simulator, Storage, devhost_env, unique_prefix
+from tests.harness import AppHost, EventSetup, Simulator, Storage, host_env, unique_prefix
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 # 8 prompt tokens and 12 completion tokens: 20 tokens a call.
 SMALL = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12}
 
 
-def call(host: DevHost, key: str, body: dict[str, Any] = SMALL) -> httpx.Response:
+def call(host: AppHost, key: str, body: dict[str, Any] = SMALL) -> httpx.Response:
     return host.http.post(CHAT, json=body, headers={"api-key": key})
 
 
@@ -36,7 +36,7 @@ def seconds_to_midnight(zone: str) -> float:
 
 
 def test_request_cap_refuses_the_next_request_until_local_midnight(
-    host: DevHost, sim: Simulator
+    host: AppHost, sim: Simulator
 ) -> None:
     setup = EventSetup(host, sim, daily_request_cap=5, time_zone="Asia/Tokyo")
     for _ in range(5):
@@ -50,7 +50,7 @@ def test_request_cap_refuses_the_next_request_until_local_midnight(
     assert len(refused.headers["x-aiproxy-request-id"]) == 16
 
 
-def test_token_cap_refuses_once_the_tokens_are_used(host: DevHost, sim: Simulator) -> None:
+def test_token_cap_refuses_once_the_tokens_are_used(host: AppHost, sim: Simulator) -> None:
     setup = EventSetup(host, sim, daily_token_cap=50, time_zone="Europe/Lisbon")
     answers = [call(host, setup.key) for _ in range(4)]
     assert [a.status_code for a in answers] == [200, 200, 200, 429]
@@ -61,7 +61,7 @@ def test_token_cap_refuses_once_the_tokens_are_used(host: DevHost, sim: Simulato
 
 
 def test_request_without_a_limit_is_given_the_event_cap(
-    host: DevHost, event: EventSetup, sim: Simulator
+    host: AppHost, event: EventSetup, sim: Simulator
 ) -> None:
     body = {"messages": [{"role": "user", "content": "hi"}]}
     assert call(host, event.key, body).status_code == 200
@@ -76,7 +76,7 @@ def test_request_without_a_limit_is_given_the_event_cap(
     assert sim.stats()["last_requests"][-1]["body"]["max_tokens"] == 512
 
 
-def test_eventinfo_says_what_is_left_today(host: DevHost, sim: Simulator) -> None:
+def test_eventinfo_says_what_is_left_today(host: AppHost, sim: Simulator) -> None:
     setup = EventSetup(host, sim, daily_request_cap=10, daily_token_cap=1000)
     for _ in range(3):
         assert call(host, setup.key).status_code == 200
@@ -87,13 +87,13 @@ def test_eventinfo_says_what_is_left_today(host: DevHost, sim: Simulator) -> Non
 
 
 @pytest.fixture(scope="module")
-def second_host(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[DevHost]:
-    server = DevHost(log_dir, devhost_env(azurite.connection_string, prefix), name="caps2")
+def second_host(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
+    server = AppHost(log_dir, host_env(azurite.connection_string, prefix), name="caps2")
     yield server
     server.stop()
 
 
-async def burst(hosts: list[DevHost], key: str, count: int) -> list[httpx.Response]:
+async def burst(hosts: list[AppHost], key: str, count: int) -> list[httpx.Response]:
     """`count` requests at once, spread over the hosts."""
     clients = [httpx.AsyncClient(base_url=h.base, timeout=30) for h in hosts]
     try:
@@ -109,7 +109,7 @@ async def burst(hosts: list[DevHost], key: str, count: int) -> list[httpx.Respon
 
 
 async def test_request_cap_holds_across_two_instances_under_a_burst(
-    host: DevHost, second_host: DevHost, sim: Simulator, storage: Storage
+    host: AppHost, second_host: AppHost, sim: Simulator, storage: Storage
 ) -> None:
     setup = EventSetup(host, sim, daily_request_cap=20)
     answers = await burst([host, second_host], setup.key, 50)
@@ -129,7 +129,7 @@ WORST_CASE = len(b'{"messages":[{"role":"user","content":"hi"}],"max_tokens":12}
 
 
 async def test_token_cap_on_one_instance_is_passed_by_one_call_at_most(
-    host: DevHost, sim: Simulator
+    host: AppHost, sim: Simulator
 ) -> None:
     setup = EventSetup(host, sim, daily_token_cap=100)
     answers = await burst([host], setup.key, 50)
@@ -138,7 +138,7 @@ async def test_token_cap_on_one_instance_is_passed_by_one_call_at_most(
 
 
 async def test_token_cap_overshoot_across_two_instances_stays_within_the_bound(
-    host: DevHost, second_host: DevHost, sim: Simulator
+    host: AppHost, second_host: AppHost, sim: Simulator
 ) -> None:
     setup = EventSetup(host, sim, daily_token_cap=100)
     answers = await burst([host, second_host], setup.key, 50)
@@ -154,7 +154,7 @@ async def test_token_cap_overshoot_across_two_instances_stays_within_the_bound(
 
 
 def test_unused_allowance_is_handed_back_to_other_instances(
-    host: DevHost, second_host: DevHost, sim: Simulator
+    host: AppHost, second_host: AppHost, sim: Simulator
 ) -> None:
     setup = EventSetup(host, sim, daily_request_cap=16)
     assert call(host, setup.key).status_code == 200  # host reserves a block of 2

@@ -2,41 +2,48 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from local.azurite import Azurite
-from shared import clock, runtime
-from tests.harness import FUNCTION_KEY, SIM_KEY, Simulator, unique_prefix
-from tests.inprocess import inprocess_app
+from tests.harness import (
+    FUNCTION_KEY,
+    SIM_KEY,
+    AppHost,
+    Simulator,
+    StandIns,
+    host_with_standins,
+    unique_prefix,
+)
 
 CHAT = "/openai/deployments/gpt/chat/completions?api-version=2024-10-21"
 HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 @pytest.fixture(scope="module")
-def asgi_app(azurite: Azurite) -> Iterator[Any]:
-    with inprocess_app(azurite.connection_string, unique_prefix("mid")) as host:
-        yield host
+def app(azurite: Azurite, log_dir: Path) -> Iterator[tuple[AppHost, StandIns]]:
+    """A host whose worker's clock the tests move."""
+    with host_with_standins(
+        log_dir, azurite.connection_string, unique_prefix("mid"), "midnight"
+    ) as started:
+        yield started
 
 
 @pytest.fixture
-async def client(asgi_app: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=asgi_app), base_url="http://app/api", timeout=30
-    ) as http:
+async def client(app: tuple[AppHost, StandIns]) -> AsyncIterator[httpx.AsyncClient]:
+    host, control = app
+    async with httpx.AsyncClient(base_url=host.base, timeout=30) as http:
         yield http
-    await runtime.shutdown()
-    clock.reset()
+    control.reset()
 
 
-def travel_to(utc: str) -> None:
-    clock.reset()
-    clock.shift(datetime.fromisoformat(utc).replace(tzinfo=UTC) - datetime.now(UTC))
+@pytest.fixture
+def travel_to(app: tuple[AppHost, StandIns]) -> Callable[[str], None]:
+    """Moves the worker's clock to a UTC time."""
+    return app[1].travel_to
 
 
 async def berlin_event(client: httpx.AsyncClient, sim: Simulator, cap: int) -> str:
@@ -63,7 +70,7 @@ async def berlin_event(client: httpx.AsyncClient, sim: Simulator, cap: int) -> s
 
 
 async def test_cap_resets_at_local_midnight_on_the_25_hour_day(
-    client: httpx.AsyncClient, sim: Simulator
+    client: httpx.AsyncClient, sim: Simulator, travel_to: Callable[[str], None]
 ) -> None:
     # 2026-10-25 in Berlin has 25 hours: CEST (+02:00) until 03:00, then CET (+01:00).
     travel_to("2026-10-24T22:10:00")  # 00:10 on the 25th in Berlin
@@ -86,7 +93,7 @@ async def test_cap_resets_at_local_midnight_on_the_25_hour_day(
 
 
 async def test_cap_day_follows_the_event_zone_not_utc(
-    client: httpx.AsyncClient, sim: Simulator
+    client: httpx.AsyncClient, sim: Simulator, travel_to: Callable[[str], None]
 ) -> None:
     travel_to("2026-10-21T21:59:00")  # 23:59 in Berlin (CEST), 21:59 in UTC
     key = await berlin_event(client, sim, cap=1)

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from local.azurite import free_port
-from tests.harness import FUNCTION_KEY, SIM_KEY, DevHost, Simulator, window
+from tests.harness import FUNCTION_KEY, SIM_KEY, AppHost, Simulator, window
 
 AIPROXY = Path(sys.executable).with_name("aiproxy")
 NUMBERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "units")
@@ -30,7 +30,7 @@ KEY = re.compile(r"^aip-[A-Za-z0-9]{32}$")
 
 
 def cli(
-    host: DevHost | None, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+    host: AppHost | None, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run the installed `aiproxy` script with the endpoint and key in the environment."""
     assert AIPROXY.exists(), "the aiproxy script is not installed: run `make setup`"
@@ -81,7 +81,7 @@ def chat(base: str, key: str, content: str) -> dict[str, Any]:
 
 
 def test_an_event_from_nothing_to_a_usage_report(
-    host: DevHost, sim: Simulator, tmp_path: Path
+    host: AppHost, sim: Simulator, tmp_path: Path
 ) -> None:
     resource = ok(
         cli(
@@ -197,7 +197,7 @@ def test_an_event_from_nothing_to_a_usage_report(
     assert datetime.now(UTC).strftime("%Y-%m-%d") in {d["day"] for d in days}
 
 
-def test_everyday_commands(host: DevHost, sim: Simulator) -> None:
+def test_everyday_commands(host: AppHost, sim: Simulator) -> None:
     span = window()
     event_id = ok(
         cli(
@@ -248,7 +248,7 @@ def test_everyday_commands(host: DevHost, sim: Simulator) -> None:
     assert host.manage.get(f"/events/{event_id}").status_code == 404
 
 
-def test_api_errors_exit_1_with_the_apis_message(host: DevHost) -> None:
+def test_api_errors_exit_1_with_the_apis_message(host: AppHost) -> None:
     missing = failed(cli(host, "events", "show", "nosuchevent"), 1)
     assert missing == "aiproxy: error: No event with id 'nosuchevent'. (404 not_found)"
     wrong_key = cli(host, "events", "list", env={"AIPROXY_FUNCTION_KEY": "wrong"})
@@ -265,7 +265,7 @@ def test_api_errors_exit_1_with_the_apis_message(host: DevHost) -> None:
     assert "404 not_found" in usage
 
 
-def test_usage_errors_exit_2(host: DevHost, tmp_path: Path) -> None:
+def test_usage_errors_exit_2(host: AppHost, tmp_path: Path) -> None:
     incomplete = cli(host, "events", "create", "--name", "x")
     assert incomplete.returncode == 2 and "--starts-at" in incomplete.stderr
     no_endpoint = failed(cli(None, "events", "list"), 2)
@@ -307,7 +307,7 @@ def test_unreachable_proxy_exits_3(tmp_path: Path) -> None:
 
 
 def test_the_bulk_input_may_use_a_user_column_or_no_header(
-    host: DevHost, sim: Simulator, tmp_path: Path
+    host: AppHost, sim: Simulator, tmp_path: Path
 ) -> None:
     span = window()
     event = host.manage.post(

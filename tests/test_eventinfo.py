@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from tests.harness import DevHost, EventSetup
+from tests.harness import AppHost, EventSetup
 
 
-def test_eventinfo_lists_caps_and_deployments_by_class(host: DevHost, event: EventSetup) -> None:
+def test_eventinfo_lists_caps_and_deployments_by_class(host: AppHost, event: EventSetup) -> None:
     info = host.http.get("/eventinfo", headers={"authorization": f"Bearer {event.key}"})
     assert info.status_code == 200
     body = info.json()
@@ -21,13 +21,13 @@ def test_eventinfo_lists_caps_and_deployments_by_class(host: DevHost, event: Eve
     assert "shared_code" not in body and "organizer_email" not in body
 
 
-def test_eventinfo_refuses_a_bad_key(host: DevHost) -> None:
+def test_eventinfo_refuses_a_bad_key(host: AppHost) -> None:
     info = host.http.get("/eventinfo", headers={"api-key": "aip-" + "Z" * 32})
     assert info.status_code == 401
     assert info.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_public_event_info_needs_no_key_and_hides_secrets(host: DevHost, event: EventSetup) -> None:
+def test_public_event_info_needs_no_key_and_hides_secrets(host: AppHost, event: EventSetup) -> None:
     public = host.http.get(f"/events/{event.id}")
     assert public.status_code == 200
     assert public.json()["name"] == "Test event"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -13,21 +12,21 @@ import openai
 import pytest
 
 from local.azurite import Azurite, free_port
-from local.devhost import collect
 from tests.harness import (
     FUNCTION_KEY,
-    DevHost,
+    AppHost,
     EventSetup,
     Simulator,
     Storage,
-    devhost_env,
+    host_env,
+    host_with_standins,
     unique_prefix,
 )
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 
 
-def chat(host: DevHost, key: str, content: str, **extra: object) -> httpx.Response:
+def chat(host: AppHost, key: str, content: str, **extra: object) -> httpx.Response:
     body = {"messages": [{"role": "user", "content": content}], **extra}
     return host.http.post(CHAT, json=body, headers={"api-key": key})
 
@@ -46,7 +45,7 @@ def test_storage_down_at_start_is_reported_then_recovers_without_restart(
 ) -> None:
     port = free_port()
     storage = Azurite(port)
-    host = DevHost(log_dir, devhost_env(storage.connection_string, unique_prefix("cold")), "cold")
+    host = AppHost(log_dir, host_env(storage.connection_string, unique_prefix("cold")), "cold")
     try:
         assert host.http.get("/health").status_code == 503
         refused = host.http.post(CHAT, json={}, headers={"api-key": "aip-" + "C" * 32})
@@ -62,20 +61,20 @@ def test_storage_down_at_start_is_reported_then_recovers_without_restart(
 
 
 def test_upstream_reset_mid_body_is_an_upstream_error_and_recorded(
-    host: DevHost, event: EventSetup, storage: Storage
+    host: AppHost, event: EventSetup, storage: Storage
 ) -> None:
     contract_error(chat(host, event.key, "[sim:cut_after=1]"), 502, "upstream_error")
     [record] = storage.usage(event.id, expect=1)
     assert record["outcome"] == "upstream_error"
 
 
-def test_very_slow_first_byte_is_an_upstream_timeout(host: DevHost, event: EventSetup) -> None:
+def test_very_slow_first_byte_is_an_upstream_timeout(host: AppHost, event: EventSetup) -> None:
     started = time.monotonic()
     contract_error(chat(host, event.key, "[sim:first_byte_ms=6000]"), 504, "upstream_timeout")
     assert time.monotonic() - started < 5.5  # the 3 s read timeout, not the upstream's 6 s
 
 
-def test_slow_client_reading_a_stream_gets_every_chunk(host: DevHost, event: EventSetup) -> None:
+def test_slow_client_reading_a_stream_gets_every_chunk(host: AppHost, event: EventSetup) -> None:
     body = {"messages": [{"role": "user", "content": "[sim:tokens=40] go"}], "stream": True}
     pieces = []
     with host.http.stream("POST", CHAT, json=body, headers={"api-key": event.key}) as response:
@@ -90,7 +89,7 @@ def test_slow_client_reading_a_stream_gets_every_chunk(host: DevHost, event: Eve
 
 
 def test_revocation_during_an_open_stream_lets_it_finish_and_refuses_the_next_call(
-    host: DevHost, event: EventSetup
+    host: AppHost, event: EventSetup
 ) -> None:
     client = openai.AzureOpenAI(
         azure_endpoint=host.base, api_key=event.key, api_version="2024-10-21", max_retries=0
@@ -122,7 +121,7 @@ def test_revocation_during_an_open_stream_lets_it_finish_and_refuses_the_next_ca
     ],
 )
 def test_malformed_bodies_are_refused_in_the_contract_shape(
-    host: DevHost, event: EventSetup, body: bytes
+    host: AppHost, event: EventSetup, body: bytes
 ) -> None:
     response = host.http.post(
         CHAT, content=body, headers={"api-key": event.key, "content-type": "application/json"}
@@ -133,16 +132,20 @@ def test_malformed_bodies_are_refused_in_the_contract_shape(
 @pytest.mark.parametrize(
     "name", ["..", "%2E%2E", "a%2Fb", "x" * 300, "gpt%0d%0aX-Injected:%201", "%00", "a b"]
 )
-def test_odd_deployment_names_are_not_found(host: DevHost, event: EventSetup, name: str) -> None:
+def test_odd_deployment_names_are_not_found(host: AppHost, event: EventSetup, name: str) -> None:
     path = f"/openai/deployments/{name}/chat/completions?api-version=2024-10-21"
     response = host.http.post(path, json={"messages": []}, headers={"api-key": event.key})
     assert response.status_code == 404, response.text
-    assert response.json()["error"]["code"] in ("deployment_not_found", "not_found")
+    # The app's answer; a path that matches no route is the host's (empty), and one with a line
+    # break the runtime's own (its catch-all route does not match it: see API.md).
+    if response.content:
+        body = response.json()
+        assert body == {"detail": "Not Found"} or body["error"]["code"] == "deployment_not_found"
     assert "x-injected" not in response.headers
 
 
 def test_key_in_the_query_string_is_neither_accepted_nor_forwarded(
-    host: DevHost, event: EventSetup, sim: Simulator
+    host: AppHost, event: EventSetup, sim: Simulator
 ) -> None:
     refused = host.http.post(
         CHAT + f"&api-key={event.key}", json={"messages": [{"role": "user", "content": "x"}]}
@@ -158,14 +161,14 @@ def test_key_in_the_query_string_is_neither_accepted_nor_forwarded(
     assert forwarded == {"seed": "1", "api-version": "2024-10-21"}
 
 
-def test_oversized_headers_are_refused(host: DevHost, event: EventSetup) -> None:
+def test_oversized_headers_are_refused(host: AppHost, event: EventSetup) -> None:
     response = host.http.post(
         CHAT, json={}, headers={"api-key": event.key, "x-padding": "p" * 70_000}
     )
     assert response.status_code in (400, 413, 431)
 
 
-def test_cross_origin_browsers_get_no_cors_grant(host: DevHost, event: EventSetup) -> None:
+def test_cross_origin_browsers_get_no_cors_grant(host: AppHost, event: EventSetup) -> None:
     preflight = host.http.options(
         CHAT,
         headers={"origin": "https://evil.example", "access-control-request-method": "POST"},
@@ -181,56 +184,63 @@ def test_cross_origin_browsers_get_no_cors_grant(host: DevHost, event: EventSetu
 # --- secrets ----------------------------------------------------------------------------------
 
 
-def test_every_management_route_refuses_without_the_function_key(host: DevHost) -> None:
-    import function_app
-
-    http, _ = collect(function_app.app, "api")
+def test_every_management_route_refuses_without_the_function_key(host: AppHost) -> None:
     walked = 0
-    for function in http:
-        if function.auth_level == "anonymous":
+    for function in host.status()["functions"]:
+        if function["trigger"] != "httpTrigger" or function["auth_level"] == "anonymous":
             continue
-        path = re.sub(r"\(\?P<(\w+)>[^)]*\)", "x1", function.pattern.pattern)
-        path = path.strip("^$").replace("/?", "").replace("\\", "")
-        for method in function.methods:
-            response = host.http.request(method, path.removeprefix("/api"), json={})
+        path = "/" + re.sub(r"\{[^}]*\}", "x1", function["route"])
+        for method in function["methods"]:
+            response = host.http.request(method, path, json={})
             assert response.status_code == 401, (method, path)
             walked += 1
     assert walked >= 15
 
 
+def from_address(host: AppHost, address: str) -> httpx.Client:
+    return httpx.Client(
+        base_url=host.base, timeout=30, transport=httpx.HTTPTransport(local_address=address)
+    )
+
+
 def test_repeated_wrong_keys_are_slowed_without_hurting_others(
-    host: DevHost, event: EventSetup
+    host: AppHost, event: EventSetup
 ) -> None:
-    attacker = {"x-forwarded-for": "203.0.113.7"}
+    # Callers from their own loopback addresses: the host adds each one's address, as Azure does.
+    attacker, other = from_address(host, "127.0.0.7"), from_address(host, "127.0.0.8")
     codes = []
     for n in range(40):
-        headers = {**attacker, "api-key": f"aip-{n:032d}"}
-        codes.append(host.http.post(CHAT, json={}, headers=headers).json()["error"]["code"])
+        headers = {"api-key": f"aip-{n:032d}"}
+        codes.append(attacker.post(CHAT, json={}, headers=headers).json()["error"]["code"])
     assert codes[:20] == ["invalid_api_key"] * 20
     assert codes.count("too_many_failed_keys") >= 15
-    limited = host.http.post(CHAT, json={}, headers={**attacker, "api-key": "aip-" + "9" * 32})
+    limited = attacker.post(CHAT, json={}, headers={"api-key": "aip-" + "9" * 32})
     assert limited.status_code in (401, 429)
     if limited.status_code == 429:
         assert int(limited.headers["retry-after"]) >= 1
     # A valid (cached) key from the same address, and anyone else, are not affected.
     assert chat(host, event.key, "hi").status_code == 200
-    same_place = host.http.post(
+    same_place = attacker.post(
         CHAT, json={"messages": [{"role": "user", "content": "hi"}]},
-        headers={**attacker, "api-key": event.key},
+        headers={"api-key": event.key},
     )  # fmt: skip
     assert same_place.status_code == 200
-    other = host.http.post(
-        CHAT, json={}, headers={"x-forwarded-for": "198.51.100.1", "api-key": "aip-" + "8" * 32}
+    contract_error(
+        other.post(CHAT, json={}, headers={"api-key": "aip-" + "8" * 32}), 401, "invalid_api_key"
     )
-    contract_error(other, 401, "invalid_api_key")
+    # A forwarded chain the caller wrote itself is not its address: the last hop is.
+    spoofed = other.post(
+        CHAT, json={}, headers={"x-forwarded-for": "127.0.0.7", "api-key": "aip-" + "6" * 32}
+    )
+    contract_error(spoofed, 401, "invalid_api_key")
 
 
 def test_logs_hold_no_key_no_upstream_secret_and_no_prompt(
     log_dir: Path, azurite: Azurite, sim: Simulator
 ) -> None:
     secret_prompt = "the-launch-code-is-ZEBRA-4471"
-    host = DevHost(
-        log_dir, devhost_env(azurite.connection_string, unique_prefix("logs")), name="logscan"
+    host = AppHost(
+        log_dir, host_env(azurite.connection_string, unique_prefix("logs")), name="logscan"
     )
     try:
         setup = EventSetup(host, sim)
@@ -262,38 +272,16 @@ def test_logs_hold_no_key_no_upstream_secret_and_no_prompt(
         assert secret not in log, f"{secret[:8]}… appears in the log"
 
 
-@pytest.fixture
-def otel() -> Iterator[tuple[object, object]]:
-    from opentelemetry import metrics, trace
-    from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    spans = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(spans))
-    trace.set_tracer_provider(provider)
-    reader = InMemoryMetricReader()
-    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
-    yield spans, reader
-
-
 async def test_spans_and_metrics_carry_event_and_deployment(
-    otel: tuple[object, object], azurite: Azurite, sim: Simulator, log_dir: Path
+    azurite: Azurite, sim: Simulator, log_dir: Path
 ) -> None:
-    from shared import runtime
-    from tests.inprocess import inprocess_app
-
-    spans, reader = otel
     throttled = Simulator(log_dir, name="otel429")
     throttled.configure(status=429, retry_after_ms=5000)
     try:
-        with inprocess_app(azurite.connection_string, unique_prefix("otel")) as app:
-            async with httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://app/api"
-            ) as client:
+        with host_with_standins(
+            log_dir, azurite.connection_string, unique_prefix("otel"), "otel"
+        ) as (host, standins):
+            async with httpx.AsyncClient(base_url=host.base, timeout=30) as client:
                 manage = {"x-functions-key": FUNCTION_KEY}
                 event = (await client.post("/manage/events", headers=manage, json={
                     "name": "otel", "starts_at": "2020-01-01T00:00:00",
@@ -316,32 +304,27 @@ async def test_spans_and_metrics_carry_event_and_deployment(
                     await client.post(path, json=body, headers={"api-key": key}) for _ in range(3)
                 ]
                 assert [a.status_code for a in answers] == [200, 200, 429]
-            await runtime.shutdown()
+            telemetry = standins.telemetry()
     finally:
         throttled.stop()
-    upstream = [s for s in spans.get_finished_spans() if s.name == "upstream"]
-    assert {s.attributes["aiproxy.event_id"] for s in upstream} == {event["id"]}
+    upstream = [s for s in telemetry["spans"] if s["name"] == "upstream"]
+    assert {s["attributes"]["aiproxy.event_id"] for s in upstream} == {event["id"]}
     assert {
-        s.attributes["aiproxy.failure"] for s in upstream if "aiproxy.failure" in s.attributes
+        s["attributes"]["aiproxy.failure"] for s in upstream if "aiproxy.failure" in s["attributes"]
     } == {"throttled"}
-    assert any(s.attributes.get("http.response.status_code") == 200 for s in upstream)
-    points = {
-        metric.name: [p for p in metric.data.data_points]
-        for resource_metrics in reader.get_metrics_data().resource_metrics
-        for scope in resource_metrics.scope_metrics
-        for metric in scope.metrics
-    }
-    ok = [p for p in points["aiproxy.requests"] if p.attributes["event_id"] == event["id"]]
-    assert sum(p.value for p in ok) == 2 and ok[0].attributes["deployment"] == "gpt"
-    tokens = [p for p in points["aiproxy.tokens"] if p.attributes["event_id"] == event["id"]]
-    assert {p.attributes["kind"] for p in tokens} == {"prompt", "completion"}
-    assert sum(p.value for p in points["aiproxy.failovers"]) >= 1
-    refusals = [p for p in points["aiproxy.refusals"] if p.attributes["event_id"] == event["id"]]
-    assert refusals[0].attributes["code"] == "daily_request_cap_exceeded"
+    assert any(s["attributes"].get("http.response.status_code") == 200 for s in upstream)
+    points = telemetry["metrics"]
+    ok = [p for p in points["aiproxy.requests"] if p["attributes"]["event_id"] == event["id"]]
+    assert sum(p["value"] for p in ok) == 2 and ok[0]["attributes"]["deployment"] == "gpt"
+    tokens = [p for p in points["aiproxy.tokens"] if p["attributes"]["event_id"] == event["id"]]
+    assert {p["attributes"]["kind"] for p in tokens} == {"prompt", "completion"}
+    assert sum(p["value"] for p in points["aiproxy.failovers"]) >= 1
+    refusals = [p for p in points["aiproxy.refusals"] if p["attributes"]["event_id"] == event["id"]]
+    assert refusals[0]["attributes"]["code"] == "daily_request_cap_exceeded"
 
 
 def test_client_that_hangs_up_while_sending_its_body_is_not_an_error(
-    host: DevHost, event: EventSetup
+    host: AppHost, event: EventSetup
 ) -> None:
     import socket
 

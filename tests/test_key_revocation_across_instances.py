@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from local.azurite import Azurite
-from tests.harness import DevHost, EventSetup, Storage, devhost_env
+from tests.harness import AppHost, EventSetup, Storage, host_env
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -19,22 +19,22 @@ MARGIN_SECONDS = 1.0
 
 
 @pytest.fixture(scope="module")
-def other(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[DevHost]:
+def other(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
     """A second instance of the app on the same storage."""
-    server = DevHost(log_dir, devhost_env(azurite.connection_string, prefix), name="devhost-other")
+    server = AppHost(log_dir, host_env(azurite.connection_string, prefix), name="devhost-other")
     yield server
     server.stop()
 
 
-def ttl(host: DevHost) -> float:
+def ttl(host: AppHost) -> float:
     return float(host.env["AIPROXY_CACHE_TTL_SECONDS"])
 
 
-def call(host: DevHost, key: str) -> httpx.Response:
+def call(host: AppHost, key: str) -> httpx.Response:
     return host.http.post(CHAT, json=HELLO, headers={"api-key": key})
 
 
-def seconds_until_refused(host: DevHost, key: str, code: str, limit: float) -> float:
+def seconds_until_refused(host: AppHost, key: str, code: str, limit: float) -> float:
     """Poll until `host` refuses `key` with `code`; the seconds it took (fails past `limit`)."""
     start = time.monotonic()
     while True:
@@ -49,7 +49,7 @@ def seconds_until_refused(host: DevHost, key: str, code: str, limit: float) -> f
 
 
 def test_revocation_reaches_the_other_instance_within_the_cache_ttl(
-    host: DevHost, other: DevHost, event: EventSetup
+    host: AppHost, other: AppHost, event: EventSetup
 ) -> None:
     assert call(other, event.key).status_code == 200  # the other instance has the key cached
     revoked = host.manage.delete(f"/events/{event.id}/attendees/{event.attendee['id']}")
@@ -62,7 +62,7 @@ def test_revocation_reaches_the_other_instance_within_the_cache_ttl(
 
 
 def test_rotation_reaches_the_other_instance_within_the_cache_ttl(
-    host: DevHost, other: DevHost, event: EventSetup
+    host: AppHost, other: AppHost, event: EventSetup
 ) -> None:
     assert call(host, event.key).status_code == 200  # host has the old key cached
     rotated = other.manage.post(f"/events/{event.id}/attendees/{event.attendee['id']}/rotate")
@@ -78,7 +78,7 @@ def test_rotation_reaches_the_other_instance_within_the_cache_ttl(
 
 
 def test_deleting_the_event_stops_its_keys_on_every_instance(
-    host: DevHost, other: DevHost, event: EventSetup
+    host: AppHost, other: AppHost, event: EventSetup
 ) -> None:
     assert call(other, event.key).status_code == 200  # the other instance has it cached
     assert host.manage.delete(f"/events/{event.id}?force=true").status_code == 204
@@ -88,7 +88,7 @@ def test_deleting_the_event_stops_its_keys_on_every_instance(
 
 
 def test_keys_are_stored_as_a_hash_and_a_sealed_copy(
-    host: DevHost, event: EventSetup, storage: Storage
+    host: AppHost, event: EventSetup, storage: Storage
 ) -> None:
     import hashlib
 

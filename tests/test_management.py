@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import SIM_KEY, DevHost, EventSetup, Simulator, Storage, window
+from tests.harness import SIM_KEY, AppHost, EventSetup, Simulator, Storage, host_answer, window
 
 EVENT = {
     "name": "Workshop",
@@ -43,23 +43,23 @@ def invalid_field(response: httpx.Response, field: str) -> str:
         ({"image_url": "javascript:alert(1)"}, "image_url"),
     ],
 )
-def test_bad_event_field_is_named(host: DevHost, change: dict[str, Any], field: str) -> None:
+def test_bad_event_field_is_named(host: AppHost, change: dict[str, Any], field: str) -> None:
     invalid_field(host.manage.post("/events", json={**EVENT, **change}), field)
 
 
-def test_missing_event_field_is_named(host: DevHost) -> None:
+def test_missing_event_field_is_named(host: AppHost) -> None:
     body = {k: v for k, v in EVENT.items() if k != "daily_request_cap"}
     assert "required" in invalid_field(host.manage.post("/events", json=body), "daily_request_cap")
 
 
-def test_body_that_is_not_a_json_object_is_refused(host: DevHost) -> None:
+def test_body_that_is_not_a_json_object_is_refused(host: AppHost) -> None:
     for content in (b"[1]", b"{oops"):
         response = host.manage.post("/events", content=content)
         assert response.status_code == 400
         assert response.json()["error"]["code"] == "invalid_request"
 
 
-def test_event_round_trip_keeps_wall_clock_times_and_adds_utc(host: DevHost) -> None:
+def test_event_round_trip_keeps_wall_clock_times_and_adds_utc(host: AppHost) -> None:
     body = {
         **EVENT,
         "starts_at": "2026-03-28T09:00:00",
@@ -75,7 +75,7 @@ def test_event_round_trip_keeps_wall_clock_times_and_adds_utc(host: DevHost) -> 
     assert event["id"] in [e["id"] for e in host.manage.get("/events").json()]
 
 
-def test_event_patch_changes_only_what_is_sent(host: DevHost) -> None:
+def test_event_patch_changes_only_what_is_sent(host: AppHost) -> None:
     created = host.manage.post("/events", json=EVENT).json()
     changed = host.manage.patch(f"/events/{created['id']}", json={"max_token_cap": 64})
     assert changed.status_code == 200
@@ -86,7 +86,7 @@ def test_event_patch_changes_only_what_is_sent(host: DevHost) -> None:
     )
 
 
-def test_unknown_event_is_404(host: DevHost) -> None:
+def test_unknown_event_is_404(host: AppHost) -> None:
     for method in ("GET", "PATCH", "DELETE"):
         response = host.manage.request(method, "/events/nosuchevent", json={})
         assert response.status_code == 404
@@ -94,7 +94,7 @@ def test_unknown_event_is_404(host: DevHost) -> None:
 
 
 def test_event_with_attendees_is_only_deleted_with_force(
-    host: DevHost, event: EventSetup, storage: Storage
+    host: AppHost, event: EventSetup, storage: Storage
 ) -> None:
     refused = host.manage.delete(f"/events/{event.id}")
     assert refused.status_code == 409
@@ -104,7 +104,7 @@ def test_event_with_attendees_is_only_deleted_with_force(
     assert storage.rows("attendees", f"PartitionKey eq '{event.id}'") == []
 
 
-def test_resource_api_key_is_write_only(host: DevHost, sim: Simulator, storage: Storage) -> None:
+def test_resource_api_key_is_write_only(host: AppHost, sim: Simulator, storage: Storage) -> None:
     body = {
         "name": "east",
         "deployment": "gpt-4o",
@@ -134,7 +134,7 @@ def test_resource_api_key_is_write_only(host: DevHost, sim: Simulator, storage: 
     ],
 )
 def test_bad_resource_field_is_named(
-    host: DevHost, sim: Simulator, change: dict[str, Any], field: str
+    host: AppHost, sim: Simulator, change: dict[str, Any], field: str
 ) -> None:
     body = {
         "name": "r",
@@ -147,7 +147,7 @@ def test_bad_resource_field_is_named(
     invalid_field(host.manage.post("/resources", json=body), field)
 
 
-def test_resource_in_use_cannot_be_deleted_until_detached(host: DevHost, event: EventSetup) -> None:
+def test_resource_in_use_cannot_be_deleted_until_detached(host: AppHost, event: EventSetup) -> None:
     resource_id = next(iter(event.resources))
     refused = host.manage.delete(f"/resources/{resource_id}")
     assert refused.status_code == 409
@@ -159,7 +159,7 @@ def test_resource_in_use_cannot_be_deleted_until_detached(host: DevHost, event: 
     assert host.manage.get(f"/resources/{resource_id}").status_code == 404
 
 
-def test_detached_deployment_is_no_longer_served(host: DevHost, event: EventSetup) -> None:
+def test_detached_deployment_is_no_longer_served(host: AppHost, event: EventSetup) -> None:
     chat_id = next(i for i, r in event.resources.items() if r["model_class"] == "openai-chat")
     path = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
     body = {"messages": [{"role": "user", "content": "hi"}]}
@@ -171,7 +171,7 @@ def test_detached_deployment_is_no_longer_served(host: DevHost, event: EventSetu
 
 
 def test_adding_the_same_attendee_twice_returns_the_same_key(
-    host: DevHost, event: EventSetup
+    host: AppHost, event: EventSetup
 ) -> None:
     first = host.manage.post(f"/events/{event.id}/attendees", json={"user": "Ada@Example.com"})
     again = host.manage.post(f"/events/{event.id}/attendees", json={"user": "ada@example.com"})
@@ -184,25 +184,23 @@ def test_adding_the_same_attendee_twice_returns_the_same_key(
     assert all("api_key" not in a for a in listed)
 
 
-def test_attendee_without_user_is_refused(host: DevHost, event: EventSetup) -> None:
+def test_attendee_without_user_is_refused(host: AppHost, event: EventSetup) -> None:
     invalid_field(host.manage.post(f"/events/{event.id}/attendees", json={}), "user")
     invalid_field(host.manage.post(f"/events/{event.id}/attendees", json={"user": "  "}), "user")
 
 
-def test_management_refuses_without_the_function_key(host: DevHost) -> None:
+def test_management_refuses_without_the_function_key(host: AppHost) -> None:
     for headers, params in (({}, {}), ({"x-functions-key": "wrong"}, {}), ({}, {"code": "wrong"})):
-        response = host.http.get("/manage/events", headers=headers, params=params)
-        assert response.status_code == 401
-        assert response.json()["error"]["code"] == "unauthorized"
+        host_answer(host.http.get("/manage/events", headers=headers, params=params), 401)
 
 
-def test_function_key_works_as_code_query_parameter(host: DevHost) -> None:
+def test_function_key_works_as_code_query_parameter(host: AppHost) -> None:
     from tests.harness import FUNCTION_KEY
 
     assert host.http.get("/manage/events", params={"code": FUNCTION_KEY}).status_code == 200
 
 
-def test_caps_beyond_32_bits_are_refused_with_the_field_named(host: DevHost) -> None:
+def test_caps_beyond_32_bits_are_refused_with_the_field_named(host: AppHost) -> None:
     for field in ("max_token_cap", "daily_request_cap", "daily_token_cap"):
         invalid_field(host.manage.post("/events", json={**EVENT, field: 2**31}), field)
     created = host.manage.post("/events", json={**EVENT, "daily_request_cap": 2**31 - 1})
@@ -211,6 +209,6 @@ def test_caps_beyond_32_bits_are_refused_with_the_field_named(host: DevHost) -> 
     invalid_field(patched, "max_token_cap")
 
 
-def test_attendee_with_unknown_fields_is_refused(host: DevHost, event: EventSetup) -> None:
+def test_attendee_with_unknown_fields_is_refused(host: AppHost, event: EventSetup) -> None:
     response = host.manage.post(f"/events/{event.id}/attendees", json={"user": "a", "role": "x"})
     invalid_field(response, "role")

@@ -9,11 +9,11 @@ import wave
 import openai
 import pytest
 
-from tests.harness import DevHost, EventSetup, Simulator, Storage
+from tests.harness import AppHost, EventSetup, Simulator, Storage
 
 
 @pytest.fixture
-def setup(host: DevHost, sim: Simulator) -> EventSetup:
+def setup(host: AppHost, sim: Simulator) -> EventSetup:
     event = EventSetup(host, sim)
     event.add_resource(sim.url, "dall-e-3", "openai-images")
     event.add_resource(sim.url, "whisper", "openai-audio")
@@ -31,14 +31,14 @@ def wav(seconds: float, rate: int = 16_000) -> bytes:
     return buffer.getvalue()
 
 
-def azure(host: DevHost, key: str) -> openai.AzureOpenAI:
+def azure(host: AppHost, key: str) -> openai.AzureOpenAI:
     return openai.AzureOpenAI(
         azure_endpoint=host.base, api_key=key, api_version="2024-10-21", max_retries=0
     )
 
 
 def test_image_generation_through_the_sdk(
-    host: DevHost, setup: EventSetup, storage: Storage
+    host: AppHost, setup: EventSetup, storage: Storage
 ) -> None:
     result = azure(host, setup.key).images.generate(
         model="dall-e-3", prompt="a lighthouse at dusk", n=2, response_format="b64_json"
@@ -50,14 +50,14 @@ def test_image_generation_through_the_sdk(
     assert record["units"] == 2 and record["total_tokens"] == 0
 
 
-def test_image_generation_on_the_v1_path(host: DevHost, setup: EventSetup) -> None:
+def test_image_generation_on_the_v1_path(host: AppHost, setup: EventSetup) -> None:
     client = openai.OpenAI(base_url=f"{host.base}/openai/v1", api_key=setup.key, max_retries=0)
     result = client.images.generate(model="dall-e-3", prompt="a red kite")
     assert result.data[0].url and result.data[0].url.startswith("data:image/png;base64,")
 
 
 def test_audio_transcription_is_forwarded_as_multipart(
-    host: DevHost, setup: EventSetup, sim: Simulator, storage: Storage
+    host: AppHost, setup: EventSetup, sim: Simulator, storage: Storage
 ) -> None:
     result = azure(host, setup.key).audio.transcriptions.create(
         model="whisper", file=("talk.wav", wav(3.2)), response_format="verbose_json"
@@ -69,14 +69,14 @@ def test_audio_transcription_is_forwarded_as_multipart(
     assert record["units"] == 4  # audio seconds, rounded up
 
 
-def test_audio_transcription_as_plain_text(host: DevHost, setup: EventSetup) -> None:
+def test_audio_transcription_as_plain_text(host: AppHost, setup: EventSetup) -> None:
     text = azure(host, setup.key).audio.transcriptions.create(
         model="whisper", file=("talk.wav", wav(1.0)), response_format="text"
     )
     assert isinstance(text, str) and len(text.split()) >= 1
 
 
-def test_audio_without_multipart_is_refused(host: DevHost, setup: EventSetup) -> None:
+def test_audio_without_multipart_is_refused(host: AppHost, setup: EventSetup) -> None:
     path = "/openai/deployments/whisper/audio/transcriptions?api-version=2024-10-21"
     response = host.http.post(path, json={"file": "x"}, headers={"api-key": setup.key})
     assert response.status_code == 400
@@ -91,7 +91,7 @@ def test_audio_without_multipart_is_refused(host: DevHost, setup: EventSetup) ->
     ],
 )
 def test_search_swaps_the_attendee_key_for_the_resource_key(
-    host: DevHost, setup: EventSetup, sim: Simulator, storage: Storage, path: str
+    host: AppHost, setup: EventSetup, sim: Simulator, storage: Storage, path: str
 ) -> None:
     response = host.http.post(
         path, json={"search": "sea view", "top": 2}, headers={"api-key": setup.key}
@@ -105,7 +105,7 @@ def test_search_swaps_the_attendee_key_for_the_resource_key(
     assert record["model_class"] == "azure-ai-search" and record["units"] == 1
 
 
-def test_search_index_not_in_the_catalog_is_not_found(host: DevHost, setup: EventSetup) -> None:
+def test_search_index_not_in_the_catalog_is_not_found(host: AppHost, setup: EventSetup) -> None:
     response = host.http.post(
         "/indexes/products/docs/search", json={"search": "x"}, headers={"api-key": setup.key}
     )
@@ -113,7 +113,7 @@ def test_search_index_not_in_the_catalog_is_not_found(host: DevHost, setup: Even
     assert "hotels" in response.json()["error"]["message"]
 
 
-def test_legacy_extensions_chat_path(host: DevHost, setup: EventSetup, sim: Simulator) -> None:
+def test_legacy_extensions_chat_path(host: AppHost, setup: EventSetup, sim: Simulator) -> None:
     path = "/openai/deployments/gpt-4o-mini/extensions/chat/completions?api-version=2024-02-01"
     body = {"messages": [{"role": "user", "content": "What do my documents say?"}], "max_tokens": 5}
     response = host.http.post(path, json=body, headers={"api-key": setup.key})

@@ -10,7 +10,7 @@ import pytest
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 
-from tests.harness import DevHost, EventSetup, window
+from tests.harness import AppHost, EventSetup, window
 
 
 @dataclass(frozen=True)
@@ -22,29 +22,23 @@ class Route:
     auth_level: str
 
 
-def template_of(pattern: str, prefix: str) -> str:
-    """The route template back from the dev host's compiled pattern, as an OpenAPI path."""
-    source = pattern.removeprefix("^" + re.escape(f"/{prefix}/")).removesuffix("/?$")
-    source = re.sub(r"\(\?P<([A-Za-z_][A-Za-z0-9_]*)>[^)]*\)\??", r"{\1}", source)
-    return "/" + re.sub(r"\\(.)", r"\1", source)
+def openapi_path(route: str) -> str:
+    """A Functions route template ({x}, {*x}, {x:int}, {x?}) as an OpenAPI path."""
+    return "/" + re.sub(r"\{\*?([A-Za-z_][A-Za-z0-9_]*)(?::[^}?]*)?\??\}", r"{\1}", route)
 
 
-def registered() -> tuple[Route, ...]:
-    """The app's HTTP functions as the dev host finds them (local.devhost.collect)."""
-    import function_app
-    from local.devhost import collect, route_prefix
-
-    prefix = route_prefix()
-    http, _ = collect(function_app.app, prefix)
+def registered(host: AppHost) -> tuple[Route, ...]:
+    """The app's HTTP functions as the worker indexed them (the host's status API)."""
     return tuple(
-        Route(template_of(f.pattern.pattern, prefix), frozenset(f.methods), f.auth_level)
-        for f in http
+        Route(openapi_path(f["route"] or f["name"]), frozenset(f["methods"]), f["auth_level"])
+        for f in host.status()["functions"]
+        if f["trigger"] == "httpTrigger"
     )
 
 
-def registered_routes() -> set[tuple[str, str]]:
+def registered_routes(host: AppHost) -> set[tuple[str, str]]:
     """(METHOD, OpenAPI path) of every HTTP function of function_app."""
-    return {(method, route.path) for route in registered() for method in route.methods}
+    return {(method, route.path) for route in registered(host) for method in route.methods}
 
 
 def documented_routes(document: dict[str, Any]) -> set[tuple[str, str]]:
@@ -58,15 +52,17 @@ def documented_routes(document: dict[str, Any]) -> set[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def document(host: DevHost) -> dict[str, Any]:
+def document(host: AppHost) -> dict[str, Any]:
     response = host.http.get("/openapi.json")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/json")
     return response.json()
 
 
-def test_every_registered_route_is_documented_and_nothing_else(document: dict[str, Any]) -> None:
-    registered, documented = registered_routes(), documented_routes(document)
+def test_every_registered_route_is_documented_and_nothing_else(
+    host: AppHost, document: dict[str, Any]
+) -> None:
+    registered, documented = registered_routes(host), documented_routes(document)
     missing = sorted(registered - documented)
     extra = sorted(documented - registered)
     assert not missing, "routes missing from shared/openapi.py OPERATIONS: " + ", ".join(
@@ -88,7 +84,7 @@ def test_document_is_valid_openapi(document: dict[str, Any]) -> None:
 
 
 def test_servers_url_is_the_proxy_base_the_caller_used(
-    host: DevHost, document: dict[str, Any]
+    host: AppHost, document: dict[str, Any]
 ) -> None:
     assert document["servers"] == [{"url": host.base}]
     forwarded = host.http.get(
@@ -151,7 +147,7 @@ def _assert_described(document: dict[str, Any], name: str, data: dict[str, Any])
 
 
 def test_real_answers_fit_their_schemas(
-    host: DevHost, event: EventSetup, document: dict[str, Any]
+    host: AppHost, event: EventSetup, document: dict[str, Any]
 ) -> None:
     _assert_described(document, "Event", host.manage.get(f"/events/{event.id}").json())
     _assert_described(document, "PublicEvent", host.http.get(f"/events/{event.id}").json())

@@ -19,7 +19,7 @@ from openai import AzureOpenAI
 
 from shared import pages
 from tests.browser import Browser, Route, Tab, chromium, chromium_path, tab, wait_until
-from tests.harness import FUNCTION_KEY, SIM_KEY, DevHost, EventSetup, Simulator, Storage, window
+from tests.harness import FUNCTION_KEY, SIM_KEY, AppHost, EventSetup, Simulator, Storage, window
 
 STREAMED = "Tell me a story [sim:tokens=30 latency_ms_per_token=60]"
 PWNED = "window.__pwned = 1; document.title = 'pwned';"
@@ -43,13 +43,13 @@ def browser() -> Iterator[Browser]:
         yield launched
 
 
-def images_event(host: DevHost, sim: Simulator, **fields: object) -> EventSetup:
+def images_event(host: AppHost, sim: Simulator, **fields: object) -> EventSetup:
     event = EventSetup(host, sim, **fields)
     event.add_resource(sim.url, "dall-e-3", "openai-images")
     return event
 
 
-def connect(opened: Tab, host: DevHost, key: str) -> None:
+def connect(opened: Tab, host: AppHost, key: str) -> None:
     opened.page.goto(f"{host.base}/playground")
     opened.page.fill("#key", key)
     opened.page.click("#connect")
@@ -60,7 +60,7 @@ def connect(opened: Tab, host: DevHost, key: str) -> None:
 
 
 def test_pages_and_their_files_are_served_with_a_strict_content_security_policy(
-    host: DevHost,
+    host: AppHost,
 ) -> None:
     for path in ("/playground", "/console", "/register/0123456789abcdef"):
         response = host.http.get(path)
@@ -112,7 +112,7 @@ def test_vendored_libraries_are_the_versions_pinned_in_package_json() -> None:
 
 
 def test_playground_streams_an_answer_and_shows_the_recorded_usage(
-    host: DevHost, sim: Simulator, storage: Storage, browser: Browser
+    host: AppHost, sim: Simulator, storage: Storage, browser: Browser
 ) -> None:
     event = images_event(host, sim, name="Playground day", max_token_cap=800)
     with tab(browser) as opened:
@@ -158,7 +158,7 @@ def test_playground_streams_an_answer_and_shows_the_recorded_usage(
 
 
 def test_playground_renders_a_generated_image(
-    host: DevHost, sim: Simulator, browser: Browser
+    host: AppHost, sim: Simulator, browser: Browser
 ) -> None:
     event = images_event(host, sim)
     with tab(browser) as opened:
@@ -174,7 +174,7 @@ def test_playground_renders_a_generated_image(
         opened.assert_clean()
 
 
-def test_playground_explains_a_revoked_key(host: DevHost, sim: Simulator, browser: Browser) -> None:
+def test_playground_explains_a_revoked_key(host: AppHost, sim: Simulator, browser: Browser) -> None:
     event = EventSetup(host, sim)
     with tab(browser) as opened:
         page = opened.page
@@ -198,7 +198,7 @@ def test_playground_explains_a_revoked_key(host: DevHost, sim: Simulator, browse
 
 
 def test_registration_page_gives_a_key_that_works_with_the_sdk_and_runs_no_script(
-    host: DevHost, sim: Simulator, browser: Browser
+    host: AppHost, sim: Simulator, browser: Browser
 ) -> None:
     event = EventSetup(
         host,
@@ -265,7 +265,7 @@ def test_registration_page_gives_a_key_that_works_with_the_sdk_and_runs_no_scrip
 
 
 def test_registration_page_offers_sign_in_when_the_app_trusts_easyauth(
-    host: DevHost, sim: Simulator, browser: Browser
+    host: AppHost, sim: Simulator, browser: Browser
 ) -> None:
     event = EventSetup(host, sim)  # no registration code: sign-in is the only way
     url = f"{host.base}/register/{event.id}"
@@ -316,7 +316,7 @@ def test_registration_page_offers_sign_in_when_the_app_trusts_easyauth(
 
 
 def test_console_creates_an_event_wires_it_and_charts_its_usage(
-    host: DevHost, sim: Simulator, browser: Browser
+    host: AppHost, sim: Simulator, browser: Browser
 ) -> None:
     chat = host.manage.post(
         "/resources",

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from local.azurite import Azurite, free_port
-from tests.harness import DevHost, EventSetup, Simulator, Storage, devhost_env
+from tests.harness import AppHost, EventSetup, Simulator, Storage, host_env
 
 CHAT = "/openai/deployments/pool/chat/completions?api-version=2024-10-21"
 HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -26,9 +26,9 @@ def sims(log_dir: Path) -> Iterator[list[Simulator]]:
 
 
 @pytest.fixture(scope="module")
-def host2(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[DevHost]:
+def host2(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
     """A second instance of the app on the same storage."""
-    server = DevHost(log_dir, devhost_env(azurite.connection_string, prefix), name="devhost2")
+    server = AppHost(log_dir, host_env(azurite.connection_string, prefix), name="devhost2")
     yield server
     server.stop()
 
@@ -40,7 +40,7 @@ def fresh(sims: list[Simulator]) -> list[Simulator]:
     return sims
 
 
-def pool_event(host: DevHost, sims: list[Simulator], members: list[dict[str, Any]]) -> EventSetup:
+def pool_event(host: AppHost, sims: list[Simulator], members: list[dict[str, Any]]) -> EventSetup:
     """An event whose deployment 'pool' has one resource per entry, on sims[i]."""
     setup = EventSetup(host, sims[0], daily_request_cap=100_000)
     for member in members:
@@ -53,11 +53,11 @@ def served(sims: list[Simulator]) -> list[int]:
     return [sim.stats()["by_status"].get("200", 0) for sim in sims]
 
 
-def call(host: DevHost, key: str, body: dict[str, Any] = HELLO) -> httpx.Response:
+def call(host: AppHost, key: str, body: dict[str, Any] = HELLO) -> httpx.Response:
     return host.http.post(CHAT, json=body, headers={"api-key": key})
 
 
-def test_weights_split_requests_proportionally(host: DevHost, fresh: list[Simulator]) -> None:
+def test_weights_split_requests_proportionally(host: AppHost, fresh: list[Simulator]) -> None:
     setup = pool_event(
         host, fresh, [{"sim": 0, "weight": 1}, {"sim": 1, "weight": 1}, {"sim": 2, "weight": 2}]
     )
@@ -70,7 +70,7 @@ def test_weights_split_requests_proportionally(host: DevHost, fresh: list[Simula
 
 
 def test_lower_priority_serves_only_while_the_higher_one_cools(
-    host: DevHost, fresh: list[Simulator]
+    host: AppHost, fresh: list[Simulator]
 ) -> None:
     setup = pool_event(host, fresh, [{"sim": 0, "priority": 1}, {"sim": 1, "priority": 2}])
     for _ in range(20):
@@ -89,7 +89,7 @@ def test_lower_priority_serves_only_while_the_higher_one_cools(
 
 
 def test_retry_after_ms_cools_a_member_for_exactly_that_long(
-    host: DevHost, fresh: list[Simulator]
+    host: AppHost, fresh: list[Simulator]
 ) -> None:
     setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}])
     fresh[0].configure(status=429, retry_after_ms=2000)
@@ -112,7 +112,7 @@ def test_retry_after_ms_cools_a_member_for_exactly_that_long(
 
 
 def test_two_instances_continue_one_round_robin_sequence(
-    host: DevHost, host2: DevHost, fresh: list[Simulator], storage: Storage
+    host: AppHost, host2: AppHost, fresh: list[Simulator], storage: Storage
 ) -> None:
     setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}, {"sim": 2}])
     for i in range(300):
@@ -128,7 +128,7 @@ def test_two_instances_continue_one_round_robin_sequence(
 
 
 def test_cooldown_reaches_the_other_instance_within_two_seconds(
-    host: DevHost, host2: DevHost, fresh: list[Simulator]
+    host: AppHost, host2: AppHost, fresh: list[Simulator]
 ) -> None:
     setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}])
     assert call(host2, setup.key).status_code == 200  # host2 knows the pool
@@ -144,7 +144,7 @@ def test_cooldown_reaches_the_other_instance_within_two_seconds(
 
 
 def test_all_members_throttled_gives_no_capacity_with_the_soonest_retry_after(
-    host: DevHost, fresh: list[Simulator]
+    host: AppHost, fresh: list[Simulator]
 ) -> None:
     setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}])
     fresh[0].configure(status=429, retry_after=5)
@@ -156,7 +156,7 @@ def test_all_members_throttled_gives_no_capacity_with_the_soonest_retry_after(
     assert response.headers["x-aiproxy-request-id"]
 
 
-def test_all_members_down_gives_upstream_error(host: DevHost, fresh: list[Simulator]) -> None:
+def test_all_members_down_gives_upstream_error(host: AppHost, fresh: list[Simulator]) -> None:
     setup = EventSetup(host, fresh[0])
     for _ in range(2):
         setup.add_resource(f"http://127.0.0.1:{free_port()}", "pool", "openai-chat")
@@ -166,7 +166,7 @@ def test_all_members_down_gives_upstream_error(host: DevHost, fresh: list[Simula
 
 
 def test_all_members_failing_with_5xx_gives_upstream_error(
-    host: DevHost, fresh: list[Simulator]
+    host: AppHost, fresh: list[Simulator]
 ) -> None:
     setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}])
     fresh[0].configure(status=500)
@@ -177,7 +177,7 @@ def test_all_members_failing_with_5xx_gives_upstream_error(
     assert [s.stats()["total_requests"] for s in fresh[:2]] == [1, 1]  # each tried once
 
 
-def test_all_members_slow_gives_upstream_timeout(host: DevHost, fresh: list[Simulator]) -> None:
+def test_all_members_slow_gives_upstream_timeout(host: AppHost, fresh: list[Simulator]) -> None:
     setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}])
     body = {"messages": [{"role": "user", "content": "[sim:hang]"}]}
     response = call(host, setup.key, body)
@@ -187,7 +187,7 @@ def test_all_members_slow_gives_upstream_timeout(host: DevHost, fresh: list[Simu
 
 
 def test_failover_happens_before_any_byte_reaches_a_streaming_client(
-    host: DevHost, fresh: list[Simulator]
+    host: AppHost, fresh: list[Simulator]
 ) -> None:
     setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}])
     fresh[0].configure(status=503, retry_after=3)

@@ -10,12 +10,12 @@ from typing import Any
 import httpx
 import openai
 
-from tests.harness import FUNCTION_KEY, DevHost, EventSetup, Storage
+from tests.harness import FUNCTION_KEY, AppHost, EventSetup, Storage
 
 NUMBERS = ("prompt_tokens", "completion_tokens", "total_tokens", "units")
 
 
-def run_timer(host: DevHost, name: str) -> None:
+def run_timer(host: AppHost, name: str) -> None:
     """The host's admin API, as an operator would trigger a timer on Azure."""
     response = httpx.post(
         f"http://127.0.0.1:{host.port}/admin/functions/{name}",
@@ -26,7 +26,7 @@ def run_timer(host: DevHost, name: str) -> None:
     assert response.status_code == 202, response.text
 
 
-def traffic(host: DevHost, setup: EventSetup, users: int = 3) -> list[str]:
+def traffic(host: AppHost, setup: EventSetup, users: int = 3) -> list[str]:
     keys = [setup.key] + [
         setup.add_attendee(f"user{i}@example.com")["api_key"] for i in range(users - 1)
     ]
@@ -53,7 +53,7 @@ def expected(records: list[dict[str, Any]], key: str) -> dict[str, dict[str, int
 
 
 def test_report_by_attendee_and_deployment_equals_the_records(
-    host: DevHost, event: EventSetup, storage: Storage
+    host: AppHost, event: EventSetup, storage: Storage
 ) -> None:
     traffic(host, event)
     records = storage.usage(event.id, expect=9)
@@ -75,7 +75,7 @@ def test_report_by_attendee_and_deployment_equals_the_records(
     assert len(by_day["rows"]) == 1 and by_day["rows"][0]["requests"] == 9
 
 
-def test_csv_report_has_the_same_totals(host: DevHost, event: EventSetup, storage: Storage) -> None:
+def test_csv_report_has_the_same_totals(host: AppHost, event: EventSetup, storage: Storage) -> None:
     traffic(host, event, users=2)
     records = storage.usage(event.id, expect=5)
     response = host.manage.get(
@@ -88,7 +88,7 @@ def test_csv_report_has_the_same_totals(host: DevHost, event: EventSetup, storag
     assert sum(int(r["total_tokens"]) for r in rows) == sum(r["total_tokens"] for r in records)
 
 
-def test_attendee_list_carries_totals(host: DevHost, event: EventSetup, storage: Storage) -> None:
+def test_attendee_list_carries_totals(host: AppHost, event: EventSetup, storage: Storage) -> None:
     traffic(host, event, users=2)
     records = storage.usage(event.id, expect=5)
     listed = {a["user"]: a for a in host.manage.get(f"/events/{event.id}/attendees").json()}
@@ -98,7 +98,7 @@ def test_attendee_list_carries_totals(host: DevHost, event: EventSetup, storage:
 
 
 def test_rollup_timer_is_idempotent_and_picks_up_late_records(
-    host: DevHost, event: EventSetup, storage: Storage
+    host: AppHost, event: EventSetup, storage: Storage
 ) -> None:
     keys = traffic(host, event, users=2)
     records = storage.usage(event.id, expect=5)
@@ -126,7 +126,7 @@ def test_rollup_timer_is_idempotent_and_picks_up_late_records(
     assert sum(r["requests"] for r in later) == 6
 
 
-def test_retention_deletes_only_rolled_up_days(host: DevHost, storage: Storage) -> None:
+def test_retention_deletes_only_rolled_up_days(host: AppHost, storage: Storage) -> None:
     """Two old days of raw records: one rolled up since its last write, one not."""
     table = storage.service.create_table_if_not_exists(storage.prefix + "usage")
     days = storage.service.create_table_if_not_exists(storage.prefix + "usagedays")
@@ -148,7 +148,7 @@ def test_retention_deletes_only_rolled_up_days(host: DevHost, storage: Storage) 
     assert left == {f"{event_id}_20250102": 3}  # the day not rolled up keeps its records
 
 
-def test_report_refuses_an_unknown_grouping(host: DevHost, event: EventSetup) -> None:
+def test_report_refuses_an_unknown_grouping(host: AppHost, event: EventSetup) -> None:
     response = host.manage.get(f"/events/{event.id}/usage", params={"group_by": "colour"})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "group_by"
@@ -157,7 +157,7 @@ def test_report_refuses_an_unknown_grouping(host: DevHost, event: EventSetup) ->
 
 
 def test_a_rollup_reads_only_the_buckets_written_since_the_last_one(
-    host: DevHost, event: EventSetup, storage: Storage
+    host: AppHost, event: EventSetup, storage: Storage
 ) -> None:
     traffic(host, event, users=1)
     storage.usage(event.id, expect=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.harness import DevHost, EventSetup, Storage
+from tests.harness import AppHost, EventSetup, Storage
 
 API_VERSION = "2024-10-21"
 MESSAGES = [
@@ -14,18 +14,18 @@ MESSAGES = [
 ]
 
 
-def azure_client(host: DevHost, key: str) -> openai.AzureOpenAI:
+def azure_client(host: AppHost, key: str) -> openai.AzureOpenAI:
     return openai.AzureOpenAI(
         azure_endpoint=host.base, api_key=key, api_version=API_VERSION, max_retries=0
     )
 
 
-def openai_client(host: DevHost, key: str) -> openai.OpenAI:
+def openai_client(host: AppHost, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{host.base}/openai/v1", api_key=key, max_retries=0)
 
 
 @pytest.fixture(params=["AzureOpenAI", "OpenAI"])
-def client(request: pytest.FixtureRequest, host: DevHost, event: EventSetup) -> openai.OpenAI:
+def client(request: pytest.FixtureRequest, host: AppHost, event: EventSetup) -> openai.OpenAI:
     make = azure_client if request.param == "AzureOpenAI" else openai_client
     return make(host, event.key)
 
@@ -81,7 +81,7 @@ def test_embeddings_return_one_vector_per_input(client: openai.OpenAI) -> None:
 
 
 def test_proxy_adds_a_request_id_and_passes_rate_limit_headers(
-    host: DevHost, event: EventSetup
+    host: AppHost, event: EventSetup
 ) -> None:
     raw = azure_client(host, event.key).chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=MESSAGES, max_tokens=4
@@ -93,7 +93,7 @@ def test_proxy_adds_a_request_id_and_passes_rate_limit_headers(
 
 
 def test_both_sdk_styles_are_recorded_against_the_same_attendee(
-    host: DevHost, event: EventSetup, storage: Storage
+    host: AppHost, event: EventSetup, storage: Storage
 ) -> None:
     azure_client(host, event.key).chat.completions.create(
         model="gpt-4o-mini", messages=MESSAGES, max_tokens=3

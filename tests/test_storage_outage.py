@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from local.azurite import Azurite, free_port
-from tests.harness import DevHost, EventSetup, Simulator, Storage, devhost_env, unique_prefix
+from tests.harness import AppHost, EventSetup, Simulator, Storage, host_env, unique_prefix
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 
@@ -28,12 +28,12 @@ async def test_300_concurrent_requests_across_a_storage_restart_leave_300_record
     persistent_azurite: Azurite, log_dir: Path, sim: Simulator, tmp_path: Path
 ) -> None:
     prefix = unique_prefix("outage")
-    env = devhost_env(
+    env = host_env(
         persistent_azurite.connection_string,
         prefix,
         AIPROXY_USAGE_SPILL_DIR=str(tmp_path / "spill"),
     )
-    host = DevHost(log_dir, env, name="outage")
+    host = AppHost(log_dir, env, name="outage")
     storage = Storage(persistent_azurite.connection_string, prefix)
     try:
         setup = EventSetup(host, sim, daily_request_cap=100_000)

@@ -6,17 +6,17 @@ import time
 
 import openai
 
-from tests.harness import DevHost, EventSetup, Simulator, Storage
+from tests.harness import AppHost, EventSetup, Simulator, Storage
 
 
-def client(host: DevHost, key: str, api_version: str = "2024-10-21") -> openai.AzureOpenAI:
+def client(host: AppHost, key: str, api_version: str = "2024-10-21") -> openai.AzureOpenAI:
     return openai.AzureOpenAI(
         azure_endpoint=host.base, api_key=key, api_version=api_version, max_retries=0
     )
 
 
 def test_first_chunk_arrives_while_the_upstream_is_still_producing(
-    host: DevHost, event: EventSetup
+    host: AppHost, event: EventSetup
 ) -> None:
     # 10 tokens at 150 ms each: the upstream needs about 1.5 s for the whole answer.
     messages = [{"role": "user", "content": "[sim:tokens=10 latency_ms_per_token=150] go"}]
@@ -33,7 +33,7 @@ def test_first_chunk_arrives_while_the_upstream_is_still_producing(
 
 
 def test_usage_chunk_is_hidden_from_a_client_that_did_not_ask(
-    host: DevHost, event: EventSetup, sim: Simulator, storage: Storage
+    host: AppHost, event: EventSetup, sim: Simulator, storage: Storage
 ) -> None:
     messages = [{"role": "user", "content": "Tell me a story."}]
     chunks = list(
@@ -55,7 +55,7 @@ def test_usage_chunk_is_hidden_from_a_client_that_did_not_ask(
 
 
 def test_client_that_asked_for_usage_gets_the_usage_chunk(
-    host: DevHost, event: EventSetup, storage: Storage
+    host: AppHost, event: EventSetup, storage: Storage
 ) -> None:
     messages = [{"role": "user", "content": "Tell me a story."}]
     chunks = list(
@@ -76,7 +76,7 @@ def test_client_that_asked_for_usage_gets_the_usage_chunk(
 
 
 def test_old_api_version_is_not_sent_stream_options_and_the_record_is_estimated(
-    host: DevHost, event: EventSetup, sim: Simulator, storage: Storage
+    host: AppHost, event: EventSetup, sim: Simulator, storage: Storage
 ) -> None:
     messages = [{"role": "user", "content": "Tell me a story."}]
     text = "".join(
@@ -94,7 +94,7 @@ def test_old_api_version_is_not_sent_stream_options_and_the_record_is_estimated(
 
 
 def test_stream_cut_by_upstream_makes_the_sdk_raise_and_is_recorded(
-    host: DevHost, event: EventSetup, storage: Storage
+    host: AppHost, event: EventSetup, storage: Storage
 ) -> None:
     messages = [{"role": "user", "content": "[sim:cut_after=3 tokens=10] go"}]
     received = []
@@ -118,7 +118,7 @@ def test_stream_cut_by_upstream_makes_the_sdk_raise_and_is_recorded(
 
 
 def test_client_that_goes_away_cancels_the_upstream_and_is_recorded(
-    host: DevHost, event: EventSetup, sim: Simulator, storage: Storage
+    host: AppHost, event: EventSetup, sim: Simulator, storage: Storage
 ) -> None:
     closed_before = sim.stats()["by_status"].get("client_closed", 0)
     logged_before = len(host.proc.log())
@@ -146,7 +146,7 @@ def test_client_that_goes_away_cancels_the_upstream_and_is_recorded(
 
 
 def test_stream_that_stalls_past_the_idle_timeout_is_ended_with_an_error(
-    host: DevHost, event: EventSetup, storage: Storage
+    host: AppHost, event: EventSetup, storage: Storage
 ) -> None:
     # The test dev host allows 3 s of silence; this upstream waits 4 s between tokens.
     messages = [{"role": "user", "content": "[sim:tokens=3 latency_ms_per_token=4000] go"}]
@@ -166,7 +166,7 @@ def test_stream_that_stalls_past_the_idle_timeout_is_ended_with_an_error(
 
 
 def test_estimate_without_upstream_usage_is_within_ten_percent_for_english(
-    host: DevHost, event: EventSetup, storage: Storage
+    host: AppHost, event: EventSetup, storage: Storage
 ) -> None:
     text = (
         "Plan a two day workshop for forty students who are new to machine learning. "

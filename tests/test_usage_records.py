@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import openai
 
-from tests.harness import DevHost, EventSetup, Storage
+from tests.harness import AppHost, EventSetup, Storage
 
 
 def test_plain_chat_record_matches_the_reply_usage(
-    host: DevHost, event: EventSetup, storage: Storage
+    host: AppHost, event: EventSetup, storage: Storage
 ) -> None:
     client = openai.AzureOpenAI(
         azure_endpoint=host.base, api_key=event.key, api_version="2024-10-21", max_retries=0
@@ -34,7 +34,7 @@ def test_plain_chat_record_matches_the_reply_usage(
 
 
 def test_embeddings_record_counts_input_tokens(
-    host: DevHost, event: EventSetup, storage: Storage
+    host: AppHost, event: EventSetup, storage: Storage
 ) -> None:
     client = openai.OpenAI(base_url=f"{host.base}/openai/v1", api_key=event.key, max_retries=0)
     reply = client.embeddings.create(model="text-embedding-3-small", input="the quick brown fox")
@@ -45,7 +45,7 @@ def test_embeddings_record_counts_input_tokens(
 
 
 def test_upstream_refusal_is_recorded_with_its_status(
-    host: DevHost, event: EventSetup, storage: Storage
+    host: AppHost, event: EventSetup, storage: Storage
 ) -> None:
     path = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
     body = {"messages": [{"role": "user", "content": "[sim:content_filter]"}]}
@@ -57,7 +57,7 @@ def test_upstream_refusal_is_recorded_with_its_status(
 
 
 def test_refused_requests_write_no_record(
-    host: DevHost, event: EventSetup, storage: Storage
+    host: AppHost, event: EventSetup, storage: Storage
 ) -> None:
     path = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100_000}

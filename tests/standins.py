@@ -1,0 +1,138 @@
+"""Stand-ins loaded into the Python worker for tests that cannot use the real thing here.
+
+The host stand-in's worker imports this module before it indexes the app when the setting
+`AIPROXY_WORKER_PRELOAD` names it (local/worker.py; never on Azure). It puts a Key Vault and an
+Entra credential behind the app's one seam for them (shared/identity.py), keeps OpenTelemetry's
+spans and metrics in memory, and serves a control API on 127.0.0.1:`AIPROXY_STANDINS_PORT` so
+the test process can move the worker's clock and read what the stand-ins saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from datetime import timedelta
+from typing import Any
+
+from azure.core.credentials import AccessToken
+from azure.core.exceptions import ResourceNotFoundError
+
+
+class StandInKeyVault:
+    """The async SecretClient methods the app uses, kept in memory."""
+
+    def __init__(self) -> None:
+        self.secrets: dict[str, str] = {}
+
+    async def set_secret(self, name: str, value: str) -> Any:
+        self.secrets[name] = value
+
+    async def get_secret(self, name: str) -> Any:
+        if name not in self.secrets:
+            raise ResourceNotFoundError(f"{name} not found")
+        return type("Secret", (), {"value": self.secrets[name]})()
+
+    async def delete_secret(self, name: str) -> None:
+        self.secrets.pop(name, None)
+
+
+class StandInCredential:
+    """An Entra credential whose tokens the simulator accepts (sim-token-...)."""
+
+    def __init__(self, lifetime: float = 3600) -> None:
+        self.lifetime = lifetime
+        self.scopes: list[str] = []
+
+    async def get_token(self, *scopes: str, **_: Any) -> AccessToken:
+        self.scopes.extend(scopes)
+        await asyncio.sleep(0.01)
+        return AccessToken(f"sim-token-{len(self.scopes)}", int(time.time() + self.lifetime))
+
+
+class StandIns:
+    """What the worker holds for the tests, and the control API that reads and moves it."""
+
+    def __init__(self) -> None:
+        from opentelemetry import metrics, trace
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        self.spans = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        trace.set_tracer_provider(provider)
+        self.metrics = InMemoryMetricReader()
+        metrics.set_meter_provider(MeterProvider(metric_readers=[self.metrics]))
+        self.reset()
+
+    def reset(self) -> None:
+        from shared import identity
+
+        self.vault, self.credential = StandInKeyVault(), StandInCredential()
+        identity.set_key_vault_client(self.vault)
+        identity.set_credential(self.credential)
+
+    async def serve(self, port: int) -> None:
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_post("/clock", self._clock)
+        app.router.add_post("/shutdown", self._shutdown)
+        app.router.add_get("/vault", lambda _: web.json_response(self.vault.secrets))
+        app.router.add_get("/credential", lambda _: web.json_response(self.credential.scopes))
+        app.router.add_get("/telemetry", self._telemetry)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    async def _clock(self, request: Any) -> Any:
+        """{"shift": seconds} sets the clock that far from the real time; {} resets it."""
+        from aiohttp import web
+
+        from shared import clock
+
+        body = await request.json()
+        clock.reset()
+        clock.shift(timedelta(seconds=float(body.get("shift", 0))))
+        return web.json_response({"now": clock.now().isoformat()})
+
+    async def _shutdown(self, _: Any) -> Any:
+        """The runtime flushed and closed, and fresh stand-ins, as between two tests."""
+        from aiohttp import web
+
+        from shared import runtime
+
+        await runtime.shutdown()
+        self.reset()
+        return web.json_response({})
+
+    async def _telemetry(self, _: Any) -> Any:
+        from aiohttp import web
+
+        spans = [
+            {"name": span.name, "attributes": dict(span.attributes or {})}
+            for span in self.spans.get_finished_spans()
+        ]
+        points: dict[str, list[dict[str, Any]]] = {}
+        data = self.metrics.get_metrics_data()
+        for resource_metrics in data.resource_metrics if data else []:
+            for scope in resource_metrics.scope_metrics:
+                for metric in scope.metrics:
+                    points.setdefault(metric.name, []).extend(
+                        {
+                            "attributes": dict(p.attributes or {}),
+                            "value": getattr(p, "value", getattr(p, "sum", None)),
+                        }
+                        for p in metric.data.data_points
+                    )
+        return web.json_response({"spans": spans, "metrics": points})
+
+
+standins = StandIns()
+_port = int(os.environ.get("AIPROXY_STANDINS_PORT", "0"))
+if _port:
+    _server = asyncio.get_running_loop().create_task(standins.serve(_port))

@@ -1,0 +1,207 @@
+"""The host stand-in runs the app like the Functions host: a worker process running the PyPI
+runtime, routes and keys from the indexed metadata, timers, restarts, and the host's own answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from local.azurite import Azurite
+from local.host import compile_route, next_firing, resolve_setting
+from tests.harness import FUNCTION_KEY, AppHost, EventSetup, Simulator, host_env, unique_prefix
+
+
+def test_route_templates_match_like_the_functions_host() -> None:
+    chat = compile_route("api", "openai/deployments/{deployment}/chat/completions")
+    match = chat.match("/api/openai/deployments/gpt-4o/chat/completions")
+    assert match and match["deployment"] == "gpt-4o"
+    assert chat.match("/api/OpenAI/Deployments/gpt-4o/Chat/Completions")  # case-insensitive
+    assert not chat.match("/api/openai/deployments/a/b/chat/completions")
+    search = compile_route("api", "indexes('{index}')/docs/search.post.search")
+    found = search.match("/api/indexes('hotels')/docs/search.post.search")
+    assert found and found["index"] == "hotels"
+    rest = compile_route("api", "files/{*path}")
+    assert rest.match("/api/files/a/b/c")["path"] == "a/b/c"
+    numbered = compile_route("api", "items/{id:int}/{name?}")
+    assert numbered.match("/api/items/42/x") and numbered.match("/api/items/42/")
+    assert not numbered.match("/api/items/abc/x")
+
+
+@pytest.mark.parametrize(
+    ("expression", "after", "expected"),
+    [
+        ("0 */5 * * * *", "2026-11-22T10:02:30", "2026-11-22T10:05:00"),
+        ("30 0 9 * * 1-5", "2026-11-21T10:00:00", "2026-11-23T09:00:30"),  # Saturday -> Monday
+        ("0 0 0 1 * *", "2026-12-15T00:00:00", "2027-01-01T00:00:00"),
+        ("*/10 * * * * *", "2026-11-22T10:00:05", "2026-11-22T10:00:10"),
+        ("0 15 10 * Jan,Jul Sun", "2026-11-22T11:00:00", "2027-01-03T10:15:00"),
+    ],
+)
+def test_ncrontab_next_firing(expression: str, after: str, expected: str) -> None:
+    fired = next_firing(expression, datetime.fromisoformat(after))
+    assert fired == datetime.fromisoformat(expected)
+
+
+def test_ncrontab_refuses_five_fields() -> None:
+    with pytest.raises(ValueError, match="six fields"):
+        next_firing("*/5 * * * *", datetime(2026, 1, 1))
+
+
+def test_schedule_setting_reference_is_resolved(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIPROXY_ROLLUP_SCHEDULE", "*/2 * * * * *")
+    assert resolve_setting("%AIPROXY_ROLLUP_SCHEDULE%") == "*/2 * * * * *"
+    assert resolve_setting("0 0 * * * *") == "0 0 * * * *"
+
+
+def test_the_worker_runs_the_pypi_runtime_on_python_3_13(host: AppHost) -> None:
+    from importlib.metadata import version
+
+    status = host.status()
+    worker = status["worker"]
+    assert worker["runtime_version"] == version("azure-functions-runtime")
+    assert worker["pid"] != host.proc.process.pid
+    assert worker["http_uri"].startswith("http://127.0.0.1:")
+    assert worker["capabilities"]["RequiresRouteParameters"] == "true"
+    assert "HandlesWorkerTerminateMessage" not in worker["capabilities"]
+    exe = Path(f"/proc/{worker['pid']}/exe").resolve()
+    cmdline = Path(f"/proc/{worker['pid']}/cmdline").read_bytes().split(b"\0")
+    assert exe == Path(sys.executable).resolve() and sys.version_info[:2] == (3, 13)
+    assert b"--functions-worker-id" in cmdline and b"--grpcMaxMessageLength" in cmdline
+    names = {f["name"] for f in status["functions"]}
+    assert {"chat_completions", "rollup_usage", "prune_usage"} <= names
+
+
+def test_unknown_route_and_wrong_method_are_the_hosts_empty_404(host: AppHost) -> None:
+    for response in (
+        host.http.get("/no/such/route"),
+        host.http.get("/openai/deployments/x/chat/completions"),
+    ):
+        assert response.status_code == 404
+        assert response.content == b""
+
+
+def test_missing_function_key_is_the_hosts_empty_401(host: AppHost) -> None:
+    response = host.http.get("/manage/events")
+    assert response.status_code == 401 and response.content == b""
+    assert host.http.get("/manage/events", params={"code": FUNCTION_KEY}).status_code == 200
+
+
+def test_health_reports_storage(host: AppHost) -> None:
+    response = host.http.get("/health")
+    assert response.status_code == 200
+    assert response.json()["storage"] == "ok"
+
+
+def test_admin_api_runs_a_timer_now(host: AppHost) -> None:
+    url = f"http://127.0.0.1:{host.port}/admin/functions/rollup_usage"
+    assert httpx.post(url, json={}).status_code == 401
+    ran = httpx.post(url, json={}, headers={"x-functions-key": FUNCTION_KEY}, timeout=60)
+    assert ran.status_code == 202
+    missing = httpx.post(url + "x", json={}, headers={"x-functions-key": FUNCTION_KEY})
+    assert missing.status_code == 404
+    assert "Executed 'Functions.rollup_usage' (Succeeded" in host.proc.log()
+
+
+def test_timers_fire_on_their_schedule(azurite: Azurite, log_dir: Path) -> None:
+    env = host_env(
+        azurite.connection_string, unique_prefix("timer"), AIPROXY_ROLLUP_SCHEDULE="* * * * * *"
+    )
+    host = AppHost(log_dir, env, name="timers")
+    try:
+        deadline = time.monotonic() + 30
+        while host.proc.log().count("Executed 'Functions.rollup_usage' (Succeeded") < 2:
+            assert time.monotonic() < deadline, host.proc.log()[-2000:]
+            time.sleep(0.1)
+    finally:
+        host.stop()
+
+
+def test_route_parameters_reach_the_app(host: AppHost, event: EventSetup) -> None:
+    info = host.http.get(f"/events/{event.id}")
+    assert info.status_code == 200 and info.json()["id"] == event.id
+
+
+def test_a_broken_function_stops_start_up_with_the_runtimes_message(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    app = tmp_path / "app"
+    (app / "local").mkdir(parents=True)
+    for name in ("worker.py", "protos.py", "__init__.py"):
+        (app / "local" / name).write_bytes((root / "local" / name).read_bytes())
+    (app / "host.json").write_text(json.dumps({"version": "2.0"}))
+    (app / "function_app.py").write_text(
+        "import azure.functions as func\n"
+        "from azurefunctions.extensions.http.fastapi import Request, Response\n"
+        "app = func.FunctionApp()\n"
+        "@app.route(route='ok')\n"
+        "async def ok(req: Request) -> Response:\n"
+        "    return Response('ok')\n"
+        "@app.route(route='broken')\n"
+        "async def broken(req: Request, missing) -> Response:\n"
+        "    return Response('never')\n"
+    )
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[2]); from pathlib import Path;"
+        "import asyncio; from local.host import Host, StartupError\n"
+        "async def main():\n"
+        "    host = Host(Path(sys.argv[1]), 'k')\n"
+        "    await host.start_grpc()\n"
+        "    try:\n"
+        "        await host.start_worker()\n"
+        "    except StartupError as error:\n"
+        "        print('STARTUP ERROR:', error)\n"
+        "    finally:\n"
+        "        await host.stop()\n"
+        "asyncio.run(main())\n"
+    )
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(app), str(root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert "STARTUP ERROR: the worker could not start the app" in result.stdout, result
+    # The runtime's own words: the parameter without a binding is named.
+    assert "missing" in result.stdout, result.stdout
+
+
+def test_a_worker_that_dies_is_reported_and_started_again(
+    azurite: Azurite, log_dir: Path, sim: Simulator
+) -> None:
+    host = AppHost(log_dir, host_env(azurite.connection_string, unique_prefix("dies")), "dies")
+    try:
+        setup = EventSetup(host, sim)
+        first = host.status()["worker"]["pid"]
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                status = host.status()
+                if status["worker"]["pid"] != first and status["state"] == "Running":
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, host.proc.log()[-2000:]
+            time.sleep(0.1)
+        assert status["worker"]["restarts"] == 1
+        assert "the worker exited with code -9; starting a new one" in host.proc.log()
+        body = {"messages": [{"role": "user", "content": "back?"}], "max_tokens": 5}
+        answer = host.http.post(
+            "/openai/deployments/gpt-4o-mini/chat/completions",
+            params={"api-version": "2024-10-21"},
+            json=body,
+            headers={"api-key": setup.key},
+        )
+        assert answer.status_code == 200, answer.text
+    finally:
+        host.stop()
