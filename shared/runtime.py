@@ -187,6 +187,7 @@ def get_runtime() -> Runtime:
 
         telemetry.configure(settings_module.get())
         _runtime = Runtime(settings_module.get())
+        _runtime.usage.start()  # records a killed worker left on this disk are written now
         # Modules, settings and clients live as long as the process: keep them out of the
         # collector's full passes, which otherwise stall requests for milliseconds.
         gc.freeze()
@@ -195,7 +196,8 @@ def get_runtime() -> Runtime:
 
 
 async def shutdown() -> None:
-    """Flush usage and close clients (the dev host calls this; on Azure, on worker exit)."""
+    """Flush usage and close clients. Tests call it between runs; the Functions runtime offers
+    no shutdown hook (a worker is killed), so nothing depends on it: see UsageWriter and Journal."""
     global _runtime
     if _runtime is not None:
         await _runtime.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import time
@@ -29,6 +30,72 @@ _BATCH = 100  # Table Storage's limit of operations in one transaction
 # system once they are written (`shared.memory`): a backlog, not one flush interval of traffic.
 TRIM_AFTER = 5_000
 REFUSED_FILE = "refused-usage.jsonl"  # records storage would not take: for an operator to see
+# When no record has come for this long, what is pending is written at once: the Functions host
+# kills a worker as soon as its calls are drained, so records must not wait for the interval.
+QUIET_SECONDS = 0.1
+
+
+class Journal:
+    """Every record, on local disk from the moment it is appended until storage has it.
+
+    The Functions host stops a Python worker by killing it (no message, no signal it can catch),
+    and a worker may crash: what the writer held in memory then survives in the kernel's page
+    cache and on disk, and the next writer on that disk (the restarted worker) writes it. Each
+    file is held under an exclusive `flock` while its writer lives; a file whose lock can be
+    taken belongs to a writer that is gone. One `write()` per record, about 2 us.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._sealed: list[tuple[Path, int]] = []  # written before the last flush began
+
+    def write(self, line: bytes) -> None:
+        if self._fd is None:
+            self._open()
+        if self._fd is not None:
+            os.write(self._fd, line)
+
+    def _open(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self.directory / f"journal-{os.getpid()}-{time.time_ns()}.jsonl"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:  # no disk to write to: records live in memory only, as before
+            log.warning("usage writer: no journal in %s: %s", self.directory, exc)
+            self.directory = Path("/nonexistent")  # tried once
+            return
+        self._fd, self._path = fd, path
+
+    def seal(self) -> int:
+        """Start a new file for what comes next; returns how many files are sealed now."""
+        if self._fd is not None and self._path is not None:
+            self._sealed.append((self._path, self._fd))
+            self._fd = self._path = None
+        return len(self._sealed)
+
+    def adopt(self, path: Path, fd: int) -> None:
+        """A file taken over from a writer that is gone, deleted once its records are written."""
+        self._sealed.append((path, fd))
+
+    def release(self, count: int) -> None:
+        """The first `count` sealed files: their records are in storage, so they go."""
+        done, self._sealed = self._sealed[:count], self._sealed[count:]
+        for path, fd in done:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            os.close(fd)
+
+    def close(self) -> None:
+        """This writer ends: its files stay for the next writer (their locks are let go)."""
+        self.seal()
+        for _, fd in self._sealed:
+            os.close(fd)
+        self._sealed = []
 
 
 @dataclass
@@ -94,6 +161,10 @@ class UsageWriter:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._spilled_checked = False
+        self._journal = Journal(spill_dir) if spill_dir is not None else None
+        self._wake = asyncio.Event()
+        self._last_append = 0.0
+        self._quiet_check: asyncio.TimerHandle | None = None
         self.written = 0
         self.failures = 0
         self.refused = 0  # records storage would not take, set aside in REFUSED_FILE
@@ -104,17 +175,39 @@ class UsageWriter:
         return self._count
 
     def append(self, record: UsageRecord) -> None:
-        self._add(record.to_entity())  # encoded now: a flush then only joins bytes
+        row = self._add(record.to_entity())  # encoded now: a flush then only joins bytes
+        if self._journal is not None:
+            self._journal.write(row.json + b"\n")
         if self._count > self._max_pending:
             self._spill()
+        self._last_append = time.monotonic()
         self._ensure_running()
+        if self._quiet_check is None:
+            self._quiet_check = asyncio.get_running_loop().call_later(QUIET_SECONDS, self._quiet)
 
-    def _add(self, entity: dict[str, Any]) -> None:
+    def _quiet(self) -> None:
+        """Wake the writer once no record has come for QUIET_SECONDS (one timer per period)."""
+        idle = time.monotonic() - self._last_append
+        if idle >= QUIET_SECONDS:
+            self._quiet_check = None
+            self._wake.set()
+        else:
+            loop = asyncio.get_running_loop()
+            self._quiet_check = loop.call_later(QUIET_SECONDS - idle, self._quiet)
+
+    def _add(self, entity: dict[str, Any]) -> EncodedRow:
         row = self._tables.encode_upsert(USAGE_TABLE, entity)
         self._pending[row.partition].append(row)
         self._count += 1
         if self._count > self._peak:
             self._peak = self._count
+        return row
+
+    def start(self) -> None:
+        """Take over what earlier writers on this disk left (spilled or journaled) now."""
+        self._spilled_checked = False
+        self._ensure_running()
+        self._wake.set()
 
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():
@@ -123,7 +216,11 @@ class UsageWriter:
     async def _run(self) -> None:
         backoff = self._flush_seconds
         while True:
-            await asyncio.sleep(backoff)
+            try:
+                await asyncio.wait_for(self._wake.wait(), backoff)
+            except TimeoutError:
+                pass
+            self._wake.clear()
             if not self._spilled_checked:
                 self._spilled_checked = self._load_spilled()
             if not self._count and not self._unmarked:
@@ -147,31 +244,37 @@ class UsageWriter:
     async def flush(self) -> None:
         """Write every pending record now; raises StorageUnavailable and keeps what failed."""
         async with self._lock:
-            for partition in list(self._pending):
-                rows = self._pending[partition]
-                while rows:  # records appended meanwhile join this loop
-                    chunk = rows[:_BATCH]
-                    try:
-                        await self._tables.upsert_encoded(USAGE_TABLE, chunk)
-                        refused: list[EncodedRow] = []
-                    except Refused:
-                        refused = await self._write_apart(chunk)
-                        self._set_aside(refused)
-                    self._unmarked.update((partition, row.row[:BUCKET_CHARS]) for row in chunk)
-                    del rows[: len(chunk)]
-                    self._count -= len(chunk)
-                    self.written += len(chunk) - len(refused)
-                del self._pending[partition]
-            # Mark the 10-minute buckets written to: the rollup recomputes only those. A bucket
-            # stays unmarked until storage took its mark, even if a later batch failed.
-            now = time.time()
-            for partition, bucket in sorted(self._unmarked):
-                event_id, _, day = partition.rpartition("_")
-                await self._tables.upsert(
-                    DAYS_TABLE,
-                    {"PartitionKey": event_id, "RowKey": f"{day}|{bucket}", "last_write": now},
-                )
-                self._unmarked.discard((partition, bucket))
+            sealed = self._journal.seal() if self._journal is not None else 0
+            await self._flush()
+            if self._journal is not None:
+                self._journal.release(sealed)
+
+    async def _flush(self) -> None:
+        for partition in list(self._pending):
+            rows = self._pending[partition]
+            while rows:  # records appended meanwhile join this loop
+                chunk = rows[:_BATCH]
+                try:
+                    await self._tables.upsert_encoded(USAGE_TABLE, chunk)
+                    refused: list[EncodedRow] = []
+                except Refused:
+                    refused = await self._write_apart(chunk)
+                    self._set_aside(refused)
+                self._unmarked.update((partition, row.row[:BUCKET_CHARS]) for row in chunk)
+                del rows[: len(chunk)]
+                self._count -= len(chunk)
+                self.written += len(chunk) - len(refused)
+            del self._pending[partition]
+        # Mark the 10-minute buckets written to: the rollup recomputes only those. A bucket
+        # stays unmarked until storage took its mark, even if a later batch failed.
+        now = time.time()
+        for partition, bucket in sorted(self._unmarked):
+            event_id, _, day = partition.rpartition("_")
+            await self._tables.upsert(
+                DAYS_TABLE,
+                {"PartitionKey": event_id, "RowKey": f"{day}|{bucket}", "last_write": now},
+            )
+            self._unmarked.discard((partition, bucket))
 
     async def _write_apart(self, rows: list[EncodedRow]) -> list[EncodedRow]:
         """Write a batch storage refused in halves, down to single records; return the records
@@ -234,23 +337,34 @@ class UsageWriter:
             for mark in sorted(self._unmarked):
                 out.write(orjson.dumps({"mark": mark}) + b"\n")
         log.warning("usage writer: %d records spilled to %s", self._count, path)
+        if self._journal is not None:  # all they held that storage lacks is in the spill file
+            self._journal.release(self._journal.seal())
         self._pending.clear()
         self._count = 0
         self._unmarked.clear()
         self._spilled_checked = False
 
     def _load_spilled(self) -> bool:
-        """Take spilled records back into memory; their files go once they are written."""
+        """Take back what earlier writers on this disk left: spilled files, and the journals of
+        writers that are gone (a killed worker's). Their files go once the records are written."""
         if self._spill_dir is None or not self._spill_dir.exists():
             return True
-        for path in sorted(self._spill_dir.glob("usage-*.jsonl")):
+        files = sorted(self._spill_dir.glob("usage-*.jsonl"))
+        files += sorted(self._spill_dir.glob("journal-*.jsonl"))
+        for path in files:
             if self._count > self._max_pending:
                 return False
             try:
-                lines = path.read_bytes().splitlines()
-                path.unlink()
+                fd = os.open(path, os.O_RDONLY)
             except OSError:
                 continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by a live writer: skip
+                lines = path.read_bytes().splitlines()
+            except OSError:
+                os.close(fd)
+                continue
+            taken = 0
             for line in lines:
                 if not line.strip():
                     continue
@@ -260,24 +374,38 @@ class UsageWriter:
                     self._unmarked.add((partition, bucket))
                 else:
                     self._add(entity)
-            log.info("usage writer: %d spilled records taken back from %s", len(lines), path)
+                    taken += 1
+            if self._journal is not None:
+                self._journal.adopt(path, fd)
+            else:
+                path.unlink(missing_ok=True)
+                os.close(fd)
+            if taken:
+                log.info("usage writer: %d records taken back from %s", taken, path.name)
         return True
 
     async def close(self, timeout: float = 10.0) -> None:
         """Flush on shutdown, trying until `timeout`; spill to disk what storage did not take."""
         if self._task is not None:
             self._task.cancel()
+        if self._quiet_check is not None:
+            self._quiet_check.cancel()
+            self._quiet_check = None
         if not self._spilled_checked:
             self._load_spilled()
         deadline = asyncio.get_running_loop().time() + timeout
-        while self._count or self._unmarked:
-            try:
-                await self.flush()
-            except StorageUnavailable:
-                if asyncio.get_running_loop().time() > deadline:
-                    if self._spill_dir is not None:
-                        self._spill()
-                    else:
-                        log.error("usage writer: %d records could not be written", self._count)
-                    return
-                await asyncio.sleep(0.5)
+        try:
+            while self._count or self._unmarked:
+                try:
+                    await self.flush()
+                except StorageUnavailable:
+                    if asyncio.get_running_loop().time() > deadline:
+                        if self._spill_dir is not None:
+                            self._spill()
+                        else:
+                            log.error("usage writer: %d records could not be written", self._count)
+                        return
+                    await asyncio.sleep(0.5)
+        finally:
+            if self._journal is not None:
+                self._journal.close()

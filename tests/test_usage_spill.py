@@ -127,3 +127,31 @@ async def test_records_storage_refuses_are_set_aside_and_the_rest_written(
     assert [r["request_id"] for r in kept] == ["bad/one", "bad/two"]
     assert [r["prompt_tokens"] for r in kept] == [37, 121]  # whole records, for an operator
     assert not list(tmp_path.glob("usage-*.jsonl"))  # not taken for spilled records
+
+
+async def test_a_live_writers_journal_is_left_alone_and_a_gone_ones_is_taken(
+    azurite: Azurite, tmp_path: Path
+) -> None:
+    prefix = unique_prefix("journal")
+    dead = Tables(load({"AIPROXY_STORAGE_CONNECTION_STRING": Azurite(free_port()).connection_string,
+                        "AIPROXY_TABLE_PREFIX": prefix}))  # fmt: skip
+    alive = Tables(load({"AIPROXY_STORAGE_CONNECTION_STRING": azurite.connection_string,
+                         "AIPROXY_TABLE_PREFIX": prefix}))  # fmt: skip
+    busy = UsageWriter(dead, flush_seconds=600, spill_dir=tmp_path)  # another worker, same disk
+    for n in range(30):
+        busy.append(record(n))
+    [journal] = tmp_path.glob("journal-*.jsonl")
+    assert len(journal.read_bytes().splitlines()) == 30  # on disk as soon as appended
+    neighbour = UsageWriter(alive, flush_seconds=600, spill_dir=tmp_path)
+    await neighbour.close()
+    storage = Storage(azurite.connection_string, prefix)
+    assert storage.rows("usage", "event_id eq 'spill'") == []  # its lock kept the file its own
+    assert journal.exists()
+    busy._journal.close()  # the worker is killed: the kernel lets go of its lock
+    successor = UsageWriter(alive, flush_seconds=600, spill_dir=tmp_path)
+    await successor.close()
+    await alive.close()
+    await dead.close()
+    rows = storage.rows("usage", "event_id eq 'spill'")
+    assert sorted(r["request_id"] for r in rows) == [f"req{n:04d}" for n in range(30)]
+    assert not journal.exists()
