@@ -274,7 +274,7 @@ def test_azure_yaml_deploys_the_root_as_a_python_function_app() -> None:
         assert (ROOT / script).is_file()
 
 
-# --- Flex Consumption, Python 3.11 ----------------------------------------------------------
+# --- Flex Consumption, Python 3.13 ----------------------------------------------------------
 
 
 def test_plan_is_flex_consumption_fc1() -> None:
@@ -283,12 +283,12 @@ def test_plan_is_flex_consumption_fc1() -> None:
     assert plan["properties"]["reserved"] is True
 
 
-def test_function_app_runs_python_311_from_its_deployment_container() -> None:
+def test_function_app_runs_python_313_from_its_deployment_container() -> None:
     api = bicep("app/api")
     site = only(api, "Microsoft.Web/sites")
     assert site["kind"] == "functionapp,linux"
     config = site["properties"]["functionAppConfig"]
-    assert config["runtime"] == {"name": "python", "version": "3.11"}
+    assert config["runtime"] == {"name": "python", "version": "3.13"}
     storage = config["deployment"]["storage"]
     assert storage["type"] == "blobContainer"
     assert storage["value"].endswith("${deploymentContainerName}")

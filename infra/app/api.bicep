@@ -1,4 +1,4 @@
-// The Function app on Flex Consumption (Linux, Python 3.11) and every app setting it reads.
+// The Function app on Flex Consumption (Linux, Python 3.13) and every app setting it reads.
 // The runtime, scale and deployment package live in functionAppConfig; Flex rejects the older
 // settings for them (FUNCTIONS_WORKER_RUNTIME, WEBSITE_RUN_FROM_PACKAGE, content shares, ...).
 param name string
@@ -135,7 +135,7 @@ resource app 'Microsoft.Web/sites@2025-05-01' = {
       }
       runtime: {
         name: 'python'
-        version: '3.11'
+        version: '3.13'
       }
     }
   }
@@ -156,7 +156,8 @@ var settings = {
   // not: every storage call makes three spans, and the sync loops call storage every second on
   // every instance, busy or idle.
   OTEL_PYTHON_DISABLED_INSTRUMENTATIONS: 'azure_sdk'
-  // The HTTP streams extension needs init indexing on Python 3.11/3.12.
+  // The HTTP streams extension needs init indexing on Python 3.11/3.12; 3.13's worker always
+  // indexes at init. Kept so the app still streams if the runtime version is lowered.
   PYTHON_ENABLE_INIT_INDEXING: '1'
   // Table Storage through the identity (DefaultAzureCredential with AZURE_CLIENT_ID).
   AIPROXY_STORAGE_TABLE_ENDPOINT: storage.properties.primaryEndpoints.table
