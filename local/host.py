@@ -54,7 +54,6 @@ _HOP_BY_HOP = frozenset(
         "transfer-encoding",
         "upgrade",
         "host",
-        "content-length",
     }
 )
 

@@ -63,6 +63,9 @@ export async function errorOf(response) {
     message = (error && error.message) || "";
   } catch {
     message = `The server answered ${response.status} ${response.statusText}.`;
+    // The Functions host answers these itself, with no body: a refused function key, no route.
+    if (response.status === 401) code = "unauthorized";
+    if (response.status === 404) code = "not_found";
   }
   const retry = Number.parseInt(response.headers.get("retry-after") || "", 10);
   return new ApiError(code || `http_${response.status}`, message, response.status,
