@@ -1,16 +1,29 @@
-"""`make bench`: the proxy's throughput, latency, CPU per request, TTFB and memory.
+"""`make bench`: the proxy's throughput, latency, CPU per request, TTFB and memory, through
+the Functions worker runtime, beside the Python floor and the in-process figures of before.
 
 The harness of shared BENCHMARKS.md: a very fast fake Azure OpenAI upstream (nginx, see
-bench/nginx.py) and the load generator wrk share CPU 1; the dev host under test runs as one
-process pinned to CPU 0 with everything switched on (key and event checks, usage recording to
-Azurite, usage flushed every second). Azurite stands in for Table Storage, a separate service in
-Azure, so it runs beside the upstream on CPU 1 and not on the proxy's core.
+bench/nginx.py) and the load generator wrk share CPU 1. Measured side by side, each alone on
+CPU 0, in one run:
 
-Runs (wrk -t1, --latency, 30 s timeout, BENCH_SECONDS each, default 15): plain and streamed
-chat at 1, 16 and 64 connections, straight at nginx ("direct") and through the proxy. Then the
-time to first byte of 200 sequential streams each way, and the dev host's RSS after its first
-10k requests and after 200k (BENCH_MEMORY=0 skips the 200k). Writes bench/results/latest.md
-and bench/results/latest.json.
+- `direct`: wrk straight at nginx (the harness's ceiling);
+- `relay`: a bare aiohttp relay (bench/relay.py), the least a Python proxy costs (the floor);
+- `in-process`: bench only, the app's functions in one uvicorn process (bench/inprocess.py),
+  the way the project was measured before it ran on the worker runtime;
+- `worker`: the app as Azure runs it, in the Python worker process (`azure_functions_runtime`)
+  started by the host stand-in (local/host.py). The stand-in plays the platform's part (on Azure
+  it is the Functions host, .NET, outside our Python process), so it stays on CPU 1 with the
+  harness and its CPU is reported on its own; the worker is moved onto CPU 0 once it runs.
+
+The app has everything switched on (key and event checks, usage records to Azurite, flushed
+every second). Azurite stands in for Table Storage, a separate service in Azure, so it runs on
+CPU 1 and not on the proxy's core.
+
+Runs (wrk -t1, --latency, 30 s timeout, BENCH_SECONDS each, default 15): plain and streamed chat
+at 1, 16 and 64 connections for each target, interleaved; the relay under uvloop too at 16. The
+key figure: at 16 connections, the worker's CPU per request over the relay's. Then the time to
+first byte of 200 sequential streams per target, and the worker's RSS after its first 10k
+requests and after 200k (BENCH_MEMORY=0 skips the 200k). Writes bench/results/latest.md and
+bench/results/latest.json.
 
 Run: python -m bench.run (make bench installs what it needs first).
 """
@@ -36,21 +49,23 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from bench.servers import FUNCTION_KEY, WorkerApp, pinned
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 LUA = BENCH / "chat.lua"
-EXAMPLE_SETTINGS = ROOT / "local.settings.example.json"
 
 API_VERSION = "2024-10-21"
 CONNECTIONS = (1, 16, 64)
 MODES = ("json", "stream")
+KEY_CONNECTIONS = 16  # where the worker's CPU per request is held against the relay's
 PROXY_CPU, LOAD_CPU = 0, 1
 SETTLE_SECONDS = 2.5  # after a run: the usage writer (1 s batches) finishes on the run's bill
 TTFB_REQUESTS, TTFB_WARMUP = 200, 10
 MEMORY_FIRST, MEMORY_TOTAL, MEMORY_LIMIT_SECONDS = 10_000, 200_000, 600
-FUNCTION_KEY = "bench-function-key"
-TABLE_PREFIX = "bench"
+WORKER_TABLES, IN_PROCESS_TABLES = "bench", "benchinproc"
+APPS = ("in-process", "worker")  # the targets that run the app (usage records, settling)
 
 
 def env_int(name: str, default: int) -> int:
@@ -92,10 +107,6 @@ def ensure_tools() -> None:
         sys.exit(2)
 
 
-def pinned(cpu: int | None, args: list[str]) -> list[str]:
-    return args if cpu is None else ["taskset", "-c", str(cpu), *args]
-
-
 # --- /proc ----------------------------------------------------------------------------------
 
 
@@ -126,10 +137,10 @@ def cpu_times() -> dict[int, tuple[float, float, float]]:
 def machine_load(
     before: dict[int, tuple[float, float, float]],
     after: dict[int, tuple[float, float, float]],
-    devhost_cpu: float,
+    measured_cpu: float,
 ) -> dict[str, float]:
     """How busy each core was during a run, and what ran on the proxy's core besides the
-    dev host (other work on this machine would skew the figures)."""
+    process measured (other work on this machine would skew the figures)."""
     load: dict[str, float] = {}
     for cpu in sorted(after):
         busy = after[cpu][0] - before[cpu][0]
@@ -138,7 +149,7 @@ def machine_load(
         load[f"cpu{cpu}_busy"] = round(busy / total, 3)
         load[f"cpu{cpu}_steal"] = round(steal / total, 3)
         if cpu == PROXY_CPU:
-            load[f"cpu{cpu}_other"] = round(max(0.0, busy - devhost_cpu) / total, 3)
+            load[f"cpu{cpu}_other"] = round(max(0.0, busy - measured_cpu) / total, 3)
     return load
 
 
@@ -181,7 +192,10 @@ def machine() -> dict[str, Any]:
     from importlib.metadata import version as package_version
 
     packages = {}
-    for name in ("uvicorn", "aiohttp", "starlette", "azure-data-tables", "orjson"):
+    for name in (
+        "azure-functions-runtime", "azure-functions", "uvicorn", "httptools", "uvloop",
+        "aiohttp", "fastapi", "starlette", "grpcio", "azure-data-tables", "orjson",
+    ):  # fmt: skip
         try:
             packages[name] = package_version(name)
         except Exception:
@@ -212,51 +226,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-# --- processes ------------------------------------------------------------------------------
-
-
-class AppHost:
-    """The dev host under test: one process, pinned to the proxy's core."""
-
-    def __init__(self, work: Path, storage: str, cpu: int | None, root: Path = ROOT) -> None:
-        """`root`: the tree whose code runs (another commit's worktree for an A/B)."""
-        from cryptography.fernet import Fernet
-
-        from local.azurite import free_port
-
-        self.port = free_port()
-        self.log_path = work / "devhost.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {
-            **os.environ,
-            "AIPROXY_STORAGE_CONNECTION_STRING": storage,
-            "AIPROXY_TABLE_PREFIX": TABLE_PREFIX,
-            "AIPROXY_ENCRYPTION_KEY": Fernet.generate_key().decode(),
-            "AIPROXY_FUNCTION_KEY": FUNCTION_KEY,
-            "AIPROXY_USAGE_FLUSH_SECONDS": os.environ.get("BENCH_USAGE_FLUSH_SECONDS", "1"),
-        }
-        args = [sys.executable, "-m", "local.devhost", "--port", str(self.port)]
-        args += ["--settings", str(EXAMPLE_SETTINGS), "--log-level", "warning"]
-        self.process = subprocess.Popen(
-            pinned(cpu, args), cwd=root, env=env, stdout=self._log, stderr=subprocess.STDOUT
-        )
-        self.pid = self.process.pid  # taskset execs the program: same pid
-        self.base = f"http://127.0.0.1:{self.port}"
-
-    def wait(self) -> None:
-        from local.azurite import wait_for_port
-
-        wait_for_port(self.port, timeout=60, process=self.process)
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        from local.process import stop
-
-        stop(self.process, timeout=20)
-        self._log.close()
+# --- set-up ---------------------------------------------------------------------------------
 
 
 def window() -> dict[str, str]:
@@ -322,7 +292,7 @@ def set_up_event(base: str, upstreams: list[str]) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Target:
-    name: str  # direct or proxy
+    name: str  # direct, relay, in-process, worker
     base: str  # http://127.0.0.1:port
     prefix: str  # "" or "/api"
     key: str
@@ -396,13 +366,15 @@ class Run:
     errors: dict[str, int]
     added_p50_ms: float | None = None
     added_p99_ms: float | None = None
-    cpu_ms_per_request: float | None = None
-    cpu_busy: float | None = None  # share of one core the dev host used during the run
-    settle_seconds: float | None = None  # after the run, until the dev host was quiet
+    cpu_ms_per_request: float | None = None  # the process measured (for `worker`, the worker)
+    cpu_busy: float | None = None  # share of one core it used while wrk ran
+    host_cpu_ms_per_request: float | None = None  # `worker` only: the host stand-in's
+    host_cpu_busy: float | None = None
+    settle_seconds: float | None = None  # after the run, until the process was quiet
     load: dict[str, float] | None = None  # per core: busy, steal; other work on the proxy's
-    started: str = ""  # local wall clock, as in the dev host's log
+    started: str = ""  # local wall clock, as the servers' logs are stamped
     ended: str = ""
-    log: list[str] | None = None  # what the dev host logged from the start until quiet again
+    log: list[str] | None = None  # what the server logged from the start until quiet again
 
 
 def wrk(
@@ -595,12 +567,12 @@ def ttfb(target: Target, count: int = TTFB_REQUESTS) -> dict[str, Any]:
 # --- usage records --------------------------------------------------------------------------
 
 
-def count_usage(storage: str, limit_seconds: float = 120.0) -> tuple[int, bool]:
-    """Usage rows in the bench tables (all from this run); (count, complete)."""
+def count_usage(storage: str, prefix: str, limit_seconds: float = 120.0) -> tuple[int, bool]:
+    """Usage rows in one app's bench tables (all from this run); (count, complete)."""
     from azure.data.tables import TableServiceClient
 
     service = TableServiceClient.from_connection_string(storage)
-    table = service.get_table_client(f"{TABLE_PREFIX}usage")
+    table = service.get_table_client(f"{prefix}usage")
     deadline = time.monotonic() + limit_seconds
     count = 0
     try:
@@ -624,11 +596,16 @@ def _ms(value: float | None, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0%}"
+
+
 def table(runs: list[Run]) -> str:
     rows = [
         "| target | mode | conns | req/s | p50 ms | p90 ms | p99 ms | added p50 ms | "
-        "added p99 ms | non-2xx | socket errors | dev host CPU/req ms | dev host CPU busy |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "added p99 ms | non-2xx | socket errors | CPU/req ms | CPU busy | "
+        "host stand-in CPU/req ms | host stand-in busy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         rows.append(
@@ -636,7 +613,8 @@ def table(runs: list[Run]) -> str:
             f"{_ms(run.p50_ms)} | {_ms(run.p90_ms)} | {_ms(run.p99_ms)} | "
             f"{_ms(run.added_p50_ms)} | {_ms(run.added_p99_ms)} | {run.non_2xx} | "
             f"{run.socket_errors} | {_ms(run.cpu_ms_per_request, 3)} | "
-            f"{'—' if run.cpu_busy is None else f'{run.cpu_busy:.0%}'} |"
+            f"{_share(run.cpu_busy)} | {_ms(run.host_cpu_ms_per_request, 3)} | "
+            f"{_share(run.host_cpu_busy)} |"
         )
     return "\n".join(rows)
 
@@ -645,39 +623,111 @@ def plural(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
 
 
+def key_ratios(runs: list[Run]) -> dict[str, dict[str, float | None]]:
+    """Per mode, at KEY_CONNECTIONS: each target's CPU per request over the relay's (the
+    issue's target: the worker's at most 2), and its req/s as a share of the relay's."""
+    ratios: dict[str, dict[str, float | None]] = {}
+    for mode in MODES:
+        at = {r.target: r for r in runs if r.mode == mode and r.connections == KEY_CONNECTIONS}
+        relay = at.get("relay")
+        if relay is None or not relay.cpu_ms_per_request:
+            continue
+        entry: dict[str, float | None] = {"relay_cpu_ms": relay.cpu_ms_per_request}
+        for name, key in (("worker", "worker"), ("in-process", "in_process"),
+                          ("relay, uvloop", "relay_uvloop")):  # fmt: skip
+            run = at.get(name)
+            if run is None or not run.cpu_ms_per_request:
+                continue
+            entry[f"{key}_cpu_ms"] = run.cpu_ms_per_request
+            entry[f"{key}_over_relay"] = round(run.cpu_ms_per_request / relay.cpu_ms_per_request, 2)
+            entry[f"{key}_rps_share"] = round(run.rps / relay.rps, 2) if relay.rps else None
+            if run.host_cpu_ms_per_request is not None:
+                both = run.cpu_ms_per_request + run.host_cpu_ms_per_request
+                entry[f"{key}_with_host_over_relay"] = round(both / relay.cpu_ms_per_request, 2)
+        ratios[mode] = entry
+    return ratios
+
+
+def ratio_lines(ratios: dict[str, dict[str, float | None]]) -> list[str]:
+    if not ratios:
+        return []
+    lines = [
+        f"## The key figure: CPU per request over the relay's, at {KEY_CONNECTIONS} connections",
+        "",
+        "Target (issue 14): the worker's CPU per request at most 2x the bare aiohttp relay's, "
+        "measured the same way in the same run.",
+        "",
+        "| mode | relay CPU/req ms | worker CPU/req ms | **worker / relay** | "
+        "in-process CPU/req ms | in-process / relay | worker + host stand-in / relay | "
+        "relay under uvloop / relay |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode, r in ratios.items():
+        worker = r.get("worker_over_relay")
+        lines.append(
+            f"| {mode} | {_ms(r.get('relay_cpu_ms'), 3)} | {_ms(r.get('worker_cpu_ms'), 3)} | "
+            f"**{_ms(worker)}** | {_ms(r.get('in_process_cpu_ms'), 3)} | "
+            f"{_ms(r.get('in_process_over_relay'))} | "
+            f"{_ms(r.get('worker_with_host_over_relay'))} | "
+            f"{_ms(r.get('relay_uvloop_over_relay'))} |"
+        )
+    return [*lines, ""]
+
+
 def load_notes(runs: list[Run]) -> list[str]:
-    """Proxy runs during which something else used the proxy's core, or the dev host logged
-    (its rollup timer, errors): their figures carry that extra work."""
+    """Runs during which something else used the proxy's core, or the server logged (a
+    timer, errors): their figures carry that extra work."""
     notes = []
     for run in runs:
+        if run.target == "direct":
+            continue
         load = run.load or {}
         other = load.get(f"cpu{PROXY_CPU}_other", 0.0)
         steal = max((v for k, v in load.items() if k.endswith("_steal")), default=0.0)
-        what = f"- {run.mode} at {plural(run.connections, 'connection')}:"
+        what = f"- {run.target}, {run.mode} at {plural(run.connections, 'connection')}:"
         if other > 0.05:
             notes.append(f"{what} other processes used {other:.0%} of CPU {PROXY_CPU}.")
         if steal > 0.02:
             notes.append(f"{what} the hypervisor stole up to {steal:.0%} of a core.")
         for line in run.log or []:
-            notes.append(f"{what} the dev host logged `{line}`.")
+            notes.append(f"{what} logged `{line}`.")
     return ["During these runs:", "", *notes, ""] if notes else []
 
 
-_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+ ([A-Z]+) ([\w.]+): (.*)$")
+# Each line of a server's log is stamped when it arrived (bench/servers.py). Then either
+# Python's logging format (in-process: "<time>,ms LEVEL logger: message") or the host
+# stand-in's ("host LEVEL logger: message", "worker LEVEL category [invocation]: message").
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (.*)$")
+_RECORD = re.compile(
+    r"^(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ |(?:host|worker) )"
+    r"(TRACE|DEBUG|INFO|WARNING|ERROR|CRITICAL) ([\w.\-]+)(?: \[\w+\])?: (.*)$"
+)
 
 
 def log_records(text: str) -> list[tuple[str, str]]:
-    """(time, "LEVEL logger: message [-> exception]") for each record of the dev host's log;
+    """(time, "LEVEL logger: message [-> exception]") for each record of a server's log;
     tracebacks are reduced to their last line."""
     records: list[list[str]] = []
-    for line in text.splitlines():
-        match = _LOG_LINE.match(line)
+    for raw in text.splitlines():
+        stamped = _STAMP.match(raw)
+        stamp, line = stamped.groups() if stamped else ("", raw)
+        match = _RECORD.match(line)
         if match:
-            stamp, level, logger, message = match.groups()
+            level, logger, message = match.groups()
             records.append([stamp, f"{level} {logger}: {message[:160]}", ""])
         elif records and line and not line[0].isspace() and not line.startswith("Traceback"):
             records[-1][2] = line.strip()[:160]
     return [(r[0], r[1] + (f" -> {r[2]}" if r[2] else "")) for r in records]
+
+
+def log_problems(text: str) -> dict[str, Any]:
+    records = [entry for _, entry in log_records(text)]
+    errors = [e for e in records if e.startswith(("ERROR", "CRITICAL"))]
+    return {
+        "errors": len(errors),
+        "warnings": sum(e.startswith("WARNING") for e in records),
+        "distinct_errors": sorted(set(errors)),
+    }
 
 
 def summarize(entries: list[str], examples: int = 1) -> list[str]:
@@ -695,12 +745,13 @@ def summarize(entries: list[str], examples: int = 1) -> list[str]:
     return out
 
 
-def attach_log(runs: list[Run], text: str) -> None:
-    records = log_records(text)
+def attach_logs(runs: list[Run], logs: dict[str, str]) -> None:
+    """Each run gets what its own server logged while it ran and settled."""
+    records = {name: log_records(text) for name, text in logs.items()}
     for run in runs:
-        if run.started:
+        if run.started and run.target in records:
             run.log = summarize(
-                [entry for stamp, entry in records if run.started <= stamp <= run.ended]
+                [e for stamp, e in records[run.target] if run.started <= stamp <= run.ended]
             )
 
 
@@ -713,11 +764,11 @@ def control_lines(report: dict[str, Any], runs: list[Run]) -> list[str]:
     lines = [
         "## Harness controls at 1 connection",
         "",
-        "The direct run measures nginx and wrk alone on CPU 1. A proxied request also crosses "
-        "cores four times, and the proxy's usage records keep Azurite busy on CPU 1, beside "
-        "the upstream and wrk. These direct runs add each of those without the proxy (the "
-        "records come from the proxy's own writer, in a thread on CPU 0, at the proxy run's "
-        "rate):",
+        "The direct run measures nginx and wrk alone on CPU 1. A request through the worker also "
+        "crosses cores four times (host stand-in on CPU 1, worker on CPU 0, upstream on CPU 1), "
+        "and the app's usage records keep Azurite busy on CPU 1, beside the upstream and wrk. "
+        "These direct runs add each of those without the app (the records come from the app's "
+        "own writer, in a thread on CPU 0, at the worker run's rate):",
         "",
         "| run | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -727,14 +778,14 @@ def control_lines(report: dict[str, Any], runs: list[Run]) -> list[str]:
             f"| {r['target']} | {r['rps']:,.0f} | {_ms(r['p50_ms'])} | {_ms(r['p90_ms'])} | "
             f"{_ms(r['p99_ms'])} | {_ms(r['p999_ms'])} | {_ms(r['max_ms'])} |"
         )
-    proxy = next((r for r in one if r.target == "proxy"), None)
+    worker = next((r for r in one if r.target == "worker"), None)
     storage = next((c for c in controls if "Azurite" in c["target"]), None)
-    if proxy and storage:
+    if worker and storage:
         lines += [
             "",
-            f"Proxy p99 minus the p99 of the direct run with Azurite writing: "
-            f"{proxy.p99_ms - storage['p99_ms']:.2f} ms (p50: "
-            f"{proxy.p50_ms - storage['p50_ms']:.2f} ms).",
+            f"Worker p99 minus the p99 of the direct run with Azurite writing: "
+            f"{worker.p99_ms - storage['p99_ms']:.2f} ms (p50: "
+            f"{worker.p50_ms - storage['p50_ms']:.2f} ms).",
         ]
     return [*lines, ""]
 
@@ -765,6 +816,7 @@ def client_lines(report: dict[str, Any]) -> list[str]:
 def markdown(report: dict[str, Any], runs: list[Run]) -> str:
     m = report["machine"]
     packages = ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v)
+    idle = report["idle_cpu"]
     lines = [
         "# Benchmark: latest run",
         "",
@@ -776,13 +828,26 @@ def markdown(report: dict[str, Any], runs: list[Run]) -> str:
         f"- Each run: `wrk -t1 -c<conns> -d{report['seconds']}s --timeout 30s --latency`, a "
         "two-message chat completion with `max_tokens: 128`; streams are 35 SSE events from "
         "the fake upstream (nginx), ending with a usage chunk and `data: [DONE]`.",
-        "- Dev host: key and event checks, usage records to Azurite (in memory) batched every "
-        "1 s. Pools of two resources per deployment. CPU/req is the dev host's utime+stime "
-        "from the start of the run until it is quiet again (its usage writer caught up), "
-        "per request; "
-        "CPU busy is the share of its core it used while wrk ran. Added latency is the proxy "
-        "run's percentile minus the direct run's. Idle, the dev host used "
-        f"{report['idle_cpu']:.1%} of its core.",
+        "- Targets: `direct` is wrk straight at nginx. `relay` is a bare aiohttp relay "
+        "(bench/relay.py: one pooled client session, no checks, asyncio's own loop as in the "
+        "worker); `relay, uvloop` the same under uvloop. `in-process` is **bench only**: the "
+        "app's functions called in one uvicorn process (uvloop, httptools; bench/inprocess.py), "
+        "as the project was measured before it ran on the worker runtime; Azure never runs it "
+        "so. `worker` is the app as Azure runs it: the Python worker process "
+        f"(azure-functions-runtime {report.get('runtime_version', '')}, its uvicorn server on "
+        "asyncio's loop) behind the host stand-in (local/host.py), which plays the Functions "
+        "host's part and stays on the harness's core.",
+        "- The app: key and event checks, usage records to Azurite (in memory) batched every "
+        "1 s. Pools of two resources per deployment. CPU/req is the measured process's "
+        "utime+stime from the start of the run until it is quiet again (its usage writer caught "
+        "up), per request: the worker process for `worker`, with the host stand-in's in its own "
+        "column. CPU busy is the share of its core it used while wrk ran. Added latency is the "
+        "run's percentile minus the direct run's. Idle, the in-process server used "
+        f"{idle.get('in-process', 0):.1%} of its core, the worker {idle.get('worker', 0):.1%} and "
+        f"the host stand-in {idle.get('host', 0):.1%}.",
+        "",
+        *ratio_lines(report["ratios"]),
+        "## All runs",
         "",
         table(runs),
         "",
@@ -809,11 +874,12 @@ def markdown(report: dict[str, Any], runs: list[Run]) -> str:
     memory = report["memory"]
     lines += [
         "",
-        "## Dev host memory (VmRSS)",
+        "## Worker memory (VmRSS)",
         "",
-        "Driven by wrk at 16 connections alternating plain and streamed requests.",
+        "The worker process's resident memory, driven by wrk at 16 connections through the "
+        "host stand-in, alternating plain and streamed requests.",
         "",
-        "| after | proxied requests | RSS MiB |",
+        "| after | requests through the worker | RSS MiB |",
         "|---|---:|---:|",
     ]
     for point in memory["points"]:
@@ -836,28 +902,35 @@ def markdown(report: dict[str, Any], runs: list[Run]) -> str:
         ]
     else:
         lines += ["", f"The 200k-request figure was skipped ({memory.get('skipped', '')})."]
-    problems = report["dev_host_log"]
-    if problems["errors"] or problems["warnings"]:
+    if memory.get("in_process_rss_kib"):
         lines += [
             "",
-            "## Dev host log",
-            "",
-            f"{plural(problems['errors'], 'error')} and "
-            f"{plural(problems['warnings'], 'warning')} logged; the distinct errors:",
-            "",
-            *(f"- `{entry}`" for entry in problems["distinct_errors"]),
+            f"For comparison, the in-process server's RSS after its runs: "
+            f"{memory['in_process_rss_kib'] / 1024:,.1f} MiB; the host stand-in's: "
+            f"{memory['host_rss_kib'] / 1024:,.1f} MiB.",
         ]
-    usage = report["usage_records"]
-    lines += [
-        "",
-        "## Usage records",
-        "",
-        f"{usage['count']:,}{'' if usage['complete'] else '+'} usage records in Azurite for "
-        f"{usage['proxied']:,} proxied requests that wrk saw completed (wrk does not count "
-        "the requests still in flight when a run ends; the proxy records those too).",
-        "",
-    ]
-    return "\n".join(lines)
+    for name, problems in report["logs"].items():
+        if problems["errors"] or problems["warnings"]:
+            lines += [
+                "",
+                f"## {name} log",
+                "",
+                f"{plural(problems['errors'], 'error')} and "
+                f"{plural(problems['warnings'], 'warning')} logged; the distinct errors:",
+                "",
+                *(f"- `{entry}`" for entry in problems["distinct_errors"]),
+            ]
+    lines += ["", "## Usage records", ""]
+    for name, usage in report["usage_records"].items():
+        lines.append(
+            f"- {name}: {usage['count']:,}{'' if usage['complete'] else '+'} usage records in "
+            f"Azurite for {usage['requests']:,} requests that wrk and the bench saw completed "
+            "(wrk does not count the requests still in flight when a run ends; the app records "
+            "those too)."
+        )
+    if report.get("worker_restarts"):
+        lines += ["", f"**The worker restarted {report['worker_restarts']} times during the run.**"]
+    return "\n".join(lines) + "\n"
 
 
 # --- upstream HTTP clients and harness controls ---------------------------------------------
@@ -959,25 +1032,77 @@ def harness_controls(
 CPUS = len(os.sched_getaffinity(0))
 
 
+@dataclass
+class Measured:
+    """A target the bench measures, and the server behind it (None for direct)."""
+
+    target: Target
+    server: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+
+def measure(m: Measured, mode: str, connections: int, seconds: float, baseline: Run) -> Run:
+    """One wrk run at `m`, with its server's CPU from the start until it is quiet again."""
+    server = m.server
+    worker = isinstance(server, WorkerApp)
+    if worker:
+        server.repin()  # a restarted worker has a new pid, and starts on the host's core
+    pid = server.measured_pid
+    host_pid = server.host_pid if worker else None
+    started = datetime.now().replace(microsecond=0)
+    before = cpu_seconds(pid)
+    host_before = cpu_seconds(host_pid) if host_pid else 0.0
+    system_before = cpu_times()
+    result = wrk(m.target, mode, connections, seconds)
+    at_end = cpu_seconds(pid)
+    host_at_end = cpu_seconds(host_pid) if host_pid else 0.0
+    system_after = cpu_times()
+    settled = settle(pid, minimum=SETTLE_SECONDS if m.name in APPS else 0.5)
+    after = cpu_seconds(pid)
+    host_after = cpu_seconds(host_pid) if host_pid else 0.0
+    run = to_run(m.target, mode, connections, result)
+    run.added_p50_ms = round(run.p50_ms - baseline.p50_ms, 3)
+    run.added_p99_ms = round(run.p99_ms - baseline.p99_ms, 3)
+    if run.requests:
+        run.cpu_ms_per_request = round((after - before) * 1000 / run.requests, 3)
+        if host_pid:
+            run.host_cpu_ms_per_request = round((host_after - host_before) * 1000 / run.requests, 3)
+    if run.seconds:
+        run.cpu_busy = round((at_end - before) / run.seconds, 3)
+        if host_pid:
+            run.host_cpu_busy = round((host_at_end - host_before) / run.seconds, 3)
+    run.settle_seconds = round(settled, 1)
+    run.load = machine_load(system_before, system_after, at_end - before)
+    run.started = started.isoformat(sep=" ")
+    run.ended = datetime.now().replace(microsecond=0).isoformat(sep=" ")
+    return run
+
+
 def main() -> int:
     seconds = env_int("BENCH_SECONDS", 15)
     memory_on = os.environ.get("BENCH_MEMORY", "1").strip() != "0"
     ensure_tools()
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from bench.nginx import FakeUpstream
+    from bench.nginx import API_KEY, FakeUpstream
+    from bench.servers import InProcessApp, RelayServer
     from local.azurite import Azurite, free_port
 
-    if CPUS >= 2:
+    two_cores = CPUS >= 2
+    proxy_cpu = PROXY_CPU if two_cores else None
+    load_cpu = LOAD_CPU if two_cores else None
+    if two_cores:
         os.sched_setaffinity(0, {LOAD_CPU})  # this process, Azurite and nginx: the load core
         pinning = (
-            f"dev host alone on CPU {PROXY_CPU}; nginx, wrk, Azurite and the TTFB client "
-            f"on CPU {LOAD_CPU} (`taskset`)"
+            f"relay, in-process server and worker process each on CPU {PROXY_CPU} (one measured "
+            f"at a time); nginx, wrk, Azurite, the host stand-in and the TTFB client on CPU "
+            f"{LOAD_CPU} (`taskset`; the worker's threads moved with sched_setaffinity)"
         )
-        proxy_cpu: int | None = PROXY_CPU
     else:
         pinning = "none (fewer than 2 CPUs)"
-        proxy_cpu = None
         print("bench: fewer than 2 CPUs; running unpinned", file=sys.stderr)
 
     def on_term(signum: int, frame: Any) -> None:
@@ -985,122 +1110,142 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     work = Path(tempfile.mkdtemp(prefix="aiproxy-bench-"))
-    azurite = upstream = host = None
-    proxied = 0
+    azurite = upstream = None
+    servers: dict[str, Any] = {}
     try:
-        print("bench: starting Azurite, nginx and the dev host", flush=True)
+        print("bench: starting Azurite, nginx, the relays, the in-process server and the "
+              "host stand-in with its worker", flush=True)  # fmt: skip
         azurite = Azurite(free_port()).start()
-        upstream = FakeUpstream(
-            work / "nginx", [free_port(), free_port()], LOAD_CPU if CPUS >= 2 else None
-        ).start()
-        host = AppHost(work, azurite.connection_string, proxy_cpu)
-        host.wait()
-        _event, key = set_up_event(host.base, upstream.urls)
-        from bench.nginx import API_KEY
-
+        upstream = FakeUpstream(work / "nginx", [free_port(), free_port()], load_cpu).start()
+        storage = azurite.connection_string
+        servers["relay"] = RelayServer(work, upstream.urls[0], proxy_cpu, "asyncio")
+        servers["relay, uvloop"] = RelayServer(work, upstream.urls[0], proxy_cpu, "uvloop")
+        servers["in-process"] = InProcessApp(work, storage, proxy_cpu, IN_PROCESS_TABLES)
+        worker = WorkerApp(work, storage, load_cpu, proxy_cpu, WORKER_TABLES)
+        servers["worker"] = worker
+        for server in servers.values():
+            server.wait()
+        measured = {
+            "relay": Measured(Target("relay", servers["relay"].base, "", API_KEY),
+                              servers["relay"]),
+            "relay, uvloop": Measured(
+                Target("relay, uvloop", servers["relay, uvloop"].base, "", API_KEY),
+                servers["relay, uvloop"],
+            ),
+        }  # fmt: skip
+        for name in APPS:
+            _event, key = set_up_event(servers[name].base, upstream.urls)
+            measured[name] = Measured(Target(name, servers[name].base, "/api", key), servers[name])
         direct = Target("direct", upstream.urls[0], "", API_KEY)
-        proxy = Target("proxy", host.base, "/api", key)
         smoke(direct)
-        smoke(proxy)
-        proxied += 2
-        memory_points = [{"label": "start", "requests": proxied, "rss_kib": rss_kib(host.pid)}]
-        before = cpu_seconds(host.pid)
+        for m in measured.values():
+            smoke(m.target)
+        requests = {name: 2 for name in APPS}  # through each app, for the usage count
+        memory_points = [{"label": "start", "requests": 2, "rss_kib": rss_kib(worker.worker_pid)}]
+        idle_pids = {
+            "in-process": servers["in-process"].pid,
+            "worker": worker.worker_pid,
+            "host": worker.host_pid,
+        }
+        idle_before = {name: cpu_seconds(pid) for name, pid in idle_pids.items()}
         time.sleep(3)
-        idle_cpu = round((cpu_seconds(host.pid) - before) / 3, 4)
+        idle_cpu = {
+            name: round((cpu_seconds(pid) - idle_before[name]) / 3, 4)
+            for name, pid in idle_pids.items()
+        }
 
-        print(f"bench: first {MEMORY_FIRST:,} requests through the proxy (warm-up)", flush=True)
-        result = wrk(proxy, "json", 16, 120, stop_after=MEMORY_FIRST - proxied, mix=True)
-        proxied += result["requests"]
-        settle(host.pid)
+        for name in ("in-process", "worker"):
+            print(f"bench: first {MEMORY_FIRST:,} requests through {name} (warm-up)", flush=True)
+            if name == "worker":
+                worker.repin()
+            result = wrk(measured[name].target, "json", 16, 120,
+                         stop_after=MEMORY_FIRST - requests[name], mix=True)  # fmt: skip
+            requests[name] += result["requests"]
+            settle(servers[name].measured_pid)
         memory_points.append(
-            {"label": "first 10k requests", "requests": proxied, "rss_kib": rss_kib(host.pid)}
-        )
+            {"label": "first 10k requests", "requests": requests["worker"],
+             "rss_kib": rss_kib(worker.worker_pid)}
+        )  # fmt: skip
+        for name in ("relay", "relay, uvloop"):
+            wrk(measured[name].target, "json", 16, 2)
 
         runs: list[Run] = []
         for mode in MODES:
             for connections in CONNECTIONS:
-                stamp = datetime.now().strftime("%H:%M:%S")
                 what = f"{mode}, {plural(connections, 'connection')}"
+                stamp = datetime.now().strftime("%H:%M:%S")
                 print(f"bench: {stamp} {what}: direct", flush=True)
                 baseline = to_run(
                     direct, mode, connections, wrk(direct, mode, connections, seconds)
                 )
                 runs.append(baseline)
-                stamp = datetime.now().strftime("%H:%M:%S")
-                print(f"bench: {stamp} {what}: proxy", flush=True)
-                started = datetime.now().replace(microsecond=0)
-                before = cpu_seconds(host.pid)
-                system_before = cpu_times()
-                result = wrk(proxy, mode, connections, seconds)
-                at_end = cpu_seconds(host.pid)
-                system_after = cpu_times()
-                settled = settle(host.pid)
-                after = cpu_seconds(host.pid)
-                run = to_run(proxy, mode, connections, result)
-                proxied += run.requests
-                run.added_p50_ms = round(run.p50_ms - baseline.p50_ms, 3)
-                run.added_p99_ms = round(run.p99_ms - baseline.p99_ms, 3)
-                if run.requests:
-                    run.cpu_ms_per_request = round((after - before) * 1000 / run.requests, 3)
-                run.cpu_busy = round((at_end - before) / run.seconds, 3) if run.seconds else None
-                run.settle_seconds = round(settled, 1)
-                run.load = machine_load(system_before, system_after, at_end - before)
-                run.started = started.isoformat(sep=" ")
-                run.ended = datetime.now().replace(microsecond=0).isoformat(sep=" ")
-                runs.append(run)
-                print(
-                    f"       direct {baseline.rps:,.0f} req/s, proxy {run.rps:,.0f} req/s, "
-                    f"p50 {run.p50_ms:.2f} ms, non-2xx {run.non_2xx}, "
-                    f"socket errors {run.socket_errors}, "
-                    f"CPU/req {_ms(run.cpu_ms_per_request, 3)} ms",
-                    flush=True,
-                )
-                if run.non_2xx or run.socket_errors:
-                    report_errors(host, proxy, mode, run)
+                names = ["relay", "in-process", "worker"]
+                if connections == KEY_CONNECTIONS:
+                    names.append("relay, uvloop")
+                line = [f"direct {baseline.rps:,.0f} req/s"]
+                for name in names:
+                    stamp = datetime.now().strftime("%H:%M:%S")
+                    print(f"bench: {stamp} {what}: {name}", flush=True)
+                    run = measure(measured[name], mode, connections, seconds, baseline)
+                    runs.append(run)
+                    if name in requests:
+                        requests[name] += run.requests
+                    line.append(
+                        f"{name} {run.rps:,.0f} req/s p50 {run.p50_ms:.2f} ms "
+                        f"CPU/req {_ms(run.cpu_ms_per_request, 3)} ms"
+                        + (f" (host {_ms(run.host_cpu_ms_per_request, 3)})"
+                           if run.host_cpu_ms_per_request is not None else "")
+                    )  # fmt: skip
+                    if run.non_2xx or run.socket_errors:
+                        report_errors(servers[name], measured[name].target, mode, run)
+                print("       " + "; ".join(line), flush=True)
 
         controls: list[Run] = []
         if os.environ.get("BENCH_CONTROLS", "1").strip() != "0":
             print("bench: harness controls at 1 connection", flush=True)
             c1 = next(
-                r for r in runs if r.target == "proxy" and r.mode == "json" and r.connections == 1
+                r for r in runs if r.target == "worker" and r.mode == "json" and r.connections == 1
             )
-            controls = harness_controls(work, direct, azurite.connection_string, c1.rps, seconds)
+            controls = harness_controls(work, direct, storage, c1.rps, seconds)
         clients: list[dict[str, Any]] = []
         if os.environ.get("BENCH_CLIENTS", "1").strip() != "0":
             print("bench: upstream HTTP clients, aiohttp and httpx", flush=True)
             clients = compare_clients(upstream.urls[0], API_KEY, min(seconds, 10))
 
-        print(f"bench: time to first byte, {TTFB_REQUESTS} streams each way", flush=True)
-        ttfbs = [ttfb(direct), ttfb(proxy)]
-        proxied += TTFB_REQUESTS + TTFB_WARMUP
-        settle(host.pid)
+        print(f"bench: time to first byte, {TTFB_REQUESTS} streams per target", flush=True)
+        worker.repin()
+        ttfbs = [ttfb(direct)]
+        for name in ("relay", "in-process", "worker"):
+            ttfbs.append(ttfb(measured[name].target))
+            if name in requests:
+                requests[name] += TTFB_REQUESTS + TTFB_WARMUP
+        settle(worker.worker_pid)
         memory_points.append(
-            {"label": "the runs above", "requests": proxied, "rss_kib": rss_kib(host.pid)}
-        )
+            {"label": "the runs above", "requests": requests["worker"],
+             "rss_kib": rss_kib(worker.worker_pid)}
+        )  # fmt: skip
 
         memory: dict[str, Any] = {"points": memory_points}
-        if memory_on and proxied < MEMORY_TOTAL:
+        if memory_on and requests["worker"] < MEMORY_TOTAL:
             print(
-                f"bench: memory: up to {MEMORY_TOTAL:,} proxied requests "
+                f"bench: memory: up to {MEMORY_TOTAL:,} requests through the worker "
                 f"(at most {MEMORY_LIMIT_SECONDS} s)",
                 flush=True,
             )
+            worker.repin()
             started = time.monotonic()
-            result = wrk(
-                proxy,
-                "json",
-                16,
-                MEMORY_LIMIT_SECONDS,
-                stop_after=MEMORY_TOTAL - proxied,
-                mix=True,
-            )
-            proxied += result["requests"]
+            result = wrk(measured["worker"].target, "json", 16, MEMORY_LIMIT_SECONDS,
+                         stop_after=MEMORY_TOTAL - requests["worker"], mix=True)  # fmt: skip
+            requests["worker"] += result["requests"]
             elapsed = time.monotonic() - started
-            settle(host.pid)
-            label = "200k requests" if proxied >= MEMORY_TOTAL else f"{elapsed:.0f} s bound"
-            memory_points.append(
-                {"label": label, "requests": proxied, "rss_kib": rss_kib(host.pid)}
+            settle(worker.worker_pid)
+            label = (
+                "200k requests" if requests["worker"] >= MEMORY_TOTAL else f"{elapsed:.0f} s bound"
             )
+            memory_points.append(
+                {"label": label, "requests": requests["worker"],
+                 "rss_kib": rss_kib(worker.worker_pid)}
+            )  # fmt: skip
             memory["run"] = {
                 "requests": result["requests"],
                 "seconds": round(elapsed, 1),
@@ -1114,30 +1259,36 @@ def main() -> int:
         if memory_on:
             memory["ratio"] = round(memory_points[-1]["rss_kib"] / first, 3) if first else None
             memory["last_label"] = memory_points[-1]["label"]
+        memory["in_process_rss_kib"] = rss_kib(servers["in-process"].pid)
+        memory["host_rss_kib"] = rss_kib(worker.host_pid)
 
-        settle(host.pid)
+        worker.repin()
+        settle(worker.worker_pid)
+        settle(servers["in-process"].pid)
         print("bench: counting usage records", flush=True)
-        count, complete = count_usage(azurite.connection_string)
-        log = host.log()
-        attach_log(runs, log)
-        errors = [entry for _, entry in log_records(log) if entry.startswith(("ERROR", "CRITICAL"))]
+        usage = {}
+        for name, prefix in (("worker", WORKER_TABLES), ("in-process", IN_PROCESS_TABLES)):
+            count, complete = count_usage(storage, prefix)
+            usage[name] = {"count": count, "complete": complete, "requests": requests[name]}
+        logs = {name: server.log() for name, server in servers.items()}
+        attach_logs(runs, logs)
+        ratios = key_ratios(runs)
         report = {
             "machine": machine(),
             "pinning": pinning,
             "seconds": seconds,
             "connections": list(CONNECTIONS),
+            "runtime_version": worker.runtime_version,
+            "ratios": ratios,
             "runs": [asdict(run) for run in runs],
             "controls": [asdict(run) for run in controls],
             "clients": clients,
             "ttfb": ttfbs,
             "memory": memory,
             "idle_cpu": idle_cpu,
-            "usage_records": {"count": count, "complete": complete, "proxied": proxied},
-            "dev_host_log": {
-                "errors": len(errors),
-                "warnings": log.count(" WARNING "),
-                "distinct_errors": sorted(set(errors)),
-            },
+            "usage_records": usage,
+            "worker_restarts": worker.restarts,
+            "logs": {name: log_problems(text) for name, text in logs.items()},
         }
         RESULTS.mkdir(parents=True, exist_ok=True)
         text = markdown(report, runs)
@@ -1146,19 +1297,29 @@ def main() -> int:
         print()
         print(text)
         print(f"bench: wrote {RESULTS.relative_to(ROOT)}/latest.md and latest.json")
-        if report["dev_host_log"]["errors"] or report["dev_host_log"]["warnings"]:
-            kept = Path(tempfile.gettempdir()) / f"aiproxy-bench-devhost-{int(time.time())}.log"
-            kept.write_text(log)
-            print(f"bench: the dev host logged problems (whole log: {kept}); its last lines:")
-            print("\n".join(log.splitlines()[-40:]))
-        bad = any(run.non_2xx or run.socket_errors for run in runs)
+        for mode, r in ratios.items():
+            print(
+                f"bench: KEY FIGURE {mode} at {KEY_CONNECTIONS} connections: worker CPU/req is "
+                f"{_ms(r.get('worker_over_relay'))}x the relay's (target <= 2); in-process "
+                f"{_ms(r.get('in_process_over_relay'))}x",
+                flush=True,
+            )
+        for name, problems in report["logs"].items():
+            if problems["errors"] or problems["warnings"]:
+                kept = (
+                    Path(tempfile.gettempdir())
+                    / f"aiproxy-bench-{name.replace(', ', '-')}-{int(time.time())}.log"
+                )
+                kept.write_text(logs[name])
+                print(f"bench: {name} logged problems (whole log: {kept})")
+        bad = any(run.non_2xx or run.socket_errors for run in runs) or worker.restarts
         return 1 if bad else 0
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         return 130
     finally:
-        if host is not None:
-            host.stop()
+        for server in servers.values():
+            server.stop()
         if upstream is not None:
             upstream.stop()
         if azurite is not None:
@@ -1166,23 +1327,24 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def report_errors(host: AppHost, proxy: Target, mode: str, run: Run) -> None:
-    """What the proxy answered and logged when a run saw errors."""
+def report_errors(server: Any, target: Target, mode: str, run: Run) -> None:
+    """What a server answered and logged when a run saw errors."""
     import httpx
 
-    print(f"bench: proxy {mode} run at {plural(run.connections, 'connection')}: {run.errors}")
+    print(f"bench: {target.name} {mode} run at {plural(run.connections, 'connection')}: "
+          f"{run.errors}")  # fmt: skip
     try:
         response = httpx.post(
-            f"{proxy.base}{proxy.path(mode)}",
+            f"{target.base}{target.path(mode)}",
             content=request_body(mode == "stream"),
-            headers={"api-key": proxy.key, "content-type": "application/json"},
+            headers={"api-key": target.key, "content-type": "application/json"},
             timeout=30,
         )
         print(f"bench: a probe request now gets {response.status_code}: {response.text[:300]}")
     except httpx.HTTPError as exc:
         print(f"bench: a probe request failed: {exc!r}")
-    tail = host.log().splitlines()[-40:]
-    print("bench: dev host log (last lines):\n" + "\n".join(tail), flush=True)
+    tail = server.log().splitlines()[-40:]
+    print(f"bench: {target.name} log (last lines):\n" + "\n".join(tail), flush=True)
 
 
 if __name__ == "__main__":
