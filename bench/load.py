@@ -1,8 +1,10 @@
-"""Load run: 200 concurrent streaming clients for 60 s through one dev host.
+"""Load run: 200 concurrent streaming clients for 60 s through the host stand-in and one worker.
 
 Answers three questions: does any call that the upstream answered fail, is there exactly one
-usage record per call, and does memory come back near its start afterwards. The upstream is
-the simulator with real per-token latency, so streams overlap as they do at an event.
+usage record per call, and does the worker's memory come back near its start afterwards. The
+upstream is the simulator with real per-token latency, so streams overlap as they do at an
+event. The app runs as Azure runs it: the host stand-in (local/host.py) on CPU 1 beside the
+simulator and the client, the Python worker process alone on CPU 0.
 
 Run: python -m bench.load  (LOAD_CLIENTS=200, LOAD_SECONDS=60 to change the size)
 Writes bench/results/load.md and load.json.
@@ -13,8 +15,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,15 +28,18 @@ from typing import Any
 import aiohttp
 import httpx
 from azure.data.tables import TableServiceClient
-from cryptography.fernet import Fernet
 
+from bench.run import cpu_seconds, log_problems
+from bench.servers import FUNCTION_KEY, WorkerApp, pinned
 from local.azurite import Azurite, free_port, wait_for_port
+from local.process import stop
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-FUNCTION_KEY = "bench-function-key"
 SIM_KEY = "bench-sim-key"
 PREFIX = "load"
+WORKER_CPU, LOAD_CPU = 0, 1
+TOKEN_MS = 20
 
 
 def rss_mib(pid: int) -> float:
@@ -41,12 +49,10 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def pinned(cpu: int, args: list[str]) -> list[str]:
-    return ["taskset", "-c", str(cpu), *args] if os.cpu_count() and os.cpu_count() > 1 else args
-
-
 def set_up(base: str, simulator: str) -> tuple[str, str]:
-    manage = httpx.Client(base_url=f"{base}/manage", headers={"x-functions-key": FUNCTION_KEY})
+    manage = httpx.Client(
+        base_url=f"{base}/manage", headers={"x-functions-key": FUNCTION_KEY}, timeout=30
+    )
     today = datetime.now(UTC)
     event = (
         manage.post(
@@ -73,14 +79,18 @@ def set_up(base: str, simulator: str) -> tuple[str, str]:
     return event["id"], attendee.raise_for_status().json()["api_key"]
 
 
-async def drive(base: str, key: str, clients: int, seconds: float) -> dict[str, Any]:
-    """`clients` loops of streamed chat calls until `seconds` have passed (bounded)."""
+async def drive(
+    base: str, key: str, clients: int, seconds: float, watch_pid: int = 0
+) -> dict[str, Any]:
+    """`clients` loops of streamed chat calls until `seconds` have passed (bounded); the peak
+    RSS of `watch_pid` meanwhile."""
     url = f"{base}/openai/deployments/chat/chat/completions?api-version=2024-10-21"
     body = json.dumps(
         {"messages": [{"role": "user", "content": "Tell me about the sea."}], "stream": True}
     )
     headers = {"api-key": key, "content-type": "application/json"}
-    stats = {"started": 0, "ok": 0, "failed": 0, "errors": {}}
+    stats: dict[str, Any] = {"started": 0, "ok": 0, "failed": 0, "errors": {}, "peak": 0.0}
+    durations: list[float] = []
     deadline = time.monotonic() + seconds
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=60)
@@ -88,11 +98,13 @@ async def drive(base: str, key: str, clients: int, seconds: float) -> dict[str, 
     async def client(session: aiohttp.ClientSession) -> None:
         while time.monotonic() < deadline:
             stats["started"] += 1
+            started = time.perf_counter()
             try:
                 async with session.post(url, data=body, headers=headers) as response:
                     text = await response.text()
                     if response.status == 200 and text.rstrip().endswith("data: [DONE]"):
                         stats["ok"] += 1
+                        durations.append((time.perf_counter() - started) * 1000)
                         continue
                     reason = f"{response.status} {text[:120]}"
             except Exception as exc:  # counted and reported, never hidden
@@ -100,8 +112,18 @@ async def drive(base: str, key: str, clients: int, seconds: float) -> dict[str, 
             stats["failed"] += 1
             stats["errors"][reason] = stats["errors"].get(reason, 0) + 1
 
+    async def watch() -> None:
+        while watch_pid and time.monotonic() < deadline + 5:
+            stats["peak"] = max(stats["peak"], rss_mib(watch_pid))
+            await asyncio.sleep(0.5)
+
+    watcher = asyncio.create_task(watch())
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*(client(session) for _ in range(clients)))
+    watcher.cancel()
+    ordered = sorted(durations)
+    stats["p50_ms"] = round(statistics.median(ordered), 1) if ordered else None
+    stats["p99_ms"] = round(ordered[int(len(ordered) * 0.99)], 1) if ordered else None
     return stats
 
 
@@ -119,50 +141,50 @@ def count_records(connection: str, event_id: str, expect: int, limit: float = 12
 def main() -> int:
     clients = int(os.environ.get("LOAD_CLIENTS", "200"))
     seconds = float(os.environ.get("LOAD_SECONDS", "60"))
-    if os.cpu_count() and os.cpu_count() > 1:
-        os.sched_setaffinity(0, {1})  # the load client stays off the dev host's core
+    two_cores = len(os.sched_getaffinity(0)) >= 2
+    if two_cores:
+        os.sched_setaffinity(0, {LOAD_CPU})  # the client stays off the worker's core
+    load_cpu = LOAD_CPU if two_cores else None
+    work = Path(tempfile.mkdtemp(prefix="aiproxy-load-"))
     azurite = Azurite(free_port()).start()
-    sim_port, host_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "AIPROXY_STORAGE_CONNECTION_STRING": azurite.connection_string,
-        "AIPROXY_TABLE_PREFIX": PREFIX,
-        "AIPROXY_ENCRYPTION_KEY": Fernet.generate_key().decode(),
-        "AIPROXY_FUNCTION_KEY": FUNCTION_KEY,
-    }
+    sim_port = free_port()
     simulator = subprocess.Popen(
-        pinned(1, [sys.executable, "-m", "local.simulator", "--port", str(sim_port),
-                   "--api-key", SIM_KEY, "--latency-ms-per-token", "20"]),
+        pinned(load_cpu, [sys.executable, "-m", "local.simulator", "--port", str(sim_port),
+                          "--api-key", SIM_KEY, "--latency-ms-per-token", str(TOKEN_MS)]),
         cwd=ROOT, stdout=subprocess.DEVNULL,
     )  # fmt: skip
-    host = subprocess.Popen(
-        pinned(0, [sys.executable, "-m", "local.devhost", "--port", str(host_port),
-                   "--settings", str(ROOT / "local.settings.example.json")]),
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    worker = WorkerApp(
+        work, azurite.connection_string, load_cpu, WORKER_CPU if two_cores else None, PREFIX
+    )
     try:
         wait_for_port(sim_port, process=simulator)
-        wait_for_port(host_port, timeout=60, process=host)
-        base = f"http://127.0.0.1:{host_port}/api"
+        worker.wait()
+        base = f"{worker.base}/api"
         event_id, key = set_up(base, f"http://127.0.0.1:{sim_port}")
         warm = asyncio.run(drive(base, key, 10, 2))  # warm: caches, connections, counters
         warm_records = count_records(azurite.connection_string, event_id, warm["started"])
-        before = rss_mib(host.pid)
+        pid = worker.repin()
+        before, host_before = rss_mib(pid), rss_mib(worker.host_pid)
+        cpu_before, host_cpu_before = cpu_seconds(pid), cpu_seconds(worker.host_pid)
         started = time.monotonic()
-        stats = asyncio.run(drive(base, key, clients, seconds))
+        stats = asyncio.run(drive(base, key, clients, seconds, watch_pid=pid))
         elapsed = time.monotonic() - started
-        peak = rss_mib(host.pid)
+        cpu = cpu_seconds(pid) - cpu_before
+        host_cpu = cpu_seconds(worker.host_pid) - host_cpu_before
+        peak = max(stats["peak"], rss_mib(pid))
         records = count_records(
             azurite.connection_string, event_id, warm_records + stats["started"]
         )
         time.sleep(30)
-        after = rss_mib(host.pid)
+        after, host_after = rss_mib(pid), rss_mib(worker.host_pid)
+        status = worker.status()["worker"]
     finally:
-        host.terminate()
-        simulator.terminate()
-        log = host.communicate(timeout=30)[1]
-        simulator.wait(10)
+        worker.stop()
+        stop(simulator)
         azurite.stop()
+    log = worker.log()
+    shutil.rmtree(work, ignore_errors=True)
+    problems = log_problems(log)
     result = {
         "clients": clients,
         "seconds": round(elapsed, 1),
@@ -171,31 +193,55 @@ def main() -> int:
         "failed": stats["failed"],
         "errors": stats["errors"],
         "calls_per_second": round(stats["started"] / elapsed, 1),
+        "call_p50_ms": stats["p50_ms"],
+        "call_p99_ms": stats["p99_ms"],
         "usage_records": records - warm_records,
+        "worker": {
+            "runtime_version": status.get("runtime_version"),
+            "restarts": status.get("restarts"),
+            "same_process": status.get("pid") == pid,
+            "cpu_busy": round(cpu / elapsed, 3),
+            "cpu_ms_per_call": round(cpu * 1000 / max(stats["started"], 1), 3),
+        },
+        "host_cpu_busy": round(host_cpu / elapsed, 3),
         "rss_mib": {
             "before": round(before, 1),
             "peak": round(peak, 1),
             "after_30s": round(after, 1),
         },
-        "devhost_errors": [line for line in log.splitlines() if " ERROR " in line][:5],
+        "host_rss_mib": {"before": round(host_before, 1), "after_30s": round(host_after, 1)},
+        "log_errors": problems["distinct_errors"][:5],
+        "log_error_count": problems["errors"],
     }
-    report = f"""# Load run: {clients} concurrent streaming clients for {seconds:.0f} s
+    w = result["worker"]
+    report = f"""# Load run: {clients} concurrent streaming clients for {seconds:.0f} s, through the worker
 
-One dev host on CPU 0; the simulator (16-token answers at 20 ms a token) and the client on
-CPU 1; Azurite in memory. Every call is a streamed chat completion read to `data: [DONE]`.
+The app as Azure runs it: one Python worker process (azure-functions-runtime
+{w["runtime_version"]}) alone on CPU 0, behind the host stand-in (local/host.py) on CPU 1 with
+the simulator (16-token answers at {TOKEN_MS} ms a token) and the client; Azurite in memory.
+Every call is a streamed chat completion read to `data: [DONE]`.
 
-| calls | ok | failed | calls/s | usage records | RSS before | RSS peak | RSS 30 s after |
-|---:|---:|---:|---:|---:|---:|---:|---:|
-| {result["calls"]:,} | {result["ok"]:,} | {result["failed"]} | {result["calls_per_second"]} | {result["usage_records"]:,} | {before:.1f} MiB | {peak:.1f} MiB | {after:.1f} MiB |
+| calls | ok | failed | calls/s | call p50 ms | call p99 ms | usage records | worker RSS before | worker RSS peak | worker RSS 30 s after |
+|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
+| {result["calls"]:,} | {result["ok"]:,} | {result["failed"]} | {result["calls_per_second"]} | {stats["p50_ms"]} | {stats["p99_ms"]} | {result["usage_records"]:,} | {before:.1f} MiB | {peak:.1f} MiB | {after:.1f} MiB |
 
 Failures by reason: {json.dumps(stats["errors"]) if stats["errors"] else "none"}.
-Dev host errors logged: {len(result["devhost_errors"])}.
+Every call has exactly one usage record: {"yes" if result["usage_records"] == stats["started"] else "NO"}.
+The worker used {w["cpu_busy"]:.0%} of its core ({w["cpu_ms_per_call"]} ms CPU per call), the
+host stand-in {result["host_cpu_busy"]:.0%} of CPU 1 (RSS {host_before:.1f} MiB before,
+{host_after:.1f} MiB after). Worker restarts: {w["restarts"]}; same worker process throughout:
+{"yes" if w["same_process"] else "NO"}. Errors in the host's and worker's log: {problems["errors"]}.
 """
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "load.md").write_text(report)
     (RESULTS / "load.json").write_text(json.dumps(result, indent=2) + "\n")
     print(report)
-    ok = stats["failed"] == 0 and result["usage_records"] == stats["started"]
+    ok = (
+        stats["failed"] == 0
+        and result["usage_records"] == stats["started"]
+        and w["same_process"]
+        and not w["restarts"]
+    )
     return 0 if ok else 1
 
 
