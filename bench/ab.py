@@ -1,9 +1,15 @@
 """A/B: the proxy at another commit against the working tree, in alternating rounds.
 
 This machine's speed drifts by up to a third within minutes, so two `make bench` runs cannot
-show a change of a few percent. Here Azurite and nginx start once, then two dev hosts, one
-running the given commit (from a temporary git worktree) and one the working tree, both pinned
-to the proxy's core; wrk drives them in turns (A B, B A, A B, ...) and the medians are compared.
+show a change of a few percent. Here Azurite and nginx start once, then the app twice, once at
+the given commit (from a temporary git worktree) and once from the working tree, both measured
+the same way; wrk drives them in turns (A B, B A, A B, ...) and the medians are compared.
+
+The target is the worker, as in `make bench`: each side is a host stand-in (on the harness's
+core) and its Python worker process (on the proxy's core), and CPU/req is the worker's. A commit
+from before the worker runtime (no local/host.py) cannot run that way: then both sides are
+measured in-process instead, the commit with its own dev host (local/devhost.py) and the working
+tree with the bench's in-process server (bench/inprocess.py), and the output says so.
 
 Run: python -m bench.ab [COMMIT] (default HEAD), or make bench-ab COMMIT=...
 BENCH_MODE json|stream (stream), BENCH_CONNECTIONS (1), BENCH_SECONDS per round (6),
@@ -18,10 +24,26 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bench import run as bench
+from bench.servers import EXAMPLE_SETTINGS, InProcessApp, Server, WorkerApp, app_env, pinned
 
-WARM_UP = 5_000  # requests through each host before the rounds
+WARM_UP = 5_000  # requests through each side before the rounds
+
+
+class DevHostApp(Server):
+    """An older commit's own in-process dev host (local/devhost.py), on `cpu`."""
+
+    def __init__(self, work: Path, storage: str, cpu: int | None, prefix: str, root: Path) -> None:
+        args = [sys.executable, "-m", "local.devhost", "--port", "{port}"]
+        args += ["--settings", str(root / EXAMPLE_SETTINGS.name), "--log-level", "warning"]
+        env = app_env(storage, prefix, work)
+        super().__init__("dev host", pinned(cpu, args), env, work / "devhost.log", cwd=root)
+
+    @property
+    def measured_pid(self) -> int:
+        return self.pid
 
 
 def main(argv: list[str]) -> int:
@@ -41,6 +63,7 @@ def main(argv: list[str]) -> int:
     if two_cores:
         os.sched_setaffinity(0, {bench.LOAD_CPU})
     proxy_cpu = bench.PROXY_CPU if two_cores else None
+    load_cpu = bench.LOAD_CPU if two_cores else None
     work = Path(tempfile.mkdtemp(prefix="aiproxy-ab-"))
     tree = work / "a"
     added = subprocess.run(
@@ -50,40 +73,58 @@ def main(argv: list[str]) -> int:
     if added.returncode:
         print(f"bench.ab: no worktree for {commit!r}: {added.stderr.strip()}", file=sys.stderr)
         return 2
+    on_worker = (tree / "local" / "host.py").exists()
     label = {"A": f"A ({commit})", "B": "B (working tree)"}
+    if not on_worker:
+        print(
+            f"bench.ab: {commit} predates the worker runtime (no local/host.py): both sides run "
+            "in-process, A on its own dev host, B on bench/inprocess.py",
+            flush=True,
+        )
     azurite = upstream = None
-    hosts: dict[str, bench.AppHost] = {}
+    apps: dict[str, Any] = {}
     try:
         azurite = Azurite(free_port()).start()
-        upstream = FakeUpstream(
-            work / "nginx", [free_port(), free_port()], bench.LOAD_CPU if two_cores else None
-        ).start()
-        targets = {}
+        storage = azurite.connection_string
+        upstream = FakeUpstream(work / "nginx", [free_port(), free_port()], load_cpu).start()
         for name, root in (("A", tree), ("B", bench.ROOT)):
-            (work / name.lower()).mkdir(exist_ok=True)
-            hosts[name] = bench.AppHost(
-                work / name.lower(), azurite.connection_string, proxy_cpu, root=root
-            )
-        for name, host in hosts.items():
-            host.wait()
-            _event, key = bench.set_up_event(host.base, upstream.urls)
-            targets[name] = bench.Target("proxy", host.base, "/api", key)
+            folder = work / name.lower()
+            folder.mkdir(exist_ok=True)
+            prefix = f"ab{name.lower()}"
+            if on_worker:
+                apps[name] = WorkerApp(
+                    folder, storage, load_cpu, proxy_cpu, prefix, root=root, name=f"worker-{name}"
+                )
+            elif name == "A":
+                apps[name] = DevHostApp(folder, storage, proxy_cpu, prefix, root)
+            else:
+                apps[name] = InProcessApp(folder, storage, proxy_cpu, prefix)
+        targets = {}
+        for name, app in apps.items():
+            app.wait()
+            _event, key = bench.set_up_event(app.base, upstream.urls)
+            targets[name] = bench.Target("proxy", app.base, "/api", key)
             bench.smoke(targets[name])
             bench.wrk(targets[name], "json", 16, 120, stop_after=WARM_UP, mix=True)
-            bench.settle(host.pid)
-        print(f"bench.ab: {mode}, {connections} connection(s), {rounds} rounds of {seconds} s")
+            bench.settle(app.measured_pid)
+        where = "worker" if on_worker else "in-process"
+        print(f"bench.ab: {where}, {mode}, {connections} connection(s), {rounds} rounds of "
+              f"{seconds} s")  # fmt: skip
         results: dict[str, list[tuple[float, float, float, float]]] = {"A": [], "B": []}
         errors = 0
         for round_ in range(rounds):
             for name in ("A", "B") if round_ % 2 == 0 else ("B", "A"):
-                host = hosts[name]
-                before = bench.cpu_seconds(host.pid)
+                app = apps[name]
+                if on_worker:
+                    app.repin()
+                pid = app.measured_pid
+                before = bench.cpu_seconds(pid)
                 run = bench.to_run(
                     targets[name], mode, connections,
                     bench.wrk(targets[name], mode, connections, seconds),
                 )  # fmt: skip
-                bench.settle(host.pid)
-                cpu = (bench.cpu_seconds(host.pid) - before) * 1000 / max(run.requests, 1)
+                bench.settle(pid)
+                cpu = (bench.cpu_seconds(pid) - before) * 1000 / max(run.requests, 1)
                 errors += run.non_2xx + run.socket_errors
                 results[name].append((run.rps, run.p50_ms, run.p99_ms, cpu))
                 print(
@@ -91,15 +132,16 @@ def main(argv: list[str]) -> int:
                     f"p99 {run.p99_ms:.2f} ms  CPU/req {cpu:.3f} ms",
                     flush=True,
                 )
-        print("\n| host | req/s | p50 ms | p99 ms | CPU/req ms |\n|---|---:|---:|---:|---:|")
+        column = "worker CPU/req ms" if on_worker else "CPU/req ms"
+        print(f"\n| side | req/s | p50 ms | p99 ms | {column} |\n|---|---:|---:|---:|---:|")
         for name, rows in results.items():
             rps, p50, p99, cpu = (statistics.median(r[i] for r in rows) for i in range(4))
             print(f"| {label[name]} | {rps:,.0f} | {p50:.3f} | {p99:.2f} | {cpu:.3f} |")
-        print(f"\nMedians of {rounds} rounds each; non-2xx and socket errors: {errors}.")
+        print(f"\nMedians of {rounds} rounds each ({where}); non-2xx and socket errors: {errors}.")
         return 1 if errors else 0
     finally:
-        for host in hosts.values():
-            host.stop()
+        for app in apps.values():
+            app.stop()
         if upstream is not None:
             upstream.stop()
         if azurite is not None:
