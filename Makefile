@@ -54,11 +54,13 @@ lint: setup
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-# Throughput, latency and memory against the peers' harness, then the 200-client load run
-# (BENCH_LOAD=0 skips it). Results: bench/results/.
+# Throughput, latency, CPU per request and memory against the peers' harness, through the
+# worker beside a bare relay and the in-process figures; then the 200-client load run
+# (BENCH_LOAD=0 skips it) and the concurrency sweep (BENCH_CONCURRENCY=0). Results: bench/results/.
 bench: setup
 	$(PY) -m bench.run
 	[ "$${BENCH_LOAD:-1}" = 0 ] || $(PY) -m bench.load
+	[ "$${BENCH_CONCURRENCY:-1}" = 0 ] || $(PY) -m bench.concurrency
 
 # A change measured against a commit, in alternating rounds: make bench-ab COMMIT=HEAD~1
 bench-ab: setup

@@ -1,0 +1,384 @@
+"""How many concurrent streams one worker holds: the measurement behind perInstanceConcurrency.
+
+Flex Consumption gives Python apps an HTTP concurrency of 1 per instance unless
+`perInstanceConcurrency` says otherwise; this sweep finds how many concurrent streaming calls one
+Python worker process carries with the time its hop adds staying small and its memory well
+inside an instance.
+
+The upstream is the simulator (local/simulator.py) streaming `TOKENS` tokens at `TOKEN_MS` ms a
+token, one SSE event each, as a model does. At each level N (CONCURRENCY_LEVELS, default 16 32
+64 128 256), N clients each send streamed chat calls back to back for CONCURRENCY_SECONDS
+(default 20) and time each call's first body byte (the first SSE event) and its end: once
+straight at the simulator ("direct") and once through the app as Azure runs it (the host
+stand-in and its Python worker process, the worker alone on CPU 0). Added latency is the worker
+run's percentile minus the direct run's at the same level. Per level: p50/p99 added time to
+first byte and to the stream's end, calls, failures, the worker's CPU share and its peak RSS,
+and how busy the harness's core was (the host stand-in, simulator and client share CPU 1: when
+it is saturated the added latency is partly the harness's).
+
+A level passes when no call failed, the p99 added latency of both the first byte and the whole
+stream is under ADDED_P99_LIMIT_MS (50 ms), and the worker's peak RSS is under
+RSS_LIMIT_MIB (half of a 2048 MB Flex instance). Writes bench/results/concurrency.md and
+concurrency.json.
+
+Run: python -m bench.concurrency (make bench runs it after bench.load; BENCH_CONCURRENCY=0
+skips it there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+
+from bench.load import SIM_KEY, set_up
+from bench.run import (
+    cpu_seconds,
+    cpu_times,
+    log_problems,
+    machine,
+    machine_busy,
+    rss_kib,
+    warn_if_busy,
+)
+from bench.servers import WorkerApp, pinned
+from local.azurite import Azurite, free_port, wait_for_port
+from local.process import stop
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+PREFIX = "conc"
+WORKER_CPU, LOAD_CPU = 0, 1
+TOKEN_MS = 15
+TOKENS = 64  # about 1 s a stream: shorter than most chat answers, so the per-call cost counts
+INSTANCE_MIB = 2048  # Flex Consumption's default instance memory
+RSS_LIMIT_MIB = INSTANCE_MIB // 2
+ADDED_P99_LIMIT_MS = 50.0
+CALL_TIMEOUT_SECONDS = 60
+WARM_SECONDS = 3.0
+HARNESS_BUSY = 0.9  # CPU 1 (host stand-in, simulator, client) this busy: the harness limits
+
+
+def levels() -> list[int]:
+    raw = os.environ.get("CONCURRENCY_LEVELS", "").replace(",", " ").split()
+    return [int(x) for x in raw] or [16, 32, 64, 128, 256]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+@dataclass
+class Sample:
+    """One level at one target."""
+
+    target: str
+    clients: int
+    seconds: float = 0.0
+    calls: int = 0
+    failed: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    first_byte_ms: list[float] = field(default_factory=list, repr=False)
+    whole_ms: list[float] = field(default_factory=list, repr=False)
+    worker_cpu_busy: float | None = None
+    worker_cpu_ms_per_call: float | None = None
+    worker_rss_peak_mib: float | None = None
+    host_cpu_busy: float | None = None
+    simulator_cpu_busy: float | None = None
+    cpu1_busy: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k not in ("first_byte_ms", "whole_ms")}
+        for name, values in (("first_byte", self.first_byte_ms), ("whole", self.whole_ms)):
+            for q in (50, 99):
+                value = percentile(values, q)
+                out[f"{name}_p{q}_ms"] = None if value is None else round(value, 2)
+        out["calls_per_second"] = round(self.calls / self.seconds, 1) if self.seconds else 0.0
+        return out
+
+
+async def drive(url: str, key: str, clients: int, seconds: float, sample: Sample) -> None:
+    """`clients` loops of streamed chat calls for `seconds` (each call at most 60 s)."""
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": "Tell me about the sea."}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
+    headers = {"api-key": key, "content-type": "application/json"}
+    deadline = time.monotonic() + seconds
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_SECONDS)
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while time.monotonic() < deadline:
+            sample.calls += 1
+            started = time.perf_counter()
+            first = None
+            tail = b""
+            try:
+                async with session.post(url, data=body, headers=headers) as response:
+                    async for chunk in response.content.iter_any():
+                        if first is None:
+                            first = time.perf_counter()
+                        tail = (tail + chunk)[-64:]
+                    if response.status == 200 and tail.rstrip().endswith(b"data: [DONE]"):
+                        end = time.perf_counter()
+                        sample.first_byte_ms.append(((first or end) - started) * 1000)
+                        sample.whole_ms.append((end - started) * 1000)
+                        continue
+                    reason = f"{response.status} {tail[-60:]!r}"
+            except Exception as exc:  # counted and reported, never hidden
+                reason = type(exc).__name__
+            sample.failed += 1
+            sample.errors[reason] = sample.errors.get(reason, 0) + 1
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+
+
+def measure(
+    target: str, url: str, key: str, clients: int, seconds: float, pids: dict[str, int]
+) -> Sample:
+    """One level at one target, with the CPU of the processes in `pids` meanwhile."""
+    sample = Sample(target, clients)
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    system_before = cpu_times()
+    peak = {"rss": 0.0}
+
+    async def main() -> None:
+        async def watch() -> None:
+            while True:
+                if "worker" in pids:
+                    peak["rss"] = max(peak["rss"], rss_kib(pids["worker"]) / 1024)
+                await asyncio.sleep(0.25)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await drive(url, key, clients, seconds, sample)
+        finally:
+            watcher.cancel()
+
+    started = time.monotonic()
+    asyncio.run(main())
+    sample.seconds = round(time.monotonic() - started, 2)
+    system_after = cpu_times()
+    used = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+    if LOAD_CPU in system_after:
+        busy = system_after[LOAD_CPU][0] - system_before[LOAD_CPU][0]
+        total = system_after[LOAD_CPU][2] - system_before[LOAD_CPU][2]
+        sample.cpu1_busy = round(busy / total, 3) if total else None
+    sample.simulator_cpu_busy = round(used["simulator"] / sample.seconds, 3)
+    if "worker" in pids:
+        sample.worker_cpu_busy = round(used["worker"] / sample.seconds, 3)
+        sample.worker_cpu_ms_per_call = round(used["worker"] * 1000 / max(sample.calls, 1), 3)
+        sample.worker_rss_peak_mib = round(max(peak["rss"], rss_kib(pids["worker"]) / 1024), 1)
+        sample.host_cpu_busy = round(used["host"] / sample.seconds, 3)
+    return sample
+
+
+def judge(direct: dict[str, Any], worker: dict[str, Any]) -> dict[str, Any]:
+    """The added latencies at one level and whether the level meets the criteria."""
+
+    def added(name: str) -> float | None:
+        a, b = worker.get(name), direct.get(name)
+        return None if a is None or b is None else round(a - b, 2)
+
+    row = {
+        "clients": worker["clients"],
+        "added_first_byte_p50_ms": added("first_byte_p50_ms"),
+        "added_first_byte_p99_ms": added("first_byte_p99_ms"),
+        "added_whole_p50_ms": added("whole_p50_ms"),
+        "added_whole_p99_ms": added("whole_p99_ms"),
+    }
+    reasons = []
+    if worker["failed"] or direct["failed"]:
+        reasons.append(f"{worker['failed']} failed calls through the worker, "
+                       f"{direct['failed']} direct")  # fmt: skip
+    for name in ("added_first_byte_p99_ms", "added_whole_p99_ms"):
+        value = row[name]
+        if value is None or value >= ADDED_P99_LIMIT_MS:
+            reasons.append(f"{name.removeprefix('added_')} added {value} ms")
+    rss = worker.get("worker_rss_peak_mib") or 0.0
+    if rss >= RSS_LIMIT_MIB:
+        reasons.append(f"worker RSS {rss} MiB")
+    busy = max(direct.get("cpu1_busy") or 0.0, worker.get("cpu1_busy") or 0.0)
+    row["harness_saturated"] = busy >= HARNESS_BUSY
+    row["passes"] = not reasons
+    if reasons and row["harness_saturated"]:
+        reasons.append(f"CPU {LOAD_CPU} {busy:.0%} busy: partly the harness's")
+    row["why_not"] = "; ".join(reasons)
+    return row
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        "# Concurrency: how many streams one worker holds",
+        "",
+        f"- Date: {m['date']}, commit `{m['commit']}`"
+        + (" with uncommitted changes in the working tree" if m["uncommitted_changes"] else ""),
+        f"- Machine: {m['cpu_model']}, {m['cores']} cores; Python {m['python']}; "
+        f"azure-functions-runtime {report['runtime_version']}",
+        "- Before the run the cores were busy: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in report["busy_before"].items())
+        + " (other work on this machine).",
+        f"- Upstream: the simulator on CPU {LOAD_CPU}, {report['tokens']} tokens a stream at "
+        f"{report['token_ms']:g} ms a token (one SSE event each, with the usage chunk).",
+        f"- The app as Azure runs it: the Python worker process alone on CPU {WORKER_CPU}, the "
+        f"host stand-in on CPU {LOAD_CPU} with the simulator, the client and Azurite.",
+        f"- Each level: N clients sending streamed calls back to back for "
+        f"{report['seconds']:g} s, first straight at the simulator, then through the worker. "
+        "First byte: the first body bytes (the first SSE event); whole: until `data: [DONE]`. "
+        "Added: the worker run's percentile minus the direct run's.",
+        f"- Criteria: no failed call, p99 added latency of the first byte and of the whole "
+        f"stream under {ADDED_P99_LIMIT_MS:g} ms, worker RSS under {RSS_LIMIT_MIB} MiB (half of "
+        f"a {INSTANCE_MIB} MB instance).",
+        "",
+        "| clients | calls/s | failed | added first byte p50 / p99 ms | added whole p50 / p99 ms "
+        "| direct whole p50 / p99 ms | worker CPU | worker CPU/call ms | worker RSS peak MiB | "
+        "host stand-in CPU | CPU 1 busy | passes |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+
+    def ms(value: float | None) -> str:
+        return "—" if value is None else f"{value:,.1f}"
+
+    def share(value: float | None) -> str:
+        return "—" if value is None else f"{value:.0%}"
+
+    for level in report["levels"]:
+        d, w, j = level["direct"], level["worker"], level["judged"]
+        lines.append(
+            f"| {w['clients']} | {w['calls_per_second']:,.0f} | {w['failed']} | "
+            f"{ms(j['added_first_byte_p50_ms'])} / {ms(j['added_first_byte_p99_ms'])} | "
+            f"{ms(j['added_whole_p50_ms'])} / {ms(j['added_whole_p99_ms'])} | "
+            f"{ms(d['whole_p50_ms'])} / {ms(d['whole_p99_ms'])} | "
+            f"{share(w['worker_cpu_busy'])} | {w['worker_cpu_ms_per_call']} | "
+            f"{ms(w['worker_rss_peak_mib'])} | {share(w['host_cpu_busy'])} | "
+            f"{share(w['cpu1_busy'])} | {'yes' if j['passes'] else 'no: ' + j['why_not']} |"
+        )
+    best = report["highest_passing"]
+    lines += [
+        "",
+        (
+            f"**Highest level that meets the criteria: {best} concurrent streams.**"
+            if best
+            else "**No level met the criteria.**"
+        ),
+        "",
+        "CPU shares are of one core. The host stand-in stands for the Functions host, which on "
+        "Azure runs on the same instance as the worker; CPU 1 also carries the simulator and "
+        "the client, so where it is near 100% part of the added latency is the harness's.",
+    ]
+    if report["log_errors"]:
+        lines += ["", f"Errors in the host's and worker's log: {report['log_errors']}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    seconds = float(os.environ.get("CONCURRENCY_SECONDS", "20"))
+    tokens = int(os.environ.get("CONCURRENCY_TOKENS", str(TOKENS)))
+    two_cores = len(os.sched_getaffinity(0)) >= 2
+    if two_cores:
+        os.sched_setaffinity(0, {LOAD_CPU})  # the client stays off the worker's core
+    load_cpu = LOAD_CPU if two_cores else None
+    busy_before = machine_busy()
+    warn_if_busy(busy_before, "concurrency")
+    work = Path(tempfile.mkdtemp(prefix="aiproxy-concurrency-"))
+    azurite = Azurite(free_port()).start()
+    sim_port = free_port()
+    simulator = subprocess.Popen(
+        pinned(load_cpu, [sys.executable, "-m", "local.simulator", "--port", str(sim_port),
+                          "--api-key", SIM_KEY, "--latency-ms-per-token", str(TOKEN_MS)]),
+        cwd=ROOT, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    worker = WorkerApp(
+        work, azurite.connection_string, load_cpu, WORKER_CPU if two_cores else None, PREFIX
+    )
+    rows: list[dict[str, Any]] = []
+    try:
+        wait_for_port(sim_port, process=simulator)
+        simulator_url = f"http://127.0.0.1:{sim_port}"
+        httpx.post(f"{simulator_url}/_sim/config", json={"tokens": tokens}).raise_for_status()
+        worker.wait()
+        base = f"{worker.base}/api"
+        _event, key = set_up(base, simulator_url)
+        path = "/openai/deployments/chat/chat/completions?api-version=2024-10-21"
+        worker.repin()
+        pids = {"simulator": simulator.pid}
+        measure("worker", base + path, key, 16, WARM_SECONDS, pids)  # warm: caches, pools
+        for clients in levels():
+            stamp = time.strftime("%H:%M:%S")
+            print(f"concurrency: {stamp} {clients} clients: direct", flush=True)
+            direct = measure("direct", simulator_url + path, SIM_KEY, clients, seconds, pids)
+            print(f"concurrency: {time.strftime('%H:%M:%S')} {clients} clients: worker",
+                  flush=True)  # fmt: skip
+            worker.repin()
+            through = measure(
+                "worker", base + path, key, clients, seconds,
+                {**pids, "worker": worker.worker_pid, "host": worker.host_pid},
+            )  # fmt: skip
+            d, w = direct.summary(), through.summary()
+            judged = judge(d, w)
+            rows.append({"direct": d, "worker": w, "judged": judged})
+            print(
+                f"   {w['calls_per_second']:,.0f} calls/s, failed {w['failed']}/{d['failed']}, "
+                f"added first byte p99 {judged['added_first_byte_p99_ms']} ms, "
+                f"added whole p99 {judged['added_whole_p99_ms']} ms, "
+                f"worker CPU {w['worker_cpu_busy']:.0%}, RSS {w['worker_rss_peak_mib']} MiB, "
+                f"CPU 1 {w['cpu1_busy']:.0%}: {'passes' if judged['passes'] else 'fails'}",
+                flush=True,
+            )
+        restarts = worker.status()["worker"].get("restarts")
+    finally:
+        worker.stop()
+        stop(simulator)
+        azurite.stop()
+    problems = log_problems(worker.log())
+    shutil.rmtree(work, ignore_errors=True)
+    passing = [row["judged"]["clients"] for row in rows if row["judged"]["passes"]]
+    report = {
+        "machine": machine(),
+        "runtime_version": worker.runtime_version,
+        "busy_before": busy_before,
+        "tokens": tokens,
+        "token_ms": TOKEN_MS,
+        "seconds": seconds,
+        "criteria": {
+            "added_p99_ms_below": ADDED_P99_LIMIT_MS,
+            "worker_rss_mib_below": RSS_LIMIT_MIB,
+            "instance_mib": INSTANCE_MIB,
+        },
+        "levels": rows,
+        "highest_passing": max(passing) if passing else None,
+        "worker_restarts": restarts,
+        "log_errors": problems["errors"],
+        "distinct_log_errors": problems["distinct_errors"][:10],
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    text = markdown(report)
+    (RESULTS / "concurrency.md").write_text(text)
+    (RESULTS / "concurrency.json").write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(text)
+    return 0 if rows and not restarts else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
