@@ -153,6 +153,27 @@ def machine_load(
     return load
 
 
+def machine_busy(seconds: float = 2.0) -> dict[str, float]:
+    """Each core's busy share over `seconds`: before a run, what else this machine is doing
+    (other work skews every figure; the report says how busy it was)."""
+    before = cpu_times()
+    time.sleep(seconds)
+    after = cpu_times()
+    return {
+        f"cpu{cpu}": round(
+            (after[cpu][0] - before[cpu][0]) / ((after[cpu][2] - before[cpu][2]) or 1), 3
+        )
+        for cpu in sorted(after)
+    }
+
+
+def warn_if_busy(busy: dict[str, float], who: str) -> None:
+    if max(busy.values(), default=0.0) > 0.1:
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in busy.items())
+        print(f"{who}: WARNING: this machine is busy before the run ({shares}): other work "
+              "skews the figures", file=sys.stderr, flush=True)  # fmt: skip
+
+
 def settle(pid: int, *, minimum: float = SETTLE_SECONDS, limit: float = 30.0) -> float:
     """Wait until the process is quiet (under 3% of a core for 0.5 s, after at least
     `minimum` s, at most `limit` s): its usage writer has caught up. Returns the seconds."""
@@ -825,6 +846,9 @@ def markdown(report: dict[str, Any], runs: list[Run]) -> str:
         f"- Machine: {m['cpu_model']}, {m['cores']} cores, Linux {m['kernel']}",
         f"- Python {m['python']} ({packages}); nginx {m['nginx']}; {m['wrk']}",
         f"- Pinning: {report['pinning']}",
+        "- Before the run, with nothing of the bench's running yet, the cores were busy: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in report["busy_before"].items())
+        + " (other work on this machine).",
         f"- Each run: `wrk -t1 -c<conns> -d{report['seconds']}s --timeout 30s --latency`, a "
         "two-message chat completion with `max_tokens: 128`; streams are 35 SSE events from "
         "the fake upstream (nginx), ending with a usage chunk and `data: [DONE]`.",
@@ -1109,6 +1133,8 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    busy_before = machine_busy()
+    warn_if_busy(busy_before, "bench")
     work = Path(tempfile.mkdtemp(prefix="aiproxy-bench-"))
     azurite = upstream = None
     servers: dict[str, Any] = {}
@@ -1276,6 +1302,7 @@ def main() -> int:
         report = {
             "machine": machine(),
             "pinning": pinning,
+            "busy_before": busy_before,
             "seconds": seconds,
             "connections": list(CONNECTIONS),
             "runtime_version": worker.runtime_version,
