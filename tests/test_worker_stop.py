@@ -55,19 +55,25 @@ def wait_for_records(storage: Storage, event_id: str, expect: int, timeout: floa
         time.sleep(0.05)
 
 
+def journaled(azurite: Azurite, label: str, spill: Path) -> tuple[dict[str, str], Storage]:
+    """Host settings with the journal in `spill` and no interval flush, and their storage."""
+    prefix = unique_prefix(label)
+    env = host_env(
+        azurite.connection_string, prefix, AIPROXY_USAGE_SPILL_DIR=str(spill), **NO_INTERVAL
+    )
+    return env, Storage(azurite.connection_string, prefix)
+
+
 def test_records_leave_memory_soon_after_calls_stop(
     azurite: Azurite, log_dir: Path, sim: Simulator, tmp_path: Path
 ) -> None:
-    prefix = unique_prefix("quiet")
-    env = host_env(
-        azurite.connection_string, prefix, AIPROXY_USAGE_SPILL_DIR=str(tmp_path), **NO_INTERVAL
-    )
+    env, storage = journaled(azurite, "quiet", tmp_path)
     host = AppHost(log_dir, env, name="quiet")
     try:
         setup = EventSetup(host, sim)
         ids = calls(setup, 3)
         started = time.monotonic()
-        rows = wait_for_records(Storage(azurite.connection_string, prefix), setup.id, 3, 10)
+        rows = wait_for_records(storage, setup.id, 3, 10)
         waited = time.monotonic() - started
     finally:
         host.stop()
@@ -79,11 +85,7 @@ def test_a_worker_stopped_the_way_the_host_stops_it_loses_nothing(
     azurite: Azurite, log_dir: Path, sim: Simulator, tmp_path: Path
 ) -> None:
     """A burst, then at once SIGTERM to the host: it drains, then kills the worker."""
-    prefix = unique_prefix("stop")
-    env = host_env(
-        azurite.connection_string, prefix, AIPROXY_USAGE_SPILL_DIR=str(tmp_path), **NO_INTERVAL
-    )
-    storage = Storage(azurite.connection_string, prefix)
+    env, storage = journaled(azurite, "stop", tmp_path)
     host = AppHost(log_dir, env, name="stopped")
     try:
         setup = EventSetup(host, sim)
@@ -97,20 +99,21 @@ def test_a_worker_stopped_the_way_the_host_stops_it_loses_nothing(
     try:
         assert again.http.get("/health").status_code == 200
         rows = wait_for_records(storage, setup.id, len(ids), 30)
+        deadline = time.monotonic() + 30  # the file goes once the rollup marks are written too
+        while list(tmp_path.glob("journal-*.jsonl")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = list(tmp_path.glob("journal-*.jsonl"))
     finally:
         again.stop()
     assert sorted(r["request_id"] for r in rows) == sorted(ids)  # each one, once
     assert all(r["completion_tokens"] == 5 for r in rows)
-    assert not list(tmp_path.glob("journal-*.jsonl"))  # written, so gone from disk
+    assert not left  # written, so gone from disk
 
 
 def test_a_worker_killed_mid_burst_has_its_records_written_by_the_next_one(
     azurite: Azurite, log_dir: Path, sim: Simulator, tmp_path: Path
 ) -> None:
-    prefix = unique_prefix("crash")
-    env = host_env(
-        azurite.connection_string, prefix, AIPROXY_USAGE_SPILL_DIR=str(tmp_path), **NO_INTERVAL
-    )
+    env, storage = journaled(azurite, "crash", tmp_path)
     host = AppHost(log_dir, env, name="crash")
     try:
         setup = EventSetup(host, sim)
@@ -127,7 +130,7 @@ def test_a_worker_killed_mid_burst_has_its_records_written_by_the_next_one(
             assert time.monotonic() < deadline, host.proc.log()[-2000:]
             time.sleep(0.1)
         assert host.http.get("/health").status_code == 200  # its first call starts the writer
-        rows = wait_for_records(Storage(azurite.connection_string, prefix), setup.id, 3, 30)
+        rows = wait_for_records(storage, setup.id, 3, 30)
     finally:
         host.stop()
     assert sorted(r["request_id"] for r in rows) == sorted(ids)
