@@ -64,6 +64,8 @@ PROXY_CPU, LOAD_CPU = 0, 1
 SETTLE_SECONDS = 2.5  # after a run: the usage writer (1 s batches) finishes on the run's bill
 TTFB_REQUESTS, TTFB_WARMUP = 200, 10
 MEMORY_FIRST, MEMORY_TOTAL, MEMORY_LIMIT_SECONDS = 10_000, 200_000, 600
+QUIET_WAIT_SECONDS = 120  # at most, for other work on this machine to end before the runs
+USAGE_WAIT_SECONDS = 180  # for the usage writer's backlog to reach Azurite after the runs
 WORKER_TABLES, IN_PROCESS_TABLES = "bench", "benchinproc"
 APPS = ("in-process", "worker")  # the targets that run the app (usage records, settling)
 
@@ -153,6 +155,9 @@ def machine_load(
     return load
 
 
+QUIET_BELOW = 0.15  # a core this busy with nothing of ours running: other work is on
+
+
 def machine_busy(seconds: float = 2.0) -> dict[str, float]:
     """Each core's busy share over `seconds`: before a run, what else this machine is doing
     (other work skews every figure; the report says how busy it was)."""
@@ -167,8 +172,18 @@ def machine_busy(seconds: float = 2.0) -> dict[str, float]:
     }
 
 
+def wait_for_quiet(limit_seconds: float, threshold: float = QUIET_BELOW) -> dict[str, float]:
+    """Wait (at most `limit_seconds`) until no core is busier than `threshold` over 2 s:
+    other work on a shared machine comes and goes. Returns the last reading."""
+    deadline = time.monotonic() + limit_seconds
+    while True:
+        busy = machine_busy()
+        if max(busy.values(), default=0.0) <= threshold or time.monotonic() > deadline:
+            return busy
+
+
 def warn_if_busy(busy: dict[str, float], who: str) -> None:
-    if max(busy.values(), default=0.0) > 0.1:
+    if max(busy.values(), default=0.0) > QUIET_BELOW:
         shares = ", ".join(f"{k} {v:.0%}" for k, v in busy.items())
         print(f"{who}: WARNING: this machine is busy before the run ({shares}): other work "
               "skews the figures", file=sys.stderr, flush=True)  # fmt: skip
@@ -608,6 +623,25 @@ def count_usage(storage: str, prefix: str, limit_seconds: float = 120.0) -> tupl
     return count, True
 
 
+def await_usage(
+    storage: str, prefix: str, expect: int, limit_seconds: float = USAGE_WAIT_SECONDS
+) -> dict[str, Any]:
+    """Count an app's usage rows until there are at least `expect` (a writer that fell behind,
+    or waits out a storage retry, is still writing) or `limit_seconds` have passed."""
+    started = time.monotonic()
+    while True:
+        count, complete = count_usage(storage, prefix)
+        waited = time.monotonic() - started
+        if count >= expect or waited > limit_seconds:
+            return {
+                "count": count,
+                "complete": complete,
+                "requests": expect,
+                "waited_seconds": round(waited, 1),
+            }
+        time.sleep(3)
+
+
 # --- report ---------------------------------------------------------------------------------
 
 
@@ -920,12 +954,22 @@ def markdown(report: dict[str, Any], runs: list[Run]) -> str:
             + (f"errors: {run['errors']}." if errors else "no errors."),
         ]
     if memory.get("ratio") is not None:
+        first, last = memory["points"][1], memory["points"][-1]
+        calls = last["requests"] - first["requests"]
+        growth = (last["rss_kib"] - first["rss_kib"]) / calls if calls else 0.0
         lines += [
             "",
-            f"RSS after {memory['last_label']} / after 10k requests: {memory['ratio']:.2f}",
+            f"RSS after {memory['last_label']} / after 10k requests: {memory['ratio']:.2f} "
+            f"({growth:,.2f} KiB more per request in between).",
         ]
     else:
         lines += ["", f"The 200k-request figure was skipped ({memory.get('skipped', '')})."]
+    if memory.get("after_usage_written_kib"):
+        lines += [
+            "",
+            f"Once every usage record had reached Azurite: "
+            f"{memory['after_usage_written_kib'] / 1024:,.1f} MiB.",
+        ]
     if memory.get("in_process_rss_kib"):
         lines += [
             "",
@@ -949,8 +993,10 @@ def markdown(report: dict[str, Any], runs: list[Run]) -> str:
         lines.append(
             f"- {name}: {usage['count']:,}{'' if usage['complete'] else '+'} usage records in "
             f"Azurite for {usage['requests']:,} requests that wrk and the bench saw completed "
-            "(wrk does not count the requests still in flight when a run ends; the app records "
-            "those too)."
+            f"(counted {usage.get('waited_seconds', 0):.0f} s after the last run, once there "
+            "were as many; wrk does not count the requests still in flight when a run ends, "
+            "the app records those too)."
+            + ("" if usage["count"] >= usage["requests"] else " **Records are missing.**")
         )
     if report.get("worker_restarts"):
         lines += ["", f"**The worker restarted {report['worker_restarts']} times during the run.**"]
@@ -1133,7 +1179,7 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    busy_before = machine_busy()
+    busy_before = wait_for_quiet(QUIET_WAIT_SECONDS)
     warn_if_busy(busy_before, "bench")
     work = Path(tempfile.mkdtemp(prefix="aiproxy-bench-"))
     azurite = upstream = None
@@ -1294,8 +1340,9 @@ def main() -> int:
         print("bench: counting usage records", flush=True)
         usage = {}
         for name, prefix in (("worker", WORKER_TABLES), ("in-process", IN_PROCESS_TABLES)):
-            count, complete = count_usage(storage, prefix)
-            usage[name] = {"count": count, "complete": complete, "requests": requests[name]}
+            usage[name] = await_usage(storage, prefix, requests[name])
+        # With the backlog written, what the worker keeps.
+        memory["after_usage_written_kib"] = rss_kib(worker.worker_pid)
         logs = {name: server.log() for name, server in servers.items()}
         attach_logs(runs, logs)
         ratios = key_ratios(runs)
@@ -1339,7 +1386,8 @@ def main() -> int:
                 )
                 kept.write_text(logs[name])
                 print(f"bench: {name} logged problems (whole log: {kept})")
-        bad = any(run.non_2xx or run.socket_errors for run in runs) or worker.restarts
+        missing = any(u["count"] < u["requests"] for u in usage.values())
+        bad = any(run.non_2xx or run.socket_errors for run in runs) or worker.restarts or missing
         return 1 if bad else 0
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
