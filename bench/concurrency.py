@@ -48,8 +48,8 @@ from bench.run import (
     cpu_times,
     log_problems,
     machine,
-    machine_busy,
     rss_kib,
+    wait_for_quiet,
     warn_if_busy,
 )
 from bench.servers import WorkerApp, pinned
@@ -67,6 +67,7 @@ RSS_LIMIT_MIB = INSTANCE_MIB // 2
 ADDED_P99_LIMIT_MS = 50.0
 CALL_TIMEOUT_SECONDS = 60
 WARM_SECONDS = 3.0
+QUIET_WAIT_SECONDS = 60  # at most, before each level, for other work on this machine to end
 HARNESS_BUSY = 0.9  # CPU 1 (host stand-in, simulator, client) this busy: the harness limits
 
 
@@ -252,8 +253,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| clients | calls/s | failed | added first byte p50 / p99 ms | added whole p50 / p99 ms "
         "| direct whole p50 / p99 ms | worker CPU | worker CPU/call ms | worker RSS peak MiB | "
-        "host stand-in CPU | CPU 1 busy | passes |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "host stand-in CPU | CPU 1 busy | cores busy before (other work) | passes |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
     def ms(value: float | None) -> str:
@@ -271,7 +272,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"{ms(d['whole_p50_ms'])} / {ms(d['whole_p99_ms'])} | "
             f"{share(w['worker_cpu_busy'])} | {w['worker_cpu_ms_per_call']} | "
             f"{ms(w['worker_rss_peak_mib'])} | {share(w['host_cpu_busy'])} | "
-            f"{share(w['cpu1_busy'])} | {'yes' if j['passes'] else 'no: ' + j['why_not']} |"
+            f"{share(w['cpu1_busy'])} | "
+            + " / ".join(share(v) for v in level.get("busy_before", {}).values())
+            + f" | {'yes' if j['passes'] else 'no: ' + j['why_not']} |"
         )
     best = report["highest_passing"]
     lines += [
@@ -298,7 +301,7 @@ def main() -> int:
     if two_cores:
         os.sched_setaffinity(0, {LOAD_CPU})  # the client stays off the worker's core
     load_cpu = LOAD_CPU if two_cores else None
-    busy_before = machine_busy()
+    busy_before = wait_for_quiet(QUIET_WAIT_SECONDS)
     warn_if_busy(busy_before, "concurrency")
     work = Path(tempfile.mkdtemp(prefix="aiproxy-concurrency-"))
     azurite = Azurite(free_port()).start()
@@ -324,6 +327,8 @@ def main() -> int:
         pids = {"simulator": simulator.pid}
         measure("worker", base + path, key, 16, WARM_SECONDS, pids)  # warm: caches, pools
         for clients in levels():
+            quiet = wait_for_quiet(QUIET_WAIT_SECONDS)
+            warn_if_busy(quiet, "concurrency")
             stamp = time.strftime("%H:%M:%S")
             print(f"concurrency: {stamp} {clients} clients: direct", flush=True)
             direct = measure("direct", simulator_url + path, SIM_KEY, clients, seconds, pids)
@@ -336,7 +341,7 @@ def main() -> int:
             )  # fmt: skip
             d, w = direct.summary(), through.summary()
             judged = judge(d, w)
-            rows.append({"direct": d, "worker": w, "judged": judged})
+            rows.append({"busy_before": quiet, "direct": d, "worker": w, "judged": judged})
             print(
                 f"   {w['calls_per_second']:,.0f} calls/s, failed {w['failed']}/{d['failed']}, "
                 f"added first byte p99 {judged['added_first_byte_p99_ms']} ms, "
