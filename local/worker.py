@@ -18,6 +18,7 @@ import asyncio
 import importlib
 import logging
 import os
+import queue
 import socket
 import sys
 import threading
@@ -110,14 +111,16 @@ class RpcLogHandler(logging.Handler):
 
 
 class Worker:
-    """One gRPC stream to the host; each message handled in a task of its own."""
+    """One gRPC stream to the host, read and written on a thread of its own (as Azure's shell
+    does); each message is handled in a task on the event loop."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.protos = protocol.load()
         self.loop = asyncio.get_running_loop()
-        self.outbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.closed: asyncio.Future[None] = self.loop.create_future()
         import azure_functions_runtime as runtime
         import azure_functions_runtime.http_v2 as http_v2
 
@@ -130,38 +133,53 @@ class Worker:
 
     def send(self, **content: Any) -> None:
         """Queue a message for the host; safe from any thread."""
-        message = self.protos.StreamingMessage(request_id=self.args.request_id, **content)
-        if threading.get_ident() == self._loop_thread:
-            self.outbox.put_nowait(message)
-        else:
-            self.loop.call_soon_threadsafe(self.outbox.put_nowait, message)
+        self.outbox.put(self.protos.StreamingMessage(request_id=self.args.request_id, **content))
 
-    async def _outgoing(self) -> Any:
-        while True:
-            yield await self.outbox.get()
+    def _outgoing(self) -> Any:
+        while (message := self.outbox.get()) is not _STOP:
+            yield message
 
     async def run(self) -> None:
+        connected: asyncio.Future[None] = self.loop.create_future()
+        thread = threading.Thread(target=self._stream, args=(connected,), name="grpc", daemon=True)
+        thread.start()
+        await connected
+        self.send(start_stream=self.protos.StartStream(worker_id=self.args.worker_id))
+        self._forward_logs()
+        await self.closed
+        self.outbox.put(_STOP)
+        log.warning("the host closed the stream; the worker stops")
+
+    def _stream(self, connected: asyncio.Future[None]) -> None:
+        """The gRPC thread: dial the host, then hand each message over to the loop."""
         import grpc
 
-        self._loop_thread = threading.get_ident()
         options = []
         if self.args.max_message:
             options = [
                 ("grpc.max_receive_message_length", self.args.max_message),
                 ("grpc.max_send_message_length", self.args.max_message),
             ]
-        address = f"{self.args.host}:{self.args.port}"
-        async with grpc.aio.insecure_channel(address, options=options) as channel:
-            await asyncio.wait_for(channel.channel_ready(), timeout=30)
-            stub = self.protos.FunctionRpcStub(channel)
-            stream = stub.EventStream(self._outgoing())
-            self.send(start_stream=self.protos.StartStream(worker_id=self.args.worker_id))
-            self._forward_logs()
-            async for message in stream:
-                task = asyncio.create_task(self.dispatch(message))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
-        log.warning("the host closed the stream; the worker stops")
+        channel = grpc.insecure_channel(f"{self.args.host}:{self.args.port}", options)
+        try:
+            grpc.channel_ready_future(channel).result(timeout=30)
+        except Exception as error:
+            self.loop.call_soon_threadsafe(connected.set_exception, error)
+            return
+        self.loop.call_soon_threadsafe(connected.set_result, None)
+        stream = self.protos.FunctionRpcStub(channel).EventStream(self._outgoing())
+        try:
+            for message in stream:
+                self.loop.call_soon_threadsafe(self._start, message)
+        except grpc.RpcError:
+            pass  # the host went away: the stream ends
+        finally:
+            self.loop.call_soon_threadsafe(_resolve, self.closed)
+
+    def _start(self, message: Any) -> None:
+        task = self.loop.create_task(self.dispatch(message))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def _forward_logs(self) -> None:
         root = logging.getLogger()
@@ -211,6 +229,14 @@ class Worker:
         return None
 
 
+_STOP = object()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def _truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
@@ -222,8 +248,14 @@ async def _main(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="worker %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_main(args))
+    factory = None
+    try:  # Azure's shell runs uvloop when it is there, and so the runtime's uvicorn does too
+        import uvloop
 
+        factory = uvloop.new_event_loop
+    except ImportError:
+        pass
+    asyncio.run(_main(args), loop_factory=factory)
 
 if __name__ == "__main__":
     main()

@@ -33,16 +33,25 @@ refusals_counter = _meter.create_counter(
 _configured = False
 
 # INFO chatter of the libraries under the app, per call: the Azure SDK logs each storage request
-# with its headers, the Functions runtime three lines per invocation, the worker's uvicorn an
-# access line. In the worker every record becomes a message to the host (and Application
-# Insights), so they are held at WARNING; the app's own per-call line is `aiproxy.request`.
-QUIET_LOGGERS = ("azure", "azure.functions", "uvicorn.access")
+# with its headers, the Functions runtime three lines per invocation. In the worker every record
+# becomes a message to the host (and Application Insights), so they are held at WARNING; the
+# app's own per-call line is `aiproxy.request`.
+QUIET_LOGGERS = ("azure", "azure.functions")
 
 
 def set_log_levels() -> None:
     """The app's log levels, whoever runs it (the Functions worker sets the root to INFO)."""
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # The worker's uvicorn prints an access line per call (the host logs calls itself). Its
+    # logging is configured after the app is indexed, which resets levels but keeps filters.
+    access = logging.getLogger("uvicorn.access")
+    if _no_access_lines not in access.filters:
+        access.addFilter(_no_access_lines)
+
+
+def _no_access_lines(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
 
 
 def configure(settings: Settings) -> bool:

@@ -205,3 +205,37 @@ def test_a_worker_that_dies_is_reported_and_started_again(
         assert answer.status_code == 200, answer.text
     finally:
         host.stop()
+
+
+def test_logs_carry_the_apps_lines_not_per_call_library_chatter(
+    azurite: Azurite, log_dir: Path, sim: Simulator
+) -> None:
+    host = AppHost(log_dir, host_env(azurite.connection_string, unique_prefix("chat")), "chatter")
+    try:
+        setup = EventSetup(host, sim)
+        for n in range(3):
+            answer = host.http.post(
+                "/openai/deployments/gpt-4o-mini/chat/completions",
+                params={"api-version": "2024-10-21"},
+                json={"messages": [{"role": "user", "content": f"n{n}"}], "max_tokens": 3},
+                headers={"api-key": setup.key},
+            )
+            assert answer.status_code == 200
+        refused = host.http.post(
+            "/openai/deployments/gpt-4o-mini/chat/completions",
+            params={"api-version": "2024-10-21"},
+            json={"messages": [{"role": "user", "content": "x"}]},
+            headers={"api-key": "aip-" + "0" * 32},
+        )
+        assert refused.status_code == 401
+        deadline = time.monotonic() + 10
+        while "invalid_api_key" not in host.proc.log():  # the app's line, sent as an RpcLog
+            assert time.monotonic() < deadline, host.proc.log()[-2000:]
+            time.sleep(0.05)
+    finally:
+        host.stop()
+    log = host.proc.log_path.read_text(errors="replace")
+    assert "worker INFO aiproxy.request" in log
+    assert 'HTTP/1.1" 200' not in log  # uvicorn's access line
+    assert "Received HTTP request for invocation" not in log  # the runtime's per-call lines
+    assert "Request URL:" not in log and "Response status:" not in log  # the Azure SDK's
