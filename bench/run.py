@@ -67,7 +67,8 @@ MEMORY_FIRST, MEMORY_TOTAL, MEMORY_LIMIT_SECONDS = 10_000, 200_000, 600
 QUIET_WAIT_SECONDS = 120  # at most, for other work on this machine to end before the runs
 USAGE_WAIT_SECONDS = 180  # for the usage writer's backlog to reach Azurite after the runs
 WORKER_TABLES, IN_PROCESS_TABLES = "bench", "benchinproc"
-APPS = ("in-process", "worker")  # the targets that run the app (usage records, settling)
+APPS = ("in-process", "worker")
+FLOOR = "worker, relay function"  # bench/relay_function.py in the worker runtime  # the targets that run the app (usage records, settling)
 
 
 def env_int(name: str, default: int) -> int:
@@ -689,7 +690,8 @@ def key_ratios(runs: list[Run]) -> dict[str, dict[str, float | None]]:
             continue
         entry: dict[str, float | None] = {"relay_cpu_ms": relay.cpu_ms_per_request}
         for name, key in (("worker", "worker"), ("in-process", "in_process"),
-                          ("relay, uvloop", "relay_uvloop")):  # fmt: skip
+                          ("relay, uvloop", "relay_uvloop"),
+                          (FLOOR, "worker_relay_function")):  # fmt: skip
             run = at.get(name)
             if run is None or not run.cpu_ms_per_request:
                 continue
@@ -699,6 +701,11 @@ def key_ratios(runs: list[Run]) -> dict[str, dict[str, float | None]]:
             if run.host_cpu_ms_per_request is not None:
                 both = run.cpu_ms_per_request + run.host_cpu_ms_per_request
                 entry[f"{key}_with_host_over_relay"] = round(both / relay.cpu_ms_per_request, 2)
+        worker, floor = at.get("worker"), at.get(FLOOR)
+        if worker and floor and worker.cpu_ms_per_request and floor.cpu_ms_per_request:
+            entry["worker_over_worker_relay_function"] = round(
+                worker.cpu_ms_per_request / floor.cpu_ms_per_request, 2
+            )
         ratios[mode] = entry
     return ratios
 
@@ -726,6 +733,23 @@ def ratio_lines(ratios: dict[str, dict[str, float | None]]) -> list[str]:
             f"{_ms(r.get('worker_with_host_over_relay'))} | "
             f"{_ms(r.get('relay_uvloop_over_relay'))} |"
         )
+    if any("worker_relay_function_cpu_ms" in r for r in ratios.values()):
+        lines += [
+            "",
+            "Where the worker's share goes: the same relay as a function in the worker runtime "
+            f"(`{FLOOR}`, bench/relay_function.py: no checks, no metering) costs what the "
+            "runtime adds to any function; the app's own work is the rest.",
+            "",
+            "| mode | relay function in the worker CPU/req ms | its / relay (the runtime) | "
+            "worker (the app) / relay function in the worker (the app's own work) |",
+            "|---|---:|---:|---:|",
+        ]
+        for mode, r in ratios.items():
+            lines.append(
+                f"| {mode} | {_ms(r.get('worker_relay_function_cpu_ms'), 3)} | "
+                f"{_ms(r.get('worker_relay_function_over_relay'))} | "
+                f"{_ms(r.get('worker_over_worker_relay_function'))} |"
+            )
     return [*lines, ""]
 
 
@@ -894,7 +918,8 @@ def markdown(report: dict[str, Any], runs: list[Run]) -> str:
         "so. `worker` is the app as Azure runs it: the Python worker process "
         f"(azure-functions-runtime {report.get('runtime_version', '')}, its uvicorn server on "
         "asyncio's loop) behind the host stand-in (local/host.py), which plays the Functions "
-        "host's part and stays on the harness's core.",
+        "host's part and stays on the harness's core. `worker, relay function` (at 16 connections) "
+        "is the same worker runtime serving only a relay function (bench/relay_function.py).",
         "- The app: key and event checks, usage records to Azurite (in memory) batched every "
         "1 s. Pools of two resources per deployment. CPU/req is the measured process's "
         "utime+stime from the start of the run until it is quiet again (its usage writer caught "
@@ -1195,6 +1220,10 @@ def main() -> int:
         servers["in-process"] = InProcessApp(work, storage, proxy_cpu, IN_PROCESS_TABLES)
         worker = WorkerApp(work, storage, load_cpu, proxy_cpu, WORKER_TABLES)
         servers["worker"] = worker
+        servers[FLOOR] = WorkerApp(
+            work, storage, load_cpu, proxy_cpu, "benchfloor", name="worker-relay-function",
+            AIPROXY_WORKER_PRELOAD="bench.relay_function", BENCH_RELAY_UPSTREAM=upstream.urls[0],
+        )  # fmt: skip
         for server in servers.values():
             server.wait()
         measured = {
@@ -1204,6 +1233,7 @@ def main() -> int:
                 Target("relay, uvloop", servers["relay, uvloop"].base, "", API_KEY),
                 servers["relay, uvloop"],
             ),
+            FLOOR: Measured(Target(FLOOR, servers[FLOOR].base, "/api", API_KEY), servers[FLOOR]),
         }  # fmt: skip
         for name in APPS:
             _event, key = set_up_event(servers[name].base, upstream.urls)
@@ -1238,7 +1268,8 @@ def main() -> int:
             {"label": "first 10k requests", "requests": requests["worker"],
              "rss_kib": rss_kib(worker.worker_pid)}
         )  # fmt: skip
-        for name in ("relay", "relay, uvloop"):
+        servers[FLOOR].repin()
+        for name in ("relay", "relay, uvloop", FLOOR):
             wrk(measured[name].target, "json", 16, 2)
 
         runs: list[Run] = []
@@ -1253,7 +1284,7 @@ def main() -> int:
                 runs.append(baseline)
                 names = ["relay", "in-process", "worker"]
                 if connections == KEY_CONNECTIONS:
-                    names.append("relay, uvloop")
+                    names += ["relay, uvloop", FLOOR]
                 line = [f"direct {baseline.rps:,.0f} req/s"]
                 for name in names:
                     stamp = datetime.now().strftime("%H:%M:%S")
