@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -802,6 +802,22 @@ OPERATIONS: list[Operation] = [
     ),
 ]
 
+# The seed's layout: every route that takes an event key, again under /v1 (function_app.py).
+SEED_PREFIX = "v1/"
+
+
+def seed_twin(op: Operation) -> Operation:
+    return replace(
+        op,
+        route=SEED_PREFIX + op.route,
+        operation_id="seed" + op.operation_id[0].upper() + op.operation_id[1:],
+        tag="seed",
+        summary=f"{op.summary}; under /v1",
+    )
+
+
+OPERATIONS += [seed_twin(op) for op in OPERATIONS if op.security == ATTENDEE_KEY]
+
 # --- the document ---------------------------------------------------------------------------
 
 _TEMPLATE = re.compile(r"\{\*?([A-Za-z_][A-Za-z0-9_]*)(?::[^}?]*)?\??\}")
@@ -894,6 +910,13 @@ def _base_document() -> Schema:
         "tags": [
             {"name": "management", "description": "Organisers and scripts (function key)"},
             {"name": "proxy", "description": "Azure OpenAI and AI Search, with an event key"},
+            {
+                "name": "seed",
+                "description": (
+                    "The proxy routes again under /v1, the layout of the AI Proxy this replaces: "
+                    "AzureOpenAI(azure_endpoint=<base>/v1) works unchanged"
+                ),
+            },
             {"name": "attendees", "description": "Event info and self-registration"},
             {"name": "pages", "description": "Web pages"},
             {"name": "operations", "description": "Health and this document"},
