@@ -35,6 +35,10 @@ def on_model(operation: pipeline.Operation) -> Handler:
     return handler
 
 
+async def model(req: Request) -> Response:
+    return await pipeline.one_model(req, req.path_params["model"])
+
+
 POST, GET = ("POST",), ("GET",)
 
 # --- proxy: every route that takes an event key -------------------------------------------
@@ -63,8 +67,12 @@ PROXY_ROUTES: tuple[tuple[str, str, tuple[str, ...], Handler], ...] = (
     ("search", "indexes/{index}/docs/search", POST, on_path(pipeline.SEARCH, "index")),
     ("search_odata", "indexes('{index}')/docs/search.post.search", POST,
      on_path(pipeline.SEARCH, "index")),
-    # what the key gives
+    # what the key gives: the event, and its catalog as a model list
     ("eventinfo", "eventinfo", GET, pipeline.event_info),
+    ("models", "openai/models", GET, pipeline.list_models),
+    ("model", "openai/models/{model}", GET, model),
+    ("v1_models", "openai/v1/models", GET, pipeline.list_models),
+    ("v1_model", "openai/v1/models/{model}", GET, model),
 )  # fmt: skip
 
 # The seed's layout: the same routes under this prefix, function names with this prefix.

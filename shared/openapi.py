@@ -391,6 +391,27 @@ SCHEMAS: dict[str, Schema] = {
         additionalProperties=True,
         description="An Azure AI Search query, passed through",
     ),
+    "Model": _object(
+        {
+            "id": _string("the deployment name to send as model"),
+            "object": {"type": "string", "enum": ["model"]},
+            "created": _integer("when its first resource was added, Unix seconds"),
+            "owned_by": _string("always aiproxy"),
+            "model_class": {"type": "string", "enum": list(MODEL_CLASSES)},
+            "capabilities": _object(
+                {}, additionalProperties={"type": "boolean"}, description="what it can do"
+            ),
+        },
+        ("id", "object", "created", "owned_by"),
+        description="A deployment of the event's catalog",
+    ),
+    "ModelList": _object(
+        {
+            "object": {"type": "string", "enum": ["list"]},
+            "data": {"type": "array", "items": _ref("Model")},
+        },
+        ("object", "data"),
+    ),
     "OpenAIAnswer": _OPENAI_ANSWER,
     "UpstreamError": _object(
         {"error": _object({}, additionalProperties=True)},
@@ -422,6 +443,7 @@ _PARAMETERS: dict[str, str] = {
     "resource_id": "the resource's id",
     "attendee_id": "the attendee's id",
     "deployment": "the deployment name in the event's catalog",
+    "model": "a deployment name in the event's catalog",
     "index": "the search index name in the event's catalog",
     "file": "a file's path under pages/, e.g. vendor/marked.min.js (may hold '/')",
 }
@@ -494,6 +516,21 @@ def proxy(route: str, operation_id: str, summary: str, body: str, **kw: Any) -> 
         errors=_PROXY_ERRORS,
         query=query,
         **kw,
+    )
+
+
+def catalog(route: str, operation_id: str, summary: str, answer: str) -> Operation:
+    """A GET of the event's catalog as models: attendee key; 404 for a model not in it."""
+    return Operation(
+        "GET",
+        route,
+        operation_id,
+        summary,
+        "proxy",
+        ATTENDEE_KEY,
+        answer=answer,
+        errors=(401, 404, 503) if "{" in route else (401, 503),
+        query=() if route.startswith("openai/v1/") else (_API_VERSION,),
     )
 
 
@@ -733,6 +770,11 @@ OPERATIONS: list[Operation] = [
         "Azure AI Search query (OData path the Search SDK uses)",
         "SearchRequest",
     ),
+    # proxy: the catalog as a model list
+    catalog("openai/models", "listModels", "The event's models (AzureOpenAI client)", "ModelList"),
+    catalog("openai/models/{model}", "getModel", "One of the event's models", "Model"),
+    catalog("openai/v1/models", "v1ListModels", "The event's models (OpenAI v1 path)", "ModelList"),
+    catalog("openai/v1/models/{model}", "v1GetModel", "One of the event's models", "Model"),
     # attendees
     Operation(
         "GET",

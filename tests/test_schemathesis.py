@@ -82,6 +82,8 @@ CLASS_OF = {
     "audioTranscriptions": "openai-audio",
     "search": "azure-ai-search",
     "searchOData": "azure-ai-search",
+    "getModel": "openai-chat",
+    "v1GetModel": "openai-chat",
 }
 # The proxy forwards uploads unparsed, so a malformed multipart body (odd field names, or negative
 # data that is not a form at all) only tests the simulator, which answers it with a 500 where Azure
@@ -254,12 +256,15 @@ def with_real_values(case: Case, pick: int, fuzz: Fuzz) -> bool:
     model_class = CLASS_OF.get(operation_id)
     if model_class:
         mine = DEPLOYMENTS[model_class]
-        real["deployment"] = real["index"] = mine
+        real["deployment"] = real["index"] = real["model"] = mine
         if pick == 2:
             real["deployment"] = real["index"] = min(set(DEPLOYMENTS.values()) - {mine})
+            real["model"] = real["deployment"]
     params = case.path_parameters or {}
     for name in params:
-        if name in real and (pick < 2 or (pick == 2 and name in ("event_id", "deployment"))):
+        if name in real and (
+            pick < 2 or (pick == 2 and name in ("event_id", "deployment", "model"))
+        ):
             params[name] = real[name]
     body = case.body if isinstance(case.body, dict) else None
     if body is None:
