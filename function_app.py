@@ -35,11 +35,23 @@ def on_model(operation: pipeline.Operation) -> Handler:
     return handler
 
 
+def responses(v1: bool, action: str | None = None) -> Handler:
+    """The Responses API: create (action None), or by id ("" for GET/DELETE, "input_items",
+    "cancel"); `v1` is the OpenAI v1 path, else the AzureOpenAI path with api-version."""
+
+    async def handler(req: Request) -> Response:
+        if action is None:
+            return await pipeline.create_response(req, v1)
+        return await pipeline.response_by_id(req, v1, action)
+
+    return handler
+
+
 async def model(req: Request) -> Response:
     return await pipeline.one_model(req, req.path_params["model"])
 
 
-POST, GET = ("POST",), ("GET",)
+POST, GET, GET_DELETE = ("POST",), ("GET",), ("GET", "DELETE")
 
 # --- proxy: every route that takes an event key -------------------------------------------
 # (function name, route, methods, handler). Each is served under /api and again under the
@@ -58,11 +70,33 @@ PROXY_ROUTES: tuple[tuple[str, str, tuple[str, ...], Handler], ...] = (
      on_path(pipeline.IMAGES)),
     ("audio_transcriptions", "openai/deployments/{deployment}/audio/transcriptions", POST,
      on_path(pipeline.TRANSCRIPTIONS)),
+    ("audio_translations", "openai/deployments/{deployment}/audio/translations", POST,
+     on_path(pipeline.TRANSLATIONS)),
+    ("audio_speech", "openai/deployments/{deployment}/audio/speech", POST,
+     on_path(pipeline.SPEECH)),
     # OpenAI v1 paths, the deployment is the body's "model"
     ("v1_chat_completions", "openai/v1/chat/completions", POST, on_model(pipeline.CHAT)),
     ("v1_completions", "openai/v1/completions", POST, on_model(pipeline.COMPLETIONS)),
     ("v1_embeddings", "openai/v1/embeddings", POST, on_model(pipeline.EMBEDDINGS)),
     ("v1_images_generations", "openai/v1/images/generations", POST, on_model(pipeline.IMAGES)),
+    ("v1_audio_transcriptions", "openai/v1/audio/transcriptions", POST,
+     on_model(pipeline.TRANSCRIPTIONS)),
+    ("v1_audio_translations", "openai/v1/audio/translations", POST,
+     on_model(pipeline.TRANSLATIONS)),
+    ("v1_audio_speech", "openai/v1/audio/speech", POST, on_model(pipeline.SPEECH)),
+    # the Responses API on both paths; calls by id go to the member that holds the response
+    ("responses", "openai/responses", POST, responses(v1=False)),
+    ("response", "openai/responses/{response_id}", GET_DELETE, responses(v1=False, action="")),
+    ("response_input_items", "openai/responses/{response_id}/input_items", GET,
+     responses(v1=False, action="input_items")),
+    ("response_cancel", "openai/responses/{response_id}/cancel", POST,
+     responses(v1=False, action="cancel")),
+    ("v1_responses", "openai/v1/responses", POST, responses(v1=True)),
+    ("v1_response", "openai/v1/responses/{response_id}", GET_DELETE, responses(v1=True, action="")),
+    ("v1_response_input_items", "openai/v1/responses/{response_id}/input_items", GET,
+     responses(v1=True, action="input_items")),
+    ("v1_response_cancel", "openai/v1/responses/{response_id}/cancel", POST,
+     responses(v1=True, action="cancel")),
     # Azure AI Search: the REST path and the OData path the Search SDKs use
     ("search", "indexes/{index}/docs/search", POST, on_path(pipeline.SEARCH, "index")),
     ("search_odata", "indexes('{index}')/docs/search.post.search", POST,

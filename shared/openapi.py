@@ -386,6 +386,33 @@ SCHEMAS: dict[str, Schema] = {
         ("file",),
         additionalProperties=True,
     ),
+    "SpeechRequest": _object(
+        {
+            "input": _string("the text to say", maxLength=4096),
+            "voice": _string("alloy, echo, fable, onyx, nova, shimmer, …"),
+            "model": _string("the deployment (OpenAI v1 paths)"),
+            "response_format": _string("mp3 (default), opus, aac, flac, wav or pcm"),
+        },
+        ("input", "voice"),
+        additionalProperties=True,
+        description="Metered in characters of input",
+    ),
+    "ResponseRequest": _object(
+        {
+            "model": _string("the deployment"),
+            "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {}}]},
+            "instructions": _string("a system message"),
+            "previous_response_id": _string(
+                "an id this proxy answered to this key: the call goes where that response is"
+            ),
+            "max_output_tokens": _integer("at most the event's max_token_cap", 1),
+            "stream": _boolean("answer as server-sent events"),
+            "background": _boolean("answer at once; poll GET /responses/{response_id}"),
+            "store": _boolean("keep the response upstream (default true)"),
+        },
+        ("model",),
+        additionalProperties=True,
+    ),
     "SearchRequest": _object(
         {"search": _string("the query text"), "top": _integer("how many results", 1)},
         additionalProperties=True,
@@ -446,6 +473,7 @@ _PARAMETERS: dict[str, str] = {
     "model": "a deployment name in the event's catalog",
     "index": "the search index name in the event's catalog",
     "file": "a file's path under pages/, e.g. vendor/marked.min.js (may hold '/')",
+    "response_id": "a response id as this proxy answered it (only the key that made it)",
 }
 _API_VERSION: Schema = {
     "name": "api-version",
@@ -519,6 +547,28 @@ def proxy(route: str, operation_id: str, summary: str, body: str, **kw: Any) -> 
     )
 
 
+_GET_RESPONSE = "A response, from the member that holds it; ?stream=true replays its events"
+_DELETE = "Delete a stored response"
+_ITEMS = "The input items of a response"
+_CANCEL = "Cancel a background response"
+
+
+def response_by_id(method: str, route: str, operation_id: str, summary: str) -> Operation:
+    """A call on a stored response: attendee key; 404 for an id that is not this key's."""
+    return Operation(
+        method,
+        route,
+        operation_id,
+        summary,
+        "proxy",
+        ATTENDEE_KEY,
+        answer="OpenAIAnswer",
+        answer_types=_STREAMS if method == "GET" and "input_items" not in route else _JSON,
+        errors=_PROXY_ERRORS,
+        query=() if route.startswith("openai/v1/") else (_API_VERSION,),
+    )
+
+
 def catalog(route: str, operation_id: str, summary: str, answer: str) -> Operation:
     """A GET of the event's catalog as models: attendee key; 404 for a model not in it."""
     return Operation(
@@ -554,7 +604,9 @@ def page(route: str, operation_id: str, summary: str) -> Operation:
     )
 
 
+_JSON = ("application/json",)
 _STREAMS = ("application/json", "text/event-stream")
+_AUDIO = ("audio/mpeg", "audio/wav", "application/octet-stream")
 
 OPERATIONS: list[Operation] = [
     # management: events
@@ -727,9 +779,23 @@ OPERATIONS: list[Operation] = [
     proxy(
         "openai/deployments/{deployment}/audio/transcriptions",
         "audioTranscriptions",
-        "Audio transcriptions (multipart)",
+        "Audio transcriptions (multipart), metered in seconds",
         "TranscriptionRequest",
         body_type="multipart/form-data",
+    ),
+    proxy(
+        "openai/deployments/{deployment}/audio/translations",
+        "audioTranslations",
+        "Audio translations to English (multipart), metered in seconds",
+        "TranscriptionRequest",
+        body_type="multipart/form-data",
+    ),
+    proxy(
+        "openai/deployments/{deployment}/audio/speech",
+        "audioSpeech",
+        "Text to speech: the audio streamed through, metered in characters",
+        "SpeechRequest",
+        answer_types=_AUDIO,
     ),
     # proxy: OpenAI v1 paths, the deployment is the body's model
     proxy(
@@ -762,6 +828,56 @@ OPERATIONS: list[Operation] = [
         "ImageRequest",
         query=(),
     ),
+    proxy(
+        "openai/v1/audio/transcriptions",
+        "v1AudioTranscriptions",
+        "Audio transcriptions (OpenAI v1 path; the form's model = deployment)",
+        "TranscriptionRequest",
+        body_type="multipart/form-data",
+        query=(),
+    ),
+    proxy(
+        "openai/v1/audio/translations",
+        "v1AudioTranslations",
+        "Audio translations (OpenAI v1 path)",
+        "TranscriptionRequest",
+        body_type="multipart/form-data",
+        query=(),
+    ),
+    proxy(
+        "openai/v1/audio/speech",
+        "v1AudioSpeech",
+        "Text to speech (OpenAI v1 path)",
+        "SpeechRequest",
+        answer_types=_AUDIO,
+        query=(),
+    ),
+    # proxy: the Responses API; calls by id reach the member that holds the response
+    proxy(
+        "openai/responses",
+        "createResponse",
+        "Create a response (AzureOpenAI path, api-version 2025-03-01-preview or later)",
+        "ResponseRequest",
+        answer_types=_STREAMS,
+    ),
+    proxy(
+        "openai/v1/responses",
+        "v1CreateResponse",
+        "Create a response (OpenAI v1 path)",
+        "ResponseRequest",
+        answer_types=_STREAMS,
+        query=(),
+    ),
+    response_by_id("GET", "openai/responses/{response_id}", "getResponse", _GET_RESPONSE),
+    response_by_id("DELETE", "openai/responses/{response_id}", "deleteResponse", _DELETE),
+    response_by_id("GET", "openai/responses/{response_id}/input_items", "listInputItems", _ITEMS),
+    response_by_id("POST", "openai/responses/{response_id}/cancel", "cancelResponse", _CANCEL),
+    response_by_id("GET", "openai/v1/responses/{response_id}", "v1GetResponse", _GET_RESPONSE),
+    response_by_id("DELETE", "openai/v1/responses/{response_id}", "v1DeleteResponse", _DELETE),
+    response_by_id(
+        "GET", "openai/v1/responses/{response_id}/input_items", "v1ListInputItems", _ITEMS
+    ),
+    response_by_id("POST", "openai/v1/responses/{response_id}/cancel", "v1CancelResponse", _CANCEL),
     # proxy: Azure AI Search
     proxy("indexes/{index}/docs/search", "search", "Azure AI Search query", "SearchRequest"),
     proxy(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shared import clock
 from shared import settings as settings_module
+from shared.affinity import AffinitySeal
 from shared.attendees import Attendee, AttendeeStore, attendee_id
 from shared.balancer import Balancer
 from shared.cache import TTLCache
@@ -52,6 +53,7 @@ class Runtime:
         self.settings = settings
         self.tables = Tables(settings)
         self.sealer = Sealer(settings.encryption_key)
+        self.affinity = AffinitySeal(settings.encryption_key)
         self.secrets: SecretStore = secret_store(settings, self.tables, self.sealer)
         self.events = EventStore(self.tables)
         self.catalog = CatalogStore(self.tables)

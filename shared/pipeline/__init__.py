@@ -3,7 +3,7 @@
 One module per concern: `operations` (what a kind of call is), `bodies` (reading requests),
 `forwarding` (members tried in order, failover), `call` (one call from arrival to its usage
 record), `relays` (streams passed on as they arrive), `answers` (request ids and errors),
-`eventinfo`, `models`. The routes in function_app.py use the names below.
+`eventinfo`, `models`, `responses` (the Responses API and its affinity). The routes in function_app.py use the names below.
 """
 
 from shared.pipeline.answers import REQUEST_ID_HEADER, error_response, new_request_id
@@ -17,9 +17,13 @@ from shared.pipeline.operations import (
     EXTENSIONS_CHAT,
     IMAGES,
     SEARCH,
+    SPEECH,
     TRANSCRIPTIONS,
+    TRANSLATIONS,
     Operation,
 )
+from shared.pipeline.responses import by_id as response_by_id
+from shared.pipeline.responses import create as create_response
 
 __all__ = [
     "CHAT",
@@ -29,13 +33,17 @@ __all__ = [
     "IMAGES",
     "REQUEST_ID_HEADER",
     "SEARCH",
+    "SPEECH",
     "TRANSCRIPTIONS",
+    "TRANSLATIONS",
     "Call",
     "Operation",
+    "create_response",
     "error_response",
     "event_info",
     "list_models",
     "new_request_id",
     "one_model",
     "proxy",
+    "response_by_id",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 from opentelemetry.trace import SpanKind
 
@@ -43,10 +43,14 @@ class Forwarder:
         event_id: str,
         deployment: str,
         members: list[Resource],
-        url_of: Any,
+        url_of: Callable[[Resource], str],
         body: bytes,
         content_type: str | None = None,
+        *,
+        body_of: Callable[[Resource], bytes] | None = None,
+        method: str = "POST",
     ) -> tuple[Resource, UpstreamAnswer]:
+        """`body_of`, when given, makes each member's body (one that names its deployment)."""
         balancer = self.runtime.balancer
         ordered = balancer.order(f"{event_id}|{deployment}", members)
         if not ordered:
@@ -66,7 +70,11 @@ class Forwarder:
                 },
             ) as span:
                 failure, answer = await self._attempt(
-                    resource, url_of(resource), body, content_type
+                    resource,
+                    method,
+                    url_of(resource),
+                    body if body_of is None else body_of(resource),
+                    content_type,
                 )
                 if answer is not None:
                     span.set_attribute("http.response.status_code", answer.status)
@@ -88,7 +96,7 @@ class Forwarder:
         )
 
     async def _attempt(
-        self, resource: Resource, url: str, body: bytes, content_type: str | None
+        self, resource: Resource, method: str, url: str, body: bytes, content_type: str | None
     ) -> tuple[str | None, UpstreamAnswer | None]:
         """One try at one member: (None, answer) or (why it failed, answer if any)."""
         balancer = self.runtime.balancer
@@ -96,7 +104,7 @@ class Forwarder:
         if content_type:
             headers["content-type"] = content_type
         try:
-            answer = await self.runtime.upstream.send("POST", url, headers, body)
+            answer = await self.runtime.upstream.send(method, url, headers, body)
         except UpstreamTimeout:
             balancer.cool(resource.id, DEFAULT_COOLDOWN_SECONDS)
             return "timeout", None

@@ -21,6 +21,7 @@ class Operation:
     streams: bool = False
     token_capped: bool = False
     multipart: bool = False  # forwarded as it came (audio uploads); never parsed
+    binary: bool = False  # answers bytes (speech), passed on as they arrive
 
     def upstream_url(self, resource: Resource, query: str) -> str:
         if self.model_class == "azure-ai-search":
@@ -39,6 +40,8 @@ COMPLETIONS = Operation("openai-completions", "completions", streams=True, token
 EMBEDDINGS = Operation("openai-embeddings", "embeddings")
 IMAGES = Operation("openai-images", "images/generations")
 TRANSCRIPTIONS = Operation("openai-audio", "audio/transcriptions", multipart=True)
+TRANSLATIONS = Operation("openai-audio", "audio/translations", multipart=True)
+SPEECH = Operation("openai-audio", "audio/speech", binary=True)
 SEARCH = Operation("azure-ai-search", "docs/search")
 # Azure AI Search has api-versions of its own.
 SEARCH_API_VERSION = "2024-07-01"
@@ -48,13 +51,18 @@ def supports_stream_options(api_version: str) -> bool:
     return api_version[:10] >= _STREAM_OPTIONS_FROM[:10] or not api_version[:1].isdigit()
 
 
-def apply_token_cap(payload: dict[str, Any], cap: int, limit_field: str) -> bool:
+def apply_token_cap(
+    payload: dict[str, Any],
+    cap: int,
+    limit_field: str,
+    fields: tuple[str, ...] = ("max_tokens", "max_completion_tokens"),
+) -> bool:
     """Refuse a limit above the cap; name the cap as the limit when the request has none.
 
     Returns True when the payload was changed.
     """
     named = False
-    for field in ("max_tokens", "max_completion_tokens"):
+    for field in fields:
         value = payload.get(field)
         if value is None:
             continue
@@ -98,7 +106,8 @@ TOKEN_CLASSES = frozenset({"openai-chat", "openai-completions", "openai-embeddin
 
 
 def units_of(operation: Operation, answer: Any) -> int:
-    """What a call used in its own unit: images made, audio seconds, searches run."""
+    """What a call used in its own unit: images made, audio seconds, searches run (speech
+    counts the characters it was asked to say, where its bytes are relayed)."""
     if operation.model_class == "openai-images":
         data = answer.get("data") if isinstance(answer, dict) else None
         return len(data) if isinstance(data, list) else 0
@@ -117,3 +126,11 @@ def usage_numbers(usage: dict[str, Any] | None) -> tuple[int, int, int]:
     completion = int(usage.get("completion_tokens") or 0)
     total = int(usage.get("total_tokens") or prompt + completion)
     return prompt, completion, total
+
+
+def reasoning_of(usage: dict[str, Any] | None) -> int:
+    """Reasoning tokens, part of the completion (chat) or output (Responses) tokens."""
+    if not usage:
+        return 0
+    details = usage.get("completion_tokens_details") or usage.get("output_tokens_details")
+    return int(details.get("reasoning_tokens") or 0) if isinstance(details, dict) else 0
