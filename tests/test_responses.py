@@ -199,3 +199,51 @@ def test_background_response_is_created_then_polled_and_recorded_once(
         model="gpt-4o-mini", input="Never mind [sim:background_ms=60000]", background=True
     )
     assert client.responses.cancel(slow.id).status == "cancelled"
+
+
+def test_a_background_response_can_be_streamed_again_by_id(
+    client: openai.OpenAI, event: EventSetup, storage: Storage
+) -> None:
+    started = client.responses.create(
+        model="gpt-4o-mini", input="Replay [sim:background_ms=50 tokens=4]", background=True
+    )
+    wait_for(lambda: client.responses.retrieve(started.id).status == "completed")
+    events = list(client.responses.retrieve(started.id, stream=True))
+    assert [e.type for e in events].count("response.output_text.delta") == 4
+    assert events[0].response.id == events[-1].response.id == started.id
+    outcomes = sorted(r["outcome"] for r in storage.usage(event.id, expect=2))
+    assert outcomes == ["background", "background_result"]
+
+
+def test_a_cut_stream_ends_with_an_error_event_and_a_cut_record(
+    client: openai.OpenAI, event: EventSetup, storage: Storage
+) -> None:
+    received: list[str] = []
+    with pytest.raises(openai.APIError) as cut:
+        for item in client.responses.create(
+            model="gpt-4o-mini", input="Cut [sim:tokens=9 cut_after=3]", stream=True
+        ):
+            received.append(item.type)
+    assert "cut the stream" in cut.value.message
+    assert received.count("response.output_text.delta") == 3
+    [record] = storage.usage(event.id, expect=1)
+    assert record["outcome"] == "cut" and record["status"] == 502
+    assert record["estimated"] is True and record["completion_tokens"] == 3
+
+
+def test_bad_requests_get_the_contracts_error_shape(host: AppHost, event: EventSetup) -> None:
+    def post(body: object) -> dict[str, Any]:
+        answer = host.http.post("/openai/v1/responses", json=body, headers={"api-key": event.key})
+        assert answer.status_code in (400, 404), answer.text
+        return answer.json()["error"]
+
+    assert post({"input": "no model"})["param"] == "model"
+    assert post({"model": "nope", "input": "x"})["code"] == "deployment_not_found"
+    assert post({"model": "gpt-4o-mini", "input": "x", "stream": "yes"})["param"] == "stream"
+    assert post({"model": "gpt-4o-mini", "input": "x", "max_output_tokens": 0})["code"] == (
+        "invalid_request"
+    )
+    assert post({"model": "gpt-4o-mini", "input": "x", "previous_response_id": 7})["param"] == (
+        "previous_response_id"
+    )
+    assert post([1, 2])["code"] == "invalid_request"
