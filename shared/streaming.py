@@ -176,7 +176,8 @@ class EventStreamResponse(StreamingResponse):
 
 # Events of a Responses stream that end it, and the pieces that mark an event worth reading.
 RESPONSE_END_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
-_RESPONSE_MARKERS = (b'"response":{', b'"response": {', b'"encrypted_content":"', b"event: error")
+# In an event worth reading; never in a text delta (whose type is "response.output_text…").
+_WORTH_READING = (b'"response":', b'"encrypted_content":"', b"event: error")
 
 
 class ResponseStreamMeter:
@@ -211,12 +212,30 @@ class ResponseStreamMeter:
         if self._kept_bytes < _KEEP_LIMIT:
             self._kept.append(complete)
             self._kept_bytes += len(complete)
-        if not any(marker in complete for marker in _RESPONSE_MARKERS):
-            return complete
-        return b"".join(
-            self._read(event, separator) if any(m in event for m in _RESPONSE_MARKERS) else event
-            for event in _split_events(complete, separator)
-        )
+        if not (
+            _WORTH_READING[0] in complete
+            or _WORTH_READING[1] in complete
+            or _WORTH_READING[2] in complete
+        ):
+            return complete  # text deltas: passed as they came
+        # Each marker's next place, found again only once passed: a long chunk is scanned
+        # about once per marker, not once per event.
+        places = [complete.find(marker) for marker in _WORTH_READING]
+        parts, position = [], 0
+        while True:
+            found = min((at for at in places if at >= 0), default=-1)
+            if found < 0:
+                break
+            start = complete.rfind(separator, position, found)
+            start = position if start < 0 else start + len(separator)
+            end = complete.find(separator, found) + len(separator)
+            parts += (complete[position:start], self._read(complete[start:end], separator))
+            position = end
+            for index, at in enumerate(places):
+                if 0 <= at < position:
+                    places[index] = complete.find(_WORTH_READING[index], position)
+        parts.append(complete[position:])
+        return b"".join(parts)
 
     def _read(self, event: bytes, separator: bytes) -> bytes:
         lines = event.removesuffix(separator).split(separator[: len(separator) // 2])
