@@ -247,3 +247,20 @@ def test_bad_requests_get_the_contracts_error_shape(host: AppHost, event: EventS
         "previous_response_id"
     )
     assert post([1, 2])["code"] == "invalid_request"
+
+
+def test_a_streamed_background_response_is_recorded_once_however_often_it_is_fetched(
+    client: openai.OpenAI, event: EventSetup, storage: Storage
+) -> None:
+    events = list(
+        client.responses.create(
+            model="gpt-4o-mini", input="Both [sim:tokens=5]", background=True, stream=True
+        )
+    )
+    final = events[-1].response
+    assert final.status == "completed" and final.usage is not None
+    for _ in range(3):
+        assert client.responses.retrieve(final.id).usage == final.usage
+    records = storage.usage(event.id, expect=3, timeout=1.5)
+    assert sorted(r["outcome"] for r in records) == ["background", "background_result"]
+    assert sum(r["total_tokens"] for r in records) == final.usage.total_tokens

@@ -233,6 +233,9 @@ class ResponsesCall(Call):
         ):
 
             def finish(meter: ResponseStreamMeter, outcome: str) -> None:
+                if background and outcome == "ok" and meter.response is not None:
+                    self.record_background(resource, meter.response, streamed=True)
+                    return
                 self.record_created(
                     resource,
                     meter.usage,
@@ -248,23 +251,32 @@ class ResponsesCall(Call):
         if parsed is None:
             self.record_created(resource, None, payload, "upstream_status", status=answer.status)
             return Response(self.hide_upstream_ids(content), answer.status, headers)
-        usage = parsed.get("usage") if isinstance(parsed.get("usage"), dict) else None
-        if background and usage is None and parsed.get("status") not in FINISHED:
-            # Its tokens come later (record_background_result); today's cap takes the worst
-            # case now, since nobody may ever ask for the result.
-            self.record(
-                resource,
-                200,
-                (0, 0, 0),
-                streamed=False,
-                estimated=False,
-                outcome="background",
-                charge=self.worst_case_tokens,
-            )
-        else:
-            self.record_created(resource, usage, payload, "ok")
         self.seal(resource, parsed)
+        if background:
+            self.record_background(resource, parsed, streamed=False)
+        else:
+            usage = parsed.get("usage") if isinstance(parsed.get("usage"), dict) else None
+            self.record_created(resource, usage, payload, "ok")
         return Response(orjson.dumps(parsed), 200, headers)
+
+    def record_background(
+        self, resource: Resource, response: dict[str, Any], *, streamed: bool
+    ) -> None:
+        """The create call of a background response: a record without tokens, which come with
+        the record of its result (the same one, whoever sees it first). Until the result is
+        known, today's cap takes the call's worst case, since nobody may ever ask for it."""
+        usage = response.get("usage")
+        finished = response.get("status") in FINISHED and isinstance(usage, dict)
+        self.record(
+            resource,
+            200,
+            (0, 0, 0),
+            streamed=streamed,
+            estimated=False,
+            outcome="background",
+            charge=int(usage.get("total_tokens") or 0) if finished else self.worst_case_tokens,
+        )
+        self.record_background_result(resource, response)
 
     def relay(
         self,
