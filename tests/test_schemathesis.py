@@ -287,7 +287,10 @@ def with_real_values(case: Case, pick: int, fuzz: Fuzz) -> bool:
             pick < 2 or (pick == 2 and name in ("event_id", "deployment", "model"))
         ):
             params[name] = real[name]
-    if any(isinstance(v, str) and ("\n" in v or "\r" in v) for v in params.values()):
+    if any(
+        isinstance(v, str) and any(c in v.lower() for c in ("\n", "\r", "%0a", "%0d"))
+        for v in params.values()
+    ):
         # A path with a line break never reaches the app: the runtime's catch-all answers it
         # with its own 404 (README, "Answers of the host itself").
         return False
