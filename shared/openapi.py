@@ -579,7 +579,7 @@ def catalog(route: str, operation_id: str, summary: str, answer: str) -> Operati
         "proxy",
         ATTENDEE_KEY,
         answer=answer,
-        errors=(401, 404, 503) if "{" in route else (401, 503),
+        errors=(401, 404, 429, 503) if "{" in route else (401, 429, 503),
         query=() if route.startswith("openai/v1/") else (_API_VERSION,),
     )
 
@@ -900,7 +900,7 @@ OPERATIONS: list[Operation] = [
         "attendees",
         ATTENDEE_KEY,
         answer="EventInfo",
-        errors=(401, 503),
+        errors=(401, 429, 503),  # 429: too many wrong keys from the caller's address
     ),
     anonymous(
         "GET",
