@@ -13,7 +13,16 @@ Routes:
 
 * ``POST /openai/deployments/{deployment}/chat/completions``
 * ``POST /openai/deployments/{deployment}/completions``
-* ``POST /openai/deployments/{deployment}/embeddings``
+* ``POST /openai/deployments/{deployment}/embeddings``, ``.../images/generations``
+* ``POST /openai/deployments/{deployment}/audio/transcriptions``, ``.../audio/translations``
+  (multipart) and ``.../audio/speech`` (JSON in, audio bytes streamed out)
+* The Responses API, with responses stored per simulator (one simulated Azure OpenAI resource):
+  ``POST /openai/responses`` (api-version 2025-03-01-preview or later) and
+  ``/openai/v1/responses``; ``GET``/``DELETE .../responses/{id}``, ``GET .../{id}/input_items``,
+  ``POST .../{id}/cancel``; streams of ``event:`` + ``data:`` events, ``background: true``,
+  ``previous_response_id`` (only ids this simulator made), reasoning with ``encrypted_content``
+  that only this simulator accepts back
+* ``GET /openai/models``, ``/openai/v1/models``
 * ``GET /_sim/stats``, ``GET|POST /_sim/config``, ``POST /_sim/reset``
 
 Per-request directives: a ``[sim:key=value flag ...]`` marker anywhere in a message content,
@@ -66,7 +75,10 @@ KIND_EMBEDDINGS = "embeddings"
 KIND_EXTENSIONS_CHAT = "extensions/chat/completions"
 KIND_IMAGES = "images/generations"
 KIND_AUDIO = "audio/transcriptions"
+KIND_TRANSLATIONS = "audio/translations"
+KIND_SPEECH = "audio/speech"
 KIND_SEARCH = "docs/search"
+KIND_RESPONSES = "responses"
 OPERATION_NAMES = {
     KIND_CHAT: "ChatCompletions_Create",
     KIND_EXTENSIONS_CHAT: "ChatCompletions_Create",
@@ -74,6 +86,9 @@ OPERATION_NAMES = {
     KIND_EMBEDDINGS: "Embeddings_Create",
     KIND_IMAGES: "ImageGenerations_Create",
     KIND_AUDIO: "Transcriptions_Create",
+    KIND_TRANSLATIONS: "Translations_Create",
+    KIND_SPEECH: "Speech_Create",
+    KIND_RESPONSES: "Responses_Create",
 }
 # A valid 1x1 PNG, the picture every image generation returns.
 PNG_1X1 = base64.b64encode(
@@ -99,6 +114,8 @@ SETTING_TYPES: dict[str, type] = {
     "hang": bool,
     "garbage": bool,
     "content_filter": bool,
+    "reasoning_tokens": int,  # Responses: reasoning tokens when the request asks for reasoning
+    "background_ms": int,  # Responses: how long a background response stays queued
 }
 
 DIRECTIVE_RE = re.compile(r"\[sim:([^\]]*)\]")
@@ -240,7 +257,33 @@ def count_prompt(prompt: Any) -> int:
 # Directives
 
 
+def _response_texts(value: Any):
+    """The texts of a Responses input: a string, or items whose content is text or parts."""
+    if isinstance(value, str):
+        yield value
+        return
+    if not isinstance(value, list):
+        return
+    for item in value:
+        if not isinstance(item, dict):
+            continue
+        content = item.get("content", item.get("output"))
+        if isinstance(content, str):
+            yield content
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    yield part["text"]
+
+
 def _iter_strings(kind: str, body: dict[str, Any]):
+    if kind == KIND_RESPONSES:
+        yield from _response_texts(body.get("input"))
+        return
+    if kind == KIND_SPEECH:
+        if isinstance(body.get("input"), str):
+            yield body["input"]
+        return
     if kind in (KIND_CHAT, KIND_EXTENSIONS_CHAT):
         messages = body.get("messages")
         if isinstance(messages, list):
@@ -311,6 +354,8 @@ class SimState:
         self.default_first_byte_ms = float(first_byte_ms)
         self.config: dict[str, Any] = {}
         self.closing = False
+        # Stored responses of this simulated resource, oldest first (bounded).
+        self.responses: collections.OrderedDict[str, StoredResponse] = collections.OrderedDict()
         self.reset_stats()
         self._window_start = time.monotonic()
         self._window_requests = 0
@@ -944,14 +989,14 @@ def _wav_seconds(data: bytes) -> float:
     return round((len(data) - 44) / byte_rate, 3) if byte_rate else 0.0
 
 
-async def _handle_audio(request: web.Request) -> web.Response:
-    """Transcriptions: multipart with `file`; answers json, text or verbose_json."""
+async def _handle_audio(request: web.Request, kind: str = KIND_AUDIO) -> web.Response:
+    """Transcriptions and translations: multipart with `file`; json, text or verbose_json."""
     state = request.app[STATE_KEY]
     deployment = request.match_info["deployment"]
     ok, key_info, auth_info = state.check_auth(request)
     state.total_requests += 1
     per_dep = state.by_deployment.setdefault(deployment, {})
-    per_dep[KIND_AUDIO] = per_dep.get(KIND_AUDIO, 0) + 1
+    per_dep[kind] = per_dep.get(kind, 0) + 1
     headers = _base_headers(state, _request_id())
     if not ok:
         response = _json_response(401, _error_body(401, KIND_AUDIO, 0), headers)
@@ -976,7 +1021,7 @@ async def _handle_audio(request: web.Request) -> web.Response:
                 response = web.Response(text=text, headers=headers, content_type="text/plain")
             elif fmt == "verbose_json":
                 payload = {
-                    "task": "transcribe",
+                    "task": "translate" if kind == KIND_TRANSLATIONS else "transcribe",
                     "language": "english",
                     "duration": seconds,
                     "text": text,
@@ -992,6 +1037,612 @@ async def _handle_audio(request: web.Request) -> web.Response:
     return response
 
 
+# ---------------------------------------------------------------------------------------------
+# Text to speech
+
+
+SPEECH_TYPES = {
+    "mp3": "audio/mpeg",
+    "opus": "audio/ogg",
+    "aac": "audio/aac",
+    "flac": "audio/flac",
+    "wav": "audio/wav",
+    "pcm": "audio/pcm",
+}
+SPEECH_BYTES_PER_CHARACTER = 600  # about 25 ms of 24 kHz 16-bit mono per character
+SPEECH_CHUNKS = 8
+MAX_SPEECH_CHARACTERS = 4096
+
+
+def speech_audio(text: str, fmt: str) -> bytes:
+    """Deterministic 'audio' for a text: a WAV header for wav, an ID3 tag for mp3, then noise."""
+    size = max(1, len(text)) * SPEECH_BYTES_PER_CHARACTER
+    seed = hashlib.sha256(text.encode()).digest()
+    body = (seed * (size // len(seed) + 1))[:size]
+    if fmt == "wav":
+        rate = 24_000
+        header = b"RIFF" + struct.pack("<I", 36 + size) + b"WAVEfmt "
+        header += struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+        return header + b"data" + struct.pack("<I", size) + body
+    if fmt == "mp3":
+        return b"ID3\x04\x00\x00\x00\x00\x00\x00" + body
+    return body
+
+
+async def _handle_speech(request: web.Request) -> web.StreamResponse:
+    """JSON in (`input`, `voice`, `response_format`), audio out in SPEECH_CHUNKS writes, with
+    `latency_ms_per_token` between them so that streaming through a proxy can be seen."""
+    state = request.app[STATE_KEY]
+    deployment = request.match_info["deployment"]
+    ok, key_info, auth_info = state.check_auth(request)
+    state.total_requests += 1
+    per_dep = state.by_deployment.setdefault(deployment, {})
+    per_dep[KIND_SPEECH] = per_dep.get(KIND_SPEECH, 0) + 1
+    headers = _base_headers(state, _request_id())
+    try:
+        body = json.loads(await request.read() or b"null")
+    except ValueError:
+        body = None
+    record: dict[str, Any] = {
+        "path": request.path, "query": dict(request.query),
+        "headers": {"api-key": key_info, "authorization": auth_info},
+        "body": body, "time": time.time(), "status": None,
+    }  # fmt: skip
+    state.last_requests.append(record)
+    response = await _speech(request, state, body, ok, headers)
+    if record["status"] is None:
+        record["status"] = response.status
+    state.by_status[str(record["status"])] = state.by_status.get(str(record["status"]), 0) + 1
+    return response
+
+
+async def _speech(
+    request: web.Request, state: SimState, body: Any, auth_ok: bool, headers: dict[str, str]
+) -> web.StreamResponse:
+    if not auth_ok:
+        return _json_response(401, _error_body(401, KIND_SPEECH, 0), headers)
+    if not request.query.get("api-version"):
+        return _simple_error(400, "missing_api_version", "Missing api-version.", headers)
+    if not isinstance(body, dict):
+        return _simple_error(
+            400, "BadRequest", "The request body is not a valid JSON object.", headers
+        )
+    text = body.get("input")
+    if not isinstance(text, str) or not text or len(text) > MAX_SPEECH_CHARACTERS:
+        return _simple_error(
+            400, "BadRequest", f"'input' must be 1 to {MAX_SPEECH_CHARACTERS} characters.", headers
+        )
+    fmt = body.get("response_format", "mp3")
+    if fmt not in SPEECH_TYPES:
+        return _simple_error(
+            400,
+            "BadRequest",
+            f"'response_format' must be one of {', '.join(SPEECH_TYPES)}.",
+            headers,
+        )
+    settings = {**state.config, **parse_directives(KIND_SPEECH, body)}
+    first_byte_ms = _setting(settings, "first_byte_ms", state.default_first_byte_ms)
+    latency_ms = _setting(settings, "latency_ms_per_token", state.default_latency_ms_per_token)
+    status = settings.get("status")
+    if status is not None and int(status) >= 400:
+        return _status_response(int(status), KIND_SPEECH, settings, headers)
+    audio = speech_audio(text, fmt)
+    if first_byte_ms > 0:
+        await asyncio.sleep(first_byte_ms / 1000)
+    resp = web.StreamResponse(status=200, headers=headers)
+    resp.content_type = SPEECH_TYPES[fmt]
+    step = -(-len(audio) // SPEECH_CHUNKS)
+    try:
+        await resp.prepare(request)
+        for start in range(0, len(audio), step):
+            if start and latency_ms > 0:
+                await asyncio.sleep(latency_ms / 1000)
+            await resp.write(audio[start : start + step])
+        await resp.write_eof()
+    except (ConnectionError, RuntimeError):
+        pass  # the client went away
+    return resp
+
+
+# ---------------------------------------------------------------------------------------------
+# The Responses API, with the responses this simulated resource stored
+
+RESPONSES_API_VERSION_FROM = "2025-03-01-preview"
+MAX_STORED_RESPONSES = 10_000
+DEFAULT_REASONING_TOKENS = 8
+DEFAULT_BACKGROUND_MS = 100
+TERMINAL_STATUSES = ("completed", "incomplete", "failed", "cancelled")
+
+
+class StoredResponse:
+    """One response as this resource keeps it: the object, its input items, and (for
+    background responses) what it becomes once `ready_at` has passed."""
+
+    def __init__(
+        self, response: dict[str, Any], input_items: list[dict[str, Any]], final: dict[str, Any]
+    ) -> None:
+        self.response = response
+        self.input_items = input_items
+        self.final = final  # output, usage, status of the finished response
+        self.ready_at = 0.0
+
+    def current(self) -> dict[str, Any]:
+        if (
+            self.response["status"] in ("queued", "in_progress")
+            and time.monotonic() >= self.ready_at
+        ):
+            self.response.update(self.final)
+        return self.response
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex + uuid.uuid4().hex[:16]
+
+
+def _response_error(
+    status: int,
+    message: str,
+    headers: dict[str, str],
+    *,
+    param: str | None = None,
+    code: str | None = None,
+) -> web.Response:
+    body = {
+        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    }
+    return _json_response(status, body, headers)
+
+
+def _seal_reasoning(state: SimState, response_id: str, tokens: int) -> str:
+    """encrypted_content only this simulator opens again (a stand-in for a resource's key)."""
+    raw = _dumps({"sim": state.name, "key": state.api_key, "response": response_id, "n": tokens})
+    return base64.b64encode(raw.encode()).decode()
+
+
+def _opens_reasoning(state: SimState, content: Any) -> bool:
+    try:
+        data = json.loads(base64.b64decode(content, validate=True))
+    except (ValueError, TypeError):
+        return False
+    return (
+        isinstance(data, dict)
+        and data.get("sim") == state.name
+        and data.get("key") == state.api_key
+    )
+
+
+def _input_items(value: Any) -> list[dict[str, Any]]:
+    """The request's input as stored items (a string is one user message)."""
+    if isinstance(value, str):
+        value = [{"role": "user", "content": value}]
+    items = []
+    for item in value if isinstance(value, list) else []:
+        if not isinstance(item, dict):
+            continue
+        item = dict(item)
+        item.setdefault("type", "message")
+        if item["type"] == "message":
+            content = item.get("content")
+            if isinstance(content, str):
+                item["content"] = [{"type": "input_text", "text": content}]
+            item.setdefault("status", "completed")
+        item.setdefault("id", _new_id("msg_" if item["type"] == "message" else "item_"))
+        items.append(item)
+    return items
+
+
+def _input_tokens(body: dict[str, Any]) -> int:
+    total = count_text(body["instructions"]) if isinstance(body.get("instructions"), str) else 0
+    value = body.get("input")
+    if isinstance(value, str):
+        return total + 3 + count_text(value)
+    for item in value if isinstance(value, list) else []:
+        total += 3 + sum(count_text(text) for text in _response_texts([item]))
+    return total
+
+
+def _response_object(
+    body: dict[str, Any], response_id: str, created: int, status: str
+) -> dict[str, Any]:
+    reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else None
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created,
+        "status": status,
+        "background": body.get("background") is True,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "model": CHAT_MODEL,
+        "output": [],
+        "parallel_tool_calls": True,
+        "previous_response_id": body.get("previous_response_id"),
+        "reasoning": {"effort": (reasoning or {}).get("effort"), "summary": None},
+        "store": body.get("store", True) is not False,
+        "temperature": body.get("temperature", 1.0),
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": body.get("top_p", 1.0),
+        "truncation": "disabled",
+        "usage": None,
+        "user": None,
+        "metadata": body.get("metadata") or {},
+    }
+
+
+async def _handle_responses(request: web.Request, action: str) -> web.StreamResponse:
+    """Every Responses route: action is create, get, delete, input_items or cancel."""
+    state = request.app[STATE_KEY]
+    raw = await request.read()
+    try:
+        body = json.loads(raw) if raw else None
+    except ValueError:
+        body = None
+    ok, key_info, auth_info = state.check_auth(request)
+    record: dict[str, Any] = {
+        "path": request.path, "query": dict(request.query),
+        "headers": {"api-key": key_info, "authorization": auth_info},
+        "body": body, "time": time.time(), "status": None,
+    }  # fmt: skip
+    state.total_requests += 1
+    state.last_requests.append(record)
+    headers = _base_headers(state, _request_id())
+    if not ok:
+        response: web.StreamResponse = _json_response(
+            401, _error_body(401, KIND_RESPONSES, 0), headers
+        )
+    elif not request.path.startswith("/openai/v1/") and (
+        request.query.get("api-version", "")[:10] < RESPONSES_API_VERSION_FROM[:10]
+    ):
+        response = _simple_error(
+            400,
+            "BadRequest",
+            f"The Responses API needs api-version {RESPONSES_API_VERSION_FROM} or later.",
+            headers,
+        )
+    elif action == "create":
+        response = await _create_response(request, state, body, headers, record)
+    else:
+        response = await _stored_response(request, state, action, headers)
+    if record["status"] is None:
+        record["status"] = response.status
+    state.by_status[str(record["status"])] = state.by_status.get(str(record["status"]), 0) + 1
+    return response
+
+
+async def _create_response(
+    request: web.Request,
+    state: SimState,
+    body: Any,
+    headers: dict[str, str],
+    record: dict[str, Any],
+) -> web.StreamResponse:
+    if not isinstance(body, dict):
+        return _response_error(400, "The request body is not a valid JSON object.", headers)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return _response_error(400, "Missing required parameter: 'model'.", headers, param="model")
+    if not isinstance(body.get("input"), str | list):
+        return _response_error(400, "Missing required parameter: 'input'.", headers, param="input")
+    per_dep = state.by_deployment.setdefault(model, {})
+    per_dep[KIND_RESPONSES] = per_dep.get(KIND_RESPONSES, 0) + 1
+    previous_id = body.get("previous_response_id")
+    previous = state.responses.get(previous_id) if isinstance(previous_id, str) else None
+    if previous_id is not None and previous is None:
+        return _response_error(
+            400,
+            f"Previous response with id '{previous_id}' not found.",
+            headers,
+            param="previous_response_id",
+            code="previous_response_not_found",
+        )
+    for item in body["input"] if isinstance(body["input"], list) else []:
+        if (
+            isinstance(item, dict)
+            and item.get("type") == "reasoning"
+            and item.get("encrypted_content") is not None
+            and not _opens_reasoning(state, item["encrypted_content"])
+        ):
+            return _response_error(
+                400,
+                f"The encrypted content for item {item.get('id')} could not be verified.",
+                headers,
+                code="invalid_encrypted_content",
+            )
+    settings = {**state.config, **parse_directives(KIND_RESPONSES, body)}
+    if settings.get("hang"):
+        record["status"] = "hang"
+        await _hang(request, state)
+        _abort(request)
+        return web.Response(status=499)
+    first_byte_ms = _setting(settings, "first_byte_ms", state.default_first_byte_ms)
+    latency_ms = _setting(settings, "latency_ms_per_token", state.default_latency_ms_per_token)
+    status = settings.get("status")
+    if status is not None and int(status) >= 400:
+        if first_byte_ms > 0:
+            await asyncio.sleep(first_byte_ms / 1000)
+        return _status_response(int(status), KIND_RESPONSES, settings, headers)
+
+    reasoning_tokens = 0
+    if isinstance(body.get("reasoning"), dict):
+        reasoning_tokens = int(settings.get("reasoning_tokens", DEFAULT_REASONING_TOKENS))
+    limit = body.get("max_output_tokens")
+    wanted = settings.get("tokens")
+    wanted = (
+        DEFAULT_COMPLETION_TOKENS
+        if wanted is None
+        else max(0, min(int(wanted), MAX_COMPLETION_TOKENS))
+    )
+    incomplete = False
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
+        if reasoning_tokens >= limit:
+            reasoning_tokens, wanted, incomplete = limit, 0, True
+        elif reasoning_tokens + wanted > limit:
+            wanted, incomplete = limit - reasoning_tokens, True
+    input_tokens = _input_tokens(body)
+    if previous is not None:
+        usage = previous.current().get("usage") or {}
+        input_tokens += int(usage.get("input_tokens", 0)) + int(usage.get("output_tokens", 0))
+        input_tokens -= int((usage.get("output_tokens_details") or {}).get("reasoning_tokens", 0))
+    remaining_requests, remaining_tokens = state.consume(input_tokens + wanted + reasoning_tokens)
+    headers["x-ratelimit-remaining-requests"] = str(remaining_requests)
+    headers["x-ratelimit-remaining-tokens"] = str(remaining_tokens)
+
+    response_id = _new_id("resp_")
+    created = int(time.time())
+    output: list[dict[str, Any]] = []
+    if reasoning_tokens:
+        include = body.get("include") if isinstance(body.get("include"), list) else []
+        sealed = (
+            _seal_reasoning(state, response_id, reasoning_tokens)
+            if "reasoning.encrypted_content" in include
+            else None
+        )
+        output.append(
+            {"id": _new_id("rs_"), "type": "reasoning", "summary": [], "encrypted_content": sealed}
+        )
+    text = get_corpus().text_for(wanted)
+    message = {
+        "id": _new_id("msg_"),
+        "type": "message",
+        "status": "incomplete" if incomplete else "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+    }
+    output.append(message)
+    usage = {
+        "input_tokens": input_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": wanted + reasoning_tokens,
+        "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
+        "total_tokens": input_tokens + wanted + reasoning_tokens,
+    }
+    final = {
+        "status": "incomplete" if incomplete else "completed",
+        "output": output,
+        "usage": usage,
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+    }
+    background = body.get("background") is True
+    obj = _response_object(body, response_id, created, "queued" if background else "in_progress")
+    stored = StoredResponse(obj, _input_items(body["input"]), final)
+    if background:
+        stored.ready_at = (
+            time.monotonic() + int(settings.get("background_ms", DEFAULT_BACKGROUND_MS)) / 1000
+        )
+    if obj["store"] or background:
+        state.responses[response_id] = stored
+        while len(state.responses) > MAX_STORED_RESPONSES:
+            state.responses.popitem(last=False)
+    if body.get("stream") is True:
+        obj.update(final)  # what the stream ends with (a streamed background response too)
+        stored.ready_at = 0.0
+        return await _stream_response(
+            request,
+            headers,
+            stored,
+            message,
+            text,
+            wanted,
+            first_byte_ms,
+            latency_ms,
+            settings.get("cut_after"),
+            record,
+        )
+    if background:
+        return _json_response(200, obj, headers)
+    total_delay = first_byte_ms + latency_ms * wanted
+    if total_delay > 0:
+        await asyncio.sleep(total_delay / 1000)
+    obj.update(final)
+    return _json_response(200, obj, headers)
+
+
+def _event(kind: str, sequence: int, **fields: Any) -> bytes:
+    return f"event: {kind}\ndata: {_dumps({'type': kind, 'sequence_number': sequence, **fields})}\n\n".encode()
+
+
+async def _stream_response(
+    request: web.Request,
+    headers: dict[str, str],
+    stored: StoredResponse,
+    message: dict[str, Any],
+    text: str,
+    n_tokens: int,
+    first_byte_ms: float,
+    latency_ms: float,
+    cut_after: int | None,
+    record: dict[str, Any],
+) -> web.StreamResponse:
+    """The event sequence of a streamed response, one output_text.delta per token."""
+    final = stored.response
+    started = {
+        **final,
+        "status": "in_progress",
+        "output": [],
+        "usage": None,
+        "incomplete_details": None,
+    }
+    headers["cache-control"] = "no-cache"
+    resp = web.StreamResponse(status=200, headers=headers)
+    resp.content_type = "text/event-stream"
+    if first_byte_ms > 0:
+        await asyncio.sleep(first_byte_ms / 1000)
+    sequence = iter(range(1_000_000))
+    item_id = message["id"]
+    pieces = get_corpus().pieces
+    try:
+        await resp.prepare(request)
+        await resp.write(_event("response.created", next(sequence), response=started))
+        await resp.write(_event("response.in_progress", next(sequence), response=started))
+        for index, item in enumerate(final["output"]):
+            if item["type"] == "reasoning":
+                await resp.write(
+                    _event(
+                        "response.output_item.added",
+                        next(sequence),
+                        output_index=index,
+                        item={**item, "encrypted_content": None},
+                    )
+                )
+                await resp.write(
+                    _event(
+                        "response.output_item.done", next(sequence), output_index=index, item=item
+                    )
+                )
+                continue
+            await resp.write(
+                _event(
+                    "response.output_item.added",
+                    next(sequence),
+                    output_index=index,
+                    item={**item, "status": "in_progress", "content": []},
+                )
+            )
+            part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+            await resp.write(
+                _event(
+                    "response.content_part.added",
+                    next(sequence),
+                    item_id=item_id,
+                    output_index=index,
+                    content_index=0,
+                    part=part,
+                )
+            )
+            limit = n_tokens if cut_after is None else min(n_tokens, max(0, int(cut_after)))
+            for i in range(limit):
+                if latency_ms > 0 and i > 0:
+                    await asyncio.sleep(latency_ms / 1000)
+                await resp.write(
+                    _event(
+                        "response.output_text.delta",
+                        next(sequence),
+                        item_id=item_id,
+                        output_index=index,
+                        content_index=0,
+                        delta=pieces[i],
+                        logprobs=[],
+                    )
+                )
+            if cut_after is not None:
+                record["status"] = "cut"
+                _abort(request)
+                return resp
+            await resp.write(
+                _event(
+                    "response.output_text.done",
+                    next(sequence),
+                    item_id=item_id,
+                    output_index=index,
+                    content_index=0,
+                    text=text,
+                    logprobs=[],
+                )
+            )
+            await resp.write(
+                _event(
+                    "response.content_part.done",
+                    next(sequence),
+                    item_id=item_id,
+                    output_index=index,
+                    content_index=0,
+                    part={**part, "text": text},
+                )
+            )
+            await resp.write(
+                _event("response.output_item.done", next(sequence), output_index=index, item=item)
+            )
+        kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
+        await resp.write(_event(kind, next(sequence), response=final))
+        await resp.write_eof()
+    except (ConnectionError, RuntimeError):
+        record["status"] = "client_closed"
+    return resp
+
+
+async def _stored_response(
+    request: web.Request, state: SimState, action: str, headers: dict[str, str]
+) -> web.StreamResponse:
+    response_id = request.match_info["response_id"]
+    stored = state.responses.get(response_id)
+    if stored is None:
+        return _response_error(404, f"Response with id '{response_id}' not found.", headers)
+    current = stored.current()
+    if action == "get":
+        if request.query.get("stream") == "true" and current["status"] in TERMINAL_STATUSES:
+            message = next(item for item in current["output"] if item["type"] == "message")
+            text = message["content"][0]["text"]
+            usage = current.get("usage") or {}
+            n = int(usage.get("output_tokens", 0)) - int(
+                (usage.get("output_tokens_details") or {}).get("reasoning_tokens", 0)
+            )
+            return await _stream_response(
+                request, headers, stored, message, text, n, 0, 0, None, {"status": None}
+            )
+        return _json_response(200, current, headers)
+    if action == "delete":
+        del state.responses[response_id]
+        return _json_response(
+            200, {"id": response_id, "object": "response", "deleted": True}, headers
+        )
+    if action == "input_items":
+        items = stored.input_items
+        page = {
+            "object": "list",
+            "data": items,
+            "first_id": items[0]["id"] if items else None,
+            "last_id": items[-1]["id"] if items else None,
+            "has_more": False,
+        }
+        return _json_response(200, page, headers)
+    # cancel
+    if not current["background"]:
+        return _response_error(
+            400, "Only responses created with background=true can be cancelled.", headers
+        )
+    if current["status"] in ("queued", "in_progress"):
+        current.update({"status": "cancelled", "output": [], "usage": None})
+    return _json_response(200, current, headers)
+
+
+async def _models(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    ok, _, _ = state.check_auth(request)
+    headers = _base_headers(state, _request_id())
+    if not ok:
+        return _json_response(401, _error_body(401, KIND_CHAT, 0), headers)
+    created = 1_720_000_000
+    data = [
+        {"id": model, "object": "model", "created": created, "owned_by": "system"}
+        for model in (CHAT_MODEL, COMPLETION_MODEL, EMBEDDING_MODEL, "dall-e-3", "whisper", "tts")
+    ]
+    return _json_response(200, {"object": "list", "data": data}, headers)
+
+
 async def _stats(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     return web.json_response(
@@ -1000,6 +1651,7 @@ async def _stats(request: web.Request) -> web.Response:
             "total_requests": state.total_requests,
             "by_deployment": state.by_deployment,
             "by_status": state.by_status,
+            "stored_responses": len(state.responses),
             "config": state.config,
             "last_requests": list(state.last_requests),
         },
@@ -1067,6 +1719,22 @@ def build_app(
     for kind in (KIND_CHAT, KIND_EXTENSIONS_CHAT, KIND_COMPLETIONS, KIND_EMBEDDINGS, KIND_IMAGES):
         app.router.add_post(base + kind, functools.partial(_handle_api, kind=kind))
     app.router.add_post(base + KIND_AUDIO, _handle_audio)
+    app.router.add_post(
+        base + KIND_TRANSLATIONS, functools.partial(_handle_audio, kind=KIND_TRANSLATIONS)
+    )
+    app.router.add_post(base + KIND_SPEECH, _handle_speech)
+    for prefix in ("/openai/responses", "/openai/v1/responses"):
+        for method, tail, action in (
+            ("POST", "", "create"),
+            ("GET", "/{response_id}", "get"),
+            ("DELETE", "/{response_id}", "delete"),
+            ("GET", "/{response_id}/input_items", "input_items"),
+            ("POST", "/{response_id}/cancel", "cancel"),
+        ):
+            handler = functools.partial(_handle_responses, action=action)
+            app.router.add_route(method, prefix + tail, handler)
+    app.router.add_get("/openai/models", _models)
+    app.router.add_get("/openai/v1/models", _models)
     # Azure AI Search: the REST form and the OData form the Azure SDKs use.
     search = functools.partial(_handle_api, kind=KIND_SEARCH)
     app.router.add_post("/indexes/{deployment}/docs/search", search)

@@ -1,5 +1,7 @@
 // The attendee playground: paste a key, see the event and what is left today, chat with
-// streaming, generate images. The key is kept in sessionStorage only.
+// streaming (Chat completions, or the Responses API with the conversation kept upstream),
+// generate images. The models come from the event's model list. The key is kept in
+// sessionStorage only.
 
 import {
   $, ApiError, KEY_STORAGE, badge, call, callJson, duration, fill, h, number, session,
@@ -13,17 +15,29 @@ const state = {
   key: "",
   info: null,
   messages: [], // the conversation without the system message
+  previousId: null, // Responses: the last answer's id, which carries the conversation
   controller: null,
 };
 
 // --- connecting -------------------------------------------------------------------------
 
+/** The chat models this key may use, from the event's model list (GET /openai/v1/models). */
+async function chatModels(key, info) {
+  try {
+    const list = await callJson("/openai/v1/models", { headers: { "api-key": key } });
+    return list.data.filter((m) => m.capabilities && m.capabilities.chat_completion).map((m) => m.id);
+  } catch {
+    return (info.deployments && info.deployments["openai-chat"]) || [];
+  }
+}
+
 async function connect(key) {
   const info = await callJson("/eventinfo", { headers: { "api-key": key } });
+  const models = await chatModels(key, info);
   state.key = key;
   state.info = info;
   session.set(KEY_STORAGE, key);
-  showEvent(info);
+  showEvent(info, true, models);
   $("#connect-view").hidden = true;
   $("#play-view").hidden = false;
   $("#forget").hidden = false;
@@ -33,7 +47,7 @@ async function connect(key) {
 function forget() {
   if (state.controller) state.controller.abort();
   session.remove(KEY_STORAGE);
-  Object.assign(state, { key: "", info: null, messages: [] });
+  Object.assign(state, { key: "", info: null, messages: [], previousId: null });
   clearConversation();
   $("#key").value = "";
   $("#who").textContent = "";
@@ -61,7 +75,7 @@ function setMeter(el, left, cap) {
   el.classList.toggle("low", share < 0.15);
 }
 
-function showEvent(info, first = true) {
+function showEvent(info, first = true, models = []) {
   $("#event-name").textContent = info.name;
   fill($("#event-status"), badge(info.status));
   $("#event-window").textContent = windowText(info.starts_at_utc, info.ends_at_utc);
@@ -81,7 +95,7 @@ function showEvent(info, first = true) {
   $("#resets-in").textContent = today.resets_in_seconds ? duration(today.resets_in_seconds) : "—";
   if (!first) return;
 
-  const chat = (info.deployments && info.deployments["openai-chat"]) || [];
+  const chat = models;
   fill($("#model"), chat.map((name) => h("option", { value: name }, name)));
   $("#model").disabled = chat.length === 0;
   $("#send").disabled = chat.length === 0;
@@ -123,6 +137,7 @@ function showUsage({ usage = null, ttft = null, latency = null }) {
 
 function clearConversation() {
   state.messages = [];
+  state.previousId = null;
   fill($("#conversation"), h("p", { class: "empty", id: "conversation-empty" },
     "Send a message to start. Answers stream in as the model writes them."));
   showError($("#chat-error"), null);
@@ -180,6 +195,52 @@ async function* events(response) {
   }
 }
 
+/** The request of one turn: Chat completions, or the Responses API on its v1 path. */
+function turnRequest(model, text) {
+  const headers = { "api-key": state.key };
+  if ($("#api").value !== "responses") {
+    return [`/openai/deployments/${encodeURIComponent(model)}/chat/completions?api-version=${API_VERSION}`,
+      { method: "POST", headers, body: chatBody() }];
+  }
+  const system = $("#system").value.trim();
+  const body = {
+    model,
+    input: text,
+    stream: true,
+    max_output_tokens: boundedMaxTokens(),
+    temperature: Number($("#temperature").value),
+    top_p: Number($("#top-p").value),
+    ...(system ? { instructions: system } : {}),
+    ...(state.previousId ? { previous_response_id: state.previousId } : {}),
+  };
+  return ["/openai/v1/responses", { method: "POST", headers, body }];
+}
+
+/** What one event of either stream says: text, usage, an error, the response's id. */
+function readEvent(chunk) {
+  if (chunk.type === "error" || (chunk.error && !chunk.type)) {
+    const error = chunk.error || chunk;
+    return { error: new ApiError(error.code || "upstream_error", error.message || "", error.status || 0) };
+  }
+  if (chunk.type) { // the Responses API
+    if (chunk.type === "response.output_text.delta") return { delta: chunk.delta };
+    if (chunk.type === "response.completed" || chunk.type === "response.incomplete") {
+      const u = chunk.response.usage;
+      return {
+        id: chunk.response.id,
+        usage: u && { prompt_tokens: u.input_tokens, completion_tokens: u.output_tokens, total_tokens: u.total_tokens },
+      };
+    }
+    return {};
+  }
+  const choice = chunk.choices && chunk.choices[0];
+  return {
+    usage: chunk.usage,
+    delta: choice && choice.delta && choice.delta.content,
+    filtered: choice && choice.finish_reason === "content_filter",
+  };
+}
+
 async function send(text) {
   const model = $("#model").value;
   showError($("#chat-error"), null);
@@ -192,27 +253,25 @@ async function send(text) {
   const started = performance.now();
   let ttft = null, usage = null, received = "";
   try {
-    const response = await call(
-      `/openai/deployments/${encodeURIComponent(model)}/chat/completions?api-version=${API_VERSION}`,
-      { method: "POST", headers: { "api-key": state.key }, body: chatBody(), signal: state.controller.signal },
-    );
+    const [path, options] = turnRequest(model, text);
+    const response = await call(path, { ...options, signal: state.controller.signal });
+    let answerId = null;
     for await (const chunk of events(response)) {
-      if (chunk.error) {
-        throw new ApiError(chunk.error.code || "upstream_error", chunk.error.message || "", chunk.error.status || 0);
-      }
-      if (chunk.usage) usage = chunk.usage;
-      const choice = chunk.choices && chunk.choices[0];
-      const delta = choice && choice.delta && choice.delta.content;
+      const { error, usage: used, delta, filtered, id } = readEvent(chunk);
+      if (error) throw error;
+      if (used) usage = used;
+      if (id) answerId = id;
       if (delta) {
         if (ttft === null) ttft = performance.now() - started;
         received += delta;
         answer.content.textContent = received;
         answer.el.scrollIntoView({ block: "end" });
       }
-      if (choice && choice.finish_reason === "content_filter") {
+      if (filtered) {
         showError($("#chat-error"), new ApiError("content_filter", "The answer was cut by the content filter."));
       }
     }
+    if (answerId) state.previousId = answerId;
     state.messages.push({ role: "assistant", content: received });
     showUsage({ usage, ttft, latency: performance.now() - started });
   } catch (error) {
@@ -311,6 +370,7 @@ $("#prompt").addEventListener("keydown", (event) => {
 });
 $("#stop").addEventListener("click", () => state.controller && state.controller.abort());
 $("#clear").addEventListener("click", clearConversation);
+$("#api").addEventListener("change", clearConversation); // each API keeps its own conversation
 $("#max-tokens").addEventListener("change", boundedMaxTokens);
 for (const [input, output] of [["#temperature", "#temperature-value"], ["#top-p", "#top-p-value"]]) {
   $(input).addEventListener("input", () => { $(output).textContent = $(input).value; });

@@ -5,6 +5,10 @@ keys already known (cached) always pass. A client with more than `threshold` fai
 `window` seconds may only have `lookups_per_second` unknown keys looked up in storage; the rest
 get 429 `too_many_failed_keys`. Keys are 190 random bits, so guessing is hopeless anyway; this
 protects storage from lookup floods and makes noise visible.
+
+Shared codes are short and chosen by people, so they can be guessed: wrong codes (at
+registration, or in a key made of event, code and email) are counted per event and client, and
+a client with `MAX_FAILED_CODES` wrong ones in a minute waits before trying another.
 """
 
 from __future__ import annotations
@@ -73,3 +77,44 @@ def client_address(headers: object, peer: tuple[str, int] | None) -> str:
     if forwarded:
         return forwarded.rsplit(",", 1)[-1].strip()[:64]
     return peer[0] if peer else "unknown"
+
+
+# Wrong shared codes per event and client address before that client has to wait: for
+# registrations and for keys made of event, shared code and email alike.
+MAX_FAILED_CODES = 10
+FAILED_CODE_WINDOW_SECONDS = 60.0
+
+
+class FailedCodes:
+    """Wrong shared codes per (event, client) in a sliding window, so codes cannot be guessed."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._failures: dict[tuple[str, str], deque[float]] = {}
+
+    def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
+        failures = self._failures.setdefault(key, deque())
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        return failures
+
+    def check(self, event_id: str, client: str) -> None:
+        now = time.monotonic()
+        failures = self._recent((event_id, client), now)
+        if len(failures) >= self.limit:
+            wait = max(1, int(failures[0] + self.window - now + 0.999))
+            raise ProxyError(
+                "too_many_failed_keys",
+                f"Too many wrong event codes from your address. Wait {wait} seconds, "
+                "then try again with the code from the organiser.",
+                headers={"Retry-After": str(wait)},
+            )
+
+    def record(self, event_id: str, client: str) -> None:
+        if len(self._failures) > 10_000:
+            self._failures.clear()  # bounded memory; a flood only resets the counting
+        self._recent((event_id, client), time.monotonic()).append(time.monotonic())
+
+
+failed_codes = FailedCodes(MAX_FAILED_CODES, FAILED_CODE_WINDOW_SECONDS)

@@ -1,4 +1,8 @@
-"""Attendee keys: their format, how they are found (by hash) and where callers put them."""
+"""Attendee keys: their format, how they are found (by hash) and where callers put them.
+
+Two kinds: `aip-` keys the proxy issues (looked up by their hash), and, for events with a shared
+code, the seed's `{event_id}@{shared_code}/{email}`, which needs no registration step.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,18 @@ def new_key() -> str:
 
 def is_well_formed(key: str) -> bool:
     return _KEY_PATTERN.match(key) is not None
+
+
+def code_key_parts(key: str) -> tuple[str, str, str] | None:
+    """(event id, shared code, email) of a `{event_id}@{shared_code}/{email}` key, else None.
+
+    Event ids hold no '@' and emails no '/', so a code may hold either.
+    """
+    event_id, at, rest = key.partition("@")
+    code, slash, email = rest.rpartition("/")
+    if not (at and slash and event_id and code and email) or len(key) > 500:
+        return None
+    return event_id, code, email.strip().lower()
 
 
 def hash_key(key: str) -> str:

@@ -183,7 +183,7 @@ async def list_attendees(runtime: Runtime, caller: Caller, event_id: str) -> lis
 async def revoke(runtime: Runtime, caller: Caller, event_id: str, attendee_id: str) -> Attendee:
     found = await attendee(runtime, caller, event_id, attendee_id)
     await runtime.attendees.revoke(found, now=clock.now())
-    runtime.forget_key(found.key_hash)
+    runtime.forget_attendee(found)
     return found
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -386,10 +386,58 @@ SCHEMAS: dict[str, Schema] = {
         ("file",),
         additionalProperties=True,
     ),
+    "SpeechRequest": _object(
+        {
+            "input": _string("the text to say", maxLength=4096),
+            "voice": _string("alloy, echo, fable, onyx, nova, shimmer, …"),
+            "model": _string("the deployment (OpenAI v1 paths)"),
+            "response_format": _string("mp3 (default), opus, aac, flac, wav or pcm"),
+        },
+        ("input", "voice"),
+        additionalProperties=True,
+        description="Metered in characters of input",
+    ),
+    "ResponseRequest": _object(
+        {
+            "model": _string("the deployment"),
+            "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {}}]},
+            "instructions": _string("a system message"),
+            "previous_response_id": _string(
+                "an id this proxy answered to this key: the call goes where that response is"
+            ),
+            "max_output_tokens": _integer("at most the event's max_token_cap", 1),
+            "stream": _boolean("answer as server-sent events"),
+            "background": _boolean("answer at once; poll GET /responses/{response_id}"),
+            "store": _boolean("keep the response upstream (default true)"),
+        },
+        ("model",),
+        additionalProperties=True,
+    ),
     "SearchRequest": _object(
         {"search": _string("the query text"), "top": _integer("how many results", 1)},
         additionalProperties=True,
         description="An Azure AI Search query, passed through",
+    ),
+    "Model": _object(
+        {
+            "id": _string("the deployment name to send as model"),
+            "object": {"type": "string", "enum": ["model"]},
+            "created": _integer("when its first resource was added, Unix seconds"),
+            "owned_by": _string("always aiproxy"),
+            "model_class": {"type": "string", "enum": list(MODEL_CLASSES)},
+            "capabilities": _object(
+                {}, additionalProperties={"type": "boolean"}, description="what it can do"
+            ),
+        },
+        ("id", "object", "created", "owned_by"),
+        description="A deployment of the event's catalog",
+    ),
+    "ModelList": _object(
+        {
+            "object": {"type": "string", "enum": ["list"]},
+            "data": {"type": "array", "items": _ref("Model")},
+        },
+        ("object", "data"),
     ),
     "OpenAIAnswer": _OPENAI_ANSWER,
     "UpstreamError": _object(
@@ -422,8 +470,10 @@ _PARAMETERS: dict[str, str] = {
     "resource_id": "the resource's id",
     "attendee_id": "the attendee's id",
     "deployment": "the deployment name in the event's catalog",
+    "model": "a deployment name in the event's catalog",
     "index": "the search index name in the event's catalog",
     "file": "a file's path under pages/, e.g. vendor/marked.min.js (may hold '/')",
+    "response_id": "a response id as this proxy answered it (only the key that made it)",
 }
 _API_VERSION: Schema = {
     "name": "api-version",
@@ -497,6 +547,43 @@ def proxy(route: str, operation_id: str, summary: str, body: str, **kw: Any) -> 
     )
 
 
+_GET_RESPONSE = "A response, from the member that holds it; ?stream=true replays its events"
+_DELETE = "Delete a stored response"
+_ITEMS = "The input items of a response"
+_CANCEL = "Cancel a background response"
+
+
+def response_by_id(method: str, route: str, operation_id: str, summary: str) -> Operation:
+    """A call on a stored response: attendee key; 404 for an id that is not this key's."""
+    return Operation(
+        method,
+        route,
+        operation_id,
+        summary,
+        "proxy",
+        ATTENDEE_KEY,
+        answer="OpenAIAnswer",
+        answer_types=_STREAMS if method == "GET" and "input_items" not in route else _JSON,
+        errors=_PROXY_ERRORS,
+        query=() if route.startswith("openai/v1/") else (_API_VERSION,),
+    )
+
+
+def catalog(route: str, operation_id: str, summary: str, answer: str) -> Operation:
+    """A GET of the event's catalog as models: attendee key; 404 for a model not in it."""
+    return Operation(
+        "GET",
+        route,
+        operation_id,
+        summary,
+        "proxy",
+        ATTENDEE_KEY,
+        answer=answer,
+        errors=(401, 404, 429, 503) if "{" in route else (401, 429, 503),
+        query=() if route.startswith("openai/v1/") else (_API_VERSION,),
+    )
+
+
 def anonymous(method: str, route: str, operation_id: str, summary: str, **kw: Any) -> Operation:
     return Operation(
         method, route, operation_id, summary, kw.pop("tag", "attendees"), ANONYMOUS, **kw
@@ -517,7 +604,9 @@ def page(route: str, operation_id: str, summary: str) -> Operation:
     )
 
 
+_JSON = ("application/json",)
 _STREAMS = ("application/json", "text/event-stream")
+_AUDIO = ("audio/mpeg", "audio/wav", "application/octet-stream")
 
 OPERATIONS: list[Operation] = [
     # management: events
@@ -690,9 +779,23 @@ OPERATIONS: list[Operation] = [
     proxy(
         "openai/deployments/{deployment}/audio/transcriptions",
         "audioTranscriptions",
-        "Audio transcriptions (multipart)",
+        "Audio transcriptions (multipart), metered in seconds",
         "TranscriptionRequest",
         body_type="multipart/form-data",
+    ),
+    proxy(
+        "openai/deployments/{deployment}/audio/translations",
+        "audioTranslations",
+        "Audio translations to English (multipart), metered in seconds",
+        "TranscriptionRequest",
+        body_type="multipart/form-data",
+    ),
+    proxy(
+        "openai/deployments/{deployment}/audio/speech",
+        "audioSpeech",
+        "Text to speech: the audio streamed through, metered in characters",
+        "SpeechRequest",
+        answer_types=_AUDIO,
     ),
     # proxy: OpenAI v1 paths, the deployment is the body's model
     proxy(
@@ -725,6 +828,56 @@ OPERATIONS: list[Operation] = [
         "ImageRequest",
         query=(),
     ),
+    proxy(
+        "openai/v1/audio/transcriptions",
+        "v1AudioTranscriptions",
+        "Audio transcriptions (OpenAI v1 path; the form's model = deployment)",
+        "TranscriptionRequest",
+        body_type="multipart/form-data",
+        query=(),
+    ),
+    proxy(
+        "openai/v1/audio/translations",
+        "v1AudioTranslations",
+        "Audio translations (OpenAI v1 path)",
+        "TranscriptionRequest",
+        body_type="multipart/form-data",
+        query=(),
+    ),
+    proxy(
+        "openai/v1/audio/speech",
+        "v1AudioSpeech",
+        "Text to speech (OpenAI v1 path)",
+        "SpeechRequest",
+        answer_types=_AUDIO,
+        query=(),
+    ),
+    # proxy: the Responses API; calls by id reach the member that holds the response
+    proxy(
+        "openai/responses",
+        "createResponse",
+        "Create a response (AzureOpenAI path, api-version 2025-03-01-preview or later)",
+        "ResponseRequest",
+        answer_types=_STREAMS,
+    ),
+    proxy(
+        "openai/v1/responses",
+        "v1CreateResponse",
+        "Create a response (OpenAI v1 path)",
+        "ResponseRequest",
+        answer_types=_STREAMS,
+        query=(),
+    ),
+    response_by_id("GET", "openai/responses/{response_id}", "getResponse", _GET_RESPONSE),
+    response_by_id("DELETE", "openai/responses/{response_id}", "deleteResponse", _DELETE),
+    response_by_id("GET", "openai/responses/{response_id}/input_items", "listInputItems", _ITEMS),
+    response_by_id("POST", "openai/responses/{response_id}/cancel", "cancelResponse", _CANCEL),
+    response_by_id("GET", "openai/v1/responses/{response_id}", "v1GetResponse", _GET_RESPONSE),
+    response_by_id("DELETE", "openai/v1/responses/{response_id}", "v1DeleteResponse", _DELETE),
+    response_by_id(
+        "GET", "openai/v1/responses/{response_id}/input_items", "v1ListInputItems", _ITEMS
+    ),
+    response_by_id("POST", "openai/v1/responses/{response_id}/cancel", "v1CancelResponse", _CANCEL),
     # proxy: Azure AI Search
     proxy("indexes/{index}/docs/search", "search", "Azure AI Search query", "SearchRequest"),
     proxy(
@@ -733,6 +886,11 @@ OPERATIONS: list[Operation] = [
         "Azure AI Search query (OData path the Search SDK uses)",
         "SearchRequest",
     ),
+    # proxy: the catalog as a model list
+    catalog("openai/models", "listModels", "The event's models (AzureOpenAI client)", "ModelList"),
+    catalog("openai/models/{model}", "getModel", "One of the event's models", "Model"),
+    catalog("openai/v1/models", "v1ListModels", "The event's models (OpenAI v1 path)", "ModelList"),
+    catalog("openai/v1/models/{model}", "v1GetModel", "One of the event's models", "Model"),
     # attendees
     Operation(
         "GET",
@@ -742,7 +900,7 @@ OPERATIONS: list[Operation] = [
         "attendees",
         ATTENDEE_KEY,
         answer="EventInfo",
-        errors=(401, 503),
+        errors=(401, 429, 503),  # 429: too many wrong keys from the caller's address
     ),
     anonymous(
         "GET",
@@ -801,6 +959,22 @@ OPERATIONS: list[Operation] = [
         tag="operations",
     ),
 ]
+
+# The seed's layout: every route that takes an event key, again under /v1 (function_app.py).
+SEED_PREFIX = "v1/"
+
+
+def seed_twin(op: Operation) -> Operation:
+    return replace(
+        op,
+        route=SEED_PREFIX + op.route,
+        operation_id="seed" + op.operation_id[0].upper() + op.operation_id[1:],
+        tag="seed",
+        summary=f"{op.summary}; under /v1",
+    )
+
+
+OPERATIONS += [seed_twin(op) for op in OPERATIONS if op.security == ATTENDEE_KEY]
 
 # --- the document ---------------------------------------------------------------------------
 
@@ -894,6 +1068,13 @@ def _base_document() -> Schema:
         "tags": [
             {"name": "management", "description": "Organisers and scripts (function key)"},
             {"name": "proxy", "description": "Azure OpenAI and AI Search, with an event key"},
+            {
+                "name": "seed",
+                "description": (
+                    "The proxy routes again under /v1, the layout of the AI Proxy this replaces: "
+                    "AzureOpenAI(azure_endpoint=<base>/v1) works unchanged"
+                ),
+            },
             {"name": "attendees", "description": "Event info and self-registration"},
             {"name": "pages", "description": "Web pages"},
             {"name": "operations", "description": "Health and this document"},

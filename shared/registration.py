@@ -8,9 +8,6 @@ registering again gets the same attendee and key back.
 
 from __future__ import annotations
 
-import re
-import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,20 +19,16 @@ from shared import clock
 from shared.attendees import Attendee
 from shared.errors import ProxyError, invalid
 from shared.events import Event
-from shared.guard import client_address
+from shared.guard import client_address, failed_codes
 from shared.keys import same_secret
 from shared.pages import base_path
 from shared.pipeline import REQUEST_ID_HEADER, error_response, new_request_id
 from shared.principal import principal
 from shared.runtime import Runtime, get_runtime, storage_down
 from shared.tables import StorageUnavailable
-from shared.validation import is_id, json_object, known_fields
+from shared.validation import is_email, is_id, json_object, known_fields
 
-_EMAIL = re.compile(r"^[^@\s,;<>()\"]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z0-9-]{2,}$")
 _FIELDS = {"email", "shared_code"}
-# Wrong shared codes per event and client address before registration pauses for that client.
-MAX_FAILED_CODES = 10
-FAILED_CODE_WINDOW_SECONDS = 60.0
 
 
 @dataclass
@@ -55,41 +48,6 @@ class Registration:
             "user": self.attendee.user,
             "event": self.event.public(),
         }
-
-
-class FailedCodes:
-    """Wrong shared codes per (event, client) in a sliding window, so codes cannot be guessed."""
-
-    def __init__(self, limit: int, window: float) -> None:
-        self.limit = limit
-        self.window = window
-        self._failures: dict[tuple[str, str], deque[float]] = {}
-
-    def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
-        failures = self._failures.setdefault(key, deque())
-        while failures and failures[0] <= now - self.window:
-            failures.popleft()
-        return failures
-
-    def check(self, event_id: str, client: str) -> None:
-        now = time.monotonic()
-        failures = self._recent((event_id, client), now)
-        if len(failures) >= self.limit:
-            wait = max(1, int(failures[0] + self.window - now + 0.999))
-            raise ProxyError(
-                "too_many_failed_keys",
-                f"Too many wrong registration codes from your address. Wait {wait} seconds, "
-                "then try again with the code from the organiser.",
-                headers={"Retry-After": str(wait)},
-            )
-
-    def record(self, event_id: str, client: str) -> None:
-        if len(self._failures) > 10_000:
-            self._failures.clear()  # bounded memory; a flood only resets the counting
-        self._recent((event_id, client), time.monotonic()).append(time.monotonic())
-
-
-failed_codes = FailedCodes(MAX_FAILED_CODES, FAILED_CODE_WINDOW_SECONDS)
 
 
 def check_registration_open(event: Event) -> None:
@@ -116,7 +74,7 @@ def email_user(body: dict[str, Any]) -> str:
     if not isinstance(email, str):
         raise invalid("email", "must be a string")
     email = email.strip().lower()
-    if len(email) > 254 or not _EMAIL.match(email):
+    if not is_email(email):
         raise invalid("email", "must be an email address such as 'ada@example.com'")
     return email
 

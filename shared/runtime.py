@@ -13,20 +13,23 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared import clock
 from shared import settings as settings_module
-from shared.attendees import Attendee, AttendeeStore
+from shared.affinity import AffinitySeal
+from shared.attendees import Attendee, AttendeeStore, attendee_id
 from shared.balancer import Balancer
 from shared.cache import TTLCache
 from shared.caps import Caps
 from shared.catalog import CatalogStore, Resource
 from shared.errors import ProxyError
 from shared.events import Event, EventStore
-from shared.guard import FailedKeyGuard
-from shared.keys import hash_key, is_well_formed
+from shared.guard import FailedKeyGuard, failed_codes
+from shared.keys import KEY_PREFIX, code_key_parts, hash_key, is_well_formed, same_secret
 from shared.settings import Settings
 from shared.tables import StorageUnavailable, Tables
 from shared.upstream import UpstreamClient
 from shared.usage import UsageWriter
+from shared.validation import is_email, is_id
 from shared.vault import Sealer, SecretStore, secret_store
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,7 @@ class Runtime:
         self.settings = settings
         self.tables = Tables(settings)
         self.sealer = Sealer(settings.encryption_key)
+        self.affinity = AffinitySeal(settings.encryption_key)
         self.secrets: SecretStore = secret_store(settings, self.tables, self.sealer)
         self.events = EventStore(self.tables)
         self.catalog = CatalogStore(self.tables)
@@ -85,6 +89,8 @@ class Runtime:
                 "No API key. Send your event key in the 'api-key' header "
                 "or as 'Authorization: Bearer <key>'.",
             )
+        if not key.startswith(KEY_PREFIX) and "@" in key:
+            return await self._code_access(key, client)
         if not is_well_formed(key):
             raise ProxyError(
                 "invalid_api_key",
@@ -115,6 +121,57 @@ class Runtime:
         if event is None:
             raise ProxyError("invalid_api_key", "The event of this key no longer exists.")
         return Access(attendee, event)
+
+    async def _code_access(self, key: str, client: str) -> Access:
+        """A `{event_id}@{shared_code}/{email}` key: checked against the event on every call (so
+        a changed code takes effect with the event's cache), its attendee created on first use.
+
+        The key itself is kept nowhere: the attendee is cached by event and attendee id.
+        """
+        parts = code_key_parts(key)
+        if parts is None or not is_id(parts[0]) or not is_email(parts[2]):
+            raise ProxyError(
+                "invalid_api_key",
+                "Malformed API key. Keys with the event's code look like "
+                "'<event id>@<event code>/<your email>'.",
+            )
+        event_id, code, email = parts
+        event = await self.event(event_id)
+        if event is None or not event.shared_code:
+            raise ProxyError(
+                "invalid_api_key",
+                "This event takes no keys made of its code. Register on its page, or ask the "
+                "organiser for your key.",
+            )
+        failed_codes.check(event.id, client)
+        if not same_secret(code, event.shared_code):
+            failed_codes.record(event.id, client)
+            raise ProxyError(
+                "invalid_api_key",
+                f"That is not the code of event '{event.name}'. Check it with the organiser "
+                "(it is case-sensitive).",
+            )
+        cache_key = f"code:{event.id}:{attendee_id(event.id, email)}"
+        try:
+            attendee = await self._access.get_or_load(
+                cache_key, lambda: self._code_attendee(event, email), _STALE_ON
+            )
+        except StorageUnavailable as exc:
+            raise storage_down() from exc
+        if attendee is None or not attendee.active:
+            raise ProxyError(
+                "key_revoked",
+                "Your access to this event was revoked by the organiser. Ask them about it.",
+            )
+        return Access(attendee, event)
+
+    async def _code_attendee(self, event: Event, email: str) -> Attendee:
+        """The attendee of an email in an event, created (like a registration) on first use."""
+        found = await self.attendees.get(event.id, attendee_id(event.id, email))
+        if found is not None:
+            return found
+        created, _ = await self.attendees.add(event.id, email, now=clock.now())
+        return created
 
     async def event(self, event_id: str) -> Event | None:
         try:
@@ -148,6 +205,11 @@ class Runtime:
 
     def forget_key(self, key_hash: str) -> None:
         self._access.invalidate(key_hash)
+
+    def forget_attendee(self, attendee: Attendee) -> None:
+        """A revoked attendee: its key and its keys made of the event's code."""
+        self._access.invalidate(attendee.key_hash)
+        self._access.invalidate(f"code:{attendee.event_id}:{attendee.id}")
 
     def forget_event(self, event_id: str) -> None:
         self._events.invalidate(event_id)

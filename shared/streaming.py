@@ -1,8 +1,9 @@
 """Server-sent event streams passed through chunk by chunk, metered on the way.
 
-The meter looks for the final usage chunk (`"choices": []` with a `usage` object), removes it
-for a client that did not ask for it, and keeps the raw stream so that tokens can be estimated
-when the upstream sends no usage at all.
+The chat meter looks for the final usage chunk (`"choices": []` with a `usage` object), removes
+it for a client that did not ask for it, and keeps the raw stream so that tokens can be
+estimated when the upstream sends no usage at all. The Responses meter reads the usage of the
+stream's last response event and lets the ids in it be rewritten.
 """
 
 from __future__ import annotations
@@ -171,3 +172,110 @@ class EventStreamResponse(StreamingResponse):
             close = getattr(self.body_iterator, "aclose", None)
             if close is not None:
                 await close()  # a body cut while sending: its finally runs now, not at GC
+
+
+# Events of a Responses stream that end it, and the pieces that mark an event worth reading.
+RESPONSE_END_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# In an event worth reading; never in a text delta (whose type is "response.output_text…").
+_WORTH_READING = (b'"response":', b'"encrypted_content":"', b"event: error")
+
+
+class ResponseStreamMeter:
+    """Feeds a Responses API stream through event by event.
+
+    Only the few events that carry a whole response (created, in_progress, completed, …), an
+    item with `encrypted_content`, or an error are parsed: `rewrite` changes them in place (the
+    ids the caller sees) and they are encoded again. The text deltas, nearly all of a stream,
+    pass as they came. The usage is the last response's.
+    """
+
+    def __init__(self, rewrite: Any) -> None:
+        self._rewrite = rewrite
+        self._separator: bytes | None = None
+        self._buffer = b""
+        self._kept: list[bytes] = []
+        self._kept_bytes = 0
+        self.response: dict[str, Any] | None = None  # the last one seen, as the upstream sent it
+        self.usage: dict[str, Any] | None = None
+        self.done = False  # an end event (completed, incomplete, failed) or an error came
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._buffer + chunk if self._buffer else chunk
+        separator = self._separator = self._separator or _separator_of(data)
+        end = data.rfind(separator) if separator else -1
+        if end < 0:
+            self._buffer = data
+            return b""
+        end += len(separator)
+        complete, self._buffer = data[:end], data[end:]
+        assert separator is not None
+        if self._kept_bytes < _KEEP_LIMIT:
+            self._kept.append(complete)
+            self._kept_bytes += len(complete)
+        if not (
+            _WORTH_READING[0] in complete
+            or _WORTH_READING[1] in complete
+            or _WORTH_READING[2] in complete
+        ):
+            return complete  # text deltas: passed as they came
+        # Each marker's next place, found again only once passed: a long chunk is scanned
+        # about once per marker, not once per event.
+        places = [complete.find(marker) for marker in _WORTH_READING]
+        parts, position = [], 0
+        while True:
+            found = min((at for at in places if at >= 0), default=-1)
+            if found < 0:
+                break
+            start = complete.rfind(separator, position, found)
+            start = position if start < 0 else start + len(separator)
+            end = complete.find(separator, found) + len(separator)
+            parts += (complete[position:start], self._read(complete[start:end], separator))
+            position = end
+            for index, at in enumerate(places):
+                if 0 <= at < position:
+                    places[index] = complete.find(_WORTH_READING[index], position)
+        parts.append(complete[position:])
+        return b"".join(parts)
+
+    def _read(self, event: bytes, separator: bytes) -> bytes:
+        lines = event.removesuffix(separator).split(separator[: len(separator) // 2])
+        for index, line in enumerate(lines):
+            if not line.startswith(b"data:"):
+                continue
+            try:
+                value = orjson.loads(line[5:])
+            except orjson.JSONDecodeError:
+                return event
+            if not isinstance(value, dict):
+                return event
+            kind = value.get("type")
+            response = value.get("response")
+            if isinstance(response, dict):
+                self.response = response
+                if kind in RESPONSE_END_EVENTS:
+                    self.done = True
+                    usage = response.get("usage")
+                    self.usage = usage if isinstance(usage, dict) else None
+            elif kind == "error":
+                self.done = True
+            self._rewrite(value)
+            lines[index] = b"data: " + orjson.dumps(value)
+            return separator[: len(separator) // 2].join(lines) + separator
+        return event
+
+    def rest(self) -> bytes:
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+    def estimate_output_tokens(self) -> int:
+        """Tokens of the text deltas, for when no usage came."""
+        if self._separator is None:
+            return 0
+        parts: list[str] = []
+        for event in _split_events(b"".join(self._kept), self._separator):
+            if b"output_text.delta" not in event:
+                continue
+            value = _event_json(event)
+            if value and isinstance(value.get("delta"), str):
+                parts.append(value["delta"])
+        return tokens.count("".join(parts))

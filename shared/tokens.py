@@ -65,3 +65,15 @@ def prompt_tokens(payload: dict[str, Any]) -> int:
         if isinstance(value, list):
             return sum(count(v) if isinstance(v, str) else len(v) for v in value if v)
     return 0
+
+
+def response_prompt_tokens(payload: dict[str, Any]) -> int:
+    """Estimated input tokens of a Responses API request (instructions and input texts)."""
+    texts = [payload["instructions"]] if isinstance(payload.get("instructions"), str) else []
+    value = payload.get("input")
+    if isinstance(value, str):
+        texts.append(value)
+    for item in value if isinstance(value, list) else ():
+        if isinstance(item, dict):
+            texts.append(_content_text(item.get("content", item.get("output"))))
+    return sum(count(text) for text in texts)

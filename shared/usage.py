@@ -100,7 +100,10 @@ class Journal:
 
 @dataclass
 class UsageRecord:
-    """What one request used. `outcome` is ok, upstream_error, cut or client_gone."""
+    """What one request used. `outcome` is ok, upstream_status, upstream_error, upstream_timeout,
+    no_capacity, cut or client_gone; a background response has two records: `background` for
+    the call that started it (no tokens yet) and `background_result` with its tokens, written
+    when a call to the proxy first sees it finished."""
 
     event_id: str
     attendee_id: str
@@ -118,7 +121,8 @@ class UsageRecord:
     local_date: str
     request_id: str
     outcome: str = "ok"
-    units: int = 0  # images generated, audio seconds, searches: counted in their own units
+    units: int = 0  # images generated, audio seconds, speech characters, searches
+    reasoning_tokens: int = 0  # of completion_tokens, those the model spent reasoning
 
     @property
     def partition(self) -> str:

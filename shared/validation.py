@@ -10,6 +10,7 @@ import orjson
 from shared.errors import ProxyError, invalid
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_EMAIL = re.compile(r"^[^@\s,;<>()\"]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z0-9-]{2,}$")
 
 
 def text(param: str, value: Any, *, limit: int, required: bool = False) -> str:
@@ -49,6 +50,11 @@ def known_fields(body: dict[str, Any], allowed: set[str], kind: str) -> None:
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise invalid(unknown[0], f"is not {kind} field (fields: {', '.join(sorted(allowed))})")
+
+
+def is_email(value: str) -> bool:
+    """An email address as attendees register with it (already lower-cased and stripped)."""
+    return len(value) <= 254 and _EMAIL.match(value) is not None
 
 
 def is_id(value: str) -> bool:

@@ -550,23 +550,17 @@ def excluded_by_sign_in(path: str) -> bool:
     )
 
 
-def function_app_routes() -> dict[str, set[str]]:
-    """Every HTTP route in function_app.py, with the pipeline functions its body calls."""
-    tree = ast.parse((ROOT / "function_app.py").read_text())
-    routes: dict[str, set[str]] = {}
-    for function in tree.body:
-        if not isinstance(function, ast.AsyncFunctionDef | ast.FunctionDef):
-            continue
-        for decorator in function.decorator_list:
-            if isinstance(decorator, ast.Call) and getattr(decorator.func, "attr", "") == "route":
-                (route,) = (k.value.value for k in decorator.keywords if k.arg == "route")
-                routes[route] = {
-                    node.attr
-                    for node in ast.walk(function)
-                    if isinstance(node, ast.Attribute)
-                    and isinstance(node.value, ast.Name)
-                    and node.value.id == "pipeline"
-                }
+def function_app_routes() -> dict[str, bool]:
+    """Every HTTP route the app registers, and whether it takes an event key."""
+    import function_app
+
+    keyed = {name for name, *_ in function_app.PROXY_ROUTES}
+    keyed |= {function_app.SEED_NAME_PREFIX + name for name in keyed}
+    routes: dict[str, bool] = {}
+    for function in function_app.app.get_functions():
+        trigger = function.get_trigger()
+        if trigger.get_binding_name() == "httpTrigger":
+            routes[trigger.route] = function.get_function_name() in keyed
     return routes
 
 
@@ -579,9 +573,14 @@ def test_sign_in_skips_every_route_that_takes_an_event_key() -> None:
     # OpenAI clients send the event key as a bearer token, which sign-in would try to validate
     # as an Entra token and refuse; the Search SDKs' OData route must pass as well.
     routes = function_app_routes()
-    keyed = {route for route, calls in routes.items() if calls & {"proxy", "event_info"}}
+    keyed = {route for route, takes_key in routes.items() if takes_key}
     assert "indexes('{index}')/docs/search.post.search" in keyed
     assert "indexes/{index}/docs/search" in keyed
+    assert {
+        "eventinfo",
+        "v1/eventinfo",
+        "v1/openai/deployments/{deployment}/chat/completions",
+    } <= keyed
     for route in keyed:
         assert excluded_by_sign_in(request_path(route)), route
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import base64
-import io
-import wave
 
 import openai
 import pytest
 
-from tests.harness import AppHost, EventSetup, Simulator, Storage
+from tests.harness import AppHost, EventSetup, Simulator, Storage, wav
 
 
 @pytest.fixture
@@ -19,16 +17,6 @@ def setup(host: AppHost, sim: Simulator) -> EventSetup:
     event.add_resource(sim.url, "whisper", "openai-audio")
     event.add_resource(sim.url, "hotels", "azure-ai-search", upstream_deployment="hotels-v2")
     return event
-
-
-def wav(seconds: float, rate: int = 16_000) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(b"\x00\x00" * int(seconds * rate))
-    return buffer.getvalue()
 
 
 def azure(host: AppHost, key: str) -> openai.AzureOpenAI:

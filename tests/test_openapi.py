@@ -105,7 +105,7 @@ def test_security_schemes_match_the_keys_each_route_takes(document: dict[str, An
             names = {name for option in operation["security"] for name in option}
             if path.startswith("/manage/"):
                 assert names == {"functionKey", "functionKeyQuery"}, (method, path)
-            elif path.startswith(("/openai/", "/indexes")) or path == "/eventinfo":
+            elif path.startswith(("/openai/", "/indexes", "/v1/")) or path == "/eventinfo":
                 assert names == {"apiKey", "bearer"}, (method, path)
             else:
                 assert names == set(), (method, path)

@@ -157,6 +157,38 @@ def test_playground_streams_an_answer_and_shows_the_recorded_usage(
         opened.assert_clean()
 
 
+def test_playground_keeps_a_responses_conversation_upstream(
+    host: AppHost, sim: Simulator, storage: Storage, browser: Browser
+) -> None:
+    event = images_event(host, sim, name="Responses day")
+    event.add_resource(sim.url, "gpt-4.1", "openai-chat")
+    with tab(browser) as opened:
+        page = opened.page
+        connect(opened, host, event.key)
+        # The event's chat models, from its model list.
+        assert page.locator("#model option").all_inner_texts() == ["gpt-4.1", "gpt-4o-mini"]
+        page.select_option("#model", "gpt-4o-mini")
+        page.select_option("#api", "responses")
+        for turn, question in enumerate(("Hello [sim:tokens=6]", "And then? [sim:tokens=4]")):
+            page.fill("#prompt", question)
+            page.click("#send")
+            answer = page.locator(".message.assistant .content").nth(turn)
+            page.wait_for_selector(".message.assistant.streaming", state="detached")
+            assert len(answer.inner_text().split()) >= 4
+            records = storage.usage(event.id, expect=turn + 1)
+            wait_until(
+                lambda r=records: opened.text("#usage-total") == f"{r[-1]['total_tokens']:,}"
+            )
+        first, second = records
+        assert (first["completion_tokens"], second["completion_tokens"]) == (6, 4)
+        # The second turn named the first answer: the upstream got its previous_response_id.
+        sent = [r for r in sim.stats()["last_requests"] if r["path"].endswith("/responses")]
+        assert sent[-1]["body"]["previous_response_id"].startswith("resp_")
+        assert second["prompt_tokens"] > first["total_tokens"]
+        opened.screenshot("playground-responses")
+        opened.assert_clean()
+
+
 def test_playground_renders_a_generated_image(
     host: AppHost, sim: Simulator, browser: Browser
 ) -> None:

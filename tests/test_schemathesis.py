@@ -43,8 +43,9 @@ SHARED_CODE = "schemathesis-code"
 HELLO = {"messages": [{"role": "user", "content": "hello"}]}
 
 # The web pages answer HTML and plain-text 404s: they are not part of the API's error contract.
-# (Schemathesis leaves out GET /openapi.json itself, the document it was loaded from.)
-EXCLUDED_TAGS = ("pages",)
+# (Schemathesis leaves out GET /openapi.json itself, the document it was loaded from.) The seed's
+# /v1 routes are the same functions as their twins without /v1, which are fuzzed.
+EXCLUDED_TAGS = ("pages", "seed")
 # Operations that change or delete what their path names get an event of their own, so they never
 # switch off, revoke, rotate or delete the live event that the proxy operations use.
 MUTATING = {
@@ -79,13 +80,28 @@ CLASS_OF = {
     "imageGenerations": "openai-images",
     "v1ImageGenerations": "openai-images",
     "audioTranscriptions": "openai-audio",
+    "audioTranslations": "openai-audio",
+    "audioSpeech": "openai-audio",
+    "v1AudioTranscriptions": "openai-audio",
+    "v1AudioTranslations": "openai-audio",
+    "v1AudioSpeech": "openai-audio",
+    "createResponse": "openai-chat",
+    "v1CreateResponse": "openai-chat",
     "search": "azure-ai-search",
     "searchOData": "azure-ai-search",
+    "getModel": "openai-chat",
+    "v1GetModel": "openai-chat",
 }
 # The proxy forwards uploads unparsed, so a malformed multipart body (odd field names, or negative
 # data that is not a form at all) only tests the simulator, which answers it with a 500 where Azure
 # answers 400. Uploads are forms of the documented fields.
 AUDIO_FIELDS = {"file", "model", "language", "response_format"}
+UPLOADS = {
+    "audioTranscriptions",
+    "audioTranslations",
+    "v1AudioTranscriptions",
+    "v1AudioTranslations",
+}
 
 # case id -> (requests the upstream received while the case ran, status of its last answer)
 UPSTREAM: dict[str, tuple[int, Any]] = {}
@@ -98,6 +114,7 @@ class Fuzz:
     host: AppHost
     sim: Simulator
     main: EventSetup
+    response_id: str  # a response the main attendee created, for the calls by id
     sandboxes: dict[str, EventSetup] = field(default_factory=dict)
     upstream: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=10))
 
@@ -134,7 +151,13 @@ def fuzz(host: AppHost, sim: Simulator) -> Iterator[Fuzz]:
         headers={"api-key": main.key},
     )
     assert chat.status_code == 200, chat.text
-    state = Fuzz(host, sim, main)
+    created = host.http.post(
+        "/openai/v1/responses",
+        json={"model": DEPLOYMENTS["openai-chat"], "input": "hello"},
+        headers={"api-key": main.key},
+    )
+    assert created.status_code == 200, created.text
+    state = Fuzz(host, sim, main, created.json()["id"])
     yield state
     state.upstream.close()
     # Leave the shared storage as it was: what the run created goes (best effort).
@@ -242,28 +265,39 @@ def with_real_values(case: Case, pick: int, fuzz: Fuzz) -> bool:
     deployment); 3: as generated. Positive bodies get valid values where random ones never are.
     False: the case is not worth sending."""
     operation_id = case.operation.definition.raw.get("operationId", "")
-    if operation_id == "audioTranscriptions" and not isinstance(case.body, dict):
+    if operation_id in UPLOADS and not isinstance(case.body, dict):
         return False
     event = fuzz.event_for(operation_id)
     real = {
         "event_id": event.id,
         "resource_id": next(iter(event.resources)),
         "attendee_id": event.attendee["id"],
+        "response_id": fuzz.response_id,
     }
     model_class = CLASS_OF.get(operation_id)
     if model_class:
         mine = DEPLOYMENTS[model_class]
-        real["deployment"] = real["index"] = mine
+        real["deployment"] = real["index"] = real["model"] = mine
         if pick == 2:
             real["deployment"] = real["index"] = min(set(DEPLOYMENTS.values()) - {mine})
+            real["model"] = real["deployment"]
     params = case.path_parameters or {}
     for name in params:
-        if name in real and (pick < 2 or (pick == 2 and name in ("event_id", "deployment"))):
+        if name in real and (
+            pick < 2 or (pick == 2 and name in ("event_id", "deployment", "model"))
+        ):
             params[name] = real[name]
+    if any(
+        isinstance(v, str) and any(c in v.lower() for c in ("\n", "\r", "%0a", "%0d"))
+        for v in params.values()
+    ):
+        # A path with a line break never reaches the app: the runtime's catch-all answers it
+        # with its own 404 (README, "Answers of the host itself").
+        return False
     body = case.body if isinstance(case.body, dict) else None
     if body is None:
         return True
-    if operation_id == "audioTranscriptions":
+    if operation_id in UPLOADS:
         for name in set(body) - AUDIO_FIELDS:
             del body[name]
     positive = case.meta is None or case.meta.generation.mode == GenerationMode.POSITIVE
@@ -383,7 +417,8 @@ def test_no_server_error_and_every_error_in_the_contract_shape(fuzz: Fuzz) -> No
     assert {"POST /manage/events", "GET /eventinfo", "POST /events/{event_id}/register"} <= set(
         labels
     )
-    assert sum(label.startswith(("POST /openai/", "POST /indexes")) for label in labels) == 12
+    assert sum(label.startswith(("POST /openai/", "POST /indexes")) for label in labels) == 21
+    assert sum("/responses/{response_id}" in label for label in labels) == 8
     assert sum(label.startswith("GET /manage/") for label in labels) >= 7
     assert statuses[200] > 200 and statuses[201] > 0, statuses
     if findings:

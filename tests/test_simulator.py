@@ -413,6 +413,113 @@ def test_stats(sim: str, client: openai.AzureOpenAI) -> None:
     assert last[0]["time"] <= last[3]["time"]
 
 
+def _v1(sim: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{sim}/openai/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_responses_are_stored_chained_and_streamed(sim: str) -> None:
+    client = _v1(sim)
+    first = client.responses.create(model="gpt4o", input="Tell me about rivers.")
+    assert first.id.startswith("resp_") and first.status == "completed"
+    assert first.usage.output_tokens == _ntok(first.output_text) == 16
+    assert first.usage.input_tokens == 3 + _ntok("Tell me about rivers.")
+    follow = client.responses.create(
+        model="gpt4o", input="More.", previous_response_id=first.id, max_output_tokens=4
+    )
+    assert follow.status == "incomplete" and follow.usage.output_tokens == 4
+    assert follow.usage.input_tokens == first.usage.total_tokens + 3 + _ntok("More.")
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    items = list(client.responses.input_items.list(first.id))
+    assert [i.content[0].text for i in items] == ["Tell me about rivers."]
+    with pytest.raises(openai.BadRequestError) as unknown:
+        client.responses.create(model="gpt4o", input="x", previous_response_id="resp_nope")
+    assert unknown.value.code == "previous_response_not_found"
+    events = list(client.responses.create(model="gpt4o", input="[sim:tokens=3]", stream=True))
+    assert [e.type for e in events][-5:] == [
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+
+
+def test_responses_need_a_recent_api_version_on_the_azure_path(sim: str) -> None:
+    old = openai.AzureOpenAI(azure_endpoint=sim, api_key=API_KEY, api_version=API_VERSION)
+    with pytest.raises(openai.BadRequestError):
+        old.responses.create(model="gpt4o", input="hi")
+    new = openai.AzureOpenAI(azure_endpoint=sim, api_key=API_KEY, api_version="2025-04-01-preview")
+    assert new.responses.create(model="gpt4o", input="hi").status == "completed"
+
+
+def test_encrypted_reasoning_is_accepted_only_by_the_simulator_that_made_it(
+    sim: str, tmp_path: Path
+) -> None:
+    client = _v1(sim)
+    reply = client.responses.create(
+        model="o4", input="Think.", reasoning={"effort": "low"},
+        include=["reasoning.encrypted_content"], store=False,
+    )  # fmt: skip
+    reasoning = reply.output[0]
+    assert reasoning.type == "reasoning" and reasoning.encrypted_content
+    assert reply.usage.output_tokens_details.reasoning_tokens == 8
+    again = [{"role": "user", "content": "Think."}, reasoning.model_dump(exclude_none=True)]
+    assert client.responses.create(model="o4", input=again, store=False).status == "completed"
+    proc, port = _start("--name", "other", stderr_path=tmp_path / "stderr.txt")
+    try:
+        with pytest.raises(openai.BadRequestError) as refused:
+            _v1(f"http://127.0.0.1:{port}").responses.create(model="o4", input=again)
+        assert refused.value.code == "invalid_encrypted_content"
+        with pytest.raises(openai.NotFoundError):  # stored responses stay where they were made
+            _v1(f"http://127.0.0.1:{port}").responses.retrieve(reply.id)
+    finally:
+        stop(proc)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def test_background_responses_finish_later_and_can_be_cancelled(sim: str) -> None:
+    client = _v1(sim)
+    queued = client.responses.create(
+        model="gpt4o", input="[sim:background_ms=200]", background=True
+    )
+    assert queued.status == "queued" and queued.usage is None
+    deadline = time.monotonic() + 10
+    while (current := client.responses.retrieve(queued.id)).status == "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert current.status == "completed" and current.usage.output_tokens == 16
+    slow = client.responses.create(
+        model="gpt4o", input="[sim:background_ms=60000]", background=True
+    )
+    assert client.responses.cancel(slow.id).status == "cancelled"
+
+
+def test_speech_and_translations(sim: str, client: openai.AzureOpenAI) -> None:
+    from local.simulator import speech_audio
+
+    spoken = client.audio.speech.create(model="tts", voice="alloy", input="Hello there.")
+    assert spoken.content == speech_audio("Hello there.", "mp3")
+    assert spoken.response.headers["content-type"] == "audio/mpeg"
+    with pytest.raises(openai.BadRequestError):
+        client.audio.speech.create(model="tts", voice="alloy", input="")
+    from tests.harness import wav
+
+    with pytest.warns(DeprecationWarning):
+        translated = client.audio.translations.create(
+            model="whisper", file=("a.wav", wav(1.0)), response_format="verbose_json"
+        )
+    assert translated.text
+    assert [m.id for m in _v1(sim).models.list()][:2] == [
+        "gpt-4o-mini-2024-07-18",
+        "gpt-35-turbo-instruct",
+    ]
+
+
 def test_sigterm_exits_cleanly(tmp_path: Path) -> None:
     proc, port = _start("--first-byte-ms", "0", stderr_path=tmp_path / "stderr.txt")
     try:

@@ -200,7 +200,8 @@ resource appSettings 'Microsoft.Web/sites/config@2025-05-01' = {
 // requests still pass (attendees use event keys), and the routes that take an event key are left
 // out entirely: OpenAI clients send the key as a bearer token, which sign-in would otherwise try
 // to validate as an Entra token and refuse. None of those routes reads the principal header.
-// Both search routes are covered: /indexes/{index}/... and /indexes('{index}')/....
+// Both search routes are covered: /indexes/{index}/... and /indexes('{index}')/..., and the same
+// routes again under the seed's /api/v1.
 resource auth 'Microsoft.Web/sites/config@2025-05-01' = {
   parent: app
   name: 'authsettingsV2'
@@ -216,6 +217,7 @@ resource auth 'Microsoft.Web/sites/config@2025-05-01' = {
         '/api/indexes/*'
         '/api/indexes(*'
         '/api/eventinfo'
+        '/api/v1/*'
       ]
     }
     httpSettings: {

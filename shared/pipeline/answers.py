@@ -1,0 +1,20 @@
+"""What every answer of the proxy carries: a request id, and errors in the contract's shape."""
+
+from __future__ import annotations
+
+import secrets
+
+from starlette.responses import Response
+
+from shared.errors import ProxyError
+
+REQUEST_ID_HEADER = "x-aiproxy-request-id"
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(8)
+
+
+def error_response(error: ProxyError, request_id: str) -> Response:
+    headers = {REQUEST_ID_HEADER: request_id, **error.headers}
+    return Response(error.body(), error.status, headers, media_type="application/json")

@@ -1,0 +1,66 @@
+"""GET /api/eventinfo: what an attendee's key gives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared import clock
+from shared.errors import ProxyError
+from shared.guard import client_address
+from shared.keys import key_from_headers
+from shared.pipeline.answers import REQUEST_ID_HEADER, error_response, new_request_id
+from shared.runtime import get_runtime
+
+
+async def event_info(request: Request) -> Response:
+    """What an attendee's key gives: the event, its caps and window, deployments by class."""
+    runtime = get_runtime()
+    request_id = new_request_id()
+    try:
+        headers = request.headers
+        access = await runtime.access(
+            key_from_headers(headers.get("api-key"), headers.get("authorization")),
+            client_address(headers, request.client),
+        )
+        event = access.event
+        by_class: dict[str, list[str]] = {}
+        for name, members in sorted((await runtime.pools(event.id)).items()):
+            for model_class in sorted({m.model_class for m in members}):
+                by_class.setdefault(model_class, []).append(name)
+        now = clock.now()
+        start, end = event.window_utc()
+        status = (
+            "inactive"
+            if not event.active
+            else ("upcoming" if now < start else "ended" if now >= end else "live")
+        )
+        used_requests, used_tokens = await runtime.caps.today(event, access.attendee.id, now)
+        today: dict[str, Any] = {
+            "date": event.local_date(now),
+            "requests_used": used_requests,
+            "requests_left": max(0, event.daily_request_cap - used_requests),
+            "tokens_used": used_tokens,
+            "tokens_left": (
+                max(0, event.daily_token_cap - used_tokens) if event.daily_token_cap else None
+            ),
+            "resets_in_seconds": event.seconds_to_local_midnight(now),
+        }
+        info = {
+            **event.public(),
+            "status": status,
+            "today": today,
+            "attendee": {"id": access.attendee.id, "user": access.attendee.user},
+            "max_token_cap": event.max_token_cap,
+            "daily_request_cap": event.daily_request_cap,
+            "daily_token_cap": event.daily_token_cap,
+            "deployments": by_class,
+        }
+        return Response(
+            orjson.dumps(info), 200, {REQUEST_ID_HEADER: request_id}, media_type="application/json"
+        )
+    except ProxyError as error:
+        return error_response(error, request_id)

@@ -1,0 +1,136 @@
+"""What an operation is: a kind of proxied call, its model class, upstream path and limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shared.catalog import Resource
+from shared.errors import ProxyError
+
+# api-versions from which Azure OpenAI accepts stream_options (2024-09-01-preview, GA 2024-10-21).
+_STREAM_OPTIONS_FROM = "2024-09-01-preview"
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One kind of proxied call: its model class, upstream path and how its body is read."""
+
+    model_class: str
+    path: str
+    streams: bool = False
+    token_capped: bool = False
+    multipart: bool = False  # forwarded as it came (audio uploads); never parsed
+    binary: bool = False  # answers bytes (speech), passed on as they arrive
+
+    def upstream_url(self, resource: Resource, query: str) -> str:
+        if self.model_class == "azure-ai-search":
+            return f"{resource.endpoint}/indexes/{resource.upstream_deployment}/{self.path}?{query}"
+        return (
+            f"{resource.endpoint}/openai/deployments/{resource.upstream_deployment}/"
+            f"{self.path}?{query}"
+        )
+
+
+CHAT = Operation("openai-chat", "chat/completions", streams=True, token_capped=True)
+EXTENSIONS_CHAT = Operation(
+    "openai-chat", "extensions/chat/completions", streams=True, token_capped=True
+)
+COMPLETIONS = Operation("openai-completions", "completions", streams=True, token_capped=True)
+EMBEDDINGS = Operation("openai-embeddings", "embeddings")
+IMAGES = Operation("openai-images", "images/generations")
+TRANSCRIPTIONS = Operation("openai-audio", "audio/transcriptions", multipart=True)
+TRANSLATIONS = Operation("openai-audio", "audio/translations", multipart=True)
+SPEECH = Operation("openai-audio", "audio/speech", binary=True)
+SEARCH = Operation("azure-ai-search", "docs/search")
+# Azure AI Search has api-versions of its own.
+SEARCH_API_VERSION = "2024-07-01"
+
+
+def supports_stream_options(api_version: str) -> bool:
+    return api_version[:10] >= _STREAM_OPTIONS_FROM[:10] or not api_version[:1].isdigit()
+
+
+def apply_token_cap(
+    payload: dict[str, Any],
+    cap: int,
+    limit_field: str,
+    fields: tuple[str, ...] = ("max_tokens", "max_completion_tokens"),
+) -> bool:
+    """Refuse a limit above the cap; name the cap as the limit when the request has none.
+
+    Returns True when the payload was changed.
+    """
+    named = False
+    for field in fields:
+        value = payload.get(field)
+        if value is None:
+            continue
+        named = True
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ProxyError(
+                "invalid_request", f"'{field}' must be a positive whole number.", param=field
+            )
+        if value > cap:
+            raise ProxyError(
+                "max_tokens_exceeds_cap",
+                f"'{field}' is {value}, above this event's cap of {cap} tokens per request. "
+                f"Ask for {cap} or fewer.",
+                param=field,
+            )
+    if not named:
+        payload[limit_field] = cap  # so that no single call can pass the cap
+        return True
+    return False
+
+
+def find_pool(
+    pools: dict[str, list[Resource]], deployment: str, model_class: str
+) -> list[Resource]:
+    pool = [r for r in pools.get(deployment, ()) if r.model_class == model_class]
+    if pool:
+        return pool
+    offered = sorted(
+        name for name, rs in pools.items() if any(r.model_class == model_class for r in rs)
+    )
+    kind = model_class.removeprefix("openai-").removeprefix("azure-")
+    listing = ", ".join(offered) if offered else "none"
+    raise ProxyError(
+        "deployment_not_found",
+        f"Deployment '{deployment[:100]}' is not in this event's catalog for {kind}. "
+        f"Deployments you can use for {kind}: {listing}.",
+    )
+
+
+TOKEN_CLASSES = frozenset({"openai-chat", "openai-completions", "openai-embeddings"})
+
+
+def units_of(operation: Operation, answer: Any) -> int:
+    """What a call used in its own unit: images made, audio seconds, searches run (speech
+    counts the characters it was asked to say, where its bytes are relayed)."""
+    if operation.model_class == "openai-images":
+        data = answer.get("data") if isinstance(answer, dict) else None
+        return len(data) if isinstance(data, list) else 0
+    if operation.model_class == "openai-audio":
+        duration = answer.get("duration") if isinstance(answer, dict) else None
+        return int(duration + 0.999) if isinstance(duration, int | float) else 0
+    if operation.model_class == "azure-ai-search":
+        return 1
+    return 0
+
+
+def usage_numbers(usage: dict[str, Any] | None) -> tuple[int, int, int]:
+    if not usage:
+        return 0, 0, 0
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    total = int(usage.get("total_tokens") or prompt + completion)
+    return prompt, completion, total
+
+
+def reasoning_of(usage: dict[str, Any] | None) -> int:
+    """Reasoning tokens, part of the completion (chat) or output (Responses) tokens."""
+    if not usage:
+        return 0
+    details = usage.get("completion_tokens_details") or usage.get("output_tokens_details")
+    return int(details.get("reasoning_tokens") or 0) if isinstance(details, dict) else 0

@@ -1,0 +1,448 @@
+"""The Responses API: create a response, then get, delete, list its input items or cancel it.
+
+A stored response, and the reasoning an upstream encrypted for it, live only on the Azure
+OpenAI resource that produced it. So a call that names one (`previous_response_id`, an id in
+the path, reasoning items with `encrypted_content`) goes to that pool member and to no other;
+while it cools down the answer is 429 `no_capacity` with its Retry-After. Which member, and
+whose response it is, travels sealed in the ids the proxy hands out (shared/affinity.py): no
+storage, the same on every instance from the first call on. Another attendee's key gets 404.
+
+Calls by id use no model: they take nothing from the caps and write no usage record, except
+the first one on an instance that sees a background response finished, which records its
+tokens (see `record_background_result`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared import clock, tokens
+from shared.affinity import Sealed
+from shared.catalog import Resource
+from shared.errors import ProxyError
+from shared.pipeline.bodies import parse_json_body, read_body
+from shared.pipeline.call import Call, answer_call
+from shared.pipeline.operations import Operation, apply_token_cap, find_pool, reasoning_of
+from shared.pipeline.relays import relay_response_events
+from shared.runtime import Runtime, get_runtime
+from shared.streaming import EventStreamResponse, ResponseStreamMeter
+from shared.upstream import UpstreamAnswer
+from shared.usage import UsageRecord
+
+RESPONSES = Operation("openai-chat", "responses", streams=True, token_capped=True)
+# For an AzureOpenAI-style call that names none (the SDK always does).
+RESPONSES_API_VERSION = "2025-04-01-preview"
+FINISHED = frozenset({"completed", "incomplete", "failed", "cancelled"})
+# Background responses whose result this instance has recorded (repeated polls write nothing).
+_SEEN_LIMIT = 10_000
+_results_seen: OrderedDict[str, None] = OrderedDict()
+
+
+def _not_found(response_id: str) -> ProxyError:
+    return ProxyError(
+        "not_found",
+        f"No response with id '{response_id[:200]}' for this key. Responses belong to the key "
+        "that created them, in its event.",
+    )
+
+
+class ResponsesCall(Call):
+    """One Responses API call, on the AzureOpenAI path (`openai/responses?api-version=`) or the
+    OpenAI v1 path (`openai/v1/responses`); the upstream is called the same way."""
+
+    def __init__(self, request: Request, runtime: Runtime, v1: bool) -> None:
+        super().__init__(request, RESPONSES, runtime)
+        self.v1 = v1
+        version = request.query_params.get("api-version")
+        self.query = self.upstream_query(version if v1 else version or RESPONSES_API_VERSION)
+        self.shown: dict[str, str] = {}  # upstream ids named in the request -> the caller's ids
+
+    # --- ids --------------------------------------------------------------------------------
+
+    @property
+    def attendee_id(self) -> str:
+        assert self.access is not None
+        return self.access.attendee.id
+
+    def open_id(self, response_id: Any, param: str | None = None) -> Sealed:
+        """The member and upstream id behind a caller's response id; 404 unless it is theirs."""
+        if not isinstance(response_id, str) or not response_id:
+            raise ProxyError(
+                "invalid_request", f"'{param}' must be a response id (a string).", param=param
+            )
+        sealed = self.runtime.affinity.open_id(response_id)
+        if sealed is None or sealed.attendee_id != self.attendee_id:
+            raise _not_found(response_id)
+        self.shown[sealed.upstream_id] = response_id
+        return sealed
+
+    def seal(self, resource: Resource, value: dict[str, Any]) -> None:
+        """Rewrite, in place, what an answer or event holds for the caller's eyes: response ids
+        sealed with their member and attendee, encrypted reasoning tagged with the member."""
+        affinity, attendee = self.runtime.affinity, self.attendee_id
+        response = value.get("response") if isinstance(value.get("response"), dict) else value
+        if response.get("object") == "response" and isinstance(response.get("id"), str):
+            response["id"] = affinity.seal_id(response["id"], resource.id, attendee)
+            previous = response.get("previous_response_id")
+            if isinstance(previous, str):
+                response["previous_response_id"] = affinity.seal_id(previous, resource.id, attendee)
+        items = [value.get("item")]
+        for field in ("output", "data"):
+            if isinstance(response.get(field), list):
+                items += response[field]
+        for item in items:
+            if (
+                isinstance(item, dict)
+                and item.get("type") == "reasoning"
+                and isinstance(item.get("encrypted_content"), str)
+            ):
+                item["encrypted_content"] = affinity.tag_content(
+                    item["encrypted_content"], resource.id, attendee
+                )
+
+    def hide_upstream_ids(self, content: bytes) -> bytes:
+        """An upstream error may quote the ids it was sent: show the caller's own instead."""
+        for upstream, shown in self.shown.items():
+            content = content.replace(upstream.encode(), shown.encode())
+        return content
+
+    def url(self, resource: Resource, tail: str = "") -> str:
+        path = "openai/v1/responses" if self.v1 else "openai/responses"
+        return f"{resource.endpoint}/{path}{tail}?{self.query}"
+
+    # --- which member ---------------------------------------------------------------------------
+
+    def holder(self, pools: dict[str, list[Resource]], resource_id: str, what: str) -> Resource:
+        """The catalog's resource a sealed id names (404 once it left the catalog)."""
+        for members in pools.values():
+            for member in members:
+                if member.id == resource_id and member.model_class == "openai-chat":
+                    return member
+        raise ProxyError(
+            "not_found",
+            f"The deployment that holds {what} is no longer in this event's catalog, so it "
+            "cannot be reached. Start a new conversation.",
+        )
+
+    def pin(self, payload: dict[str, Any], pools: dict[str, list[Resource]]) -> Resource | None:
+        """The member a create must go to: the holder of its previous response or reasoning
+        items (on the same Azure resource, for another deployment), or None for any member."""
+        wanted: Sealed | None = None
+        if payload.get("previous_response_id") is not None:
+            wanted = self.open_id(payload["previous_response_id"], "previous_response_id")
+            payload["previous_response_id"] = wanted.upstream_id
+        items = payload.get("input")
+        for item in items if isinstance(items, list) else ():
+            content = item.get("encrypted_content") if isinstance(item, dict) else None
+            if not isinstance(content, str):
+                continue
+            opened = self.runtime.affinity.open_content(content)
+            if opened is None or opened[0].attendee_id != self.attendee_id:
+                raise ProxyError(
+                    "invalid_request",
+                    "An input item's 'encrypted_content' was not made for this key through "
+                    "this proxy. Send back reasoning items as you received them.",
+                    param="input",
+                )
+            item["encrypted_content"] = opened[1]
+            wanted = wanted or opened[0]
+        if wanted is None:
+            return None
+        what = (
+            f"response '{self.shown[wanted.upstream_id][:200]}'"
+            if wanted.upstream_id
+            else "these reasoning items"
+        )
+        holder = self.holder(pools, wanted.resource_id, what)
+        members = pools.get(self.deployment, [])
+        for member in members:
+            if member.id == holder.id:
+                return member
+        for member in members:  # another deployment on the same Azure OpenAI resource
+            if member.endpoint == holder.endpoint and member.model_class == "openai-chat":
+                return member
+        raise ProxyError(
+            "invalid_request",
+            f"Deployment '{self.deployment}' does not run on the Azure OpenAI resource that "
+            f"holds this conversation; continue it with '{holder.deployment}'.",
+            param="model",
+        )
+
+    async def forward_pinned(
+        self, event: Any, members: list[Resource], pinned: bool, **kw: Any
+    ) -> tuple[Resource, UpstreamAnswer]:
+        try:
+            return await self.forward(event, members, **kw)
+        except ProxyError as error:
+            if not pinned or error.code != "no_capacity":
+                raise
+            wait = error.headers.get("Retry-After", "1")
+            raise ProxyError(
+                "no_capacity",
+                "The deployment that holds this response is busy, and no other can continue "
+                f"it. Retry after {wait} seconds.",
+                headers=error.headers,
+            ) from None
+
+    # --- create -------------------------------------------------------------------------------
+
+    async def create(self) -> Response:
+        event = await self.arrive()
+        body = await read_body(self.request, self.runtime.settings.max_body_bytes)
+        payload = parse_json_body(body, self.request.headers.get("content-type"))
+        deployment = self.deployment_of(payload, None)
+        pools = await self.runtime.pools(event.id)
+        members = find_pool(pools, deployment, "openai-chat")
+        pinned = self.pin(payload, pools)
+        for field in ("stream", "background"):
+            if payload.get(field) is not None and not isinstance(payload[field], bool):
+                raise ProxyError(
+                    "invalid_request", f"Field '{field}' must be true or false.", param=field
+                )
+        stream = payload.get("stream") is True
+        background = payload.get("background") is True
+        apply_token_cap(payload, event.max_token_cap, "max_output_tokens", ("max_output_tokens",))
+        await self.admit(event, body, payload["max_output_tokens"])
+
+        def body_of(resource: Resource) -> bytes:
+            payload["model"] = resource.upstream_deployment
+            return orjson.dumps(payload)
+
+        resource, answer = await self.forward_pinned(
+            event,
+            [pinned] if pinned else members,
+            pinned is not None,
+            url_of=self.url,
+            body=b"",
+            body_of=body_of,
+            streamed=stream,
+        )
+        headers = self.answer_headers(answer)
+        if (
+            stream
+            and answer.status == 200
+            and "text/event-stream" in answer.headers.get("content-type", "")
+        ):
+
+            def finish(meter: ResponseStreamMeter, outcome: str) -> None:
+                if background and outcome == "ok" and meter.response is not None:
+                    self.record_background(resource, meter.response, streamed=True)
+                    return
+                self.record_created(
+                    resource,
+                    meter.usage,
+                    payload,
+                    outcome,
+                    stream=True,
+                    estimate=meter.estimate_output_tokens,
+                )
+
+            return self.relay(resource, answer, headers, finish)
+        content = await self.read_answer(resource, answer, stream)
+        parsed = self.parse(answer, content)
+        if parsed is None:
+            self.record_created(resource, None, payload, "upstream_status", status=answer.status)
+            return Response(self.hide_upstream_ids(content), answer.status, headers)
+        self.seal(resource, parsed)
+        if background:
+            self.record_background(resource, parsed, streamed=False)
+        else:
+            usage = parsed.get("usage") if isinstance(parsed.get("usage"), dict) else None
+            self.record_created(resource, usage, payload, "ok")
+        return Response(orjson.dumps(parsed), 200, headers)
+
+    def record_background(
+        self, resource: Resource, response: dict[str, Any], *, streamed: bool
+    ) -> None:
+        """The create call of a background response: a record without tokens, which come with
+        the record of its result (the same one, whoever sees it first). Until the result is
+        known, today's cap takes the call's worst case, since nobody may ever ask for it."""
+        usage = response.get("usage")
+        finished = response.get("status") in FINISHED and isinstance(usage, dict)
+        self.record(
+            resource,
+            200,
+            (0, 0, 0),
+            streamed=streamed,
+            estimated=False,
+            outcome="background",
+            charge=int(usage.get("total_tokens") or 0) if finished else self.worst_case_tokens,
+        )
+        self.record_background_result(resource, response)
+
+    def relay(
+        self,
+        resource: Resource,
+        answer: UpstreamAnswer,
+        headers: dict[str, str],
+        finish: Callable[[ResponseStreamMeter, str], None],
+    ) -> Response:
+        def rewrite(value: dict[str, Any]) -> None:
+            self.seal(resource, value)
+
+        events = relay_response_events(self, resource, answer, rewrite, finish)
+        return EventStreamResponse(
+            events, status_code=200, headers=headers, media_type="text/event-stream"
+        )
+
+    def parse(self, answer: UpstreamAnswer, content: bytes) -> dict[str, Any] | None:
+        """A 200 answer's JSON object; None for the upstream's other answers."""
+        if answer.status != 200:
+            return None
+        try:
+            parsed = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            if self.metered:
+                self.record_failure(None, 502, "upstream_error", streamed=False)
+            raise ProxyError(
+                "upstream_error", "The deployment answered with something that is not JSON."
+            )
+        return parsed
+
+    def record_created(
+        self,
+        resource: Resource,
+        usage: dict[str, Any] | None,
+        payload: dict[str, Any],
+        outcome: str,
+        *,
+        stream: bool = False,
+        status: int = 200,
+        estimate: Any = None,
+    ) -> None:
+        estimated = usage is None and outcome != "upstream_status"
+        if usage is not None:
+            prompt = int(usage.get("input_tokens") or 0)
+            completion = int(usage.get("output_tokens") or 0)
+            total = int(usage.get("total_tokens") or prompt + completion)
+        elif estimated:
+            prompt = tokens.response_prompt_tokens(payload)
+            completion = estimate() if estimate is not None else 0
+            total = prompt + completion
+        else:
+            prompt = completion = total = 0
+        if outcome != "ok":
+            status = 502 if outcome == "cut" else 499 if outcome == "client_gone" else status
+        self.record(
+            resource,
+            status,
+            (prompt, completion, total),
+            streamed=stream,
+            estimated=estimated,
+            outcome=outcome,
+            reasoning=reasoning_of(usage),
+        )
+
+    # --- by id --------------------------------------------------------------------------------
+
+    async def by_id(self, response_id: str, action: str) -> Response:
+        """GET or DELETE a response, GET its input items or POST its cancel (action: "",
+        "input_items", "cancel"), on the member that holds it."""
+        self.metered = False
+        event = await self.arrive()
+        sealed = self.open_id(response_id)
+        await read_body(self.request, self.runtime.settings.max_body_bytes)  # none expected
+        pools = await self.runtime.pools(event.id)
+        resource = self.holder(pools, sealed.resource_id, f"response '{response_id[:200]}'")
+        self.deployment = resource.deployment
+        method = self.request.method
+        tail = f"/{sealed.upstream_id}" + (f"/{action}" if action else "")
+        stream = (
+            method == "GET" and not action and self.request.query_params.get("stream") == "true"
+        )
+        resource, answer = await self.forward_pinned(
+            event, [resource], True, url_of=lambda r: self.url(r, tail), body=b"", method=method
+        )
+        headers = self.answer_headers(answer)
+        if (
+            stream
+            and answer.status == 200
+            and "text/event-stream" in answer.headers.get("content-type", "")
+        ):
+
+            def finish(meter: ResponseStreamMeter, outcome: str) -> None:
+                if outcome == "ok" and meter.response is not None:
+                    self.record_background_result(resource, meter.response)
+
+            return self.relay(resource, answer, headers, finish)
+        content = await self.read_answer(resource, answer, False)
+        parsed = self.parse(answer, content)
+        if parsed is None:
+            return Response(self.hide_upstream_ids(content), answer.status, headers)
+        self.seal(resource, parsed)
+        self.record_background_result(resource, parsed)
+        return Response(orjson.dumps(parsed), 200, headers)
+
+    def record_background_result(self, resource: Resource, response: dict[str, Any]) -> None:
+        """The tokens of a finished background response, recorded once per instance.
+
+        Its record's row key comes from the response (creation time, id), so the same result
+        seen on several instances is written over itself, not counted again. The daily cap
+        already took the worst case when the response was created.
+        """
+        usage = response.get("usage")
+        if (
+            response.get("background") is not True
+            or response.get("status") not in FINISHED
+            or not isinstance(usage, dict)
+        ):
+            return
+        response_id = str(response.get("id"))
+        if response_id in _results_seen:
+            return
+        _results_seen[response_id] = None
+        while len(_results_seen) > _SEEN_LIMIT:
+            _results_seen.popitem(last=False)
+        assert self.access is not None
+        event = self.access.event
+        created = response.get("created_at")
+        when = (
+            datetime.fromtimestamp(created, UTC)
+            if isinstance(created, int | float)
+            else clock.now()
+        )
+        prompt = int(usage.get("input_tokens") or 0)
+        completion = int(usage.get("output_tokens") or 0)
+        self.runtime.usage.append(
+            UsageRecord(
+                event_id=event.id,
+                attendee_id=self.attendee_id,
+                deployment=resource.deployment,
+                resource_id=resource.id,
+                model_class=RESPONSES.model_class,
+                status=200,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                total_tokens=int(usage.get("total_tokens") or prompt + completion),
+                streamed=False,
+                estimated=False,
+                latency_ms=0.0,
+                time=when,
+                local_date=event.local_date(when),
+                request_id="bg" + hashlib.sha256(response_id.encode()).hexdigest()[:14],
+                outcome="background_result",
+                reasoning_tokens=reasoning_of(usage),
+            )
+        )
+
+
+async def create(request: Request, v1: bool) -> Response:
+    """POST …/responses."""
+    call = ResponsesCall(request, get_runtime(), v1)
+    return await answer_call(call, call.create)
+
+
+async def by_id(request: Request, v1: bool, action: str = "") -> Response:
+    """GET/DELETE …/responses/{response_id}, GET …/input_items, POST …/cancel."""
+    call = ResponsesCall(request, get_runtime(), v1)
+    return await answer_call(call, lambda: call.by_id(request.path_params["response_id"], action))
