@@ -46,6 +46,8 @@ EVENT_FLAGS: list[tuple[str, str, type, str]] = [
     ("--max-token-cap", "max_token_cap", int, "largest max_tokens one request may ask for"),
     ("--daily-request-cap", "daily_request_cap", int, "requests per attendee per day"),
     ("--daily-token-cap", "daily_token_cap", int, "tokens per attendee per day (0: no cap)"),
+    ("--requests-per-minute", "requests_per_minute", int, "per attendee, any minute (0: none)"),
+    ("--tokens-per-minute", "tokens_per_minute", int, "per attendee, any minute (0: none)"),
     ("--description", "description_markdown", str, "registration page text; @FILE reads a file"),
     ("--organizer-name", "organizer_name", str, "shown on the registration page"),
     ("--organizer-email", "organizer_email", str, "for your records, never shown"),
@@ -66,7 +68,11 @@ RESOURCE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--priority", "priority", int, "lower is used first (default 1)"),
     ("--weight", "weight", int, "share of requests within its priority (default 1)"),
     ("--region", "region", str, "for your records"),
-]
+    ("--quota-requests-per-minute", "quota_requests_per_minute", int,
+     "its requests-per-minute quota in Azure: near it, attendees get fair shares (0: unknown)"),
+    ("--quota-tokens-per-minute", "quota_tokens_per_minute", int,
+     "its tokens-per-minute quota in Azure (0: unknown)"),
+]  # fmt: skip
 RESOURCE_REQUIRED = {"--name", "--deployment", "--model-class", "--url"}
 _CHOICES = {"--model-class": MODEL_CLASSES, "--auth": ("key", "managed_identity")}
 

@@ -139,7 +139,8 @@ async function selectEvent(id, tab = state.tab) {
   $("#event-title").textContent = event.name;
   $("#event-when").textContent = `${windowText(event.starts_at_utc, event.ends_at_utc)} · caps: `
     + `${number(event.max_token_cap)} tokens per request, ${number(event.daily_request_cap)} requests`
-    + `${event.daily_token_cap ? ` and ${number(event.daily_token_cap)} tokens` : ""} per attendee per day`;
+    + `${event.daily_token_cap ? ` and ${number(event.daily_token_cap)} tokens` : ""} per attendee per day`
+    + perMinute(event);
   fill($("#event-badge"), badge(statusOf(event)));
   const link = `${location.origin}${base}/register/${event.id}`;
   $("#register-link").textContent = link;
@@ -147,6 +148,14 @@ async function selectEvent(id, tab = state.tab) {
   $("#new-key").hidden = true;
   show("event");
   await selectTab(tab);
+}
+
+/** ", at most 30 requests and 9,000 tokens per attendee per minute", or nothing. */
+function perMinute(event) {
+  const parts = [];
+  if (event.requests_per_minute) parts.push(`${number(event.requests_per_minute)} requests`);
+  if (event.tokens_per_minute) parts.push(`${number(event.tokens_per_minute)} tokens`);
+  return parts.length ? `, at most ${parts.join(" and ")} per attendee per minute` : "";
 }
 
 // --- editor -----------------------------------------------------------------------------------------
@@ -171,6 +180,7 @@ function openEditor(event = null) {
   const e = event || {
     name: "", starts_at: localInput(1, 9), ends_at: localInput(1, 17), time_zone: visitorZone,
     max_token_cap: 1024, daily_request_cap: 200, daily_token_cap: 0, shared_code: "",
+    requests_per_minute: 0, tokens_per_minute: 0,
     organizer_name: "", organizer_email: "", image_url: "", description_markdown: "", active: true,
   };
   $("#editor-title").textContent = event ? `Edit ${event.name}` : "New event";
@@ -183,6 +193,8 @@ function openEditor(event = null) {
   $("#ev-max-token-cap").value = e.max_token_cap;
   $("#ev-daily-request-cap").value = e.daily_request_cap;
   $("#ev-daily-token-cap").value = e.daily_token_cap || 0;
+  $("#ev-requests-per-minute").value = e.requests_per_minute || 0;
+  $("#ev-tokens-per-minute").value = e.tokens_per_minute || 0;
   $("#ev-shared-code").value = e.shared_code || "";
   $("#ev-organizer-name").value = e.organizer_name || "";
   $("#ev-organizer-email").value = e.organizer_email || "";
@@ -203,6 +215,8 @@ function editorBody() {
     max_token_cap: whole("#ev-max-token-cap"),
     daily_request_cap: whole("#ev-daily-request-cap"),
     daily_token_cap: whole("#ev-daily-token-cap"),
+    requests_per_minute: whole("#ev-requests-per-minute"),
+    tokens_per_minute: whole("#ev-tokens-per-minute"),
     shared_code: $("#ev-shared-code").value.trim(),
     organizer_name: $("#ev-organizer-name").value.trim(),
     organizer_email: $("#ev-organizer-email").value.trim(),
@@ -261,6 +275,7 @@ async function loadCatalog() {
     h("td", {}, r.model_class),
     h("td", {}, r.name, h("div", { class: "faint small" }, r.endpoint)),
     h("td", {}, `${r.priority} / ${r.weight}`),
+    h("td", {}, quotaText(r)),
     h("td", { class: "actions" }, h("button", {
       type: "button", class: "danger small",
       onclick: (e) => act(e.currentTarget, async () => {
@@ -275,6 +290,13 @@ async function loadCatalog() {
     ? free.map((r) => h("option", { value: r.id }, `${r.deployment} · ${r.model_class} · ${r.name}`))
     : h("option", { value: "" }, "Every resource is attached; add a new one below"));
   $("#attach").disabled = free.length === 0;
+}
+
+function quotaText(resource) {
+  const parts = [];
+  if (resource.quota_requests_per_minute) parts.push(`${number(resource.quota_requests_per_minute)} req/min`);
+  if (resource.quota_tokens_per_minute) parts.push(`${number(resource.quota_tokens_per_minute)} tokens/min`);
+  return parts.join(", ") || "—";
 }
 
 async function attach(resourceId) {
@@ -292,6 +314,8 @@ async function addResource() {
     auth: value("#res-auth"),
     priority: Number.parseInt(value("#res-priority") || "1", 10),
     weight: Number.parseInt(value("#res-weight") || "1", 10),
+    quota_requests_per_minute: Number.parseInt(value("#res-quota-requests") || "0", 10),
+    quota_tokens_per_minute: Number.parseInt(value("#res-quota-tokens") || "0", 10),
   };
   if (value("#res-upstream")) body.upstream_deployment = value("#res-upstream");
   if (body.auth === "key") body.api_key = $("#res-key").value;

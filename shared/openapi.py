@@ -94,6 +94,19 @@ _EVENT_FIELDS: dict[str, Schema] = {
         **_integer("tokens per attendee per day; 0 for none"),
         "maximum": CAP_LIMIT,
     },
+    "requests_per_minute": {
+        **_integer("requests per attendee in any minute; 0 or null for no limit"),
+        "maximum": CAP_LIMIT,
+        "nullable": True,
+    },
+    "tokens_per_minute": {
+        **_integer(
+            "tokens per attendee in any minute (a call counts its worst case until it "
+            "answers); 0 or null for no limit"
+        ),
+        "maximum": CAP_LIMIT,
+        "nullable": True,
+    },
     "description_markdown": _string("registration page text", maxLength=20_000),
     "organizer_name": _string("shown on the registration page", maxLength=200),
     "organizer_email": _string("for the organiser's records, never public", maxLength=320),
@@ -142,6 +155,19 @@ _RESOURCE_FIELDS: dict[str, Schema] = {
     "weight": {**_integer("share of requests within its priority", 1), "maximum": 1000},
     "region": _string("for the organiser's records", maxLength=64),
     "active": _boolean("false takes it out of every pool at once"),
+    "quota_requests_per_minute": {
+        **_integer(
+            "the deployment's requests-per-minute quota in Azure; near it, each active "
+            "attendee gets a fair share. 0 or null: not known"
+        ),
+        "maximum": CAP_LIMIT,
+        "nullable": True,
+    },
+    "quota_tokens_per_minute": {
+        **_integer("the deployment's tokens-per-minute quota in Azure; 0 or null: not known"),
+        "maximum": CAP_LIMIT,
+        "nullable": True,
+    },
 }
 _USAGE_NUMBERS: dict[str, Schema] = {
     "requests": _integer("requests answered"),
@@ -163,6 +189,19 @@ SCHEMAS: dict[str, Schema] = {
                     "message": _string("what went wrong and how to fix it"),
                     "status": _integer("the HTTP status", 400),
                     "param": _string("the request field at fault, when there is one"),
+                    "details": {
+                        "type": "array",
+                        "description": "every bad field of a management body, the first "
+                        "being `param` (API.md section 5)",
+                        "items": _object(
+                            {
+                                "field": _string("the field"),
+                                "problem": _string("what is wrong with it"),
+                                "fix": _string("what to send instead"),
+                            },
+                            ("field", "problem", "fix"),
+                        ),
+                    },
                 },
                 ("code", "message", "status"),
             )
@@ -409,7 +448,7 @@ _ERROR_TEXT = {
     404: "Not found (or not yours)",
     409: "Conflict: still in use; the message says what to do",
     413: "Body too large",
-    429: "A cap or the capacity is exhausted; see Retry-After",
+    429: "A cap, a per-minute limit or the capacity is exhausted; see Retry-After",
     502: "The upstream failed, after failover",
     503: "Storage is unavailable",
     504: "The upstream was too slow, after failover",

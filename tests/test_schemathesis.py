@@ -200,7 +200,9 @@ def contract_error_shape(ctx: CheckContext, response: Response, case: Case) -> b
     error = body.get("error") if isinstance(body, dict) else None
     assert isinstance(error, dict), f"HTTP {response.status_code} without an error object"
     assert set(body) == {"error"}, f"fields besides 'error': {sorted(body)}"
-    assert set(error) <= {"code", "message", "status", "param"}, f"error fields: {sorted(error)}"
+    assert set(error) <= {"code", "message", "status", "param", "details"}, (
+        f"fields: {sorted(error)}"
+    )
     code, message, status = error.get("code"), error.get("message"), error.get("status")
     assert isinstance(code, str) and code in STATUS_BY_CODE, f"code {code!r} is not an error code"
     assert isinstance(message, str) and message.strip(), f"message {message!r}"
