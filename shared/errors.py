@@ -43,6 +43,7 @@ class ProxyError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
         details: list[dict[str, str]] | None = None,
+        reason: str = "",
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -51,6 +52,9 @@ class ProxyError(Exception):
         self.param = param
         self.headers = headers or {}
         self.details = details
+        # Why a call was refused, as the usage reports count it: the code without its
+        # "_exceeded", or which per-minute limit (requests_per_minute, fair_share, …).
+        self.reason = reason or code.removesuffix("_exceeded")
 
     def body(self) -> bytes:
         error: dict[str, object] = {"code": self.code, "message": self.message}

@@ -25,6 +25,7 @@ from shared.errors import ProxyError
 from shared.guard import client_address
 from shared.identity import scope_for, upstream_token
 from shared.keys import key_from_headers
+from shared.ratelimits import Admission
 from shared.runtime import Access, Runtime, get_runtime
 from shared.streaming import EventStreamResponse, StreamMeter
 from shared.upstream import UpstreamAnswer, UpstreamTimeout, UpstreamUnreachable
@@ -254,6 +255,7 @@ class Forwarder:
         headers = await self.headers(resource)
         if content_type:
             headers["content-type"] = content_type
+        self.runtime.limits.sending(resource)
         try:
             answer = await self.runtime.upstream.send("POST", url, headers, body)
         except UpstreamTimeout:
@@ -262,6 +264,7 @@ class Forwarder:
         except UpstreamUnreachable:
             balancer.cool(resource.id, DEFAULT_COOLDOWN_SECONDS)
             return "error", None
+        self.runtime.limits.observe(resource, answer.headers)  # its x-ratelimit-* headers
         if answer.status not in _RETRYABLE:
             return None, answer
         balancer.cool(resource.id, cooldown_seconds(answer.headers))
@@ -318,9 +321,13 @@ class Call:
         self.counter: Counter | None = None
         self.worst_case_tokens = 0
         self.deployment = ""
+        self.admission: Admission | None = None  # its place in the per-minute counts
 
     def release(self) -> None:
         """Give back a token reservation no record will settle (the call failed before)."""
+        if self.admission is not None:
+            self.admission.cancel()
+            self.admission = None
         if self.counter is not None:
             self.runtime.caps.settle(self.counter, self.worst_case_tokens, 0)
             self.counter = None
@@ -348,6 +355,9 @@ class Call:
         if self.counter is not None:
             self.runtime.caps.settle(self.counter, self.worst_case_tokens, usage[2])
             self.counter = None  # settled once
+        if self.admission is not None:
+            self.admission.settle(usage[2])
+            self.admission = None
         event = self.access.event
         now = clock.now()
         latency_ms = (time.perf_counter() - self.started) * 1000
@@ -457,13 +467,17 @@ class Call:
                 else "max_tokens"
             )
             changed = apply_token_cap(payload, event.max_token_cap, limit_field)
-        if event.daily_token_cap:
+        if operation.model_class in _TOKEN_CLASSES:
             # A cheap worst case (about 4 bytes a token): no tokenizer on the request path.
             limit = payload.get("max_completion_tokens") or payload.get("max_tokens") or 0
             self.worst_case_tokens = len(body) // 4 + (limit if isinstance(limit, int) else 0)
         self.counter = await self.runtime.caps.admit(
             event, self.access.attendee.id, clock.now(), self.worst_case_tokens
         )
+        self.admission = self.runtime.limits.admit(
+            event, self.access.attendee.id, self.counter, deployment, members,
+            self.worst_case_tokens,
+        )  # fmt: skip
         if stream:
             asked = isinstance(options, dict) and options.get("include_usage") is True
             if not asked and supports_stream_options(api_version):
@@ -483,6 +497,9 @@ class Call:
                 event.id, deployment, members, url_of, upstream_body, content_type
             )
         except ProxyError as error:
+            if error.code == "no_capacity" and self.admission is not None:
+                self.admission.cancel()  # nothing reached a deployment: it uses no quota
+                self.admission = None
             if error.code in ("upstream_error", "upstream_timeout", "no_capacity"):
                 self.record_failure(None, error.status, error.code, streamed=stream)
             raise
@@ -634,6 +651,11 @@ async def proxy(request: Request, operation: Operation, deployment: str | None) 
     except ProxyError as error:
         call.release()
         telemetry.refused(error.code, call.request_id, call.access.event.id if call.access else "")
+        if error.status == 429 and call.access is not None:  # for the organiser's reports
+            access = call.access
+            call.runtime.caps.count_refusal(
+                access.event, access.attendee.id, clock.now(), error.reason
+            )
         return error_response(error, call.request_id)
     except CallerGone:
         call.release()
@@ -684,6 +706,8 @@ async def event_info(request: Request) -> Response:
             "max_token_cap": event.max_token_cap,
             "daily_request_cap": event.daily_request_cap,
             "daily_token_cap": event.daily_token_cap,
+            "requests_per_minute": event.requests_per_minute,
+            "tokens_per_minute": event.tokens_per_minute,
             "deployments": by_class,
         }
         return Response(
