@@ -47,15 +47,19 @@ log = logging.getLogger(__name__)
 SHARES_TABLE = "poolshares"
 _PARTITION = "pool"
 REPORT_SECONDS = 10.0  # how long an upstream's x-ratelimit-remaining-* is taken as true
-LEVEL_SECONDS = 0.25  # the water level is recomputed at most this often per pool
+# The attendees' use is sorted again after this long, or once the pool's use moved by a
+# RESORT_SHARE-th of its quota (near a small quota: at every call).
+LEVEL_SECONDS = 0.25
+RESORT_SHARE = 50
 PUBLISHED_ATTENDEES = 600  # the heaviest, per instance and pool (a row holds 32K characters)
 ROW_SECONDS = WINDOW_SECONDS + 5  # a published row counts this long after it was written
 
 
-def water_level(capacity: float, usages: Iterable[float]) -> float:
+def water_level(capacity: float, usages: Iterable[float], *, ordered: bool = False) -> float:
     """The level L with sum(min(u, L)) + L = capacity: an equal share for each attendee and
-    one newcomer, where those below it leave the rest to the others."""
-    used = sorted(u for u in usages if u > 0)
+    one newcomer, where those below it leave the rest to the others. `ordered`: the usages
+    are sorted already."""
+    used = list(usages) if ordered else sorted(u for u in usages if u > 0)
     below = 0.0
     count = len(used)
     for index, value in enumerate(used):
@@ -97,7 +101,11 @@ class Pool:
     window: Window = field(default_factory=lambda: Window(per_key=True))
     slots: dict[int, list[int]] = field(default_factory=dict)  # this instance's, per slot
     remote: dict[str, Remote] = field(default_factory=dict)  # instance -> its counts
-    levels: tuple[float, float, float] = (0.0, math.inf, math.inf)  # (when, requests, tokens)
+    # Every attendee's use of the last minute, sorted, for the water level: refreshed at most
+    # every LEVEL_SECONDS (an attendee's own use is always current).
+    ordered: tuple[list[int], list[int]] = ([], [])  # requests, tokens
+    sorted_at: tuple[float, int, int] = (0.0, 0, 0)  # when, and the pool's use then
+    waits: dict[str, tuple[float, float]] = field(default_factory=dict)  # refused: when, wait
     published: tuple[int, int] = (0, 0)
     changed: bool = False
 
@@ -265,37 +273,50 @@ class FairShare:
             if left_requests == upstream_requests or left_tokens == upstream_tokens:
                 wait = min(wait, REPORT_SECONDS)  # the upstream's word is taken only so long
             raise self._refusal(pool, "deployment_quota", wait, left_requests, left_tokens)
-        near_requests = quota_requests and 2 * used_requests >= quota_requests
-        near_tokens = quota_tokens and 2 * used_tokens >= quota_tokens
+        # Used, all told: what the counts say, or more when the upstream says less is left.
+        near_requests = quota_requests and 2 * (quota_requests - left_requests) >= quota_requests
+        near_tokens = quota_tokens and 2 * (quota_tokens - left_tokens) >= quota_tokens
         if not (near_requests or near_tokens):
             return
-        computed, level_requests, level_tokens = pool.levels
-        if now - computed > LEVEL_SECONDS:
-            usages = pool.usages()
-            capacity_requests = min(quota_requests, used_requests + left_requests)
-            capacity_tokens = min(quota_tokens, used_tokens + left_tokens)
-            level_requests = water_level(capacity_requests, (u[0] for u in usages.values()))
-            level_tokens = water_level(capacity_tokens, (u[1] for u in usages.values()))
-            pool.levels = (now, level_requests, level_tokens)
+        moved = (
+            quota_requests
+            and abs(used_requests - pool.sorted_at[1]) * RESORT_SHARE >= quota_requests
+        ) or (quota_tokens and abs(used_tokens - pool.sorted_at[2]) * RESORT_SHARE >= quota_tokens)
+        if moved or now - pool.sorted_at[0] > LEVEL_SECONDS:
+            usages = pool.usages().values()
+            pool.ordered = (
+                sorted(u[0] for u in usages if u[0] > 0),
+                sorted(u[1] for u in usages if u[1] > 0),
+            )
+            pool.sorted_at = (now, used_requests, used_tokens)
+        level_requests = water_level(
+            _capacity(quota_requests, used_requests, left_requests), pool.ordered[0], ordered=True
+        )
+        level_tokens = water_level(
+            _capacity(quota_tokens, used_tokens, left_tokens), pool.ordered[1], ordered=True
+        )
         mine_requests, mine_tokens = pool.used_by(attendee_id)
         over_requests = near_requests and mine_requests >= level_requests
         over_tokens = near_tokens and mine_tokens >= level_tokens
         if over_requests or over_tokens:
-            wait = max(
-                self._until_below(pool, attendee_id, now, mine_requests, level_requests, 0)
-                if over_requests
-                else 0.0,
-                self._until_below(pool, attendee_id, now, mine_tokens, level_tokens, 1)
-                if over_tokens
-                else 0.0,
-            )
+            known = pool.waits.get(attendee_id)
+            if known is None or now - known[0] > LEVEL_SECONDS:  # refusals come in floods
+                wait = max(
+                    self._until_below(pool, attendee_id, now, mine_requests, level_requests, 0)
+                    if over_requests
+                    else 0.0,
+                    self._until_below(pool, attendee_id, now, mine_tokens, level_tokens, 1)
+                    if over_tokens
+                    else 0.0,
+                )
+                pool.waits[attendee_id] = known = (now, wait)
             raise self._refusal(
                 pool,
                 "fair_share",
-                wait,
+                known[1] - (now - known[0]),
                 max(0.0, level_requests - mine_requests),
                 max(0.0, level_tokens - mine_tokens),
-                shared_by=len(pool.usages()),
+                shared_by=max(len(pool.ordered[0]), len(pool.ordered[1])),
             )
 
     @staticmethod
@@ -415,12 +436,27 @@ class FairShare:
             seen.setdefault(key, {})[instance] = Remote(slots, attendees)
         for key, pool in self._pools.items():
             pool.remote = seen.get(key, {})
-            pool.levels = (0.0, math.inf, math.inf)  # new counts: a new level
+            pool.sorted_at = (0.0, 0, 0)  # new counts: sort again
+            pool.waits.clear()
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
         self._background.cancel()
+
+
+def _capacity(quota: int, counted: int, left: float) -> float:
+    """The quota to share among the attendees counted, in their units.
+
+    When the upstream says less is left than the counts imply, the calls it counted and they
+    do not (another instance's, not published yet, or another client's) are taken to be the
+    attendees' in proportion to their counted use, as calls spread over instances are: the
+    quota is scaled down by the same factor instead of scaling every use up.
+    """
+    used = quota - left  # all told
+    if counted <= 0 or used <= counted:
+        return min(quota, counted + left)
+    return quota * counted / used
 
 
 def _number(value: str | None) -> int:
