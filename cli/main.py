@@ -28,7 +28,12 @@ MODEL_CLASSES = (
     "azure-ai-search",
 )
 USAGE_NUMBERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "units")
-USAGE_KEYS = {"attendee": ("attendee_id", "user"), "deployment": ("deployment",), "day": ("day",)}
+USAGE_KEYS = {
+    "attendee": ("attendee_id", "user"),
+    "deployment": ("deployment",),
+    "day": ("day",),
+    "hour": ("hour",),
+}
 
 
 class UsageError(Exception):
@@ -279,8 +284,13 @@ def usage(api: Api, args: argparse.Namespace) -> None:
     if args.format == "json":
         return print_json(report)
     keys = USAGE_KEYS[args.group_by]
-    footer = {**report["totals"], keys[0]: "total"}
-    table(report["rows"], [*keys, *USAGE_NUMBERS], footer=footer)
+    extra = ["active_attendees", "new_attendees"] if args.group_by == "hour" else []
+    rows, footer = report["rows"], {**report["totals"], keys[0]: "total"}
+    if "refused" in footer:  # by attendee and by day: refused calls, all reasons together
+        extra = ["refused"]
+        rows = [{**row, "refused": sum(row["refused"].values())} for row in rows]
+        footer["refused"] = sum(footer["refused"].values())
+    table(rows, [*keys, *USAGE_NUMBERS, *extra], footer=footer)
 
 
 # --- the parser ---------------------------------------------------------------------------
@@ -488,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = groups.add_parser(
         "usage",
         help="usage totals of an event",
-        description="Usage totals of an event: requests and tokens by attendee, deployment or day.",
+        description="Usage totals of an event: requests and tokens by attendee, deployment, day "
+        "or hour; calls refused by attendee and by day (by reason in csv and json); attendees "
+        "active and new by hour.",
         epilog="example:\n  aiproxy usage --event EVENT_ID --group-by day --format csv > usage.csv",
         formatter_class=_Formatter,
         parents=[common],
@@ -499,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-by",
         choices=tuple(USAGE_KEYS),
         default="attendee",
-        help="one row per attendee (default), deployment or day (event time zone)",
+        help="one row per attendee (default), deployment, day (event time zone) or hour (UTC)",
     )
     sub.add_argument(
         "--format",

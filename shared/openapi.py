@@ -21,6 +21,7 @@ from shared.catalog import AUTH_KINDS, MODEL_CLASSES
 from shared.errors import STATUS_BY_CODE
 from shared.events import CAP_LIMIT
 from shared.registration import endpoint_of
+from shared.rollups import GROUPS, REFUSALS
 
 Schema = dict[str, Any]
 
@@ -176,6 +177,15 @@ _USAGE_NUMBERS: dict[str, Schema] = {
     "total_tokens": _integer("prompt plus completion tokens"),
     "units": _integer("images, audio seconds or searches, for models not counted in tokens"),
 }
+_USAGE_EXTRAS: dict[str, Schema] = {
+    "refused": _object(
+        {reason: _integer(f"calls refused: {reason.replace('_', ' ')}") for reason in REFUSALS},
+        REFUSALS,
+        description="group_by=attendee and day: calls refused (429) by reason",
+    ),
+    "active_attendees": _integer("group_by=hour: attendees who made calls in the hour"),
+    "new_attendees": _integer("group_by=hour: attendees whose first call was in the hour"),
+}
 _OPENAI_ANSWER = _object(
     {}, additionalProperties=True, description="The upstream's answer, passed through unchanged"
 )
@@ -298,7 +308,7 @@ SCHEMAS: dict[str, Schema] = {
     "UsageReport": _object(
         {
             "event_id": _string("the event"),
-            "group_by": {"type": "string", "enum": ["attendee", "deployment", "day"]},
+            "group_by": {"type": "string", "enum": list(GROUPS)},
             "rows": {
                 "type": "array",
                 "items": _object(
@@ -307,12 +317,14 @@ SCHEMAS: dict[str, Schema] = {
                         "user": _string("group_by=attendee"),
                         "deployment": _string("group_by=deployment"),
                         "day": _string("group_by=day: YYYY-MM-DD in the event's time zone"),
+                        "hour": _string("group_by=hour: the hour's start, UTC", format="date-time"),
                         **_USAGE_NUMBERS,
+                        **_USAGE_EXTRAS,
                     },
                     tuple(_USAGE_NUMBERS),
                 ),
             },
-            "totals": _object(_USAGE_NUMBERS, tuple(_USAGE_NUMBERS)),
+            "totals": _object({**_USAGE_NUMBERS, **_USAGE_EXTRAS}, tuple(_USAGE_NUMBERS)),
         },
         ("event_id", "group_by", "rows", "totals"),
     ),
@@ -485,7 +497,7 @@ _USAGE_QUERY: tuple[Schema, ...] = (
         "name": "group_by",
         "in": "query",
         "required": False,
-        "schema": {"type": "string", "enum": ["attendee", "deployment", "day"]},
+        "schema": {"type": "string", "enum": list(GROUPS)},
     },
     {
         "name": "format",

@@ -179,11 +179,13 @@ def test_an_event_from_nothing_to_a_usage_report(
             r["user"] for r in issued if r["attendee_id"] == attendee_id
         )
     assert total is not None and {n: int(total[n]) for n in NUMBERS} == grand
+    assert int(total["refused"]) == 0
 
     as_csv = ok(
         cli(host, "usage", "--event", event_id, "--group-by", "attendee", "--format", "csv")
     )
-    assert as_csv.splitlines()[0] == "attendee_id,user," + ",".join(NUMBERS)
+    assert as_csv.splitlines()[0].startswith("attendee_id,user," + ",".join(NUMBERS) + ",")
+    assert "refused_requests_per_minute" in as_csv.splitlines()[0]
     csv_rows = {r["attendee_id"]: r for r in csv.DictReader(io.StringIO(as_csv))}
     for attendee_id, numbers in expected.items():
         assert {n: int(csv_rows[attendee_id][n]) for n in NUMBERS} == numbers
@@ -198,6 +200,9 @@ def test_an_event_from_nothing_to_a_usage_report(
     days = list(csv.DictReader(io.StringIO(by_day)))
     assert sum(int(d["requests"]) for d in days) == 6
     assert datetime.now(UTC).strftime("%Y-%m-%d") in {d["day"] for d in days}
+    by_hour, total = parse_table(ok(cli(host, "usage", "--event", event_id, "--group-by", "hour")))
+    assert sum(int(r["requests"]) for r in by_hour) == 6
+    assert total is not None and int(total["new_attendees"]) == len(expected)
 
 
 def test_everyday_commands(host: AppHost, sim: Simulator) -> None:
