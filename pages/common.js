@@ -65,6 +65,8 @@ export async function errorOf(response) {
     details = (error && Array.isArray(error.details) && error.details) || [];
   } catch {
     message = `The server answered ${response.status} ${response.statusText}.`;
+    // The Functions host itself refuses a missing or wrong function key, with no body.
+    if (response.status === 401) code = "unauthorized";
   }
   const retry = Number.parseInt(response.headers.get("retry-after") || "", 10);
   return new ApiError(code || `http_${response.status}`, message, response.status,
