@@ -54,10 +54,12 @@ lint: setup
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-# Throughput, latency and memory against the peers' harness, then the 200-client load run
+# Throughput, latency and memory against the peers' harness, the CPU per call of the per-minute
+# checks, then the 200-client load run
 # (BENCH_LOAD=0 skips it). Results: bench/results/.
 bench: setup
 	$(PY) -m bench.run
+	$(PY) -m bench.limits
 	[ "$${BENCH_LOAD:-1}" = 0 ] || $(PY) -m bench.load
 
 # A change measured against a commit, in alternating rounds: make bench-ab COMMIT=HEAD~1

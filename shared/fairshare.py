@@ -47,19 +47,18 @@ log = logging.getLogger(__name__)
 SHARES_TABLE = "poolshares"
 _PARTITION = "pool"
 REPORT_SECONDS = 10.0  # how long an upstream's x-ratelimit-remaining-* is taken as true
-# The attendees' use is sorted again after this long, or once the pool's use moved by a
-# RESORT_SHARE-th of its quota (near a small quota: at every call).
+# The water level is computed again after this long, or once what is to be shared or what was
+# used moved by a RESORT_SHARE-th of the quota (near a small quota: at every call).
 LEVEL_SECONDS = 0.25
 RESORT_SHARE = 50
 PUBLISHED_ATTENDEES = 600  # the heaviest, per instance and pool (a row holds 32K characters)
 ROW_SECONDS = WINDOW_SECONDS + 5  # a published row counts this long after it was written
 
 
-def water_level(capacity: float, usages: Iterable[float], *, ordered: bool = False) -> float:
+def water_level(capacity: float, usages: Iterable[float]) -> float:
     """The level L with sum(min(u, L)) + L = capacity: an equal share for each attendee and
-    one newcomer, where those below it leave the rest to the others. `ordered`: the usages
-    are sorted already."""
-    used = list(usages) if ordered else sorted(u for u in usages if u > 0)
+    one newcomer, where those below it leave the rest to the others."""
+    used = sorted(u for u in usages if u > 0)
     below = 0.0
     count = len(used)
     for index, value in enumerate(used):
@@ -101,10 +100,12 @@ class Pool:
     window: Window = field(default_factory=lambda: Window(per_key=True))
     slots: dict[int, list[int]] = field(default_factory=dict)  # this instance's, per slot
     remote: dict[str, Remote] = field(default_factory=dict)  # instance -> its counts
-    # Every attendee's use of the last minute, sorted, for the water level: refreshed at most
-    # every LEVEL_SECONDS (an attendee's own use is always current).
-    ordered: tuple[list[int], list[int]] = ([], [])  # requests, tokens
-    sorted_at: tuple[float, int, int] = (0.0, 0, 0)  # when, and the pool's use then
+    # The water levels (requests, tokens), computed again after LEVEL_SECONDS or once what
+    # is to be shared or what was used moved by a RESORT_SHARE-th of the quota (an attendee's
+    # own use is always current); when, what was shared, and what was used then.
+    levels: tuple[float, float] = (math.inf, math.inf)
+    level_at: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0, 0.0)
+    active: int = 0  # attendees active in the last minute, as of the levels
     waits: dict[str, tuple[float, float]] = field(default_factory=dict)  # refused: when, wait
     published: tuple[int, int] = (0, 0)
     changed: bool = False
@@ -278,23 +279,22 @@ class FairShare:
         near_tokens = quota_tokens and 2 * (quota_tokens - left_tokens) >= quota_tokens
         if not (near_requests or near_tokens):
             return
-        moved = (
-            quota_requests
-            and abs(used_requests - pool.sorted_at[1]) * RESORT_SHARE >= quota_requests
-        ) or (quota_tokens and abs(used_tokens - pool.sorted_at[2]) * RESORT_SHARE >= quota_tokens)
-        if moved or now - pool.sorted_at[0] > LEVEL_SECONDS:
+        capacity_requests = _capacity(quota_requests, used_requests, left_requests)
+        capacity_tokens = _capacity(quota_tokens, used_tokens, left_tokens)
+        at = (now, capacity_requests, capacity_tokens, used_requests, used_tokens)
+        moved = now - pool.level_at[0] > LEVEL_SECONDS
+        for index, quota in enumerate((quota_requests, quota_tokens) * 2, 1):
+            if quota and abs(at[index] - pool.level_at[index]) * RESORT_SHARE >= quota:
+                moved = True
+        if moved:
             usages = pool.usages().values()
-            pool.ordered = (
-                sorted(u[0] for u in usages if u[0] > 0),
-                sorted(u[1] for u in usages if u[1] > 0),
+            pool.levels = (
+                water_level(capacity_requests, (u[0] for u in usages)),
+                water_level(capacity_tokens, (u[1] for u in usages)),
             )
-            pool.sorted_at = (now, used_requests, used_tokens)
-        level_requests = water_level(
-            _capacity(quota_requests, used_requests, left_requests), pool.ordered[0], ordered=True
-        )
-        level_tokens = water_level(
-            _capacity(quota_tokens, used_tokens, left_tokens), pool.ordered[1], ordered=True
-        )
+            pool.level_at = at
+            pool.active = len(usages)
+        level_requests, level_tokens = pool.levels
         mine_requests, mine_tokens = pool.used_by(attendee_id)
         over_requests = near_requests and mine_requests >= level_requests
         over_tokens = near_tokens and mine_tokens >= level_tokens
@@ -316,7 +316,7 @@ class FairShare:
                 known[1] - (now - known[0]),
                 max(0.0, level_requests - mine_requests),
                 max(0.0, level_tokens - mine_tokens),
-                shared_by=max(len(pool.ordered[0]), len(pool.ordered[1])),
+                shared_by=pool.active,
             )
 
     @staticmethod
@@ -436,7 +436,7 @@ class FairShare:
             seen.setdefault(key, {})[instance] = Remote(slots, attendees)
         for key, pool in self._pools.items():
             pool.remote = seen.get(key, {})
-            pool.sorted_at = (0.0, 0, 0)  # new counts: sort again
+            pool.level_at = (0.0, 0.0, 0.0, 0.0, 0.0)  # new counts: new levels
             pool.waits.clear()
 
     async def close(self) -> None:
