@@ -114,12 +114,14 @@ def test_vendored_libraries_are_the_versions_pinned_in_package_json() -> None:
 def test_playground_streams_an_answer_and_shows_the_recorded_usage(
     host: AppHost, sim: Simulator, storage: Storage, browser: Browser
 ) -> None:
-    event = images_event(host, sim, name="Playground day", max_token_cap=800)
+    event = images_event(host, sim, name="Playground day", max_token_cap=800,
+                         requests_per_minute=60)  # fmt: skip
     with tab(browser) as opened:
         page = opened.page
         connect(opened, host, event.key)
         assert opened.text("#event-name") == "Playground day"
         assert opened.text("#max-cap") == "800"
+        assert opened.text("#per-minute") == "60 requests"
         assert page.get_attribute("#max-tokens", "max") == "800"
         assert page.locator("#model option").all_inner_texts() == ["gpt-4o-mini"]
         # The key lives in this tab's sessionStorage and nowhere else.
