@@ -1,7 +1,8 @@
 """A fair share of a deployment near its quota, for everyone who uses it.
 
-A pool (the resources serving one deployment name in one event) has a requests and a tokens
-per minute quota when every member has one: set on the resource (`quota_requests_per_minute`,
+A pool (the resources serving one deployment name in an event; counted per set of resources,
+so events sharing a deployment share its quota) has a requests and a tokens per minute quota
+when every member has one: set on the resource (`quota_requests_per_minute`,
 `quota_tokens_per_minute`) or announced by the upstream (`x-ratelimit-limit-*`). The calls
 admitted to the pool in the last minute are counted per attendee, here exactly and on other
 instances from the rows they publish each sync interval; the upstream's
@@ -189,15 +190,22 @@ class FairShare:
 
     # --- what the upstream says ----------------------------------------------------------
 
-    def observe(self, resource_id: str, headers: dict[str, str]) -> None:
+    def observe(self, resource: Resource, headers: dict[str, str]) -> None:
         """Take in an answer's x-ratelimit-limit-* and x-ratelimit-remaining-* headers."""
         limit_requests = _number(headers.get("x-ratelimit-limit-requests"))
         limit_tokens = _number(headers.get("x-ratelimit-limit-tokens"))
+        report = self._reports.get(resource.id)
+        if (
+            report is None
+            and limit_requests < 0
+            and limit_tokens < 0
+            and not (resource.quota_requests_per_minute or resource.quota_tokens_per_minute)
+        ):
+            return  # no quota known: its remaining alone says nothing of how near it is
         remaining_requests = _number(headers.get("x-ratelimit-remaining-requests"))
         remaining_tokens = _number(headers.get("x-ratelimit-remaining-tokens"))
-        if limit_requests < 0 and limit_tokens < 0 and resource_id not in self._reports:
-            return  # no quota announced: its remaining alone says nothing of how near it is
-        report = self._reports.setdefault(resource_id, Report())
+        if report is None:
+            report = self._reports[resource.id] = Report()
         if limit_requests > 0:
             report.limit_requests = limit_requests
         if limit_tokens > 0:
@@ -207,14 +215,14 @@ class FairShare:
         report.at = time.time()
         report.sent = 0
 
-    def sending(self, resource_id: str) -> None:
-        report = self._reports.get(resource_id)
+    def sending(self, resource: Resource) -> None:
+        report = self._reports.get(resource.id)
         if report is not None:
             report.sent += 1
 
     # --- the check -----------------------------------------------------------------------
 
-    def pool(self, event_id: str, deployment: str, members: Sequence[Resource]) -> Pool | None:
+    def pool(self, deployment: str, members: Sequence[Resource]) -> Pool | None:
         """The pool's state when its quota is known (every member has one), else None."""
         requests = tokens = 0
         known_requests = known_tokens = True
@@ -229,7 +237,9 @@ class FairShare:
         quota = (requests if known_requests else 0, tokens if known_tokens else 0)
         if quota == (0, 0):
             return None
-        key = f"{event_id}|{deployment}"
+        # Counted per set of resources, not per event: events sharing a deployment share its
+        # quota.
+        key = ",".join(sorted(m.id for m in members))
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = Pool(key, deployment)

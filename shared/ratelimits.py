@@ -86,7 +86,7 @@ class RateLimits:
         """Count a call the daily caps admitted (`counter`), or refuse it and hand its request
         back to the daily count. No await: concurrent calls see each other."""
         limited = event.requests_per_minute or event.tokens_per_minute
-        pool = self.fairshare.pool(event.id, deployment, members)
+        pool = self.fairshare.pool(deployment, members)
         if not limited and pool is None:
             return None
         now = time.time()
@@ -178,10 +178,10 @@ class RateLimits:
         raise ProxyError("rate_limit_exceeded", message, headers=headers, reason=reason)
 
     def observe(self, resource: Resource, headers: dict[str, str]) -> None:
-        self.fairshare.observe(resource.id, headers)
+        self.fairshare.observe(resource, headers)
 
     def sending(self, resource: Resource) -> None:
-        self.fairshare.sending(resource.id)
+        self.fairshare.sending(resource)
 
     async def close(self) -> None:
         await self.fairshare.close()

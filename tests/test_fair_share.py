@@ -104,6 +104,20 @@ def test_the_quota_announced_by_the_upstream_is_shared_too(
     assert outcomes["ok"] >= 10, outcomes
 
 
+def test_events_sharing_a_deployment_share_its_quota(host: AppHost, quota_sim: Simulator) -> None:
+    setup, heavy, _ = quota_event(host, quota_sim, quota_requests_per_minute=QUOTA)
+    chat = next(i for i, r in setup.resources.items() if r["model_class"] == "openai-chat")
+    other = EventSetup(host, quota_sim, name="Another workshop")
+    for resource_id, resource in other.resources.items():  # its chat deployment: the same one
+        if resource["model_class"] == "openai-chat":
+            host.manage.delete(f"/events/{other.id}/resources/{resource_id}")
+    assert host.manage.put(f"/events/{other.id}/resources/{chat}").status_code == 200
+    outcomes, light_statuses = run_scenario([host], [host], heavy, other.key)
+    assert light_statuses.count(200) >= 9, light_statuses
+    assert outcomes["ok"] >= QUOTA // 2 - 1, outcomes
+    assert quota_sim.stats()["by_status"].get("429", 0) == 0
+
+
 def test_water_level_gives_equal_shares_and_leaves_light_users_room() -> None:
     assert water_level(30, []) == 30  # nobody yet: a newcomer may use it all
     assert water_level(30, [20]) == 15  # one attendee and room for one more
