@@ -259,9 +259,9 @@ async def test_the_counts_travel_without_a_table_write_per_call(azurite: Azurite
     members = [Resource(id="r1", name="r1", deployment="chat", model_class="openai-chat",
                         endpoint="https://example.com", upstream_deployment="chat",
                         quota_requests_per_minute=10**6)]  # fmt: skip
-    calls = 0
-    until = time.monotonic() + 2.0  # four sync intervals
-    while time.monotonic() < until:
+    calls, started = 0, time.monotonic()
+    # At least four sync intervals and 2,000 calls (a loaded machine makes fewer a second).
+    while time.monotonic() - started < 2.0 or (calls < 2000 and time.monotonic() - started < 10):
         for i in range(20):
             counter = await caps.admit(event, f"a{i % 4}", datetime.now(UTC), 30)
             admission = limits.admit(event, f"a{i % 4}", counter, "chat", members, 30)
@@ -270,11 +270,14 @@ async def test_the_counts_travel_without_a_table_write_per_call(azurite: Azurite
             caps.settle(counter, 30, 20)
             calls += 1
         await asyncio.sleep(0.001)
+    intervals = (time.monotonic() - started) / 0.5 + 2  # and the flush at close
     await limits.close()
     await caps.close()
     await tables.close()
     writes = tables.writes["counters"] + tables.writes["poolshares"]
     # Each sync interval writes each active counter row (4 attendees) and the pool's row once,
-    # plus a block reservation now and then: measured 31 writes for 20,840 calls.
-    assert calls > 1000
-    assert writes <= 60, (calls, dict(tables.writes))
+    # plus a block reservation now and then (blocks of 1,000 requests here): measured 31
+    # writes for 20,840 calls in 2 s.
+    assert calls >= 2000 or time.monotonic() - started >= 10
+    assert writes <= 5 * intervals + 4 * (calls // 4000 + 2), (calls, dict(tables.writes))
+    assert writes * 10 < calls, (calls, dict(tables.writes))
