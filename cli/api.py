@@ -27,11 +27,14 @@ class ApiError(Exception):
     def from_response(cls, response: httpx.Response) -> ApiError:
         try:
             error = response.json()["error"]
+            message = str(error.get("message", "")).strip() or response.reason_phrase
+            details = error.get("details") or []
+            if len(details) > 1:  # every bad field, on the one line the CLI prints
+                message = "Bad fields: " + "; ".join(
+                    f"'{d['field']}' {d['problem']}" for d in details
+                )
             return cls(
-                response.status_code,
-                str(error.get("code", "error")),
-                str(error.get("message", "")).strip() or response.reason_phrase,
-                error.get("param"),
+                response.status_code, str(error.get("code", "error")), message, error.get("param")
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             pass

@@ -28,7 +28,12 @@ MODEL_CLASSES = (
     "azure-ai-search",
 )
 USAGE_NUMBERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "units")
-USAGE_KEYS = {"attendee": ("attendee_id", "user"), "deployment": ("deployment",), "day": ("day",)}
+USAGE_KEYS = {
+    "attendee": ("attendee_id", "user"),
+    "deployment": ("deployment",),
+    "day": ("day",),
+    "hour": ("hour",),
+}
 
 
 class UsageError(Exception):
@@ -46,6 +51,8 @@ EVENT_FLAGS: list[tuple[str, str, type, str]] = [
     ("--max-token-cap", "max_token_cap", int, "largest max_tokens one request may ask for"),
     ("--daily-request-cap", "daily_request_cap", int, "requests per attendee per day"),
     ("--daily-token-cap", "daily_token_cap", int, "tokens per attendee per day (0: no cap)"),
+    ("--requests-per-minute", "requests_per_minute", int, "per attendee, any minute (0: none)"),
+    ("--tokens-per-minute", "tokens_per_minute", int, "per attendee, any minute (0: none)"),
     ("--description", "description_markdown", str, "registration page text; @FILE reads a file"),
     ("--organizer-name", "organizer_name", str, "shown on the registration page"),
     ("--organizer-email", "organizer_email", str, "for your records, never shown"),
@@ -66,7 +73,11 @@ RESOURCE_FLAGS: list[tuple[str, str, type, str]] = [
     ("--priority", "priority", int, "lower is used first (default 1)"),
     ("--weight", "weight", int, "share of requests within its priority (default 1)"),
     ("--region", "region", str, "for your records"),
-]
+    ("--quota-requests-per-minute", "quota_requests_per_minute", int,
+     "its requests-per-minute quota in Azure: near it, attendees get fair shares (0: unknown)"),
+    ("--quota-tokens-per-minute", "quota_tokens_per_minute", int,
+     "its tokens-per-minute quota in Azure (0: unknown)"),
+]  # fmt: skip
 RESOURCE_REQUIRED = {"--name", "--deployment", "--model-class", "--url"}
 _CHOICES = {"--model-class": MODEL_CLASSES, "--auth": ("key", "managed_identity")}
 
@@ -273,8 +284,13 @@ def usage(api: Api, args: argparse.Namespace) -> None:
     if args.format == "json":
         return print_json(report)
     keys = USAGE_KEYS[args.group_by]
-    footer = {**report["totals"], keys[0]: "total"}
-    table(report["rows"], [*keys, *USAGE_NUMBERS], footer=footer)
+    extra = ["active_attendees", "new_attendees"] if args.group_by == "hour" else []
+    rows, footer = report["rows"], {**report["totals"], keys[0]: "total"}
+    if "refused" in footer:  # by attendee and by day: refused calls, all reasons together
+        extra = ["refused"]
+        rows = [{**row, "refused": sum(row["refused"].values())} for row in rows]
+        footer["refused"] = sum(footer["refused"].values())
+    table(rows, [*keys, *USAGE_NUMBERS, *extra], footer=footer)
 
 
 # --- the parser ---------------------------------------------------------------------------
@@ -482,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = groups.add_parser(
         "usage",
         help="usage totals of an event",
-        description="Usage totals of an event: requests and tokens by attendee, deployment or day.",
+        description="Usage totals of an event: requests and tokens by attendee, deployment, day "
+        "or hour; calls refused by attendee and by day (by reason in csv and json); attendees "
+        "active and new by hour.",
         epilog="example:\n  aiproxy usage --event EVENT_ID --group-by day --format csv > usage.csv",
         formatter_class=_Formatter,
         parents=[common],
@@ -493,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-by",
         choices=tuple(USAGE_KEYS),
         default="attendee",
-        help="one row per attendee (default), deployment or day (event time zone)",
+        help="one row per attendee (default), deployment, day (event time zone) or hour (UTC)",
     )
     sub.add_argument(
         "--format",

@@ -7,7 +7,8 @@ the demo and throughput benchmarks, so the hot path avoids logging, sleeping and
 Run::
 
     python -m local.simulator --host 127.0.0.1 --port 8081 --api-key simkey \\
-        [--latency-ms-per-token 0] [--first-byte-ms 0] [--name sim1] [--log]
+        [--latency-ms-per-token 0] [--first-byte-ms 0] [--name sim1] [--log] \\
+        [--quota-requests-per-minute 0] [--quota-tokens-per-minute 0]
 
 Routes:
 
@@ -65,9 +66,12 @@ DEFAULT_EMBEDDING_DIMENSIONS = 8
 MAX_EMBEDDING_DIMENSIONS = 4096
 LAST_REQUESTS = 50
 HANG_SECONDS = 3600.0
-# Reported in x-ratelimit-remaining-* headers only; never enforced.
+# Reported in x-ratelimit-remaining-* headers only; never enforced. A deployment given a quota
+# (--quota-requests-per-minute, --quota-tokens-per-minute, or the same keys in /_sim/config)
+# enforces it instead, over a sliding minute, and reports it as Azure does.
 RATE_LIMIT_REQUESTS_PER_MINUTE = 1000
 RATE_LIMIT_TOKENS_PER_MINUTE = 1_000_000
+QUOTA_WINDOW_SECONDS = 60.0
 
 KIND_CHAT = "chat/completions"
 KIND_COMPLETIONS = "completions"
@@ -116,6 +120,8 @@ SETTING_TYPES: dict[str, type] = {
     "content_filter": bool,
     "reasoning_tokens": int,  # Responses: reasoning tokens when the request asks for reasoning
     "background_ms": int,  # Responses: how long a background response stays queued
+    "quota_requests_per_minute": int,
+    "quota_tokens_per_minute": int,
 }
 
 DIRECTIVE_RE = re.compile(r"\[sim:([^\]]*)\]")
@@ -344,14 +350,80 @@ def parse_directives(kind: str, body: dict[str, Any]) -> dict[str, Any]:
 # State
 
 
+class Quota:
+    """One deployment's calls of the last minute, against its requests and tokens quotas."""
+
+    def __init__(self) -> None:
+        self.calls: collections.deque[tuple[float, int]] = collections.deque()  # (when, tokens)
+        self.tokens = 0
+
+    def _prune(self, now: float) -> None:
+        while self.calls and self.calls[0][0] <= now - QUOTA_WINDOW_SECONDS:
+            self.tokens -= self.calls.popleft()[1]
+
+    def _wait(self, now: float, requests: int, tokens: int) -> float:
+        """Seconds until `requests` calls and `tokens` tokens have left the window."""
+        freed_tokens = 0
+        for freed_requests, (when, used) in enumerate(self.calls, 1):
+            freed_tokens += used
+            if freed_requests >= requests and freed_tokens >= tokens:
+                return when + QUOTA_WINDOW_SECONDS - now
+        return QUOTA_WINDOW_SECONDS
+
+    def take(self, tokens: int, max_requests: int, max_tokens: int) -> dict[str, str] | None:
+        """Count a call, or return the headers of the 429 that refuses it."""
+        now = time.monotonic()
+        self._prune(now)
+        over_requests = max_requests and len(self.calls) + 1 > max_requests
+        over_tokens = max_tokens and self.tokens + tokens > max_tokens
+        if over_requests or over_tokens:
+            wait_requests = self._wait(now, 1, 0) if over_requests else 0.0
+            wait_tokens = (
+                self._wait(now, 0, self.tokens + tokens - max_tokens) if over_tokens else 0.0
+            )
+            wait = max(wait_requests, wait_tokens, 0.001)
+            headers = {
+                "retry-after-ms": str(math.ceil(wait * 1000)),
+                "retry-after": str(math.ceil(wait)),
+            }
+            headers.update(self.headers(max_requests, max_tokens, now))
+            return headers
+        self.calls.append((now, tokens))
+        self.tokens += tokens
+        return None
+
+    def headers(self, max_requests: int, max_tokens: int, now: float) -> dict[str, str]:
+        """Azure's x-ratelimit-* headers for the quotas set (reset: whole seconds)."""
+        headers: dict[str, str] = {}
+        if max_requests:
+            headers["x-ratelimit-limit-requests"] = str(max_requests)
+            headers["x-ratelimit-remaining-requests"] = str(max(0, max_requests - len(self.calls)))
+            reset = self._wait(now, 1, 0) if self.calls else 0.0
+            headers["x-ratelimit-reset-requests"] = str(math.ceil(reset))
+        if max_tokens:
+            headers["x-ratelimit-limit-tokens"] = str(max_tokens)
+            headers["x-ratelimit-remaining-tokens"] = str(max(0, max_tokens - self.tokens))
+            reset = self._wait(now, 0, 1) if self.calls else 0.0
+            headers["x-ratelimit-reset-tokens"] = str(math.ceil(reset))
+        return headers
+
+
 class SimState:
     def __init__(
-        self, api_key: str, name: str, latency_ms_per_token: float, first_byte_ms: float
+        self,
+        api_key: str,
+        name: str,
+        latency_ms_per_token: float,
+        first_byte_ms: float,
+        quota_requests_per_minute: int = 0,
+        quota_tokens_per_minute: int = 0,
     ) -> None:
         self.api_key = api_key
         self.name = name
         self.default_latency_ms_per_token = float(latency_ms_per_token)
         self.default_first_byte_ms = float(first_byte_ms)
+        self.default_quotas = (quota_requests_per_minute, quota_tokens_per_minute)
+        self.quotas: dict[str, Quota] = {}
         self.config: dict[str, Any] = {}
         self.closing = False
         # Stored responses of this simulated resource, oldest first (bounded).
@@ -362,6 +434,7 @@ class SimState:
         self._window_tokens = 0
 
     def reset_stats(self) -> None:
+        self.quotas = {}
         self.total_requests = 0
         self.by_deployment: dict[str, dict[str, int]] = {}
         self.by_status: dict[str, int] = {}
@@ -382,6 +455,24 @@ class SimState:
             max(0, RATE_LIMIT_REQUESTS_PER_MINUTE - self._window_requests),
             max(0, RATE_LIMIT_TOKENS_PER_MINUTE - self._window_tokens),
         )
+
+    def meter(
+        self, deployment: str, tokens: int, settings: dict[str, Any], headers: dict[str, str]
+    ) -> dict[str, str] | None:
+        """Count a served call into `headers`; with a quota, the 429 headers that refuse it."""
+        max_requests = int(settings.get("quota_requests_per_minute") or self.default_quotas[0])
+        max_tokens = int(settings.get("quota_tokens_per_minute") or self.default_quotas[1])
+        if not max_requests and not max_tokens:
+            remaining_requests, remaining_tokens = self.consume(tokens)
+            headers["x-ratelimit-remaining-requests"] = str(remaining_requests)
+            headers["x-ratelimit-remaining-tokens"] = str(remaining_tokens)
+            return None
+        quota = self.quotas.setdefault(deployment, Quota())
+        refused = quota.take(tokens, max_requests, max_tokens)
+        if refused is not None:
+            return refused
+        headers.update(quota.headers(max_requests, max_tokens, time.monotonic()))
+        return None
 
     def check_auth(self, request: web.Request) -> tuple[bool, dict[str, Any], dict[str, Any]]:
         key = request.headers.get("api-key")
@@ -528,6 +619,12 @@ def _status_response(
         headers["x-ratelimit-remaining-requests"] = "0"
     shown = headers.get("retry-after", "1")
     return _json_response(status, _error_body(status, kind, int(shown)), headers)
+
+
+def _quota_refusal(kind: str, headers: dict[str, str], quota: dict[str, str]) -> web.Response:
+    """Azure's 429 for a deployment over its quota, with its retry and rate-limit headers."""
+    headers.update(quota)
+    return _json_response(429, _error_body(429, kind, int(quota["retry-after"])), headers)
 
 
 async def _hang(request: web.Request, state: SimState) -> None:
@@ -682,9 +779,11 @@ async def _serve(
         prompt_tokens = count_prompt(body["prompt"])
 
     n_tokens, finish_reason = _completion_length(body, settings)
-    remaining_requests, remaining_tokens = state.consume(prompt_tokens + n_tokens)
-    headers["x-ratelimit-remaining-requests"] = str(remaining_requests)
-    headers["x-ratelimit-remaining-tokens"] = str(remaining_tokens)
+    refused = state.meter(
+        request.match_info["deployment"], prompt_tokens + n_tokens, settings, headers
+    )
+    if refused is not None:
+        return _quota_refusal(kind, headers, refused)
     usage = {
         "completion_tokens": n_tokens,
         "prompt_tokens": prompt_tokens,
@@ -907,9 +1006,9 @@ async def _embeddings(
     dimensions = min(dimensions, MAX_EMBEDDING_DIMENSIONS)
     as_base64 = body.get("encoding_format") == "base64"
     prompt_tokens = count_prompt(items)
-    remaining_requests, remaining_tokens = state.consume(prompt_tokens)
-    headers["x-ratelimit-remaining-requests"] = str(remaining_requests)
-    headers["x-ratelimit-remaining-tokens"] = str(remaining_tokens)
+    refused = state.meter(request.match_info["deployment"], prompt_tokens, settings, headers)
+    if refused is not None:
+        return _quota_refusal(KIND_EMBEDDINGS, headers, refused)
     if first_byte_ms > 0:
         await asyncio.sleep(first_byte_ms / 1000)
     if settings.get("garbage"):
@@ -1710,11 +1809,20 @@ def build_app(
     name: str = "sim",
     latency_ms_per_token: float = 0,
     first_byte_ms: float = 0,
+    quota_requests_per_minute: int = 0,
+    quota_tokens_per_minute: int = 0,
 ) -> web.Application:
     """Build the simulator application (encoder and completion text are loaded here, once)."""
     get_corpus()
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app[STATE_KEY] = SimState(api_key, name, latency_ms_per_token, first_byte_ms)
+    app[STATE_KEY] = SimState(
+        api_key,
+        name,
+        latency_ms_per_token,
+        first_byte_ms,
+        quota_requests_per_minute,
+        quota_tokens_per_minute,
+    )
     base = "/openai/deployments/{deployment}/"
     for kind in (KIND_CHAT, KIND_EXTENSIONS_CHAT, KIND_COMPLETIONS, KIND_EMBEDDINGS, KIND_IMAGES):
         app.router.add_post(base + kind, functools.partial(_handle_api, kind=kind))
@@ -1758,6 +1866,8 @@ async def _run(args: argparse.Namespace) -> None:
         name=args.name,
         latency_ms_per_token=args.latency_ms_per_token,
         first_byte_ms=args.first_byte_ms,
+        quota_requests_per_minute=args.quota_requests_per_minute,
+        quota_tokens_per_minute=args.quota_tokens_per_minute,
     )
     runner_kwargs: dict[str, Any] = {"shutdown_timeout": 1.0}
     if args.log:
@@ -1793,6 +1903,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-key", default="simkey")
     parser.add_argument("--latency-ms-per-token", type=float, default=0.0)
     parser.add_argument("--first-byte-ms", type=float, default=0.0)
+    parser.add_argument(
+        "--quota-requests-per-minute",
+        type=int,
+        default=0,
+        help="each deployment refuses calls past this many in any minute (429, like Azure)",
+    )
+    parser.add_argument(
+        "--quota-tokens-per-minute",
+        type=int,
+        default=0,
+        help="each deployment refuses calls past this many tokens in any minute",
+    )
     parser.add_argument("--name", default="sim")
     parser.add_argument("--log", action="store_true", help="one-line access log on stderr")
     args = parser.parse_args(argv)

@@ -257,5 +257,6 @@ def main(argv: list[str] | None = None) -> None:
         pass
     asyncio.run(_main(args), loop_factory=factory)
 
+
 if __name__ == "__main__":
     main()

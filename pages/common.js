@@ -45,22 +45,24 @@ export const $ = (selector, root = document) => root.querySelector(selector);
 
 /** An error answered by the proxy (API.md section 2) or by the network. */
 export class ApiError extends Error {
-  constructor(code, message, status = 0, retryAfter = null) {
+  constructor(code, message, status = 0, retryAfter = null, details = []) {
     super(message);
     this.code = code;
     this.status = status;
     this.retryAfter = retryAfter;
+    this.details = details; // every bad field of a form: [{field, problem, fix}]
   }
 }
 
 /** The ApiError of a failed response: its JSON error body, else its status line. */
 export async function errorOf(response) {
-  let code = "", message = "";
+  let code = "", message = "", details = [];
   try {
     const body = await response.json();
     const error = body && body.error ? body.error : body;
     code = (error && (error.code || error.type)) || "";
     message = (error && error.message) || "";
+    details = (error && Array.isArray(error.details) && error.details) || [];
   } catch {
     message = `The server answered ${response.status} ${response.statusText}.`;
     // The Functions host answers these itself, with no body: a refused function key, no route.
@@ -69,7 +71,7 @@ export async function errorOf(response) {
   }
   const retry = Number.parseInt(response.headers.get("retry-after") || "", 10);
   return new ApiError(code || `http_${response.status}`, message, response.status,
-    Number.isFinite(retry) ? retry : null);
+    Number.isFinite(retry) ? retry : null, details);
 }
 
 function retryText(seconds, fallback) {
@@ -92,6 +94,7 @@ const ERROR_HELP = {
   daily_request_cap_exceeded: (e) => ["You have used all of today's requests.", `Your allowance resets at midnight in the event's time zone. ${retryText(e.retryAfter, "")}`],
   daily_token_cap_exceeded: (e) => ["You have used all of today's tokens.", `Your allowance resets at midnight in the event's time zone. ${retryText(e.retryAfter, "")}`],
   no_capacity: (e) => ["The models are busy right now.", retryText(e.retryAfter, "Wait a few seconds and try again.")],
+  rate_limit_exceeded: (e) => ["You are sending faster than this event allows.", retryText(e.retryAfter, "Wait a few seconds and try again.")],
   upstream_error: () => ["The model service did not answer properly.", "Try again in a moment. If it keeps failing, tell the organiser."],
   upstream_timeout: () => ["The model service took too long to answer.", "Try again, perhaps with a shorter prompt or fewer max tokens."],
   content_filter: () => ["The content filter blocked this prompt or its answer.", "Rephrase the prompt and try again."],
@@ -126,8 +129,10 @@ export function showError(el, error) {
   const { title, action, detail } = explain(error);
   el.className = "notice error";
   el.dataset.code = error.code || "";
+  const fields = (error.details || []).length > 1 && h("ul", { class: "fields-to-fix" },
+    error.details.map((d) => h("li", { dataset: { field: d.field } }, h("code", {}, d.field), ` ${d.problem}. ${d.fix}`)));
   fill(el, h("span", { class: "title" }, title), action && h("span", { class: "action" }, action),
-    detail && h("span", { class: "detail" }, detail));
+    fields || (detail && h("span", { class: "detail" }, detail)));
   el.hidden = false;
 }
 

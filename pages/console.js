@@ -17,6 +17,8 @@ const state = {
   selected: null, // the selected event
   editing: null, // the event being edited, or "new"
   tab: "catalog",
+  search: "", // the event list shows names containing this (any case)
+  status: "", // and only events of this status ("": all)
 };
 
 // --- calls ------------------------------------------------------------------------------------
@@ -109,9 +111,17 @@ function showCount(eventId) {
   if (span) span.textContent = countText(state.counts[eventId]);
 }
 
+/** The events the search and the status filter let through. */
+function shownEvents() {
+  const words = state.search.trim().toLowerCase();
+  return state.events.filter((event) => (!words || event.name.toLowerCase().includes(words))
+    && (!state.status || statusOf(event) === state.status));
+}
+
 function renderEvents() {
   const list = $("#event-list");
-  fill(list, state.events.map((event) => h("li", {}, h("button", {
+  const shown = shownEvents();
+  fill(list, shown.map((event) => h("li", {}, h("button", {
     type: "button",
     "aria-current": String(Boolean(state.selected && state.selected.id === event.id)),
     dataset: { eventId: event.id },
@@ -122,6 +132,7 @@ function renderEvents() {
     h("span", { class: "attendee-count" }, countText(state.counts[event.id])),
     h("span", {}, new Date(event.starts_at_utc).toLocaleDateString(undefined, { day: "numeric", month: "short", year: "numeric" })))))));
   $("#no-events").hidden = state.events.length > 0;
+  $("#no-match").hidden = !state.events.length || shown.length > 0;
 }
 
 function show(view) {
@@ -139,7 +150,8 @@ async function selectEvent(id, tab = state.tab) {
   $("#event-title").textContent = event.name;
   $("#event-when").textContent = `${windowText(event.starts_at_utc, event.ends_at_utc)} · caps: `
     + `${number(event.max_token_cap)} tokens per request, ${number(event.daily_request_cap)} requests`
-    + `${event.daily_token_cap ? ` and ${number(event.daily_token_cap)} tokens` : ""} per attendee per day`;
+    + `${event.daily_token_cap ? ` and ${number(event.daily_token_cap)} tokens` : ""} per attendee per day`
+    + perMinute(event);
   fill($("#event-badge"), badge(statusOf(event)));
   const link = `${location.origin}${base}/register/${event.id}`;
   $("#register-link").textContent = link;
@@ -147,6 +159,14 @@ async function selectEvent(id, tab = state.tab) {
   $("#new-key").hidden = true;
   show("event");
   await selectTab(tab);
+}
+
+/** ", at most 30 requests and 9,000 tokens per attendee per minute", or nothing. */
+function perMinute(event) {
+  const parts = [];
+  if (event.requests_per_minute) parts.push(`${number(event.requests_per_minute)} requests`);
+  if (event.tokens_per_minute) parts.push(`${number(event.tokens_per_minute)} tokens`);
+  return parts.length ? `, at most ${parts.join(" and ")} per attendee per minute` : "";
 }
 
 // --- editor -----------------------------------------------------------------------------------------
@@ -171,6 +191,7 @@ function openEditor(event = null) {
   const e = event || {
     name: "", starts_at: localInput(1, 9), ends_at: localInput(1, 17), time_zone: visitorZone,
     max_token_cap: 1024, daily_request_cap: 200, daily_token_cap: 0, shared_code: "",
+    requests_per_minute: 0, tokens_per_minute: 0,
     organizer_name: "", organizer_email: "", image_url: "", description_markdown: "", active: true,
   };
   $("#editor-title").textContent = event ? `Edit ${event.name}` : "New event";
@@ -183,6 +204,8 @@ function openEditor(event = null) {
   $("#ev-max-token-cap").value = e.max_token_cap;
   $("#ev-daily-request-cap").value = e.daily_request_cap;
   $("#ev-daily-token-cap").value = e.daily_token_cap || 0;
+  $("#ev-requests-per-minute").value = e.requests_per_minute || 0;
+  $("#ev-tokens-per-minute").value = e.tokens_per_minute || 0;
   $("#ev-shared-code").value = e.shared_code || "";
   $("#ev-organizer-name").value = e.organizer_name || "";
   $("#ev-organizer-email").value = e.organizer_email || "";
@@ -203,6 +226,8 @@ function editorBody() {
     max_token_cap: whole("#ev-max-token-cap"),
     daily_request_cap: whole("#ev-daily-request-cap"),
     daily_token_cap: whole("#ev-daily-token-cap"),
+    requests_per_minute: whole("#ev-requests-per-minute"),
+    tokens_per_minute: whole("#ev-tokens-per-minute"),
     shared_code: $("#ev-shared-code").value.trim(),
     organizer_name: $("#ev-organizer-name").value.trim(),
     organizer_email: $("#ev-organizer-email").value.trim(),
@@ -261,6 +286,7 @@ async function loadCatalog() {
     h("td", {}, r.model_class),
     h("td", {}, r.name, h("div", { class: "faint small" }, r.endpoint)),
     h("td", {}, `${r.priority} / ${r.weight}`),
+    h("td", {}, quotaText(r)),
     h("td", { class: "actions" }, h("button", {
       type: "button", class: "danger small",
       onclick: (e) => act(e.currentTarget, async () => {
@@ -275,6 +301,13 @@ async function loadCatalog() {
     ? free.map((r) => h("option", { value: r.id }, `${r.deployment} · ${r.model_class} · ${r.name}`))
     : h("option", { value: "" }, "Every resource is attached; add a new one below"));
   $("#attach").disabled = free.length === 0;
+}
+
+function quotaText(resource) {
+  const parts = [];
+  if (resource.quota_requests_per_minute) parts.push(`${number(resource.quota_requests_per_minute)} req/min`);
+  if (resource.quota_tokens_per_minute) parts.push(`${number(resource.quota_tokens_per_minute)} tokens/min`);
+  return parts.join(", ") || "—";
 }
 
 async function attach(resourceId) {
@@ -292,6 +325,8 @@ async function addResource() {
     auth: value("#res-auth"),
     priority: Number.parseInt(value("#res-priority") || "1", 10),
     weight: Number.parseInt(value("#res-weight") || "1", 10),
+    quota_requests_per_minute: Number.parseInt(value("#res-quota-requests") || "0", 10),
+    quota_tokens_per_minute: Number.parseInt(value("#res-quota-tokens") || "0", 10),
   };
   if (value("#res-upstream")) body.upstream_deployment = value("#res-upstream");
   if (body.auth === "key") body.api_key = $("#res-key").value;
@@ -359,20 +394,37 @@ function chartCard(id, title, draw, legendEl = null) {
 
 const legend = (...names) => h("div", { class: "legend" }, names.map(([cls, text]) => h("span", { class: cls }, text)));
 
+// Why calls were refused, as the usage report names the reasons.
+const REFUSALS = {
+  requests_per_minute: "Requests per minute",
+  tokens_per_minute: "Tokens per minute",
+  fair_share: "Fair share of a deployment",
+  deployment_quota: "Deployment quota",
+  daily_request_cap: "Daily requests",
+  daily_token_cap: "Daily tokens",
+  no_capacity: "No capacity",
+};
+
+const sum = (values) => values.reduce((total, value) => total + (value || 0), 0);
+
 async function loadUsage() {
   const eventId = state.selected.id;
-  const [byDay, byDeployment, byAttendee] = await Promise.all(["day", "deployment", "attendee"]
+  const [byDay, byDeployment, byAttendee, byHour] = await Promise.all(["day", "deployment", "attendee", "hour"]
     .map((group) => manage(`/events/${eventId}/usage?group_by=${group}`)));
   const t = byDay.totals;
+  const refusedTotal = sum(Object.values(byAttendee.totals.refused || {}));
   fill($("#usage-totals"), [
     ["Requests", t.requests], ["Prompt tokens", t.prompt_tokens],
     ["Completion tokens", t.completion_tokens], ["Total tokens", t.total_tokens],
-    ["Attendees active", byAttendee.rows.length],
+    ["Attendees active", byHour.totals.active_attendees], ["Calls refused", refusedTotal],
   ].map(([label, value]) => h("div", { class: "tile" }, h("span", { class: "label" }, label),
     h("span", { class: "value" }, number(value)))));
+  renderRefusals(byAttendee);
 
   const days = byDay.rows;
   const dayLabels = days.map((r) => new Date(`${r.day}T12:00:00Z`).toLocaleDateString(undefined, { day: "numeric", month: "short", timeZone: "UTC" }));
+  const hours = byHour.rows;
+  const hourLabels = hours.map((r) => new Date(r.hour).toLocaleString(undefined, { day: "numeric", month: "short", hour: "2-digit", minute: "2-digit" }));
   const deployments = [...byDeployment.rows].sort((a, b) => b.total_tokens - a.total_tokens);
   const top = [...byAttendee.rows].sort((a, b) => b.total_tokens - a.total_tokens).slice(0, TOP_ATTENDEES);
   const cards = [
@@ -387,6 +439,14 @@ async function loadUsage() {
         { name: "completion", className: "bar-completion", values: days.map((r) => r.completion_tokens) },
       ],
     }), days.length ? legend(["prompt", "prompt"], ["completion", "completion"]) : null),
+    chartCard("chart-active", "Active attendees per hour", (width) => hours.length && columnChart({
+      width,
+      labels: hourLabels,
+      series: [
+        { name: "new", className: "bar-new", values: hours.map((r) => r.new_attendees) },
+        { name: "returning", className: "bar-returning", values: hours.map((r) => r.active_attendees - r.new_attendees) },
+      ],
+    }), hours.length ? legend(["new", "new"], ["returning", "returning"]) : null),
     chartCard("chart-deployments", "Tokens per deployment", (width) => deployments.length && barList({
       width, labels: deployments.map((r) => r.deployment), values: deployments.map((r) => r.total_tokens), className: "bar-tokens", unit: " tokens",
     })),
@@ -398,6 +458,21 @@ async function loadUsage() {
   for (const card of cards) {
     card.append(card.draw(Math.max(240, card.clientWidth)) || h("p", { class: "empty" }, "No traffic yet."));
   }
+}
+
+/** Refused calls per attendee, one column per reason that occurred, most refused first. */
+function renderRefusals(byAttendee) {
+  const totals = byAttendee.totals.refused || {};
+  const reasons = Object.keys(REFUSALS).filter((reason) => totals[reason]);
+  const rows = byAttendee.rows.filter((r) => r.refused && sum(Object.values(r.refused)) > 0)
+    .sort((a, b) => sum(Object.values(b.refused)) - sum(Object.values(a.refused)));
+  fill($("#refusals-head"), h("tr", {}, h("th", {}, "Attendee"),
+    reasons.map((reason) => h("th", { class: "num", dataset: { reason } }, REFUSALS[reason]))));
+  fill($("#refusal-rows"), rows.map((r) => h("tr", { dataset: { attendeeId: r.attendee_id } },
+    h("td", {}, r.user || r.attendee_id),
+    reasons.map((reason) => h("td", { class: "num", dataset: { reason } }, number(r.refused[reason]))))));
+  $("#refusals-wrap").hidden = rows.length === 0;
+  $("#refusals-empty").hidden = rows.length > 0;
 }
 
 async function downloadCsv() {
@@ -431,6 +506,13 @@ $("#signin-form").addEventListener("submit", async (event) => {
   }
 });
 $("#sign-out").addEventListener("click", () => signOut());
+$("#event-search").addEventListener("input", (event) => { state.search = event.target.value; renderEvents(); });
+$("#event-status").addEventListener("change", (event) => { state.status = event.target.value; renderEvents(); });
+$("#clear-filters").addEventListener("click", () => {
+  state.search = state.status = "";
+  $("#event-search").value = $("#event-status").value = "";
+  renderEvents();
+});
 $("#new-event").addEventListener("click", () => { state.selected = null; renderEvents(); openEditor(); });
 $("#edit-event").addEventListener("click", () => openEditor(state.selected));
 $("#cancel-edit").addEventListener("click", () => (state.selected ? selectEvent(state.selected.id) : show("placeholder")));

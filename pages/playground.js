@@ -92,6 +92,11 @@ function showEvent(info, first = true, models = []) {
     $("#tokens-meter").hidden = true;
   }
   $("#max-cap").textContent = number(info.max_token_cap);
+  const perMinute = [
+    info.requests_per_minute && `${number(info.requests_per_minute)} requests`,
+    info.tokens_per_minute && `${number(info.tokens_per_minute)} tokens`,
+  ].filter(Boolean);
+  $("#per-minute").textContent = perMinute.length ? perMinute.join(", ") : "no limit";
   $("#resets-in").textContent = today.resets_in_seconds ? duration(today.resets_in_seconds) : "—";
   if (!first) return;
 

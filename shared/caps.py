@@ -19,6 +19,10 @@ instances admitted before they saw it (at most one sync interval).
 
 When storage cannot be reached, an instance keeps admitting on its last view of the row and
 records its grants as provisional; they are written once storage answers.
+
+The same writes carry the attendee's calls of the last minute per 5-second slot (`minute`,
+for the per-minute limits in shared/ratelimits.py) and how many calls were refused, by reason
+(`refused_<reason>`): no write of their own.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 from shared.background import Background
 from shared.errors import ProxyError
 from shared.events import Event
+from shared.minutes import SharedSlots
 from shared.tables import Conflict, StorageUnavailable, Tables
 
 log = logging.getLogger(__name__)
@@ -70,6 +75,18 @@ class Counter:
     block_mark: tuple[float, int] = (0.0, 0)  # (when, admitted) as the last block arrived
     refilling: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    minute: SharedSlots = field(default_factory=SharedSlots)  # the last minute, all instances
+    refused: dict[str, int] = field(default_factory=dict)  # refusals by reason, not written yet
+
+    @property
+    def dirty(self) -> bool:
+        return bool(
+            self.used_unflushed
+            or self.tokens_unflushed
+            or self.provisional
+            or self.refused
+            or self.minute.pending
+        )
 
     @property
     def used(self) -> int:
@@ -103,6 +120,23 @@ class Caps:
         self._caps[partition] = event.daily_request_cap
         return counter
 
+    def give_back(self, counter: Counter) -> None:
+        """A request `admit` took and that was refused after all (a per-minute limit): the
+        request goes back to the allowance; its tokens are released by `settle`."""
+        counter.allowance += 1
+        counter.used_unflushed -= 1
+        counter.admitted -= 1
+
+    def count_refusal(self, event: Event, attendee_id: str, now: datetime, reason: str) -> None:
+        """A refused call, written with the counter at the next sync (for the reports)."""
+        counter = self._counter(event, attendee_id, now)
+        counter.refused[reason] = counter.refused.get(reason, 0) + 1
+        self._start()
+
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._sync_loop())
+
     async def admit(
         self, event: Event, attendee_id: str, now: datetime, worst_case_tokens: int = 0
     ) -> Counter:
@@ -111,8 +145,7 @@ class Caps:
         `worst_case_tokens` stays reserved here until `settle`: calls in flight on this
         instance cannot together pass the token cap.
         """
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._sync_loop())
+        self._start()
         counter = self._counter(event, attendee_id, now)
         self._check_tokens(counter, event, now)  # fail fast, before waiting for storage
         if counter.allowance == 0:
@@ -199,10 +232,13 @@ class Caps:
         for _ in range(20):
             used, tokens = counter.used_unflushed, counter.tokens_unflushed
             provisional = counter.provisional
+            refused = dict(counter.refused)
             found = await self._tables.get_versioned(
                 COUNTERS_TABLE, counter.partition, counter.attendee_id
             )
             row: dict[str, Any] = found[0] if found else {}
+            now = time.time()
+            minute, minute_taken = counter.minute.merge(row.get("minute"), now)
             granted = int(row.get("granted", 0)) + provisional - give_back
             block = 0
             if reserve and granted < cap:
@@ -214,7 +250,12 @@ class Caps:
                 "used": int(row.get("used", 0)) + used,
                 "tokens": int(row.get("tokens", 0)) + tokens,
             }
-            changed = used or tokens or provisional or give_back or block
+            if minute is not None:
+                entity["minute"] = minute
+            for reason, count in refused.items():
+                entity[f"refused_{reason}"] = int(row.get(f"refused_{reason}", 0)) + count
+            changed = used or tokens or provisional or give_back or block or refused
+            changed = changed or minute_taken
             try:
                 if not changed:
                     pass  # a read is all this sync needed
@@ -228,6 +269,13 @@ class Caps:
             counter.used_unflushed -= used
             counter.tokens_unflushed -= tokens
             counter.provisional -= provisional
+            for reason, count in refused.items():
+                left = counter.refused.get(reason, 0) - count
+                if left > 0:
+                    counter.refused[reason] = left
+                else:
+                    counter.refused.pop(reason, None)
+            counter.minute.stored(entity.get("minute", row.get("minute")), minute_taken, now)
             counter.allowance += block
             if block:
                 counter.block = block
@@ -243,7 +291,7 @@ class Caps:
         now = time.monotonic()
         for key, counter in list(self._counters.items()):
             idle = now - counter.last_used > self._idle_seconds
-            dirty = counter.used_unflushed or counter.tokens_unflushed or counter.provisional
+            dirty = counter.dirty
             if idle and not dirty and not counter.allowance:
                 if now - counter.last_used > 600:
                     del self._counters[key]

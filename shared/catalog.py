@@ -11,9 +11,10 @@ from urllib.parse import urlsplit
 
 from shared.errors import invalid
 from shared.tables import Tables
-from shared.validation import boolean, known_fields, required, text, whole_number
+from shared.validation import Problems, boolean, known_fields, required, text, whole_number
 
 RESOURCES_TABLE = "resources"
+CAP_LIMIT = 2**31 - 1  # numbers are stored as 32-bit integers
 CATALOG_TABLE = "catalog"
 _PARTITION = "resource"
 
@@ -44,6 +45,8 @@ class Resource:
     weight: int = 1
     region: str = ""
     active: bool = True
+    quota_requests_per_minute: int = 0  # the deployment's quota in Azure; 0: not known
+    quota_tokens_per_minute: int = 0
     owner: str = ""
     created_at: str = ""
     has_api_key: bool = False
@@ -82,59 +85,110 @@ _FIELDS = {
     "weight",
     "region",
     "active",
+    "quota_requests_per_minute",
+    "quota_tokens_per_minute",
 }
 
 
-def _apply(resource: Resource, body: dict[str, Any]) -> str | None:
-    """Validate and set the fields in body; return a new api_key if one was given."""
-    known_fields(body, _FIELDS, "a resource")
+def _apply(resource: Resource, body: dict[str, Any], problems: Problems) -> str | None:
+    """Validate and set the fields in body; return a new api_key if one was given. Every bad
+    field is noted in `problems`."""
+    with problems.check():
+        known_fields(body, _FIELDS, "a resource")
+    name_fix = "Use letters, digits, '.', '_' and '-', starting with a letter or digit."
     if "name" in body:
-        resource.name = text("name", body["name"], limit=200, required=True)
+        with problems.check():
+            resource.name = text("name", body["name"], limit=200, required=True)
     if "deployment" in body:
-        resource.deployment = text("deployment", body["deployment"], limit=64, required=True)
-        if not valid_deployment_name(resource.deployment):
-            raise invalid("deployment", "may hold letters, digits, '.', '_' and '-' (at most 64)")
+        with problems.check():
+            resource.deployment = text("deployment", body["deployment"], limit=64, required=True)
+            if not valid_deployment_name(resource.deployment):
+                raise invalid(
+                    "deployment",
+                    "may hold letters, digits, '.', '_' and '-' (at most 64)",
+                    name_fix,
+                )
     if "upstream_deployment" in body:
-        value = text("upstream_deployment", body["upstream_deployment"], limit=64)
-        if value and not valid_deployment_name(value):
-            raise invalid("upstream_deployment", "may hold letters, digits, '.', '_' and '-'")
-        resource.upstream_deployment = value
+        with problems.check():
+            value = text("upstream_deployment", body["upstream_deployment"], limit=64)
+            if value and not valid_deployment_name(value):
+                raise invalid(
+                    "upstream_deployment", "may hold letters, digits, '.', '_' and '-'", name_fix
+                )
+            resource.upstream_deployment = value
     if not resource.upstream_deployment:
         resource.upstream_deployment = resource.deployment
     if "model_class" in body:
-        if body["model_class"] not in MODEL_CLASSES:
-            raise invalid("model_class", f"must be one of {', '.join(MODEL_CLASSES)}")
-        resource.model_class = body["model_class"]
-    if "endpoint" in body:
-        endpoint = text("endpoint", body["endpoint"], limit=500, required=True).rstrip("/")
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("https", "http") or not parts.hostname:
-            raise invalid(
-                "endpoint", "must be an http(s) URL such as https://NAME.openai.azure.com"
+        if body["model_class"] in MODEL_CLASSES:
+            resource.model_class = body["model_class"]
+        else:
+            problems.add(
+                invalid(
+                    "model_class",
+                    f"must be one of {', '.join(MODEL_CLASSES)}",
+                    "Send one of the listed model classes.",
+                )
             )
-        if parts.query or parts.fragment:
-            raise invalid("endpoint", "must not carry a query or fragment")
-        resource.endpoint = endpoint
+    if "endpoint" in body:
+        with problems.check():
+            endpoint = text("endpoint", body["endpoint"], limit=500, required=True).rstrip("/")
+            parts = urlsplit(endpoint)
+            if parts.scheme not in ("https", "http") or not parts.hostname:
+                raise invalid(
+                    "endpoint",
+                    "must be an http(s) URL such as https://NAME.openai.azure.com",
+                    "Send the resource's endpoint from the Azure portal (Keys and Endpoint).",
+                )
+            if parts.query or parts.fragment:
+                raise invalid(
+                    "endpoint", "must not carry a query or fragment", "Leave out '?…' and '#…'."
+                )
+            resource.endpoint = endpoint
     if "auth" in body:
-        if body["auth"] not in AUTH_KINDS:
-            raise invalid("auth", "must be 'key' or 'managed_identity'")
-        resource.auth = body["auth"]
-    if "priority" in body:
-        resource.priority = whole_number("priority", body["priority"], minimum=0, maximum=1000)
-    if "weight" in body:
-        resource.weight = whole_number("weight", body["weight"], minimum=1, maximum=1000)
+        if body["auth"] in AUTH_KINDS:
+            resource.auth = body["auth"]
+        else:
+            problems.add(
+                invalid(
+                    "auth",
+                    "must be 'key' or 'managed_identity'",
+                    "Send 'key' or 'managed_identity'.",
+                )
+            )
+    numbers = (
+        ("priority", 0, 1000),
+        ("weight", 1, 1000),
+        ("quota_requests_per_minute", 0, CAP_LIMIT),
+        ("quota_tokens_per_minute", 0, CAP_LIMIT),
+    )
+    for param, minimum, maximum in numbers:
+        if param in body:
+            value = body[param]
+            if param.startswith("quota_") and value is None:
+                value = 0  # null: the quota is not known
+            with problems.check():
+                setattr(
+                    resource, param, whole_number(param, value, minimum=minimum, maximum=maximum)
+                )
     if "region" in body:
-        resource.region = text("region", body["region"], limit=64)
+        with problems.check():
+            resource.region = text("region", body["region"], limit=64)
     if "active" in body:
-        resource.active = boolean("active", body["active"])
+        with problems.check():
+            resource.active = boolean("active", body["active"])
     api_key = None
     if "api_key" in body and body["api_key"] is not None:
-        api_key = text("api_key", body["api_key"], limit=500, required=True)
+        with problems.check():
+            api_key = text("api_key", body["api_key"], limit=500, required=True)
     return api_key
 
 
+_KEY_FIX = "Send the resource's key as 'api_key', or use auth 'managed_identity'."
+
+
 def new_resource(body: dict[str, Any], *, owner: str, now: datetime) -> tuple[Resource, str | None]:
-    required(body, ("name", "deployment", "model_class", "endpoint"))
+    problems = Problems()
+    required(body, ("name", "deployment", "model_class", "endpoint"), problems)
     resource = Resource(
         id=secrets.token_hex(8),
         name="",
@@ -145,16 +199,24 @@ def new_resource(body: dict[str, Any], *, owner: str, now: datetime) -> tuple[Re
         owner=owner,
         created_at=now.isoformat(),
     )
-    api_key = _apply(resource, body)
-    if resource.auth == "key" and api_key is None:
-        raise invalid("api_key", "is required when auth is 'key'")
+    api_key = _apply(resource, body, problems)
+    if resource.auth == "key" and api_key is None and not problems.bad("api_key", "auth"):
+        problems.add(invalid("api_key", "is required when auth is 'key'", _KEY_FIX))
+    problems.raise_any()
     return resource, api_key
 
 
 def patch_resource(resource: Resource, body: dict[str, Any]) -> str | None:
-    api_key = _apply(resource, body)
-    if resource.auth == "key" and api_key is None and not resource.has_api_key:
-        raise invalid("api_key", "is required when auth is 'key'")
+    problems = Problems()
+    api_key = _apply(resource, body, problems)
+    if (
+        resource.auth == "key"
+        and api_key is None
+        and not resource.has_api_key
+        and not problems.bad("api_key", "auth")
+    ):
+        problems.add(invalid("api_key", "is required when auth is 'key'", _KEY_FIX))
+    problems.raise_any()
     return api_key
 
 

@@ -23,6 +23,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "daily_request_cap_exceeded": 429,
     "daily_token_cap_exceeded": 429,
     "no_capacity": 429,
+    "rate_limit_exceeded": 429,
     "too_many_failed_keys": 429,
     "internal_error": 500,
     "upstream_error": 502,
@@ -41,6 +42,8 @@ class ProxyError(Exception):
         *,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        details: list[dict[str, str]] | None = None,
+        reason: str = "",
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -48,15 +51,35 @@ class ProxyError(Exception):
         self.message = message
         self.param = param
         self.headers = headers or {}
+        self.details = details
+        # Why a call was refused, as the usage reports count it: the code without its
+        # "_exceeded", or which per-minute limit (requests_per_minute, fair_share, …).
+        self.reason = reason or code.removesuffix("_exceeded")
 
     def body(self) -> bytes:
         error: dict[str, object] = {"code": self.code, "message": self.message}
         if self.param is not None:
             error["param"] = self.param
+        if self.details:
+            error["details"] = self.details
         error["status"] = self.status
         return orjson.dumps({"error": error})
 
 
-def invalid(param: str, problem: str) -> ProxyError:
-    """A 400 that names the offending field."""
-    return ProxyError("invalid_request", f"Field '{param}' {problem}.", param=param)
+def invalid(param: str, problem: str, fix: str = "") -> ProxyError:
+    """A 400 that names the offending field, with what to send instead (API.md section 5)."""
+    detail = {"field": param, "problem": problem, "fix": fix or "Correct it and send it again."}
+    return ProxyError(
+        "invalid_request", f"Field '{param}' {problem}.", param=param, details=[detail]
+    )
+
+
+def invalid_fields(errors: list[ProxyError]) -> ProxyError:
+    """One 400 for several bad fields: `param` and the message name the first, `details` all."""
+    details = [d for error in errors for d in error.details or ()]
+    first = errors[0]
+    more = len(details) - 1
+    message = first.message
+    if more > 0:
+        message += f" {more} more field{'s' if more > 1 else ''} to fix: see details."
+    return ProxyError("invalid_request", message, param=first.param, details=details)

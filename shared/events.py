@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from shared.errors import ProxyError, invalid
 from shared.tables import Conflict, Tables
-from shared.validation import boolean, known_fields, required, text, whole_number
+from shared.validation import Problems, boolean, known_fields, required, text, whole_number
 
 EVENTS_TABLE = "events"
 # Caps are stored as 32-bit integers; no event needs more.
@@ -23,18 +23,23 @@ def _zone(name: str) -> ZoneInfo:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError) as exc:
         raise invalid(
-            "time_zone", f"must be an IANA time zone such as 'Europe/Berlin', not {name!r}"
+            "time_zone",
+            f"must be an IANA time zone such as 'Europe/Berlin', not {name!r}",
+            "Send an IANA time zone name such as 'Europe/Berlin' or 'UTC'.",
         ) from exc
 
 
 def _wall_clock(param: str, value: Any, zone: ZoneInfo) -> datetime:
     """A wall-clock time in the event's zone; an explicit offset is converted into the zone."""
+    fix = "Send a wall-clock time in the event's time zone, such as '2026-05-04T09:00:00'."
     if not isinstance(value, str):
-        raise invalid(param, "must be an ISO 8601 date-time string such as '2026-05-04T09:00:00'")
+        raise invalid(
+            param, "must be an ISO 8601 date-time string such as '2026-05-04T09:00:00'", fix
+        )
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError as exc:
-        raise invalid(param, f"is not an ISO 8601 date-time: {value!r}") from exc
+        raise invalid(param, f"is not an ISO 8601 date-time: {value!r}", fix) from exc
     if parsed.tzinfo is not None:
         parsed = parsed.astimezone(zone).replace(tzinfo=None)
     return parsed.replace(microsecond=0)
@@ -52,6 +57,8 @@ class Event:
     max_token_cap: int
     daily_request_cap: int
     daily_token_cap: int = 0  # 0: no daily token cap
+    requests_per_minute: int = 0  # per attendee; 0: no limit
+    tokens_per_minute: int = 0  # per attendee; 0: no limit
     description_markdown: str = ""
     organizer_name: str = ""
     organizer_email: str = ""
@@ -163,6 +170,8 @@ class Event:
             max_token_cap=int(entity["max_token_cap"]),
             daily_request_cap=int(entity["daily_request_cap"]),
             daily_token_cap=int(entity.get("daily_token_cap", 0)),
+            requests_per_minute=int(entity.get("requests_per_minute", 0)),
+            tokens_per_minute=int(entity.get("tokens_per_minute", 0)),
             description_markdown=entity.get("description_markdown", ""),
             organizer_name=entity.get("organizer_name", ""),
             organizer_email=entity.get("organizer_email", ""),
@@ -183,6 +192,8 @@ _EDITABLE = {
     "max_token_cap",
     "daily_request_cap",
     "daily_token_cap",
+    "requests_per_minute",
+    "tokens_per_minute",
     "description_markdown",
     "organizer_name",
     "organizer_email",
@@ -192,28 +203,39 @@ _EDITABLE = {
 }
 
 
-def _apply(event: Event, body: dict[str, Any], raw_times: dict[str, Any]) -> None:
-    """Validate and set the fields present in body (times are applied after the zone)."""
+def _apply(
+    event: Event, body: dict[str, Any], raw_times: dict[str, Any], problems: Problems
+) -> None:
+    """Validate and set the fields present in body (times are applied after the zone); every
+    bad field is noted in `problems`."""
     if "name" in body:
-        event.name = text("name", body["name"], limit=200, required=True)
-    if "time_zone" in body:
-        event.time_zone = text("time_zone", body["time_zone"], limit=64, required=True)
-    zone = _zone(event.time_zone)
+        with problems.check():
+            event.name = text("name", body["name"], limit=200, required=True)
+    zone = None
+    with problems.check():
+        if "time_zone" in body:
+            event.time_zone = text("time_zone", body["time_zone"], limit=64, required=True)
+        zone = _zone(event.time_zone)
     for param in ("starts_at", "ends_at"):
-        if param in raw_times:
-            setattr(event, param, _wall_clock(param, raw_times[param], zone))
-    if "max_token_cap" in body:
-        event.max_token_cap = whole_number(
-            "max_token_cap", body["max_token_cap"], minimum=1, maximum=CAP_LIMIT
-        )
-    if "daily_request_cap" in body:
-        event.daily_request_cap = whole_number(
-            "daily_request_cap", body["daily_request_cap"], minimum=1, maximum=CAP_LIMIT
-        )
-    if "daily_token_cap" in body:
-        event.daily_token_cap = whole_number(
-            "daily_token_cap", body["daily_token_cap"] or 0, maximum=CAP_LIMIT
-        )
+        if param in raw_times and zone is not None:
+            with problems.check():
+                setattr(event, param, _wall_clock(param, raw_times[param], zone))
+    numbers = (
+        ("max_token_cap", 1),
+        ("daily_request_cap", 1),
+        ("daily_token_cap", 0),
+        ("requests_per_minute", 0),
+        ("tokens_per_minute", 0),
+    )
+    for param, minimum in numbers:
+        if param in body:
+            value = body[param]
+            if minimum == 0 and value is None:
+                value = 0  # an optional limit: null switches it off
+            with problems.check():
+                setattr(
+                    event, param, whole_number(param, value, minimum=minimum, maximum=CAP_LIMIT)
+                )
     for param, limit in (
         ("description_markdown", 20_000),
         ("organizer_name", 200),
@@ -222,20 +244,36 @@ def _apply(event: Event, body: dict[str, Any], raw_times: dict[str, Any]) -> Non
         ("shared_code", 100),
     ):
         if param in body:
-            setattr(event, param, text(param, body[param], limit=limit))
-    if event.image_url and not event.image_url.startswith(("https://", "http://", "/")):
-        raise invalid("image_url", "must be an http(s) URL")
+            with problems.check():
+                setattr(event, param, text(param, body[param], limit=limit))
+    if (
+        event.image_url
+        and not problems.bad("image_url")
+        and not event.image_url.startswith(("https://", "http://", "/"))
+    ):
+        problems.add(
+            invalid(
+                "image_url",
+                "must be an http(s) URL",
+                "Send an https:// address, or leave it empty.",
+            )
+        )
     if "active" in body:
-        event.active = boolean("active", body["active"])
-    if event.ends_at <= event.starts_at:
-        raise invalid("ends_at", "must be after starts_at")
+        with problems.check():
+            event.active = boolean("active", body["active"])
+    if not problems.bad("time_zone", "starts_at", "ends_at") and event.ends_at <= event.starts_at:
+        problems.add(
+            invalid("ends_at", "must be after starts_at", "Send an end later than the start.")
+        )
     event._window = event._day = None
 
 
 def new_event(body: dict[str, Any], *, owner: str, now: datetime) -> Event:
-    """Validate a create request; every problem names its field."""
-    known_fields(body, _EDITABLE, "an event")
-    required(body, _REQUIRED)
+    """Validate a create request; every problem names its field, all in one answer."""
+    problems = Problems()
+    with problems.check():
+        known_fields(body, _EDITABLE, "an event")
+    required(body, _REQUIRED, problems)
     event = Event(
         id=secrets.token_hex(8),
         name="",
@@ -247,15 +285,20 @@ def new_event(body: dict[str, Any], *, owner: str, now: datetime) -> Event:
         owner=owner,
         created_at=now.isoformat(),
     )
-    _apply(event, body, {"starts_at": body["starts_at"], "ends_at": body["ends_at"]})
+    times = {p: body[p] for p in ("starts_at", "ends_at") if body.get(p) is not None}
+    _apply(event, body, times, problems)
+    problems.raise_any()
     return event
 
 
 def patch_event(event: Event, body: dict[str, Any]) -> Event:
     """Validate a change. A new time zone alone keeps the wall-clock times."""
-    known_fields(body, _EDITABLE, "an event")
+    problems = Problems()
+    with problems.check():
+        known_fields(body, _EDITABLE, "an event")
     raw_times = {p: body[p] for p in ("starts_at", "ends_at") if p in body}
-    _apply(event, body, raw_times)
+    _apply(event, body, raw_times, problems)
+    problems.raise_any()
     return event
 
 

@@ -15,6 +15,7 @@ from shared.catalog import Resource, new_resource, patch_resource
 from shared.errors import ProxyError, invalid
 from shared.events import Event, new_event, patch_event
 from shared.runtime import Runtime
+from shared.tables import StorageUnavailable
 from shared.validation import is_id, known_fields, text
 
 
@@ -198,13 +199,18 @@ async def rotate(runtime: Runtime, caller: Caller, event_id: str, attendee_id: s
 async def usage_report(
     runtime: Runtime, caller: Caller, event_id: str, group_by: str
 ) -> dict[str, Any]:
-    """Totals of an event grouped by attendee, deployment or day (fresh: rolls up first)."""
+    """Totals of an event grouped by attendee, deployment, day or hour (fresh: rolls up
+    first), with refusals by reason by attendee and by day."""
     from shared import rollups
 
     if group_by not in rollups.GROUPS:
         raise invalid("group_by", f"must be one of {', '.join(rollups.GROUPS)}")
     found_event = await event(runtime, caller, event_id)
     await runtime.usage.flush_quietly()
+    try:
+        await runtime.caps.sync()  # this instance's refusals; others write theirs each second
+    except StorageUnavailable:
+        pass  # the report reads storage too: it answers 503 if storage stays away
     users = {a.id: a.user for a in await runtime.attendees.list(found_event.id)}
     return await rollups.report(runtime.tables, found_event.id, group_by, users)
 

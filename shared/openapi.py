@@ -21,6 +21,7 @@ from shared.catalog import AUTH_KINDS, MODEL_CLASSES
 from shared.errors import STATUS_BY_CODE
 from shared.events import CAP_LIMIT
 from shared.registration import endpoint_of
+from shared.rollups import GROUPS, REFUSALS
 
 Schema = dict[str, Any]
 
@@ -94,6 +95,19 @@ _EVENT_FIELDS: dict[str, Schema] = {
         **_integer("tokens per attendee per day; 0 for none"),
         "maximum": CAP_LIMIT,
     },
+    "requests_per_minute": {
+        **_integer("requests per attendee in any minute; 0 or null for no limit"),
+        "maximum": CAP_LIMIT,
+        "nullable": True,
+    },
+    "tokens_per_minute": {
+        **_integer(
+            "tokens per attendee in any minute (a call counts its worst case until it "
+            "answers); 0 or null for no limit"
+        ),
+        "maximum": CAP_LIMIT,
+        "nullable": True,
+    },
     "description_markdown": _string("registration page text", maxLength=20_000),
     "organizer_name": _string("shown on the registration page", maxLength=200),
     "organizer_email": _string("for the organiser's records, never public", maxLength=320),
@@ -142,6 +156,19 @@ _RESOURCE_FIELDS: dict[str, Schema] = {
     "weight": {**_integer("share of requests within its priority", 1), "maximum": 1000},
     "region": _string("for the organiser's records", maxLength=64),
     "active": _boolean("false takes it out of every pool at once"),
+    "quota_requests_per_minute": {
+        **_integer(
+            "the deployment's requests-per-minute quota in Azure; near it, each active "
+            "attendee gets a fair share. 0 or null: not known"
+        ),
+        "maximum": CAP_LIMIT,
+        "nullable": True,
+    },
+    "quota_tokens_per_minute": {
+        **_integer("the deployment's tokens-per-minute quota in Azure; 0 or null: not known"),
+        "maximum": CAP_LIMIT,
+        "nullable": True,
+    },
 }
 _USAGE_NUMBERS: dict[str, Schema] = {
     "requests": _integer("requests answered"),
@@ -149,6 +176,15 @@ _USAGE_NUMBERS: dict[str, Schema] = {
     "completion_tokens": _integer("completion tokens"),
     "total_tokens": _integer("prompt plus completion tokens"),
     "units": _integer("images, audio seconds or searches, for models not counted in tokens"),
+}
+_USAGE_EXTRAS: dict[str, Schema] = {
+    "refused": _object(
+        {reason: _integer(f"calls refused: {reason.replace('_', ' ')}") for reason in REFUSALS},
+        REFUSALS,
+        description="group_by=attendee and day: calls refused (429) by reason",
+    ),
+    "active_attendees": _integer("group_by=hour: attendees who made calls in the hour"),
+    "new_attendees": _integer("group_by=hour: attendees whose first call was in the hour"),
 }
 _OPENAI_ANSWER = _object(
     {}, additionalProperties=True, description="The upstream's answer, passed through unchanged"
@@ -163,6 +199,19 @@ SCHEMAS: dict[str, Schema] = {
                     "message": _string("what went wrong and how to fix it"),
                     "status": _integer("the HTTP status", 400),
                     "param": _string("the request field at fault, when there is one"),
+                    "details": {
+                        "type": "array",
+                        "description": "every bad field of a management body, the first "
+                        "being `param` (API.md section 5)",
+                        "items": _object(
+                            {
+                                "field": _string("the field"),
+                                "problem": _string("what is wrong with it"),
+                                "fix": _string("what to send instead"),
+                            },
+                            ("field", "problem", "fix"),
+                        ),
+                    },
                 },
                 ("code", "message", "status"),
             )
@@ -259,7 +308,7 @@ SCHEMAS: dict[str, Schema] = {
     "UsageReport": _object(
         {
             "event_id": _string("the event"),
-            "group_by": {"type": "string", "enum": ["attendee", "deployment", "day"]},
+            "group_by": {"type": "string", "enum": list(GROUPS)},
             "rows": {
                 "type": "array",
                 "items": _object(
@@ -268,12 +317,14 @@ SCHEMAS: dict[str, Schema] = {
                         "user": _string("group_by=attendee"),
                         "deployment": _string("group_by=deployment"),
                         "day": _string("group_by=day: YYYY-MM-DD in the event's time zone"),
+                        "hour": _string("group_by=hour: the hour's start, UTC", format="date-time"),
                         **_USAGE_NUMBERS,
+                        **_USAGE_EXTRAS,
                     },
                     tuple(_USAGE_NUMBERS),
                 ),
             },
-            "totals": _object(_USAGE_NUMBERS, tuple(_USAGE_NUMBERS)),
+            "totals": _object({**_USAGE_NUMBERS, **_USAGE_EXTRAS}, tuple(_USAGE_NUMBERS)),
         },
         ("event_id", "group_by", "rows", "totals"),
     ),
@@ -320,6 +371,8 @@ SCHEMAS: dict[str, Schema] = {
                     "max_token_cap": _EVENT_FIELDS["max_token_cap"],
                     "daily_request_cap": _EVENT_FIELDS["daily_request_cap"],
                     "daily_token_cap": _EVENT_FIELDS["daily_token_cap"],
+                    "requests_per_minute": _EVENT_FIELDS["requests_per_minute"],
+                    "tokens_per_minute": _EVENT_FIELDS["tokens_per_minute"],
                     "deployments": _object(
                         {},
                         additionalProperties={"type": "array", "items": {"type": "string"}},
@@ -457,7 +510,7 @@ _ERROR_TEXT = {
     404: "Not found (or not yours)",
     409: "Conflict: still in use; the message says what to do",
     413: "Body too large",
-    429: "A cap or the capacity is exhausted; see Retry-After",
+    429: "A cap, a per-minute limit or the capacity is exhausted; see Retry-After",
     502: "The upstream failed, after failover",
     503: "Storage is unavailable",
     504: "The upstream was too slow, after failover",
@@ -494,7 +547,7 @@ _USAGE_QUERY: tuple[Schema, ...] = (
         "name": "group_by",
         "in": "query",
         "required": False,
-        "schema": {"type": "string", "enum": ["attendee", "deployment", "day"]},
+        "schema": {"type": "string", "enum": list(GROUPS)},
     },
     {
         "name": "format",

@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from shared.caps import COUNTERS_TABLE
 from shared.tables import Tables
 from shared.usage import DAYS_TABLE, USAGE_TABLE
 
@@ -203,20 +204,71 @@ GROUPS = {
     "attendee": ("attendee_id",),
     "deployment": ("deployment",),
     "day": ("day",),
+    "hour": ("hour",),
 }
+# Why calls were refused (429), as the counter rows count them: the per-minute limits, a fair
+# share or the quota of a deployment, the daily caps, every deployment busy.
+REFUSALS = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "fair_share",
+    "deployment_quota",
+    "daily_request_cap",
+    "daily_token_cap",
+    "no_capacity",
+)
+
+
+async def refusals(tables: Tables, event_id: str) -> dict[tuple[str, str], dict[str, int]]:
+    """Refused calls by reason per (day, attendee), as the instances last wrote them."""
+    rows = await tables.query(
+        COUNTERS_TABLE,
+        "PartitionKey ge @low and PartitionKey lt @high",
+        {"low": f"{event_id}_", "high": f"{event_id}_~"},
+    )
+    found: dict[tuple[str, str], dict[str, int]] = {}
+    for row in rows:
+        counts = {
+            reason: int(row.get(f"refused_{reason}", 0))
+            for reason in REFUSALS
+            if row.get(f"refused_{reason}")
+        }
+        if counts:
+            day = row["PartitionKey"].rpartition("_")[2]
+            found[(day, row["RowKey"])] = counts
+    return found
+
+
+def _add(into: dict[str, int], counts: dict[str, int]) -> None:
+    for reason, count in counts.items():
+        into[reason] = into.get(reason, 0) + count
 
 
 async def report(
     tables: Tables, event_id: str, group_by: str, users: dict[str, str]
 ) -> dict[str, Any]:
-    """Totals of an event grouped by attendee, deployment or day, fresh as of now."""
+    """Totals of an event grouped by attendee, deployment, day or hour, fresh as of now.
+
+    By attendee and by day, each row also counts the calls refused, by reason (`refused`);
+    by hour, the attendees active in that hour and those active for the first time.
+    """
     await roll_up(tables, event_id)
+    if group_by == "hour":
+        return await _by_hour(tables, event_id)
     grouped: dict[str, Totals] = defaultdict(Totals)
     overall = Totals()
     for row in await tables.partition(ROLLUPS_TABLE, event_id):
         key = row[GROUPS[group_by][0]]
         grouped[key].add(row, int(row.get("requests", 0)))
         overall.add(row, int(row.get("requests", 0)))
+    refused: dict[str, dict[str, int]] = defaultdict(dict)
+    refused_overall: dict[str, int] = {}
+    if group_by in ("attendee", "day"):
+        for (day, attendee), counts in (await refusals(tables, event_id)).items():
+            key = attendee if group_by == "attendee" else day
+            _add(refused[key], counts)
+            _add(refused_overall, counts)
+            grouped.setdefault(key, Totals())  # refused every time: still a row
     rows = []
     for key in sorted(grouped):
         if group_by == "attendee":
@@ -225,18 +277,64 @@ async def report(
             head = {"day": f"{key[:4]}-{key[4:6]}-{key[6:]}"}
         else:
             head = {"deployment": key}
-        rows.append({**head, **grouped[key].as_dict()})
-    return {"event_id": event_id, "group_by": group_by, "rows": rows, "totals": overall.as_dict()}
+        row = {**head, **grouped[key].as_dict()}
+        if group_by in ("attendee", "day"):
+            row["refused"] = {reason: refused[key].get(reason, 0) for reason in REFUSALS}
+        rows.append(row)
+    totals: dict[str, Any] = overall.as_dict()
+    if group_by in ("attendee", "day"):
+        totals["refused"] = {reason: refused_overall.get(reason, 0) for reason in REFUSALS}
+    return {"event_id": event_id, "group_by": group_by, "rows": rows, "totals": totals}
+
+
+async def _by_hour(tables: Tables, event_id: str) -> dict[str, Any]:
+    """Per UTC hour: totals, the attendees active in it, and those active for the first time."""
+    hours: dict[str, Totals] = defaultdict(Totals)
+    active: dict[str, set[str]] = defaultdict(set)
+    overall = Totals()
+    for part in await tables.partition(PARTS_TABLE, event_id):
+        bucket = part["RowKey"].partition("|")[2]  # YYYYMMDDTHHM, UTC
+        chunks = sorted((k for k in part if k.startswith("groups")), key=lambda k: int(k[6:]))
+        hour = bucket[:11]
+        for key, numbers in orjson.loads("".join(part[k] for k in chunks) or "{}").items():
+            hours[hour].add_numbers(numbers)
+            overall.add_numbers(numbers)
+            active[hour].add(key.partition("|")[0])
+    seen: set[str] = set()
+    rows = []
+    for hour in sorted(hours):
+        new = active[hour] - seen
+        seen |= active[hour]
+        rows.append(
+            {
+                "hour": f"{hour[:4]}-{hour[4:6]}-{hour[6:8]}T{hour[9:11]}:00:00Z",
+                **hours[hour].as_dict(),
+                "active_attendees": len(active[hour]),
+                "new_attendees": len(new),
+            }
+        )
+    totals = {**overall.as_dict(), "active_attendees": len(seen), "new_attendees": len(seen)}
+    return {"event_id": event_id, "group_by": "hour", "rows": rows, "totals": totals}
 
 
 def to_csv(report_data: dict[str, Any]) -> str:
     group_by = report_data["group_by"]
     heads = ["attendee_id", "user"] if group_by == "attendee" else [group_by]
+    extra: list[str] = []
+    if group_by in ("attendee", "day"):
+        extra = [f"refused_{reason}" for reason in REFUSALS]
+    elif group_by == "hour":
+        extra = ["active_attendees", "new_attendees"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*heads, *NUMBERS])
+    writer.writerow([*heads, *NUMBERS, *extra])
     for row in report_data["rows"]:
-        writer.writerow([row[h] for h in heads] + [row[n] for n in NUMBERS])
+        values = [row[n] for n in (*heads, *NUMBERS)]
+        if group_by == "hour":
+            values += [row["active_attendees"], row["new_attendees"]]
+        elif extra:
+            values += [row["refused"][reason] for reason in REFUSALS]
+        writer.writerow(values)
     return out.getvalue()
 
 

@@ -23,8 +23,10 @@ from shared.caps import Caps
 from shared.catalog import CatalogStore, Resource
 from shared.errors import ProxyError
 from shared.events import Event, EventStore
+from shared.fairshare import FairShare
 from shared.guard import FailedKeyGuard, failed_codes
 from shared.keys import KEY_PREFIX, code_key_parts, hash_key, is_well_formed, same_secret
+from shared.ratelimits import RateLimits
 from shared.settings import Settings
 from shared.tables import StorageUnavailable, Tables
 from shared.upstream import UpstreamClient
@@ -61,6 +63,7 @@ class Runtime:
         self.upstream = UpstreamClient(settings)
         self.balancer = Balancer(self.tables, settings.sync_seconds)
         self.caps = Caps(self.tables, settings.sync_seconds)
+        self.limits = RateLimits(self.caps, FairShare(self.tables, settings.sync_seconds))
         spill_dir = Path(
             settings.usage_spill_dir
             or Path(tempfile.gettempdir()) / f"aiproxy-usage-{settings.table_prefix}"
@@ -221,6 +224,7 @@ class Runtime:
 
     async def close(self) -> None:
         await self.balancer.close()
+        await self.limits.close()
         await self.caps.close()
         await self.usage.close()
         await self.upstream.close()

@@ -11,8 +11,12 @@ from shared.settings import Settings
 # Response headers of the upstream that the caller gets to see.
 PASSED_HEADERS = (
     "content-type",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-limit-tokens",
     "x-ratelimit-remaining-requests",
     "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
 )
 
 

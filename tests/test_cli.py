@@ -25,6 +25,7 @@ from local.azurite import free_port
 from tests.harness import FUNCTION_KEY, SIM_KEY, AppHost, Simulator, window
 
 AIPROXY = Path(sys.executable).with_name("aiproxy")
+ROOT = Path(__file__).resolve().parent.parent
 NUMBERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "units")
 KEY = re.compile(r"^aip-[A-Za-z0-9]{32}$")
 
@@ -38,6 +39,8 @@ def cli(
     if host is not None:
         environ |= {"AIPROXY_ENDPOINT": host.base, "AIPROXY_FUNCTION_KEY": FUNCTION_KEY}
     environ |= env or {}
+    # The script imports `cli` from where the package was installed: run this checkout's.
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))
     return subprocess.run(
         [str(AIPROXY), *args], env=environ, input=stdin, capture_output=True, text=True, timeout=120
     )
@@ -176,11 +179,13 @@ def test_an_event_from_nothing_to_a_usage_report(
             r["user"] for r in issued if r["attendee_id"] == attendee_id
         )
     assert total is not None and {n: int(total[n]) for n in NUMBERS} == grand
+    assert int(total["refused"]) == 0
 
     as_csv = ok(
         cli(host, "usage", "--event", event_id, "--group-by", "attendee", "--format", "csv")
     )
-    assert as_csv.splitlines()[0] == "attendee_id,user," + ",".join(NUMBERS)
+    assert as_csv.splitlines()[0].startswith("attendee_id,user," + ",".join(NUMBERS) + ",")
+    assert "refused_requests_per_minute" in as_csv.splitlines()[0]
     csv_rows = {r["attendee_id"]: r for r in csv.DictReader(io.StringIO(as_csv))}
     for attendee_id, numbers in expected.items():
         assert {n: int(csv_rows[attendee_id][n]) for n in NUMBERS} == numbers
@@ -195,6 +200,9 @@ def test_an_event_from_nothing_to_a_usage_report(
     days = list(csv.DictReader(io.StringIO(by_day)))
     assert sum(int(d["requests"]) for d in days) == 6
     assert datetime.now(UTC).strftime("%Y-%m-%d") in {d["day"] for d in days}
+    by_hour, total = parse_table(ok(cli(host, "usage", "--event", event_id, "--group-by", "hour")))
+    assert sum(int(r["requests"]) for r in by_hour) == 6
+    assert total is not None and int(total["new_attendees"]) == len(expected)
 
 
 def test_everyday_commands(host: AppHost, sim: Simulator) -> None:
@@ -204,13 +212,18 @@ def test_everyday_commands(host: AppHost, sim: Simulator) -> None:
             host,
             *("events", "create", "--name", "Everyday", "--starts-at", span["starts_at"]),
             *("--ends-at", span["ends_at"], "--time-zone", "UTC", "--max-token-cap", "64"),
-            *("--daily-request-cap", "5"),
+            *("--daily-request-cap", "5", "--requests-per-minute", "12"),
         )
     ).strip()
+    assert host.manage.get(f"/events/{event_id}").json()["requests_per_minute"] == 12
     listed, _ = parse_table(ok(cli(host, "events", "list")))
     assert event_id in {r["id"] for r in listed}
-    updated = ok(cli(host, "events", "update", event_id, "--daily-request-cap", "7", "--inactive"))
+    updated = ok(
+        cli(host, "events", "update", event_id, "--daily-request-cap", "7", "--inactive",
+            "--tokens-per-minute", "5000")
+    )  # fmt: skip
     assert '"daily_request_cap": 7' in updated and '"active": false' in updated
+    assert '"tokens_per_minute": 5000' in updated and '"requests_per_minute": 12' in updated
     assert '"id": "' + event_id in ok(cli(host, "events", "show", event_id))
 
     resource = ok(
@@ -223,6 +236,9 @@ def test_everyday_commands(host: AppHost, sim: Simulator) -> None:
     resource_id = re.search(r'"id": "([0-9a-f]{16})"', resource).group(1)
     assert SIM_KEY not in resource
     assert '"weight": 4' in ok(cli(host, "resources", "update", resource_id, "--weight", "4"))
+    quota = ok(cli(host, "resources", "update", resource_id, "--quota-requests-per-minute", "60",
+                   "--quota-tokens-per-minute", "9000"))  # fmt: skip
+    assert '"quota_requests_per_minute": 60' in quota and '"quota_tokens_per_minute": 9000' in quota
     resources, _ = parse_table(ok(cli(host, "resources", "list")))
     assert resource_id in {r["id"] for r in resources}
     ok(cli(host, "catalog", "attach", "--event", event_id, "--resource", resource_id))
@@ -261,6 +277,14 @@ def test_api_errors_exit_1_with_the_apis_message(host: AppHost) -> None:
         *("--max-token-cap", "1", "--daily-request-cap", "1"),
     )
     assert "time_zone" in failed(bad, 1) and "400 invalid_request" in bad.stderr
+    several = cli(
+        host,
+        *("events", "create", "--name", "x", "--starts-at", span["starts_at"]),
+        *("--ends-at", span["ends_at"], "--time-zone", "UTC", "--max-token-cap", "0"),
+        *("--daily-request-cap", "1", "--requests-per-minute", "-1"),
+    )
+    line = failed(several, 1)
+    assert "'max_token_cap'" in line and "'requests_per_minute'" in line
     usage = failed(cli(host, "usage", "--event", "nosuchevent"), 1)
     assert "404 not_found" in usage
 

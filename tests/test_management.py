@@ -212,3 +212,57 @@ def test_caps_beyond_32_bits_are_refused_with_the_field_named(host: AppHost) -> 
 def test_attendee_with_unknown_fields_is_refused(host: AppHost, event: EventSetup) -> None:
     response = host.manage.post(f"/events/{event.id}/attendees", json={"user": "a", "role": "x"})
     invalid_field(response, "role")
+
+
+def test_every_bad_field_is_listed_in_details_the_first_as_param(host: AppHost) -> None:
+    body = {**EVENT, "name": "", "max_token_cap": 0, "requests_per_minute": -1, "colour": "blue"}
+    body.pop("daily_request_cap")
+    response = host.manage.post("/events", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    fields = [d["field"] for d in error["details"]]
+    assert sorted(fields) == [
+        "colour", "daily_request_cap", "max_token_cap", "name", "requests_per_minute",
+    ]  # fmt: skip
+    assert error["param"] == fields[0] and f"'{fields[0]}'" in error["message"]
+    assert "4 more fields" in error["message"]
+    for detail in error["details"]:
+        assert set(detail) == {"field", "problem", "fix"} and detail["problem"] and detail["fix"]
+    one = host.manage.post("/events", json={**EVENT, "tokens_per_minute": "many"}).json()["error"]
+    assert one["param"] == "tokens_per_minute"
+    assert [d["field"] for d in one["details"]] == ["tokens_per_minute"]
+    resource = host.manage.post(
+        "/resources", json={"name": "", "model_class": "x", "quota_tokens_per_minute": 1.5}
+    ).json()["error"]
+    assert {d["field"] for d in resource["details"]} == {
+        "name", "deployment", "model_class", "endpoint", "quota_tokens_per_minute", "api_key",
+    }  # fmt: skip
+
+
+def test_per_minute_limits_are_optional_and_editable(host: AppHost) -> None:
+    created = host.manage.post("/events", json=EVENT).json()
+    assert created["requests_per_minute"] == 0 and created["tokens_per_minute"] == 0
+    path = f"/events/{created['id']}"
+    limited = host.manage.patch(path, json={"requests_per_minute": 30, "tokens_per_minute": 9000})
+    assert limited.status_code == 200, limited.text
+    shown = host.manage.get(path).json()
+    assert (shown["requests_per_minute"], shown["tokens_per_minute"]) == (30, 9000)
+    cleared = host.manage.patch(path, json={"requests_per_minute": None}).json()
+    assert (cleared["requests_per_minute"], cleared["tokens_per_minute"]) == (0, 9000)
+    invalid_field(host.manage.patch(path, json={"tokens_per_minute": 2**31}), "tokens_per_minute")
+
+
+def test_resource_quotas_are_optional_and_editable(host: AppHost, sim: Simulator) -> None:
+    body = {"name": "q", "deployment": "gpt-4o", "model_class": "openai-chat",
+            "endpoint": sim.url, "api_key": SIM_KEY}  # fmt: skip
+    created = host.manage.post("/resources", json=body).json()
+    assert created["quota_requests_per_minute"] == 0 and created["quota_tokens_per_minute"] == 0
+    path = f"/resources/{created['id']}"
+    quotas = {"quota_requests_per_minute": 300, "quota_tokens_per_minute": 50_000}
+    assert host.manage.patch(path, json=quotas).status_code == 200
+    shown = next(r for r in host.manage.get("/resources").json() if r["id"] == created["id"])
+    assert {k: shown[k] for k in quotas} == quotas
+    invalid_field(
+        host.manage.patch(path, json={"quota_requests_per_minute": -5}),
+        "quota_requests_per_minute",
+    )

@@ -114,7 +114,7 @@ def test_security_schemes_match_the_keys_each_route_takes(document: dict[str, An
 def test_error_schema_has_the_contract_shape(document: dict[str, Any]) -> None:
     error = document["components"]["schemas"]["Error"]["properties"]["error"]
     assert set(error["required"]) == {"code", "message", "status"}
-    assert set(error["properties"]) == {"code", "message", "status", "param"}
+    assert set(error["properties"]) == {"code", "message", "status", "param", "details"}
     assert {"invalid_request", "registration_refused", "conflict"} <= set(
         error["properties"]["code"]["enum"]
     )

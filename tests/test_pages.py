@@ -114,12 +114,14 @@ def test_vendored_libraries_are_the_versions_pinned_in_package_json() -> None:
 def test_playground_streams_an_answer_and_shows_the_recorded_usage(
     host: AppHost, sim: Simulator, storage: Storage, browser: Browser
 ) -> None:
-    event = images_event(host, sim, name="Playground day", max_token_cap=800)
+    event = images_event(host, sim, name="Playground day", max_token_cap=800,
+                         requests_per_minute=60)  # fmt: skip
     with tab(browser) as opened:
         page = opened.page
         connect(opened, host, event.key)
         assert opened.text("#event-name") == "Playground day"
         assert opened.text("#max-cap") == "800"
+        assert opened.text("#per-minute") == "60 requests"
         assert page.get_attribute("#max-tokens", "max") == "800"
         assert page.locator("#model option").all_inner_texts() == ["gpt-4o-mini"]
         # The key lives in this tab's sessionStorage and nowhere else.
@@ -462,4 +464,86 @@ def test_console_creates_an_event_wires_it_and_charts_its_usage(
         assert {r["user"] for r in rows} == {"ada@example.com", "grace@example.com"}
         assert download.value.suggested_filename.endswith("-by-attendee.csv")
         opened.screenshot("console")
+        opened.assert_clean()
+
+
+def test_console_finds_events_by_name_and_status_and_shows_who_was_slowed(
+    host: AppHost, sim: Simulator, browser: Browser
+) -> None:
+    tag = f"find{time.time_ns() % 10**9}"
+    live = EventSetup(host, sim, name=f"{tag} Live lab", requests_per_minute=2)
+    upcoming = host.manage.post("/events", json={"name": f"{tag} Upcoming lab",
+                                                 **window(hours_before=-24, hours_after=48),
+                                                 "max_token_cap": 8, "daily_request_cap": 1})  # fmt: skip
+    ended = host.manage.post("/events", json={"name": f"{tag} Ended lab",
+                                              **window(hours_before=48, hours_after=-24),
+                                              "max_token_cap": 8, "daily_request_cap": 1})  # fmt: skip
+    assert upcoming.status_code == ended.status_code == 201
+    chat = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    statuses = [
+        host.http.post(chat, json=body, headers={"api-key": live.key}).status_code for _ in range(5)
+    ]
+    assert statuses == [200, 200, 429, 429, 429]
+
+    with tab(browser) as opened:
+        page = opened.page
+        page.goto(f"{host.base}/console")
+        page.fill("#function-key", FUNCTION_KEY)
+        page.click("#sign-in")
+        page.wait_for_selector("#console-view:not([hidden])")
+        names = lambda: page.locator("#event-list .name").all_text_contents()  # noqa: E731
+        page.fill("#event-search", tag.upper())  # any case
+        wait_until(lambda: len(names()) == 3)
+        page.select_option("#event-status", "upcoming")
+        wait_until(lambda: names() == [f"{tag} Upcoming lab"])
+        page.select_option("#event-status", "ended")
+        wait_until(lambda: names() == [f"{tag} Ended lab"])
+        page.fill("#event-search", f"{tag} Live")
+        wait_until(lambda: names() == [])
+        assert page.locator("#no-match").is_visible()
+        opened.screenshot("console-no-match")
+        page.click("#clear-filters")
+        everything = len(host.manage.get("/events").json())
+        wait_until(lambda: len(names()) == everything)
+        page.fill("#event-search", tag)
+        page.select_option("#event-status", "live")
+        wait_until(lambda: names() == [f"{tag} Live lab"])
+
+        # The live event: its per-minute limit, who was refused and why, who was active.
+        page.click(f"#event-list button[data-event-id='{live.id}']")
+        page.wait_for_selector("#event-view:not([hidden])")
+        assert "at most 2 requests per attendee per minute" in opened.text("#event-when")
+        page.click("#tab-usage")
+        row = page.locator(f"#refusal-rows tr[data-attendee-id='{live.attendee['id']}']")
+        row.wait_for()
+        assert row.locator("td").first.text_content() == "attendee@example.com"
+        assert row.locator("td[data-reason='requests_per_minute']").text_content() == "3"
+        assert page.locator("#refusals-head th[data-reason]").all_text_contents() == [
+            "Requests per minute"
+        ]
+        page.wait_for_selector("#chart-active svg rect")
+        tiles = page.locator("#usage-totals .tile").all_inner_texts()
+        assert any("Calls refused" in t and t.strip().endswith("3") for t in tiles), tiles
+        opened.screenshot("console-refusals")
+
+        # The limits are edited in the event form.
+        page.click("#edit-event")
+        assert page.input_value("#ev-requests-per-minute") == "2"
+        page.fill("#ev-requests-per-minute", "7")
+        page.fill("#ev-tokens-per-minute", "9000")
+        page.click("#save-event")
+        wait_until(lambda: host.manage.get(f"/events/{live.id}").json()["requests_per_minute"] == 7)
+        assert host.manage.get(f"/events/{live.id}").json()["tokens_per_minute"] == 9000
+
+        # Several bad fields at once: each is listed with what to do.
+        page.click("#edit-event")
+        page.fill("#ev-max-token-cap", "3000000000")  # the form lets it through, the API not
+        page.fill("#ev-requests-per-minute", "3000000000")
+        page.click("#save-event")
+        page.locator("#console-error .fields-to-fix li").first.wait_for()
+        fields = page.locator("#console-error .fields-to-fix li").evaluate_all(
+            "items => items.map((li) => li.dataset.field)"
+        )
+        assert sorted(fields) == ["max_token_cap", "requests_per_minute"]
         opened.assert_clean()

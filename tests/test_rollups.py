@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 import openai
 
-from tests.harness import FUNCTION_KEY, AppHost, EventSetup, Storage
+from shared.rollups import REFUSALS
+from tests.harness import FUNCTION_KEY, AppHost, EventSetup, Simulator, Storage
 
 NUMBERS = ("prompt_tokens", "completion_tokens", "total_tokens", "units")
 
@@ -83,7 +84,8 @@ def test_csv_report_has_the_same_totals(host: AppHost, event: EventSetup, storag
     )
     assert response.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(response.text)))
-    assert list(rows[0]) == ["attendee_id", "user", "requests", *NUMBERS]
+    refused = [f"refused_{reason}" for reason in REFUSALS]
+    assert list(rows[0]) == ["attendee_id", "user", "requests", *NUMBERS, *refused]
     assert sum(int(r["requests"]) for r in rows) == len(records) == 5
     assert sum(int(r["total_tokens"]) for r in rows) == sum(r["total_tokens"] for r in records)
 
@@ -174,3 +176,43 @@ def test_a_rollup_reads_only_the_buckets_written_since_the_last_one(
         for m in storage.rows("usagedays", f"PartitionKey eq '{event.id}'")
     }
     assert again == rolled
+
+
+def test_reports_show_refusals_by_reason_and_attendees_active_by_hour(
+    host: AppHost, sim: Simulator
+) -> None:
+    setup = EventSetup(host, sim, requests_per_minute=2)
+    other = setup.add_attendee("other@example.com")
+    chat = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    statuses = [
+        host.http.post(chat, json=body, headers={"api-key": setup.key}).status_code
+        for _ in range(5)
+    ]
+    assert statuses == [200, 200, 429, 429, 429]
+    assert host.http.post(chat, json=body, headers={"api-key": other["api_key"]}).status_code == 200
+
+    def usage(group_by: str, **params: str) -> httpx.Response:
+        return host.manage.get(f"/events/{setup.id}/usage", params={"group_by": group_by, **params})
+
+    by_attendee = usage("attendee").json()
+    rows = {row["user"]: row for row in by_attendee["rows"]}
+    assert rows["attendee@example.com"]["refused"]["requests_per_minute"] == 3
+    assert rows["attendee@example.com"]["requests"] == 2
+    assert set(rows["other@example.com"]["refused"].values()) == {0}
+    assert by_attendee["totals"]["refused"]["requests_per_minute"] == 3
+    assert sum(by_attendee["totals"]["refused"].values()) == 3
+    by_day = usage("day").json()
+    assert sum(r["refused"]["requests_per_minute"] for r in by_day["rows"]) == 3
+    table = list(csv.DictReader(io.StringIO(usage("attendee", format="csv").text)))
+    refused = {r["user"]: int(r["refused_requests_per_minute"]) for r in table}
+    assert refused == {"attendee@example.com": 3, "other@example.com": 0}
+
+    by_hour = usage("hour").json()
+    assert sum(r["requests"] for r in by_hour["rows"]) == 3
+    assert sum(r["new_attendees"] for r in by_hour["rows"]) == 2  # each is new once
+    assert max(r["active_attendees"] for r in by_hour["rows"]) >= 1
+    assert by_hour["totals"]["active_attendees"] == 2
+    assert by_hour["rows"][-1]["hour"].endswith(":00:00Z")
+    hours = list(csv.DictReader(io.StringIO(usage("hour", format="csv").text)))
+    assert sum(int(r["new_attendees"]) for r in hours) == 2

@@ -530,3 +530,46 @@ def test_sigterm_exits_cleanly(tmp_path: Path) -> None:
         assert proc.wait(timeout=10) == 0
         proc.stdout.close()
     assert (tmp_path / "stderr.txt").read_text() == ""
+
+
+def test_a_deployment_with_a_quota_refuses_past_it_as_azure_does(tmp_path: Path) -> None:
+    proc, port = _start("--quota-requests-per-minute", "3", stderr_path=tmp_path / "err.txt")
+    sim = f"http://127.0.0.1:{port}"
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    try:
+        answers = [httpx.post(_url(sim, "a", "chat/completions"), json=body,
+                              headers={"api-key": API_KEY}) for _ in range(4)]  # fmt: skip
+        assert [a.status_code for a in answers] == [200, 200, 200, 429]
+        assert [a.headers["x-ratelimit-remaining-requests"] for a in answers] == [
+            "2",
+            "1",
+            "0",
+            "0",
+        ]
+        assert answers[0].headers["x-ratelimit-limit-requests"] == "3"
+        refused = answers[3]
+        assert 58 <= int(refused.headers["retry-after"]) <= 60
+        assert 57_000 <= int(refused.headers["retry-after-ms"]) <= 60_000
+        assert refused.headers["x-ratelimit-reset-requests"] == refused.headers["retry-after"]
+        assert refused.json()["error"]["code"] == "429"
+        other = httpx.post(_url(sim, "b", "chat/completions"), json=body,
+                           headers={"api-key": API_KEY})  # fmt: skip
+        assert other.status_code == 200  # each deployment has its own quota
+
+        # A token quota from the control API: a call counts its prompt and completion tokens.
+        httpx.post(f"{sim}/_sim/config", json={"quota_tokens_per_minute": 30}).raise_for_status()
+        first = httpx.post(_url(sim, "c", "embeddings"), json={"input": "a b c d e f g h i j"},
+                           headers={"api-key": API_KEY})  # fmt: skip
+        assert first.status_code == 200 and first.headers["x-ratelimit-limit-tokens"] == "30"
+        assert first.headers["x-ratelimit-remaining-tokens"] == str(30 - 10)
+        chat = httpx.post(_url(sim, "c", "chat/completions"), json={**body, "max_tokens": 25},
+                          headers={"api-key": API_KEY})  # fmt: skip  # 7 + 25 > 20 left
+        assert chat.status_code == 429 and int(chat.headers["x-ratelimit-remaining-tokens"]) == 20
+        httpx.post(f"{sim}/_sim/reset").raise_for_status()  # the windows start again
+        again = httpx.post(_url(sim, "a", "chat/completions"), json=body,
+                           headers={"api-key": API_KEY})  # fmt: skip
+        assert again.status_code == 200
+    finally:
+        stop(proc)
+        if proc.stdout:
+            proc.stdout.close()

@@ -34,6 +34,7 @@ from shared.pipeline.operations import (
     usage_numbers,
 )
 from shared.pipeline.relays import relay_bytes, relay_events
+from shared.ratelimits import Admission
 from shared.runtime import Access, Runtime, get_runtime
 from shared.streaming import EventStreamResponse
 from shared.upstream import UpstreamAnswer, UpstreamTimeout, UpstreamUnreachable
@@ -59,6 +60,7 @@ class Call:
         self.counter: Counter | None = None
         self.worst_case_tokens = 0
         self.deployment = ""
+        self.admission: Admission | None = None  # its place in the per-minute counts
 
     # --- the steps every call takes ------------------------------------------------------------
 
@@ -92,15 +94,20 @@ class Call:
         self.deployment = deployment
         return deployment
 
-    async def admit(self, event: Event, body: bytes, limit: Any) -> None:
-        """Take one request from today's cap, reserving the call's worst case in tokens."""
+    async def admit(self, event: Event, body: bytes, limit: Any, members: list[Resource]) -> None:
+        """Take one request from today's cap and this minute's limits (and the pool's fair
+        share near its quota), reserving the call's worst case in tokens."""
         assert self.access is not None
-        if event.daily_token_cap:
+        if event.daily_token_cap or self.operation.model_class in TOKEN_CLASSES:
             # A cheap worst case (about 4 bytes a token): no tokenizer on the request path.
             self.worst_case_tokens = len(body) // 4 + (limit if isinstance(limit, int) else 0)
         self.counter = await self.runtime.caps.admit(
             event, self.access.attendee.id, clock.now(), self.worst_case_tokens
         )
+        self.admission = self.runtime.limits.admit(
+            event, self.access.attendee.id, self.counter, self.deployment, members,
+            self.worst_case_tokens,
+        )  # fmt: skip
 
     async def forward(
         self,
@@ -121,6 +128,9 @@ class Call:
                 body_of=body_of, method=method,
             )  # fmt: skip
         except ProxyError as error:
+            if error.code == "no_capacity" and self.admission is not None:
+                self.admission.cancel()  # nothing reached a deployment: it uses no quota
+                self.admission = None
             if self.metered and error.code in ("upstream_error", "upstream_timeout", "no_capacity"):
                 self.record_failure(None, error.status, error.code, streamed=streamed)
             raise
@@ -158,6 +168,9 @@ class Call:
 
     def release(self) -> None:
         """Give back a token reservation no record will settle (the call failed before)."""
+        if self.admission is not None:
+            self.admission.cancel()
+            self.admission = None
         if self.counter is not None:
             self.runtime.caps.settle(self.counter, self.worst_case_tokens, 0)
             self.counter = None
@@ -189,6 +202,9 @@ class Call:
             charged = usage[2] if charge is None else charge
             self.runtime.caps.settle(self.counter, self.worst_case_tokens, charged)
             self.counter = None  # settled once
+        if self.admission is not None:
+            self.admission.settle(usage[2] if charge is None else charge)
+            self.admission = None
         event = self.access.event
         now = clock.now()
         latency_ms = (time.perf_counter() - self.started) * 1000
@@ -284,7 +300,7 @@ class Call:
             )
             changed = apply_token_cap(payload, event.max_token_cap, limit_field)
         limit = payload.get("max_completion_tokens") or payload.get("max_tokens") or 0
-        await self.admit(event, body, limit)
+        await self.admit(event, body, limit, members)
         if stream:
             asked = isinstance(options, dict) and options.get("include_usage") is True
             if not asked and supports_stream_options(api_version):
@@ -378,6 +394,11 @@ async def answer_call(call: Call, run: Callable[[], Any]) -> Response:
     except ProxyError as error:
         call.release()
         telemetry.refused(error.code, call.request_id, call.access.event.id if call.access else "")
+        if error.status == 429 and call.access is not None:  # for the organiser's reports
+            access = call.access
+            call.runtime.caps.count_refusal(
+                access.event, access.attendee.id, clock.now(), error.reason
+            )
         return error_response(error, call.request_id)
     except CallerGone:
         call.release()

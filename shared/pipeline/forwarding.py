@@ -103,6 +103,7 @@ class Forwarder:
         headers = await self.headers(resource)
         if content_type:
             headers["content-type"] = content_type
+        self.runtime.limits.sending(resource)
         try:
             answer = await self.runtime.upstream.send(method, url, headers, body)
         except UpstreamTimeout:
@@ -111,6 +112,7 @@ class Forwarder:
         except UpstreamUnreachable:
             balancer.cool(resource.id, DEFAULT_COOLDOWN_SECONDS)
             return "error", None
+        self.runtime.limits.observe(resource, answer.headers)  # its x-ratelimit-* headers
         if answer.status not in _RETRYABLE:
             return None, answer
         balancer.cool(resource.id, cooldown_seconds(answer.headers))

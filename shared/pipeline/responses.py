@@ -210,7 +210,7 @@ class ResponsesCall(Call):
         stream = payload.get("stream") is True
         background = payload.get("background") is True
         apply_token_cap(payload, event.max_token_cap, "max_output_tokens", ("max_output_tokens",))
-        await self.admit(event, body, payload["max_output_tokens"])
+        await self.admit(event, body, payload["max_output_tokens"], members)
 
         def body_of(resource: Resource) -> bytes:
             payload["model"] = resource.upstream_deployment
