@@ -288,7 +288,7 @@ def markdown(report: dict[str, Any]) -> str:
         "| clients | calls/s | failed | added first byte p50 / p99 ms | added whole p50 / p99 ms "
         "| direct whole p50 / p99 ms | worker CPU | worker CPU/call ms | worker RSS peak MiB | "
         "host stand-in CPU | client CPU | simulator CPU | CPU 1 busy (other work) | "
-        "cores busy before | passes |",
+        "cores busy before | verdict |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 

@@ -989,6 +989,15 @@ def markdown(report: dict[str, Any], runs: list[Run]) -> str:
         ]
     else:
         lines += ["", f"The 200k-request figure was skipped ({memory.get('skipped', '')})."]
+    held = memory.get("coordinator")
+    if held:
+        lines += [
+            "",
+            f"The worker runtime's HTTP coordinator (azure-functions-runtime "
+            f"{held['runtime_version']}), driven alone the way the runtime drives it for "
+            f"{held['calls']:,} calls (bench/coordinator.py): {held['entries_kept']:,} entries "
+            f"still held afterwards, {held['kib_per_call']:.2f} KiB more per call.",
+        ]
     if memory.get("after_usage_written_kib"):
         lines += [
             "",
@@ -1029,6 +1038,16 @@ def markdown(report: dict[str, Any], runs: list[Run]) -> str:
 
 
 # --- upstream HTTP clients and harness controls ---------------------------------------------
+
+
+def coordinator() -> dict[str, Any] | None:
+    """What the worker runtime keeps per invocation, measured alone (bench/coordinator.py)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.coordinator"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    line = next((x for x in done.stdout.splitlines() if x.startswith("BENCH_COORDINATOR ")), None)
+    return json.loads(line.split(" ", 1)[1]) if line else None
 
 
 def compare_clients(base: str, key: str, seconds: float) -> list[dict[str, Any]]:
@@ -1362,6 +1381,7 @@ def main() -> int:
         if memory_on:
             memory["ratio"] = round(memory_points[-1]["rss_kib"] / first, 3) if first else None
             memory["last_label"] = memory_points[-1]["label"]
+        memory["coordinator"] = coordinator()
         memory["in_process_rss_kib"] = rss_kib(servers["in-process"].pid)
         memory["host_rss_kib"] = rss_kib(worker.host_pid)
 
