@@ -47,7 +47,7 @@ param maximumInstanceCount int = 100
 @minValue(1)
 @maxValue(1000)
 @description('Concurrent HTTP calls one instance takes before another is added. Unset, Flex Consumption gives Python apps 1. The default comes from a measurement (README, HTTP concurrency per instance).')
-param httpPerInstanceConcurrency int = 32
+param httpPerInstanceConcurrency int = 16
 
 @minValue(0)
 @maxValue(1000)
