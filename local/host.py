@@ -568,10 +568,14 @@ class Host:
                         response.headers.add(name, value)
                 if "content-length" in answer.headers and answer.status != 204:
                     response.content_length = int(answer.headers["content-length"])
-                await response.prepare(request)
-                async for chunk in answer.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
+                try:
+                    await _to_caller(response.prepare(request))
+                    async for chunk in answer.content.iter_any():
+                        await _to_caller(response.write(chunk))
+                    await _to_caller(response.write_eof())
+                except CallerGone:
+                    invocation.cancel()  # leaving closes the forwarded request: the call ends
+                    return response
         except (aiohttp.ClientError, ConnectionError) as error:
             invocation.cancel()
             log.error("function %s: the worker did not answer: %s", function.name, error)
@@ -719,6 +723,17 @@ class Host:
             except TimeoutError:
                 pass
         await self._kill_worker()
+
+
+class CallerGone(Exception):
+    """The caller hung up while its answer was being written."""
+
+
+async def _to_caller(write: Awaitable[Any]) -> None:
+    try:
+        await write
+    except ConnectionError as error:  # a reset or closed connection to the caller
+        raise CallerGone from error
 
 
 def _routing_path(raw_path: str) -> str:

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared import clock
+from shared import clock, hosting
 from shared import settings as settings_module
 from shared.affinity import AffinitySeal
 from shared.attendees import Attendee, AttendeeStore, attendee_id
@@ -53,6 +53,7 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.pruning: asyncio.Task[None] | None = None  # the worker runtime's leak (hosting)
         self.tables = Tables(settings)
         self.sealer = Sealer(settings.encryption_key)
         self.affinity = AffinitySeal(settings.encryption_key)
@@ -223,6 +224,8 @@ class Runtime:
         self._secrets.invalidate(resource.secret_name)
 
     async def close(self) -> None:
+        if self.pruning is not None:
+            self.pruning.cancel()
         await self.balancer.close()
         await self.limits.close()
         await self.caps.close()
@@ -254,6 +257,7 @@ def get_runtime() -> Runtime:
         telemetry.configure(settings_module.get())
         _runtime = Runtime(settings_module.get())
         _runtime.usage.start()  # records a killed worker left on this disk are written now
+        _runtime.pruning = loop.create_task(hosting.keep_pruning())
         # Modules, settings and clients live as long as the process: keep them out of the
         # collector's full passes, which otherwise stall requests for milliseconds.
         gc.freeze()

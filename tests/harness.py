@@ -257,6 +257,9 @@ class StandIns:
     def telemetry(self) -> dict[str, Any]:
         return self.http.get("/telemetry").json()
 
+    def invocations_held(self) -> int:
+        return self.http.get("/invocations").json()["held"]
+
 
 @contextmanager
 def host_with_standins(

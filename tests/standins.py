@@ -85,6 +85,7 @@ class StandIns:
         app.router.add_get("/vault", lambda _: web.json_response(self.vault.secrets))
         app.router.add_get("/credential", lambda _: web.json_response(self.credential.scopes))
         app.router.add_get("/telemetry", self._telemetry)
+        app.router.add_get("/invocations", self._invocations)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -109,6 +110,14 @@ class StandIns:
         await runtime.shutdown()
         self.reset()
         return web.json_response({})
+
+    async def _invocations(self, _: Any) -> Any:
+        """How many invocations the worker runtime's HTTP coordinator holds."""
+        from aiohttp import web
+
+        from shared import hosting
+
+        return web.json_response({"held": hosting.open_invocations()})
 
     async def _telemetry(self, _: Any) -> Any:
         from aiohttp import web

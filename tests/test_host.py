@@ -239,3 +239,28 @@ def test_logs_carry_the_apps_lines_not_per_call_library_chatter(
     assert 'HTTP/1.1" 200' not in log  # uvicorn's access line
     assert "Received HTTP request for invocation" not in log  # the runtime's per-call lines
     assert "Request URL:" not in log and "Response status:" not in log  # the Azure SDK's
+
+
+def test_the_runtimes_finished_invocations_do_not_pile_up(
+    azurite: Azurite, log_dir: Path, sim: Simulator
+) -> None:
+    """azure-functions-runtime keeps an entry per HTTP invocation for ever (about 2 KiB); the
+    app drops the finished ones every few seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.harness import host_with_standins
+
+    with host_with_standins(
+        log_dir, azurite.connection_string, unique_prefix("leak"), "leak"
+    ) as (host, standins):
+        setup = EventSetup(host, sim)
+
+        def one(n: int) -> int:
+            return host.http.get(f"/events/{setup.id}").status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(one, range(300))) == {200}
+        deadline = time.monotonic() + 30
+        while (held := standins.invocations_held()) > 20:
+            assert time.monotonic() < deadline, f"{held} finished invocations still held"
+            time.sleep(0.2)
