@@ -250,9 +250,8 @@ def test_the_runtimes_finished_invocations_do_not_pile_up(
 
     from tests.harness import host_with_standins
 
-    with host_with_standins(
-        log_dir, azurite.connection_string, unique_prefix("leak"), "leak"
-    ) as (host, standins):
+    storage, prefix = azurite.connection_string, unique_prefix("leak")
+    with host_with_standins(log_dir, storage, prefix, "leak") as (host, standins):
         setup = EventSetup(host, sim)
 
         def one(n: int) -> int:
