@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
@@ -120,6 +121,23 @@ class AppHost:
         self.manage.close()
         self.http.close()
         self.proc.stop()
+
+
+async def burst(
+    path: str, body: dict[str, Any], hosts: list[AppHost], key: str, count: int
+) -> list[httpx.Response]:
+    """`count` calls of `body` to `path` at once, spread over the hosts."""
+    clients = [httpx.AsyncClient(base_url=h.base, timeout=30) for h in hosts]
+    try:
+        return await asyncio.gather(
+            *(
+                clients[i % len(clients)].post(path, json=body, headers={"api-key": key})
+                for i in range(count)
+            )
+        )
+    finally:
+        for client in clients:
+            await client.aclose()
 
 
 def host_answer(response: httpx.Response, status: int) -> None:

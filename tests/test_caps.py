@@ -19,7 +19,15 @@ from shared.caps import Caps
 from shared.events import Event
 from shared.settings import load
 from shared.tables import Tables
-from tests.harness import AppHost, EventSetup, Simulator, Storage, host_env, unique_prefix
+from tests.harness import (
+    AppHost,
+    EventSetup,
+    Simulator,
+    Storage,
+    burst,
+    host_env,
+    unique_prefix,
+)
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 # 8 prompt tokens and 12 completion tokens: 20 tokens a call.
@@ -93,26 +101,11 @@ def second_host(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHos
     server.stop()
 
 
-async def burst(hosts: list[AppHost], key: str, count: int) -> list[httpx.Response]:
-    """`count` requests at once, spread over the hosts."""
-    clients = [httpx.AsyncClient(base_url=h.base, timeout=30) for h in hosts]
-    try:
-        return await asyncio.gather(
-            *(
-                clients[i % len(clients)].post(CHAT, json=SMALL, headers={"api-key": key})
-                for i in range(count)
-            )
-        )
-    finally:
-        for client in clients:
-            await client.aclose()
-
-
 async def test_request_cap_holds_across_two_instances_under_a_burst(
     host: AppHost, second_host: AppHost, sim: Simulator, storage: Storage
 ) -> None:
     setup = EventSetup(host, sim, daily_request_cap=20)
-    answers = await burst([host, second_host], setup.key, 50)
+    answers = await burst(CHAT, SMALL, [host, second_host], setup.key, 50)
     admitted = sum(a.status_code == 200 for a in answers)
     refused = [a for a in answers if a.status_code == 429]
     assert admitted + len(refused) == 50
@@ -132,7 +125,7 @@ async def test_token_cap_on_one_instance_is_passed_by_one_call_at_most(
     host: AppHost, sim: Simulator
 ) -> None:
     setup = EventSetup(host, sim, daily_token_cap=100)
-    answers = await burst([host], setup.key, 50)
+    answers = await burst(CHAT, SMALL, [host], setup.key, 50)
     used = sum(a.json()["usage"]["total_tokens"] for a in answers if a.status_code == 200)
     assert 60 <= used <= 100 + WORST_CASE  # calls in flight reserve their worst case
 
@@ -141,7 +134,7 @@ async def test_token_cap_overshoot_across_two_instances_stays_within_the_bound(
     host: AppHost, second_host: AppHost, sim: Simulator
 ) -> None:
     setup = EventSetup(host, sim, daily_token_cap=100)
-    answers = await burst([host, second_host], setup.key, 50)
+    answers = await burst(CHAT, SMALL, [host, second_host], setup.key, 50)
     used = sum(a.json()["usage"]["total_tokens"] for a in answers if a.status_code == 200)
     # README bound: past the cap by at most (N - 1) x R + N x C, N = 2 instances, R = 100 left
     # at the last sync, C = one call's worst case: max_token_cap (512) plus its prompt (8).

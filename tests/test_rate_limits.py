@@ -25,7 +25,15 @@ from shared.fairshare import FairShare
 from shared.ratelimits import RateLimits
 from shared.settings import load
 from shared.tables import Tables
-from tests.harness import AppHost, EventSetup, Simulator, Storage, host_env, unique_prefix
+from tests.harness import (
+    AppHost,
+    EventSetup,
+    Simulator,
+    Storage,
+    burst,
+    host_env,
+    unique_prefix,
+)
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 # 8 prompt tokens and 12 completion tokens: 20 tokens a call.
@@ -175,26 +183,11 @@ def second_host(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHos
     server.stop()
 
 
-async def burst(hosts: list[AppHost], key: str, count: int) -> list[httpx.Response]:
-    """`count` requests at once, spread over the hosts."""
-    clients = [httpx.AsyncClient(base_url=h.base, timeout=30) for h in hosts]
-    try:
-        return await asyncio.gather(
-            *(
-                clients[i % len(clients)].post(CHAT, json=SMALL, headers={"api-key": key})
-                for i in range(count)
-            )
-        )
-    finally:
-        for client in clients:
-            await client.aclose()
-
-
 async def test_a_burst_over_two_instances_stays_within_the_bound(
     host: AppHost, second_host: AppHost, sim: Simulator
 ) -> None:
     setup = EventSetup(host, sim, requests_per_minute=10)
-    answers = await burst([host, second_host], setup.key, 40)
+    answers = await burst(CHAT, SMALL, [host, second_host], setup.key, 40)
     admitted = sum(a.status_code == 200 for a in answers)
     # README bound: a burst reaching N instances before they exchange counts gets at most
     # N x requests_per_minute; at least the limit itself.
