@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
+
+from shared.tables import StorageUnavailable
 
 
 class Background:
@@ -22,3 +25,25 @@ class Background:
     def cancel(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+async def repeat(
+    work: Callable[[], Awaitable[None]],
+    seconds: float,
+    what: str,
+    log: logging.Logger,
+    *,
+    first_at_once: bool = False,
+) -> None:
+    """Run `work` every `seconds` for ever (a sync loop); a storage outage is a warning and
+    any other failure is logged, neither ends the loop."""
+    if not first_at_once:
+        await asyncio.sleep(seconds)
+    while True:
+        try:
+            await work()
+        except StorageUnavailable as exc:
+            log.warning("%s not synced: %s", what, str(exc)[:200])
+        except Exception:
+            log.exception("%s: sync failed", what)
+        await asyncio.sleep(seconds)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from shared.background import Background
+from shared.background import Background, repeat
 from shared.catalog import Resource
 from shared.tables import Conflict, StorageUnavailable, Tables
 
@@ -147,16 +147,6 @@ class Balancer:
             if until > self._cooling.get(row["RowKey"], 0.0):
                 self._cooling[row["RowKey"]] = until
 
-    async def _sync_loop(self) -> None:
-        while True:
-            try:
-                await self.sync_cooldowns()
-            except StorageUnavailable as exc:
-                log.warning("cooldowns not synced: %s", str(exc)[:200])
-            except Exception:
-                log.exception("cooldown sync failed")
-            await asyncio.sleep(self._sync_seconds)
-
     # --- round-robin positions ------------------------------------------------------------
 
     def _position(self, key: str, block: int) -> int:
@@ -231,7 +221,11 @@ class Balancer:
     def order(self, pool: str, members: Sequence[Resource]) -> list[Resource]:
         """Healthy members: the best priority in round-robin order first, then the others."""
         if self._tables is not None and self._sync_task is None:
-            self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
+            self._sync_task = asyncio.get_running_loop().create_task(
+                repeat(
+                    self.sync_cooldowns, self._sync_seconds, "cooldowns", log, first_at_once=True
+                )
+            )
         now = time.monotonic()
         healthy = [m for m in members if m.active and self._cooling.get(m.id, 0.0) <= now]
         if not healthy:

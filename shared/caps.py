@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from shared.background import Background
+from shared.background import Background, repeat
 from shared.errors import ProxyError
 from shared.events import Event
 from shared.minutes import SharedSlots
@@ -135,7 +135,9 @@ class Caps:
 
     def _start(self) -> None:
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._sync_loop())
+            self._task = asyncio.get_running_loop().create_task(
+                repeat(self.sync, self._sync_seconds, "caps: counters", log)
+            )
 
     async def admit(
         self, event: Event, attendee_id: str, now: datetime, worst_case_tokens: int = 0
@@ -307,16 +309,6 @@ class Caps:
                 except StorageUnavailable:
                     counter.allowance += give_back
                     raise
-
-    async def _sync_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._sync_seconds)
-            try:
-                await self.sync()
-            except StorageUnavailable as exc:
-                log.warning("caps: counters not synced: %s", str(exc)[:200])
-            except Exception:
-                log.exception("caps: sync failed")
 
     async def today(self, event: Event, attendee_id: str, now: datetime) -> tuple[int, int]:
         """(requests used, tokens used) today, as fresh as storage allows."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from shared.background import Background
+from shared.background import Background, repeat
 from shared.catalog import Resource
 from shared.errors import ProxyError
 from shared.minutes import (
@@ -41,7 +41,7 @@ from shared.minutes import (
     slot_of,
     whole_seconds,
 )
-from shared.tables import StorageUnavailable, Tables
+from shared.tables import Tables
 
 log = logging.getLogger(__name__)
 
@@ -389,17 +389,9 @@ class FairShare:
 
     def _start(self) -> None:
         if self._tables is not None and (self._task is None or self._task.done()):
-            self._task = asyncio.get_running_loop().create_task(self._sync_loop())
-
-    async def _sync_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._sync_seconds)
-            try:
-                await self.sync()
-            except StorageUnavailable as exc:
-                log.warning("fair share: counts not shared: %s", str(exc)[:200])
-            except Exception:
-                log.exception("fair share: sync failed")
+            self._task = asyncio.get_running_loop().create_task(
+                repeat(self.sync, self._sync_seconds, "fair share: counts", log)
+            )
 
     async def sync(self) -> None:
         """Publish this instance's counts of each pool that changed; read the others'."""
