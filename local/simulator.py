@@ -643,6 +643,29 @@ def _abort(request: web.Request) -> None:
         transport.abort()
 
 
+async def _asked_failure(
+    request: web.Request,
+    state: SimState,
+    record: dict[str, Any],
+    settings: dict[str, Any],
+    kind: str,
+    headers: dict[str, str],
+    first_byte_ms: float,
+) -> web.StreamResponse | None:
+    """The hang or error status a test asked for (config or directive), or None."""
+    if settings.get("hang"):
+        record["status"] = "hang"
+        await _hang(request, state)
+        _abort(request)
+        return web.Response(status=499)
+    status = settings.get("status")
+    if status is not None and int(status) >= 400:
+        if first_byte_ms > 0:
+            await asyncio.sleep(first_byte_ms / 1000)
+        return _status_response(int(status), kind, settings, headers)
+    return None
+
+
 def _setting(settings: dict[str, Any], key: str, default: float) -> float:
     value = settings.get(key)
     return default if value is None else float(value)
@@ -732,20 +755,11 @@ async def _serve(
     if directives:
         settings = {**settings, **directives}
 
-    if settings.get("hang"):
-        record["status"] = "hang"
-        await _hang(request, state)
-        _abort(request)
-        return web.Response(status=499)
-
     first_byte_ms = _setting(settings, "first_byte_ms", state.default_first_byte_ms)
     latency_ms = _setting(settings, "latency_ms_per_token", state.default_latency_ms_per_token)
-
-    status = settings.get("status")
-    if status is not None and int(status) >= 400:
-        if first_byte_ms > 0:
-            await asyncio.sleep(first_byte_ms / 1000)
-        return _status_response(int(status), kind, settings, headers)
+    failed = await _asked_failure(request, state, record, settings, kind, headers, first_byte_ms)
+    if failed is not None:
+        return failed
     if settings.get("content_filter"):
         if first_byte_ms > 0:
             await asyncio.sleep(first_byte_ms / 1000)
@@ -1452,18 +1466,13 @@ async def _create_response(
                 code="invalid_encrypted_content",
             )
     settings = {**state.config, **parse_directives(KIND_RESPONSES, body)}
-    if settings.get("hang"):
-        record["status"] = "hang"
-        await _hang(request, state)
-        _abort(request)
-        return web.Response(status=499)
     first_byte_ms = _setting(settings, "first_byte_ms", state.default_first_byte_ms)
     latency_ms = _setting(settings, "latency_ms_per_token", state.default_latency_ms_per_token)
-    status = settings.get("status")
-    if status is not None and int(status) >= 400:
-        if first_byte_ms > 0:
-            await asyncio.sleep(first_byte_ms / 1000)
-        return _status_response(int(status), KIND_RESPONSES, settings, headers)
+    failed = await _asked_failure(
+        request, state, record, settings, KIND_RESPONSES, headers, first_byte_ms
+    )
+    if failed is not None:
+        return failed
 
     reasoning_tokens = 0
     if isinstance(body.get("reasoning"), dict):
