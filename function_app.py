@@ -8,7 +8,8 @@ import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response
 
 from admin_functions import bp as manage_blueprint
-from shared import maintenance, openapi, pages, pipeline, public, registration, telemetry
+from shared import maintenance, openapi, pages, pipeline, public, registration
+from shared.platform import telemetry
 
 telemetry.set_log_levels()
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)

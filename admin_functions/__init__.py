@@ -11,12 +11,12 @@ from azurefunctions.extensions.http.fastapi import Request, Response
 from starlette.responses import Response as StarletteResponse
 
 from shared import manage
+from shared.directory.validation import json_object
 from shared.errors import ProxyError
 from shared.manage import Caller
 from shared.pipeline import error_response, new_request_id
+from shared.platform.tables import StorageUnavailable
 from shared.runtime import get_runtime
-from shared.tables import StorageUnavailable
-from shared.validation import json_object
 
 bp = func.Blueprint()
 
@@ -28,7 +28,7 @@ def _json(data: Any, status: int = 200) -> StarletteResponse:
 
 
 def _caller(req: Any) -> Caller:
-    from shared.principal import owner_of
+    from shared.access.principal import owner_of
 
     return Caller(owner=owner_of(req.headers, get_runtime().settings))
 

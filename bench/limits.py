@@ -18,9 +18,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from shared.caps import Caps, Counter
-from shared.catalog import Resource
+from shared.directory.catalog import Resource
+from shared.directory.events import Event
 from shared.errors import ProxyError
-from shared.events import Event
 from shared.fairshare import FairShare
 from shared.ratelimits import RateLimits
 

@@ -22,7 +22,7 @@ import aiohttp
 import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response, StreamingResponse
 
-from shared.telemetry import set_log_levels
+from shared.platform.telemetry import set_log_levels
 
 UPSTREAM = os.environ.get("BENCH_RELAY_UPSTREAM", "http://127.0.0.1:8081").rstrip("/")
 # Headers of one connection, recomputed by aiohttp, or the host's: never copied across.

@@ -1077,8 +1077,8 @@ def _write_usage_at(storage: str, rate: float, stop: threading.Event) -> None:
     thread on the proxy's core (idle meanwhile): Azurite does what a proxy run makes it do."""
     import asyncio
 
-    from shared.settings import load
-    from shared.tables import Tables
+    from shared.platform.settings import load
+    from shared.platform.tables import Tables
     from shared.usage import UsageRecord, UsageWriter
 
     if CPUS >= 2:

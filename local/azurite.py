@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from local.process import stop
-from shared.settings import AZURITE_ACCOUNT_KEY
+from shared.platform.settings import AZURITE_ACCOUNT_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 BINARY = ROOT / "node_modules" / ".bin" / "azurite-table"

@@ -104,7 +104,7 @@ def resolve_setting(value: str) -> str:
     match = re.fullmatch(r"%([^%]+)%", value.strip())
     if not match:
         return value
-    from shared.settings import SCHEDULE_SETTINGS
+    from shared.platform.settings import SCHEDULE_SETTINGS
 
     name = match.group(1)
     return os.environ.get(name) or SCHEDULE_SETTINGS.get(name, "")

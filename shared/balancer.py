@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from shared.background import Background, repeat
-from shared.catalog import Resource
-from shared.tables import Conflict, StorageUnavailable, Tables
+from shared.directory.catalog import Resource
+from shared.platform.background import Background, repeat
+from shared.platform.tables import Conflict, StorageUnavailable, Tables
 
 log = logging.getLogger(__name__)
 

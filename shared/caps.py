@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from shared.background import Background, repeat
+from shared.directory.events import Event
 from shared.errors import ProxyError
-from shared.events import Event
 from shared.minutes import SharedSlots
-from shared.tables import Conflict, StorageUnavailable, Tables
+from shared.platform.background import Background, repeat
+from shared.platform.tables import Conflict, StorageUnavailable, Tables
 
 log = logging.getLogger(__name__)
 

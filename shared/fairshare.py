@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from shared.background import Background, repeat
-from shared.catalog import Resource
+from shared.directory.catalog import Resource
 from shared.errors import ProxyError
 from shared.minutes import (
     SLOT_SECONDS,
@@ -41,7 +40,8 @@ from shared.minutes import (
     slot_of,
     whole_seconds,
 )
-from shared.tables import Tables
+from shared.platform.background import Background, repeat
+from shared.platform.tables import Tables
 
 log = logging.getLogger(__name__)
 

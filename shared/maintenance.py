@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from shared import clock, rollups
+from shared import rollups
+from shared.platform import clock
 from shared.runtime import get_runtime
 
 log = logging.getLogger(__name__)

@@ -9,14 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from shared import clock
-from shared.attendees import Attendee
-from shared.catalog import Resource, new_resource, patch_resource
+from shared.directory.attendees import Attendee
+from shared.directory.catalog import Resource, new_resource, patch_resource
+from shared.directory.events import Event, new_event, patch_event
+from shared.directory.validation import is_id, known_fields, text
 from shared.errors import ProxyError, invalid
-from shared.events import Event, new_event, patch_event
+from shared.platform import clock
+from shared.platform.tables import StorageUnavailable
 from shared.runtime import Runtime
-from shared.tables import StorageUnavailable
-from shared.validation import is_id, known_fields, text
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.catalog import AUTH_KINDS, MODEL_CLASSES
+from shared.directory.catalog import AUTH_KINDS, MODEL_CLASSES
+from shared.directory.events import CAP_LIMIT
 from shared.errors import STATUS_BY_CODE
-from shared.events import CAP_LIMIT
 from shared.registration import endpoint_of
 from shared.rollups import GROUPS, REFUSALS
 

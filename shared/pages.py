@@ -17,7 +17,7 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared import settings
+from shared.platform import settings
 
 PAGES_DIR = Path(__file__).resolve().parent.parent / "pages"
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import orjson
 from starlette.responses import Response
 
-from shared import clock
+from shared.directory.validation import is_id
 from shared.errors import ProxyError
 from shared.pipeline import error_response, new_request_id
+from shared.platform import clock
+from shared.platform.tables import StorageUnavailable
 from shared.runtime import get_runtime
-from shared.tables import StorageUnavailable
-from shared.validation import is_id
 
 
 async def event_page_info(event_id: str) -> Response:

@@ -16,9 +16,9 @@ import time
 from collections.abc import Sequence
 
 from shared.caps import Caps, Counter
-from shared.catalog import Resource
+from shared.directory.catalog import Resource
+from shared.directory.events import Event
 from shared.errors import ProxyError
-from shared.events import Event
 from shared.fairshare import FairShare, Pool
 from shared.minutes import (
     WINDOW_SECONDS,

@@ -15,18 +15,18 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared import clock
-from shared.attendees import Attendee
+from shared.access.guard import client_address, failed_codes
+from shared.access.principal import principal
+from shared.directory.attendees import Attendee
+from shared.directory.events import Event
+from shared.directory.keys import same_secret
+from shared.directory.validation import is_email, is_id, json_object, known_fields
 from shared.errors import ProxyError, invalid
-from shared.events import Event
-from shared.guard import client_address, failed_codes
-from shared.keys import same_secret
 from shared.pages import base_path
 from shared.pipeline import REQUEST_ID_HEADER, error_response, new_request_id
-from shared.principal import principal
+from shared.platform import clock
+from shared.platform.tables import StorageUnavailable
 from shared.runtime import Runtime, get_runtime, storage_down
-from shared.tables import StorageUnavailable
-from shared.validation import is_email, is_id, json_object, known_fields
 
 _FIELDS = {"email", "shared_code"}
 

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from shared.caps import COUNTERS_TABLE
-from shared.tables import Tables
+from shared.platform.tables import Tables
 from shared.usage import DAYS_TABLE, USAGE_TABLE
 
 log = logging.getLogger(__name__)

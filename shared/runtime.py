@@ -13,26 +13,26 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared import clock, hosting
-from shared import settings as settings_module
+from shared.access.guard import FailedKeyGuard, failed_codes
 from shared.affinity import AffinitySeal
-from shared.attendees import Attendee, AttendeeStore, attendee_id
 from shared.balancer import Balancer
-from shared.cache import TTLCache
 from shared.caps import Caps
-from shared.catalog import CatalogStore, Resource
+from shared.directory.attendees import Attendee, AttendeeStore, attendee_id
+from shared.directory.catalog import CatalogStore, Resource
+from shared.directory.events import Event, EventStore
+from shared.directory.keys import KEY_PREFIX, code_key_parts, hash_key, is_well_formed, same_secret
+from shared.directory.validation import is_email, is_id
 from shared.errors import ProxyError
-from shared.events import Event, EventStore
 from shared.fairshare import FairShare
-from shared.guard import FailedKeyGuard, failed_codes
-from shared.keys import KEY_PREFIX, code_key_parts, hash_key, is_well_formed, same_secret
+from shared.platform import clock, hosting
+from shared.platform import settings as settings_module
+from shared.platform.cache import TTLCache
+from shared.platform.settings import Settings
+from shared.platform.tables import StorageUnavailable, Tables
+from shared.platform.vault import Sealer, SecretStore, secret_store
 from shared.ratelimits import RateLimits
-from shared.settings import Settings
-from shared.tables import StorageUnavailable, Tables
 from shared.upstream import UpstreamClient
 from shared.usage import UsageWriter
-from shared.validation import is_email, is_id
-from shared.vault import Sealer, SecretStore, secret_store
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def get_runtime() -> Runtime:
     global _runtime, _loop
     loop = asyncio.get_running_loop()
     if _runtime is None or _loop is not loop:
-        from shared import telemetry
+        from shared.platform import telemetry
 
         telemetry.configure(settings_module.get())
         _runtime = Runtime(settings_module.get())

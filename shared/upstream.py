@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from shared.settings import Settings
+from shared.platform.settings import Settings
 
 # Response headers of the upstream that the caller gets to see.
 PASSED_HEADERS = (

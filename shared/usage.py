@@ -15,8 +15,8 @@ from typing import Any
 
 import orjson
 
-from shared import memory
-from shared.tables import EncodedRow, Refused, StorageUnavailable, Tables
+from shared.platform import memory
+from shared.platform.tables import EncodedRow, Refused, StorageUnavailable, Tables
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ DAYS_TABLE = "usagedays"  # (event, day|bucket) -> last_write, rolled_at: for th
 BUCKET_CHARS = 12
 _BATCH = 100  # Table Storage's limit of operations in one transaction
 # Records held at once (about 1 KB each) after which the memory they took is handed back to the
-# system once they are written (`shared.memory`): a backlog, not one flush interval of traffic.
+# system once they are written (`shared.platform.memory`): a backlog, not one flush interval of traffic.
 TRIM_AFTER = 5_000
 REFUSED_FILE = "refused-usage.jsonl"  # records storage would not take: for an operator to see
 # When no record has come for this long, what is pending is written at once: the Functions host

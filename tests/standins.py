@@ -2,7 +2,7 @@
 
 The host stand-in's worker imports this module before it indexes the app when the setting
 `AIPROXY_WORKER_PRELOAD` names it (local/worker.py; never on Azure). It puts a Key Vault and an
-Entra credential behind the app's one seam for them (shared/identity.py), keeps OpenTelemetry's
+Entra credential behind the app's one seam for them (shared/platform/identity.py), keeps OpenTelemetry's
 spans and metrics in memory, and serves a control API on 127.0.0.1:`AIPROXY_STANDINS_PORT` so
 the test process can move the worker's clock and read what the stand-ins saw.
 """
@@ -70,7 +70,7 @@ class StandIns:
         self.reset()
 
     def reset(self) -> None:
-        from shared import identity
+        from shared.platform import identity
 
         self.vault, self.credential = StandInKeyVault(), StandInCredential()
         identity.set_key_vault_client(self.vault)
@@ -94,7 +94,7 @@ class StandIns:
         """{"shift": seconds} sets the clock that far from the real time; {} resets it."""
         from aiohttp import web
 
-        from shared import clock
+        from shared.platform import clock
 
         body = await request.json()
         clock.reset()
@@ -115,7 +115,7 @@ class StandIns:
         """How many invocations the worker runtime's HTTP coordinator holds."""
         from aiohttp import web
 
-        from shared import hosting
+        from shared.platform import hosting
 
         return web.json_response({"held": hosting.open_invocations()})
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from shared.cache import TTLCache
+from shared.platform.cache import TTLCache
 
 
 class Outage(Exception):

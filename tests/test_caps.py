@@ -16,9 +16,9 @@ import pytest
 
 from local.azurite import Azurite
 from shared.caps import Caps
-from shared.events import Event
-from shared.settings import load
-from shared.tables import Tables
+from shared.directory.events import Event
+from shared.platform.settings import load
+from shared.platform.tables import Tables
 from tests.harness import (
     AppHost,
     EventSetup,

@@ -7,8 +7,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from shared.directory.events import new_event
 from shared.errors import ProxyError
-from shared.events import new_event
 
 BASE = {"name": "E", "max_token_cap": 100, "daily_request_cap": 10}
 

@@ -24,7 +24,7 @@ import yaml
 from cryptography.fernet import Fernet
 from pycep import BicepParser
 
-from shared import settings
+from shared.platform import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"

@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 import pytest
 
 from local.azurite import Azurite
-from shared import memory
-from shared.settings import load
-from shared.tables import Tables
+from shared.platform import memory
+from shared.platform.settings import load
+from shared.platform.tables import Tables
 from shared.usage import TRIM_AFTER, UsageRecord, UsageWriter
 from tests.harness import ROOT, unique_prefix
 

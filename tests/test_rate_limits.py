@@ -19,12 +19,12 @@ from openai._models import FinalRequestOptions
 
 from local.azurite import Azurite
 from shared.caps import Caps
-from shared.catalog import Resource
-from shared.events import Event
+from shared.directory.catalog import Resource
+from shared.directory.events import Event
 from shared.fairshare import FairShare
+from shared.platform.settings import load
+from shared.platform.tables import Tables
 from shared.ratelimits import RateLimits
-from shared.settings import load
-from shared.tables import Tables
 from tests.harness import (
     AppHost,
     EventSetup,

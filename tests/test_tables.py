@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-import shared.tables
+import shared.platform.tables
 from local.azurite import Azurite
+from shared.platform.settings import load
+from shared.platform.tables import Tables
 from shared.rollups import roll_up
-from shared.settings import load
-from shared.tables import Tables
 from shared.usage import UsageRecord, UsageWriter
 from tests.harness import unique_prefix
 
@@ -140,8 +140,8 @@ async def test_pages_and_batches_take_the_sdks_way_when_its_insides_change(
     async def moved_batch(*args: Any, **kwargs: Any) -> None:
         raise AttributeError("'TableClient' object has no attribute '_client'")
 
-    monkeypatch.setattr(shared.tables, "_lean_pages", moved)
-    monkeypatch.setattr(shared.tables, "_send_upsert_batch", moved_batch)
+    monkeypatch.setattr(shared.platform.tables, "_lean_pages", moved)
+    monkeypatch.setattr(shared.platform.tables, "_send_upsert_batch", moved_batch)
     tables = tables_for(azurite, "moved")
     rows = [{"PartitionKey": "p'1", "RowKey": f"r{n:04d}", "n": n} for n in range(250)]
     for start in range(0, len(rows), 100):

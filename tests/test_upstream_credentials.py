@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from local.azurite import Azurite
-from shared.identity import COGNITIVE_SCOPE, SEARCH_SCOPE, TokenSource
+from shared.platform.identity import COGNITIVE_SCOPE, SEARCH_SCOPE, TokenSource
 from tests.harness import (
     FUNCTION_KEY,
     SIM_KEY,

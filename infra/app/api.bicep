@@ -141,7 +141,7 @@ resource app 'Microsoft.Web/sites@2025-05-01' = {
   }
 }
 
-// Every setting shared/settings.py reads, plus what the host needs; defaults match the module.
+// Every setting shared/platform/settings.py reads, plus what the host needs; defaults match the module.
 // Left out on purpose: AIPROXY_FUNCTION_KEY (the host issues keys) and
 // AIPROXY_STORAGE_CONNECTION_STRING (the identity replaces it). tests/test_infra.py checks this.
 var settings = {

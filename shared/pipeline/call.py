@@ -12,13 +12,13 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared import clock, telemetry, tokens
+from shared import tokens
+from shared.access.guard import client_address
 from shared.caps import Counter
-from shared.catalog import Resource, valid_deployment_name
+from shared.directory.catalog import Resource, valid_deployment_name
+from shared.directory.events import Event
+from shared.directory.keys import key_from_headers
 from shared.errors import ProxyError
-from shared.events import Event
-from shared.guard import client_address
-from shared.keys import key_from_headers
 from shared.pipeline.answers import REQUEST_ID_HEADER, error_response, new_request_id
 from shared.pipeline.bodies import CallerGone, parse_json_body, read_body
 from shared.pipeline.forwarding import Forwarder
@@ -34,6 +34,7 @@ from shared.pipeline.operations import (
     usage_numbers,
 )
 from shared.pipeline.relays import relay_bytes, relay_events
+from shared.platform import clock, telemetry
 from shared.ratelimits import Admission
 from shared.runtime import Access, Runtime, get_runtime
 from shared.streaming import EventStreamResponse

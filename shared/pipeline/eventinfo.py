@@ -8,11 +8,11 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared import clock
+from shared.access.guard import client_address
+from shared.directory.keys import key_from_headers
 from shared.errors import ProxyError
-from shared.guard import client_address
-from shared.keys import key_from_headers
 from shared.pipeline.answers import REQUEST_ID_HEADER, error_response, new_request_id
+from shared.platform import clock
 from shared.runtime import get_runtime
 
 

@@ -6,11 +6,11 @@ from collections.abc import Callable
 
 from opentelemetry.trace import SpanKind
 
-from shared import telemetry
 from shared.balancer import DEFAULT_COOLDOWN_SECONDS, cooldown_seconds
-from shared.catalog import Resource
+from shared.directory.catalog import Resource
 from shared.errors import ProxyError
-from shared.identity import scope_for, upstream_token
+from shared.platform import telemetry
+from shared.platform.identity import scope_for, upstream_token
 from shared.runtime import Runtime
 from shared.upstream import UpstreamAnswer, UpstreamTimeout, UpstreamUnreachable
 

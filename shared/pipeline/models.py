@@ -14,10 +14,10 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.catalog import Resource
+from shared.access.guard import client_address
+from shared.directory.catalog import Resource
+from shared.directory.keys import key_from_headers
 from shared.errors import ProxyError
-from shared.guard import client_address
-from shared.keys import key_from_headers
 from shared.pipeline.answers import REQUEST_ID_HEADER, error_response, new_request_id
 from shared.runtime import Access, get_runtime
 

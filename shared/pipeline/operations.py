@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from shared.catalog import Resource
+from shared.directory.catalog import Resource
 from shared.errors import ProxyError
 
 # api-versions from which Azure OpenAI accepts stream_options (2024-09-01-preview, GA 2024-10-21).

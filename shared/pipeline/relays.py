@@ -12,7 +12,7 @@ import aiohttp
 import orjson
 
 from shared import tokens
-from shared.catalog import Resource
+from shared.directory.catalog import Resource
 from shared.errors import ProxyError
 from shared.pipeline.operations import reasoning_of, usage_numbers
 from shared.streaming import ResponseStreamMeter, StreamMeter

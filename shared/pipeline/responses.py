@@ -24,14 +24,15 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared import clock, tokens
+from shared import tokens
 from shared.affinity import Sealed
-from shared.catalog import Resource
+from shared.directory.catalog import Resource
 from shared.errors import ProxyError
 from shared.pipeline.bodies import parse_json_body, read_body
 from shared.pipeline.call import Call, answer_call
 from shared.pipeline.operations import Operation, apply_token_cap, find_pool, reasoning_of
 from shared.pipeline.relays import relay_response_events
+from shared.platform import clock
 from shared.runtime import Runtime, get_runtime
 from shared.streaming import EventStreamResponse, ResponseStreamMeter
 from shared.upstream import UpstreamAnswer

@@ -26,7 +26,7 @@ from azure.core.rest import HttpRequest
 from azure.data.tables import TableTransactionError, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 
-from shared.settings import Settings
+from shared.platform.settings import Settings
 
 Entity = dict[str, Any]
 
@@ -93,7 +93,7 @@ class Tables:
             "read_timeout": 20,
         }
         if settings.storage_table_endpoint:
-            from shared.identity import storage_credential
+            from shared.platform.identity import storage_credential
 
             self._service = TableServiceClient(
                 endpoint=settings.storage_table_endpoint,

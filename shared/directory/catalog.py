@@ -9,9 +9,16 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from shared.directory.validation import (
+    Problems,
+    boolean,
+    known_fields,
+    required,
+    text,
+    whole_number,
+)
 from shared.errors import invalid
-from shared.tables import Tables
-from shared.validation import Problems, boolean, known_fields, required, text, whole_number
+from shared.platform.tables import Tables
 
 RESOURCES_TABLE = "resources"
 CAP_LIMIT = 2**31 - 1  # numbers are stored as 32-bit integers

@@ -9,7 +9,7 @@ import asyncio
 import time
 from typing import Any
 
-from shared.settings import Settings
+from shared.platform.settings import Settings
 
 
 def storage_credential(settings: Settings) -> Any:

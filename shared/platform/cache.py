@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 
-from shared.background import Background
+from shared.platform.background import Background
 
 
 class TTLCache[K, V]:

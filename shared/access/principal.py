@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from shared.settings import Settings
+from shared.platform.settings import Settings
 
 # Claims that carry a stable user id, in order of preference (Entra object id first).
 _ID_CLAIMS = (

@@ -6,8 +6,8 @@ from typing import Protocol
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from shared.settings import Settings
-from shared.tables import Tables
+from shared.platform.settings import Settings
+from shared.platform.tables import Tables
 
 SECRETS_TABLE = "secrets"
 
@@ -77,7 +77,7 @@ class TableSecretStore:
 def secret_store(settings: Settings, tables: Tables, sealer: Sealer) -> SecretStore:
     """Key Vault when the app has one, sealed table rows otherwise."""
     if settings.key_vault_url:
-        from shared.identity import key_vault_store
+        from shared.platform.identity import key_vault_store
 
         return key_vault_store(settings)
     return TableSecretStore(tables, sealer)

@@ -12,7 +12,7 @@ from typing import Any
 
 from opentelemetry import metrics, trace
 
-from shared.settings import Settings
+from shared.platform.settings import Settings
 
 request_log = logging.getLogger("aiproxy.request")
 tracer = trace.get_tracer("aiproxy")

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from shared.keys import hash_key, new_key
-from shared.tables import Conflict, Tables
-from shared.vault import Sealer
+from shared.directory.keys import hash_key, new_key
+from shared.platform.tables import Conflict, Tables
+from shared.platform.vault import Sealer
 
 ATTENDEES_TABLE = "attendees"
 KEYS_TABLE = "keys"

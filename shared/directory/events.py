@@ -8,9 +8,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from shared.directory.validation import (
+    Problems,
+    boolean,
+    known_fields,
+    required,
+    text,
+    whole_number,
+)
 from shared.errors import ProxyError, invalid
-from shared.tables import Conflict, Tables
-from shared.validation import Problems, boolean, known_fields, required, text, whole_number
+from shared.platform.tables import Conflict, Tables
 
 EVENTS_TABLE = "events"
 # Caps are stored as 32-bit integers; no event needs more.

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from shared.tables import StorageUnavailable
+from shared.platform.tables import StorageUnavailable
 
 
 class Background:
