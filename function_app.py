@@ -8,8 +8,10 @@ import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response
 
 from admin_functions import bp as manage_blueprint
-from shared import maintenance, openapi, pages, pipeline, public, registration
+from shared import pipeline
+from shared.management import maintenance, openapi
 from shared.platform import telemetry
+from shared.web import pages, public, registration
 
 telemetry.set_log_levels()
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)

@@ -1,4 +1,4 @@
-"""Management routes (API.md section 3): HTTP in, calls into shared.manage, JSON out."""
+"""Management routes (API.md section 3): HTTP in, calls into shared.management.manage, JSON out."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import orjson
 from azurefunctions.extensions.http.fastapi import Request, Response
 from starlette.responses import Response as StarletteResponse
 
-from shared import manage
 from shared.directory.validation import json_object
 from shared.errors import ProxyError
-from shared.manage import Caller
+from shared.management import manage
+from shared.management.manage import Caller
 from shared.pipeline import error_response, new_request_id
 from shared.platform.tables import StorageUnavailable
 from shared.runtime import get_runtime
@@ -205,7 +205,7 @@ async def manage_usage(req: Request) -> Response:
             )
         report = await manage.usage_report(get_runtime(), _caller(req), event_id, group_by)
         if answer_format == "csv":
-            from shared.rollups import to_csv
+            from shared.governance.rollups import to_csv
 
             return StarletteResponse(
                 to_csv(report),

@@ -1,4 +1,4 @@
-"""The cost per call of the per-minute checks (shared/ratelimits.py, shared/fairshare.py).
+"""The cost per call of the per-minute checks (shared/governance/ratelimits.py, shared/governance/fairshare.py).
 
 A micro-benchmark in one process, no storage and no HTTP: what `RateLimits.admit` and the
 settling of the call add to each proxied request, in the cases an event meets. Part of
@@ -17,12 +17,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from shared.caps import Caps, Counter
 from shared.directory.catalog import Resource
 from shared.directory.events import Event
 from shared.errors import ProxyError
-from shared.fairshare import FairShare
-from shared.ratelimits import RateLimits
+from shared.governance.caps import Caps, Counter
+from shared.governance.fairshare import FairShare
+from shared.governance.ratelimits import RateLimits
 
 RESULTS = Path(__file__).resolve().parent / "results" / "limits.md"
 BIG = 10**9  # limits never reached: the checks run, nothing is refused

@@ -1077,9 +1077,9 @@ def _write_usage_at(storage: str, rate: float, stop: threading.Event) -> None:
     thread on the proxy's core (idle meanwhile): Azurite does what a proxy run makes it do."""
     import asyncio
 
+    from shared.governance.usage import UsageRecord, UsageWriter
     from shared.platform.settings import load
     from shared.platform.tables import Tables
-    from shared.usage import UsageRecord, UsageWriter
 
     if CPUS >= 2:
         os.sched_setaffinity(0, {PROXY_CPU})  # this thread only

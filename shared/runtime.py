@@ -14,25 +14,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.access.guard import FailedKeyGuard, failed_codes
-from shared.affinity import AffinitySeal
-from shared.balancer import Balancer
-from shared.caps import Caps
 from shared.directory.attendees import Attendee, AttendeeStore, attendee_id
 from shared.directory.catalog import CatalogStore, Resource
 from shared.directory.events import Event, EventStore
 from shared.directory.keys import KEY_PREFIX, code_key_parts, hash_key, is_well_formed, same_secret
 from shared.directory.validation import is_email, is_id
 from shared.errors import ProxyError
-from shared.fairshare import FairShare
+from shared.governance.caps import Caps
+from shared.governance.fairshare import FairShare
+from shared.governance.ratelimits import RateLimits
+from shared.governance.usage import UsageWriter
 from shared.platform import clock, hosting
 from shared.platform import settings as settings_module
 from shared.platform.cache import TTLCache
 from shared.platform.settings import Settings
 from shared.platform.tables import StorageUnavailable, Tables
 from shared.platform.vault import Sealer, SecretStore, secret_store
-from shared.ratelimits import RateLimits
-from shared.upstream import UpstreamClient
-from shared.usage import UsageWriter
+from shared.upstreams.affinity import AffinitySeal
+from shared.upstreams.balancer import Balancer
+from shared.upstreams.client import UpstreamClient
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from local.azurite import Azurite
-from shared.caps import Caps
 from shared.directory.events import Event
+from shared.governance.caps import Caps
 from shared.platform.settings import load
 from shared.platform.tables import Tables
 from tests.harness import (

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from local.azurite import Azurite
-from shared.fairshare import water_level
+from shared.governance.fairshare import water_level
 from tests.harness import AppHost, EventSetup, Simulator, host_env
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"

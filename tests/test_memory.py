@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 import pytest
 
 from local.azurite import Azurite
+from shared.governance.usage import TRIM_AFTER, UsageRecord, UsageWriter
 from shared.platform import memory
 from shared.platform.settings import load
 from shared.platform.tables import Tables
-from shared.usage import TRIM_AFTER, UsageRecord, UsageWriter
 from tests.harness import ROOT, unique_prefix
 
 glibc = pytest.mark.skipif(memory._malloc_trim is None, reason="the C library is not glibc")

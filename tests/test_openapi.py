@@ -65,7 +65,7 @@ def test_every_registered_route_is_documented_and_nothing_else(
     registered, documented = registered_routes(host), documented_routes(document)
     missing = sorted(registered - documented)
     extra = sorted(documented - registered)
-    assert not missing, "routes missing from shared/openapi.py OPERATIONS: " + ", ".join(
+    assert not missing, "routes missing from shared/management/openapi.py OPERATIONS: " + ", ".join(
         f"{method} {path}" for method, path in missing
     )
     assert not extra, "documented routes the app does not register: " + ", ".join(

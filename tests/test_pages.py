@@ -17,7 +17,7 @@ import httpx
 import pytest
 from openai import AzureOpenAI
 
-from shared import pages
+from shared.web import pages
 from tests.browser import Browser, Route, Tab, chromium, chromium_path, tab, wait_until
 from tests.harness import FUNCTION_KEY, SIM_KEY, AppHost, EventSetup, Simulator, Storage, window
 

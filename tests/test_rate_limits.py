@@ -18,13 +18,13 @@ import pytest
 from openai._models import FinalRequestOptions
 
 from local.azurite import Azurite
-from shared.caps import Caps
 from shared.directory.catalog import Resource
 from shared.directory.events import Event
-from shared.fairshare import FairShare
+from shared.governance.caps import Caps
+from shared.governance.fairshare import FairShare
+from shared.governance.ratelimits import RateLimits
 from shared.platform.settings import load
 from shared.platform.tables import Tables
-from shared.ratelimits import RateLimits
 from tests.harness import (
     AppHost,
     EventSetup,

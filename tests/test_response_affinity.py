@@ -151,7 +151,7 @@ def test_a_cooling_member_is_reported_and_never_replaced(
 
 
 def test_sealed_ids_open_only_with_the_apps_key_and_never_change() -> None:
-    from shared.affinity import AffinitySeal
+    from shared.upstreams.affinity import AffinitySeal
 
     seal, other = AffinitySeal("key one"), AffinitySeal("key two")
     upstream = "resp_68af4030592c81938ec0a5fbab4a3e9f05438e46b5f69a3b"

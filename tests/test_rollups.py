@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import openai
 
-from shared.rollups import REFUSALS
+from shared.governance.rollups import REFUSALS
 from tests.harness import FUNCTION_KEY, AppHost, EventSetup, Simulator, Storage
 
 NUMBERS = ("prompt_tokens", "completion_tokens", "total_tokens", "units")

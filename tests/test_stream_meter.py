@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.streaming import StreamMeter
+from shared.pipeline.streaming import StreamMeter
 
 CHUNK = b'data: {"choices":[{"delta":{"content":"Hi"}}],"usage":null}'
 USAGE = b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}'
@@ -91,7 +91,7 @@ def _rewrite(value: dict) -> None:
 
 @pytest.mark.parametrize("size", [1, 7, 64, 10_000])
 def test_a_responses_stream_is_rewritten_alike_however_it_is_cut(size: int) -> None:
-    from shared.streaming import ResponseStreamMeter
+    from shared.pipeline.streaming import ResponseStreamMeter
 
     stream = b"\n\n".join(RESPONSE_STREAM) + b"\n\n"
     meter = ResponseStreamMeter(_rewrite)
@@ -107,7 +107,7 @@ def test_a_responses_stream_is_rewritten_alike_however_it_is_cut(size: int) -> N
 
 
 def test_a_responses_stream_without_its_last_event_is_not_done() -> None:
-    from shared.streaming import ResponseStreamMeter
+    from shared.pipeline.streaming import ResponseStreamMeter
 
     meter = ResponseStreamMeter(_rewrite)
     meter.feed(b"\n\n".join(RESPONSE_STREAM[:3]) + b"\n\n")

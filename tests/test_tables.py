@@ -12,10 +12,10 @@ import pytest
 
 import shared.platform.tables
 from local.azurite import Azurite
+from shared.governance.rollups import roll_up
+from shared.governance.usage import UsageRecord, UsageWriter
 from shared.platform.settings import load
 from shared.platform.tables import Tables
-from shared.rollups import roll_up
-from shared.usage import UsageRecord, UsageWriter
 from tests.harness import unique_prefix
 
 

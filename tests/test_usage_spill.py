@@ -8,10 +8,10 @@ from pathlib import Path
 import orjson
 
 from local.azurite import Azurite, free_port
+from shared.governance.rollups import report
+from shared.governance.usage import DAYS_TABLE, REFUSED_FILE, UsageRecord, UsageWriter
 from shared.platform.settings import load
 from shared.platform.tables import StorageUnavailable, Tables
-from shared.rollups import report
-from shared.usage import DAYS_TABLE, REFUSED_FILE, UsageRecord, UsageWriter
 from tests.harness import Storage, unique_prefix
 
 

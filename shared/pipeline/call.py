@@ -12,13 +12,15 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared import tokens
 from shared.access.guard import client_address
-from shared.caps import Counter
 from shared.directory.catalog import Resource, valid_deployment_name
 from shared.directory.events import Event
 from shared.directory.keys import key_from_headers
 from shared.errors import ProxyError
+from shared.governance import tokens
+from shared.governance.caps import Counter
+from shared.governance.ratelimits import Admission
+from shared.governance.usage import UsageRecord
 from shared.pipeline.answers import REQUEST_ID_HEADER, error_response, new_request_id
 from shared.pipeline.bodies import CallerGone, parse_json_body, read_body
 from shared.pipeline.forwarding import Forwarder
@@ -34,12 +36,10 @@ from shared.pipeline.operations import (
     usage_numbers,
 )
 from shared.pipeline.relays import relay_bytes, relay_events
+from shared.pipeline.streaming import EventStreamResponse
 from shared.platform import clock, telemetry
-from shared.ratelimits import Admission
 from shared.runtime import Access, Runtime, get_runtime
-from shared.streaming import EventStreamResponse
-from shared.upstream import UpstreamAnswer, UpstreamTimeout, UpstreamUnreachable
-from shared.usage import UsageRecord
+from shared.upstreams.client import UpstreamAnswer, UpstreamTimeout, UpstreamUnreachable
 
 # Never passed upstream: the api-version is set explicitly, and a key or function code put in
 # the query string by mistake must not travel further.

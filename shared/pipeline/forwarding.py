@@ -6,13 +6,13 @@ from collections.abc import Callable
 
 from opentelemetry.trace import SpanKind
 
-from shared.balancer import DEFAULT_COOLDOWN_SECONDS, cooldown_seconds
 from shared.directory.catalog import Resource
 from shared.errors import ProxyError
 from shared.platform import telemetry
 from shared.platform.identity import scope_for, upstream_token
 from shared.runtime import Runtime
-from shared.upstream import UpstreamAnswer, UpstreamTimeout, UpstreamUnreachable
+from shared.upstreams.balancer import DEFAULT_COOLDOWN_SECONDS, cooldown_seconds
+from shared.upstreams.client import UpstreamAnswer, UpstreamTimeout, UpstreamUnreachable
 
 _RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
 

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import orjson
 
-from shared import tokens
 from shared.directory.catalog import Resource
 from shared.errors import ProxyError
+from shared.governance import tokens
 from shared.pipeline.operations import reasoning_of, usage_numbers
-from shared.streaming import ResponseStreamMeter, StreamMeter
-from shared.upstream import UpstreamAnswer
+from shared.pipeline.streaming import ResponseStreamMeter, StreamMeter
+from shared.upstreams.client import UpstreamAnswer
 
 if TYPE_CHECKING:
     from shared.pipeline.call import Call

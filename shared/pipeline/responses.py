@@ -4,7 +4,7 @@ A stored response, and the reasoning an upstream encrypted for it, live only on 
 OpenAI resource that produced it. So a call that names one (`previous_response_id`, an id in
 the path, reasoning items with `encrypted_content`) goes to that pool member and to no other;
 while it cools down the answer is 429 `no_capacity` with its Retry-After. Which member, and
-whose response it is, travels sealed in the ids the proxy hands out (shared/affinity.py): no
+whose response it is, travels sealed in the ids the proxy hands out (shared/upstreams/affinity.py): no
 storage, the same on every instance from the first call on. Another attendee's key gets 404.
 
 Calls by id use no model: they take nothing from the caps and write no usage record, except
@@ -24,19 +24,19 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared import tokens
-from shared.affinity import Sealed
 from shared.directory.catalog import Resource
 from shared.errors import ProxyError
+from shared.governance import tokens
+from shared.governance.usage import UsageRecord
 from shared.pipeline.bodies import parse_json_body, read_body
 from shared.pipeline.call import Call, answer_call
 from shared.pipeline.operations import Operation, apply_token_cap, find_pool, reasoning_of
 from shared.pipeline.relays import relay_response_events
+from shared.pipeline.streaming import EventStreamResponse, ResponseStreamMeter
 from shared.platform import clock
 from shared.runtime import Runtime, get_runtime
-from shared.streaming import EventStreamResponse, ResponseStreamMeter
-from shared.upstream import UpstreamAnswer
-from shared.usage import UsageRecord
+from shared.upstreams.affinity import Sealed
+from shared.upstreams.client import UpstreamAnswer
 
 RESPONSES = Operation("openai-chat", "responses", streams=True, token_capped=True)
 # For an AzureOpenAI-style call that names none (the SDK always does).

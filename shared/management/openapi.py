@@ -20,8 +20,8 @@ from starlette.responses import Response
 from shared.directory.catalog import AUTH_KINDS, MODEL_CLASSES
 from shared.directory.events import CAP_LIMIT
 from shared.errors import STATUS_BY_CODE
-from shared.registration import endpoint_of
-from shared.rollups import GROUPS, REFUSALS
+from shared.governance.rollups import GROUPS, REFUSALS
+from shared.web.registration import endpoint_of
 
 Schema = dict[str, Any]
 

@@ -22,11 +22,11 @@ from shared.directory.events import Event
 from shared.directory.keys import same_secret
 from shared.directory.validation import is_email, is_id, json_object, known_fields
 from shared.errors import ProxyError, invalid
-from shared.pages import base_path
 from shared.pipeline import REQUEST_ID_HEADER, error_response, new_request_id
 from shared.platform import clock
 from shared.platform.tables import StorageUnavailable
 from shared.runtime import Runtime, get_runtime, storage_down
+from shared.web.pages import base_path
 
 _FIELDS = {"email", "shared_code"}
 

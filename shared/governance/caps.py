@@ -21,7 +21,7 @@ When storage cannot be reached, an instance keeps admitting on its last view of 
 records its grants as provisional; they are written once storage answers.
 
 The same writes carry the attendee's calls of the last minute per 5-second slot (`minute`,
-for the per-minute limits in shared/ratelimits.py) and how many calls were refused, by reason
+for the per-minute limits in shared/governance/ratelimits.py) and how many calls were refused, by reason
 (`refused_<reason>`): no write of their own.
 """
 
@@ -36,7 +36,7 @@ from typing import Any
 
 from shared.directory.events import Event
 from shared.errors import ProxyError
-from shared.minutes import SharedSlots
+from shared.governance.minutes import SharedSlots
 from shared.platform.background import Background, repeat
 from shared.platform.tables import Conflict, StorageUnavailable, Tables
 

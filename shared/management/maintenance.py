@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from shared import rollups
+from shared.governance import rollups
 from shared.platform import clock
 from shared.runtime import get_runtime
 

@@ -1,5 +1,5 @@
 """Per-minute limits: an attendee's requests_per_minute and tokens_per_minute, and their fair
-share of a deployment near its quota (shared/fairshare.py).
+share of a deployment near its quota (shared/governance/fairshare.py).
 
 Over either, a call is refused with 429 rate_limit_exceeded, a Retry-After of the seconds
 until it would pass, and x-ratelimit-* headers in Azure's form, so the SDKs' own retries
@@ -7,7 +7,7 @@ pace the caller. A call counts from its admission, its tokens at their worst cas
 / 4 plus its token limit) until it answers and they are settled with the real count. The
 counts cover the last 60 s: this instance's calls exactly, other instances' from the
 attendee's daily counter row, which every instance already writes and reads each sync
-interval (shared/caps.py, shared/minutes.py).
+interval (shared/governance/caps.py, shared/governance/minutes.py).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from shared.caps import Caps, Counter
 from shared.directory.catalog import Resource
 from shared.directory.events import Event
 from shared.errors import ProxyError
-from shared.fairshare import FairShare, Pool
-from shared.minutes import (
+from shared.governance.caps import Caps, Counter
+from shared.governance.fairshare import FairShare, Pool
+from shared.governance.minutes import (
     WINDOW_SECONDS,
     Call,
     SharedSlots,

@@ -3,7 +3,7 @@
 A `Window` holds this instance's own calls of the last 60 s exactly (one entry per call, its
 tokens at their worst case until the call is settled). `SharedSlots` holds counts per 5-second
 slot that every instance merges into a row it already writes every sync interval (an
-attendee's daily counter row, see shared/caps.py): what other instances admitted is that row
+attendee's daily counter row, see shared/governance/caps.py): what other instances admitted is that row
 minus what this instance wrote to it. Together they give a count over any instance's calls
 that is late by at most the time a count takes to travel (two sync intervals), and that
 stays up to one slot (5 s) longer than 60 s for other instances' calls.

@@ -15,7 +15,7 @@ import orjson
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from shared import tokens
+from shared.governance import tokens
 
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _KEEP_LIMIT = 2_000_000  # bytes of stream kept for an estimate; beyond that we count what we kept

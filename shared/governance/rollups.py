@@ -23,9 +23,9 @@ from typing import Any
 
 import orjson
 
-from shared.caps import COUNTERS_TABLE
+from shared.governance.caps import COUNTERS_TABLE
+from shared.governance.usage import DAYS_TABLE, USAGE_TABLE
 from shared.platform.tables import Tables
-from shared.usage import DAYS_TABLE, USAGE_TABLE
 
 log = logging.getLogger(__name__)
 

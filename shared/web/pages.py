@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from shared.platform import settings
 
-PAGES_DIR = Path(__file__).resolve().parent.parent / "pages"
+PAGES_DIR = Path(__file__).resolve().parents[2] / "pages"
 
 # Images may also come from https: the event's picture and images in its description live
 # on the organiser's site. Everything else comes from the app itself.

@@ -31,7 +31,7 @@ import orjson
 
 from shared.directory.catalog import Resource
 from shared.errors import ProxyError
-from shared.minutes import (
+from shared.governance.minutes import (
     SLOT_SECONDS,
     WINDOW_SECONDS,
     Call,

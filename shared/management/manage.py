@@ -201,7 +201,7 @@ async def usage_report(
 ) -> dict[str, Any]:
     """Totals of an event grouped by attendee, deployment, day or hour (fresh: rolls up
     first), with refusals by reason by attendee and by day."""
-    from shared import rollups
+    from shared.governance import rollups
 
     if group_by not in rollups.GROUPS:
         raise invalid("group_by", f"must be one of {', '.join(rollups.GROUPS)}")
@@ -219,7 +219,7 @@ async def attendees_with_totals(
     runtime: Runtime, caller: Caller, event_id: str
 ) -> list[dict[str, Any]]:
     """The attendee list, each with all-time request and token totals."""
-    from shared import rollups
+    from shared.governance import rollups
 
     found = await list_attendees(runtime, caller, event_id)
     await runtime.usage.flush_quietly()
