@@ -1,1 +1,5 @@
-"""management"""
+"""The organisers' API (API.md section 3), the OpenAPI document of every route, and what the
+timers do (rollups, retention).
+
+May import everything else in shared/; nothing in shared/ imports it.
+"""

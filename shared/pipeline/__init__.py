@@ -2,8 +2,11 @@
 
 One module per concern: `operations` (what a kind of call is), `bodies` (reading requests),
 `forwarding` (members tried in order, failover), `call` (one call from arrival to its usage
-record), `relays` (streams passed on as they arrive), `answers` (request ids and errors),
-`eventinfo`, `models`, `responses` (the Responses API and its affinity). The routes in function_app.py use the names below.
+record), `relays` (streams passed on as they arrive), `streaming` (their meters), `answers`
+(request ids and errors), `eventinfo`, `models`, `responses` (the Responses API and its
+affinity). The routes in function_app.py use the names below.
+
+May import: everything in shared/ but shared.web and shared.management.
 """
 
 from shared.pipeline.answers import REQUEST_ID_HEADER, error_response, new_request_id

@@ -1,1 +1,5 @@
-"""upstreams"""
+"""The deployments behind the proxy: choosing one (weighted round-robin, priorities,
+cooldowns), which member holds a stored response, and the pooled HTTP client to them.
+
+May import: shared.errors, shared.platform, shared.directory, shared.access, shared.governance.
+"""
