@@ -24,7 +24,7 @@ glibc = pytest.mark.skipif(memory._malloc_trim is None, reason="the C library is
 # sit between used ones and the heap cannot shrink by itself.
 BURST = """
 import asyncio
-from shared import memory
+from shared.platform import memory
 
 def rss():
     for line in open("/proc/self/status"):
