@@ -27,10 +27,14 @@ def _json(data: Any, status: int = 200) -> StarletteResponse:
     return StarletteResponse(orjson.dumps(data), status, media_type="application/json")
 
 
-def _caller(req: Any) -> Caller:
+async def _caller(req: Any) -> Caller:
+    """The organiser an Entra token names (verified), else EasyAuth's principal, else the
+    operator. An invalid token is refused, never taken as the operator."""
     from shared.access.principal import owner_of
 
-    return Caller(owner=owner_of(req.headers, get_runtime().settings))
+    runtime = get_runtime()
+    owner = await runtime.entra.organizer(req.headers.get("authorization"))
+    return Caller(owner=owner if owner is not None else owner_of(req.headers, runtime.settings))
 
 
 async def _answer(work: Callable[[], Awaitable[StarletteResponse]]) -> StarletteResponse:
@@ -48,7 +52,7 @@ async def _answer(work: Callable[[], Awaitable[StarletteResponse]]) -> Starlette
 @bp.route(route="manage/events", methods=["GET", "POST"], auth_level=_FUNCTION)
 async def manage_events(req: Request) -> Response:
     async def work() -> StarletteResponse:
-        runtime, caller = get_runtime(), _caller(req)
+        runtime, caller = get_runtime(), await _caller(req)
         if req.method == "POST":
             created = await manage.create_event(runtime, caller, await json_object(req))
             return _json(created.to_json(), 201)
@@ -64,7 +68,7 @@ async def manage_event(req: Request) -> Response:
     event_id = req.path_params["event_id"]
 
     async def work() -> StarletteResponse:
-        runtime, caller = get_runtime(), _caller(req)
+        runtime, caller = get_runtime(), await _caller(req)
         if req.method == "PATCH":
             changed = await manage.update_event(runtime, caller, event_id, await json_object(req))
             return _json(changed.to_json())
@@ -80,7 +84,7 @@ async def manage_event(req: Request) -> Response:
 @bp.route(route="manage/resources", methods=["GET", "POST"], auth_level=_FUNCTION)
 async def manage_resources(req: Request) -> Response:
     async def work() -> StarletteResponse:
-        runtime, caller = get_runtime(), _caller(req)
+        runtime, caller = get_runtime(), await _caller(req)
         if req.method == "POST":
             created = await manage.create_resource(runtime, caller, await json_object(req))
             return _json(created.to_json(), 201)
@@ -96,7 +100,7 @@ async def manage_resource(req: Request) -> Response:
     resource_id = req.path_params["resource_id"]
 
     async def work() -> StarletteResponse:
-        runtime, caller = get_runtime(), _caller(req)
+        runtime, caller = get_runtime(), await _caller(req)
         if req.method == "PATCH":
             changed = await manage.update_resource(
                 runtime, caller, resource_id, await json_object(req)
@@ -115,7 +119,7 @@ async def manage_event_catalog(req: Request) -> Response:
     event_id = req.path_params["event_id"]
 
     async def work() -> StarletteResponse:
-        found = await manage.event_catalog(get_runtime(), _caller(req), event_id)
+        found = await manage.event_catalog(get_runtime(), await _caller(req), event_id)
         return _json([r.to_json() for r in found])
 
     return await _answer(work)
@@ -130,7 +134,7 @@ async def manage_event_resource(req: Request) -> Response:
     event_id, resource_id = req.path_params["event_id"], req.path_params["resource_id"]
 
     async def work() -> StarletteResponse:
-        runtime, caller = get_runtime(), _caller(req)
+        runtime, caller = get_runtime(), await _caller(req)
         if req.method == "DELETE":
             await manage.detach(runtime, caller, event_id, resource_id)
             return StarletteResponse(status_code=204)
@@ -145,7 +149,7 @@ async def manage_attendees(req: Request) -> Response:
     event_id = req.path_params["event_id"]
 
     async def work() -> StarletteResponse:
-        runtime, caller = get_runtime(), _caller(req)
+        runtime, caller = get_runtime(), await _caller(req)
         if req.method == "POST":
             found, created = await manage.add_attendee(
                 runtime, caller, event_id, await json_object(req)
@@ -165,7 +169,7 @@ async def manage_attendee(req: Request) -> Response:
     event_id, attendee_id = req.path_params["event_id"], req.path_params["attendee_id"]
 
     async def work() -> StarletteResponse:
-        runtime, caller = get_runtime(), _caller(req)
+        runtime, caller = get_runtime(), await _caller(req)
         if req.method == "DELETE":
             revoked = await manage.revoke(runtime, caller, event_id, attendee_id)
             return _json(revoked.to_json())
@@ -184,7 +188,7 @@ async def manage_attendee_rotate(req: Request) -> Response:
     event_id, attendee_id = req.path_params["event_id"], req.path_params["attendee_id"]
 
     async def work() -> StarletteResponse:
-        runtime, caller = get_runtime(), _caller(req)
+        runtime, caller = get_runtime(), await _caller(req)
         key = await manage.rotate(runtime, caller, event_id, attendee_id)
         found = await manage.attendee(runtime, caller, event_id, attendee_id)
         return _json({**found.to_json(), "api_key": key})
@@ -203,7 +207,7 @@ async def manage_usage(req: Request) -> Response:
             raise ProxyError(
                 "invalid_request", "Query 'format' must be json or csv.", param="format"
             )
-        report = await manage.usage_report(get_runtime(), _caller(req), event_id, group_by)
+        report = await manage.usage_report(get_runtime(), await _caller(req), event_id, group_by)
         if answer_format == "csv":
             from shared.governance.rollups import to_csv
 

@@ -42,8 +42,14 @@ class UsageError(Exception):
 
 # --- field flags shared by create and update --------------------------------------------------
 
+
+def id_list(text: str) -> list[str]:
+    """A comma-separated list of ids; '' is an empty list (it clears the field)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 # (flag, API field, type, help)
-EVENT_FLAGS: list[tuple[str, str, type, str]] = [
+EVENT_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--name", "name", str, "the event's name, shown to attendees"),
     ("--starts-at", "starts_at", str, "start, wall clock in --time-zone: 2026-05-04T09:00:00"),
     ("--ends-at", "ends_at", str, "end, wall clock in --time-zone: 2026-05-05T18:00:00"),
@@ -58,11 +64,23 @@ EVENT_FLAGS: list[tuple[str, str, type, str]] = [
     ("--organizer-email", "organizer_email", str, "for your records, never shown"),
     ("--image-url", "image_url", str, "image of the registration page (http(s) URL)"),
     ("--shared-code", "shared_code", str, "code attendees register with ('' switches it off)"),
+    (
+        "--entra-tenants",
+        "entra_tenants",
+        id_list,
+        "tenant ids whose Entra ID tokens the event takes, commas ('' for none)",
+    ),
+    (
+        "--entra-allowed",
+        "entra_allowed",
+        id_list,
+        "only these object ids of users, apps or groups of those tenants, commas ('' for all)",
+    ),
 ]
 EVENT_REQUIRED = {"--name", "--starts-at", "--ends-at", "--time-zone", "--max-token-cap"}
 EVENT_REQUIRED |= {"--daily-request-cap"}
 
-RESOURCE_FLAGS: list[tuple[str, str, type, str]] = [
+RESOURCE_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--name", "name", str, "your label for it, e.g. 'gpt-4o-mini in Sweden Central'"),
     ("--deployment", "deployment", str, "the name attendees use; same name = one pool"),
     ("--model-class", "model_class", str, "what it serves: " + ", ".join(MODEL_CLASSES)),
@@ -84,7 +102,7 @@ _CHOICES = {"--model-class": MODEL_CLASSES, "--auth": ("key", "managed_identity"
 
 def _add_fields(
     parser: argparse.ArgumentParser,
-    flags: list[tuple[str, str, type, str]],
+    flags: list[tuple[str, str, Callable[[str], Any], str]],
     required: set[str],
 ) -> None:
     for flag, dest, kind, text in flags:

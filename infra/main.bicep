@@ -64,6 +64,12 @@ param authClientId string = ''
 @description('Client secret of that app registration; stored in Key Vault. Empty: sign-in uses ID tokens only.')
 param authClientSecret string = ''
 
+@description('Object ids of Entra groups whose members manage events with a token for the sign-in app registration, commas; empty (and no roles): organisers use the function key only.')
+param organizerGroups string = ''
+
+@description('App roles of the sign-in app registration that make a principal an organiser, commas.')
+param organizerRoles string = ''
+
 @description('Create an Azure OpenAI account with the deployments below, which the app calls with its identity.')
 param createOpenAi bool = false
 
@@ -182,6 +188,8 @@ module api './app/api.bicep' = {
     authEnabled: authEnabled
     authClientId: authClientId
     authClientSecretName: empty(authClientSecret) ? '' : authClientSecretName
+    organizerGroups: organizerGroups
+    organizerRoles: organizerRoles
   }
   // The identity must hold its roles before the host starts: it reads its deployment package,
   // host storage and the encryption key with them.

@@ -9,6 +9,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "max_tokens_exceeds_cap": 400,
     "invalid_api_key": 401,
     "key_revoked": 401,
+    "invalid_token": 401,
     "unauthorized": 401,
     "forbidden": 403,
     "event_not_started": 403,
@@ -28,6 +29,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "internal_error": 500,
     "upstream_error": 502,
     "storage_unavailable": 503,
+    "entra_unavailable": 503,
     "upstream_timeout": 504,
 }
 

@@ -13,6 +13,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.access.entra import (
+    ATTENDEE_AUDIENCE,
+    EVENT_HEADER,
+    EntraVerifier,
+    choose_event,
+    looks_like_jwt,
+    refused,
+    token_tenant,
+)
 from shared.access.guard import FailedKeyGuard, failed_codes
 from shared.directory.attendees import Attendee, AttendeeStore, attendee_id
 from shared.directory.catalog import CatalogStore, Resource
@@ -71,18 +80,25 @@ class Runtime:
         )
         self.usage = UsageWriter(self.tables, settings.usage_flush_seconds, spill_dir)
         self.guard = FailedKeyGuard()
+        self.entra = EntraVerifier(settings)
         ttl = settings.cache_ttl_seconds
         self._access: TTLCache[str, Attendee | None] = TTLCache(ttl)
         self._events: TTLCache[str, Event | None] = TTLCache(ttl)
         self._pools: TTLCache[str, dict[str, list[Resource]]] = TTLCache(ttl)
+        self._tenants: TTLCache[str, dict[str, list[str]]] = TTLCache(ttl)  # tenant -> events
         self._secrets: TTLCache[str, str | None] = TTLCache(max(ttl, 300.0))
 
-    async def access(self, key: str | None, client: str = "") -> Access:
-        """The attendee and event of a key, or the specific reason it is refused."""
+    async def access(
+        self, key: str | None, client: str = "", event_id: str | None = None
+    ) -> Access:
+        """The attendee and event of a key or an Entra access token, or the specific reason it
+        is refused. `event_id` is the event a token is for (header x-aiproxy-event), if named."""
         try:
+            if key and looks_like_jwt(key):
+                return await self._token_access(key, client, (event_id or "").strip())
             return await self._access_of(key, client)
         except ProxyError as error:
-            if error.code == "invalid_api_key":
+            if error.code in ("invalid_api_key", "invalid_token"):
                 self.guard.failed(client)
             raise
 
@@ -155,7 +171,7 @@ class Runtime:
                 f"That is not the code of event '{event.name}'. Check it with the organiser "
                 "(it is case-sensitive).",
             )
-        cache_key = f"code:{event.id}:{attendee_id(event.id, email)}"
+        cache_key = _attendee_key(event.id, attendee_id(event.id, email))
         try:
             attendee = await self._access.get_or_load(
                 cache_key, lambda: self._code_attendee(event, email), _STALE_ON
@@ -175,6 +191,76 @@ class Runtime:
         if found is not None:
             return found
         created, _ = await self.attendees.add(event.id, email, now=clock.now())
+        return created
+
+    async def _token_access(self, token: str, client: str, named: str) -> Access:
+        """An Entra access token: verified (tenants some event takes only), then the attendee
+        of its object id in the event it is for, created on first use."""
+        tenant = token_tenant(token)
+        candidates = await self._token_events(tenant, named)
+        if self.entra.cached(token) is None:
+            self.guard.check_lookup(client)
+        identity = await self.entra.verify(token, tenant, (ATTENDEE_AUDIENCE,))
+        event = choose_event(candidates, tenant, clock.now())
+        if not identity.allowed_by(event.entra_allowed):
+            raise refused(
+                f"{identity.name} (object id {identity.object_id}) is not among the users, apps "
+                f"and groups event '{event.name}' allows. Ask the organiser to add your object "
+                "id, or a group of yours, to the event's entra_allowed."
+            )
+        ident = attendee_id(event.id, identity.owner)
+        try:
+            attendee = await self._access.get_or_load(
+                _attendee_key(event.id, ident),
+                lambda: self._token_attendee(event, identity.user, identity.owner),
+                _STALE_ON,
+            )
+        except StorageUnavailable as exc:
+            raise storage_down() from exc
+        if attendee is None or not attendee.active:
+            raise ProxyError(
+                "key_revoked",
+                "Your access to this event was revoked by the organiser. Ask them about it.",
+            )
+        return Access(attendee, event)
+
+    async def _token_events(self, tenant: str, named: str) -> list[Event]:
+        """The events a token of this tenant may be for: the one it names, or all that take
+        the tenant. Refused when there is none, before its signature is even checked."""
+        if named:
+            event = await self.event(named) if is_id(named) else None
+            if event is None or tenant not in event.entra_tenants:
+                raise refused(
+                    f"Event '{named[:64]}' (header {EVENT_HEADER}) does not exist or takes no "
+                    f"tokens of tenant {tenant}. Check the event id with the organiser."
+                )
+            return [event]
+        try:
+            index = await self._tenants.get_or_load("", self._tenant_index, _STALE_ON)
+        except StorageUnavailable as exc:
+            raise storage_down() from exc
+        events = [await self.event(event_id) for event_id in index.get(tenant, ())]
+        found = [e for e in events if e is not None and tenant in e.entra_tenants]
+        if not found:
+            raise refused(
+                f"No event takes tokens of tenant {tenant}. Ask the organiser to add the tenant "
+                "to the event's entra_tenants, or use your event key."
+            )
+        return found
+
+    async def _tenant_index(self) -> dict[str, list[str]]:
+        index: dict[str, list[str]] = {}
+        for event in await self.events.list():
+            for tenant in event.entra_tenants:
+                index.setdefault(tenant, []).append(event.id)
+        return index
+
+    async def _token_attendee(self, event: Event, user: str, identity: str) -> Attendee:
+        """The attendee of an Entra principal in an event, created on its first call."""
+        found = await self.attendees.get(event.id, attendee_id(event.id, identity))
+        if found is not None:
+            return found
+        created, _ = await self.attendees.add(event.id, user, now=clock.now(), identity=identity)
         return created
 
     async def event(self, event_id: str) -> Event | None:
@@ -211,13 +297,15 @@ class Runtime:
         self._access.invalidate(key_hash)
 
     def forget_attendee(self, attendee: Attendee) -> None:
-        """A revoked attendee: its key and its keys made of the event's code."""
+        """A revoked attendee: its key, and its keys made of the event's code or its token."""
         self._access.invalidate(attendee.key_hash)
-        self._access.invalidate(f"code:{attendee.event_id}:{attendee.id}")
+        self._access.invalidate(_attendee_key(attendee.event_id, attendee.id))
 
     def forget_event(self, event_id: str) -> None:
+        """A created, changed or deleted event (its tenants too)."""
         self._events.invalidate(event_id)
         self._pools.invalidate(event_id)
+        self._tenants.clear()
 
     def forget_resource(self, resource: Resource) -> None:
         self._pools.clear()
@@ -231,7 +319,13 @@ class Runtime:
         await self.caps.close()
         await self.usage.close()
         await self.upstream.close()
+        await self.entra.close()
         await self.tables.close()
+
+
+def _attendee_key(event_id: str, attendee_id: str) -> str:
+    """The access cache's entry of an attendee found without a key of its own (code, token)."""
+    return f"attendee:{event_id}:{attendee_id}"
 
 
 def storage_down() -> ProxyError:

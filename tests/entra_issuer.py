@@ -31,8 +31,8 @@ class LocalIssuer:
 
     def __init__(self) -> None:
         self.keys: dict[str, rsa.RSAPrivateKey] = {}
-        self.hits: Counter[str] = Counter()
-        self.rotate()
+        self.hits: Counter[tuple[str, str]] = Counter()  # (configuration or keys, tenant)
+        self.kid = self.publish_new_key()
         issuer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,7 +40,7 @@ class LocalIssuer:
                 parts = self.path.strip("/").split("/")
                 tenant = parts[0]
                 if parts[1:] == ["v2.0", ".well-known", "openid-configuration"]:
-                    issuer.hits["configuration"] += 1
+                    issuer.hits["configuration", tenant] += 1
                     self._json(
                         {
                             "issuer": f"{issuer.authority}/{tenant}/v2.0",
@@ -48,7 +48,7 @@ class LocalIssuer:
                         }
                     )
                 elif parts[1:] == ["discovery", "v2.0", "keys"]:
-                    issuer.hits["keys"] += 1
+                    issuer.hits["keys", tenant] += 1
                     self._json({"keys": issuer.published()})
                 else:
                     self.send_error(404)
@@ -69,12 +69,17 @@ class LocalIssuer:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def rotate(self) -> str:
-        """Publish a new signing key (the old ones stay published) and sign with it from now."""
+    def publish_new_key(self) -> str:
+        """Publish one more signing key, as Entra does before it signs with it; its id.
+
+        Tokens are signed with it only when `token(kid=...)` names it."""
         kid = secrets.token_urlsafe(12)
         self.keys[kid] = new_rsa_key()
-        self.kid = kid
         return kid
+
+    def key_fetches(self, tenant: str) -> int:
+        """How often the tenant's signing keys (its JWKS) were fetched."""
+        return self.hits["keys", tenant]
 
     def published(self) -> list[dict[str, Any]]:
         published = []
@@ -110,10 +115,11 @@ class LocalIssuer:
             "exp": int(now + lifetime),
             "tid": tenant,
             "oid": oid or str(uuid.uuid4()),
-            "upn": name,
             "ver": "1.0",
             **claims,
         }
+        if name:
+            body["upn"] = name
         if groups is not None:
             body["groups"] = groups
         if roles is not None:

@@ -43,6 +43,14 @@ param authTenantId string = tenant().tenantId
 @description('Key Vault secret holding the sign-in client secret; empty: none.')
 param authClientSecretName string = ''
 
+@description('Entra groups (object ids) and app roles whose principals manage events by token, commas.')
+param organizerGroups string = ''
+param organizerRoles string = ''
+
+// Organisers by token: tokens of this tenant for the sign-in app registration, once a group or
+// an app role is named.
+var organizerTokens = !empty(authClientId) && (!empty(organizerGroups) || !empty(organizerRoles))
+
 resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' existing = {
   name: identityName
 }
@@ -180,6 +188,13 @@ var settings = {
   // Only App Service authentication strips a client's own X-MS-CLIENT-PRINCIPAL header, so the
   // app may trust that header exactly when sign-in is switched on.
   AIPROXY_TRUST_EASYAUTH: authEnabled ? 'true' : 'false'
+  // Entra ID tokens of attendees and organisers (README "Entra ID tokens").
+  AIPROXY_ENTRA_AUTHORITY: 'https://login.microsoftonline.com'
+  AIPROXY_ENTRA_KEY_REFETCH_SECONDS: '60'
+  AIPROXY_ENTRA_ORGANIZER_TENANTS: organizerTokens ? authTenantId : ''
+  AIPROXY_ENTRA_ORGANIZER_AUDIENCE: organizerTokens ? '${authClientId},api://${authClientId}' : ''
+  AIPROXY_ENTRA_ORGANIZER_GROUPS: organizerTokens ? organizerGroups : ''
+  AIPROXY_ENTRA_ORGANIZER_ROLES: organizerTokens ? organizerRoles : ''
   AIPROXY_ROLLUP_SCHEDULE: '0 */5 * * * *'
   AIPROXY_RETENTION_SCHEDULE: '0 30 3 * * *'
 }

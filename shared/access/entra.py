@@ -28,6 +28,8 @@ import aiohttp
 import jwt
 import orjson
 
+from shared.directory.events import Event
+from shared.directory.validation import is_guid
 from shared.errors import ProxyError
 from shared.platform import clock
 from shared.platform.settings import Settings
@@ -45,7 +47,6 @@ CLOCK_SKEW_SECONDS = 60
 _VERIFIED_LIMIT = 50_000
 
 _JWT = re.compile(r"^[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+$")
-_GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 # Claims naming a person or an app, in order of preference.
 _NAME_CLAIMS = ("preferred_username", "upn", "unique_name", "email", "name", "app_displayname")
 _WWW_AUTHENTICATE_TEXT = re.compile(r"[^ !#-\[\]-~]")  # RFC 6750: no '"', '\', non-ASCII
@@ -54,10 +55,6 @@ _WWW_AUTHENTICATE_TEXT = re.compile(r"[^ !#-\[\]-~]")  # RFC 6750: no '"', '\', 
 def looks_like_jwt(value: str) -> bool:
     """Three base64url segments: never an `aip-` key nor an `{event}@{code}/{email}` key."""
     return len(value) < 16_384 and _JWT.match(value) is not None
-
-
-def is_guid(value: str) -> bool:
-    return _GUID.match(value) is not None
 
 
 def guid_list(raw: str) -> frozenset[str]:
@@ -150,7 +147,9 @@ def identity_of(claims: Mapping[str, Any], tenant: str) -> Identity:
     object_id = claims.get("oid")
     if not isinstance(object_id, str) or not object_id:
         raise refused("The token names no object id (claim 'oid'): it is not an access token.")
-    name = next((claims[c] for c in _NAME_CLAIMS if isinstance(claims.get(c), str)), "")
+    name = next(
+        (claims[c] for c in _NAME_CLAIMS if claims.get(c) and isinstance(claims[c], str)), ""
+    )
     return Identity(
         tenant=tenant,
         object_id=object_id.lower(),
@@ -160,6 +159,30 @@ def identity_of(claims: Mapping[str, Any], tenant: str) -> Identity:
         groups=_strings(claims.get("groups")),
         roles=_strings(claims.get("roles")),
     )
+
+
+def choose_event(events: list[Event], tenant: str, now: datetime) -> Event:
+    """Which of the events taking a tenant a token without the event header is for: the one
+    running now; when none is, the nearest in time (so the answer says when it runs)."""
+    live = [e for e in events if e.active and e.window_utc()[0] <= now < e.window_utc()[1]]
+    if len(live) == 1:
+        return live[0]
+    if live:
+        named = ", ".join(f"'{e.name}' ({e.id})" for e in live[:5])
+        raise ProxyError(
+            "invalid_request",
+            f"Tokens of tenant {tenant} are taken by {len(live)} events running now: {named}. "
+            f"Name yours in the '{EVENT_HEADER}' header, for example AzureOpenAI(..., "
+            f"default_headers={{'{EVENT_HEADER}': '{live[0].id}'}}).",
+            param=EVENT_HEADER,
+        )
+
+    def distance(event: Event) -> tuple[bool, float]:
+        start, end = event.window_utc()
+        seconds = (start - now) if now < start else (now - end)
+        return not event.active, seconds.total_seconds()
+
+    return min(events, key=distance)
 
 
 @dataclass

@@ -79,14 +79,21 @@ class AttendeeStore:
         self._tables = tables
         self._sealer = sealer
 
-    async def add(self, event_id: str, user: str, *, now: datetime) -> tuple[Attendee, bool]:
-        """The attendee for this user, created with a fresh key if new; True when created."""
-        existing = await self.get(event_id, attendee_id(event_id, user))
+    async def add(
+        self, event_id: str, user: str, *, now: datetime, identity: str = ""
+    ) -> tuple[Attendee, bool]:
+        """The attendee for this user, created with a fresh key if new; True when created.
+
+        `identity`, when given, is what makes the attendee (an Entra object id, where names
+        change); otherwise the user name does.
+        """
+        ident = attendee_id(event_id, identity or user)
+        existing = await self.get(event_id, ident)
         if existing is not None:
             return existing, False
         key = new_key()
         attendee = Attendee(
-            id=attendee_id(event_id, user),
+            id=ident,
             event_id=event_id,
             user=user.strip(),
             key_hash=hash_key(key),

@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from shared.directory.validation import (
     Problems,
     boolean,
+    guids,
     known_fields,
     required,
     text,
@@ -23,6 +24,10 @@ EVENTS_TABLE = "events"
 # Caps are stored as 32-bit integers; no event needs more.
 CAP_LIMIT = 2**31 - 1
 _PARTITION = "event"
+
+
+def _ids(stored: Any) -> list[str]:
+    return [part for part in str(stored or "").split(",") if part]
 
 
 def _zone(name: str) -> ZoneInfo:
@@ -71,6 +76,10 @@ class Event:
     organizer_email: str = ""
     image_url: str = ""
     shared_code: str = ""
+    # Entra ID callers (shared/access/entra.py): the tenants whose access tokens this event
+    # takes and, when any are named, only these users, apps or groups (object ids) of them.
+    entra_tenants: list[str] = field(default_factory=list)
+    entra_allowed: list[str] = field(default_factory=list)
     active: bool = True
     owner: str = ""
     created_at: str = ""
@@ -164,6 +173,8 @@ class Event:
         data = self.to_json()
         for computed in ("id", "starts_at_utc", "ends_at_utc"):
             data.pop(computed)
+        for ids in ("entra_tenants", "entra_allowed"):  # tables hold no lists
+            data[ids] = ",".join(data[ids])
         return {"PartitionKey": _PARTITION, "RowKey": self.id, **data}
 
     @classmethod
@@ -184,6 +195,8 @@ class Event:
             organizer_email=entity.get("organizer_email", ""),
             image_url=entity.get("image_url", ""),
             shared_code=entity.get("shared_code", ""),
+            entra_tenants=_ids(entity.get("entra_tenants")),
+            entra_allowed=_ids(entity.get("entra_allowed")),
             active=bool(entity.get("active", True)),
             owner=entity.get("owner", ""),
             created_at=entity.get("created_at", ""),
@@ -206,6 +219,8 @@ _EDITABLE = {
     "organizer_email",
     "image_url",
     "shared_code",
+    "entra_tenants",
+    "entra_allowed",
     "active",
 }
 
@@ -263,6 +278,21 @@ def _apply(
                 "image_url",
                 "must be an http(s) URL",
                 "Send an https:// address, or leave it empty.",
+            )
+        )
+    for param, limit, what in (
+        ("entra_tenants", 20, "tenant ids"),
+        ("entra_allowed", 500, "object ids of users, apps or groups"),
+    ):
+        if param in body:
+            with problems.check():
+                setattr(event, param, guids(param, body[param], limit=limit, what=what))
+    if event.entra_allowed and not event.entra_tenants and not problems.bad("entra_tenants"):
+        problems.add(
+            invalid(
+                "entra_allowed",
+                "names callers of no tenant: entra_tenants is empty",
+                "Add their tenant id to entra_tenants, or send an empty entra_allowed.",
             )
         )
     if "active" in body:

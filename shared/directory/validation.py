@@ -12,6 +12,7 @@ import orjson
 from shared.errors import ProxyError, invalid, invalid_fields
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _EMAIL = re.compile(r"^[^@\s,;<>()\"]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z0-9-]{2,}$")
 
 
@@ -38,6 +39,22 @@ def whole_number(param: str, value: Any, *, minimum: int = 0, maximum: int | Non
     if maximum is not None and value > maximum:
         raise invalid(param, f"must be a whole number from {minimum} to {maximum}", fix)
     return value
+
+
+def guids(param: str, value: Any, *, limit: int, what: str) -> list[str]:
+    """A list of Entra ids (tenants, users, apps, groups), lower-cased, each once; null: none."""
+    if value is None:
+        return []
+    fix = f'Send a JSON list of {what}, such as ["00000000-0000-0000-0000-000000000000"].'
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise invalid(param, "must be a list of ids (strings)", fix)
+    found = list(dict.fromkeys(v.strip().lower() for v in value))
+    bad = next((v for v in found if not is_guid(v)), None)
+    if bad is not None:
+        raise invalid(param, f"holds {bad[:60]!r}, which is not an Entra id (a GUID)", fix)
+    if len(found) > limit:
+        raise invalid(param, f"must hold at most {limit} ids", f"Send at most {limit}.")
+    return found
 
 
 def boolean(param: str, value: Any) -> bool:
@@ -99,6 +116,11 @@ class Problems:
 def is_email(value: str) -> bool:
     """An email address as attendees register with it (already lower-cased and stripped)."""
     return len(value) <= 254 and _EMAIL.match(value) is not None
+
+
+def is_guid(value: str) -> bool:
+    """An Entra tenant or object id, lower-cased: 8-4-4-4-12 hexadecimal digits."""
+    return _GUID.match(value) is not None
 
 
 def is_id(value: str) -> bool:

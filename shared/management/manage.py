@@ -54,6 +54,7 @@ async def resource(runtime: Runtime, caller: Caller, resource_id: str) -> Resour
 async def create_event(runtime: Runtime, caller: Caller, body: dict[str, Any]) -> Event:
     created = new_event(body, owner=caller.owner, now=clock.now())
     await runtime.events.create(created)
+    runtime.forget_event(created.id)  # the tenants it takes tokens of
     return created
 
 

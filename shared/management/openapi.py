@@ -77,6 +77,7 @@ def _object(properties: dict[str, Schema], required: tuple[str, ...] = (), **ext
     return schema
 
 
+_GUID = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 _WALL_CLOCK = "ISO 8601 wall-clock time in time_zone, e.g. 2026-05-04T09:00:00"
 _EVENT_FIELDS: dict[str, Schema] = {
     "name": _string("shown to attendees", maxLength=200),
@@ -116,6 +117,26 @@ _EVENT_FIELDS: dict[str, Schema] = {
         "code attendees send to register themselves; empty: no self-registration by code",
         maxLength=100,
     ),
+    "entra_tenants": {
+        "type": "array",
+        "items": _string("an Entra tenant id", pattern=_GUID),
+        "maxItems": 20,
+        "nullable": True,
+        "description": (
+            "tenants whose Entra ID access tokens (audience https://cognitiveservices.azure.com) "
+            "this event takes instead of a key; empty or null: none"
+        ),
+    },
+    "entra_allowed": {
+        "type": "array",
+        "items": _string("an object id of a user, an app or a group", pattern=_GUID),
+        "maxItems": 500,
+        "nullable": True,
+        "description": (
+            "when not empty, only these users, apps (service principals) or groups of the "
+            "entra_tenants may call; needs entra_tenants"
+        ),
+    },
     "active": _boolean("false switches the event off at once"),
 }
 _EVENT_REQUIRED = (
@@ -505,14 +526,17 @@ SCHEMAS: dict[str, Schema] = {
 
 _ERROR_TEXT = {
     400: "Invalid request: the message and `param` name the field",
-    401: "Missing or wrong key",
-    403: "Refused: outside the event window, switched off, or registration refused",
+    401: "Missing or wrong key, or an Entra ID token refused (WWW-Authenticate says why)",
+    403: (
+        "Refused: outside the event window, switched off, registration refused, or a valid "
+        "Entra ID token of someone who is not an organiser"
+    ),
     404: "Not found (or not yours)",
     409: "Conflict: still in use; the message says what to do",
     413: "Body too large",
     429: "A cap, a per-minute limit or the capacity is exhausted; see Retry-After",
     502: "The upstream failed, after failover",
-    503: "Storage is unavailable",
+    503: "Storage, or the signing keys of the caller's Entra tenant, unavailable",
     504: "The upstream was too slow, after failover",
 }
 # Proxy errors an upstream may answer itself (any status it does not fail over on): the caller
@@ -534,6 +558,16 @@ _API_VERSION: Schema = {
     "required": False,
     "schema": {"type": "string"},
     "description": "forwarded upstream; the configured default when missing",
+}
+_EVENT_HEADER: Schema = {
+    "name": "x-aiproxy-event",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": (
+        "with an Entra ID token: the event it is for; needed only when several events running "
+        "now take the token's tenant"
+    ),
 }
 _FORCE: Schema = {
     "name": "force",
@@ -562,7 +596,7 @@ _USAGE_QUERY: tuple[Schema, ...] = (
 
 def manage(method: str, route: str, operation_id: str, summary: str, **kw: Any) -> Operation:
     """A manage/* route: function key; 401 without it, 404 for unknown ids, 400 for bad bodies."""
-    errors = {401, 503, *kw.pop("errors", ())}
+    errors = {401, 403, 503, *kw.pop("errors", ())}
     if "{" in route:
         errors.add(404)
     if kw.get("body") or kw.get("query"):
@@ -1096,6 +1130,7 @@ def _operation(op: Operation) -> Schema:
         spec["security"] = [{"functionKey": []}, {"functionKeyQuery": []}]
     elif op.security == ATTENDEE_KEY:
         spec["security"] = [{"apiKey": []}, {"bearer": []}]
+        spec.setdefault("parameters", []).append(copy.deepcopy(_EVENT_HEADER))
     else:
         spec["security"] = []
     return spec
@@ -1160,7 +1195,11 @@ def _base_document() -> Schema:
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "Authorization: Bearer <event key>",
+                    "description": (
+                        "Authorization: Bearer <event key>, or an Entra ID access token "
+                        "(audience https://cognitiveservices.azure.com) for events that take "
+                        "its tenant"
+                    ),
                 },
             },
         },

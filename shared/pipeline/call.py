@@ -12,6 +12,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from shared.access.entra import EVENT_HEADER
 from shared.access.guard import client_address
 from shared.directory.catalog import Resource, valid_deployment_name
 from shared.directory.events import Event
@@ -71,6 +72,7 @@ class Call:
         self.access = await self.runtime.access(
             key_from_headers(headers.get("api-key"), headers.get("authorization")),
             client_address(headers, self.request.client),
+            headers.get(EVENT_HEADER),
         )
         event = self.access.event
         event.check_open(clock.now())

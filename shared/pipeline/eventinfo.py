@@ -8,6 +8,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from shared.access.entra import EVENT_HEADER
 from shared.access.guard import client_address
 from shared.directory.keys import key_from_headers
 from shared.errors import ProxyError
@@ -25,6 +26,7 @@ async def event_info(request: Request) -> Response:
         access = await runtime.access(
             key_from_headers(headers.get("api-key"), headers.get("authorization")),
             client_address(headers, request.client),
+            headers.get(EVENT_HEADER),
         )
         event = access.event
         by_class: dict[str, list[str]] = {}

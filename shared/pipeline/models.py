@@ -14,6 +14,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from shared.access.entra import EVENT_HEADER
 from shared.access.guard import client_address
 from shared.directory.catalog import Resource
 from shared.directory.keys import key_from_headers
@@ -68,6 +69,7 @@ async def _models_of(request: Request) -> dict[str, dict[str, Any]]:
     access: Access = await runtime.access(
         key_from_headers(headers.get("api-key"), headers.get("authorization")),
         client_address(headers, request.client),
+        headers.get(EVENT_HEADER),
     )
     return catalog_models(await runtime.pools(access.event.id))
 

@@ -48,6 +48,16 @@ class Settings:
     stream_idle_timeout: float = 60.0
     upstream_total_timeout: float = 220.0
     trust_easyauth: bool = False
+    # Entra ID access tokens (shared/access/entra.py): where tenants publish their signing keys,
+    # and the least time between two fetches of one tenant's keys for an unknown key id.
+    entra_authority: str = "https://login.microsoftonline.com"
+    entra_key_refetch_seconds: float = 60.0
+    # Organisers by token: their tenants, the audience of their tokens (the app registration),
+    # and the groups (object ids) or app roles that make a principal an organiser; commas.
+    entra_organizer_tenants: str = ""
+    entra_organizer_audience: str = ""
+    entra_organizer_groups: str = ""
+    entra_organizer_roles: str = ""
     # OpenTelemetry to Application Insights when set.
     appinsights_connection_string: str = ""
     # Dev host only: the key that function-level routes require locally.
@@ -73,6 +83,12 @@ _ENV_NAMES = {
     "stream_idle_timeout": "AIPROXY_STREAM_IDLE_TIMEOUT",
     "upstream_total_timeout": "AIPROXY_UPSTREAM_TOTAL_TIMEOUT",
     "trust_easyauth": "AIPROXY_TRUST_EASYAUTH",
+    "entra_authority": "AIPROXY_ENTRA_AUTHORITY",
+    "entra_key_refetch_seconds": "AIPROXY_ENTRA_KEY_REFETCH_SECONDS",
+    "entra_organizer_tenants": "AIPROXY_ENTRA_ORGANIZER_TENANTS",
+    "entra_organizer_audience": "AIPROXY_ENTRA_ORGANIZER_AUDIENCE",
+    "entra_organizer_groups": "AIPROXY_ENTRA_ORGANIZER_GROUPS",
+    "entra_organizer_roles": "AIPROXY_ENTRA_ORGANIZER_ROLES",
     "appinsights_connection_string": "APPLICATIONINSIGHTS_CONNECTION_STRING",
     "function_key": "AIPROXY_FUNCTION_KEY",
 }
