@@ -215,7 +215,9 @@ class SigningKeys:
 
     async def key(self, tenant: str, kid: str) -> jwt.PyJWK:
         """The tenant's key of this id; fetched again when missing, floor permitting."""
-        entry = self._tenants.setdefault(tenant, _TenantKeys())
+        entry = self._tenants.get(tenant)
+        if entry is None:
+            entry = self._tenants[tenant] = _TenantKeys()
         if kid not in entry.keys or time.monotonic() - entry.fetched_at > KEYS_TTL_SECONDS:
             async with entry.lock:  # one fetch at a time per tenant; the others wait for it
                 wanted = kid not in entry.keys

@@ -53,7 +53,8 @@ same_key = same_secret
 
 
 def key_from_headers(api_key: str | None, authorization: str | None) -> str | None:
-    """The key from `api-key` (AzureOpenAI client) or `Authorization: Bearer` (OpenAI client)."""
+    """The key from `api-key` (AzureOpenAI client) or `Authorization: Bearer` (OpenAI client,
+    and an Entra access token from AzureOpenAI's azure_ad_token_provider: shared.access.entra)."""
     if api_key:
         return api_key.strip()
     if authorization and authorization[:7].lower() == "bearer ":
