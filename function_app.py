@@ -8,12 +8,13 @@ import azure.functions as func
 from azurefunctions.extensions.http.fastapi import Request, Response
 
 from admin_functions import bp as manage_blueprint
-from shared import pipeline
+from shared import pipeline, plugins
 from shared.management import maintenance, openapi
 from shared.platform import telemetry
 from shared.web import pages, public, registration
 
 telemetry.set_log_levels()
+plugins.check()  # a plugin that cannot be loaded stops start-up here, named, with the reason
 app = func.FunctionApp(http_auth_level=func.AuthLevel.ANONYMOUS)
 app.register_functions(manage_blueprint)
 

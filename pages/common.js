@@ -101,6 +101,7 @@ const ERROR_HELP = {
   registration_refused: () => ["Registration was refused.", "See the reason below, then try again or ask the organiser."],
   too_many_failed_keys: (e) => ["Too many wrong attempts from your address.", retryText(e.retryAfter, "Wait a minute and try again.")],
   storage_unavailable: () => ["The service cannot reach its storage right now.", "Try again in a few seconds."],
+  plugin_failed: () => ["A check the organiser added to this proxy could not finish.", "Try again in a moment. If it keeps failing, tell the organiser."],
   unauthorized: () => ["That function key was not accepted.", "Copy the app's function key again (func start prints it; in Azure: az functionapp keys list)."],
   not_found: () => ["Not found.", "It may have been deleted, or the link is incomplete."],
   conflict: () => ["That conflicts with what is stored.", "See the reason below."],

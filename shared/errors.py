@@ -7,6 +7,7 @@ import orjson
 STATUS_BY_CODE: dict[str, int] = {
     "invalid_request": 400,
     "max_tokens_exceeds_cap": 400,
+    "content_filter": 400,  # a request plugin's refusal, shaped like Azure's own filter
     "invalid_api_key": 401,
     "key_revoked": 401,
     "invalid_token": 401,
@@ -30,6 +31,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "upstream_error": 502,
     "storage_unavailable": 503,
     "entra_unavailable": 503,
+    "plugin_failed": 503,  # a request plugin failed or ran out of time (shared/plugins)
     "upstream_timeout": 504,
 }
 

@@ -39,6 +39,8 @@ from shared.platform.cache import TTLCache
 from shared.platform.settings import Settings
 from shared.platform.tables import StorageUnavailable, Tables
 from shared.platform.vault import Sealer, SecretStore, secret_store
+from shared.plugins import Plugins
+from shared.plugins import load as load_plugins
 from shared.upstreams.affinity import AffinitySeal
 from shared.upstreams.balancer import Balancer
 from shared.upstreams.client import UpstreamClient
@@ -62,6 +64,7 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.plugins: Plugins = load_plugins(settings)  # first: one that fails leaves nothing open
         self.pruning: asyncio.Task[None] | None = None  # the worker runtime's leak (hosting)
         self.tables = Tables(settings)
         self.sealer = Sealer(settings.encryption_key)
@@ -78,7 +81,9 @@ class Runtime:
             settings.usage_spill_dir
             or Path(tempfile.gettempdir()) / f"aiproxy-usage-{settings.table_prefix}"
         )
-        self.usage = UsageWriter(self.tables, settings.usage_flush_seconds, spill_dir)
+        self.usage = UsageWriter(
+            self.tables, settings.usage_flush_seconds, spill_dir, observer=self.plugins.observer
+        )
         self.guard = FailedKeyGuard()
         self.entra = EntraVerifier(settings)
         ttl = settings.cache_ttl_seconds
@@ -318,6 +323,7 @@ class Runtime:
         await self.limits.close()
         await self.caps.close()
         await self.usage.close()
+        await self.plugins.close()
         await self.upstream.close()
         await self.entra.close()
         await self.tables.close()

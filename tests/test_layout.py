@@ -14,6 +14,7 @@ ORDER = (
     "access",
     "governance",
     "upstreams",
+    "plugins",
     "runtime",
     "pipeline",
     "web",

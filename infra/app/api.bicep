@@ -197,6 +197,12 @@ var settings = {
   AIPROXY_ENTRA_ORGANIZER_ROLES: organizerTokens ? organizerRoles : ''
   AIPROXY_ROLLUP_SCHEDULE: '0 */5 * * * *'
   AIPROXY_RETENTION_SCHEDULE: '0 30 3 * * *'
+  // Plugins (README "Plugins"): none by default. Name them here, and add each one's
+  // AIPROXY_PLUGIN_<NAME> config beside them: a setting changed in the portal lasts only until
+  // the next azd provision.
+  AIPROXY_PLUGINS: ''
+  AIPROXY_PLUGINS_REQUEST_BUDGET_MS: '250'
+  AIPROXY_PLUGINS_USAGE_BUDGET_SECONDS: '10'
 }
 
 var authClientSecretReference = '@Microsoft.KeyVault(SecretUri=${vault.properties.vaultUri}secrets/${authClientSecretName})'

@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -153,8 +154,11 @@ class UsageWriter:
         flush_seconds: float,
         spill_dir: Path | None = None,
         max_pending: int = 50_000,
+        observer: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self._tables = tables
+        # Told of each record once it is journaled and queued (the plugins' usage sinks).
+        self._observer = observer
         self._flush_seconds = flush_seconds
         self._spill_dir = spill_dir
         self._max_pending = max_pending
@@ -179,7 +183,8 @@ class UsageWriter:
         return self._count
 
     def append(self, record: UsageRecord) -> None:
-        row = self._add(record.to_entity())  # encoded now: a flush then only joins bytes
+        entity = record.to_entity()
+        row = self._add(entity)  # encoded now: a flush then only joins bytes
         if self._journal is not None:
             self._journal.write(row.json + b"\n")
         if self._count > self._max_pending:
@@ -188,6 +193,11 @@ class UsageWriter:
         self._ensure_running()
         if self._quiet_check is None:
             self._quiet_check = asyncio.get_running_loop().call_later(QUIET_SECONDS, self._quiet)
+        if self._observer is not None:
+            try:
+                self._observer(entity)
+            except Exception:  # the record is kept already: an observer never costs it
+                log.exception("usage writer: the observer failed on request %s", record.request_id)
 
     def _quiet(self) -> None:
         """Wake the writer once no record has come for QUIET_SECONDS (one timer per period)."""

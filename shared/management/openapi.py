@@ -525,7 +525,8 @@ SCHEMAS: dict[str, Schema] = {
 # --- responses and parameters ---------------------------------------------------------------
 
 _ERROR_TEXT = {
-    400: "Invalid request: the message and `param` name the field",
+    400: "Invalid request: the message and `param` name the field (`content_filter`: refused "
+    "by a request plugin)",
     401: "Missing or wrong key, or an Entra ID token refused (WWW-Authenticate says why)",
     403: (
         "Refused: outside the event window, switched off, registration refused, or a valid "
@@ -536,7 +537,10 @@ _ERROR_TEXT = {
     413: "Body too large",
     429: "A cap, a per-minute limit or the capacity is exhausted; see Retry-After",
     502: "The upstream failed, after failover",
-    503: "Storage, or the signing keys of the caller's Entra tenant, unavailable",
+    503: (
+        "Storage, or the signing keys of the caller's Entra tenant, unavailable; "
+        "`plugin_failed`: a request plugin failed or ran out of time"
+    ),
     504: "The upstream was too slow, after failover",
 }
 # Proxy errors an upstream may answer itself (any status it does not fail over on): the caller

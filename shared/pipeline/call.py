@@ -39,6 +39,7 @@ from shared.pipeline.operations import (
 from shared.pipeline.relays import relay_bytes, relay_events
 from shared.pipeline.streaming import EventStreamResponse
 from shared.platform import clock, telemetry
+from shared.plugins import RequestContext
 from shared.runtime import Access, Runtime, get_runtime
 from shared.upstreams.client import UpstreamAnswer, UpstreamTimeout, UpstreamUnreachable
 
@@ -96,6 +97,23 @@ class Call:
             )
         self.deployment = deployment
         return deployment
+
+    async def screen(self, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """The plugins' request hooks on the caller's body: None, or the body to go on with as
+        if the caller had sent it (checked, capped, counted and forwarded). Raises their
+        refusals, and the failures of hooks that are not fail_open, as ProxyError."""
+        assert self.access is not None
+        attendee = self.access.attendee
+        context = RequestContext(
+            request_id=self.request_id,
+            event_id=attendee.event_id,
+            attendee_id=attendee.id,
+            user=attendee.user,
+            operation=self.operation.path,
+            model_class=self.operation.model_class,
+            deployment=self.deployment,
+        )
+        return await self.runtime.plugins.screen(context, payload)
 
     async def admit(self, event: Event, body: bytes, limit: Any, members: list[Resource]) -> None:
         """Take one request from today's cap and this minute's limits (and the pool's fair
@@ -272,6 +290,10 @@ class Call:
             content_type = None
         deployment = self.deployment_of(payload, deployment)
         members = find_pool(await self.runtime.pools(event.id), deployment, operation.model_class)
+        if self.runtime.plugins.requests:
+            screened = await self.screen(payload)
+            if screened is not None and not operation.multipart:  # uploads go as they came
+                payload, body = screened, orjson.dumps(screened)
         default_version = (
             SEARCH_API_VERSION
             if operation.model_class == "azure-ai-search"
@@ -310,7 +332,9 @@ class Call:
                 payload["stream_options"] = {**(options or {}), "include_usage": True}
                 hide_usage = changed = True
         if from_body and not (operation.multipart or operation.binary):
-            del payload["model"]  # the v1 route: the deployment is in the upstream path instead
+            payload.pop(
+                "model", None
+            )  # the v1 route: the deployment is in the upstream path instead
             changed = True
         upstream_body = orjson.dumps(payload) if changed else body
         query = self.upstream_query(api_version)

@@ -202,6 +202,10 @@ class ResponsesCall(Call):
         deployment = self.deployment_of(payload, None)
         pools = await self.runtime.pools(event.id)
         members = find_pool(pools, deployment, "openai-chat")
+        if self.runtime.plugins.requests:
+            screened = await self.screen(payload)
+            if screened is not None:
+                payload, body = screened, orjson.dumps(screened)
         pinned = self.pin(payload, pools)
         for field in ("stream", "background"):
             if payload.get(field) is not None and not isinstance(payload[field], bool):

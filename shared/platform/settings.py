@@ -7,6 +7,8 @@ the Bicep app settings and this module can be checked against each other.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
@@ -62,6 +64,13 @@ class Settings:
     appinsights_connection_string: str = ""
     # Dev host only: the key that function-level routes require locally.
     function_key: str = ""
+    # Plugins (shared/plugins): names, in order; each has its JSON config in
+    # AIPROXY_PLUGIN_<NAME> (plugin_config below).
+    plugins: str = ""
+    # The longest an async request hook may take before the call is refused (or let through).
+    plugins_request_budget_ms: float = 250.0
+    # The longest a usage sink may take with one batch, per attempt.
+    plugins_usage_budget_seconds: float = 10.0
 
 
 _ENV_NAMES = {
@@ -91,6 +100,9 @@ _ENV_NAMES = {
     "entra_organizer_roles": "AIPROXY_ENTRA_ORGANIZER_ROLES",
     "appinsights_connection_string": "APPLICATIONINSIGHTS_CONNECTION_STRING",
     "function_key": "AIPROXY_FUNCTION_KEY",
+    "plugins": "AIPROXY_PLUGINS",
+    "plugins_request_budget_ms": "AIPROXY_PLUGINS_REQUEST_BUDGET_MS",
+    "plugins_usage_budget_seconds": "AIPROXY_PLUGINS_USAGE_BUDGET_SECONDS",
 }
 
 # Settings the Functions host resolves itself (timer schedules written as %NAME%).
@@ -103,6 +115,19 @@ SCHEDULE_SETTINGS = {
 def env_names() -> list[str]:
     """Every app setting name this app reads."""
     return sorted([*_ENV_NAMES.values(), *SCHEDULE_SETTINGS])
+
+
+def plugin_setting_name(plugin: str) -> str:
+    """The setting holding a plugin's JSON config: AIPROXY_PLUGIN_ and its name in capitals,
+    other characters than letters and digits as '_' (`mycompany.rules:Plugin` ->
+    AIPROXY_PLUGIN_MYCOMPANY_RULES_PLUGIN)."""
+    return "AIPROXY_PLUGIN_" + re.sub(r"[^A-Z0-9]", "_", plugin.upper())
+
+
+def plugin_config(plugin: str, environ: Mapping[str, str] | None = None) -> str:
+    """A plugin's config as written in its setting ("" when unset)."""
+    env = os.environ if environ is None else environ
+    return env.get(plugin_setting_name(plugin), "")
 
 
 def _convert(raw: str, kind: type, name: str) -> object:
