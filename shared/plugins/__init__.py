@@ -122,9 +122,10 @@ class RequestHook:
         """The body this hook returns (None: unchanged); raises the caller's ProxyError."""
         before = orjson.dumps(body) if self.fail_open else b""  # hooks may change it in place
         started = time.perf_counter()
+        scope: asyncio.Timeout | None = None
         try:
             if self.awaits:
-                async with asyncio.timeout(self.budget):
+                async with asyncio.timeout(self.budget) as scope:
                     result = await self.run(context, body)
             else:
                 result = self.run(context, body)
@@ -132,9 +133,7 @@ class RequestHook:
         except Refusal as refusal:
             return self._refused(refusal, context, before)
         except Exception as exc:
-            stopped = isinstance(exc, TimeoutError) and (
-                time.perf_counter() - started >= self.budget
-            )
+            stopped = scope is not None and scope.expired()
             reason = f"did not finish within {self.budget * 1000:.0f} ms" if stopped else "failed"
             return self._failed(reason, exc, context, before)
         if result is None or isinstance(result, dict):

@@ -56,8 +56,8 @@ class Tally:
         if not self.unlogged:
             return
         log.log(
-            self.level, "plugin %s: %d %s (%d in all): %s",
-            name, self.unlogged, self.what, self.total, self.detail,
+            self.level, "plugin %s: %s: %d (%d in all); %s",
+            name, self.what, self.unlogged, self.total, self.detail,
         )  # fmt: skip
         self.unlogged = 0
         self.logged = time.monotonic()
@@ -83,7 +83,7 @@ class Sink:
         self.idle.set()
         self.task: asyncio.Task[None] | None = None
         self.delivered = 0
-        self.retries = Tally(logging.WARNING, "failed attempt(s) to deliver a usage batch, retried")
+        self.retries = Tally(logging.WARNING, "attempts to deliver a usage batch failed, retried")
         self.lost = Tally(logging.ERROR, "usage records not delivered")
         self.skipped = Tally(logging.ERROR, "usage records skipped, its queue being full")
 
