@@ -56,11 +56,12 @@ lint: setup
 
 # Throughput, latency, CPU per request and memory against the peers' harness, through the
 # worker beside a bare relay and the in-process figures; the CPU per call of the per-minute
-# checks; then the 200-client load run (BENCH_LOAD=0 skips it) and the concurrency sweep
-# (BENCH_CONCURRENCY=0). Results: bench/results/.
+# checks and of the plugin hook points; then the 200-client load run (BENCH_LOAD=0 skips it)
+# and the concurrency sweep (BENCH_CONCURRENCY=0). Results: bench/results/.
 bench: setup
 	$(PY) -m bench.run
 	$(PY) -m bench.limits
+	$(PY) -m bench.plugins
 	[ "$${BENCH_LOAD:-1}" = 0 ] || $(PY) -m bench.load
 	[ "$${BENCH_CONCURRENCY:-1}" = 0 ] || $(PY) -m bench.concurrency
 

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from local.azurite import Azurite
-from shared.plugins import Plugin, Plugins, RequestContext
+from shared.plugins import Plugin, Plugins, Refusal, RequestContext
 from shared.plugins.csv_usage import FIELDS
 from shared.plugins.wordfilter import WordFilter
 from tests.harness import AppHost, EventSetup, Simulator, Storage, host_env, unique_prefix
@@ -483,6 +483,28 @@ def test_the_word_filter_reads_only_the_text_a_model_gets() -> None:
     assert masking.on_request(completions, tokens) is None
     with pytest.raises(ValueError, match="unknown keys"):
         WordFilter({"word": ["typo"]})
+
+
+@pytest.mark.parametrize(
+    ("text", "refused"),
+    [
+        ("The FALCON lands.", True),
+        ("Über den Falcon-Plan", True),  # not ASCII: the expression alone decides
+        ("Falconry is old.", False),
+        ("Ünïcode falconry", False),
+        ("our project  kestrel", False),  # a phrase matches as written
+        ("Project Kestrel!", True),
+    ],
+)
+def test_words_match_whole_in_any_case(text: str, refused: bool) -> None:
+    refusing = WordFilter({"words": ["falcon", "project kestrel"]})
+    context = RequestContext("r", "e", "a", "u", "embeddings", "openai-embeddings", "d")
+    try:
+        refusing.on_request(context, {"input": text})
+    except Refusal as refusal:
+        assert refused and refusal.param == "input" and refusal.code == "content_filter"
+    else:
+        assert not refused
 
 
 class Blocked(Plugin):

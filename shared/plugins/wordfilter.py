@@ -51,14 +51,20 @@ class WordFilter(Plugin):
         self.message = config.get("message", DEFAULT_MESSAGE)
         if not isinstance(self.replacement, str) or not isinstance(self.message, str):
             raise ValueError("'replacement' and 'message' are strings")
-        self.expressions: list[re.Pattern[str]] = []
+        self.words: re.Pattern[str] | None = None
         if words:
             longest_first = sorted(words, key=len, reverse=True)
             alternatives = "|".join(re.escape(word) for word in longest_first)
-            self.expressions.append(re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.I))
+            self.words = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.I)
+        # A quick look for the words in ASCII text before the expression (which tries every
+        # word at every position); for ASCII, lower case is exactly what re.I compares.
+        self.ascii_words = (
+            tuple(word.lower() for word in words) if all(w.isascii() for w in words) else None
+        )
+        self.patterns: list[re.Pattern[str]] = []
         for pattern in patterns:
             try:
-                self.expressions.append(re.compile(pattern))
+                self.patterns.append(re.compile(pattern))
             except re.error as exc:
                 raise ValueError(f"pattern {pattern!r} is not a regular expression: {exc}") from exc
 
@@ -66,18 +72,36 @@ class WordFilter(Plugin):
         if self.action == "refuse":
             for path, holder, key in places(context.operation, body):
                 text = holder[key]
-                if any(expression.search(text) for expression in self.expressions):
+                if self._has_words(text) or any(p.search(text) for p in self.patterns):
                     raise Refusal(self.message, param=path)
             return None
         changed = False
         for _, holder, key in places(context.operation, body):
             text = holder[key]
-            for expression in self.expressions:
-                text = expression.sub(self.replacement, text)
+            if self.words is not None and self._may_have_words(text):
+                text = self.words.sub(self.replacement, text)
+            for pattern in self.patterns:
+                text = pattern.sub(self.replacement, text)
             if text != holder[key]:
                 holder[key] = text
                 changed = True
         return body if changed else None
+
+    def _may_have_words(self, text: str) -> bool:
+        if self.ascii_words is None or not text.isascii():
+            return True
+        lowered = text.lower()
+        for word in self.ascii_words:  # noqa: SIM110 - a quarter quicker than any() over a generator
+            if word in lowered:
+                return True
+        return False
+
+    def _has_words(self, text: str) -> bool:
+        return (
+            self.words is not None
+            and self._may_have_words(text)
+            and self.words.search(text) is not None
+        )
 
 
 def _strings(config: dict[str, Any], key: str) -> list[str]:
