@@ -12,6 +12,7 @@ Run: python -m bench.plugins [calls]
 from __future__ import annotations
 
 import asyncio
+import os
 import platform
 import sys
 import tempfile
@@ -190,8 +191,9 @@ def main() -> None:
         "# Plugin hook points: CPU per call",
         "",
         f"{datetime.now(UTC):%Y-%m-%d}, Python {platform.python_version()}, "
-        f"{platform.machine()}, {calls:,} calls per case, best of three. Request hook cases "
-        "exclude building the body; against 440 to 1,000 µs of CPU per proxied call.",
+        f"{platform.machine()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
+        f"cores, {calls:,} calls per case, best of three. Request hook cases exclude building "
+        "the body. A proxied call costs 440 to 1,400 µs of CPU (README, Performance).",
         "",
         "| case | µs per call |",
         "|---|---:|",

@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from local.azurite import Azurite
+from shared.errors import ProxyError
 from shared.plugins import Plugin, Plugins, Refusal, RequestContext
 from shared.plugins.csv_usage import FIELDS
 from shared.plugins.wordfilter import WordFilter
@@ -505,6 +506,40 @@ def test_words_match_whole_in_any_case(text: str, refused: bool) -> None:
         assert refused and refusal.param == "input" and refusal.code == "content_filter"
     else:
         assert not refused
+
+
+class Misbehaving(Plugin):
+    """Plain request hooks that break the rules in the way the body's `how` says."""
+
+    def on_request(self, context: RequestContext, body: dict[str, Any]) -> Any:
+        if body["how"] == "slow":
+            time.sleep(0.06)  # on the event loop, past a 50 ms budget: cannot be stopped
+            return None
+        if body["how"] == "text":
+            return "not a body"
+        raise Refusal("Not you.", code="upstream_error")  # a 5xx is no refusal
+
+
+@pytest.mark.parametrize("how", ["text", "upstream_error"])
+def test_a_hook_that_breaks_the_rules_fails_the_call_and_is_named_in_the_log(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    plugins = Plugins([("odd", Misbehaving({}))], request_budget_seconds=0.05)
+    context = RequestContext("r7", "e", "a", "u", "chat/completions", "openai-chat", "d")
+    with pytest.raises(ProxyError) as failed:
+        asyncio.run(plugins.screen(context, {"how": how}))
+    assert failed.value.code == "plugin_failed" and failed.value.status == 503
+    expected = "not a dict or None" if how == "text" else "not a 4xx code of the contract"
+    assert "plugin odd: request hook failed on request r7" in caplog.text
+    assert expected in caplog.text
+
+
+def test_a_slow_plain_hook_is_reported_with_its_time(caplog: pytest.LogCaptureFixture) -> None:
+    plugins = Plugins([("odd", Misbehaving({}))], request_budget_seconds=0.05)
+    context = RequestContext("r8", "e", "a", "u", "chat/completions", "openai-chat", "d")
+    assert asyncio.run(plugins.screen(context, {"how": "slow"})) is None
+    assert "plugin odd: request hook took " in caplog.text
+    assert "above the budget of 50 ms" in caplog.text
 
 
 class Blocked(Plugin):

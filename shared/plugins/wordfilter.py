@@ -12,7 +12,8 @@ Config (AIPROXY_PLUGIN_WORDFILTER, or the setting of its alias), a JSON object:
 It reads the text a model gets: chat `messages[].content` (text and text parts), completions
 `prompt`, embeddings `input`, Responses `instructions` and `input` (text, content parts and
 tool outputs), image `prompt` and speech `input`; never token arrays, files or other fields.
-Its hook is plain CPU work on the event loop (about 1-3 µs for a short chat call, `make bench`).
+Its hook is plain CPU work on the event loop: a few µs for a short chat call with words only,
+more with each pattern (bench/results/plugins.md).
 """
 
 from __future__ import annotations
