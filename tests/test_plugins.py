@@ -517,10 +517,12 @@ class Misbehaving(Plugin):
             return None
         if body["how"] == "text":
             return "not a body"
+        if body["how"] == "set":
+            return {"input": {"a", "set"}}
         raise Refusal("Not you.", code="upstream_error")  # a 5xx is no refusal
 
 
-@pytest.mark.parametrize("how", ["text", "upstream_error"])
+@pytest.mark.parametrize("how", ["text", "set", "upstream_error"])
 def test_a_hook_that_breaks_the_rules_fails_the_call_and_is_named_in_the_log(
     how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -529,7 +531,11 @@ def test_a_hook_that_breaks_the_rules_fails_the_call_and_is_named_in_the_log(
     with pytest.raises(ProxyError) as failed:
         asyncio.run(plugins.screen(context, {"how": how}))
     assert failed.value.code == "plugin_failed" and failed.value.status == 503
-    expected = "not a dict or None" if how == "text" else "not a 4xx code of the contract"
+    expected = {
+        "text": "not a dict or None",
+        "set": "returned a body that is not JSON",
+        "upstream_error": "not a 4xx code of the contract",
+    }[how]
     assert "plugin odd: request hook failed on request r7" in caplog.text
     assert expected in caplog.text
 

@@ -39,7 +39,7 @@ from shared.pipeline.operations import (
 from shared.pipeline.relays import relay_bytes, relay_events
 from shared.pipeline.streaming import EventStreamResponse
 from shared.platform import clock, telemetry
-from shared.plugins import RequestContext
+from shared.plugins import RequestContext, Screened
 from shared.runtime import Access, Runtime, get_runtime
 from shared.upstreams.client import UpstreamAnswer, UpstreamTimeout, UpstreamUnreachable
 
@@ -98,10 +98,10 @@ class Call:
         self.deployment = deployment
         return deployment
 
-    async def screen(self, payload: dict[str, Any]) -> dict[str, Any] | None:
-        """The plugins' request hooks on the caller's body: None, or the body to go on with as
-        if the caller had sent it (checked, capped, counted and forwarded). Raises their
-        refusals, and the failures of hooks that are not fail_open, as ProxyError."""
+    async def screen(self, payload: dict[str, Any]) -> Screened | None:
+        """The plugins' request hooks on the caller's body: None, or the body (and its JSON)
+        to go on with as if the caller had sent it (checked, capped, counted and forwarded).
+        Raises their refusals, and the failures of hooks that are not fail_open, as ProxyError."""
         assert self.access is not None
         attendee = self.access.attendee
         context = RequestContext(
@@ -293,7 +293,7 @@ class Call:
         if self.runtime.plugins.requests:
             screened = await self.screen(payload)
             if screened is not None and not operation.multipart:  # uploads go as they came
-                payload, body = screened, orjson.dumps(screened)
+                payload, body = screened
         default_version = (
             SEARCH_API_VERSION
             if operation.model_class == "azure-ai-search"

@@ -205,7 +205,7 @@ class ResponsesCall(Call):
         if self.runtime.plugins.requests:
             screened = await self.screen(payload)
             if screened is not None:
-                payload, body = screened, orjson.dumps(screened)
+                payload, body = screened
         pinned = self.pin(payload, pools)
         for field in ("stream", "background"):
             if payload.get(field) is not None and not isinstance(payload[field], bool):

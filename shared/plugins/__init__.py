@@ -50,6 +50,7 @@ _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 # What storage needs and sinks do not: a record's table keys.
 _STORAGE_KEYS = frozenset({"PartitionKey", "RowKey"})
 SLOW_LOG_SECONDS = 60.0  # a slow plain hook is reported at most this often
+Screened = tuple[dict[str, Any], bytes]  # a body a hook returned, and its JSON
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +119,9 @@ class RequestHook:
         self.failures = 0
         self._slow_logged = -SLOW_LOG_SECONDS
 
-    async def apply(self, context: RequestContext, body: dict[str, Any]) -> dict[str, Any] | None:
-        """The body this hook returns (None: unchanged); raises the caller's ProxyError."""
+    async def apply(self, context: RequestContext, body: dict[str, Any]) -> Screened | None:
+        """The body this hook returns, with its JSON (None: unchanged); raises the caller's
+        ProxyError."""
         before = orjson.dumps(body) if self.fail_open else b""  # hooks may change it in place
         started = time.perf_counter()
         scope: asyncio.Timeout | None = None
@@ -136,16 +138,20 @@ class RequestHook:
             stopped = scope is not None and scope.expired()
             reason = f"did not finish within {self.budget * 1000:.0f} ms" if stopped else "failed"
             return self._failed(reason, exc, context, before)
-        if result is None or isinstance(result, dict):
-            return result
+        if result is None:
+            return None
+        if isinstance(result, dict):
+            try:
+                return result, orjson.dumps(result)
+            except TypeError as exc:
+                problem = TypeError(f"returned a body that is not JSON: {exc}")
+                return self._failed("failed", problem, context, before)
         return self._failed(
             "failed", TypeError(f"returned {type(result).__name__}, not a dict or None"),
             context, before,
         )  # fmt: skip
 
-    def _refused(
-        self, refusal: Refusal, context: RequestContext, before: bytes
-    ) -> dict[str, Any] | None:
+    def _refused(self, refusal: Refusal, context: RequestContext, before: bytes) -> Screened:
         status = STATUS_BY_CODE.get(refusal.code, 0)
         if not 400 <= status < 500:
             problem = ValueError(f"refused with {refusal.code!r}, not a 4xx code of the contract")
@@ -154,7 +160,7 @@ class RequestHook:
 
     def _failed(
         self, reason: str, exc: BaseException, context: RequestContext, before: bytes
-    ) -> dict[str, Any] | None:
+    ) -> Screened:
         self.failures += 1
         log.error(
             "plugin %s: request hook %s on request %s (%s: %s); %s",
@@ -163,7 +169,7 @@ class RequestHook:
             exc_info=exc if self.failures == 1 and not isinstance(exc, TimeoutError) else None,
         )  # fmt: skip
         if self.fail_open:
-            return orjson.loads(before)
+            return orjson.loads(before), before
         raise ProxyError(
             "plugin_failed",
             f"The proxy's request check '{self.name}' {reason}, so the call was not sent. "
@@ -205,14 +211,15 @@ class Plugins:
             if callable(getattr(plugin, "on_usage", None))
         )
 
-    async def screen(self, context: RequestContext, body: dict[str, Any]) -> dict[str, Any] | None:
-        """The body after every request hook, or None when none changed it; raises ProxyError
-        for a refusal, or for a hook that failed and is not fail_open."""
+    async def screen(self, context: RequestContext, body: dict[str, Any]) -> Screened | None:
+        """The body after every request hook and its JSON, or None when none changed it;
+        raises ProxyError for a refusal, or for a hook that failed and is not fail_open."""
         changed = None
         for hook in self.requests:
             result = await hook.apply(context, body)
             if result is not None:
-                body = changed = result
+                changed = result
+                body = result[0]
         return changed
 
     @property
