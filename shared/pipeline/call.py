@@ -332,9 +332,9 @@ class Call:
                 payload["stream_options"] = {**(options or {}), "include_usage": True}
                 hide_usage = changed = True
         if from_body and not (operation.multipart or operation.binary):
-            payload.pop(
-                "model", None
-            )  # the v1 route: the deployment is in the upstream path instead
+            # The v1 route: the deployment is in the upstream path instead (a plugin may have
+            # dropped the field already).
+            payload.pop("model", None)
             changed = True
         upstream_body = orjson.dumps(payload) if changed else body
         query = self.upstream_query(api_version)
