@@ -266,3 +266,83 @@ def test_resource_quotas_are_optional_and_editable(host: AppHost, sim: Simulator
         host.manage.patch(path, json={"quota_requests_per_minute": -5}),
         "quota_requests_per_minute",
     )
+
+
+def details_of(response: httpx.Response) -> list[dict[str, str]]:
+    """The details of a 400, each complete; `param` and the message name the first."""
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    for detail in error["details"]:
+        assert set(detail) == {"field", "problem", "fix"}, detail
+        assert detail["problem"] and detail["fix"].endswith("."), detail
+    assert error["param"] == error["details"][0]["field"]
+    assert error["message"].startswith(f"Field '{error['param']}' ")
+    return error["details"]
+
+
+def test_three_bad_fields_get_three_details_the_first_as_param(
+    host: AppHost, sim: Simulator
+) -> None:
+    event = {**EVENT, "name": 5, "time_zone": "Mars/Olympus", "max_token_cap": 0}
+    response = host.manage.post("/events", json=event)
+    details = details_of(response)
+    assert [d["field"] for d in details] == ["name", "time_zone", "max_token_cap"]
+    assert "2 more fields to fix" in response.json()["error"]["message"]
+    assert "'Mars/Olympus'" in details[1]["problem"]
+    assert details[2]["fix"] == "Send a whole number from 1 to 2147483647, without quotes."
+    resource = {"name": "r", "deployment": "../etc", "model_class": "openai-chat",
+                "endpoint": "ftp://example.com", "api_key": SIM_KEY, "weight": 0}  # fmt: skip
+    details = details_of(host.manage.post("/resources", json=resource))
+    assert [d["field"] for d in details] == ["deployment", "endpoint", "weight"]
+    assert "Azure portal" in details[1]["fix"]
+    attendee = host.manage.post("/events", json=EVENT).json()["id"]
+    details = details_of(
+        host.manage.post(f"/events/{attendee}/attendees", json={"user": "", "a": 1, "b": 2})
+    )
+    assert [d["field"] for d in details] == ["user", "a", "b"]
+
+
+def test_checks_across_fields_are_listed_with_the_other_problems(
+    host: AppHost, sim: Simulator
+) -> None:
+    late = {**EVENT, "name": "", "ends_at": "2000-01-01T00:00:00", "active": "yes"}
+    details = details_of(host.manage.post("/events", json=late))
+    assert [d["field"] for d in details] == ["name", "ends_at", "active"]
+    assert details[1]["problem"] == "must be after starts_at"
+    keyless = {"name": "r", "deployment": "gpt-4o", "model_class": "openai-chat",
+               "endpoint": sim.url, "priority": -1}  # fmt: skip
+    details = details_of(host.manage.post("/resources", json=keyless))
+    assert [d["field"] for d in details] == ["priority", "api_key"]
+    assert details[1]["problem"] == "is required when auth is 'key'"
+
+
+def test_a_time_zone_that_names_a_folder_is_refused_with_the_field_named(host: AppHost) -> None:
+    # "Europe" is a folder of the time zone database, not a zone.
+    invalid_field(host.manage.post("/events", json={**EVENT, "time_zone": "Europe"}), "time_zone")
+
+
+def test_a_patch_is_checked_against_the_fields_it_leaves_alone(
+    host: AppHost, sim: Simulator
+) -> None:
+    body = {**EVENT, "starts_at": "2026-05-04T09:00:00", "ends_at": "2026-05-04T17:00:00"}
+    created = host.manage.post("/events", json={**body, "time_zone": "Europe/Berlin"}).json()
+    path = f"/events/{created['id']}"
+    late = host.manage.patch(path, json={"starts_at": "2026-05-04T18:00:00"})
+    assert [d["field"] for d in details_of(late)] == ["ends_at"]
+    moved = host.manage.patch(path, json={"time_zone": "America/New_York"}).json()
+    assert (moved["starts_at"], moved["starts_at_utc"]) == (
+        "2026-05-04T09:00:00",
+        "2026-05-04T13:00:00Z",
+    )
+    cleared = host.manage.patch(path, json={"organizer_name": None, "shared_code": "  x  "}).json()
+    assert (cleared["organizer_name"], cleared["shared_code"]) == ("", "x")
+    assert host.manage.get(path).json()["name"] == "Workshop"
+    resource = {"name": "r", "deployment": "gpt-4o", "model_class": "openai-chat",
+                "endpoint": sim.url + "/", "api_key": SIM_KEY}  # fmt: skip
+    made = host.manage.post("/resources", json=resource).json()
+    assert made["endpoint"] == sim.url and made["upstream_deployment"] == "gpt-4o"
+    # The stored key still counts: switching back to key auth needs no new one.
+    rpath = f"/resources/{made['id']}"
+    assert host.manage.patch(rpath, json={"auth": "managed_identity"}).status_code == 200
+    assert host.manage.patch(rpath, json={"auth": "key"}).json()["has_api_key"] is True

@@ -6,55 +6,19 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
-from shared.directory.validation import (
-    Problems,
-    boolean,
-    guids,
-    known_fields,
-    required,
-    text,
-    whole_number,
-)
-from shared.errors import ProxyError, invalid
+from shared.directory.models import EventCreate
+from shared.directory.validation import parse
+from shared.errors import ProxyError
 from shared.platform.tables import Conflict, Tables
 
 EVENTS_TABLE = "events"
-# Caps are stored as 32-bit integers; no event needs more.
-CAP_LIMIT = 2**31 - 1
 _PARTITION = "event"
 
 
 def _ids(stored: Any) -> list[str]:
     return [part for part in str(stored or "").split(",") if part]
-
-
-def _zone(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise invalid(
-            "time_zone",
-            f"must be an IANA time zone such as 'Europe/Berlin', not {name!r}",
-            "Send an IANA time zone name such as 'Europe/Berlin' or 'UTC'.",
-        ) from exc
-
-
-def _wall_clock(param: str, value: Any, zone: ZoneInfo) -> datetime:
-    """A wall-clock time in the event's zone; an explicit offset is converted into the zone."""
-    fix = "Send a wall-clock time in the event's time zone, such as '2026-05-04T09:00:00'."
-    if not isinstance(value, str):
-        raise invalid(
-            param, "must be an ISO 8601 date-time string such as '2026-05-04T09:00:00'", fix
-        )
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise invalid(param, f"is not an ISO 8601 date-time: {value!r}", fix) from exc
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(zone).replace(tzinfo=None)
-    return parsed.replace(microsecond=0)
 
 
 @dataclass
@@ -203,139 +167,19 @@ class Event:
         )
 
 
-_REQUIRED = ("name", "starts_at", "ends_at", "time_zone", "max_token_cap", "daily_request_cap")
-_EDITABLE = {
-    "name",
-    "starts_at",
-    "ends_at",
-    "time_zone",
-    "max_token_cap",
-    "daily_request_cap",
-    "daily_token_cap",
-    "requests_per_minute",
-    "tokens_per_minute",
-    "description_markdown",
-    "organizer_name",
-    "organizer_email",
-    "image_url",
-    "shared_code",
-    "entra_tenants",
-    "entra_allowed",
-    "active",
-}
-
-
-def _apply(
-    event: Event, body: dict[str, Any], raw_times: dict[str, Any], problems: Problems
-) -> None:
-    """Validate and set the fields present in body (times are applied after the zone); every
-    bad field is noted in `problems`."""
-    if "name" in body:
-        with problems.check():
-            event.name = text("name", body["name"], limit=200, required=True)
-    zone = None
-    with problems.check():
-        if "time_zone" in body:
-            event.time_zone = text("time_zone", body["time_zone"], limit=64, required=True)
-        zone = _zone(event.time_zone)
-    for param in ("starts_at", "ends_at"):
-        if param in raw_times and zone is not None:
-            with problems.check():
-                setattr(event, param, _wall_clock(param, raw_times[param], zone))
-    numbers = (
-        ("max_token_cap", 1),
-        ("daily_request_cap", 1),
-        ("daily_token_cap", 0),
-        ("requests_per_minute", 0),
-        ("tokens_per_minute", 0),
-    )
-    for param, minimum in numbers:
-        if param in body:
-            value = body[param]
-            if minimum == 0 and value is None:
-                value = 0  # an optional limit: null switches it off
-            with problems.check():
-                setattr(
-                    event, param, whole_number(param, value, minimum=minimum, maximum=CAP_LIMIT)
-                )
-    for param, limit in (
-        ("description_markdown", 20_000),
-        ("organizer_name", 200),
-        ("organizer_email", 320),
-        ("image_url", 2_000),
-        ("shared_code", 100),
-    ):
-        if param in body:
-            with problems.check():
-                setattr(event, param, text(param, body[param], limit=limit))
-    if (
-        event.image_url
-        and not problems.bad("image_url")
-        and not event.image_url.startswith(("https://", "http://", "/"))
-    ):
-        problems.add(
-            invalid(
-                "image_url",
-                "must be an http(s) URL",
-                "Send an https:// address, or leave it empty.",
-            )
-        )
-    for param, limit, what in (
-        ("entra_tenants", 20, "tenant ids"),
-        ("entra_allowed", 500, "object ids of users, apps or groups"),
-    ):
-        if param in body:
-            with problems.check():
-                setattr(event, param, guids(param, body[param], limit=limit, what=what))
-    if event.entra_allowed and not event.entra_tenants and not problems.bad("entra_tenants"):
-        problems.add(
-            invalid(
-                "entra_allowed",
-                "names callers of no tenant: entra_tenants is empty",
-                "Add their tenant id to entra_tenants, or send an empty entra_allowed.",
-            )
-        )
-    if "active" in body:
-        with problems.check():
-            event.active = boolean("active", body["active"])
-    if not problems.bad("time_zone", "starts_at", "ends_at") and event.ends_at <= event.starts_at:
-        problems.add(
-            invalid("ends_at", "must be after starts_at", "Send an end later than the start.")
-        )
-    event._window = event._day = None
-
-
 def new_event(body: dict[str, Any], *, owner: str, now: datetime) -> Event:
     """Validate a create request; every problem names its field, all in one answer."""
-    problems = Problems()
-    with problems.check():
-        known_fields(body, _EDITABLE, "an event")
-    required(body, _REQUIRED, problems)
-    event = Event(
-        id=secrets.token_hex(8),
-        name="",
-        starts_at=datetime.min,
-        ends_at=datetime.min,
-        time_zone="UTC",
-        max_token_cap=1,
-        daily_request_cap=1,
-        owner=owner,
-        created_at=now.isoformat(),
-    )
-    times = {p: body[p] for p in ("starts_at", "ends_at") if body.get(p) is not None}
-    _apply(event, body, times, problems)
-    problems.raise_any()
-    return event
+    fields = parse(EventCreate, body)
+    return Event(id=secrets.token_hex(8), **dict(fields), owner=owner, created_at=now.isoformat())
 
 
 def patch_event(event: Event, body: dict[str, Any]) -> Event:
-    """Validate a change. A new time zone alone keeps the wall-clock times."""
-    problems = Problems()
-    with problems.check():
-        known_fields(body, _EDITABLE, "an event")
-    raw_times = {p: body[p] for p in ("starts_at", "ends_at") if p in body}
-    _apply(event, body, raw_times, problems)
-    problems.raise_any()
+    """Validate a change: the body laid over the event's fields, checked as a whole. A new time
+    zone alone keeps the wall-clock times."""
+    current = {name: getattr(event, name) for name in EventCreate.model_fields}
+    for name, value in parse(EventCreate, {**current, **body}):
+        setattr(event, name, value)
+    event._window = event._day = None
     return event
 
 

@@ -1,72 +1,81 @@
-"""Field checks for management bodies: each failure names the field and what it must be."""
+"""Management bodies checked against their models; each bad field named with what to send."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
+from shared.directory.models import GUID, Body
 from shared.errors import ProxyError, invalid, invalid_fields
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _EMAIL = re.compile(r"^[^@\s,;<>()\"]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z0-9-]{2,}$")
 
 
-def text(param: str, value: Any, *, limit: int, required: bool = False) -> str:
-    if value is None:
-        value = ""
-    if not isinstance(value, str):
-        raise invalid(param, "must be a string", "Send it as a JSON string.")
-    value = value.strip()
-    if required and not value:
-        raise invalid(param, "is required and must not be empty", "Send a non-empty string.")
-    if len(value) > limit:
-        raise invalid(
-            param, f"must be at most {limit} characters", f"Shorten it to {limit} characters."
-        )
-    return value
+def parse[M: Body](model: type[M], body: dict[str, Any], **context: Any) -> M:
+    """The body as `model`, or one 400 that names every bad field: `param` and the message the
+    first, `details` all, each with its problem and fix (API.md section 5)."""
+    try:
+        return model.model_validate(body, context=context)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        raise invalid_fields([_invalid(model, error) for error in errors]) from None
 
 
-def whole_number(param: str, value: Any, *, minimum: int = 0, maximum: int | None = None) -> int:
-    span = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
-    fix = f"Send a whole number {span}, without quotes."
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise invalid(param, f"must be a whole number of at least {minimum}", fix)
-    if maximum is not None and value > maximum:
-        raise invalid(param, f"must be a whole number from {minimum} to {maximum}", fix)
-    return value
+def _invalid(model: type[Body], error: ErrorDetails) -> ProxyError:
+    field = ".".join(str(part) for part in error["loc"])
+    return invalid(field, *_explain(model, field, error))
 
 
-def guids(param: str, value: Any, *, limit: int, what: str) -> list[str]:
-    """A list of Entra ids (tenants, users, apps, groups), lower-cased, each once; null: none."""
-    if value is None:
-        return []
-    fix = f'Send a JSON list of {what}, such as ["00000000-0000-0000-0000-000000000000"].'
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise invalid(param, "must be a list of ids (strings)", fix)
-    found = list(dict.fromkeys(v.strip().lower() for v in value))
-    bad = next((v for v in found if not is_guid(v)), None)
-    if bad is not None:
-        raise invalid(param, f"holds {bad[:60]!r}, which is not an Entra id (a GUID)", fix)
-    if len(found) > limit:
-        raise invalid(param, f"must hold at most {limit} ids", f"Send at most {limit}.")
+def _explain(model: type[Body], field: str, error: ErrorDetails) -> tuple[str, str]:
+    """What is wrong and what to send instead, in the words of the field's schema."""
+    kind, ctx = error["type"], error.get("ctx", {})
+    spec = _properties(model).get(field, {})
+    if kind == "field":  # the models' own checks say it themselves
+        return ctx["problem"], ctx["fix"]
+    if kind == "extra_forbidden":
+        fields = ", ".join(sorted(model.model_fields))
+        return f"is not {model.noun} field (fields: {fields})", "Leave it out."
+    if kind == "missing" or (error["input"] is None and model.model_fields[field].is_required()):
+        about = spec.get("description")
+        return "is required", f"Add '{field}' to the body" + (f": {about}." if about else ".")
+    if kind == "string_type":
+        return "must be a string", "Send it as a JSON string."
+    if kind == "string_too_short":
+        return "is required and must not be empty", "Send a non-empty string."
+    if kind == "string_too_long":
+        limit = ctx["max_length"]
+        return f"must be at most {limit} characters", f"Shorten it to {limit} characters."
+    if kind in ("int_type", "int_from_float", "greater_than_equal", "less_than_equal"):
+        low, high = spec["minimum"], spec["maximum"]
+        fix = f"Send a whole number from {low} to {high}, without quotes."
+        if kind == "less_than_equal":
+            return f"must be a whole number from {low} to {high}", fix
+        return f"must be a whole number of at least {low}", fix
+    if kind == "bool_type":
+        return "must be true or false", "Send true or false, without quotes."
+    if kind == "literal_error":
+        choices = spec["enum"]
+        if len(choices) == 2:
+            either = f"'{choices[0]}' or '{choices[1]}'"
+            return f"must be {either}", f"Send {either}."
+        return f"must be one of {', '.join(choices)}", f"Send one of them, such as '{choices[0]}'."
+    return f"is not valid ({error['msg']})", "Correct it and send it again."
+
+
+@cache
+def _properties(model: type[Body]) -> dict[str, Any]:
+    """Each field's JSON schema (the branch that is not null, for optional fields)."""
+    found = {}
+    for name, spec in model.model_json_schema()["properties"].items():
+        branches = [b for b in spec.get("anyOf", []) if b.get("type") != "null"]
+        found[name] = {**spec, **branches[0]} if branches else spec
     return found
-
-
-def boolean(param: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise invalid(param, "must be true or false", "Send true or false, without quotes.")
-    return value
-
-
-def required(body: dict[str, Any], params: tuple[str, ...], problems: Problems) -> None:
-    for param in params:
-        if body.get(param) is None:
-            problems.add(invalid(param, "is required", f"Add '{param}' to the body."))
 
 
 def known_fields(body: dict[str, Any], allowed: set[str], kind: str) -> None:
@@ -77,40 +86,7 @@ def known_fields(body: dict[str, Any], allowed: set[str], kind: str) -> None:
             invalid(name, f"is not {kind} field (fields: {fields})", "Leave it out.")
             for name in unknown
         ]
-        raise errors[0] if len(errors) == 1 else invalid_fields(errors)
-
-
-class Problems:
-    """Every bad field of one body, so that a single answer names them all.
-
-    Checks run inside `with problems.check():`; a field's 400 is noted there instead of
-    ending the validation, and `raise_any` answers with all of them.
-    """
-
-    def __init__(self) -> None:
-        self.errors: list[ProxyError] = []
-
-    def add(self, error: ProxyError) -> None:
-        self.errors.append(error)
-
-    @contextmanager
-    def check(self) -> Iterator[None]:
-        try:
-            yield
-        except ProxyError as error:
-            if error.code != "invalid_request" or error.param is None:
-                raise
-            self.errors.append(error)
-
-    def bad(self, *params: str) -> bool:
-        """Whether any of these fields was found bad (checks that need them are skipped)."""
-        return any(d["field"] in params for e in self.errors for d in e.details or ())
-
-    def raise_any(self) -> None:
-        if len(self.errors) == 1:
-            raise self.errors[0]
-        if self.errors:
-            raise invalid_fields(self.errors)
+        raise invalid_fields(errors)
 
 
 def is_email(value: str) -> bool:
@@ -120,7 +96,7 @@ def is_email(value: str) -> bool:
 
 def is_guid(value: str) -> bool:
     """An Entra tenant or object id, lower-cased: 8-4-4-4-12 hexadecimal digits."""
-    return _GUID.match(value) is not None
+    return GUID.match(value) is not None
 
 
 def is_id(value: str) -> bool:

@@ -12,7 +12,8 @@ from typing import Any
 from shared.directory.attendees import Attendee
 from shared.directory.catalog import Resource, new_resource, patch_resource
 from shared.directory.events import Event, new_event, patch_event
-from shared.directory.validation import is_id, known_fields, text
+from shared.directory.models import AttendeeCreate
+from shared.directory.validation import is_id, parse
 from shared.errors import ProxyError, invalid
 from shared.platform import clock
 from shared.platform.tables import StorageUnavailable
@@ -162,10 +163,7 @@ async def add_attendee(
     runtime: Runtime, caller: Caller, event_id: str, body: dict[str, Any]
 ) -> tuple[Attendee, bool]:
     found_event = await event(runtime, caller, event_id)
-    known_fields(body, {"user"}, "an attendee")
-    if "user" not in body:
-        raise invalid("user", "is required (an email, a GitHub login or any name)")
-    user = text("user", body["user"], limit=200, required=True)
+    user = parse(AttendeeCreate, body).user
     return await runtime.attendees.add(found_event.id, user, now=clock.now())
 
 

@@ -17,8 +17,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.directory.catalog import AUTH_KINDS, MODEL_CLASSES
-from shared.directory.events import CAP_LIMIT
+from shared.directory.models import AUTH_KINDS, CAP_LIMIT, MODEL_CLASSES
 from shared.errors import STATUS_BY_CODE
 from shared.governance.rollups import GROUPS, REFUSALS
 from shared.web.registration import endpoint_of

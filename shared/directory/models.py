@@ -1,0 +1,419 @@
+"""What organisers send and get back for events, resources and attendees, as typed models.
+
+Each management body and answer is described once, here. The management API validates bodies
+with these models (`shared.directory.validation.parse` turns their errors into the contract's
+400), the OpenAPI document takes its schemas from them and the `aiproxy` command line its flags,
+choices and help. A check across fields sits on the later field and reads the earlier ones from
+`info.data`, which holds only the valid ones, so it is reported beside the other fields'
+problems. A patch is validated as the whole object with the patch laid over it.
+
+Only pydantic is needed here: the command line imports this module.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Literal, get_args
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+# Caps and limits are stored as 32-bit integers; no event needs more.
+CAP_LIMIT = 2**31 - 1
+
+ModelClass = Literal[
+    "openai-chat",
+    "openai-completions",
+    "openai-embeddings",
+    "openai-images",
+    "openai-audio",
+    "azure-ai-search",
+]
+MODEL_CLASSES: tuple[str, ...] = get_args(ModelClass)
+Auth = Literal["key", "managed_identity"]
+AUTH_KINDS: tuple[str, ...] = get_args(Auth)
+DEPLOYMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HEX = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+GUID = re.compile(f"^{_HEX}$")  # an Entra tenant or object id, lower-cased
+
+
+def problem(text: str, fix: str) -> PydanticCustomError:
+    """A field's problem in words, and what to send instead: one entry of `error.details`."""
+    return PydanticCustomError("field", "{problem}", {"problem": text, "fix": fix})
+
+
+# --- field types --------------------------------------------------------------------------
+# Constraints come before validators in each Annotated, so that pydantic checks them on the
+# stripped string and writes them into the JSON schema.
+
+
+def _null_is_empty(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def _null_is_zero(value: Any) -> Any:
+    return 0 if value is None else value
+
+
+Filled = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+"""A string that must hold more than spaces."""
+Text = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True),
+    BeforeValidator(_null_is_empty),
+    Field(json_schema_extra={"nullable": True}),
+]
+"""An optional string; null is the same as empty."""
+Cap = Annotated[int, Field(ge=1, le=CAP_LIMIT)]
+Limit = Annotated[
+    int,
+    Field(ge=0, le=CAP_LIMIT, json_schema_extra={"nullable": True}),
+    BeforeValidator(_null_is_zero),
+]
+"""An optional limit: 0 or null for none."""
+
+
+def _zone_name(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # "Europe" is a directory: OSError
+        raise problem(
+            f"must be an IANA time zone such as 'Europe/Berlin', not {name!r}",
+            "Send an IANA time zone name such as 'Europe/Berlin' or 'UTC'.",
+        ) from None
+    return name
+
+
+_WALL_CLOCK_FIX = "Send a wall-clock time in the event's time zone, such as '2026-05-04T09:00:00'."
+
+
+def _date_time(value: Any) -> Any:
+    if isinstance(value, datetime):  # a patch lays the body over the stored event
+        return value
+    if not isinstance(value, str):
+        raise problem(
+            "must be an ISO 8601 date-time string such as '2026-05-04T09:00:00'", _WALL_CLOCK_FIX
+        )
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise problem(f"is not an ISO 8601 date-time: {value!r}", _WALL_CLOCK_FIX) from None
+
+
+WallClock = Annotated[datetime, BeforeValidator(_date_time), WithJsonSchema({"type": "string"})]
+"""An ISO 8601 date-time; with an offset it is converted into the event's zone."""
+
+
+def _page_url(value: str) -> str:
+    if value and not value.startswith(("https://", "http://", "/")):
+        raise problem("must be an http(s) URL", "Send an https:// address, or leave it empty.")
+    return value
+
+
+_NAME_FIX = "Use letters, digits, '.', '_' and '-', starting with a letter or digit."
+
+
+def _deployment_name(value: str) -> str:
+    if value and DEPLOYMENT_NAME.match(value) is None:
+        raise problem("may hold letters, digits, '.', '_' and '-' (at most 64)", _NAME_FIX)
+    return value
+
+
+_PATTERN = Field(json_schema_extra={"pattern": DEPLOYMENT_NAME.pattern})
+DeploymentName = Annotated[Filled, AfterValidator(_deployment_name), _PATTERN]
+UpstreamName = Annotated[Text, AfterValidator(_deployment_name), _PATTERN]
+
+
+def _endpoint(value: str) -> str:
+    value = value.rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise problem(
+            "must be an http(s) URL such as https://NAME.openai.azure.com",
+            "Send the resource's endpoint from the Azure portal (Keys and Endpoint).",
+        )
+    if parts.query or parts.fragment:
+        raise problem("must not carry a query or fragment", "Leave out '?…' and '#…'.")
+    return value
+
+
+def _entra_ids(limit: int, what: str) -> Any:
+    """A list of Entra ids (tenants, users, apps, groups), lower-cased, each once; null: none."""
+
+    def check(value: Any) -> Any:
+        if value is None:
+            return []
+        fix = f'Send a JSON list of {what}, such as ["00000000-0000-0000-0000-000000000000"].'
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise problem("must be a list of ids (strings)", fix)
+        found = list(dict.fromkeys(v.strip().lower() for v in value))
+        bad = next((v for v in found if GUID.match(v) is None), None)
+        if bad is not None:
+            raise problem(f"holds {bad[:60]!r}, which is not an Entra id (a GUID)", fix)
+        if len(found) > limit:
+            raise problem(f"must hold at most {limit} ids", f"Send at most {limit}.")
+        return found
+
+    item = {"type": "string", "pattern": f"^{_HEX.replace('a-f', 'a-fA-F')}$"}
+    schema = {"items": item, "maxItems": limit, "nullable": True}
+    return Annotated[list[str], Field(json_schema_extra=schema), BeforeValidator(check)]
+
+
+EntraTenants = _entra_ids(20, "tenant ids")
+EntraObjects = _entra_ids(500, "object ids of users, apps or groups")
+
+
+# --- bodies -------------------------------------------------------------------------------
+
+
+class Body(BaseModel):
+    """A management body: exact JSON types (no "5" for 5), unknown fields refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    noun: ClassVar[str] = "a body"  # "is not <noun> field" when a field is unknown
+
+
+_WALL = "ISO 8601 wall-clock time in time_zone, e.g. 2026-05-04T09:00:00"
+
+
+class EventCreate(Body):
+    """A new event. A patch sends any of these fields; the others keep their values, and a new
+    time_zone alone keeps the wall-clock times."""
+
+    noun: ClassVar[str] = "an event"
+
+    name: Filled = Field(max_length=200, description="the event's name, shown to attendees")
+    time_zone: Annotated[Filled, AfterValidator(_zone_name)] = Field(
+        max_length=64,
+        description="IANA time zone of the event, e.g. Europe/Berlin; DST is honoured",
+    )
+    starts_at: WallClock = Field(description=f"start: {_WALL}")
+    ends_at: WallClock = Field(description=f"end, after starts_at: {_WALL}")
+    max_token_cap: Cap = Field(description="largest max_tokens one request may ask for")
+    daily_request_cap: Cap = Field(description="requests per attendee per day (event time zone)")
+    daily_token_cap: Limit = Field(0, description="tokens per attendee per day; 0 for none")
+    requests_per_minute: Limit = Field(
+        0, description="requests per attendee in any minute; 0 or null for no limit"
+    )
+    tokens_per_minute: Limit = Field(
+        0,
+        description="tokens per attendee in any minute (a call counts its worst case until it "
+        "answers); 0 or null for no limit",
+    )
+    description_markdown: Text = Field("", max_length=20_000, description="registration page text")
+    organizer_name: Text = Field("", max_length=200, description="shown on the registration page")
+    organizer_email: Text = Field(
+        "", max_length=320, description="for the organiser's records, never public"
+    )
+    image_url: Annotated[Text, AfterValidator(_page_url)] = Field(
+        "", max_length=2_000, description="http(s) URL of the registration page's image"
+    )
+    shared_code: Text = Field(
+        "",
+        max_length=100,
+        description="code attendees register with themselves; empty: no registration by code",
+    )
+    # Entra ID callers (shared/access/entra.py).
+    entra_tenants: EntraTenants = Field(
+        default_factory=list,
+        description="tenants whose Entra ID access tokens (audience "
+        "https://cognitiveservices.azure.com) this event takes instead of a key; empty or null: "
+        "none",
+    )
+    entra_allowed: EntraObjects = Field(
+        default_factory=list,
+        description="when not empty, only these users, apps (service principals) or groups of "
+        "the entra_tenants may call; needs entra_tenants",
+    )
+    active: bool = Field(True, description="false switches the event off at once")
+
+    @field_validator("starts_at", "ends_at")
+    @classmethod
+    def _in_zone(cls, value: datetime, info: ValidationInfo) -> datetime:
+        zone = info.data.get("time_zone")  # absent when time_zone is bad: reported there
+        if zone is None:
+            return value
+        if value.tzinfo is not None:
+            value = value.astimezone(ZoneInfo(zone)).replace(tzinfo=None)
+        value = value.replace(microsecond=0)
+        starts = info.data.get("starts_at")
+        if info.field_name == "ends_at" and starts is not None and value <= starts:
+            raise problem("must be after starts_at", "Send an end later than the start.")
+        return value
+
+    @field_validator("entra_allowed")
+    @classmethod
+    def _allowed_of_some_tenant(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if value and info.data.get("entra_tenants") == []:  # absent when entra_tenants is bad
+            raise problem(
+                "names callers of no tenant: entra_tenants is empty",
+                "Add their tenant id to entra_tenants, or send an empty entra_allowed.",
+            )
+        return value
+
+
+class ResourceFields(Body):
+    """The fields of an upstream deployment, as sent and as answered."""
+
+    noun: ClassVar[str] = "a resource"
+
+    name: Filled = Field(
+        max_length=200, description="your label for it, e.g. 'gpt-4o-mini in Sweden Central'"
+    )
+    deployment: DeploymentName = Field(
+        max_length=64,
+        description="the deployment name attendees use; resources sharing it in an event form "
+        "a pool",
+    )
+    model_class: ModelClass = Field(description="what it serves")
+    endpoint: Annotated[Filled, AfterValidator(_endpoint)] = Field(
+        max_length=500, description="its endpoint, e.g. https://NAME.openai.azure.com"
+    )
+    upstream_deployment: UpstreamName = Field(
+        "", max_length=64, description="its deployment name upstream; empty: the same"
+    )
+    auth: Auth = Field(
+        "key", description="how the app calls it: with its key, or with the app's own identity"
+    )
+    priority: Annotated[int, Field(ge=0, le=1000)] = Field(
+        1, description="lower is used first; higher only while lower ones cool down"
+    )
+    weight: Annotated[int, Field(ge=1, le=1000)] = Field(
+        1, description="share of requests within its priority"
+    )
+    region: Text = Field("", max_length=64, description="for your records")
+    active: bool = Field(True, description="false takes it out of every pool at once")
+    quota_requests_per_minute: Limit = Field(
+        0,
+        description="its requests-per-minute quota in Azure: near it, each active attendee gets "
+        "a fair share; 0 or null: not known",
+    )
+    quota_tokens_per_minute: Limit = Field(
+        0, description="its tokens-per-minute quota in Azure; 0 or null: not known"
+    )
+
+
+class ResourceCreate(ResourceFields):
+    """A new upstream deployment; api_key is required when auth is 'key'. A patch sends any of
+    these fields; the others keep their values."""
+
+    api_key: (
+        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=500)]
+        | None
+    ) = Field(
+        None,
+        validate_default=True,
+        description="its key, write-only: stored sealed, never returned",
+    )
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_for_key_auth(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # A patch passes has_api_key: the key stored before still counts.
+        stored = (info.context or {}).get("has_api_key", False)
+        if value is None and info.data.get("auth") == "key" and not stored:
+            raise problem(
+                "is required when auth is 'key'",
+                "Send the resource's key as 'api_key', or use auth 'managed_identity'.",
+            )
+        return value
+
+
+class AttendeeCreate(Body):
+    """A user to issue a key to; the same user again gets the same attendee and key."""
+
+    noun: ClassVar[str] = "an attendee"
+
+    user: Filled = Field(
+        max_length=200, description="an email, a login or any name; case-insensitive"
+    )
+
+
+# --- answers ------------------------------------------------------------------------------
+
+_ANSWER = ConfigDict(extra="ignore", strict=False, json_schema_serialization_defaults_required=True)
+_UTC = {"format": "date-time"}
+
+
+class EventView(EventCreate):
+    """An event as its organiser sees it."""
+
+    model_config = _ANSWER
+
+    id: str = Field(description="the event's id")
+    starts_at_utc: str = Field(description="the start in UTC", json_schema_extra=_UTC)
+    ends_at_utc: str = Field(description="the end in UTC", json_schema_extra=_UTC)
+    owner: str = Field(description="the signed-in creator ('<idp>:<id>'); empty for operators")
+    created_at: str = Field(description="creation time, UTC", json_schema_extra=_UTC)
+
+
+class RegistrationState(BaseModel):
+    """Whether and how attendees can register themselves now."""
+
+    open: bool = Field(description="self-registration is possible now")
+    shared_code: bool = Field(description="a shared code is asked for")
+    sign_in: bool = Field(description="Entra/GitHub sign-in is trusted")
+
+
+PUBLIC_EVENT_FIELDS = (
+    "id",
+    "name",
+    "starts_at",
+    "ends_at",
+    "time_zone",
+    "starts_at_utc",
+    "ends_at_utc",
+    "organizer_name",
+    "description_markdown",
+    "image_url",
+    "active",
+)
+PublicEventView = create_model(
+    "PublicEventView",
+    __doc__="What anyone may see of an event: the registration page's view",
+    **{name: (EventView.model_fields[name].annotation, EventView.model_fields[name])
+       for name in PUBLIC_EVENT_FIELDS},
+    registration=(RegistrationState, Field(None, description="on the public page only")),
+)  # fmt: skip
+
+
+class ResourceView(ResourceFields):
+    """An upstream deployment, never with its key."""
+
+    model_config = _ANSWER
+
+    id: str = Field(description="the resource's id")
+    owner: str = Field(description="the signed-in creator; empty for operators")
+    created_at: str = Field(description="creation time, UTC", json_schema_extra=_UTC)
+    has_api_key: bool = Field(description="whether a key is stored (it is never returned)")
+
+
+class AttendeeView(BaseModel):
+    """One person's access to one event."""
+
+    id: str = Field(description="the attendee's id, stable per event and user")
+    event_id: str = Field(description="the event")
+    user: str = Field(description="as given when added or registered")
+    active: bool = Field(description="false once revoked")
+    created_at: str = Field(description="creation time, UTC", json_schema_extra=_UTC)
+    revoked_at: str = Field(description="revocation time, UTC; empty while active")
+
+
+class AttendeeWithKeyView(AttendeeView):
+    """An attendee with its key."""
+
+    api_key: str = Field(description="the attendee's key: 'aip-' and 32 letters and digits")
