@@ -46,7 +46,8 @@ ModelClass = Literal[
 MODEL_CLASSES: tuple[str, ...] = get_args(ModelClass)
 Auth = Literal["key", "managed_identity"]
 AUTH_KINDS: tuple[str, ...] = get_args(Auth)
-DEPLOYMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+DEPLOYMENT_NAME = re.compile(f"^{_NAME}$")
 _HEX = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 GUID = re.compile(f"^{_HEX}$")  # an Entra tenant or object id, lower-cased
 
@@ -133,9 +134,12 @@ def _deployment_name(value: str) -> str:
     return value
 
 
-_PATTERN = Field(json_schema_extra={"pattern": DEPLOYMENT_NAME.pattern})
-DeploymentName = Annotated[Filled, AfterValidator(_deployment_name), _PATTERN]
-UpstreamName = Annotated[Text, AfterValidator(_deployment_name), _PATTERN]
+DeploymentName = Annotated[
+    Filled, AfterValidator(_deployment_name), Field(json_schema_extra={"pattern": f"^{_NAME}$"})
+]
+UpstreamName = Annotated[
+    Text, AfterValidator(_deployment_name), Field(json_schema_extra={"pattern": f"^({_NAME})?$"})
+]
 
 
 def _endpoint(value: str) -> str:
@@ -151,7 +155,7 @@ def _endpoint(value: str) -> str:
     return value
 
 
-def _entra_ids(limit: int, what: str) -> Any:
+def _entra_ids(limit: int, what: str, each: str) -> Any:
     """A list of Entra ids (tenants, users, apps, groups), lower-cased, each once; null: none."""
 
     def check(value: Any) -> Any:
@@ -168,13 +172,15 @@ def _entra_ids(limit: int, what: str) -> Any:
             raise problem(f"must hold at most {limit} ids", f"Send at most {limit}.")
         return found
 
-    item = {"type": "string", "pattern": f"^{_HEX.replace('a-f', 'a-fA-F')}$"}
+    item = {"type": "string", "pattern": f"^{_HEX.replace('a-f', 'a-fA-F')}$", "description": each}
     schema = {"items": item, "maxItems": limit, "nullable": True}
     return Annotated[list[str], Field(json_schema_extra=schema), BeforeValidator(check)]
 
 
-EntraTenants = _entra_ids(20, "tenant ids")
-EntraObjects = _entra_ids(500, "object ids of users, apps or groups")
+EntraTenants = _entra_ids(20, "tenant ids", "an Entra tenant id")
+EntraObjects = _entra_ids(
+    500, "object ids of users, apps or groups", "an object id of a user, an app or a group"
+)
 
 
 # --- bodies -------------------------------------------------------------------------------

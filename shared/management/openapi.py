@@ -2,7 +2,9 @@
 
 The paths come from OPERATIONS, one row per route and method; tests/test_openapi.py checks it
 against the routes function_app registers. A new route needs a row here (use the helpers
-`manage`, `proxy`, `anonymous` and `page`), and a new body or answer shape a schema in SCHEMAS.
+`manage`, `proxy`, `anonymous` and `page`). The schemas of the management bodies and answers
+come from their models (shared/directory/models.py, listed in _MODELS); any other new body or
+answer shape needs a schema in SCHEMAS.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.directory.models import AUTH_KINDS, CAP_LIMIT, MODEL_CLASSES
+from shared.directory import models
+from shared.directory.models import MODEL_CLASSES
 from shared.errors import STATUS_BY_CODE
 from shared.governance.rollups import GROUPS, REFUSALS
 from shared.web.registration import endpoint_of
@@ -76,120 +80,69 @@ def _object(properties: dict[str, Schema], required: tuple[str, ...] = (), **ext
     return schema
 
 
-_GUID = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-_WALL_CLOCK = "ISO 8601 wall-clock time in time_zone, e.g. 2026-05-04T09:00:00"
-_EVENT_FIELDS: dict[str, Schema] = {
-    "name": _string("shown to attendees", maxLength=200),
-    "starts_at": _string(_WALL_CLOCK),
-    "ends_at": _string(_WALL_CLOCK + "; after starts_at"),
-    "time_zone": _string("IANA time zone such as Europe/Berlin; DST is honoured"),
-    "max_token_cap": {
-        **_integer("largest max_tokens a request may ask for", 1),
-        "maximum": CAP_LIMIT,
-    },
-    "daily_request_cap": {
-        **_integer("requests per attendee per day (event time zone)", 1),
-        "maximum": CAP_LIMIT,
-    },
-    "daily_token_cap": {
-        **_integer("tokens per attendee per day; 0 for none"),
-        "maximum": CAP_LIMIT,
-    },
-    "requests_per_minute": {
-        **_integer("requests per attendee in any minute; 0 or null for no limit"),
-        "maximum": CAP_LIMIT,
-        "nullable": True,
-    },
-    "tokens_per_minute": {
-        **_integer(
-            "tokens per attendee in any minute (a call counts its worst case until it "
-            "answers); 0 or null for no limit"
-        ),
-        "maximum": CAP_LIMIT,
-        "nullable": True,
-    },
-    "description_markdown": _string("registration page text", maxLength=20_000),
-    "organizer_name": _string("shown on the registration page", maxLength=200),
-    "organizer_email": _string("for the organiser's records, never public", maxLength=320),
-    "image_url": _string("http(s) URL of the registration page image", maxLength=2_000),
-    "shared_code": _string(
-        "code attendees send to register themselves; empty: no self-registration by code",
-        maxLength=100,
-    ),
-    "entra_tenants": {
-        "type": "array",
-        "items": _string("an Entra tenant id", pattern=_GUID),
-        "maxItems": 20,
-        "nullable": True,
-        "description": (
-            "tenants whose Entra ID access tokens (audience https://cognitiveservices.azure.com) "
-            "this event takes instead of a key; empty or null: none"
-        ),
-    },
-    "entra_allowed": {
-        "type": "array",
-        "items": _string("an object id of a user, an app or a group", pattern=_GUID),
-        "maxItems": 500,
-        "nullable": True,
-        "description": (
-            "when not empty, only these users, apps (service principals) or groups of the "
-            "entra_tenants may call; needs entra_tenants"
-        ),
-    },
-    "active": _boolean("false switches the event off at once"),
-}
-_EVENT_REQUIRED = (
-    "name",
-    "starts_at",
-    "ends_at",
-    "time_zone",
-    "max_token_cap",
-    "daily_request_cap",
+def _openapi30(schema: Any, *, answer: bool) -> Any:
+    """A pydantic JSON schema (draft 2020-12) in the OpenAPI 3.0 dialect this document declares:
+    `nullable` for a null branch, `allOf` around a `$ref` with siblings, `enum` for `const`, no
+    titles; answers also without defaults (they always carry every field)."""
+    if isinstance(schema, list):
+        return [_openapi30(item, answer=answer) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: Schema = {}
+    for key, value in schema.items():
+        if key == "properties":
+            out[key] = {name: _openapi30(spec, answer=answer) for name, spec in value.items()}
+        elif not (key == "title" or (key == "default" and answer)):
+            out[key] = _openapi30(value, answer=answer)
+    branches = out.pop("anyOf", None)
+    if branches is not None:
+        kept = [branch for branch in branches if branch != {"type": "null"}]
+        if len(kept) < len(branches):
+            out["nullable"] = True
+        out = {**kept[0], **out} if len(kept) == 1 else {**out, "anyOf": kept}
+    if "$ref" in out and len(out) > 1:
+        out = {"allOf": [{"$ref": out.pop("$ref")}], **out}
+    if "const" in out:
+        out["enum"] = [out.pop("const")]
+    return out
+
+
+# Component name -> the model that describes it, and whether it is an answer (else a body).
+_MODELS: tuple[tuple[str, type[BaseModel], bool], ...] = (
+    ("EventCreate", models.EventCreate, False),
+    ("Event", models.EventView, True),
+    ("PublicEvent", models.PublicEventView, True),
+    ("ResourceCreate", models.ResourceCreate, False),
+    ("Resource", models.ResourceView, True),
+    ("AttendeeCreate", models.AttendeeCreate, False),
+    ("Attendee", models.AttendeeView, True),
+    ("AttendeeWithKey", models.AttendeeWithKeyView, True),
 )
-_PUBLIC_EVENT: dict[str, Schema] = {
-    "id": _string("event id"),
-    "name": _EVENT_FIELDS["name"],
-    "starts_at": _EVENT_FIELDS["starts_at"],
-    "ends_at": _EVENT_FIELDS["ends_at"],
-    "time_zone": _EVENT_FIELDS["time_zone"],
-    "starts_at_utc": _string("the start in UTC", format="date-time"),
-    "ends_at_utc": _string("the end in UTC", format="date-time"),
-    "organizer_name": _EVENT_FIELDS["organizer_name"],
-    "description_markdown": _EVENT_FIELDS["description_markdown"],
-    "image_url": _EVENT_FIELDS["image_url"],
-    "active": _EVENT_FIELDS["active"],
-}
-_RESOURCE_FIELDS: dict[str, Schema] = {
-    "name": _string("the organiser's label", maxLength=200),
-    "deployment": _string(
-        "deployment name attendees use; resources sharing it in an event form a pool",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-    ),
-    "model_class": {"type": "string", "enum": list(MODEL_CLASSES)},
-    "endpoint": _string("https://NAME.openai.azure.com (or an AI Search endpoint)"),
-    "upstream_deployment": _string("deployment name upstream; default: deployment"),
-    "auth": {"type": "string", "enum": list(AUTH_KINDS), "default": "key"},
-    "priority": {
-        **_integer("lower is used first; higher only while lower ones cool down"),
-        "maximum": 1000,
-    },
-    "weight": {**_integer("share of requests within its priority", 1), "maximum": 1000},
-    "region": _string("for the organiser's records", maxLength=64),
-    "active": _boolean("false takes it out of every pool at once"),
-    "quota_requests_per_minute": {
-        **_integer(
-            "the deployment's requests-per-minute quota in Azure; near it, each active "
-            "attendee gets a fair share. 0 or null: not known"
-        ),
-        "maximum": CAP_LIMIT,
-        "nullable": True,
-    },
-    "quota_tokens_per_minute": {
-        **_integer("the deployment's tokens-per-minute quota in Azure; 0 or null: not known"),
-        "maximum": CAP_LIMIT,
-        "nullable": True,
-    },
-}
+
+
+def _from_models() -> dict[str, Schema]:
+    """The schemas of the management bodies (as validated) and answers (as sent)."""
+    found: dict[str, Schema] = {}
+    for name, model, answer in _MODELS:
+        mode = "serialization" if answer else "validation"
+        schema = model.model_json_schema(mode=mode, ref_template="#/components/schemas/{model}")
+        for nested, spec in schema.pop("$defs", {}).items():
+            found[nested] = _openapi30(spec, answer=answer)
+        found[name] = _openapi30(schema, answer=answer)
+    return found
+
+
+def _patch(create: Schema) -> Schema:
+    """A patch body: the create body's fields, none required and none defaulted."""
+    properties = {
+        name: {key: value for key, value in spec.items() if key != "default"}
+        for name, spec in create["properties"].items()
+    }
+    return {**{k: v for k, v in create.items() if k != "required"}, "properties": properties}
+
+
+_FROM_MODELS = _from_models()
+_EVENT_FIELDS = _FROM_MODELS["EventCreate"]["properties"]
 _USAGE_NUMBERS: dict[str, Schema] = {
     "requests": _integer("requests answered"),
     "prompt_tokens": _integer("prompt tokens"),
@@ -239,92 +192,18 @@ SCHEMAS: dict[str, Schema] = {
         ("error",),
         description="Every error the proxy produces itself (API.md section 2)",
     ),
-    "EventCreate": _object(_EVENT_FIELDS, _EVENT_REQUIRED, additionalProperties=False),
-    "EventPatch": _object(
-        _EVENT_FIELDS,
-        additionalProperties=False,
-        description="Only the fields sent change; a new time_zone alone keeps the wall-clock times",
-    ),
-    "Event": _object(
-        {
-            **_PUBLIC_EVENT,
-            **_EVENT_FIELDS,
-            "owner": _string("the signed-in creator ('<idp>:<id>'); empty for operators"),
-            "created_at": _string("creation time, UTC", format="date-time"),
-        },
-        ("id", *_EVENT_REQUIRED, "starts_at_utc", "ends_at_utc", "active"),
-    ),
-    "PublicEvent": _object(
-        {
-            **_PUBLIC_EVENT,
-            "registration": _object(
-                {
-                    "open": {"type": "boolean", "description": "self-registration is possible now"},
-                    "shared_code": {"type": "boolean", "description": "a shared code is asked for"},
-                    "sign_in": {
-                        "type": "boolean",
-                        "description": "Entra/GitHub sign-in is trusted",
-                    },
-                },
-                ("open", "shared_code", "sign_in"),
-            ),
-        },
-        ("id", "name", "starts_at", "ends_at", "time_zone", "starts_at_utc", "ends_at_utc"),
-        description="What anyone may see of an event: the registration page's view",
-    ),
-    "ResourceCreate": _object(
-        {
-            **_RESOURCE_FIELDS,
-            "api_key": _string("upstream key, write-only: stored sealed, never returned"),
-        },
-        ("name", "deployment", "model_class", "endpoint"),
-        additionalProperties=False,
-        description="api_key is required when auth is 'key'",
-    ),
-    "ResourcePatch": _object(
-        {**_RESOURCE_FIELDS, "api_key": _string("a new upstream key, write-only")},
-        additionalProperties=False,
-    ),
-    "Resource": _object(
-        {
-            "id": _string("resource id"),
-            **_RESOURCE_FIELDS,
-            "owner": _string("the signed-in creator; empty for operators"),
-            "created_at": _string("creation time, UTC", format="date-time"),
-            "has_api_key": _boolean("whether an upstream key is stored (never returned)"),
-        },
-        ("id", "name", "deployment", "model_class", "endpoint", "auth", "has_api_key"),
-    ),
+    **_FROM_MODELS,
+    "EventPatch": _patch(_FROM_MODELS["EventCreate"]),
+    "ResourcePatch": _patch(_FROM_MODELS["ResourceCreate"]),
+    "Attendee": {
+        **_FROM_MODELS["Attendee"],
+        "properties": {**_FROM_MODELS["Attendee"]["properties"], **_USAGE_NUMBERS},
+        "description": "One person's access to one event; in lists, with their totals",
+    },
     "CatalogEntry": _object(
         {"event_id": _string("the event"), "resource": _ref("Resource")},
         ("event_id", "resource"),
     ),
-    "AttendeeCreate": _object(
-        {"user": _string("an email, a login or any name; case-insensitive", maxLength=200)},
-        ("user",),
-        additionalProperties=False,
-    ),
-    "Attendee": _object(
-        {
-            "id": _string("attendee id, stable per event and user"),
-            "event_id": _string("the event"),
-            "user": _string("as given when added or registered"),
-            "active": _boolean("false once revoked"),
-            "created_at": _string("creation time, UTC", format="date-time"),
-            "revoked_at": _string("revocation time, UTC; empty while active"),
-            **_USAGE_NUMBERS,
-        },
-        ("id", "event_id", "user", "active"),
-    ),
-    "AttendeeWithKey": {
-        "allOf": [
-            _ref("Attendee"),
-            _object(
-                {"api_key": _string("the attendee's key: 'aip-' and 32 letters and digits")},
-                ("api_key",),
-            ),
-        ]
-    },
     "UsageReport": _object(
         {
             "event_id": _string("the event"),
