@@ -11,22 +11,17 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic_core import PydanticUndefined
 
 from cli.api import Api, ApiError, Target, Unreachable, normalize_endpoint
 from cli.bulk import InputError, issue_keys, read_users, write_keys
 from cli.output import print_json, table
+from shared.directory.models import Body, EventCreate, ResourceCreate
 
 OK, API_ERROR, USAGE_ERROR, UNREACHABLE = 0, 1, 2, 3
 PROG = "aiproxy"
-MODEL_CLASSES = (
-    "openai-chat",
-    "openai-completions",
-    "openai-embeddings",
-    "openai-images",
-    "openai-audio",
-    "azure-ai-search",
-)
 USAGE_NUMBERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "units")
 USAGE_KEYS = {
     "attendee": ("attendee_id", "user"),
@@ -42,77 +37,41 @@ class UsageError(Exception):
 
 # --- field flags shared by create and update --------------------------------------------------
 
+# The flags are the bodies' fields (shared/directory/models.py): their types, choices, help and
+# which ones a create needs. A flag is the field's name with dashes, except these.
+_FLAGS = {"description_markdown": "--description", "endpoint": "--url"}
+_MORE_HELP = {"description_markdown": "; @FILE reads a file", "api_key": "; '-' reads stdin"}
+
 
 def id_list(text: str) -> list[str]:
     """A comma-separated list of ids; '' is an empty list (it clears the field)."""
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-# (flag, API field, type, help)
-EVENT_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
-    ("--name", "name", str, "the event's name, shown to attendees"),
-    ("--starts-at", "starts_at", str, "start, wall clock in --time-zone: 2026-05-04T09:00:00"),
-    ("--ends-at", "ends_at", str, "end, wall clock in --time-zone: 2026-05-05T18:00:00"),
-    ("--time-zone", "time_zone", str, "IANA time zone of the event, e.g. Europe/Berlin"),
-    ("--max-token-cap", "max_token_cap", int, "largest max_tokens one request may ask for"),
-    ("--daily-request-cap", "daily_request_cap", int, "requests per attendee per day"),
-    ("--daily-token-cap", "daily_token_cap", int, "tokens per attendee per day (0: no cap)"),
-    ("--requests-per-minute", "requests_per_minute", int, "per attendee, any minute (0: none)"),
-    ("--tokens-per-minute", "tokens_per_minute", int, "per attendee, any minute (0: none)"),
-    ("--description", "description_markdown", str, "registration page text; @FILE reads a file"),
-    ("--organizer-name", "organizer_name", str, "shown on the registration page"),
-    ("--organizer-email", "organizer_email", str, "for your records, never shown"),
-    ("--image-url", "image_url", str, "image of the registration page (http(s) URL)"),
-    ("--shared-code", "shared_code", str, "code attendees register with ('' switches it off)"),
-    (
-        "--entra-tenants",
-        "entra_tenants",
-        id_list,
-        "tenant ids whose Entra ID tokens the event takes, commas ('' for none)",
-    ),
-    (
-        "--entra-allowed",
-        "entra_allowed",
-        id_list,
-        "only these object ids of users, apps or groups of those tenants, commas ('' for all)",
-    ),
-]
-EVENT_REQUIRED = {"--name", "--starts-at", "--ends-at", "--time-zone", "--max-token-cap"}
-EVENT_REQUIRED |= {"--daily-request-cap"}
-
-RESOURCE_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
-    ("--name", "name", str, "your label for it, e.g. 'gpt-4o-mini in Sweden Central'"),
-    ("--deployment", "deployment", str, "the name attendees use; same name = one pool"),
-    ("--model-class", "model_class", str, "what it serves: " + ", ".join(MODEL_CLASSES)),
-    ("--url", "endpoint", str, "its endpoint, e.g. https://NAME.openai.azure.com"),
-    ("--upstream-deployment", "upstream_deployment", str, "its name upstream (default: same)"),
-    ("--auth", "auth", str, "'key' (default) or 'managed_identity'"),
-    ("--api-key", "api_key", str, "upstream key, stored sealed and never shown; '-' reads stdin"),
-    ("--priority", "priority", int, "lower is used first (default 1)"),
-    ("--weight", "weight", int, "share of requests within its priority (default 1)"),
-    ("--region", "region", str, "for your records"),
-    ("--quota-requests-per-minute", "quota_requests_per_minute", int,
-     "its requests-per-minute quota in Azure: near it, attendees get fair shares (0: unknown)"),
-    ("--quota-tokens-per-minute", "quota_tokens_per_minute", int,
-     "its tokens-per-minute quota in Azure (0: unknown)"),
-]  # fmt: skip
-RESOURCE_REQUIRED = {"--name", "--deployment", "--model-class", "--url"}
-_CHOICES = {"--model-class": MODEL_CLASSES, "--auth": ("key", "managed_identity")}
+def _kind(annotation: Any) -> Callable[[str], Any]:
+    """How a flag's text becomes the field's JSON value."""
+    if get_origin(annotation) is list:
+        return id_list
+    return int if annotation is int else str
 
 
-def _add_fields(
-    parser: argparse.ArgumentParser,
-    flags: list[tuple[str, str, Callable[[str], Any], str]],
-    required: set[str],
-) -> None:
-    for flag, dest, kind, text in flags:
+def _add_fields(parser: argparse.ArgumentParser, model: type[Body], *, create: bool) -> None:
+    for name, field in model.model_fields.items():
+        if name == "active":  # a switch pair, below
+            continue
+        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
+        text = (field.description or "") + _MORE_HELP.get(name, "")
+        if field.default not in (None, "", 0, PydanticUndefined) and field.annotation is not bool:
+            text += f" (default {field.default})"
+        if get_origin(field.annotation) is list:
+            text += "; separated by commas ('' clears it)"
         parser.add_argument(
-            flag,
-            dest=f"field_{dest}",
-            type=kind,
-            required=flag in required,
-            choices=_CHOICES.get(flag),
-            metavar=None if flag in _CHOICES else dest.upper(),
+            _FLAGS.get(name, "--" + name.replace("_", "-")),
+            dest=f"field_{name}",
+            type=_kind(field.annotation),
+            required=create and field.is_required(),
+            choices=choices,
+            metavar=None if choices else name.upper(),
             help=text,
         )
     switch = parser.add_mutually_exclusive_group()
@@ -419,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         "    --ends-at 2026-05-05T18:00:00 --time-zone Europe/Berlin --max-token-cap 2048 \\\n"
         "    --daily-request-cap 500 --shared-code SPRING26",
     )
-    _add_fields(sub, EVENT_FLAGS, EVENT_REQUIRED)
+    _add_fields(sub, EventCreate, create=True)
     _json_flag(sub, "the created event as JSON")
     sub = command(events, "show", events_show, "Show one event as JSON.")
     sub.add_argument("event_id", help="the event's id")
@@ -431,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         "example:\n  aiproxy events update EVENT_ID --daily-request-cap 1000 --inactive",
     )
     sub.add_argument("event_id", help="the event's id")
-    _add_fields(sub, EVENT_FLAGS, set())
+    _add_fields(sub, EventCreate, create=False)
     sub = command(
         events, "delete", events_delete, "Delete an event (refused while it has attendees)."
     )
@@ -451,13 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
         "example:\n  aiproxy resources add --name east --deployment gpt-4o-mini \\\n"
         "    --model-class openai-chat --url https://NAME.openai.azure.com --api-key - < key.txt",
     )
-    _add_fields(sub, RESOURCE_FLAGS, RESOURCE_REQUIRED)
+    _add_fields(sub, ResourceCreate, create=True)
     _json_flag(sub, "the created resource as JSON")
     sub = command(
         resources, "update", resources_update, "Change the fields given; prints it as JSON."
     )
     sub.add_argument("resource_id", help="the resource's id")
-    _add_fields(sub, RESOURCE_FLAGS, set())
+    _add_fields(sub, ResourceCreate, create=False)
     sub = command(
         resources, "delete", resources_delete, "Delete a resource (refused while in a catalog)."
     )
