@@ -246,3 +246,17 @@ def test_guessing_the_code_is_paused_after_ten_tries(host: AppHost, sim: Simulat
     assert 1 <= int(paused.headers["retry-after"]) <= 60
     other = with_code(host, sim, code="correct-horse")  # counted per event
     assert register(host, other.id, body).status_code == 201
+
+
+def test_every_bad_registration_field_is_listed_and_no_code_is_tried(
+    host: AppHost, sim: Simulator
+) -> None:
+    setup = with_code(host, sim, code="only-one")
+    for _ in range(12):  # more than the ten wrong codes that pause an address
+        response = register(host, setup.id, {"email": "nope", "shared_code": 5, "role": "x"})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert [d["field"] for d in error["details"]] == ["email", "shared_code", "role"]
+        assert error["param"] == "email" and "2 more fields" in error["message"]
+    body = {"email": "Kai@Example.com", "shared_code": " only-one "}
+    assert register(host, setup.id, body).json()["user"] == "kai@example.com"

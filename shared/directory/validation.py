@@ -78,17 +78,6 @@ def _properties(model: type[Body]) -> dict[str, Any]:
     return found
 
 
-def known_fields(body: dict[str, Any], allowed: set[str], kind: str) -> None:
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        fields = ", ".join(sorted(allowed))
-        errors = [
-            invalid(name, f"is not {kind} field (fields: {fields})", "Leave it out.")
-            for name in unknown
-        ]
-        raise invalid_fields(errors)
-
-
 def is_email(value: str) -> bool:
     """An email address as attendees register with it (already lower-cased and stripped)."""
     return len(value) <= 254 and _EMAIL.match(value) is not None

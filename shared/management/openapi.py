@@ -24,6 +24,7 @@ from shared.directory import models
 from shared.directory.models import MODEL_CLASSES
 from shared.errors import STATUS_BY_CODE
 from shared.governance.rollups import GROUPS, REFUSALS
+from shared.web import registration
 from shared.web.registration import endpoint_of
 
 Schema = dict[str, Any]
@@ -117,6 +118,7 @@ _MODELS: tuple[tuple[str, type[BaseModel], bool], ...] = (
     ("AttendeeCreate", models.AttendeeCreate, False),
     ("Attendee", models.AttendeeView, True),
     ("AttendeeWithKey", models.AttendeeWithKeyView, True),
+    ("RegistrationRequest", registration.RegistrationRequest, False),
 )
 
 
@@ -226,15 +228,6 @@ SCHEMAS: dict[str, Schema] = {
             "totals": _object({**_USAGE_NUMBERS, **_USAGE_EXTRAS}, tuple(_USAGE_NUMBERS)),
         },
         ("event_id", "group_by", "rows", "totals"),
-    ),
-    "RegistrationRequest": _object(
-        {
-            "email": _string("your email address; it becomes your attendee name, lower-cased"),
-            "shared_code": _string("the registration code from the organiser"),
-        },
-        ("email", "shared_code"),
-        additionalProperties=False,
-        description="Not needed when signed in (EasyAuth)",
     ),
     "Registration": _object(
         {

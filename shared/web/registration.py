@@ -9,9 +9,10 @@ registering again gets the same attendee and key back.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import orjson
+from pydantic import AfterValidator, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -20,15 +21,14 @@ from shared.access.principal import principal
 from shared.directory.attendees import Attendee
 from shared.directory.events import Event
 from shared.directory.keys import same_secret
-from shared.directory.validation import is_email, is_id, json_object, known_fields
-from shared.errors import ProxyError, invalid
+from shared.directory.models import Body, Filled, problem
+from shared.directory.validation import is_email, is_id, json_object, parse
+from shared.errors import ProxyError
 from shared.pipeline import REQUEST_ID_HEADER, error_response, new_request_id
 from shared.platform import clock
 from shared.platform.tables import StorageUnavailable
 from shared.runtime import Runtime, get_runtime, storage_down
 from shared.web.pages import base_path
-
-_FIELDS = {"email", "shared_code"}
 
 
 @dataclass
@@ -66,35 +66,31 @@ def check_registration_open(event: Event) -> None:
         )
 
 
-def email_user(body: dict[str, Any]) -> str:
-    """The attendee name for a registration by email: the address, lower-cased."""
-    email = body.get("email")
-    if email is None or (isinstance(email, str) and not email.strip()):
-        raise invalid("email", "is required: the email address you register with")
-    if not isinstance(email, str):
-        raise invalid("email", "must be a string")
-    email = email.strip().lower()
-    if not is_email(email):
-        raise invalid("email", "must be an email address such as 'ada@example.com'")
-    return email
-
-
-def check_shared_code(event: Event, body: dict[str, Any], client: str, sign_in: bool) -> None:
-    """The body's code against the event's, in constant time; wrong codes are counted."""
-    if not event.shared_code:
-        how = "Sign in first, or ask" if sign_in else "Ask"
-        raise ProxyError(
-            "registration_refused",
-            f"Event '{event.name}' does not take registrations with a code. "
-            f"{how} the organiser for your key.",
+def _email(value: str) -> str:
+    address = value.lower()
+    if not is_email(address):
+        raise problem(
+            "must be an email address such as 'ada@example.com'",
+            "Send the address you want your key for.",
         )
-    code = body.get("shared_code")
-    if code is None or (isinstance(code, str) and not code.strip()):
-        raise invalid("shared_code", "is required: the registration code the organiser gave you")
-    if not isinstance(code, str):
-        raise invalid("shared_code", "must be a string")
+    return address
+
+
+class RegistrationRequest(Body):
+    """Not needed when signed in (EasyAuth)."""
+
+    noun: ClassVar[str] = "a registration"
+
+    email: Annotated[Filled, AfterValidator(_email)] = Field(
+        description="your email address; it becomes your attendee name, lower-cased"
+    )
+    shared_code: Filled = Field(description="the registration code from the organiser")
+
+
+def check_shared_code(event: Event, code: str, client: str) -> None:
+    """The body's code against the event's, in constant time; wrong codes are counted."""
     failed_codes.check(event.id, client)
-    if not same_secret(code.strip(), event.shared_code):
+    if not same_secret(code, event.shared_code):
         failed_codes.record(event.id, client)
         raise ProxyError(
             "registration_refused",
@@ -142,12 +138,19 @@ async def register(request: Request, event_id: str) -> Response:
         signed_in = principal(request.headers, runtime.settings)
         if signed_in is not None:
             user = signed_in.user
+        elif not event.shared_code:
+            how = "Sign in first, or ask" if runtime.settings.trust_easyauth else "Ask"
+            raise ProxyError(
+                "registration_refused",
+                f"Event '{event.name}' does not take registrations with a code. "
+                f"{how} the organiser for your key.",
+            )
         else:
-            body = await json_object(request)
-            known_fields(body, _FIELDS, "a registration")
-            client = client_address(request.headers, request.client)
-            check_shared_code(event, body, client, runtime.settings.trust_easyauth)
-            user = email_user(body)
+            body = parse(RegistrationRequest, await json_object(request))
+            check_shared_code(
+                event, body.shared_code, client_address(request.headers, request.client)
+            )
+            user = body.email
         registration = await register_user(runtime, event, user)
     except ProxyError as error:
         return error_response(error, request_id)
