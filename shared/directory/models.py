@@ -351,7 +351,8 @@ class AttendeeCreate(Body):
 
 # --- answers ------------------------------------------------------------------------------
 
-_ANSWER = ConfigDict(extra="ignore", strict=False, json_schema_serialization_defaults_required=True)
+# Answers are described, never validated; they always carry every field.
+_ANSWER = ConfigDict(extra="ignore", json_schema_serialization_defaults_required=True)
 _UTC = {"format": "date-time"}
 
 
@@ -375,7 +376,7 @@ class RegistrationState(BaseModel):
     sign_in: bool = Field(description="Entra/GitHub sign-in is trusted")
 
 
-PUBLIC_EVENT_FIELDS = (
+_PUBLIC = (  # Event.public()
     "id",
     "name",
     "starts_at",
@@ -392,7 +393,7 @@ PublicEventView = create_model(
     "PublicEventView",
     __doc__="What anyone may see of an event: the registration page's view",
     **{name: (EventView.model_fields[name].annotation, EventView.model_fields[name])
-       for name in PUBLIC_EVENT_FIELDS},
+       for name in _PUBLIC},
     registration=(RegistrationState, Field(None, description="on the public page only")),
 )  # fmt: skip
 
