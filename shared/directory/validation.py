@@ -41,7 +41,8 @@ def _explain(model: type[Body], field: str, error: ErrorDetails) -> tuple[str, s
     if kind == "extra_forbidden":
         fields = ", ".join(sorted(model.model_fields))
         return f"is not {model.noun} field (fields: {fields})", "Leave it out."
-    if kind == "missing" or (error["input"] is None and model.model_fields[field].is_required()):
+    declared = model.model_fields.get(field)
+    if kind == "missing" or (error["input"] is None and declared and declared.is_required()):
         about = spec.get("description")
         return "is required", f"Add '{field}' to the body" + (f": {about}." if about else ".")
     if kind == "string_type":
@@ -52,10 +53,11 @@ def _explain(model: type[Body], field: str, error: ErrorDetails) -> tuple[str, s
         limit = ctx["max_length"]
         return f"must be at most {limit} characters", f"Shorten it to {limit} characters."
     if kind in ("int_type", "int_from_float", "greater_than_equal", "less_than_equal"):
-        low, high = spec["minimum"], spec["maximum"]
-        fix = f"Send a whole number from {low} to {high}, without quotes."
+        low, high = spec.get("minimum", 0), spec.get("maximum")
+        span = f"of at least {low}" if high is None else f"from {low} to {high}"
+        fix = f"Send a whole number {span}, without quotes."
         if kind == "less_than_equal":
-            return f"must be a whole number from {low} to {high}", fix
+            return f"must be a whole number {span}", fix
         return f"must be a whole number of at least {low}", fix
     if kind == "bool_type":
         return "must be true or false", "Send true or false, without quotes."
