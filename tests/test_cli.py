@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -287,6 +288,29 @@ def test_api_errors_exit_1_with_the_apis_message(host: AppHost) -> None:
     assert "'max_token_cap'" in line and "'requests_per_minute'" in line
     usage = failed(cli(host, "usage", "--event", "nosuchevent"), 1)
     assert "404 not_found" in usage
+
+
+def test_every_field_of_the_bodies_has_a_flag_and_lists_take_commas(host: AppHost) -> None:
+    from shared.directory.models import EventCreate, ResourceCreate
+
+    named = {"description_markdown": "--description", "endpoint": "--url", "active": "--active"}
+    for command, model in (("events", EventCreate), ("resources", ResourceCreate)):
+        shown = ok(cli(None, command, "update", "--help"))
+        for name in model.model_fields:
+            assert named.get(name, "--" + name.replace("_", "-")) + " " in shown, (command, name)
+    tenants = [str(uuid.uuid4()), str(uuid.uuid4())]
+    span = window()
+    event_id = ok(
+        cli(
+            host,
+            *("events", "create", "--name", "Entra lab", "--starts-at", span["starts_at"]),
+            *("--ends-at", span["ends_at"], "--time-zone", "UTC", "--max-token-cap", "8"),
+            *("--daily-request-cap", "5", "--entra-tenants", f"{tenants[0].upper()}, {tenants[1]}"),
+        )
+    ).strip()
+    assert host.manage.get(f"/events/{event_id}").json()["entra_tenants"] == tenants
+    ok(cli(host, "events", "update", event_id, "--entra-tenants", ""))
+    assert host.manage.get(f"/events/{event_id}").json()["entra_tenants"] == []
 
 
 def test_usage_errors_exit_2(host: AppHost, tmp_path: Path) -> None:
