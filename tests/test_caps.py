@@ -16,6 +16,7 @@ import pytest
 
 from local.azurite import Azurite
 from shared.directory.events import Event
+from shared.errors import ProxyError
 from shared.governance.caps import Caps
 from shared.platform.settings import load
 from shared.platform.tables import Tables
@@ -214,3 +215,53 @@ async def test_a_busy_attendees_blocks_grow_with_their_rate(azurite: Azurite) ->
     assert waited[0]
     assert sum(waited) <= 2, f"{sum(waited)} calls waited for storage; blocks {sorted(blocks)}"
     assert max(blocks) > 1000
+
+
+class GatedStorage(Tables):
+    """Real storage whose counter reads wait until the test opens the gate."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.reading = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def get_versioned(self, table: str, pk: str, rk: str) -> Any:
+        self.reading.set()
+        await self.gate.wait()
+        return await super().get_versioned(table, pk, rk)
+
+
+async def test_a_sync_while_the_first_block_is_reserved_keeps_the_calls_on_one_count(
+    azurite: Azurite,
+) -> None:
+    # On a loaded machine the sync loop came round while an attendee's first calls waited for
+    # their first block, and dropped the new counter as long unused: the calls after it counted
+    # on a second one, and the tokens of the first calls were never written.
+    tables = GatedStorage(load({"AIPROXY_STORAGE_CONNECTION_STRING": azurite.connection_string,
+                                "AIPROXY_TABLE_PREFIX": unique_prefix("gated")}))  # fmt: skip
+    caps = Caps(tables, sync_seconds=60)
+    start = datetime.now(UTC).replace(tzinfo=None)
+    event = Event(id="gated", name="Gated", starts_at=start, ends_at=start + timedelta(days=1),
+                  time_zone="UTC", max_token_cap=100, daily_request_cap=1000,
+                  daily_token_cap=100)  # fmt: skip
+    now = datetime.now(UTC)
+    first = [asyncio.create_task(caps.admit(event, "a1", now, WORST_CASE)) for _ in range(4)]
+    await asyncio.wait_for(tables.reading.wait(), timeout=30)  # waiting for the first block
+    syncing = asyncio.create_task(caps.sync())
+    await asyncio.sleep(0)  # the sync takes its turn at the counter before storage answers
+    tables.gate.set()
+    counters = await asyncio.gather(*first)
+    await asyncio.wait_for(syncing, timeout=30)
+    try:
+        # 4 x 27 worst-case tokens are in flight: a fifth call would pass the cap of 100.
+        with pytest.raises(ProxyError) as refused:
+            await caps.admit(event, "a1", now, WORST_CASE)
+        assert refused.value.code == "daily_token_cap_exceeded"
+        for counter in counters:
+            caps.settle(counter, WORST_CASE, 20)
+        assert await caps.today(event, "a1", now) == (4, 80)
+        stored = await tables.get("counters", f"gated_{start:%Y%m%d}", "a1")
+        assert stored is not None and (stored["used"], stored["tokens"]) == (4, 80)
+    finally:
+        await caps.close()
+        await tables.close()

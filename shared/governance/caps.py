@@ -48,6 +48,7 @@ BLOCK_SECONDS = 2.0  # a busier attendee's block covers this long at their recen
 # Reserve the next block in the background when this share of the last one is left, so calls
 # do not wait for storage while the cap is far.
 REFILL_AT = 0.5
+FORGET_SECONDS = 600.0  # an attendee's counter unused this long is dropped from memory
 
 
 def block_size(remaining: int, recent: int = 0) -> int:
@@ -69,7 +70,8 @@ class Counter:
     used_unflushed: int = 0
     tokens_unflushed: int = 0
     tokens_in_flight: int = 0  # worst-case tokens of calls admitted here and not answered yet
-    last_used: float = 0.0
+    # In use from its creation: its first call waits here for a block before it is admitted.
+    last_used: float = field(default_factory=time.monotonic)
     block: int = 0  # size of the last block reserved
     admitted: int = 0  # calls admitted here, ever
     block_mark: tuple[float, int] = (0.0, 0)  # (when, admitted) as the last block arrived
@@ -295,7 +297,9 @@ class Caps:
             idle = now - counter.last_used > self._idle_seconds
             dirty = counter.dirty
             if idle and not dirty and not counter.allowance:
-                if now - counter.last_used > 600:
+                # Forget it only when no call holds it: a call would count on a copy nobody syncs.
+                held = counter.tokens_in_flight or counter.lock.locked()
+                if now - counter.last_used > FORGET_SECONDS and not held:
                     del self._counters[key]
                 continue
             async with counter.lock:
