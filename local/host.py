@@ -148,6 +148,8 @@ class Channel:
     connected: asyncio.Future[str] | None = None
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     capabilities: dict[str, str] = field(default_factory=dict)
+    invocations: int = 0  # sent to this worker
+    answered: int = 0  # invocation responses it sent back, awaited or not
 
 
 class Host:
@@ -230,6 +232,8 @@ class Host:
         elif kind == "rpc_log":
             self._show_log(message.rpc_log)
         else:
+            if kind == "invocation_response":
+                channel.answered += 1
             answer = getattr(message, kind)
             key = kind + ":" + _answer_key(kind, answer)
             future = channel.waiting.pop(key, None)
@@ -409,6 +413,7 @@ class Host:
 
     async def invoke(self, function: Function, invocation_id: str, data: Any) -> Any:
         binding = self.protos.ParameterBinding(name=function.trigger.get("name", "req"), data=data)
+        self.channel.invocations += 1
         answer = await self.ask(
             f"invocation_response:{invocation_id}",
             invocation_request=self.protos.InvocationRequest(
@@ -639,6 +644,12 @@ class Host:
             {
                 "state": "Running" if self.ready.is_set() else "Initialized",
                 "version": HOST_VERSION,
+                "in_flight": self.in_flight,  # calls in the HTTP front
+                # The worker's log lines of an invocation come before its answer, on one stream.
+                "invocations": {
+                    "sent": self.channel.invocations,
+                    "answered": self.channel.answered,
+                },
                 "worker": {
                     "pid": process.pid if process else None,
                     "runtime_version": self.runtime_version,

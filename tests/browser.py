@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, Route, sync_playwright
 
-__all__ = ["Browser", "Route", "Tab", "chromium", "chromium_path", "tab", "wait_until"]
+__all__ = ["Browser", "Route", "Tab", "chromium", "chromium_path", "tab"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
@@ -113,15 +112,3 @@ def tab(browser: Browser, **context: Any) -> Iterator[Tab]:
         yield opened
     finally:
         browser_context.close()
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """The first truthy answer of `check`, or an AssertionError after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        answer = check()
-        if answer:
-            return answer
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still {answer!r} after {timeout} s")
-        time.sleep(interval)

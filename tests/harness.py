@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,6 +28,19 @@ EXAMPLE_SETTINGS = ROOT / "local.settings.example.json"
 FUNCTION_KEY = "test-function-key"
 SIM_KEY = "simkey"
 ENCRYPTION_KEY = Fernet.generate_key().decode()
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """The first truthy answer of `check`, or an AssertionError after `timeout` seconds: what
+    a test waits for on a busy machine, instead of sleeping for as long as it usually takes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = check()
+        if answer:
+            return answer
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still {answer!r} after {timeout} s")
+        time.sleep(interval)
 
 
 class Process:
@@ -116,6 +129,13 @@ class AppHost:
         )
         answer.raise_for_status()
         return answer.json()
+
+    def idle(self) -> bool:
+        """No call in the host, and every invocation answered by the worker: what the worker
+        logged about them is in the log (its lines come before its answer, on one stream)."""
+        status = self.status()
+        invocations = status["invocations"]
+        return status["in_flight"] == 0 and invocations["answered"] == invocations["sent"]
 
     def stop(self) -> None:
         self.manage.close()

@@ -28,6 +28,7 @@ from tests.harness import (
     burst,
     host_env,
     unique_prefix,
+    wait_until,
 )
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
@@ -140,21 +141,38 @@ async def test_token_cap_overshoot_across_two_instances_stays_within_the_bound(
     # README bound: past the cap by at most (N - 1) x R + N x C, N = 2 instances, R = 100 left
     # at the last sync, C = one call's worst case: max_token_cap (512) plus its prompt (8).
     assert 60 <= used <= 100 + (2 - 1) * 100 + 2 * (512 + 8)
-    time.sleep(2.5)  # two syncs: each flushed its count, then read the other's
+    # Within two syncs (each flushes its count, then reads the other's) both refuse. A call
+    # the upstream answers 400 uses no tokens: asking until the refusal adds none.
     for target in (host, second_host):
-        late = call(target, setup.key)
-        assert late.status_code == 429
-        assert late.json()["error"]["code"] == "daily_token_cap_exceeded"
+        wait_until(lambda t=target: refused_for_tokens(call(t, setup.key, PROBE)), timeout=30)
+
+
+# Refused like SMALL near the cap; when admitted, the upstream answers 400 and it uses no tokens.
+PROBE = {"messages": [{"role": "user", "content": "[sim:status=400] hi"}], "max_tokens": 12}
+
+
+def refused_for_tokens(answer: httpx.Response) -> bool:
+    if answer.status_code == 400:
+        return False  # admitted: this instance has not seen the other's tokens yet
+    assert answer.status_code == 429, answer.text
+    assert answer.json()["error"]["code"] == "daily_token_cap_exceeded"
+    return True
 
 
 def test_unused_allowance_is_handed_back_to_other_instances(
-    host: AppHost, second_host: AppHost, sim: Simulator
+    host: AppHost, second_host: AppHost, sim: Simulator, storage: Storage
 ) -> None:
     setup = EventSetup(host, sim, daily_request_cap=16)
     assert call(host, setup.key).status_code == 200  # host reserves a block of 2
     answers = [call(second_host, setup.key).status_code for _ in range(16)]
     assert answers.count(200) == 14  # one used on host, one still reserved there
-    time.sleep(6.5)  # idle: host hands its reserved request back
+
+    def granted() -> int:
+        rows = storage.rows("counters", f"RowKey eq '{setup.attendee['id']}'")
+        return sum(int(r["granted"]) for r in rows if r["PartitionKey"].startswith(setup.id))
+
+    # After 5 idle seconds host hands its reserved request back to the row.
+    wait_until(lambda: granted() == 15, timeout=30, interval=0.2)
     assert call(second_host, setup.key).status_code == 200
     assert call(second_host, setup.key).status_code == 429
 

@@ -21,6 +21,7 @@ from tests.harness import (
     host_env,
     host_with_standins,
     unique_prefix,
+    wait_until,
 )
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
@@ -261,9 +262,12 @@ def test_logs_hold_no_key_no_upstream_secret_and_no_prompt(
                 )
             except openai.APIError:
                 pass
-        host.http.post(CHAT, json={}, headers={"api-key": setup.key[:-1] + "X"})
+        last = host.http.post(CHAT, json={}, headers={"api-key": setup.key[:-1] + "X"})
         host.manage.post(f"/events/{setup.id}/attendees", json={"user": "second"})
-        time.sleep(0.5)
+        # Every call's lines are in: the three failed streams' and the refused key's.
+        wait_until(lambda: host.proc.log().count('"outcome":') >= 3)
+        wait_until(lambda: last.headers["x-aiproxy-request-id"] in host.proc.log())
+        wait_until(host.idle)
     finally:
         host.stop()
     log = host.proc.log_path.read_text(errors="replace")
@@ -329,6 +333,7 @@ def test_client_that_hangs_up_while_sending_its_body_is_not_an_error(
     import socket
 
     before = host.proc.log().count("ERROR")
+    sent = host.status()["invocations"]["sent"]
     with socket.create_connection(("127.0.0.1", host.port)) as sock:
         sock.sendall(
             b"POST /api/openai/deployments/gpt-4o-mini/chat/completions HTTP/1.1\r\n"
@@ -337,7 +342,8 @@ def test_client_that_hangs_up_while_sending_its_body_is_not_an_error(
             + b"Content-Length: 100000\r\n\r\n"
             + b'{"messages": ['
         )
-        time.sleep(0.3)
-    time.sleep(0.5)
+        wait_until(lambda: host.status()["invocations"]["sent"] > sent)  # the call is running
+    # The worker answered the invocation, so its lines about the call are in the log.
+    wait_until(host.idle)
     assert host.proc.log().count("ERROR") == before
     assert chat(host, event.key, "still here").status_code == 200

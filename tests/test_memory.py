@@ -68,11 +68,12 @@ async def test_the_writer_hands_memory_back_once_a_backlog_is_written(azurite: A
     writer = UsageWriter(tables, flush_seconds=0.1)
 
     async def written(count: int) -> None:
+        """`count` records written, and the round that wrote them over (a trim comes last in
+        it): the writer's task ends at its next round, once nothing is pending."""
         deadline = time.monotonic() + 60
-        while writer.written < count or writer.pending:
+        while writer.written < count or writer.pending or not writer._task.done():
             assert time.monotonic() < deadline, f"{writer.written} of {count} written"
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)  # the writer's next rounds
 
     for n in range(200):  # an ordinary flush interval of traffic
         writer.append(record(n))

@@ -12,7 +12,15 @@ import httpx
 import pytest
 
 from local.azurite import Azurite, free_port
-from tests.harness import AppHost, EventSetup, Simulator, Storage, host_env, unique_prefix
+from tests.harness import (
+    AppHost,
+    EventSetup,
+    Simulator,
+    Storage,
+    host_env,
+    unique_prefix,
+    wait_until,
+)
 
 CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 
@@ -50,8 +58,13 @@ async def test_300_concurrent_requests_across_a_storage_restart_leave_300_record
             calls = [
                 client.post(CHAT, json=body, headers={"api-key": setup.key}) for _ in range(300)
             ]
+            upstream = sim.stats()["total_requests"]
+
+            def in_flight() -> bool:  # the upstream has a good part of them (each takes 2 s)
+                return sim.stats()["total_requests"] - upstream >= 100
+
             pending = asyncio.gather(*calls)
-            await asyncio.sleep(0.5)
+            await asyncio.to_thread(wait_until, in_flight, 30)
             persistent_azurite.stop()  # storage gone while 300 calls are in flight
             await asyncio.sleep(3.0)  # longer than the 2 s cache: lookups must fall back
             persistent_azurite.start()
