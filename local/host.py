@@ -148,8 +148,9 @@ class Channel:
     connected: asyncio.Future[str] | None = None
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     capabilities: dict[str, str] = field(default_factory=dict)
-    invocations: int = 0  # sent to this worker
-    answered: int = 0  # invocation responses it sent back, awaited or not
+    # Invocations sent and not answered yet, awaited or not (the runtime never answers one
+    # whose HTTP request its server did not route: those stay).
+    unanswered: set[str] = field(default_factory=set)
 
 
 class Host:
@@ -232,9 +233,9 @@ class Host:
         elif kind == "rpc_log":
             self._show_log(message.rpc_log)
         else:
-            if kind == "invocation_response":
-                channel.answered += 1
             answer = getattr(message, kind)
+            if kind == "invocation_response":
+                channel.unanswered.discard(answer.invocation_id)
             key = kind + ":" + _answer_key(kind, answer)
             future = channel.waiting.pop(key, None)
             if future is not None and not future.done():
@@ -413,7 +414,7 @@ class Host:
 
     async def invoke(self, function: Function, invocation_id: str, data: Any) -> Any:
         binding = self.protos.ParameterBinding(name=function.trigger.get("name", "req"), data=data)
-        self.channel.invocations += 1
+        self.channel.unanswered.add(invocation_id)
         answer = await self.ask(
             f"invocation_response:{invocation_id}",
             invocation_request=self.protos.InvocationRequest(
@@ -646,10 +647,7 @@ class Host:
                 "version": HOST_VERSION,
                 "in_flight": self.in_flight,  # calls in the HTTP front
                 # The worker's log lines of an invocation come before its answer, on one stream.
-                "invocations": {
-                    "sent": self.channel.invocations,
-                    "answered": self.channel.answered,
-                },
+                "unanswered_invocations": sorted(self.channel.unanswered),
                 "worker": {
                     "pid": process.pid if process else None,
                     "runtime_version": self.runtime_version,

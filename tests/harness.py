@@ -130,12 +130,10 @@ class AppHost:
         answer.raise_for_status()
         return answer.json()
 
-    def idle(self) -> bool:
-        """No call in the host, and every invocation answered by the worker: what the worker
-        logged about them is in the log (its lines come before its answer, on one stream)."""
-        status = self.status()
-        invocations = status["invocations"]
-        return status["in_flight"] == 0 and invocations["answered"] == invocations["sent"]
+    def unanswered(self) -> set[str]:
+        """Invocations the worker has not answered yet. Once it answers one, what it logged
+        about it is in the log (its lines come before its answer, on one stream)."""
+        return set(self.status()["unanswered_invocations"])
 
     def stop(self) -> None:
         self.manage.close()

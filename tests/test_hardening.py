@@ -267,7 +267,7 @@ def test_logs_hold_no_key_no_upstream_secret_and_no_prompt(
         # Every call's lines are in: the three failed streams' and the refused key's.
         wait_until(lambda: host.proc.log().count('"outcome":') >= 3)
         wait_until(lambda: last.headers["x-aiproxy-request-id"] in host.proc.log())
-        wait_until(host.idle)
+        wait_until(lambda: not host.unanswered())
     finally:
         host.stop()
     log = host.proc.log_path.read_text(errors="replace")
@@ -333,7 +333,7 @@ def test_client_that_hangs_up_while_sending_its_body_is_not_an_error(
     import socket
 
     before = host.proc.log().count("ERROR")
-    sent = host.status()["invocations"]["sent"]
+    earlier = host.unanswered()
     with socket.create_connection(("127.0.0.1", host.port)) as sock:
         sock.sendall(
             b"POST /api/openai/deployments/gpt-4o-mini/chat/completions HTTP/1.1\r\n"
@@ -342,8 +342,8 @@ def test_client_that_hangs_up_while_sending_its_body_is_not_an_error(
             + b"Content-Length: 100000\r\n\r\n"
             + b'{"messages": ['
         )
-        wait_until(lambda: host.status()["invocations"]["sent"] > sent)  # the call is running
-    # The worker answered the invocation, so its lines about the call are in the log.
-    wait_until(host.idle)
+        running = wait_until(lambda: host.unanswered() - earlier)  # the call's invocation
+    # The worker answered it, so its lines about the call are in the log.
+    wait_until(lambda: not running & host.unanswered())
     assert host.proc.log().count("ERROR") == before
     assert chat(host, event.key, "still here").status_code == 200
