@@ -677,7 +677,9 @@ class Host:
         await self.start_grpc()
         await self.start_worker()
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            # The worker's uvicorn closes a connection idle for 5 s: one reused at that moment
+            # fails the call ("Can not write request body"), so none is reused after 2 s.
+            connector=aiohttp.TCPConnector(limit=0, force_close=False, keepalive_timeout=2.0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )
