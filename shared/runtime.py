@@ -176,27 +176,7 @@ class Runtime:
                 f"That is not the code of event '{event.name}'. Check it with the organiser "
                 "(it is case-sensitive).",
             )
-        cache_key = _attendee_key(event.id, attendee_id(event.id, email))
-        try:
-            attendee = await self._access.get_or_load(
-                cache_key, lambda: self._code_attendee(event, email), _STALE_ON
-            )
-        except StorageUnavailable as exc:
-            raise storage_down() from exc
-        if attendee is None or not attendee.active:
-            raise ProxyError(
-                "key_revoked",
-                "Your access to this event was revoked by the organiser. Ask them about it.",
-            )
-        return Access(attendee, event)
-
-    async def _code_attendee(self, event: Event, email: str) -> Attendee:
-        """The attendee of an email in an event, created (like a registration) on first use."""
-        found = await self.attendees.get(event.id, attendee_id(event.id, email))
-        if found is not None:
-            return found
-        created, _ = await self.attendees.add(event.id, email, now=clock.now())
-        return created
+        return await self._attendee_access(event, email)
 
     async def _token_access(self, token: str, client: str, named: str) -> Access:
         """An Entra access token: verified (tenants some event takes only), then the attendee
@@ -213,13 +193,22 @@ class Runtime:
                 f"and groups event '{event.name}' allows. Ask the organiser to add your object "
                 "id, or a group of yours, to the event's entra_allowed."
             )
-        ident = attendee_id(event.id, identity.owner)
-        try:
-            attendee = await self._access.get_or_load(
-                _attendee_key(event.id, ident),
-                lambda: self._token_attendee(event, identity.user, identity.owner),
-                _STALE_ON,
+        return await self._attendee_access(event, identity.user, identity.owner)
+
+    async def _attendee_access(self, event: Event, user: str, identity: str = "") -> Access:
+        """The attendee of a caller without a key of its own (an event-code key's email, an
+        Entra token's identity), from the access cache, created like a registration on first
+        use; refused once the organiser revoked it."""
+
+        async def first_use() -> Attendee:
+            attendee, _ = await self.attendees.add(
+                event.id, user, now=clock.now(), identity=identity
             )
+            return attendee
+
+        cache_key = _attendee_key(event.id, attendee_id(event.id, identity or user))
+        try:
+            attendee = await self._access.get_or_load(cache_key, first_use, _STALE_ON)
         except StorageUnavailable as exc:
             raise storage_down() from exc
         if attendee is None or not attendee.active:
@@ -259,14 +248,6 @@ class Runtime:
             for tenant in event.entra_tenants:
                 index.setdefault(tenant, []).append(event.id)
         return index
-
-    async def _token_attendee(self, event: Event, user: str, identity: str) -> Attendee:
-        """The attendee of an Entra principal in an event, created on its first call."""
-        found = await self.attendees.get(event.id, attendee_id(event.id, identity))
-        if found is not None:
-            return found
-        created, _ = await self.attendees.add(event.id, user, now=clock.now(), identity=identity)
-        return created
 
     async def event(self, event_id: str) -> Event | None:
         try:
