@@ -848,11 +848,11 @@ def test_hook_knows_the_same_options_ranges_and_defaults_as_the_templates() -> N
     assert ints == hook.INT_OPTIONS
 
 
-# --- the README tells an Azure user everything ----------------------------------------------
+# --- docs/deploy.md tells an Azure user everything ----------------------------------------
 
 
 def test_readme_has_a_deploy_section_covering_the_whole_path() -> None:
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "deploy.md").read_text()
     assert re.search(r"^## Deploy to Azure$", readme, flags=re.MULTILINE)
     deploy = re.split(r"^## ", readme.split("\n## Deploy to Azure\n", 1)[1], flags=re.MULTILINE)[0]
     for needed in (
@@ -879,7 +879,7 @@ def test_readme_has_a_deploy_section_covering_the_whole_path() -> None:
 
 
 def test_readme_options_table_matches_the_parameters_file() -> None:
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "deploy.md").read_text()
     options = readme.split("\n### Options\n", 1)[1].split("\n### ", 1)[0]
     rows = {
         match[1]: match[2]
