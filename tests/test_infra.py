@@ -595,6 +595,29 @@ def test_operator_key_is_a_secure_parameter_stored_in_key_vault_and_referenced()
     )
 
 
+def test_no_secure_parameter_reaches_an_output() -> None:
+    # Outputs are kept in the deployment history and in the azd environment, readable by anyone
+    # who may read the deployment.
+    for file in BICEP_FILES:
+        doc = bicep(str(file.relative_to(INFRA).with_suffix("")))
+        secure = {
+            name for name, param in doc["parameters"].items() if "secure" in decorators(param)
+        }
+        for name, output in doc.get("outputs", {}).items():
+            used = json.dumps(output["value"])
+            assert not any(f'"{param}"' in used for param in secure), (file.name, name)
+        if file.name == "main.bicep":
+            assert {"encryptionKey", "operatorKey", "authClientSecret"} <= secure
+
+
+def test_azure_refuses_loopback_upstreams() -> None:
+    # Only the local run talks to the simulator on 127.0.0.1; on Azure an organiser's endpoint
+    # on loopback would reach the app's own host.
+    values = app_settings()
+    assert values["AIPROXY_ALLOW_LOOPBACK_UPSTREAMS"] == "false"
+    assert values["AIPROXY_UPSTREAM_HOSTS"] == ""
+
+
 def test_app_identity_resolves_key_vault_references() -> None:
     # A user-assigned identity resolves @Microsoft.KeyVault(...) only when named as such, and
     # needs at least Key Vault Secrets User (Officer includes it) on the vault.

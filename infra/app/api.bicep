@@ -211,6 +211,10 @@ var settings = {
   AIPROXY_UPSTREAM_READ_TIMEOUT: '60'
   AIPROXY_STREAM_IDLE_TIMEOUT: '60'
   AIPROXY_UPSTREAM_TOTAL_TIMEOUT: '220'
+  // Upstream endpoints organisers may register: Azure's own hosts, plus these host suffixes
+  // (commas) when the operator adds some. Never loopback on Azure: only the local simulator is.
+  AIPROXY_UPSTREAM_HOSTS: ''
+  AIPROXY_ALLOW_LOOPBACK_UPSTREAMS: 'false'
   // Only App Service authentication strips a client's own X-MS-CLIENT-PRINCIPAL header, so the
   // app may trust that header exactly when sign-in is switched on.
   AIPROXY_TRUST_EASYAUTH: authEnabled ? 'true' : 'false'
