@@ -8,8 +8,48 @@ targetScope = 'subscription'
 @description('Name of the azd environment; a hash of it (with subscription and region) names every resource.')
 param environmentName string
 
+// Regions offering Flex Consumption, as Microsoft publishes them in its Flex Consumption azd
+// templates (Azure-Samples/functions-quickstart-python-http-azd, infra/main.bicep: this list
+// since 2025-05-06, unchanged at its 2025-11-24 state, read 2026-12-06). azd offers only these
+// when it asks for a region, and Bicep refuses any other before anything is created. Flex
+// reaches more regions over time: az functionapp list-flexconsumption-locations -o table lists
+// them today; add one here to use it.
 @minLength(1)
-@description('Region of every resource. It must offer Flex Consumption: az functionapp list-flexconsumption-locations')
+@allowed([
+  'australiaeast'
+  'australiasoutheast'
+  'brazilsouth'
+  'canadacentral'
+  'centralindia'
+  'centralus'
+  'eastasia'
+  'eastus'
+  'eastus2'
+  'eastus2euap'
+  'francecentral'
+  'germanywestcentral'
+  'italynorth'
+  'japaneast'
+  'koreacentral'
+  'northcentralus'
+  'northeurope'
+  'norwayeast'
+  'southafricanorth'
+  'southcentralus'
+  'southeastasia'
+  'southindia'
+  'spaincentral'
+  'swedencentral'
+  'uaenorth'
+  'uksouth'
+  'ukwest'
+  'westcentralus'
+  'westeurope'
+  'westus'
+  'westus2'
+  'westus3'
+])
+@description('Region of every resource; one that offers Flex Consumption.')
 @metadata({
   azd: {
     type: 'location'
@@ -39,6 +79,15 @@ param principalType string = 'User'
 @description('Fernet key: 32 random bytes, url-safe base64 (44 characters). Set once with azd env set AIPROXY_ENCRYPTION_KEY; never change it.')
 param encryptionKey string
 
+// The operator's credential: callers send it in the x-aiproxy-operator-key header and may then
+// manage every event. Organisers never get it. The preprovision hook makes a random one when the
+// azd environment has none (AIPROXY_OPERATOR_KEY); Bicep stores it as a Key Vault secret, and
+// the app reads it by reference with its identity.
+@secure()
+@minLength(32)
+@description('Operator key: at least 32 url-safe characters, made by the preprovision hook when AIPROXY_OPERATOR_KEY is empty. Read it afterwards with azd env get-value AIPROXY_OPERATOR_KEY.')
+param operatorKey string
+
 @minValue(40)
 @maxValue(1000)
 @description('Most instances the Function app scales out to; bounds the cost of a traffic spike. 40 is the lowest Flex Consumption documents outside preview regions (only those accept less), so less is refused here; 1000 is the highest.')
@@ -49,9 +98,11 @@ param maximumInstanceCount int = 100
 @description('Concurrent HTTP calls one instance takes before another is added. Unset, Flex Consumption gives Python apps 1. The default comes from a measurement (README, HTTP concurrency per instance).')
 param httpPerInstanceConcurrency int = 16
 
+// Always-ready instances count towards maximumInstanceCount. Bicep cannot compare two
+// parameters before deploying (assert is experimental), so the preprovision hook refuses more.
 @minValue(0)
 @maxValue(1000)
-@description('Always-ready instances for the HTTP functions, billed around the clock while set; 0: none (instances start on demand).')
+@description('Always-ready instances for the HTTP functions, billed around the clock while set; 0: none (instances start on demand). At most maximumInstanceCount.')
 param alwaysReadyInstanceCount int = 0
 
 @description('Put Entra sign-in (App Service authentication) in front of the console and make the app trust its principal header.')
@@ -64,11 +115,17 @@ param authClientId string = ''
 @description('Client secret of that app registration; stored in Key Vault. Empty: sign-in uses ID tokens only.')
 param authClientSecret string = ''
 
-@description('Object ids of Entra groups whose members manage events with a token for the sign-in app registration, commas; empty (and no roles): organisers use the function key only.')
+@description('Object ids of Entra groups whose members manage their own events with a token for the sign-in app registration, commas; empty (and no roles): no organiser signs in with a token.')
 param organizerGroups string = ''
 
 @description('App roles of the sign-in app registration that make a principal an organiser, commas.')
 param organizerRoles string = ''
+
+@description('Object ids of Entra groups whose members are operators (every event) with a token for the sign-in app registration, commas; empty (and no roles): only the operator key is an operator.')
+param operatorGroups string = ''
+
+@description('App roles of the sign-in app registration that make a principal an operator, commas (for example Operator).')
+param operatorRoles string = ''
 
 @description('Create an Azure OpenAI account with the deployments below, which the app calls with its identity.')
 param createOpenAi bool = false
@@ -86,6 +143,7 @@ var tags = {
 var functionAppName = 'func-api-${resourceToken}'
 var deploymentContainerName = 'app-package-${resourceToken}'
 var encryptionKeySecretName = 'aiproxy-encryption-key'
+var operatorKeySecretName = 'aiproxy-operator-key'
 var authClientSecretName = 'aiproxy-auth-client-secret'
 var openAiAccountName = 'oai-${resourceToken}'
 
@@ -136,6 +194,8 @@ module keyVault './app/keyvault.bicep' = {
     tags: tags
     encryptionKeySecretName: encryptionKeySecretName
     encryptionKey: encryptionKey
+    operatorKeySecretName: operatorKeySecretName
+    operatorKey: operatorKey
     authClientSecretName: authClientSecretName
     authClientSecret: authClientSecret
   }
@@ -181,6 +241,7 @@ module api './app/api.bicep' = {
     deploymentContainerName: deploymentContainerName
     keyVaultName: keyVault.outputs.name
     encryptionKeySecretName: encryptionKeySecretName
+    operatorKeySecretName: operatorKeySecretName
     appInsightsName: monitoring.outputs.appInsightsName
     maximumInstanceCount: maximumInstanceCount
     httpPerInstanceConcurrency: httpPerInstanceConcurrency
@@ -190,6 +251,8 @@ module api './app/api.bicep' = {
     authClientSecretName: empty(authClientSecret) ? '' : authClientSecretName
     organizerGroups: organizerGroups
     organizerRoles: organizerRoles
+    operatorGroups: operatorGroups
+    operatorRoles: operatorRoles
   }
   // The identity must hold its roles before the host starts: it reads its deployment package,
   // host storage and the encryption key with them.

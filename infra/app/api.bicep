@@ -10,6 +10,7 @@ param storageAccountName string
 param deploymentContainerName string
 param keyVaultName string
 param encryptionKeySecretName string
+param operatorKeySecretName string
 param appInsightsName string
 
 @minValue(40)
@@ -43,13 +44,26 @@ param authTenantId string = tenant().tenantId
 @description('Key Vault secret holding the sign-in client secret; empty: none.')
 param authClientSecretName string = ''
 
-@description('Entra groups (object ids) and app roles whose principals manage events by token, commas.')
+@description('Entra groups (object ids) and app roles whose principals manage their own events by token, commas.')
 param organizerGroups string = ''
 param organizerRoles string = ''
 
-// Organisers by token: tokens of this tenant for the sign-in app registration, once a group or
-// an app role is named.
-var organizerTokens = !empty(authClientId) && (!empty(organizerGroups) || !empty(organizerRoles))
+@description('Entra groups (object ids) and app roles whose principals are operators (every event) by token, commas.')
+param operatorGroups string = ''
+param operatorRoles string = ''
+
+// Organisers and operators by token: tokens of this tenant for the sign-in app registration,
+// once a group or an app role is named for either.
+var organizerNamed = !empty(organizerGroups) || !empty(organizerRoles)
+var operatorNamed = !empty(operatorGroups) || !empty(operatorRoles)
+var managementTokens = !empty(authClientId) && (organizerNamed || operatorNamed)
+// The audiences such a token may carry: v2.0 access tokens name the client id, v1.0 ones the
+// application id URI. App Service authentication checks the same list before the app sees a
+// token, and by default it accepts the client id alone.
+var managementAudiences = [
+  authClientId
+  'api://${authClientId}'
+]
 
 resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' existing = {
   name: identityName
@@ -66,6 +80,11 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
 resource encryptionKeySecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' existing = {
   parent: vault
   name: encryptionKeySecretName
+}
+
+resource operatorKeySecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' existing = {
+  parent: vault
+  name: operatorKeySecretName
 }
 
 resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
@@ -86,9 +105,11 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   }
 }
 
-// 2025-05-01: its published schema has functionAppConfig.siteUpdateStrategy, which the Bicep
-// types of 2024-11-01 and 2025-03-01 lack.
-resource app 'Microsoft.Web/sites@2025-05-01' = {
+// 2025-03-01: the newest version the Bicep types know, so every property here is type-checked
+// (functionAppConfig, Flex's, is typed from 2023-12-01 on). Only siteUpdateStrategy is missing
+// from the types of every version, hence the one suppression on it; the service takes it with
+// this version (Microsoft documents it for ARM and Bicep from 2024-11-01 on).
+resource app 'Microsoft.Web/sites@2025-03-01' = {
   name: name
   location: location
   tags: union(tags, {
@@ -138,6 +159,7 @@ resource app 'Microsoft.Web/sites@2025-05-01' = {
       }
       // The default (Recreate) stops running executions, streams included, on every deploy and
       // settings change; rolling updates drain instances in batches and let calls finish.
+      #disable-next-line BCP037
       siteUpdateStrategy: {
         type: 'RollingUpdate'
       }
@@ -173,6 +195,10 @@ var settings = {
   AIPROXY_TABLE_PREFIX: 'aiproxy'
   AIPROXY_KEY_VAULT_URL: vault.properties.vaultUri
   AIPROXY_ENCRYPTION_KEY: '@Microsoft.KeyVault(SecretUri=${encryptionKeySecret.properties.secretUri})'
+  // The operator's credential, pinned to the version this provision wrote: a rotated key (the
+  // preprovision hook makes a new one when AIPROXY_OPERATOR_KEY is emptied) changes this
+  // setting, so the app reads it at once instead of within the day a versionless reference takes.
+  AIPROXY_OPERATOR_KEY: '@Microsoft.KeyVault(SecretUri=${operatorKeySecret.properties.secretUriWithVersion})'
   AIPROXY_DEFAULT_API_VERSION: '2024-10-21'
   AIPROXY_MAX_BODY_BYTES: '26214400'
   AIPROXY_CACHE_TTL_SECONDS: '5'
@@ -185,16 +211,23 @@ var settings = {
   AIPROXY_UPSTREAM_READ_TIMEOUT: '60'
   AIPROXY_STREAM_IDLE_TIMEOUT: '60'
   AIPROXY_UPSTREAM_TOTAL_TIMEOUT: '220'
+  // Upstream endpoints organisers may register: Azure's own hosts, plus these host suffixes
+  // (commas) when the operator adds some. Never loopback on Azure: only the local simulator is.
+  AIPROXY_UPSTREAM_HOSTS: ''
+  AIPROXY_ALLOW_LOOPBACK_UPSTREAMS: 'false'
   // Only App Service authentication strips a client's own X-MS-CLIENT-PRINCIPAL header, so the
   // app may trust that header exactly when sign-in is switched on.
   AIPROXY_TRUST_EASYAUTH: authEnabled ? 'true' : 'false'
-  // Entra ID tokens of attendees and organisers (README "Entra ID tokens").
-  AIPROXY_ENTRA_AUTHORITY: 'https://login.microsoftonline.com'
+  // Entra ID tokens of attendees, organisers and operators (README "Entra ID tokens"), from this
+  // cloud's login endpoint (sovereign clouds have their own).
+  AIPROXY_ENTRA_AUTHORITY: environment().authentication.loginEndpoint
   AIPROXY_ENTRA_KEY_REFETCH_SECONDS: '60'
-  AIPROXY_ENTRA_ORGANIZER_TENANTS: organizerTokens ? authTenantId : ''
-  AIPROXY_ENTRA_ORGANIZER_AUDIENCE: organizerTokens ? '${authClientId},api://${authClientId}' : ''
-  AIPROXY_ENTRA_ORGANIZER_GROUPS: organizerTokens ? organizerGroups : ''
-  AIPROXY_ENTRA_ORGANIZER_ROLES: organizerTokens ? organizerRoles : ''
+  AIPROXY_ENTRA_ORGANIZER_TENANTS: managementTokens ? authTenantId : ''
+  AIPROXY_ENTRA_ORGANIZER_AUDIENCE: managementTokens ? join(managementAudiences, ',') : ''
+  AIPROXY_ENTRA_ORGANIZER_GROUPS: managementTokens ? organizerGroups : ''
+  AIPROXY_ENTRA_ORGANIZER_ROLES: managementTokens ? organizerRoles : ''
+  AIPROXY_ENTRA_OPERATOR_GROUPS: managementTokens ? operatorGroups : ''
+  AIPROXY_ENTRA_OPERATOR_ROLES: managementTokens ? operatorRoles : ''
   AIPROXY_ROLLUP_SCHEDULE: '0 */5 * * * *'
   AIPROXY_RETENTION_SCHEDULE: '0 30 3 * * *'
   // Plugins (README "Plugins"): none by default. Name them here, and add each one's
@@ -210,7 +243,7 @@ var authSettings = (authEnabled && !empty(authClientSecretName)) ? {
   MICROSOFT_PROVIDER_AUTHENTICATION_SECRET: authClientSecretReference
 } : {}
 
-resource appSettings 'Microsoft.Web/sites/config@2025-05-01' = {
+resource appSettings 'Microsoft.Web/sites/config@2025-03-01' = {
   parent: app
   name: 'appsettings'
   properties: union(settings, authSettings)
@@ -223,7 +256,7 @@ resource appSettings 'Microsoft.Web/sites/config@2025-05-01' = {
 // to validate as an Entra token and refuse. None of those routes reads the principal header.
 // Both search routes are covered: /indexes/{index}/... and /indexes('{index}')/..., and the same
 // routes again under the seed's /api/v1.
-resource auth 'Microsoft.Web/sites/config@2025-05-01' = {
+resource auth 'Microsoft.Web/sites/config@2025-03-01' = {
   parent: app
   name: 'authsettingsV2'
   properties: {
@@ -252,10 +285,16 @@ resource auth 'Microsoft.Web/sites/config@2025-05-01' = {
     identityProviders: authEnabled ? {
       azureActiveDirectory: {
         enabled: true
-        registration: {
+        registration: union({
           clientId: authClientId
-          clientSecretSettingName: empty(authClientSecretName) ? null : 'MICROSOFT_PROVIDER_AUTHENTICATION_SECRET'
           openIdIssuer: '${environment().authentication.loginEndpoint}${authTenantId}/v2.0'
+        }, empty(authClientSecretName) ? {} : {
+          clientSecretSettingName: 'MICROSOFT_PROVIDER_AUTHENTICATION_SECRET'
+        })
+        // Organiser and operator tokens for the API (aud api://<client id>) pass sign-in to
+        // reach the app, which decides who they are; the default list has the client id only.
+        validation: {
+          allowedAudiences: managementAudiences
         }
       }
     } : {}

@@ -1,5 +1,6 @@
 // Key Vault, authorised by Azure RBAC (no access policies). It holds the upstream keys the app
-// stores through the management API, the encryption key and, with sign-in on, the client secret.
+// stores through the management API, the encryption key, the operator key and, with sign-in on,
+// the client secret.
 param name string
 param location string = resourceGroup().location
 param tags object = {}
@@ -7,6 +8,12 @@ param encryptionKeySecretName string
 
 @secure()
 param encryptionKey string
+
+param operatorKeySecretName string
+
+@secure()
+@description('The operator key (header x-aiproxy-operator-key).')
+param operatorKey string
 
 param authClientSecretName string
 
@@ -38,6 +45,17 @@ resource encryptionKeySecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = {
   properties: {
     value: encryptionKey
     contentType: 'Fernet key (url-safe base64 of 32 bytes)'
+  }
+}
+
+// Overwritten at every provision with the azd environment's value: a new value there (the
+// preprovision hook makes one when it is emptied) rotates the operator key.
+resource operatorKeySecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = {
+  parent: vault
+  name: operatorKeySecretName
+  properties: {
+    value: operatorKey
+    contentType: 'AI Proxy operator key (header x-aiproxy-operator-key)'
   }
 }
 
