@@ -1203,11 +1203,6 @@ def test_readme_has_a_deploy_section_covering_the_whole_path() -> None:
     assert "always-ready set" not in deploy
 
 
-# Options added with issue 23 whose README rows are written when the branches are merged; drop a
-# name from here once its row exists.
-OPTIONS_DOCUMENTED_AT_MERGE = {"AIPROXY_ENTRA_OPERATOR_GROUPS", "AIPROXY_ENTRA_OPERATOR_ROLES"}
-
-
 def test_readme_options_table_matches_the_parameters_file() -> None:
     readme = (ROOT / "docs" / "deploy.md").read_text()
     options = readme.split("\n### Options\n", 1)[1].split("\n### ", 1)[0]
@@ -1221,8 +1216,6 @@ def test_readme_options_table_matches_the_parameters_file() -> None:
         name, default = azd_option(parameter)
         # Secrets the preprovision hook makes, not options to choose.
         if name in ("AIPROXY_ENCRYPTION_KEY", "AIPROXY_OPERATOR_KEY"):
-            continue
-        if name in OPTIONS_DOCUMENTED_AT_MERGE and name not in rows:
             continue
         if name == "AIPROXY_AUTH_CLIENT_SECRET":
             name = "AIPROXY_AUTH_CLIENT_ID"  # one row for the app registration
