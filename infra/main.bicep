@@ -70,6 +70,9 @@ param organizerGroups string = ''
 @description('App roles of the sign-in app registration that make a principal an organiser, commas.')
 param organizerRoles string = ''
 
+@description('Upstream hosts organisers may name beyond Azure AI services (.openai.azure.com, .cognitiveservices.azure.com, .services.ai.azure.com, .search.windows.net): exact hosts or .suffixes, each optionally :port, commas; e.g. your own API Management gateway.')
+param upstreamHosts string = ''
+
 @description('Create an Azure OpenAI account with the deployments below, which the app calls with its identity.')
 param createOpenAi bool = false
 
@@ -190,6 +193,7 @@ module api './app/api.bicep' = {
     authClientSecretName: empty(authClientSecret) ? '' : authClientSecretName
     organizerGroups: organizerGroups
     organizerRoles: organizerRoles
+    upstreamHosts: upstreamHosts
   }
   // The identity must hold its roles before the host starts: it reads its deployment package,
   // host storage and the encryption key with them.

@@ -47,6 +47,9 @@ param authClientSecretName string = ''
 param organizerGroups string = ''
 param organizerRoles string = ''
 
+@description('Upstream hosts beyond Azure AI services organisers may name (AIPROXY_UPSTREAM_HOSTS).')
+param upstreamHosts string = ''
+
 // Organisers by token: tokens of this tenant for the sign-in app registration, once a group or
 // an app role is named.
 var organizerTokens = !empty(authClientId) && (!empty(organizerGroups) || !empty(organizerRoles))
@@ -185,6 +188,10 @@ var settings = {
   AIPROXY_UPSTREAM_READ_TIMEOUT: '60'
   AIPROXY_STREAM_IDLE_TIMEOUT: '60'
   AIPROXY_UPSTREAM_TOTAL_TIMEOUT: '220'
+  // Upstream endpoints: Azure AI services' hosts and these (shared/directory/endpoints.py).
+  // Loopback upstreams are for the local simulator only, never on Azure.
+  AIPROXY_UPSTREAM_HOSTS: upstreamHosts
+  AIPROXY_ALLOW_LOOPBACK_UPSTREAMS: 'false'
   // Only App Service authentication strips a client's own X-MS-CLIENT-PRINCIPAL header, so the
   // app may trust that header exactly when sign-in is switched on.
   AIPROXY_TRUST_EASYAUTH: authEnabled ? 'true' : 'false'
