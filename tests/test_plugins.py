@@ -513,7 +513,7 @@ class Misbehaving(Plugin):
 
     def on_request(self, context: RequestContext, body: dict[str, Any]) -> Any:
         if body["how"] == "slow":
-            time.sleep(0.06)  # on the event loop, past a 50 ms budget: cannot be stopped
+            time.sleep(1.0)  # in its thread, far past a 50 ms budget
             return None
         if body["how"] == "text":
             return "not a body"
@@ -540,12 +540,18 @@ def test_a_hook_that_breaks_the_rules_fails_the_call_and_is_named_in_the_log(
     assert expected in caplog.text
 
 
-def test_a_slow_plain_hook_is_reported_with_its_time(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_slow_plain_hook_is_cut_at_its_budget_like_an_async_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     plugins = Plugins([("odd", Misbehaving({}))], request_budget_seconds=0.05)
     context = RequestContext("r8", "e", "a", "u", "chat/completions", "openai-chat", "d")
-    assert asyncio.run(plugins.screen(context, {"how": "slow"})) is None
-    assert "plugin odd: request hook took " in caplog.text
-    assert "above the budget of 50 ms" in caplog.text
+    started = time.perf_counter()
+    with pytest.raises(ProxyError) as failed:
+        asyncio.run(plugins.screen(context, {"how": "slow"}))
+    assert time.perf_counter() - started < 0.5  # not the hook's 1 s
+    assert failed.value.code == "plugin_failed"
+    assert "'odd' did not finish within 50 ms" in failed.value.message
+    assert "plugin odd: request hook did not finish within 50 ms on request r8" in caplog.text
 
 
 class Blocked(Plugin):
