@@ -57,6 +57,7 @@ def app_env(storage: str, prefix: str, work: Path, **extra: str) -> dict[str, st
         "AIPROXY_FUNCTION_KEY": FUNCTION_KEY,
         "AIPROXY_USAGE_FLUSH_SECONDS": os.environ.get("BENCH_USAGE_FLUSH_SECONDS", "1"),
         "AIPROXY_USAGE_SPILL_DIR": str(work / f"usage-{prefix}"),
+        "AIPROXY_ALLOW_LOOPBACK_UPSTREAMS": "true",  # the simulator is on 127.0.0.1
         **extra,
     }
 

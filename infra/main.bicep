@@ -127,6 +127,9 @@ param operatorGroups string = ''
 @description('App roles of the sign-in app registration that make a principal an operator, commas (for example Operator).')
 param operatorRoles string = ''
 
+@description('Upstream hosts organisers may name beyond Azure AI services (.openai.azure.com, .cognitiveservices.azure.com, .services.ai.azure.com, .search.windows.net): exact hosts or .suffixes, each optionally :port, commas; e.g. your own API Management gateway.')
+param upstreamHosts string = ''
+
 @description('Create an Azure OpenAI account with the deployments below, which the app calls with its identity.')
 param createOpenAi bool = false
 
@@ -253,6 +256,7 @@ module api './app/api.bicep' = {
     organizerRoles: organizerRoles
     operatorGroups: operatorGroups
     operatorRoles: operatorRoles
+    upstreamHosts: upstreamHosts
   }
   // The identity must hold its roles before the host starts: it reads its deployment package,
   // host storage and the encryption key with them.

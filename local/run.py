@@ -137,6 +137,8 @@ def main() -> None:
         env.setdefault(name, str(value))
     azurite = Azurite(AZURITE_PORT, DATA_DIR / "azurite").start()
     env["AIPROXY_STORAGE_CONNECTION_STRING"] = azurite.connection_string
+    # The demo's upstream is the simulator on 127.0.0.1 (settings written before it was needed).
+    env.setdefault("AIPROXY_ALLOW_LOOPBACK_UPSTREAMS", "true")
     children = []
     try:
         simulator = subprocess.Popen(

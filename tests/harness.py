@@ -99,6 +99,7 @@ def host_env(storage: str, prefix: str, **overrides: str) -> dict[str, str]:
         "AIPROXY_CACHE_TTL_SECONDS": "2",
         "AIPROXY_UPSTREAM_READ_TIMEOUT": "3",
         "AIPROXY_STREAM_IDLE_TIMEOUT": "3",
+        "AIPROXY_ALLOW_LOOPBACK_UPSTREAMS": "true",  # the simulator is on 127.0.0.1
     }
     env.update(overrides)
     return env

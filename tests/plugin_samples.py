@@ -4,6 +4,8 @@ stall or change a body when a marker in the request asks them to."""
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -52,3 +54,22 @@ class Stalling(Plugin):
 
     async def on_usage(self, records: list[dict[str, Any]]) -> None:
         await asyncio.sleep(60)
+
+
+class Holding(Plugin):
+    """A plain request hook that, on '[hold]', works until a file tells it to stop (at most
+    20 s): it writes `started` in its folder, waits for `release`, then writes `done`."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.folder = Path(config["dir"])
+
+    def on_request(self, context: RequestContext, body: dict[str, Any]) -> Any:
+        if b"[hold]" not in orjson.dumps(body):
+            return None
+        (self.folder / "started").write_text(context.request_id)
+        deadline = time.monotonic() + 20
+        while not (self.folder / "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (self.folder / "done").write_text(context.request_id)
+        return None

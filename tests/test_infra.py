@@ -456,10 +456,14 @@ def test_every_setting_the_code_reads_is_set_in_azure_or_listed_as_not_set() -> 
 
 
 def test_azure_defaults_are_the_settings_module_defaults() -> None:
+    parameters = set(bicep("app/api")["parameters"])  # a bare parameter is no literal
     literals = {
         name: value
         for name, value in app_settings().items()
-        if name in settings.env_names() and isinstance(value, str) and "${" not in value
+        if name in settings.env_names()
+        and isinstance(value, str)
+        and "${" not in value
+        and value not in parameters
     }
     assert settings.load(literals) == settings.load({})
     for name, default in settings.SCHEDULE_SETTINGS.items():
@@ -615,7 +619,9 @@ def test_azure_refuses_loopback_upstreams() -> None:
     # on loopback would reach the app's own host.
     values = app_settings()
     assert values["AIPROXY_ALLOW_LOOPBACK_UPSTREAMS"] == "false"
-    assert values["AIPROXY_UPSTREAM_HOSTS"] == ""
+    # The operator's extra hosts come from the azd option, empty unless set.
+    assert values["AIPROXY_UPSTREAM_HOSTS"] == "upstreamHosts"
+    assert main_parameters()["upstreamHosts"]["value"] == "${AIPROXY_UPSTREAM_HOSTS}"
 
 
 def test_app_identity_resolves_key_vault_references() -> None:

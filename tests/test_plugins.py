@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,20 @@ from shared.errors import ProxyError
 from shared.plugins import Plugin, Plugins, Refusal, RequestContext
 from shared.plugins.csv_usage import FIELDS
 from shared.plugins.wordfilter import WordFilter
-from tests.harness import AppHost, EventSetup, Simulator, Storage, host_env, unique_prefix
+from tests.harness import (
+    AppHost,
+    EventSetup,
+    Simulator,
+    Storage,
+    host_env,
+    unique_prefix,
+    wait_until,
+)
 
 API_VERSION = "2024-10-21"
 CHAT = f"/openai/deployments/gpt-4o-mini/chat/completions?api-version={API_VERSION}"
 REQUEST_BUDGET = 0.5  # AIPROXY_PLUGINS_REQUEST_BUDGET_MS below
+STRICT_MAX_TEXT = 20_000  # the 'strict' word filter's max_text
 USAGE_BUDGET = 1.0  # AIPROXY_PLUGINS_USAGE_BUDGET_SECONDS below
 PLUGINS = ",".join(
     [
@@ -36,6 +46,8 @@ PLUGINS = ",".join(
         "ondemand=tests.plugin_samples:OnDemand",
         "lenient=tests.plugin_samples:Lenient",
         "stalling=tests.plugin_samples:Stalling",
+        "holding=tests.plugin_samples:Holding",
+        "strict=wordfilter",
         "csv_usage",
         "webhook_usage",
     ]
@@ -115,18 +127,33 @@ def plugin_prefix() -> str:
 
 
 @pytest.fixture(scope="module")
+def hold_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hold")
+
+
+@pytest.fixture(scope="module")
 def plugin_host(
-    azurite: Azurite, log_dir: Path, plugin_prefix: str, receiver: Receiver, csv_path: Path
+    azurite: Azurite,
+    log_dir: Path,
+    plugin_prefix: str,
+    receiver: Receiver,
+    csv_path: Path,
+    hold_dir: Path,
 ) -> Iterator[AppHost]:
     config = {
         "AIPROXY_PLUGINS": PLUGINS,
         "AIPROXY_PLUGIN_WORDFILTER": json.dumps({"words": ["falcon", "project kestrel"]}),
         "AIPROXY_PLUGIN_PII": json.dumps(
             {
-                "patterns": [r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"],
+                "patterns": [r"(?<![\w.+-])[\w.+-]++@[\w-]++(?:\.[\w-]++)+"],
                 "action": "mask",
                 "replacement": "[email]",
             }
+        ),
+        "AIPROXY_PLUGIN_HOLDING": json.dumps({"dir": str(hold_dir)}),
+        # A pattern that backtracks without end on 'aaa…b' (the `re` module takes minutes).
+        "AIPROXY_PLUGIN_STRICT": json.dumps(
+            {"patterns": ["^(a|aa)+$"], "max_text": STRICT_MAX_TEXT}
         ),
         "AIPROXY_PLUGIN_CSV_USAGE": json.dumps({"path": str(csv_path)}),
         "AIPROXY_PLUGIN_WEBHOOK_USAGE": json.dumps(
@@ -170,9 +197,9 @@ def last_upstream_body(sim: Simulator) -> dict[str, Any]:
     return sim.stats()["last_requests"][-1]["body"]
 
 
-def chat(host: AppHost, key: str, text: str, **extra: Any) -> httpx.Response:
+def chat(host: AppHost, key: str, text: str, timeout: float = 30, **extra: Any) -> httpx.Response:
     body = {"messages": [{"role": "user", "content": text}], "max_tokens": 5, **extra}
-    return host.http.post(CHAT, json=body, headers={"api-key": key})
+    return host.http.post(CHAT, json=body, headers={"api-key": key}, timeout=timeout)
 
 
 # --- the word filter over HTTP ------------------------------------------------------------------
@@ -431,6 +458,66 @@ def test_a_stalled_request_plugin_is_cut_at_its_budget_and_holds_no_other_call(
     )
 
 
+def test_a_slow_plain_hook_holds_no_other_call_while_it_runs(
+    plugin_host: AppHost, party: EventSetup, hold_dir: Path
+) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(chat, plugin_host, party.key, "[hold] this one")
+        try:
+            assert wait_until(lambda: (hold_dir / "started").exists(), 30)
+            quick = chat(plugin_host, party.key, "quick", timeout=10)
+            assert quick.status_code == 200, quick.text
+            answer = held.result(timeout=30)  # refused at its budget ...
+            assert not (hold_dir / "done").exists()  # ... while its hook is still at work
+        finally:
+            (hold_dir / "release").write_text("")
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "plugin_failed"
+    assert "'holding' did not finish within 500 ms" in answer.json()["error"]["message"]
+    assert wait_until(lambda: (hold_dir / "done").exists(), 30)
+
+
+def test_a_backtracking_filter_pattern_fails_its_call_within_the_budget_only(
+    plugin_host: AppHost, party: EventSetup, plugin_sim: Simulator
+) -> None:
+    sent = upstream_calls(plugin_sim)
+    with ThreadPoolExecutor(1) as pool:
+        started = time.perf_counter()
+        crafted = pool.submit(chat, plugin_host, party.key, "a" * 60 + "b", timeout=20)
+        quick = chat(plugin_host, party.key, "quick", timeout=10)
+        answer = crafted.result(timeout=30)
+        took = time.perf_counter() - started
+    assert quick.status_code == 200, quick.text
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "plugin_failed"
+    assert "'strict'" in answer.json()["error"]["message"]
+    assert took < REQUEST_BUDGET + 5
+    assert upstream_calls(plugin_sim) == sent + 1  # the quick call only
+    request_id = answer.headers["x-aiproxy-request-id"]
+    assert "plugin strict: request hook" in logged(plugin_host, request_id)
+
+
+def test_more_text_than_the_filter_checks_is_refused_naming_the_field(
+    plugin_host: AppHost, party: EventSetup, plugin_sim: Simulator
+) -> None:
+    sent = upstream_calls(plugin_sim)
+    body = {
+        "messages": [
+            {"role": "user", "content": "x" * 10},
+            {"role": "user", "content": "y" * STRICT_MAX_TEXT},
+        ],
+        "max_tokens": 5,
+    }
+    answer = plugin_host.http.post(CHAT, json=body, headers={"api-key": party.key})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "invalid_request" and error["param"] == "messages[1].content"
+    assert f"({STRICT_MAX_TEXT} characters in all)" in error["message"]
+    assert upstream_calls(plugin_sim) == sent
+    fits = {"messages": [{"role": "user", "content": "y" * STRICT_MAX_TEXT}], "max_tokens": 5}
+    assert plugin_host.http.post(CHAT, json=fits, headers={"api-key": party.key}).status_code == 200
+
+
 def test_a_failing_fail_open_plugin_lets_the_call_through_unchanged(
     plugin_host: AppHost, party: EventSetup, plugin_sim: Simulator
 ) -> None:
@@ -513,7 +600,7 @@ class Misbehaving(Plugin):
 
     def on_request(self, context: RequestContext, body: dict[str, Any]) -> Any:
         if body["how"] == "slow":
-            time.sleep(0.06)  # on the event loop, past a 50 ms budget: cannot be stopped
+            time.sleep(1.0)  # in its thread, far past a 50 ms budget
             return None
         if body["how"] == "text":
             return "not a body"
@@ -540,12 +627,18 @@ def test_a_hook_that_breaks_the_rules_fails_the_call_and_is_named_in_the_log(
     assert expected in caplog.text
 
 
-def test_a_slow_plain_hook_is_reported_with_its_time(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_slow_plain_hook_is_cut_at_its_budget_like_an_async_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     plugins = Plugins([("odd", Misbehaving({}))], request_budget_seconds=0.05)
     context = RequestContext("r8", "e", "a", "u", "chat/completions", "openai-chat", "d")
-    assert asyncio.run(plugins.screen(context, {"how": "slow"})) is None
-    assert "plugin odd: request hook took " in caplog.text
-    assert "above the budget of 50 ms" in caplog.text
+    started = time.perf_counter()
+    with pytest.raises(ProxyError) as failed:
+        asyncio.run(plugins.screen(context, {"how": "slow"}))
+    assert time.perf_counter() - started < 0.5  # not the hook's 1 s
+    assert failed.value.code == "plugin_failed"
+    assert "'odd' did not finish within 50 ms" in failed.value.message
+    assert "plugin odd: request hook did not finish within 50 ms on request r8" in caplog.text
 
 
 class Blocked(Plugin):

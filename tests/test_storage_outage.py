@@ -81,3 +81,21 @@ async def test_300_concurrent_requests_across_a_storage_restart_leave_300_record
         assert report.json()["totals"]["completion_tokens"] == 301 * 20
     finally:
         host.stop()
+
+
+def test_health_without_storage_tells_anonymous_callers_no_exception_text(
+    log_dir: Path,
+) -> None:
+    port = free_port()  # nothing listens there: every storage call fails to connect
+    env = host_env(f"{Azurite(port).connection_string}", unique_prefix("healthless"))
+    host = AppHost(log_dir, env, name="healthless")
+    try:
+        answer = host.http.get("/health")
+        assert answer.status_code == 503
+        body = answer.json()
+        assert body == {"status": "degraded", "storage": "unavailable", "usage_pending": 0}
+        for leak in (str(port), "127.0.0.1", "Error", "Exception", "onnect", "http"):
+            assert leak not in answer.text, leak
+        wait_until(lambda: "health: storage unavailable: " in host.proc.log(), 10)
+    finally:
+        host.stop()

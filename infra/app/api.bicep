@@ -48,6 +48,9 @@ param authClientSecretName string = ''
 param organizerGroups string = ''
 param organizerRoles string = ''
 
+@description('Upstream hosts beyond Azure AI services organisers may name (AIPROXY_UPSTREAM_HOSTS).')
+param upstreamHosts string = ''
+
 @description('Entra groups (object ids) and app roles whose principals are operators (every event) by token, commas.')
 param operatorGroups string = ''
 param operatorRoles string = ''
@@ -211,9 +214,9 @@ var settings = {
   AIPROXY_UPSTREAM_READ_TIMEOUT: '60'
   AIPROXY_STREAM_IDLE_TIMEOUT: '60'
   AIPROXY_UPSTREAM_TOTAL_TIMEOUT: '220'
-  // Upstream endpoints organisers may register: Azure's own hosts, plus these host suffixes
-  // (commas) when the operator adds some. Never loopback on Azure: only the local simulator is.
-  AIPROXY_UPSTREAM_HOSTS: ''
+  // Upstream endpoints: Azure AI services' hosts and these (shared/directory/endpoints.py).
+  // Loopback upstreams are for the local simulator only, never on Azure.
+  AIPROXY_UPSTREAM_HOSTS: upstreamHosts
   AIPROXY_ALLOW_LOOPBACK_UPSTREAMS: 'false'
   // Only App Service authentication strips a client's own X-MS-CLIENT-PRINCIPAL header, so the
   // app may trust that header exactly when sign-in is switched on.

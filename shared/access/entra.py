@@ -269,7 +269,7 @@ class SigningKeys:
                 timeout=aiohttp.ClientTimeout(total=10, connect=5),
                 skip_auto_headers=("User-Agent",),
             )
-        async with self._session.get(url) as response:
+        async with self._session.get(url, allow_redirects=False) as response:
             response.raise_for_status()
             return orjson.loads(await response.read())
 

@@ -7,7 +7,8 @@ choices and help. A check across fields sits on the later field and reads the ea
 `info.data`, which holds only the valid ones, so it is reported beside the other fields'
 problems. A patch is validated as the whole object with the patch laid over it.
 
-Only pydantic is needed here: the command line imports this module.
+Only pydantic (and the settings module, for the endpoints' policy) is needed here: the command
+line imports this module.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal, get_args
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -31,6 +31,9 @@ from pydantic import (
     field_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from shared.directory.endpoints import ENDPOINT_FIX, EndpointPolicy, endpoint_problem
+from shared.platform import settings
 
 # Caps and limits are stored as 32-bit integers; no event needs more.
 CAP_LIMIT = 2**31 - 1
@@ -144,14 +147,9 @@ UpstreamName = Annotated[
 
 def _endpoint(value: str) -> str:
     value = value.rstrip("/")
-    parts = urlsplit(value)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise problem(
-            "must be an http(s) URL such as https://NAME.openai.azure.com",
-            "Send the resource's endpoint from the Azure portal (Keys and Endpoint).",
-        )
-    if parts.query or parts.fragment:
-        raise problem("must not carry a query or fragment", "Leave out '?…' and '#…'.")
+    found = endpoint_problem(value, EndpointPolicy.of(settings.get()))
+    if found is not None:
+        raise problem(found, ENDPOINT_FIX)
     return value
 
 

@@ -317,7 +317,21 @@ async def _by_hour(tables: Tables, event_id: str) -> dict[str, Any]:
     return {"event_id": event_id, "group_by": "hour", "rows": rows, "totals": totals}
 
 
+# What makes a spreadsheet read a cell as a formula (OWASP "CSV injection").
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula, quoted with a leading "'";
+    numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def to_csv(report_data: dict[str, Any]) -> str:
+    """The report as CSV; text that organisers do not control (attendees' names) cannot act as
+    a formula in a spreadsheet."""
     group_by = report_data["group_by"]
     heads = ["attendee_id", "user"] if group_by == "attendee" else [group_by]
     extra: list[str] = []
@@ -334,7 +348,7 @@ def to_csv(report_data: dict[str, Any]) -> str:
             values += [row["active_attendees"], row["new_attendees"]]
         elif extra:
             values += [row["refused"][reason] for reason in REFUSALS]
-        writer.writerow(values)
+        writer.writerow([_cell(value) for value in values])
     return out.getvalue()
 
 

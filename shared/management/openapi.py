@@ -278,7 +278,11 @@ SCHEMAS: dict[str, Schema] = {
     "Health": _object(
         {
             "status": {"type": "string", "enum": ["ok", "degraded"]},
-            "storage": _string("'ok' or why storage is unavailable"),
+            "storage": _string(
+                "'ok'; 'unavailable' when storage does not answer, 'error' when the check failed "
+                "otherwise (the reason is in the app's log)",
+                enum=["ok", "unavailable", "error"],
+            ),
             "usage_pending": _integer("usage records waiting to be written"),
         },
         ("status", "storage"),

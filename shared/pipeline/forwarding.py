@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from opentelemetry.trace import SpanKind
 
 from shared.directory.catalog import Resource
+from shared.directory.endpoints import EndpointPolicy, endpoint_problem
 from shared.errors import ProxyError
 from shared.platform import telemetry
 from shared.platform.identity import scope_for, upstream_token
@@ -14,7 +16,10 @@ from shared.runtime import Runtime
 from shared.upstreams.balancer import DEFAULT_COOLDOWN_SECONDS, cooldown_seconds
 from shared.upstreams.client import UpstreamAnswer, UpstreamTimeout, UpstreamUnreachable
 
+log = logging.getLogger(__name__)
+
 _RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
+_REFUSED_LOGGED: set[tuple[str, str]] = set()  # (resource, endpoint) logged as refused
 
 
 class Forwarder:
@@ -52,6 +57,7 @@ class Forwarder:
     ) -> tuple[Resource, UpstreamAnswer]:
         """`body_of`, when given, makes each member's body (one that names its deployment)."""
         balancer = self.runtime.balancer
+        members = self.callable(members)
         ordered = balancer.order(f"{event_id}|{deployment}", members)
         if not ordered:
             raise no_capacity(balancer.soonest(members))
@@ -95,6 +101,30 @@ class Forwarder:
             "No deployment for this model could answer. Retry shortly.",
         )
 
+    def callable(self, members: list[Resource]) -> list[Resource]:
+        """The members whose endpoint the proxy may call now; a resource stored before the
+        allowed hosts were narrowed (or the setting changed) is skipped, and logged once."""
+        policy = EndpointPolicy.of(self.runtime.settings)
+        allowed = []
+        for resource in members:
+            found = endpoint_problem(resource.endpoint, policy)
+            if found is None:
+                allowed.append(resource)
+            elif (resource.id, resource.endpoint) not in _REFUSED_LOGGED:
+                _REFUSED_LOGGED.add((resource.id, resource.endpoint))
+                log.error(
+                    "resource %s: endpoint %s %s; it is not called. Change its endpoint, or "
+                    "allow its host in AIPROXY_UPSTREAM_HOSTS",
+                    resource.id, resource.endpoint, found,
+                )  # fmt: skip
+        if members and not allowed:
+            raise ProxyError(
+                "upstream_error",
+                "This deployment's upstream endpoint is not one this proxy may call, so the "
+                "call was not sent. Tell the event's organiser to correct the resource.",
+            )
+        return allowed
+
     async def _attempt(
         self, resource: Resource, method: str, url: str, body: bytes, content_type: str | None
     ) -> tuple[str | None, UpstreamAnswer | None]:
@@ -113,6 +143,16 @@ class Forwarder:
             balancer.cool(resource.id, DEFAULT_COOLDOWN_SECONDS)
             return "error", None
         self.runtime.limits.observe(resource, answer.headers)  # its x-ratelimit-* headers
+        if 300 <= answer.status < 400:
+            # Redirects are never followed (the request carries the upstream's credential) and
+            # never passed on: the deployment failed this call, as a 5xx would.
+            log.warning(
+                "resource %s answered %d (a redirect, not followed); counted as a failure",
+                resource.id, answer.status,
+            )  # fmt: skip
+            balancer.cool(resource.id, DEFAULT_COOLDOWN_SECONDS)
+            answer.close()
+            return "error", answer
         if answer.status not in _RETRYABLE:
             return None, answer
         balancer.cool(resource.id, cooldown_seconds(answer.headers))

@@ -49,6 +49,11 @@ class Settings:
     upstream_read_timeout: float = 60.0
     stream_idle_timeout: float = 60.0
     upstream_total_timeout: float = 220.0
+    # Upstream endpoints beyond Azure AI services' hosts (shared/directory/endpoints.py): exact
+    # hosts or '.suffixes', each optionally ':port', commas; and whether http://127.0.0.1,
+    # localhost and [::1] are allowed (local runs and tests only: never on Azure).
+    upstream_hosts: str = ""
+    allow_loopback_upstreams: bool = False
     trust_easyauth: bool = False
     # Entra ID access tokens (shared/access/entra.py): where tenants publish their signing keys,
     # and the least time between two fetches of one tenant's keys for an unknown key id.
@@ -91,6 +96,8 @@ _ENV_NAMES = {
     "upstream_read_timeout": "AIPROXY_UPSTREAM_READ_TIMEOUT",
     "stream_idle_timeout": "AIPROXY_STREAM_IDLE_TIMEOUT",
     "upstream_total_timeout": "AIPROXY_UPSTREAM_TOTAL_TIMEOUT",
+    "upstream_hosts": "AIPROXY_UPSTREAM_HOSTS",
+    "allow_loopback_upstreams": "AIPROXY_ALLOW_LOOPBACK_UPSTREAMS",
     "trust_easyauth": "AIPROXY_TRUST_EASYAUTH",
     "entra_authority": "AIPROXY_ENTRA_AUTHORITY",
     "entra_key_refetch_seconds": "AIPROXY_ENTRA_KEY_REFETCH_SECONDS",

@@ -9,8 +9,9 @@ with one or both hooks:
   deployment and its max-token cap are checked, before the daily caps and per-minute limits
   are taken and a deployment member is chosen. It returns None (nothing changed) or the body to
   forward (which the caps then count), or raises `Refusal` to answer the caller with a contract
-  error. An async hook is stopped at `AIPROXY_PLUGINS_REQUEST_BUDGET_MS`; a failed or stopped
-  hook refuses the call (`503 plugin_failed`) unless the plugin is `fail_open`.
+  error. A hook has `AIPROXY_PLUGINS_REQUEST_BUDGET_MS`: an async one is stopped there, a plain
+  one runs in a thread of its own pool and its call stops waiting for it there; a failed or
+  stopped hook refuses the call (`503 plugin_failed`) unless the plugin is `fail_open`.
 - `on_usage(records)`: every usage record this process makes, in batches, from a bounded queue
   of its own, off the request path (shared/plugins/sinks.py).
 
@@ -27,8 +28,8 @@ import inspect
 import json
 import logging
 import re
-import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +50,11 @@ SHIPPED = {
 _NAME = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 # What storage needs and sinks do not: a record's table keys.
 _STORAGE_KEYS = frozenset({"PartitionKey", "RowKey"})
-SLOW_LOG_SECONDS = 60.0  # a slow plain hook is reported at most this often
+# Threads for plain request hooks. A hook still running past its budget holds one (a thread
+# cannot be stopped); once all are held, calls wait for one and are refused at their budget,
+# while every call without plain hooks goes on.
+REQUEST_THREADS = 8
+_request_threads = ThreadPoolExecutor(REQUEST_THREADS, thread_name_prefix="plugin-request")
 Screened = tuple[dict[str, Any], bytes]  # a body a hook returned, and its JSON
 
 
@@ -84,8 +89,11 @@ class Plugin:
     and opens nothing: the app also builds each plugin once at start-up only to check it. Open
     files and connections on first use and release them in `close`. The loader sets `name`.
 
-    Hooks may be plain or async. A plain `on_request` runs on the event loop and cannot be
-    stopped, so it must be quick CPU work; a plain `on_usage` runs in a thread.
+    Hooks may be plain or async. A plain `on_request` runs in a thread (REQUEST_THREADS of them
+    per process), so it does not hold other calls while it works, as long as it lets go of the
+    GIL: Python code does, between steps; C code that holds it (the `re` module matching)
+    freezes the process until it returns, so match with `regex` and a timeout, as the word
+    filter does. A plain `on_usage` runs in a thread too.
     """
 
     name = ""
@@ -117,21 +125,19 @@ class RequestHook:
         self.fail_open = bool(getattr(plugin, "fail_open", False))
         self.budget = budget_seconds
         self.failures = 0
-        self._slow_logged = -SLOW_LOG_SECONDS
 
     async def apply(self, context: RequestContext, body: dict[str, Any]) -> Screened | None:
         """The body this hook returns, with its JSON (None: unchanged); raises the caller's
         ProxyError."""
         before = orjson.dumps(body) if self.fail_open else b""  # hooks may change it in place
-        started = time.perf_counter()
         scope: asyncio.Timeout | None = None
         try:
-            if self.awaits:
-                async with asyncio.timeout(self.budget) as scope:
+            async with asyncio.timeout(self.budget) as scope:
+                if self.awaits:
                     result = await self.run(context, body)
-            else:
-                result = self.run(context, body)
-                self._note_time(started)
+                else:  # off the event loop: a slow hook holds its own call only
+                    loop = asyncio.get_running_loop()
+                    result = await loop.run_in_executor(_request_threads, self.run, context, body)
         except Refusal as refusal:
             return self._refused(refusal, context, before)
         except Exception as exc:
@@ -176,18 +182,6 @@ class RequestHook:
             "Retry in a moment; if it keeps happening, tell the event's organiser.",
             headers={"Retry-After": "1"},
         )
-
-    def _note_time(self, started: float) -> None:
-        took = time.perf_counter() - started
-        now = time.monotonic()
-        if took > self.budget and now - self._slow_logged >= SLOW_LOG_SECONDS:
-            self._slow_logged = now
-            log.warning(
-                "plugin %s: request hook took %.0f ms, above the budget of %.0f ms; a plain "
-                "hook runs on the event loop and holds every other call meanwhile: make it "
-                "async or quicker",
-                self.name, took * 1000, self.budget * 1000,
-            )  # fmt: skip
 
 
 class Plugins:

@@ -65,7 +65,10 @@ class WebhookUsage(Plugin):
         if self._session is None:
             self._session = aiohttp.ClientSession()
         body = orjson.dumps({"records": records})
-        async with self._session.post(self.url, data=body, headers=self.headers) as answer:
+        # A redirect is not followed (its headers may hold a credential): it is a failure.
+        async with self._session.post(
+            self.url, data=body, headers=self.headers, allow_redirects=False
+        ) as answer:
             if not 200 <= answer.status < 300:
                 text = (await answer.text(errors="replace"))[:200]
                 raise DeliveryFailed(f"{self.host} answered {answer.status}: {text}")

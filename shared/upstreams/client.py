@@ -93,7 +93,10 @@ class UpstreamClient:
         if self._session is None or self._session.closed:
             self._session = self._open_session()
         try:
-            response = await self._session.request(method, url, headers=headers, data=body)
+            # Never to another place: the request carries the upstream's key or the app's token.
+            response = await self._session.request(
+                method, url, headers=headers, data=body, allow_redirects=False
+            )
         except TimeoutError as exc:
             raise UpstreamTimeout(
                 f"no answer within {self._settings.upstream_read_timeout}s"
