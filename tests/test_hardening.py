@@ -14,6 +14,8 @@ import pytest
 from local.azurite import Azurite, free_port
 from tests.harness import (
     FUNCTION_KEY,
+    OPERATOR,
+    OPERATOR_KEY,
     AppHost,
     EventSetup,
     Simulator,
@@ -185,17 +187,21 @@ def test_cross_origin_browsers_get_no_cors_grant(host: AppHost, event: EventSetu
 # --- secrets ----------------------------------------------------------------------------------
 
 
-def test_every_management_route_refuses_without_the_function_key(host: AppHost) -> None:
+def test_every_management_route_refuses_without_a_credential(host: AppHost) -> None:
     walked = 0
     for function in host.status()["functions"]:
-        if function["trigger"] != "httpTrigger" or function["auth_level"] == "anonymous":
+        if function["trigger"] != "httpTrigger" or not (function["route"] or "").startswith(
+            "manage/"
+        ):
             continue
         path = "/" + re.sub(r"\{[^}]*\}", "x1", function["route"])
         for method in function["methods"]:
-            response = host.http.request(method, path, json={})
-            assert response.status_code == 401, (method, path)
-            walked += 1
-    assert walked >= 15
+            for headers in ({}, {"x-functions-key": FUNCTION_KEY}):
+                response = host.http.request(method, path, json={}, headers=headers)
+                assert response.status_code == 401, (method, path)
+                assert response.json()["error"]["code"] == "unauthorized", (method, path)
+                walked += 1
+    assert walked >= 30
 
 
 def from_address(host: AppHost, address: str) -> httpx.Client:
@@ -272,7 +278,15 @@ def test_logs_hold_no_key_no_upstream_secret_and_no_prompt(
         host.stop()
     log = host.proc.log_path.read_text(errors="replace")
     assert '"request_id"' in log  # the structured lines are there: the scan read real logs
-    for secret in (setup.key, setup.key[4:], "simkey", FUNCTION_KEY, secret_prompt, "ZEBRA"):
+    for secret in (
+        setup.key,
+        setup.key[4:],
+        "simkey",
+        FUNCTION_KEY,
+        OPERATOR_KEY,
+        secret_prompt,
+        "ZEBRA",
+    ):
         assert secret not in log, f"{secret[:8]}… appears in the log"
 
 
@@ -286,7 +300,7 @@ async def test_spans_and_metrics_carry_event_and_deployment(
             log_dir, azurite.connection_string, unique_prefix("otel"), "otel"
         ) as (host, standins):
             async with httpx.AsyncClient(base_url=host.base, timeout=30) as client:
-                manage = {"x-functions-key": FUNCTION_KEY}
+                manage = OPERATOR
                 event = (await client.post("/manage/events", headers=manage, json={
                     "name": "otel", "starts_at": "2020-01-01T00:00:00",
                     "ends_at": "2099-01-01T00:00:00", "time_zone": "UTC",

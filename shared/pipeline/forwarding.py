@@ -31,6 +31,20 @@ class Forwarder:
     async def headers(self, resource: Resource) -> dict[str, str]:
         headers = {"content-type": "application/json"}
         if resource.auth == "managed_identity":
+            if resource.owner:
+                # Only the operator may point the app's identity somewhere; an organiser's
+                # resource set so (stored before this rule) gets no token, wherever it points.
+                log.warning(
+                    "resource %s of owner %s uses the app's managed identity, which only the "
+                    "operator's resources may: no token sent",
+                    resource.id,
+                    resource.owner,
+                )
+                raise ProxyError(
+                    "upstream_error",
+                    "The deployment is set to call with the proxy's own identity, which only "
+                    "the operator's deployments may. Tell the organiser to use its key.",
+                )
             token = await upstream_token(self.runtime.settings, scope_for(resource.model_class))
             headers["authorization"] = f"Bearer {token}"
         else:
