@@ -295,3 +295,29 @@ def test_organisers_let_only_their_own_tenant_into_events(
     # A GitHub sign-in belongs to no tenant: it may add none.
     github = Organiser(trusted, easyauth("github", "gh-7", "octo", tenant=own))
     assert github.call("POST", "/events", {**body, "entra_tenants": [own]}).status_code == 403
+
+
+def test_once_organiser_roles_are_named_a_sign_in_needs_one(
+    azurite: Azurite, log_dir: Path, prefix: str
+) -> None:
+    """Naming organiser roles narrows sign-ins as it narrows tokens: a signed-in user without
+    one is refused (403 naming the role), one with it owns what it creates."""
+    env = host_env(
+        azurite.connection_string,
+        prefix,
+        AIPROXY_TRUST_EASYAUTH="true",
+        AIPROXY_ENTRA_ORGANIZER_ROLES="AIProxy.Organizer",
+    )
+    server = AppHost(log_dir, env, name="devhost-organiser-roles")
+    try:
+        stranger = Organiser(server, easyauth("aad", "oid-sam", "sam@contoso.com"))
+        refused = stranger.call("GET", "/events")
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["code"] == "forbidden"
+        assert "AIProxy.Organizer" in refused.json()["error"]["message"]
+        organiser = Organiser(
+            server, easyauth("aad", "oid-ora", "ora@contoso.com", roles=["AIProxy.Organizer"])
+        )
+        assert organiser.create_event("Ora's")["owner"] == "aad:oid-ora"
+    finally:
+        server.stop()

@@ -7,8 +7,9 @@ never passed over for the next:
 1. `x-aiproxy-operator-key`: the operator, when it is AIPROXY_OPERATOR_KEY (constant time).
 2. `Authorization: Bearer <JWT>` (when organiser tokens are configured): an Entra access token,
    verified; an operator app role or group makes the operator, an organiser one an organiser.
-3. The EasyAuth principal (when AIPROXY_TRUST_EASYAUTH): an organiser, or the operator when its
-   claims carry an operator app role or group.
+3. The EasyAuth principal (when AIPROXY_TRUST_EASYAUTH): the operator when its claims carry an
+   operator app role or group; an organiser when they carry an organiser one, or when no
+   organiser role or group is named at all; else 403.
 4. Nothing of these: 401 `unauthorized`.
 """
 
@@ -62,6 +63,10 @@ class _Roles:
 
     roles: frozenset[str]
     groups: frozenset[str]
+
+    @property
+    def named(self) -> bool:
+        return bool(self.roles or self.groups)
 
     def held_by(self, roles: Collection[str], groups: Collection[str]) -> bool:
         return not self.roles.isdisjoint(roles) or not self.groups.isdisjoint(groups)
@@ -143,6 +148,14 @@ class Callers:
         tenants = frozenset({found.tenant}) if found.tenant else frozenset()
         if self.operators.held_by(found.roles, found.groups):
             return Caller.the_operator(tenants)
+        # Once organiser roles or groups are named, a sign-in needs one, as a token does;
+        # with none named, whoever App Service lets sign in is an organiser.
+        if self.organisers.named and not self.organisers.held_by(found.roles, found.groups):
+            raise ProxyError(
+                "forbidden",
+                f"{found.name or found.id} is signed in but is not an organiser: that takes "
+                f"{self.organisers.described()}. Ask an administrator to add you.",
+            )
         return Caller(owner=found.owner, tenants=tenants)
 
     def _nobody(self, bearer: bool) -> ProxyError:
