@@ -101,6 +101,7 @@ class Runtime:
         self._events: TTLCache[str, Event | None] = TTLCache(ttl, keep_none=False)
         self._pools: TTLCache[str, dict[str, list[Resource]]] = TTLCache(ttl)
         self._tenants: TTLCache[str, dict[str, list[str]]] = TTLCache(ttl)  # tenant -> events
+        self._event_ids: TTLCache[str, frozenset[str]] = TTLCache(ttl)  # every event, by id
         self._secrets: TTLCache[str, str | None] = TTLCache(max(ttl, 300.0))
 
     async def access(
@@ -253,6 +254,9 @@ class Runtime:
             )
         return found
 
+    async def _all_event_ids(self) -> frozenset[str]:
+        return frozenset(event.id for event in await self.events.list())
+
     async def _tenant_index(self) -> dict[str, list[str]]:
         index: dict[str, list[str]] = {}
         for event in await self.events.list():
@@ -276,11 +280,20 @@ class Runtime:
         return found
 
     async def caller_event(self, event_id: str, client: str) -> Event | None:
-        """An event a caller names (public page, registration, code key, Entra header): a known
-        one always answers; unknown ids count against the client, who may then look up only a
-        few ids it has never named (429 `too_many_failed_keys`)."""
+        """An event a caller names (public page, registration, code key, Entra header).
+
+        A known one always answers: cached, or among the ids of every event (one list read per
+        cache TTL, only while unseen ids are asked for). Unknown ids count against the client,
+        who may then look up only a few ids it has never named (429 `too_many_failed_keys`):
+        an id not in the list is looked up too, for events created since on other instances.
+        """
         if not self._events.holds(event_id) and event_id not in self.unknown_events:
-            self.event_guard.check_lookup(client)
+            try:
+                known = await self._event_ids.get_or_load("", self._all_event_ids, _STALE_ON)
+            except StorageUnavailable as exc:
+                raise storage_down() from exc
+            if event_id not in known:
+                self.event_guard.check_lookup(client)
         found = await self.event(event_id)
         if found is None:
             self.event_guard.failed(client)
@@ -322,6 +335,7 @@ class Runtime:
         self.unknown_events.discard(event_id)
         self._pools.invalidate(event_id)
         self._tenants.clear()
+        self._event_ids.clear()
 
     def forget_resource(self, resource: Resource) -> None:
         self._pools.clear()
