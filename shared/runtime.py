@@ -196,8 +196,14 @@ class Runtime:
         tenant = token_tenant(token)
         candidates = await self._token_events(tenant, named, client)
         # No guard before verifying: it reads no storage (signing keys are fetched at most once
-        # per tenant and refetch floor), and a valid token must always pass.
-        identity = await self.entra.verify(token, tenant, (ATTENDEE_AUDIENCE,))
+        # per tenant and refetch floor), and a valid token must always pass. A wrong one from
+        # a client over its budget is told to slow down.
+        try:
+            identity = await self.entra.verify(token, tenant, (ATTENDEE_AUDIENCE,))
+        except ProxyError as error:
+            if error.code == "invalid_token":
+                self.guard.check_lookup(client)
+            raise
         event = choose_event(candidates, tenant, clock.now())
         if not identity.allowed_by(event.entra_allowed):
             raise refused(
