@@ -135,7 +135,7 @@ for _name, _route, _methods, _handler in PROXY_ROUTES:
 
 @app.route(route="events/{event_id}", methods=["GET"])
 async def public_event(req: Request) -> Response:
-    return await public.event_page_info(req.path_params["event_id"])
+    return await public.event_page_info(req, req.path_params["event_id"])
 
 
 @app.route(route="health", methods=["GET"])

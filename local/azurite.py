@@ -50,9 +50,12 @@ def wait_for_port(
 class Azurite:
     """One Azurite table service: in memory (tests) or in a folder (make run keeps events)."""
 
-    def __init__(self, port: int, location: Path | None = None) -> None:
+    def __init__(
+        self, port: int, location: Path | None = None, access_log: Path | None = None
+    ) -> None:
         self.port = port
         self.location = location
+        self.access_log = access_log  # one line per request served (tests count lookups)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -69,16 +72,20 @@ class Azurite:
             "--tablePort", str(self.port),
             "--disableTelemetry",
             "--skipApiVersionCheck",
-            "--silent",
         ]  # fmt: skip
+        if self.access_log is None:
+            args.append("--silent")
         if self.location is None:
             args.append("--inMemoryPersistence")
         else:
             self.location.mkdir(parents=True, exist_ok=True)
             args += ["--location", str(self.location)]
+        out = subprocess.DEVNULL if self.access_log is None else open(self.access_log, "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+            args, stdout=out, stderr=subprocess.PIPE, start_new_session=True
         )
+        if self.access_log is not None:
+            out.close()  # the child holds its own copy
         wait_for_port(self.port, process=self.process)
         return self
 

@@ -402,6 +402,8 @@ const REFUSALS = {
   deployment_quota: "Deployment quota",
   daily_request_cap: "Daily requests",
   daily_token_cap: "Daily tokens",
+  event_daily_request_cap: "Event's daily requests",
+  event_daily_token_cap: "Event's daily tokens",
   no_capacity: "No capacity",
 };
 

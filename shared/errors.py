@@ -24,6 +24,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "payload_too_large": 413,
     "daily_request_cap_exceeded": 429,
     "daily_token_cap_exceeded": 429,
+    "event_daily_request_cap_exceeded": 429,
+    "event_daily_token_cap_exceeded": 429,
     "no_capacity": 429,
     "rate_limit_exceeded": 429,
     "too_many_failed_keys": 429,

@@ -23,7 +23,7 @@ from shared.access.entra import (
     refused,
     token_tenant,
 )
-from shared.access.guard import FailedKeyGuard, failed_codes
+from shared.access.guard import FailedKeyGuard, Misses, failed_codes
 from shared.directory.attendees import Attendee, AttendeeStore, attendee_id
 from shared.directory.catalog import CatalogStore, Resource
 from shared.directory.events import Event, EventStore
@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 
 # Storage outages fall back to what was cached before, however old.
 _STALE_ON = (StorageUnavailable,)
+# How long a key or an event id that was not found is answered as unknown without a lookup.
+# Keys are random and never come back, so a miss is remembered long; an event id can be
+# asked for just before it is created (elsewhere: here `forget_event` clears it at once).
+UNKNOWN_KEY_SECONDS = 600.0
+UNKNOWN_EVENT_SECONDS = 30.0
 
 
 @dataclass
@@ -85,14 +90,20 @@ class Runtime:
         self.usage = UsageWriter(
             self.tables, settings.usage_flush_seconds, spill_dir, observer=self.plugins.observer
         )
+        # Wrong keys and unknown event ids per client address (shared/access/guard.py). Misses
+        # are kept apart from the caches, so random names cannot push out what is known.
         self.guard = FailedKeyGuard()
+        self.event_guard = FailedKeyGuard(wrong="event ids")
+        self.unknown_keys = Misses(UNKNOWN_KEY_SECONDS)
+        self.unknown_events = Misses(UNKNOWN_EVENT_SECONDS)
         self.entra = EntraVerifier(settings)
         self.callers = Callers(settings, self.entra, self.guard)  # who manages: manage/*
         ttl = settings.cache_ttl_seconds
-        self._access: TTLCache[str, Attendee | None] = TTLCache(ttl)
-        self._events: TTLCache[str, Event | None] = TTLCache(ttl)
+        self._access: TTLCache[str, Attendee | None] = TTLCache(ttl, keep_none=False)
+        self._events: TTLCache[str, Event | None] = TTLCache(ttl, keep_none=False)
         self._pools: TTLCache[str, dict[str, list[Resource]]] = TTLCache(ttl)
         self._tenants: TTLCache[str, dict[str, list[str]]] = TTLCache(ttl)  # tenant -> events
+        self._event_ids: TTLCache[str, frozenset[str]] = TTLCache(ttl)  # every event, by id
         self._secrets: TTLCache[str, str | None] = TTLCache(max(ttl, 300.0))
 
     async def access(
@@ -125,7 +136,11 @@ class Runtime:
                 "digits; copy it again from your registration page or organiser.",
             )
         key_hash = hash_key(key)
-        if not self._access.get(key_hash)[0]:
+        # A key found before is answered from the cache (refreshed behind it when old): only
+        # keys never seen here cost a lookup, and only those meet the guard.
+        if not self._access.holds(key_hash):
+            if key_hash in self.unknown_keys:
+                raise unknown_key()
             self.guard.check_lookup(client)
         try:
             attendee = await self._access.get_or_load(
@@ -134,11 +149,8 @@ class Runtime:
         except StorageUnavailable as exc:
             raise storage_down() from exc
         if attendee is None:
-            raise ProxyError(
-                "invalid_api_key",
-                "Unknown API key. Check that you copied the whole key for this event; "
-                "a rotated key stops working.",
-            )
+            self.unknown_keys.add(key_hash)
+            raise unknown_key()
         if not attendee.active:
             raise ProxyError(
                 "key_revoked",
@@ -163,15 +175,15 @@ class Runtime:
                 "'<event id>@<event code>/<your email>'.",
             )
         event_id, code, email = parts
-        event = await self.event(event_id)
+        event = await self.caller_event(event_id, client)
         if event is None or not event.shared_code:
             raise ProxyError(
                 "invalid_api_key",
                 "This event takes no keys made of its code. Register on its page, or ask the "
                 "organiser for your key.",
             )
-        failed_codes.check(event.id, client)
-        if not same_secret(code, event.shared_code):
+        if not same_secret(code, event.shared_code):  # a right code always passes
+            failed_codes.check(event.id, client)
             failed_codes.record(event.id, client)
             raise ProxyError(
                 "invalid_api_key",
@@ -184,10 +196,16 @@ class Runtime:
         """An Entra access token: verified (tenants some event takes only), then the attendee
         of its object id in the event it is for, created on first use."""
         tenant = token_tenant(token)
-        candidates = await self._token_events(tenant, named)
-        if self.entra.cached(token) is None:
-            self.guard.check_lookup(client)
-        identity = await self.entra.verify(token, tenant, (ATTENDEE_AUDIENCE,))
+        candidates = await self._token_events(tenant, named, client)
+        # No guard before verifying: it reads no storage (signing keys are fetched at most once
+        # per tenant and refetch floor), and a valid token must always pass. A wrong one from
+        # a client over its budget is told to slow down.
+        try:
+            identity = await self.entra.verify(token, tenant, (ATTENDEE_AUDIENCE,))
+        except ProxyError as error:
+            if error.code == "invalid_token":
+                self.guard.check_lookup(client)
+            raise
         event = choose_event(candidates, tenant, clock.now())
         if not identity.allowed_by(event.entra_allowed):
             raise refused(
@@ -220,11 +238,11 @@ class Runtime:
             )
         return Access(attendee, event)
 
-    async def _token_events(self, tenant: str, named: str) -> list[Event]:
+    async def _token_events(self, tenant: str, named: str, client: str) -> list[Event]:
         """The events a token of this tenant may be for: the one it names, or all that take
         the tenant. Refused when there is none, before its signature is even checked."""
         if named:
-            event = await self.event(named) if is_id(named) else None
+            event = await self.caller_event(named, client) if is_id(named) else None
             if event is None or tenant not in event.entra_tenants:
                 raise refused(
                     f"Event '{named[:64]}' (header {EVENT_HEADER}) does not exist or takes no "
@@ -244,6 +262,9 @@ class Runtime:
             )
         return found
 
+    async def _all_event_ids(self) -> frozenset[str]:
+        return frozenset(event.id for event in await self.events.list())
+
     async def _tenant_index(self) -> dict[str, list[str]]:
         index: dict[str, list[str]] = {}
         for event in await self.events.list():
@@ -252,12 +273,39 @@ class Runtime:
         return index
 
     async def event(self, event_id: str) -> Event | None:
+        """The event, from the cache; an id not found is answered None for a while without a
+        lookup."""
+        if not self._events.holds(event_id) and event_id in self.unknown_events:
+            return None
         try:
-            return await self._events.get_or_load(
+            found = await self._events.get_or_load(
                 event_id, lambda: self.events.get(event_id), _STALE_ON
             )
         except StorageUnavailable as exc:
             raise storage_down() from exc
+        if found is None:
+            self.unknown_events.add(event_id)
+        return found
+
+    async def caller_event(self, event_id: str, client: str) -> Event | None:
+        """An event a caller names (public page, registration, code key, Entra header).
+
+        A known one always answers: cached, or among the ids of every event (one list read per
+        cache TTL, only while unseen ids are asked for). Unknown ids count against the client,
+        who may then look up only a few ids it has never named (429 `too_many_failed_keys`):
+        an id not in the list is looked up too, for events created since on other instances.
+        """
+        if not self._events.holds(event_id) and event_id not in self.unknown_events:
+            try:
+                known = await self._event_ids.get_or_load("", self._all_event_ids, _STALE_ON)
+            except StorageUnavailable as exc:
+                raise storage_down() from exc
+            if event_id not in known:
+                self.event_guard.check_lookup(client)
+        found = await self.event(event_id)
+        if found is None:
+            self.event_guard.failed(client)
+        return found
 
     async def pools(self, event_id: str) -> dict[str, list[Resource]]:
         """The event's catalog: deployment name -> active resources serving it."""
@@ -292,8 +340,10 @@ class Runtime:
     def forget_event(self, event_id: str) -> None:
         """A created, changed or deleted event (its tenants too)."""
         self._events.invalidate(event_id)
+        self.unknown_events.discard(event_id)
         self._pools.invalidate(event_id)
         self._tenants.clear()
+        self._event_ids.clear()
 
     def forget_resource(self, resource: Resource) -> None:
         self._pools.clear()
@@ -315,6 +365,14 @@ class Runtime:
 def _attendee_key(event_id: str, attendee_id: str) -> str:
     """The access cache's entry of an attendee found without a key of its own (code, token)."""
     return f"attendee:{event_id}:{attendee_id}"
+
+
+def unknown_key() -> ProxyError:
+    return ProxyError(
+        "invalid_api_key",
+        "Unknown API key. Check that you copied the whole key for this event; "
+        "a rotated key stops working.",
+    )
 
 
 def storage_down() -> ProxyError:

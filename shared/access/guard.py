@@ -1,18 +1,30 @@
-"""Slows clients that keep sending wrong keys, without hurting anyone else.
+"""Slows clients that keep sending wrong keys, codes or event ids, without hurting anyone else.
 
-Attendees at a venue often share one public address, so a client is never refused as such:
-keys already known (cached) always pass. A client with more than `threshold` failed keys in
-`window` seconds may only have `lookups_per_second` unknown keys looked up in storage; the rest
-get 429 `too_many_failed_keys`. Keys are 190 random bits, so guessing is hopeless anyway; this
-protects storage from lookup floods and makes noise visible.
+Attendees at a venue often share one public address, so only wrong attempts are counted and a
+right one always passes:
 
-Shared codes are short and chosen by people, so they can be guessed: wrong codes (at
-registration, or in a key made of event, code and email) are counted per event and client, and
-a client with `MAX_FAILED_CODES` wrong ones in a minute waits before trying another.
+- Keys: a key this instance found before is answered from the access cache (a stale entry is
+  refreshed in the background, one storage read per key and cache TTL), so it never meets the
+  guard. A key looked up and not found is remembered (`Misses`): sent again, it is refused
+  without reading storage. Only a key this instance has never seen costs a lookup, and a client
+  with more than `threshold` wrong keys in `window` seconds gets `lookups_per_second` of those;
+  the rest get 429 `too_many_failed_keys`. Storage reads of unknown keys per client and instance:
+  at most `threshold` + `window` x `lookups_per_second` a window (20 + 120 a minute). The price:
+  a right key this instance has never seen (its first call here), sent from an address that is
+  flooding wrong keys at that moment, can be told to retry in a second. Keys are 190 random
+  bits, so guessing is hopeless anyway; this protects storage and makes noise visible.
+- Event ids (public event routes, registration, keys made of an event's code, Entra tokens
+  naming an event): the same, with a guard and `Misses` of their own; a known event is
+  answered from the event cache and never refused.
+- Shared codes are short and chosen by people: a wrong one (at registration, or in a key made
+  of event, code and email) is counted per event and client, and once a client has
+  `MAX_FAILED_CODES` wrong ones in a minute its wrong codes get 429 with a wait. A right code
+  always passes: it is compared before anything is refused.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 
@@ -20,13 +32,17 @@ from shared.errors import ProxyError
 
 
 class FailedKeyGuard:
+    """Wrong attempts per client, and the lookups of unseen names a client over them may make."""
+
     def __init__(
         self,
         threshold: int = 20,
         window: float = 60.0,
         lookups_per_second: float = 2.0,
         max_clients: int = 10_000,
+        wrong: str = "keys",
     ) -> None:
+        self._wrong = wrong  # what the client keeps getting wrong, for the message
         self._threshold = threshold
         self._window = window
         self._interval = 1.0 / lookups_per_second
@@ -47,28 +63,66 @@ class FailedKeyGuard:
         return failures
 
     def check_lookup(self, client: str) -> None:
-        """Before looking up an unknown key: refuse when this client is over its budget."""
+        """Before looking up a name this instance has never seen (neither cached nor a known
+        miss): refuse when this client is over its budget."""
         now = time.monotonic()
         failures = self._recent(client, now)
         if failures is None or len(failures) < self._threshold:
             return
         allowed_at = self._next_lookup.get(client, 0.0)
         if now < allowed_at:
-            wait = max(1, int(self._window - (now - failures[0]) + 0.999))
+            # The next lookup is a fraction of a second away: a right key waits that long.
+            wait = max(1, math.ceil(allowed_at - now))
             raise ProxyError(
                 "too_many_failed_keys",
-                f"Too many wrong keys from your address. Check your key; retry in {wait} seconds.",
+                f"Too many wrong {self._wrong} from your address. Check yours and retry in "
+                f"{wait} second{'' if wait == 1 else 's'}.",
                 headers={"Retry-After": str(wait)},
             )
         self._next_lookup[client] = now + self._interval
 
     def failed(self, client: str) -> None:
+        """A wrong attempt: counted against the client's budget."""
         now = time.monotonic()
         if client not in self._failures and len(self._failures) >= self._max_clients:
             for stale in list(self._failures)[: self._max_clients // 10]:
                 self._failures.pop(stale, None)
                 self._next_lookup.pop(stale, None)
         self._failures.setdefault(client, deque(maxlen=self._threshold * 4)).append(now)
+
+
+class Misses:
+    """Names looked up and not found, remembered for `ttl` seconds so that asking again reads
+    no storage; at most `max_entries` (a flood of new names forgets the oldest)."""
+
+    def __init__(self, ttl: float, max_entries: int = 20_000) -> None:
+        self.ttl = ttl
+        self._max = max_entries
+        self._until: dict[str, float] = {}
+
+    def __contains__(self, name: str) -> bool:
+        until = self._until.get(name)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._until[name]
+            return False
+        return True
+
+    def add(self, name: str) -> None:
+        now = time.monotonic()
+        if len(self._until) >= self._max:
+            for stale in [n for n, until in self._until.items() if until < now]:
+                del self._until[stale]
+            if len(self._until) >= self._max:
+                for oldest in list(self._until)[: self._max // 10]:
+                    del self._until[oldest]
+        self._until.pop(name, None)  # to the end: the newest is forgotten last
+        self._until[name] = now + self.ttl
+
+    def discard(self, name: str) -> None:
+        """A name that exists now (an event just created here)."""
+        self._until.pop(name, None)
 
 
 def client_address(headers: object, peer: tuple[str, int] | None) -> str:

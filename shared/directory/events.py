@@ -33,6 +33,8 @@ class Event:
     max_token_cap: int
     daily_request_cap: int
     daily_token_cap: int = 0  # 0: no daily token cap
+    event_daily_request_cap: int = 0  # all attendees together; 0: none
+    event_daily_token_cap: int = 0  # all attendees together; 0: none
     requests_per_minute: int = 0  # per attendee; 0: no limit
     tokens_per_minute: int = 0  # per attendee; 0: no limit
     description_markdown: str = ""
@@ -152,6 +154,8 @@ class Event:
             max_token_cap=int(entity["max_token_cap"]),
             daily_request_cap=int(entity["daily_request_cap"]),
             daily_token_cap=int(entity.get("daily_token_cap", 0)),
+            event_daily_request_cap=int(entity.get("event_daily_request_cap", 0)),
+            event_daily_token_cap=int(entity.get("event_daily_token_cap", 0)),
             requests_per_minute=int(entity.get("requests_per_minute", 0)),
             tokens_per_minute=int(entity.get("tokens_per_minute", 0)),
             description_markdown=entity.get("description_markdown", ""),

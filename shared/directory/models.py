@@ -210,6 +210,14 @@ class EventCreate(Body):
     max_token_cap: Cap = Field(description="largest max_tokens one request may ask for")
     daily_request_cap: Cap = Field(description="requests per attendee per day (event time zone)")
     daily_token_cap: Limit = Field(0, description="tokens per attendee per day; 0 for none")
+    event_daily_request_cap: Limit = Field(
+        0,
+        description="requests of all attendees together per day (event time zone), so new "
+        "attendees cannot bring fresh quota without end; 0 or null for none",
+    )
+    event_daily_token_cap: Limit = Field(
+        0, description="tokens of all attendees together per day; 0 or null for none"
+    )
     requests_per_minute: Limit = Field(
         0, description="requests per attendee in any minute; 0 or null for no limit"
     )

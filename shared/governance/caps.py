@@ -1,4 +1,4 @@
-"""Daily caps per attendee that hold across instances.
+"""Daily caps per attendee, and for the whole event, that hold across instances.
 
 One counter row per attendee and day (the event's local day) holds `granted` (requests handed
 out to instances), `used` (requests admitted) and `tokens` (tokens counted).
@@ -16,6 +16,11 @@ Tokens are only known after a call: each instance adds what it counted to the ro
 `sync_seconds` and reads the row back. A call is refused once the tokens known here reach the
 cap, so tokens can overshoot by what was in flight when the cap was crossed plus what other
 instances admitted before they saw it (at most one sync interval).
+
+The event-wide caps (`event_daily_request_cap`, `event_daily_token_cap`: all attendees
+together) are one more counter row per event and day, `EVENT_ROW`, taken from by the same
+admission and with the same bounds: requests never overshoot, tokens by what was in flight
+plus what other instances admitted within one sync interval. A call must find room in both.
 
 When storage cannot be reached, an instance keeps admitting on its last view of the row and
 records its grants as provisional; they are written once storage answers.
@@ -49,6 +54,7 @@ BLOCK_SECONDS = 2.0  # a busier attendee's block covers this long at their recen
 # do not wait for storage while the cap is far.
 REFILL_AT = 0.5
 FORGET_SECONDS = 600.0  # an attendee's counter unused this long is dropped from memory
+EVENT_ROW = "_event"  # the whole event's row in each day's partition (attendee ids are hex)
 
 
 def block_size(remaining: int, recent: int = 0) -> int:
@@ -79,6 +85,9 @@ class Counter:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     minute: SharedSlots = field(default_factory=SharedSlots)  # the last minute, all instances
     refused: dict[str, int] = field(default_factory=dict)  # refusals by reason, not written yet
+    # The event's counter of the same day, once the event had event-wide caps: every call of
+    # this attendee is counted there too (kept when the caps go, so counts stay whole).
+    whole: Counter | None = None
 
     @property
     def dirty(self) -> bool:
@@ -109,29 +118,36 @@ class Caps:
         self._sync_seconds = sync_seconds
         self._idle_seconds = idle_seconds
         self._counters: dict[tuple[str, str], Counter] = {}
-        self._caps: dict[str, int] = {}  # partition -> request cap, for hand-backs
+        self._caps: dict[tuple[str, str], int] = {}  # counter -> request cap, for hand-backs
         self._task: asyncio.Task[None] | None = None
         self._background = Background()
 
-    def _counter(self, event: Event, attendee_id: str, now: datetime) -> Counter:
+    def _counter(self, event: Event, row: str, now: datetime, cap: int) -> Counter:
         partition = f"{event.id}_{event.local_date(now)}"
-        key = (partition, attendee_id)
+        key = (partition, row)
         counter = self._counters.get(key)
         if counter is None:
-            counter = self._counters[key] = Counter(partition, attendee_id)
-        self._caps[partition] = event.daily_request_cap
+            counter = self._counters[key] = Counter(partition, row)
+        self._caps[key] = cap
         return counter
+
+    def _attendee(self, event: Event, attendee_id: str, now: datetime) -> Counter:
+        return self._counter(event, attendee_id, now, event.daily_request_cap)
 
     def give_back(self, counter: Counter) -> None:
         """A request `admit` took and that was refused after all (a per-minute limit): the
         request goes back to the allowance; its tokens are released by `settle`."""
-        counter.allowance += 1
-        counter.used_unflushed -= 1
-        counter.admitted -= 1
+        for taken in (counter, counter.whole):
+            if taken is None:
+                continue
+            if self._caps.get((taken.partition, taken.attendee_id)):
+                taken.allowance += 1
+            taken.used_unflushed -= 1
+            taken.admitted -= 1
 
     def count_refusal(self, event: Event, attendee_id: str, now: datetime, reason: str) -> None:
         """A refused call, written with the counter at the next sync (for the reports)."""
-        counter = self._counter(event, attendee_id, now)
+        counter = self._attendee(event, attendee_id, now)
         counter.refused[reason] = counter.refused.get(reason, 0) + 1
         self._start()
 
@@ -150,27 +166,54 @@ class Caps:
         instance cannot together pass the token cap.
         """
         self._start()
-        counter = self._counter(event, attendee_id, now)
-        self._check_tokens(counter, event, now)  # fail fast, before waiting for storage
-        if counter.allowance == 0:
-            await self._reserve(counter, event.daily_request_cap)
+        counter = self._attendee(event, attendee_id, now)
+        event_cap = event.event_daily_request_cap
+        whole = None
+        if event_cap or event.event_daily_token_cap or counter.whole is not None:
+            whole = counter.whole = self._counter(event, EVENT_ROW, now, event_cap)
+        self._check_all(counter, whole, event, now)  # fail fast, before waiting for storage
+        # Room in both counters; a wait for one can let concurrent calls take the other's.
+        while True:
             if counter.allowance == 0:
-                raise cap_error(event, now, tokens=False)
+                await self._reserve(counter, event.daily_request_cap)
+                if counter.allowance == 0:
+                    raise cap_error(event, now, tokens=False)
+            if whole is not None and event_cap and whole.allowance == 0:
+                await self._reserve(whole, event_cap)
+                if whole.allowance == 0:
+                    raise event_cap_error(event, now, tokens=False)
+            if counter.allowance and (whole is None or not event_cap or whole.allowance):
+                break
         # No await from the check to the reservation: concurrent calls see each other.
+        self._check_all(counter, whole, event, now)
+        self._take(counter, event.daily_request_cap, worst_case_tokens)
+        if whole is not None:
+            self._take(whole, event_cap, worst_case_tokens)
+        return counter
+
+    def _check_all(
+        self, counter: Counter, whole: Counter | None, event: Event, now: datetime
+    ) -> None:
         self._check_tokens(counter, event, now)
-        counter.allowance -= 1
+        if whole is not None:
+            self._check_event_tokens(whole, event, now)
+
+    def _take(self, counter: Counter, cap: int, worst_case_tokens: int) -> None:
+        """One request out of the counter's allowance (when it has a request cap)."""
+        if cap:
+            counter.allowance -= 1
         counter.used_unflushed += 1
         counter.tokens_in_flight += worst_case_tokens
         counter.admitted += 1
         counter.last_used = time.monotonic()
         if (
-            counter.allowance < counter.block * REFILL_AT
+            cap
+            and counter.allowance < counter.block * REFILL_AT
             and not counter.refilling
-            and counter.granted_seen < event.daily_request_cap
+            and counter.granted_seen < cap
         ):
             counter.refilling = True
-            self._background.spawn(self._reserve_ahead(counter, event.daily_request_cap))
-        return counter
+            self._background.spawn(self._reserve_ahead(counter, cap))
 
     @staticmethod
     def _recent(counter: Counter) -> int:
@@ -195,10 +238,27 @@ class Caps:
             headers={"Retry-After": "5"},
         )
 
+    @staticmethod
+    def _check_event_tokens(whole: Counter, event: Event, now: datetime) -> None:
+        cap = event.event_daily_token_cap
+        if not cap or whole.tokens + whole.tokens_in_flight < cap:
+            return
+        if whole.tokens >= cap or not whole.tokens_in_flight:
+            raise event_cap_error(event, now, tokens=True)
+        raise ProxyError(
+            "event_daily_token_cap_exceeded",
+            f"Calls still running in '{event.name}' may use the rest of today's {cap} tokens "
+            "for all its attendees together. Retry when they have finished.",
+            headers={"Retry-After": "5"},
+        )
+
     def settle(self, counter: Counter, worst_case_tokens: int, tokens: int) -> None:
         """A call finished: swap its reservation for what it really used."""
-        counter.tokens_in_flight -= worst_case_tokens
-        counter.tokens_unflushed += tokens
+        for taken in (counter, counter.whole):
+            if taken is not None:
+                # At least 0: the event's counter may be linked after this call was admitted.
+                taken.tokens_in_flight = max(0, taken.tokens_in_flight - worst_case_tokens)
+                taken.tokens_unflushed += tokens
 
     async def _reserve_ahead(self, counter: Counter, cap: int) -> None:
         """The next block, before this one runs out (calls only wait when storage is slow)."""
@@ -307,16 +367,15 @@ class Caps:
                 counter.allowance -= give_back
                 try:
                     await self._write(
-                        counter, self._caps.get(counter.partition, 0), reserve=False,
-                        give_back=give_back,
-                    )  # fmt: skip
+                        counter, self._caps.get(key, 0), reserve=False, give_back=give_back
+                    )
                 except StorageUnavailable:
                     counter.allowance += give_back
                     raise
 
     async def today(self, event: Event, attendee_id: str, now: datetime) -> tuple[int, int]:
         """(requests used, tokens used) today, as fresh as storage allows."""
-        counter = self._counter(event, attendee_id, now)
+        counter = self._attendee(event, attendee_id, now)
         try:
             async with counter.lock:
                 await self._write(counter, event.daily_request_cap, reserve=False)
@@ -349,5 +408,24 @@ def cap_error(event: Event, now: datetime, *, tokens: bool) -> ProxyError:
         "daily_request_cap_exceeded",
         f"You have made today's {event.daily_request_cap} requests for '{event.name}'. "
         f"The cap resets at midnight {event.time_zone} (in {wait} seconds).",
+        headers={"Retry-After": str(wait)},
+    )
+
+
+def event_cap_error(event: Event, now: datetime, *, tokens: bool) -> ProxyError:
+    wait = event.seconds_to_local_midnight(now)
+    if tokens:
+        return ProxyError(
+            "event_daily_token_cap_exceeded",
+            f"Event '{event.name}' has used today's {event.event_daily_token_cap} tokens, the "
+            f"total for all its attendees together. It resets at midnight {event.time_zone} "
+            f"(in {wait} seconds).",
+            headers={"Retry-After": str(wait)},
+        )
+    return ProxyError(
+        "event_daily_request_cap_exceeded",
+        f"Event '{event.name}' has made today's {event.event_daily_request_cap} requests, the "
+        f"total for all its attendees together. It resets at midnight {event.time_zone} "
+        f"(in {wait} seconds).",
         headers={"Retry-After": str(wait)},
     )

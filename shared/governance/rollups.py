@@ -215,6 +215,8 @@ REFUSALS = (
     "deployment_quota",
     "daily_request_cap",
     "daily_token_cap",
+    "event_daily_request_cap",
+    "event_daily_token_cap",
     "no_capacity",
 )
 

@@ -263,6 +263,8 @@ SCHEMAS: dict[str, Schema] = {
                     "max_token_cap": _EVENT_FIELDS["max_token_cap"],
                     "daily_request_cap": _EVENT_FIELDS["daily_request_cap"],
                     "daily_token_cap": _EVENT_FIELDS["daily_token_cap"],
+                    "event_daily_request_cap": _EVENT_FIELDS["event_daily_request_cap"],
+                    "event_daily_token_cap": _EVENT_FIELDS["event_daily_token_cap"],
                     "requests_per_minute": _EVENT_FIELDS["requests_per_minute"],
                     "tokens_per_minute": _EVENT_FIELDS["tokens_per_minute"],
                     "deployments": _object(

@@ -59,6 +59,8 @@ async def event_info(request: Request) -> Response:
             "max_token_cap": event.max_token_cap,
             "daily_request_cap": event.daily_request_cap,
             "daily_token_cap": event.daily_token_cap,
+            "event_daily_request_cap": event.event_daily_request_cap,
+            "event_daily_token_cap": event.event_daily_token_cap,
             "requests_per_minute": event.requests_per_minute,
             "tokens_per_minute": event.tokens_per_minute,
             "deployments": by_class,

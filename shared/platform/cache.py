@@ -9,11 +9,16 @@ from shared.platform.background import Background
 
 
 class TTLCache[K, V]:
-    """Values kept for `ttl` seconds; `invalidate` drops one at once (revoke, rotate, edit)."""
+    """Values kept for `ttl` seconds; `invalidate` drops one at once (revoke, rotate, edit).
 
-    def __init__(self, ttl: float, max_entries: int = 100_000) -> None:
+    With `keep_none=False` a load answering None is not kept (and drops what was): callers
+    that remember misses on their own keep a flood of unknown names from pushing out what
+    is known."""
+
+    def __init__(self, ttl: float, max_entries: int = 100_000, *, keep_none: bool = True) -> None:
         self.ttl = ttl
         self._max = max_entries
+        self._keep_none = keep_none
         self._entries: dict[K, tuple[float, V]] = {}
         self._refreshing: set[K] = set()
         self._generation = 0  # bumped by every invalidation
@@ -24,6 +29,10 @@ class TTLCache[K, V]:
         if entry is None or entry[0] < time.monotonic():
             return False, None  # an expired entry stays, as a fallback for get_or_load
         return True, entry[1]
+
+    def holds(self, key: K) -> bool:
+        """Whether a value is kept, fresh or expired: `get_or_load` answers it without waiting."""
+        return key in self._entries
 
     def put(self, key: K, value: V) -> None:
         if len(self._entries) >= self._max:
@@ -46,7 +55,8 @@ class TTLCache[K, V]:
         entry = self._entries.get(key)
         if entry is None:
             value = await load()
-            self.put(key, value)
+            if value is not None or self._keep_none:
+                self.put(key, value)
             return value
         if entry[0] < time.monotonic() and key not in self._refreshing:
             self._refreshing.add(key)
@@ -72,7 +82,10 @@ class TTLCache[K, V]:
             self._refreshing.discard(key)
         # An invalidation while loading (a revoke, an edit) wins over what was read before it.
         if key in self._entries and generation == self._generation:
-            self.put(key, value)
+            if value is None and not self._keep_none:
+                del self._entries[key]
+            else:
+                self.put(key, value)
 
     def invalidate(self, key: K) -> None:
         self._entries.pop(key, None)

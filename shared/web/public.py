@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 
 import orjson
+from starlette.requests import Request
 from starlette.responses import Response
 
+from shared.access.guard import client_address
 from shared.directory.validation import is_id
 from shared.errors import ProxyError
 from shared.pipeline import error_response, new_request_id
@@ -17,10 +19,11 @@ from shared.runtime import get_runtime
 log = logging.getLogger(__name__)
 
 
-async def event_page_info(event_id: str) -> Response:
+async def event_page_info(request: Request, event_id: str) -> Response:
     runtime = get_runtime()
+    client = client_address(request.headers, request.client)
     try:
-        found = await runtime.event(event_id) if is_id(event_id) else None
+        found = await runtime.caller_event(event_id, client) if is_id(event_id) else None
     except ProxyError as error:
         return error_response(error, new_request_id())
     if found is None:

@@ -89,8 +89,8 @@ class RegistrationRequest(Body):
 
 def check_shared_code(event: Event, code: str, client: str) -> None:
     """The body's code against the event's, in constant time; wrong codes are counted."""
-    failed_codes.check(event.id, client)
-    if not same_secret(code, event.shared_code):
+    if not same_secret(code, event.shared_code):  # a right code always passes
+        failed_codes.check(event.id, client)
         failed_codes.record(event.id, client)
         raise ProxyError(
             "registration_refused",
@@ -131,7 +131,8 @@ async def register(request: Request, event_id: str) -> Response:
     runtime = get_runtime()
     request_id = new_request_id()
     try:
-        event = await runtime.event(event_id) if is_id(event_id) else None
+        client = client_address(request.headers, request.client)
+        event = await runtime.caller_event(event_id, client) if is_id(event_id) else None
         if event is None:
             raise ProxyError("not_found", f"No event with id '{event_id[:64]}'.")
         check_registration_open(event)
@@ -147,9 +148,7 @@ async def register(request: Request, event_id: str) -> Response:
             )
         else:
             body = parse(RegistrationRequest, await json_object(request))
-            check_shared_code(
-                event, body.shared_code, client_address(request.headers, request.client)
-            )
+            check_shared_code(event, body.shared_code, client)
             user = body.email
         registration = await register_user(runtime, event, user)
     except ProxyError as error:

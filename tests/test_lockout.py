@@ -1,0 +1,199 @@
+"""The lock-out counts only wrong attempts: a right key, code or event id always passes, even
+from an address flooding wrong ones, while what the flood costs storage stays bounded.
+
+The host stand-in, like Azure's front end, appends the connection's address to
+X-Forwarded-For, so every call here comes from one client, 127.0.0.1: a classroom behind one
+address, where one person's wrong attempts are everybody's. Storage lookups are counted in the
+access log of an Azurite of this module's own (one line per request it served), so the counts
+are what the worker really read."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from local.azurite import Azurite, free_port
+from tests.harness import AppHost, EventSetup, Simulator, host_env, unique_prefix, wait_until
+
+CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+CACHE_TTL = 2.0  # AIPROXY_CACHE_TTL_SECONDS in tests.harness.host_env
+# The guard's defaults (shared/access/guard.py): wrong attempts before the budget, lookups/s.
+THRESHOLD, LOOKUPS_PER_SECOND = 20, 2.0
+CODE = "Sesame-Open-42"
+
+
+class Lookups:
+    """Reads of one table by point (PartitionKey, RowKey), as Azurite logged them."""
+
+    def __init__(self, log: Path, table: str) -> None:
+        self.log = log
+        self.pattern = re.compile(rf'"GET /devstoreaccount1/{table}\(PartitionKey=')
+
+    def count(self) -> int:
+        return len(self.pattern.findall(self.log.read_text(errors="replace")))
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    log = tmp_path_factory.mktemp("azurite") / "access.log"
+    server = Azurite(free_port(), access_log=log).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded(logged: Azurite, log_dir: Path) -> Iterator[tuple[AppHost, str]]:
+    prefix = unique_prefix("lock")
+    server = AppHost(log_dir, host_env(logged.connection_string, prefix), name="lockout")
+    yield server, prefix
+    server.stop()
+
+
+def chat(host: AppHost, key: str) -> httpx.Response:
+    return host.http.post(CHAT, json=BODY, headers={"api-key": key})
+
+
+def wrong_key() -> str:
+    return "aip-" + secrets.token_hex(16)  # well formed: 32 letters and digits
+
+
+def settled(lookups: Lookups) -> int:
+    """The count once the log stops growing (Azurite writes its line as it answers)."""
+    last = [-1]
+
+    def still() -> int | None:
+        now = lookups.count()
+        same, last[0] = now == last[0], now
+        return now if same else None
+
+    return wait_until(still, timeout=10, interval=0.2)
+
+
+def test_forty_wrong_keys_leave_a_right_key_working_after_its_cache_entry_aged(
+    guarded: tuple[AppHost, str], logged: Azurite, sim: Simulator
+) -> None:
+    host, prefix = guarded
+    setup = EventSetup(host, sim)
+    assert chat(host, setup.key).status_code == 200  # cached from now on
+    keys = Lookups(logged.access_log, f"{prefix}keys")  # type: ignore[arg-type]
+    before = settled(keys)
+    started = time.monotonic()
+    answers = [chat(host, wrong_key()) for _ in range(40)]
+    codes = [a.json()["error"]["code"] for a in answers]
+    assert codes[:THRESHOLD] == ["invalid_api_key"] * THRESHOLD
+    assert "too_many_failed_keys" in codes[THRESHOLD:]
+    # The right key's cache entry ages past the TTL while the address is over its budget.
+    aged = started + CACHE_TTL + 0.5
+    wait_until(lambda: time.monotonic() > aged, timeout=CACHE_TTL + 5)
+    sent = 40
+    for _ in range(3):
+        # Wrong keys until one is looked up: the address's next lookup is half a second away
+        # when the right key comes (a guard in front of the lookup would refuse it).
+        for _ in range(50):
+            sent += 1
+            wrong = chat(host, wrong_key())
+            if wrong.status_code == 401:
+                break
+            assert wrong.json()["error"]["code"] == "too_many_failed_keys"
+            assert wrong.headers["retry-after"] == "1"
+        answer = chat(host, setup.key)
+        assert answer.status_code == 200, answer.text
+    elapsed = time.monotonic() - started
+    # Looked up are the first THRESHOLD unknown keys and then 2 a second at most; the right
+    # key's own refreshes are one per TTL (at most 3 here).
+    looked_up = settled(keys) - before
+    bound = THRESHOLD + int(elapsed * LOOKUPS_PER_SECOND) + 1 + 3
+    assert looked_up <= bound, (looked_up, elapsed)
+    assert looked_up < sent
+
+
+def test_a_wrong_key_sent_again_reads_no_storage(
+    guarded: tuple[AppHost, str], logged: Azurite
+) -> None:
+    host, prefix = guarded
+    keys = Lookups(logged.access_log, f"{prefix}keys")  # type: ignore[arg-type]
+    key = wrong_key()
+    before = settled(keys)
+    # Over the budget after the test before: sent until its lookup's turn comes.
+    first = wait_until(lambda: chat(host, key).status_code == 401, timeout=10, interval=0.1)
+    assert first
+    assert settled(keys) == before + 1
+    started = time.monotonic()
+    wait_until(lambda: time.monotonic() > started + CACHE_TTL + 0.5, timeout=CACHE_TTL + 5)
+    for _ in range(5):  # past the cache's TTL: still known as unknown
+        assert chat(host, key).json()["error"]["code"] == "invalid_api_key"
+    assert settled(keys) == before + 1
+
+
+def test_ten_wrong_codes_leave_a_right_code_working(
+    guarded: tuple[AppHost, str], sim: Simulator
+) -> None:
+    host, _ = guarded
+    setup = EventSetup(host, sim, shared_code=CODE)
+    for n in range(10):
+        wrong = chat(host, f"{setup.id}@Guess-{n:04d}/mallory@example.com")
+        assert wrong.json()["error"]["code"] == "invalid_api_key", wrong.text
+    over = chat(host, f"{setup.id}@Guess-9999/mallory@example.com")
+    assert over.status_code == 429 and over.json()["error"]["code"] == "too_many_failed_keys"
+    # A classmate behind the same address, with the right code: a code key and a registration.
+    answer = chat(host, f"{setup.id}@{CODE}/ada@example.com")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"]
+    registered = host.http.post(
+        f"/events/{setup.id}/register",
+        json={"email": "grace@example.com", "shared_code": CODE},
+    )
+    assert registered.status_code == 201, registered.text
+    assert registered.json()["api_key"].startswith("aip-")
+    wrong_again = host.http.post(
+        f"/events/{setup.id}/register",
+        json={"email": "eve@example.com", "shared_code": "Guess-0000"},
+    )
+    assert wrong_again.status_code == 429  # wrong ones stay refused
+
+
+def test_random_event_ids_are_throttled_while_a_known_event_answers(
+    guarded: tuple[AppHost, str], logged: Azurite, sim: Simulator
+) -> None:
+    host, prefix = guarded
+    setup = EventSetup(host, sim, shared_code=CODE)
+    events = Lookups(logged.access_log, f"{prefix}events")  # type: ignore[arg-type]
+    before = settled(events)
+    started = time.monotonic()
+    statuses = []
+    for _ in range(30):
+        statuses.append(host.http.get(f"/events/{secrets.token_hex(6)}"))
+        statuses.append(
+            host.http.post(
+                f"/events/{secrets.token_hex(6)}/register",
+                json={"email": "x@example.com", "shared_code": CODE},
+            )
+        )
+    codes = [r.json()["error"]["code"] for r in statuses]
+    assert codes[:THRESHOLD] == ["not_found"] * THRESHOLD
+    throttled = [r for r in statuses[THRESHOLD:] if r.status_code == 429]
+    assert len(throttled) >= 25, codes
+    assert {r.json()["error"]["code"] for r in throttled} == {"too_many_failed_keys"}
+    assert "event ids" in throttled[0].json()["error"]["message"]
+    # The known event, from the same address, whether cached here or not.
+    for _ in range(3):
+        page = host.http.get(f"/events/{setup.id}")
+        assert page.status_code == 200 and page.json()["id"] == setup.id
+        answer = chat(host, f"{setup.id}@{CODE}/ada@example.com")
+        assert answer.status_code == 200, answer.text
+        host.manage.patch(f"/events/{setup.id}", json={"description_markdown": "again"})
+    # Code keys naming random events count the same way.
+    refused = chat(host, f"{secrets.token_hex(6)}@{CODE}/ada@example.com")
+    assert refused.status_code == 429
+    elapsed = time.monotonic() - started
+    looked_up = settled(events) - before
+    # Past the first THRESHOLD, 2 a second; plus the known event's reads after each edit.
+    assert looked_up <= THRESHOLD + int(elapsed * LOOKUPS_PER_SECOND) + 1 + 3 * 3, looked_up
+    assert looked_up < 61
