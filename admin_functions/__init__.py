@@ -10,17 +10,20 @@ import orjson
 from azurefunctions.extensions.http.fastapi import Request, Response
 from starlette.responses import Response as StarletteResponse
 
+from shared.access.callers import Caller
+from shared.access.guard import client_address
 from shared.directory.validation import json_object
 from shared.errors import ProxyError
 from shared.management import manage
-from shared.management.manage import Caller
 from shared.pipeline import error_response, new_request_id
 from shared.platform.tables import StorageUnavailable
 from shared.runtime import get_runtime
 
 bp = func.Blueprint()
 
-_FUNCTION = func.AuthLevel.FUNCTION
+# The app is the gate of every management route (shared/access/callers.py): the host lets
+# calls through without a function key, and a function key alone grants nothing.
+_APP = func.AuthLevel.ANONYMOUS
 
 
 def _json(data: Any, status: int = 200) -> StarletteResponse:
@@ -28,13 +31,9 @@ def _json(data: Any, status: int = 200) -> StarletteResponse:
 
 
 async def _caller(req: Any) -> Caller:
-    """The organiser an Entra token names (verified), else EasyAuth's principal, else the
-    operator. An invalid token is refused, never taken as the operator."""
-    from shared.access.principal import owner_of
-
-    runtime = get_runtime()
-    owner = await runtime.entra.organizer(req.headers.get("authorization"))
-    return Caller(owner=owner if owner is not None else owner_of(req.headers, runtime.settings))
+    """The operator or organiser the call's credentials prove; refused (401/403) otherwise."""
+    client = client_address(req.headers, req.client)
+    return await get_runtime().callers.caller(req.headers, client)
 
 
 async def _answer(work: Callable[[], Awaitable[StarletteResponse]]) -> StarletteResponse:
@@ -49,7 +48,7 @@ async def _answer(work: Callable[[], Awaitable[StarletteResponse]]) -> Starlette
         return error_response(error, new_request_id())
 
 
-@bp.route(route="manage/events", methods=["GET", "POST"], auth_level=_FUNCTION)
+@bp.route(route="manage/events", methods=["GET", "POST"], auth_level=_APP)
 async def manage_events(req: Request) -> Response:
     async def work() -> StarletteResponse:
         runtime, caller = get_runtime(), await _caller(req)
@@ -61,9 +60,7 @@ async def manage_events(req: Request) -> Response:
     return await _answer(work)
 
 
-@bp.route(
-    route="manage/events/{event_id}", methods=["GET", "PATCH", "DELETE"], auth_level=_FUNCTION
-)
+@bp.route(route="manage/events/{event_id}", methods=["GET", "PATCH", "DELETE"], auth_level=_APP)
 async def manage_event(req: Request) -> Response:
     event_id = req.path_params["event_id"]
 
@@ -81,7 +78,7 @@ async def manage_event(req: Request) -> Response:
     return await _answer(work)
 
 
-@bp.route(route="manage/resources", methods=["GET", "POST"], auth_level=_FUNCTION)
+@bp.route(route="manage/resources", methods=["GET", "POST"], auth_level=_APP)
 async def manage_resources(req: Request) -> Response:
     async def work() -> StarletteResponse:
         runtime, caller = get_runtime(), await _caller(req)
@@ -94,7 +91,7 @@ async def manage_resources(req: Request) -> Response:
 
 
 @bp.route(
-    route="manage/resources/{resource_id}", methods=["GET", "PATCH", "DELETE"], auth_level=_FUNCTION
+    route="manage/resources/{resource_id}", methods=["GET", "PATCH", "DELETE"], auth_level=_APP
 )
 async def manage_resource(req: Request) -> Response:
     resource_id = req.path_params["resource_id"]
@@ -114,7 +111,7 @@ async def manage_resource(req: Request) -> Response:
     return await _answer(work)
 
 
-@bp.route(route="manage/events/{event_id}/resources", methods=["GET"], auth_level=_FUNCTION)
+@bp.route(route="manage/events/{event_id}/resources", methods=["GET"], auth_level=_APP)
 async def manage_event_catalog(req: Request) -> Response:
     event_id = req.path_params["event_id"]
 
@@ -128,7 +125,7 @@ async def manage_event_catalog(req: Request) -> Response:
 @bp.route(
     route="manage/events/{event_id}/resources/{resource_id}",
     methods=["PUT", "DELETE"],
-    auth_level=_FUNCTION,
+    auth_level=_APP,
 )
 async def manage_event_resource(req: Request) -> Response:
     event_id, resource_id = req.path_params["event_id"], req.path_params["resource_id"]
@@ -144,7 +141,7 @@ async def manage_event_resource(req: Request) -> Response:
     return await _answer(work)
 
 
-@bp.route(route="manage/events/{event_id}/attendees", methods=["GET", "POST"], auth_level=_FUNCTION)
+@bp.route(route="manage/events/{event_id}/attendees", methods=["GET", "POST"], auth_level=_APP)
 async def manage_attendees(req: Request) -> Response:
     event_id = req.path_params["event_id"]
 
@@ -163,7 +160,7 @@ async def manage_attendees(req: Request) -> Response:
 @bp.route(
     route="manage/events/{event_id}/attendees/{attendee_id}",
     methods=["GET", "DELETE"],
-    auth_level=_FUNCTION,
+    auth_level=_APP,
 )
 async def manage_attendee(req: Request) -> Response:
     event_id, attendee_id = req.path_params["event_id"], req.path_params["attendee_id"]
@@ -182,7 +179,7 @@ async def manage_attendee(req: Request) -> Response:
 @bp.route(
     route="manage/events/{event_id}/attendees/{attendee_id}/rotate",
     methods=["POST"],
-    auth_level=_FUNCTION,
+    auth_level=_APP,
 )
 async def manage_attendee_rotate(req: Request) -> Response:
     event_id, attendee_id = req.path_params["event_id"], req.path_params["attendee_id"]
@@ -196,7 +193,7 @@ async def manage_attendee_rotate(req: Request) -> Response:
     return await _answer(work)
 
 
-@bp.route(route="manage/events/{event_id}/usage", methods=["GET"], auth_level=_FUNCTION)
+@bp.route(route="manage/events/{event_id}/usage", methods=["GET"], auth_level=_APP)
 async def manage_usage(req: Request) -> Response:
     event_id = req.path_params["event_id"]
 

@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.access.callers import Callers
 from shared.access.entra import (
     ATTENDEE_AUDIENCE,
     EVENT_HEADER,
@@ -86,6 +87,7 @@ class Runtime:
         )
         self.guard = FailedKeyGuard()
         self.entra = EntraVerifier(settings)
+        self.callers = Callers(settings, self.entra, self.guard)  # who manages: manage/*
         ttl = settings.cache_ttl_seconds
         self._access: TTLCache[str, Attendee | None] = TTLCache(ttl)
         self._events: TTLCache[str, Event | None] = TTLCache(ttl)

@@ -25,7 +25,9 @@ from local.process import stop
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_SETTINGS = ROOT / "local.settings.example.json"
-FUNCTION_KEY = "test-function-key"
+FUNCTION_KEY = "test-function-key"  # the host stand-in's: its admin API, not manage/*
+OPERATOR_KEY = "test-operator-key"
+OPERATOR = {"x-aiproxy-operator-key": OPERATOR_KEY}  # the management calls' credential
 SIM_KEY = "simkey"
 ENCRYPTION_KEY = Fernet.generate_key().decode()
 
@@ -95,6 +97,7 @@ def host_env(storage: str, prefix: str, **overrides: str) -> dict[str, str]:
         "AIPROXY_TABLE_PREFIX": prefix,
         "AIPROXY_ENCRYPTION_KEY": ENCRYPTION_KEY,
         "AIPROXY_FUNCTION_KEY": FUNCTION_KEY,
+        "AIPROXY_OPERATOR_KEY": OPERATOR_KEY,
         "AIPROXY_USAGE_FLUSH_SECONDS": "0.2",
         "AIPROXY_CACHE_TTL_SECONDS": "2",
         "AIPROXY_UPSTREAM_READ_TIMEOUT": "3",
@@ -115,9 +118,7 @@ class AppHost:
         self.proc = Process(args, env, log_dir / f"{name}-{self.port}.log")
         wait_for_port(self.port, timeout=90, process=self.proc.process)
         self.base = f"http://127.0.0.1:{self.port}/api"
-        self.manage = httpx.Client(
-            base_url=f"{self.base}/manage", headers={"x-functions-key": FUNCTION_KEY}, timeout=30
-        )
+        self.manage = httpx.Client(base_url=f"{self.base}/manage", headers=OPERATOR, timeout=30)
         self.http = httpx.Client(base_url=self.base, timeout=30)
 
     def status(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import pytest
 
 from local.azurite import Azurite
 from tests.harness import (
-    FUNCTION_KEY,
+    OPERATOR,
     SIM_KEY,
     AppHost,
     Simulator,
@@ -47,7 +47,7 @@ def travel_to(app: tuple[AppHost, StandIns]) -> Callable[[str], None]:
 
 
 async def berlin_event(client: httpx.AsyncClient, sim: Simulator, cap: int) -> str:
-    manage = {"x-functions-key": FUNCTION_KEY}
+    manage = OPERATOR
     event = await client.post(
         "/manage/events",
         headers=manage,

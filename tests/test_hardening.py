@@ -14,6 +14,8 @@ import pytest
 from local.azurite import Azurite, free_port
 from tests.harness import (
     FUNCTION_KEY,
+    OPERATOR,
+    OPERATOR_KEY,
     AppHost,
     EventSetup,
     Simulator,
@@ -272,7 +274,15 @@ def test_logs_hold_no_key_no_upstream_secret_and_no_prompt(
         host.stop()
     log = host.proc.log_path.read_text(errors="replace")
     assert '"request_id"' in log  # the structured lines are there: the scan read real logs
-    for secret in (setup.key, setup.key[4:], "simkey", FUNCTION_KEY, secret_prompt, "ZEBRA"):
+    for secret in (
+        setup.key,
+        setup.key[4:],
+        "simkey",
+        FUNCTION_KEY,
+        OPERATOR_KEY,
+        secret_prompt,
+        "ZEBRA",
+    ):
         assert secret not in log, f"{secret[:8]}… appears in the log"
 
 
@@ -286,7 +296,7 @@ async def test_spans_and_metrics_carry_event_and_deployment(
             log_dir, azurite.connection_string, unique_prefix("otel"), "otel"
         ) as (host, standins):
             async with httpx.AsyncClient(base_url=host.base, timeout=30) as client:
-                manage = {"x-functions-key": FUNCTION_KEY}
+                manage = OPERATOR
                 event = (await client.post("/manage/events", headers=manage, json={
                     "name": "otel", "starts_at": "2020-01-01T00:00:00",
                     "ends_at": "2099-01-01T00:00:00", "time_zone": "UTC",

@@ -14,9 +14,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from local.azurite import Azurite
+from local.azurite import Azurite, free_port, wait_for_port
 from local.host import compile_route, next_firing, resolve_setting
-from tests.harness import FUNCTION_KEY, AppHost, EventSetup, Simulator, host_env, unique_prefix
+from tests.harness import (
+    FUNCTION_KEY,
+    AppHost,
+    EventSetup,
+    Process,
+    Simulator,
+    host_answer,
+    host_env,
+    unique_prefix,
+)
 
 
 def test_route_templates_match_like_the_functions_host() -> None:
@@ -88,10 +97,69 @@ def test_unknown_route_and_wrong_method_are_the_hosts_empty_404(host: AppHost) -
         assert response.content == b""
 
 
-def test_missing_function_key_is_the_hosts_empty_401(host: AppHost) -> None:
+def tiny_app(root: Path, function_app: str) -> Path:
+    """An app of its own beside this one's worker code: what the host stand-in serves."""
+    source = Path(__file__).resolve().parent.parent
+    app = root / "app"
+    (app / "local").mkdir(parents=True)
+    for name in ("worker.py", "protos.py", "__init__.py"):
+        (app / "local" / name).write_bytes((source / "local" / name).read_bytes())
+    (app / "host.json").write_text(json.dumps({"version": "2.0"}))
+    (app / "function_app.py").write_text(function_app)
+    return app
+
+
+def test_function_level_routes_still_take_only_the_function_key(
+    tmp_path: Path, log_dir: Path
+) -> None:
+    # manage/* is anonymous at the host now (the app is its gate); routes left at the FUNCTION
+    # level keep the host's own check: its empty 401 without the key, the app's answer with it.
+    app = tiny_app(
+        tmp_path,
+        "import azure.functions as func\n"
+        "from azurefunctions.extensions.http.fastapi import Request, Response\n"
+        "app = func.FunctionApp()\n"
+        "@app.route(route='guarded', auth_level=func.AuthLevel.FUNCTION)\n"
+        "async def guarded(req: Request) -> Response:\n"
+        "    return Response('guarded ok')\n"
+        "@app.route(route='open', auth_level=func.AuthLevel.ANONYMOUS)\n"
+        "async def open_(req: Request) -> Response:\n"
+        "    return Response('open ok')\n",
+    )
+    root = Path(__file__).resolve().parent.parent
+    port = free_port()
+    code = (
+        "import sys, asyncio; sys.path.insert(0, sys.argv[2]); from pathlib import Path\n"
+        "from local.host import Host\n"
+        f"asyncio.run(Host(Path(sys.argv[1]), {FUNCTION_KEY!r}).serve({port}))\n"
+    )
+    server = Process(
+        [sys.executable, "-c", code, str(app), str(root)],
+        {**os.environ, "PYTHONPATH": str(root)},
+        log_dir / f"tiny-host-{port}.log",
+    )
+    try:
+        wait_for_port(port, timeout=90, process=server.process)
+        base = f"http://127.0.0.1:{port}/api"
+        for params, headers in (({}, {}), ({"code": "wrong"}, {}), ({}, {"x-functions-key": "x"})):
+            host_answer(httpx.get(f"{base}/guarded", params=params, headers=headers), 401)
+        for params, headers in (
+            ({"code": FUNCTION_KEY}, {}),
+            ({}, {"x-functions-key": FUNCTION_KEY}),
+        ):
+            answer = httpx.get(f"{base}/guarded", params=params, headers=headers, timeout=30)
+            assert answer.status_code == 200 and answer.text == "guarded ok", answer.text
+        assert httpx.get(f"{base}/open", timeout=30).text == "open ok"
+    finally:
+        server.stop()
+
+
+def test_management_routes_are_anonymous_at_the_host(host: AppHost) -> None:
+    manage = [f for f in host.status()["functions"] if (f["route"] or "").startswith("manage/")]
+    assert len(manage) >= 9 and {f["auth_level"] for f in manage} == {"anonymous"}
+    # So the host passes a call without any key to the app, which refuses it in its own words.
     response = host.http.get("/manage/events")
-    assert response.status_code == 401 and response.content == b""
-    assert host.http.get("/manage/events", params={"code": FUNCTION_KEY}).status_code == 200
+    assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
 
 
 def test_health_reports_storage(host: AppHost) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import SIM_KEY, AppHost, EventSetup, Simulator, Storage, host_answer, window
+from tests.harness import SIM_KEY, AppHost, EventSetup, Simulator, Storage, window
 
 EVENT = {
     "name": "Workshop",
@@ -189,15 +189,19 @@ def test_attendee_without_user_is_refused(host: AppHost, event: EventSetup) -> N
     invalid_field(host.manage.post(f"/events/{event.id}/attendees", json={"user": "  "}), "user")
 
 
-def test_management_refuses_without_the_function_key(host: AppHost) -> None:
-    for headers, params in (({}, {}), ({"x-functions-key": "wrong"}, {}), ({}, {"code": "wrong"})):
-        host_answer(host.http.get("/manage/events", headers=headers, params=params), 401)
-
-
-def test_function_key_works_as_code_query_parameter(host: AppHost) -> None:
+def test_a_function_key_is_no_management_credential(host: AppHost) -> None:
     from tests.harness import FUNCTION_KEY
 
-    assert host.http.get("/manage/events", params={"code": FUNCTION_KEY}).status_code == 200
+    for headers, params in (
+        ({}, {}),
+        ({"x-functions-key": FUNCTION_KEY}, {}),
+        ({}, {"code": FUNCTION_KEY}),
+    ):
+        response = host.http.get("/manage/events", headers=headers, params=params)
+        assert response.status_code == 401, response.text
+        error = response.json()["error"]
+        assert error["code"] == "unauthorized"
+        assert "'x-aiproxy-operator-key' header" in error["message"], error
 
 
 def test_caps_beyond_32_bits_are_refused_with_the_field_named(host: AppHost) -> None:
@@ -342,7 +346,14 @@ def test_a_patch_is_checked_against_the_fields_it_leaves_alone(
                 "endpoint": sim.url + "/", "api_key": SIM_KEY}  # fmt: skip
     made = host.manage.post("/resources", json=resource).json()
     assert made["endpoint"] == sim.url and made["upstream_deployment"] == "gpt-4o"
-    # The stored key still counts: switching back to key auth needs no new one.
+    # The stored key still counts for a change that leaves endpoint and auth alone.
     rpath = f"/resources/{made['id']}"
-    assert host.manage.patch(rpath, json={"auth": "managed_identity"}).status_code == 200
-    assert host.manage.patch(rpath, json={"auth": "key"}).json()["has_api_key"] is True
+    assert host.manage.patch(rpath, json={"weight": 3}).json()["has_api_key"] is True
+    # Switching to the app's identity drops it: switching back takes a key in the same body.
+    switched = host.manage.patch(rpath, json={"auth": "managed_identity"}).json()
+    assert switched["has_api_key"] is False
+    assert [d["field"] for d in details_of(host.manage.patch(rpath, json={"auth": "key"}))] == [
+        "api_key"
+    ]
+    back = host.manage.patch(rpath, json={"auth": "key", "api_key": SIM_KEY}).json()
+    assert back["has_api_key"] is True

@@ -9,6 +9,7 @@ import httpx
 
 from tests.harness import (
     FUNCTION_KEY,
+    OPERATOR,
     SIM_KEY,
     AppHost,
     EventSetup,
@@ -44,15 +45,17 @@ def concrete(path: str, **ids: str) -> str:
     return re.sub(r"\{(\w+)\}", lambda m: ids.get(m.group(1), f"nosuch{m.group(1)}"), path)
 
 
-def function_routes(host: AppHost) -> list[Route]:
-    return [r for r in registered(host) if r.auth_level == "function"]
+def management_routes(host: AppHost) -> list[Route]:
+    return [r for r in registered(host) if r.path.startswith("/manage/")]
 
 
 # --- sweeps over every registered route -----------------------------------------------------
 
 
-def test_every_function_route_refuses_without_the_function_key(host: AppHost) -> None:
-    routes = function_routes(host)
+def test_every_management_route_is_the_apps_to_refuse_not_the_hosts(host: AppHost) -> None:
+    # The host lets manage/* through (anonymous); the app answers 401 in the contract's shape,
+    # to a function key too: it grants nothing here.
+    routes = management_routes(host)
     assert {r.path for r in routes} >= {
         "/manage/events",
         "/manage/events/{event_id}",
@@ -64,26 +67,26 @@ def test_every_function_route_refuses_without_the_function_key(host: AppHost) ->
         "/manage/events/{event_id}/attendees/{attendee_id}/rotate",
         "/manage/events/{event_id}/usage",
     }
+    assert {r.auth_level for r in routes} == {"anonymous"}
     for route in routes:
         for method in route.methods:
-            for headers in ({}, {"x-functions-key": FUNCTION_KEY + "x"}):
+            for headers in ({}, {"x-functions-key": FUNCTION_KEY}):
                 response = host.http.request(method, concrete(route.path), headers=headers)
-                host_answer(response, 401)
+                error = error_of(response, 401, "unauthorized")
+                assert "x-aiproxy-operator-key" in error["message"], error
 
 
 def test_every_route_refuses_a_wrong_method(host: AppHost) -> None:
     # The host matches methods as route constraints: a wrong method matches no route (404).
     for route in registered(host):
         wrong = next(m for m in METHODS if m not in route.methods)
-        response = host.http.request(
-            wrong, concrete(route.path), headers={"x-functions-key": FUNCTION_KEY}
-        )
+        response = host.http.request(wrong, concrete(route.path), headers=OPERATOR)
         host_answer(response, 404)
 
 
 def test_every_management_route_with_an_id_is_404_for_unknown_ids(host: AppHost) -> None:
     checked = 0
-    for route in function_routes(host):
+    for route in management_routes(host):
         if "{" not in route.path:
             continue
         for method in route.methods:
@@ -92,7 +95,7 @@ def test_every_management_route_with_an_id_is_404_for_unknown_ids(host: AppHost)
                 method,
                 concrete(route.path),
                 json=body,
-                headers={"x-functions-key": FUNCTION_KEY},
+                headers=OPERATOR,
             )
             assert "nosuch" in error_of(response, 404, "not_found")["message"], route.path
             checked += 1

@@ -13,7 +13,7 @@ import pytest
 from local.azurite import Azurite
 from shared.platform.identity import COGNITIVE_SCOPE, SEARCH_SCOPE, TokenSource
 from tests.harness import (
-    FUNCTION_KEY,
+    OPERATOR,
     SIM_KEY,
     AppHost,
     Simulator,
@@ -53,7 +53,7 @@ async def app(
 
 
 async def setup_event(client: httpx.AsyncClient, resources: list[dict[str, Any]]) -> str:
-    manage = {"x-functions-key": FUNCTION_KEY}
+    manage = OPERATOR
     event = await client.post(
         "/manage/events",
         headers=manage,

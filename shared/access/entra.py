@@ -62,6 +62,11 @@ def guid_list(raw: str) -> frozenset[str]:
     return frozenset(part.strip().lower() for part in raw.split(",") if part.strip())
 
 
+def name_list(raw: str) -> frozenset[str]:
+    """A comma-separated setting of app role names, as written (roles are case-sensitive)."""
+    return frozenset(part.strip() for part in raw.split(",") if part.strip())
+
+
 def refused(message: str) -> ProxyError:
     """401 invalid_token, with the challenge RFC 6750 asks for."""
     description = _WWW_AUTHENTICATE_TEXT.sub("?", message)[:300]
@@ -287,10 +292,6 @@ class EntraVerifier:
         self.organizer_audiences = frozenset(
             a.strip().rstrip("/") for a in settings.entra_organizer_audience.split(",") if a.strip()
         )
-        self.organizer_groups = guid_list(settings.entra_organizer_groups)
-        self.organizer_roles = frozenset(
-            r.strip() for r in settings.entra_organizer_roles.split(",") if r.strip()
-        )
         self._verified: dict[str, Identity] = {}  # by the token's hash, until it expires
 
     def cached(self, token: str) -> Identity | None:
@@ -382,18 +383,10 @@ class EntraVerifier:
                     del self._verified[digest]
         self._verified[_digest(token)] = identity
 
-    async def organizer(self, authorization: str | None) -> str | None:
-        """The owner id of an organiser's token; None when there is none to check.
-
-        Only when organiser tenants are configured: then any bearer token is checked and an
-        invalid one is refused, never taken as the operator.
-        """
-        if not self.organizer_tenants or not authorization:
-            return None
-        scheme, _, token = authorization.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            return None
+    async def management_identity(self, token: str) -> Identity:
+        """Who an organiser's or operator's token names, once verified: a token of an
+        organisers' tenant for the app's own audience. What it may do is shared.access.callers'
+        business; an invalid token is refused here, never passed on."""
         if not looks_like_jwt(token):
             raise malformed()
         tenant = token_tenant(token)
@@ -405,21 +398,9 @@ class EntraVerifier:
         if not self.organizer_audiences:
             raise refused(
                 "This app takes no organiser tokens yet: AIPROXY_ENTRA_ORGANIZER_AUDIENCE is "
-                "not set. Use the function key."
+                "not set. Use the operator key."
             )
-        identity = await self.verify(token, tenant, self.organizer_audiences)
-        if self.organizer_groups.isdisjoint(identity.groups) and self.organizer_roles.isdisjoint(
-            identity.roles
-        ):
-            needed = [f"group {g}" for g in sorted(self.organizer_groups)]
-            needed += [f"app role '{r}'" for r in sorted(self.organizer_roles)]
-            raise ProxyError(
-                "forbidden",
-                f"{identity.name} (object id {identity.object_id}) is not an organiser: that "
-                f"takes {' or '.join(needed) or 'a group or app role the app does not name yet'}."
-                " Ask an administrator to add you.",
-            )
-        return identity.owner
+        return await self.verify(token, tenant, self.organizer_audiences)
 
     async def close(self) -> None:
         await self.keys.close()

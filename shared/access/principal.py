@@ -19,6 +19,10 @@ _ID_CLAIMS = (
     "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/nameidentifier",
     "sub",
 )
+# Claims of App Service's principal that carry app roles, groups and the Entra tenant.
+_ROLE_CLAIMS = ("roles", "http://schemas.microsoft.com/ws/2008/06/identity/claims/role")
+_GROUP_CLAIMS = ("groups",)
+_TENANT_CLAIMS = ("http://schemas.microsoft.com/identity/claims/tenantid", "tid")
 _NAME_CLAIMS = (
     "preferred_username",
     "name",
@@ -34,6 +38,9 @@ class Principal:
     provider: str
     id: str
     name: str
+    roles: frozenset[str] = frozenset()
+    groups: frozenset[str] = frozenset()  # object ids, lower-cased
+    tenant: str = ""  # the Entra tenant, lower-cased; "" for other providers
 
     @property
     def owner(self) -> str:
@@ -61,6 +68,19 @@ def _claims(decoded: dict[str, Any]) -> dict[str, str]:
         if isinstance(claim, dict) and isinstance(claim.get("typ"), str):
             found.setdefault(claim["typ"], str(claim.get("val", "")))
     return found
+
+
+def _claim_values(decoded: dict[str, Any], types: tuple[str, ...]) -> frozenset[str]:
+    """Every value of these claim types: roles and groups come one claim per value."""
+    wanted = set(types)
+    role_type = decoded.get("role_typ")
+    if "roles" in wanted and isinstance(role_type, str):
+        wanted.add(role_type)
+    return frozenset(
+        str(claim.get("val", "")).strip()
+        for claim in decoded.get("claims") or []
+        if isinstance(claim, dict) and claim.get("typ") in wanted and claim.get("val")
+    )
 
 
 def principal(headers: Mapping[str, str], settings: Settings) -> Principal | None:
@@ -100,10 +120,15 @@ def principal(headers: Mapping[str, str], settings: Settings) -> Principal | Non
     principal_id, provider, name = principal_id.strip(), provider.strip().lower(), name.strip()
     if not principal_id:
         return None
-    return Principal(provider=provider[:32], id=principal_id[:128], name=name[:200])
-
-
-def owner_of(headers: Mapping[str, str], settings: Settings) -> str:
-    """The owner id for management calls: '' (operator) unless a trusted principal is present."""
-    found = principal(headers, settings)
-    return found.owner if found else ""
+    # Only Entra's principals name a tenant; another provider's claim of one means nothing.
+    tenant = (
+        next((claims[c] for c in _TENANT_CLAIMS if claims.get(c)), "") if provider == "aad" else ""
+    )
+    return Principal(
+        provider=provider[:32],
+        id=principal_id[:128],
+        name=name[:200],
+        roles=_claim_values(decoded, _ROLE_CLAIMS),
+        groups=frozenset(g.lower() for g in _claim_values(decoded, _GROUP_CLAIMS)),
+        tenant=tenant.strip().lower()[:64],
+    )

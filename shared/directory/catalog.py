@@ -9,6 +9,7 @@ from typing import Any
 
 from shared.directory.models import DEPLOYMENT_NAME, ResourceCreate, ResourceFields
 from shared.directory.validation import parse
+from shared.errors import invalid
 from shared.platform.tables import Tables
 
 RESOURCES_TABLE = "resources"
@@ -70,10 +71,24 @@ def new_resource(body: dict[str, Any], *, owner: str, now: datetime) -> tuple[Re
 
 def patch_resource(resource: Resource, body: dict[str, Any]) -> str | None:
     """Validate a change: the body laid over the resource's fields, checked as a whole; a new
-    api_key if one was given."""
+    api_key if one was given.
+
+    A stored key never follows a new endpoint: whoever may change the address could otherwise
+    have the key sent to a host of their choosing. So a change of endpoint, or to auth 'key',
+    carries the key for the new setting in the same body.
+    """
     current = {name: getattr(resource, name) for name in ResourceFields.model_fields}
     fields = dict(parse(ResourceCreate, {**current, **body}, has_api_key=resource.has_api_key))
     api_key = fields.pop("api_key")
+    moved = fields["endpoint"] != resource.endpoint.rstrip("/")
+    to_key = fields["auth"] == "key" and resource.auth != "key"
+    if fields["auth"] == "key" and (moved or to_key) and api_key is None:
+        raise invalid(
+            "api_key",
+            "is required when endpoint or auth changes",
+            "Send the deployment's key as 'api_key' in the same body: the stored key is never "
+            "sent to a new endpoint, nor kept for a new way of calling.",
+        )
     for name, value in fields.items():
         setattr(resource, name, value)
     resource.upstream_deployment = resource.upstream_deployment or resource.deployment

@@ -2,13 +2,16 @@
 
 Each function takes the runtime, the caller and plain values, and returns plain data or raises
 ProxyError; the HTTP side lives in admin_functions/.
+
+Organisers see and change only what they own. The operator's powers stay the operator's: every
+event and resource, the app's managed identity, and letting any Entra tenant into an event.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from shared.access.callers import Caller
 from shared.directory.attendees import Attendee
 from shared.directory.catalog import Resource, new_resource, patch_resource
 from shared.directory.events import Event, new_event, patch_event
@@ -20,22 +23,32 @@ from shared.platform.tables import StorageUnavailable
 from shared.runtime import Runtime
 
 
-@dataclass(frozen=True)
-class Caller:
-    """Who is managing: an operator (function key only) sees everything; an owner, its own."""
-
-    owner: str = ""
-
-    @property
-    def operator(self) -> bool:
-        return not self.owner
-
-    def may_see(self, owner: str) -> bool:
-        return self.operator or owner == self.owner
-
-
 def _not_found(kind: str, ident: str) -> ProxyError:
     return ProxyError("not_found", f"No {kind} with id '{ident[:64]}'.")
+
+
+def _check_tenants(caller: Caller, tenants: list[str], already: list[str]) -> None:
+    """An organiser may let in only tenants it signed in from; ones already there may stay."""
+    foreign = [t for t in tenants if t not in already and not caller.may_name_tenant(t)]
+    if foreign:
+        yours = ", ".join(sorted(caller.tenants)) or "none: you did not sign in with Entra ID"
+        raise ProxyError(
+            "forbidden",
+            f"You may not let tenant {foreign[0]} into an event: organisers may add only the "
+            f"tenants they belong to (yours: {yours}). Ask the operator to add it.",
+            param="entra_tenants",
+        )
+
+
+def _check_managed_identity(caller: Caller, resource: Resource) -> None:
+    """The app's own identity reaches whatever the operator granted it: operators' only."""
+    if resource.auth == "managed_identity" and not caller.operator:
+        raise ProxyError(
+            "forbidden",
+            "Only the operator may set up resources that call with the app's managed identity. "
+            "Use auth 'key' with the deployment's api_key.",
+            param="auth",
+        )
 
 
 async def event(runtime: Runtime, caller: Caller, event_id: str) -> Event:
@@ -54,6 +67,7 @@ async def resource(runtime: Runtime, caller: Caller, resource_id: str) -> Resour
 
 async def create_event(runtime: Runtime, caller: Caller, body: dict[str, Any]) -> Event:
     created = new_event(body, owner=caller.owner, now=clock.now())
+    _check_tenants(caller, created.entra_tenants, [])
     await runtime.events.create(created)
     runtime.forget_event(created.id)  # the tenants it takes tokens of
     return created
@@ -67,7 +81,9 @@ async def update_event(
     runtime: Runtime, caller: Caller, event_id: str, body: dict[str, Any]
 ) -> Event:
     found = await event(runtime, caller, event_id)
+    before = list(found.entra_tenants)
     patch_event(found, body)
+    _check_tenants(caller, found.entra_tenants, before)
     await runtime.events.save(found)
     runtime.forget_event(event_id)
     return found
@@ -93,6 +109,7 @@ async def delete_event(runtime: Runtime, caller: Caller, event_id: str, *, force
 
 async def create_resource(runtime: Runtime, caller: Caller, body: dict[str, Any]) -> Resource:
     created, api_key = new_resource(body, owner=caller.owner, now=clock.now())
+    _check_managed_identity(caller, created)
     if api_key is not None:
         await runtime.secrets.put(created.secret_name, api_key)
         created.has_api_key = True
@@ -109,7 +126,12 @@ async def update_resource(
 ) -> Resource:
     found = await resource(runtime, caller, resource_id)
     api_key = patch_resource(found, body)
-    if api_key is not None:
+    _check_managed_identity(caller, found)
+    if found.auth == "managed_identity":
+        if found.has_api_key:  # a key unused from now on is not kept
+            await runtime.secrets.delete(found.secret_name)
+            found.has_api_key = False
+    elif api_key is not None:
         await runtime.secrets.put(found.secret_name, api_key)
         found.has_api_key = True
     await runtime.catalog.save_resource(found)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from opentelemetry.trace import SpanKind
@@ -13,6 +14,8 @@ from shared.platform.identity import scope_for, upstream_token
 from shared.runtime import Runtime
 from shared.upstreams.balancer import DEFAULT_COOLDOWN_SECONDS, cooldown_seconds
 from shared.upstreams.client import UpstreamAnswer, UpstreamTimeout, UpstreamUnreachable
+
+log = logging.getLogger(__name__)
 
 _RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -26,6 +29,20 @@ class Forwarder:
     async def headers(self, resource: Resource) -> dict[str, str]:
         headers = {"content-type": "application/json"}
         if resource.auth == "managed_identity":
+            if resource.owner:
+                # Only the operator may point the app's identity somewhere; an organiser's
+                # resource set so (stored before this rule) gets no token, wherever it points.
+                log.warning(
+                    "resource %s of owner %s uses the app's managed identity, which only the "
+                    "operator's resources may: no token sent",
+                    resource.id,
+                    resource.owner,
+                )
+                raise ProxyError(
+                    "upstream_error",
+                    "The deployment is set to call with the proxy's own identity, which only "
+                    "the operator's deployments may. Tell the organiser to use its key.",
+                )
             token = await upstream_token(self.runtime.settings, scope_for(resource.model_class))
             headers["authorization"] = f"Bearer {token}"
         else:

@@ -60,6 +60,12 @@ class Settings:
     entra_organizer_audience: str = ""
     entra_organizer_groups: str = ""
     entra_organizer_roles: str = ""
+    # The operator: a secret of its own, sent in the x-aiproxy-operator-key header ("": no
+    # operator key), and the app roles or groups (object ids) that make a signed-in principal
+    # the operator; commas.
+    operator_key: str = ""
+    entra_operator_roles: str = ""
+    entra_operator_groups: str = ""
     # OpenTelemetry to Application Insights when set.
     appinsights_connection_string: str = ""
     # Dev host only: the key that function-level routes require locally.
@@ -98,6 +104,9 @@ _ENV_NAMES = {
     "entra_organizer_audience": "AIPROXY_ENTRA_ORGANIZER_AUDIENCE",
     "entra_organizer_groups": "AIPROXY_ENTRA_ORGANIZER_GROUPS",
     "entra_organizer_roles": "AIPROXY_ENTRA_ORGANIZER_ROLES",
+    "operator_key": "AIPROXY_OPERATOR_KEY",
+    "entra_operator_roles": "AIPROXY_ENTRA_OPERATOR_ROLES",
+    "entra_operator_groups": "AIPROXY_ENTRA_OPERATOR_GROUPS",
     "appinsights_connection_string": "APPLICATIONINSIGHTS_CONNECTION_STRING",
     "function_key": "AIPROXY_FUNCTION_KEY",
     "plugins": "AIPROXY_PLUGINS",
