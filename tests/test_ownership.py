@@ -1,4 +1,5 @@
-"""Behind EasyAuth each organiser owns what it creates and sees only that; operators see all."""
+"""Behind EasyAuth each organiser owns what it creates and sees only that; operators (the
+operator key, or an operator app role or group in the principal's claims) see all."""
 
 from __future__ import annotations
 
@@ -12,21 +13,38 @@ import httpx
 import pytest
 
 from local.azurite import Azurite
-from tests.harness import SIM_KEY, AppHost, Simulator, host_answer, host_env, window
+from tests.harness import FUNCTION_KEY, SIM_KEY, AppHost, Simulator, host_env, window
+
+OPERATOR_ROLE = "AIProxy.Operator"
+OPERATOR_GROUP = "0f0e0d0c-0b0a-4908-8706-050403020100"
 
 
-def easyauth(provider: str, user_id: str, name: str) -> dict[str, str]:
-    """The headers App Service sets for a signed-in user (App Service principal shape)."""
+def easyauth(
+    provider: str,
+    user_id: str,
+    name: str,
+    *,
+    roles: tuple[str, ...] | list[str] = (),
+    groups: tuple[str, ...] | list[str] = (),
+    tenant: str = "",
+) -> dict[str, str]:
+    """The headers App Service sets for a signed-in user (App Service principal shape): one
+    claim per role and per group, as App Service writes them."""
+    claims = [
+        {"typ": "http://schemas.microsoft.com/identity/claims/objectidentifier", "val": user_id},
+        {"typ": "preferred_username", "val": name},
+    ]
+    claims += [{"typ": "roles", "val": role} for role in roles]
+    claims += [{"typ": "groups", "val": group} for group in groups]
+    if tenant:
+        claims.append(
+            {"typ": "http://schemas.microsoft.com/identity/claims/tenantid", "val": tenant}
+        )
     principal = {
         "auth_typ": provider,
-        "claims": [
-            {
-                "typ": "http://schemas.microsoft.com/identity/claims/objectidentifier",
-                "val": user_id,
-            },
-            {"typ": "preferred_username", "val": name},
-        ],
+        "claims": claims,
         "name_typ": "preferred_username",
+        "role_typ": "roles",
     }
     return {
         "x-ms-client-principal": base64.b64encode(json.dumps(principal).encode()).decode(),
@@ -43,21 +61,28 @@ BOB = easyauth("aad", "oid-bob", "bob@contoso.com")
 @pytest.fixture(scope="module")
 def trusted(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
     """An instance behind EasyAuth: it trusts the principal headers."""
-    env = host_env(azurite.connection_string, prefix, AIPROXY_TRUST_EASYAUTH="true")
+    env = host_env(
+        azurite.connection_string,
+        prefix,
+        AIPROXY_TRUST_EASYAUTH="true",
+        AIPROXY_ENTRA_OPERATOR_ROLES=OPERATOR_ROLE,
+        AIPROXY_ENTRA_OPERATOR_GROUPS=OPERATOR_GROUP,
+    )
     server = AppHost(log_dir, env, name="devhost-owners")
     yield server
     server.stop()
 
 
 class Organiser:
-    """Management calls as one signed-in user (function key plus principal headers)."""
+    """Management calls as one signed-in user: its principal headers and nothing else."""
 
     def __init__(self, host: AppHost, headers: dict[str, str]) -> None:
         self.host = host
         self.headers = headers
 
     def call(self, method: str, path: str, body: Any = None) -> httpx.Response:
-        return self.host.manage.request(method, path, json=body, headers=self.headers)
+        url = f"{self.host.base}/manage{path}"
+        return httpx.request(method, url, json=body, headers=self.headers, timeout=30)
 
     def create_event(self, name: str) -> dict[str, Any]:
         body = {"name": name, **window(), "max_token_cap": 64, "daily_request_cap": 10}
@@ -126,6 +151,7 @@ def test_someone_elses_things_are_404(world: dict[str, Any]) -> None:
         ("DELETE", f"/events/{event_id}?force=true", None),
         ("GET", f"/resources/{resource_id}", None),
         ("PATCH", f"/resources/{resource_id}", {"weight": 5}),
+        ("PATCH", f"/resources/{resource_id}", {"endpoint": "https://bob.example", "api_key": "k"}),
         ("DELETE", f"/resources/{resource_id}", None),
         ("GET", f"/events/{event_id}/resources", None),
         ("PUT", f"/events/{event_id}/resources/{resource_id}", None),
@@ -149,9 +175,7 @@ def test_someone_elses_things_are_404(world: dict[str, Any]) -> None:
     assert attendee["active"] is True and attendee["api_key"] == world["attendee"]["api_key"]
 
 
-def test_operator_with_only_the_function_key_sees_everything(
-    trusted: AppHost, world: dict[str, Any]
-) -> None:
+def test_the_operator_key_sees_everything(trusted: AppHost, world: dict[str, Any]) -> None:
     events = {e["id"] for e in trusted.manage.get("/events").json()}
     assert {world["event"]["id"], world["bob_event"]["id"]} <= events
     resource = trusted.manage.get(f"/resources/{world['resource']['id']}")
@@ -161,6 +185,27 @@ def test_operator_with_only_the_function_key_sees_everything(
     )
     assert created.json()["owner"] == ""
     assert world["alice"].call("GET", f"/events/{created.json()['id']}").status_code == 404
+
+
+def test_a_principal_with_an_operator_role_or_group_is_the_operator(
+    trusted: AppHost, world: dict[str, Any]
+) -> None:
+    for headers in (
+        easyauth("aad", "oid-olga", "olga@contoso.com", roles=["Reader", OPERATOR_ROLE]),
+        easyauth("aad", "oid-oscar", "oscar@contoso.com", groups=[OPERATOR_GROUP.upper()]),
+    ):
+        operator = Organiser(trusted, headers)
+        events = {e["id"] for e in operator.call("GET", "/events").json()}
+        assert {world["event"]["id"], world["bob_event"]["id"]} <= events
+        attendee = operator.call(
+            "GET", f"/events/{world['event']['id']}/attendees/{world['attendee']['id']}"
+        )
+        assert attendee.status_code == 200
+        assert operator.create_event("operator's own")["owner"] == ""
+    # Another role or group makes nobody the operator.
+    other = Organiser(trusted, easyauth("aad", "oid-rita", "rita@x", roles=["Reader"]))
+    assert other.call("GET", "/events").json() == []
+    assert other.create_event("Rita's")["owner"] == "aad:oid-rita"
 
 
 def test_conflict_names_only_events_the_caller_may_see(
@@ -188,19 +233,65 @@ def test_static_web_apps_principal_shape_is_understood(trusted: AppHost) -> None
 
 def test_malformed_principal_is_no_principal(trusted: AppHost) -> None:
     for value in ("not base64 !!", base64.b64encode(b"[1, 2]").decode()):
-        created = Organiser(trusted, {"x-ms-client-principal": value}).create_event("odd")
-        assert created["owner"] == ""
+        refused = Organiser(trusted, {"x-ms-client-principal": value}).call("GET", "/events")
+        assert refused.status_code == 401, refused.text
+        assert refused.json()["error"]["code"] == "unauthorized"
 
 
-def test_forged_principal_changes_nothing_without_trust(
-    host: AppHost, world: dict[str, Any]
-) -> None:
+def test_forged_principal_is_nobody_without_trust(host: AppHost, world: dict[str, Any]) -> None:
     forged = Organiser(host, BOB)
-    events = {e["id"] for e in forged.call("GET", "/events").json()}
-    assert world["event"]["id"] in events  # still an operator: sees Alice's event too
-    assert forged.create_event("forged")["owner"] == ""
-    assert forged.call("GET", f"/events/{world['event']['id']}").status_code == 200
+    for method, path in (("GET", "/events"), ("GET", f"/events/{world['event']['id']}")):
+        refused = forged.call(method, path)
+        assert refused.status_code == 401, refused.text
+        assert refused.json()["error"]["code"] == "unauthorized"
+    # With the operator key beside it, the forged principal changes nothing: still the operator.
+    created = host.manage.post(
+        "/events",
+        json={"name": "forged", **window(), "max_token_cap": 1, "daily_request_cap": 1},
+        headers=BOB,
+    )
+    assert created.status_code == 201 and created.json()["owner"] == ""
 
 
-def test_principal_does_not_replace_the_function_key(trusted: AppHost) -> None:
-    host_answer(trusted.http.get("/manage/events", headers=ALICE), 401)
+def test_signed_in_organisers_need_no_function_key(trusted: AppHost, world: dict[str, Any]) -> None:
+    listed = trusted.http.get("/manage/events", headers=ALICE)
+    assert listed.status_code == 200
+    assert {e["owner"] for e in listed.json()} == {"aad:oid-alice"}
+
+
+def test_an_organiser_without_its_sign_in_is_refused_everywhere(
+    trusted: AppHost, world: dict[str, Any]
+) -> None:
+    # Alice's own things, without her principal: the function key, or nothing, opens nothing.
+    event_id, attendee_id = world["event"]["id"], world["attendee"]["id"]
+    paths = [
+        ("GET", "/events"),
+        ("GET", f"/events/{event_id}"),
+        ("GET", f"/events/{event_id}/attendees"),
+        ("POST", f"/events/{event_id}/attendees/{attendee_id}/rotate"),
+        ("DELETE", f"/resources/{world['resource']['id']}"),
+    ]
+    for headers in ({}, {"x-functions-key": FUNCTION_KEY}):
+        for method, path in paths:
+            refused = Organiser(trusted, headers).call(method, path)
+            assert refused.status_code == 401, (method, path, refused.text)
+            assert refused.json()["error"]["code"] == "unauthorized"
+    assert world["alice"].call("GET", f"/events/{event_id}/attendees").status_code == 200
+
+
+def test_organisers_let_only_their_own_tenant_into_events(
+    trusted: AppHost, world: dict[str, Any]
+) -> None:
+    own, other = "11111111-2222-4333-8444-555555555555", "66666666-7777-4888-8999-000000000000"
+    dana = Organiser(trusted, easyauth("aad", "oid-dana", "dana@fabrikam.com", tenant=own))
+    body = {"name": "Dana's", **window(), "max_token_cap": 1, "daily_request_cap": 1}
+    refused = dana.call("POST", "/events", {**body, "entra_tenants": [other]})
+    assert refused.status_code == 403, refused.text
+    error = refused.json()["error"]
+    assert (error["code"], error["param"]) == ("forbidden", "entra_tenants")
+    assert other in error["message"]
+    created = dana.call("POST", "/events", {**body, "entra_tenants": [own.upper()]})
+    assert created.status_code == 201 and created.json()["entra_tenants"] == [own]
+    # A GitHub sign-in belongs to no tenant: it may add none.
+    github = Organiser(trusted, easyauth("github", "gh-7", "octo", tenant=own))
+    assert github.call("POST", "/events", {**body, "entra_tenants": [own]}).status_code == 403
