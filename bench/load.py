@@ -30,7 +30,7 @@ import httpx
 from azure.data.tables import TableServiceClient
 
 from bench.run import cpu_seconds, log_problems
-from bench.servers import FUNCTION_KEY, WorkerApp, pinned
+from bench.servers import OPERATOR_KEY, WorkerApp, pinned
 from local.azurite import Azurite, free_port, wait_for_port
 from local.process import stop
 
@@ -51,7 +51,7 @@ def rss_mib(pid: int) -> float:
 
 def set_up(base: str, simulator: str) -> tuple[str, str]:
     manage = httpx.Client(
-        base_url=f"{base}/manage", headers={"x-functions-key": FUNCTION_KEY}, timeout=30
+        base_url=f"{base}/manage", headers={"x-aiproxy-operator-key": OPERATOR_KEY}, timeout=30
     )
     today = datetime.now(UTC)
     event = (

@@ -49,7 +49,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from bench.servers import FUNCTION_KEY, WorkerApp, pinned
+from bench.servers import OPERATOR_KEY, WorkerApp, pinned
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -283,7 +283,7 @@ def set_up_event(base: str, upstreams: list[str]) -> tuple[str, str]:
     from bench.nginx import API_KEY, JSON_DEPLOYMENT, STREAM_DEPLOYMENT
 
     with httpx.Client(
-        base_url=f"{base}/api/manage", headers={"x-functions-key": FUNCTION_KEY}, timeout=30
+        base_url=f"{base}/api/manage", headers={"x-aiproxy-operator-key": OPERATOR_KEY}, timeout=30
     ) as manage:
 
         def ok(response: httpx.Response) -> dict[str, Any]:

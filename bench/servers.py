@@ -24,7 +24,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_SETTINGS = ROOT / "local.settings.example.json"
-FUNCTION_KEY = "bench-function-key"
+FUNCTION_KEY = "bench-function-key"  # the host stand-in's admin API
+OPERATOR_KEY = "bench-operator-key"  # manage/*
 
 
 def pinned(cpu: int | None, args: list[str]) -> list[str]:
@@ -55,6 +56,7 @@ def app_env(storage: str, prefix: str, work: Path, **extra: str) -> dict[str, st
         "AIPROXY_TABLE_PREFIX": prefix,
         "AIPROXY_ENCRYPTION_KEY": Fernet.generate_key().decode(),
         "AIPROXY_FUNCTION_KEY": FUNCTION_KEY,
+        "AIPROXY_OPERATOR_KEY": OPERATOR_KEY,
         "AIPROXY_USAGE_FLUSH_SECONDS": os.environ.get("BENCH_USAGE_FLUSH_SECONDS", "1"),
         "AIPROXY_USAGE_SPILL_DIR": str(work / f"usage-{prefix}"),
         "AIPROXY_ALLOW_LOOPBACK_UPSTREAMS": "true",  # the simulator is on 127.0.0.1

@@ -7,24 +7,38 @@ from typing import Any
 
 import httpx
 
+from cli.credentials import Credential
+
 USER_AGENT = "aiproxy-cli"
 
 
 class ApiError(Exception):
     """The API answered with an error (4xx/5xx); the message is its one-line explanation."""
 
-    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, param: str | None = None, hint: str = ""
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.param = param
+        self.hint = hint  # what to check on this side, when the CLI knows better than the API
 
     def __str__(self) -> str:
         return f"{self.message} ({self.status} {self.code})"
 
     @classmethod
-    def from_response(cls, response: httpx.Response) -> ApiError:
+    def from_response(
+        cls, response: httpx.Response, credential: Credential | None = None
+    ) -> ApiError:
+        error = cls._parse(response)
+        if error.status == 401 and credential is not None:
+            error.hint = credential.refused_hint()
+        return error
+
+    @classmethod
+    def _parse(cls, response: httpx.Response) -> ApiError:
         try:
             error = response.json()["error"]
             message = str(error.get("message", "")).strip() or response.reason_phrase
@@ -39,13 +53,14 @@ class ApiError(Exception):
         except (ValueError, KeyError, TypeError, AttributeError):
             pass
         text = " ".join(response.text.split())[:200]
-        # The Functions host itself answers these, with no body (the app never sees the call).
+        # The Functions host itself answers these, with no body (the app never sees the call):
+        # a 401 means a deployment from before manage/* took the operator key or a token.
         if response.status_code == 401 and not text:
             return cls(
                 401,
                 "unauthorized",
-                "The function key was refused: pass the app's function key with --key "
-                "or AIPROXY_FUNCTION_KEY.",
+                "The Functions host wants a function key for manage/*: this app is older than "
+                "the operator key and Entra sign-in; deploy the current version.",
             )
         if response.status_code == 404 and not text:
             return cls(
@@ -63,10 +78,10 @@ class Unreachable(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    """Where the proxy is and the function key to manage it with."""
+    """Where the proxy is and who calls it."""
 
     endpoint: str  # the proxy's base URL, e.g. http://127.0.0.1:7071/api
-    key: str
+    credential: Credential
     timeout: float = 30.0
 
     @property
@@ -75,7 +90,7 @@ class Target:
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"x-functions-key": self.key, "user-agent": USER_AGENT}
+        return {**self.credential.header, "user-agent": USER_AGENT}
 
 
 def normalize_endpoint(endpoint: str) -> str:
@@ -111,7 +126,7 @@ class Api:
         except httpx.TransportError as exc:
             raise Unreachable(f"cannot reach {self.target.endpoint}: {describe(exc)}") from exc
         if response.status_code >= 400:
-            raise ApiError.from_response(response)
+            raise ApiError.from_response(response, self.target.credential)
         return response
 
     def json(self, method: str, path: str, **kw: Any) -> Any:

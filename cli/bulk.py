@@ -108,7 +108,7 @@ async def issue_keys(
         except httpx.TransportError as exc:
             raise Unreachable(f"cannot reach {target.endpoint}: {describe(exc)}") from exc
         if check.status_code >= 400:
-            raise ApiError.from_response(check)
+            raise ApiError.from_response(check, target.credential)
         bar = Progress(len(users), "keys") if progress else None
 
         async def one(user: str) -> Issued:

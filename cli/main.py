@@ -1,6 +1,8 @@
 """aiproxy: manage events, resources, catalogs, attendees and usage from the command line.
 
-Exit codes: 0 done, 1 the API refused (4xx/5xx), 2 usage error, 3 cannot reach the proxy.
+Exit codes: 0 done, 1 the API refused (4xx/5xx), 2 usage error (also: no credential, or no Entra
+token to be had), 3 cannot reach the proxy, 141 the reader of the output went away (`| head`),
+as for a Unix tool that SIGPIPE stopped.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from pydantic_core import PydanticUndefined
 
 from cli.api import Api, ApiError, Target, Unreachable, normalize_endpoint
 from cli.bulk import InputError, issue_keys, read_users, write_keys
+from cli.credentials import SOURCES, CredentialError, resolve
 from cli.output import print_json, table
 from shared.directory.models import Body, EventCreate, ResourceCreate
 
 OK, API_ERROR, USAGE_ERROR, UNREACHABLE = 0, 1, 2, 3
+# What a shell reports for a tool killed by SIGPIPE: `set -o pipefail` scripts see the output cut.
+OUTPUT_CLOSED = 141
 PROG = "aiproxy"
 USAGE_NUMBERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "units")
 USAGE_KEYS = {
@@ -283,10 +288,24 @@ def _common() -> argparse.ArgumentParser:
         help="the proxy's base URL, e.g. http://127.0.0.1:7071/api (env AIPROXY_ENDPOINT)",
     )
     group.add_argument(
-        "--key",
+        "--operator-key",
         default=argparse.SUPPRESS,
-        help="the function key for manage/* (env AIPROXY_FUNCTION_KEY)",
+        help="the operator's key: every event and resource (env AIPROXY_OPERATOR_KEY)",
     )
+    group.add_argument(
+        "--token",
+        default=argparse.SUPPRESS,
+        help="an organiser's Entra access token for the app (env AIPROXY_TOKEN)",
+    )
+    group.add_argument(
+        "--entra-scope",
+        default=argparse.SUPPRESS,
+        metavar="SCOPE",
+        help="or get that token for api://<client id>/.default from az login, azd, a managed "
+        "or workload identity (env AIPROXY_ENTRA_SCOPE)",
+    )
+    # The function key opened manage/* once; kept to say what replaced it.
+    group.add_argument("--key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     group.add_argument(
         "--timeout",
         type=float,
@@ -323,9 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         description="Manage AI Proxy events, resources, catalogs, attendees and usage.",
         epilog=(
-            "Set AIPROXY_ENDPOINT (e.g. http://127.0.0.1:7071/api) and AIPROXY_FUNCTION_KEY,\n"
-            "or pass --endpoint and --key. Exit codes: 0 done, 1 the API refused,\n"
-            "2 usage error, 3 cannot reach the proxy.\n\n"
+            "Set AIPROXY_ENDPOINT (e.g. http://127.0.0.1:7071/api) or pass --endpoint, and one\n"
+            "credential: the operator sets AIPROXY_OPERATOR_KEY (--operator-key); organisers\n"
+            "set AIPROXY_ENTRA_SCOPE=api://<client id>/.default (--entra-scope) to use az login,\n"
+            "or paste a token in AIPROXY_TOKEN (--token).\n"
+            "Exit codes: 0 done, 1 the API refused, 2 usage error, 3 cannot reach the proxy,\n"
+            "141 the output's reader went away (as `| head` does).\n\n"
             "Set up an event from nothing:\n"
             "  RES=$(aiproxy resources add --name east --deployment gpt-4o-mini \\\n"
             "        --model-class openai-chat --url https://NAME.openai.azure.com --api-key -)\n"
@@ -338,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"{PROG} 0.1.0")
-    parser.set_defaults(endpoint=None, key=None, timeout=30.0)
+    parser.set_defaults(
+        endpoint=None, operator_key=None, token=None, entra_scope=None, key=None, timeout=30.0
+    )
     groups = parser.add_subparsers(dest="group", metavar="COMMAND")
 
     def group(name: str, text: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
@@ -501,22 +525,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _target(args: argparse.Namespace) -> Target:
     endpoint = args.endpoint or os.environ.get("AIPROXY_ENDPOINT", "")
-    key = args.key or os.environ.get("AIPROXY_FUNCTION_KEY", "")
     if not endpoint:
         raise UsageError(
             "no endpoint: pass --endpoint or set AIPROXY_ENDPOINT (e.g. http://127.0.0.1:7071/api)"
         )
     if not endpoint.startswith(("http://", "https://")):
         raise UsageError(f"the endpoint must be an http(s) URL, not {endpoint!r}")
-    if not key:
-        raise UsageError("no function key: pass --key or set AIPROXY_FUNCTION_KEY")
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")
-    return Target(normalize_endpoint(endpoint), key, args.timeout)
+    flags = {flag: getattr(args, flag[2:].replace("-", "_")) for flag, _ in SOURCES}
+    try:
+        credential = resolve(flags, legacy_key=bool(args.key))
+    except CredentialError as exc:
+        raise UsageError(str(exc)) from exc
+    return Target(normalize_endpoint(endpoint), credential, args.timeout)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Run one command; the exit code."""
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # here, where a closed pipe is still ours to catch (--help too)
+    except BrokenPipeError:
+        # Whoever read the output is gone: nothing more to say, and nowhere to say it.
+        # Python's last flush at exit must not find the broken pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return OUTPUT_CLOSED
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
@@ -535,6 +574,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
     except ApiError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"{PROG}: check: {exc.hint}", file=sys.stderr)
         return API_ERROR
     except Unreachable as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

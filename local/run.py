@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -31,23 +32,37 @@ SETTINGS_PATH = Path(os.environ.get("AIPROXY_LOCAL_SETTINGS", ROOT / "local.sett
 DATA_DIR = Path(os.environ.get("AIPROXY_DATA_DIR", ROOT / ".data"))
 
 
+def new_operator_key() -> str:
+    return "local-op-" + secrets.token_urlsafe(24)
+
+
 def ensure_local_settings() -> dict[str, str]:
-    """local.settings.json from the example, with fresh secrets, written once."""
+    """local.settings.json from the example, with fresh secrets, written once; an operator key
+    added to a file written before there was one."""
     path = SETTINGS_PATH
     if not path.exists():
         data = json.loads((ROOT / "local.settings.example.json").read_text())
         values = data["Values"]
         values["AIPROXY_ENCRYPTION_KEY"] = Fernet.generate_key().decode()
+        values["AIPROXY_OPERATOR_KEY"] = new_operator_key()
+        # The host stand-in's own admin API (/admin/host/status) still takes a function key.
         values["AIPROXY_FUNCTION_KEY"] = "local-" + os.urandom(12).hex()
         values["AIPROXY_STORAGE_CONNECTION_STRING"] = ""
         path.write_text(json.dumps(data, indent=2) + "\n")
-        print(f"wrote {path.name} with a fresh encryption key and function key")
-    return json.loads(path.read_text())["Values"]
+        print(f"wrote {path.name} with a fresh encryption key, operator key and function key")
+    data = json.loads(path.read_text())
+    if not str(data["Values"].get("AIPROXY_OPERATOR_KEY", "")).strip():
+        data["Values"]["AIPROXY_OPERATOR_KEY"] = new_operator_key()
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"added a fresh operator key (AIPROXY_OPERATOR_KEY) to {path.name}")
+    return data["Values"]
 
 
-def seed_demo(base: str, function_key: str) -> str:
+def seed_demo(base: str, operator_key: str) -> str:
     """Create the demo event once (wired to the simulator); return the demo attendee's key."""
-    manage = httpx.Client(base_url=f"{base}/manage", headers={"x-functions-key": function_key})
+    manage = httpx.Client(
+        base_url=f"{base}/manage", headers={"x-aiproxy-operator-key": operator_key}
+    )
     events = manage.get("/events").raise_for_status().json()
     demo = next((e for e in events if e["name"] == "AI Proxy demo"), None)
     if demo is None:
@@ -98,11 +113,19 @@ def seed_demo(base: str, function_key: str) -> str:
     return attendee.raise_for_status().json()["api_key"]
 
 
-def examples(base: str, key: str) -> str:
+def examples(base: str, key: str, operator_key: str) -> str:
     return f"""
 AI Proxy is running at {base}
 
   demo key: {key}
+  operator key: {operator_key}
+
+Manage events and resources as the operator (the key is in {SETTINGS_PATH.name}), with the CLI:
+
+  export AIPROXY_ENDPOINT={base} AIPROXY_OPERATOR_KEY={operator_key}
+  .venv/bin/aiproxy events list
+
+or in the console, {base}/console, signed in with the operator key.
 
 Try it with curl:
 
@@ -156,8 +179,8 @@ def main() -> None:
         wait_for_port(SIMULATOR_PORT, process=simulator)
         wait_for_port(HOST_PORT, timeout=90, process=host)
         base = f"http://127.0.0.1:{HOST_PORT}/api"
-        key = seed_demo(base, env["AIPROXY_FUNCTION_KEY"])
-        print(examples(base, key), flush=True)
+        key = seed_demo(base, env["AIPROXY_OPERATOR_KEY"])
+        print(examples(base, key, env["AIPROXY_OPERATOR_KEY"]), flush=True)
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
     except KeyboardInterrupt:

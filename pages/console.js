@@ -1,5 +1,7 @@
 // The organiser console: events, their catalog, attendees and usage, over the manage API.
-// The function key is kept in sessionStorage only and sent as x-functions-key.
+// Two ways in: the operator key, kept in sessionStorage only and sent as x-aiproxy-operator-key;
+// or, behind App Service authentication, its session cookie (App Service turns it into the
+// principal headers the app trusts), so the calls carry no key at all.
 
 import {
   $, ApiError, badge, base, call, callJson, copyText, fill, h, number, session, showError,
@@ -7,10 +9,14 @@ import {
 } from "./common.js";
 import { barList, columnChart } from "./charts.js";
 
-const KEY_NAME = "aiproxy.functionKey";
+const KEY_NAME = "aiproxy.operatorKey";
 const TOP_ATTENDEES = 10;
+// App Service authentication's providers when the app trusts it ("aad:Microsoft github:GitHub").
+const PROVIDERS = (document.body.dataset.signIn || "").split(/\s+/).filter(Boolean).map((p) => p.split(":")[0]);
+const BY_MICROSOFT = PROVIDERS.includes("aad");
 
 const state = {
+  mode: "", // "key": the operator key; "session": App Service sign-in; "": signed out
   key: "",
   events: [],
   counts: {}, // event id -> attendee count
@@ -23,11 +29,14 @@ const state = {
 
 // --- calls ------------------------------------------------------------------------------------
 
+/** The credential of the calls: the operator key, or nothing (the session cookie goes anyway). */
+const credential = () => (state.key ? { "x-aiproxy-operator-key": state.key } : {});
+
 async function manage(path, options = {}) {
   try {
-    return await callJson(`/manage${path}`, { ...options, headers: { "x-functions-key": state.key } });
+    return await callJson(`/manage${path}`, { ...options, headers: credential() });
   } catch (error) {
-    if (error.status === 401 && state.key) signOut(error);
+    if (error.status === 401 && state.mode) signOut(error);
     throw error;
   }
 }
@@ -49,6 +58,8 @@ async function act(button, work, done = "") {
 
 // --- signing in --------------------------------------------------------------------------------
 
+const here = () => `${location.pathname}${location.search}`;
+
 async function signIn(key) {
   state.key = key;
   try {
@@ -58,18 +69,47 @@ async function signIn(key) {
     throw error;
   }
   session.set(KEY_NAME, key);
+  enter("key", "Operator");
+}
+
+/** Signed in with App Service authentication when a call without a key gets through. */
+async function trySession() {
+  try {
+    await loadEvents();
+  } catch (error) {
+    if (error.status !== 401) showError($("#signin-error"), error);
+    return;
+  }
+  enter("session", "Signed in");
+  try {
+    // Who: App Service's own record of the session, at the site's root (absent elsewhere).
+    const response = await fetch("/.auth/me", { cache: "no-store" });
+    const [me] = response.ok ? await response.json() : [];
+    if (me && me.user_id) $("#signed-in-as").textContent = `Signed in as ${me.user_id}`;
+  } catch {
+    // the generic line stays
+  }
+}
+
+function enter(mode, who) {
+  state.mode = mode;
+  $("#signed-in-as").textContent = who;
+  $("#signed-in-as").hidden = false;
   $("#signin-view").hidden = true;
   $("#console-view").hidden = false;
-  $("#sign-out").hidden = false;
+  $("#sign-out").hidden = mode !== "key";
+  $("#sign-out-session").hidden = mode !== "session";
 }
 
 function signOut(error = null) {
   session.remove(KEY_NAME);
-  Object.assign(state, { key: "", events: [], counts: {}, selected: null, editing: null });
+  Object.assign(state, { mode: "", key: "", events: [], counts: {}, selected: null, editing: null });
   $("#console-view").hidden = true;
   $("#sign-out").hidden = true;
+  $("#sign-out-session").hidden = true;
+  $("#signed-in-as").hidden = true;
   $("#signin-view").hidden = false;
-  $("#function-key").value = "";
+  $("#operator-key").value = "";
   showError($("#signin-error"), error);
 }
 
@@ -93,7 +133,7 @@ const countText = (count) => (count === null || count === undefined ? "" : `${co
 async function countAttendees(events, parallel = 4) {
   const queue = [...events];
   const worker = async () => {
-    while (queue.length && state.key) {
+    while (queue.length && state.mode) {
       const event = queue.shift();
       try {
         state.counts[event.id] = (await manage(`/events/${event.id}/attendees`)).length;
@@ -481,7 +521,7 @@ async function downloadCsv() {
   const group = $("#csv-group").value;
   const event = state.selected;
   const response = await call(`/manage/events/${event.id}/usage?group_by=${group}&format=csv`,
-    { headers: { "x-functions-key": state.key } });
+    { headers: credential() });
   const url = URL.createObjectURL(await response.blob());
   const slug = event.name.toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-|-$/g, "") || event.id;
   const link = h("a", { href: url, download: `usage-${slug}-by-${group}.csv`, class: "offscreen" });
@@ -495,7 +535,7 @@ async function downloadCsv() {
 
 $("#signin-form").addEventListener("submit", async (event) => {
   event.preventDefault();
-  const key = $("#function-key").value.trim();
+  const key = $("#operator-key").value.trim();
   if (!key) return;
   $("#sign-in").disabled = true;
   showError($("#signin-error"), null);
@@ -545,7 +585,14 @@ $("#copy-new-key").addEventListener("click", (event) => copyText($("#new-key-val
 $("#refresh-usage").addEventListener("click", (event) => act(event.currentTarget, loadUsage));
 $("#download-csv").addEventListener("click", (event) => act(event.currentTarget, downloadCsv));
 
+$("#sign-in-microsoft").href = `/.auth/login/aad?post_login_redirect_uri=${encodeURIComponent(here())}`;
+$("#sign-out-session").href = `/.auth/logout?post_logout_redirect_uri=${encodeURIComponent(here())}`;
+$("#organiser-sign-in").hidden = !BY_MICROSOFT;
+session.remove("aiproxy.functionKey"); // what an earlier console kept; it opens nothing now
+
 const remembered = session.get(KEY_NAME);
 if (remembered) {
   signIn(remembered).catch((error) => signOut(error instanceof ApiError ? error : null));
+} else if (PROVIDERS.length) {
+  trySession();
 }

@@ -1,4 +1,5 @@
-"""The `aiproxy` command line sets up an event from nothing, issues keys and reports usage."""
+"""The `aiproxy` command line sets up an event from nothing, issues keys and reports usage, as the
+operator (the operator key) or as an organiser (an Entra token, pasted or fetched)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,8 +24,19 @@ from typing import Any
 import httpx
 import pytest
 
-from local.azurite import free_port
-from tests.harness import FUNCTION_KEY, SIM_KEY, AppHost, Simulator, wait_until, window
+from local.azurite import Azurite, free_port
+from tests.entra_issuer import LocalIssuer
+from tests.harness import (
+    FUNCTION_KEY,
+    OPERATOR_KEY,
+    SIM_KEY,
+    AppHost,
+    Simulator,
+    host_env,
+    unique_prefix,
+    wait_until,
+    window,
+)
 
 AIPROXY = Path(sys.executable).with_name("aiproxy")
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,18 +45,29 @@ KEY = re.compile(r"^aip-[A-Za-z0-9]{32}$")
 
 
 def cli(
-    host: AppHost | None, *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+    host: AppHost | None,
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+    stdout: int = subprocess.PIPE,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the installed `aiproxy` script with the endpoint and key in the environment."""
+    """Run the installed `aiproxy` script with the endpoint and the operator key in the
+    environment (none of the caller's own AIPROXY_ or AZURE_ settings)."""
     assert AIPROXY.exists(), "the aiproxy script is not installed: run `make setup`"
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("AIPROXY_")}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("AIPROXY_", "AZURE_"))}
     if host is not None:
-        environ |= {"AIPROXY_ENDPOINT": host.base, "AIPROXY_FUNCTION_KEY": FUNCTION_KEY}
+        environ |= {"AIPROXY_ENDPOINT": host.base, "AIPROXY_OPERATOR_KEY": OPERATOR_KEY}
     environ |= env or {}
     # The script imports `cli` from where the package was installed: run this checkout's.
     environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))
     return subprocess.run(
-        [str(AIPROXY), *args], env=environ, input=stdin, capture_output=True, text=True, timeout=120
+        [str(AIPROXY), *args],
+        env=environ,
+        input=stdin,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
     )
 
 
@@ -266,8 +290,12 @@ def test_everyday_commands(host: AppHost, sim: Simulator) -> None:
 def test_api_errors_exit_1_with_the_apis_message(host: AppHost) -> None:
     missing = failed(cli(host, "events", "show", "nosuchevent"), 1)
     assert missing == "aiproxy: error: No event with id 'nosuchevent'. (404 not_found)"
-    wrong_key = cli(host, "events", "list", env={"AIPROXY_FUNCTION_KEY": "wrong"})
+    wrong_key = cli(host, "events", "list", env={"AIPROXY_OPERATOR_KEY": "wrong"})
     assert "401 unauthorized" in failed(wrong_key, 1)
+    # What to check on this side, after the app's own message.
+    assert "aiproxy: check: the operator key from AIPROXY_OPERATOR_KEY must equal the app " in (
+        wrong_key.stderr
+    )
     span = window()
     bad = cli(
         host,
@@ -316,8 +344,10 @@ def test_usage_errors_exit_2(host: AppHost, tmp_path: Path) -> None:
     assert incomplete.returncode == 2 and "--starts-at" in incomplete.stderr
     no_endpoint = failed(cli(None, "events", "list"), 2)
     assert "AIPROXY_ENDPOINT" in no_endpoint
-    no_key = cli(None, "events", "list", "--endpoint", host.base)
-    assert "AIPROXY_FUNCTION_KEY" in failed(no_key, 2)
+    no_key = failed(cli(None, "events", "list", "--endpoint", host.base), 2)
+    assert "no credential" in no_key
+    for named in ("--operator-key", "AIPROXY_OPERATOR_KEY", "--entra-scope", "--token"):
+        assert named in no_key, named
     assert "nothing to change" in failed(cli(host, "events", "update", "someid"), 2)
     absent = cli(
         host,
@@ -336,9 +366,49 @@ def test_usage_errors_exit_2(host: AppHost, tmp_path: Path) -> None:
     assert cli(host, "usage", "--event", "e", "--group-by", "week").returncode == 2
 
 
+def test_the_function_key_no_longer_manages_and_one_credential_is_chosen(host: AppHost) -> None:
+    # What opened manage/* before: a usage error that says what to set instead.
+    for how in ({"env": {"AIPROXY_FUNCTION_KEY": FUNCTION_KEY}}, {"args": ("--key", "k")}):
+        old = cli(None, "events", "list", "--endpoint", host.base, *how.get("args", ()),
+                  env=how.get("env"))  # fmt: skip
+        line = failed(old, 2)
+        assert "no longer opens manage/*" in line, line
+        assert "AIPROXY_OPERATOR_KEY" in line and "--entra-scope" in line
+    # Two credentials: the flag wins over the environment; two of either kind is an error.
+    chosen = cli(host, "events", "list", "--operator-key", OPERATOR_KEY,
+                 env={"AIPROXY_OPERATOR_KEY": "", "AIPROXY_TOKEN": "not.a.token"})  # fmt: skip
+    ok(chosen)
+    both = cli(host, "events", "list", env={"AIPROXY_TOKEN": "a.b.c"})
+    assert "AIPROXY_OPERATOR_KEY and AIPROXY_TOKEN are all set" in failed(both, 2)
+    flags = cli(host, "events", "list", "--operator-key", "x", "--token", "a.b.c")
+    assert "--operator-key and --token were both given" in failed(flags, 2)
+
+
+def test_a_closed_output_pipe_ends_quietly_with_141(host: AppHost) -> None:
+    """`aiproxy events list | head`: the reader leaves; no traceback, the shell's SIGPIPE status."""
+    host.manage.post("/events", json={"name": "piped", **window(), "max_token_cap": 8,
+                                       "daily_request_cap": 1})  # fmt: skip
+    for args in (("events", "list"), ("events", "list", "--json"), ("resources", "list")):
+        reader, writer = os.pipe()
+        os.close(reader)  # gone before the command writes: its first write finds the pipe broken
+        try:
+            result = cli(host, *args, stdout=writer)
+        finally:
+            os.close(writer)
+        assert (result.returncode, result.stderr) == (141, ""), (args, result.stderr)
+    # Through a shell pipeline, as typed: head's line, and nothing on stderr either way.
+    script = f"{AIPROXY} events list --json | head -n 1"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AIPROXY_")}
+    environ |= {"AIPROXY_ENDPOINT": host.base, "AIPROXY_OPERATOR_KEY": OPERATOR_KEY,
+                "PYTHONPATH": str(ROOT)}  # fmt: skip
+    piped = subprocess.run(["bash", "-c", script], env=environ, capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
+    assert piped.stdout == "[\n" and "Traceback" not in piped.stderr, piped.stderr
+
+
 def test_unreachable_proxy_exits_3(tmp_path: Path) -> None:
     endpoint = f"http://127.0.0.1:{free_port()}/api"
-    env = {"AIPROXY_ENDPOINT": endpoint, "AIPROXY_FUNCTION_KEY": "k"}
+    env = {"AIPROXY_ENDPOINT": endpoint, "AIPROXY_OPERATOR_KEY": "k"}
     down = failed(cli(None, "events", "list", env=env), 3)
     assert "cannot reach " + endpoint in down
     (tmp_path / "users.csv").write_text("user\nada\n")
@@ -405,7 +475,9 @@ def test_every_command_has_help(command: tuple[str, ...]) -> None:
     shown = cli(None, *command, "--help")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("usage: aiproxy " + " ".join(command))
-    assert "--endpoint" in shown.stdout and "--key" in shown.stdout
+    for option in ("--endpoint", "--operator-key", "--token", "--entra-scope"):
+        assert option in shown.stdout, option
+    assert "--key" not in shown.stdout and "function key" not in shown.stdout
     description = shown.stdout.split("\n\n")[1]
     assert len(description) > 15
 
@@ -463,7 +535,7 @@ def test_bulk_keeps_at_most_the_concurrency_in_flight_and_retries(tmp_path: Path
         (tmp_path / "users.csv").write_text("user\n" + "\n".join(users) + "\n")
         env = {
             "AIPROXY_ENDPOINT": f"http://127.0.0.1:{server.server_port}/api",
-            "AIPROXY_FUNCTION_KEY": "k",
+            "AIPROXY_OPERATOR_KEY": "k",
         }
         result = cli(
             None,
@@ -479,3 +551,102 @@ def test_bulk_keeps_at_most_the_concurrency_in_flight_and_retries(tmp_path: Path
     assert rows[-1] == {"user": "flaky", "attendee_id": "id-flaky", "api_key": "key-flaky"}
     assert server.posts["flaky"] == 2  # retried after the 503
     assert server.most == 8
+
+
+# --- organisers: an Entra token, pasted or fetched ---------------------------------------------
+
+ORGANISERS = str(uuid.uuid4())  # the organisers' tenant
+AUDIENCE = "api://aiproxy-cli-test"
+ORGANISER_GROUP = str(uuid.uuid4())
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Iterator[LocalIssuer]:
+    server = LocalIssuer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def organised(azurite: Azurite, log_dir: Path, issuer: LocalIssuer) -> Iterator[AppHost]:
+    """An app that takes organisers' tokens from the local issuer."""
+    env = host_env(
+        azurite.connection_string,
+        unique_prefix("cliorg"),
+        AIPROXY_ENTRA_AUTHORITY=issuer.authority,
+        AIPROXY_ENTRA_ORGANIZER_TENANTS=ORGANISERS,
+        AIPROXY_ENTRA_ORGANIZER_AUDIENCE=AUDIENCE,
+        AIPROXY_ENTRA_ORGANIZER_GROUPS=ORGANISER_GROUP,
+    )
+    server = AppHost(log_dir, env, name="cli-organisers")
+    yield server
+    server.stop()
+
+
+def organiser_token(issuer: LocalIssuer, oid: str, **claims: Any) -> str:
+    return issuer.token(ORGANISERS, oid=oid, audience=AUDIENCE, groups=[ORGANISER_GROUP], **claims)
+
+
+def stand_in_az(folder: Path, answer: str, status: int = 0) -> dict[str, str]:
+    """An `az` first on the PATH that logs its arguments and prints `answer` (the Azure CLI's
+    `account get-access-token` JSON, or an error); the environment that finds it."""
+    folder.mkdir()
+    (folder / "answer").write_text(answer)
+    script = folder / "az"
+    stream = ">&2" if status else ""
+    script.write_text(
+        f'#!/bin/sh\necho "$@" >> "{folder}/calls"\ncat "{folder}/answer" {stream}\nexit {status}\n'
+    )
+    script.chmod(0o755)
+    return {"PATH": f"{folder}{os.pathsep}/usr/bin{os.pathsep}/bin"}
+
+
+def test_organisers_manage_their_own_events_with_a_token_or_the_azure_cli(
+    organised: AppHost, issuer: LocalIssuer, tmp_path: Path
+) -> None:
+    endpoint = {"AIPROXY_ENDPOINT": organised.base}
+    alice, bob = str(uuid.uuid4()), str(uuid.uuid4())
+    span = window()
+    create = ("events", "create", "--name", "Alice's lab", "--starts-at", span["starts_at"],
+              "--ends-at", span["ends_at"], "--time-zone", "UTC", "--max-token-cap", "64",
+              "--daily-request-cap", "5")  # fmt: skip
+    alices = ok(cli(None, *create, "--token", organiser_token(issuer, alice), env=endpoint))
+    alices = alices.strip()
+    assert organised.manage.get(f"/events/{alices}").json()["owner"] == f"aad:{alice}"
+    bobs = httpx.post(
+        f"{organised.base}/manage/events",
+        json={"name": "Bob's lab", **span, "max_token_cap": 8, "daily_request_cap": 1},
+        headers={"authorization": "Bearer " + organiser_token(issuer, bob)},
+    ).json()["id"]
+
+    # A token pasted with its scheme, from the environment: Alice sees her event only.
+    pasted = {**endpoint, "AIPROXY_TOKEN": "Bearer " + organiser_token(issuer, alice)}
+    listed, _ = parse_table(ok(cli(None, "events", "list", env=pasted)))
+    assert [row["id"] for row in listed] == [alices]
+    assert "404 not_found" in failed(cli(None, "events", "show", bobs, env=pasted), 1)
+
+    # An expired token: the app's reason, then what to do about it here.
+    expired = {**endpoint, "AIPROXY_TOKEN": organiser_token(issuer, alice, lifetime=-600)}
+    refused = cli(None, "events", "list", env=expired)
+    assert "expired" in failed(refused, 1) and "401 invalid_token" in refused.stderr
+    assert "aiproxy: check: the token from AIPROXY_TOKEN was refused" in refused.stderr
+
+    # --entra-scope: DefaultAzureCredential gets Alice's token from the Azure CLI.
+    answer = json.dumps(
+        {"accessToken": organiser_token(issuer, alice), "expires_on": int(time.time()) + 3600}
+    )
+    az = stand_in_az(tmp_path / "signed-in", answer)
+    scoped = {**endpoint, **az, "AIPROXY_ENTRA_SCOPE": f"{AUDIENCE}/.default"}
+    listed, _ = parse_table(ok(cli(None, "events", "list", env=scoped)))
+    assert [row["id"] for row in listed] == [alices]
+    calls = (tmp_path / "signed-in" / "calls").read_text().splitlines()
+    assert calls == [f"account get-access-token --output json --resource {AUDIENCE}"]
+
+    # Not signed in, or a scope that is not one: exit 2, saying how to sign in.
+    signed_out = stand_in_az(
+        tmp_path / "signed-out", "ERROR: Please run 'az login' to setup account.", 1
+    )
+    line = failed(cli(None, "events", "list", env={**scoped, **signed_out}), 2)
+    assert f"cannot get an Entra token for {AUDIENCE}/.default" in line and "az login" in line
+    line = failed(cli(None, "events", "list", "--entra-scope", AUDIENCE, env={**endpoint, **az}), 2)
+    assert "api://<client id>/.default" in line

@@ -1,7 +1,9 @@
-"""`make run` starts everything, prints a key and examples that work, and keeps its data."""
+"""`make run` starts everything, prints a key, the operator key and examples that work, and
+keeps its data."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -11,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from local.azurite import free_port
@@ -79,13 +82,55 @@ def test_make_run_prints_a_key_whose_examples_work_and_survives_a_restart(
         )
         assert ran.returncode == 0, ran.stderr
         assert len(ran.stdout.split()) >= 5  # the simulated answer, printed
+
+        operator_key = operator_key_of(output, tmp_path)
+        assert "AI Proxy demo" in cli_snippet(output)
+        base = re.search(r"running at (\S+)", output).group(1)  # type: ignore[union-attr]
+        assert f"{base}/console" in output and httpx.get(f"{base}/console").status_code == 200
+        # The function key in the same file opens nothing under manage/*.
+        settings = json.loads((tmp_path / "local.settings.json").read_text())["Values"]
+        function_key = {"x-functions-key": settings["AIPROXY_FUNCTION_KEY"]}
+        assert httpx.get(f"{base}/manage/events", headers=function_key).status_code == 401
     finally:
         stop(process)
     assert process.returncode is not None
 
+    # A local.settings.json from before the operator key gets one; nothing else changes.
+    path = tmp_path / "local.settings.json"
+    data = json.loads(path.read_text())
+    del data["Values"]["AIPROXY_OPERATOR_KEY"]
+    path.write_text(json.dumps(data))
     again, output = start_make_run(tmp_path, ports)
     try:
         assert "created the demo event" not in output  # the event was kept
         assert f"demo key: {key}" in output  # and so was the key
+        assert "added a fresh operator key" in output
+        assert operator_key_of(output, tmp_path) != operator_key
+        assert "AI Proxy demo" in cli_snippet(output)
+        kept = json.loads(path.read_text())["Values"]
+        assert {k: v for k, v in kept.items() if k != "AIPROXY_OPERATOR_KEY"} == data["Values"]
     finally:
         stop(again)
+
+
+def operator_key_of(output: str, tmp: Path) -> str:
+    """The printed operator key, which is the one in local.settings.json."""
+    key = re.search(r"operator key: (\S+)", output).group(1)  # type: ignore[union-attr]
+    values = json.loads((tmp / "local.settings.json").read_text())["Values"]
+    assert values["AIPROXY_OPERATOR_KEY"] == key and len(key) >= 32
+    return key
+
+
+def cli_snippet(output: str) -> str:
+    """What the printed CLI lines print, run as printed from the checkout."""
+    lines = [line.strip() for line in output.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("export AIPROXY_ENDPOINT="))
+    script = "\n".join(lines[start : start + 2])
+    assert script.endswith("aiproxy events list"), script
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIPROXY_")}
+    env["PYTHONPATH"] = str(ROOT)  # the installed script imports `cli` from this checkout
+    ran = subprocess.run(
+        ["bash", "-euc", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert ran.returncode == 0, ran.stderr
+    return ran.stdout

@@ -94,21 +94,38 @@ def test_servers_url_is_the_proxy_base_the_caller_used(
     assert forwarded.json()["servers"] == [{"url": "https://proxy.example.org/api"}]
 
 
-def test_security_schemes_match_the_keys_each_route_takes(document: dict[str, Any]) -> None:
+def test_security_schemes_match_the_keys_each_route_takes(
+    host: AppHost, document: dict[str, Any]
+) -> None:
+    # The host asks no function key of any route: the app decides who calls, as documented.
+    assert {route.auth_level for route in registered(host)} == {"anonymous"}
     schemes = document["components"]["securitySchemes"]
-    assert schemes["functionKey"] == {"type": "apiKey", "in": "header", "name": "x-functions-key"}
-    assert schemes["functionKeyQuery"] == {"type": "apiKey", "in": "query", "name": "code"}
+    # manage/*: the operator key or an organiser's token; no route takes the function key.
+    operator = schemes["operatorKey"]
+    assert (operator["type"], operator["in"], operator["name"]) == (
+        "apiKey",
+        "header",
+        "x-aiproxy-operator-key",
+    )
+    assert "AIPROXY_OPERATOR_KEY" in operator["description"]
+    assert schemes["entraToken"]["type"] == "http" and schemes["entraToken"]["scheme"] == "bearer"
+    assert not any(s.get("name") in ("x-functions-key", "code") for s in schemes.values())
     assert schemes["apiKey"] == {"type": "apiKey", "in": "header", "name": "api-key"}
     assert schemes["bearer"]["scheme"] == "bearer"
+    used: set[str] = set()
     for path, item in document["paths"].items():
         for method, operation in item.items():
             names = {name for option in operation["security"] for name in option}
+            used |= names
+            # Either credential alone opens a manage/* route: two alternatives, not one pair.
             if path.startswith("/manage/"):
-                assert names == {"functionKey", "functionKeyQuery"}, (method, path)
+                assert operation["security"] == [{"operatorKey": []}, {"entraToken": []}]
+                assert {"401", "403", "429"} <= set(operation["responses"]), (method, path)
             elif path.startswith(("/openai/", "/indexes", "/v1/")) or path == "/eventinfo":
                 assert names == {"apiKey", "bearer"}, (method, path)
             else:
                 assert names == set(), (method, path)
+    assert used == set(schemes)  # every scheme is some route's
 
 
 def test_error_schema_has_the_contract_shape(document: dict[str, Any]) -> None:

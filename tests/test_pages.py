@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import secrets
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -17,18 +18,22 @@ import httpx
 import pytest
 from openai import AzureOpenAI
 
+from local.azurite import Azurite
 from shared.web import pages
 from tests.browser import Browser, Route, Tab, chromium, chromium_path, tab
 from tests.harness import (
-    FUNCTION_KEY,
+    OPERATOR_KEY,
     SIM_KEY,
     AppHost,
     EventSetup,
     Simulator,
     Storage,
+    host_env,
+    unique_prefix,
     wait_until,
     window,
 )
+from tests.test_ownership import easyauth
 
 STREAMED = "Tell me a story [sim:tokens=30 latency_ms_per_token=60]"
 PWNED = "window.__pwned = 1; document.title = 'pwned';"
@@ -377,11 +382,11 @@ def test_console_creates_an_event_wires_it_and_charts_its_usage(
     with tab(browser, accept_downloads=True) as opened:
         page = opened.page
         page.goto(f"{host.base}/console")
-        page.fill("#function-key", "not-the-key")
+        page.fill("#operator-key", "not-the-key")
         page.click("#sign-in")
         page.locator("#signin-error").wait_for(state="visible")
         assert "not accepted" in opened.text("#signin-error")
-        page.fill("#function-key", FUNCTION_KEY)
+        page.fill("#operator-key", OPERATOR_KEY)
         page.click("#sign-in")
         page.wait_for_selector("#console-view:not([hidden])")
 
@@ -498,7 +503,7 @@ def test_console_finds_events_by_name_and_status_and_shows_who_was_slowed(
     with tab(browser) as opened:
         page = opened.page
         page.goto(f"{host.base}/console")
-        page.fill("#function-key", FUNCTION_KEY)
+        page.fill("#operator-key", OPERATOR_KEY)
         page.click("#sign-in")
         page.wait_for_selector("#console-view:not([hidden])")
         names = lambda: page.locator("#event-list .name").all_text_contents()  # noqa: E731
@@ -555,4 +560,153 @@ def test_console_finds_events_by_name_and_status_and_shows_who_was_slowed(
             "items => items.map((li) => li.dataset.field)"
         )
         assert sorted(fields) == ["max_token_cap", "requests_per_minute"]
+        opened.assert_clean()
+
+
+# --- console sign-in -------------------------------------------------------------------------
+
+
+def console_requests(opened: Tab) -> list[dict[str, str]]:
+    """The headers of every management call the page makes, as they are made."""
+    sent: list[dict[str, str]] = []
+    opened.page.on("request", lambda r: "/manage/" in r.url and sent.append(r.headers))
+    return sent
+
+
+def test_console_signs_in_with_the_operator_key_and_signing_out_forgets_it(
+    host: AppHost, sim: Simulator, browser: Browser
+) -> None:
+    event = EventSetup(host, sim, name=f"Operator's lab {time.time_ns()}")
+    with tab(browser) as opened:
+        page = opened.page
+        sent = console_requests(opened)
+        page.goto(f"{host.base}/console")
+        assert page.locator("#organiser-sign-in").is_hidden()  # no App Service sign-in here
+        assert "x-aiproxy-operator-key" in opened.text("#signin-view")
+        page.fill("#operator-key", OPERATOR_KEY)
+        page.click("#sign-in")
+        page.wait_for_selector("#console-view:not([hidden])")
+        assert opened.text("#signed-in-as") == "Operator"
+        page.locator(f"#event-list button[data-event-id='{event.id}']").wait_for()
+        key = "sessionStorage.getItem('aiproxy.operatorKey')"
+        assert page.evaluate(key) == OPERATOR_KEY
+        page.reload()  # the tab stays signed in
+        page.wait_for_selector("#console-view:not([hidden])")
+        assert sent and all(h.get("x-aiproxy-operator-key") == OPERATOR_KEY for h in sent)
+        assert not any("x-functions-key" in h for h in sent)
+        opened.screenshot("console-operator")
+
+        page.click("#sign-out")
+        page.wait_for_selector("#signin-view:not([hidden])")
+        assert page.evaluate(key) is None and page.input_value("#operator-key") == ""
+        assert page.locator("#signed-in-as").is_hidden()
+        calls = len(sent)
+        page.reload()
+        page.wait_for_selector("#signin-view:not([hidden])")
+        assert page.locator("#console-view").is_hidden() and len(sent) == calls
+        opened.assert_clean()
+
+
+class AppServiceAuth:
+    """App Service authentication in front of one browser context, as far as the console sees
+    it: /.auth/login/aad starts a session (its cookie), /.auth/me describes it, /.auth/logout
+    ends it, and every other request reaches the app with the principal headers App Service
+    sets from the cookie (any the browser sent are dropped, as App Service does). The host
+    stand-in has no such front end, so this one answers inside the browser."""
+
+    COOKIE = "AppServiceAuthSession"
+
+    def __init__(self, user_id: str, name: str) -> None:
+        self.principal = easyauth("aad", user_id, name)
+        self.name = name
+        self.sessions: set[str] = set()
+
+    def handle(self, route: Route) -> None:
+        request = route.request
+        url = httpx.URL(request.url)
+        headers = request.all_headers()
+        cookies = dict(
+            part.strip().split("=", 1)
+            for part in headers.get("cookie", "").split(";")
+            if "=" in part
+        )
+        session = cookies.get(self.COOKIE, "")
+        signed_in = session in self.sessions
+        if url.path == "/.auth/login/aad":
+            session = secrets.token_urlsafe(16)
+            self.sessions.add(session)
+            cookie = f"{self.COOKIE}={session}; Path=/; HttpOnly; SameSite=Lax"
+            back = url.params["post_login_redirect_uri"]
+            route.fulfill(status=302, headers={"location": back, "set-cookie": cookie})
+        elif url.path == "/.auth/logout":
+            self.sessions.discard(session)
+            cookie = f"{self.COOKIE}=; Path=/; Max-Age=0"
+            back = url.params["post_logout_redirect_uri"]
+            route.fulfill(status=302, headers={"location": back, "set-cookie": cookie})
+        elif url.path == "/.auth/me":
+            me = [{"provider_name": "aad", "user_id": self.name}]
+            route.fulfill(status=200, json=me) if signed_in else route.fulfill(status=401)
+        else:
+            passed = {k: v for k, v in headers.items() if not k.startswith("x-ms-client-")}
+            route.continue_(headers=passed | (self.principal if signed_in else {}))
+
+
+@pytest.fixture(scope="module")
+def behind_app_service(azurite: Azurite, log_dir: Path) -> Iterator[AppHost]:
+    """An instance that trusts App Service's principal headers (AIPROXY_TRUST_EASYAUTH)."""
+    env = host_env(azurite.connection_string, unique_prefix("consolesso"),
+                   AIPROXY_TRUST_EASYAUTH="true")  # fmt: skip
+    server = AppHost(log_dir, env, name="console-easyauth")
+    yield server
+    server.stop()
+
+
+def test_console_behind_app_service_signs_organisers_in_with_microsoft(
+    behind_app_service: AppHost, browser: Browser
+) -> None:
+    host = behind_app_service
+    operators = host.manage.post("/events", json={"name": "The operator's event", **window(),
+                                                   "max_token_cap": 8, "daily_request_cap": 1})  # fmt: skip
+    assert operators.status_code == 201
+    auth = AppServiceAuth("oid-ada", "ada@contoso.com")
+    mine = f"Ada's workshop {time.time_ns()}"
+    with tab(browser) as opened:
+        page = opened.page
+        page.context.route(f"http://127.0.0.1:{host.port}/**", auth.handle)
+        sent = console_requests(opened)
+        page.goto(f"{host.base}/console")
+        link = page.locator("#sign-in-microsoft")
+        link.wait_for()
+        assert link.get_attribute("href") == (
+            "/.auth/login/aad?post_login_redirect_uri=%2Fapi%2Fconsole"
+        )
+        wait_until(lambda: len(sent) == 1)  # the keyless try: 401, so not signed in yet
+        assert page.locator("#signin-error").is_hidden()
+        assert page.locator("#console-view").is_hidden()
+        opened.screenshot("console-sign-in-choices")
+
+        link.click()
+        page.wait_for_selector("#console-view:not([hidden])")
+        wait_until(lambda: opened.text("#signed-in-as") == "Signed in as ada@contoso.com")
+        assert page.locator("#sign-out").is_hidden()  # no key to forget: App Service signs out
+        # Her own events only; what she creates is hers.
+        assert page.locator("#event-list .name").all_text_contents() == []
+        page.click("#new-event")
+        page.fill("#ev-name", mine)
+        page.click("#save-event")
+        page.wait_for_selector("#event-view:not([hidden])")
+        event_id = page.locator("#register-link").inner_text().rsplit("/", 1)[1]
+        assert host.manage.get(f"/events/{event_id}").json()["owner"] == "aad:oid-ada"
+        assert page.locator("#event-list .name").all_text_contents() == [mine]
+        assert not any("x-aiproxy-operator-key" in h for h in sent)
+        assert page.evaluate("sessionStorage.getItem('aiproxy.operatorKey')") is None
+        opened.screenshot("console-organiser")
+
+        sign_out = page.locator("#sign-out-session")
+        assert sign_out.get_attribute("href") == (
+            "/.auth/logout?post_logout_redirect_uri=%2Fapi%2Fconsole"
+        )
+        sign_out.click()
+        page.wait_for_selector("#signin-view:not([hidden])")
+        assert page.locator("#console-view").is_hidden() and auth.sessions == set()
         opened.assert_clean()

@@ -2,7 +2,7 @@
 
 Every documented management, proxy and attendee operation gets a bounded number of generated
 requests (positive and negative data, derandomized, no shrinking) sent to the session dev host on
-loopback. The keys are real (the function key for manage/*, the attendee key of a live event whose
+loopback. The keys are real (the operator key for manage/*, the attendee key of a live event whose
 catalog points at the simulator for the rest), and path parameters and deployment names are real
 most of the time, so requests get past authentication and lookups into the code behind them.
 """
@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from shared.errors import STATUS_BY_CODE
-from tests.harness import FUNCTION_KEY, AppHost, EventSetup, Simulator, window
+from tests.harness import OPERATOR_KEY, AppHost, EventSetup, Simulator, window
 
 # Bounded: examples per operation and generation mode (about 1000 requests, well under a minute).
 EXAMPLES = {GenerationMode.POSITIVE: 20, GenerationMode.NEGATIVE: 10}
@@ -174,10 +174,16 @@ def load_schema(fuzz: Fuzz) -> schemathesis.BaseSchema:
             "request-timeout": 20,
             "auth": {
                 "openapi": {
-                    "functionKey": {"api_key": FUNCTION_KEY},
+                    "operatorKey": {"api_key": OPERATOR_KEY},
                     "apiKey": {"api_key": fuzz.main.key},
                 }
             },
+            # Management calls always carry the operator key, negative data included: generated
+            # wrong keys count toward the failed-key lock-out, after which every management
+            # operation would only ever meet 429 (test_management_routes refuses wrong keys).
+            "operations": [
+                {"include-tag": "management", "generation": {"with-security-parameters": False}}
+            ],
         }
     )
     schema = schemathesis.openapi.from_url(f"{fuzz.host.base}/openapi.json", config=config)
@@ -354,6 +360,7 @@ def run_operation(
     session: requests.Session,
     findings: dict[tuple[str, ...], Finding],
     statuses: Counter[int],
+    answered: set[int],
 ) -> None:
     proxy = "proxy" in (operation.tags or [])
 
@@ -374,6 +381,7 @@ def run_operation(
             total, last_status = fuzz.upstream_state()
             UPSTREAM[case.id] = (total - received, last_status)
         statuses[response.status_code] += 1
+        answered.add(response.status_code)
         if _line_break(response.request.path_url.partition("?")[0]):
             return  # the worker runtime's own 404, outside the app (README: host's answers)
         try:
@@ -406,6 +414,7 @@ def test_no_server_error_and_every_error_in_the_contract_shape(fuzz: Fuzz) -> No
     findings: dict[tuple[str, ...], Finding] = {}
     statuses: Counter[int] = Counter()
     labels: list[str] = []
+    answered: dict[str, set[int]] = {}
     started = time.perf_counter()
     UPSTREAM.clear()
     with requests.Session() as session:
@@ -414,8 +423,11 @@ def test_no_server_error_and_every_error_in_the_contract_shape(fuzz: Fuzz) -> No
             operation = result.ok()
             assert operation.base_url.startswith("http://127.0.0.1:"), operation.base_url
             labels.append(operation.label)
+            answered[operation.label] = set()
             for mode in EXAMPLES:
-                run_operation(operation, mode, fuzz, session, findings, statuses)
+                run_operation(
+                    operation, mode, fuzz, session, findings, statuses, answered[operation.label]
+                )
     UPSTREAM.clear()
     print(
         f"schemathesis: {len(labels)} operations, {statuses.total()} requests "
@@ -428,6 +440,13 @@ def test_no_server_error_and_every_error_in_the_contract_shape(fuzz: Fuzz) -> No
     assert sum("/responses/{response_id}" in label for label in labels) == 8
     assert sum(label.startswith("GET /manage/") for label in labels) >= 7
     assert statuses[200] > 200 and statuses[201] > 0, statuses
+    # The operator key went with every management operation: each got past the credential check.
+    locked_out = {
+        label: sorted(seen)
+        for label, seen in answered.items()
+        if " /manage/" in label and not seen - {401, 429}
+    }
+    assert not locked_out, locked_out
     if findings:
         pytest.fail(
             f"{len(findings)} kinds of contract violation:\n"

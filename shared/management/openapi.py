@@ -29,7 +29,7 @@ from shared.web.registration import endpoint_of
 
 Schema = dict[str, Any]
 
-FUNCTION_KEY = "function"  # manage/*: the Functions key, header x-functions-key or ?code=
+OPERATOR_OR_ORGANISER = "manager"  # manage/*: the operator key, or an Entra token
 ATTENDEE_KEY = "attendee"  # proxy routes: the event key, header api-key or Authorization: Bearer
 ANONYMOUS = "anonymous"
 
@@ -412,7 +412,10 @@ _ERROR_TEXT = {
     404: "Not found (or not yours)",
     409: "Conflict: still in use; the message says what to do",
     413: "Body too large",
-    429: "A cap, a per-minute limit or the capacity is exhausted; see Retry-After",
+    429: (
+        "A cap, a per-minute limit or the capacity is exhausted, or too many wrong keys came "
+        "from this address; see Retry-After"
+    ),
     502: "The upstream failed, after failover",
     503: (
         "Storage, or the signing keys of the caller's Entra tenant, unavailable; "
@@ -476,8 +479,9 @@ _USAGE_QUERY: tuple[Schema, ...] = (
 
 
 def manage(method: str, route: str, operation_id: str, summary: str, **kw: Any) -> Operation:
-    """A manage/* route: function key; 401 without it, 404 for unknown ids, 400 for bad bodies."""
-    errors = {401, 403, 503, *kw.pop("errors", ())}
+    """A manage/* route: operator key or organiser token; 401 without one (429 after too many
+    wrong keys), 404 for unknown ids (or another organiser's), 400 for bad bodies."""
+    errors = {401, 403, 429, 503, *kw.pop("errors", ())}
     if "{" in route:
         errors.add(404)
     if kw.get("body") or kw.get("query"):
@@ -488,7 +492,7 @@ def manage(method: str, route: str, operation_id: str, summary: str, **kw: Any) 
         operation_id,
         summary,
         "management",
-        FUNCTION_KEY,
+        OPERATOR_OR_ORGANISER,
         errors=tuple(sorted(errors)),
         **kw,
     )
@@ -1007,8 +1011,8 @@ def _operation(op: Operation) -> Schema:
         name = "UpstreamOrError" if op.tag == "proxy" and status in _PASSED_THROUGH else "Error"
         responses.setdefault(str(status), {"$ref": f"#/components/responses/{name}{status}"})
     spec["responses"] = responses
-    if op.security == FUNCTION_KEY:
-        spec["security"] = [{"functionKey": []}, {"functionKeyQuery": []}]
+    if op.security == OPERATOR_OR_ORGANISER:
+        spec["security"] = [{"operatorKey": []}, {"entraToken": []}]
     elif op.security == ATTENDEE_KEY:
         spec["security"] = [{"apiKey": []}, {"bearer": []}]
         spec.setdefault("parameters", []).append(copy.deepcopy(_EVENT_HEADER))
@@ -1029,13 +1033,18 @@ def _base_document() -> Schema:
             "version": "1.0.0",
             "description": (
                 "A serverless Azure OpenAI proxy for events. Organisers manage events, resources, "
-                "catalogs and attendees under manage/ with the function key; attendees call the "
-                "OpenAI routes with their event key, exactly as they would call Azure OpenAI."
+                "catalogs and attendees under manage/: the operator with the operator key (every "
+                "event and resource), organisers with an Entra ID token or the App Service "
+                "sign-in (their own events and resources). Attendees call the OpenAI routes with "
+                "their event key, exactly as they would call Azure OpenAI."
             ),
         },
         "servers": [{"url": "/api"}],
         "tags": [
-            {"name": "management", "description": "Organisers and scripts (function key)"},
+            {
+                "name": "management",
+                "description": "The operator (operator key) and organisers (Entra ID token)",
+            },
             {"name": "proxy", "description": "Azure OpenAI and AI Search, with an event key"},
             {
                 "name": "seed",
@@ -1070,8 +1079,26 @@ def _base_document() -> Schema:
                 for status in _PASSED_THROUGH
             },
             "securitySchemes": {
-                "functionKey": {"type": "apiKey", "in": "header", "name": "x-functions-key"},
-                "functionKeyQuery": {"type": "apiKey", "in": "query", "name": "code"},
+                "operatorKey": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "x-aiproxy-operator-key",
+                    "description": (
+                        "The operator key (app setting AIPROXY_OPERATOR_KEY): every event and "
+                        "resource. A wrong key counts toward the failed-key lock-out"
+                    ),
+                },
+                "entraToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": (
+                        "An organiser's Entra ID access token for the app registration "
+                        "(AIPROXY_ENTRA_ORGANIZER_AUDIENCE): their own events and resources; "
+                        "a principal with an operator role or group is the operator. Behind "
+                        "App Service authentication its session cookie works as well"
+                    ),
+                },
                 "apiKey": {"type": "apiKey", "in": "header", "name": "api-key"},
                 "bearer": {
                     "type": "http",
