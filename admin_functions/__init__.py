@@ -33,7 +33,7 @@ def _json(data: Any, status: int = 200) -> StarletteResponse:
 async def _caller(req: Any) -> Caller:
     """The operator or organiser the call's credentials prove; refused (401/403) otherwise."""
     client = client_address(req.headers, req.client)
-    return await get_runtime().callers.caller(req.headers, client)
+    return await get_runtime().callers.caller(req.headers, client, req.method)
 
 
 async def _answer(work: Callable[[], Awaitable[StarletteResponse]]) -> StarletteResponse:

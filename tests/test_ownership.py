@@ -321,3 +321,40 @@ def test_once_organiser_roles_are_named_a_sign_in_needs_one(
         assert organiser.create_event("Ora's")["owner"] == "aad:oid-ora"
     finally:
         server.stop()
+
+
+def test_a_signed_in_change_from_another_site_is_refused(
+    trusted: AppHost, world: dict[str, Any]
+) -> None:
+    """The sign-in is a cookie any site's form or script could make the browser send: changes
+    made with it must come from the app's own pages (Sec-Fetch-Site, else Origin). Reading
+    stays allowed (another site cannot read the answer), and keys and tokens are not cookies."""
+    alice = world["alice"]
+    event_id, attendee_id = world["event"]["id"], world["attendee"]["id"]
+    before = alice.call("GET", f"/events/{event_id}/attendees/{attendee_id}").json()["api_key"]
+    body = {"name": "forged", **window(), "max_token_cap": 64, "daily_request_cap": 10}
+    for evidence in (
+        {"sec-fetch-site": "cross-site"},
+        {"sec-fetch-site": "same-site"},
+        {"origin": "https://evil.example"},
+    ):
+        forged = Organiser(trusted, {**ALICE, **evidence})
+        for method, path, payload in (
+            ("POST", "/events", body),
+            ("POST", f"/events/{event_id}/attendees/{attendee_id}/rotate", None),
+            ("DELETE", f"/events/{event_id}", None),
+        ):
+            answer = forged.call(method, path, payload)
+            assert answer.status_code == 403, (evidence, path, answer.text)
+            assert "another site" in answer.json()["error"]["message"]
+        assert forged.call("GET", "/events").status_code == 200
+    # Nothing changed: no forged event, the attendee's key as it was.
+    assert "forged" not in {e["name"] for e in alice.call("GET", "/events").json()}
+    after = alice.call("GET", f"/events/{event_id}/attendees/{attendee_id}").json()["api_key"]
+    assert after == before
+    # The console's own page (same origin, as the browser says) may change things.
+    host = trusted.base.split("/")[2]
+    for evidence in ({"sec-fetch-site": "same-origin"}, {"origin": f"http://{host}"}):
+        same = Organiser(trusted, {**ALICE, **evidence})
+        created = same.call("POST", "/events", {**body, "name": "from the console"})
+        assert created.status_code == 201, created.text

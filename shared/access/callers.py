@@ -19,6 +19,7 @@ import hashlib
 import hmac
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from shared.access.entra import EntraVerifier, Identity, guid_list, name_list
 from shared.access.guard import FailedKeyGuard
@@ -27,6 +28,36 @@ from shared.errors import ProxyError
 from shared.platform.settings import Settings
 
 OPERATOR_KEY_HEADER = "x-aiproxy-operator-key"
+
+
+# A sign-in is a cookie the browser sends along by itself, so a change made with one must come
+# from the console's own page: a form or script on another site could send it too (CSRF).
+# Keys and tokens travel in headers another site cannot set without a CORS preflight.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def refuse_cross_site(headers: Mapping[str, str]) -> None:
+    """403 for a change that a browser says came from another site: `Sec-Fetch-Site` (every
+    current browser sends it), else an `Origin` whose host is not the one called."""
+    site = (headers.get("sec-fetch-site") or "").strip().lower()
+    if site:
+        if site in ("same-origin", "none"):
+            return
+        raise _cross_site(f"Sec-Fetch-Site: {site[:32]}")
+    origin = (headers.get("origin") or "").strip()
+    if not origin:
+        return  # not from a page: browsers send Origin with every cross-site change
+    host = (headers.get("x-forwarded-host") or headers.get("host") or "").split(",")[0].strip()
+    if urlsplit(origin).netloc.lower() != host.lower():
+        raise _cross_site(f"Origin {origin[:100]}")
+
+
+def _cross_site(evidence: str) -> ProxyError:
+    return ProxyError(
+        "forbidden",
+        f"A signed-in change must come from the console's own page; this one came from another "
+        f"site ({evidence}). Use the console, or the CLI with a token.",
+    )
 
 
 @dataclass(frozen=True)
@@ -97,7 +128,7 @@ class Callers:
             name_list(settings.entra_organizer_roles), guid_list(settings.entra_organizer_groups)
         )
 
-    async def caller(self, headers: Mapping[str, str], client: str) -> Caller:
+    async def caller(self, headers: Mapping[str, str], client: str, method: str = "GET") -> Caller:
         """The caller these headers prove, or the ProxyError (401, 403, 429) refusing it."""
         supplied = (headers.get(OPERATOR_KEY_HEADER) or "").strip()
         if supplied:
@@ -108,6 +139,8 @@ class Callers:
             return self._by_token(await self.entra.management_identity(token.strip()))
         found = principal(headers, self.settings)
         if found is not None:
+            if method.upper() not in SAFE_METHODS:
+                refuse_cross_site(headers)
             return self._by_principal(found)
         raise self._nobody(bearer)
 
