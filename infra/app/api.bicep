@@ -188,6 +188,11 @@ var settings = {
   // Only App Service authentication strips a client's own X-MS-CLIENT-PRINCIPAL header, so the
   // app may trust that header exactly when sign-in is switched on.
   AIPROXY_TRUST_EASYAUTH: authEnabled ? 'true' : 'false'
+  // Self-registration by shared code: wrong codes per event per minute (all instances), and
+  // new attendees per client address per event per hour. Raise the second for a venue whose
+  // attendees all register from one public address.
+  AIPROXY_WRONG_CODES_PER_EVENT_MINUTE: '30'
+  AIPROXY_NEW_ATTENDEES_PER_ADDRESS_HOUR: '50'
   // Entra ID tokens of attendees and organisers (README "Entra ID tokens").
   AIPROXY_ENTRA_AUTHORITY: 'https://login.microsoftonline.com'
   AIPROXY_ENTRA_KEY_REFETCH_SECONDS: '60'
