@@ -90,9 +90,7 @@ def test_email_and_shared_code_give_a_working_key_once(
     assert answer["api_key"] not in json.dumps(row, default=str)  # only hash and sealed copy
 
 
-def test_the_code_never_obtains_the_key_the_organiser_issued(
-    host: AppHost, sim: Simulator
-) -> None:
+def test_the_code_never_obtains_the_key_the_organiser_issued(host: AppHost, sim: Simulator) -> None:
     setup = with_code(host, sim)
     added = setup.add_attendee("Lin@Example.com")
     registered = register(host, setup.id, {"email": "lin@example.com", "shared_code": "SPRING-26"})

@@ -243,7 +243,7 @@ def test_sign_in_registration_follows_the_events_policy(
     assert "organiser" in message
     info = host.http.get(f"/events/{plain.id}").json()
     assert info["self_registration"] == "auto"
-    assert info["registration"] == {"open": False, "shared_code": False, "sign_in": False}
+    assert info["registration"] == {"open": True, "shared_code": False, "sign_in": False}
     # A code alone: the code, not the sign-in, is what is asked for.
     coded = EventSetup(host, sim, shared_code=CODE)
     asked = register(host, coded.id, headers=stranger)

@@ -433,7 +433,7 @@ class EventView(EventCreate):
 class RegistrationState(BaseModel):
     """Whether and how attendees can register themselves now."""
 
-    open: bool = Field(description="self-registration is possible now, by code or sign-in")
+    open: bool = Field(description="the event takes registrations now (active, not ended)")
     shared_code: bool = Field(description="attendees register with email and shared code")
     sign_in: bool = Field(
         description="signed-in users register (the event allows it and the app trusts sign-in)"

@@ -27,7 +27,7 @@ async def event_page_info(event_id: str) -> Response:
     by_code = found.takes_code  # whether a code is asked for, never the code
     by_sign_in = runtime.settings.trust_easyauth and found.takes_sign_in
     registration = {
-        "open": found.active and clock.now() < ends and (by_code or by_sign_in),
+        "open": found.active and clock.now() < ends,  # the page's "closed" or "paused"
         "shared_code": by_code,
         "sign_in": by_sign_in,
     }
