@@ -133,6 +133,9 @@ def test_names_that_look_like_a_signed_in_user_are_refused_everywhere(
         error = added.json()["error"]
         assert error["param"] == "user" and key not in added.text
         assert "':'" in error["details"][0]["problem"]
+    # Nor does a sign-in provider the operator happened to name 'code'.
+    posing = register(host, setup.id, headers=easyauth("code", "oid-bob", "bob@example.com"))
+    refused(posing, 403, "registration_refused")
     assert set(attendees(setup)) == {"attendee@example.com", "aad:alice@contoso.com"}
 
 

@@ -32,7 +32,7 @@ from shared.pipeline import REQUEST_ID_HEADER, error_response, new_request_id
 from shared.pipeline.bodies import CallerGone, read_body
 from shared.platform import clock
 from shared.platform.tables import StorageUnavailable
-from shared.runtime import Runtime, get_runtime, storage_down
+from shared.runtime import CODE_KEY_USER, Runtime, get_runtime, storage_down
 from shared.web.pages import base_path
 
 # A registration body holds an email and a code: anything bigger is refused while it is read.
@@ -203,6 +203,12 @@ async def register(request: Request, event_id: str) -> Response:
         sign_in = runtime.settings.trust_easyauth and event.takes_sign_in
         signed_in = principal(request.headers, runtime.settings)
         if signed_in is not None and sign_in:
+            if signed_in.user.startswith(CODE_KEY_USER):  # a provider the operator named 'code'
+                raise ProxyError(
+                    "registration_refused",
+                    "Sign-in with a provider named 'code' cannot register: its users would be "
+                    "the attendees of keys made of the event's code. Ask the operator.",
+                )
             registration = await register_user(runtime, event, signed_in.user)
         elif event.takes_code:
             body = parse(RegistrationRequest, await read_json(request))
