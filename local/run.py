@@ -80,7 +80,7 @@ def seed_demo(base: str, operator_key: str) -> str:
                     "daily_token_cap": 500_000,
                     "description_markdown": "A demo event served by the **simulated upstream**.",
                     "organizer_name": "AI Proxy",
-                    "shared_code": "demo",
+                    "shared_code": "demo-event",
                 },
             )
             .raise_for_status()

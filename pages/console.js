@@ -557,6 +557,8 @@ $("#clear-filters").addEventListener("click", () => {
 });
 $("#new-event").addEventListener("click", () => { state.selected = null; renderEvents(); openEditor(); });
 $("#edit-event").addEventListener("click", () => openEditor(state.selected));
+// "generate" asks the proxy for a random code; the saved event shows it.
+$("#generate-code").addEventListener("click", () => { $("#ev-shared-code").value = "generate"; });
 $("#cancel-edit").addEventListener("click", () => (state.selected ? selectEvent(state.selected.id) : show("placeholder")));
 $("#event-form").addEventListener("submit", (event) => {
   event.preventDefault();

@@ -10,10 +10,12 @@ import asyncio
 import gc
 import logging
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.access.callers import Callers
+from shared.access.codes import CodeGuard
 from shared.access.entra import (
     ATTENDEE_AUDIENCE,
     EVENT_HEADER,
@@ -23,11 +25,11 @@ from shared.access.entra import (
     refused,
     token_tenant,
 )
-from shared.access.guard import FailedKeyGuard, Misses, failed_codes
+from shared.access.guard import FailedKeyGuard, Misses
 from shared.directory.attendees import Attendee, AttendeeStore, attendee_id
 from shared.directory.catalog import CatalogStore, Resource
 from shared.directory.events import Event, EventStore
-from shared.directory.keys import KEY_PREFIX, code_key_parts, hash_key, is_well_formed, same_secret
+from shared.directory.keys import KEY_PREFIX, code_key_parts, hash_key, is_well_formed
 from shared.directory.validation import is_email, is_id
 from shared.errors import ProxyError
 from shared.governance.caps import Caps
@@ -96,6 +98,7 @@ class Runtime:
         self.event_guard = FailedKeyGuard(wrong="event ids")
         self.unknown_keys = Misses(UNKNOWN_KEY_SECONDS)
         self.unknown_events = Misses(UNKNOWN_EVENT_SECONDS)
+        self.codes = CodeGuard(self.tables, settings)
         self.entra = EntraVerifier(settings)
         self.callers = Callers(settings, self.entra, self.guard)  # who manages: manage/*
         ttl = settings.cache_ttl_seconds
@@ -165,7 +168,9 @@ class Runtime:
         """A `{event_id}@{shared_code}/{email}` key: checked against the event on every call (so
         a changed code takes effect with the event's cache), its attendee created on first use.
 
-        The key itself is kept nowhere: the attendee is cached by event and attendee id.
+        The key itself is kept nowhere: the attendee is cached by event and attendee id. Its
+        attendee is never the one issued to, registered or signed in as that email: it is named
+        'code:<email>' (organisers' and registrants' names hold no ':').
         """
         parts = code_key_parts(key)
         if parts is None or not is_id(parts[0]) or not is_email(parts[2]):
@@ -176,21 +181,25 @@ class Runtime:
             )
         event_id, code, email = parts
         event = await self.caller_event(event_id, client)
-        if event is None or not event.shared_code:
+        if event is None or not event.takes_code:
             raise ProxyError(
                 "invalid_api_key",
                 "This event takes no keys made of its code. Register on its page, or ask the "
                 "organiser for your key.",
             )
-        if not same_secret(code, event.shared_code):  # a right code always passes
-            failed_codes.check(event.id, client)
-            failed_codes.record(event.id, client)
-            raise ProxyError(
+        await self.codes.check(
+            event,
+            code,
+            client,
+            lambda: ProxyError(
                 "invalid_api_key",
                 f"That is not the code of event '{event.name}'. Check it with the organiser "
                 "(it is case-sensitive).",
-            )
-        return await self._attendee_access(event, email)
+            ),
+        )
+        return await self._attendee_access(
+            event, CODE_KEY_USER + email, admit=lambda: self.codes.admit_new(event, client)
+        )
 
     async def _token_access(self, token: str, client: str, named: str) -> Access:
         """An Entra access token: verified (tenants some event takes only), then the attendee
@@ -215,18 +224,28 @@ class Runtime:
             )
         return await self._attendee_access(event, identity.user, identity.owner)
 
-    async def _attendee_access(self, event: Event, user: str, identity: str = "") -> Access:
+    async def _attendee_access(
+        self,
+        event: Event,
+        user: str,
+        identity: str = "",
+        admit: Callable[[], Awaitable[None]] | None = None,
+    ) -> Access:
         """The attendee of a caller without a key of its own (an event-code key's email, an
         Entra token's identity), from the access cache, created like a registration on first
-        use; refused once the organiser revoked it."""
+        use (after `admit`, which may refuse a new one); refused once the organiser revoked
+        it."""
+        ident = attendee_id(event.id, identity or user)
 
         async def first_use() -> Attendee:
+            if admit is not None and await self.attendees.get(event.id, ident) is None:
+                await admit()
             attendee, _ = await self.attendees.add(
                 event.id, user, now=clock.now(), identity=identity
             )
             return attendee
 
-        cache_key = _attendee_key(event.id, attendee_id(event.id, identity or user))
+        cache_key = _attendee_key(event.id, ident)
         try:
             attendee = await self._access.get_or_load(cache_key, first_use, _STALE_ON)
         except StorageUnavailable as exc:
@@ -360,6 +379,11 @@ class Runtime:
         await self.upstream.close()
         await self.entra.close()
         await self.tables.close()
+
+
+# The user name of a key made of the event's code: its own attendee, apart from the same email's
+# issued, registered or signed-in one.
+CODE_KEY_USER = "code:"
 
 
 def _attendee_key(event_id: str, attendee_id: str) -> str:

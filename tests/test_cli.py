@@ -248,6 +248,14 @@ def test_everyday_commands(host: AppHost, sim: Simulator) -> None:
     assert '"daily_request_cap": 7' in updated and '"active": false' in updated
     assert '"tokens_per_minute": 5000' in updated and '"requests_per_minute": 12' in updated
     assert '"id": "' + event_id in ok(cli(host, "events", "show", event_id))
+    # The proxy makes a registration code on request, and the answer shows it.
+    coded = ok(
+        cli(host, "events", "update", event_id, "--shared-code", "generate",
+            "--self-registration", "code")
+    )  # fmt: skip
+    code = re.search(r'"shared_code": "([^"]*)"', coded).group(1)
+    assert re.fullmatch(r"[A-Z2-9]{4}-[A-Z2-9]{4}-[A-Z2-9]{4}", code)
+    assert '"self_registration": "code"' in coded
 
     resource = ok(
         cli(

@@ -137,10 +137,10 @@ def test_event_create_read_update_delete(host: AppHost) -> None:
     assert host.manage.get(f"/events/{event['id']}").json() == event
     assert event["id"] in {e["id"] for e in host.manage.get("/events").json()}
     patched = host.manage.patch(
-        f"/events/{event['id']}", json={"daily_request_cap": 99, "shared_code": "abc"}
+        f"/events/{event['id']}", json={"daily_request_cap": 99, "shared_code": "abcdefgh"}
     )
     assert patched.status_code == 200
-    assert patched.json()["daily_request_cap"] == 99 and patched.json()["shared_code"] == "abc"
+    assert patched.json()["daily_request_cap"] == 99 and patched.json()["shared_code"] == "abcdefgh"
     assert patched.json()["max_token_cap"] == 64
     invalid_field(host.manage.patch(f"/events/{event['id']}", json={"colour": "red"}), "colour")
     invalid_field(host.manage.patch(f"/events/{event['id']}", json={"active": 1}), "active")
@@ -165,7 +165,7 @@ def test_public_event_info_shows_no_secrets(host: AppHost, sim: Simulator) -> No
     setup = EventSetup(
         host,
         sim,
-        shared_code="s3cret",
+        shared_code="s3cret-code",
         organizer_name="Ada",
         organizer_email="ada@example.com",
         description_markdown="# Welcome",
@@ -175,7 +175,7 @@ def test_public_event_info_shows_no_secrets(host: AppHost, sim: Simulator) -> No
     info = public.json()
     assert info["organizer_name"] == "Ada" and info["description_markdown"] == "# Welcome"
     assert info["starts_at"] == setup.event["starts_at"]
-    assert "s3cret" not in public.text and "ada@example.com" not in public.text
+    assert "s3cret-code" not in public.text and "ada@example.com" not in public.text
     assert "owner" not in info and "shared_code" not in info
 
 

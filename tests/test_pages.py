@@ -315,7 +315,7 @@ def test_registration_page_gives_a_key_that_works_with_the_sdk_and_runs_no_scrip
 def test_registration_page_offers_sign_in_when_the_app_trusts_easyauth(
     host: AppHost, sim: Simulator, browser: Browser
 ) -> None:
-    event = EventSetup(host, sim)  # no registration code: sign-in is the only way
+    event = EventSetup(host, sim, self_registration="sign_in")  # no code: sign-in only
     url = f"{host.base}/register/{event.id}"
     # The page and the event's info as an app behind App Service authentication serves them.
     trusted = pages.render(
@@ -400,6 +400,7 @@ def test_console_creates_an_event_wires_it_and_charts_its_usage(
         page.fill("#ev-max-token-cap", "256")
         page.fill("#ev-daily-request-cap", "50")
         page.fill("#ev-description", "Bring a laptop.")
+        page.click("#generate-code")  # the proxy makes the registration code
         opened.screenshot("console-new-event")
         page.click("#save-event")
         page.wait_for_selector("#event-view:not([hidden])")
@@ -407,6 +408,7 @@ def test_console_creates_an_event_wires_it_and_charts_its_usage(
         event_id = page.locator("#register-link").inner_text().rsplit("/", 1)[1]
         stored = host.manage.get(f"/events/{event_id}").json()
         assert stored["time_zone"] == "Asia/Tokyo" and stored["max_token_cap"] == 256
+        assert re.fullmatch(r"[A-Z2-9]{4}-[A-Z2-9]{4}-[A-Z2-9]{4}", stored["shared_code"])
         item = page.locator(f"#event-list button[data-event-id='{event_id}']")
         assert item.locator(".badge").text_content() == "live"
 

@@ -84,15 +84,15 @@ def test_a_shared_code_key_works_without_registration_and_creates_the_attendee_o
             )
         )
     assert all(r.usage is not None and r.usage.completion_tokens == 2 for r in replies)
-    assert users(coded) == ["attendee@example.com", "grace@example.com"]
+    assert users(coded) == ["attendee@example.com", "code:grace@example.com"]
     rows = storage.usage(coded.id, expect=6)
     assert len({r["attendee_id"] for r in rows}) == 1
     (grace,) = {r["attendee_id"] for r in rows}
     assert grace != coded.attendee["id"]
-    # The same person's code key and issued key are one attendee.
+    # A key made of the code is an attendee of its own, apart from an email's issued one.
     issued = host.manage.get(f"/events/{coded.id}/attendees/{grace}").json()["api_key"]
     info = host.http.get("/eventinfo", headers={"authorization": f"Bearer {issued}"}).json()
-    assert info["attendee"] == {"id": grace, "user": "grace@example.com"}
+    assert info["attendee"] == {"id": grace, "user": "code:grace@example.com"}
     # The key is kept nowhere: no table row holds it.
     for table in ("attendees", "keys", "events", "usage", "counters"):
         assert not [r for r in storage.rows(table) if key.lower() in str(r).lower()], table
@@ -112,8 +112,8 @@ def test_a_wrong_code_is_an_invalid_key_and_guessing_is_slowed(
     for n in range(9):
         assert status(code_key(coded, "eve@example.com", f"guess{n}")) == (401, "invalid_api_key")
     assert status(code_key(coded, "eve@example.com", "guess10")) == (429, "too_many_failed_keys")
-    assert "eve@example.com" not in users(coded)
-    assert "ada@example.com" not in users(coded)
+    assert "code:eve@example.com" not in users(coded)
+    assert "code:ada@example.com" not in users(coded)
 
 
 def test_a_revoked_code_key_is_refused(host: AppHost, coded: EventSetup) -> None:
@@ -121,7 +121,7 @@ def test_a_revoked_code_key_is_refused(host: AppHost, coded: EventSetup) -> None
     assert host.http.get("/eventinfo", headers={"api-key": key}).status_code == 200
     (mallory,) = [
         a for a in host.manage.get(f"/events/{coded.id}/attendees").json()
-        if a["user"] == "mallory@example.com"
+        if a["user"] == "code:mallory@example.com"
     ]  # fmt: skip
     assert host.manage.delete(f"/events/{coded.id}/attendees/{mallory['id']}").status_code == 200
     refused = host.http.get("/eventinfo", headers={"api-key": key})

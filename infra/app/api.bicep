@@ -221,6 +221,11 @@ var settings = {
   // Only App Service authentication strips a client's own X-MS-CLIENT-PRINCIPAL header, so the
   // app may trust that header exactly when sign-in is switched on.
   AIPROXY_TRUST_EASYAUTH: authEnabled ? 'true' : 'false'
+  // Self-registration by shared code: wrong codes per event per minute (all instances), and
+  // new attendees per client address per event per hour. Raise the second for a venue whose
+  // attendees all register from one public address.
+  AIPROXY_WRONG_CODES_PER_EVENT_MINUTE: '30'
+  AIPROXY_NEW_ATTENDEES_PER_ADDRESS_HOUR: '200'
   // Entra ID tokens of attendees, organisers and operators (README "Entra ID tokens"), from this
   // cloud's login endpoint (sovereign clouds have their own).
   AIPROXY_ENTRA_AUTHORITY: environment().authentication.loginEndpoint

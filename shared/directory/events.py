@@ -42,6 +42,7 @@ class Event:
     organizer_email: str = ""
     image_url: str = ""
     shared_code: str = ""
+    self_registration: str = "auto"  # models.SelfRegistration
     # Entra ID callers (shared/access/entra.py): the tenants whose access tokens this event
     # takes and, when any are named, only these users, apps or groups (object ids) of them.
     entra_tenants: list[str] = field(default_factory=list)
@@ -112,6 +113,18 @@ class Event:
                 f"Event '{self.name}' has ended. It ran {self.describe_window()}.",
             )
 
+    @property
+    def takes_code(self) -> bool:
+        """Attendees may register, or call with a key made of the code, by the shared code."""
+        policy = self.self_registration
+        return bool(self.shared_code) and policy in ("auto", "code", "both")
+
+    @property
+    def takes_sign_in(self) -> bool:
+        """A signed-in (EasyAuth) user may register itself. Never by default: any account of
+        any identity provider would do, so the organiser has to ask for it."""
+        return self.self_registration in ("sign_in", "both")
+
     def public(self) -> dict[str, Any]:
         """What anyone may see: the registration page's view."""
         start, end = self.window_utc()
@@ -126,6 +139,7 @@ class Event:
             "organizer_name": self.organizer_name,
             "description_markdown": self.description_markdown,
             "image_url": self.image_url,
+            "self_registration": self.self_registration,
             "active": self.active,
         }
 
@@ -163,6 +177,7 @@ class Event:
             organizer_email=entity.get("organizer_email", ""),
             image_url=entity.get("image_url", ""),
             shared_code=entity.get("shared_code", ""),
+            self_registration=entity.get("self_registration") or "auto",
             entra_tenants=_ids(entity.get("entra_tenants")),
             entra_allowed=_ids(entity.get("entra_allowed")),
             active=bool(entity.get("active", True)),
@@ -181,7 +196,8 @@ def patch_event(event: Event, body: dict[str, Any]) -> Event:
     """Validate a change: the body laid over the event's fields, checked as a whole. A new time
     zone alone keeps the wall-clock times."""
     current = {name: getattr(event, name) for name in EventCreate.model_fields}
-    for name, value in parse(EventCreate, {**current, **body}):
+    fields = parse(EventCreate, {**current, **body}, stored_code=event.shared_code)
+    for name, value in fields:
         setattr(event, name, value)
     event._window = event._day = None
     return event

@@ -14,6 +14,7 @@ line imports this module.
 from __future__ import annotations
 
 import re
+import secrets
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -48,6 +49,8 @@ ModelClass = Literal[
 ]
 MODEL_CLASSES: tuple[str, ...] = get_args(ModelClass)
 Auth = Literal["key", "managed_identity"]
+SelfRegistration = Literal["auto", "code", "sign_in", "both", "none"]
+SELF_REGISTRATION: tuple[str, ...] = get_args(SelfRegistration)
 AUTH_KINDS: tuple[str, ...] = get_args(Auth)
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 DEPLOYMENT_NAME = re.compile(f"^{_NAME}$")
@@ -181,6 +184,42 @@ EntraObjects = _entra_ids(
 )
 
 
+# A shared code is all a stranger needs to get a key: long enough that it cannot be guessed
+# at the rate wrong codes are allowed (shared/access/codes.py). "generate" asks for one.
+MIN_SHARED_CODE = 8
+GENERATE = "generate"
+_CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I/L: read aloud, typed by hand
+
+
+def new_shared_code() -> str:
+    """A random code such as 'K7QM-XR4T-9BWE': 12 of 32 symbols, 60 bits."""
+    groups = ("".join(secrets.choice(_CODE_ALPHABET) for _ in range(4)) for _ in range(3))
+    return "-".join(groups)
+
+
+def _shared_code(value: str, info: ValidationInfo) -> str:
+    if value == GENERATE:
+        return new_shared_code()
+    # A code stored before the minimum existed keeps working until the organiser changes it.
+    if value and len(value) < MIN_SHARED_CODE and value != (info.context or {}).get("stored_code"):
+        raise problem(
+            f"must be at least {MIN_SHARED_CODE} characters, so that it cannot be guessed",
+            f"Send a longer code, or '{GENERATE}' to have a random one made for you.",
+        )
+    return value
+
+
+def _user_name(value: str) -> str:
+    if ":" in value:
+        raise problem(
+            "must not hold ':': names like 'aad:…' or 'github:…' are those of signed-in "
+            "attendees, which the proxy names itself",
+            "Send an email or a login without ':'; signed-in attendees get their key by "
+            "registering themselves.",
+        )
+    return value
+
+
 # --- bodies -------------------------------------------------------------------------------
 
 
@@ -234,10 +273,18 @@ class EventCreate(Body):
     image_url: Annotated[Text, AfterValidator(_page_url)] = Field(
         "", max_length=2_000, description="http(s) URL of the registration page's image"
     )
-    shared_code: Text = Field(
+    shared_code: Annotated[Text, AfterValidator(_shared_code)] = Field(
         "",
         max_length=100,
-        description="code attendees register with themselves; empty: no registration by code",
+        description=f"code attendees register with themselves, at least {MIN_SHARED_CODE} "
+        f"characters; '{GENERATE}' makes a random one (the answer shows it); empty: no "
+        "registration by code",
+    )
+    self_registration: SelfRegistration = Field(
+        "auto",
+        description="how attendees may get a key themselves: 'code' (email and shared_code), "
+        "'sign_in' (signed in through the app's EasyAuth), 'both', or 'none'; 'auto': by code "
+        "when shared_code is set, else none",
     )
     # Entra ID callers (shared/access/entra.py).
     entra_tenants: EntraTenants = Field(
@@ -252,6 +299,16 @@ class EventCreate(Body):
         "the entra_tenants may call; needs entra_tenants",
     )
     active: bool = Field(True, description="false switches the event off at once")
+
+    @field_validator("self_registration")
+    @classmethod
+    def _code_to_register_with(cls, value: str, info: ValidationInfo) -> str:
+        if value in ("code", "both") and info.data.get("shared_code") == "":
+            raise problem(
+                f"is '{value}', but shared_code is empty",
+                f"Set shared_code (or '{GENERATE}'), or choose 'sign_in' or 'none'.",
+            )
+        return value
 
     @field_validator("starts_at", "ends_at")
     @classmethod
@@ -346,12 +403,17 @@ class ResourceCreate(ResourceFields):
 
 
 class AttendeeCreate(Body):
-    """A user to issue a key to; the same user again gets the same attendee and key."""
+    """A user to issue a key to; the same user again gets the same attendee and key.
+
+    Names with ':' are refused: 'aad:…', 'github:…' are signed-in attendees' and 'code:…'
+    those of keys made of the event's code; an organiser's attendee must never be one of them.
+    """
 
     noun: ClassVar[str] = "an attendee"
 
-    user: Filled = Field(
-        max_length=200, description="an email, a login or any name; case-insensitive"
+    user: Annotated[Filled, AfterValidator(_user_name)] = Field(
+        max_length=200,
+        description="an email, a login or any name without ':'; case-insensitive",
     )
 
 
@@ -377,9 +439,11 @@ class EventView(EventCreate):
 class RegistrationState(BaseModel):
     """Whether and how attendees can register themselves now."""
 
-    open: bool = Field(description="self-registration is possible now")
-    shared_code: bool = Field(description="a shared code is asked for")
-    sign_in: bool = Field(description="Entra/GitHub sign-in is trusted")
+    open: bool = Field(description="the event takes registrations now (active, not ended)")
+    shared_code: bool = Field(description="attendees register with email and shared code")
+    sign_in: bool = Field(
+        description="signed-in users register (the event allows it and the app trusts sign-in)"
+    )
 
 
 _PUBLIC = (  # Event.public()
@@ -393,6 +457,7 @@ _PUBLIC = (  # Event.public()
     "organizer_name",
     "description_markdown",
     "image_url",
+    "self_registration",
     "active",
 )
 PublicEventView = create_model(

@@ -14,7 +14,8 @@ from shared.directory.models import GUID, Body
 from shared.errors import ProxyError, invalid, invalid_fields
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_EMAIL = re.compile(r"^[^@\s,;<>()\"]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z0-9-]{2,}$")
+# No ':' in the local part: 'aad:…@…' would be the name of a signed-in attendee.
+_EMAIL = re.compile(r"^[^@\s,;<>()\":]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z0-9-]{2,}$")
 
 
 def parse[M: Body](model: type[M], body: dict[str, Any], **context: Any) -> M:

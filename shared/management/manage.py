@@ -104,6 +104,7 @@ async def delete_event(runtime: Runtime, caller: Caller, event_id: str, *, force
     for resource_id in await runtime.catalog.resource_ids(found.id):
         await runtime.catalog.detach(found.id, resource_id)
     await runtime.events.delete(found.id)
+    await runtime.codes.forget(found.id)  # its counts of wrong codes and new attendees
     runtime.forget_event(found.id)
 
 

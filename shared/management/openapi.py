@@ -886,16 +886,18 @@ OPERATIONS: list[Operation] = [
         "POST",
         "events/{event_id}/register",
         "register",
-        "Register for an event: signed in, or with email and shared code; idempotent",
+        "Register for an event: signed in, or with email and shared code",
         body="RegistrationRequest",
         answer="Registration",
         status=201,
-        errors=(400, 403, 404, 429, 503),
-        also={200: "Registered before: the same attendee and key"},
+        errors=(400, 403, 404, 409, 413, 429, 503),
+        also={200: "A signed-in user registered before: its own attendee and key"},
         description=(
-            "A signed-in user (EasyAuth, when the app trusts it) needs no body. Otherwise send "
-            "the email address and the event's shared code. Open from the event's creation "
-            "until it ends, while it is active."
+            "As the event's self_registration allows: a signed-in user (EasyAuth, when the app "
+            "trusts it) needs no body; otherwise send the email address and the event's shared "
+            "code (a body of at most 16 KiB). A key is given by code once, to the registration "
+            "that creates the email's attendee: any later one for that email is 409. Open from "
+            "the event's creation until it ends, while it is active."
         ),
     ),
     anonymous(

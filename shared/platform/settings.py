@@ -55,6 +55,11 @@ class Settings:
     upstream_hosts: str = ""
     allow_loopback_upstreams: bool = False
     trust_easyauth: bool = False
+    # Self-registration (shared/access/codes.py): wrong shared codes an event answers in any
+    # minute, over all instances, before it refuses the wrong ones with 429; and new attendees
+    # one client address may create with an event's code in any hour.
+    wrong_codes_per_event_minute: int = 30
+    new_attendees_per_address_hour: int = 200
     # Entra ID access tokens (shared/access/entra.py): where tenants publish their signing keys,
     # and the least time between two fetches of one tenant's keys for an unknown key id.
     entra_authority: str = "https://login.microsoftonline.com"
@@ -105,6 +110,8 @@ _ENV_NAMES = {
     "upstream_hosts": "AIPROXY_UPSTREAM_HOSTS",
     "allow_loopback_upstreams": "AIPROXY_ALLOW_LOOPBACK_UPSTREAMS",
     "trust_easyauth": "AIPROXY_TRUST_EASYAUTH",
+    "wrong_codes_per_event_minute": "AIPROXY_WRONG_CODES_PER_EVENT_MINUTE",
+    "new_attendees_per_address_hour": "AIPROXY_NEW_ATTENDEES_PER_ADDRESS_HOUR",
     "entra_authority": "AIPROXY_ENTRA_AUTHORITY",
     "entra_key_refetch_seconds": "AIPROXY_ENTRA_KEY_REFETCH_SECONDS",
     "entra_organizer_tenants": "AIPROXY_ENTRA_ORGANIZER_TENANTS",

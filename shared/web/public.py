@@ -31,10 +31,12 @@ async def event_page_info(request: Request, event_id: str) -> Response:
             ProxyError("not_found", f"No event with id '{event_id[:64]}'."), new_request_id()
         )
     _, ends = found.window_utc()
+    by_code = found.takes_code  # whether a code is asked for, never the code
+    by_sign_in = runtime.settings.trust_easyauth and found.takes_sign_in
     registration = {
-        "open": found.active and clock.now() < ends,
-        "shared_code": bool(found.shared_code),  # whether a code is asked for, never the code
-        "sign_in": runtime.settings.trust_easyauth,
+        "open": found.active and clock.now() < ends,  # the page's "closed" or "paused"
+        "shared_code": by_code,
+        "sign_in": by_sign_in,
     }
     body = {**found.public(), "registration": registration}
     return Response(orjson.dumps(body), media_type="application/json")

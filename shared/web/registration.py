@@ -1,9 +1,14 @@
-"""Self-registration (API.md section 4): an attendee gets its own key for an event.
+"""Self-registration: an attendee gets its own key for an event, as the event allows
+(`Event.takes_code`, `Event.takes_sign_in`).
 
 Who may register: a signed-in user (trusted EasyAuth principal; user = "<idp>:<name or id>"),
 or anybody with an email address and the event's shared code (user = the email, lower-cased).
-Registration is open from the event's creation until it ends, while it is active. The same user
-registering again gets the same attendee and key back.
+Registration is open from the event's creation until it ends, while it is active.
+
+A signed-in user registering again gets its own key back: the principal proves who it is. The
+code proves nothing about the email, so a key is handed out by code once, to the registration
+that creates the attendee; any later one for that email (the organiser's attendee, another
+registrant's) is refused with 409, never answered with that attendee's key.
 """
 
 from __future__ import annotations
@@ -16,19 +21,22 @@ from pydantic import AfterValidator, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.access.guard import client_address, failed_codes
+from shared.access.guard import client_address
 from shared.access.principal import principal
-from shared.directory.attendees import Attendee
+from shared.directory.attendees import Attendee, attendee_id
 from shared.directory.events import Event
-from shared.directory.keys import same_secret
 from shared.directory.models import Body, Filled, problem
-from shared.directory.validation import is_email, is_id, json_object, parse
+from shared.directory.validation import is_email, is_id, parse
 from shared.errors import ProxyError
 from shared.pipeline import REQUEST_ID_HEADER, error_response, new_request_id
+from shared.pipeline.bodies import CallerGone, read_body
 from shared.platform import clock
 from shared.platform.tables import StorageUnavailable
-from shared.runtime import Runtime, get_runtime, storage_down
+from shared.runtime import CODE_KEY_USER, Runtime, get_runtime, storage_down
 from shared.web.pages import base_path
+
+# A registration body holds an email and a code: anything bigger is refused while it is read.
+BODY_LIMIT = 16 * 1024
 
 
 @dataclass
@@ -68,6 +76,11 @@ def check_registration_open(event: Event) -> None:
 
 def _email(value: str) -> str:
     address = value.lower()
+    if ":" in address:
+        raise problem(
+            "must not hold ':' (names like 'aad:…' are those of signed-in attendees)",
+            "Send your plain email address.",
+        )
     if not is_email(address):
         raise problem(
             "must be an email address such as 'ada@example.com'",
@@ -87,32 +100,83 @@ class RegistrationRequest(Body):
     shared_code: Filled = Field(description="the registration code from the organiser")
 
 
-def check_shared_code(event: Event, code: str, client: str) -> None:
+async def check_shared_code(runtime: Runtime, event: Event, code: str, client: str) -> None:
     """The body's code against the event's, in constant time; wrong codes are counted."""
-    if not same_secret(code, event.shared_code):  # a right code always passes
-        failed_codes.check(event.id, client)
-        failed_codes.record(event.id, client)
-        raise ProxyError(
+    await runtime.codes.check(
+        event,
+        code,
+        client,
+        lambda: ProxyError(
             "registration_refused",
             f"That is not the registration code of event '{event.name}'. Check the code with "
             "the organiser (it is case-sensitive) and try again.",
             param="shared_code",
-        )
+        ),
+    )
+
+
+def _revoked(event: Event) -> ProxyError:
+    return ProxyError(
+        "registration_refused",
+        f"Your key for event '{event.name}' was revoked by the organiser. "
+        "Ask them to issue a new one.",
+    )
 
 
 async def register_user(runtime: Runtime, event: Event, user: str) -> Registration:
-    """The user's attendee and key for the event, created on first registration."""
+    """A signed-in user's attendee and key for the event, created on first registration."""
     try:
         found, created = await runtime.attendees.add(event.id, user, now=clock.now())
     except StorageUnavailable as exc:
         raise storage_down() from exc
     if not found.active:
-        raise ProxyError(
-            "registration_refused",
-            f"Your key for event '{event.name}' was revoked by the organiser. "
-            "Ask them to issue a new one.",
-        )
+        raise _revoked(event)
     return Registration(found, runtime.sealer.unseal(found.key_sealed), event, created)
+
+
+async def register_email(
+    runtime: Runtime, event: Event, email: str, client: str, sign_in: bool
+) -> Registration:
+    """A new attendee for an email that holds the event's code; refused if it exists."""
+
+    def taken(found: Attendee) -> ProxyError:
+        if not found.active:
+            return _revoked(event)
+        other = " or sign in and register again" if sign_in else ""
+        return ProxyError(
+            "conflict",
+            f"'{email}' is already registered for event '{event.name}', and a key is shown "
+            "only once, to whoever registered first. If that was you and you lost the key, "
+            f"ask the organiser to rotate it (they give you the new one){other}.",
+            param="email",
+        )
+
+    try:
+        found = await runtime.attendees.get(event.id, attendee_id(event.id, email))
+        if found is not None:
+            raise taken(found)
+        await runtime.codes.admit_new(event, client)
+        found, created = await runtime.attendees.add(event.id, email, now=clock.now())
+    except StorageUnavailable as exc:
+        raise storage_down() from exc
+    if not created:  # another registration for the same email won the race
+        raise taken(found)
+    return Registration(found, runtime.sealer.unseal(found.key_sealed), event, created)
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The body as a JSON object, read up to BODY_LIMIT bytes (413 past it, unread)."""
+    try:
+        raw = await read_body(request, BODY_LIMIT)
+    except CallerGone:
+        raise ProxyError("invalid_request", "The body ended before it was complete.") from None
+    try:
+        body = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise ProxyError("invalid_request", f"The body is not valid JSON ({exc.msg}).") from exc
+    if not isinstance(body, dict):
+        raise ProxyError("invalid_request", "The body must be a JSON object.")
+    return body
 
 
 def endpoint_of(request: Request, route_start: str = "events/") -> str:
@@ -127,7 +191,8 @@ def endpoint_of(request: Request, route_start: str = "events/") -> str:
 
 
 async def register(request: Request, event_id: str) -> Response:
-    """POST /api/events/{event_id}/register: 201 with a new key, 200 with the same one again."""
+    """POST /api/events/{event_id}/register: 201 with a new key; 200 with the same one again
+    for a signed-in user; 409 for an email registered before."""
     runtime = get_runtime()
     request_id = new_request_id()
     try:
@@ -136,21 +201,33 @@ async def register(request: Request, event_id: str) -> Response:
         if event is None:
             raise ProxyError("not_found", f"No event with id '{event_id[:64]}'.")
         check_registration_open(event)
+        sign_in = runtime.settings.trust_easyauth and event.takes_sign_in
         signed_in = principal(request.headers, runtime.settings)
-        if signed_in is not None:
-            user = signed_in.user
-        elif not event.shared_code:
-            how = "Sign in first, or ask" if runtime.settings.trust_easyauth else "Ask"
+        if signed_in is not None and sign_in:
+            if signed_in.user.startswith(CODE_KEY_USER):  # a provider the operator named 'code'
+                raise ProxyError(
+                    "registration_refused",
+                    "Sign-in with a provider named 'code' cannot register: its users would be "
+                    "the attendees of keys made of the event's code. Ask the operator.",
+                )
+            registration = await register_user(runtime, event, signed_in.user)
+        elif event.takes_code:
+            body = parse(RegistrationRequest, await read_json(request))
+            await check_shared_code(runtime, event, body.shared_code, client)
+            registration = await register_email(runtime, event, body.email, client, sign_in)
+        elif sign_in:
             raise ProxyError(
                 "registration_refused",
-                f"Event '{event.name}' does not take registrations with a code. "
-                f"{how} the organiser for your key.",
+                f"Event '{event.name}' takes registrations of signed-in users only. "
+                "Sign in first, or ask the organiser for your key.",
             )
         else:
-            body = parse(RegistrationRequest, await json_object(request))
-            check_shared_code(event, body.shared_code, client)
-            user = body.email
-        registration = await register_user(runtime, event, user)
+            raise ProxyError(
+                "registration_refused",
+                f"Event '{event.name}' takes no self-registration"
+                + (" by sign-in" if signed_in is not None else "")
+                + ". Ask the organiser for your key.",
+            )
     except ProxyError as error:
         return error_response(error, request_id)
     return Response(
