@@ -1,4 +1,4 @@
-"""Management routes (API.md section 3): HTTP in, calls into shared.management.manage, JSON out."""
+"""Management routes (docs/api.md#management): HTTP in, calls into shared.management.manage, JSON out."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""`aiproxy`: the organisers' command line for the management API (API.md section 3)."""
+"""`aiproxy`: the organisers' command line for the management API (docs/api.md#management)."""

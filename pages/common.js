@@ -43,7 +43,7 @@ export const $ = (selector, root = document) => root.querySelector(selector);
 
 // --- errors --------------------------------------------------------------------------
 
-/** An error answered by the proxy (API.md section 2) or by the network. */
+/** An error answered by the proxy (docs/api.md#errors) or by the network. */
 export class ApiError extends Error {
   constructor(code, message, status = 0, retryAfter = null, details = []) {
     super(message);

@@ -1,4 +1,4 @@
-"""Every error the proxy itself produces: one class, one table of codes (API.md section 2)."""
+"""Every error the proxy itself produces: one class, one table of codes (docs/api.md#errors)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class ProxyError(Exception):
 
 
 def invalid(param: str, problem: str, fix: str = "") -> ProxyError:
-    """A 400 that names the offending field, with what to send instead (API.md section 5)."""
+    """A 400 that names the offending field, with what to send instead (docs/api.md#errors)."""
     detail = {"field": param, "problem": problem, "fix": fix or "Correct it and send it again."}
     return ProxyError(
         "invalid_request", f"Field '{param}' {problem}.", param=param, details=[detail]

@@ -162,7 +162,7 @@ async def burst(
 
 def host_answer(response: httpx.Response, status: int) -> None:
     """An answer of the Functions host itself (no route, wrong method: 404; no function key:
-    401): the app never sees the call, and the host sends no body (API.md section 2)."""
+    401): the app never sees the call, and the host sends no body (docs/api.md#errors)."""
     assert response.status_code == status, (response.request.url, response.text)
     assert response.content == b"", response.text
 

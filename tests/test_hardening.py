@@ -140,7 +140,7 @@ def test_odd_deployment_names_are_not_found(host: AppHost, event: EventSetup, na
     response = host.http.post(path, json={"messages": []}, headers={"api-key": event.key})
     assert response.status_code == 404, response.text
     # The app's answer; a path that matches no route is the host's (empty), and one with a line
-    # break the runtime's own (its catch-all route does not match it: see API.md).
+    # break the runtime's own (its catch-all route does not match it: see docs/api.md#answers-of-the-host-itself).
     if response.content:
         body = response.json()
         assert body == {"detail": "Not Found"} or body["error"]["code"] == "deployment_not_found"

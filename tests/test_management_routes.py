@@ -26,7 +26,7 @@ CAPS = {"max_token_cap": 64, "daily_request_cap": 10}
 
 
 def error_of(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """The API.md section 2 error body, checked."""
+    """The docs/api.md#errors error body, checked."""
     assert response.status_code == status, (response.request.url, response.text)
     error = response.json()["error"]
     assert error["code"] == code

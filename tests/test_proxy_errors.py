@@ -1,4 +1,4 @@
-"""Every refusal of API.md section 2 that the proxy path makes, with its status and code."""
+"""Every refusal of docs/api.md#errors that the proxy path makes, with its status and code."""
 
 from __future__ import annotations
 

@@ -208,7 +208,7 @@ class FromAddress(requests.adapters.HTTPAdapter):
 
 
 def _passed_through(case: Case, response: Response) -> bool:
-    """A proxy operation's answer that the upstream gave; API.md section 1 passes it on unchanged."""
+    """A proxy operation's answer that the upstream gave; docs/api.md#proxy-routes passes it on unchanged."""
     received, last_status = UPSTREAM.get(case.id, (0, None))
     return (
         "proxy" in (case.operation.tags or [])
@@ -219,7 +219,7 @@ def _passed_through(case: Case, response: Response) -> bool:
 
 @schemathesis.check
 def contract_error_shape(ctx: CheckContext, response: Response, case: Case) -> bool | None:
-    """API.md section 2: {"error": {"code", "message", "status", "param"?}}, status = HTTP status."""
+    """docs/api.md#errors: {"error": {"code", "message", "status", "param"?}}, status = HTTP status."""
     if response.status_code < 400 or _passed_through(case, response):
         return None
     try:

@@ -20,7 +20,7 @@ _EMAIL = re.compile(r"^[^@\s,;<>()\":]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za
 
 def parse[M: Body](model: type[M], body: dict[str, Any], **context: Any) -> M:
     """The body as `model`, or one 400 that names every bad field: `param` and the message the
-    first, `details` all, each with its problem and fix (API.md section 5)."""
+    first, `details` all, each with its problem and fix (docs/api.md#errors)."""
     try:
         return model.model_validate(body, context=context)
     except ValidationError as exc:

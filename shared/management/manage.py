@@ -1,4 +1,4 @@
-"""What organisers can do: events, resources, catalogs and attendees (API.md section 3).
+"""What organisers can do: events, resources, catalogs and attendees (docs/api.md#management).
 
 Each function takes the runtime, the caller and plain values, and returns plain data or raises
 ProxyError; the HTTP side lives in admin_functions/.

@@ -177,7 +177,7 @@ SCHEMAS: dict[str, Schema] = {
                     "details": {
                         "type": "array",
                         "description": "every bad field of a management body, the first "
-                        "being `param` (API.md section 5)",
+                        "being `param` (docs/api.md#errors)",
                         "items": _object(
                             {
                                 "field": _string("the field"),
@@ -192,7 +192,7 @@ SCHEMAS: dict[str, Schema] = {
             )
         },
         ("error",),
-        description="Every error the proxy produces itself (API.md section 2)",
+        description="Every error the proxy produces itself (docs/api.md#errors)",
     ),
     **_FROM_MODELS,
     "EventPatch": _patch(_FROM_MODELS["EventCreate"]),
@@ -395,7 +395,7 @@ SCHEMAS: dict[str, Schema] = {
         {"error": _object({}, additionalProperties=True)},
         ("error",),
         additionalProperties=True,
-        description="The upstream's own error answer, passed through unchanged (API.md section 1)",
+        description="The upstream's own error answer, passed through unchanged (docs/api.md#proxy-routes)",
     ),
 }
 

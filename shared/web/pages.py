@@ -1,4 +1,4 @@
-"""The web pages (API.md section 4): attendee playground, registration page, organiser console.
+"""The web pages (docs/api.md#attendee-routes-and-pages): attendee playground, registration page, organiser console.
 
 The pages are static files under `pages/` that ship with the app. An HTML page gets the app's
 base path and the sign-in configuration filled in as data attributes; scripts, stylesheets
