@@ -13,6 +13,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from local.azurite import Azurite, free_port  # noqa: E402
+from tests.entra_issuer import LocalIssuer  # noqa: E402
 from tests.harness import (  # noqa: E402
     AppHost,
     EventSetup,
@@ -31,6 +32,14 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def azurite() -> Iterator[Azurite]:
     server = Azurite(free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Iterator[LocalIssuer]:
+    """A local Entra ID stand-in (OpenID configuration and signing keys) for a module's tokens."""
+    server = LocalIssuer()
     yield server
     server.stop()
 

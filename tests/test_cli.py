@@ -569,13 +569,6 @@ ORGANISER_GROUP = str(uuid.uuid4())
 
 
 @pytest.fixture(scope="module")
-def issuer() -> Iterator[LocalIssuer]:
-    server = LocalIssuer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def organised(azurite: Azurite, log_dir: Path, issuer: LocalIssuer) -> Iterator[AppHost]:
     """An app that takes organisers' tokens from the local issuer."""
     env = host_env(

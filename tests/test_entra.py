@@ -47,13 +47,6 @@ def tenant() -> str:
 
 
 @pytest.fixture(scope="module")
-def issuer() -> Iterator[LocalIssuer]:
-    server = LocalIssuer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def upstream(log_dir: Path) -> Iterator[Simulator]:
     server = Simulator(log_dir, name="entra")
     yield server

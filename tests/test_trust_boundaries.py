@@ -40,13 +40,6 @@ HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 @pytest.fixture(scope="module")
-def issuer() -> Iterator[LocalIssuer]:
-    server = LocalIssuer()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def upstreams(log_dir: Path) -> Iterator[tuple[Simulator, Simulator]]:
     """Two upstreams of this module's own: what each one saw is this module's doing."""
     first, second = Simulator(log_dir, name="trust-a"), Simulator(log_dir, name="trust-b")

@@ -98,7 +98,11 @@ def is_id(value: str) -> bool:
 
 async def json_object(request: Any) -> dict[str, Any]:
     """A request body that must be a JSON object (an empty body is an empty object)."""
-    raw = await request.body()
+    return json_object_of(await request.body())
+
+
+def json_object_of(raw: bytes) -> dict[str, Any]:
+    """Bytes that must be a JSON object (nothing is an empty object)."""
     try:
         body = orjson.loads(raw or b"{}")
     except orjson.JSONDecodeError as exc:

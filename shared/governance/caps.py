@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -226,30 +227,28 @@ class Caps:
 
     @staticmethod
     def _check_tokens(counter: Counter, event: Event, now: datetime) -> None:
-        cap = event.daily_token_cap
-        if not cap or counter.tokens + counter.tokens_in_flight < cap:
-            return
-        if counter.tokens >= cap or not counter.tokens_in_flight:
-            raise cap_error(event, now, tokens=True)
-        raise ProxyError(
-            "daily_token_cap_exceeded",
-            f"Calls of yours still running may use the rest of today's {cap} tokens for "
-            f"'{event.name}'. Retry when they have finished.",
-            headers={"Retry-After": "5"},
+        _check_token_room(
+            counter,
+            event.daily_token_cap,
+            lambda: cap_error(event, now, tokens=True),
+            lambda: _still_running(
+                "daily_token_cap_exceeded",
+                f"Calls of yours still running may use the rest of today's "
+                f"{event.daily_token_cap} tokens for '{event.name}'.",
+            ),
         )
 
     @staticmethod
     def _check_event_tokens(whole: Counter, event: Event, now: datetime) -> None:
-        cap = event.event_daily_token_cap
-        if not cap or whole.tokens + whole.tokens_in_flight < cap:
-            return
-        if whole.tokens >= cap or not whole.tokens_in_flight:
-            raise event_cap_error(event, now, tokens=True)
-        raise ProxyError(
-            "event_daily_token_cap_exceeded",
-            f"Calls still running in '{event.name}' may use the rest of today's {cap} tokens "
-            "for all its attendees together. Retry when they have finished.",
-            headers={"Retry-After": "5"},
+        _check_token_room(
+            whole,
+            event.event_daily_token_cap,
+            lambda: event_cap_error(event, now, tokens=True),
+            lambda: _still_running(
+                "event_daily_token_cap_exceeded",
+                f"Calls still running in '{event.name}' may use the rest of today's "
+                f"{event.event_daily_token_cap} tokens for all its attendees together.",
+            ),
         )
 
     def settle(self, counter: Counter, worst_case_tokens: int, tokens: int) -> None:
@@ -393,6 +392,27 @@ class Caps:
             await self.sync()
         except StorageUnavailable:
             log.warning("caps: counters not flushed on shutdown")
+
+
+def _check_token_room(
+    counter: Counter,
+    cap: int,
+    spent: Callable[[], ProxyError],
+    running: Callable[[], ProxyError],
+) -> None:
+    """Refuse once the day's tokens plus what calls in flight may still use reach the cap:
+    `spent()` when they are used up (or nothing runs), `running()` while calls may use them."""
+    if not cap or counter.tokens + counter.tokens_in_flight < cap:
+        return
+    if counter.tokens >= cap or not counter.tokens_in_flight:
+        raise spent()
+    raise running()
+
+
+def _still_running(code: str, message: str) -> ProxyError:
+    return ProxyError(
+        code, f"{message} Retry when they have finished.", headers={"Retry-After": "5"}
+    )
 
 
 def cap_error(event: Event, now: datetime, *, tokens: bool) -> ProxyError:

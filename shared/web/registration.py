@@ -26,7 +26,7 @@ from shared.access.principal import principal
 from shared.directory.attendees import Attendee, attendee_id
 from shared.directory.events import Event
 from shared.directory.models import Body, Filled, problem
-from shared.directory.validation import is_email, is_id, parse
+from shared.directory.validation import is_email, is_id, json_object_of, parse
 from shared.errors import ProxyError
 from shared.pipeline import REQUEST_ID_HEADER, error_response, new_request_id
 from shared.pipeline.bodies import CallerGone, read_body
@@ -170,13 +170,7 @@ async def read_json(request: Request) -> dict[str, Any]:
         raw = await read_body(request, BODY_LIMIT)
     except CallerGone:
         raise ProxyError("invalid_request", "The body ended before it was complete.") from None
-    try:
-        body = orjson.loads(raw or b"{}")
-    except orjson.JSONDecodeError as exc:
-        raise ProxyError("invalid_request", f"The body is not valid JSON ({exc.msg}).") from exc
-    if not isinstance(body, dict):
-        raise ProxyError("invalid_request", "The body must be a JSON object.")
-    return body
+    return json_object_of(raw)
 
 
 def endpoint_of(request: Request, route_start: str = "events/") -> str:
