@@ -30,7 +30,7 @@ import orjson
 
 from shared.directory.events import Event
 from shared.directory.validation import is_guid
-from shared.errors import ProxyError
+from shared.errors import BadRequest, Unavailable, WrongCredential
 from shared.platform import clock
 from shared.platform.settings import Settings
 
@@ -67,15 +67,15 @@ def name_list(raw: str) -> frozenset[str]:
     return frozenset(part.strip() for part in raw.split(",") if part.strip())
 
 
-def refused(message: str) -> ProxyError:
+def refused(message: str) -> WrongCredential:
     """401 invalid_token, with the challenge RFC 6750 asks for."""
     description = _WWW_AUTHENTICATE_TEXT.sub("?", message)[:300]
     challenge = f'Bearer error="invalid_token", error_description="{description}"'
-    return ProxyError("invalid_token", message, headers={"WWW-Authenticate": challenge})
+    return WrongCredential("invalid_token", message, headers={"WWW-Authenticate": challenge})
 
 
-def unavailable() -> ProxyError:
-    return ProxyError(
+def unavailable() -> Unavailable:
+    return Unavailable(
         "entra_unavailable",
         "The proxy cannot fetch the signing keys of your tenant from Entra ID right now, so "
         "it cannot check your token. Retry in a minute, or use your event key.",
@@ -130,7 +130,7 @@ def token_tenant(token: str) -> str:
     return tenant.lower()
 
 
-def malformed() -> ProxyError:
+def malformed() -> WrongCredential:
     return refused(
         "The bearer token is not a well-formed JWT. Send an Entra ID access token "
         "(scope https://cognitiveservices.azure.com/.default) or your event key."
@@ -174,7 +174,7 @@ def choose_event(events: list[Event], tenant: str, now: datetime) -> Event:
         return live[0]
     if live:
         named = ", ".join(f"'{e.name}' ({e.id})" for e in live[:5])
-        raise ProxyError(
+        raise BadRequest(
             "invalid_request",
             f"Tokens of tenant {tenant} are taken by {len(live)} events running now: {named}. "
             f"Name yours in the '{EVENT_HEADER}' header, for example AzureOpenAI(..., "
