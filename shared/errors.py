@@ -67,13 +67,16 @@ class ProxyError(Exception):
         headers: dict[str, str] | None = None,
         details: list[dict[str, str]] | None = None,
         reason: str = "",
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.status = STATUS_BY_CODE[code]
         self.message = message
         self.param = param
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
+        if retry_after is not None:  # seconds until a retry can succeed
+            self.headers["Retry-After"] = str(retry_after)
         self.details = details
         # Why a call was refused, as the usage reports count it: the code without its
         # "_exceeded", or which per-minute limit (requests_per_minute, fair_share, …).
@@ -200,9 +203,5 @@ def invalid_fields(errors: list[ProxyError]) -> BadRequest:
 
 def storage_down() -> Unavailable:
     """Storage did not answer and nothing cached answers for it."""
-    return Unavailable(
-        "storage_unavailable",
-        "The proxy cannot reach its storage right now and has no cached answer. "
-        "Retry in a few seconds.",
-        headers={"Retry-After": "5"},
-    )
+    message = "The proxy cannot reach its storage right now and has no cached answer."
+    return Unavailable("storage_unavailable", f"{message} Retry in a few seconds.", retry_after=5)

@@ -108,7 +108,7 @@ class CodeGuard:
                 "too_many_failed_keys",
                 f"Too many wrong codes were sent for event '{event.name}' in the last minute. "
                 f"Wait {wait} seconds, then try again with the code from the organiser.",
-                headers={"Retry-After": str(wait)},
+                retry_after=wait,
             )
         raise wrong()
 
@@ -123,7 +123,7 @@ class CodeGuard:
                 f"Too many new attendees were created for event '{event.name}' from your "
                 f"address in the last hour. Retry in {wait} seconds, or ask the organiser to "
                 "add you.",
-                headers={"Retry-After": str(wait)},
+                retry_after=wait,
                 reason="new_attendees",
             )
 

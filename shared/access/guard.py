@@ -77,7 +77,7 @@ class FailedKeyGuard:
                 "too_many_failed_keys",
                 f"Too many wrong {self._wrong} from your address. Check yours and retry in "
                 f"{wait} second{'' if wait == 1 else 's'}.",
-                headers={"Retry-After": str(wait)},
+                retry_after=wait,
             )
         self._next_lookup[client] = now + self._interval
 
@@ -128,7 +128,7 @@ class FailedCodes:
                 "too_many_failed_keys",
                 f"Too many wrong event codes from your address. Wait {wait} seconds, "
                 "then try again with the code from the organiser.",
-                headers={"Retry-After": str(wait)},
+                retry_after=wait,
             )
 
     def record(self, event_id: str, client: str) -> None:
