@@ -11,6 +11,7 @@ from admin_functions import bp as manage_blueprint
 from shared import pipeline, plugins
 from shared.management import maintenance, openapi
 from shared.platform import telemetry
+from shared.runtime import get_runtime
 from shared.web import pages, public, registration
 
 telemetry.set_log_levels()
@@ -135,12 +136,12 @@ for _name, _route, _methods, _handler in PROXY_ROUTES:
 
 @app.route(route="events/{event_id}", methods=["GET"])
 async def public_event(req: Request) -> Response:
-    return await public.event_page_info(req, req.path_params["event_id"])
+    return await public.event_page_info(get_runtime(), req, req.path_params["event_id"])
 
 
 @app.route(route="health", methods=["GET"])
 async def health(req: Request) -> Response:
-    return await public.health()
+    return await public.health(get_runtime())
 
 
 # --- timers: usage rollups and retention --------------------------------------------------
@@ -148,12 +149,12 @@ async def health(req: Request) -> Response:
 
 @app.timer_trigger(schedule="%AIPROXY_ROLLUP_SCHEDULE%", arg_name="timer", run_on_startup=False)
 async def rollup_usage(timer: func.TimerRequest) -> None:
-    await maintenance.roll_up_usage()
+    await maintenance.roll_up_usage(get_runtime())
 
 
 @app.timer_trigger(schedule="%AIPROXY_RETENTION_SCHEDULE%", arg_name="timer", run_on_startup=False)
 async def prune_usage(timer: func.TimerRequest) -> None:
-    await maintenance.prune_usage()
+    await maintenance.prune_usage(get_runtime())
 
 
 # --- self-registration and the API description -------------------------------------------
@@ -161,7 +162,7 @@ async def prune_usage(timer: func.TimerRequest) -> None:
 
 @app.route(route="events/{event_id}/register", methods=["POST"])
 async def register(req: Request) -> Response:
-    return await registration.register(req, req.path_params["event_id"])
+    return await registration.register(get_runtime(), req, req.path_params["event_id"])
 
 
 @app.route(route="openapi.json", methods=["GET"])

@@ -83,8 +83,7 @@ def measure(client: str, mode: str, base: str, key: str, seconds: float) -> dict
     """In this process: one client, one mode; requests per second and CPU ms per request."""
     import uvloop
 
-    from bench.nginx import JSON_DEPLOYMENT, STREAM_DEPLOYMENT
-    from bench.run import request_body
+    from bench.nginx import JSON_DEPLOYMENT, STREAM_DEPLOYMENT, request_body
 
     deployment = STREAM_DEPLOYMENT if mode == "stream" else JSON_DEPLOYMENT
     url = f"{base}/openai/deployments/{deployment}/chat/completions?api-version={API_VERSION}"

@@ -260,3 +260,17 @@ class FakeUpstream:
         if self.process is not None:
             stop(self.process, signal.SIGQUIT)  # graceful: workers finish, master exits
         self.process = None
+
+
+def request_body(stream: bool) -> bytes:
+    """The same request as bench/chat.lua sends."""
+    body: dict[str, Any] = {
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Write one sentence about rivers."},
+        ],
+        "max_tokens": 128,
+    }
+    if stream:
+        body["stream"] = True
+    return json.dumps(body, separators=(",", ":")).encode()

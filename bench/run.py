@@ -49,6 +49,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from bench.nginx import request_body
 from bench.servers import OPERATOR_KEY, WorkerApp, pinned
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -346,20 +347,6 @@ class Target:
     @property
     def port(self) -> int:
         return int(self.base.rsplit(":", 1)[1])
-
-
-def request_body(stream: bool) -> bytes:
-    """The same request as bench/chat.lua sends."""
-    body: dict[str, Any] = {
-        "messages": [
-            {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "Write one sentence about rivers."},
-        ],
-        "max_tokens": 128,
-    }
-    if stream:
-        body["stream"] = True
-    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def smoke(target: Target) -> None:

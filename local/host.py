@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from local import protos as protocol
+from shared.errors import CallerGone
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST_VERSION = "4.1044.0"  # the Functions host line whose protocol this stand-in speaks
@@ -734,10 +735,6 @@ class Host:
             except TimeoutError:
                 pass
         await self._kill_worker()
-
-
-class CallerGone(Exception):
-    """The caller hung up while its answer was being written."""
 
 
 async def _to_caller(write: Awaitable[Any]) -> None:

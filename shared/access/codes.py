@@ -1,7 +1,7 @@
 """An event's shared code, checked so that it opens nobody else's account and cannot be guessed.
 
 Wrong codes are limited twice: per event and client address on this instance
-(`guard.failed_codes`), and per event over all instances, in storage: at most
+(`guard.FailedCodes`), and per event over all instances, in storage: at most
 `wrong_codes_per_event_minute` wrong codes are answered in any 60 seconds; past that, wrong
 codes get 429 `too_many_failed_keys`. The code is compared first and only wrong ones are
 counted or refused, so a correct code always passes whatever others send.
@@ -21,7 +21,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 
-from shared.access.guard import failed_codes
+from shared.access.guard import FAILED_CODE_WINDOW_SECONDS, MAX_FAILED_CODES, FailedCodes
 from shared.directory.events import Event
 from shared.directory.keys import same_secret
 from shared.errors import ProxyError
@@ -84,6 +84,7 @@ class CodeGuard:
 
     def __init__(self, tables: Tables, settings: Settings) -> None:
         self._windows = Windows(tables)
+        self._failed = FailedCodes(MAX_FAILED_CODES, FAILED_CODE_WINDOW_SECONDS)
         self.wrong_per_minute = settings.wrong_codes_per_event_minute
         self.new_per_hour = settings.new_attendees_per_address_hour
 
@@ -94,8 +95,8 @@ class CodeGuard:
         ones came from this address or, over all instances, to this event."""
         if same_secret(code, event.shared_code):
             return  # a right code always passes, whatever others sent
-        failed_codes.check(event.id, client)
-        failed_codes.record(event.id, client)
+        self._failed.check(event.id, client)
+        self._failed.record(event.id, client)
         try:
             wait = await self._windows.take(event.id, "wrong", self.wrong_per_minute, MINUTE)
         except StorageUnavailable:
@@ -107,7 +108,7 @@ class CodeGuard:
                 "too_many_failed_keys",
                 f"Too many wrong codes were sent for event '{event.name}' in the last minute. "
                 f"Wait {wait} seconds, then try again with the code from the organiser.",
-                headers={"Retry-After": str(wait)},
+                retry_after=wait,
             )
         raise wrong()
 
@@ -122,7 +123,7 @@ class CodeGuard:
                 f"Too many new attendees were created for event '{event.name}' from your "
                 f"address in the last hour. Retry in {wait} seconds, or ask the organiser to "
                 "add you.",
-                headers={"Retry-After": str(wait)},
+                retry_after=wait,
                 reason="new_attendees",
             )
 

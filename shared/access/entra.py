@@ -28,9 +28,10 @@ import aiohttp
 import jwt
 import orjson
 
+from shared.access.principal import Principal
 from shared.directory.events import Event
 from shared.directory.validation import is_guid
-from shared.errors import ProxyError
+from shared.errors import BadRequest, Unavailable, WrongCredential
 from shared.platform import clock
 from shared.platform.settings import Settings
 
@@ -67,19 +68,19 @@ def name_list(raw: str) -> frozenset[str]:
     return frozenset(part.strip() for part in raw.split(",") if part.strip())
 
 
-def refused(message: str) -> ProxyError:
+def refused(message: str) -> WrongCredential:
     """401 invalid_token, with the challenge RFC 6750 asks for."""
     description = _WWW_AUTHENTICATE_TEXT.sub("?", message)[:300]
     challenge = f'Bearer error="invalid_token", error_description="{description}"'
-    return ProxyError("invalid_token", message, headers={"WWW-Authenticate": challenge})
+    return WrongCredential("invalid_token", message, headers={"WWW-Authenticate": challenge})
 
 
-def unavailable() -> ProxyError:
-    return ProxyError(
+def unavailable() -> Unavailable:
+    return Unavailable(
         "entra_unavailable",
         "The proxy cannot fetch the signing keys of your tenant from Entra ID right now, so "
         "it cannot check your token. Retry in a minute, or use your event key.",
-        headers={"Retry-After": "30"},
+        retry_after=30,
     )
 
 
@@ -87,27 +88,17 @@ def _utc(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-@dataclass(frozen=True)
-class Identity:
-    """The caller a verified token names."""
+@dataclass(frozen=True, kw_only=True)
+class Identity(Principal):
+    """The caller a verified token names: the principal an Entra sign-in of the same user gives
+    (provider 'aad', its object id), so its owner id and attendee name are that sign-in's."""
 
-    tenant: str
-    object_id: str
-    name: str
     audience: str
     expires_at: float  # seconds since the epoch
-    groups: frozenset[str] = frozenset()
-    roles: frozenset[str] = frozenset()
 
     @property
-    def owner(self) -> str:
-        """The owner id of what an organiser creates: the same form EasyAuth's principal gives."""
-        return f"aad:{self.object_id}"
-
-    @property
-    def user(self) -> str:
-        """The attendee name: as a registration signed in with Entra would show it."""
-        return f"aad:{self.name}"
+    def object_id(self) -> str:
+        return self.id
 
     def allowed_by(self, allowed: Collection[str]) -> bool:
         """In an event's allow list: by its own object id or one of its groups' (none: all)."""
@@ -130,7 +121,7 @@ def token_tenant(token: str) -> str:
     return tenant.lower()
 
 
-def malformed() -> ProxyError:
+def malformed() -> WrongCredential:
     return refused(
         "The bearer token is not a well-formed JWT. Send an Entra ID access token "
         "(scope https://cognitiveservices.azure.com/.default) or your event key."
@@ -156,8 +147,9 @@ def identity_of(claims: Mapping[str, Any], tenant: str) -> Identity:
         (claims[c] for c in _NAME_CLAIMS if claims.get(c) and isinstance(claims[c], str)), ""
     )
     return Identity(
+        provider="aad",
+        id=object_id.lower(),
         tenant=tenant,
-        object_id=object_id.lower(),
         name=(name or object_id).strip()[:200],
         audience=(_audiences(claims.get("aud")) or [""])[0],
         expires_at=float(claims["exp"]),
@@ -174,7 +166,7 @@ def choose_event(events: list[Event], tenant: str, now: datetime) -> Event:
         return live[0]
     if live:
         named = ", ".join(f"'{e.name}' ({e.id})" for e in live[:5])
-        raise ProxyError(
+        raise BadRequest(
             "invalid_request",
             f"Tokens of tenant {tenant} are taken by {len(live)} events running now: {named}. "
             f"Name yours in the '{EVENT_HEADER}' header, for example AzureOpenAI(..., "

@@ -5,8 +5,8 @@ right one always passes:
 
 - Keys: a key this instance found before is answered from the access cache (a stale entry is
   refreshed in the background, one storage read per key and cache TTL), so it never meets the
-  guard. A key looked up and not found is remembered (`Misses`): sent again, it is refused
-  without reading storage. Only a key this instance has never seen costs a lookup, and a client
+  guard. A key looked up and not found is remembered (`platform.cache.Misses`): sent again, it
+  is refused without reading storage. Only a key this instance has never seen costs a lookup, and a client
   with more than `threshold` wrong keys in `window` seconds gets `lookups_per_second` of those;
   the rest get 429 `too_many_failed_keys`. Storage reads of unknown keys per client and instance:
   at most `threshold` + `window` x `lookups_per_second` a window (20 + 120 a minute). The price:
@@ -77,7 +77,7 @@ class FailedKeyGuard:
                 "too_many_failed_keys",
                 f"Too many wrong {self._wrong} from your address. Check yours and retry in "
                 f"{wait} second{'' if wait == 1 else 's'}.",
-                headers={"Retry-After": str(wait)},
+                retry_after=wait,
             )
         self._next_lookup[client] = now + self._interval
 
@@ -89,40 +89,6 @@ class FailedKeyGuard:
                 self._failures.pop(stale, None)
                 self._next_lookup.pop(stale, None)
         self._failures.setdefault(client, deque(maxlen=self._threshold * 4)).append(now)
-
-
-class Misses:
-    """Names looked up and not found, remembered for `ttl` seconds so that asking again reads
-    no storage; at most `max_entries` (a flood of new names forgets the oldest)."""
-
-    def __init__(self, ttl: float, max_entries: int = 20_000) -> None:
-        self.ttl = ttl
-        self._max = max_entries
-        self._until: dict[str, float] = {}
-
-    def __contains__(self, name: str) -> bool:
-        until = self._until.get(name)
-        if until is None:
-            return False
-        if until < time.monotonic():
-            del self._until[name]
-            return False
-        return True
-
-    def add(self, name: str) -> None:
-        now = time.monotonic()
-        if len(self._until) >= self._max:
-            for stale in [n for n, until in self._until.items() if until < now]:
-                del self._until[stale]
-            if len(self._until) >= self._max:
-                for oldest in list(self._until)[: self._max // 10]:
-                    del self._until[oldest]
-        self._until.pop(name, None)  # to the end: the newest is forgotten last
-        self._until[name] = now + self.ttl
-
-    def discard(self, name: str) -> None:
-        """A name that exists now (an event just created here)."""
-        self._until.pop(name, None)
 
 
 def client_address(headers: object, peer: tuple[str, int] | None) -> str:
@@ -162,13 +128,10 @@ class FailedCodes:
                 "too_many_failed_keys",
                 f"Too many wrong event codes from your address. Wait {wait} seconds, "
                 "then try again with the code from the organiser.",
-                headers={"Retry-After": str(wait)},
+                retry_after=wait,
             )
 
     def record(self, event_id: str, client: str) -> None:
         if len(self._failures) > 10_000:
             self._failures.clear()  # bounded memory; a flood only resets the counting
         self._recent((event_id, client), time.monotonic()).append(time.monotonic())
-
-
-failed_codes = FailedCodes(MAX_FAILED_CODES, FAILED_CODE_WINDOW_SECONDS)

@@ -13,6 +13,9 @@ from shared.platform.vault import Sealer
 
 ATTENDEES_TABLE = "attendees"
 KEYS_TABLE = "keys"
+# The user name of a key made of the event's code: its own attendee, apart from the same email's
+# issued, registered or signed-in one (organisers' and registrants' names hold no ':').
+CODE_KEY_USER = "code:"
 
 
 @dataclass

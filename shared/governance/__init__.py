@@ -3,3 +3,10 @@ deployment near its quota, usage records and their rollups, token estimates.
 
 May import: shared.errors, shared.platform, shared.directory, shared.access.
 """
+
+from shared.governance.caps import Caps
+from shared.governance.fairshare import FairShare
+from shared.governance.ratelimits import RateLimits
+from shared.governance.usage import UsageWriter
+
+__all__ = ["Caps", "FairShare", "RateLimits", "UsageWriter"]

@@ -6,21 +6,19 @@ import logging
 
 from shared.governance import rollups
 from shared.platform import clock
-from shared.runtime import get_runtime
+from shared.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
-async def roll_up_usage() -> rollups.RollupResult:
-    runtime = get_runtime()
+async def roll_up_usage(runtime: Runtime) -> rollups.RollupResult:
     await runtime.usage.flush_quietly()
     result = await rollups.roll_up(runtime.tables)
     log.info("rollup: %d days, %d records, %d total rows", result.days, result.records, result.rows)
     return result
 
 
-async def prune_usage() -> int:
-    runtime = get_runtime()
+async def prune_usage(runtime: Runtime) -> int:
     deleted = await rollups.prune(
         runtime.tables, runtime.settings.usage_retention_days, clock.now()
     )

@@ -69,7 +69,7 @@ async def create_event(runtime: Runtime, caller: Caller, body: dict[str, Any]) -
     created = new_event(body, owner=caller.owner, now=clock.now())
     _check_tenants(caller, created.entra_tenants, [])
     await runtime.events.create(created)
-    runtime.forget_event(created.id)  # the tenants it takes tokens of
+    runtime.directory.forget_event(created.id)  # the tenants it takes tokens of
     return created
 
 
@@ -85,7 +85,7 @@ async def update_event(
     patch_event(found, body)
     _check_tenants(caller, found.entra_tenants, before)
     await runtime.events.save(found)
-    runtime.forget_event(event_id)
+    runtime.directory.forget_event(event_id)
     return found
 
 
@@ -99,13 +99,13 @@ async def delete_event(runtime: Runtime, caller: Caller, event_id: str, *, force
             "Delete it with ?force=true to remove them and their keys too.",
         )
     for attendee in attendees:
-        runtime.forget_key(attendee.key_hash)
+        runtime.gate.forget_key(attendee.key_hash)
     await runtime.attendees.delete_event(found.id)
     for resource_id in await runtime.catalog.resource_ids(found.id):
         await runtime.catalog.detach(found.id, resource_id)
     await runtime.events.delete(found.id)
     await runtime.codes.forget(found.id)  # its counts of wrong codes and new attendees
-    runtime.forget_event(found.id)
+    runtime.directory.forget_event(found.id)
 
 
 async def create_resource(runtime: Runtime, caller: Caller, body: dict[str, Any]) -> Resource:
@@ -136,7 +136,7 @@ async def update_resource(
         await runtime.secrets.put(found.secret_name, api_key)
         found.has_api_key = True
     await runtime.catalog.save_resource(found)
-    runtime.forget_resource(found)
+    runtime.directory.forget_resource(found)
     return found
 
 
@@ -156,14 +156,14 @@ async def delete_resource(runtime: Runtime, caller: Caller, resource_id: str) ->
         )
     await runtime.secrets.delete(found.secret_name)
     await runtime.catalog.delete_resource(found.id)
-    runtime.forget_resource(found)
+    runtime.directory.forget_resource(found)
 
 
 async def attach(runtime: Runtime, caller: Caller, event_id: str, resource_id: str) -> Resource:
     found_event = await event(runtime, caller, event_id)
     found = await resource(runtime, caller, resource_id)
     await runtime.catalog.attach(found_event.id, found.id)
-    runtime.forget_event(found_event.id)
+    runtime.directory.forget_event(found_event.id)
     return found
 
 
@@ -174,7 +174,7 @@ async def detach(runtime: Runtime, caller: Caller, event_id: str, resource_id: s
             "not_found", f"Resource '{resource_id[:64]}' is not in this event's catalog."
         )
     await runtime.catalog.detach(found_event.id, resource_id)
-    runtime.forget_event(found_event.id)
+    runtime.directory.forget_event(found_event.id)
 
 
 async def event_catalog(runtime: Runtime, caller: Caller, event_id: str) -> list[Resource]:
@@ -206,7 +206,7 @@ async def list_attendees(runtime: Runtime, caller: Caller, event_id: str) -> lis
 async def revoke(runtime: Runtime, caller: Caller, event_id: str, attendee_id: str) -> Attendee:
     found = await attendee(runtime, caller, event_id, attendee_id)
     await runtime.attendees.revoke(found, now=clock.now())
-    runtime.forget_attendee(found)
+    runtime.gate.forget_attendee(found)
     return found
 
 
@@ -214,7 +214,7 @@ async def rotate(runtime: Runtime, caller: Caller, event_id: str, attendee_id: s
     found = await attendee(runtime, caller, event_id, attendee_id)
     old_hash = found.key_hash
     key = await runtime.attendees.rotate(found)
-    runtime.forget_key(old_hash)
+    runtime.gate.forget_key(old_hash)
     return key
 
 

@@ -7,11 +7,7 @@ from typing import Any
 import orjson
 from starlette.requests import ClientDisconnect, Request
 
-from shared.errors import ProxyError
-
-
-class CallerGone(Exception):
-    """The client left before it finished sending: nobody is there to answer."""
+from shared.errors import CallerGone, ProxyError
 
 
 def too_large(limit: int) -> ProxyError:

@@ -1,4 +1,5 @@
-"""A small in-memory cache with a time to live, for lookups on the request path."""
+"""Small in-memory caches for lookups on the request path: values with a time to live, and
+names known not to exist."""
 
 from __future__ import annotations
 
@@ -105,3 +106,37 @@ class TTLCache[K, V]:
             # Still full of live entries: drop the oldest tenth.
             for key in list(self._entries)[: self._max // 10]:
                 del self._entries[key]
+
+
+class Misses:
+    """Names looked up and not found, remembered for `ttl` seconds so that asking again reads
+    no storage; at most `max_entries` (a flood of new names forgets the oldest)."""
+
+    def __init__(self, ttl: float, max_entries: int = 20_000) -> None:
+        self.ttl = ttl
+        self._max = max_entries
+        self._until: dict[str, float] = {}
+
+    def __contains__(self, name: str) -> bool:
+        until = self._until.get(name)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._until[name]
+            return False
+        return True
+
+    def add(self, name: str) -> None:
+        now = time.monotonic()
+        if len(self._until) >= self._max:
+            for stale in [n for n, until in self._until.items() if until < now]:
+                del self._until[stale]
+            if len(self._until) >= self._max:
+                for oldest in list(self._until)[: self._max // 10]:
+                    del self._until[oldest]
+        self._until.pop(name, None)  # to the end: the newest is forgotten last
+        self._until[name] = now + self.ttl
+
+    def discard(self, name: str) -> None:
+        """A name that exists now (an event just created here)."""
+        self._until.pop(name, None)

@@ -26,6 +26,7 @@ from azure.core.rest import HttpRequest
 from azure.data.tables import TableTransactionError, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 
+from shared.errors import StorageUnavailable
 from shared.platform.settings import Settings
 
 Entity = dict[str, Any]
@@ -46,10 +47,6 @@ class EncodedRow(NamedTuple):
     @property
     def json(self) -> bytes:
         return self.part[self.body_at : -2]
-
-
-class StorageUnavailable(Exception):
-    """Table Storage could not be reached or answered with a server error."""
 
 
 class Refused(StorageUnavailable):

@@ -14,16 +14,15 @@ from shared.errors import ProxyError
 from shared.pipeline import error_response, new_request_id
 from shared.platform import clock
 from shared.platform.tables import StorageUnavailable
-from shared.runtime import get_runtime
+from shared.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
-async def event_page_info(request: Request, event_id: str) -> Response:
-    runtime = get_runtime()
+async def event_page_info(runtime: Runtime, request: Request, event_id: str) -> Response:
     client = client_address(request.headers, request.client)
     try:
-        found = await runtime.caller_event(event_id, client) if is_id(event_id) else None
+        found = await runtime.gate.caller_event(event_id, client) if is_id(event_id) else None
     except ProxyError as error:
         return error_response(error, new_request_id())
     if found is None:
@@ -42,10 +41,9 @@ async def event_page_info(request: Request, event_id: str) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-async def health() -> Response:
+async def health(runtime: Runtime) -> Response:
     """200 when storage answers, 503 otherwise. Anyone may call it, so it says only a stable
     word about storage; why it is unavailable goes to the log."""
-    runtime = get_runtime()
     try:
         await runtime.events.list()
         status, storage = 200, "ok"

@@ -23,16 +23,15 @@ from starlette.responses import Response
 
 from shared.access.guard import client_address
 from shared.access.principal import principal
-from shared.directory.attendees import Attendee, attendee_id
+from shared.directory.attendees import CODE_KEY_USER, Attendee, attendee_id
 from shared.directory.events import Event
 from shared.directory.models import Body, Filled, problem
 from shared.directory.validation import is_email, is_id, json_object_of, parse
-from shared.errors import ProxyError
+from shared.errors import CallerGone, ProxyError, StorageUnavailable, storage_down
 from shared.pipeline import REQUEST_ID_HEADER, error_response, new_request_id
-from shared.pipeline.bodies import CallerGone, read_body
+from shared.pipeline.bodies import read_body
 from shared.platform import clock
-from shared.platform.tables import StorageUnavailable
-from shared.runtime import CODE_KEY_USER, Runtime, get_runtime, storage_down
+from shared.runtime import Runtime
 from shared.web.pages import base_path
 
 # A registration body holds an email and a code: anything bigger is refused while it is read.
@@ -184,14 +183,13 @@ def endpoint_of(request: Request, route_start: str = "events/") -> str:
     return f"{scheme}://{host}{base_path(request, route_start)}"
 
 
-async def register(request: Request, event_id: str) -> Response:
+async def register(runtime: Runtime, request: Request, event_id: str) -> Response:
     """POST /api/events/{event_id}/register: 201 with a new key; 200 with the same one again
     for a signed-in user; 409 for an email registered before."""
-    runtime = get_runtime()
     request_id = new_request_id()
     try:
         client = client_address(request.headers, request.client)
-        event = await runtime.caller_event(event_id, client) if is_id(event_id) else None
+        event = await runtime.gate.caller_event(event_id, client) if is_id(event_id) else None
         if event is None:
             raise ProxyError("not_found", f"No event with id '{event_id[:64]}'.")
         check_registration_open(event)
