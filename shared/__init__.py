@@ -12,5 +12,5 @@ Imports point one way, down this list (tests/test_layout.py checks it):
     runtime      the long-lived objects of one process, built from the packages above
     pipeline     the proxy's request path
     web          pages, public routes and self-registration
-    management   the organisers' API and the timers' work
+    management   the organisers' API, the table of every HTTP route, the timers' work
 """

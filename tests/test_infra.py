@@ -738,9 +738,10 @@ def excluded_by_sign_in(path: str) -> bool:
 def function_app_routes() -> dict[str, bool]:
     """Every HTTP route the app registers, and whether it takes an event key."""
     import function_app
+    from shared.management.routes import ROUTES
+    from shared.management.routing import ATTENDEE
 
-    keyed = {name for name, *_ in function_app.PROXY_ROUTES}
-    keyed |= {function_app.SEED_NAME_PREFIX + name for name in keyed}
+    keyed = {route.name for route in ROUTES if route.access == ATTENDEE}
     routes: dict[str, bool] = {}
     for function in function_app.app.get_functions():
         trigger = function.get_trigger()
@@ -891,7 +892,7 @@ def test_funcignore_uses_only_patterns_the_checks_here_understand() -> None:
 
 
 def test_app_package_keeps_what_the_app_needs_at_run_time() -> None:
-    assert runtime_packages() == {"shared", "admin_functions"}
+    assert runtime_packages() == {"shared"}
     needed = ["function_app.py", "host.json", "requirements.txt", "pages/console.html"]
     needed += [f"{package}/__init__.py" for package in runtime_packages()]
     for relative in needed:

@@ -247,8 +247,8 @@ def response_schema_conformance_but_streams(
 ) -> bool | None:
     """The documented answer schema; event streams excepted.
 
-    In OpenAPI 3.0 the document's text/event-stream schema (a string) stands for the whole
-    stream, while schemathesis reads the schema of a 3.0 stream as the schema of each event.
+    The document's text/event-stream schema (a string) stands for the whole stream, while
+    schemathesis reads the schema of a stream as the schema of each event.
     """
     content_type = (response.headers.get("content-type") or [""])[0]
     if content_type.startswith("text/event-stream"):

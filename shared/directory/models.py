@@ -68,6 +68,11 @@ def problem(text: str, fix: str) -> PydanticCustomError:
 # stripped string and writes them into the JSON schema.
 
 
+def or_null(schema: dict[str, Any]) -> None:
+    """A field's JSON schema that also takes null (null means empty, or none)."""
+    schema["type"] = [schema["type"], "null"]
+
+
 def _null_is_empty(value: Any) -> Any:
     return "" if value is None else value
 
@@ -82,13 +87,13 @@ Text = Annotated[
     str,
     StringConstraints(strip_whitespace=True),
     BeforeValidator(_null_is_empty),
-    Field(json_schema_extra={"nullable": True}),
+    Field(json_schema_extra=or_null),
 ]
 """An optional string; null is the same as empty."""
 Cap = Annotated[int, Field(ge=1, le=CAP_LIMIT)]
 Limit = Annotated[
     int,
-    Field(ge=0, le=CAP_LIMIT, json_schema_extra={"nullable": True}),
+    Field(ge=0, le=CAP_LIMIT, json_schema_extra=or_null),
     BeforeValidator(_null_is_zero),
 ]
 """An optional limit: 0 or null for none."""
@@ -143,8 +148,15 @@ def _deployment_name(value: str) -> str:
 DeploymentName = Annotated[
     Filled, AfterValidator(_deployment_name), Field(json_schema_extra={"pattern": f"^{_NAME}$"})
 ]
+
+
+def _upstream_name_schema(spec: dict[str, Any]) -> None:
+    spec["pattern"] = f"^({_NAME})?$"
+    or_null(spec)  # as Text's: a field's last json_schema_extra replaces the earlier ones
+
+
 UpstreamName = Annotated[
-    Text, AfterValidator(_deployment_name), Field(json_schema_extra={"pattern": f"^({_NAME})?$"})
+    Text, AfterValidator(_deployment_name), Field(json_schema_extra=_upstream_name_schema)
 ]
 
 
@@ -174,7 +186,11 @@ def _entra_ids(limit: int, what: str, each: str) -> Any:
         return found
 
     item = {"type": "string", "pattern": f"^{_HEX.replace('a-f', 'a-fA-F')}$", "description": each}
-    schema = {"items": item, "maxItems": limit, "nullable": True}
+
+    def schema(spec: dict[str, Any]) -> None:
+        spec.update(items=item, maxItems=limit)
+        or_null(spec)
+
     return Annotated[list[str], Field(json_schema_extra=schema), BeforeValidator(check)]
 
 
@@ -417,17 +433,40 @@ class AttendeeCreate(Body):
     )
 
 
+# --- patches ------------------------------------------------------------------------------
+
+
+def _as_patch(schema: dict[str, Any]) -> None:
+    """A patch body's schema: the create body's fields, none required and none defaulted."""
+    schema.pop("required", None)
+    for spec in schema["properties"].values():
+        spec.pop("default", None)
+
+
+class EventPatch(EventCreate):
+    """Any of an event's fields; the others keep their values (validated as EventCreate, with
+    the patch laid over the stored event)."""
+
+    model_config = ConfigDict(json_schema_extra=_as_patch)
+
+
+class ResourcePatch(ResourceCreate):
+    """Any of a resource's fields; the others keep their values."""
+
+    model_config = ConfigDict(json_schema_extra=_as_patch)
+
+
 # --- answers ------------------------------------------------------------------------------
 
 # Answers are described, never validated; they always carry every field.
-_ANSWER = ConfigDict(extra="ignore", json_schema_serialization_defaults_required=True)
+ANSWER = ConfigDict(extra="ignore", json_schema_serialization_defaults_required=True)
 _UTC = {"format": "date-time"}
 
 
 class EventView(EventCreate):
     """An event as its organiser sees it."""
 
-    model_config = _ANSWER
+    model_config = ANSWER
 
     id: str = Field(description="the event's id")
     starts_at_utc: str = Field(description="the start in UTC", json_schema_extra=_UTC)
@@ -446,7 +485,7 @@ class RegistrationState(BaseModel):
     )
 
 
-_PUBLIC = (  # Event.public()
+PUBLIC_FIELDS = (  # Event.public()
     "id",
     "name",
     "starts_at",
@@ -460,24 +499,46 @@ _PUBLIC = (  # Event.public()
     "self_registration",
     "active",
 )
-PublicEventView = create_model(
-    "PublicEventView",
-    __doc__="What anyone may see of an event: the registration page's view",
-    **{name: (EventView.model_fields[name].annotation, EventView.model_fields[name])
-       for name in _PUBLIC},
-    registration=(RegistrationState, Field(None, description="on the public page only")),
-)  # fmt: skip
+
+
+def event_fields(*names: str) -> dict[str, Any]:
+    """Fields of EventView, for answers that show part of an event (create_model's form)."""
+    fields = EventView.model_fields
+    return {name: (fields[name].annotation, fields[name]) for name in names}
+
+
+PublicEventFields = create_model(
+    "PublicEventFields",
+    __config__=ANSWER,
+    __doc__="What anyone may see of an event",
+    **event_fields(*PUBLIC_FIELDS),
+)
+
+
+class PublicEvent(PublicEventFields):
+    """What anyone may see of an event: the registration page's view."""
+
+    registration: RegistrationState | None = Field(None, description="on the public page only")
 
 
 class ResourceView(ResourceFields):
     """An upstream deployment, never with its key."""
 
-    model_config = _ANSWER
+    model_config = ANSWER
 
     id: str = Field(description="the resource's id")
     owner: str = Field(description="the signed-in creator; empty for operators")
     created_at: str = Field(description="creation time, UTC", json_schema_extra=_UTC)
     has_api_key: bool = Field(description="whether a key is stored (it is never returned)")
+
+
+class CatalogEntry(BaseModel):
+    """A resource added to an event's catalog."""
+
+    model_config = ANSWER
+
+    event_id: str = Field(description="the event")
+    resource: ResourceView = Field(description="the resource")
 
 
 class AttendeeView(BaseModel):
@@ -495,3 +556,19 @@ class AttendeeWithKeyView(AttendeeView):
     """An attendee with its key."""
 
     api_key: str = Field(description="the attendee's key: 'aip-' and 32 letters and digits")
+
+
+class UsageNumbers(BaseModel):
+    """What calls used: the numbers every usage total has."""
+
+    requests: int = Field(ge=0, description="requests answered")
+    prompt_tokens: int = Field(ge=0, description="prompt tokens")
+    completion_tokens: int = Field(ge=0, description="completion tokens")
+    total_tokens: int = Field(ge=0, description="prompt plus completion tokens")
+    units: int = Field(
+        ge=0, description="images, audio seconds or searches, for models not counted in tokens"
+    )
+
+
+class AttendeeWithTotals(AttendeeView, UsageNumbers):
+    """An attendee in the event's list: without its key, with its all-time totals."""

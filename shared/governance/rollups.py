@@ -19,10 +19,12 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import orjson
+from pydantic import BaseModel, Field, create_model
 
+from shared.directory.models import UsageNumbers
 from shared.governance.caps import COUNTERS_TABLE
 from shared.governance.usage import DAYS_TABLE, USAGE_TABLE
 from shared.platform.tables import Tables
@@ -219,6 +221,57 @@ REFUSALS = (
     "event_daily_token_cap",
     "no_capacity",
 )
+
+
+# --- the report's shape -----------------------------------------------------------------------
+
+
+def _only_some(spec: dict[str, Any]) -> None:
+    spec.pop("default", None)  # absent, never null: the field belongs to some groupings only
+
+
+def _some(description: str) -> Any:
+    return Field(None, description=description, json_schema_extra=_only_some)
+
+
+Refused = create_model(
+    "Refused",
+    __doc__="group_by=attendee and day: calls refused (429) by reason",
+    **{
+        r: (int, Field(ge=0, description=f"calls refused: {r.replace('_', ' ')}")) for r in REFUSALS
+    },
+)
+
+
+class UsageTotals(UsageNumbers):
+    """The totals of a report: its numbers, and what its grouping adds."""
+
+    refused: Refused | None = _some("group_by=attendee and day: calls refused (429) by reason")
+    active_attendees: int | None = _some("group_by=hour: attendees who made calls in the hour")
+    new_attendees: int | None = _some("group_by=hour: attendees whose first call was in the hour")
+
+
+class UsageRow(UsageTotals):
+    """One group of a report: its key (the fields of its grouping) and its totals."""
+
+    attendee_id: str | None = _some("group_by=attendee")
+    user: str | None = _some("group_by=attendee")
+    deployment: str | None = _some("group_by=deployment")
+    day: str | None = _some("group_by=day: YYYY-MM-DD in the event's time zone")
+    hour: str | None = Field(
+        None,
+        description="group_by=hour: the hour's start, UTC",
+        json_schema_extra=lambda spec: (_only_some(spec), spec.update(format="date-time")),
+    )
+
+
+class UsageReport(BaseModel):
+    """An event's usage totals, grouped (`report`)."""
+
+    event_id: str = Field(description="the event")
+    group_by: Literal["attendee", "deployment", "day", "hour"]
+    rows: list[UsageRow]
+    totals: UsageTotals
 
 
 async def refusals(tables: Tables, event_id: str) -> dict[tuple[str, str], dict[str, int]]:

@@ -1,7 +1,7 @@
 """What organisers can do: events, resources, catalogs and attendees (docs/api.md#management).
 
 Each function takes the runtime, the caller and plain values, and returns plain data or raises
-ProxyError; the HTTP side lives in admin_functions/.
+ProxyError; the HTTP side lives in shared/management/http.py.
 
 Organisers see and change only what they own. The operator's powers stay the operator's: every
 event and resource, the app's managed identity, and letting any Entra tenant into an event.

@@ -11,8 +11,8 @@ May import: everything in shared/ but shared.web and shared.management.
 
 from shared.pipeline.answers import REQUEST_ID_HEADER, error_response, new_request_id
 from shared.pipeline.call import Call, proxy
-from shared.pipeline.eventinfo import event_info
-from shared.pipeline.models import list_models, one_model
+from shared.pipeline.eventinfo import EventInfo, event_info
+from shared.pipeline.models import Model, ModelList, list_models, one_model
 from shared.pipeline.operations import (
     CHAT,
     COMPLETIONS,
@@ -40,6 +40,9 @@ __all__ = [
     "TRANSCRIPTIONS",
     "TRANSLATIONS",
     "Call",
+    "EventInfo",
+    "Model",
+    "ModelList",
     "Operation",
     "create_response",
     "error_response",

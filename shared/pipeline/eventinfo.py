@@ -2,19 +2,65 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import orjson
+from pydantic import BaseModel, Field, create_model
 from starlette.requests import Request
 from starlette.responses import Response
 
 from shared.access.entra import EVENT_HEADER
 from shared.access.guard import client_address
 from shared.directory.keys import key_from_headers
+from shared.directory.models import PublicEventFields, event_fields
 from shared.errors import ProxyError
 from shared.pipeline.answers import REQUEST_ID_HEADER, error_response, new_request_id
 from shared.platform import clock
 from shared.runtime import get_runtime
+
+CAPS = (
+    "max_token_cap",
+    "daily_request_cap",
+    "daily_token_cap",
+    "event_daily_request_cap",
+    "event_daily_token_cap",
+    "requests_per_minute",
+    "tokens_per_minute",
+)
+
+
+class Today(BaseModel):
+    """This key's use of today's caps."""
+
+    date: str = Field(description="today in the event's time zone, YYYYMMDD")
+    requests_used: int = Field(ge=0, description="requests made today")
+    requests_left: int = Field(ge=0, description="requests left today")
+    tokens_used: int = Field(ge=0, description="tokens used today")
+    tokens_left: int | None = Field(ge=0, description="tokens left today; null without a token cap")
+    resets_in_seconds: int = Field(ge=0, description="seconds to the next local midnight")
+
+
+class AttendeeName(BaseModel):
+    """Who the key is."""
+
+    id: str = Field(description="attendee id")
+    user: str = Field(description="name")
+
+
+EventInfo = create_model(
+    "EventInfo",
+    __base__=PublicEventFields,
+    __doc__="The event of a key: its window, caps and the deployments the key may use",
+    status=(Literal["upcoming", "live", "ended", "inactive"], Field(description="the event now")),
+    today=(Today, Field(description="this key's use of today's caps")),
+    attendee=(AttendeeName, Field(description="who the key is")),
+    **event_fields(*CAPS),
+    deployments=(
+        dict[str, list[str]],
+        Field(description="model class -> deployment names this key may use"),
+    ),
+)
+# Built as a plain dict per call (the proxy's hot path); tests check it against this model.
 
 
 async def event_info(request: Request) -> Response:
@@ -56,13 +102,7 @@ async def event_info(request: Request) -> Response:
             "status": status,
             "today": today,
             "attendee": {"id": access.attendee.id, "user": access.attendee.user},
-            "max_token_cap": event.max_token_cap,
-            "daily_request_cap": event.daily_request_cap,
-            "daily_token_cap": event.daily_token_cap,
-            "event_daily_request_cap": event.event_daily_request_cap,
-            "event_daily_token_cap": event.event_daily_token_cap,
-            "requests_per_minute": event.requests_per_minute,
-            "tokens_per_minute": event.tokens_per_minute,
+            **{cap: getattr(event, cap) for cap in CAPS},
             "deployments": by_class,
         }
         return Response(

@@ -8,9 +8,10 @@ list: one model per deployment name this key may call, Azure AI Search indexes l
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -18,6 +19,7 @@ from shared.access.entra import EVENT_HEADER
 from shared.access.guard import client_address
 from shared.directory.catalog import Resource
 from shared.directory.keys import key_from_headers
+from shared.directory.models import ModelClass
 from shared.errors import ProxyError
 from shared.pipeline.answers import REQUEST_ID_HEADER, error_response, new_request_id
 from shared.runtime import Access, get_runtime
@@ -30,6 +32,28 @@ _CAPABILITIES: dict[str, dict[str, bool]] = {
     "openai-images": {"image_generation": True},
     "openai-audio": {"audio": True},
 }
+
+
+class Model(BaseModel):
+    """A deployment of the event's catalog, as OpenAI lists a model."""
+
+    id: str = Field(description="the deployment name to send as model")
+    object: Literal["model"]
+    created: int = Field(ge=0, description="when its first resource was added, Unix seconds")
+    owned_by: str = Field(description="always aiproxy")
+    model_class: ModelClass = Field(description="what it serves (the first, if several)")
+    capabilities: dict[str, bool] = Field(description="what it can do")
+
+
+class ModelList(BaseModel):
+    """The event's models, in OpenAI's list shape."""
+
+    object: Literal["list"]
+    data: list[Model]
+
+
+# Both are built as plain dicts per call (the proxy's hot path); tests check them against the
+# models above.
 
 
 def _created(members: list[Resource]) -> int:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import orjson
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -17,6 +19,17 @@ from shared.platform.tables import StorageUnavailable
 from shared.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+
+class Health(BaseModel):
+    """Whether the app can serve: storage answers."""
+
+    status: Literal["ok", "degraded"]
+    storage: Literal["ok", "unavailable", "error"] = Field(
+        description="'ok'; 'unavailable' when storage does not answer, 'error' when the check "
+        "failed otherwise (the reason is in the app's log)"
+    )
+    usage_pending: int = Field(ge=0, description="usage records waiting to be written")
 
 
 async def event_page_info(runtime: Runtime, request: Request, event_id: str) -> Response:
@@ -53,9 +66,9 @@ async def health(runtime: Runtime) -> Response:
     except Exception:
         log.exception("health: storage check failed")
         status, storage = 503, "error"
-    body = {
-        "status": "ok" if status == 200 else "degraded",
-        "storage": storage,
-        "usage_pending": runtime.usage.pending,
-    }
-    return Response(orjson.dumps(body), status, media_type="application/json")
+    body = Health(
+        status="ok" if status == 200 else "degraded",
+        storage=storage,
+        usage_pending=runtime.usage.pending,
+    )
+    return Response(body.model_dump_json(), status, media_type="application/json")

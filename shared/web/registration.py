@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
 import orjson
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -25,7 +25,7 @@ from shared.access.guard import client_address
 from shared.access.principal import principal
 from shared.directory.attendees import CODE_KEY_USER, Attendee, attendee_id
 from shared.directory.events import Event
-from shared.directory.models import Body, Filled, problem
+from shared.directory.models import Body, Filled, PublicEventFields, problem
 from shared.directory.validation import is_email, is_id, json_object_of, parse
 from shared.errors import CallerGone, ProxyError, StorageUnavailable, storage_down
 from shared.pipeline import REQUEST_ID_HEADER, error_response, new_request_id
@@ -38,6 +38,19 @@ from shared.web.pages import base_path
 BODY_LIMIT = 16 * 1024
 
 
+class Registered(BaseModel):
+    """The answer to a registration: the key, and where and for what to use it."""
+
+    api_key: str = Field(description="your key for this event")
+    endpoint: str = Field(
+        description="the base URL for the SDKs (azure_endpoint)",
+        json_schema_extra={"format": "uri"},
+    )
+    attendee_id: str = Field(description="your attendee id")
+    user: str = Field(description="your attendee name")
+    event: PublicEventFields = Field(description="the event")
+
+
 @dataclass
 class Registration:
     """What a registered attendee gets back."""
@@ -48,6 +61,7 @@ class Registration:
     created: bool
 
     def to_json(self, endpoint: str) -> dict[str, Any]:
+        """The answer, a `Registered`."""
         return {
             "api_key": self.api_key,
             "endpoint": endpoint,

@@ -1,0 +1,207 @@
+"""The management routes' handlers (docs/api.md#management): HTTP in, shared.management.manage,
+JSON out. The route table (shared/management/routes.py) says which path and method each serves.
+
+Every handler first learns who calls (shared/access/callers.py): the host lets manage/* through
+without a function key, and a function key alone grants nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shared.access.callers import Caller
+from shared.access.guard import client_address
+from shared.directory.validation import json_object
+from shared.errors import ProxyError
+from shared.governance.rollups import to_csv
+from shared.management import manage
+from shared.pipeline import error_response, new_request_id
+from shared.platform.tables import StorageUnavailable
+from shared.runtime import Runtime, get_runtime
+
+Work = Callable[[Runtime, Caller, Request], Awaitable[Response]]
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status, media_type="application/json")
+
+
+def managed(work: Work) -> Callable[[Request], Awaitable[Response]]:
+    """A handler that runs `work` for the proven caller, and answers its refusals as errors."""
+
+    async def handler(request: Request) -> Response:
+        try:
+            runtime = get_runtime()
+            client = client_address(request.headers, request.client)
+            caller = await runtime.callers.caller(request.headers, client, request.method)
+            return await work(runtime, caller, request)
+        except ProxyError as error:
+            return error_response(error, new_request_id())
+        except StorageUnavailable:
+            error = ProxyError(
+                "storage_unavailable", "Storage is not reachable. Retry in a few seconds."
+            )
+            return error_response(error, new_request_id())
+
+    handler.__name__ = handler.__qualname__ = work.__name__
+    handler.__doc__ = work.__doc__
+    return handler
+
+
+def _param(request: Request, name: str) -> str:
+    return request.path_params[name]
+
+
+# --- events -------------------------------------------------------------------------------
+
+
+@managed
+async def list_events(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    return _json([e.to_json() for e in await manage.list_events(runtime, caller)])
+
+
+@managed
+async def create_event(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    created = await manage.create_event(runtime, caller, await json_object(request))
+    return _json(created.to_json(), 201)
+
+
+@managed
+async def get_event(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    return _json((await manage.event(runtime, caller, _param(request, "event_id"))).to_json())
+
+
+@managed
+async def update_event(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    event_id = _param(request, "event_id")
+    changed = await manage.update_event(runtime, caller, event_id, await json_object(request))
+    return _json(changed.to_json())
+
+
+@managed
+async def delete_event(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    force = request.query_params.get("force", "").lower() == "true"
+    await manage.delete_event(runtime, caller, _param(request, "event_id"), force=force)
+    return Response(status_code=204)
+
+
+# --- resources ----------------------------------------------------------------------------
+
+
+@managed
+async def list_resources(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    return _json([r.to_json() for r in await manage.list_resources(runtime, caller)])
+
+
+@managed
+async def create_resource(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    created = await manage.create_resource(runtime, caller, await json_object(request))
+    return _json(created.to_json(), 201)
+
+
+@managed
+async def get_resource(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    found = await manage.resource(runtime, caller, _param(request, "resource_id"))
+    return _json(found.to_json())
+
+
+@managed
+async def update_resource(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    resource_id = _param(request, "resource_id")
+    changed = await manage.update_resource(runtime, caller, resource_id, await json_object(request))
+    return _json(changed.to_json())
+
+
+@managed
+async def delete_resource(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    await manage.delete_resource(runtime, caller, _param(request, "resource_id"))
+    return Response(status_code=204)
+
+
+# --- catalogs -----------------------------------------------------------------------------
+
+
+@managed
+async def list_catalog(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    found = await manage.event_catalog(runtime, caller, _param(request, "event_id"))
+    return _json([r.to_json() for r in found])
+
+
+@managed
+async def attach_resource(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    event_id, resource_id = _param(request, "event_id"), _param(request, "resource_id")
+    attached = await manage.attach(runtime, caller, event_id, resource_id)
+    return _json({"event_id": event_id, "resource": attached.to_json()})  # CatalogEntry
+
+
+@managed
+async def detach_resource(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    event_id, resource_id = _param(request, "event_id"), _param(request, "resource_id")
+    await manage.detach(runtime, caller, event_id, resource_id)
+    return Response(status_code=204)
+
+
+# --- attendees and usage ------------------------------------------------------------------
+
+
+@managed
+async def list_attendees(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    event_id = _param(request, "event_id")
+    return _json(await manage.attendees_with_totals(runtime, caller, event_id))
+
+
+@managed
+async def add_attendee(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    event_id = _param(request, "event_id")
+    found, created = await manage.add_attendee(
+        runtime, caller, event_id, await json_object(request)
+    )
+    return _json(found.to_json(runtime.sealer), 201 if created else 200)
+
+
+@managed
+async def get_attendee(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    event_id, attendee_id = _param(request, "event_id"), _param(request, "attendee_id")
+    found = await manage.attendee(runtime, caller, event_id, attendee_id)
+    return _json(found.to_json(runtime.sealer))
+
+
+@managed
+async def revoke_attendee(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    event_id, attendee_id = _param(request, "event_id"), _param(request, "attendee_id")
+    return _json((await manage.revoke(runtime, caller, event_id, attendee_id)).to_json())
+
+
+@managed
+async def rotate_attendee_key(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    event_id, attendee_id = _param(request, "event_id"), _param(request, "attendee_id")
+    key = await manage.rotate(runtime, caller, event_id, attendee_id)
+    found = await manage.attendee(runtime, caller, event_id, attendee_id)
+    return _json({**found.to_json(), "api_key": key})
+
+
+USAGE_FORMATS = ("json", "csv")
+
+
+@managed
+async def usage_report(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    event_id = _param(request, "event_id")
+    group_by = request.query_params.get("group_by", "attendee")
+    answer_format = request.query_params.get("format", "json")
+    if answer_format not in USAGE_FORMATS:
+        raise ProxyError("invalid_request", "Query 'format' must be json or csv.", param="format")
+    report = await manage.usage_report(runtime, caller, event_id, group_by)
+    if answer_format == "csv":
+        return Response(
+            to_csv(report),
+            media_type="text/csv",
+            headers={
+                "content-disposition": f'attachment; filename="usage-{event_id}-{group_by}.csv"'
+            },
+        )
+    return _json(report)
