@@ -1,10 +1,17 @@
-"""The call's lifecycle: one proxied request from its arrival to its usage record."""
+"""The call's lifecycle: one proxied request from its arrival to its usage record.
+
+`ProxyCall.run` takes named steps: arrive (who calls, for which event), parse (the body, the
+deployment and its pool, the plugins' screening), limit the stream options, cap, admit (today's
+caps and this minute's limits), rewrite (what goes upstream), dispatch (to the members in
+order) and settle (the answer relayed or read, and the usage recorded). The steps fill in one
+`UpstreamRequest`, which the Responses API's calls (responses.py) share.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -22,13 +29,18 @@ from shared.governance import tokens
 from shared.governance.caps import Counter
 from shared.governance.ratelimits import Admission
 from shared.governance.usage import UsageRecord
-from shared.pipeline.answers import REQUEST_ID_HEADER, error_response, new_request_id
+from shared.pipeline.answers import (
+    PASSED_HEADERS,
+    REQUEST_ID_HEADER,
+    error_response,
+    new_request_id,
+)
 from shared.pipeline.bodies import CallerGone, parse_json_body, read_body
-from shared.pipeline.forwarding import Forwarder
-from shared.pipeline.operations import (
+from shared.pipeline.forwarding import Forwarder, UpstreamRequest
+from shared.pipeline.kinds import (
     SEARCH_API_VERSION,
     TOKEN_CLASSES,
-    Operation,
+    CallKind,
     apply_token_cap,
     find_pool,
     reasoning_of,
@@ -36,36 +48,63 @@ from shared.pipeline.operations import (
     units_of,
     usage_numbers,
 )
-from shared.pipeline.relays import relay_bytes, relay_events
-from shared.pipeline.streaming import EventStreamResponse
+from shared.pipeline.relays import STREAM_CUT_EVENT, Meter, StreamTimes, relay
+from shared.pipeline.streaming import BytesMeter, EventStreamResponse, StreamMeter
 from shared.platform import clock, telemetry
 from shared.plugins import RequestContext, Screened
 from shared.runtime import Access, Runtime, get_runtime
-from shared.upstreams.client import UpstreamAnswer, UpstreamTimeout, UpstreamUnreachable
+from shared.upstreams.client import (
+    UpstreamAnswer,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    is_event_stream,
+)
 
 # Never passed upstream: the api-version is set explicitly, and a key or function code put in
 # the query string by mistake must not travel further.
 NOT_FORWARDED_QUERY = frozenset({"api-version", "api-key", "key", "code", "subscription-key"})
 
 
-class Call:
+class ProxyCall:
     """One proxied request, from its arrival to its usage record."""
 
     metered = True  # calls that use no model (by id) neither take from the caps nor record
 
-    def __init__(self, request: Request, operation: Operation, runtime: Runtime) -> None:
+    def __init__(self, request: Request, kind: CallKind, runtime: Runtime) -> None:
         self.request = request
-        self.operation = operation
+        self.kind = kind
         self.runtime = runtime
         self.request_id = new_request_id()
         self.started = time.perf_counter()
         self.access: Access | None = None
+        self.upstream = UpstreamRequest()  # filled in by the steps
+        self.pools: dict[str, list[Resource]] = {}  # the event's deployments and their members
         self.counter: Counter | None = None
         self.worst_case_tokens = 0
-        self.deployment = ""
         self.admission: Admission | None = None  # its place in the per-minute counts
 
-    # --- the steps every call takes ------------------------------------------------------------
+    # --- the steps, in order --------------------------------------------------------------------
+
+    async def run(self, deployment: str | None) -> Response:
+        """Chat, completions, embeddings, images, audio and search; `deployment` is the path's,
+        or None where the body's `model` names it."""
+        event = await self.arrive()
+        payload, body = await self.parse(deployment)
+        api_version = self.request.query_params.get("api-version") or (
+            SEARCH_API_VERSION
+            if self.kind.model_class == "azure-ai-search"
+            else self.runtime.settings.default_api_version
+        )
+        stream, hide_usage = self.limit_stream(payload, api_version)
+        capped = self.cap(payload, event.max_token_cap, api_version)
+        limit = payload.get("max_completion_tokens") or payload.get("max_tokens") or 0
+        await self.admit(event, body, limit)
+        self.rewrite(
+            payload, body, api_version, changed=capped or hide_usage,
+            model_in_body=deployment is None,
+        )  # fmt: skip
+        answer = await self.dispatch(stream)
+        return await self.settle(answer, payload, stream, hide_usage)
 
     async def arrive(self) -> Event:
         """Who is calling, for which event; refused outside the event's window."""
@@ -78,6 +117,172 @@ class Call:
         event = self.access.event
         event.check_open(clock.now())
         return event
+
+    async def parse(self, deployment: str | None) -> tuple[dict[str, Any], bytes]:
+        """The body (a JSON object, or an upload's `model` field), the deployment it goes to
+        and that deployment's pool, then the plugins' screening: the payload and body to go on
+        with as if the caller had sent them."""
+        body = await read_body(self.request, self.runtime.settings.max_body_bytes)
+        content_type = self.request.headers.get("content-type")
+        if self.kind.multipart:
+            if not content_type or not content_type.lower().startswith("multipart/form-data"):
+                raise ProxyError(
+                    "invalid_request",
+                    "Send the audio file as multipart/form-data with a 'file' field.",
+                )
+            payload: dict[str, Any] = {}
+            if deployment is None:
+                payload["model"] = form_field(body, content_type, "model")
+            self.upstream.content_type = content_type
+        else:
+            payload = parse_json_body(body, content_type)
+        upstream = self.upstream
+        upstream.deployment = self.deployment_of(payload, deployment)
+        assert self.access is not None
+        self.pools = await self.runtime.pools(self.access.event.id)
+        upstream.members = find_pool(self.pools, upstream.deployment, self.kind.model_class)
+        if self.runtime.plugins.requests:
+            screened = await self.screen(payload)
+            if screened is not None and not self.kind.multipart:  # uploads go as they came
+                payload, body = screened
+        return payload, body
+
+    def limit_stream(self, payload: dict[str, Any], api_version: str) -> tuple[bool, bool]:
+        """Whether the call streams, and whether usage was asked for on the caller's behalf
+        (to meter the stream: then it is hidden from the caller again)."""
+        stream_value = payload.get("stream")
+        if stream_value is not None and not isinstance(stream_value, bool):
+            raise ProxyError(
+                "invalid_request", "Field 'stream' must be true or false.", param="stream"
+            )
+        options = payload.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise ProxyError(
+                "invalid_request",
+                "Field 'stream_options' must be an object such as {\"include_usage\": true}.",
+                param="stream_options",
+            )
+        if not (self.kind.streams and stream_value is True):
+            return False, False
+        asked = isinstance(options, dict) and options.get("include_usage") is True
+        if asked or not supports_stream_options(api_version):
+            return True, False
+        payload["stream_options"] = {**(options or {}), "include_usage": True}
+        return True, True
+
+    def cap(self, payload: dict[str, Any], cap: int, api_version: str) -> bool:
+        """The event's cap on the tokens the call may ask for; True if the payload changed."""
+        if not self.kind.token_capped:
+            return False
+        # max_completion_tokens came with the same api-versions as stream_options; the
+        # reasoning models refuse max_tokens.
+        limit_field = (
+            "max_completion_tokens"
+            if self.kind.model_class == "openai-chat" and supports_stream_options(api_version)
+            else "max_tokens"
+        )
+        return apply_token_cap(payload, cap, limit_field)
+
+    async def admit(self, event: Event, body: bytes, limit: Any) -> None:
+        """Take one request from today's cap and this minute's limits (and the pool's fair
+        share near its quota), reserving the call's worst case in tokens."""
+        assert self.access is not None
+        if event.daily_token_cap or self.kind.model_class in TOKEN_CLASSES:
+            # A cheap worst case (about 4 bytes a token): no tokenizer on the request path.
+            self.worst_case_tokens = len(body) // 4 + (limit if isinstance(limit, int) else 0)
+        self.counter = await self.runtime.caps.admit(
+            event, self.access.attendee.id, clock.now(), self.worst_case_tokens
+        )
+        upstream = self.upstream
+        self.admission = self.runtime.limits.admit(
+            event, self.access.attendee.id, self.counter, upstream.deployment, upstream.members,
+            self.worst_case_tokens,
+        )  # fmt: skip
+
+    def rewrite(
+        self, payload: dict[str, Any], body: bytes, api_version: str, *, changed: bool,
+        model_in_body: bool,
+    ) -> None:  # fmt: skip
+        """What goes upstream: the kind's path and the caller's query, and the body as it came
+        unless the steps changed it."""
+        kind, upstream = self.kind, self.upstream
+        if model_in_body and not (kind.multipart or kind.binary):
+            # The v1 routes: the deployment goes in the upstream path instead (a plugin may
+            # have dropped the field already).
+            payload.pop("model", None)
+            changed = True
+        upstream.path = kind.upstream_path
+        upstream.query = self.upstream_query(api_version)
+        upstream.body = orjson.dumps(payload) if changed else body
+
+    async def dispatch(self, streamed: bool) -> UpstreamAnswer:
+        """The first member's answer that is not a failure; failures are recorded."""
+        assert self.access is not None
+        try:
+            return await Forwarder(self.runtime).send(self.access.event.id, self.upstream)
+        except ProxyError as error:
+            if error.code == "no_capacity" and self.admission is not None:
+                self.admission.cancel()  # nothing reached a deployment: it uses no quota
+                self.admission = None
+            if self.metered and error.code in ("upstream_error", "upstream_timeout", "no_capacity"):
+                self.record_failure(error.status, error.code, streamed=streamed)
+            raise
+
+    async def settle(
+        self, answer: UpstreamAnswer, payload: dict[str, Any], stream: bool, hide_usage: bool
+    ) -> Response:
+        """The answer to the caller, relayed as it arrives or read whole; the usage recorded."""
+        if stream and is_event_stream(answer):
+            meter = StreamMeter(hide_usage=hide_usage)
+
+            def finish(outcome: str) -> None:
+                if meter.usage is None:
+                    prompt = tokens.prompt_tokens(payload)
+                    completion = meter.estimate_completion_tokens()
+                    numbers = (prompt, completion, prompt + completion)
+                else:
+                    numbers = usage_numbers(meter.usage)
+                self.record_end(
+                    outcome, numbers, estimated=meter.usage is None,
+                    reasoning=reasoning_of(meter.usage),
+                )  # fmt: skip
+
+            return self.relayed(answer, meter, finish, STREAM_CUT_EVENT)
+        if self.kind.binary and answer.status == 200:
+            # Speech counts the characters it was asked to say.
+            said = payload.get("input")
+            units = len(said) if isinstance(said, str) else 0
+            return self.relayed(
+                answer, BytesMeter(), lambda outcome: self.record_end(outcome, units=units)
+            )
+        content = await self.read_answer(answer, stream)
+        parsed: Any = None
+        json_answer = "json" in answer.headers.get("content-type", "")
+        if answer.status == 200 and (json_answer or not self.kind.multipart):
+            try:
+                parsed = orjson.loads(content)
+            except orjson.JSONDecodeError:
+                self.record_failure(502, "upstream_error", streamed=stream)
+                raise ProxyError(
+                    "upstream_error", "The deployment answered with something that is not JSON."
+                ) from None
+        usage = parsed.get("usage") if isinstance(parsed, dict) else None
+        numbers, estimated = usage_numbers(usage), False
+        if answer.status == 200 and not usage and self.kind.model_class in TOKEN_CLASSES:
+            prompt = tokens.prompt_tokens(payload)
+            numbers, estimated = (prompt, 0, prompt), True
+        self.record(
+            answer.status,
+            numbers,
+            streamed=stream,
+            estimated=estimated,
+            outcome="ok" if answer.status < 400 else "upstream_status",
+            units=units_of(self.kind, parsed) if answer.status == 200 else 0,
+            reasoning=reasoning_of(usage),
+        )
+        return Response(content, answer.status, self.answer_headers(answer))
+
+    # --- what the steps use -------------------------------------------------------------------
 
     def deployment_of(self, payload: dict[str, Any], deployment: str | None) -> str:
         """The deployment the path names, or else the body's `model`."""
@@ -95,7 +300,6 @@ class Call:
                 "deployment_not_found",
                 "Deployment names hold letters, digits, '.', '_' and '-' (at most 64).",
             )
-        self.deployment = deployment
         return deployment
 
     async def screen(self, payload: dict[str, Any]) -> Screened | None:
@@ -109,52 +313,11 @@ class Call:
             event_id=attendee.event_id,
             attendee_id=attendee.id,
             user=attendee.user,
-            operation=self.operation.path,
-            model_class=self.operation.model_class,
-            deployment=self.deployment,
+            operation=self.kind.path,
+            model_class=self.kind.model_class,
+            deployment=self.upstream.deployment,
         )
         return await self.runtime.plugins.screen(context, payload)
-
-    async def admit(self, event: Event, body: bytes, limit: Any, members: list[Resource]) -> None:
-        """Take one request from today's cap and this minute's limits (and the pool's fair
-        share near its quota), reserving the call's worst case in tokens."""
-        assert self.access is not None
-        if event.daily_token_cap or self.operation.model_class in TOKEN_CLASSES:
-            # A cheap worst case (about 4 bytes a token): no tokenizer on the request path.
-            self.worst_case_tokens = len(body) // 4 + (limit if isinstance(limit, int) else 0)
-        self.counter = await self.runtime.caps.admit(
-            event, self.access.attendee.id, clock.now(), self.worst_case_tokens
-        )
-        self.admission = self.runtime.limits.admit(
-            event, self.access.attendee.id, self.counter, self.deployment, members,
-            self.worst_case_tokens,
-        )  # fmt: skip
-
-    async def forward(
-        self,
-        event: Event,
-        members: list[Resource],
-        url_of: Callable[[Resource], str],
-        body: bytes,
-        content_type: str | None = None,
-        *,
-        body_of: Callable[[Resource], bytes] | None = None,
-        method: str = "POST",
-        streamed: bool = False,
-    ) -> tuple[Resource, UpstreamAnswer]:
-        """The first member's answer that is not a failure; failures are recorded."""
-        try:
-            return await Forwarder(self.runtime).send(
-                event.id, self.deployment, members, url_of, body, content_type,
-                body_of=body_of, method=method,
-            )  # fmt: skip
-        except ProxyError as error:
-            if error.code == "no_capacity" and self.admission is not None:
-                self.admission.cancel()  # nothing reached a deployment: it uses no quota
-                self.admission = None
-            if self.metered and error.code in ("upstream_error", "upstream_timeout", "no_capacity"):
-                self.record_failure(None, error.status, error.code, streamed=streamed)
-            raise
 
     def upstream_query(self, api_version: str | None) -> str:
         """The caller's query string without secrets, with this api-version (None: without)."""
@@ -167,7 +330,7 @@ class Call:
             params.append(("api-version", api_version))
         return urlencode(params)
 
-    async def read_answer(self, resource: Resource, answer: UpstreamAnswer, stream: bool) -> bytes:
+    async def read_answer(self, answer: UpstreamAnswer, stream: bool) -> bytes:
         """The whole upstream answer, within what is left of the call's time."""
         remaining = (
             self.started + self.runtime.settings.upstream_total_timeout - time.perf_counter()
@@ -177,13 +340,36 @@ class Call:
                 return await answer.read()
         except (UpstreamTimeout, UpstreamUnreachable, TimeoutError) as exc:
             if self.metered:
-                self.record_failure(resource, 502, "upstream_error", streamed=stream)
+                self.record_failure(502, "upstream_error", streamed=stream)
             timed_out = isinstance(exc, UpstreamTimeout | TimeoutError)
             code = "upstream_timeout" if timed_out else "upstream_error"
             raise ProxyError(code, "The deployment stopped answering midway. Retry.") from exc
 
     def answer_headers(self, answer: UpstreamAnswer) -> dict[str, str]:
-        return {**answer.passed_headers(), REQUEST_ID_HEADER: self.request_id}
+        """The upstream's headers the caller may see, and the call's request id."""
+        headers = {name: answer.headers[name] for name in PASSED_HEADERS if name in answer.headers}
+        headers[REQUEST_ID_HEADER] = self.request_id
+        return headers
+
+    def relayed(
+        self,
+        answer: UpstreamAnswer,
+        meter: Meter,
+        finish: Callable[[str], None],
+        cut_event: bytes = b"",
+    ) -> Response:
+        """The answer passed on as it arrives; `finish(outcome)` records the call at its end."""
+        settings = self.runtime.settings
+        total = settings.upstream_total_timeout
+        times = StreamTimes(self.started + total, total, settings.stream_idle_timeout)
+        events = relay(
+            answer, meter, times, finish, cut_event=cut_event, request_id=self.request_id
+        )
+        # Event streams end with an error event when cut; binary answers keep their own type.
+        media_type = "text/event-stream" if cut_event else None
+        return EventStreamResponse(
+            events, status_code=200, headers=self.answer_headers(answer), media_type=media_type
+        )
 
     # --- records ---------------------------------------------------------------------------
 
@@ -196,17 +382,28 @@ class Call:
             self.runtime.caps.settle(self.counter, self.worst_case_tokens, 0)
             self.counter = None
 
-    def record_failure(
-        self, resource: Resource | None, status: int, outcome: str, *, streamed: bool
-    ) -> None:
+    def record_failure(self, status: int, outcome: str, *, streamed: bool) -> None:
         """A call that used no tokens: the upstream failed or never answered."""
+        self.record(status, (0, 0, 0), streamed=streamed, estimated=False, outcome=outcome)
+
+    def record_end(
+        self,
+        outcome: str,
+        usage: tuple[int, int, int] = (0, 0, 0),
+        *,
+        estimated: bool = False,
+        units: int = 0,
+        reasoning: int = 0,
+    ) -> None:
+        """A relayed answer's record once it ended: ok, cut by the upstream, or client_gone."""
+        status = 200 if outcome == "ok" else 502 if outcome == "cut" else 499
         self.record(
-            resource, status, (0, 0, 0), streamed=streamed, estimated=False, outcome=outcome
-        )
+            status, usage, streamed=True, estimated=estimated, outcome=outcome, units=units,
+            reasoning=reasoning,
+        )  # fmt: skip
 
     def record(
         self,
-        resource: Resource | None,
         status: int,
         usage: tuple[int, int, int],
         *,
@@ -226,7 +423,7 @@ class Call:
         if self.admission is not None:
             self.admission.settle(usage[2] if charge is None else charge)
             self.admission = None
-        event = self.access.event
+        event, resource = self.access.event, self.upstream.member
         now = clock.now()
         latency_ms = (time.perf_counter() - self.started) * 1000
         telemetry.call_finished(
@@ -234,7 +431,7 @@ class Call:
                 "request_id": self.request_id,
                 "event_id": event.id,
                 "attendee_id": self.access.attendee.id,
-                "deployment": self.deployment,
+                "deployment": self.upstream.deployment,
                 "resource_id": resource.id if resource else "",
                 "status": status,
                 "outcome": outcome,
@@ -248,9 +445,9 @@ class Call:
             UsageRecord(
                 event_id=event.id,
                 attendee_id=self.access.attendee.id,
-                deployment=self.deployment,
+                deployment=self.upstream.deployment,
                 resource_id=resource.id if resource else "",
-                model_class=self.operation.model_class,
+                model_class=self.kind.model_class,
                 status=status,
                 prompt_tokens=usage[0],
                 completion_tokens=usage[1],
@@ -267,139 +464,6 @@ class Call:
             )
         )
 
-    # --- chat, completions, embeddings, images, audio, search ---------------------------------
-
-    async def run(self, deployment: str | None) -> Response:
-        request = self.request
-        event = await self.arrive()
-        body = await read_body(request, self.runtime.settings.max_body_bytes)
-        operation = self.operation
-        content_type = request.headers.get("content-type")
-        from_body = deployment is None
-        if operation.multipart:
-            if not content_type or not content_type.lower().startswith("multipart/form-data"):
-                raise ProxyError(
-                    "invalid_request",
-                    "Send the audio file as multipart/form-data with a 'file' field.",
-                )
-            payload: dict[str, Any] = {}
-            if from_body:
-                payload["model"] = form_field(body, content_type, "model")
-        else:
-            payload = parse_json_body(body, content_type)
-            content_type = None
-        deployment = self.deployment_of(payload, deployment)
-        members = find_pool(await self.runtime.pools(event.id), deployment, operation.model_class)
-        if self.runtime.plugins.requests:
-            screened = await self.screen(payload)
-            if screened is not None and not operation.multipart:  # uploads go as they came
-                payload, body = screened
-        default_version = (
-            SEARCH_API_VERSION
-            if operation.model_class == "azure-ai-search"
-            else self.runtime.settings.default_api_version
-        )
-        api_version = request.query_params.get("api-version") or default_version
-        stream_value = payload.get("stream")
-        if stream_value is not None and not isinstance(stream_value, bool):
-            raise ProxyError(
-                "invalid_request", "Field 'stream' must be true or false.", param="stream"
-            )
-        options = payload.get("stream_options")
-        if options is not None and not isinstance(options, dict):
-            raise ProxyError(
-                "invalid_request",
-                "Field 'stream_options' must be an object such as {\"include_usage\": true}.",
-                param="stream_options",
-            )
-        stream = operation.streams and stream_value is True
-        hide_usage = False
-        changed = False
-        if operation.token_capped:
-            # max_completion_tokens came with the same api-versions as stream_options; the
-            # reasoning models refuse max_tokens.
-            limit_field = (
-                "max_completion_tokens"
-                if operation.model_class == "openai-chat" and supports_stream_options(api_version)
-                else "max_tokens"
-            )
-            changed = apply_token_cap(payload, event.max_token_cap, limit_field)
-        limit = payload.get("max_completion_tokens") or payload.get("max_tokens") or 0
-        await self.admit(event, body, limit, members)
-        if stream:
-            asked = isinstance(options, dict) and options.get("include_usage") is True
-            if not asked and supports_stream_options(api_version):
-                payload["stream_options"] = {**(options or {}), "include_usage": True}
-                hide_usage = changed = True
-        if from_body and not (operation.multipart or operation.binary):
-            # The v1 route: the deployment is in the upstream path instead (a plugin may have
-            # dropped the field already).
-            payload.pop("model", None)
-            changed = True
-        upstream_body = orjson.dumps(payload) if changed else body
-        query = self.upstream_query(api_version)
-
-        def url_of(resource: Resource) -> str:
-            return operation.upstream_url(resource, query)
-
-        resource, answer = await self.forward(
-            event, members, url_of, upstream_body, content_type, streamed=stream
-        )
-        response_headers = self.answer_headers(answer)
-        content_kind = answer.headers.get("content-type", "")
-        if stream and answer.status == 200 and "text/event-stream" in content_kind:
-            return EventStreamResponse(
-                relay_events(self, resource, answer, payload, hide_usage),
-                status_code=200,
-                headers=response_headers,
-                media_type="text/event-stream",
-            )
-        if operation.binary and answer.status == 200:
-            units = len(payload["input"]) if isinstance(payload.get("input"), str) else 0
-            return EventStreamResponse(
-                relay_bytes(self, resource, answer, units),
-                status_code=200,
-                headers=response_headers,
-            )
-        return await self._finish(resource, answer, payload, response_headers, stream)
-
-    async def _finish(
-        self,
-        resource: Resource,
-        answer: UpstreamAnswer,
-        payload: dict[str, Any],
-        headers: dict[str, str],
-        stream: bool,
-    ) -> Response:
-        content = await self.read_answer(resource, answer, stream)
-        parsed: Any = None
-        json_answer = "json" in answer.headers.get("content-type", "")
-        if answer.status == 200 and (json_answer or not self.operation.multipart):
-            try:
-                parsed = orjson.loads(content)
-            except orjson.JSONDecodeError:
-                self.record_failure(resource, 502, "upstream_error", streamed=stream)
-                raise ProxyError(
-                    "upstream_error", "The deployment answered with something that is not JSON."
-                ) from None
-        usage = parsed.get("usage") if isinstance(parsed, dict) else None
-        numbers, estimated = usage_numbers(usage), False
-        if answer.status == 200 and not usage and self.operation.model_class in TOKEN_CLASSES:
-            prompt = tokens.prompt_tokens(payload)
-            numbers, estimated = (prompt, 0, prompt), True
-        outcome = "ok" if answer.status < 400 else "upstream_status"
-        self.record(
-            resource,
-            answer.status,
-            numbers,
-            streamed=stream,
-            estimated=estimated,
-            outcome=outcome,
-            units=units_of(self.operation, parsed) if answer.status == 200 else 0,
-            reasoning=reasoning_of(usage),
-        )
-        return Response(content, answer.status, headers)
-
 
 def form_field(body: bytes, content_type: str, name: str) -> str:
     """A small text field of a multipart/form-data body (the v1 audio routes' `model`)."""
@@ -414,7 +478,7 @@ def form_field(body: bytes, content_type: str, name: str) -> str:
     return ""
 
 
-async def answer_call(call: Call, run: Callable[[], Any]) -> Response:
+async def answer_call(call: ProxyCall, run: Callable[[], Awaitable[Response]]) -> Response:
     """Run a call, answering its refusals in the contract's shape and releasing what it held."""
     try:
         return await run()
@@ -435,7 +499,8 @@ async def answer_call(call: Call, run: Callable[[], Any]) -> Response:
         raise
 
 
-async def proxy(request: Request, operation: Operation, deployment: str | None) -> Response:
-    """Entry point of every OpenAI-style proxy route that names a deployment."""
-    call = Call(request, operation, get_runtime())
+async def proxy_call(request: Request, kind: CallKind, deployment: str | None) -> Response:
+    """Entry point of every OpenAI-style proxy route that names a deployment (in its path, or
+    None: in the body's `model`)."""
+    call = ProxyCall(request, kind, get_runtime())
     return await answer_call(call, lambda: call.run(deployment))
