@@ -64,10 +64,27 @@ class _EventMeter:
         self.usage: dict[str, Any] | None = None
         self.done = False  # the stream's last event came
 
-    def _keep(self, complete: bytes) -> None:
+    def _complete_events(self, chunk: bytes) -> tuple[bytes, bytes]:
+        """Every complete event so far (kept for an estimate), and the stream's separator; an
+        unfinished event waits."""
+        data = self._buffer + chunk if self._buffer else chunk
+        separator = self._separator = self._separator or _separator_of(data)
+        if separator is None:
+            self._buffer = data
+            return b"", b""
+        end = data.rfind(separator)
+        if end < 0:
+            self._buffer = data
+            return b"", separator
+        end += len(separator)
+        if end == len(data):
+            complete, self._buffer = data, b""
+        else:
+            complete, self._buffer = data[:end], data[end:]
         if self._kept_bytes < _KEEP_LIMIT:
             self._kept.append(complete)
             self._kept_bytes += len(complete)
+        return complete, separator
 
     def _kept_events(self) -> list[bytes]:
         if self._separator is None:
@@ -106,18 +123,9 @@ class StreamMeter(_EventMeter):
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes to send on now: every complete event so far, less a hidden usage chunk."""
-        data = self._buffer + chunk if self._buffer else chunk
-        separator = self._separator = self._separator or _separator_of(data)
-        end = data.rfind(separator) if separator else -1
-        if end < 0:
-            self._buffer = data
+        complete, separator = self._complete_events(chunk)
+        if not complete:
             return b""
-        end += len(separator)
-        if end == len(data):
-            complete, self._buffer = data, b""
-        else:
-            complete, self._buffer = data[:end], data[end:]
-        self._keep(complete)
         if not self.done and complete.rfind(b"[DONE]") >= 0:
             self.done = True
         for marker in _USAGE_MARKERS:
@@ -224,16 +232,9 @@ class ResponseStreamMeter(_EventMeter):
         self.response: dict[str, Any] | None = None  # the last one seen, as the upstream sent it
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._buffer + chunk if self._buffer else chunk
-        separator = self._separator = self._separator or _separator_of(data)
-        end = data.rfind(separator) if separator else -1
-        if end < 0:
-            self._buffer = data
+        complete, separator = self._complete_events(chunk)
+        if not complete:
             return b""
-        end += len(separator)
-        complete, self._buffer = data[:end], data[end:]
-        assert separator is not None
-        self._keep(complete)
         if not (
             _WORTH_READING[0] in complete
             or _WORTH_READING[1] in complete
