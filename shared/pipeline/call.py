@@ -9,8 +9,6 @@ order) and settle (the answer relayed or read, and the usage recorded). The step
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode
@@ -21,44 +19,44 @@ from starlette.responses import Response
 
 from shared.access.entra import EVENT_HEADER
 from shared.access.guard import client_address
-from shared.directory.catalog import Resource, valid_deployment_name
+from shared.directory.catalog import Resource
 from shared.directory.events import Event
 from shared.directory.keys import key_from_headers
 from shared.errors import ProxyError
-from shared.governance import tokens
-from shared.governance.caps import Counter
-from shared.governance.ratelimits import Admission
-from shared.governance.usage import UsageRecord
 from shared.pipeline.answers import (
     PASSED_HEADERS,
     REQUEST_ID_HEADER,
     error_response,
     new_request_id,
 )
-from shared.pipeline.bodies import CallerGone, parse_json_body, read_body
+from shared.pipeline.bodies import CallerGone, deployment_named, parse_json_body, read_body
 from shared.pipeline.forwarding import Forwarder, UpstreamRequest
 from shared.pipeline.kinds import (
     SEARCH_API_VERSION,
     TOKEN_CLASSES,
     CallKind,
     apply_token_cap,
+    estimated_usage,
     find_pool,
     reasoning_of,
     supports_stream_options,
     units_of,
     usage_numbers,
 )
-from shared.pipeline.relays import STREAM_CUT_EVENT, Meter, StreamTimes, relay
+from shared.pipeline.ledger import Ledger
+from shared.pipeline.relays import (
+    STREAM_CUT_EVENT,
+    Meter,
+    StreamTimes,
+    is_event_stream,
+    read_whole,
+    relay,
+)
 from shared.pipeline.streaming import BytesMeter, EventStreamResponse, StreamMeter
-from shared.platform import clock, telemetry
+from shared.platform import clock
 from shared.plugins import RequestContext, Screened
 from shared.runtime import Access, Runtime, get_runtime
-from shared.upstreams.client import (
-    UpstreamAnswer,
-    UpstreamTimeout,
-    UpstreamUnreachable,
-    is_event_stream,
-)
+from shared.upstreams.client import UpstreamAnswer
 
 # Never passed upstream: the api-version is set explicitly, and a key or function code put in
 # the query string by mistake must not travel further.
@@ -68,20 +66,16 @@ NOT_FORWARDED_QUERY = frozenset({"api-version", "api-key", "key", "code", "subsc
 class ProxyCall:
     """One proxied request, from its arrival to its usage record."""
 
-    metered = True  # calls that use no model (by id) neither take from the caps nor record
-
     def __init__(self, request: Request, kind: CallKind, runtime: Runtime) -> None:
         self.request = request
         self.kind = kind
         self.runtime = runtime
         self.request_id = new_request_id()
-        self.started = time.perf_counter()
         self.access: Access | None = None
         self.upstream = UpstreamRequest()  # filled in by the steps
+        self.ledger = Ledger(runtime, self.request_id, kind.model_class, self.upstream)
+        self.started = self.ledger.started
         self.pools: dict[str, list[Resource]] = {}  # the event's deployments and their members
-        self.counter: Counter | None = None
-        self.worst_case_tokens = 0
-        self.admission: Admission | None = None  # its place in the per-minute counts
 
     # --- the steps, in order --------------------------------------------------------------------
 
@@ -98,7 +92,7 @@ class ProxyCall:
         stream, hide_usage = self.limit_stream(payload, api_version)
         capped = self.cap(payload, event.max_token_cap, api_version)
         limit = payload.get("max_completion_tokens") or payload.get("max_tokens") or 0
-        await self.admit(event, body, limit)
+        await self.ledger.admit(event, len(body), limit)
         self.rewrite(
             payload, body, api_version, changed=capped or hide_usage,
             model_in_body=deployment is None,
@@ -114,6 +108,7 @@ class ProxyCall:
             client_address(headers, self.request.client),
             headers.get(EVENT_HEADER),
         )
+        self.ledger.access = self.access
         event = self.access.event
         event.check_open(clock.now())
         return event
@@ -137,7 +132,7 @@ class ProxyCall:
         else:
             payload = parse_json_body(body, content_type)
         upstream = self.upstream
-        upstream.deployment = self.deployment_of(payload, deployment)
+        upstream.deployment = deployment_named(payload, deployment)
         assert self.access is not None
         self.pools = await self.runtime.pools(self.access.event.id)
         upstream.members = find_pool(self.pools, upstream.deployment, self.kind.model_class)
@@ -183,22 +178,6 @@ class ProxyCall:
         )
         return apply_token_cap(payload, cap, limit_field)
 
-    async def admit(self, event: Event, body: bytes, limit: Any) -> None:
-        """Take one request from today's cap and this minute's limits (and the pool's fair
-        share near its quota), reserving the call's worst case in tokens."""
-        assert self.access is not None
-        if event.daily_token_cap or self.kind.model_class in TOKEN_CLASSES:
-            # A cheap worst case (about 4 bytes a token): no tokenizer on the request path.
-            self.worst_case_tokens = len(body) // 4 + (limit if isinstance(limit, int) else 0)
-        self.counter = await self.runtime.caps.admit(
-            event, self.access.attendee.id, clock.now(), self.worst_case_tokens
-        )
-        upstream = self.upstream
-        self.admission = self.runtime.limits.admit(
-            event, self.access.attendee.id, self.counter, upstream.deployment, upstream.members,
-            self.worst_case_tokens,
-        )  # fmt: skip
-
     def rewrite(
         self, payload: dict[str, Any], body: bytes, api_version: str, *, changed: bool,
         model_in_body: bool,
@@ -221,11 +200,10 @@ class ProxyCall:
         try:
             return await Forwarder(self.runtime).send(self.access.event.id, self.upstream)
         except ProxyError as error:
-            if error.code == "no_capacity" and self.admission is not None:
-                self.admission.cancel()  # nothing reached a deployment: it uses no quota
-                self.admission = None
-            if self.metered and error.code in ("upstream_error", "upstream_timeout", "no_capacity"):
-                self.record_failure(error.status, error.code, streamed=streamed)
+            if error.code == "no_capacity":
+                self.ledger.unsent()
+            if error.code in ("upstream_error", "upstream_timeout", "no_capacity"):
+                self.ledger.record_failure(error.status, error.code, streamed=streamed)
             raise
 
     async def settle(
@@ -236,16 +214,15 @@ class ProxyCall:
             meter = StreamMeter(hide_usage=hide_usage)
 
             def finish(outcome: str) -> None:
-                if meter.usage is None:
-                    prompt = tokens.prompt_tokens(payload)
-                    completion = meter.estimate_completion_tokens()
-                    numbers = (prompt, completion, prompt + completion)
-                else:
-                    numbers = usage_numbers(meter.usage)
-                self.record_end(
-                    outcome, numbers, estimated=meter.usage is None,
-                    reasoning=reasoning_of(meter.usage),
-                )  # fmt: skip
+                usage = meter.usage
+                self.ledger.record_end(
+                    outcome,
+                    usage_numbers(usage)
+                    if usage is not None
+                    else estimated_usage(payload, meter.estimate_completion_tokens()),
+                    estimated=usage is None,
+                    reasoning=reasoning_of(usage),
+                )
 
             return self.relayed(answer, meter, finish, STREAM_CUT_EVENT)
         if self.kind.binary and answer.status == 200:
@@ -253,7 +230,7 @@ class ProxyCall:
             said = payload.get("input")
             units = len(said) if isinstance(said, str) else 0
             return self.relayed(
-                answer, BytesMeter(), lambda outcome: self.record_end(outcome, units=units)
+                answer, BytesMeter(), lambda outcome: self.ledger.record_end(outcome, units=units)
             )
         content = await self.read_answer(answer, stream)
         parsed: Any = None
@@ -262,16 +239,15 @@ class ProxyCall:
             try:
                 parsed = orjson.loads(content)
             except orjson.JSONDecodeError:
-                self.record_failure(502, "upstream_error", streamed=stream)
+                self.ledger.record_failure(502, "upstream_error", streamed=stream)
                 raise ProxyError(
                     "upstream_error", "The deployment answered with something that is not JSON."
                 ) from None
         usage = parsed.get("usage") if isinstance(parsed, dict) else None
         numbers, estimated = usage_numbers(usage), False
         if answer.status == 200 and not usage and self.kind.model_class in TOKEN_CLASSES:
-            prompt = tokens.prompt_tokens(payload)
-            numbers, estimated = (prompt, 0, prompt), True
-        self.record(
+            numbers, estimated = estimated_usage(payload), True
+        self.ledger.record(
             answer.status,
             numbers,
             streamed=stream,
@@ -283,24 +259,6 @@ class ProxyCall:
         return Response(content, answer.status, self.answer_headers(answer))
 
     # --- what the steps use -------------------------------------------------------------------
-
-    def deployment_of(self, payload: dict[str, Any], deployment: str | None) -> str:
-        """The deployment the path names, or else the body's `model`."""
-        if deployment is None:
-            model = payload.get("model")
-            if not isinstance(model, str) or not model:
-                raise ProxyError(
-                    "invalid_request",
-                    "Field 'model' is required: name one of the event's deployments.",
-                    param="model",
-                )
-            deployment = model
-        if not valid_deployment_name(deployment):
-            raise ProxyError(
-                "deployment_not_found",
-                "Deployment names hold letters, digits, '.', '_' and '-' (at most 64).",
-            )
-        return deployment
 
     async def screen(self, payload: dict[str, Any]) -> Screened | None:
         """The plugins' request hooks on the caller's body: None, or the body (and its JSON)
@@ -332,18 +290,12 @@ class ProxyCall:
 
     async def read_answer(self, answer: UpstreamAnswer, stream: bool) -> bytes:
         """The whole upstream answer, within what is left of the call's time."""
-        remaining = (
-            self.started + self.runtime.settings.upstream_total_timeout - time.perf_counter()
-        )
+        deadline = self.started + self.runtime.settings.upstream_total_timeout
         try:
-            async with asyncio.timeout(max(remaining, 0.001)):
-                return await answer.read()
-        except (UpstreamTimeout, UpstreamUnreachable, TimeoutError) as exc:
-            if self.metered:
-                self.record_failure(502, "upstream_error", streamed=stream)
-            timed_out = isinstance(exc, UpstreamTimeout | TimeoutError)
-            code = "upstream_timeout" if timed_out else "upstream_error"
-            raise ProxyError(code, "The deployment stopped answering midway. Retry.") from exc
+            return await read_whole(answer, deadline)
+        except ProxyError:
+            self.ledger.record_failure(502, "upstream_error", streamed=stream)
+            raise
 
     def answer_headers(self, answer: UpstreamAnswer) -> dict[str, str]:
         """The upstream's headers the caller may see, and the call's request id."""
@@ -371,99 +323,6 @@ class ProxyCall:
             events, status_code=200, headers=self.answer_headers(answer), media_type=media_type
         )
 
-    # --- records ---------------------------------------------------------------------------
-
-    def release(self) -> None:
-        """Give back a token reservation no record will settle (the call failed before)."""
-        if self.admission is not None:
-            self.admission.cancel()
-            self.admission = None
-        if self.counter is not None:
-            self.runtime.caps.settle(self.counter, self.worst_case_tokens, 0)
-            self.counter = None
-
-    def record_failure(self, status: int, outcome: str, *, streamed: bool) -> None:
-        """A call that used no tokens: the upstream failed or never answered."""
-        self.record(status, (0, 0, 0), streamed=streamed, estimated=False, outcome=outcome)
-
-    def record_end(
-        self,
-        outcome: str,
-        usage: tuple[int, int, int] = (0, 0, 0),
-        *,
-        estimated: bool = False,
-        units: int = 0,
-        reasoning: int = 0,
-    ) -> None:
-        """A relayed answer's record once it ended: ok, cut by the upstream, or client_gone."""
-        status = 200 if outcome == "ok" else 502 if outcome == "cut" else 499
-        self.record(
-            status, usage, streamed=True, estimated=estimated, outcome=outcome, units=units,
-            reasoning=reasoning,
-        )  # fmt: skip
-
-    def record(
-        self,
-        status: int,
-        usage: tuple[int, int, int],
-        *,
-        streamed: bool,
-        estimated: bool,
-        outcome: str,
-        units: int = 0,
-        reasoning: int = 0,
-        charge: int | None = None,
-    ) -> None:
-        """The call's usage record; its tokens (or `charge`) count against today's cap."""
-        assert self.access is not None
-        if self.counter is not None:
-            charged = usage[2] if charge is None else charge
-            self.runtime.caps.settle(self.counter, self.worst_case_tokens, charged)
-            self.counter = None  # settled once
-        if self.admission is not None:
-            self.admission.settle(usage[2] if charge is None else charge)
-            self.admission = None
-        event, resource = self.access.event, self.upstream.member
-        now = clock.now()
-        latency_ms = (time.perf_counter() - self.started) * 1000
-        telemetry.call_finished(
-            {
-                "request_id": self.request_id,
-                "event_id": event.id,
-                "attendee_id": self.access.attendee.id,
-                "deployment": self.upstream.deployment,
-                "resource_id": resource.id if resource else "",
-                "status": status,
-                "outcome": outcome,
-                "streamed": streamed,
-                "prompt_tokens": usage[0],
-                "completion_tokens": usage[1],
-                "latency_ms": round(latency_ms, 1),
-            }
-        )
-        self.runtime.usage.append(
-            UsageRecord(
-                event_id=event.id,
-                attendee_id=self.access.attendee.id,
-                deployment=self.upstream.deployment,
-                resource_id=resource.id if resource else "",
-                model_class=self.kind.model_class,
-                status=status,
-                prompt_tokens=usage[0],
-                completion_tokens=usage[1],
-                total_tokens=usage[2],
-                streamed=streamed,
-                estimated=estimated,
-                latency_ms=latency_ms,
-                time=now,
-                local_date=event.local_date(now),
-                request_id=self.request_id,
-                outcome=outcome,
-                units=units,
-                reasoning_tokens=reasoning,
-            )
-        )
-
 
 def form_field(body: bytes, content_type: str, name: str) -> str:
     """A small text field of a multipart/form-data body (the v1 audio routes' `model`)."""
@@ -483,19 +342,14 @@ async def answer_call(call: ProxyCall, run: Callable[[], Awaitable[Response]]) -
     try:
         return await run()
     except ProxyError as error:
-        call.release()
-        telemetry.refused(error.code, call.request_id, call.access.event.id if call.access else "")
-        if error.status == 429 and call.access is not None:  # for the organiser's reports
-            access = call.access
-            call.runtime.caps.count_refusal(
-                access.event, access.attendee.id, clock.now(), error.reason
-            )
+        call.ledger.release()
+        call.ledger.refused(error)
         return error_response(error, call.request_id)
     except CallerGone:
-        call.release()
+        call.ledger.release()
         return Response(status_code=499)  # never read: the connection is gone
     except BaseException:
-        call.release()
+        call.ledger.release()
         raise
 
 

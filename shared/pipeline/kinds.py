@@ -9,6 +9,7 @@ from typing import Any
 
 from shared.directory.catalog import Resource
 from shared.errors import ProxyError
+from shared.governance import tokens
 
 # api-versions from which Azure OpenAI accepts stream_options (2024-09-01-preview, GA 2024-10-21).
 _STREAM_OPTIONS_FROM = "2024-09-01-preview"
@@ -105,6 +106,7 @@ def find_pool(
     )
 
 
+# Model classes whose calls are counted in tokens even without a daily token cap.
 TOKEN_CLASSES = frozenset({"openai-chat", "openai-completions", "openai-embeddings"})
 
 
@@ -120,6 +122,12 @@ def units_of(kind: CallKind, answer: Any) -> int:
     if kind.model_class == "azure-ai-search":
         return 1
     return 0
+
+
+def estimated_usage(payload: dict[str, Any], completion: int = 0) -> tuple[int, int, int]:
+    """The usage of a call whose upstream told none: its prompt counted here, and `completion`."""
+    prompt = tokens.prompt_tokens(payload)
+    return prompt, completion, prompt + completion
 
 
 def usage_numbers(usage: dict[str, Any] | None) -> tuple[int, int, int]:

@@ -1,4 +1,4 @@
-"""Relays: an upstream's answer passed on as it arrives, through a meter, within its time.
+"""Reading upstream answers within their time: read whole, or relayed as they arrive.
 
 A relay knows nothing of the call it serves: it gets the upstream answer, a meter (what to
 pass on and what it counted), the times it may take, and a `finish(outcome)` callback that
@@ -43,6 +43,23 @@ class StreamTimes:
     deadline: float
     total: float
     idle: float
+
+
+def is_event_stream(answer: UpstreamAnswer) -> bool:
+    """A 200 answer that streams server-sent events."""
+    return answer.status == 200 and "text/event-stream" in answer.headers.get("content-type", "")
+
+
+async def read_whole(answer: UpstreamAnswer, deadline: float) -> bytes:
+    """The whole answer by `deadline` (a time.perf_counter() instant); upstream_timeout or
+    upstream_error when it stops midway."""
+    try:
+        async with asyncio.timeout(max(deadline - time.perf_counter(), 0.001)):
+            return await answer.read()
+    except (UpstreamTimeout, UpstreamUnreachable, TimeoutError) as exc:
+        timed_out = isinstance(exc, UpstreamTimeout | TimeoutError)
+        code = "upstream_timeout" if timed_out else "upstream_error"
+        raise ProxyError(code, "The deployment stopped answering midway. Retry.") from exc
 
 
 class StreamCut(Exception):

@@ -14,10 +14,8 @@ tokens (see `record_background_result`).
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -27,16 +25,14 @@ from starlette.responses import Response
 from shared.directory.catalog import Resource
 from shared.errors import ProxyError
 from shared.governance import tokens
-from shared.governance.usage import UsageRecord
 from shared.pipeline.bodies import read_body
 from shared.pipeline.call import ProxyCall, answer_call
 from shared.pipeline.kinds import RESPONSES, apply_token_cap, reasoning_of
-from shared.pipeline.relays import RESPONSE_CUT_EVENT
+from shared.pipeline.relays import RESPONSE_CUT_EVENT, is_event_stream
 from shared.pipeline.streaming import ResponseStreamMeter
-from shared.platform import clock
 from shared.runtime import Runtime, get_runtime
 from shared.upstreams.affinity import Sealed
-from shared.upstreams.client import UpstreamAnswer, is_event_stream
+from shared.upstreams.client import UpstreamAnswer
 
 # For an AzureOpenAI-style call that names none (the SDK always does).
 RESPONSES_API_VERSION = "2025-04-01-preview"
@@ -206,7 +202,7 @@ class ResponsesCall(ProxyCall):
         stream = payload.get("stream") is True
         background = payload.get("background") is True
         apply_token_cap(payload, event.max_token_cap, "max_output_tokens", ("max_output_tokens",))
-        await self.admit(event, body, payload["max_output_tokens"])
+        await self.ledger.admit(event, len(body), payload["max_output_tokens"])
         upstream = self.upstream
         upstream.payload = payload  # each member's body names its own deployment
         if pinned is not None:
@@ -242,13 +238,15 @@ class ResponsesCall(ProxyCall):
         known, today's cap takes the call's worst case, since nobody may ever ask for it."""
         usage = response.get("usage")
         finished = response.get("status") in FINISHED and isinstance(usage, dict)
-        self.record(
+        self.ledger.record(
             200,
             (0, 0, 0),
             streamed=streamed,
             estimated=False,
             outcome="background",
-            charge=int(usage.get("total_tokens") or 0) if finished else self.worst_case_tokens,
+            charge=int(usage.get("total_tokens") or 0)
+            if finished
+            else self.ledger.worst_case_tokens,
         )
         self.record_background_result(response)
 
@@ -291,8 +289,7 @@ class ResponsesCall(ProxyCall):
         except orjson.JSONDecodeError:
             parsed = None
         if not isinstance(parsed, dict):
-            if self.metered:
-                self.record_failure(502, "upstream_error", streamed=False)
+            self.ledger.record_failure(502, "upstream_error", streamed=False)
             raise ProxyError(
                 "upstream_error", "The deployment answered with something that is not JSON."
             )
@@ -321,7 +318,7 @@ class ResponsesCall(ProxyCall):
             prompt = completion = total = 0
         if outcome != "ok":
             status = 502 if outcome == "cut" else 499 if outcome == "client_gone" else status
-        self.record(
+        self.ledger.record(
             status,
             (prompt, completion, total),
             streamed=stream,
@@ -335,7 +332,7 @@ class ResponsesCall(ProxyCall):
     async def by_id(self, response_id: str, action: str) -> Response:
         """GET or DELETE a response, GET its input items or POST its cancel (action: "",
         "input_items", "cancel"), on the member that holds it."""
-        self.metered = False
+        self.ledger.metered = False
         event = await self.arrive()
         sealed = self.open_id(response_id)
         await read_body(self.request, self.runtime.settings.max_body_bytes)  # none expected
@@ -364,12 +361,8 @@ class ResponsesCall(ProxyCall):
         return await self.answer_read(answer, False, record)
 
     def record_background_result(self, response: dict[str, Any]) -> None:
-        """The tokens of a finished background response, recorded once per instance.
-
-        Its record's row key comes from the response (creation time, id), so the same result
-        seen on several instances is written over itself, not counted again. The daily cap
-        already took the worst case when the response was created.
-        """
+        """The tokens of a finished background response, recorded once per instance (the
+        record is the same whichever instance writes it: see Ledger.record_result)."""
         usage = response.get("usage")
         if (
             response.get("background") is not True
@@ -383,38 +376,13 @@ class ResponsesCall(ProxyCall):
         _results_seen[response_id] = None
         while len(_results_seen) > _SEEN_LIMIT:
             _results_seen.popitem(last=False)
-        resource = self.upstream.member
-        assert self.access is not None and resource is not None
-        event = self.access.event
-        created = response.get("created_at")
-        when = (
-            datetime.fromtimestamp(created, UTC)
-            if isinstance(created, int | float)
-            else clock.now()
-        )
         prompt = int(usage.get("input_tokens") or 0)
         completion = int(usage.get("output_tokens") or 0)
-        self.runtime.usage.append(
-            UsageRecord(
-                event_id=event.id,
-                attendee_id=self.attendee_id,
-                deployment=resource.deployment,
-                resource_id=resource.id,
-                model_class=RESPONSES.model_class,
-                status=200,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                total_tokens=int(usage.get("total_tokens") or prompt + completion),
-                streamed=False,
-                estimated=False,
-                latency_ms=0.0,
-                time=when,
-                local_date=event.local_date(when),
-                request_id="bg" + hashlib.sha256(response_id.encode()).hexdigest()[:14],
-                outcome="background_result",
-                reasoning_tokens=reasoning_of(usage),
-            )
-        )
+        total = int(usage.get("total_tokens") or prompt + completion)
+        self.ledger.record_result(
+            response_id, response.get("created_at"), (prompt, completion, total),
+            reasoning_of(usage),
+        )  # fmt: skip
 
 
 async def create(request: Request, v1: bool) -> Response:

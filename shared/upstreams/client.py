@@ -48,11 +48,6 @@ class UpstreamAnswer(Protocol):
 Transport = Callable[[str, str, dict[str, str], bytes], Awaitable[UpstreamAnswer]]
 
 
-def is_event_stream(answer: UpstreamAnswer) -> bool:
-    """A 200 answer that streams server-sent events."""
-    return answer.status == 200 and "text/event-stream" in answer.headers.get("content-type", "")
-
-
 class CannedAnswer:
     """An answer made of bytes already at hand (a test's fake upstream): `chunks` gives them
     one by one, then raises `fail` if set, as a connection cut midway would."""
