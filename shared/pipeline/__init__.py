@@ -1,7 +1,8 @@
 """The proxy's request path: authenticate, authorize, choose a deployment, forward, meter.
 
 One module per concern: `kinds` (what kind of call it is, and its rules), `bodies` (reading
-requests), `call` (one call's steps, from its arrival to its usage record), `forwarding` (the
+requests), `call` (one call's steps, from its arrival to its usage record), `ledger` (what the
+call reserves and records), `forwarding` (the
 upstream request, tried on the members in order), `relays` (answers passed on as they arrive),
 `streaming` (their meters), `answers` (request ids and errors), `eventinfo`, `models`,
 `responses` (the Responses API and its affinity). The routes in function_app.py use the names
