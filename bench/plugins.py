@@ -106,7 +106,7 @@ def context() -> RequestContext:
 
 
 def screening(plugins: Plugins, question: str = QUESTION) -> Callable[[int], Awaitable[None]]:
-    """The request hook point as Call.run has it: the check, the context, the hooks."""
+    """The request hook point as ProxyCall.parse has it: the check, the context, the hooks."""
 
     async def run(n: int) -> None:
         for _ in range(n):

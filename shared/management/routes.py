@@ -165,20 +165,20 @@ def _query(path: str) -> tuple[Query, ...]:
     return () if path.startswith("openai/v1/") else (API_VERSION,)
 
 
-def on_path(operation: pipeline.Operation, parameter: str = "deployment") -> Handler:
+def on_path(kind: pipeline.CallKind, parameter: str = "deployment") -> Handler:
     """A call whose path names the deployment (or search index)."""
 
     async def handler(request: Request) -> Response:
-        return await pipeline.proxy(request, operation, request.path_params[parameter])
+        return await pipeline.proxy_call(request, kind, request.path_params[parameter])
 
     return handler
 
 
-def on_model(operation: pipeline.Operation) -> Handler:
+def on_model(kind: pipeline.CallKind) -> Handler:
     """A call on an OpenAI v1 path: the deployment is the body's "model"."""
 
     async def handler(request: Request) -> Response:
-        return await pipeline.proxy(request, operation, None)
+        return await pipeline.proxy_call(request, kind, None)
 
     return handler
 

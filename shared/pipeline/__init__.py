@@ -1,30 +1,33 @@
 """The proxy's request path: authenticate, authorize, choose a deployment, forward, meter.
 
-One module per concern: `operations` (what a kind of call is), `bodies` (reading requests),
-`forwarding` (members tried in order, failover), `call` (one call from arrival to its usage
-record), `relays` (streams passed on as they arrive), `streaming` (their meters), `answers`
-(request ids and errors), `eventinfo`, `models`, `responses` (the Responses API and its
-affinity). The routes in function_app.py use the names below.
+One module per concern: `kinds` (what kind of call it is, and its rules), `bodies` (reading
+requests), `call` (one call's steps, from its arrival to its usage record), `ledger` (what the
+call reserves and records), `forwarding` (the
+upstream request, tried on the members in order), `relays` (answers passed on as they arrive),
+`streaming` (their meters), `answers` (request ids and errors), `eventinfo`, `models`,
+`responses` (the Responses API and its affinity). The routes in function_app.py use the names
+below.
 
 May import: everything in shared/ but shared.web and shared.management.
 """
 
 from shared.pipeline.answers import REQUEST_ID_HEADER, error_response, new_request_id
-from shared.pipeline.call import Call, proxy
+from shared.pipeline.call import ProxyCall, proxy_call
 from shared.pipeline.eventinfo import EventInfo, event_info
-from shared.pipeline.models import Model, ModelList, list_models, one_model
-from shared.pipeline.operations import (
+from shared.pipeline.kinds import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,
     EXTENSIONS_CHAT,
     IMAGES,
+    RESPONSES,
     SEARCH,
     SPEECH,
     TRANSCRIPTIONS,
     TRANSLATIONS,
-    Operation,
+    CallKind,
 )
+from shared.pipeline.models import Model, ModelList, list_models, one_model
 from shared.pipeline.responses import by_id as response_by_id
 from shared.pipeline.responses import create as create_response
 
@@ -35,21 +38,22 @@ __all__ = [
     "EXTENSIONS_CHAT",
     "IMAGES",
     "REQUEST_ID_HEADER",
+    "RESPONSES",
     "SEARCH",
     "SPEECH",
     "TRANSCRIPTIONS",
     "TRANSLATIONS",
-    "Call",
+    "CallKind",
     "EventInfo",
     "Model",
     "ModelList",
-    "Operation",
+    "ProxyCall",
     "create_response",
     "error_response",
     "event_info",
     "list_models",
     "new_request_id",
     "one_model",
-    "proxy",
+    "proxy_call",
     "response_by_id",
 ]

@@ -1,4 +1,5 @@
-"""What every answer of the proxy carries: a request id, and errors in the contract's shape."""
+"""What every answer of the proxy carries: a request id, the upstream's headers the caller may
+see, and errors in the contract's shape."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ from starlette.responses import Response
 from shared.errors import ProxyError
 
 REQUEST_ID_HEADER = "x-aiproxy-request-id"
+# Response headers of the upstream that the caller gets to see.
+PASSED_HEADERS = (
+    "content-type",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+)
 
 
 def new_request_id() -> str:

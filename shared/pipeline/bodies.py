@@ -1,4 +1,5 @@
-"""Reading a call's body: within the size limit, and as a JSON object where one is expected."""
+"""Reading a call's body: within the size limit, as a JSON object where one is expected, and
+the deployment it names."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 import orjson
 from starlette.requests import ClientDisconnect, Request
 
+from shared.directory.catalog import valid_deployment_name
 from shared.errors import CallerGone, ProxyError
 
 
@@ -48,3 +50,22 @@ def parse_json_body(body: bytes, content_type: str | None) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise ProxyError("invalid_request", "The request body must be a JSON object.")
     return payload
+
+
+def deployment_named(payload: dict[str, Any], deployment: str | None) -> str:
+    """The deployment the path names, or else the body's `model`."""
+    if deployment is None:
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            raise ProxyError(
+                "invalid_request",
+                "Field 'model' is required: name one of the event's deployments.",
+                param="model",
+            )
+        deployment = model
+    if not valid_deployment_name(deployment):
+        raise ProxyError(
+            "deployment_not_found",
+            "Deployment names hold letters, digits, '.', '_' and '-' (at most 64).",
+        )
+    return deployment

@@ -1,10 +1,15 @@
-"""The call's lifecycle: one proxied request from its arrival to its usage record."""
+"""The call's lifecycle: one proxied request from its arrival to its usage record.
+
+`ProxyCall.run` takes named steps: arrive (who calls, for which event), parse (the body, the
+deployment and its pool, the plugins' screening), limit the stream options, cap, admit (today's
+caps and this minute's limits), rewrite (what goes upstream), dispatch (to the members in
+order) and settle (the answer relayed or read, and the usage recorded). The steps fill in one
+`UpstreamRequest`, which the Responses API's calls (responses.py) share.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -14,58 +19,86 @@ from starlette.responses import Response
 
 from shared.access.entra import EVENT_HEADER
 from shared.access.guard import client_address
-from shared.directory.catalog import Resource, valid_deployment_name
+from shared.directory.catalog import Resource
 from shared.directory.events import Event
 from shared.directory.keys import key_from_headers
 from shared.errors import ProxyError
-from shared.governance import tokens
-from shared.governance.caps import Counter
-from shared.governance.ratelimits import Admission
-from shared.governance.usage import UsageRecord
-from shared.pipeline.answers import REQUEST_ID_HEADER, error_response, new_request_id
-from shared.pipeline.bodies import CallerGone, parse_json_body, read_body
-from shared.pipeline.forwarding import Forwarder
-from shared.pipeline.operations import (
+from shared.pipeline.answers import (
+    PASSED_HEADERS,
+    REQUEST_ID_HEADER,
+    error_response,
+    new_request_id,
+)
+from shared.pipeline.bodies import CallerGone, deployment_named, parse_json_body, read_body
+from shared.pipeline.forwarding import Forwarder, UpstreamRequest
+from shared.pipeline.kinds import (
     SEARCH_API_VERSION,
     TOKEN_CLASSES,
-    Operation,
+    CallKind,
     apply_token_cap,
+    estimated_usage,
     find_pool,
     reasoning_of,
     supports_stream_options,
     units_of,
     usage_numbers,
 )
-from shared.pipeline.relays import relay_bytes, relay_events
-from shared.pipeline.streaming import EventStreamResponse
-from shared.platform import clock, telemetry
+from shared.pipeline.ledger import Ledger
+from shared.pipeline.relays import (
+    STREAM_CUT_EVENT,
+    Meter,
+    StreamTimes,
+    is_event_stream,
+    read_whole,
+    relay,
+)
+from shared.pipeline.streaming import BytesMeter, EventStreamResponse, StreamMeter
+from shared.platform import clock
 from shared.plugins import RequestContext, Screened
 from shared.runtime import Access, Runtime, get_runtime
-from shared.upstreams.client import UpstreamAnswer, UpstreamTimeout, UpstreamUnreachable
+from shared.upstreams.client import UpstreamAnswer
 
 # Never passed upstream: the api-version is set explicitly, and a key or function code put in
 # the query string by mistake must not travel further.
 NOT_FORWARDED_QUERY = frozenset({"api-version", "api-key", "key", "code", "subscription-key"})
 
 
-class Call:
+class ProxyCall:
     """One proxied request, from its arrival to its usage record."""
 
-    metered = True  # calls that use no model (by id) neither take from the caps nor record
-
-    def __init__(self, request: Request, operation: Operation, runtime: Runtime) -> None:
+    def __init__(self, request: Request, kind: CallKind, runtime: Runtime) -> None:
         self.request = request
-        self.operation = operation
+        self.kind = kind
         self.runtime = runtime
         self.request_id = new_request_id()
-        self.started = time.perf_counter()
         self.access: Access | None = None
-        self.counter: Counter | None = None
-        self.worst_case_tokens = 0
-        self.deployment = ""
-        self.admission: Admission | None = None  # its place in the per-minute counts
+        self.upstream = UpstreamRequest()  # filled in by the steps
+        self.ledger = Ledger(runtime, self.request_id, kind.model_class, self.upstream)
+        self.started = self.ledger.started
+        self.pools: dict[str, list[Resource]] = {}  # the event's deployments and their members
 
-    # --- the steps every call takes ------------------------------------------------------------
+    # --- the steps, in order --------------------------------------------------------------------
+
+    async def run(self, deployment: str | None) -> Response:
+        """Chat, completions, embeddings, images, audio and search; `deployment` is the path's,
+        or None where the body's `model` names it."""
+        event = await self.arrive()
+        payload, body = await self.parse(deployment)
+        api_version = self.request.query_params.get("api-version") or (
+            SEARCH_API_VERSION
+            if self.kind.model_class == "azure-ai-search"
+            else self.runtime.settings.default_api_version
+        )
+        stream, hide_usage = self.limit_stream(payload, api_version)
+        capped = self.cap(payload, event.max_token_cap, api_version)
+        limit = payload.get("max_completion_tokens") or payload.get("max_tokens") or 0
+        await self.ledger.admit(event, len(body), limit)
+        self.rewrite(
+            payload, body, api_version, changed=capped or hide_usage,
+            model_in_body=deployment is None,
+        )  # fmt: skip
+        answer = await self.dispatch(stream)
+        return await self.settle(answer, payload, stream, hide_usage)
 
     async def arrive(self) -> Event:
         """Who is calling, for which event; refused outside the event's window."""
@@ -75,231 +108,43 @@ class Call:
             client_address(headers, self.request.client),
             headers.get(EVENT_HEADER),
         )
+        self.ledger.access = self.access
         event = self.access.event
         event.check_open(clock.now())
         return event
 
-    def deployment_of(self, payload: dict[str, Any], deployment: str | None) -> str:
-        """The deployment the path names, or else the body's `model`."""
-        if deployment is None:
-            model = payload.get("model")
-            if not isinstance(model, str) or not model:
-                raise ProxyError(
-                    "invalid_request",
-                    "Field 'model' is required: name one of the event's deployments.",
-                    param="model",
-                )
-            deployment = model
-        if not valid_deployment_name(deployment):
-            raise ProxyError(
-                "deployment_not_found",
-                "Deployment names hold letters, digits, '.', '_' and '-' (at most 64).",
-            )
-        self.deployment = deployment
-        return deployment
-
-    async def screen(self, payload: dict[str, Any]) -> Screened | None:
-        """The plugins' request hooks on the caller's body: None, or the body (and its JSON)
-        to go on with as if the caller had sent it (checked, capped, counted and forwarded).
-        Raises their refusals, and the failures of hooks that are not fail_open, as ProxyError."""
-        assert self.access is not None
-        attendee = self.access.attendee
-        context = RequestContext(
-            request_id=self.request_id,
-            event_id=attendee.event_id,
-            attendee_id=attendee.id,
-            user=attendee.user,
-            operation=self.operation.path,
-            model_class=self.operation.model_class,
-            deployment=self.deployment,
-        )
-        return await self.runtime.plugins.screen(context, payload)
-
-    async def admit(self, event: Event, body: bytes, limit: Any, members: list[Resource]) -> None:
-        """Take one request from today's cap and this minute's limits (and the pool's fair
-        share near its quota), reserving the call's worst case in tokens."""
-        assert self.access is not None
-        if event.daily_token_cap or self.operation.model_class in TOKEN_CLASSES:
-            # A cheap worst case (about 4 bytes a token): no tokenizer on the request path.
-            self.worst_case_tokens = len(body) // 4 + (limit if isinstance(limit, int) else 0)
-        self.counter = await self.runtime.caps.admit(
-            event, self.access.attendee.id, clock.now(), self.worst_case_tokens
-        )
-        self.admission = self.runtime.limits.admit(
-            event, self.access.attendee.id, self.counter, self.deployment, members,
-            self.worst_case_tokens,
-        )  # fmt: skip
-
-    async def forward(
-        self,
-        event: Event,
-        members: list[Resource],
-        url_of: Callable[[Resource], str],
-        body: bytes,
-        content_type: str | None = None,
-        *,
-        body_of: Callable[[Resource], bytes] | None = None,
-        method: str = "POST",
-        streamed: bool = False,
-    ) -> tuple[Resource, UpstreamAnswer]:
-        """The first member's answer that is not a failure; failures are recorded."""
-        try:
-            return await Forwarder(self.runtime).send(
-                event.id, self.deployment, members, url_of, body, content_type,
-                body_of=body_of, method=method,
-            )  # fmt: skip
-        except ProxyError as error:
-            if error.code == "no_capacity" and self.admission is not None:
-                self.admission.cancel()  # nothing reached a deployment: it uses no quota
-                self.admission = None
-            if self.metered and error.code in ("upstream_error", "upstream_timeout", "no_capacity"):
-                self.record_failure(None, error.status, error.code, streamed=streamed)
-            raise
-
-    def upstream_query(self, api_version: str | None) -> str:
-        """The caller's query string without secrets, with this api-version (None: without)."""
-        params = [
-            (k, v)
-            for k, v in self.request.query_params.multi_items()
-            if k.lower() not in NOT_FORWARDED_QUERY
-        ]
-        if api_version:
-            params.append(("api-version", api_version))
-        return urlencode(params)
-
-    async def read_answer(self, resource: Resource, answer: UpstreamAnswer, stream: bool) -> bytes:
-        """The whole upstream answer, within what is left of the call's time."""
-        remaining = (
-            self.started + self.runtime.settings.upstream_total_timeout - time.perf_counter()
-        )
-        try:
-            async with asyncio.timeout(max(remaining, 0.001)):
-                return await answer.read()
-        except (UpstreamTimeout, UpstreamUnreachable, TimeoutError) as exc:
-            if self.metered:
-                self.record_failure(resource, 502, "upstream_error", streamed=stream)
-            timed_out = isinstance(exc, UpstreamTimeout | TimeoutError)
-            code = "upstream_timeout" if timed_out else "upstream_error"
-            raise ProxyError(code, "The deployment stopped answering midway. Retry.") from exc
-
-    def answer_headers(self, answer: UpstreamAnswer) -> dict[str, str]:
-        return {**answer.passed_headers(), REQUEST_ID_HEADER: self.request_id}
-
-    # --- records ---------------------------------------------------------------------------
-
-    def release(self) -> None:
-        """Give back a token reservation no record will settle (the call failed before)."""
-        if self.admission is not None:
-            self.admission.cancel()
-            self.admission = None
-        if self.counter is not None:
-            self.runtime.caps.settle(self.counter, self.worst_case_tokens, 0)
-            self.counter = None
-
-    def record_failure(
-        self, resource: Resource | None, status: int, outcome: str, *, streamed: bool
-    ) -> None:
-        """A call that used no tokens: the upstream failed or never answered."""
-        self.record(
-            resource, status, (0, 0, 0), streamed=streamed, estimated=False, outcome=outcome
-        )
-
-    def record(
-        self,
-        resource: Resource | None,
-        status: int,
-        usage: tuple[int, int, int],
-        *,
-        streamed: bool,
-        estimated: bool,
-        outcome: str,
-        units: int = 0,
-        reasoning: int = 0,
-        charge: int | None = None,
-    ) -> None:
-        """The call's usage record; its tokens (or `charge`) count against today's cap."""
-        assert self.access is not None
-        if self.counter is not None:
-            charged = usage[2] if charge is None else charge
-            self.runtime.caps.settle(self.counter, self.worst_case_tokens, charged)
-            self.counter = None  # settled once
-        if self.admission is not None:
-            self.admission.settle(usage[2] if charge is None else charge)
-            self.admission = None
-        event = self.access.event
-        now = clock.now()
-        latency_ms = (time.perf_counter() - self.started) * 1000
-        telemetry.call_finished(
-            {
-                "request_id": self.request_id,
-                "event_id": event.id,
-                "attendee_id": self.access.attendee.id,
-                "deployment": self.deployment,
-                "resource_id": resource.id if resource else "",
-                "status": status,
-                "outcome": outcome,
-                "streamed": streamed,
-                "prompt_tokens": usage[0],
-                "completion_tokens": usage[1],
-                "latency_ms": round(latency_ms, 1),
-            }
-        )
-        self.runtime.usage.append(
-            UsageRecord(
-                event_id=event.id,
-                attendee_id=self.access.attendee.id,
-                deployment=self.deployment,
-                resource_id=resource.id if resource else "",
-                model_class=self.operation.model_class,
-                status=status,
-                prompt_tokens=usage[0],
-                completion_tokens=usage[1],
-                total_tokens=usage[2],
-                streamed=streamed,
-                estimated=estimated,
-                latency_ms=latency_ms,
-                time=now,
-                local_date=event.local_date(now),
-                request_id=self.request_id,
-                outcome=outcome,
-                units=units,
-                reasoning_tokens=reasoning,
-            )
-        )
-
-    # --- chat, completions, embeddings, images, audio, search ---------------------------------
-
-    async def run(self, deployment: str | None) -> Response:
-        request = self.request
-        event = await self.arrive()
-        body = await read_body(request, self.runtime.settings.max_body_bytes)
-        operation = self.operation
-        content_type = request.headers.get("content-type")
-        from_body = deployment is None
-        if operation.multipart:
+    async def parse(self, deployment: str | None) -> tuple[dict[str, Any], bytes]:
+        """The body (a JSON object, or an upload's `model` field), the deployment it goes to
+        and that deployment's pool, then the plugins' screening: the payload and body to go on
+        with as if the caller had sent them."""
+        body = await read_body(self.request, self.runtime.settings.max_body_bytes)
+        content_type = self.request.headers.get("content-type")
+        if self.kind.multipart:
             if not content_type or not content_type.lower().startswith("multipart/form-data"):
                 raise ProxyError(
                     "invalid_request",
                     "Send the audio file as multipart/form-data with a 'file' field.",
                 )
             payload: dict[str, Any] = {}
-            if from_body:
+            if deployment is None:
                 payload["model"] = form_field(body, content_type, "model")
+            self.upstream.content_type = content_type
         else:
             payload = parse_json_body(body, content_type)
-            content_type = None
-        deployment = self.deployment_of(payload, deployment)
-        members = find_pool(await self.runtime.pools(event.id), deployment, operation.model_class)
+        upstream = self.upstream
+        upstream.deployment = deployment_named(payload, deployment)
+        assert self.access is not None
+        self.pools = await self.runtime.pools(self.access.event.id)
+        upstream.members = find_pool(self.pools, upstream.deployment, self.kind.model_class)
         if self.runtime.plugins.requests:
             screened = await self.screen(payload)
-            if screened is not None and not operation.multipart:  # uploads go as they came
+            if screened is not None and not self.kind.multipart:  # uploads go as they came
                 payload, body = screened
-        default_version = (
-            SEARCH_API_VERSION
-            if operation.model_class == "azure-ai-search"
-            else self.runtime.settings.default_api_version
-        )
-        api_version = request.query_params.get("api-version") or default_version
+        return payload, body
+
+    def limit_stream(self, payload: dict[str, Any], api_version: str) -> tuple[bool, bool]:
+        """Whether the call streams, and whether usage was asked for on the caller's behalf
+        (to meter the stream: then it is hidden from the caller again)."""
         stream_value = payload.get("stream")
         if stream_value is not None and not isinstance(stream_value, bool):
             raise ProxyError(
@@ -312,93 +157,171 @@ class Call:
                 "Field 'stream_options' must be an object such as {\"include_usage\": true}.",
                 param="stream_options",
             )
-        stream = operation.streams and stream_value is True
-        hide_usage = False
-        changed = False
-        if operation.token_capped:
-            # max_completion_tokens came with the same api-versions as stream_options; the
-            # reasoning models refuse max_tokens.
-            limit_field = (
-                "max_completion_tokens"
-                if operation.model_class == "openai-chat" and supports_stream_options(api_version)
-                else "max_tokens"
-            )
-            changed = apply_token_cap(payload, event.max_token_cap, limit_field)
-        limit = payload.get("max_completion_tokens") or payload.get("max_tokens") or 0
-        await self.admit(event, body, limit, members)
-        if stream:
-            asked = isinstance(options, dict) and options.get("include_usage") is True
-            if not asked and supports_stream_options(api_version):
-                payload["stream_options"] = {**(options or {}), "include_usage": True}
-                hide_usage = changed = True
-        if from_body and not (operation.multipart or operation.binary):
-            # The v1 route: the deployment is in the upstream path instead (a plugin may have
-            # dropped the field already).
+        if not (self.kind.streams and stream_value is True):
+            return False, False
+        asked = isinstance(options, dict) and options.get("include_usage") is True
+        if asked or not supports_stream_options(api_version):
+            return True, False
+        payload["stream_options"] = {**(options or {}), "include_usage": True}
+        return True, True
+
+    def cap(self, payload: dict[str, Any], cap: int, api_version: str) -> bool:
+        """The event's cap on the tokens the call may ask for; True if the payload changed."""
+        if not self.kind.token_capped:
+            return False
+        # max_completion_tokens came with the same api-versions as stream_options; the
+        # reasoning models refuse max_tokens.
+        limit_field = (
+            "max_completion_tokens"
+            if self.kind.model_class == "openai-chat" and supports_stream_options(api_version)
+            else "max_tokens"
+        )
+        return apply_token_cap(payload, cap, limit_field)
+
+    def rewrite(
+        self, payload: dict[str, Any], body: bytes, api_version: str, *, changed: bool,
+        model_in_body: bool,
+    ) -> None:  # fmt: skip
+        """What goes upstream: the kind's path and the caller's query, and the body as it came
+        unless the steps changed it."""
+        kind, upstream = self.kind, self.upstream
+        if model_in_body and not (kind.multipart or kind.binary):
+            # The v1 routes: the deployment goes in the upstream path instead (a plugin may
+            # have dropped the field already).
             payload.pop("model", None)
             changed = True
-        upstream_body = orjson.dumps(payload) if changed else body
-        query = self.upstream_query(api_version)
+        upstream.path = kind.upstream_path
+        upstream.query = self.upstream_query(api_version)
+        upstream.body = orjson.dumps(payload) if changed else body
 
-        def url_of(resource: Resource) -> str:
-            return operation.upstream_url(resource, query)
+    async def dispatch(self, streamed: bool) -> UpstreamAnswer:
+        """The first member's answer that is not a failure; failures are recorded."""
+        assert self.access is not None
+        try:
+            return await Forwarder(self.runtime).send(self.access.event.id, self.upstream)
+        except ProxyError as error:
+            if error.code == "no_capacity":
+                self.ledger.unsent()
+            if error.code in ("upstream_error", "upstream_timeout", "no_capacity"):
+                self.ledger.record_failure(error.status, error.code, streamed=streamed)
+            raise
 
-        resource, answer = await self.forward(
-            event, members, url_of, upstream_body, content_type, streamed=stream
-        )
-        response_headers = self.answer_headers(answer)
-        content_kind = answer.headers.get("content-type", "")
-        if stream and answer.status == 200 and "text/event-stream" in content_kind:
-            return EventStreamResponse(
-                relay_events(self, resource, answer, payload, hide_usage),
-                status_code=200,
-                headers=response_headers,
-                media_type="text/event-stream",
-            )
-        if operation.binary and answer.status == 200:
-            units = len(payload["input"]) if isinstance(payload.get("input"), str) else 0
-            return EventStreamResponse(
-                relay_bytes(self, resource, answer, units),
-                status_code=200,
-                headers=response_headers,
-            )
-        return await self._finish(resource, answer, payload, response_headers, stream)
-
-    async def _finish(
-        self,
-        resource: Resource,
-        answer: UpstreamAnswer,
-        payload: dict[str, Any],
-        headers: dict[str, str],
-        stream: bool,
+    async def settle(
+        self, answer: UpstreamAnswer, payload: dict[str, Any], stream: bool, hide_usage: bool
     ) -> Response:
-        content = await self.read_answer(resource, answer, stream)
+        """The answer to the caller, relayed as it arrives or read whole; the usage recorded."""
+        if stream and is_event_stream(answer):
+            meter = StreamMeter(hide_usage=hide_usage)
+
+            def finish(outcome: str) -> None:
+                usage = meter.usage
+                self.ledger.record_end(
+                    outcome,
+                    usage_numbers(usage)
+                    if usage is not None
+                    else estimated_usage(payload, meter.estimate_completion_tokens()),
+                    estimated=usage is None,
+                    reasoning=reasoning_of(usage),
+                )
+
+            return self.relayed(answer, meter, finish, STREAM_CUT_EVENT)
+        if self.kind.binary and answer.status == 200:
+            # Speech counts the characters it was asked to say.
+            said = payload.get("input")
+            units = len(said) if isinstance(said, str) else 0
+            return self.relayed(
+                answer, BytesMeter(), lambda outcome: self.ledger.record_end(outcome, units=units)
+            )
+        content = await self.read_answer(answer, stream)
         parsed: Any = None
         json_answer = "json" in answer.headers.get("content-type", "")
-        if answer.status == 200 and (json_answer or not self.operation.multipart):
+        if answer.status == 200 and (json_answer or not self.kind.multipart):
             try:
                 parsed = orjson.loads(content)
             except orjson.JSONDecodeError:
-                self.record_failure(resource, 502, "upstream_error", streamed=stream)
+                self.ledger.record_failure(502, "upstream_error", streamed=stream)
                 raise ProxyError(
                     "upstream_error", "The deployment answered with something that is not JSON."
                 ) from None
         usage = parsed.get("usage") if isinstance(parsed, dict) else None
         numbers, estimated = usage_numbers(usage), False
-        if answer.status == 200 and not usage and self.operation.model_class in TOKEN_CLASSES:
-            prompt = tokens.prompt_tokens(payload)
-            numbers, estimated = (prompt, 0, prompt), True
-        outcome = "ok" if answer.status < 400 else "upstream_status"
-        self.record(
-            resource,
+        if answer.status == 200 and not usage and self.kind.model_class in TOKEN_CLASSES:
+            numbers, estimated = estimated_usage(payload), True
+        self.ledger.record(
             answer.status,
             numbers,
             streamed=stream,
             estimated=estimated,
-            outcome=outcome,
-            units=units_of(self.operation, parsed) if answer.status == 200 else 0,
+            outcome="ok" if answer.status < 400 else "upstream_status",
+            units=units_of(self.kind, parsed) if answer.status == 200 else 0,
             reasoning=reasoning_of(usage),
         )
-        return Response(content, answer.status, headers)
+        return Response(content, answer.status, self.answer_headers(answer))
+
+    # --- what the steps use -------------------------------------------------------------------
+
+    async def screen(self, payload: dict[str, Any]) -> Screened | None:
+        """The plugins' request hooks on the caller's body: None, or the body (and its JSON)
+        to go on with as if the caller had sent it (checked, capped, counted and forwarded).
+        Raises their refusals, and the failures of hooks that are not fail_open, as ProxyError."""
+        assert self.access is not None
+        attendee = self.access.attendee
+        context = RequestContext(
+            request_id=self.request_id,
+            event_id=attendee.event_id,
+            attendee_id=attendee.id,
+            user=attendee.user,
+            operation=self.kind.path,
+            model_class=self.kind.model_class,
+            deployment=self.upstream.deployment,
+        )
+        return await self.runtime.plugins.screen(context, payload)
+
+    def upstream_query(self, api_version: str | None) -> str:
+        """The caller's query string without secrets, with this api-version (None: without)."""
+        params = [
+            (k, v)
+            for k, v in self.request.query_params.multi_items()
+            if k.lower() not in NOT_FORWARDED_QUERY
+        ]
+        if api_version:
+            params.append(("api-version", api_version))
+        return urlencode(params)
+
+    async def read_answer(self, answer: UpstreamAnswer, stream: bool) -> bytes:
+        """The whole upstream answer, within what is left of the call's time."""
+        deadline = self.started + self.runtime.settings.upstream_total_timeout
+        try:
+            return await read_whole(answer, deadline)
+        except ProxyError:
+            self.ledger.record_failure(502, "upstream_error", streamed=stream)
+            raise
+
+    def answer_headers(self, answer: UpstreamAnswer) -> dict[str, str]:
+        """The upstream's headers the caller may see, and the call's request id."""
+        headers = {name: answer.headers[name] for name in PASSED_HEADERS if name in answer.headers}
+        headers[REQUEST_ID_HEADER] = self.request_id
+        return headers
+
+    def relayed(
+        self,
+        answer: UpstreamAnswer,
+        meter: Meter,
+        finish: Callable[[str], None],
+        cut_event: bytes = b"",
+    ) -> Response:
+        """The answer passed on as it arrives; `finish(outcome)` records the call at its end."""
+        settings = self.runtime.settings
+        total = settings.upstream_total_timeout
+        times = StreamTimes(self.started + total, total, settings.stream_idle_timeout)
+        events = relay(
+            answer, meter, times, finish, cut_event=cut_event, request_id=self.request_id
+        )
+        # Event streams end with an error event when cut; binary answers keep their own type.
+        media_type = "text/event-stream" if cut_event else None
+        return EventStreamResponse(
+            events, status_code=200, headers=self.answer_headers(answer), media_type=media_type
+        )
 
 
 def form_field(body: bytes, content_type: str, name: str) -> str:
@@ -414,28 +337,24 @@ def form_field(body: bytes, content_type: str, name: str) -> str:
     return ""
 
 
-async def answer_call(call: Call, run: Callable[[], Any]) -> Response:
+async def answer_call(call: ProxyCall, run: Callable[[], Awaitable[Response]]) -> Response:
     """Run a call, answering its refusals in the contract's shape and releasing what it held."""
     try:
         return await run()
     except ProxyError as error:
-        call.release()
-        telemetry.refused(error.code, call.request_id, call.access.event.id if call.access else "")
-        if error.status == 429 and call.access is not None:  # for the organiser's reports
-            access = call.access
-            call.runtime.caps.count_refusal(
-                access.event, access.attendee.id, clock.now(), error.reason
-            )
+        call.ledger.release()
+        call.ledger.refused(error)
         return error_response(error, call.request_id)
     except CallerGone:
-        call.release()
+        call.ledger.release()
         return Response(status_code=499)  # never read: the connection is gone
     except BaseException:
-        call.release()
+        call.ledger.release()
         raise
 
 
-async def proxy(request: Request, operation: Operation, deployment: str | None) -> Response:
-    """Entry point of every OpenAI-style proxy route that names a deployment."""
-    call = Call(request, operation, get_runtime())
+async def proxy_call(request: Request, kind: CallKind, deployment: str | None) -> Response:
+    """Entry point of every OpenAI-style proxy route that names a deployment (in its path, or
+    None: in the body's `model`)."""
+    call = ProxyCall(request, kind, get_runtime())
     return await answer_call(call, lambda: call.run(deployment))

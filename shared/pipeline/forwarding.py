@@ -1,15 +1,18 @@
-"""Forwarding and failover: one request tried on the members of a pool in order."""
+"""Forwarding and failover: one upstream request tried on the members of a pool in order."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
+import orjson
 from opentelemetry.trace import SpanKind
 
 from shared.directory.catalog import Resource
 from shared.directory.endpoints import EndpointPolicy, endpoint_problem
 from shared.errors import ProxyError
+from shared.pipeline.kinds import DEPLOYMENT
 from shared.platform import telemetry
 from shared.platform.identity import scope_for, upstream_token
 from shared.runtime import Runtime
@@ -20,6 +23,33 @@ log = logging.getLogger(__name__)
 
 _RETRYABLE = frozenset({408, 429, 500, 502, 503, 504})
 _REFUSED_LOGGED: set[tuple[str, str]] = set()  # (resource, endpoint) logged as refused
+
+
+@dataclass
+class UpstreamRequest:
+    """What one call sends to a deployment, whatever its kind (chat, embeddings, speech, the
+    Responses API, …): filled in by the call's steps, then tried on the members in order."""
+
+    deployment: str = ""  # the event's name for it, as the caller named it
+    members: list[Resource] = field(default_factory=list)  # the pool it may go to
+    path: str = ""  # after a member's endpoint; DEPLOYMENT stands for the member's deployment
+    query: str = ""
+    method: str = "POST"
+    content_type: str | None = None  # None: application/json
+    body: bytes = b""
+    # Set when each member's body names its own deployment in `model` (the Responses API).
+    payload: dict[str, Any] | None = None
+    member: Resource | None = None  # the member that answered
+
+    def url(self, resource: Resource) -> str:
+        path = self.path.replace(DEPLOYMENT, resource.upstream_deployment)
+        return f"{resource.endpoint}/{path}?{self.query}"
+
+    def body_for(self, resource: Resource) -> bytes:
+        if self.payload is None:
+            return self.body
+        self.payload["model"] = resource.upstream_deployment
+        return orjson.dumps(self.payload)
 
 
 class Forwarder:
@@ -57,21 +87,11 @@ class Forwarder:
             headers["api-key"] = key
         return headers
 
-    async def send(
-        self,
-        event_id: str,
-        deployment: str,
-        members: list[Resource],
-        url_of: Callable[[Resource], str],
-        body: bytes,
-        content_type: str | None = None,
-        *,
-        body_of: Callable[[Resource], bytes] | None = None,
-        method: str = "POST",
-    ) -> tuple[Resource, UpstreamAnswer]:
-        """`body_of`, when given, makes each member's body (one that names its deployment)."""
+    async def send(self, event_id: str, request: UpstreamRequest) -> UpstreamAnswer:
+        """The first answer of a member that is not a failure; `request.member` is who gave it."""
+        deployment = request.deployment
         balancer = self.runtime.balancer
-        members = self.callable(members)
+        members = self.callable(request.members)
         ordered = balancer.order(f"{event_id}|{deployment}", members)
         if not ordered:
             raise no_capacity(balancer.soonest(members))
@@ -89,19 +109,14 @@ class Forwarder:
                     "aiproxy.attempt": len(failures) + 1,
                 },
             ) as span:
-                failure, answer = await self._attempt(
-                    resource,
-                    method,
-                    url_of(resource),
-                    body if body_of is None else body_of(resource),
-                    content_type,
-                )
+                failure, answer = await self._attempt(resource, request)
                 if answer is not None:
                     span.set_attribute("http.response.status_code", answer.status)
                 if failure:
                     span.set_attribute("aiproxy.failure", failure)
             if failure is None and answer is not None:
-                return resource, answer
+                request.member = resource
+                return answer
             failures.append(failure or "error")
         if all(f == "throttled" for f in failures):
             raise no_capacity(balancer.soonest(members))
@@ -140,16 +155,18 @@ class Forwarder:
         return allowed
 
     async def _attempt(
-        self, resource: Resource, method: str, url: str, body: bytes, content_type: str | None
+        self, resource: Resource, request: UpstreamRequest
     ) -> tuple[str | None, UpstreamAnswer | None]:
         """One try at one member: (None, answer) or (why it failed, answer if any)."""
         balancer = self.runtime.balancer
         headers = await self.headers(resource)
-        if content_type:
-            headers["content-type"] = content_type
+        if request.content_type:
+            headers["content-type"] = request.content_type
         self.runtime.limits.sending(resource)
         try:
-            answer = await self.runtime.upstream.send(method, url, headers, body)
+            answer = await self.runtime.upstream.send(
+                request.method, request.url(resource), headers, request.body_for(resource)
+            )
         except UpstreamTimeout:
             balancer.cool(resource.id, DEFAULT_COOLDOWN_SECONDS)
             return "timeout", None

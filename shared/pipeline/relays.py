@@ -1,4 +1,10 @@
-"""Stream relays: an upstream's event stream passed on as it arrives, metered on the way."""
+"""Reading upstream answers within their time: read whole, or relayed as they arrive.
+
+A relay knows nothing of the call it serves: it gets the upstream answer, a meter (what to
+pass on and what it counted), the times it may take, and a `finish(outcome)` callback that
+records the call once the stream ended: "ok", "cut" (by the upstream: it stalled, failed, ran
+too long or closed early) or "client_gone".
+"""
 
 from __future__ import annotations
 
@@ -6,183 +12,106 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Protocol
 
-import aiohttp
 import orjson
 
-from shared.directory.catalog import Resource
 from shared.errors import ProxyError
-from shared.governance import tokens
-from shared.pipeline.operations import reasoning_of, usage_numbers
-from shared.pipeline.streaming import ResponseStreamMeter, StreamMeter
-from shared.upstreams.client import UpstreamAnswer
-
-if TYPE_CHECKING:
-    from shared.pipeline.call import Call
+from shared.upstreams.client import UpstreamAnswer, UpstreamTimeout, UpstreamUnreachable
 
 log = logging.getLogger(__name__)
-
-
-class StreamCut(Exception):
-    """The upstream stream ended before its [DONE] marker."""
-
 
 _CUT = "The deployment cut the stream before it finished; the answer is incomplete. Retry."
 
 
-def stream_error_event() -> bytes:
+class Meter(Protocol):
+    """What a relay passes its chunks through (shared/pipeline/streaming.py)."""
+
+    done: bool  # the stream's last event came: an end before it is a cut
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def rest(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class StreamTimes:
+    """How long a relay may take: until `deadline` (a time.perf_counter() instant, `total`
+    seconds after the call began) and `idle` seconds at most between two chunks."""
+
+    deadline: float
+    total: float
+    idle: float
+
+
+def is_event_stream(answer: UpstreamAnswer) -> bool:
+    """A 200 answer that streams server-sent events."""
+    return answer.status == 200 and "text/event-stream" in answer.headers.get("content-type", "")
+
+
+async def read_whole(answer: UpstreamAnswer, deadline: float) -> bytes:
+    """The whole answer by `deadline` (a time.perf_counter() instant); upstream_timeout or
+    upstream_error when it stops midway."""
+    try:
+        async with asyncio.timeout(max(deadline - time.perf_counter(), 0.001)):
+            return await answer.read()
+    except (UpstreamTimeout, UpstreamUnreachable, TimeoutError) as exc:
+        timed_out = isinstance(exc, UpstreamTimeout | TimeoutError)
+        code = "upstream_timeout" if timed_out else "upstream_error"
+        raise ProxyError(code, "The deployment stopped answering midway. Retry.") from exc
+
+
+class StreamCut(Exception):
+    """The upstream stream ended before its end: it stalled, failed, ran too long or closed."""
+
+
+def _stream_error_event() -> bytes:
     error = ProxyError("upstream_error", _CUT)
     return b"data: " + error.body() + b"\n\n"
 
 
-def response_error_event() -> bytes:
-    """A Responses stream's error event; its `error` object makes the SDKs raise APIError."""
+def _response_error_event() -> bytes:
     error = ProxyError("upstream_error", _CUT)
     event = {"type": "error", "code": error.code, "message": _CUT, "param": None}
     event["error"] = orjson.loads(error.body())["error"]
     return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
 
 
-async def _chunks(call: Call, answer: UpstreamAnswer) -> AsyncIterator[bytes]:
-    """The upstream's body as it arrives, within the idle and total timeouts.
-
-    Raises StreamCut when the upstream stalls, fails or runs too long; what it sent before a
-    failure comes first.
-    """
-    settings = call.runtime.settings
-    deadline = call.started + settings.upstream_total_timeout
-    content = answer.response.content
-    while True:
-        # Azure ends HTTP responses at 230 s: stop cleanly before the platform does.
-        remaining = deadline - time.perf_counter()
-        if remaining <= 0:
-            raise StreamCut(f"the stream ran longer than {settings.upstream_total_timeout}s")
-        try:
-            # A timeout scope, not wait_for: no task per chunk.
-            async with asyncio.timeout(min(settings.stream_idle_timeout, remaining)):
-                chunk = await content.readany()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            rest = answer.received_before_failure()
-            if rest:
-                yield rest
-            raise StreamCut(str(exc) or type(exc).__name__) from exc
-        if not chunk:
-            return
-        yield chunk
+# The last event of a stream the upstream cut: a chat or completions stream's, and a Responses
+# stream's (its `error` object makes the SDKs raise APIError).
+STREAM_CUT_EVENT = _stream_error_event()
+RESPONSE_CUT_EVENT = _response_error_event()
 
 
-async def relay_events(
-    call: Call,
-    resource: Resource,
+async def relay(
     answer: UpstreamAnswer,
-    payload: dict[str, Any],
-    hide_usage: bool,
+    meter: Meter,
+    times: StreamTimes,
+    finish: Callable[[str], None],
+    *,
+    cut_event: bytes = b"",
+    request_id: str = "",
 ) -> AsyncIterator[bytes]:
-    """A chat or completions stream, chunk by chunk; the call is recorded when it ends."""
-    meter = StreamMeter(hide_usage=hide_usage)
+    """The answer's body through `meter`, chunk by chunk; `cut_event` ends a stream the upstream
+    cut (binary answers have none: the client sees a short body). The answer is closed and
+    `finish(outcome)` called however the relay ends."""
     outcome = "ok"
-    settings = call.runtime.settings
-    deadline = call.started + settings.upstream_total_timeout
-    content = answer.response.content
+    chunks = answer.chunks()
     try:
         while True:
             # Azure ends HTTP responses at 230 s: stop cleanly before the platform does.
-            remaining = deadline - time.perf_counter()
+            remaining = times.deadline - time.perf_counter()
             if remaining <= 0:
-                outcome = "cut"
-                raise StreamCut(f"the stream ran longer than {settings.upstream_total_timeout}s")
+                raise StreamCut(f"the stream ran longer than {times.total}s")
             try:
                 # A timeout scope, not wait_for: no task per chunk.
-                async with asyncio.timeout(min(settings.stream_idle_timeout, remaining)):
-                    chunk = await content.readany()
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                outcome = "cut"
-                out = meter.feed(answer.received_before_failure())
-                if out:
-                    yield out
-                raise StreamCut(str(exc) or type(exc).__name__) from exc
-            if not chunk:
+                async with asyncio.timeout(min(times.idle, remaining)):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
                 break
-            out = meter.feed(chunk)
-            if out:
-                yield out
-        rest = meter.rest()
-        if rest:
-            yield rest
-        if not meter.done:
-            outcome = "cut"
-            raise StreamCut("the upstream closed the stream before [DONE]")
-    except StreamCut as exc:
-        log.warning("stream %s cut by upstream: %s", call.request_id, exc)
-        yield stream_error_event()
-    except (asyncio.CancelledError, GeneratorExit):
-        outcome = "client_gone"
-        raise
-    finally:
-        answer.close()
-        estimated = meter.usage is None
-        if estimated:
-            prompt = tokens.prompt_tokens(payload)
-            completion = meter.estimate_completion_tokens()
-            numbers = (prompt, completion, prompt + completion)
-        else:
-            numbers = usage_numbers(meter.usage)
-        status = 200 if outcome == "ok" else 502 if outcome == "cut" else 499
-        reasoning = reasoning_of(meter.usage)
-        call.record(
-            resource,
-            status,
-            numbers,
-            streamed=True,
-            estimated=estimated,
-            outcome=outcome,
-            reasoning=reasoning,
-        )
-
-
-async def relay_bytes(
-    call: Call, resource: Resource, answer: UpstreamAnswer, units: int
-) -> AsyncIterator[bytes]:
-    """A binary answer (speech) as it arrives; the call is recorded with its units when it ends."""
-    outcome = "ok"
-    try:
-        async for chunk in _chunks(call, answer):
-            yield chunk
-    except StreamCut as exc:
-        # The bytes already sent cannot be taken back; the client sees a short body.
-        outcome = "cut"
-        log.warning("answer %s cut by upstream: %s", call.request_id, exc)
-    except (asyncio.CancelledError, GeneratorExit):
-        outcome = "client_gone"
-        raise
-    finally:
-        answer.close()
-        status = 200 if outcome == "ok" else 502 if outcome == "cut" else 499
-        call.record(
-            resource,
-            status,
-            (0, 0, 0),
-            streamed=True,
-            estimated=False,
-            outcome=outcome,
-            units=units,
-        )
-
-
-async def relay_response_events(
-    call: Call,
-    resource: Resource,
-    answer: UpstreamAnswer,
-    rewrite: Callable[[dict[str, Any]], None],
-    finish: Callable[[ResponseStreamMeter, str], None],
-) -> AsyncIterator[bytes]:
-    """A Responses stream, event by event, its ids rewritten; `finish(meter, outcome)` records
-    the call when it ends (ok, cut or client_gone)."""
-    meter = ResponseStreamMeter(rewrite)
-    outcome = "ok"
-    try:
-        async for chunk in _chunks(call, answer):
+            except (TimeoutError, UpstreamTimeout, UpstreamUnreachable) as exc:
+                raise StreamCut(str(exc) or type(exc).__name__) from exc
             out = meter.feed(chunk)
             if out:
                 yield out
@@ -193,11 +122,12 @@ async def relay_response_events(
             raise StreamCut("the upstream closed the stream before its last event")
     except StreamCut as exc:
         outcome = "cut"
-        log.warning("stream %s cut by upstream: %s", call.request_id, exc)
-        yield response_error_event()
+        log.warning("stream %s cut by upstream: %s", request_id, exc)
+        if cut_event:
+            yield cut_event
     except (asyncio.CancelledError, GeneratorExit):
         outcome = "client_gone"
         raise
     finally:
         answer.close()
-        finish(meter, outcome)
+        finish(outcome)

@@ -14,10 +14,8 @@ tokens (see `record_background_result`).
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -27,18 +25,15 @@ from starlette.responses import Response
 from shared.directory.catalog import Resource
 from shared.errors import ProxyError
 from shared.governance import tokens
-from shared.governance.usage import UsageRecord
-from shared.pipeline.bodies import parse_json_body, read_body
-from shared.pipeline.call import Call, answer_call
-from shared.pipeline.operations import Operation, apply_token_cap, find_pool, reasoning_of
-from shared.pipeline.relays import relay_response_events
-from shared.pipeline.streaming import EventStreamResponse, ResponseStreamMeter
-from shared.platform import clock
+from shared.pipeline.bodies import read_body
+from shared.pipeline.call import ProxyCall, answer_call
+from shared.pipeline.kinds import RESPONSES, apply_token_cap, reasoning_of
+from shared.pipeline.relays import RESPONSE_CUT_EVENT, is_event_stream
+from shared.pipeline.streaming import ResponseStreamMeter
 from shared.runtime import Runtime, get_runtime
 from shared.upstreams.affinity import Sealed
 from shared.upstreams.client import UpstreamAnswer
 
-RESPONSES = Operation("openai-chat", "responses", streams=True, token_capped=True)
 # For an AzureOpenAI-style call that names none (the SDK always does).
 RESPONSES_API_VERSION = "2025-04-01-preview"
 FINISHED = frozenset({"completed", "incomplete", "failed", "cancelled"})
@@ -55,15 +50,18 @@ def _not_found(response_id: str) -> ProxyError:
     )
 
 
-class ResponsesCall(Call):
+class ResponsesCall(ProxyCall):
     """One Responses API call, on the AzureOpenAI path (`openai/responses?api-version=`) or the
     OpenAI v1 path (`openai/v1/responses`); the upstream is called the same way."""
 
     def __init__(self, request: Request, runtime: Runtime, v1: bool) -> None:
         super().__init__(request, RESPONSES, runtime)
-        self.v1 = v1
         version = request.query_params.get("api-version")
-        self.query = self.upstream_query(version if v1 else version or RESPONSES_API_VERSION)
+        self.upstream.path = "openai/v1/responses" if v1 else "openai/responses"
+        self.upstream.query = self.upstream_query(
+            version if v1 else version or RESPONSES_API_VERSION
+        )
+        self.pinned = False  # only the member that holds a stored response can serve the call
         self.shown: dict[str, str] = {}  # upstream ids named in the request -> the caller's ids
 
     # --- ids --------------------------------------------------------------------------------
@@ -115,15 +113,11 @@ class ResponsesCall(Call):
             content = content.replace(upstream.encode(), shown.encode())
         return content
 
-    def url(self, resource: Resource, tail: str = "") -> str:
-        path = "openai/v1/responses" if self.v1 else "openai/responses"
-        return f"{resource.endpoint}/{path}{tail}?{self.query}"
-
     # --- which member ---------------------------------------------------------------------------
 
-    def holder(self, pools: dict[str, list[Resource]], resource_id: str, what: str) -> Resource:
+    def holder(self, resource_id: str, what: str) -> Resource:
         """The catalog's resource a sealed id names (404 once it left the catalog)."""
-        for members in pools.values():
+        for members in self.pools.values():
             for member in members:
                 if member.id == resource_id and member.model_class == "openai-chat":
                     return member
@@ -133,7 +127,7 @@ class ResponsesCall(Call):
             "cannot be reached. Start a new conversation.",
         )
 
-    def pin(self, payload: dict[str, Any], pools: dict[str, list[Resource]]) -> Resource | None:
+    def pin(self, payload: dict[str, Any]) -> Resource | None:
         """The member a create must go to: the holder of its previous response or reasoning
         items (on the same Azure resource, for another deployment), or None for any member."""
         wanted: Sealed | None = None
@@ -162,8 +156,9 @@ class ResponsesCall(Call):
             if wanted.upstream_id
             else "these reasoning items"
         )
-        holder = self.holder(pools, wanted.resource_id, what)
-        members = pools.get(self.deployment, [])
+        holder = self.holder(wanted.resource_id, what)
+        deployment = self.upstream.deployment
+        members = self.pools.get(deployment, [])
         for member in members:
             if member.id == holder.id:
                 return member
@@ -172,18 +167,16 @@ class ResponsesCall(Call):
                 return member
         raise ProxyError(
             "invalid_request",
-            f"Deployment '{self.deployment}' does not run on the Azure OpenAI resource that "
+            f"Deployment '{deployment}' does not run on the Azure OpenAI resource that "
             f"holds this conversation; continue it with '{holder.deployment}'.",
             param="model",
         )
 
-    async def forward_pinned(
-        self, event: Any, members: list[Resource], pinned: bool, **kw: Any
-    ) -> tuple[Resource, UpstreamAnswer]:
+    async def dispatch(self, streamed: bool) -> UpstreamAnswer:
         try:
-            return await self.forward(event, members, **kw)
+            return await super().dispatch(streamed)
         except ProxyError as error:
-            if not pinned or error.code != "no_capacity":
+            if not self.pinned or error.code != "no_capacity":
                 raise
             wait = error.headers.get("Retry-After", "1")
             raise ProxyError(
@@ -196,17 +189,11 @@ class ResponsesCall(Call):
     # --- create -------------------------------------------------------------------------------
 
     async def create(self) -> Response:
+        """POST …/responses: the call's steps, the member pinned where the input names a
+        stored response or reasoning items; ids sealed on the way back."""
         event = await self.arrive()
-        body = await read_body(self.request, self.runtime.settings.max_body_bytes)
-        payload = parse_json_body(body, self.request.headers.get("content-type"))
-        deployment = self.deployment_of(payload, None)
-        pools = await self.runtime.pools(event.id)
-        members = find_pool(pools, deployment, "openai-chat")
-        if self.runtime.plugins.requests:
-            screened = await self.screen(payload)
-            if screened is not None:
-                payload, body = screened
-        pinned = self.pin(payload, pools)
+        payload, body = await self.parse(None)
+        pinned = self.pin(payload)
         for field in ("stream", "background"):
             if payload.get(field) is not None and not isinstance(payload[field], bool):
                 raise ProxyError(
@@ -215,90 +202,85 @@ class ResponsesCall(Call):
         stream = payload.get("stream") is True
         background = payload.get("background") is True
         apply_token_cap(payload, event.max_token_cap, "max_output_tokens", ("max_output_tokens",))
-        await self.admit(event, body, payload["max_output_tokens"], members)
-
-        def body_of(resource: Resource) -> bytes:
-            payload["model"] = resource.upstream_deployment
-            return orjson.dumps(payload)
-
-        resource, answer = await self.forward_pinned(
-            event,
-            [pinned] if pinned else members,
-            pinned is not None,
-            url_of=self.url,
-            body=b"",
-            body_of=body_of,
-            streamed=stream,
-        )
-        headers = self.answer_headers(answer)
-        if (
-            stream
-            and answer.status == 200
-            and "text/event-stream" in answer.headers.get("content-type", "")
-        ):
+        await self.ledger.admit(event, len(body), payload["max_output_tokens"])
+        upstream = self.upstream
+        upstream.payload = payload  # each member's body names its own deployment
+        if pinned is not None:
+            upstream.members, self.pinned = [pinned], True
+        answer = await self.dispatch(stream)
+        if stream and is_event_stream(answer):
 
             def finish(meter: ResponseStreamMeter, outcome: str) -> None:
                 if background and outcome == "ok" and meter.response is not None:
-                    self.record_background(resource, meter.response, streamed=True)
+                    self.record_background(meter.response, streamed=True)
                     return
                 self.record_created(
-                    resource,
-                    meter.usage,
-                    payload,
-                    outcome,
-                    stream=True,
+                    meter.usage, payload, outcome, stream=True,
                     estimate=meter.estimate_output_tokens,
-                )
+                )  # fmt: skip
 
-            return self.relay(resource, answer, headers, finish)
-        content = await self.read_answer(resource, answer, stream)
-        parsed = self.parse(answer, content)
-        if parsed is None:
-            self.record_created(resource, None, payload, "upstream_status", status=answer.status)
-            return Response(self.hide_upstream_ids(content), answer.status, headers)
-        self.seal(resource, parsed)
-        if background:
-            self.record_background(resource, parsed, streamed=False)
-        else:
-            usage = parsed.get("usage") if isinstance(parsed.get("usage"), dict) else None
-            self.record_created(resource, usage, payload, "ok")
-        return Response(orjson.dumps(parsed), 200, headers)
+            return self.relay_events(answer, finish)
 
-    def record_background(
-        self, resource: Resource, response: dict[str, Any], *, streamed: bool
-    ) -> None:
+        def record(parsed: dict[str, Any] | None) -> None:
+            if parsed is None:
+                self.record_created(None, payload, "upstream_status", status=answer.status)
+            elif background:
+                self.record_background(parsed, streamed=False)
+            else:
+                usage = parsed.get("usage") if isinstance(parsed.get("usage"), dict) else None
+                self.record_created(usage, payload, "ok")
+
+        return await self.answer_read(answer, stream, record)
+
+    def record_background(self, response: dict[str, Any], *, streamed: bool) -> None:
         """The create call of a background response: a record without tokens, which come with
         the record of its result (the same one, whoever sees it first). Until the result is
         known, today's cap takes the call's worst case, since nobody may ever ask for it."""
         usage = response.get("usage")
         finished = response.get("status") in FINISHED and isinstance(usage, dict)
-        self.record(
-            resource,
+        self.ledger.record(
             200,
             (0, 0, 0),
             streamed=streamed,
             estimated=False,
             outcome="background",
-            charge=int(usage.get("total_tokens") or 0) if finished else self.worst_case_tokens,
+            charge=int(usage.get("total_tokens") or 0)
+            if finished
+            else self.ledger.worst_case_tokens,
         )
-        self.record_background_result(resource, response)
+        self.record_background_result(response)
 
-    def relay(
-        self,
-        resource: Resource,
-        answer: UpstreamAnswer,
-        headers: dict[str, str],
-        finish: Callable[[ResponseStreamMeter, str], None],
+    def relay_events(
+        self, answer: UpstreamAnswer, finish: Callable[[ResponseStreamMeter, str], None]
     ) -> Response:
-        def rewrite(value: dict[str, Any]) -> None:
-            self.seal(resource, value)
-
-        events = relay_response_events(self, resource, answer, rewrite, finish)
-        return EventStreamResponse(
-            events, status_code=200, headers=headers, media_type="text/event-stream"
+        """A Responses stream passed on with its ids sealed; `finish(meter, outcome)` records."""
+        resource = self.upstream.member
+        assert resource is not None
+        meter = ResponseStreamMeter(lambda value: self.seal(resource, value))
+        return self.relayed(
+            answer, meter, lambda outcome: finish(meter, outcome), RESPONSE_CUT_EVENT
         )
 
-    def parse(self, answer: UpstreamAnswer, content: bytes) -> dict[str, Any] | None:
+    async def answer_read(
+        self,
+        answer: UpstreamAnswer,
+        stream: bool,
+        record: Callable[[dict[str, Any] | None], None],
+    ) -> Response:
+        """The upstream's answer read whole: a 200's JSON object sealed, anything else with the
+        caller's own ids in it; `record(the sealed object, or None)` before it goes."""
+        content = await self.read_answer(answer, stream)
+        headers = self.answer_headers(answer)
+        parsed = self.parse_answer(answer, content)
+        if parsed is None:
+            record(None)
+            return Response(self.hide_upstream_ids(content), answer.status, headers)
+        assert self.upstream.member is not None
+        self.seal(self.upstream.member, parsed)
+        record(parsed)  # with the ids the caller sees: the same record whoever writes it
+        return Response(orjson.dumps(parsed), 200, headers)
+
+    def parse_answer(self, answer: UpstreamAnswer, content: bytes) -> dict[str, Any] | None:
         """A 200 answer's JSON object; None for the upstream's other answers."""
         if answer.status != 200:
             return None
@@ -307,8 +289,7 @@ class ResponsesCall(Call):
         except orjson.JSONDecodeError:
             parsed = None
         if not isinstance(parsed, dict):
-            if self.metered:
-                self.record_failure(None, 502, "upstream_error", streamed=False)
+            self.ledger.record_failure(502, "upstream_error", streamed=False)
             raise ProxyError(
                 "upstream_error", "The deployment answered with something that is not JSON."
             )
@@ -316,7 +297,6 @@ class ResponsesCall(Call):
 
     def record_created(
         self,
-        resource: Resource,
         usage: dict[str, Any] | None,
         payload: dict[str, Any],
         outcome: str,
@@ -338,8 +318,7 @@ class ResponsesCall(Call):
             prompt = completion = total = 0
         if outcome != "ok":
             status = 502 if outcome == "cut" else 499 if outcome == "client_gone" else status
-        self.record(
-            resource,
+        self.ledger.record(
             status,
             (prompt, completion, total),
             streamed=stream,
@@ -353,48 +332,37 @@ class ResponsesCall(Call):
     async def by_id(self, response_id: str, action: str) -> Response:
         """GET or DELETE a response, GET its input items or POST its cancel (action: "",
         "input_items", "cancel"), on the member that holds it."""
-        self.metered = False
+        self.ledger.metered = False
         event = await self.arrive()
         sealed = self.open_id(response_id)
         await read_body(self.request, self.runtime.settings.max_body_bytes)  # none expected
-        pools = await self.runtime.pools(event.id)
-        resource = self.holder(pools, sealed.resource_id, f"response '{response_id[:200]}'")
-        self.deployment = resource.deployment
-        method = self.request.method
-        tail = f"/{sealed.upstream_id}" + (f"/{action}" if action else "")
+        self.pools = await self.runtime.pools(event.id)
+        resource = self.holder(sealed.resource_id, f"response '{response_id[:200]}'")
+        upstream, method = self.upstream, self.request.method
+        upstream.deployment, upstream.members, self.pinned = resource.deployment, [resource], True
+        upstream.method = method
+        upstream.path += f"/{sealed.upstream_id}" + (f"/{action}" if action else "")
         stream = (
             method == "GET" and not action and self.request.query_params.get("stream") == "true"
         )
-        resource, answer = await self.forward_pinned(
-            event, [resource], True, url_of=lambda r: self.url(r, tail), body=b"", method=method
-        )
-        headers = self.answer_headers(answer)
-        if (
-            stream
-            and answer.status == 200
-            and "text/event-stream" in answer.headers.get("content-type", "")
-        ):
+        answer = await self.dispatch(False)
+        if stream and is_event_stream(answer):
 
             def finish(meter: ResponseStreamMeter, outcome: str) -> None:
                 if outcome == "ok" and meter.response is not None:
-                    self.record_background_result(resource, meter.response)
+                    self.record_background_result(meter.response)
 
-            return self.relay(resource, answer, headers, finish)
-        content = await self.read_answer(resource, answer, False)
-        parsed = self.parse(answer, content)
-        if parsed is None:
-            return Response(self.hide_upstream_ids(content), answer.status, headers)
-        self.seal(resource, parsed)
-        self.record_background_result(resource, parsed)
-        return Response(orjson.dumps(parsed), 200, headers)
+            return self.relay_events(answer, finish)
 
-    def record_background_result(self, resource: Resource, response: dict[str, Any]) -> None:
-        """The tokens of a finished background response, recorded once per instance.
+        def record(parsed: dict[str, Any] | None) -> None:
+            if parsed is not None:
+                self.record_background_result(parsed)
 
-        Its record's row key comes from the response (creation time, id), so the same result
-        seen on several instances is written over itself, not counted again. The daily cap
-        already took the worst case when the response was created.
-        """
+        return await self.answer_read(answer, False, record)
+
+    def record_background_result(self, response: dict[str, Any]) -> None:
+        """The tokens of a finished background response, recorded once per instance (the
+        record is the same whichever instance writes it: see Ledger.record_result)."""
         usage = response.get("usage")
         if (
             response.get("background") is not True
@@ -408,37 +376,13 @@ class ResponsesCall(Call):
         _results_seen[response_id] = None
         while len(_results_seen) > _SEEN_LIMIT:
             _results_seen.popitem(last=False)
-        assert self.access is not None
-        event = self.access.event
-        created = response.get("created_at")
-        when = (
-            datetime.fromtimestamp(created, UTC)
-            if isinstance(created, int | float)
-            else clock.now()
-        )
         prompt = int(usage.get("input_tokens") or 0)
         completion = int(usage.get("output_tokens") or 0)
-        self.runtime.usage.append(
-            UsageRecord(
-                event_id=event.id,
-                attendee_id=self.attendee_id,
-                deployment=resource.deployment,
-                resource_id=resource.id,
-                model_class=RESPONSES.model_class,
-                status=200,
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                total_tokens=int(usage.get("total_tokens") or prompt + completion),
-                streamed=False,
-                estimated=False,
-                latency_ms=0.0,
-                time=when,
-                local_date=event.local_date(when),
-                request_id="bg" + hashlib.sha256(response_id.encode()).hexdigest()[:14],
-                outcome="background_result",
-                reasoning_tokens=reasoning_of(usage),
-            )
-        )
+        total = int(usage.get("total_tokens") or prompt + completion)
+        self.ledger.record_result(
+            response_id, response.get("created_at"), (prompt, completion, total),
+            reasoning_of(usage),
+        )  # fmt: skip
 
 
 async def create(request: Request, v1: bool) -> Response:

@@ -9,6 +9,7 @@ stream's last response event and lets the ids in it be rewritten.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -51,30 +52,30 @@ def _event_json(event: bytes) -> dict[str, Any] | None:
     return None
 
 
-class StreamMeter:
-    """Feeds upstream bytes through; knows the usage when the stream is done.
+class _EventMeter:
+    """What both event-stream meters do: hold an unfinished event back, and keep the stream
+    (up to a limit) for a token estimate when no usage comes."""
 
-    Every search starts from the end of what arrived, where the usage event and [DONE] are:
-    a stream read in one piece costs a few short scans, not several passes over all of it.
-    """
-
-    def __init__(self, *, hide_usage: bool) -> None:
-        self._hide_usage = hide_usage
+    def __init__(self) -> None:
         self._separator: bytes | None = None
         self._buffer = b""
         self._kept: list[bytes] = []
         self._kept_bytes = 0
         self.usage: dict[str, Any] | None = None
-        self.done = False  # saw data: [DONE]
+        self.done = False  # the stream's last event came
 
-    def feed(self, chunk: bytes) -> bytes:
-        """Bytes to send on now: every complete event so far, less a hidden usage chunk."""
+    def _complete_events(self, chunk: bytes) -> tuple[bytes, bytes]:
+        """Every complete event so far (kept for an estimate), and the stream's separator; an
+        unfinished event waits."""
         data = self._buffer + chunk if self._buffer else chunk
         separator = self._separator = self._separator or _separator_of(data)
-        end = data.rfind(separator) if separator else -1
+        if separator is None:
+            self._buffer = data
+            return b"", b""
+        end = data.rfind(separator)
         if end < 0:
             self._buffer = data
-            return b""
+            return b"", separator
         end += len(separator)
         if end == len(data):
             complete, self._buffer = data, b""
@@ -83,6 +84,48 @@ class StreamMeter:
         if self._kept_bytes < _KEEP_LIMIT:
             self._kept.append(complete)
             self._kept_bytes += len(complete)
+        return complete, separator
+
+    def _kept_events(self) -> list[bytes]:
+        if self._separator is None:
+            return []  # not one line end came: no complete event, nothing kept
+        return _split_events(b"".join(self._kept), self._separator)
+
+    def rest(self) -> bytes:
+        """Whatever is left in the buffer when the upstream closed (an unfinished event)."""
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+
+class BytesMeter:
+    """A binary answer (speech) passed on as it came; it is done whenever it ends."""
+
+    done = True
+
+    def feed(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def rest(self) -> bytes:
+        return b""
+
+
+class StreamMeter(_EventMeter):
+    """Feeds a chat or completions stream through; knows the usage when the stream is done
+    (`done`: saw data: [DONE]).
+
+    Every search starts from the end of what arrived, where the usage event and [DONE] are:
+    a stream read in one piece costs a few short scans, not several passes over all of it.
+    """
+
+    def __init__(self, *, hide_usage: bool) -> None:
+        super().__init__()
+        self._hide_usage = hide_usage
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Bytes to send on now: every complete event so far, less a hidden usage chunk."""
+        complete, separator = self._complete_events(chunk)
+        if not complete:
+            return b""
         if not self.done and complete.rfind(b"[DONE]") >= 0:
             self.done = True
         for marker in _USAGE_MARKERS:
@@ -116,17 +159,10 @@ class StreamMeter:
                 return complete[:start] + complete[end:]
         return complete
 
-    def rest(self) -> bytes:
-        """Whatever is left in the buffer when the upstream closed (an unfinished event)."""
-        rest, self._buffer = self._buffer, b""
-        return rest
-
     def estimate_completion_tokens(self) -> int:
         """Tokens of the text the stream carried, for when no usage chunk came."""
-        if self._separator is None:
-            return 0  # not one line end came: no complete event, nothing kept
         parts: list[str] = []
-        for event in _split_events(b"".join(self._kept), self._separator):
+        for event in self._kept_events():
             value = _event_json(event)
             for choice in (value or {}).get("choices") or []:
                 if not isinstance(choice, dict):
@@ -180,8 +216,9 @@ RESPONSE_END_EVENTS = frozenset({"response.completed", "response.incomplete", "r
 _WORTH_READING = (b'"response":', b'"encrypted_content":"', b"event: error")
 
 
-class ResponseStreamMeter:
-    """Feeds a Responses API stream through event by event.
+class ResponseStreamMeter(_EventMeter):
+    """Feeds a Responses API stream through event by event (`done`: an end event, completed,
+    incomplete or failed, or an error came).
 
     Only the few events that carry a whole response (created, in_progress, completed, …), an
     item with `encrypted_content`, or an error are parsed: `rewrite` changes them in place (the
@@ -189,29 +226,15 @@ class ResponseStreamMeter:
     pass as they came. The usage is the last response's.
     """
 
-    def __init__(self, rewrite: Any) -> None:
+    def __init__(self, rewrite: Callable[[dict[str, Any]], None]) -> None:
+        super().__init__()
         self._rewrite = rewrite
-        self._separator: bytes | None = None
-        self._buffer = b""
-        self._kept: list[bytes] = []
-        self._kept_bytes = 0
         self.response: dict[str, Any] | None = None  # the last one seen, as the upstream sent it
-        self.usage: dict[str, Any] | None = None
-        self.done = False  # an end event (completed, incomplete, failed) or an error came
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._buffer + chunk if self._buffer else chunk
-        separator = self._separator = self._separator or _separator_of(data)
-        end = data.rfind(separator) if separator else -1
-        if end < 0:
-            self._buffer = data
+        complete, separator = self._complete_events(chunk)
+        if not complete:
             return b""
-        end += len(separator)
-        complete, self._buffer = data[:end], data[end:]
-        assert separator is not None
-        if self._kept_bytes < _KEEP_LIMIT:
-            self._kept.append(complete)
-            self._kept_bytes += len(complete)
         if not (
             _WORTH_READING[0] in complete
             or _WORTH_READING[1] in complete
@@ -263,16 +286,10 @@ class ResponseStreamMeter:
             return separator[: len(separator) // 2].join(lines) + separator
         return event
 
-    def rest(self) -> bytes:
-        rest, self._buffer = self._buffer, b""
-        return rest
-
     def estimate_output_tokens(self) -> int:
         """Tokens of the text deltas, for when no usage came."""
-        if self._separator is None:
-            return 0
         parts: list[str] = []
-        for event in _split_events(b"".join(self._kept), self._separator):
+        for event in self._kept_events():
             if b"output_text.delta" not in event:
                 continue
             value = _event_json(event)

@@ -1,77 +1,167 @@
-"""How bytes move to and from an upstream deployment: one pooled HTTP client per process."""
+"""How bytes move to and from an upstream deployment: one pooled HTTP client per process.
+
+aiohttp stays in this module. The rest of the app reads an upstream's answer through
+`UpstreamAnswer` (status, headers, `read()`, `chunks()`, `close()`), and sends through
+`UpstreamClient.send`. The client's `transport` argument is the seam for tests: any async
+callable `(method, url, headers, body) -> UpstreamAnswer`, for example one that answers
+`CannedAnswer`s, replaces the network.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Protocol
 
 import aiohttp
 
 from shared.platform.settings import Settings
 
-# Response headers of the upstream that the caller gets to see.
-PASSED_HEADERS = (
-    "content-type",
-    "x-ratelimit-limit-requests",
-    "x-ratelimit-limit-tokens",
-    "x-ratelimit-remaining-requests",
-    "x-ratelimit-remaining-tokens",
-    "x-ratelimit-reset-requests",
-    "x-ratelimit-reset-tokens",
-)
-
 
 class UpstreamUnreachable(Exception):
-    """Connection refused or reset, DNS failure, TLS failure: no answer at all."""
+    """Connection refused or reset, DNS failure, TLS failure: no answer at all, or the
+    connection failed midway through the body."""
 
 
 class UpstreamTimeout(Exception):
     """The upstream did not answer in time."""
 
 
-@dataclass
-class UpstreamAnswer:
-    """An upstream response whose headers arrived; the body is read by the caller."""
+class UpstreamAnswer(Protocol):
+    """An upstream response whose headers arrived; the body is read by the caller, either
+    whole (`read`) or as it arrives (`chunks`), and the answer closed once done with."""
 
     status: int
-    headers: dict[str, str]
-    response: aiohttp.ClientResponse
+    headers: dict[str, str]  # names in lower case
 
-    def passed_headers(self) -> dict[str, str]:
-        return {name: self.headers[name] for name in PASSED_HEADERS if name in self.headers}
+    async def read(self) -> bytes:
+        """The whole body; raises UpstreamTimeout or UpstreamUnreachable."""
+        ...
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives. A connection that fails midway first gives the bytes
+        that did arrive, then raises UpstreamUnreachable (or UpstreamTimeout)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+Transport = Callable[[str, str, dict[str, str], bytes], Awaitable[UpstreamAnswer]]
+
+
+class CannedAnswer:
+    """An answer made of bytes already at hand (a test's fake upstream): `chunks` gives them
+    one by one, then raises `fail` if set, as a connection cut midway would."""
+
+    def __init__(
+        self,
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+        body: bytes | Iterable[bytes] = b"",
+        *,
+        fail: Exception | None = None,
+    ) -> None:
+        self.status = status
+        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
+        self._parts = [body] if isinstance(body, bytes) else list(body)
+        self._fail = fail
+        self.closed = False
+
+    async def read(self) -> bytes:
+        if self._fail is not None:
+            raise self._fail
+        return b"".join(self._parts)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for part in self._parts:
+            yield part
+        if self._fail is not None:
+            raise self._fail
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _AiohttpAnswer:
+    """An `UpstreamAnswer` over an aiohttp response."""
+
+    __slots__ = ("_response", "headers", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.status = response.status
+        self.headers = {k.lower(): v for k, v in response.headers.items()}
+        self._response = response
 
     async def read(self) -> bytes:
         try:
-            return await self.response.read()
+            return await self._response.read()
         except TimeoutError as exc:
             raise UpstreamTimeout("upstream body too slow") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnreachable(str(exc)) from exc
         finally:
-            self.response.release()
+            self._response.release()
 
-    def received_before_failure(self) -> bytes:
+    def chunks(self) -> AsyncIterator[bytes]:
+        return _Chunks(self._response.content)
+
+    def close(self) -> None:
+        self._response.close()
+
+
+class _Chunks:
+    """An aiohttp body as it arrives. A plain iterator, not a generator: the relay cancels a
+    wait for the next chunk (its idle timeout) without ending the iterator."""
+
+    __slots__ = ("_content", "_failure")
+
+    def __init__(self, content: aiohttp.StreamReader) -> None:
+        self._content = content
+        self._failure: Exception | None = None
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._failure is not None:
+            raise self._failure
+        try:
+            chunk = await self._content.readany()
+        except TimeoutError as exc:
+            raise UpstreamTimeout("upstream body too slow") from exc
+        except aiohttp.ClientError as exc:
+            failure = UpstreamUnreachable(str(exc) or type(exc).__name__)
+            failure.__cause__ = exc
+            rest = self._received_before_failure()
+            if not rest:
+                raise failure from exc
+            self._failure = failure  # raised at the next call, once these bytes are passed on
+            return rest
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+
+    def _received_before_failure(self) -> bytes:
         """Bytes that arrived but were not read yet when the connection failed.
 
         aiohttp raises a connection failure before handing out data it already buffered; a
         stream cut by the upstream would otherwise lose its last events (and their tokens).
         """
-        buffer = getattr(self.response.content, "_buffer", None)
+        buffer = getattr(self._content, "_buffer", None)
         if not buffer:
             return b""
         data = b"".join(buffer)
         buffer.clear()
         return data
 
-    def close(self) -> None:
-        self.response.close()
-
 
 class UpstreamClient:
-    """Sends requests to upstreams over one pooled aiohttp session."""
+    """Sends requests to upstreams over one pooled aiohttp session, or through `transport`
+    when one is given (tests: canned answers instead of the network)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, transport: Transport | None = None) -> None:
         self._settings = settings
         self._session: aiohttp.ClientSession | None = None
+        self._transport = transport
 
     def _open_session(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
@@ -90,6 +180,8 @@ class UpstreamClient:
         self, method: str, url: str, headers: dict[str, str], body: bytes
     ) -> UpstreamAnswer:
         """Send a request and wait for the response headers."""
+        if self._transport is not None:
+            return await self._transport(method, url, headers, body)
         if self._session is None or self._session.closed:
             self._session = self._open_session()
         try:
@@ -103,11 +195,7 @@ class UpstreamClient:
             ) from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnreachable(str(exc)) from exc
-        return UpstreamAnswer(
-            status=response.status,
-            headers={k.lower(): v for k, v in response.headers.items()},
-            response=response,
-        )
+        return _AiohttpAnswer(response)
 
     async def close(self) -> None:
         if self._session is not None:

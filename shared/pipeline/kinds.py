@@ -1,19 +1,24 @@
-"""What an operation is: a kind of proxied call, its model class, upstream path and limits."""
+"""What kind of call it is (chat, embeddings, speech, search, …), and the rules that follow
+from its kind: the upstream path, the token cap, the pool it draws from, what it used."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from shared.directory.catalog import Resource
 from shared.errors import ProxyError
+from shared.governance import tokens
 
 # api-versions from which Azure OpenAI accepts stream_options (2024-09-01-preview, GA 2024-10-21).
 _STREAM_OPTIONS_FROM = "2024-09-01-preview"
+# In an upstream path: the member's own deployment (or index) name, filled in per member.
+DEPLOYMENT = "{deployment}"
 
 
 @dataclass(frozen=True)
-class Operation:
+class CallKind:
     """One kind of proxied call: its model class, upstream path and how its body is read."""
 
     model_class: str
@@ -22,27 +27,26 @@ class Operation:
     token_capped: bool = False
     multipart: bool = False  # forwarded as it came (audio uploads); never parsed
     binary: bool = False  # answers bytes (speech), passed on as they arrive
+    # The path after a member's endpoint, DEPLOYMENT standing for its deployment.
+    upstream_path: str = dataclasses.field(init=False)
 
-    def upstream_url(self, resource: Resource, query: str) -> str:
-        if self.model_class == "azure-ai-search":
-            return f"{resource.endpoint}/indexes/{resource.upstream_deployment}/{self.path}?{query}"
-        return (
-            f"{resource.endpoint}/openai/deployments/{resource.upstream_deployment}/"
-            f"{self.path}?{query}"
-        )
+    def __post_init__(self) -> None:
+        where = "indexes" if self.model_class == "azure-ai-search" else "openai/deployments"
+        object.__setattr__(self, "upstream_path", f"{where}/{DEPLOYMENT}/{self.path}")
 
 
-CHAT = Operation("openai-chat", "chat/completions", streams=True, token_capped=True)
-EXTENSIONS_CHAT = Operation(
+CHAT = CallKind("openai-chat", "chat/completions", streams=True, token_capped=True)
+EXTENSIONS_CHAT = CallKind(
     "openai-chat", "extensions/chat/completions", streams=True, token_capped=True
 )
-COMPLETIONS = Operation("openai-completions", "completions", streams=True, token_capped=True)
-EMBEDDINGS = Operation("openai-embeddings", "embeddings")
-IMAGES = Operation("openai-images", "images/generations")
-TRANSCRIPTIONS = Operation("openai-audio", "audio/transcriptions", multipart=True)
-TRANSLATIONS = Operation("openai-audio", "audio/translations", multipart=True)
-SPEECH = Operation("openai-audio", "audio/speech", binary=True)
-SEARCH = Operation("azure-ai-search", "docs/search")
+COMPLETIONS = CallKind("openai-completions", "completions", streams=True, token_capped=True)
+EMBEDDINGS = CallKind("openai-embeddings", "embeddings")
+IMAGES = CallKind("openai-images", "images/generations")
+TRANSCRIPTIONS = CallKind("openai-audio", "audio/transcriptions", multipart=True)
+TRANSLATIONS = CallKind("openai-audio", "audio/translations", multipart=True)
+SPEECH = CallKind("openai-audio", "audio/speech", binary=True)
+SEARCH = CallKind("azure-ai-search", "docs/search")
+RESPONSES = CallKind("openai-chat", "responses", streams=True, token_capped=True)
 # Azure AI Search has api-versions of its own.
 SEARCH_API_VERSION = "2024-07-01"
 
@@ -102,21 +106,28 @@ def find_pool(
     )
 
 
+# Model classes whose calls are counted in tokens even without a daily token cap.
 TOKEN_CLASSES = frozenset({"openai-chat", "openai-completions", "openai-embeddings"})
 
 
-def units_of(operation: Operation, answer: Any) -> int:
+def units_of(kind: CallKind, answer: Any) -> int:
     """What a call used in its own unit: images made, audio seconds, searches run (speech
     counts the characters it was asked to say, where its bytes are relayed)."""
-    if operation.model_class == "openai-images":
+    if kind.model_class == "openai-images":
         data = answer.get("data") if isinstance(answer, dict) else None
         return len(data) if isinstance(data, list) else 0
-    if operation.model_class == "openai-audio":
+    if kind.model_class == "openai-audio":
         duration = answer.get("duration") if isinstance(answer, dict) else None
         return int(duration + 0.999) if isinstance(duration, int | float) else 0
-    if operation.model_class == "azure-ai-search":
+    if kind.model_class == "azure-ai-search":
         return 1
     return 0
+
+
+def estimated_usage(payload: dict[str, Any], completion: int = 0) -> tuple[int, int, int]:
+    """The usage of a call whose upstream told none: its prompt counted here, and `completion`."""
+    prompt = tokens.prompt_tokens(payload)
+    return prompt, completion, prompt + completion
 
 
 def usage_numbers(usage: dict[str, Any] | None) -> tuple[int, int, int]:

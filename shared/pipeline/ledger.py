@@ -1,0 +1,199 @@
+"""A call's account: the tokens it reserves when admitted, settled by its usage record or given
+back when it fails first, and the refusals counted for the organiser's reports."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from shared.directory.events import Event
+from shared.errors import ProxyError
+from shared.governance.caps import Counter
+from shared.governance.ratelimits import Admission
+from shared.governance.usage import UsageRecord
+from shared.pipeline.forwarding import UpstreamRequest
+from shared.pipeline.kinds import TOKEN_CLASSES
+from shared.platform import clock, telemetry
+from shared.runtime import Access, Runtime
+
+
+class Ledger:
+    """One call's entries. `access` is set once the caller is known; `upstream` is the call's
+    upstream request, whose deployment and answering member the record names."""
+
+    def __init__(
+        self, runtime: Runtime, request_id: str, model_class: str, upstream: UpstreamRequest
+    ) -> None:
+        self.runtime = runtime
+        self.request_id = request_id
+        self.model_class = model_class
+        self.upstream = upstream
+        self.started = time.perf_counter()
+        self.metered = True  # calls that use no model (by id) neither take from the caps nor record
+        self.access: Access | None = None
+        self.worst_case_tokens = 0
+        self.counter: Counter | None = None
+        self.admission: Admission | None = None  # its place in the per-minute counts
+
+    async def admit(self, event: Event, body_size: int, limit: Any) -> None:
+        """Take one request from today's cap and this minute's limits (and the pool's fair
+        share near its quota), reserving the call's worst case in tokens."""
+        assert self.access is not None
+        if event.daily_token_cap or self.model_class in TOKEN_CLASSES:
+            # A cheap worst case (about 4 bytes a token): no tokenizer on the request path.
+            self.worst_case_tokens = body_size // 4 + (limit if isinstance(limit, int) else 0)
+        attendee_id, upstream = self.access.attendee.id, self.upstream
+        self.counter = await self.runtime.caps.admit(
+            event, attendee_id, clock.now(), self.worst_case_tokens
+        )
+        self.admission = self.runtime.limits.admit(
+            event, attendee_id, self.counter, upstream.deployment, upstream.members,
+            self.worst_case_tokens,
+        )  # fmt: skip
+
+    def unsent(self) -> None:
+        """Nothing reached a deployment: the call uses none of this minute's quota."""
+        if self.admission is not None:
+            self.admission.cancel()
+            self.admission = None
+
+    def release(self) -> None:
+        """Give back a token reservation no record will settle (the call failed before)."""
+        self.unsent()
+        if self.counter is not None:
+            self.runtime.caps.settle(self.counter, self.worst_case_tokens, 0)
+            self.counter = None
+
+    def refused(self, error: ProxyError) -> None:
+        """A refusal, logged; one of 429 counted for the organiser's reports."""
+        access = self.access
+        telemetry.refused(error.code, self.request_id, access.event.id if access else "")
+        if error.status == 429 and access is not None:
+            self.runtime.caps.count_refusal(
+                access.event, access.attendee.id, clock.now(), error.reason
+            )
+
+    def record_failure(self, status: int, outcome: str, *, streamed: bool) -> None:
+        """A call that used no tokens: the upstream failed or never answered."""
+        if self.metered:
+            self.record(status, (0, 0, 0), streamed=streamed, estimated=False, outcome=outcome)
+
+    def record_end(
+        self,
+        outcome: str,
+        usage: tuple[int, int, int] = (0, 0, 0),
+        *,
+        estimated: bool = False,
+        units: int = 0,
+        reasoning: int = 0,
+    ) -> None:
+        """A relayed answer's record once it ended: ok, cut by the upstream, or client_gone."""
+        status = 200 if outcome == "ok" else 502 if outcome == "cut" else 499
+        self.record(
+            status, usage, streamed=True, estimated=estimated, outcome=outcome, units=units,
+            reasoning=reasoning,
+        )  # fmt: skip
+
+    def record(
+        self,
+        status: int,
+        usage: tuple[int, int, int],
+        *,
+        streamed: bool,
+        estimated: bool,
+        outcome: str,
+        units: int = 0,
+        reasoning: int = 0,
+        charge: int | None = None,
+    ) -> None:
+        """The call's usage record; its tokens (or `charge`) count against today's cap."""
+        assert self.access is not None
+        charged = usage[2] if charge is None else charge
+        if self.counter is not None:
+            self.runtime.caps.settle(self.counter, self.worst_case_tokens, charged)
+            self.counter = None  # settled once
+        if self.admission is not None:
+            self.admission.settle(charged)
+            self.admission = None
+        event, attendee_id = self.access.event, self.access.attendee.id
+        resource, deployment = self.upstream.member, self.upstream.deployment
+        now = clock.now()
+        latency_ms = (time.perf_counter() - self.started) * 1000
+        telemetry.call_finished(
+            {
+                "request_id": self.request_id,
+                "event_id": event.id,
+                "attendee_id": attendee_id,
+                "deployment": deployment,
+                "resource_id": resource.id if resource else "",
+                "status": status,
+                "outcome": outcome,
+                "streamed": streamed,
+                "prompt_tokens": usage[0],
+                "completion_tokens": usage[1],
+                "latency_ms": round(latency_ms, 1),
+            }
+        )
+        self.runtime.usage.append(
+            UsageRecord(
+                event_id=event.id,
+                attendee_id=attendee_id,
+                deployment=deployment,
+                resource_id=resource.id if resource else "",
+                model_class=self.model_class,
+                status=status,
+                prompt_tokens=usage[0],
+                completion_tokens=usage[1],
+                total_tokens=usage[2],
+                streamed=streamed,
+                estimated=estimated,
+                latency_ms=latency_ms,
+                time=now,
+                local_date=event.local_date(now),
+                request_id=self.request_id,
+                outcome=outcome,
+                units=units,
+                reasoning_tokens=reasoning,
+            )
+        )
+
+    def record_result(
+        self, response_id: str, created: Any, usage: tuple[int, int, int], reasoning: int
+    ) -> None:
+        """The tokens of a finished background response (by the member that answered).
+
+        Its record's row key comes from the response (creation time, id), so the same result
+        written by several instances is written over itself, not counted again. The daily cap
+        already took the worst case when the response was created.
+        """
+        resource = self.upstream.member
+        assert self.access is not None and resource is not None
+        event = self.access.event
+        when = (
+            datetime.fromtimestamp(created, UTC)
+            if isinstance(created, int | float)
+            else clock.now()
+        )
+        self.runtime.usage.append(
+            UsageRecord(
+                event_id=event.id,
+                attendee_id=self.access.attendee.id,
+                deployment=resource.deployment,
+                resource_id=resource.id,
+                model_class=self.model_class,
+                status=200,
+                prompt_tokens=usage[0],
+                completion_tokens=usage[1],
+                total_tokens=usage[2],
+                streamed=False,
+                estimated=False,
+                latency_ms=0.0,
+                time=when,
+                local_date=event.local_date(when),
+                request_id="bg" + hashlib.sha256(response_id.encode()).hexdigest()[:14],
+                outcome="background_result",
+                reasoning_tokens=reasoning,
+            )
+        )
