@@ -22,7 +22,7 @@ from shared.access.guard import client_address
 from shared.directory.catalog import Resource
 from shared.directory.events import Event
 from shared.directory.keys import key_from_headers
-from shared.errors import ProxyError
+from shared.errors import NoCapacity, ProxyError, UpstreamFailed
 from shared.pipeline.answers import (
     PASSED_HEADERS,
     REQUEST_ID_HEADER,
@@ -199,11 +199,12 @@ class ProxyCall:
         assert self.access is not None
         try:
             return await Forwarder(self.runtime).send(self.access.event.id, self.upstream)
-        except ProxyError as error:
-            if error.code == "no_capacity":
-                self.ledger.unsent()
-            if error.code in ("upstream_error", "upstream_timeout", "no_capacity"):
-                self.ledger.record_failure(error.status, error.code, streamed=streamed)
+        except NoCapacity as error:
+            self.ledger.unsent()
+            self.ledger.record_failure(error.status, error.code, streamed=streamed)
+            raise
+        except UpstreamFailed as error:
+            self.ledger.record_failure(error.status, error.code, streamed=streamed)
             raise
 
     async def settle(

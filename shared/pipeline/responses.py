@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from shared.directory.catalog import Resource
-from shared.errors import ProxyError
+from shared.errors import NoCapacity, ProxyError
 from shared.governance import tokens
 from shared.pipeline.bodies import read_body
 from shared.pipeline.call import ProxyCall, answer_call
@@ -175,8 +175,8 @@ class ResponsesCall(ProxyCall):
     async def dispatch(self, streamed: bool) -> UpstreamAnswer:
         try:
             return await super().dispatch(streamed)
-        except ProxyError as error:
-            if not self.pinned or error.code != "no_capacity":
+        except NoCapacity as error:
+            if not self.pinned:
                 raise
             wait = error.headers.get("Retry-After", "1")
             raise ProxyError(
