@@ -12,14 +12,13 @@ import gc
 import tempfile
 from pathlib import Path
 
-from shared.access import Access, Callers, CodeGuard, EntraVerifier, FailedKeyGuard, Gate
+from shared.access import Access as Access  # the gate's answer, for the request path's hints
+from shared.access import Callers, CodeGuard, EntraVerifier, FailedKeyGuard, Gate
 from shared.directory import (
     AttendeeStore,
     CachedDirectory,
     CatalogStore,
-    Event,
     EventStore,
-    Resource,
 )
 from shared.governance import Caps, FairShare, RateLimits, UsageWriter
 from shared.platform import hosting
@@ -75,22 +74,6 @@ class Runtime:
             ttl=settings.cache_ttl_seconds,
         )
         self.callers = Callers(settings, self.entra, self.guard)  # who manages: manage/*
-
-    # The pipeline's names from before the gate and the cached directory were their own
-    # objects; new code calls `gate` and `directory`.
-    async def access(
-        self, key: str | None, client: str = "", event_id: str | None = None
-    ) -> Access:
-        return await self.gate.access(key, client, event_id)
-
-    async def caller_event(self, event_id: str, client: str) -> Event | None:
-        return await self.gate.caller_event(event_id, client)
-
-    async def pools(self, event_id: str) -> dict[str, list[Resource]]:
-        return await self.directory.pools(event_id)
-
-    async def upstream_key(self, resource: Resource) -> str | None:
-        return await self.directory.upstream_key(resource)
 
     async def close(self) -> None:
         if self.pruning is not None:

@@ -8,7 +8,7 @@ against the client.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from shared.access.codes import CodeGuard
@@ -21,11 +21,17 @@ from shared.access.entra import (
     refused,
     token_tenant,
 )
-from shared.access.guard import FailedKeyGuard
+from shared.access.guard import FailedKeyGuard, client_address
 from shared.directory.attendees import CODE_KEY_USER, Attendee, AttendeeStore, attendee_id
 from shared.directory.cached import CachedDirectory, cached
 from shared.directory.events import Event
-from shared.directory.keys import KEY_PREFIX, code_key_parts, hash_key, is_well_formed
+from shared.directory.keys import (
+    KEY_PREFIX,
+    code_key_parts,
+    hash_key,
+    is_well_formed,
+    key_from_headers,
+)
 from shared.directory.validation import is_email, is_id
 from shared.errors import Revoked, WrongCredential
 from shared.platform import clock
@@ -79,6 +85,15 @@ class Gate:
         except WrongCredential:
             self._key_guard.failed(client)
             raise
+
+    async def of_request(self, headers: Mapping[str, str], peer: tuple[str, int] | None) -> Access:
+        """The attendee and event of a proxy request: its key or token (`api-key` or
+        `Authorization`), its address, and the event it names (`x-aiproxy-event`)."""
+        return await self.access(
+            key_from_headers(headers.get("api-key"), headers.get("authorization")),
+            client_address(headers, peer),
+            headers.get(EVENT_HEADER),
+        )
 
     async def caller_event(self, event_id: str, client: str) -> Event | None:
         """An event a caller names (public page, registration, code key, Entra header).

@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 from shared.directory.models import EventCreate
 from shared.directory.validation import parse
 from shared.errors import ProxyError
+from shared.platform import clock
 from shared.platform.tables import Conflict, Tables
 
 EVENTS_TABLE = "events"
@@ -94,8 +95,10 @@ class Event:
             f"({start.strftime('%Y-%m-%dT%H:%M:%SZ')} to {end.strftime('%Y-%m-%dT%H:%M:%SZ')} UTC)"
         )
 
-    def check_open(self, now: datetime) -> None:
-        """Refuse with the specific reason when the event does not take requests now."""
+    def check_open(self, now: datetime | None = None) -> None:
+        """Refuse with the specific reason when the event does not take requests now (or at
+        `now`)."""
+        now = now or clock.now()
         if not self.active:
             raise ProxyError(
                 "event_inactive",

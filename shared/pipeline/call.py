@@ -17,11 +17,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.access.entra import EVENT_HEADER
-from shared.access.guard import client_address
-from shared.directory.catalog import Resource
-from shared.directory.events import Event
-from shared.directory.keys import key_from_headers
+from shared.directory import Event, Resource
 from shared.errors import NoCapacity, ProxyError, UpstreamFailed
 from shared.pipeline.answers import (
     PASSED_HEADERS,
@@ -53,7 +49,6 @@ from shared.pipeline.relays import (
     relay,
 )
 from shared.pipeline.streaming import BytesMeter, EventStreamResponse, StreamMeter
-from shared.platform import clock
 from shared.plugins import RequestContext, Screened
 from shared.runtime import Access, Runtime, get_runtime
 from shared.upstreams.client import UpstreamAnswer
@@ -102,15 +97,10 @@ class ProxyCall:
 
     async def arrive(self) -> Event:
         """Who is calling, for which event; refused outside the event's window."""
-        headers = self.request.headers
-        self.access = await self.runtime.access(
-            key_from_headers(headers.get("api-key"), headers.get("authorization")),
-            client_address(headers, self.request.client),
-            headers.get(EVENT_HEADER),
-        )
+        self.access = await self.runtime.gate.of_request(self.request.headers, self.request.client)
         self.ledger.access = self.access
         event = self.access.event
-        event.check_open(clock.now())
+        event.check_open()
         return event
 
     async def parse(self, deployment: str | None) -> tuple[dict[str, Any], bytes]:
@@ -134,7 +124,7 @@ class ProxyCall:
         upstream = self.upstream
         upstream.deployment = deployment_named(payload, deployment)
         assert self.access is not None
-        self.pools = await self.runtime.pools(self.access.event.id)
+        self.pools = await self.runtime.directory.pools(self.access.event.id)
         upstream.members = find_pool(self.pools, upstream.deployment, self.kind.model_class)
         if self.runtime.plugins.requests:
             screened = await self.screen(payload)

@@ -9,9 +9,6 @@ from pydantic import BaseModel, Field, create_model
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.access.entra import EVENT_HEADER
-from shared.access.guard import client_address
-from shared.directory.keys import key_from_headers
 from shared.directory.models import PublicEventFields, event_fields
 from shared.errors import ProxyError
 from shared.pipeline.answers import REQUEST_ID_HEADER, error_response, new_request_id
@@ -68,15 +65,10 @@ async def event_info(request: Request) -> Response:
     runtime = get_runtime()
     request_id = new_request_id()
     try:
-        headers = request.headers
-        access = await runtime.access(
-            key_from_headers(headers.get("api-key"), headers.get("authorization")),
-            client_address(headers, request.client),
-            headers.get(EVENT_HEADER),
-        )
+        access = await runtime.gate.of_request(request.headers, request.client)
         event = access.event
         by_class: dict[str, list[str]] = {}
-        for name, members in sorted((await runtime.pools(event.id)).items()):
+        for name, members in sorted((await runtime.directory.pools(event.id)).items()):
             for model_class in sorted({m.model_class for m in members}):
                 by_class.setdefault(model_class, []).append(name)
         now = clock.now()

@@ -78,7 +78,7 @@ class Forwarder:
             token = await upstream_token(self.runtime.settings, scope_for(resource.model_class))
             headers["authorization"] = f"Bearer {token}"
         else:
-            key = await self.runtime.upstream_key(resource)
+            key = await self.runtime.directory.upstream_key(resource)
             if key is None:
                 raise ProxyError(
                     "upstream_error",

@@ -15,10 +15,7 @@ from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
-from shared.access.entra import EVENT_HEADER
-from shared.access.guard import client_address
 from shared.directory.catalog import Resource
-from shared.directory.keys import key_from_headers
 from shared.directory.models import ModelClass
 from shared.errors import ProxyError
 from shared.pipeline.answers import REQUEST_ID_HEADER, error_response, new_request_id
@@ -89,13 +86,8 @@ def catalog_models(pools: dict[str, list[Resource]]) -> dict[str, dict[str, Any]
 
 async def _models_of(request: Request) -> dict[str, dict[str, Any]]:
     runtime = get_runtime()
-    headers = request.headers
-    access: Access = await runtime.access(
-        key_from_headers(headers.get("api-key"), headers.get("authorization")),
-        client_address(headers, request.client),
-        headers.get(EVENT_HEADER),
-    )
-    return catalog_models(await runtime.pools(access.event.id))
+    access: Access = await runtime.gate.of_request(request.headers, request.client)
+    return catalog_models(await runtime.directory.pools(access.event.id))
 
 
 def _json(data: Any, request_id: str) -> Response:

@@ -336,7 +336,7 @@ class ResponsesCall(ProxyCall):
         event = await self.arrive()
         sealed = self.open_id(response_id)
         await read_body(self.request, self.runtime.settings.max_body_bytes)  # none expected
-        self.pools = await self.runtime.pools(event.id)
+        self.pools = await self.runtime.directory.pools(event.id)
         resource = self.holder(sealed.resource_id, f"response '{response_id[:200]}'")
         upstream, method = self.upstream, self.request.method
         upstream.deployment, upstream.members, self.pinned = resource.deployment, [resource], True
