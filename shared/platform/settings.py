@@ -89,43 +89,14 @@ class Settings:
     plugins_usage_budget_seconds: float = 10.0
 
 
-_ENV_NAMES = {
-    "storage_connection_string": "AIPROXY_STORAGE_CONNECTION_STRING",
-    "storage_table_endpoint": "AIPROXY_STORAGE_TABLE_ENDPOINT",
-    "table_prefix": "AIPROXY_TABLE_PREFIX",
-    "encryption_key": "AIPROXY_ENCRYPTION_KEY",
-    "key_vault_url": "AIPROXY_KEY_VAULT_URL",
+# Each setting is AIPROXY_ and its field name in capitals, but for the two that Azure names.
+_AZURE_NAMES = {
     "managed_identity_client_id": "AZURE_CLIENT_ID",
-    "default_api_version": "AIPROXY_DEFAULT_API_VERSION",
-    "max_body_bytes": "AIPROXY_MAX_BODY_BYTES",
-    "cache_ttl_seconds": "AIPROXY_CACHE_TTL_SECONDS",
-    "usage_flush_seconds": "AIPROXY_USAGE_FLUSH_SECONDS",
-    "usage_spill_dir": "AIPROXY_USAGE_SPILL_DIR",
-    "usage_retention_days": "AIPROXY_USAGE_RETENTION_DAYS",
-    "sync_seconds": "AIPROXY_SYNC_SECONDS",
-    "upstream_connect_timeout": "AIPROXY_UPSTREAM_CONNECT_TIMEOUT",
-    "upstream_read_timeout": "AIPROXY_UPSTREAM_READ_TIMEOUT",
-    "stream_idle_timeout": "AIPROXY_STREAM_IDLE_TIMEOUT",
-    "upstream_total_timeout": "AIPROXY_UPSTREAM_TOTAL_TIMEOUT",
-    "upstream_hosts": "AIPROXY_UPSTREAM_HOSTS",
-    "allow_loopback_upstreams": "AIPROXY_ALLOW_LOOPBACK_UPSTREAMS",
-    "trust_easyauth": "AIPROXY_TRUST_EASYAUTH",
-    "wrong_codes_per_event_minute": "AIPROXY_WRONG_CODES_PER_EVENT_MINUTE",
-    "new_attendees_per_address_hour": "AIPROXY_NEW_ATTENDEES_PER_ADDRESS_HOUR",
-    "entra_authority": "AIPROXY_ENTRA_AUTHORITY",
-    "entra_key_refetch_seconds": "AIPROXY_ENTRA_KEY_REFETCH_SECONDS",
-    "entra_organizer_tenants": "AIPROXY_ENTRA_ORGANIZER_TENANTS",
-    "entra_organizer_audience": "AIPROXY_ENTRA_ORGANIZER_AUDIENCE",
-    "entra_organizer_groups": "AIPROXY_ENTRA_ORGANIZER_GROUPS",
-    "entra_organizer_roles": "AIPROXY_ENTRA_ORGANIZER_ROLES",
-    "operator_key": "AIPROXY_OPERATOR_KEY",
-    "entra_operator_roles": "AIPROXY_ENTRA_OPERATOR_ROLES",
-    "entra_operator_groups": "AIPROXY_ENTRA_OPERATOR_GROUPS",
     "appinsights_connection_string": "APPLICATIONINSIGHTS_CONNECTION_STRING",
-    "function_key": "AIPROXY_FUNCTION_KEY",
-    "plugins": "AIPROXY_PLUGINS",
-    "plugins_request_budget_ms": "AIPROXY_PLUGINS_REQUEST_BUDGET_MS",
-    "plugins_usage_budget_seconds": "AIPROXY_PLUGINS_USAGE_BUDGET_SECONDS",
+}
+_ENV_NAMES = {
+    field.name: _AZURE_NAMES.get(field.name, f"AIPROXY_{field.name.upper()}")
+    for field in fields(Settings)
 }
 
 # Settings the Functions host resolves itself (timer schedules written as %NAME%).
