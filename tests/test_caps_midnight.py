@@ -10,6 +10,7 @@ import pytest
 
 from local.azurite import Azurite
 from tests.harness import (
+    HELLO,
     OPERATOR,
     SIM_KEY,
     AppHost,
@@ -19,8 +20,9 @@ from tests.harness import (
     unique_prefix,
 )
 
+pytestmark = pytest.mark.e2e  # the worker's clock moved through the stand-ins' control API
+
 CHAT = "/openai/deployments/gpt/chat/completions?api-version=2024-10-21"
-HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 @pytest.fixture(scope="module")

@@ -602,6 +602,7 @@ def stand_in_az(folder: Path, answer: str, status: int = 0) -> dict[str, str]:
     return {"PATH": f"{folder}{os.pathsep}/usr/bin{os.pathsep}/bin"}
 
 
+@pytest.mark.e2e
 def test_organisers_manage_their_own_events_with_a_token_or_the_azure_cli(
     organised: AppHost, issuer: LocalIssuer, tmp_path: Path
 ) -> None:

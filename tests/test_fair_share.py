@@ -13,11 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from local.azurite import Azurite
 from shared.governance.fairshare import water_level
-from tests.harness import AppHost, EventSetup, Simulator, host_env
+from tests.harness import CHAT, AppHost, EventSetup, Simulator
 
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 QUOTA = 30  # requests per minute of the simulated deployment
 
@@ -126,13 +124,7 @@ def test_water_level_gives_equal_shares_and_leaves_light_users_room() -> None:
     assert water_level(30, [2, 2, 2, 30]) == 12
 
 
-@pytest.fixture(scope="module")
-def second_host(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
-    server = AppHost(log_dir, host_env(azurite.connection_string, prefix), name="share2")
-    yield server
-    server.stop()
-
-
+@pytest.mark.e2e
 def test_fair_share_holds_across_two_instances(
     host: AppHost, second_host: AppHost, quota_sim: Simulator
 ) -> None:

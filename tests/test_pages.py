@@ -35,6 +35,8 @@ from tests.harness import (
 )
 from tests.test_ownership import easyauth
 
+pytestmark = pytest.mark.e2e  # the pages in a browser against the app as deployed
+
 STREAMED = "Tell me a story [sim:tokens=30 latency_ms_per_token=60]"
 PWNED = "window.__pwned = 1; document.title = 'pwned';"
 HOSTILE_DESCRIPTION = f"""## Welcome to the lab

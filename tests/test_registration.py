@@ -12,10 +12,17 @@ import httpx
 import pytest
 
 from local.azurite import Azurite
-from tests.harness import AppHost, EventSetup, Simulator, Storage, host_answer, host_env, window
-
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
-HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+from tests.harness import (
+    CHAT,
+    HELLO,
+    AppHost,
+    EventSetup,
+    Simulator,
+    Storage,
+    host_answer,
+    host_env,
+    window,
+)
 
 
 def easyauth(provider: str, user_id: str, name: str = "") -> dict[str, str]:
@@ -165,6 +172,7 @@ def test_forged_principal_is_ignored_without_trust(host: AppHost, sim: Simulator
     refused(forged, 403, "registration_refused")
 
 
+@pytest.mark.e2e
 def test_signed_in_attendee_registers_without_a_code(trusted: AppHost, sim: Simulator) -> None:
     setup = EventSetup(trusted, sim, self_registration="sign_in")
     headers = easyauth("github", "12345", "octocat")
@@ -182,6 +190,7 @@ def test_signed_in_attendee_registers_without_a_code(trusted: AppHost, sim: Simu
     assert {"github:octocat", "aad:oid-7"} <= users
 
 
+@pytest.mark.e2e
 def test_trusted_instance_without_principal_still_takes_the_code(
     trusted: AppHost, sim: Simulator
 ) -> None:

@@ -16,11 +16,9 @@ import openai
 import pytest
 
 from local.azurite import Azurite
-from tests.harness import AppHost, EventSetup, Simulator, Storage, host_env
+from tests.harness import CHAT, HELLO, App, AppHost, EventSetup, Simulator, Storage, host_env
 from tests.test_registration import easyauth, refused, register
 
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
-HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 CODE = "SPRING-2026"
 WRONG_PER_MINUTE = 6
 NEW_PER_HOUR = 3
@@ -53,8 +51,8 @@ def code_key(event: EventSetup, email: str, code: str = CODE) -> str:
     return f"{event.id}@{code}/{email}"
 
 
-def chat(client: httpx.Client | AppHost, key: str) -> httpx.Response:
-    http = client.http if isinstance(client, AppHost) else client
+def chat(client: httpx.Client | App, key: str) -> httpx.Response:
+    http = client if isinstance(client, httpx.Client) else client.http
     return http.post(CHAT, json=HELLO, headers={"api-key": key})
 
 
@@ -110,6 +108,7 @@ def test_a_code_key_does_not_reach_the_issued_attendees_responses(
     assert owner.responses.retrieve(created.id).id == created.id
 
 
+@pytest.mark.e2e
 def test_names_that_look_like_a_signed_in_user_are_refused_everywhere(
     pair: tuple[AppHost, AppHost], sim: Simulator
 ) -> None:
@@ -179,6 +178,7 @@ def test_shared_codes_are_long_enough_or_generated(
     assert again.status_code == 400 and again.json()["error"]["param"] == "shared_code"
 
 
+@pytest.mark.e2e
 def test_wrong_codes_add_up_over_instances_while_the_right_code_passes(
     pair: tuple[AppHost, AppHost], sim: Simulator
 ) -> None:
@@ -208,6 +208,7 @@ def test_wrong_codes_add_up_over_instances_while_the_right_code_passes(
         assert chat(client, code_key(setup, "keyed@example.com")).status_code == 200
 
 
+@pytest.mark.e2e
 def test_new_attendees_by_code_are_limited_per_address_and_hour(
     pair: tuple[AppHost, AppHost], sim: Simulator
 ) -> None:
@@ -235,6 +236,7 @@ def test_new_attendees_by_code_are_limited_per_address_and_hour(
     assert "n4@example.com" in users and "code:n5@example.com" not in users
 
 
+@pytest.mark.e2e
 def test_sign_in_registration_follows_the_events_policy(
     pair: tuple[AppHost, AppHost], sim: Simulator
 ) -> None:

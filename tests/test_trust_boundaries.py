@@ -18,6 +18,7 @@ from local.azurite import Azurite
 from tests.entra_issuer import LocalIssuer
 from tests.harness import (
     FUNCTION_KEY,
+    HELLO,
     OPERATOR_KEY,
     SIM_KEY,
     AppHost,
@@ -28,6 +29,8 @@ from tests.harness import (
     window,
 )
 
+pytestmark = pytest.mark.e2e  # the Key Vault and credential stand-ins inside the worker
+
 ORGANISERS = str(uuid.uuid4())  # the organisers' tenant
 PARTNERS = str(uuid.uuid4())  # a tenant no organiser belongs to
 AUDIENCE = "api://aiproxy-trust"
@@ -36,7 +39,6 @@ ORGANISER_ROLE = "Event.Organizer"
 OPERATOR_GROUP = str(uuid.uuid4())
 OPERATOR_ROLE = "AIProxy.Operator"
 CHAT = "/openai/deployments/{}/chat/completions?api-version=2024-10-21"
-HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +287,7 @@ def test_an_organisers_managed_identity_resource_is_never_sent_a_token(
     assert upstream.stats()["total_requests"] == seen_before  # nothing was sent at all
     assert standins.credential_scopes() == []  # and no token was even asked for
     assert f"resource {resource_id} of owner aad:{dave_id} uses the app's managed identity" in (
-        host.proc.log()
+        host.log()
     )
 
 

@@ -13,6 +13,7 @@ import pytest
 from local.azurite import Azurite
 from shared.platform.identity import COGNITIVE_SCOPE, SEARCH_SCOPE, TokenSource
 from tests.harness import (
+    HELLO,
     OPERATOR,
     SIM_KEY,
     AppHost,
@@ -24,6 +25,8 @@ from tests.harness import (
     window,
 )
 from tests.standins import StandInCredential
+
+pytestmark = pytest.mark.e2e  # the Key Vault and credential stand-ins inside the worker
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,6 @@ async def setup_event(client: httpx.AsyncClient, resources: list[dict[str, Any]]
 
 
 CHAT = "/openai/deployments/{}/chat/completions?api-version=2024-10-21"
-HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 async def test_upstream_key_lives_in_key_vault_not_in_tables(
