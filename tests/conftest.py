@@ -29,7 +29,7 @@ from tests.harness import (  # noqa: E402
     host_env,
     unique_prefix,
 )
-from tests.inprocess import InProcessHost  # noqa: E402
+from tests.inprocess import Configured, InProcessHost  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -99,34 +99,34 @@ def host(request: pytest.FixtureRequest) -> App:
 
 
 @pytest.fixture(scope="module")
-def configured(
-    request: pytest.FixtureRequest, azurite: Azurite, log_dir: Path, prefix: str
-) -> Iterator[Callable[..., App]]:
-    """Hosts with settings of the module's own (`configured(AIPROXY_X="1")`) in the module's
-    tier: the in-process host set up so until the module ends, or a new AppHost per call."""
+def app_hosts(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[Callable[..., AppHost]]:
+    """AppHosts with settings of their own, `app_hosts("name", AIPROXY_X="1")` (`prefix=` for
+    tables of their own), each started at once and stopped when the module ends."""
     started: list[AppHost] = []
-    inprocess: InProcessHost | None = None
 
-    def make(name: str = "host", **overrides: str) -> App:
-        nonlocal inprocess
+    def start(name: str = "host", **overrides: str) -> AppHost:
         env = host_env(azurite.connection_string, overrides.pop("prefix", prefix), **overrides)
-        if request.node.get_closest_marker(E2E) is not None:
-            started.append(AppHost(log_dir, env, name=name))
-            return started[-1]
-        inprocess = request.getfixturevalue("inprocess")
-        inprocess.configure(env)
-        return inprocess
+        started.append(AppHost(log_dir, env, name=name))
+        return started[-1]
 
-    yield make
-    for server in started:
+    yield start
+    for server in reversed(started):
         server.stop()
-    if inprocess is not None:
-        inprocess.configure(host_env(azurite.connection_string, prefix))
 
 
 @pytest.fixture(scope="session")
 def storage(azurite: Azurite, prefix: str) -> Storage:
     return Storage(azurite.connection_string, prefix)
+
+
+@pytest.fixture(scope="module")
+def configured(
+    request: pytest.FixtureRequest, azurite: Azurite, prefix: str
+) -> Iterator[Configured]:
+    """Hosts with settings of the module's own (see `Configured`)."""
+    made = Configured(request, azurite.connection_string, prefix)
+    yield made
+    made.close()
 
 
 @pytest.fixture

@@ -29,10 +29,11 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import httpx
+import pytest
 
-from local.azurite import free_port
+from local.azurite import free_port, wait_for_port
 from local.host import _routing_path, compile_route, load_local_settings, route_prefix
-from tests.harness import EXAMPLE_SETTINGS, OPERATOR, ROOT
+from tests.harness import E2E, EXAMPLE_SETTINGS, OPERATOR, ROOT, App, StandIns, host_env
 
 log = logging.getLogger("tests.inprocess")
 
@@ -214,6 +215,7 @@ class InProcessHost:
 
         self.env = dict(env)
         self.prefix = route_prefix(ROOT)
+        self._standins_port: int | None = None
         self.app = FunctionsApp(function_app.app, self.prefix, self.env["AIPROXY_FUNCTION_KEY"])
         self.port = free_port()
         config = uvicorn.Config(
@@ -249,14 +251,20 @@ class InProcessHost:
         """Run a coroutine in the server's loop (where the app's runtime lives)."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
-    def configure(self, env: Mapping[str, str]) -> None:
+    def configure(self, env: Mapping[str, str], standins: bool = False) -> StandIns | None:
         """Serve with these settings from now on: the old runtime flushed and closed, the
         settings read again, a fresh runtime (its plugins and clients) made in the server loop.
-        The settings and the runtime are read from the environment while they are made."""
+        The settings and the runtime are read from the environment while they are made. With
+        `standins`, the tests' stand-ins (tests/standins.py) are behind the app's seams, fresh,
+        as in a worker that preloads them; their control API is returned."""
         from shared import runtime
-        from shared.platform import settings
+        from shared.platform import clock, identity, settings
 
         self.run(runtime.shutdown())
+        clock.reset()
+        identity.set_key_vault_client(None)  # the seams as a worker has them
+        identity.set_credential(None)
+        control = self._standins() if standins else None
         self.env = dict(env)
         with _environment(self.env):
             load_local_settings(ROOT, EXAMPLE_SETTINGS)  # what the host stand-in adds
@@ -268,6 +276,18 @@ class InProcessHost:
 
             self.run(start())
         self.logs.buffer = io.StringIO()
+        return control
+
+    def _standins(self) -> StandIns:
+        """The stand-ins behind the seams, fresh, and their control API (served from the
+        server's loop, where the app runs)."""
+        from tests import standins
+
+        if self._standins_port is None:
+            self._standins_port = free_port()
+            self.run(standins.standins.serve(self._standins_port))
+        standins.standins.reset()
+        return StandIns(self._standins_port)
 
     def log(self) -> str:
         """What the app logged since this configuration started."""
@@ -316,3 +336,47 @@ def _environment(env: Mapping[str, str]) -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+class Configured:
+    """The app with settings of a module's own, in the module's tier: the in-process host set up
+    so until the module ends (one configuration at a time), or a new AppHost per call in a
+    module marked `e2e`."""
+
+    def __init__(self, request: pytest.FixtureRequest, storage: str, prefix: str) -> None:
+        self.request, self.storage, self.prefix = request, storage, prefix
+        self.e2e = request.node.get_closest_marker(E2E) is not None
+        self.inprocess: InProcessHost | None = None
+
+    def __call__(self, name: str = "host", **overrides: str) -> App:
+        """`configured("name", AIPROXY_X="1")` (`prefix=` for tables of the module's own)."""
+        return self._make(name, False, overrides)[0]
+
+    def with_standins(self, name: str = "host", **overrides: str) -> tuple[App, StandIns]:
+        """The same, with the tests' stand-ins (Key Vault, Entra credential, clock, telemetry;
+        tests/standins.py) behind the app's seams, and their control API."""
+        host, control = self._make(name, True, overrides)
+        assert control is not None
+        return host, control
+
+    def _make(
+        self, name: str, standins: bool, overrides: dict[str, str]
+    ) -> tuple[App, StandIns | None]:
+        if self.e2e:
+            app_hosts = self.request.getfixturevalue("app_hosts")
+            if not standins:
+                return app_hosts(name, **overrides), None
+            port = free_port()
+            preload = {"AIPROXY_WORKER_PRELOAD": "tests.standins"}
+            host = app_hosts(name, **preload, AIPROXY_STANDINS_PORT=str(port), **overrides)
+            wait_for_port(port, timeout=30)
+            return host, StandIns(port)
+        prefix = overrides.pop("prefix", self.prefix)
+        self.inprocess = self.request.getfixturevalue("inprocess")
+        control = self.inprocess.configure(host_env(self.storage, prefix, **overrides), standins)
+        return self.inprocess, control
+
+    def close(self) -> None:
+        """The in-process host back to the test settings."""
+        if self.inprocess is not None:
+            self.inprocess.configure(host_env(self.storage, self.prefix))

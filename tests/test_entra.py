@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from tests.harness import (
     unique_prefix,
     window,
 )
+from tests.inprocess import Configured
 
 HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 REFETCH_SECONDS = 1.0
@@ -53,7 +54,7 @@ def upstream(log_dir: Path) -> Iterator[Simulator]:
 
 
 @pytest.fixture(scope="module")
-def setup(configured: Callable[..., App], issuer: LocalIssuer) -> tuple[App, str]:
+def setup(configured: Configured, issuer: LocalIssuer) -> tuple[App, str]:
     """An app whose Entra authority is the local issuer, with organisers by token."""
     prefix = unique_prefix("entra")
     server = configured(

@@ -291,6 +291,7 @@ def test_logs_hold_no_key_no_upstream_secret_and_no_prompt(
         assert secret not in log, f"{secret[:8]}… appears in the log"
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 async def test_spans_and_metrics_carry_event_and_deployment(
     azurite: Azurite, sim: Simulator, log_dir: Path

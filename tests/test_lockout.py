@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +27,7 @@ from tests.harness import (
     unique_prefix,
     wait_until,
 )
+from tests.inprocess import Configured
 
 BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 CACHE_TTL = 2.0  # AIPROXY_CACHE_TTL_SECONDS in tests.harness.host_env
@@ -55,7 +56,7 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
 
 
 @pytest.fixture(scope="module")
-def guarded(logged: Azurite, configured: Callable[..., App]) -> tuple[App, str]:
+def guarded(logged: Azurite, configured: Configured) -> tuple[App, str]:
     """The app on the Azurite whose access log counts the lookups."""
     prefix = unique_prefix("lock")
     storage = logged.connection_string

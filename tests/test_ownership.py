@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import pytest
 
 from local.azurite import Azurite
 from tests.harness import FUNCTION_KEY, SIM_KEY, App, AppHost, Simulator, host_env, window
+from tests.inprocess import Configured
 
 OPERATOR_ROLE = "AIProxy.Operator"
 OPERATOR_GROUP = "0f0e0d0c-0b0a-4908-8706-050403020100"
@@ -59,7 +59,7 @@ BOB = easyauth("aad", "oid-bob", "bob@contoso.com")
 
 
 @pytest.fixture(scope="module")
-def trusted(configured: Callable[..., App]) -> App:
+def trusted(configured: Configured) -> App:
     """An instance behind EasyAuth: it trusts the principal headers."""
     return configured(
         "owners",

@@ -36,6 +36,7 @@ from tests.harness import (
     unique_prefix,
     wait_until,
 )
+from tests.inprocess import Configured
 
 REQUEST_BUDGET = 0.5  # AIPROXY_PLUGINS_REQUEST_BUDGET_MS below
 STRICT_MAX_TEXT = 20_000  # the 'strict' word filter's max_text
@@ -134,7 +135,7 @@ def hold_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def plugin_host(
-    configured: Callable[..., App],
+    configured: Configured,
     plugin_prefix: str,
     receiver: Receiver,
     csv_path: Path,

@@ -193,6 +193,7 @@ async def test_a_burst_over_two_instances_stays_within_the_bound(
     assert admitted + late.count(200) <= 2 * 10
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_paced_calls_over_two_instances_pass_the_limit_by_what_crossed_in_two_syncs(
     host: AppHost, second_host: AppHost, sim: Simulator

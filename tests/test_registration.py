@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from local.azurite import Azurite
 from tests.harness import (
     CHAT,
     HELLO,
@@ -20,7 +18,6 @@ from tests.harness import (
     Simulator,
     Storage,
     host_answer,
-    host_env,
     window,
 )
 
@@ -44,12 +41,9 @@ def easyauth(provider: str, user_id: str, name: str = "") -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def trusted(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
+def trusted(app_hosts: Callable[..., AppHost]) -> AppHost:
     """An instance behind EasyAuth: it trusts the principal headers."""
-    env = host_env(azurite.connection_string, prefix, AIPROXY_TRUST_EASYAUTH="true")
-    server = AppHost(log_dir, env, name="devhost-trusted")
-    yield server
-    server.stop()
+    return app_hosts("devhost-trusted", AIPROXY_TRUST_EASYAUTH="true")
 
 
 def with_code(host: AppHost, sim: Simulator, code: str = "SPRING-26", **fields: Any) -> EventSetup:

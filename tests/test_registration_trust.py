@@ -7,16 +7,14 @@ from __future__ import annotations
 import re
 import select
 import socket
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from local.azurite import Azurite
-from tests.harness import CHAT, HELLO, App, AppHost, EventSetup, Simulator, Storage, host_env
+from tests.harness import CHAT, HELLO, App, AppHost, EventSetup, Simulator, Storage
 from tests.test_registration import easyauth, refused, register
 
 CODE = "SPRING-2026"
@@ -25,20 +23,14 @@ NEW_PER_HOUR = 3
 
 
 @pytest.fixture(scope="module")
-def pair(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[tuple[AppHost, AppHost]]:
+def pair(app_hosts: Callable[..., AppHost]) -> tuple[AppHost, AppHost]:
     """Two instances on the same storage, behind EasyAuth, with low registration limits."""
-    env = host_env(
-        azurite.connection_string,
-        prefix,
-        AIPROXY_TRUST_EASYAUTH="true",
-        AIPROXY_WRONG_CODES_PER_EVENT_MINUTE=str(WRONG_PER_MINUTE),
-        AIPROXY_NEW_ATTENDEES_PER_ADDRESS_HOUR=str(NEW_PER_HOUR),
-    )
-    first = AppHost(log_dir, env, name="devhost-limits-a")
-    second = AppHost(log_dir, dict(env), name="devhost-limits-b")
-    yield first, second
-    second.stop()
-    first.stop()
+    limits = {
+        "AIPROXY_TRUST_EASYAUTH": "true",
+        "AIPROXY_WRONG_CODES_PER_EVENT_MINUTE": str(WRONG_PER_MINUTE),
+        "AIPROXY_NEW_ATTENDEES_PER_ADDRESS_HOUR": str(NEW_PER_HOUR),
+    }
+    return app_hosts("devhost-limits-a", **limits), app_hosts("devhost-limits-b", **limits)
 
 
 def from_address(host: AppHost, address: str) -> httpx.Client:

@@ -33,6 +33,7 @@ def persistent_azurite(tmp_path: Path) -> Iterator[Azurite]:
     server.stop()
 
 
+@pytest.mark.slow
 async def test_300_concurrent_requests_across_a_storage_restart_leave_300_records(
     persistent_azurite: Azurite, log_dir: Path, sim: Simulator, tmp_path: Path
 ) -> None:

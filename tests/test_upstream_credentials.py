@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -16,37 +15,32 @@ from tests.harness import (
     HELLO,
     OPERATOR,
     SIM_KEY,
-    AppHost,
+    App,
     Simulator,
     StandIns,
     Storage,
-    host_with_standins,
     unique_prefix,
     window,
 )
+from tests.inprocess import Configured
 from tests.standins import StandInCredential
-
-pytestmark = pytest.mark.e2e  # the Key Vault and credential stand-ins inside the worker
 
 
 @pytest.fixture(scope="module")
-def configured(azurite: Azurite, log_dir: Path) -> Iterator[tuple[AppHost, StandIns, str]]:
-    """A host whose worker has a Key Vault and an Entra credential stood in through their seam."""
+def vaulted(configured: Configured) -> tuple[App, StandIns, str]:
+    """The app with a Key Vault and an Entra credential stood in through their seam."""
     prefix = unique_prefix("cred")
     vault = {"AIPROXY_KEY_VAULT_URL": "https://vault.test/"}
-    with host_with_standins(log_dir, azurite.connection_string, prefix, "credentials", **vault) as (
-        host,
-        control,
-    ):
-        yield host, control, prefix
+    host, control = configured.with_standins("credentials", prefix=prefix, **vault)
+    return host, control, prefix
 
 
 @pytest.fixture
 async def app(
-    configured: tuple[AppHost, StandIns, str],
+    vaulted: tuple[App, StandIns, str],
 ) -> AsyncIterator[tuple[httpx.AsyncClient, StandIns, str]]:
     """A fresh runtime and fresh stand-ins for each test."""
-    host, control, prefix = configured
+    host, control, prefix = vaulted
     client = httpx.AsyncClient(base_url=host.base, timeout=30)
     try:
         yield client, control, prefix
