@@ -193,6 +193,8 @@ class LogCapture(logging.Handler):
         self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == threading.main_thread().ident:
+            return  # the test's own lines (its clients): the app runs in the server's threads
         try:
             line = self.format(record)
         except Exception:
