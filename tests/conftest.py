@@ -1,9 +1,14 @@
-"""Session-wide real servers: one Azurite, one simulated upstream, one dev host."""
+"""Session-wide real servers: one Azurite, one simulated upstream, the app in two tiers.
+
+`host` is the app with the test settings: served from this process (tests/inprocess.py) for a
+module of the fast tier, through the host stand-in and its worker process (`AppHost`) for a
+module marked `e2e`. `pytest -m "not e2e"` runs the fast tier alone.
+"""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,8 @@ if str(ROOT) not in sys.path:
 from local.azurite import Azurite, free_port  # noqa: E402
 from tests.entra_issuer import LocalIssuer  # noqa: E402
 from tests.harness import (  # noqa: E402
+    E2E,
+    App,
     AppHost,
     EventSetup,
     Simulator,
@@ -22,6 +29,7 @@ from tests.harness import (  # noqa: E402
     host_env,
     unique_prefix,
 )
+from tests.inprocess import Configured, InProcessHost  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -57,10 +65,53 @@ def prefix() -> str:
 
 
 @pytest.fixture(scope="session")
-def host(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
+def app_host(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
+    """The app through the host stand-in and the worker runtime in its own process."""
     server = AppHost(log_dir, host_env(azurite.connection_string, prefix))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def second_host(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
+    """Another instance of the app on the same storage (and so the same keys), in a process of
+    its own: with `host`, two instances, whichever tier `host` is in."""
+    server = AppHost(log_dir, host_env(azurite.connection_string, prefix), name="second")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def inprocess(azurite: Azurite, prefix: str) -> Iterator[InProcessHost]:
+    """The app's functions served from this process (one configuration live at a time)."""
+    server = InProcessHost(host_env(azurite.connection_string, prefix))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def host(request: pytest.FixtureRequest) -> App:
+    """The app with the test settings, in the tier of the module: end to end when it is
+    marked `e2e`, in this process otherwise."""
+    if request.node.get_closest_marker(E2E) is not None:
+        return request.getfixturevalue("app_host")
+    return request.getfixturevalue("inprocess")
+
+
+@pytest.fixture(scope="module")
+def app_hosts(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[Callable[..., AppHost]]:
+    """AppHosts with settings of their own, `app_hosts("name", AIPROXY_X="1")` (`prefix=` for
+    tables of their own), each started at once and stopped when the module ends."""
+    started: list[AppHost] = []
+
+    def start(name: str = "host", **overrides: str) -> AppHost:
+        env = host_env(azurite.connection_string, overrides.pop("prefix", prefix), **overrides)
+        started.append(AppHost(log_dir, env, name=name))
+        return started[-1]
+
+    yield start
+    for server in reversed(started):
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +119,27 @@ def storage(azurite: Azurite, prefix: str) -> Storage:
     return Storage(azurite.connection_string, prefix)
 
 
+@pytest.fixture(scope="module")
+def configured(
+    request: pytest.FixtureRequest, azurite: Azurite, prefix: str
+) -> Iterator[Configured]:
+    """Hosts with settings of the module's own (see `Configured`)."""
+    made = Configured(request, azurite.connection_string, prefix)
+    yield made
+    made.close()
+
+
 @pytest.fixture
-def event(host: AppHost, sim: Simulator) -> EventSetup:
-    """A fresh live event with chat, completions and embeddings on the simulator."""
+def event(request: pytest.FixtureRequest, host: App, sim: Simulator) -> EventSetup:
+    """A fresh live event with chat, completions and embeddings on the simulator, made through
+    `host`, or through `app_host` for a test marked `e2e` in a module of the fast tier."""
+    if request.node.get_closest_marker(E2E) is not None:
+        return EventSetup(request.getfixturevalue("app_host"), sim)
     return EventSetup(host, sim)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that drives the browser is marked so (`-m "not browser"` leaves them out)."""
+    for item in items:
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from azure.data.tables import TableServiceClient
@@ -30,6 +30,13 @@ OPERATOR_KEY = "test-operator-key"
 OPERATOR = {"x-aiproxy-operator-key": OPERATOR_KEY}  # the management calls' credential
 SIM_KEY = "simkey"
 ENCRYPTION_KEY = Fernet.generate_key().decode()
+# Markers (pyproject): the end-to-end tier (host stand-in and worker processes), tests that
+# drive a browser, tests that take many seconds by design.
+E2E, BROWSER, SLOW = "e2e", "browser", "slow"
+# The paths most tests call, and a small chat body.
+API_VERSION = "2024-10-21"
+CHAT = f"/openai/deployments/gpt-4o-mini/chat/completions?api-version={API_VERSION}"
+HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
@@ -43,6 +50,25 @@ def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"still {answer!r} after {timeout} s")
         time.sleep(interval)
+
+
+class App(Protocol):
+    """The app as a test reaches it, in either tier: `AppHost` (host stand-in and worker
+    processes) or `tests.inprocess.InProcessHost` (this process)."""
+
+    base: str  # http://127.0.0.1:port/api
+    manage: httpx.Client  # base_url …/api/manage, with the operator key
+    http: httpx.Client  # base_url …/api
+
+    def log(self) -> str: ...
+
+
+def chat(
+    host: App, key: str, body: dict[str, Any] = HELLO, *, path: str = CHAT, **options: Any
+) -> httpx.Response:
+    """A chat call with an event key (`headers` are added to the key's)."""
+    headers = {"api-key": key, **options.pop("headers", {})}
+    return host.http.post(path, json=body, headers=headers, **options)
 
 
 class Process:
@@ -131,6 +157,10 @@ class AppHost:
         )
         answer.raise_for_status()
         return answer.json()
+
+    def log(self) -> str:
+        """What the host and its worker logged so far."""
+        return self.proc.log()
 
     def unanswered(self) -> set[str]:
         """Invocations the worker has not answered yet. Once it answers one, what it logged

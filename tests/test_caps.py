@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -21,23 +19,19 @@ from shared.governance.caps import Caps
 from shared.platform.settings import load
 from shared.platform.tables import Tables
 from tests.harness import (
+    CHAT,
     AppHost,
     EventSetup,
     Simulator,
     Storage,
     burst,
-    host_env,
+    chat,
     unique_prefix,
     wait_until,
 )
 
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 # 8 prompt tokens and 12 completion tokens: 20 tokens a call.
 SMALL = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12}
-
-
-def call(host: AppHost, key: str, body: dict[str, Any] = SMALL) -> httpx.Response:
-    return host.http.post(CHAT, json=body, headers={"api-key": key})
 
 
 def seconds_to_midnight(zone: str) -> float:
@@ -50,8 +44,8 @@ def test_request_cap_refuses_the_next_request_until_local_midnight(
 ) -> None:
     setup = EventSetup(host, sim, daily_request_cap=5, time_zone="Asia/Tokyo")
     for _ in range(5):
-        assert call(host, setup.key).status_code == 200
-    refused = call(host, setup.key)
+        assert chat(host, setup.key, SMALL).status_code == 200
+    refused = chat(host, setup.key, SMALL)
     assert refused.status_code == 429
     error = refused.json()["error"]
     assert error["code"] == "daily_request_cap_exceeded"
@@ -62,7 +56,7 @@ def test_request_cap_refuses_the_next_request_until_local_midnight(
 
 def test_token_cap_refuses_once_the_tokens_are_used(host: AppHost, sim: Simulator) -> None:
     setup = EventSetup(host, sim, daily_token_cap=50, time_zone="Europe/Lisbon")
-    answers = [call(host, setup.key) for _ in range(4)]
+    answers = [chat(host, setup.key, SMALL) for _ in range(4)]
     assert [a.status_code for a in answers] == [200, 200, 200, 429]
     used = sum(a.json()["usage"]["total_tokens"] for a in answers[:3])
     assert used == 60  # the third call crossed the cap: known only once it answered
@@ -74,7 +68,7 @@ def test_request_without_a_limit_is_given_the_event_cap(
     host: AppHost, event: EventSetup, sim: Simulator
 ) -> None:
     body = {"messages": [{"role": "user", "content": "hi"}]}
-    assert call(host, event.key, body).status_code == 200
+    assert chat(host, event.key, body).status_code == 200
     sent = sim.stats()["last_requests"][-1]["body"]
     assert sent["max_completion_tokens"] == 512 and "max_tokens" not in sent
     old = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-06-01"
@@ -89,20 +83,14 @@ def test_request_without_a_limit_is_given_the_event_cap(
 def test_eventinfo_says_what_is_left_today(host: AppHost, sim: Simulator) -> None:
     setup = EventSetup(host, sim, daily_request_cap=10, daily_token_cap=1000)
     for _ in range(3):
-        assert call(host, setup.key).status_code == 200
+        assert chat(host, setup.key, SMALL).status_code == 200
     today = host.http.get("/eventinfo", headers={"api-key": setup.key}).json()["today"]
     assert today["requests_used"] == 3 and today["requests_left"] == 7
     assert today["tokens_used"] == 60 and today["tokens_left"] == 940
     assert 0 < today["resets_in_seconds"] <= 86400
 
 
-@pytest.fixture(scope="module")
-def second_host(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
-    server = AppHost(log_dir, host_env(azurite.connection_string, prefix), name="caps2")
-    yield server
-    server.stop()
-
-
+@pytest.mark.e2e
 async def test_request_cap_holds_across_two_instances_under_a_burst(
     host: AppHost, second_host: AppHost, sim: Simulator, storage: Storage
 ) -> None:
@@ -132,6 +120,7 @@ async def test_token_cap_on_one_instance_is_passed_by_one_call_at_most(
     assert 60 <= used <= 100 + WORST_CASE  # calls in flight reserve their worst case
 
 
+@pytest.mark.e2e
 async def test_token_cap_overshoot_across_two_instances_stays_within_the_bound(
     host: AppHost, second_host: AppHost, sim: Simulator
 ) -> None:
@@ -144,7 +133,7 @@ async def test_token_cap_overshoot_across_two_instances_stays_within_the_bound(
     # Within two syncs (each flushes its count, then reads the other's) both refuse. A call
     # the upstream answers 400 uses no tokens: asking until the refusal adds none.
     for target in (host, second_host):
-        wait_until(lambda t=target: refused_for_tokens(call(t, setup.key, PROBE)), timeout=30)
+        wait_until(lambda t=target: refused_for_tokens(chat(t, setup.key, PROBE)), timeout=30)
 
 
 # Refused like SMALL near the cap; when admitted, the upstream answers 400 and it uses no tokens.
@@ -159,12 +148,13 @@ def refused_for_tokens(answer: httpx.Response) -> bool:
     return True
 
 
+@pytest.mark.e2e
 def test_unused_allowance_is_handed_back_to_other_instances(
     host: AppHost, second_host: AppHost, sim: Simulator, storage: Storage
 ) -> None:
     setup = EventSetup(host, sim, daily_request_cap=16)
-    assert call(host, setup.key).status_code == 200  # host reserves a block of 2
-    answers = [call(second_host, setup.key).status_code for _ in range(16)]
+    assert chat(host, setup.key, SMALL).status_code == 200  # host reserves a block of 2
+    answers = [chat(second_host, setup.key, SMALL).status_code for _ in range(16)]
     assert answers.count(200) == 14  # one used on host, one still reserved there
 
     def granted() -> int:
@@ -173,8 +163,8 @@ def test_unused_allowance_is_handed_back_to_other_instances(
 
     # After 5 idle seconds host hands its reserved request back to the row.
     wait_until(lambda: granted() == 15, timeout=30, interval=0.2)
-    assert call(second_host, setup.key).status_code == 200
-    assert call(second_host, setup.key).status_code == 429
+    assert chat(second_host, setup.key, SMALL).status_code == 200
+    assert chat(second_host, setup.key, SMALL).status_code == 429
 
 
 class SlowStorage(Tables):

@@ -2,38 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 import pytest
 
-from local.azurite import Azurite
 from tests.harness import (
+    HELLO,
     OPERATOR,
     SIM_KEY,
-    AppHost,
+    App,
     Simulator,
     StandIns,
-    host_with_standins,
     unique_prefix,
 )
+from tests.inprocess import Configured
 
 CHAT = "/openai/deployments/gpt/chat/completions?api-version=2024-10-21"
-HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 @pytest.fixture(scope="module")
-def app(azurite: Azurite, log_dir: Path) -> Iterator[tuple[AppHost, StandIns]]:
-    """A host whose worker's clock the tests move."""
-    with host_with_standins(
-        log_dir, azurite.connection_string, unique_prefix("mid"), "midnight"
-    ) as started:
-        yield started
+def app(configured: Configured) -> tuple[App, StandIns]:
+    """The app with a clock the tests move."""
+    return configured.with_standins("midnight", prefix=unique_prefix("mid"))
 
 
 @pytest.fixture
-async def client(app: tuple[AppHost, StandIns]) -> AsyncIterator[httpx.AsyncClient]:
+async def client(app: tuple[App, StandIns]) -> AsyncIterator[httpx.AsyncClient]:
     host, control = app
     async with httpx.AsyncClient(base_url=host.base, timeout=30) as http:
         yield http
@@ -41,7 +36,7 @@ async def client(app: tuple[AppHost, StandIns]) -> AsyncIterator[httpx.AsyncClie
 
 
 @pytest.fixture
-def travel_to(app: tuple[AppHost, StandIns]) -> Callable[[str], None]:
+def travel_to(app: tuple[App, StandIns]) -> Callable[[str], None]:
     """Moves the worker's clock to a UTC time."""
     return app[1].travel_to
 

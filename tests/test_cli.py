@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
-from local.azurite import Azurite, free_port
+from local.azurite import free_port
 from tests.entra_issuer import LocalIssuer
 from tests.harness import (
     FUNCTION_KEY,
@@ -32,7 +32,6 @@ from tests.harness import (
     SIM_KEY,
     AppHost,
     Simulator,
-    host_env,
     unique_prefix,
     wait_until,
     window,
@@ -569,19 +568,16 @@ ORGANISER_GROUP = str(uuid.uuid4())
 
 
 @pytest.fixture(scope="module")
-def organised(azurite: Azurite, log_dir: Path, issuer: LocalIssuer) -> Iterator[AppHost]:
+def organised(app_hosts: Callable[..., AppHost], issuer: LocalIssuer) -> AppHost:
     """An app that takes organisers' tokens from the local issuer."""
-    env = host_env(
-        azurite.connection_string,
-        unique_prefix("cliorg"),
+    return app_hosts(
+        "cli-organisers",
+        prefix=unique_prefix("cliorg"),
         AIPROXY_ENTRA_AUTHORITY=issuer.authority,
         AIPROXY_ENTRA_ORGANIZER_TENANTS=ORGANISERS,
         AIPROXY_ENTRA_ORGANIZER_AUDIENCE=AUDIENCE,
         AIPROXY_ENTRA_ORGANIZER_GROUPS=ORGANISER_GROUP,
     )
-    server = AppHost(log_dir, env, name="cli-organisers")
-    yield server
-    server.stop()
 
 
 def organiser_token(issuer: LocalIssuer, oid: str, **claims: Any) -> str:
@@ -602,6 +598,7 @@ def stand_in_az(folder: Path, answer: str, status: int = 0) -> dict[str, str]:
     return {"PATH": f"{folder}{os.pathsep}/usr/bin{os.pathsep}/bin"}
 
 
+@pytest.mark.e2e
 def test_organisers_manage_their_own_events_with_a_token_or_the_azure_cli(
     organised: AppHost, issuer: LocalIssuer, tmp_path: Path
 ) -> None:

@@ -21,18 +21,18 @@ from shared.errors import ProxyError
 from shared.platform.settings import Settings
 from tests.entra_issuer import LocalIssuer, new_rsa_key
 from tests.harness import (
+    API_VERSION,
+    CHAT,
     FUNCTION_KEY,
-    AppHost,
+    App,
     EventSetup,
     Simulator,
     Storage,
-    host_env,
     unique_prefix,
     window,
 )
+from tests.inprocess import Configured
 
-API_VERSION = "2024-10-21"
-CHAT = f"/openai/deployments/gpt-4o-mini/chat/completions?api-version={API_VERSION}"
 HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 REFETCH_SECONDS = 1.0
 ORGANISERS = str(uuid.uuid4())  # the organisers' tenant
@@ -54,12 +54,12 @@ def upstream(log_dir: Path) -> Iterator[Simulator]:
 
 
 @pytest.fixture(scope="module")
-def setup(azurite: Azurite, log_dir: Path, issuer: LocalIssuer) -> Iterator[tuple[AppHost, str]]:
+def setup(configured: Configured, issuer: LocalIssuer) -> tuple[App, str]:
     """An app whose Entra authority is the local issuer, with organisers by token."""
     prefix = unique_prefix("entra")
-    env = host_env(
-        azurite.connection_string,
-        prefix,
+    server = configured(
+        "entra",
+        prefix=prefix,
         AIPROXY_ENTRA_AUTHORITY=issuer.authority,
         AIPROXY_ENTRA_KEY_REFETCH_SECONDS=str(REFETCH_SECONDS),
         AIPROXY_ENTRA_ORGANIZER_TENANTS=ORGANISERS,
@@ -67,22 +67,20 @@ def setup(azurite: Azurite, log_dir: Path, issuer: LocalIssuer) -> Iterator[tupl
         AIPROXY_ENTRA_ORGANIZER_GROUPS=ORGANISER_GROUP,
         AIPROXY_ENTRA_ORGANIZER_ROLES=ORGANISER_ROLE,
     )
-    server = AppHost(log_dir, env, name="entra")
-    yield server, prefix
-    server.stop()
+    return server, prefix
 
 
 @pytest.fixture(scope="module")
-def host(setup: tuple[AppHost, str]) -> AppHost:
+def host(setup: tuple[App, str]) -> App:
     return setup[0]
 
 
 @pytest.fixture(scope="module")
-def storage(azurite: Azurite, setup: tuple[AppHost, str]) -> Storage:
+def storage(azurite: Azurite, setup: tuple[App, str]) -> Storage:
     return Storage(azurite.connection_string, setup[1])
 
 
-def from_address(host: AppHost, address: str) -> httpx.Client:
+def from_address(host: App, address: str) -> httpx.Client:
     """A client calling from its own loopback address: the failed-key guard counts per address."""
     return httpx.Client(
         base_url=host.base, timeout=30, transport=httpx.HTTPTransport(local_address=address)
@@ -104,7 +102,7 @@ def refused_token(response: httpx.Response, reason: str) -> str:
     return error["message"]
 
 
-def attendee_of(host: AppHost, event_id: str, user: str) -> dict[str, Any]:
+def attendee_of(host: App, event_id: str, user: str) -> dict[str, Any]:
     listing = host.manage.get(f"/events/{event_id}/attendees")
     assert listing.status_code == 200, listing.text
     found = [a for a in listing.json() if a["user"] == user]
@@ -116,7 +114,7 @@ def attendee_of(host: AppHost, event_id: str, user: str) -> dict[str, Any]:
 
 
 def test_sdk_token_provider_calls_as_the_tokens_attendee_and_is_metered(
-    host: AppHost, upstream: Simulator, issuer: LocalIssuer, storage: Storage
+    host: App, upstream: Simulator, issuer: LocalIssuer, storage: Storage
 ) -> None:
     contoso, oid = tenant(), str(uuid.uuid4())
     event = EventSetup(host, upstream, entra_tenants=[contoso])
@@ -150,7 +148,7 @@ def test_sdk_token_provider_calls_as_the_tokens_attendee_and_is_metered(
 
 
 async def test_async_sdk_token_provider_works_too(
-    host: AppHost, upstream: Simulator, issuer: LocalIssuer
+    host: App, upstream: Simulator, issuer: LocalIssuer
 ) -> None:
     contoso, oid = tenant(), str(uuid.uuid4())
     event = EventSetup(host, upstream, entra_tenants=[contoso])
@@ -176,7 +174,7 @@ async def test_async_sdk_token_provider_works_too(
 
 
 def test_upstream_gets_the_proxys_credentials_never_the_callers_token(
-    host: AppHost, upstream: Simulator, issuer: LocalIssuer
+    host: App, upstream: Simulator, issuer: LocalIssuer
 ) -> None:
     contoso = tenant()
     EventSetup(host, upstream, entra_tenants=[contoso])
@@ -192,7 +190,7 @@ def test_upstream_gets_the_proxys_credentials_never_the_callers_token(
 
 
 def test_caps_and_revocation_hold_for_token_attendees(
-    host: AppHost, upstream: Simulator, issuer: LocalIssuer
+    host: App, upstream: Simulator, issuer: LocalIssuer
 ) -> None:
     contoso, oid = tenant(), str(uuid.uuid4())
     event = EventSetup(host, upstream, entra_tenants=[contoso], daily_request_cap=2)
@@ -227,7 +225,7 @@ BAD_TOKENS: dict[str, tuple[dict[str, Any], str]] = {
 
 
 def test_each_bad_token_is_refused_with_its_reason(
-    host: AppHost, upstream: Simulator, issuer: LocalIssuer
+    host: App, upstream: Simulator, issuer: LocalIssuer
 ) -> None:
     contoso = tenant()
     EventSetup(host, upstream, entra_tenants=[contoso])
@@ -254,7 +252,7 @@ def test_each_bad_token_is_refused_with_its_reason(
 
 
 def test_only_allowed_users_apps_and_groups_of_the_tenant_get_in(
-    host: AppHost, upstream: Simulator, issuer: LocalIssuer
+    host: App, upstream: Simulator, issuer: LocalIssuer
 ) -> None:
     contoso, person, group = tenant(), str(uuid.uuid4()), str(uuid.uuid4())
     EventSetup(host, upstream, entra_tenants=[contoso], entra_allowed=[person, group.upper()])
@@ -271,7 +269,7 @@ def test_only_allowed_users_apps_and_groups_of_the_tenant_get_in(
 
 
 def test_made_up_key_ids_fetch_the_keys_at_most_once_per_interval(
-    host: AppHost, upstream: Simulator, issuer: LocalIssuer
+    host: App, upstream: Simulator, issuer: LocalIssuer
 ) -> None:
     contoso = tenant()
     EventSetup(host, upstream, entra_tenants=[contoso])
@@ -289,7 +287,7 @@ def test_made_up_key_ids_fetch_the_keys_at_most_once_per_interval(
 
 
 def test_a_rotated_key_is_fetched_once_and_accepted(
-    host: AppHost, upstream: Simulator, issuer: LocalIssuer
+    host: App, upstream: Simulator, issuer: LocalIssuer
 ) -> None:
     contoso = tenant()
     EventSetup(host, upstream, entra_tenants=[contoso])
@@ -314,7 +312,7 @@ def test_a_rotated_key_is_fetched_once_and_accepted(
 
 
 def test_wrong_tokens_count_toward_the_failed_key_guard(
-    host: AppHost, upstream: Simulator, issuer: LocalIssuer
+    host: App, upstream: Simulator, issuer: LocalIssuer
 ) -> None:
     contoso = tenant()
     EventSetup(host, upstream, entra_tenants=[contoso])
@@ -338,7 +336,7 @@ def test_wrong_tokens_count_toward_the_failed_key_guard(
 
 
 def test_a_tenant_in_several_running_events_names_its_event_in_a_header(
-    host: AppHost, upstream: Simulator, issuer: LocalIssuer
+    host: App, upstream: Simulator, issuer: LocalIssuer
 ) -> None:
     contoso, oid = tenant(), str(uuid.uuid4())
     first = EventSetup(host, upstream, name="Morning lab", entra_tenants=[contoso])
@@ -368,7 +366,7 @@ def test_a_tenant_in_several_running_events_names_its_event_in_a_header(
 
 
 def test_a_tenants_only_event_outside_its_window_says_when_it_runs(
-    host: AppHost, upstream: Simulator, issuer: LocalIssuer
+    host: App, upstream: Simulator, issuer: LocalIssuer
 ) -> None:
     contoso = tenant()
     EventSetup(host, upstream, entra_tenants=[contoso], **window(-24, 48))
@@ -384,13 +382,13 @@ def organiser(issuer: LocalIssuer, **claims: Any) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
 
 
-def new_event(host: AppHost, headers: dict[str, str], name: str) -> httpx.Response:
+def new_event(host: App, headers: dict[str, str], name: str) -> httpx.Response:
     body = {"name": name, **window(), "max_token_cap": 64, "daily_request_cap": 10}
     return httpx.post(f"{host.base}/manage/events", json=body, headers=headers, timeout=30)
 
 
 def test_organisers_by_token_own_what_they_create_and_see_only_that(
-    host: AppHost, issuer: LocalIssuer
+    host: App, issuer: LocalIssuer
 ) -> None:
     alice, bob = str(uuid.uuid4()), str(uuid.uuid4())
     as_alice = organiser(issuer, oid=alice, groups=[ORGANISER_GROUP])
@@ -410,7 +408,7 @@ def test_organisers_by_token_own_what_they_create_and_see_only_that(
 
 
 def test_organiser_tokens_are_refused_with_their_reason_never_taken_as_the_operator(
-    host: AppHost, issuer: LocalIssuer
+    host: App, issuer: LocalIssuer
 ) -> None:
     events = f"{host.base}/manage/events"
     cases = {

@@ -5,24 +5,25 @@ bound of the attendee caps (shared/governance/caps.py)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
 
-from local.azurite import Azurite
-from tests.harness import AppHost, EventSetup, Simulator, Storage, host_env, wait_until, window
+from tests.harness import (
+    CHAT,
+    AppHost,
+    EventSetup,
+    Simulator,
+    Storage,
+    chat,
+    wait_until,
+    window,
+)
 
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 SMALL = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12}  # 20 tokens a call
-
-
-def call(host: AppHost, key: str) -> httpx.Response:
-    return host.http.post(CHAT, json=SMALL, headers={"api-key": key})
 
 
 def seconds_to_midnight(zone: str) -> float:
@@ -46,8 +47,8 @@ def test_event_request_ceiling_refuses_an_attendee_who_spent_nothing(
     setup = EventSetup(host, sim, event_daily_request_cap=4, **window(zone="America/Chicago"))
     assert setup.event["event_daily_request_cap"] == 4
     first, second, fresh = keys(setup, 3)
-    assert [call(host, k).status_code for k in (first, first, second, second)] == [200] * 4
-    refused = call(host, fresh)
+    assert [chat(host, k, SMALL).status_code for k in (first, first, second, second)] == [200] * 4
+    refused = chat(host, fresh, SMALL)
     assert refused.status_code == 429
     error = refused.json()["error"]
     assert error["code"] == "event_daily_request_cap_exceeded"
@@ -64,10 +65,10 @@ def test_event_token_ceiling_refuses_an_attendee_who_spent_nothing(
 ) -> None:
     setup = EventSetup(host, sim, event_daily_token_cap=50)
     first, second, fresh = keys(setup, 3)
-    answers = [call(host, k) for k in (first, first, second)]
+    answers = [chat(host, k, SMALL) for k in (first, first, second)]
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert sum(a.json()["usage"]["total_tokens"] for a in answers) == 60  # crossed by the third
-    refused = call(host, fresh)
+    refused = chat(host, fresh, SMALL)
     assert refused.status_code == 429, refused.text
     error = refused.json()["error"]
     assert error["code"] == "event_daily_token_cap_exceeded"
@@ -85,13 +86,6 @@ def test_event_caps_are_optional_and_validated(host: AppHost) -> None:
     assert plain.json()["event_daily_token_cap"] == 0
 
 
-@pytest.fixture(scope="module")
-def second_host(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
-    server = AppHost(log_dir, host_env(azurite.connection_string, prefix), name="eventcaps2")
-    yield server
-    server.stop()
-
-
 async def spread(hosts: list[AppHost], calls: list[str]) -> list[httpx.Response]:
     """One call per key at once, alternating between the hosts."""
     clients = [httpx.AsyncClient(base_url=h.base, timeout=30) for h in hosts]
@@ -107,6 +101,7 @@ async def spread(hosts: list[AppHost], calls: list[str]) -> list[httpx.Response]
             await client.aclose()
 
 
+@pytest.mark.e2e
 async def test_event_request_ceiling_holds_across_two_instances(
     host: AppHost, second_host: AppHost, sim: Simulator, storage: Storage
 ) -> None:

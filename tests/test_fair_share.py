@@ -13,11 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
-from local.azurite import Azurite
 from shared.governance.fairshare import water_level
-from tests.harness import AppHost, EventSetup, Simulator, host_env
+from tests.harness import CHAT, AppHost, EventSetup, Simulator
 
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 QUOTA = 30  # requests per minute of the simulated deployment
 
@@ -76,6 +74,7 @@ def run_scenario(heavy_hosts: list[AppHost], light_hosts: list[AppHost], heavy: 
     return outcomes, light_statuses
 
 
+@pytest.mark.slow
 def test_a_light_user_keeps_getting_through_while_another_loops(
     host: AppHost, quota_sim: Simulator
 ) -> None:
@@ -91,6 +90,7 @@ def test_a_light_user_keeps_getting_through_while_another_loops(
     assert quota_sim.stats()["by_status"].get("429", 0) == 0  # the upstream never had to refuse
 
 
+@pytest.mark.slow
 def test_the_quota_announced_by_the_upstream_is_shared_too(
     host: AppHost, quota_sim: Simulator
 ) -> None:
@@ -104,6 +104,7 @@ def test_the_quota_announced_by_the_upstream_is_shared_too(
     assert outcomes["ok"] >= 10, outcomes
 
 
+@pytest.mark.slow
 def test_events_sharing_a_deployment_share_its_quota(host: AppHost, quota_sim: Simulator) -> None:
     setup, heavy, _ = quota_event(host, quota_sim, quota_requests_per_minute=QUOTA)
     chat = next(i for i, r in setup.resources.items() if r["model_class"] == "openai-chat")
@@ -126,13 +127,8 @@ def test_water_level_gives_equal_shares_and_leaves_light_users_room() -> None:
     assert water_level(30, [2, 2, 2, 30]) == 12
 
 
-@pytest.fixture(scope="module")
-def second_host(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
-    server = AppHost(log_dir, host_env(azurite.connection_string, prefix), name="share2")
-    yield server
-    server.stop()
-
-
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_fair_share_holds_across_two_instances(
     host: AppHost, second_host: AppHost, quota_sim: Simulator
 ) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from local.azurite import Azurite, free_port
 from tests.harness import (
+    CHAT,
     FUNCTION_KEY,
     OPERATOR,
     OPERATOR_KEY,
@@ -25,8 +26,6 @@ from tests.harness import (
     unique_prefix,
     wait_until,
 )
-
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 
 
 def chat(host: AppHost, key: str, content: str, **extra: object) -> httpx.Response:
@@ -43,6 +42,7 @@ def contract_error(response: httpx.Response, status: int, code: str) -> None:
 # --- faults ---------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_storage_down_at_start_is_reported_then_recovers_without_restart(
     log_dir: Path, sim: Simulator
 ) -> None:
@@ -242,6 +242,7 @@ def test_repeated_wrong_keys_are_slowed_without_hurting_others(
     contract_error(spoofed, 401, "invalid_api_key")
 
 
+@pytest.mark.e2e
 def test_logs_hold_no_key_no_upstream_secret_and_no_prompt(
     log_dir: Path, azurite: Azurite, sim: Simulator
 ) -> None:
@@ -271,8 +272,8 @@ def test_logs_hold_no_key_no_upstream_secret_and_no_prompt(
         last = host.http.post(CHAT, json={}, headers={"api-key": setup.key[:-1] + "X"})
         host.manage.post(f"/events/{setup.id}/attendees", json={"user": "second"})
         # Every call's lines are in: the three failed streams' and the refused key's.
-        wait_until(lambda: host.proc.log().count('"outcome":') >= 3)
-        wait_until(lambda: last.headers["x-aiproxy-request-id"] in host.proc.log())
+        wait_until(lambda: host.log().count('"outcome":') >= 3)
+        wait_until(lambda: last.headers["x-aiproxy-request-id"] in host.log())
         wait_until(lambda: not host.unanswered())
     finally:
         host.stop()
@@ -290,6 +291,8 @@ def test_logs_hold_no_key_no_upstream_secret_and_no_prompt(
         assert secret not in log, f"{secret[:8]}… appears in the log"
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 async def test_spans_and_metrics_carry_event_and_deployment(
     azurite: Azurite, sim: Simulator, log_dir: Path
 ) -> None:
@@ -341,12 +344,14 @@ async def test_spans_and_metrics_carry_event_and_deployment(
     assert refusals[0]["attributes"]["code"] == "daily_request_cap_exceeded"
 
 
+@pytest.mark.e2e  # the host stand-in's invocations and the worker's log
 def test_client_that_hangs_up_while_sending_its_body_is_not_an_error(
-    host: AppHost, event: EventSetup
+    app_host: AppHost, event: EventSetup
 ) -> None:
     import socket
 
-    before = host.proc.log().count("ERROR")
+    host = app_host
+    before = host.log().count("ERROR")
     earlier = host.unanswered()
     with socket.create_connection(("127.0.0.1", host.port)) as sock:
         sock.sendall(
@@ -359,5 +364,5 @@ def test_client_that_hangs_up_while_sending_its_body_is_not_an_error(
         running = wait_until(lambda: host.unanswered() - earlier)  # the call's invocation
     # The worker answered it, so its lines about the call are in the log.
     wait_until(lambda: not running & host.unanswered())
-    assert host.proc.log().count("ERROR") == before
+    assert host.log().count("ERROR") == before
     assert chat(host, event.key, "still here").status_code == 200

@@ -27,6 +27,8 @@ from tests.harness import (
     unique_prefix,
 )
 
+pytestmark = pytest.mark.e2e  # the host stand-in and the worker runtime themselves
+
 
 def test_route_templates_match_like_the_functions_host() -> None:
     chat = compile_route("api", "openai/deployments/{deployment}/chat/completions")
@@ -175,7 +177,7 @@ def test_admin_api_runs_a_timer_now(host: AppHost) -> None:
     assert ran.status_code == 202
     missing = httpx.post(url + "x", json={}, headers={"x-functions-key": FUNCTION_KEY})
     assert missing.status_code == 404
-    assert "Executed 'Functions.rollup_usage' (Succeeded" in host.proc.log()
+    assert "Executed 'Functions.rollup_usage' (Succeeded" in host.log()
 
 
 def test_timers_fire_on_their_schedule(azurite: Azurite, log_dir: Path) -> None:
@@ -185,8 +187,8 @@ def test_timers_fire_on_their_schedule(azurite: Azurite, log_dir: Path) -> None:
     host = AppHost(log_dir, env, name="timers")
     try:
         deadline = time.monotonic() + 30
-        while host.proc.log().count("Executed 'Functions.rollup_usage' (Succeeded") < 2:
-            assert time.monotonic() < deadline, host.proc.log()[-2000:]
+        while host.log().count("Executed 'Functions.rollup_usage' (Succeeded") < 2:
+            assert time.monotonic() < deadline, host.log()[-2000:]
             time.sleep(0.1)
     finally:
         host.stop()
@@ -259,10 +261,10 @@ def test_a_worker_that_dies_is_reported_and_started_again(
                     break
             except httpx.HTTPError:
                 pass
-            assert time.monotonic() < deadline, host.proc.log()[-2000:]
+            assert time.monotonic() < deadline, host.log()[-2000:]
             time.sleep(0.1)
         assert status["worker"]["restarts"] == 1
-        assert "the worker exited with code -9; starting a new one" in host.proc.log()
+        assert "the worker exited with code -9; starting a new one" in host.log()
         body = {"messages": [{"role": "user", "content": "back?"}], "max_tokens": 5}
         answer = host.http.post(
             "/openai/deployments/gpt-4o-mini/chat/completions",
@@ -297,8 +299,8 @@ def test_logs_carry_the_apps_lines_not_per_call_library_chatter(
         )
         assert refused.status_code == 401
         deadline = time.monotonic() + 10
-        while "invalid_api_key" not in host.proc.log():  # the app's line, sent as an RpcLog
-            assert time.monotonic() < deadline, host.proc.log()[-2000:]
+        while "invalid_api_key" not in host.log():  # the app's line, sent as an RpcLog
+            assert time.monotonic() < deadline, host.log()[-2000:]
             time.sleep(0.05)
     finally:
         host.stop()

@@ -3,42 +3,26 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
 
-from local.azurite import Azurite
-from tests.harness import AppHost, EventSetup, Storage, host_env
+from tests.harness import HELLO, AppHost, EventSetup, Storage, chat
 
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
-HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+pytestmark = pytest.mark.e2e  # two app instances
+
 # Margin over the TTL for one storage read and the polling step.
 MARGIN_SECONDS = 1.0
-
-
-@pytest.fixture(scope="module")
-def other(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
-    """A second instance of the app on the same storage."""
-    server = AppHost(log_dir, host_env(azurite.connection_string, prefix), name="devhost-other")
-    yield server
-    server.stop()
 
 
 def ttl(host: AppHost) -> float:
     return float(host.env["AIPROXY_CACHE_TTL_SECONDS"])
 
 
-def call(host: AppHost, key: str) -> httpx.Response:
-    return host.http.post(CHAT, json=HELLO, headers={"api-key": key})
-
-
 def seconds_until_refused(host: AppHost, key: str, code: str, limit: float) -> float:
     """Poll until `host` refuses `key` with `code`; the seconds it took (fails past `limit`)."""
     start = time.monotonic()
     while True:
-        response = call(host, key)
+        response = chat(host, key, HELLO)
         elapsed = time.monotonic() - start
         if response.status_code == 401:
             assert response.json()["error"]["code"] == code
@@ -49,42 +33,50 @@ def seconds_until_refused(host: AppHost, key: str, code: str, limit: float) -> f
 
 
 def test_revocation_reaches_the_other_instance_within_the_cache_ttl(
-    host: AppHost, other: AppHost, event: EventSetup
+    host: AppHost, second_host: AppHost, event: EventSetup
 ) -> None:
-    assert call(other, event.key).status_code == 200  # the other instance has the key cached
+    assert (
+        chat(second_host, event.key, HELLO).status_code == 200
+    )  # the second_host instance has the key cached
     revoked = host.manage.delete(f"/events/{event.id}/attendees/{event.attendee['id']}")
     assert revoked.status_code == 200
-    assert call(host, event.key).json()["error"]["code"] == "key_revoked"  # at once here
-    bound = ttl(other) + MARGIN_SECONDS
-    took = seconds_until_refused(other, event.key, "key_revoked", bound)
-    print(f"revocation reached the other instance after {took:.2f} s (TTL {ttl(other)} s)")
+    assert chat(host, event.key, HELLO).json()["error"]["code"] == "key_revoked"  # at once here
+    bound = ttl(second_host) + MARGIN_SECONDS
+    took = seconds_until_refused(second_host, event.key, "key_revoked", bound)
+    print(
+        f"revocation reached the second_host instance after {took:.2f} s (TTL {ttl(second_host)} s)"
+    )
     assert took <= bound
 
 
 def test_rotation_reaches_the_other_instance_within_the_cache_ttl(
-    host: AppHost, other: AppHost, event: EventSetup
+    host: AppHost, second_host: AppHost, event: EventSetup
 ) -> None:
-    assert call(host, event.key).status_code == 200  # host has the old key cached
-    rotated = other.manage.post(f"/events/{event.id}/attendees/{event.attendee['id']}/rotate")
+    assert chat(host, event.key, HELLO).status_code == 200  # host has the old key cached
+    rotated = second_host.manage.post(f"/events/{event.id}/attendees/{event.attendee['id']}/rotate")
     assert rotated.status_code == 200
     new_key = rotated.json()["api_key"]
-    assert call(host, new_key).status_code == 200  # the new key works everywhere at once
+    assert chat(host, new_key, HELLO).status_code == 200  # the new key works everywhere at once
     bound = ttl(host) + MARGIN_SECONDS
     took = seconds_until_refused(host, event.key, "invalid_api_key", bound)
-    print(f"rotation reached the other instance after {took:.2f} s (TTL {ttl(host)} s)")
+    print(f"rotation reached the second_host instance after {took:.2f} s (TTL {ttl(host)} s)")
     assert took <= bound
-    assert call(host, new_key).status_code == 200
-    assert call(other, new_key).status_code == 200
+    assert chat(host, new_key, HELLO).status_code == 200
+    assert chat(second_host, new_key, HELLO).status_code == 200
 
 
 def test_deleting_the_event_stops_its_keys_on_every_instance(
-    host: AppHost, other: AppHost, event: EventSetup
+    host: AppHost, second_host: AppHost, event: EventSetup
 ) -> None:
-    assert call(other, event.key).status_code == 200  # the other instance has it cached
+    assert (
+        chat(second_host, event.key, HELLO).status_code == 200
+    )  # the second_host instance has it cached
     assert host.manage.delete(f"/events/{event.id}?force=true").status_code == 204
-    assert call(host, event.key).status_code == 401
-    took = seconds_until_refused(other, event.key, "invalid_api_key", ttl(other) + MARGIN_SECONDS)
-    assert took <= ttl(other) + MARGIN_SECONDS
+    assert chat(host, event.key, HELLO).status_code == 401
+    took = seconds_until_refused(
+        second_host, event.key, "invalid_api_key", ttl(second_host) + MARGIN_SECONDS
+    )
+    assert took <= ttl(second_host) + MARGIN_SECONDS
 
 
 def test_keys_are_stored_as_a_hash_and_a_sealed_copy(

@@ -16,13 +16,20 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 
 from local.azurite import Azurite, free_port
-from tests.harness import AppHost, EventSetup, Simulator, host_env, unique_prefix, wait_until
+from tests.harness import (
+    App,
+    AppHost,
+    EventSetup,
+    Simulator,
+    chat,
+    unique_prefix,
+    wait_until,
+)
+from tests.inprocess import Configured
 
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 CACHE_TTL = 2.0  # AIPROXY_CACHE_TTL_SECONDS in tests.harness.host_env
 # The guard's defaults (shared/access/guard.py): wrong attempts before the budget, lookups/s.
@@ -50,11 +57,11 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
 
 
 @pytest.fixture(scope="module")
-def guarded(logged: Azurite, log_dir: Path) -> Iterator[tuple[AppHost, str]]:
+def guarded(logged: Azurite, configured: Configured) -> tuple[App, str]:
+    """The app on the Azurite whose access log counts the lookups."""
     prefix = unique_prefix("lock")
-    server = AppHost(log_dir, host_env(logged.connection_string, prefix), name="lockout")
-    yield server, prefix
-    server.stop()
+    storage = logged.connection_string
+    return configured("lockout", prefix=prefix, AIPROXY_STORAGE_CONNECTION_STRING=storage), prefix
 
 
 def burst(calls: list[Callable[[], httpx.Response]]) -> list[httpx.Response]:
@@ -62,10 +69,6 @@ def burst(calls: list[Callable[[], httpx.Response]]) -> list[httpx.Response]:
     burst shows the throttle however slowly this machine answers one call after another."""
     with ThreadPoolExecutor(max_workers=len(calls)) as pool:
         return list(pool.map(lambda call: call(), calls))
-
-
-def chat(host: AppHost, key: str) -> httpx.Response:
-    return host.http.post(CHAT, json=BODY, headers={"api-key": key})
 
 
 def wrong_key() -> str:
@@ -89,12 +92,12 @@ def test_forty_wrong_keys_leave_a_right_key_working_after_its_cache_entry_aged(
 ) -> None:
     host, prefix = guarded
     setup = EventSetup(host, sim)
-    assert chat(host, setup.key).status_code == 200  # cached from now on
+    assert chat(host, setup.key, BODY).status_code == 200  # cached from now on
     keys = Lookups(logged.access_log, f"{prefix}keys")  # type: ignore[arg-type]
     before = settled(keys)
     started = time.monotonic()
-    answers = [chat(host, wrong_key()) for _ in range(THRESHOLD)]
-    answers += burst([lambda: chat(host, wrong_key()) for _ in range(40 - THRESHOLD)])
+    answers = [chat(host, wrong_key(), BODY) for _ in range(THRESHOLD)]
+    answers += burst([lambda: chat(host, wrong_key(), BODY) for _ in range(40 - THRESHOLD)])
     codes = [a.json()["error"]["code"] for a in answers]
     assert codes[:THRESHOLD] == ["invalid_api_key"] * THRESHOLD
     assert "too_many_failed_keys" in codes[THRESHOLD:]
@@ -107,12 +110,12 @@ def test_forty_wrong_keys_leave_a_right_key_working_after_its_cache_entry_aged(
         # when the right key comes (a guard in front of the lookup would refuse it).
         for _ in range(50):
             sent += 1
-            wrong = chat(host, wrong_key())
+            wrong = chat(host, wrong_key(), BODY)
             if wrong.status_code == 401:
                 break
             assert wrong.json()["error"]["code"] == "too_many_failed_keys"
             assert wrong.headers["retry-after"] == "1"
-        answer = chat(host, setup.key)
+        answer = chat(host, setup.key, BODY)
         assert answer.status_code == 200, answer.text
     elapsed = time.monotonic() - started
     # Looked up are the first THRESHOLD unknown keys and then 2 a second at most; the right
@@ -131,13 +134,13 @@ def test_a_wrong_key_sent_again_reads_no_storage(
     key = wrong_key()
     before = settled(keys)
     # Over the budget after the test before: sent until its lookup's turn comes.
-    first = wait_until(lambda: chat(host, key).status_code == 401, timeout=10, interval=0.1)
+    first = wait_until(lambda: chat(host, key, BODY).status_code == 401, timeout=10, interval=0.1)
     assert first
     assert settled(keys) == before + 1
     started = time.monotonic()
     wait_until(lambda: time.monotonic() > started + CACHE_TTL + 0.5, timeout=CACHE_TTL + 5)
     for _ in range(5):  # past the cache's TTL: still known as unknown
-        assert chat(host, key).json()["error"]["code"] == "invalid_api_key"
+        assert chat(host, key, BODY).json()["error"]["code"] == "invalid_api_key"
     assert settled(keys) == before + 1
 
 
@@ -147,12 +150,12 @@ def test_ten_wrong_codes_leave_a_right_code_working(
     host, _ = guarded
     setup = EventSetup(host, sim, shared_code=CODE)
     for n in range(10):
-        wrong = chat(host, f"{setup.id}@Guess-{n:04d}/mallory@example.com")
+        wrong = chat(host, f"{setup.id}@Guess-{n:04d}/mallory@example.com", BODY)
         assert wrong.json()["error"]["code"] == "invalid_api_key", wrong.text
-    over = chat(host, f"{setup.id}@Guess-9999/mallory@example.com")
+    over = chat(host, f"{setup.id}@Guess-9999/mallory@example.com", BODY)
     assert over.status_code == 429 and over.json()["error"]["code"] == "too_many_failed_keys"
     # A classmate behind the same address, with the right code: a code key and a registration.
-    answer = chat(host, f"{setup.id}@{CODE}/ada@example.com")
+    answer = chat(host, f"{setup.id}@{CODE}/ada@example.com", BODY)
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["content"]
     registered = host.http.post(
@@ -196,11 +199,13 @@ def test_random_event_ids_are_throttled_while_a_known_event_answers(
     for _ in range(3):
         page = host.http.get(f"/events/{setup.id}")
         assert page.status_code == 200 and page.json()["id"] == setup.id
-        answer = chat(host, f"{setup.id}@{CODE}/ada@example.com")
+        answer = chat(host, f"{setup.id}@{CODE}/ada@example.com", BODY)
         assert answer.status_code == 200, answer.text
         host.manage.patch(f"/events/{setup.id}", json={"description_markdown": "again"})
     # Code keys naming random events count the same way.
-    refused = burst([lambda: chat(host, f"{secrets.token_hex(6)}@{CODE}/ada@example.com")] * 8)
+    refused = burst(
+        [lambda: chat(host, f"{secrets.token_hex(6)}@{CODE}/ada@example.com", BODY)] * 8
+    )
     assert {r.json()["error"]["code"] for r in refused} <= {
         "too_many_failed_keys",
         "invalid_api_key",

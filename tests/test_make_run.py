@@ -19,6 +19,8 @@ import pytest
 from local.azurite import free_port
 from tests.harness import ROOT
 
+pytestmark = pytest.mark.e2e  # `make run`'s processes
+
 
 def start_make_run(tmp: Path, ports: dict[str, int]) -> tuple[subprocess.Popen[str], str]:
     env = {

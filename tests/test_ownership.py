@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,8 @@ import httpx
 import pytest
 
 from local.azurite import Azurite
-from tests.harness import FUNCTION_KEY, SIM_KEY, AppHost, Simulator, host_env, window
+from tests.harness import FUNCTION_KEY, SIM_KEY, App, AppHost, Simulator, host_env, window
+from tests.inprocess import Configured
 
 OPERATOR_ROLE = "AIProxy.Operator"
 OPERATOR_GROUP = "0f0e0d0c-0b0a-4908-8706-050403020100"
@@ -59,18 +59,14 @@ BOB = easyauth("aad", "oid-bob", "bob@contoso.com")
 
 
 @pytest.fixture(scope="module")
-def trusted(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
+def trusted(configured: Configured) -> App:
     """An instance behind EasyAuth: it trusts the principal headers."""
-    env = host_env(
-        azurite.connection_string,
-        prefix,
+    return configured(
+        "owners",
         AIPROXY_TRUST_EASYAUTH="true",
         AIPROXY_ENTRA_OPERATOR_ROLES=OPERATOR_ROLE,
         AIPROXY_ENTRA_OPERATOR_GROUPS=OPERATOR_GROUP,
     )
-    server = AppHost(log_dir, env, name="devhost-owners")
-    yield server
-    server.stop()
 
 
 class Organiser:
@@ -238,7 +234,9 @@ def test_malformed_principal_is_no_principal(trusted: AppHost) -> None:
         assert refused.json()["error"]["code"] == "unauthorized"
 
 
-def test_forged_principal_is_nobody_without_trust(host: AppHost, world: dict[str, Any]) -> None:
+@pytest.mark.e2e
+def test_forged_principal_is_nobody_without_trust(app_host: AppHost, world: dict[str, Any]) -> None:
+    host = app_host  # an instance that does not trust the headers
     forged = Organiser(host, BOB)
     for method, path in (("GET", "/events"), ("GET", f"/events/{world['event']['id']}")):
         refused = forged.call(method, path)
@@ -297,6 +295,7 @@ def test_organisers_let_only_their_own_tenant_into_events(
     assert github.call("POST", "/events", {**body, "entra_tenants": [own]}).status_code == 403
 
 
+@pytest.mark.e2e
 def test_once_organiser_roles_are_named_a_sign_in_needs_one(
     azurite: Azurite, log_dir: Path, prefix: str
 ) -> None:

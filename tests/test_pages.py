@@ -9,7 +9,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -18,7 +18,6 @@ import httpx
 import pytest
 from openai import AzureOpenAI
 
-from local.azurite import Azurite
 from shared.web import pages
 from tests.browser import Browser, Route, Tab, chromium, chromium_path, tab
 from tests.harness import (
@@ -28,12 +27,13 @@ from tests.harness import (
     EventSetup,
     Simulator,
     Storage,
-    host_env,
     unique_prefix,
     wait_until,
     window,
 )
 from tests.test_ownership import easyauth
+
+pytestmark = pytest.mark.e2e  # the pages in a browser against the app as deployed
 
 STREAMED = "Tell me a story [sim:tokens=30 latency_ms_per_token=60]"
 PWNED = "window.__pwned = 1; document.title = 'pwned';"
@@ -654,13 +654,10 @@ class AppServiceAuth:
 
 
 @pytest.fixture(scope="module")
-def behind_app_service(azurite: Azurite, log_dir: Path) -> Iterator[AppHost]:
+def behind_app_service(app_hosts: Callable[..., AppHost]) -> AppHost:
     """An instance that trusts App Service's principal headers (AIPROXY_TRUST_EASYAUTH)."""
-    env = host_env(azurite.connection_string, unique_prefix("consolesso"),
-                   AIPROXY_TRUST_EASYAUTH="true")  # fmt: skip
-    server = AppHost(log_dir, env, name="console-easyauth")
-    yield server
-    server.stop()
+    prefix = unique_prefix("consolesso")
+    return app_hosts("console-easyauth", prefix=prefix, AIPROXY_TRUST_EASYAUTH="true")
 
 
 def test_console_behind_app_service_signs_organisers_in_with_microsoft(

@@ -25,6 +25,9 @@ from shared.plugins import Plugin, Plugins, Refusal, RequestContext
 from shared.plugins.csv_usage import FIELDS
 from shared.plugins.wordfilter import WordFilter
 from tests.harness import (
+    API_VERSION,
+    CHAT,
+    App,
     AppHost,
     EventSetup,
     Simulator,
@@ -33,9 +36,8 @@ from tests.harness import (
     unique_prefix,
     wait_until,
 )
+from tests.inprocess import Configured
 
-API_VERSION = "2024-10-21"
-CHAT = f"/openai/deployments/gpt-4o-mini/chat/completions?api-version={API_VERSION}"
 REQUEST_BUDGET = 0.5  # AIPROXY_PLUGINS_REQUEST_BUDGET_MS below
 STRICT_MAX_TEXT = 20_000  # the 'strict' word filter's max_text
 USAGE_BUDGET = 1.0  # AIPROXY_PLUGINS_USAGE_BUDGET_SECONDS below
@@ -133,13 +135,12 @@ def hold_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def plugin_host(
-    azurite: Azurite,
-    log_dir: Path,
+    configured: Configured,
     plugin_prefix: str,
     receiver: Receiver,
     csv_path: Path,
     hold_dir: Path,
-) -> Iterator[AppHost]:
+) -> App:
     config = {
         "AIPROXY_PLUGINS": PLUGINS,
         "AIPROXY_PLUGIN_WORDFILTER": json.dumps({"words": ["falcon", "project kestrel"]}),
@@ -162,10 +163,7 @@ def plugin_host(
         "AIPROXY_PLUGINS_REQUEST_BUDGET_MS": str(int(REQUEST_BUDGET * 1000)),
         "AIPROXY_PLUGINS_USAGE_BUDGET_SECONDS": str(USAGE_BUDGET),
     }
-    env = host_env(azurite.connection_string, plugin_prefix, **config)
-    server = AppHost(log_dir, env, name="plugins")
-    yield server
-    server.stop()
+    return configured("plugins", prefix=plugin_prefix, **config)
 
 
 @pytest.fixture(scope="module")
@@ -342,7 +340,7 @@ def make_calls(host: AppHost, key: str, count: int) -> list[str]:
 
 def logged(host: AppHost, needle: str) -> str:
     """The host's log once it holds `needle` (the worker's lines reach it a moment later)."""
-    return eventually(lambda: next((log for log in [host.proc.log()] if needle in log), ""), 5)
+    return eventually(lambda: next((log for log in [host.log()] if needle in log), ""), 5)
 
 
 def csv_rows(path: Path) -> list[dict[str, str]]:
@@ -379,7 +377,7 @@ def test_usage_records_reach_the_csv_file_and_the_webhook_after_its_failures(
         r["total_tokens"] for r in stored if r["request_id"] == ids[0]
     )
     assert "PartitionKey" not in sent[ids[0]]
-    log = plugin_host.proc.log()
+    log = plugin_host.log()
     assert "plugin webhook_usage: " in log and "answered 500" in log
     assert "token=secret" not in log
 
@@ -399,7 +397,7 @@ def test_a_failing_or_stalling_sink_delays_no_call_and_loses_no_record(
     assert len(plugin_storage.usage(party.id, expect=5)) == 5
 
     def logged() -> str:
-        log = plugin_host.proc.log()
+        log = plugin_host.log()
         failed = "plugin ondemand: " in log and "RuntimeError: refuses every batch" in log
         stalled = "plugin stalling: " in log and f"within its budget of {USAGE_BUDGET:g} s" in log
         return log if failed and stalled else ""
@@ -533,6 +531,7 @@ def test_a_failing_fail_open_plugin_lets_the_call_through_unchanged(
 # --- loading ------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_plugin_that_cannot_load_stops_start_up_naming_it(
     azurite: Azurite, log_dir: Path
 ) -> None:

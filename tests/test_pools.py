@@ -7,14 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from local.azurite import Azurite, free_port
-from tests.harness import AppHost, EventSetup, Simulator, Storage, host_env, wait_until
+from local.azurite import free_port
+from tests.harness import HELLO, AppHost, EventSetup, Simulator, Storage, chat, wait_until
 
-CHAT = "/openai/deployments/pool/chat/completions?api-version=2024-10-21"
-HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+POOL = "/openai/deployments/pool/chat/completions?api-version=2024-10-21"
 
 
 @pytest.fixture(scope="module")
@@ -23,14 +21,6 @@ def sims(log_dir: Path) -> Iterator[list[Simulator]]:
     yield servers
     for server in servers:
         server.stop()
-
-
-@pytest.fixture(scope="module")
-def host2(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
-    """A second instance of the app on the same storage."""
-    server = AppHost(log_dir, host_env(azurite.connection_string, prefix), name="devhost2")
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -53,16 +43,12 @@ def served(sims: list[Simulator]) -> list[int]:
     return [sim.stats()["by_status"].get("200", 0) for sim in sims]
 
 
-def call(host: AppHost, key: str, body: dict[str, Any] = HELLO) -> httpx.Response:
-    return host.http.post(CHAT, json=body, headers={"api-key": key})
-
-
 def test_weights_split_requests_proportionally(host: AppHost, fresh: list[Simulator]) -> None:
     setup = pool_event(
         host, fresh, [{"sim": 0, "weight": 1}, {"sim": 1, "weight": 1}, {"sim": 2, "weight": 2}]
     )
     for _ in range(400):
-        assert call(host, setup.key).status_code == 200
+        assert chat(host, setup.key, HELLO, path=POOL).status_code == 200
     counts = served(fresh)
     assert sum(counts) == 400
     for count, expected in zip(counts, (100, 100, 200), strict=True):
@@ -74,17 +60,19 @@ def test_lower_priority_serves_only_while_the_higher_one_cools(
 ) -> None:
     setup = pool_event(host, fresh, [{"sim": 0, "priority": 1}, {"sim": 1, "priority": 2}])
     for _ in range(20):
-        assert call(host, setup.key).status_code == 200
+        assert chat(host, setup.key, HELLO, path=POOL).status_code == 200
     assert served(fresh)[:2] == [20, 0]
     fresh[0].configure(status=429, retry_after_ms=1500)
     for _ in range(10):
-        assert call(host, setup.key).status_code == 200  # failed over, the caller never knew
+        assert (
+            chat(host, setup.key, HELLO, path=POOL).status_code == 200
+        )  # failed over, the caller never knew
     fresh[0].configure(status=None, retry_after_ms=None)
     assert fresh[0].stats()["by_status"]["429"] == 1
     assert served(fresh)[1] == 10
     time.sleep(1.7)  # past the 1.5 s cooldown (a sleep is never shorter than asked)
     for _ in range(10):
-        assert call(host, setup.key).status_code == 200
+        assert chat(host, setup.key, HELLO, path=POOL).status_code == 200
     assert served(fresh)[:2] == [30, 10]  # back on the provisioned deployment
 
 
@@ -94,29 +82,30 @@ def test_retry_after_ms_cools_a_member_for_exactly_that_long(
     setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}])
     fresh[0].configure(status=429, retry_after_ms=2000)
     while fresh[0].stats()["by_status"].get("429", 0) == 0:
-        assert call(host, setup.key).status_code == 200
+        assert chat(host, setup.key, HELLO, path=POOL).status_code == 200
     throttled_at = time.monotonic()
     fresh[0].configure(status=None, retry_after_ms=None)
     before = fresh[0].stats()["total_requests"]
     sent = 0
     while time.monotonic() - throttled_at < 1.8 and sent < 500:
-        assert call(host, setup.key).status_code == 200
+        assert chat(host, setup.key, HELLO, path=POOL).status_code == 200
         sent += 1
         time.sleep(0.01)  # paced: the loop is bounded in requests as well as time
     assert sent >= 10
     assert fresh[0].stats()["total_requests"] == before  # nothing reached the cooled member
     time.sleep(max(0.0, 2.2 - (time.monotonic() - throttled_at)))
     for _ in range(10):
-        assert call(host, setup.key).status_code == 200
+        assert chat(host, setup.key, HELLO, path=POOL).status_code == 200
     assert fresh[0].stats()["total_requests"] - before >= 4  # used again after 2 s
 
 
+@pytest.mark.e2e
 def test_two_instances_continue_one_round_robin_sequence(
-    host: AppHost, host2: AppHost, fresh: list[Simulator], storage: Storage
+    host: AppHost, second_host: AppHost, fresh: list[Simulator], storage: Storage
 ) -> None:
     setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}, {"sim": 2}])
     for i in range(300):
-        assert call(host if i % 2 else host2, setup.key).status_code == 200
+        assert chat(host if i % 2 else second_host, setup.key, HELLO, path=POOL).status_code == 200
     counts = served(fresh)
     assert all(abs(c - 100) <= 10 for c in counts), counts
     cursors = storage.rows(
@@ -127,23 +116,26 @@ def test_two_instances_continue_one_round_robin_sequence(
     assert cursors[0]["next"] % 258 == 0 and cursors[0]["next"] >= 2 * 258
 
 
+@pytest.mark.e2e
 def test_cooldown_reaches_the_other_instance_within_two_seconds(
-    host: AppHost, host2: AppHost, fresh: list[Simulator]
+    host: AppHost, second_host: AppHost, fresh: list[Simulator]
 ) -> None:
     setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}])
-    assert call(host2, setup.key).status_code == 200  # host2 knows the pool
+    assert (
+        chat(second_host, setup.key, HELLO, path=POOL).status_code == 200
+    )  # second_host knows the pool
     fresh[0].configure(status=429, retry_after_ms=6000)
     while fresh[0].stats()["by_status"].get("429", 0) == 0:
-        assert call(host, setup.key).status_code == 200
+        assert chat(host, setup.key, HELLO, path=POOL).status_code == 200
     fresh[0].configure(status=None, retry_after_ms=None)
 
     def host2_avoids_the_cooled_member() -> bool:  # round robin would send it every other call
         before = fresh[0].stats()["total_requests"]
         for _ in range(12):
-            assert call(host2, setup.key).status_code == 200
+            assert chat(second_host, setup.key, HELLO, path=POOL).status_code == 200
         return fresh[0].stats()["total_requests"] == before
 
-    # Two syncs (about 2 s) bring host2 the cooldown; it must come well before its 6 s end.
+    # Two syncs (about 2 s) bring second_host the cooldown; it must come well before its 6 s end.
     wait_until(host2_avoids_the_cooled_member, timeout=4)
 
 
@@ -153,7 +145,7 @@ def test_all_members_throttled_gives_no_capacity_with_the_soonest_retry_after(
     setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}])
     fresh[0].configure(status=429, retry_after=5)
     fresh[1].configure(status=429, retry_after=9)
-    response = call(host, setup.key)
+    response = chat(host, setup.key, HELLO, path=POOL)
     assert response.status_code == 429
     assert response.json()["error"]["code"] == "no_capacity"
     assert response.headers["retry-after"] == "5"
@@ -164,7 +156,7 @@ def test_all_members_down_gives_upstream_error(host: AppHost, fresh: list[Simula
     setup = EventSetup(host, fresh[0])
     for _ in range(2):
         setup.add_resource(f"http://127.0.0.1:{free_port()}", "pool", "openai-chat")
-    response = call(host, setup.key)
+    response = chat(host, setup.key, HELLO, path=POOL)
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "upstream_error"
 
@@ -175,16 +167,17 @@ def test_all_members_failing_with_5xx_gives_upstream_error(
     setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}])
     fresh[0].configure(status=500)
     fresh[1].configure(status=503)
-    response = call(host, setup.key)
+    response = chat(host, setup.key, HELLO, path=POOL)
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "upstream_error"
     assert [s.stats()["total_requests"] for s in fresh[:2]] == [1, 1]  # each tried once
 
 
+@pytest.mark.slow
 def test_all_members_slow_gives_upstream_timeout(host: AppHost, fresh: list[Simulator]) -> None:
     setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}])
     body = {"messages": [{"role": "user", "content": "[sim:hang]"}]}
-    response = call(host, setup.key, body)
+    response = chat(host, setup.key, body, path=POOL)
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "upstream_timeout"
     assert [s.stats()["by_status"].get("hang", 0) for s in fresh[:2]] == [1, 1]
@@ -199,7 +192,7 @@ def test_failover_happens_before_any_byte_reaches_a_streaming_client(
     fresh[2].reset()
     setup.add_resource(fresh[2].url, "pool", "openai-chat", priority=5)
     body = {**HELLO, "stream": True}
-    with host.http.stream("POST", CHAT, json=body, headers={"api-key": setup.key}) as response:
+    with host.http.stream("POST", POOL, json=body, headers={"api-key": setup.key}) as response:
         assert response.status_code == 200
         text = response.read().decode()
     assert text.rstrip().endswith("data: [DONE]")

@@ -9,9 +9,8 @@ import openai
 import pytest
 
 from local.azurite import free_port
-from tests.harness import AppHost, EventSetup, Simulator, window
+from tests.harness import CHAT, AppHost, EventSetup, Simulator, window
 
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 HELLO = {"messages": [{"role": "user", "content": "hello"}]}
 
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,24 +25,20 @@ from shared.governance.ratelimits import RateLimits
 from shared.platform.settings import load
 from shared.platform.tables import Tables
 from tests.harness import (
+    CHAT,
     AppHost,
     EventSetup,
     Simulator,
     Storage,
     burst,
-    host_env,
+    chat,
     unique_prefix,
 )
 
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 # 8 prompt tokens and 12 completion tokens: 20 tokens a call.
 SMALL = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12}
 # One call's worst case as the proxy reserves it: body bytes / 4 plus its token limit.
 WORST_CASE = len(b'{"messages":[{"role":"user","content":"hi"}],"max_tokens":12}') // 4 + 12
-
-
-def call(host: AppHost, key: str, body: dict[str, Any] = SMALL) -> httpx.Response:
-    return host.http.post(CHAT, json=body, headers={"api-key": key})
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, every: float = 0.1) -> float:
@@ -69,8 +64,8 @@ def test_requests_per_minute_refuses_at_its_number_with_retry_after_and_headers(
     setup = EventSetup(host, sim, requests_per_minute=5)
     other = setup.add_attendee("second@example.com")["api_key"]
     started = time.time()
-    assert [call(host, setup.key).status_code for _ in range(5)] == [200] * 5
-    refused = call(host, setup.key)
+    assert [chat(host, setup.key, SMALL).status_code for _ in range(5)] == [200] * 5
+    refused = chat(host, setup.key, SMALL)
     refused_for(refused, "5 of your 5 requests per minute")
     headers = refused.headers
     elapsed = time.time() - started
@@ -83,8 +78,8 @@ def test_requests_per_minute_refuses_at_its_number_with_retry_after_and_headers(
     assert "x-ratelimit-limit-tokens" not in headers  # no tokens limit on this event
     assert len(headers["x-aiproxy-request-id"]) == 16
     # The second attendee has a minute of their own.
-    assert [call(host, other).status_code for _ in range(5)] == [200] * 5
-    assert call(host, other).status_code == 429
+    assert [chat(host, other, SMALL).status_code for _ in range(5)] == [200] * 5
+    assert chat(host, other, SMALL).status_code == 429
 
 
 def test_the_sdk_would_wait_the_retry_after_we_send(host: AppHost, sim: Simulator) -> None:
@@ -112,7 +107,7 @@ def test_tokens_per_minute_counts_the_worst_case_until_a_call_answers(
 ) -> None:
     setup = EventSetup(host, sim, tokens_per_minute=200)
     other = setup.add_attendee("second@example.com")["api_key"]
-    answers = [call(host, setup.key) for _ in range(10)]
+    answers = [chat(host, setup.key, SMALL) for _ in range(10)]
     # Each call used 20 tokens; a call is admitted while the minute's tokens plus its worst
     # case (27) fit in 200: the ninth brought 180, the tenth would need 207.
     assert [a.status_code for a in answers] == [200] * 9 + [429]
@@ -122,7 +117,7 @@ def test_tokens_per_minute_counts_the_worst_case_until_a_call_answers(
     assert refused.headers["x-ratelimit-remaining-tokens"] == "20"
     assert 55 <= int(refused.headers["retry-after"]) <= 60
     assert refused.headers["x-ratelimit-reset-tokens"] == refused.headers["retry-after"]
-    assert call(host, other).status_code == 200
+    assert chat(host, other, SMALL).status_code == 200
 
 
 async def test_calls_in_flight_hold_their_worst_case(host: AppHost, sim: Simulator) -> None:
@@ -150,7 +145,7 @@ async def test_calls_in_flight_hold_their_worst_case(host: AppHost, sim: Simulat
 def test_an_event_without_limits_is_not_limited_per_minute(
     host: AppHost, event: EventSetup
 ) -> None:
-    assert all(call(host, event.key).status_code == 200 for _ in range(40))
+    assert all(chat(host, event.key, SMALL).status_code == 200 for _ in range(40))
 
 
 def test_eventinfo_shows_the_limits(host: AppHost, sim: Simulator) -> None:
@@ -163,7 +158,7 @@ def test_refusals_are_counted_by_reason_without_a_write_per_call(
     host: AppHost, sim: Simulator, storage: Storage
 ) -> None:
     setup = EventSetup(host, sim, requests_per_minute=2)
-    answers = [call(host, setup.key).status_code for _ in range(6)]
+    answers = [chat(host, setup.key, SMALL).status_code for _ in range(6)]
     assert answers == [200, 200, 429, 429, 429, 429]
     counters = f"PartitionKey ge '{setup.id}_' and PartitionKey lt '{setup.id}_~'"
 
@@ -176,13 +171,7 @@ def test_refusals_are_counted_by_reason_without_a_write_per_call(
     assert len(rows) == 1 and rows[0]["used"] == 2  # the refused calls are not daily requests
 
 
-@pytest.fixture(scope="module")
-def second_host(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
-    server = AppHost(log_dir, host_env(azurite.connection_string, prefix), name="limits2")
-    yield server
-    server.stop()
-
-
+@pytest.mark.e2e
 async def test_a_burst_over_two_instances_stays_within_the_bound(
     host: AppHost, second_host: AppHost, sim: Simulator
 ) -> None:
@@ -196,7 +185,7 @@ async def test_a_burst_over_two_instances_stays_within_the_bound(
     late: list[int] = []
 
     def both_refuse() -> bool:
-        statuses = [call(target, setup.key).status_code for target in (host, second_host)]
+        statuses = [chat(target, setup.key, SMALL).status_code for target in (host, second_host)]
         late.extend(statuses)
         return statuses == [429, 429]
 
@@ -204,6 +193,8 @@ async def test_a_burst_over_two_instances_stays_within_the_bound(
     assert admitted + late.count(200) <= 2 * 10
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_paced_calls_over_two_instances_pass_the_limit_by_what_crossed_in_two_syncs(
     host: AppHost, second_host: AppHost, sim: Simulator
 ) -> None:
@@ -211,7 +202,7 @@ def test_paced_calls_over_two_instances_pass_the_limit_by_what_crossed_in_two_sy
     statuses = []
     for i in range(20):  # a call every 0.4 s, alternating: each instance gets one every 0.8 s
         started = time.monotonic()
-        statuses.append(call((host, second_host)[i % 2], setup.key).status_code)
+        statuses.append(chat((host, second_host)[i % 2], setup.key, SMALL).status_code)
         time.sleep(max(0.0, 0.4 - (time.monotonic() - started)))
     admitted = statuses.count(200)
     # README bound: the limit, plus what the other instance admitted during the two sync

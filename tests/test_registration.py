@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from local.azurite import Azurite
-from tests.harness import AppHost, EventSetup, Simulator, Storage, host_answer, host_env, window
-
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
-HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+from tests.harness import (
+    CHAT,
+    HELLO,
+    AppHost,
+    EventSetup,
+    Simulator,
+    Storage,
+    host_answer,
+    window,
+)
 
 
 def easyauth(provider: str, user_id: str, name: str = "") -> dict[str, str]:
@@ -37,12 +41,9 @@ def easyauth(provider: str, user_id: str, name: str = "") -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def trusted(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
+def trusted(app_hosts: Callable[..., AppHost]) -> AppHost:
     """An instance behind EasyAuth: it trusts the principal headers."""
-    env = host_env(azurite.connection_string, prefix, AIPROXY_TRUST_EASYAUTH="true")
-    server = AppHost(log_dir, env, name="devhost-trusted")
-    yield server
-    server.stop()
+    return app_hosts("devhost-trusted", AIPROXY_TRUST_EASYAUTH="true")
 
 
 def with_code(host: AppHost, sim: Simulator, code: str = "SPRING-26", **fields: Any) -> EventSetup:
@@ -165,6 +166,7 @@ def test_forged_principal_is_ignored_without_trust(host: AppHost, sim: Simulator
     refused(forged, 403, "registration_refused")
 
 
+@pytest.mark.e2e
 def test_signed_in_attendee_registers_without_a_code(trusted: AppHost, sim: Simulator) -> None:
     setup = EventSetup(trusted, sim, self_registration="sign_in")
     headers = easyauth("github", "12345", "octocat")
@@ -182,6 +184,7 @@ def test_signed_in_attendee_registers_without_a_code(trusted: AppHost, sim: Simu
     assert {"github:octocat", "aad:oid-7"} <= users
 
 
+@pytest.mark.e2e
 def test_trusted_instance_without_principal_still_takes_the_code(
     trusted: AppHost, sim: Simulator
 ) -> None:

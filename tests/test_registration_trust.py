@@ -7,40 +7,30 @@ from __future__ import annotations
 import re
 import select
 import socket
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from local.azurite import Azurite
-from tests.harness import AppHost, EventSetup, Simulator, Storage, host_env
+from tests.harness import CHAT, HELLO, App, AppHost, EventSetup, Simulator, Storage
 from tests.test_registration import easyauth, refused, register
 
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
-HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 CODE = "SPRING-2026"
 WRONG_PER_MINUTE = 6
 NEW_PER_HOUR = 3
 
 
 @pytest.fixture(scope="module")
-def pair(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[tuple[AppHost, AppHost]]:
+def pair(app_hosts: Callable[..., AppHost]) -> tuple[AppHost, AppHost]:
     """Two instances on the same storage, behind EasyAuth, with low registration limits."""
-    env = host_env(
-        azurite.connection_string,
-        prefix,
-        AIPROXY_TRUST_EASYAUTH="true",
-        AIPROXY_WRONG_CODES_PER_EVENT_MINUTE=str(WRONG_PER_MINUTE),
-        AIPROXY_NEW_ATTENDEES_PER_ADDRESS_HOUR=str(NEW_PER_HOUR),
-    )
-    first = AppHost(log_dir, env, name="devhost-limits-a")
-    second = AppHost(log_dir, dict(env), name="devhost-limits-b")
-    yield first, second
-    second.stop()
-    first.stop()
+    limits = {
+        "AIPROXY_TRUST_EASYAUTH": "true",
+        "AIPROXY_WRONG_CODES_PER_EVENT_MINUTE": str(WRONG_PER_MINUTE),
+        "AIPROXY_NEW_ATTENDEES_PER_ADDRESS_HOUR": str(NEW_PER_HOUR),
+    }
+    return app_hosts("devhost-limits-a", **limits), app_hosts("devhost-limits-b", **limits)
 
 
 def from_address(host: AppHost, address: str) -> httpx.Client:
@@ -53,8 +43,8 @@ def code_key(event: EventSetup, email: str, code: str = CODE) -> str:
     return f"{event.id}@{code}/{email}"
 
 
-def chat(client: httpx.Client | AppHost, key: str) -> httpx.Response:
-    http = client.http if isinstance(client, AppHost) else client
+def chat(client: httpx.Client | App, key: str) -> httpx.Response:
+    http = client if isinstance(client, httpx.Client) else client.http
     return http.post(CHAT, json=HELLO, headers={"api-key": key})
 
 
@@ -110,6 +100,7 @@ def test_a_code_key_does_not_reach_the_issued_attendees_responses(
     assert owner.responses.retrieve(created.id).id == created.id
 
 
+@pytest.mark.e2e
 def test_names_that_look_like_a_signed_in_user_are_refused_everywhere(
     pair: tuple[AppHost, AppHost], sim: Simulator
 ) -> None:
@@ -179,6 +170,7 @@ def test_shared_codes_are_long_enough_or_generated(
     assert again.status_code == 400 and again.json()["error"]["param"] == "shared_code"
 
 
+@pytest.mark.e2e
 def test_wrong_codes_add_up_over_instances_while_the_right_code_passes(
     pair: tuple[AppHost, AppHost], sim: Simulator
 ) -> None:
@@ -208,6 +200,7 @@ def test_wrong_codes_add_up_over_instances_while_the_right_code_passes(
         assert chat(client, code_key(setup, "keyed@example.com")).status_code == 200
 
 
+@pytest.mark.e2e
 def test_new_attendees_by_code_are_limited_per_address_and_hour(
     pair: tuple[AppHost, AppHost], sim: Simulator
 ) -> None:
@@ -235,6 +228,7 @@ def test_new_attendees_by_code_are_limited_per_address_and_hour(
     assert "n4@example.com" in users and "code:n5@example.com" not in users
 
 
+@pytest.mark.e2e
 def test_sign_in_registration_follows_the_events_policy(
     pair: tuple[AppHost, AppHost], sim: Simulator
 ) -> None:

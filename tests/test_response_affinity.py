@@ -10,8 +10,9 @@ import httpx
 import openai
 import pytest
 
-from local.azurite import Azurite
-from tests.harness import AppHost, EventSetup, Simulator, host_env
+from tests.harness import AppHost, EventSetup, Simulator
+
+pytestmark = pytest.mark.e2e  # two app instances
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +21,6 @@ def sims(log_dir: Path) -> Iterator[tuple[Simulator, Simulator]]:
     yield east, west
     east.stop()
     west.stop()
-
-
-@pytest.fixture(scope="module")
-def second_host(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
-    """Another instance of the app on the same storage (and the same keys)."""
-    server = AppHost(log_dir, host_env(azurite.connection_string, prefix), name="second")
-    yield server
-    server.stop()
 
 
 @pytest.fixture

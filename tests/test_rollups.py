@@ -11,10 +11,9 @@ import httpx
 import openai
 
 from shared.governance.rollups import REFUSALS
-from tests.harness import FUNCTION_KEY, AppHost, EventSetup, Simulator, Storage
+from tests.harness import CHAT, FUNCTION_KEY, AppHost, EventSetup, Simulator, Storage
 
 NUMBERS = ("prompt_tokens", "completion_tokens", "total_tokens", "units")
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 
 
 def run_timer(host: AppHost, name: str) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.harness import AppHost, EventSetup, Storage
+from tests.harness import API_VERSION, AppHost, EventSetup, Storage
 
-API_VERSION = "2024-10-21"
+pytestmark = pytest.mark.e2e  # the official SDKs through the host stand-in and the worker
+
 MESSAGES = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Name three colours."},

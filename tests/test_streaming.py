@@ -5,8 +5,11 @@ from __future__ import annotations
 import time
 
 import openai
+import pytest
 
 from tests.harness import AppHost, EventSetup, Simulator, Storage
+
+pytestmark = pytest.mark.e2e  # streams through the host stand-in and the worker's HTTP server
 
 
 def client(host: AppHost, key: str, api_version: str = "2024-10-21") -> openai.AzureOpenAI:
@@ -121,7 +124,7 @@ def test_client_that_goes_away_cancels_the_upstream_and_is_recorded(
     host: AppHost, event: EventSetup, sim: Simulator, storage: Storage
 ) -> None:
     closed_before = sim.stats()["by_status"].get("client_closed", 0)
-    logged_before = len(host.proc.log())
+    logged_before = len(host.log())
     body = {
         "messages": [{"role": "user", "content": "[sim:tokens=60 latency_ms_per_token=100] go"}],
         "stream": True,
@@ -142,7 +145,7 @@ def test_client_that_goes_away_cancels_the_upstream_and_is_recorded(
     assert record["outcome"] == "client_gone"
     assert 3 <= record["completion_tokens"] < 60  # what was streamed before the client left
     assert record["estimated"] is True
-    assert "Traceback" not in host.proc.log()[logged_before:]  # a client leaving is no server error
+    assert "Traceback" not in host.log()[logged_before:]  # a client leaving is no server error
 
 
 def test_stream_that_stalls_past_the_idle_timeout_is_ended_with_an_error(

@@ -18,15 +18,17 @@ from local.azurite import Azurite
 from tests.entra_issuer import LocalIssuer
 from tests.harness import (
     FUNCTION_KEY,
+    HELLO,
     OPERATOR_KEY,
     SIM_KEY,
+    App,
     AppHost,
     Simulator,
     StandIns,
-    host_with_standins,
     unique_prefix,
     window,
 )
+from tests.inprocess import Configured
 
 ORGANISERS = str(uuid.uuid4())  # the organisers' tenant
 PARTNERS = str(uuid.uuid4())  # a tenant no organiser belongs to
@@ -36,7 +38,6 @@ ORGANISER_ROLE = "Event.Organizer"
 OPERATOR_GROUP = str(uuid.uuid4())
 OPERATOR_ROLE = "AIProxy.Operator"
 CHAT = "/openai/deployments/{}/chat/completions?api-version=2024-10-21"
-HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +50,13 @@ def upstreams(log_dir: Path) -> Iterator[tuple[Simulator, Simulator]]:
 
 
 @pytest.fixture(scope="module")
-def app(
-    azurite: Azurite, log_dir: Path, issuer: LocalIssuer
-) -> Iterator[tuple[AppHost, StandIns, str]]:
+def app(configured: Configured, issuer: LocalIssuer) -> tuple[App, StandIns, str]:
     """Organisers and operators by token, and a stand-in managed identity that works: a token
     the app asked for would reach the upstream."""
     prefix = unique_prefix("trust")
-    with host_with_standins(
-        log_dir,
-        azurite.connection_string,
-        prefix,
+    host, standins = configured.with_standins(
         "trust",
+        prefix=prefix,
         AIPROXY_ENTRA_AUTHORITY=issuer.authority,
         AIPROXY_ENTRA_ORGANIZER_TENANTS=ORGANISERS,
         AIPROXY_ENTRA_ORGANIZER_AUDIENCE=AUDIENCE,
@@ -67,12 +64,12 @@ def app(
         AIPROXY_ENTRA_ORGANIZER_ROLES=ORGANISER_ROLE,
         AIPROXY_ENTRA_OPERATOR_GROUPS=OPERATOR_GROUP,
         AIPROXY_ENTRA_OPERATOR_ROLES=OPERATOR_ROLE,
-    ) as (host, standins):
-        yield host, standins, prefix
+    )
+    return host, standins, prefix
 
 
 @pytest.fixture(scope="module")
-def host(app: tuple[AppHost, StandIns, str]) -> AppHost:
+def host(app: tuple[App, StandIns, str]) -> AppHost:
     return app[0]
 
 
@@ -256,7 +253,7 @@ def test_organisers_cannot_set_up_managed_identity_resources(
 
 
 def test_an_organisers_managed_identity_resource_is_never_sent_a_token(
-    app: tuple[AppHost, StandIns, str],
+    app: tuple[App, StandIns, str],
     azurite: Azurite,
     issuer: LocalIssuer,
     upstreams: tuple[Simulator, Simulator],
@@ -285,7 +282,7 @@ def test_an_organisers_managed_identity_resource_is_never_sent_a_token(
     assert upstream.stats()["total_requests"] == seen_before  # nothing was sent at all
     assert standins.credential_scopes() == []  # and no token was even asked for
     assert f"resource {resource_id} of owner aad:{dave_id} uses the app's managed identity" in (
-        host.proc.log()
+        host.log()
     )
 
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -13,37 +12,35 @@ import pytest
 from local.azurite import Azurite
 from shared.platform.identity import COGNITIVE_SCOPE, SEARCH_SCOPE, TokenSource
 from tests.harness import (
+    HELLO,
     OPERATOR,
     SIM_KEY,
-    AppHost,
+    App,
     Simulator,
     StandIns,
     Storage,
-    host_with_standins,
     unique_prefix,
     window,
 )
+from tests.inprocess import Configured
 from tests.standins import StandInCredential
 
 
 @pytest.fixture(scope="module")
-def configured(azurite: Azurite, log_dir: Path) -> Iterator[tuple[AppHost, StandIns, str]]:
-    """A host whose worker has a Key Vault and an Entra credential stood in through their seam."""
+def vaulted(configured: Configured) -> tuple[App, StandIns, str]:
+    """The app with a Key Vault and an Entra credential stood in through their seam."""
     prefix = unique_prefix("cred")
     vault = {"AIPROXY_KEY_VAULT_URL": "https://vault.test/"}
-    with host_with_standins(log_dir, azurite.connection_string, prefix, "credentials", **vault) as (
-        host,
-        control,
-    ):
-        yield host, control, prefix
+    host, control = configured.with_standins("credentials", prefix=prefix, **vault)
+    return host, control, prefix
 
 
 @pytest.fixture
 async def app(
-    configured: tuple[AppHost, StandIns, str],
+    vaulted: tuple[App, StandIns, str],
 ) -> AsyncIterator[tuple[httpx.AsyncClient, StandIns, str]]:
     """A fresh runtime and fresh stand-ins for each test."""
-    host, control, prefix = configured
+    host, control, prefix = vaulted
     client = httpx.AsyncClient(base_url=host.base, timeout=30)
     try:
         yield client, control, prefix
@@ -72,7 +69,6 @@ async def setup_event(client: httpx.AsyncClient, resources: list[dict[str, Any]]
 
 
 CHAT = "/openai/deployments/{}/chat/completions?api-version=2024-10-21"
-HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
 async def test_upstream_key_lives_in_key_vault_not_in_tables(

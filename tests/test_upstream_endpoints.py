@@ -17,6 +17,7 @@ import pytest
 from local.azurite import Azurite
 from shared.directory.endpoints import ENDPOINT_FIX, EndpointPolicy, endpoint_problem, parse_hosts
 from tests.harness import (
+    CHAT,
     AppHost,
     EventSetup,
     Simulator,
@@ -25,7 +26,6 @@ from tests.harness import (
     wait_until,
 )
 
-CHAT = "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2024-10-21"
 BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 ON_AZURE = EndpointPolicy()  # as deployed: no extra hosts, no loopback
 
@@ -136,6 +136,7 @@ def test_an_organiser_cannot_change_a_resource_to_aim_inside(host: AppHost, sim:
     assert host.manage.get(path).json()["endpoint"] == sim.url
 
 
+@pytest.mark.e2e
 def test_a_stored_resource_no_longer_allowed_is_not_called(
     azurite: Azurite, log_dir: Path, sim: Simulator
 ) -> None:
@@ -158,7 +159,7 @@ def test_a_stored_resource_no_longer_allowed_is_not_called(
         assert "127.0.0.1" not in answer.text and str(sim.port) not in answer.text
         assert sim.stats()["total_requests"] == sent
         [resource_id] = [r for r, v in setup.resources.items() if v["deployment"] == "gpt-4o-mini"]
-        wait_until(lambda: f"resource {resource_id}: endpoint {sim.url}" in after.proc.log(), 10)
+        wait_until(lambda: f"resource {resource_id}: endpoint {sim.url}" in after.log(), 10)
     finally:
         after.stop()
 

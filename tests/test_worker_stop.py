@@ -13,9 +13,12 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 
 from local.azurite import Azurite
 from tests.harness import AppHost, EventSetup, Simulator, Storage, host_env, unique_prefix
+
+pytestmark = pytest.mark.e2e  # a worker process stopped or killed mid-call
 
 # No interval flush during these tests: what is written got there by the quiet flush, the
 # journal, or not at all.
@@ -127,7 +130,7 @@ def test_a_worker_killed_mid_burst_has_its_records_written_by_the_next_one(
                     break
             except httpx.HTTPError:
                 pass
-            assert time.monotonic() < deadline, host.proc.log()[-2000:]
+            assert time.monotonic() < deadline, host.log()[-2000:]
             time.sleep(0.1)
         assert host.http.get("/health").status_code == 200  # its first call starts the writer
         rows = wait_for_records(storage, setup.id, 3, 30)
