@@ -4,6 +4,7 @@ Entra access token, pasted or fetched with azure-identity), from flags or the en
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,7 +59,7 @@ class Credential:
 
 
 def resolve(
-    flags: dict[str, str | None], environ: dict[str, str] | None = None, *, legacy_key: bool
+    flags: dict[str, str | None], environ: Mapping[str, str] | None = None, *, legacy_key: bool
 ) -> Credential:
     """The credential the flags name, else the environment; a usage error when none or several.
 

@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -523,8 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _target(args: argparse.Namespace) -> Target:
-    endpoint = args.endpoint or os.environ.get("AIPROXY_ENDPOINT", "")
+def _target(args: argparse.Namespace, environ: Mapping[str, str]) -> Target:
+    endpoint = args.endpoint or environ.get("AIPROXY_ENDPOINT", "")
     if not endpoint:
         raise UsageError(
             "no endpoint: pass --endpoint or set AIPROXY_ENDPOINT (e.g. http://127.0.0.1:7071/api)"
@@ -535,17 +535,18 @@ def _target(args: argparse.Namespace) -> Target:
         raise UsageError("--timeout must be positive")
     flags = {flag: getattr(args, flag[2:].replace("-", "_")) for flag, _ in SOURCES}
     try:
-        credential = resolve(flags, legacy_key=bool(args.key))
+        credential = resolve(flags, environ, legacy_key=bool(args.key))
     except CredentialError as exc:
         raise UsageError(str(exc)) from exc
     return Target(normalize_endpoint(endpoint), credential, args.timeout)
 
 
-def run(argv: Sequence[str] | None = None) -> int:
-    """Run one command; the exit code."""
+def run(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run one command; the exit code. `environ` is where the endpoint and the credential are
+    read (os.environ by default); an Entra token fetched for --entra-scope still sees os.environ."""
     try:
         try:
-            return _run(argv)
+            return _run(argv, os.environ if environ is None else environ)
         finally:
             sys.stdout.flush()  # here, where a closed pipe is still ours to catch (--help too)
     except BrokenPipeError:
@@ -555,14 +556,14 @@ def run(argv: Sequence[str] | None = None) -> int:
         return OUTPUT_CLOSED
 
 
-def _run(argv: Sequence[str] | None) -> int:
+def _run(argv: Sequence[str] | None, environ: Mapping[str, str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         (getattr(args, "group_parser", None) or parser).print_help(sys.stderr)
         return USAGE_ERROR
     try:
-        api = Api(_target(args))
+        api = Api(_target(args, environ))
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"{PROG}: error: {exc}", file=sys.stderr)

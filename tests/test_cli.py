@@ -3,6 +3,7 @@ operator (the operator key) or as an organiser (an Entra token, pasted or fetche
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -20,10 +21,12 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 import pytest
 
+import cli.main as cli_main
 from local.azurite import free_port
 from tests.entra_issuer import LocalIssuer
 from tests.harness import (
@@ -43,26 +46,51 @@ NUMBERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "un
 KEY = re.compile(r"^aip-[A-Za-z0-9]{32}$")
 
 
+def environment(host: AppHost | None, env: dict[str, str] | None) -> dict[str, str]:
+    """The environment a command sees: the endpoint and the operator key of `host`, then `env`
+    (none of the caller's own AIPROXY_ or AZURE_ settings)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("AIPROXY_", "AZURE_"))}
+    if host is not None:
+        environ |= {"AIPROXY_ENDPOINT": host.base, "AIPROXY_OPERATOR_KEY": OPERATOR_KEY}
+    return environ | (env or {})
+
+
 def cli(
     host: AppHost | None,
     *args: str,
     env: dict[str, str] | None = None,
     stdin: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run one `aiproxy` command in this process (what the script runs, `cli.main.run`), with
+    its own environment, stdin and captured stdout and stderr; the exit code as a process's."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with (
+            mock.patch("sys.stdin", io.StringIO(stdin or "")),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
+            code = cli_main.run(list(args), environment(host, env))
+    except SystemExit as stop:  # argparse: --help, or a command line it cannot parse
+        code = stop.code if isinstance(stop.code, int) else 1 if stop.code else 0
+    return subprocess.CompletedProcess(["aiproxy", *args], code, out.getvalue(), err.getvalue())
+
+
+def process(
+    host: AppHost | None,
+    *args: str,
+    env: dict[str, str] | None = None,
     stdout: int = subprocess.PIPE,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the installed `aiproxy` script with the endpoint and the operator key in the
-    environment (none of the caller's own AIPROXY_ or AZURE_ settings)."""
+    """Run the installed `aiproxy` script as a process of its own: for what only a process shows
+    (its entry point, a closed pipe, a PATH of its own for the Azure CLI)."""
     assert AIPROXY.exists(), "the aiproxy script is not installed: run `make setup`"
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("AIPROXY_", "AZURE_"))}
-    if host is not None:
-        environ |= {"AIPROXY_ENDPOINT": host.base, "AIPROXY_OPERATOR_KEY": OPERATOR_KEY}
-    environ |= env or {}
+    environ = environment(host, env)
     # The script imports `cli` from where the package was installed: run this checkout's.
     environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))
     return subprocess.run(
         [str(AIPROXY), *args],
         env=environ,
-        input=stdin,
         stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
@@ -399,7 +427,7 @@ def test_a_closed_output_pipe_ends_quietly_with_141(host: AppHost) -> None:
         reader, writer = os.pipe()
         os.close(reader)  # gone before the command writes: its first write finds the pipe broken
         try:
-            result = cli(host, *args, stdout=writer)
+            result = process(host, *args, stdout=writer)
         finally:
             os.close(writer)
         assert (result.returncode, result.stderr) == (141, ""), (args, result.stderr)
@@ -635,7 +663,7 @@ def test_organisers_manage_their_own_events_with_a_token_or_the_azure_cli(
     )
     az = stand_in_az(tmp_path / "signed-in", answer)
     scoped = {**endpoint, **az, "AIPROXY_ENTRA_SCOPE": f"{AUDIENCE}/.default"}
-    listed, _ = parse_table(ok(cli(None, "events", "list", env=scoped)))
+    listed, _ = parse_table(ok(process(None, "events", "list", env=scoped)))
     assert [row["id"] for row in listed] == [alices]
     calls = (tmp_path / "signed-in" / "calls").read_text().splitlines()
     assert calls == [f"account get-access-token --output json --resource {AUDIENCE}"]
@@ -644,7 +672,7 @@ def test_organisers_manage_their_own_events_with_a_token_or_the_azure_cli(
     signed_out = stand_in_az(
         tmp_path / "signed-out", "ERROR: Please run 'az login' to setup account.", 1
     )
-    line = failed(cli(None, "events", "list", env={**scoped, **signed_out}), 2)
+    line = failed(process(None, "events", "list", env={**scoped, **signed_out}), 2)
     assert f"cannot get an Entra token for {AUDIENCE}/.default" in line and "az login" in line
     line = failed(cli(None, "events", "list", "--entra-scope", AUDIENCE, env={**endpoint, **az}), 2)
     assert "api://<client id>/.default" in line
