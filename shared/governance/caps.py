@@ -43,6 +43,7 @@ from typing import Any
 from shared.directory.events import Event
 from shared.errors import ProxyError
 from shared.governance.minutes import SharedSlots
+from shared.platform import clock
 from shared.platform.background import Background, repeat
 from shared.platform.tables import Conflict, StorageUnavailable, Tables
 
@@ -300,7 +301,7 @@ class Caps:
                 COUNTERS_TABLE, counter.partition, counter.attendee_id
             )
             row: dict[str, Any] = found[0] if found else {}
-            now = time.time()
+            now = clock.time()
             minute, minute_taken = counter.minute.merge(row.get("minute"), now)
             granted = int(row.get("granted", 0)) + provisional - give_back
             block = 0

@@ -23,7 +23,6 @@ import asyncio
 import logging
 import math
 import secrets
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +39,7 @@ from shared.governance.minutes import (
     slot_of,
     whole_seconds,
 )
+from shared.platform import clock
 from shared.platform.background import Background, repeat
 from shared.platform.tables import Tables
 
@@ -212,7 +212,7 @@ class FairShare:
             report.limit_tokens = limit_tokens
         report.remaining_requests = remaining_requests
         report.remaining_tokens = remaining_tokens
-        report.at = time.time()
+        report.at = clock.time()
         report.sent = 0
 
     def sending(self, resource: Resource) -> None:
@@ -396,7 +396,7 @@ class FairShare:
     async def sync(self) -> None:
         """Publish this instance's counts of each pool that changed; read the others'."""
         assert self._tables is not None
-        now = time.time()
+        now = clock.time()
         first = slot_of(now - WINDOW_SECONDS)
         for key, pool in list(self._pools.items()):
             pool.window.prune(now)

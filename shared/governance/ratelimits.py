@@ -29,6 +29,7 @@ from shared.governance.minutes import (
     slot_of,
     whole_seconds,
 )
+from shared.platform import clock
 
 SWEEP_SECONDS = WINDOW_SECONDS  # windows idle this long are forgotten, checked this often
 
@@ -89,7 +90,7 @@ class RateLimits:
         pool = self.fairshare.pool(deployment, members)
         if not limited and pool is None:
             return None
-        now = time.time()
+        now = clock.time()
         window = None
         try:
             if limited:
