@@ -8,6 +8,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -22,8 +24,9 @@ from tests.harness import (
     EventSetup,
     Process,
     Simulator,
+    StandIns,
     host_answer,
-    host_env,
+    host_with_standins,
     unique_prefix,
 )
 
@@ -180,18 +183,27 @@ def test_admin_api_runs_a_timer_now(host: AppHost) -> None:
     assert "Executed 'Functions.rollup_usage' (Succeeded" in host.log()
 
 
-def test_timers_fire_on_their_schedule(azurite: Azurite, log_dir: Path) -> None:
-    env = host_env(
-        azurite.connection_string, unique_prefix("timer"), AIPROXY_ROLLUP_SCHEDULE="* * * * * *"
-    )
-    host = AppHost(log_dir, env, name="timers")
-    try:
-        deadline = time.monotonic() + 30
-        while host.log().count("Executed 'Functions.rollup_usage' (Succeeded") < 2:
-            assert time.monotonic() < deadline, host.log()[-2000:]
-            time.sleep(0.1)
-    finally:
-        host.stop()
+@pytest.fixture(scope="module")
+def own_host(azurite: Azurite, log_dir: Path) -> Iterator[tuple[AppHost, StandIns]]:
+    """One app host of this module's own (its tables, its log, a worker that can be killed),
+    whose worker carries the stand-ins and fires the rollup timer every second: the tests that
+    need a host to themselves share it, since starting one is most of their time."""
+    with host_with_standins(
+        log_dir,
+        azurite.connection_string,
+        unique_prefix("own"),
+        "own",
+        AIPROXY_ROLLUP_SCHEDULE="* * * * * *",
+    ) as started:
+        yield started
+
+
+def test_timers_fire_on_their_schedule(own_host: tuple[AppHost, StandIns]) -> None:
+    host, _ = own_host
+    deadline = time.monotonic() + 30
+    while host.log().count("Executed 'Functions.rollup_usage' (Succeeded") < 2:
+        assert time.monotonic() < deadline, host.log()[-2000:]
+        time.sleep(0.1)
 
 
 def test_route_parameters_reach_the_app(host: AppHost, event: EventSetup) -> None:
@@ -246,65 +258,59 @@ def test_a_broken_function_stops_start_up_with_the_runtimes_message(tmp_path: Pa
 
 
 def test_a_worker_that_dies_is_reported_and_started_again(
-    azurite: Azurite, log_dir: Path, sim: Simulator
+    own_host: tuple[AppHost, StandIns], sim: Simulator
 ) -> None:
-    host = AppHost(log_dir, host_env(azurite.connection_string, unique_prefix("dies")), "dies")
-    try:
-        setup = EventSetup(host, sim)
-        first = host.status()["worker"]["pid"]
-        os.kill(first, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                status = host.status()
-                if status["worker"]["pid"] != first and status["state"] == "Running":
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, host.log()[-2000:]
-            time.sleep(0.1)
-        assert status["worker"]["restarts"] == 1
-        assert "the worker exited with code -9; starting a new one" in host.log()
-        body = {"messages": [{"role": "user", "content": "back?"}], "max_tokens": 5}
-        answer = host.http.post(
-            "/openai/deployments/gpt-4o-mini/chat/completions",
-            params={"api-version": "2024-10-21"},
-            json=body,
-            headers={"api-key": setup.key},
-        )
-        assert answer.status_code == 200, answer.text
-    finally:
-        host.stop()
+    host, _ = own_host
+    setup = EventSetup(host, sim)
+    first = host.status()["worker"]["pid"]
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            status = host.status()
+            if status["worker"]["pid"] != first and status["state"] == "Running":
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, host.log()[-2000:]
+        time.sleep(0.1)
+    assert status["worker"]["restarts"] == 1
+    assert "the worker exited with code -9; starting a new one" in host.log()
+    body = {"messages": [{"role": "user", "content": "back?"}], "max_tokens": 5}
+    answer = host.http.post(
+        "/openai/deployments/gpt-4o-mini/chat/completions",
+        params={"api-version": "2024-10-21"},
+        json=body,
+        headers={"api-key": setup.key},
+    )
+    assert answer.status_code == 200, answer.text
 
 
 def test_logs_carry_the_apps_lines_not_per_call_library_chatter(
-    azurite: Azurite, log_dir: Path, sim: Simulator
+    own_host: tuple[AppHost, StandIns], sim: Simulator
 ) -> None:
-    host = AppHost(log_dir, host_env(azurite.connection_string, unique_prefix("chat")), "chatter")
-    try:
-        setup = EventSetup(host, sim)
-        for n in range(3):
-            answer = host.http.post(
-                "/openai/deployments/gpt-4o-mini/chat/completions",
-                params={"api-version": "2024-10-21"},
-                json={"messages": [{"role": "user", "content": f"n{n}"}], "max_tokens": 3},
-                headers={"api-key": setup.key},
-            )
-            assert answer.status_code == 200
-        refused = host.http.post(
+    host, _ = own_host
+    setup = EventSetup(host, sim)
+    for n in range(3):
+        answer = host.http.post(
             "/openai/deployments/gpt-4o-mini/chat/completions",
             params={"api-version": "2024-10-21"},
-            json={"messages": [{"role": "user", "content": "x"}]},
-            headers={"api-key": "aip-" + "0" * 32},
+            json={"messages": [{"role": "user", "content": f"n{n}"}], "max_tokens": 3},
+            headers={"api-key": setup.key},
         )
-        assert refused.status_code == 401
-        deadline = time.monotonic() + 10
-        while "invalid_api_key" not in host.log():  # the app's line, sent as an RpcLog
-            assert time.monotonic() < deadline, host.log()[-2000:]
-            time.sleep(0.05)
-    finally:
-        host.stop()
-    log = host.proc.log_path.read_text(errors="replace")
+        assert answer.status_code == 200
+    refused = host.http.post(
+        "/openai/deployments/gpt-4o-mini/chat/completions",
+        params={"api-version": "2024-10-21"},
+        json={"messages": [{"role": "user", "content": "x"}]},
+        headers={"api-key": "aip-" + "0" * 32},
+    )
+    assert refused.status_code == 401
+    deadline = time.monotonic() + 10
+    while "invalid_api_key" not in host.log():  # the app's line, sent as an RpcLog
+        assert time.monotonic() < deadline, host.log()[-2000:]
+        time.sleep(0.05)
+    log = host.log()
     assert "worker INFO aiproxy.request" in log
     assert 'HTTP/1.1" 200' not in log  # uvicorn's access line
     assert "Received HTTP request for invocation" not in log  # the runtime's per-call lines
@@ -312,24 +318,21 @@ def test_logs_carry_the_apps_lines_not_per_call_library_chatter(
 
 
 def test_the_runtimes_finished_invocations_do_not_pile_up(
-    azurite: Azurite, log_dir: Path, sim: Simulator
+    own_host: tuple[AppHost, StandIns], sim: Simulator
 ) -> None:
     """azure-functions-runtime keeps an entry per HTTP invocation for ever (about 2 KiB); the
     app drops the finished ones every few seconds."""
-    from concurrent.futures import ThreadPoolExecutor
+    host, standins = own_host
+    setup = EventSetup(host, sim)
+    # The stand-ins serve from inside the worker, which an earlier test may have restarted.
+    wait_for_port(standins.http.base_url.port, timeout=30)
 
-    from tests.harness import host_with_standins
+    def one(n: int) -> int:
+        return host.http.get(f"/events/{setup.id}").status_code
 
-    storage, prefix = azurite.connection_string, unique_prefix("leak")
-    with host_with_standins(log_dir, storage, prefix, "leak") as (host, standins):
-        setup = EventSetup(host, sim)
-
-        def one(n: int) -> int:
-            return host.http.get(f"/events/{setup.id}").status_code
-
-        with ThreadPoolExecutor(8) as pool:
-            assert set(pool.map(one, range(300))) == {200}
-        deadline = time.monotonic() + 30
-        while (held := standins.invocations_held()) > 20:
-            assert time.monotonic() < deadline, f"{held} finished invocations still held"
-            time.sleep(0.2)
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(one, range(300))) == {200}
+    deadline = time.monotonic() + 30
+    while (held := standins.invocations_held()) > 20:
+        assert time.monotonic() < deadline, f"{held} finished invocations still held"
+        time.sleep(0.2)

@@ -33,8 +33,11 @@ from schemathesis.specs.openapi.checks import (
 from shared.errors import STATUS_BY_CODE
 from tests.harness import OPERATOR_KEY, AppHost, EventSetup, Simulator, window
 
-# Bounded: examples per operation and generation mode (about 1000 requests, well under a minute).
+# Bounded: examples per operation and generation mode for operations with a body; one without a
+# body has only its parameters to vary, so it gets a few plus a few per parameter (about 1000
+# requests in all).
 EXAMPLES = {GenerationMode.POSITIVE: 20, GenerationMode.NEGATIVE: 10}
+BODYLESS = {GenerationMode.POSITIVE: (6, 2), GenerationMode.NEGATIVE: (3, 1)}  # base, per parameter
 SEED = 9
 # Generated requests come from this loopback address, so the wrong keys of negative cases count
 # against it in the failed-key guard, not against 127.0.0.1 that the other tests share.
@@ -353,6 +356,15 @@ class Finding:
         )
 
 
+def examples(operation: APIOperation, mode: GenerationMode) -> int:
+    """How many cases an operation gets: fewer when it has no body, only parameters."""
+    if operation.body:
+        return EXAMPLES[mode]
+    parameters = len(operation.path_parameters) + len(operation.query) + len(operation.headers)
+    base, each = BODYLESS[mode]
+    return min(EXAMPLES[mode], base + each * parameters)
+
+
 def run_operation(
     operation: APIOperation,
     mode: GenerationMode,
@@ -365,7 +377,7 @@ def run_operation(
     proxy = "proxy" in (operation.tags or [])
 
     @hypothesis.settings(
-        max_examples=EXAMPLES[mode],
+        max_examples=examples(operation, mode),
         derandomize=True,
         database=None,
         deadline=None,
