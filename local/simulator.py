@@ -1226,7 +1226,7 @@ async def _speech(
             400, "BadRequest", f"'input' must be 1 to {MAX_SPEECH_CHARACTERS} characters.", headers
         )
     fmt = body.get("response_format", "mp3")
-    if fmt not in SPEECH_TYPES:
+    if not isinstance(fmt, str) or fmt not in SPEECH_TYPES:  # a list or object: 400, not a crash
         return _simple_error(
             400,
             "BadRequest",

@@ -507,6 +507,14 @@ def test_speech_and_translations(sim: str, client: openai.AzureOpenAI) -> None:
     assert spoken.response.headers["content-type"] == "audio/mpeg"
     with pytest.raises(openai.BadRequestError):
         client.audio.speech.create(model="tts", voice="alloy", input="")
+    # A format that is no name at all is a 400 like Azure's, not a crash (500).
+    with pytest.raises(openai.BadRequestError):
+        client.audio.speech.create(
+            model="tts",
+            voice="alloy",
+            input="Hi",
+            response_format=[["mp3"]],  # type: ignore[arg-type]
+        )
     from tests.harness import wav
 
     with pytest.warns(DeprecationWarning):
