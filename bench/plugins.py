@@ -193,7 +193,7 @@ def main() -> None:
         f"{datetime.now(UTC):%Y-%m-%d}, Python {platform.python_version()}, "
         f"{platform.machine()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
         f"cores, {calls:,} calls per case, best of three. Request hook cases exclude building "
-        "the body. A proxied call costs 440 to 1,400 µs of CPU (README, Performance).",
+        "the body. A proxied call costs 440 to 1,400 µs of CPU (docs/performance.md).",
         "",
         "| case | µs per call |",
         "|---|---:|",

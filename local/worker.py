@@ -8,7 +8,7 @@ function_app.py, serves HTTP streams from its own uvicorn server and runs the fu
 This shell does what Azure's (unpublished) gRPC shell does around that library: parse the
 arguments, open the stream, dispatch messages, send the answers, and forward every log record
 as an `RpcLog`. Like Azure's, it does not offer `HandlesWorkerTerminateMessage`: the host
-stops it by killing the process (see README, "When a worker stops").
+stops it by killing the process (see docs/local.md, "When a worker stops").
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Daily caps per attendee refuse at the right request, reset at local midnight, and hold
-across instances within the bound stated in the README."""
+across instances within the bound stated in docs/operating.md."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ async def test_token_cap_overshoot_across_two_instances_stays_within_the_bound(
     setup = EventSetup(host, sim, daily_token_cap=100)
     answers = await burst(CHAT, SMALL, [host, second_host], setup.key, 50)
     used = sum(a.json()["usage"]["total_tokens"] for a in answers if a.status_code == 200)
-    # README bound: past the cap by at most (N - 1) x R + N x C, N = 2 instances, R = 100 left
+    # The bound of docs/operating.md: past the cap by at most (N - 1) x R + N x C, N = 2 instances, R = 100 left
     # at the last sync, C = one call's worst case: max_token_cap (512) plus its prompt (8).
     assert 60 <= used <= 100 + (2 - 1) * 100 + 2 * (512 + 8)
     # Within two syncs (each flushes its count, then reads the other's) both refuse. A call

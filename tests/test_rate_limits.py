@@ -1,6 +1,6 @@
 """Per-attendee limits per minute: each refuses at its number with Retry-After and Azure's
 x-ratelimit-* headers, another attendee is unaffected, and two instances stay within the
-bound stated in the README."""
+bound stated in docs/operating.md."""
 
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ async def test_a_burst_over_two_instances_stays_within_the_bound(
     setup = EventSetup(host, sim, requests_per_minute=10)
     answers = await burst(CHAT, SMALL, [host, second_host], setup.key, 40)
     admitted = sum(a.status_code == 200 for a in answers)
-    # README bound: a burst reaching N instances before they exchange counts gets at most
+    # The bound of docs/operating.md: a burst reaching N instances before they exchange counts gets at most
     # N x requests_per_minute; at least the limit itself.
     assert 10 <= admitted <= 2 * 10
     # Within two sync intervals both instances know the other's calls and refuse.
@@ -205,7 +205,7 @@ def test_paced_calls_over_two_instances_pass_the_limit_by_what_crossed_in_two_sy
         statuses.append(chat((host, second_host)[i % 2], setup.key, SMALL).status_code)
         time.sleep(max(0.0, 0.4 - (time.monotonic() - started)))
     admitted = statuses.count(200)
-    # README bound: the limit, plus what the other instance admitted during the two sync
+    # The bound of docs/operating.md: the limit, plus what the other instance admitted during the two sync
     # intervals (about 2.2 s with the writes) before this one saw it: 3 calls here.
     assert 6 <= admitted <= 6 + 3, statuses
     assert statuses[-4:] == [429] * 4

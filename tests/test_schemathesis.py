@@ -306,7 +306,7 @@ def with_real_values(case: Case, pick: int, fuzz: Fuzz) -> bool:
             params[name] = real[name]
     if any(_line_break(v) for v in params.values()):
         # A path with a line break never reaches the app: the runtime's catch-all answers it
-        # with its own 404 (README, "Answers of the host itself").
+        # with its own 404 (docs/api.md, "Answers of the host itself").
         return False
     body = case.body if isinstance(case.body, dict) else None
     if body is None:
@@ -395,7 +395,7 @@ def run_operation(
         statuses[response.status_code] += 1
         answered.add(response.status_code)
         if _line_break(response.request.path_url.partition("?")[0]):
-            return  # the worker runtime's own 404, outside the app (README: host's answers)
+            return  # the worker runtime's own 404, outside the app (docs/api.md: the host's answers)
         try:
             case.validate_response(response, checks=CHECKS)
         except FailureGroup as group:

@@ -226,7 +226,7 @@ var settings = {
   // attendees all register from one public address.
   AIPROXY_WRONG_CODES_PER_EVENT_MINUTE: '30'
   AIPROXY_NEW_ATTENDEES_PER_ADDRESS_HOUR: '200'
-  // Entra ID tokens of attendees, organisers and operators (README "Entra ID tokens"), from this
+  // Entra ID tokens of attendees, organisers and operators (docs/api.md, "Entra ID access tokens"), from this
   // cloud's login endpoint (sovereign clouds have their own).
   AIPROXY_ENTRA_AUTHORITY: environment().authentication.loginEndpoint
   AIPROXY_ENTRA_KEY_REFETCH_SECONDS: '60'
@@ -238,7 +238,7 @@ var settings = {
   AIPROXY_ENTRA_OPERATOR_ROLES: managementTokens ? operatorRoles : ''
   AIPROXY_ROLLUP_SCHEDULE: '0 */5 * * * *'
   AIPROXY_RETENTION_SCHEDULE: '0 30 3 * * *'
-  // Plugins (README "Plugins"): none by default. Name them here, and add each one's
+  // Plugins (docs/plugins.md): none by default. Name them here, and add each one's
   // AIPROXY_PLUGIN_<NAME> config beside them: a setting changed in the portal lasts only until
   // the next azd provision.
   AIPROXY_PLUGINS: ''

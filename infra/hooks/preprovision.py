@@ -191,7 +191,7 @@ def problems(env: Mapping[str, str]) -> list[str]:
     if parse_bool(env.get("AIPROXY_AUTH_ENABLED", "")) and not env.get("AIPROXY_AUTH_CLIENT_ID"):
         found.append(
             "AIPROXY_AUTH_ENABLED is on but AIPROXY_AUTH_CLIENT_ID is empty: set the application "
-            "(client) id of the Entra app registration (see README, Deploy to Azure)."
+            "(client) id of the Entra app registration (see docs/deploy.md, Deploy to Azure)."
         )
     return found
 

@@ -15,7 +15,7 @@ with one or both hooks:
 - `on_usage(records)`: every usage record this process makes, in batches, from a bounded queue
   of its own, off the request path (shared/plugins/sinks.py).
 
-Shipped: `wordfilter`, `csv_usage`, `webhook_usage` (modules of this package). README "Plugins".
+Shipped: `wordfilter`, `csv_usage`, `webhook_usage` (modules of this package). docs/plugins.md.
 
 May import: shared.errors, shared.platform.
 """

@@ -11,7 +11,7 @@ Config (AIPROXY_PLUGIN_WEBHOOK_USAGE), a JSON object:
     batch          most records in one POST (default 100)
     batch_seconds  how long a record waits for others to join its POST (default 1)
 
-The body is `{"records": [...]}`, each record the usage record's fields (README "Plugins");
+The body is `{"records": [...]}`, each record the usage record's fields (docs/plugins.md);
 any 2xx answer takes the batch. A batch can arrive twice (its answer lost, then retried):
 `request_id` tells records apart. Each attempt is stopped at the usage budget.
 """
