@@ -103,9 +103,13 @@ class Plugin:
     queue_size = 10_000  # records waiting for this sink; beyond, records are counted and skipped
     batch_size = 100  # most records per on_usage call
     batch_seconds = 0.0  # how long a record may wait for others to fill its batch
+    keys: frozenset[str] | None = None  # the config's keys it knows; others are refused
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
+        unknown = sorted(set(config) - self.keys) if self.keys is not None else []
+        if unknown:
+            raise ValueError(f"unknown keys {unknown}; known: {sorted(self.keys or ())}")
 
     async def close(self) -> None:
         """Release what the plugin opened (the app is stopping or its runtime was replaced)."""

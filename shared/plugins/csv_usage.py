@@ -48,12 +48,10 @@ class CsvUsage(Plugin):
     """Appends usage records to a CSV file."""
 
     attempts = 3  # a full disk or a file locked by a spreadsheet may free up
+    keys = frozenset({"path", "fields"})
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        unknown = sorted(set(config) - {"path", "fields"})
-        if unknown:
-            raise ValueError(f"unknown keys {unknown}; known: ['fields', 'path']")
         path = config.get("path")
         if not isinstance(path, str) or not path:
             raise ValueError("'path' names the CSV file to append to")

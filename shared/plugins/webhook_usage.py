@@ -38,11 +38,10 @@ class DeliveryFailed(Exception):
 class WebhookUsage(Plugin):
     """POSTs usage records to a receiver."""
 
+    keys = KEYS
+
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
-        unknown = sorted(set(config) - KEYS)
-        if unknown:
-            raise ValueError(f"unknown keys {unknown}; known: {sorted(KEYS)}")
         url = config.get("url")
         if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
             raise ValueError("'url' is the http(s) address to POST usage records to")
