@@ -21,13 +21,13 @@ from cli.api import Api, ApiError, Target, Unreachable, normalize_endpoint
 from cli.bulk import InputError, issue_keys, read_users, write_keys
 from cli.credentials import SOURCES, CredentialError, resolve
 from cli.output import print_json, table
-from shared.directory.models import Body, EventCreate, ResourceCreate
+from shared.directory.models import Body, EventCreate, ResourceCreate, UsageNumbers
 
 OK, API_ERROR, USAGE_ERROR, UNREACHABLE = 0, 1, 2, 3
 # What a shell reports for a tool killed by SIGPIPE: `set -o pipefail` scripts see the output cut.
 OUTPUT_CLOSED = 141
 PROG = "aiproxy"
-USAGE_NUMBERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "units")
+USAGE_NUMBERS = tuple(UsageNumbers.model_fields)
 USAGE_KEYS = {
     "attendee": ("attendee_id", "user"),
     "deployment": ("deployment",),

@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 PARTS_TABLE = "rollupparts"
 ROLLUPS_TABLE = "rollups"
-NUMBERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "units")
-_TOKEN_FIELDS = NUMBERS[1:]
+NUMBERS = tuple(UsageNumbers.model_fields)  # requests, prompt_tokens, ...: declared there
+_TOKEN_FIELDS = NUMBERS[1:]  # what a usage record holds of them (it is one request)
 _CHUNK = 30_000  # characters per string property (Table Storage allows 32K)
 _SLICE = 200  # records summed between two chances for requests to run (about 0.2 ms)
 # After each page of records, rest as long as storage took to serve it. The records share their
@@ -51,33 +51,28 @@ def _prefixed(pk: str, prefix: str) -> dict[str, str]:
     return {"pk": pk, "low": prefix, "high": prefix + "~"}
 
 
-@dataclass
 class Totals:
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    units: int = 0
+    """Sums of the usage NUMBERS, in their order."""
+
+    __slots__ = ("numbers",)
+
+    def __init__(self) -> None:
+        self.numbers = [0] * len(NUMBERS)
 
     def add(self, row: dict[str, Any], requests: int = 1) -> None:
-        self.requests += requests
-        self.prompt_tokens += int(row.get("prompt_tokens", 0))
-        self.completion_tokens += int(row.get("completion_tokens", 0))
-        self.total_tokens += int(row.get("total_tokens", 0))
-        self.units += int(row.get("units", 0))
+        """A usage record (one request) or a total row (`requests` given): its numbers."""
+        self.add_numbers([requests, *(int(row.get(name, 0)) for name in _TOKEN_FIELDS)])
 
     def add_numbers(self, numbers: list[int]) -> None:
-        self.requests += numbers[0]
-        self.prompt_tokens += numbers[1]
-        self.completion_tokens += numbers[2]
-        self.total_tokens += numbers[3]
-        self.units += numbers[4]
+        """Numbers in NUMBERS' order (a list stored before a number was added lacks it)."""
+        for index, number in enumerate(numbers[: len(NUMBERS)]):
+            self.numbers[index] += number
 
     def as_list(self) -> list[int]:
-        return [getattr(self, name) for name in NUMBERS]
+        return list(self.numbers)
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in NUMBERS}
+        return dict(zip(NUMBERS, self.numbers, strict=True))
 
 
 @dataclass
