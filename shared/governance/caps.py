@@ -35,13 +35,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from shared.directory.events import Event
-from shared.errors import ProxyError
+from shared.errors import ProxyError, TooManyRequests
 from shared.governance.minutes import SharedSlots
 from shared.platform import clock
 from shared.platform.background import Background, repeat
@@ -183,7 +182,7 @@ class Caps:
             if whole is not None and event_cap and whole.allowance == 0:
                 await self._reserve(whole, event_cap)
                 if whole.allowance == 0:
-                    raise event_cap_error(event, now, tokens=False)
+                    raise cap_error(event, now, tokens=False, whole=True)
             if counter.allowance and (whole is None or not event_cap or whole.allowance):
                 break
         # No await from the check to the reservation: concurrent calls see each other.
@@ -196,9 +195,9 @@ class Caps:
     def _check_all(
         self, counter: Counter, whole: Counter | None, event: Event, now: datetime
     ) -> None:
-        self._check_tokens(counter, event, now)
+        self._check_tokens(counter, event, now, whole=False)
         if whole is not None:
-            self._check_event_tokens(whole, event, now)
+            self._check_tokens(whole, event, now, whole=True)
 
     def _take(self, counter: Counter, cap: int, worst_case_tokens: int) -> None:
         """One request out of the counter's allowance (when it has a request cap)."""
@@ -227,30 +226,16 @@ class Caps:
         return int((counter.admitted - admitted) * BLOCK_SECONDS / elapsed)
 
     @staticmethod
-    def _check_tokens(counter: Counter, event: Event, now: datetime) -> None:
-        _check_token_room(
-            counter,
-            event.daily_token_cap,
-            lambda: cap_error(event, now, tokens=True),
-            lambda: _still_running(
-                "daily_token_cap_exceeded",
-                f"Calls of yours still running may use the rest of today's "
-                f"{event.daily_token_cap} tokens for '{event.name}'.",
-            ),
-        )
-
-    @staticmethod
-    def _check_event_tokens(whole: Counter, event: Event, now: datetime) -> None:
-        _check_token_room(
-            whole,
-            event.event_daily_token_cap,
-            lambda: event_cap_error(event, now, tokens=True),
-            lambda: _still_running(
-                "event_daily_token_cap_exceeded",
-                f"Calls still running in '{event.name}' may use the rest of today's "
-                f"{event.event_daily_token_cap} tokens for all its attendees together.",
-            ),
-        )
+    def _check_tokens(counter: Counter, event: Event, now: datetime, *, whole: bool) -> None:
+        """Refuse once the day's tokens plus what calls in flight may still use reach the cap
+        (the attendee's, or with `whole` the event's): spent when they are used up or nothing
+        runs, else while calls may still use them."""
+        cap = getattr(event, _cap_field(tokens=True, whole=whole))
+        if not cap or counter.tokens + counter.tokens_in_flight < cap:
+            return
+        if counter.tokens >= cap or not counter.tokens_in_flight:
+            raise cap_error(event, now, tokens=True, whole=whole)
+        raise _still_running(event, whole=whole)
 
     def settle(self, counter: Counter, worst_case_tokens: int, tokens: int) -> None:
         """A call finished: swap its reservation for what it really used."""
@@ -395,58 +380,37 @@ class Caps:
             log.warning("caps: counters not flushed on shutdown")
 
 
-def _check_token_room(
-    counter: Counter,
-    cap: int,
-    spent: Callable[[], ProxyError],
-    running: Callable[[], ProxyError],
-) -> None:
-    """Refuse once the day's tokens plus what calls in flight may still use reach the cap:
-    `spent()` when they are used up (or nothing runs), `running()` while calls may use them."""
-    if not cap or counter.tokens + counter.tokens_in_flight < cap:
-        return
-    if counter.tokens >= cap or not counter.tokens_in_flight:
-        raise spent()
-    raise running()
+def _cap_field(*, tokens: bool, whole: bool) -> str:
+    """The event's field holding a daily cap: of requests or tokens, per attendee or (whole) of
+    all attendees together; its refusal's code is the field's name and '_exceeded'."""
+    return f"{'event_' if whole else ''}daily_{'token' if tokens else 'request'}_cap"
 
 
-def _still_running(code: str, message: str) -> ProxyError:
-    return ProxyError(
-        code, f"{message} Retry when they have finished.", headers={"Retry-After": "5"}
+def cap_error(event: Event, now: datetime, *, tokens: bool, whole: bool = False) -> ProxyError:
+    """The refusal of a daily cap used up, until the event's midnight."""
+    name = _cap_field(tokens=tokens, whole=whole)
+    spent = f"{'used' if tokens else 'made'} today's {getattr(event, name)} "
+    spent += "tokens" if tokens else "requests"
+    if whole:
+        said = f"Event '{event.name}' has {spent}, the total for all its attendees together. It"
+    else:
+        said = f"You have {spent} for '{event.name}'. The cap"
+    wait = event.seconds_to_local_midnight(now)
+    return TooManyRequests(
+        f"{name}_exceeded",
+        f"{said} resets at midnight {event.time_zone} (in {wait} seconds).",
+        retry_after=wait,
     )
 
 
-def cap_error(event: Event, now: datetime, *, tokens: bool) -> ProxyError:
-    wait = event.seconds_to_local_midnight(now)
-    if tokens:
-        return ProxyError(
-            "daily_token_cap_exceeded",
-            f"You have used today's {event.daily_token_cap} tokens for '{event.name}'. "
-            f"The cap resets at midnight {event.time_zone} (in {wait} seconds).",
-            headers={"Retry-After": str(wait)},
-        )
-    return ProxyError(
-        "daily_request_cap_exceeded",
-        f"You have made today's {event.daily_request_cap} requests for '{event.name}'. "
-        f"The cap resets at midnight {event.time_zone} (in {wait} seconds).",
-        headers={"Retry-After": str(wait)},
-    )
-
-
-def event_cap_error(event: Event, now: datetime, *, tokens: bool) -> ProxyError:
-    wait = event.seconds_to_local_midnight(now)
-    if tokens:
-        return ProxyError(
-            "event_daily_token_cap_exceeded",
-            f"Event '{event.name}' has used today's {event.event_daily_token_cap} tokens, the "
-            f"total for all its attendees together. It resets at midnight {event.time_zone} "
-            f"(in {wait} seconds).",
-            headers={"Retry-After": str(wait)},
-        )
-    return ProxyError(
-        "event_daily_request_cap_exceeded",
-        f"Event '{event.name}' has made today's {event.event_daily_request_cap} requests, the "
-        f"total for all its attendees together. It resets at midnight {event.time_zone} "
-        f"(in {wait} seconds).",
-        headers={"Retry-After": str(wait)},
+def _still_running(event: Event, *, whole: bool) -> ProxyError:
+    """The refusal of a token cap that calls in flight may still use up: retry once they end."""
+    name = _cap_field(tokens=True, whole=whole)
+    rest = f"may use the rest of today's {getattr(event, name)} tokens"
+    if whole:
+        said = f"Calls still running in '{event.name}' {rest} for all its attendees together."
+    else:
+        said = f"Calls of yours still running {rest} for '{event.name}'."
+    return TooManyRequests(
+        f"{name}_exceeded", f"{said} Retry when they have finished.", retry_after=5
     )
