@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from shared.directory.keys import hash_key, new_key
+from shared.directory.models import AttendeeView
+from shared.directory.records import from_entity, record, to_entity
 from shared.platform.tables import Conflict, Tables
 from shared.platform.vault import Sealer
 
@@ -18,56 +19,20 @@ KEYS_TABLE = "keys"
 CODE_KEY_USER = "code:"
 
 
-@dataclass
+@record(AttendeeView, partition_key="event_id")
 class Attendee:
-    """One person's access to one event."""
+    """One person's access to one event: AttendeeView's fields (shared/directory/models.py),
+    and its key's hash and the key sealed."""
 
-    id: str
-    event_id: str
-    user: str
     key_hash: str
     key_sealed: str
-    active: bool = True
-    created_at: str = ""
-    revoked_at: str = ""
 
     def to_json(self, sealer: Sealer | None = None) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "id": self.id,
-            "event_id": self.event_id,
-            "user": self.user,
-            "active": self.active,
-            "created_at": self.created_at,
-            "revoked_at": self.revoked_at,
-        }
+        """What its organiser sees; with `sealer`, its key too."""
+        data = {name: getattr(self, name) for name in AttendeeView.model_fields}
         if sealer is not None:
             data["api_key"] = sealer.unseal(self.key_sealed)
         return data
-
-    def to_entity(self) -> dict[str, Any]:
-        return {
-            "PartitionKey": self.event_id,
-            "RowKey": self.id,
-            "user": self.user,
-            "key_hash": self.key_hash,
-            "key_sealed": self.key_sealed,
-            "active": self.active,
-            "created_at": self.created_at,
-            "revoked_at": self.revoked_at,
-        }
-
-    @classmethod
-    def from_entity(cls, entity: dict[str, Any]) -> Attendee:
-        return cls(
-            id=entity["RowKey"],
-            event_id=entity["PartitionKey"],
-            user=entity["user"],
-            key_hash=entity["key_hash"],
-            key_sealed=entity["key_sealed"],
-            active=bool(entity.get("active", True)),
-            created_at=entity.get("created_at", ""),
-            revoked_at=entity.get("revoked_at", ""),
-        )
 
 
 def attendee_id(event_id: str, user: str) -> str:
@@ -106,7 +71,7 @@ class AttendeeStore:
         # The index row goes first: an attendee row never points at a key nobody can find.
         await self._index(attendee)
         try:
-            await self._tables.insert(ATTENDEES_TABLE, attendee.to_entity())
+            await self._tables.insert(ATTENDEES_TABLE, to_entity(attendee))
         except Conflict:
             await self._tables.delete(KEYS_TABLE, attendee.key_hash, "")
             raced = await self.get(event_id, attendee.id)
@@ -125,11 +90,11 @@ class AttendeeStore:
 
     async def get(self, event_id: str, attendee_id: str) -> Attendee | None:
         entity = await self._tables.get(ATTENDEES_TABLE, event_id, attendee_id)
-        return None if entity is None else Attendee.from_entity(entity)
+        return None if entity is None else from_entity(Attendee, entity)
 
     async def list(self, event_id: str) -> list[Attendee]:
         entities = await self._tables.partition(ATTENDEES_TABLE, event_id)
-        return [Attendee.from_entity(e) for e in entities]
+        return [from_entity(Attendee, e) for e in entities]
 
     async def find_by_key_hash(self, key_hash: str) -> Attendee | None:
         """The attendee holding this key now; None for unknown or rotated-away keys."""
@@ -144,7 +109,7 @@ class AttendeeStore:
     async def revoke(self, attendee: Attendee, *, now: datetime) -> None:
         attendee.active = False
         attendee.revoked_at = now.isoformat()
-        await self._tables.upsert(ATTENDEES_TABLE, attendee.to_entity(), replace=True)
+        await self._tables.upsert(ATTENDEES_TABLE, to_entity(attendee), replace=True)
 
     async def rotate(self, attendee: Attendee) -> str:
         """Give the attendee a new key; the old one stops working."""
@@ -153,7 +118,7 @@ class AttendeeStore:
         attendee.key_hash = hash_key(key)
         attendee.key_sealed = self._sealer.seal(key)
         await self._index(attendee)
-        await self._tables.upsert(ATTENDEES_TABLE, attendee.to_entity(), replace=True)
+        await self._tables.upsert(ATTENDEES_TABLE, to_entity(attendee), replace=True)
         await self._tables.delete(KEYS_TABLE, old_hash, "")
         return key
 

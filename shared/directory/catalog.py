@@ -2,41 +2,27 @@
 
 from __future__ import annotations
 
-import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
-from shared.directory.models import DEPLOYMENT_NAME, ResourceCreate, ResourceFields
+from shared.directory.models import DEPLOYMENT_NAME, ResourceCreate, ResourceFields, ResourceView
+from shared.directory.records import Rows, new_id, record
 from shared.directory.validation import parse
 from shared.errors import invalid
 from shared.platform.tables import Tables
 
 RESOURCES_TABLE = "resources"
 CATALOG_TABLE = "catalog"
-_PARTITION = "resource"
 
 
-@dataclass
+@record(ResourceView)
 class Resource:
-    """One upstream deployment. Resources sharing `deployment` in an event form a pool."""
+    """One upstream deployment. Resources sharing `deployment` in an event form a pool.
 
-    id: str
-    name: str
-    deployment: str
-    model_class: str
-    endpoint: str
-    upstream_deployment: str
-    auth: str = "key"
-    priority: int = 1
-    weight: int = 1
-    region: str = ""
-    active: bool = True
-    quota_requests_per_minute: int = 0  # the deployment's quota in Azure; 0: not known
-    quota_tokens_per_minute: int = 0
-    owner: str = ""
-    created_at: str = ""
-    has_api_key: bool = False
+    Its fields are ResourceView's (shared/directory/models.py): what its organiser sends but
+    the key (ResourceFields), its id, owner, creation time and whether a key is stored.
+    """
 
     @property
     def secret_name(self) -> str:
@@ -44,16 +30,6 @@ class Resource:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-    def to_entity(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("id")
-        return {"PartitionKey": _PARTITION, "RowKey": self.id, **data}
-
-    @classmethod
-    def from_entity(cls, entity: dict[str, Any]) -> Resource:
-        known = {k: v for k, v in entity.items() if k in cls.__dataclass_fields__}
-        return cls(id=entity["RowKey"], **known)
 
 
 def valid_deployment_name(name: str) -> bool:
@@ -64,7 +40,7 @@ def new_resource(body: dict[str, Any], *, owner: str, now: datetime) -> tuple[Re
     """Validate a create request; the resource, and its api_key if one was given."""
     fields = dict(parse(ResourceCreate, body))
     api_key = fields.pop("api_key")
-    resource = Resource(id=secrets.token_hex(8), **fields, owner=owner, created_at=now.isoformat())
+    resource = Resource(id=new_id(), **fields, owner=owner, created_at=now.isoformat())
     resource.upstream_deployment = resource.upstream_deployment or resource.deployment
     return resource, api_key
 
@@ -100,20 +76,7 @@ class CatalogStore:
 
     def __init__(self, tables: Tables) -> None:
         self._tables = tables
-
-    async def save_resource(self, resource: Resource) -> None:
-        await self._tables.upsert(RESOURCES_TABLE, resource.to_entity(), replace=True)
-
-    async def resource(self, resource_id: str) -> Resource | None:
-        entity = await self._tables.get(RESOURCES_TABLE, _PARTITION, resource_id)
-        return None if entity is None else Resource.from_entity(entity)
-
-    async def resources(self) -> list[Resource]:
-        entities = await self._tables.partition(RESOURCES_TABLE, _PARTITION)
-        return [Resource.from_entity(e) for e in entities]
-
-    async def delete_resource(self, resource_id: str) -> None:
-        await self._tables.delete(RESOURCES_TABLE, _PARTITION, resource_id)
+        self.resources = Rows(tables, RESOURCES_TABLE, "resource", Resource)
 
     async def attach(self, event_id: str, resource_id: str) -> None:
         entity = {"PartitionKey": event_id, "RowKey": resource_id}
@@ -134,4 +97,4 @@ class CatalogStore:
         wanted = set(await self.resource_ids(event_id))
         if not wanted:
             return []
-        return [r for r in await self.resources() if r.id in wanted]
+        return [r for r in await self.resources.list() if r.id in wanted]

@@ -2,58 +2,38 @@
 
 from __future__ import annotations
 
-import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from shared.directory.models import EventCreate
+from shared.directory.models import EventCreate, EventView
+from shared.directory.records import Rows, new_id, record
 from shared.directory.validation import parse
 from shared.errors import ProxyError
 from shared.platform import clock
-from shared.platform.tables import Conflict, Tables
+from shared.platform.tables import Tables
 
 EVENTS_TABLE = "events"
-_PARTITION = "event"
 
 
-def _ids(stored: Any) -> list[str]:
-    return [part for part in str(stored or "").split(",") if part]
-
-
-@dataclass
+@record(EventView, leave_out=("starts_at_utc", "ends_at_utc"))  # those follow from the window
 class Event:
-    """An event: a window in its own time zone, caps per attendee and per request."""
+    """An event: a window in its own time zone, caps per attendee and per request.
 
-    id: str
-    name: str
-    starts_at: datetime  # wall clock in time_zone, naive
-    ends_at: datetime
-    time_zone: str
-    max_token_cap: int
-    daily_request_cap: int
-    daily_token_cap: int = 0  # 0: no daily token cap
-    event_daily_request_cap: int = 0  # all attendees together; 0: none
-    event_daily_token_cap: int = 0  # all attendees together; 0: none
-    requests_per_minute: int = 0  # per attendee; 0: no limit
-    tokens_per_minute: int = 0  # per attendee; 0: no limit
-    description_markdown: str = ""
-    organizer_name: str = ""
-    organizer_email: str = ""
-    image_url: str = ""
-    shared_code: str = ""
-    self_registration: str = "auto"  # models.SelfRegistration
-    # Entra ID callers (shared/access/entra.py): the tenants whose access tokens this event
-    # takes and, when any are named, only these users, apps or groups (object ids) of them.
-    entra_tenants: list[str] = field(default_factory=list)
-    entra_allowed: list[str] = field(default_factory=list)
-    active: bool = True
-    owner: str = ""
-    created_at: str = ""
-    _window: tuple[datetime, datetime] | None = field(default=None, repr=False, compare=False)
-    # (YYYYMMDD, its first instant, the next day's first instant), all UTC: every call asks
-    _day: tuple[str, datetime, datetime] | None = field(default=None, repr=False, compare=False)
+    Its fields are EventView's (shared/directory/models.py): what its organiser sends
+    (EventCreate), its id, owner and creation time. starts_at and ends_at are wall-clock times
+    in time_zone, naive.
+    """
+
+    # Worked out on first use: the window in UTC, and (YYYYMMDD, its first instant, the next
+    # day's first instant), all UTC: every call asks.
+    _window: tuple[datetime, datetime] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    _day: tuple[str, datetime, datetime] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def zone(self) -> ZoneInfo:
@@ -152,47 +132,11 @@ class Event:
         data.update(self.public())
         return data
 
-    def to_entity(self) -> dict[str, Any]:
-        data = self.to_json()
-        for computed in ("id", "starts_at_utc", "ends_at_utc"):
-            data.pop(computed)
-        for ids in ("entra_tenants", "entra_allowed"):  # tables hold no lists
-            data[ids] = ",".join(data[ids])
-        return {"PartitionKey": _PARTITION, "RowKey": self.id, **data}
-
-    @classmethod
-    def from_entity(cls, entity: dict[str, Any]) -> Event:
-        return cls(
-            id=entity["RowKey"],
-            name=entity["name"],
-            starts_at=datetime.fromisoformat(entity["starts_at"]),
-            ends_at=datetime.fromisoformat(entity["ends_at"]),
-            time_zone=entity["time_zone"],
-            max_token_cap=int(entity["max_token_cap"]),
-            daily_request_cap=int(entity["daily_request_cap"]),
-            daily_token_cap=int(entity.get("daily_token_cap", 0)),
-            event_daily_request_cap=int(entity.get("event_daily_request_cap", 0)),
-            event_daily_token_cap=int(entity.get("event_daily_token_cap", 0)),
-            requests_per_minute=int(entity.get("requests_per_minute", 0)),
-            tokens_per_minute=int(entity.get("tokens_per_minute", 0)),
-            description_markdown=entity.get("description_markdown", ""),
-            organizer_name=entity.get("organizer_name", ""),
-            organizer_email=entity.get("organizer_email", ""),
-            image_url=entity.get("image_url", ""),
-            shared_code=entity.get("shared_code", ""),
-            self_registration=entity.get("self_registration") or "auto",
-            entra_tenants=_ids(entity.get("entra_tenants")),
-            entra_allowed=_ids(entity.get("entra_allowed")),
-            active=bool(entity.get("active", True)),
-            owner=entity.get("owner", ""),
-            created_at=entity.get("created_at", ""),
-        )
-
 
 def new_event(body: dict[str, Any], *, owner: str, now: datetime) -> Event:
     """Validate a create request; every problem names its field, all in one answer."""
     fields = parse(EventCreate, body)
-    return Event(id=secrets.token_hex(8), **dict(fields), owner=owner, created_at=now.isoformat())
+    return Event(id=new_id(), **dict(fields), owner=owner, created_at=now.isoformat())
 
 
 def patch_event(event: Event, body: dict[str, Any]) -> Event:
@@ -206,31 +150,8 @@ def patch_event(event: Event, body: dict[str, Any]) -> Event:
     return event
 
 
-class EventStore:
-    """Events in Table Storage."""
+class EventStore(Rows[Event]):
+    """Events in Table Storage (one partition)."""
 
     def __init__(self, tables: Tables) -> None:
-        self._tables = tables
-
-    async def create(self, event: Event) -> None:
-        try:
-            await self._tables.insert(EVENTS_TABLE, event.to_entity())
-        except Conflict:
-            # 64 random bits collided: pick another id once.
-            event.id = secrets.token_hex(8)
-            await self._tables.insert(EVENTS_TABLE, event.to_entity())
-
-    async def save(self, event: Event) -> None:
-        await self._tables.upsert(EVENTS_TABLE, event.to_entity(), replace=True)
-
-    async def get(self, event_id: str) -> Event | None:
-        entity = await self._tables.get(EVENTS_TABLE, _PARTITION, event_id)
-        return None if entity is None else Event.from_entity(entity)
-
-    async def list(self) -> list[Event]:
-        return [
-            Event.from_entity(e) for e in await self._tables.partition(EVENTS_TABLE, _PARTITION)
-        ]
-
-    async def delete(self, event_id: str) -> None:
-        await self._tables.delete(EVENTS_TABLE, _PARTITION, event_id)
+        super().__init__(tables, EVENTS_TABLE, "event", Event)

@@ -16,6 +16,7 @@ from shared.directory.attendees import Attendee
 from shared.directory.catalog import Resource, new_resource, patch_resource
 from shared.directory.events import Event, new_event, patch_event
 from shared.directory.models import AttendeeCreate
+from shared.directory.records import Rows
 from shared.directory.validation import is_id, parse
 from shared.errors import ProxyError, invalid
 from shared.platform import clock
@@ -51,18 +52,33 @@ def _check_managed_identity(caller: Caller, resource: Resource) -> None:
         )
 
 
-async def event(runtime: Runtime, caller: Caller, event_id: str) -> Event:
-    found = await runtime.events.get(event_id) if is_id(event_id) else None
+async def _find[R: (Event, Resource)](rows: Rows[R], caller: Caller, ident: str, noun: str) -> R:
+    """An event or a resource by id, if this caller may see it; 404 for others' and unknown."""
+    found = await rows.get(ident) if is_id(ident) else None
     if found is None or not caller.may_see(found.owner):
-        raise _not_found("event", event_id)
+        raise _not_found(noun, ident)
     return found
+
+
+async def _visible[R: (Event, Resource)](rows: Rows[R], caller: Caller) -> list[R]:
+    """The events or resources this caller may see."""
+    return [item for item in await rows.list() if caller.may_see(item.owner)]
+
+
+async def event(runtime: Runtime, caller: Caller, event_id: str) -> Event:
+    return await _find(runtime.events, caller, event_id, "event")
 
 
 async def resource(runtime: Runtime, caller: Caller, resource_id: str) -> Resource:
-    found = await runtime.catalog.resource(resource_id) if is_id(resource_id) else None
-    if found is None or not caller.may_see(found.owner):
-        raise _not_found("resource", resource_id)
-    return found
+    return await _find(runtime.catalog.resources, caller, resource_id, "resource")
+
+
+async def list_events(runtime: Runtime, caller: Caller) -> list[Event]:
+    return await _visible(runtime.events, caller)
+
+
+async def list_resources(runtime: Runtime, caller: Caller) -> list[Resource]:
+    return await _visible(runtime.catalog.resources, caller)
 
 
 async def create_event(runtime: Runtime, caller: Caller, body: dict[str, Any]) -> Event:
@@ -71,10 +87,6 @@ async def create_event(runtime: Runtime, caller: Caller, body: dict[str, Any]) -
     await runtime.events.create(created)
     runtime.directory.forget_event(created.id)  # the tenants it takes tokens of
     return created
-
-
-async def list_events(runtime: Runtime, caller: Caller) -> list[Event]:
-    return [e for e in await runtime.events.list() if caller.may_see(e.owner)]
 
 
 async def update_event(
@@ -114,12 +126,8 @@ async def create_resource(runtime: Runtime, caller: Caller, body: dict[str, Any]
     if api_key is not None:
         await runtime.secrets.put(created.secret_name, api_key)
         created.has_api_key = True
-    await runtime.catalog.save_resource(created)
+    await runtime.catalog.resources.save(created)
     return created
-
-
-async def list_resources(runtime: Runtime, caller: Caller) -> list[Resource]:
-    return [r for r in await runtime.catalog.resources() if caller.may_see(r.owner)]
 
 
 async def update_resource(
@@ -135,7 +143,7 @@ async def update_resource(
     elif api_key is not None:
         await runtime.secrets.put(found.secret_name, api_key)
         found.has_api_key = True
-    await runtime.catalog.save_resource(found)
+    await runtime.catalog.resources.save(found)
     runtime.directory.forget_resource(found)
     return found
 
@@ -155,7 +163,7 @@ async def delete_resource(runtime: Runtime, caller: Caller, resource_id: str) ->
             f"Detach it from them first.{hidden}",
         )
     await runtime.secrets.delete(found.secret_name)
-    await runtime.catalog.delete_resource(found.id)
+    await runtime.catalog.resources.delete(found.id)
     runtime.directory.forget_resource(found)
 
 
