@@ -19,7 +19,11 @@ KEYS_TABLE = "keys"
 CODE_KEY_USER = "code:"
 
 
-@record(AttendeeView, partition_key="event_id")
+@record(
+    AttendeeView,
+    defaults={"active": True, "created_at": "", "revoked_at": ""},
+    partition_key="event_id",
+)
 class Attendee:
     """One person's access to one event: AttendeeView's fields (shared/directory/models.py),
     and its key's hash and the key sealed."""

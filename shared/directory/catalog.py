@@ -16,7 +16,7 @@ RESOURCES_TABLE = "resources"
 CATALOG_TABLE = "catalog"
 
 
-@record(ResourceView)
+@record(ResourceView, defaults={"owner": "", "created_at": "", "has_api_key": False})
 class Resource:
     """One upstream deployment. Resources sharing `deployment` in an event form a pool.
 

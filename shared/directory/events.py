@@ -17,7 +17,11 @@ from shared.platform.tables import Tables
 EVENTS_TABLE = "events"
 
 
-@record(EventView, leave_out=("starts_at_utc", "ends_at_utc"))  # those follow from the window
+@record(
+    EventView,
+    leave_out=("starts_at_utc", "ends_at_utc"),  # they follow from the window
+    defaults={"owner": "", "created_at": ""},
+)
 class Event:
     """An event: a window in its own time zone, caps per attendee and per request.
 

@@ -471,8 +471,8 @@ class EventView(EventCreate):
     id: str = Field(description="the event's id")
     starts_at_utc: str = Field(description="the start in UTC", json_schema_extra=_UTC)
     ends_at_utc: str = Field(description="the end in UTC", json_schema_extra=_UTC)
-    owner: str = Field("", description="the signed-in creator ('<idp>:<id>'); empty for operators")
-    created_at: str = Field("", description="creation time, UTC", json_schema_extra=_UTC)
+    owner: str = Field(description="the signed-in creator ('<idp>:<id>'); empty for operators")
+    created_at: str = Field(description="creation time, UTC", json_schema_extra=_UTC)
 
 
 class RegistrationState(BaseModel):
@@ -527,9 +527,9 @@ class ResourceView(ResourceFields):
     model_config = ANSWER
 
     id: str = Field(description="the resource's id")
-    owner: str = Field("", description="the signed-in creator; empty for operators")
-    created_at: str = Field("", description="creation time, UTC", json_schema_extra=_UTC)
-    has_api_key: bool = Field(False, description="whether a key is stored (it is never returned)")
+    owner: str = Field(description="the signed-in creator; empty for operators")
+    created_at: str = Field(description="creation time, UTC", json_schema_extra=_UTC)
+    has_api_key: bool = Field(description="whether a key is stored (it is never returned)")
 
 
 class CatalogEntry(BaseModel):
@@ -544,14 +544,12 @@ class CatalogEntry(BaseModel):
 class AttendeeView(BaseModel):
     """One person's access to one event."""
 
-    model_config = ANSWER
-
     id: str = Field(description="the attendee's id, stable per event and user")
     event_id: str = Field(description="the event")
     user: str = Field(description="as given when added or registered")
-    active: bool = Field(True, description="false once revoked")
-    created_at: str = Field("", description="creation time, UTC", json_schema_extra=_UTC)
-    revoked_at: str = Field("", description="revocation time, UTC; empty while active")
+    active: bool = Field(description="false once revoked")
+    created_at: str = Field(description="creation time, UTC", json_schema_extra=_UTC)
+    revoked_at: str = Field(description="revocation time, UTC; empty while active")
 
 
 class AttendeeWithKeyView(AttendeeView):

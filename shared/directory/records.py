@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 import secrets
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime
 from functools import cache
@@ -26,11 +26,16 @@ from shared.platform.tables import Conflict, Tables
 
 
 def record[T](
-    *models: type[BaseModel], leave_out: Collection[str] = (), partition_key: str = ""
+    *models: type[BaseModel],
+    leave_out: Collection[str] = (),
+    defaults: Mapping[str, Any] | None = None,
+    partition_key: str = "",
 ) -> Callable[[type[T]], type[T]]:
     """A class as a dataclass holding every field of `models` (but `leave_out`), then its own;
-    keyword arguments only. Its `id` is its row key; `partition_key` names the field that is
-    its partition key (none: the partition is the table's, see `Rows`)."""
+    keyword arguments only. A field takes its model's default, or its default in `defaults`:
+    for fields an answer always carries (so its model requires them) that a record made in
+    code, or stored before the field existed, may lack. Its `id` is its row key;
+    `partition_key` names the field that is its partition key (none: the table's, see `Rows`)."""
 
     def build(cls: type[T]) -> type[T]:
         own = inspect.get_annotations(cls)
@@ -44,6 +49,8 @@ def record[T](
                     setattr(cls, name, field(default_factory=info.default_factory))
                 elif not info.is_required():
                     setattr(cls, name, info.default)
+                elif name in (defaults or {}):
+                    setattr(cls, name, (defaults or {})[name])
         cls.__annotations__ = {**taken, **own}
         cls._keys = frozenset({"id", partition_key} - {""})
         cls._partition_key = partition_key
