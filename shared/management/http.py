@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from shared.access.callers import Caller
 from shared.access.guard import client_address
+from shared.directory import Event, Resource
 from shared.directory.validation import json_object
 from shared.errors import ProxyError
 from shared.governance.rollups import to_csv
@@ -25,13 +26,14 @@ from shared.platform.tables import StorageUnavailable
 from shared.runtime import Runtime, get_runtime
 
 Work = Callable[[Runtime, Caller, Request], Awaitable[Response]]
+Handler = Callable[[Request], Awaitable[Response]]
 
 
 def _json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status, media_type="application/json")
 
 
-def managed(work: Work) -> Callable[[Request], Awaitable[Response]]:
+def managed(work: Work) -> Handler:
     """A handler that runs `work` for the proven caller, and answers its refusals as errors."""
 
     async def handler(request: Request) -> Response:
@@ -57,30 +59,49 @@ def _param(request: Request, name: str) -> str:
     return request.path_params[name]
 
 
-# --- events -------------------------------------------------------------------------------
+# --- events and resources ------------------------------------------------------------------
 
 
-@managed
-async def list_events(runtime: Runtime, caller: Caller, request: Request) -> Response:
-    return _json([e.to_json() for e in await manage.list_events(runtime, caller)])
+def _owned[R: (Event, Resource)](
+    noun: str,
+    listed: Callable[[Runtime, Caller], Awaitable[list[R]]],
+    create: Callable[[Runtime, Caller, dict[str, Any]], Awaitable[R]],
+    find: Callable[[Runtime, Caller, str], Awaitable[R]],
+    update: Callable[[Runtime, Caller, str, dict[str, Any]], Awaitable[R]],
+) -> tuple[Handler, Handler, Handler, Handler]:
+    """The list, create, get and update handlers of what organisers own (events, resources),
+    over manage's functions for it; the id is the path's `<noun>_id`."""
+
+    async def list_all(runtime: Runtime, caller: Caller, request: Request) -> Response:
+        return _json([item.to_json() for item in await listed(runtime, caller)])
+
+    async def create_one(runtime: Runtime, caller: Caller, request: Request) -> Response:
+        created = await create(runtime, caller, await json_object(request))
+        return _json(created.to_json(), 201)
+
+    async def get_one(runtime: Runtime, caller: Caller, request: Request) -> Response:
+        return _json((await find(runtime, caller, _param(request, f"{noun}_id"))).to_json())
+
+    async def update_one(runtime: Runtime, caller: Caller, request: Request) -> Response:
+        ident, body = _param(request, f"{noun}_id"), await json_object(request)
+        return _json((await update(runtime, caller, ident, body)).to_json())
+
+    names = (f"list_{noun}s", f"create_{noun}", f"get_{noun}", f"update_{noun}")
+    for work, name in zip((list_all, create_one, get_one, update_one), names, strict=True):
+        work.__name__ = work.__qualname__ = name
+    return managed(list_all), managed(create_one), managed(get_one), managed(update_one)
 
 
-@managed
-async def create_event(runtime: Runtime, caller: Caller, request: Request) -> Response:
-    created = await manage.create_event(runtime, caller, await json_object(request))
-    return _json(created.to_json(), 201)
-
-
-@managed
-async def get_event(runtime: Runtime, caller: Caller, request: Request) -> Response:
-    return _json((await manage.event(runtime, caller, _param(request, "event_id"))).to_json())
-
-
-@managed
-async def update_event(runtime: Runtime, caller: Caller, request: Request) -> Response:
-    event_id = _param(request, "event_id")
-    changed = await manage.update_event(runtime, caller, event_id, await json_object(request))
-    return _json(changed.to_json())
+list_events, create_event, get_event, update_event = _owned(
+    "event", manage.list_events, manage.create_event, manage.event, manage.update_event
+)
+list_resources, create_resource, get_resource, update_resource = _owned(
+    "resource",
+    manage.list_resources,
+    manage.create_resource,
+    manage.resource,
+    manage.update_resource,
+)
 
 
 @managed
@@ -88,33 +109,6 @@ async def delete_event(runtime: Runtime, caller: Caller, request: Request) -> Re
     force = request.query_params.get("force", "").lower() == "true"
     await manage.delete_event(runtime, caller, _param(request, "event_id"), force=force)
     return Response(status_code=204)
-
-
-# --- resources ----------------------------------------------------------------------------
-
-
-@managed
-async def list_resources(runtime: Runtime, caller: Caller, request: Request) -> Response:
-    return _json([r.to_json() for r in await manage.list_resources(runtime, caller)])
-
-
-@managed
-async def create_resource(runtime: Runtime, caller: Caller, request: Request) -> Response:
-    created = await manage.create_resource(runtime, caller, await json_object(request))
-    return _json(created.to_json(), 201)
-
-
-@managed
-async def get_resource(runtime: Runtime, caller: Caller, request: Request) -> Response:
-    found = await manage.resource(runtime, caller, _param(request, "resource_id"))
-    return _json(found.to_json())
-
-
-@managed
-async def update_resource(runtime: Runtime, caller: Caller, request: Request) -> Response:
-    resource_id = _param(request, "resource_id")
-    changed = await manage.update_resource(runtime, caller, resource_id, await json_object(request))
-    return _json(changed.to_json())
 
 
 @managed
