@@ -12,6 +12,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -61,20 +62,20 @@ def _kind(annotation: Any) -> Callable[[str], Any]:
 
 
 def _add_fields(parser: argparse.ArgumentParser, model: type[Body], *, create: bool) -> None:
-    for name, field in model.model_fields.items():
+    for name, info in model.model_fields.items():
         if name == "active":  # a switch pair, below
             continue
-        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
-        text = (field.description or "") + _MORE_HELP.get(name, "")
-        if field.default not in (None, "", 0, PydanticUndefined) and field.annotation is not bool:
-            text += f" (default {field.default})"
-        if get_origin(field.annotation) is list:
+        choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else None
+        text = (info.description or "") + _MORE_HELP.get(name, "")
+        if info.default not in (None, "", 0, PydanticUndefined) and info.annotation is not bool:
+            text += f" (default {info.default})"
+        if get_origin(info.annotation) is list:
             text += "; separated by commas ('' clears it)"
         parser.add_argument(
             _FLAGS.get(name, "--" + name.replace("_", "-")),
             dest=f"field_{name}",
-            type=_kind(field.annotation),
-            required=create and field.is_required(),
+            type=_kind(info.annotation),
+            required=create and info.is_required(),
             choices=choices,
             metavar=None if choices else name.upper(),
             help=text,
@@ -112,60 +113,91 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
 # --- commands ----------------------------------------------------------------------------
 
 
-def events_list(api: Api, args: argparse.Namespace) -> None:
-    found = api.json("GET", "/events")
-    if args.json:
-        return print_json(found)
-    columns = ["id", "name", "starts_at", "ends_at", "time_zone", "active"]
-    table(sorted(found, key=lambda e: e["starts_at"]), columns)
+@dataclass(frozen=True)
+class Owned:
+    """A kind of record organisers own, as a command group: list, create, (show,) update and
+    delete, over the API's collection of the same name; the flags are its body's fields."""
+
+    group: str  # the command group and the API's collection
+    noun: str  # what one is called; its id argument is <noun>_id
+    model: type[Body]  # the create and update bodies: the fields' flags
+    about: str  # the group's help
+    helps: dict[str, str]  # each command's help, by its name (one that makes a record: create)
+    columns: tuple[str, ...]  # the list's table
+    order: str = ""  # the list is sorted by this column ("": as answered)
+    hint: str = ""  # flags to suggest when an update gives none
+    examples: dict[str, str] = field(default_factory=dict)  # a command's example
+    force: str = ""  # a delete's --force: what it also deletes ("": no such flag)
+
+    def id_of(self, args: argparse.Namespace) -> str:
+        return getattr(args, f"{self.noun}_id")
+
+    def list(self, api: Api, args: argparse.Namespace) -> None:
+        found = api.json("GET", f"/{self.group}")
+        if args.json:
+            return print_json(found)
+        table(sorted(found, key=lambda row: row[self.order]) if self.order else found, self.columns)
+
+    def create(self, api: Api, args: argparse.Namespace) -> None:
+        created = api.json("POST", f"/{self.group}", body=_fields(args))
+        print_json(created) if args.json else print(created["id"])
+
+    def show(self, api: Api, args: argparse.Namespace) -> None:
+        print_json(api.json("GET", f"/{self.group}/{self.id_of(args)}"))
+
+    def update(self, api: Api, args: argparse.Namespace) -> None:
+        body = _fields(args)
+        if not body:
+            raise UsageError(f"nothing to change: give at least one field, e.g. {self.hint}")
+        print_json(api.json("PATCH", f"/{self.group}/{self.id_of(args)}", body=body))
+
+    def delete(self, api: Api, args: argparse.Namespace) -> None:
+        params = {"force": "true"} if getattr(args, "force", False) else None
+        api.send("DELETE", f"/{self.group}/{self.id_of(args)}", params=params)
+        print(f"deleted {self.noun} {self.id_of(args)}", file=sys.stderr)
 
 
-def events_create(api: Api, args: argparse.Namespace) -> None:
-    created = api.json("POST", "/events", body=_fields(args))
-    print_json(created) if args.json else print(created["id"])
-
-
-def events_show(api: Api, args: argparse.Namespace) -> None:
-    print_json(api.json("GET", f"/events/{args.event_id}"))
-
-
-def events_update(api: Api, args: argparse.Namespace) -> None:
-    body = _fields(args)
-    if not body:
-        raise UsageError("nothing to change: give at least one field, e.g. --name or --inactive")
-    print_json(api.json("PATCH", f"/events/{args.event_id}", body=body))
-
-
-def events_delete(api: Api, args: argparse.Namespace) -> None:
-    params = {"force": "true"} if args.force else None
-    api.send("DELETE", f"/events/{args.event_id}", params=params)
-    print(f"deleted event {args.event_id}", file=sys.stderr)
-
-
-RESOURCE_COLUMNS = ["id", "name", "deployment", "model_class", "endpoint", "auth", "priority"]
-RESOURCE_COLUMNS += ["weight", "active"]
-
-
-def resources_list(api: Api, args: argparse.Namespace) -> None:
-    found = api.json("GET", "/resources")
-    print_json(found) if args.json else table(found, RESOURCE_COLUMNS)
-
-
-def resources_add(api: Api, args: argparse.Namespace) -> None:
-    created = api.json("POST", "/resources", body=_fields(args))
-    print_json(created) if args.json else print(created["id"])
-
-
-def resources_update(api: Api, args: argparse.Namespace) -> None:
-    body = _fields(args)
-    if not body:
-        raise UsageError("nothing to change: give at least one field, e.g. --weight or --api-key")
-    print_json(api.json("PATCH", f"/resources/{args.resource_id}", body=body))
-
-
-def resources_delete(api: Api, args: argparse.Namespace) -> None:
-    api.send("DELETE", f"/resources/{args.resource_id}")
-    print(f"deleted resource {args.resource_id}", file=sys.stderr)
+EVENTS = Owned(
+    "events",
+    "event",
+    EventCreate,
+    "create, list, show, change and delete events",
+    {
+        "list": "List the events you may see.",
+        "create": "Create an event; prints its id.",
+        "show": "Show one event as JSON.",
+        "update": "Change the fields given; prints the event as JSON.",
+        "delete": "Delete an event (refused while it has attendees).",
+    },
+    ("id", "name", "starts_at", "ends_at", "time_zone", "active"),
+    order="starts_at",
+    hint="--name or --inactive",
+    examples={
+        "create": "aiproxy events create --name Hackathon --starts-at 2026-05-04T09:00:00 \\\n"
+        "    --ends-at 2026-05-05T18:00:00 --time-zone Europe/Berlin --max-token-cap 2048 \\\n"
+        "    --daily-request-cap 500 --shared-code SPRING26",
+        "update": "aiproxy events update EVENT_ID --daily-request-cap 1000 --inactive",
+    },
+    force="also delete its attendees and their keys",
+)
+RESOURCES = Owned(
+    "resources",
+    "resource",
+    ResourceCreate,
+    "the upstream deployments events can use",
+    {
+        "list": "List resources (never with their keys).",
+        "add": "Add an upstream deployment; prints its id.",
+        "update": "Change the fields given; prints it as JSON.",
+        "delete": "Delete a resource (refused while in a catalog).",
+    },
+    ("id", "name", "deployment", "model_class", "endpoint", "auth", "priority", "weight", "active"),
+    hint="--weight or --api-key",
+    examples={
+        "add": "aiproxy resources add --name east --deployment gpt-4o-mini \\\n"
+        "    --model-class openai-chat --url https://NAME.openai.azure.com --api-key - < key.txt"
+    },
+)
 
 
 def catalog_attach(api: Api, args: argparse.Namespace) -> None:
@@ -184,7 +216,7 @@ def catalog_detach(api: Api, args: argparse.Namespace) -> None:
 
 def catalog_list(api: Api, args: argparse.Namespace) -> None:
     found = api.json("GET", f"/events/{args.event}/resources")
-    print_json(found) if args.json else table(found, RESOURCE_COLUMNS)
+    print_json(found) if args.json else table(found, RESOURCES.columns)
 
 
 def _attendee_id(api: Api, args: argparse.Namespace) -> str:
@@ -278,40 +310,27 @@ def usage(api: Api, args: argparse.Namespace) -> None:
 # --- the parser ---------------------------------------------------------------------------
 
 
+# The connection options: flag, default (the environment's, else this), help, more of argparse.
+_CONNECTION: tuple[tuple[str, Any, str, dict[str, Any]], ...] = (
+    ("--endpoint", None, "the proxy's base URL, e.g. http://127.0.0.1:7071/api (env "
+     "AIPROXY_ENDPOINT)", {}),
+    ("--operator-key", None, "the operator's key: every event and resource (env "
+     "AIPROXY_OPERATOR_KEY)", {}),
+    ("--token", None, "an organiser's Entra access token for the app (env AIPROXY_TOKEN)", {}),
+    ("--entra-scope", None, "or get that token for api://<client id>/.default from az login, "
+     "azd, a managed or workload identity (env AIPROXY_ENTRA_SCOPE)", {"metavar": "SCOPE"}),
+    # The function key opened manage/* once; kept to say what replaced it.
+    ("--key", None, argparse.SUPPRESS, {}),
+    ("--timeout", 30.0, "seconds to wait for each answer (default 30)", {"type": float}),
+)  # fmt: skip
+
+
 def _common() -> argparse.ArgumentParser:
     """Connection options, accepted before or after the command (default: the environment)."""
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("connection")
-    group.add_argument(
-        "--endpoint",
-        default=argparse.SUPPRESS,
-        help="the proxy's base URL, e.g. http://127.0.0.1:7071/api (env AIPROXY_ENDPOINT)",
-    )
-    group.add_argument(
-        "--operator-key",
-        default=argparse.SUPPRESS,
-        help="the operator's key: every event and resource (env AIPROXY_OPERATOR_KEY)",
-    )
-    group.add_argument(
-        "--token",
-        default=argparse.SUPPRESS,
-        help="an organiser's Entra access token for the app (env AIPROXY_TOKEN)",
-    )
-    group.add_argument(
-        "--entra-scope",
-        default=argparse.SUPPRESS,
-        metavar="SCOPE",
-        help="or get that token for api://<client id>/.default from az login, azd, a managed "
-        "or workload identity (env AIPROXY_ENTRA_SCOPE)",
-    )
-    # The function key opened manage/* once; kept to say what replaced it.
-    group.add_argument("--key", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    group.add_argument(
-        "--timeout",
-        type=float,
-        default=argparse.SUPPRESS,
-        help="seconds to wait for each answer (default 30)",
-    )
+    for flag, _, text, more in _CONNECTION:
+        group.add_argument(flag, default=argparse.SUPPRESS, help=text, **more)
     return common
 
 
@@ -360,9 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"{PROG} 0.1.0")
-    parser.set_defaults(
-        endpoint=None, operator_key=None, token=None, entra_scope=None, key=None, timeout=30.0
-    )
+    parser.set_defaults(**{flag[2:].replace("-", "_"): value for flag, value, _, _ in _CONNECTION})
     groups = parser.add_subparsers(dest="group", metavar="COMMAND")
 
     def group(name: str, text: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
@@ -390,61 +407,23 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
-    events = group("events", "create, list, show, change and delete events")
-    sub = command(events, "list", events_list, "List the events you may see.")
-    _json_flag(sub)
-    sub = command(
-        events,
-        "create",
-        events_create,
-        "Create an event; prints its id.",
-        "example:\n  aiproxy events create --name Hackathon --starts-at 2026-05-04T09:00:00 \\\n"
-        "    --ends-at 2026-05-05T18:00:00 --time-zone Europe/Berlin --max-token-cap 2048 \\\n"
-        "    --daily-request-cap 500 --shared-code SPRING26",
-    )
-    _add_fields(sub, EventCreate, create=True)
-    _json_flag(sub, "the created event as JSON")
-    sub = command(events, "show", events_show, "Show one event as JSON.")
-    sub.add_argument("event_id", help="the event's id")
-    sub = command(
-        events,
-        "update",
-        events_update,
-        "Change the fields given; prints the event as JSON.",
-        "example:\n  aiproxy events update EVENT_ID --daily-request-cap 1000 --inactive",
-    )
-    sub.add_argument("event_id", help="the event's id")
-    _add_fields(sub, EventCreate, create=False)
-    sub = command(
-        events, "delete", events_delete, "Delete an event (refused while it has attendees)."
-    )
-    sub.add_argument("event_id", help="the event's id")
-    sub.add_argument(
-        "--force", action="store_true", help="also delete its attendees and their keys"
-    )
-
-    resources = group("resources", "the upstream deployments events can use")
-    sub = command(resources, "list", resources_list, "List resources (never with their keys).")
-    _json_flag(sub)
-    sub = command(
-        resources,
-        "add",
-        resources_add,
-        "Add an upstream deployment; prints its id.",
-        "example:\n  aiproxy resources add --name east --deployment gpt-4o-mini \\\n"
-        "    --model-class openai-chat --url https://NAME.openai.azure.com --api-key - < key.txt",
-    )
-    _add_fields(sub, ResourceCreate, create=True)
-    _json_flag(sub, "the created resource as JSON")
-    sub = command(
-        resources, "update", resources_update, "Change the fields given; prints it as JSON."
-    )
-    sub.add_argument("resource_id", help="the resource's id")
-    _add_fields(sub, ResourceCreate, create=False)
-    sub = command(
-        resources, "delete", resources_delete, "Delete a resource (refused while in a catalog)."
-    )
-    sub.add_argument("resource_id", help="the resource's id")
+    for owned in (EVENTS, RESOURCES):
+        actions = group(owned.group, owned.about)
+        for name, text in owned.helps.items():
+            action = {"add": "create"}.get(name, name)  # resources are added
+            example = owned.examples.get(name)
+            epilog = f"example:\n  {example}" if example else None
+            sub = command(actions, name, getattr(owned, action), text, epilog)
+            if action in ("show", "update", "delete"):
+                sub.add_argument(f"{owned.noun}_id", help=f"the {owned.noun}'s id")
+            if action in ("create", "update"):
+                _add_fields(sub, owned.model, create=action == "create")
+            if action == "create":
+                _json_flag(sub, f"the created {owned.noun} as JSON")
+            elif action == "list":
+                _json_flag(sub)
+            elif action == "delete" and owned.force:
+                sub.add_argument("--force", action="store_true", help=owned.force)
 
     catalog = group("catalog", "which resources an event's attendees can use")
     for name, run, text in (
