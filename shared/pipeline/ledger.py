@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,23 +20,21 @@ from shared.platform import clock, telemetry
 from shared.runtime import Access, Runtime
 
 
+@dataclass(eq=False)
 class Ledger:
     """One call's entries. `access` is set once the caller is known; `upstream` is the call's
     upstream request, whose deployment and answering member the record names."""
 
-    def __init__(
-        self, runtime: Runtime, request_id: str, model_class: str, upstream: UpstreamRequest
-    ) -> None:
-        self.runtime = runtime
-        self.request_id = request_id
-        self.model_class = model_class
-        self.upstream = upstream
-        self.started = time.perf_counter()
-        self.metered = True  # calls that use no model (by id) neither take from the caps nor record
-        self.access: Access | None = None
-        self.worst_case_tokens = 0
-        self.counter: Counter | None = None
-        self.admission: Admission | None = None  # its place in the per-minute counts
+    runtime: Runtime
+    request_id: str
+    model_class: str
+    upstream: UpstreamRequest
+    started: float = field(default_factory=time.perf_counter)
+    metered: bool = True  # calls that use no model (by id) neither take from the caps nor record
+    access: Access | None = None
+    worst_case_tokens: int = 0
+    counter: Counter | None = None
+    admission: Admission | None = None  # its place in the per-minute counts
 
     async def admit(self, event: Event, body_size: int, limit: Any) -> None:
         """Take one request from today's cap and this minute's limits (and the pool's fair
