@@ -76,7 +76,7 @@ def test_the_azure_ai_service_hosts_are_taken(endpoint: str) -> None:
 
 
 def test_the_operator_adds_hosts_and_suffixes_with_their_ports_and_loopback() -> None:
-    policy = EndpointPolicy(parse_hosts("gw.contoso.com, .apim.contoso.com:8443, 10.0.0.4"))
+    policy = EndpointPolicy(parse_hosts(("gw.contoso.com", ".apim.contoso.com:8443", "10.0.0.4")))
     assert endpoint_problem("https://gw.contoso.com/openai", policy) is None
     assert endpoint_problem("https://eu.apim.contoso.com:8443", policy) is None
     assert endpoint_problem("https://eu.apim.contoso.com", policy) is not None  # 443: not listed

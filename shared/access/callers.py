@@ -21,7 +21,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from shared.access.entra import EntraVerifier, Identity, guid_list, name_list
+from shared.access.entra import EntraVerifier, Identity, guid_list
 from shared.access.guard import FailedKeyGuard
 from shared.access.principal import Principal, principal
 from shared.errors import ProxyError
@@ -122,10 +122,10 @@ class Callers:
             else b""
         )
         self.operators = _Roles(
-            name_list(settings.entra_operator_roles), guid_list(settings.entra_operator_groups)
+            frozenset(settings.entra_operator_roles), guid_list(settings.entra_operator_groups)
         )
         self.organisers = _Roles(
-            name_list(settings.entra_organizer_roles), guid_list(settings.entra_organizer_groups)
+            frozenset(settings.entra_organizer_roles), guid_list(settings.entra_organizer_groups)
         )
 
     async def caller(self, headers: Mapping[str, str], client: str, method: str = "GET") -> Caller:

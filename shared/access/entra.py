@@ -19,7 +19,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -58,14 +58,9 @@ def looks_like_jwt(value: str) -> bool:
     return len(value) < 16_384 and _JWT.match(value) is not None
 
 
-def guid_list(raw: str) -> frozenset[str]:
-    """A comma-separated setting of tenant or object ids, lower-cased."""
-    return frozenset(part.strip().lower() for part in raw.split(",") if part.strip())
-
-
-def name_list(raw: str) -> frozenset[str]:
-    """A comma-separated setting of app role names, as written (roles are case-sensitive)."""
-    return frozenset(part.strip() for part in raw.split(",") if part.strip())
+def guid_list(ids: Iterable[str]) -> frozenset[str]:
+    """Tenant or object ids of a setting, lower-cased."""
+    return frozenset(part.lower() for part in ids)
 
 
 def refused(message: str) -> WrongCredential:
@@ -282,7 +277,7 @@ class EntraVerifier:
         self.keys = SigningKeys(settings.entra_authority, settings.entra_key_refetch_seconds)
         self.organizer_tenants = guid_list(settings.entra_organizer_tenants)
         self.organizer_audiences = frozenset(
-            a.strip().rstrip("/") for a in settings.entra_organizer_audience.split(",") if a.strip()
+            audience.rstrip("/") for audience in settings.entra_organizer_audience
         )
         self._verified: dict[str, Identity] = {}  # by the token's hash, until it expires
 

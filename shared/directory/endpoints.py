@@ -63,12 +63,12 @@ class EndpointPolicy:
 
 
 @lru_cache(maxsize=16)
-def parse_hosts(text: str) -> tuple[tuple[str, int], ...]:
-    """AIPROXY_UPSTREAM_HOSTS: commas between exact hosts (`gw.contoso.com`) and suffixes
-    (`.contoso.com`), each optionally with `:port` (443 otherwise); entries that are not host
-    names (IP literals, `localhost`) are ignored, as they would be refused anyway."""
+def parse_hosts(items: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
+    """AIPROXY_UPSTREAM_HOSTS: exact hosts (`gw.contoso.com`) and suffixes (`.contoso.com`),
+    each optionally with `:port` (443 otherwise); entries that are not host names (IP
+    literals, `localhost`) are ignored, as they would be refused anyway."""
     found = []
-    for item in filter(None, (part.strip().lower() for part in text.split(","))):
+    for item in (part.lower() for part in items):
         host, _, port = item.rpartition(":") if ":" in item else (item, "", "443")
         name = host.removeprefix(".")
         if not port.isdigit() or not 0 < int(port) < 65536:

@@ -23,6 +23,10 @@ AZURITE_CONNECTION_STRING = (
 )
 
 
+# A setting written as names with commas between them (spaces around each are dropped).
+type Names = tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class Settings:
     """Configuration of one process, read from the environment (app settings)."""
@@ -52,7 +56,7 @@ class Settings:
     # Upstream endpoints beyond Azure AI services' hosts (shared/directory/endpoints.py): exact
     # hosts or '.suffixes', each optionally ':port', commas; and whether http://127.0.0.1,
     # localhost and [::1] are allowed (local runs and tests only: never on Azure).
-    upstream_hosts: str = ""
+    upstream_hosts: Names = ()
     allow_loopback_upstreams: bool = False
     trust_easyauth: bool = False
     # Self-registration (shared/access/codes.py): wrong shared codes an event answers in any
@@ -66,23 +70,23 @@ class Settings:
     entra_key_refetch_seconds: float = 60.0
     # Organisers by token: their tenants, the audience of their tokens (the app registration),
     # and the groups (object ids) or app roles that make a principal an organiser; commas.
-    entra_organizer_tenants: str = ""
-    entra_organizer_audience: str = ""
-    entra_organizer_groups: str = ""
-    entra_organizer_roles: str = ""
+    entra_organizer_tenants: Names = ()
+    entra_organizer_audience: Names = ()
+    entra_organizer_groups: Names = ()
+    entra_organizer_roles: Names = ()
     # The operator: a secret of its own, sent in the x-aiproxy-operator-key header ("": no
     # operator key), and the app roles or groups (object ids) that make a signed-in principal
     # the operator; commas.
     operator_key: str = ""
-    entra_operator_roles: str = ""
-    entra_operator_groups: str = ""
+    entra_operator_roles: Names = ()
+    entra_operator_groups: Names = ()
     # OpenTelemetry to Application Insights when set.
     appinsights_connection_string: str = ""
     # Dev host only: the key that function-level routes require locally.
     function_key: str = ""
     # Plugins (shared/plugins): names, in order; each has its JSON config in
     # AIPROXY_PLUGIN_<NAME> (plugin_config below).
-    plugins: str = ""
+    plugins: Names = ()
     # The longest an async request hook may take before the call is refused (or let through).
     plugins_request_budget_ms: float = 250.0
     # The longest a usage sink may take with one batch, per attempt.
@@ -127,6 +131,8 @@ def plugin_config(plugin: str, environ: Mapping[str, str] | None = None) -> str:
 def _convert(raw: str, kind: type, name: str) -> object:
     if kind is bool:
         return raw.strip().lower() in ("1", "true", "yes", "on")
+    if kind is tuple:  # Names
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
     try:
         return kind(raw)
     except ValueError as exc:

@@ -252,11 +252,11 @@ class Plugins:
                 log.error("plugin %s: close failed: %s: %s", name, type(exc).__name__, exc)
 
 
-def entries(text: str) -> list[tuple[str, str]]:
+def entries(items: tuple[str, ...]) -> list[tuple[str, str]]:
     """(name, module:attribute) of each plugin named in AIPROXY_PLUGINS, in order."""
     found: list[tuple[str, str]] = []
     settings_seen: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in items:
         name, sep, target = (part.strip() for part in item.partition("="))
         if not sep:
             target = name
