@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from shared.directory.models import EventCreate, EventView
+from shared.directory.models import PUBLIC_FIELDS, EventCreate, EventView
 from shared.directory.records import Rows, new_id, record
 from shared.directory.validation import parse
 from shared.errors import ProxyError
@@ -113,21 +113,17 @@ class Event:
         return self.self_registration in ("sign_in", "both")
 
     def public(self) -> dict[str, Any]:
-        """What anyone may see: the registration page's view."""
+        """What anyone may see: the registration page's view (models.PUBLIC_FIELDS), times as
+        text."""
         start, end = self.window_utc()
-        return {
-            "id": self.id,
-            "name": self.name,
+        shown = {
             "starts_at": self.starts_at.isoformat(),
             "ends_at": self.ends_at.isoformat(),
-            "time_zone": self.time_zone,
             "starts_at_utc": start.isoformat().replace("+00:00", "Z"),
             "ends_at_utc": end.isoformat().replace("+00:00", "Z"),
-            "organizer_name": self.organizer_name,
-            "description_markdown": self.description_markdown,
-            "image_url": self.image_url,
-            "self_registration": self.self_registration,
-            "active": self.active,
+        }
+        return {
+            name: shown[name] if name in shown else getattr(self, name) for name in PUBLIC_FIELDS
         }
 
     def to_json(self) -> dict[str, Any]:

@@ -485,7 +485,7 @@ class RegistrationState(BaseModel):
     )
 
 
-PUBLIC_FIELDS = (  # Event.public()
+PUBLIC_FIELDS = (  # what anyone may see of an event (Event.public())
     "id",
     "name",
     "starts_at",
