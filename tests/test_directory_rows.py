@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import pytest
 from cryptography.fernet import Fernet
 
 from local.azurite import Azurite
@@ -12,7 +13,7 @@ from shared.directory.attendees import ATTENDEES_TABLE, Attendee, AttendeeStore
 from shared.directory.catalog import RESOURCES_TABLE, CatalogStore, Resource
 from shared.directory.events import EVENTS_TABLE, Event, EventStore
 from shared.directory.models import AttendeeView, EventCreate, ResourceView
-from shared.directory.records import to_entity
+from shared.directory.records import record, to_entity
 from shared.platform.settings import load
 from shared.platform.tables import Tables
 from shared.platform.vault import Sealer
@@ -136,3 +137,10 @@ def test_a_record_built_in_code_takes_the_models_defaults() -> None:
     assert (resource.auth, resource.priority, resource.weight, resource.active) == (
         "key", 1, 1, True)  # fmt: skip
     assert resource.owner == "" and resource.has_api_key is False
+
+
+def test_a_default_for_no_required_field_is_refused_when_the_class_is_made() -> None:
+    with pytest.raises(TypeError, match="nosuch"):
+        record(ResourceView, defaults={"nosuch": 1})(type("Probe", (), {}))
+    with pytest.raises(TypeError, match="weight"):  # it has its model's default already
+        record(ResourceView, defaults={"weight": 2})(type("Probe", (), {}))

@@ -40,6 +40,7 @@ def record[T](
     def build(cls: type[T]) -> type[T]:
         own = inspect.get_annotations(cls)
         taken: dict[str, Any] = {}
+        more = dict(defaults or {})
         for model in models:
             for name, info in model.model_fields.items():
                 if name in leave_out or name in own or name in taken:
@@ -49,8 +50,10 @@ def record[T](
                     setattr(cls, name, field(default_factory=info.default_factory))
                 elif not info.is_required():
                     setattr(cls, name, info.default)
-                elif name in (defaults or {}):
-                    setattr(cls, name, (defaults or {})[name])
+                elif name in more:
+                    setattr(cls, name, more.pop(name))
+        if more:
+            raise TypeError(f"{cls.__name__}: defaults for no required field: {sorted(more)}")
         cls.__annotations__ = {**taken, **own}
         cls._keys = frozenset({"id", partition_key} - {""})
         cls._partition_key = partition_key
