@@ -6,7 +6,8 @@ May import: shared.errors, shared.platform, shared.directory, shared.access.
 
 from shared.governance.caps import Caps
 from shared.governance.fairshare import FairShare
+from shared.governance.journal import CallJournal
 from shared.governance.ratelimits import RateLimits
 from shared.governance.usage import UsageWriter
 
-__all__ = ["Caps", "FairShare", "RateLimits", "UsageWriter"]
+__all__ = ["CallJournal", "Caps", "FairShare", "RateLimits", "UsageWriter"]

@@ -193,6 +193,24 @@ class Tables:
         except AzureError as exc:
             raise StorageUnavailable(str(exc)) from exc
 
+    async def delete_batch(self, table: str, pk: str, rks: list[str]) -> None:
+        """Delete entities of one partition in one transaction (at most 100); when one of them
+        is gone already (the whole transaction is refused), one by one."""
+        if not rks:
+            return
+        client = await self.client(table)
+        operations = [("delete", {"PartitionKey": pk, "RowKey": rk}) for rk in rks]
+        try:
+            await client.submit_transaction(operations)  # type: ignore[arg-type]
+            return
+        except TableTransactionError as exc:
+            if _is_outage(exc):
+                raise StorageUnavailable(str(exc)) from exc
+        except AzureError as exc:
+            raise StorageUnavailable(str(exc)) from exc
+        for rk in rks:
+            await self.delete(table, pk, rk)
+
     async def query(
         self, table: str, filter: str, parameters: dict[str, Any] | None = None
     ) -> list[Entity]:

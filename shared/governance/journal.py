@@ -1,0 +1,220 @@
+"""Calls in flight, in Table Storage from their admission until their usage record exists.
+
+A worker can be killed (or crash) while it relays answers: the upstream bills what it sent,
+but the usage record of such a call is only made when it ends. So each admitted call writes an
+entry to the `inflight` table first, with its provisional usage record (the call's reserved
+worst case: the input estimate plus the most it may answer, marked estimated), the instance
+that wrote it and an expiry (admission + `AIPROXY_CALL_EXPIRY_SECONDS`, longer than a call may
+run). The entry is written while the upstream request goes out, and the call's first byte
+waits until storage has it (`Entry.landed`): a caller never receives part of an answer that no
+stored entry accounts for.
+
+A call that ends writes its usage record as always and its entry is deleted (in batches, off
+the request path). An entry still there after its expiry belongs to a call whose worker is
+gone: the maintenance pass (`recover`, with the rollup timer) claims it with a conditional
+update (ETag), so one instance only takes it, and writes its provisional record as the call's
+usage record and its tokens into the daily counts. Its row key is the admission time and the
+request id, so a record written twice is written over itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from shared.governance.caps import Caps
+from shared.governance.usage import UsageWriter
+from shared.platform import clock
+from shared.platform.background import Background
+from shared.platform.tables import Conflict, StorageUnavailable, Tables
+
+log = logging.getLogger(__name__)
+
+INFLIGHT_TABLE = "inflight"
+# The longest the first byte of an answer waits for its entry while storage is slow: past it,
+# the answer goes on and the entry lands when it can (docs/operating.md).
+HOLD_SECONDS = 2.0
+SETTLE_SECONDS = 0.2  # entries of ended calls are deleted in batches this often
+_BATCH = 100
+# A claimed entry whose claimer did not finish (it died in between) is claimed again after
+# this long; the record is written over itself, the daily count may take its tokens twice.
+RECLAIM_SECONDS = 60.0
+
+
+@dataclass
+class Entry:
+    """One admitted call's entry: written in the background from its admission."""
+
+    partition: str
+    request_id: str
+    writing: asyncio.Task[bool] | None = None
+    written: bool = False
+    waited_ms: float = field(default=0.0)  # how long the first byte waited for it
+
+    async def landed(self) -> None:
+        """Wait (at most HOLD_SECONDS) until storage has the entry: before the first byte."""
+        task = self.writing
+        if task is None or task.done():
+            return
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), HOLD_SECONDS)
+        except TimeoutError:
+            log.warning("journal: entry of %s not stored yet; answering", self.request_id)
+        except Exception:  # the write logs its own failure
+            pass
+        self.waited_ms = (time.perf_counter() - started) * 1000
+
+
+class CallJournal:
+    """This instance's entries of calls in flight, and the pass over other instances' ones."""
+
+    def __init__(self, tables: Tables, expiry_seconds: float) -> None:
+        self._tables = tables
+        self.expiry_seconds = expiry_seconds
+        self.instance = secrets.token_hex(6)
+        self._live: set[str] = set()  # request ids of this instance's calls not yet ended
+        self._ended: dict[str, list[str]] = defaultdict(list)  # partition -> entries to delete
+        self._writes: set[asyncio.Task[bool]] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._background = Background()
+        self.failures = 0  # entries storage did not take
+        self.recovered = 0  # entries of lost calls written as usage records here
+
+    def admit(self, record: dict[str, Any], extra: dict[str, Any]) -> Entry:
+        """Start writing the entry of an admitted call; `record` is its provisional usage
+        record (a usage table entity), `extra` what recovering it needs besides."""
+        now = clock.time()
+        entry = Entry(self.instance, record["request_id"])
+        entity = {
+            "PartitionKey": entry.partition,
+            "RowKey": entry.request_id,
+            "expires": now + self.expiry_seconds,
+            "admitted": now,
+            "record": orjson.dumps(record).decode(),
+            **extra,
+        }
+        self._live.add(entry.request_id)
+        task = entry.writing = asyncio.get_running_loop().create_task(self._write(entity))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return entry
+
+    async def _write(self, entity: dict[str, Any]) -> bool:
+        try:
+            await self._tables.insert(INFLIGHT_TABLE, entity)
+            return True
+        except (StorageUnavailable, Conflict) as exc:
+            self.failures += 1
+            log.warning("journal: entry of %s not stored: %s", entity["RowKey"], str(exc)[:200])
+            return False
+
+    def settle(self, entry: Entry) -> None:
+        """The call ended and its usage record is made: its entry goes (in a later batch)."""
+        self._live.discard(entry.request_id)
+        task = entry.writing
+        if task is not None and not task.done():
+            self._background.spawn(self._settle_after(entry, task))
+            return
+        if task is not None and task.result():
+            self._ended[entry.partition].append(entry.request_id)
+            self._start()
+
+    async def _settle_after(self, entry: Entry, task: asyncio.Task[bool]) -> None:
+        if await asyncio.shield(task):
+            self._ended[entry.partition].append(entry.request_id)
+            self._start()
+
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        backoff = SETTLE_SECONDS
+        while self._ended:
+            await asyncio.sleep(backoff)
+            try:
+                await self.flush()
+                backoff = SETTLE_SECONDS
+            except StorageUnavailable as exc:
+                backoff = min(backoff * 2, 30.0)
+                log.warning("journal: ended entries not deleted yet: %s", str(exc)[:200])
+
+    async def flush(self) -> None:
+        """Delete the entries of ended calls; what storage did not take stays for next time."""
+        for partition in list(self._ended):
+            rows = self._ended[partition]
+            while rows:
+                chunk = rows[:_BATCH]
+                await self._tables.delete_batch(INFLIGHT_TABLE, partition, chunk)
+                del rows[: len(chunk)]
+            del self._ended[partition]
+
+    async def recover(self, usage: UsageWriter, caps: Caps) -> int:
+        """Write the provisional record of every expired entry (a call whose worker is gone)
+        as its usage record, once across instances; returns how many this pass wrote."""
+        now = clock.time()
+        expired = await self._tables.query(INFLIGHT_TABLE, "expires lt @now", {"now": now})
+        taken = 0
+        for row in expired:
+            if row["RowKey"] in self._live:
+                continue  # still running here (only with an expiry shorter than a call)
+            if float(row.get("claimed_at", 0)) > now - RECLAIM_SECONDS:
+                continue  # another pass is writing it
+            found = await self._tables.get_versioned(
+                INFLIGHT_TABLE, row["PartitionKey"], row["RowKey"]
+            )
+            if found is None:
+                continue  # settled meanwhile
+            entity, etag = found
+            if float(entity.get("claimed_at", 0)) > now - RECLAIM_SECONDS:
+                continue
+            claim = {
+                "PartitionKey": entity["PartitionKey"],
+                "RowKey": entity["RowKey"],
+                "claimed_at": now,
+                "claimed_by": self.instance,
+            }
+            try:
+                await self._tables.update(INFLIGHT_TABLE, claim, etag=etag)
+            except Conflict:
+                continue  # another instance took it, or it was settled
+            record = orjson.loads(entity["record"])
+            usage.append_entity(record)  # on this instance's disk journal from here
+            caps.charge(
+                record["PartitionKey"],
+                record["attendee_id"],
+                int(record.get("total_tokens", 0)),
+                whole=bool(entity.get("whole")),
+            )
+            await self._tables.delete(INFLIGHT_TABLE, entity["PartitionKey"], entity["RowKey"])
+            taken += 1
+            log.warning(
+                "journal: call %s of instance %s never ended; recorded at its worst case, "
+                "%d tokens",
+                entity["RowKey"],
+                entity["PartitionKey"],
+                int(record.get("total_tokens", 0)),
+            )
+        self.recovered += taken
+        return taken
+
+    async def close(self) -> None:
+        """Wait for entries being written, delete those of ended calls."""
+        if self._task is not None:
+            self._task.cancel()
+        pending = [t for t in self._writes if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=HOLD_SECONDS)
+        self._background.cancel()
+        try:
+            await self.flush()
+        except StorageUnavailable:
+            log.warning("journal: entries of ended calls not deleted on shutdown")
