@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 INFLIGHT_TABLE = "inflight"
 # The longest the first byte of an answer waits for its entry while storage is slow: past it,
-# the answer goes on and the entry lands when it can (docs/operating.md).
+# the answer goes on and the entry lands when it can (docs/operating.md). After a write
+# failed, answers do not wait until one is taken again (storage is down: no calls stall).
 HOLD_SECONDS = 2.0
 SETTLE_SECONDS = 0.2  # entries of ended calls are deleted in batches this often
 _BATCH = 100
@@ -54,14 +55,15 @@ class Entry:
 
     partition: str
     request_id: str
-    writing: asyncio.Task[bool] | None = None
+    writing: asyncio.Future[bool] | None = None  # True once stored, False if it failed
+    hold: bool = True  # False while storage fails the writes: answers do not wait then
     written: bool = False
     waited_ms: float = field(default=0.0)  # how long the first byte waited for it
 
     async def landed(self) -> None:
         """Wait (at most HOLD_SECONDS) until storage has the entry: before the first byte."""
         task = self.writing
-        if task is None or task.done():
+        if task is None or task.done() or not self.hold:
             return
         started = time.perf_counter()
         try:
@@ -79,20 +81,24 @@ class CallJournal:
     def __init__(self, tables: Tables, expiry_seconds: float) -> None:
         self._tables = tables
         self.expiry_seconds = expiry_seconds
+        self.enabled = expiry_seconds > 0  # 0: no journal (lost calls go unrecorded)
         self.instance = secrets.token_hex(6)
         self._live: set[str] = set()  # request ids of this instance's calls not yet ended
         self._ended: dict[str, list[str]] = defaultdict(list)  # partition -> entries to delete
-        self._writes: set[asyncio.Task[bool]] = set()
+        # Entries waiting for the write under way: they go together in the next one.
+        self._queue: list[tuple[dict[str, Any], asyncio.Future[bool]]] = []
+        self._writer: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._background = Background()
         self.failures = 0  # entries storage did not take
+        self._healthy = True  # the last write was taken
         self.recovered = 0  # entries of lost calls written as usage records here
 
     def admit(self, record: dict[str, Any], extra: dict[str, Any]) -> Entry:
         """Start writing the entry of an admitted call; `record` is its provisional usage
         record (a usage table entity), `extra` what recovering it needs besides."""
         now = clock.time()
-        entry = Entry(self.instance, record["request_id"])
+        entry = Entry(self.instance, record["request_id"], hold=self._healthy)
         entity = {
             "PartitionKey": entry.partition,
             "RowKey": entry.request_id,
@@ -102,18 +108,46 @@ class CallJournal:
             **extra,
         }
         self._live.add(entry.request_id)
-        task = entry.writing = asyncio.get_running_loop().create_task(self._write(entity))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+        loop = asyncio.get_running_loop()
+        entry.writing = loop.create_future()
+        self._queue.append((entity, entry.writing))
+        if self._writer is None or self._writer.done():
+            self._writer = loop.create_task(self._write())
         return entry
 
-    async def _write(self, entity: dict[str, Any]) -> bool:
+    async def _write(self) -> None:
+        """Write what is queued: one request for one entry, one transaction for those that
+        came while the last write was under way (group commit: no timer, no added wait)."""
+        while self._queue:
+            group, self._queue = self._queue[:_BATCH], self._queue[_BATCH:]
+            results = [False] * len(group)
+            try:
+                stored = await self._insert([entity for entity, _ in group])
+                if stored is None:  # one of them exists (a retried write): each on its own
+                    results = [bool(await self._insert([entity])) for entity, _ in group]
+                else:
+                    results = [stored] * len(group)
+            except Exception:
+                log.exception("journal: entries not written")
+            finally:  # every waiting call goes on, whatever happened
+                for (_, written), ok in zip(group, results, strict=True):
+                    if not written.done():
+                        written.set_result(ok)
+
+    async def _insert(self, entities: list[dict[str, Any]]) -> bool | None:
+        """True when storage took them, False when it failed, None on a conflict."""
         try:
-            await self._tables.insert(INFLIGHT_TABLE, entity)
+            await self._tables.insert_batch(INFLIGHT_TABLE, entities)
+            self._healthy = True
             return True
-        except (StorageUnavailable, Conflict) as exc:
-            self.failures += 1
-            log.warning("journal: entry of %s not stored: %s", entity["RowKey"], str(exc)[:200])
+        except Conflict:
+            if len(entities) == 1:
+                return True  # written before: stored
+            return None
+        except StorageUnavailable as exc:
+            self.failures += len(entities)
+            self._healthy = False
+            log.warning("journal: %d entries not stored: %s", len(entities), str(exc)[:200])
             return False
 
     def settle(self, entry: Entry) -> None:
@@ -127,7 +161,7 @@ class CallJournal:
             self._ended[entry.partition].append(entry.request_id)
             self._start()
 
-    async def _settle_after(self, entry: Entry, task: asyncio.Task[bool]) -> None:
+    async def _settle_after(self, entry: Entry, task: asyncio.Future[bool]) -> None:
         if await asyncio.shield(task):
             self._ended[entry.partition].append(entry.request_id)
             self._start()
@@ -210,9 +244,8 @@ class CallJournal:
         """Wait for entries being written, delete those of ended calls."""
         if self._task is not None:
             self._task.cancel()
-        pending = [t for t in self._writes if not t.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=HOLD_SECONDS)
+        if self._writer is not None and not self._writer.done():
+            await asyncio.wait([self._writer], timeout=HOLD_SECONDS)
         self._background.cancel()
         try:
             await self.flush()

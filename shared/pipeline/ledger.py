@@ -62,6 +62,8 @@ class Ledger:
     def journal(self, body_size: int, limit: Any, streamed: bool) -> None:
         """The call's provisional record, at its worst case: its usage record if it never
         writes one (its worker is killed), made the way every record is."""
+        if not self.runtime.journal.enabled:
+            return
         prompt = min(body_size // 4, self.worst_case_tokens)
         provisional = self.usage_record(
             502, (prompt, self.worst_case_tokens - prompt, self.worst_case_tokens),
