@@ -204,3 +204,49 @@ def test_a_call_that_ends_leaves_one_record_settled_not_estimated(
     assert [r["request_id"] for r in records] == [request_id]
     assert records[0]["estimated"] is False and records[0]["outcome"] == "ok"
     assert records[0]["completion_tokens"] == 5
+
+
+def test_calls_ended_before_a_stop_are_not_recorded_twice(
+    azurite: Azurite, log_dir: Path, sim: Simulator, tmp_path: Path
+) -> None:
+    """The host drains a worker's calls and kills it at once: entries of the last calls may be
+    left behind with their records on the worker's disk. Past their expiry, a pass finds
+    those records and only deletes the entries."""
+    prefix = unique_prefix("journalstop")
+    env = host_env(
+        azurite.connection_string, prefix, AIPROXY_CALL_EXPIRY_SECONDS=str(EXPIRY),
+        AIPROXY_USAGE_SPILL_DIR=str(tmp_path), AIPROXY_USAGE_FLUSH_SECONDS="600",
+    )  # fmt: skip
+    storage = Storage(azurite.connection_string, prefix)
+    host = AppHost(log_dir, env, name="journal-stop")
+    try:
+        setup = EventSetup(host, sim)
+        client = openai.AzureOpenAI(
+            azure_endpoint=host.base, api_key=setup.key, api_version="2024-10-21", max_retries=0
+        )
+
+        def call(n: int) -> str:
+            raw = client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": f"{n}"}], max_tokens=3
+            )
+            return raw.headers["x-aiproxy-request-id"]
+
+        with ThreadPoolExecutor(8) as pool:
+            ids = list(pool.map(call, range(40)))
+        stopped_at = time.time()
+    finally:
+        host.stop()  # drains, then kills the worker
+    again = AppHost(log_dir, env, name="journal-stop-again")
+    try:
+        assert again.http.get("/health").status_code == 200
+
+        def settled() -> bool:
+            run_timer(again, "rollup_usage")
+            return time.time() > stopped_at + EXPIRY + 1 and not storage.rows("inflight")
+
+        wait_until(settled, timeout=60, interval=0.5)
+        rows = storage.rows("usage", f"event_id eq '{setup.id}'")
+    finally:
+        again.stop()
+    assert sorted(r["request_id"] for r in rows) == sorted(ids)  # each once
+    assert not any(r["estimated"] for r in rows)

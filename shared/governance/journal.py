@@ -25,12 +25,13 @@ import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from shared.governance.caps import Caps
-from shared.governance.usage import UsageWriter
+from shared.governance.usage import USAGE_TABLE, UsageWriter
 from shared.platform import clock
 from shared.platform.background import Background
 from shared.platform.tables import Conflict, StorageUnavailable, Tables
@@ -47,6 +48,7 @@ _BATCH = 100
 # A claimed entry whose claimer did not finish (it died in between) is claimed again after
 # this long; the record is written over itself, the daily count may take its tokens twice.
 RECLAIM_SECONDS = 60.0
+ROW_TIME = "%Y%m%dT%H%M%S%f"  # how a usage record's row key starts (UsageRecord.to_entity)
 
 
 @dataclass
@@ -196,12 +198,23 @@ class CallJournal:
         as its usage record, once across instances; returns how many this pass wrote."""
         now = clock.time()
         expired = await self._tables.query(INFLIGHT_TABLE, "expires lt @now", {"now": now})
-        taken = 0
+        expired = [
+            row
+            for row in expired
+            # still running here (only with an expiry shorter than a call), or being written
+            # by another pass
+            if row["RowKey"] not in self._live
+            and float(row.get("claimed_at", 0)) <= now - RECLAIM_SECONDS
+        ]
+        recorded = await self._recorded(expired)
+        taken = cleared = 0
         for row in expired:
-            if row["RowKey"] in self._live:
-                continue  # still running here (only with an expiry shorter than a call)
-            if float(row.get("claimed_at", 0)) > now - RECLAIM_SECONDS:
-                continue  # another pass is writing it
+            if row["RowKey"] in recorded:
+                # It has its record (written after its worker stopped, from its disk journal,
+                # before the entry could go): nothing to add.
+                await self._tables.delete(INFLIGHT_TABLE, row["PartitionKey"], row["RowKey"])
+                cleared += 1
+                continue
             found = await self._tables.get_versioned(
                 INFLIGHT_TABLE, row["PartitionKey"], row["RowKey"]
             )
@@ -237,8 +250,34 @@ class CallJournal:
                 entity["PartitionKey"],
                 int(record.get("total_tokens", 0)),
             )
+        if cleared:
+            log.info("journal: %d expired entries of recorded calls deleted", cleared)
         self.recovered += taken
         return taken
+
+    async def _recorded(self, expired: list[dict[str, Any]]) -> set[str]:
+        """Which of these calls have a usage record: one scan per day partition over the row
+        keys from the earliest admission to the latest expiry, request ids only."""
+        spans: dict[str, tuple[str, str]] = {}
+        for row in expired:
+            record = orjson.loads(row["record"])
+            low = record["RowKey"]
+            high = datetime.fromtimestamp(float(row["expires"]), UTC).strftime(ROW_TIME) + "~"
+            known = spans.get(record["PartitionKey"])
+            if known is not None:
+                low, high = min(low, known[0]), max(high, known[1])
+            spans[record["PartitionKey"]] = (low, high)
+        found: set[str] = set()
+        for partition, (low, high) in spans.items():
+            pages = self._tables.pages(
+                USAGE_TABLE,
+                "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
+                {"pk": partition, "low": low, "high": high},
+                select=["request_id"],
+            )
+            async for page in pages:
+                found.update(str(row.get("request_id", "")) for row in page)
+        return found
 
     async def close(self) -> None:
         """Wait for entries being written, delete those of ended calls."""

@@ -102,7 +102,8 @@ class Journal:
 @dataclass
 class UsageRecord:
     """What one request used. `outcome` is ok, upstream_status, upstream_error, upstream_timeout,
-    no_capacity, cut or client_gone; a background response has two records: `background` for
+    no_capacity, cut, client_gone or worker_lost (recorded at its worst case by another
+    instance: shared/governance/journal.py); a background response has two records: `background` for
     the call that started it (no tokens yet) and `background_result` with its tokens, written
     when a call to the proxy first sees it finished."""
 
