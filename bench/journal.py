@@ -199,7 +199,8 @@ def markdown(result: dict[str, Any]) -> str:
         "# The journal of calls in flight: cost per call",
         "",
         f"{result['rounds']} alternating rounds of {result['calls']} sequential streamed chat "
-        "calls per instance and upstream; the app as Azure runs it (host stand-in and worker), "
+        f"calls per instance and upstream, and of {CONNECTIONS} clients at once making "
+        f"{max(result['calls'] // CONNECTIONS, 5)} calls each; the app as Azure runs it (host stand-in and worker), "
         f"Azurite and the simulator on the same machine ({platform.machine()}, "
         f"{platform.python_version()}). First byte: milliseconds from the request's last byte "
         "to the answer's first; CPU: the worker's, per call, median of the rounds.",
