@@ -250,3 +250,69 @@ def test_calls_ended_before_a_stop_are_not_recorded_twice(
         again.stop()
     assert sorted(r["request_id"] for r in rows) == sorted(ids)  # each once
     assert not any(r["estimated"] for r in rows)
+
+
+def test_two_instances_passing_at_once_record_each_lost_call_once(
+    azurite: Azurite, log_dir: Path, sim: Simulator, tmp_path: Path
+) -> None:
+    """An instance gone whole (host and worker), its calls in flight: two other instances run
+    their passes at the same time; each entry is claimed by one of them (ETag)."""
+    prefix = unique_prefix("journaltwo")
+    env = host_env(
+        azurite.connection_string, prefix, AIPROXY_CALL_EXPIRY_SECONDS=str(EXPIRY),
+        AIPROXY_STREAM_IDLE_TIMEOUT="10",
+    )  # fmt: skip
+    storage = Storage(azurite.connection_string, prefix)
+    lost = AppHost(log_dir, {**env, "AIPROXY_USAGE_SPILL_DIR": str(tmp_path / "a")}, name="lost")
+    setup = EventSetup(lost, sim)
+    client = openai.AzureOpenAI(
+        azure_endpoint=lost.base, api_key=setup.key, api_version="2024-10-21", max_retries=0
+    )
+    streams = 5
+    started = threading.Barrier(streams + 1, timeout=120)
+
+    def stream(n: int) -> str:
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": f"{n} {SLOW}"}],
+            max_tokens=MAX_TOKENS, stream=True,
+        )  # fmt: skip
+        chunks = iter(raw.parse())
+        next(chunks)
+        started.wait()
+        try:
+            for _ in chunks:
+                pass
+        except (openai.APIError, httpx.HTTPError):
+            pass
+        return raw.headers["x-aiproxy-request-id"]
+
+    with ThreadPoolExecutor(streams) as pool:
+        futures = [pool.submit(stream, n) for n in range(streams)]
+        started.wait()
+        worker = lost.status()["worker"]["pid"]
+        lost.proc.process.kill()  # the host first: it starts no new worker
+        os.kill(worker, signal.SIGKILL)
+        ids = sorted(future.result(timeout=60) for future in futures)
+    lost.stop()
+    others = [
+        AppHost(log_dir, {**env, "AIPROXY_USAGE_SPILL_DIR": str(tmp_path / name)}, name=name)
+        for name in ("other-b", "other-c")
+    ]
+    try:
+
+        def recorded() -> list[dict[str, Any]]:
+            with ThreadPoolExecutor(2) as both:
+                list(both.map(lambda host: run_timer(host, "rollup_usage"), others))
+            rows = storage.rows("usage", f"event_id eq '{setup.id}'")
+            return rows if len(rows) >= streams else []
+
+        rows = wait_until(recorded, timeout=60, interval=0.5)
+        worst = sum(row["total_tokens"] for row in rows)
+        wait_until(lambda: today(others[0], setup.key)["tokens_used"] == worst, timeout=20)
+        claims = sum(host.log().count("never ended; recorded") for host in others)
+    finally:
+        for host in others:
+            host.stop()
+    assert sorted(row["request_id"] for row in rows) == ids  # each once
+    assert all(row["estimated"] and row["outcome"] == "worker_lost" for row in rows)
+    assert claims == streams  # one claim per entry over both instances
