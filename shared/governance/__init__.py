@@ -1,5 +1,6 @@
 """What is allowed and what is counted: daily caps, per-minute limits, the fair share of a
-deployment near its quota, usage records and their rollups, token estimates.
+deployment near its quota, usage records and their rollups, the journal of calls in flight,
+token estimates.
 
 May import: shared.errors, shared.platform, shared.directory, shared.access.
 """
