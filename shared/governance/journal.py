@@ -14,7 +14,9 @@ the request path). An entry still there after its expiry belongs to a call whose
 gone: the maintenance pass (`recover`, with the rollup timer) claims it with a conditional
 update (ETag), so one instance only takes it, and writes its provisional record as the call's
 usage record and its tokens into the daily counts. Its row key is the admission time and the
-request id, so a record written twice is written over itself.
+request id, so a record written twice is written over itself. An expired entry whose call has
+a usage record already (the host killed a drained worker before the entry went; the next
+worker on its disk wrote the record) is only deleted.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,7 +47,7 @@ HOLD_SECONDS = 2.0
 SETTLE_SECONDS = 0.2  # entries of ended calls are deleted in batches this often
 _BATCH = 100
 # A claimed entry whose claimer did not finish (it died in between) is claimed again after
-# this long; the record is written over itself, the daily count may take its tokens twice.
+# this long, unless the claimer's record reached storage (then the entry just goes).
 RECLAIM_SECONDS = 60.0
 ROW_TIME = "%Y%m%dT%H%M%S%f"  # how a usage record's row key starts (UsageRecord.to_entity)
 
@@ -59,22 +60,18 @@ class Entry:
     request_id: str
     writing: asyncio.Future[bool] | None = None  # True once stored, False if it failed
     hold: bool = True  # False while storage fails the writes: answers do not wait then
-    written: bool = False
-    waited_ms: float = field(default=0.0)  # how long the first byte waited for it
 
     async def landed(self) -> None:
         """Wait (at most HOLD_SECONDS) until storage has the entry: before the first byte."""
         task = self.writing
         if task is None or task.done() or not self.hold:
             return
-        started = time.perf_counter()
         try:
             await asyncio.wait_for(asyncio.shield(task), HOLD_SECONDS)
         except TimeoutError:
             log.warning("journal: entry of %s not stored yet; answering", self.request_id)
         except Exception:  # the write logs its own failure
             pass
-        self.waited_ms = (time.perf_counter() - started) * 1000
 
 
 class CallJournal:
