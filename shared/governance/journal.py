@@ -49,6 +49,9 @@ _BATCH = 100
 # A claimed entry whose claimer did not finish (it died in between) is claimed again after
 # this long, unless the claimer's record reached storage (then the entry just goes).
 RECLAIM_SECONDS = 60.0
+# Entries waiting to be written past which new ones are not journaled (storage hangs): memory
+# stays bounded, the calls go on as without the journal.
+MAX_QUEUED = 10_000
 ROW_TIME = "%Y%m%dT%H%M%S%f"  # how a usage record's row key starts (UsageRecord.to_entity)
 
 
@@ -106,9 +109,13 @@ class CallJournal:
             "record": orjson.dumps(record).decode(),
             **extra,
         }
-        self._live.add(entry.request_id)
         loop = asyncio.get_running_loop()
         entry.writing = loop.create_future()
+        if len(self._queue) >= MAX_QUEUED:
+            self.failures += 1
+            entry.writing.set_result(False)
+            return entry
+        self._live.add(entry.request_id)
         self._queue.append((entity, entry.writing))
         if self._writer is None or self._writer.done():
             self._writer = loop.create_task(self._write())
