@@ -20,7 +20,7 @@ from shared.directory import (
     CatalogStore,
     EventStore,
 )
-from shared.governance import Caps, FairShare, RateLimits, UsageWriter
+from shared.governance import CallJournal, Caps, FairShare, RateLimits, UsageWriter
 from shared.platform import hosting
 from shared.platform import settings as settings_module
 from shared.platform.settings import Settings
@@ -59,6 +59,8 @@ class Runtime:
         self.usage = UsageWriter(
             self.tables, settings.usage_flush_seconds, spill_dir, observer=self.plugins.observer
         )
+        # Admitted calls until they have a usage record (shared/governance/journal.py).
+        self.journal = CallJournal(self.tables, settings.call_expiry_seconds)
         # Wrong keys (attendees' and the operator's) and unknown event ids per client address
         # (shared/access/guard.py).
         self.guard = FailedKeyGuard()
@@ -81,6 +83,7 @@ class Runtime:
         await self.balancer.close()
         await self.limits.close()
         await self.caps.close()
+        await self.journal.close()
         await self.usage.close()
         await self.plugins.close()
         await self.upstream.close()

@@ -273,3 +273,24 @@ async def test_a_sync_while_the_first_block_is_reserved_keeps_the_calls_on_one_c
     finally:
         await caps.close()
         await tables.close()
+
+
+async def test_tokens_of_a_lost_call_are_added_to_the_attendees_and_the_events_day(
+    azurite: Azurite,
+) -> None:
+    """The pass that records a call whose worker is lost adds its worst case to the day's
+    counts, the event's too when the call counted there (shared/governance/journal.py)."""
+    tables = Tables(load({"AIPROXY_STORAGE_CONNECTION_STRING": azurite.connection_string,
+                          "AIPROXY_TABLE_PREFIX": unique_prefix("charge")}))  # fmt: skip
+    caps = Caps(tables, sync_seconds=60)
+    await tables.upsert("counters", {"PartitionKey": "ev_20260101", "RowKey": "a1",
+                                     "granted": 10, "used": 3, "tokens": 40})  # fmt: skip
+    caps.charge("ev_20260101", "a1", 600, whole=True)
+    caps.charge("ev_20260101", "a2", 50, whole=False)
+    await caps.sync()
+    rows = {r["RowKey"]: r for r in await tables.partition("counters", "ev_20260101")}
+    await caps.close()
+    await tables.close()
+    assert (rows["a1"]["used"], rows["a1"]["tokens"], rows["a1"]["granted"]) == (3, 640, 10)
+    assert rows["a2"]["tokens"] == 50 and rows["a2"]["used"] == 0
+    assert rows["_event"]["tokens"] == 600

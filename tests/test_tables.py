@@ -156,3 +156,26 @@ async def test_pages_and_batches_take_the_sdks_way_when_its_insides_change(
     await tables.close()
     assert [len(page) for page in pages] == [100, 50]
     assert [row["n"] for page in pages for row in page] == list(range(100, 250))
+
+
+async def test_lean_inserts_and_deletes_keep_values_and_tell_conflicts(azurite: Azurite) -> None:
+    from shared.platform.tables import Conflict
+
+    tables = tables_for(azurite, "leanwrites")
+    pk = "o'brien 1"
+    one = {"PartitionKey": pk, "RowKey": "a'1", "n": 1, "ratio": 0.5, "flag": True, "s": "x"}
+    await tables.insert_lean("t", one)
+    with pytest.raises(Conflict):
+        await tables.insert_lean("t", one)
+    group = [{"PartitionKey": pk, "RowKey": f"b{n}", "n": n, "big": 2**40 + n} for n in range(50)]
+    await tables.insert_batch("t", group)
+    with pytest.raises(Conflict):  # one exists already: none of the transaction is written
+        await tables.insert_batch("t", [{"PartitionKey": pk, "RowKey": "c"}, one])
+    assert await tables.get("t", pk, "c") is None
+    stored = await tables.get("t", pk, "b7")
+    assert stored is not None and stored["n"] == 7 and stored["big"].value == 2**40 + 7
+    # One of the deleted is gone already: the others go all the same.
+    await tables.delete_batch("t", pk, ["a'1", "gone", *(f"b{n}" for n in range(40))])
+    left = sorted(row["RowKey"] for row in await tables.partition("t", pk))
+    await tables.close()
+    assert left == [f"b{n}" for n in range(40, 50)]

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import openai
+import asyncio
+from typing import Any
 
-from tests.harness import AppHost, EventSetup, Storage
+import openai
+import orjson
+import pytest
+
+from shared.platform.tables import Tables
+from tests.harness import CHAT, AppHost, EventSetup, Storage, wait_until
 
 
 def test_plain_chat_record_matches_the_reply_usage(
@@ -66,3 +72,35 @@ def test_refused_requests_write_no_record(
     assert host.http.post(path, json=ok, headers={"api-key": event.key}).status_code == 200
     records = storage.usage(event.id, expect=2, timeout=2)
     assert len(records) == 1 and records[0]["completion_tokens"] == 2
+
+
+def test_no_byte_of_an_answer_leaves_before_the_calls_entry_is_stored(
+    host: AppHost, event: EventSetup, storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Storage slower than the upstream: the answer waits for the call's entry in flight (its
+    provisional record), which is then deleted once the call has its one record."""
+    insert_batch = Tables.insert_batch
+
+    async def slow(self: Tables, table: str, entities: list[dict[str, Any]]) -> None:
+        if table == "inflight":
+            await asyncio.sleep(0.5)
+        await insert_batch(self, table, entities)
+
+    monkeypatch.setattr(Tables, "insert_batch", slow)
+    body = {
+        "messages": [{"role": "user", "content": "hi [sim:latency_ms_per_token=100]"}],
+        "max_tokens": 5,
+        "stream": True,
+    }
+    with host.http.stream("POST", CHAT, json=body, headers={"api-key": event.key}) as answer:
+        request_id = answer.headers["x-aiproxy-request-id"]  # its first bytes are here
+        [entry] = storage.rows("inflight", f"RowKey eq '{request_id}'")
+        for _ in answer.iter_bytes():
+            pass
+    provisional = orjson.loads(entry["record"])
+    assert provisional["estimated"] is True and provisional["outcome"] == "worker_lost"
+    assert provisional["completion_tokens"] == 5 and provisional["request_id"] == request_id
+    [record] = storage.usage(event.id, expect=1)
+    assert record["request_id"] == request_id
+    assert record["estimated"] is False and record["completion_tokens"] == 5
+    wait_until(lambda: not storage.rows("inflight", f"RowKey eq '{request_id}'"))

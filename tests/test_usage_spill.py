@@ -155,3 +155,29 @@ async def test_a_live_writers_journal_is_left_alone_and_a_gone_ones_is_taken(
     rows = storage.rows("usage", "event_id eq 'spill'")
     assert sorted(r["request_id"] for r in rows) == [f"req{n:04d}" for n in range(30)]
     assert not journal.exists()
+
+
+async def test_with_storage_down_calls_stop_waiting_for_their_entries_in_flight() -> None:
+    """The journal of calls in flight (shared/governance/journal.py): once a write failed,
+    answers go on without waiting for theirs, and ended calls leave nothing to delete."""
+    from shared.governance.journal import CallJournal
+
+    nowhere = f"http://127.0.0.1:{free_port()}/devstoreaccount1"  # nothing listens there
+    tables = Tables(load({"AIPROXY_STORAGE_CONNECTION_STRING": (
+        "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+        f"AccountKey=a2V5;TableEndpoint={nowhere};"), "AIPROXY_TABLE_PREFIX": "down"}))  # fmt: skip
+    journal = CallJournal(tables, 300)
+    first = journal.admit(record(1).to_entity(), {"whole": False})
+    assert first.hold
+    await first.landed()  # waits for the write, which fails
+    assert first.writing is not None and first.writing.done() and not first.writing.result()
+    second = journal.admit(record(2).to_entity(), {"whole": False})
+    assert not second.hold
+    await second.landed()
+    assert second.writing is not None and not second.writing.done()  # it did not wait
+    journal.settle(first)
+    journal.settle(second)
+    await second.writing
+    assert journal.failures == 2
+    await journal.close()
+    await tables.close()

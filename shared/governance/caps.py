@@ -245,6 +245,17 @@ class Caps:
                 taken.tokens_in_flight = max(0, taken.tokens_in_flight - worst_case_tokens)
                 taken.tokens_unflushed += tokens
 
+    def charge(self, partition: str, attendee_id: str, tokens: int, *, whole: bool) -> None:
+        """Tokens of a call admitted elsewhere that never settled (its worker is gone), added
+        to the attendee's day (and the event's, `whole`) at the next sync."""
+        rows = (attendee_id, EVENT_ROW) if whole else (attendee_id,)
+        for row in rows:
+            counter = self._counters.get((partition, row))
+            if counter is None:
+                counter = self._counters[(partition, row)] = Counter(partition, row)
+            counter.tokens_unflushed += tokens
+        self._start()
+
     async def _reserve_ahead(self, counter: Counter, cap: int) -> None:
         """The next block, before this one runs out (calls only wait when storage is slow)."""
         try:

@@ -102,7 +102,8 @@ class Journal:
 @dataclass
 class UsageRecord:
     """What one request used. `outcome` is ok, upstream_status, upstream_error, upstream_timeout,
-    no_capacity, cut or client_gone; a background response has two records: `background` for
+    no_capacity, cut, client_gone or worker_lost (recorded at its worst case by another
+    instance: shared/governance/journal.py); a background response has two records: `background` for
     the call that started it (no tokens yet) and `background_result` with its tokens, written
     when a call to the proxy first sees it finished."""
 
@@ -183,7 +184,11 @@ class UsageWriter:
         return self._count
 
     def append(self, record: UsageRecord) -> None:
-        entity = record.to_entity()
+        self.append_entity(record.to_entity())
+
+    def append_entity(self, entity: dict[str, Any]) -> None:
+        """A record as its usage table entity (`UsageRecord.to_entity`), such as one made
+        when its call was admitted (shared/governance/journal.py)."""
         row = self._add(entity)  # encoded now: a flush then only joins bytes
         if self._journal is not None:
             self._journal.write(row.json + b"\n")
@@ -197,7 +202,9 @@ class UsageWriter:
             try:
                 self._observer(entity)
             except Exception:  # the record is kept already: an observer never costs it
-                log.exception("usage writer: the observer failed on request %s", record.request_id)
+                log.exception(
+                    "usage writer: the observer failed on request %s", entity.get("request_id")
+                )
 
     def _quiet(self) -> None:
         """Wake the writer once no record has come for QUIET_SECONDS (one timer per period)."""

@@ -1,4 +1,5 @@
-"""What the timers do: roll usage up into daily totals, and prune raw records."""
+"""What the timers do: record the calls of lost workers, roll usage up into daily totals,
+and prune raw records."""
 
 from __future__ import annotations
 
@@ -6,12 +7,22 @@ import logging
 
 from shared.governance import rollups
 from shared.platform import clock
+from shared.platform.tables import StorageUnavailable
 from shared.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
 async def roll_up_usage(runtime: Runtime) -> rollups.RollupResult:
+    """Calls whose worker was lost are recorded first (at their worst case), so the totals
+    and the daily counts take them in."""
+    try:
+        lost = await runtime.journal.recover(runtime.usage, runtime.caps)
+    except StorageUnavailable as exc:
+        log.warning("journal: calls in flight not checked: %s", str(exc)[:200])
+    else:
+        if lost:
+            log.warning("journal: %d calls of lost workers recorded at their worst case", lost)
     await runtime.usage.flush_quietly()
     result = await rollups.roll_up(runtime.tables)
     log.info("rollup: %d days, %d records, %d total rows", result.days, result.records, result.rows)

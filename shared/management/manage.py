@@ -236,6 +236,10 @@ async def usage_report(
     if group_by not in rollups.GROUPS:
         raise invalid("group_by", f"must be one of {', '.join(rollups.GROUPS)}")
     found_event = await event(runtime, caller, event_id)
+    try:  # calls of lost workers past their expiry, as the rollup timer records them
+        await runtime.journal.recover(runtime.usage, runtime.caps)
+    except StorageUnavailable:
+        pass
     await runtime.usage.flush_quietly()
     try:
         await runtime.caps.sync()  # this instance's refusals; others write theirs each second

@@ -87,7 +87,7 @@ class ProxyCall:
         stream, hide_usage = self.limit_stream(payload, api_version)
         capped = self.cap(payload, event.max_token_cap, api_version)
         limit = payload.get("max_completion_tokens") or payload.get("max_tokens") or 0
-        await self.ledger.admit(event, len(body), limit)
+        await self.ledger.admit(event, len(body), limit, streamed=stream)
         self.rewrite(
             payload, body, api_version, changed=capped or hide_usage,
             model_in_body=deployment is None,
@@ -185,10 +185,11 @@ class ProxyCall:
         upstream.body = orjson.dumps(payload) if changed else body
 
     async def dispatch(self, streamed: bool) -> UpstreamAnswer:
-        """The first member's answer that is not a failure; failures are recorded."""
+        """The first member's answer that is not a failure (once the call's entry in flight is
+        stored); failures are recorded."""
         assert self.access is not None
         try:
-            return await Forwarder(self.runtime).send(self.access.event.id, self.upstream)
+            answer = await Forwarder(self.runtime).send(self.access.event.id, self.upstream)
         except NoCapacity as error:
             self.ledger.unsent()
             self.ledger.record_failure(error.status, error.code, streamed=streamed)
@@ -196,6 +197,10 @@ class ProxyCall:
         except UpstreamFailed as error:
             self.ledger.record_failure(error.status, error.code, streamed=streamed)
             raise
+        # The call's entry in flight was written while the request went upstream: no byte of
+        # the answer reaches the caller before storage has it.
+        await self.ledger.journaled()
+        return answer
 
     async def settle(
         self, answer: UpstreamAnswer, payload: dict[str, Any], stream: bool, hide_usage: bool

@@ -12,6 +12,7 @@ from typing import Any
 from shared.directory.events import Event
 from shared.errors import ProxyError
 from shared.governance.caps import Counter
+from shared.governance.journal import Entry
 from shared.governance.ratelimits import Admission
 from shared.governance.usage import UsageRecord
 from shared.pipeline.forwarding import UpstreamRequest
@@ -35,10 +36,14 @@ class Ledger:
     worst_case_tokens: int = 0
     counter: Counter | None = None
     admission: Admission | None = None  # its place in the per-minute counts
+    entry: Entry | None = None  # its entry among the calls in flight, until recorded
 
-    async def admit(self, event: Event, body_size: int, limit: Any) -> None:
+    async def admit(
+        self, event: Event, body_size: int, limit: Any, *, streamed: bool = False
+    ) -> None:
         """Take one request from today's cap and this minute's limits (and the pool's fair
-        share near its quota), reserving the call's worst case in tokens."""
+        share near its quota), reserving the call's worst case in tokens; then start writing
+        the call's entry among the calls in flight (`journaled` waits for it)."""
         assert self.access is not None
         if event.daily_token_cap or self.model_class in TOKEN_CLASSES:
             # A cheap worst case (about 4 bytes a token): no tokenizer on the request path.
@@ -51,6 +56,26 @@ class Ledger:
             event, attendee_id, self.counter, upstream.deployment, upstream.members,
             self.worst_case_tokens,
         )  # fmt: skip
+        self.journal(body_size, limit, streamed)
+
+    def journal(self, body_size: int, limit: Any, streamed: bool) -> None:
+        """The call's provisional record, at its worst case: its usage record if it never
+        writes one (its worker is killed), made the way every record is."""
+        if not self.runtime.journal.enabled:
+            return
+        prompt = min(body_size // 4, self.worst_case_tokens)
+        provisional = self.usage_record(
+            502, (prompt, self.worst_case_tokens - prompt, self.worst_case_tokens),
+            streamed=streamed, estimated=True, outcome="worker_lost", latency_ms=0.0,
+        )  # fmt: skip
+        counter = self.counter
+        whole = counter is not None and counter.whole is not None
+        self.entry = self.runtime.journal.admit(provisional.to_entity(), {"whole": whole})
+
+    async def journaled(self) -> None:
+        """Before the caller gets the first byte of an answer: the call's entry is stored."""
+        if self.entry is not None:
+            await self.entry.landed()
 
     def unsent(self) -> None:
         """Nothing reached a deployment: the call uses none of this minute's quota."""
@@ -61,6 +86,7 @@ class Ledger:
     def release(self) -> None:
         """Give back a token reservation no record will settle (the call failed before)."""
         self.unsent()
+        self.settle_entry()
         if self.counter is not None:
             self.runtime.caps.settle(self.counter, self.worst_case_tokens, 0)
             self.counter = None
@@ -118,7 +144,6 @@ class Ledger:
             self.admission = None
         event, attendee_id = self.access.event, self.access.attendee.id
         resource, deployment = self.upstream.member, self.upstream.deployment
-        now = clock.now()
         latency_ms = (time.perf_counter() - self.started) * 1000
         telemetry.call_finished(
             {
@@ -136,26 +161,55 @@ class Ledger:
             }
         )
         self.runtime.usage.append(
-            UsageRecord(
-                event_id=event.id,
-                attendee_id=attendee_id,
-                deployment=deployment,
-                resource_id=resource.id if resource else "",
-                model_class=self.model_class,
-                status=status,
-                prompt_tokens=usage[0],
-                completion_tokens=usage[1],
-                total_tokens=usage[2],
-                streamed=streamed,
-                estimated=estimated,
-                latency_ms=latency_ms,
-                time=now,
-                local_date=event.local_date(now),
-                request_id=self.request_id,
-                outcome=outcome,
-                units=units,
-                reasoning_tokens=reasoning,
+            self.usage_record(
+                status, usage, streamed=streamed, estimated=estimated, outcome=outcome,
+                latency_ms=latency_ms, units=units, reasoning=reasoning,
             )
+        )  # fmt: skip
+        self.settle_entry()
+
+    def settle_entry(self) -> None:
+        """The call has its usage record (or needs none): its entry in flight goes."""
+        if self.entry is not None:
+            self.runtime.journal.settle(self.entry)
+            self.entry = None
+
+    def usage_record(
+        self,
+        status: int,
+        usage: tuple[int, int, int],
+        *,
+        streamed: bool,
+        estimated: bool,
+        outcome: str,
+        latency_ms: float,
+        units: int = 0,
+        reasoning: int = 0,
+    ) -> UsageRecord:
+        """The call's usage record as of now: every record of a call is made here."""
+        assert self.access is not None
+        event, attendee_id = self.access.event, self.access.attendee.id
+        resource, deployment = self.upstream.member, self.upstream.deployment
+        now = clock.now()
+        return UsageRecord(
+            event_id=event.id,
+            attendee_id=attendee_id,
+            deployment=deployment,
+            resource_id=resource.id if resource else "",
+            model_class=self.model_class,
+            status=status,
+            prompt_tokens=usage[0],
+            completion_tokens=usage[1],
+            total_tokens=usage[2],
+            streamed=streamed,
+            estimated=estimated,
+            latency_ms=latency_ms,
+            time=now,
+            local_date=event.local_date(now),
+            request_id=self.request_id,
+            outcome=outcome,
+            units=units,
+            reasoning_tokens=reasoning,
         )
 
     def record_result(

@@ -202,7 +202,7 @@ class ResponsesCall(ProxyCall):
         stream = payload.get("stream") is True
         background = payload.get("background") is True
         apply_token_cap(payload, event.max_token_cap, "max_output_tokens", ("max_output_tokens",))
-        await self.ledger.admit(event, len(body), payload["max_output_tokens"])
+        await self.ledger.admit(event, len(body), payload["max_output_tokens"], streamed=stream)
         upstream = self.upstream
         upstream.payload = payload  # each member's body names its own deployment
         if pinned is not None:

@@ -53,6 +53,9 @@ class Settings:
     upstream_read_timeout: float = 60.0
     stream_idle_timeout: float = 60.0
     upstream_total_timeout: float = 220.0
+    # How long after its admission a call that wrote no usage record is taken for lost with its
+    # worker (then recorded at its worst case): longer than a call may run. 0: no journal.
+    call_expiry_seconds: float = 300.0
     # Upstream endpoints beyond Azure AI services' hosts (shared/directory/endpoints.py): exact
     # hosts or '.suffixes', each optionally ':port', commas; and whether http://127.0.0.1,
     # localhost and [::1] are allowed (local runs and tests only: never on Azure).
