@@ -51,6 +51,9 @@ param organizerRoles string = ''
 @description('Upstream hosts beyond Azure AI services organisers may name (AIPROXY_UPSTREAM_HOSTS).')
 param upstreamHosts string = ''
 
+@description('Hosts MCP servers may be on; empty: any public https host on 443 (AIPROXY_MCP_HOSTS).')
+param mcpHosts string = ''
+
 @description('Entra groups (object ids) and app roles whose principals are operators (every event) by token, commas.')
 param operatorGroups string = ''
 param operatorRoles string = ''
@@ -217,6 +220,7 @@ var settings = {
   // Upstream endpoints: Azure AI services' hosts and these (shared/directory/endpoints.py).
   // Loopback upstreams are for the local simulator only, never on Azure.
   AIPROXY_UPSTREAM_HOSTS: upstreamHosts
+  AIPROXY_MCP_HOSTS: mcpHosts
   AIPROXY_ALLOW_LOOPBACK_UPSTREAMS: 'false'
   // Only App Service authentication strips a client's own X-MS-CLIENT-PRINCIPAL header, so the
   // app may trust that header exactly when sign-in is switched on.

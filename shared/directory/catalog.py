@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -37,6 +38,7 @@ class Resource:
     owner: str = ""
     created_at: str = ""
     has_api_key: bool = False
+    allowed_tools: list[str] | None = None  # an MCP server's tools attendees may use; None: all
 
     @property
     def secret_name(self) -> str:
@@ -48,12 +50,14 @@ class Resource:
     def to_entity(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("id")
+        data["allowed_tools"] = json.dumps(self.allowed_tools)  # tables hold no lists
         return {"PartitionKey": _PARTITION, "RowKey": self.id, **data}
 
     @classmethod
     def from_entity(cls, entity: dict[str, Any]) -> Resource:
         known = {k: v for k, v in entity.items() if k in cls.__dataclass_fields__}
-        return cls(id=entity["RowKey"], **known)
+        tools = json.loads(known.pop("allowed_tools", None) or "null")
+        return cls(id=entity["RowKey"], **known, allowed_tools=tools)
 
 
 def valid_deployment_name(name: str) -> bool:
@@ -81,8 +85,9 @@ def patch_resource(resource: Resource, body: dict[str, Any]) -> str | None:
     fields = dict(parse(ResourceCreate, {**current, **body}, has_api_key=resource.has_api_key))
     api_key = fields.pop("api_key")
     moved = fields["endpoint"] != resource.endpoint.rstrip("/")
-    to_key = fields["auth"] == "key" and resource.auth != "key"
-    if fields["auth"] == "key" and (moved or to_key) and api_key is None:
+    keyed = fields["auth"] in ("key", "bearer")  # a key, or an MCP server's token
+    to_key = keyed and resource.auth != fields["auth"]
+    if keyed and (moved or to_key) and api_key is None:
         raise invalid(
             "api_key",
             "is required when endpoint or auth changes",

@@ -102,7 +102,8 @@ class Journal:
 @dataclass
 class UsageRecord:
     """What one request used. `outcome` is ok, upstream_status, upstream_error, upstream_timeout,
-    no_capacity, cut or client_gone; a background response has two records: `background` for
+    no_capacity, cut or client_gone (an MCP tool call's also tool_error: the tool reported a
+    failure, and rpc_error: the server answered a JSON-RPC error); a background response has two records: `background` for
     the call that started it (no tokens yet) and `background_result` with its tokens, written
     when a call to the proxy first sees it finished."""
 
@@ -124,6 +125,7 @@ class UsageRecord:
     outcome: str = "ok"
     units: int = 0  # images generated, audio seconds, speech characters, searches
     reasoning_tokens: int = 0  # of completion_tokens, those the model spent reasoning
+    tool: str = ""  # an MCP tool call's tool (model_class mcp; deployment: the MCP server)
 
     @property
     def partition(self) -> str:

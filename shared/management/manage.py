@@ -128,7 +128,7 @@ async def update_resource(
     found = await resource(runtime, caller, resource_id)
     api_key = patch_resource(found, body)
     _check_managed_identity(caller, found)
-    if found.auth == "managed_identity":
+    if found.auth in ("managed_identity", "none"):
         if found.has_api_key:  # a key unused from now on is not kept
             await runtime.secrets.delete(found.secret_name)
             found.has_api_key = False

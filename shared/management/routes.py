@@ -340,6 +340,39 @@ PROXY: tuple[Route, ...] = (
             "One of the event's models"),
 )  # fmt: skip
 
+# --- MCP servers: the streamable HTTP transport (shared/pipeline/mcp.py) --------------------
+
+
+async def _mcp(request: Request) -> Response:
+    return await pipeline.mcp_call(request, request.path_params["name"])
+
+
+_MCP_ERRORS = (400, 401, 403, 404, 413, 429, 502, 503, 504)
+_MCP_NOTE = (
+    "MCP's streamable HTTP transport (revisions 2025-03-26 and 2025-06-18): the attendee's key "
+    "as `Authorization: Bearer` or `api-key`; `MCP-Protocol-Version`, `Accept` and "
+    "`Last-Event-ID` passed through; `Mcp-Session-Id` sealed to the attendee. Refusals are "
+    "JSON-RPC errors with the contract's code in `error.data.code`."
+)
+
+MCP: tuple[Route, ...] = (
+    Route("mcp_server", "mcp/{name}", ATTENDEE, "mcp", (
+        Endpoint("POST", _mcp, "mcpMessage",
+                 "Send one JSON-RPC message to the event's MCP server",
+                 (Answer(200, "The answer, as JSON or as an event stream",
+                         pipeline.JsonRpcMessage, STREAMS),
+                  Answer(202, "Accepted: a notification or a response", None, ())),
+                 _MCP_ERRORS, body=pipeline.JsonRpcMessage, description=_MCP_NOTE),
+        Endpoint("GET", _mcp, "mcpStream",
+                 "The server's own event stream (405 when the server offers none)",
+                 (Answer(200, "The server's event stream", None, ("text/event-stream",)),),
+                 _MCP_ERRORS, description=_MCP_NOTE),
+        Endpoint("DELETE", _mcp, "mcpEndSession", "End the MCP session (Mcp-Session-Id)",
+                 (Answer(200, "The session ended", None, ()),),
+                 _MCP_ERRORS, description=_MCP_NOTE),
+    )),
+)  # fmt: skip
+
 # --- anonymous: attendees, health, the document, pages -------------------------------------
 
 
@@ -421,6 +454,6 @@ OTHERS: tuple[Route, ...] = (
 )  # fmt: skip
 
 # Every route the app serves, the seed layout's copies under /v1 included.
-ROUTES: tuple[Route, ...] = with_seed_copies(MANAGEMENT + PROXY + OTHERS)
+ROUTES: tuple[Route, ...] = with_seed_copies(MANAGEMENT + PROXY + MCP + OTHERS)
 
 __all__ = ["JSON", "ROUTES", "Route"]

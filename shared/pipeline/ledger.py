@@ -36,6 +36,7 @@ class Ledger:
         self.worst_case_tokens = 0
         self.counter: Counter | None = None
         self.admission: Admission | None = None  # its place in the per-minute counts
+        self.tool = ""  # an MCP tool call's tool
 
     async def admit(self, event: Event, body_size: int, limit: Any) -> None:
         """Take one request from today's cap and this minute's limits (and the pool's fair
@@ -156,6 +157,7 @@ class Ledger:
                 outcome=outcome,
                 units=units,
                 reasoning_tokens=reasoning,
+                tool=self.tool,
             )
         )
 
