@@ -225,6 +225,7 @@ class McpCall:
         self.ledger = Ledger(runtime, self.request_id, MODEL_CLASS, self.upstream)
         self.ledger.metered = False  # only tools/call is counted
         self.message_id: Any = None
+        self.parse_error: dict[str, Any] = {}
         self.access: Access | None = None
 
     async def run(self) -> Response:
@@ -244,10 +245,17 @@ class McpCall:
                 f"MCP server '{self.name[:100]}' is not in this event's catalog. MCP servers "
                 f"you can use: {', '.join(offered) or 'none'}.",
             )
+        if method == "POST":
+            body = await read_body(
+                self.request, min(self.runtime.settings.max_body_bytes, MAX_MESSAGE_BYTES)
+            )
+            message = self.parse(body)
+            if message is None:
+                return self.json(self.parse_error, 400)
+            resource, session = self.session_of(members)
+            return await self.post(resource, session, message, body)
         resource, session = self.session_of(members)
         tools = ToolFilter(resource.allowed_tools)
-        if method == "POST":
-            return await self.post(resource, session, tools)
         if method == "DELETE" and session is None:
             raise ProxyError(
                 "invalid_request", "DELETE ends a session: send its Mcp-Session-Id header."
@@ -284,21 +292,26 @@ class McpCall:
             )
         return holder, sealed.upstream_id
 
-    async def post(self, resource: Resource, session: str | None, tools: ToolFilter) -> Response:
-        limit = min(self.runtime.settings.max_body_bytes, MAX_MESSAGE_BYTES)
-        body = await read_body(self.request, limit)
+    def parse(self, body: bytes) -> dict[str, Any] | None:
+        """The one JSON-RPC message of a POST; None (and `parse_error`) when it is no JSON."""
         try:
             message = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            error = rpc_error(None, PARSE_ERROR, f"The body is not JSON ({exc.msg}).",
-                              {"code": "invalid_request", "status": 400})  # fmt: skip
-            return self.json(error, 400)
+            self.parse_error = rpc_error(None, PARSE_ERROR, f"The body is not JSON ({exc.msg}).",
+                                         {"code": "invalid_request", "status": 400})  # fmt: skip
+            return None
         problem = _message_problem(message)
         if problem is not None:
             error_id = message.get("id") if isinstance(message, dict) else None
             self.message_id = error_id if isinstance(error_id, str | int) else None
             raise ProxyError("invalid_request", problem)
         self.message_id = message.get("id")
+        return message
+
+    async def post(
+        self, resource: Resource, session: str | None, message: dict[str, Any], body: bytes
+    ) -> Response:
+        tools = ToolFilter(resource.allowed_tools)
         method = message.get("method")
         watched = self.message_id if isinstance(method, str) else None
         if method == "tools/call":
@@ -320,8 +333,11 @@ class McpCall:
             meter = McpMeter(watched, method or "", tools, answered.update)
 
             def finish(outcome: str) -> None:
+                # Once answered, the call's outcome is the answer's, however the stream ended
+                # (a client may hang up as soon as it has its answer).
                 if method == "tools/call" and self.ledger.counter is not None:
-                    self.record_tool(answered or None, outcome, streamed=True)
+                    self.record_tool(answered or None, "ok" if answered else outcome,
+                                     streamed=True)  # fmt: skip
 
             return self.relayed(answer, resource, meter, finish)
         return await self.whole(answer, resource, method if answer.status == 200 else None, tools)

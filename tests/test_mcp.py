@@ -1,0 +1,413 @@
+"""MCP servers behind the attendee's key, through the worker: the official MCP Python SDK's
+client against /api/mcp/{name}, and the same SDK's server (local/mcpserver.py) behind it.
+
+Covers the streamable HTTP transport (JSON and event-stream answers, progress and log
+notifications relayed), the allowed tools (listed and called), sessions across two app
+instances and sealed to their attendee, limits and the event's window on tool calls, the usage
+record of every tool call, and hostile input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from local.azurite import free_port
+from tests.harness import (
+    AppHost,
+    EventSetup,
+    Process,
+    Simulator,
+    Storage,
+    wait_for_port,
+    wait_until,
+    window,
+)
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "mcp-server-token-for-tests"
+ALLOWED = ["add", "slow", "spell", "fail"]
+PROTOCOL = "2025-06-18"
+
+
+class McpServer:
+    """local/mcpserver.py in a process of its own on 127.0.0.1."""
+
+    def __init__(self, log_dir: Path, *, json_response: bool = False) -> None:
+        self.port = free_port()
+        args = [sys.executable, "-m", "local.mcpserver", "--port", str(self.port)]
+        args += ["--token", TOKEN] + (["--json"] if json_response else [])
+        name = "json" if json_response else "sse"
+        self.proc = Process(args, {**__import__("os").environ}, log_dir / f"mcp-{name}.log")
+        wait_for_port(self.port, process=self.proc.process)
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(f"http://127.0.0.1:{self.port}/_stats").json()
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+@pytest.fixture(scope="module")
+def mcp_sse(log_dir: Path) -> Iterator[McpServer]:
+    server = McpServer(log_dir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def mcp_json(log_dir: Path) -> Iterator[McpServer]:
+    server = McpServer(log_dir, json_response=True)
+    yield server
+    server.stop()
+
+
+def mcp_event(host: AppHost, sim: Simulator, sse: McpServer, json: McpServer, **fields: Any):
+    setup = EventSetup(host, sim, **fields)
+    auth = {"auth": "bearer", "api_key": TOKEN}
+    setup.add_resource(sse.url, "tools", "mcp", allowed_tools=ALLOWED, **auth)
+    setup.add_resource(json.url, "jsontools", "mcp", **auth)
+    return setup
+
+
+@pytest.fixture(scope="module")
+def setup(app_host: AppHost, sim: Simulator, mcp_sse: McpServer, mcp_json: McpServer):
+    return mcp_event(app_host, sim, mcp_sse, mcp_json)
+
+
+def client(host: AppHost, name: str, key: str, http: httpx2.AsyncClient) -> Client:
+    transport = streamable_http_client(f"{host.base}/mcp/{name}", http_client=http)
+    return Client(transport, mode="legacy")
+
+
+def keyed(key: str) -> httpx2.AsyncClient:
+    return httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def rpc(method: str, params: dict[str, Any] | None = None, id: int | None = 1) -> dict[str, Any]:
+    message: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if params is not None:
+        message["params"] = params
+    if id is not None:
+        message["id"] = id
+    return message
+
+
+HEADERS = {"accept": "application/json, text/event-stream", "mcp-protocol-version": PROTOCOL}
+INIT = {
+    "protocolVersion": PROTOCOL,
+    "capabilities": {},
+    "clientInfo": {"name": "raw", "version": "1"},
+}
+
+
+def open_session(host: AppHost, name: str, key: str) -> str:
+    """initialize and initialized over plain HTTP; the sealed session id."""
+    headers = {**HEADERS, "authorization": f"Bearer {key}"}
+    answer = host.http.post(f"/mcp/{name}", json=rpc("initialize", INIT), headers=headers)
+    assert answer.status_code == 200, answer.text
+    session = answer.headers["mcp-session-id"]
+    headers["mcp-session-id"] = session
+    done = host.http.post(f"/mcp/{name}", json=rpc("notifications/initialized", id=None),
+                          headers=headers)  # fmt: skip
+    assert done.status_code == 202, done.text
+    return session
+
+
+def sse_messages(text: str) -> list[dict[str, Any]]:
+    import json
+
+    found = []
+    for event in text.replace("\r\n", "\n").split("\n\n"):
+        data = "\n".join(
+            line[5:].lstrip() for line in event.split("\n") if line.startswith("data:")
+        )
+        if data:
+            found.append(json.loads(data))
+    return found
+
+
+# --- the SDK's client through the proxy ------------------------------------------------------
+
+
+def test_sdk_lists_only_the_allowed_tools_and_calls_them(
+    app_host: AppHost, setup: EventSetup, mcp_sse: McpServer, storage: Storage
+) -> None:
+    async def run() -> tuple[list[str], Any, list[float], Any, list[str]]:
+        progress: list[float] = []
+        logged: list[str] = []
+
+        async def on_progress(value: float, total: float | None, message: str | None) -> None:
+            progress.append(value)
+
+        async with keyed(setup.key) as http, client(app_host, "tools", setup.key, http) as mcp:
+            tools = [t.name for t in (await mcp.list_tools()).tools]
+            added = await mcp.call_tool("add", {"a": 2, "b": 40})
+            slow = await mcp.call_tool("slow", {"steps": 4}, progress_callback=on_progress)
+            return tools, added, progress, slow, logged
+
+    tools, added, progress, slow, _ = asyncio.run(run())
+    assert sorted(tools) == sorted(ALLOWED)  # 'secret' is the server's, not the event's
+    assert added.content[0].text == "42" and not added.is_error
+    assert progress == [1, 2, 3, 4]  # every progress notification came through
+    assert slow.content[0].text == "done in 4 steps"
+    assert mcp_sse.stats()["attendee_keys"] == 0  # the attendee's key never went upstream
+    rows = storage.usage(setup.id, expect=2)
+    calls = [r for r in rows if r["model_class"] == "mcp"]
+    assert [(r["deployment"], r["tool"], r["outcome"]) for r in calls] == [
+        ("tools", "add", "ok"),
+        ("tools", "slow", "ok"),
+    ]
+    assert all(r["attendee_id"] == setup.attendee["id"] and r["streamed"] for r in calls)
+    assert calls[1]["latency_ms"] >= calls[0]["latency_ms"]
+
+
+def test_a_tool_that_streams_log_messages_and_a_tool_error(
+    app_host: AppHost, setup: EventSetup, storage: Storage
+) -> None:
+    async def run() -> tuple[list[str], Any, Any]:
+        logged: list[str] = []
+
+        async def on_log(params: Any) -> None:
+            logged.append(params.data)
+
+        async with keyed(setup.key) as http:
+            transport = streamable_http_client(f"{app_host.base}/mcp/tools", http_client=http)
+            async with Client(transport, mode="legacy", logging_callback=on_log) as mcp:
+                spelled = await mcp.call_tool("spell", {"word": "mcp"})
+                failed = await mcp.call_tool("fail", {})
+                return logged, spelled, failed
+
+    logged, spelled, failed = asyncio.run(run())
+    assert logged == ["m", "c", "p"] and spelled.content[0].text == "MCP"
+    assert failed.is_error
+
+    def outcomes() -> set[tuple[str, str]]:
+        rows = storage.rows("usage", f"event_id eq '{setup.id}'")
+        return {(r["tool"], r["outcome"]) for r in rows if r["model_class"] == "mcp"}
+
+    wait_until(lambda: {("spell", "ok"), ("fail", "tool_error")} <= outcomes())
+    assert ("fail", "ok") not in outcomes()
+
+
+def test_json_answers_are_filtered_and_recorded_too(
+    app_host: AppHost, sim: Simulator, mcp_sse: McpServer, mcp_json: McpServer, storage: Storage
+) -> None:
+    setup = EventSetup(app_host, sim)
+    setup.add_resource(mcp_json.url, "plain", "mcp", auth="bearer", api_key=TOKEN,
+                       allowed_tools=["add"])  # fmt: skip
+
+    async def run() -> tuple[list[str], Any]:
+        async with keyed(setup.key) as http, client(app_host, "plain", setup.key, http) as mcp:
+            tools = [t.name for t in (await mcp.list_tools()).tools]
+            return tools, await mcp.call_tool("add", {"a": 1, "b": 1})
+
+    tools, added = asyncio.run(run())
+    assert tools == ["add"] and added.content[0].text == "2"
+    rows = [r for r in storage.usage(setup.id, expect=1) if r["model_class"] == "mcp"]
+    assert [(r["tool"], r["outcome"], r["streamed"]) for r in rows] == [("add", "ok", False)]
+
+
+def test_a_tool_not_allowed_is_a_json_rpc_error_naming_it_and_never_sent(
+    app_host: AppHost, setup: EventSetup, mcp_sse: McpServer
+) -> None:
+    session = open_session(app_host, "tools", setup.key)
+    before = mcp_sse.stats()["requests"]
+    headers = {**HEADERS, "authorization": f"Bearer {setup.key}", "mcp-session-id": session}
+    answer = app_host.http.post(
+        "/mcp/tools", json=rpc("tools/call", {"name": "secret", "arguments": {}}, 7),
+        headers=headers,
+    )  # fmt: skip
+    assert answer.status_code == 403
+    error = answer.json()
+    assert error["id"] == 7 and error["error"]["code"] == -32602
+    assert error["error"]["data"]["code"] == "tool_not_allowed"
+    assert "'secret'" in error["error"]["message"] and "add" in error["error"]["message"]
+    assert mcp_sse.stats()["requests"] == before
+
+    async def via_sdk() -> str:
+        async with keyed(setup.key) as http, client(app_host, "tools", setup.key, http) as mcp:
+            try:
+                await mcp.call_tool("secret", {})
+            except Exception as error:  # the SDK raises the JSON-RPC error
+                return str(error)
+            return ""
+
+    assert "Tool 'secret' is not offered at this event" in asyncio.run(via_sdk())
+
+
+# --- sessions -------------------------------------------------------------------------------
+
+
+def test_a_session_continues_on_another_instance(
+    app_host: AppHost, second_host: AppHost, setup: EventSetup
+) -> None:
+    session = open_session(app_host, "tools", setup.key)
+    assert session.startswith("aipmcp1.")
+    headers = {**HEADERS, "authorization": f"Bearer {setup.key}", "mcp-session-id": session}
+    answer = second_host.http.post(
+        "/mcp/tools", json=rpc("tools/call", {"name": "add", "arguments": {"a": 5, "b": 6}}, 3),
+        headers=headers,
+    )  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    (result,) = [m for m in sse_messages(answer.text) if m.get("id") == 3]
+    assert result["result"]["content"][0]["text"] == "11"
+    ended = second_host.http.delete("/mcp/tools", headers=headers)
+    assert ended.status_code == 200, ended.text
+    again = app_host.http.post("/mcp/tools", json=rpc("tools/list", {}, 4), headers=headers)
+    assert again.status_code == 404  # the server ended it
+
+
+def test_another_attendees_session_id_is_refused(
+    app_host: AppHost, setup: EventSetup, mcp_sse: McpServer
+) -> None:
+    session = open_session(app_host, "tools", setup.key)
+    other = setup.add_attendee("other@example.com")["api_key"]
+    before = mcp_sse.stats()["requests"]
+    for sealed in (session, session[:-4] + "AAAA", "plain-upstream-id"):
+        headers = {**HEADERS, "authorization": f"Bearer {other}", "mcp-session-id": sealed}
+        answer = app_host.http.post("/mcp/tools", json=rpc("tools/list", {}, 9), headers=headers)
+        assert answer.status_code == 404, answer.text
+        assert answer.json()["error"]["data"]["code"] == "session_not_found"
+        assert answer.json()["id"] == 9
+    assert mcp_sse.stats()["requests"] == before
+
+
+# --- limits and the window ------------------------------------------------------------------
+
+
+def test_tool_calls_count_against_the_daily_cap(
+    app_host: AppHost, sim: Simulator, mcp_sse: McpServer, mcp_json: McpServer
+) -> None:
+    setup = mcp_event(app_host, sim, mcp_sse, mcp_json, daily_request_cap=2)
+
+    async def run() -> tuple[list[str], str]:
+        async with keyed(setup.key) as http, client(app_host, "tools", setup.key, http) as mcp:
+            await mcp.list_tools()  # not a tool call: not counted
+            answers = [(await mcp.call_tool("add", {"a": i, "b": 0})).content[0].text
+                       for i in range(2)]  # fmt: skip
+            try:
+                await mcp.call_tool("add", {"a": 9, "b": 9})
+            except Exception as error:  # the SDK raises the JSON-RPC error
+                return answers, str(error)
+            return answers, ""
+
+    answers, refused = asyncio.run(run())
+    assert answers == ["0", "1"]
+    assert "today's 2 requests" in refused
+    headers = {**HEADERS, "authorization": f"Bearer {setup.key}"}
+    session = open_session(app_host, "tools", setup.key)
+    answer = app_host.http.post(
+        "/mcp/tools", json=rpc("tools/call", {"name": "add", "arguments": {"a": 1, "b": 1}}),
+        headers={**headers, "mcp-session-id": session},
+    )  # fmt: skip
+    assert answer.status_code == 429
+    assert answer.json()["error"]["data"]["code"] == "daily_request_cap_exceeded"
+
+
+def test_the_event_window_applies(
+    app_host: AppHost, sim: Simulator, mcp_sse: McpServer, mcp_json: McpServer
+) -> None:
+    setup = mcp_event(app_host, sim, mcp_sse, mcp_json, **window(hours_before=1, hours_after=1))
+    over = app_host.manage.patch(f"/events/{setup.id}", json=window(48, -24))
+    assert over.status_code == 200, over.text
+    headers = {**HEADERS, "authorization": f"Bearer {setup.key}"}
+
+    def refused() -> bool:
+        answer = app_host.http.post("/mcp/tools", json=rpc("initialize", INIT), headers=headers)
+        return answer.status_code == 403 and answer.json()["error"]["data"]["code"] == "event_ended"
+
+    wait_until(refused)
+
+
+# --- hostile input ----------------------------------------------------------------------------
+
+
+def test_wrong_keys_and_unknown_servers(app_host: AppHost, setup: EventSetup) -> None:
+    answer = app_host.http.post(
+        "/mcp/tools", json=rpc("initialize", INIT), headers={**HEADERS, "authorization": "Bearer x"}
+    )
+    assert answer.status_code == 401
+    assert answer.json()["error"]["data"]["code"] == "invalid_api_key"
+    headers = {**HEADERS, "api-key": setup.key}
+    answer = app_host.http.post("/mcp/nope", json=rpc("initialize", INIT), headers=headers)
+    assert answer.status_code == 404 and "tools" in answer.json()["error"]["message"]
+    chat = app_host.http.post("/mcp/gpt-4o-mini", json=rpc("initialize", INIT), headers=headers)
+    assert chat.status_code == 404  # a model is no MCP server
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "rpc_code"),
+    [
+        (b"{not json", 400, -32700),
+        (b'[{"jsonrpc": "2.0", "method": "tools/list", "id": 1}]', 400, -32600),
+        (b'{"jsonrpc": "1.0", "method": "tools/list", "id": 1}', 400, -32600),
+        (b'{"jsonrpc": "2.0", "method": 5, "id": 1}', 400, -32600),
+        (b'{"jsonrpc": "2.0", "method": "tools/call", "id": 1, "params": []}', 400, -32600),
+        (b'{"jsonrpc": "2.0", "method": "tools/call", "id": 1, "params": {}}', 400, -32600),
+        (b'{"jsonrpc": "2.0", "id": {"a": 1}, "method": "x"}', 400, -32600),
+        (b"x" * (4 * 1024 * 1024 + 1), 413, -32600),
+    ],
+)
+def test_malformed_messages_are_json_rpc_errors(
+    app_host: AppHost, setup: EventSetup, body: bytes, status: int, rpc_code: int
+) -> None:
+    session = open_session(app_host, "tools", setup.key)
+    headers = {**HEADERS, "authorization": f"Bearer {setup.key}", "mcp-session-id": session,
+               "content-type": "application/json"}  # fmt: skip
+    answer = app_host.http.post("/mcp/tools", content=body, headers=headers)
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"]["code"] == rpc_code
+    assert answer.json()["jsonrpc"] == "2.0"
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://10.0.0.5/mcp",
+        "https://169.254.169.254/mcp",
+        "https://intranet/mcp",
+        "https://tools.internal/mcp",
+        "https://mcp.example.local/mcp",
+        "https://mcp.contoso.com:8443/mcp",
+        "http://mcp.contoso.com/mcp",
+        "https://[fe80::1]/mcp",
+        "https://user@mcp.contoso.com/mcp",
+    ],
+)
+def test_private_or_odd_endpoints_are_refused(app_host: AppHost, endpoint: str) -> None:
+    body = {"name": "t", "deployment": "t", "model_class": "mcp", "endpoint": endpoint,
+            "auth": "none"}  # fmt: skip
+    answer = app_host.manage.post("/resources", json=body)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "endpoint"
+
+
+def test_mcp_fields_are_checked(app_host: AppHost) -> None:
+    base = {"name": "t", "deployment": "t", "model_class": "mcp",
+            "endpoint": "https://mcp.contoso.com/mcp"}  # fmt: skip
+    public = app_host.manage.post("/resources", json={**base, "auth": "none"})
+    assert public.status_code == 201, public.text
+    assert public.json()["allowed_tools"] is None
+    bearer = app_host.manage.post("/resources", json={**base, "auth": "bearer"})
+    assert bearer.status_code == 400 and bearer.json()["error"]["param"] == "api_key"
+    bad_tool = {**base, "auth": "none", "allowed_tools": ["ok", "no spaces"]}
+    assert app_host.manage.post("/resources", json=bad_tool).status_code == 400
+    chat = {**base, "model_class": "openai-chat", "endpoint": "https://x.openai.azure.com",
+            "auth": "bearer", "api_key": "k"}  # fmt: skip
+    answer = app_host.manage.post("/resources", json=chat)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "auth"
+    tools = {**chat, "auth": "key", "allowed_tools": ["a"]}
+    answer = app_host.manage.post("/resources", json=tools)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "allowed_tools"
