@@ -2,9 +2,11 @@
 over streamable HTTP on 127.0.0.1, behind a bearer token.
 
 Tools: `add` (a plain answer), `slow` (progress notifications while it works), `spell` (log
-messages, one per letter, before its answer: a tool that streams), `fail` (a tool error),
+messages, one per letter, before its answer: a tool that streams), `ask` (an elicitation, the
+server's own request to the client), `fail` (a tool error),
 `secret` (for allow-list tests). GET /_stats counts the requests it was sent and those that
-carried anything looking like an attendee's key (which must never reach it).
+carried anything looking like an attendee's key (which must never reach it). The token is taken
+as `Authorization: Bearer` or as `api-key`.
 
     python -m local.mcpserver --port 8765 --token TOKEN [--json]
 """
@@ -17,9 +19,14 @@ from typing import Any
 import anyio
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+
+class Name(BaseModel):
+    name: str
 
 
 def build_server() -> MCPServer:
@@ -46,6 +53,12 @@ def build_server() -> MCPServer:
         return word.upper()
 
     @server.tool()
+    async def ask(question: str, ctx: Context) -> str:
+        """Ask the client's user (an elicitation: a request of the server to the client)."""
+        answer = await ctx.elicit(question, Name)
+        return f"hello {answer.data.name}" if answer.action == "accept" else answer.action
+
+    @server.tool()
     def fail() -> str:
         """Always fails."""
         raise ValueError("this tool always fails")
@@ -64,7 +77,9 @@ class Guard:
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
         self.token = token
-        self.stats: dict[str, Any] = {"requests": 0, "attendee_keys": 0, "methods": {}}
+        self.stats: dict[str, Any] = {
+            "requests": 0, "attendee_keys": 0, "methods": {}, "bearer": 0, "api-key": 0,
+        }  # fmt: skip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,7 +94,11 @@ class Guard:
         methods[request.method] = methods.get(request.method, 0) + 1
         if any("aip-" in value for _, value in request.headers.items()):
             self.stats["attendee_keys"] += 1
-        if request.headers.get("authorization") != f"Bearer {self.token}":
+        if request.headers.get("authorization") == f"Bearer {self.token}":
+            self.stats["bearer"] += 1
+        elif request.headers.get("api-key") == self.token:
+            self.stats["api-key"] += 1
+        else:
             await Response("wrong token", 401)(scope, receive, send)
             return
         await self.app(scope, receive, send)

@@ -20,6 +20,7 @@ import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
+from mcp_types import ElicitResult
 
 from local.azurite import free_port
 from tests.harness import (
@@ -36,7 +37,7 @@ from tests.harness import (
 pytestmark = pytest.mark.e2e
 
 TOKEN = "mcp-server-token-for-tests"
-ALLOWED = ["add", "slow", "spell", "fail"]
+ALLOWED = ["add", "slow", "spell", "ask", "fail"]
 PROTOCOL = "2025-06-18"
 
 
@@ -201,6 +202,40 @@ def test_a_tool_that_streams_log_messages_and_a_tool_error(
     assert ("fail", "ok") not in outcomes()
 
 
+def test_the_servers_own_requests_reach_the_client_and_its_answers_the_server(
+    app_host: AppHost, setup: EventSetup
+) -> None:
+    async def run() -> tuple[list[str], Any]:
+        asked: list[str] = []
+
+        async def on_elicit(context: Any, params: Any) -> Any:
+            asked.append(params.message)
+            return ElicitResult(action="accept", content={"name": "Ada"})
+
+        async with keyed(setup.key) as http:
+            transport = streamable_http_client(f"{app_host.base}/mcp/tools", http_client=http)
+            async with Client(transport, mode="legacy", elicitation_callback=on_elicit) as mcp:
+                return asked, await mcp.call_tool("ask", {"question": "Your name?"})
+
+    asked, answer = asyncio.run(run())
+    assert asked == ["Your name?"]
+    assert answer.content[0].text == "hello Ada"
+
+
+def test_the_get_stream_is_the_servers_own(app_host: AppHost, setup: EventSetup) -> None:
+    session = open_session(app_host, "tools", setup.key)
+    headers = {"authorization": f"Bearer {setup.key}", "mcp-session-id": session,
+               "accept": "text/event-stream", "mcp-protocol-version": PROTOCOL}  # fmt: skip
+    with app_host.http.stream("GET", "/mcp/tools", headers=headers) as answer:
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("text/event-stream")
+    no_session = {**headers}
+    no_session.pop("mcp-session-id")
+    answer = app_host.http.delete("/mcp/tools", headers=no_session)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["data"]["code"] == "invalid_request"
+
+
 def test_json_answers_are_filtered_and_recorded_too(
     app_host: AppHost, sim: Simulator, mcp_sse: McpServer, mcp_json: McpServer, storage: Storage
 ) -> None:
@@ -316,6 +351,23 @@ def test_tool_calls_count_against_the_daily_cap(
     assert answer.json()["error"]["data"]["code"] == "daily_request_cap_exceeded"
 
 
+def test_tool_calls_count_against_the_per_minute_limit(
+    app_host: AppHost, sim: Simulator, mcp_sse: McpServer, mcp_json: McpServer
+) -> None:
+    setup = mcp_event(app_host, sim, mcp_sse, mcp_json, requests_per_minute=2)
+    session = open_session(app_host, "jsontools", setup.key)
+    headers = {**HEADERS, "authorization": f"Bearer {setup.key}", "mcp-session-id": session}
+    listed = [app_host.http.post("/mcp/jsontools", json=rpc("tools/list", {}, i), headers=headers)
+              for i in range(3)]  # fmt: skip
+    assert [a.status_code for a in listed] == [200, 200, 200]  # listing is free
+    call = rpc("tools/call", {"name": "add", "arguments": {"a": 1, "b": 2}}, 5)
+    answers = [app_host.http.post("/mcp/jsontools", json=call, headers=headers) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    refused = answers[2]
+    assert refused.json()["error"]["data"]["code"] == "rate_limit_exceeded"
+    assert refused.json()["id"] == 5 and int(refused.headers["retry-after"]) >= 1
+
+
 def test_the_event_window_applies(
     app_host: AppHost, sim: Simulator, mcp_sse: McpServer, mcp_json: McpServer
 ) -> None:
@@ -392,6 +444,40 @@ def test_private_or_odd_endpoints_are_refused(app_host: AppHost, endpoint: str) 
     answer = app_host.manage.post("/resources", json=body)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == "endpoint"
+
+
+def test_names_are_resolved_to_public_addresses_only() -> None:
+    from shared.upstreams.client import PublicResolver
+
+    async def resolve(allow_loopback: bool) -> Any:
+        resolver = PublicResolver(allow_loopback)
+        try:
+            return await resolver.resolve("localhost", 443)
+        finally:
+            await resolver.close()
+
+    with pytest.raises(OSError, match="no public address"):
+        asyncio.run(resolve(False))
+    assert asyncio.run(resolve(True))  # loopback only where the operator allows it
+
+
+def test_a_key_goes_as_api_key_and_a_refused_credential_is_the_organisers(
+    app_host: AppHost, sim: Simulator, mcp_sse: McpServer
+) -> None:
+    setup = EventSetup(app_host, sim)
+    setup.add_resource(mcp_sse.url, "keyed", "mcp", auth="key", api_key=TOKEN)
+    setup.add_resource(mcp_sse.url, "wrong", "mcp", auth="bearer", api_key="not-the-token")
+    headers = {**HEADERS, "authorization": f"Bearer {setup.key}"}
+    before = mcp_sse.stats()["api-key"]
+    answer = app_host.http.post("/mcp/keyed", json=rpc("initialize", INIT), headers=headers)
+    assert answer.status_code == 200, answer.text
+    assert mcp_sse.stats()["api-key"] == before + 1
+    # A server that refuses the proxy's credential: the organiser's to fix, and never a 401
+    # that would send the attendee's client to sign in.
+    answer = app_host.http.post("/mcp/wrong", json=rpc("initialize", INIT), headers=headers)
+    assert answer.status_code == 502, answer.text
+    assert answer.json()["error"]["data"]["code"] == "upstream_error"
+    assert "organiser" in answer.json()["error"]["message"]
 
 
 def test_mcp_fields_are_checked(app_host: AppHost) -> None:
