@@ -497,3 +497,44 @@ def test_mcp_fields_are_checked(app_host: AppHost) -> None:
     tools = {**chat, "auth": "key", "allowed_tools": ["a"]}
     answer = app_host.manage.post("/resources", json=tools)
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "allowed_tools"
+
+
+# --- the Responses API's mcp tool, with the proxy's MCP URL --------------------------------
+
+
+def test_a_responses_call_with_an_mcp_tool_pointed_at_the_proxy(
+    app_host: AppHost, setup: EventSetup, storage: Storage
+) -> None:
+    from openai import OpenAI
+
+    openai = OpenAI(base_url=f"{app_host.base}/openai/v1", api_key=setup.key)
+    tool = {
+        "type": "mcp", "server_label": "tools", "server_url": f"{app_host.base}/mcp/tools",
+        "headers": {"Authorization": f"Bearer {setup.key}"}, "require_approval": "never",
+    }  # fmt: skip
+    asked = 'What is 2 + 40? [mcp:add {"a": 2, "b": 40}] [mcp:secret {}]'
+    response = openai.responses.create(model="gpt-4o-mini", input=asked, tools=[tool])
+    kinds = [item.type for item in response.output]
+    assert kinds == ["mcp_list_tools", "mcp_call", "message"]  # 'secret' is not listed
+    listing, call = response.output[0], response.output[1]
+    assert sorted(t.name for t in listing.tools) == sorted(ALLOWED) and listing.error is None
+    assert (call.name, call.arguments, call.output, call.error) == (
+        "add", '{"a": 2, "b": 40}', "42", None,
+    )  # fmt: skip
+
+    streamed = openai.responses.create(
+        model="gpt-4o-mini", input='[mcp:spell {"word": "ok"}]', tools=[tool], stream=True
+    )
+    done = [e.item for e in streamed if e.type == "response.output_item.done"]
+    assert [i.type for i in done] == ["mcp_list_tools", "mcp_call", "message"]
+    assert done[1].output == "OK"
+
+    wrong = {**tool, "headers": {"Authorization": "Bearer aip-wrong"}}
+    refused = openai.responses.create(model="gpt-4o-mini", input="hi", tools=[wrong])
+    assert refused.output[0].type == "mcp_list_tools" and refused.output[0].error
+
+    def recorded() -> set[tuple[str, str]]:
+        rows = storage.rows("usage", f"event_id eq '{setup.id}'")
+        return {(r["tool"], r["outcome"]) for r in rows if r["model_class"] == "mcp"}
+
+    wait_until(lambda: {("add", "ok"), ("spell", "ok")} <= recorded())
