@@ -28,7 +28,7 @@ from shared.pipeline.kinds import (
     TRANSLATIONS,
     CallKind,
 )
-from shared.pipeline.mcp import JsonRpcMessage, mcp_call
+from shared.pipeline.mcp import JsonRpcError, JsonRpcMessage, mcp_call
 from shared.pipeline.models import Model, ModelList, list_models, one_model
 from shared.pipeline.responses import by_id as response_by_id
 from shared.pipeline.responses import create as create_response
@@ -47,6 +47,7 @@ __all__ = [
     "TRANSLATIONS",
     "CallKind",
     "EventInfo",
+    "JsonRpcError",
     "JsonRpcMessage",
     "Model",
     "ModelList",

@@ -539,3 +539,25 @@ class JsonRpcMessage(BaseModel):
         description="a JSON-RPC error; the proxy's refusals carry the contract's code in "
         "error.data.code",
     )
+
+
+class JsonRpcErrorObject(BaseModel):
+    """A JSON-RPC error: the proxy's refusals carry the contract's code in data.code."""
+
+    model_config = ConfigDict(extra="allow")
+
+    code: int = Field(description="-32700, -32600, -32602 or -32001 (docs/api.md#mcp-servers)")
+    message: str = Field(description="what happened, and what to do")
+    data: dict[str, Any] | None = Field(
+        None, description="{code: the contract's error code, status, param?}"
+    )
+
+
+class JsonRpcError(BaseModel):
+    """A refusal of an MCP message, as MCP clients read it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    jsonrpc: Literal["2.0"]
+    id: str | int | None = Field(description="the refused request's id; null when not known")
+    error: JsonRpcErrorObject
