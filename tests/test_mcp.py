@@ -200,6 +200,14 @@ def test_a_tool_that_streams_log_messages_and_a_tool_error(
 
     wait_until(lambda: {("spell", "ok"), ("fail", "tool_error")} <= outcomes())
     assert ("fail", "ok") not in outcomes()
+    # The organiser's report: tool calls by attendee, server and tool.
+    report = app_host.manage.get(f"/events/{setup.id}/toolcalls")
+    assert report.status_code == 200, report.text
+    rows = {(r["user"], r["deployment"], r["tool"]): r for r in report.json()}
+    failing = rows[("attendee@example.com", "tools", "fail")]
+    assert (failing["calls"], failing["ok"], failing["failed"]) == (1, 0, 1)
+    assert rows[("attendee@example.com", "tools", "spell")]["ok"] >= 1
+    assert all(r["average_ms"] > 0 and r["last"] for r in rows.values())
 
 
 def test_the_servers_own_requests_reach_the_client_and_its_answers_the_server(

@@ -237,6 +237,16 @@ async def usage_report(
     return await rollups.report(runtime.tables, found_event.id, group_by, users)
 
 
+async def tool_calls(runtime: Runtime, caller: Caller, event_id: str) -> list[dict[str, Any]]:
+    """The event's MCP tool calls by attendee, server and tool."""
+    from shared.governance.toolcalls import tool_calls as grouped
+
+    found_event = await event(runtime, caller, event_id)
+    await runtime.usage.flush_quietly()
+    users = {a.id: a.user for a in await runtime.attendees.list(found_event.id)}
+    return await grouped(runtime.tables, found_event.id, users)
+
+
 async def attendees_with_totals(
     runtime: Runtime, caller: Caller, event_id: str
 ) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from shared import pipeline
 from shared.directory import models
 from shared.governance.rollups import GROUPS, UsageReport
+from shared.governance.toolcalls import ToolCalls
 from shared.management import http, openapi
 from shared.management.routing import (
     ANONYMOUS,
@@ -147,6 +148,11 @@ MANAGEMENT: tuple[Route, ...] = (
                "Usage totals by attendee, deployment, day or hour",
                Answer(200, "The report", UsageReport, ("application/json", "text/csv")),
                ids=True, query=_USAGE),
+    )),
+    Route("manage_tool_calls", "manage/events/{event_id}/toolcalls", MANAGER, "management", (
+        manage("GET", http.tool_calls, "toolCalls",
+               "MCP tool calls by attendee, server and tool (from the usage records)",
+               ok(list[ToolCalls]), ids=True),
     )),
 )  # fmt: skip
 
