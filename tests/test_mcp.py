@@ -546,3 +546,67 @@ def test_a_responses_call_with_an_mcp_tool_pointed_at_the_proxy(
         return {(r["tool"], r["outcome"]) for r in rows if r["model_class"] == "mcp"}
 
     wait_until(lambda: {("add", "ok"), ("spell", "ok")} <= recorded())
+
+
+# --- the pages --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from tests.browser import chromium, chromium_path
+
+    if chromium_path() is None and not __import__("os").environ.get("CI"):
+        pytest.skip("Chromium is not installed (`make test` installs Debian's chromium)")
+    with chromium() as launched:
+        yield launched
+
+
+@pytest.mark.browser
+def test_the_playground_lists_the_events_tools_and_the_console_its_servers_and_calls(
+    app_host: AppHost, sim: Simulator, mcp_sse: McpServer, mcp_json: McpServer, browser: Any
+) -> None:
+    from tests.browser import tab
+    from tests.harness import OPERATOR_KEY
+
+    setup = mcp_event(app_host, sim, mcp_sse, mcp_json, name="Agents lab")
+    session = open_session(app_host, "tools", setup.key)
+    headers = {**HEADERS, "authorization": f"Bearer {setup.key}", "mcp-session-id": session}
+    call = rpc("tools/call", {"name": "add", "arguments": {"a": 1, "b": 2}}, 2)
+    assert app_host.http.post("/mcp/tools", json=call, headers=headers).status_code == 200
+
+    with tab(browser) as opened:
+        page = opened.page
+        page.goto(f"{app_host.base}/playground")
+        page.fill("#key", setup.key)
+        page.click("#connect")
+        page.wait_for_selector("#play-view:not([hidden])")
+        tools = page.locator('#mcp-servers [data-server="tools"] li[data-tool]')
+        wait_until(lambda: sorted(tools.evaluate_all("items => items.map((li) => li.dataset.tool)"))
+                   == sorted(ALLOWED))  # fmt: skip
+        json_tools = page.locator('#mcp-servers [data-server="jsontools"] li[data-tool]')
+        names = "items => items.map((li) => li.dataset.tool)"
+        wait_until(lambda: "secret" in json_tools.evaluate_all(names))  # every tool: no list
+        assert f"{app_host.base}/mcp/tools" in opened.text("#tools-card")
+        opened.screenshot("playground-mcp")
+        opened.assert_clean()
+
+    with tab(browser) as opened:
+        page = opened.page
+        page.goto(f"{app_host.base}/console")
+        page.fill("#operator-key", OPERATOR_KEY)
+        page.click("#sign-in")
+        page.wait_for_selector("#console-view:not([hidden])")
+        page.click(f"#event-list button[data-event-id='{setup.id}']")
+        page.wait_for_selector("#event-view:not([hidden])")
+        details = page.locator('#catalog-rows [data-tools="tools"]')
+        details.wait_for()
+        assert "Tools: add, slow, spell, ask, fail" in details.inner_text()
+        assert f"{app_host.base}/mcp/tools" in details.inner_text()
+        assert "every tool" in page.locator('#catalog-rows [data-tools="jsontools"]').inner_text()
+        page.click("#tab-usage")
+        row = page.locator("#toolcall-rows tr[data-tool='add']")
+        row.wait_for()
+        cells = row.locator("td").all_inner_texts()
+        assert cells[:5] == ["attendee@example.com", "tools", "add", "1", "1"]
+        opened.screenshot("console-mcp")
+        opened.assert_clean()
