@@ -3,7 +3,7 @@ over streamable HTTP on 127.0.0.1, behind a bearer token.
 
 Tools: `add` (a plain answer), `slow` (progress notifications while it works), `spell` (log
 messages, one per letter, before its answer: a tool that streams), `ask` (an elicitation, the
-server's own request to the client), `fail` (a tool error),
+server's own request to the client), `hold` (progress, then waits for POST /_release), `fail` (a tool error),
 `secret` (for allow-list tests). GET /_stats counts the requests it was sent and those that
 carried anything looking like an attendee's key (which must never reach it). The token is taken
 as `Authorization: Bearer` or as `api-key`.
@@ -14,6 +14,7 @@ as `Authorization: Bearer` or as `api-key`.
 from __future__ import annotations
 
 import argparse
+import asyncio
 from typing import Any
 
 import anyio
@@ -23,6 +24,9 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+# The `hold` tool's release, set by POST /_release (one server process, one event loop).
+RELEASE: dict[str, asyncio.Event] = {}
 
 
 class Name(BaseModel):
@@ -51,6 +55,19 @@ def build_server() -> MCPServer:
         for letter in word[:40]:
             await ctx.info(letter)
         return word.upper()
+
+    @server.tool()
+    async def hold(ctx: Context) -> str:
+        """Report progress, then wait until POST /_release (at most 20 s): a client that sees
+        the progress while the tool still runs can release it."""
+        release = RELEASE.setdefault("event", asyncio.Event())
+        release.clear()
+        await ctx.report_progress(1, 2, "waiting for release")
+        try:
+            await asyncio.wait_for(release.wait(), 20)
+        except TimeoutError:
+            return "timed out"
+        return "released"
 
     @server.tool()
     async def ask(question: str, ctx: Context) -> str:
@@ -88,6 +105,10 @@ class Guard:
         request = Request(scope)
         if request.url.path == "/_stats":
             await JSONResponse(self.stats)(scope, receive, send)
+            return
+        if request.url.path == "/_release":
+            RELEASE.setdefault("event", asyncio.Event()).set()
+            await JSONResponse({"released": True})(scope, receive, send)
             return
         self.stats["requests"] += 1
         methods = self.stats["methods"]

@@ -37,7 +37,7 @@ from tests.harness import (
 pytestmark = pytest.mark.e2e
 
 TOKEN = "mcp-server-token-for-tests"
-ALLOWED = ["add", "slow", "spell", "ask", "fail"]
+ALLOWED = ["add", "slow", "spell", "ask", "fail", "hold"]
 PROTOCOL = "2025-06-18"
 
 
@@ -174,6 +174,22 @@ def test_sdk_lists_only_the_allowed_tools_and_calls_them(
     assert calls[1]["latency_ms"] >= calls[0]["latency_ms"]
 
 
+def test_events_are_relayed_as_they_arrive(app_host: AppHost, setup: EventSetup,
+                                          mcp_sse: McpServer) -> None:  # fmt: skip
+    """The tool waits until the client saw its progress: a relay that held the events back until
+    the answer's end would leave it waiting until it gives up ("timed out")."""
+
+    async def run() -> Any:
+        async def on_progress(value: float, total: float | None, message: str | None) -> None:
+            async with httpx.AsyncClient() as plain:
+                await plain.post(f"http://127.0.0.1:{mcp_sse.port}/_release")
+
+        async with keyed(setup.key) as http, client(app_host, "tools", setup.key, http) as mcp:
+            return await mcp.call_tool("hold", {}, progress_callback=on_progress)
+
+    assert asyncio.run(run()).content[0].text == "released"
+
+
 def test_a_tool_that_streams_log_messages_and_a_tool_error(
     app_host: AppHost, setup: EventSetup, storage: Storage
 ) -> None:
@@ -306,6 +322,11 @@ def test_a_session_continues_on_another_instance(
     assert answer.status_code == 200, answer.text
     (result,) = [m for m in sse_messages(answer.text) if m.get("id") == 3]
     assert result["result"]["content"][0]["text"] == "11"
+    seed = second_host.http.post(  # the seed layout's /api/v1 serves it too
+        "/v1/mcp/tools", json=rpc("tools/call", {"name": "add", "arguments": {"a": 1, "b": 1}}, 4),
+        headers=headers,
+    )  # fmt: skip
+    assert seed.status_code == 200 and '"2"' in seed.text
     ended = second_host.http.delete("/mcp/tools", headers=headers)
     assert ended.status_code == 200, ended.text
     again = app_host.http.post("/mcp/tools", json=rpc("tools/list", {}, 4), headers=headers)
@@ -600,7 +621,7 @@ def test_the_playground_lists_the_events_tools_and_the_console_its_servers_and_c
         page.wait_for_selector("#event-view:not([hidden])")
         details = page.locator('#catalog-rows [data-tools="tools"]')
         details.wait_for()
-        assert "Tools: add, slow, spell, ask, fail" in details.inner_text()
+        assert "Tools: add, slow, spell, ask, fail, hold" in details.inner_text()
         assert f"{app_host.base}/mcp/tools" in details.inner_text()
         assert "every tool" in page.locator('#catalog-rows [data-tools="jsontools"]').inner_text()
         page.click("#tab-usage")
