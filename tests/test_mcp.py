@@ -631,3 +631,17 @@ def test_the_playground_lists_the_events_tools_and_the_console_its_servers_and_c
         assert cells[:5] == ["attendee@example.com", "tools", "add", "1", "1"]
         opened.screenshot("console-mcp")
         opened.assert_clean()
+
+
+def test_the_operator_narrows_mcp_hosts() -> None:
+    from shared.directory.endpoints import EndpointPolicy, mcp_endpoint_problem, parse_hosts
+
+    anywhere = EndpointPolicy()
+    assert mcp_endpoint_problem("https://mcp.contoso.com/mcp", anywhere) is None
+    assert mcp_endpoint_problem("https://mcp.contoso.com:8443/mcp", anywhere)
+    assert mcp_endpoint_problem("https://127.0.0.1:8443/mcp", anywhere)  # loopback not allowed
+    listed = EndpointPolicy(mcp_hosts=parse_hosts(".tools.example.org, mcp.contoso.com:8443"))
+    assert mcp_endpoint_problem("https://a.tools.example.org/mcp", listed) is None
+    assert mcp_endpoint_problem("https://mcp.contoso.com:8443/mcp", listed) is None
+    assert "operator allows" in (mcp_endpoint_problem("https://other.com/mcp", listed) or "")
+    assert mcp_endpoint_problem("https://mcp.contoso.com/mcp", listed)  # only its listed port
