@@ -266,8 +266,9 @@ resource appSettings 'Microsoft.Web/sites/config@2025-03-01' = {
 // requests still pass (attendees use event keys), and the routes that take an event key are left
 // out entirely: OpenAI clients send the key as a bearer token, which sign-in would otherwise try
 // to validate as an Entra token and refuse. None of those routes reads the principal header.
-// Both search routes are covered: /indexes/{index}/... and /indexes('{index}')/..., and the same
-// routes again under the seed's /api/v1.
+// Both search routes are covered: /indexes/{index}/... and /indexes('{index}')/..., the MCP
+// servers' /mcp/{name} (MCP clients send the key as a bearer token too), and the same routes
+// again under the seed's /api/v1.
 resource auth 'Microsoft.Web/sites/config@2025-03-01' = {
   parent: app
   name: 'authsettingsV2'
@@ -283,6 +284,7 @@ resource auth 'Microsoft.Web/sites/config@2025-03-01' = {
         '/api/indexes/*'
         '/api/indexes(*'
         '/api/eventinfo'
+        '/api/mcp/*'
         '/api/v1/*'
       ]
     }
