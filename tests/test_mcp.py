@@ -569,7 +569,45 @@ def test_a_responses_call_with_an_mcp_tool_pointed_at_the_proxy(
     wait_until(lambda: {("add", "ok"), ("spell", "ok")} <= recorded())
 
 
-# --- the pages --------------------------------------------------------------------------------
+def test_the_operator_narrows_mcp_hosts() -> None:
+    from shared.directory.endpoints import EndpointPolicy, mcp_endpoint_problem, parse_hosts
+
+    anywhere = EndpointPolicy()
+    assert mcp_endpoint_problem("https://mcp.contoso.com/mcp", anywhere) is None
+    assert mcp_endpoint_problem("https://mcp.contoso.com:8443/mcp", anywhere)
+    assert mcp_endpoint_problem("https://127.0.0.1:8443/mcp", anywhere)  # loopback not allowed
+    listed = EndpointPolicy(mcp_hosts=parse_hosts(".tools.example.org, mcp.contoso.com:8443"))
+    assert mcp_endpoint_problem("https://a.tools.example.org/mcp", listed) is None
+    assert mcp_endpoint_problem("https://mcp.contoso.com:8443/mcp", listed) is None
+    assert "operator allows" in (mcp_endpoint_problem("https://other.com/mcp", listed) or "")
+    assert mcp_endpoint_problem("https://mcp.contoso.com/mcp", listed)  # only its listed port
+
+
+def test_the_sdks_default_mode_works_through_the_proxy(
+    app_host: AppHost, sim: Simulator, mcp_sse: McpServer, mcp_json: McpServer, storage: Storage
+) -> None:
+    """The SDK's default: it probes server/discover (the 2026-07-28 revision's stateless
+    envelope) and falls back to the initialize handshake; either way through the proxy."""
+    setup = mcp_event(app_host, sim, mcp_sse, mcp_json)
+
+    async def run() -> tuple[list[str], Any]:
+        async with keyed(setup.key) as http:
+            transport = streamable_http_client(f"{app_host.base}/mcp/tools", http_client=http)
+            async with Client(transport) as mcp:
+                tools = [t.name for t in (await mcp.list_tools()).tools]
+                return tools, await mcp.call_tool("add", {"a": 20, "b": 22})
+
+    def adds() -> int:
+        rows = storage.rows("usage", f"event_id eq '{setup.id}'")
+        return sum(1 for r in rows if r["model_class"] == "mcp" and r["tool"] == "add")
+
+    tools, added = asyncio.run(run())
+    assert sorted(tools) == sorted(ALLOWED)
+    assert added.content[0].text == "42"
+    wait_until(lambda: adds() == 1)  # governed and recorded in either mode
+
+
+# --- the pages (last: the browser leaves an event loop running in this thread) --------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -631,17 +669,3 @@ def test_the_playground_lists_the_events_tools_and_the_console_its_servers_and_c
         assert cells[:5] == ["attendee@example.com", "tools", "add", "1", "1"]
         opened.screenshot("console-mcp")
         opened.assert_clean()
-
-
-def test_the_operator_narrows_mcp_hosts() -> None:
-    from shared.directory.endpoints import EndpointPolicy, mcp_endpoint_problem, parse_hosts
-
-    anywhere = EndpointPolicy()
-    assert mcp_endpoint_problem("https://mcp.contoso.com/mcp", anywhere) is None
-    assert mcp_endpoint_problem("https://mcp.contoso.com:8443/mcp", anywhere)
-    assert mcp_endpoint_problem("https://127.0.0.1:8443/mcp", anywhere)  # loopback not allowed
-    listed = EndpointPolicy(mcp_hosts=parse_hosts(".tools.example.org, mcp.contoso.com:8443"))
-    assert mcp_endpoint_problem("https://a.tools.example.org/mcp", listed) is None
-    assert mcp_endpoint_problem("https://mcp.contoso.com:8443/mcp", listed) is None
-    assert "operator allows" in (mcp_endpoint_problem("https://other.com/mcp", listed) or "")
-    assert mcp_endpoint_problem("https://mcp.contoso.com/mcp", listed)  # only its listed port
