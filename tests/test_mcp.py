@@ -415,6 +415,25 @@ def test_the_event_window_applies(
 # --- hostile input ----------------------------------------------------------------------------
 
 
+def test_a_code_key_as_api_key_and_a_session_sealed_to_its_attendee(
+    app_host: AppHost, sim: Simulator, mcp_sse: McpServer, mcp_json: McpServer
+) -> None:
+    setup = mcp_event(app_host, sim, mcp_sse, mcp_json, shared_code="mcp-workshop-code")
+    code_key = f"{setup.id}@mcp-workshop-code/ada@example.com"
+    headers = {**HEADERS, "api-key": code_key}
+    init = app_host.http.post("/mcp/tools", json=rpc("initialize", INIT), headers=headers)
+    assert init.status_code == 200, init.text
+    session = init.headers["mcp-session-id"]
+    call = rpc("tools/call", {"name": "add", "arguments": {"a": 3, "b": 4}}, 2)
+    answer = app_host.http.post("/mcp/tools", json=call,
+                                headers={**headers, "mcp-session-id": session})  # fmt: skip
+    assert answer.status_code == 200 and '"7"' in answer.text
+    # The event key's attendee is another attendee: the code key's session is not its own.
+    other = {**HEADERS, "api-key": setup.key, "mcp-session-id": session}
+    refused = app_host.http.post("/mcp/tools", json=call, headers=other)
+    assert refused.status_code == 404
+
+
 def test_wrong_keys_and_unknown_servers(app_host: AppHost, setup: EventSetup) -> None:
     answer = app_host.http.post(
         "/mcp/tools", json=rpc("initialize", INIT), headers={**HEADERS, "authorization": "Bearer x"}
