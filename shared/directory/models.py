@@ -630,7 +630,9 @@ class UsageNumbers(BaseModel):
     completion_tokens: int = Field(ge=0, description="completion tokens")
     total_tokens: int = Field(ge=0, description="prompt plus completion tokens")
     units: int = Field(
-        ge=0, description="images, audio seconds or searches, for models not counted in tokens"
+        ge=0,
+        description="images, audio seconds, searches or MCP tool calls, for what is not "
+        "counted in tokens",
     )
 
 
