@@ -528,6 +528,20 @@ def test_a_key_goes_as_api_key_and_a_refused_credential_is_the_organisers(
     assert "organiser" in answer.json()["error"]["message"]
 
 
+def test_the_cli_adds_an_mcp_server(app_host: AppHost, mcp_sse: McpServer) -> None:
+    from tests.test_cli import cli, ok
+
+    args = ("resources", "add", "--name", "Workshop tools", "--deployment", "cli-tools",
+            "--model-class", "mcp", "--url", mcp_sse.url, "--auth", "bearer", "--api-key", "-",
+            "--allowed-tools", "add, slow")  # fmt: skip
+    resource_id = ok(cli(app_host, *args, stdin=TOKEN + "\n")).strip()
+    created = app_host.manage.get(f"/resources/{resource_id}").json()
+    assert (created["model_class"], created["auth"], created["allowed_tools"]) == (
+        "mcp", "bearer", ["add", "slow"],
+    )  # fmt: skip
+    assert created["has_api_key"] and "api_key" not in created
+
+
 def test_mcp_fields_are_checked(app_host: AppHost) -> None:
     base = {"name": "t", "deployment": "t", "model_class": "mcp",
             "endpoint": "https://mcp.contoso.com/mcp"}  # fmt: skip
