@@ -528,6 +528,22 @@ def test_a_key_goes_as_api_key_and_a_refused_credential_is_the_organisers(
     assert "organiser" in answer.json()["error"]["message"]
 
 
+def test_a_stored_entry_the_policy_no_longer_allows_is_never_called(
+    app_hosts: Any, setup: EventSetup, mcp_sse: McpServer
+) -> None:
+    # The same storage, an instance that allows no loopback: the entry on 127.0.0.1 is now a
+    # private endpoint, refused before anything is sent.
+    strict = app_hosts("strict", AIPROXY_ALLOW_LOOPBACK_UPSTREAMS="false")
+    before = mcp_sse.stats()["requests"]
+    headers = {**HEADERS, "authorization": f"Bearer {setup.key}"}
+    answer = strict.http.post("/mcp/tools", json=rpc("initialize", INIT, 5), headers=headers)
+    assert answer.status_code == 502, answer.text
+    assert answer.json()["error"]["data"]["code"] == "upstream_error"
+    assert answer.json()["id"] == 5
+    assert "127.0.0.1" not in answer.text  # the attendee is not told where it points
+    assert mcp_sse.stats()["requests"] == before
+
+
 def test_the_cli_adds_an_mcp_server(app_host: AppHost, mcp_sse: McpServer) -> None:
     from tests.test_cli import cli, ok
 
