@@ -618,6 +618,29 @@ def test_a_responses_call_with_an_mcp_tool_pointed_at_the_proxy(
     wait_until(lambda: {("add", "ok"), ("spell", "ok")} <= recorded())
 
 
+def test_every_tools_list_on_a_stream_is_filtered() -> None:
+    """A resumed stream (GET with Last-Event-ID) may carry an earlier tools/list answer, and a
+    server may end without the last blank line: neither passes the allowed tools unfiltered."""
+    import json
+
+    from shared.pipeline.mcp import McpMeter, ToolFilter
+
+    listing = {
+        "jsonrpc": "2.0",
+        "id": 7,
+        "result": {"tools": [{"name": "add"}, {"name": "secret"}]},
+    }
+    event = b"id: 1\r\nevent: message\r\ndata: " + json.dumps(listing).encode()
+    meter = McpMeter(None, ToolFilter(["add"]), lambda message: None)
+    out = meter.feed(b": ping\r\n\r\n" + event[:20]) + meter.feed(event[20:] + b"\r\n\r\n")
+    assert b"secret" not in out and b'"add"' in out and b"id: 1" in out and b": ping" in out
+    meter = McpMeter(7, ToolFilter(["add"]), lambda message: None)
+    out = meter.feed(event) + meter.rest()  # no blank line at the end
+    assert b"secret" not in out and meter.done
+    everything = McpMeter(None, ToolFilter(None), lambda message: None)
+    assert everything.feed(event + b"\n\n") == event + b"\n\n"  # untouched without a list
+
+
 def test_the_operator_narrows_mcp_hosts() -> None:
     from shared.directory.endpoints import EndpointPolicy, mcp_endpoint_problem, parse_hosts
 

@@ -153,11 +153,8 @@ class McpMeter:
     (a tools/list answer filtered, a tools/call answer noted), every other event (progress,
     log messages, the server's own requests) passed on as it came."""
 
-    def __init__(
-        self, watched: Any, method: str, tools: ToolFilter, answered: Callable[[dict], None]
-    ) -> None:
+    def __init__(self, watched: Any, tools: ToolFilter, answered: Callable[[dict], None]) -> None:
         self.watched = watched  # the id of the POSTed request; None for a GET stream
-        self.method = method
         self.tools = tools
         self.answered = answered
         self.done = watched is None  # a request's stream ends once it is answered
@@ -181,12 +178,18 @@ class McpMeter:
         return bytes(out)
 
     def rest(self) -> bytes:
+        """What came after the last complete event: read as one more event (a server may end
+        without the blank line), so nothing leaves unread."""
         rest = bytes(self._buffer)
         self._buffer.clear()
-        return rest
+        return self._event(rest, b"") if rest else b""
 
     def _event(self, raw: bytes, end: bytes) -> bytes:
-        if self.watched is None or b"data:" not in raw or self.done:
+        """One event: the watched request's answer noted, and every tools list in an answer
+        (on any stream, a resumed one too) filtered to the allowed tools."""
+        watching = self.watched is not None and not self.done
+        filtering = self.tools.allowed is not None
+        if not (watching or filtering) or b"data:" not in raw:
             return raw + end
         lines = re.split(rb"\r\n|\n|\r", raw)
         data = b"\n".join(
@@ -198,15 +201,17 @@ class McpMeter:
             message = orjson.loads(data)
         except orjson.JSONDecodeError:
             return raw + end
-        if (
-            not isinstance(message, dict)
-            or message.get("id") != self.watched
-            or ("method" in message)
-        ):
+        if not isinstance(message, dict) or "method" in message:
             return raw + end
-        self.done = True
-        self.answered(message)
-        if self.method != "tools/list" or self.tools.allowed is None:
+        if watching and message.get("id") == self.watched:
+            self.done = True
+            self.answered(message)
+        result = message.get("result")
+        if (
+            not filtering
+            or not isinstance(result, dict)
+            or not isinstance(result.get("tools"), list)
+        ):
             return raw + end
         kept = [line for line in lines if not line.startswith(b"data:")]
         kept.append(b"data: " + orjson.dumps(self.tools.listed(message)))
@@ -262,7 +267,7 @@ class McpCall:
             )
         answer = await self.send(resource, method, session, b"")
         if method == "GET" and _is_stream(answer):
-            meter = McpMeter(None, "", tools, lambda message: None)
+            meter = McpMeter(None, tools, lambda message: None)
             return self.relayed(answer, resource, meter, lambda outcome: None)
         return await self.whole(answer, resource, None)
 
@@ -330,7 +335,7 @@ class McpCall:
             )  # fmt: skip
         if watched is not None and _is_stream(answer) and answer.status == 200:
             answered: dict[str, Any] = {}
-            meter = McpMeter(watched, method or "", tools, answered.update)
+            meter = McpMeter(watched, tools, answered.update)
 
             def finish(outcome: str) -> None:
                 # Once answered, the call's outcome is the answer's, however the stream ended
@@ -432,9 +437,12 @@ class McpCall:
                 self.ledger.record_failure(error.status, error.code, streamed=False)
             raise
         is_json = "json" in answer.headers.get("content-type", "")
-        if method in ("tools/list", "tools/call") and is_json:
+        filtering = tools is not None and tools.allowed is not None
+        if method is not None and (method == "tools/call" or filtering):
+            # A request's answer: a tool call's is recorded, a tools list in it filtered; an
+            # answer the proxy cannot read is not passed on unread.
             try:
-                message = orjson.loads(content)
+                message = orjson.loads(content) if is_json else None
             except orjson.JSONDecodeError:
                 message = None
             if not isinstance(message, dict):
@@ -443,10 +451,8 @@ class McpCall:
                 raise ProxyError("upstream_error", "The MCP server answered something not JSON.")
             if method == "tools/call":
                 self.record_tool(message, "ok", streamed=False)
-            elif tools is not None and tools.allowed is not None:
+            if filtering and tools is not None:
                 content = orjson.dumps(tools.listed(message))
-        elif method == "tools/call" and self.ledger.counter is not None:
-            self.record_tool(None, "upstream_error", streamed=False)
         return Response(content, answer.status, self.answer_headers(answer, resource))
 
     def record_tool(self, message: dict[str, Any] | None, outcome: str, *, streamed: bool) -> None:
