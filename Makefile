@@ -63,6 +63,7 @@ bench: setup
 	$(PY) -m bench.limits
 	$(PY) -m bench.journal
 	$(PY) -m bench.plugins
+	$(PY) -m bench.mcp
 	[ "$${BENCH_LOAD:-1}" = 0 ] || $(PY) -m bench.load
 	[ "$${BENCH_CONCURRENCY:-1}" = 0 ] || $(PY) -m bench.concurrency
 

@@ -54,9 +54,16 @@ def id_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _is_list(annotation: Any) -> bool:
+    """A list field, or a list or null (an MCP server's allowed_tools)."""
+    return get_origin(annotation) is list or any(
+        get_origin(arg) is list for arg in get_args(annotation)
+    )
+
+
 def _kind(annotation: Any) -> Callable[[str], Any]:
     """How a flag's text becomes the field's JSON value."""
-    if get_origin(annotation) is list:
+    if _is_list(annotation):
         return id_list
     return int if annotation is int else str
 
@@ -69,7 +76,7 @@ def _add_fields(parser: argparse.ArgumentParser, model: type[Body], *, create: b
         text = (info.description or "") + _MORE_HELP.get(name, "")
         if info.default not in (None, "", 0, PydanticUndefined) and info.annotation is not bool:
             text += f" (default {info.default})"
-        if get_origin(info.annotation) is list:
+        if _is_list(info.annotation):
             text += "; separated by commas ('' clears it)"
         parser.add_argument(
             _FLAGS.get(name, "--" + name.replace("_", "-")),

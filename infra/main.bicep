@@ -130,6 +130,9 @@ param operatorRoles string = ''
 @description('Upstream hosts organisers may name beyond Azure AI services (.openai.azure.com, .cognitiveservices.azure.com, .services.ai.azure.com, .search.windows.net): exact hosts or .suffixes, each optionally :port, commas; e.g. your own API Management gateway.')
 param upstreamHosts string = ''
 
+@description('Hosts MCP servers may be on (exact hosts or .suffixes, each optionally :port, commas); empty: any public https host on port 443.')
+param mcpHosts string = ''
+
 @description('Create an Azure OpenAI account with the deployments below, which the app calls with its identity.')
 param createOpenAi bool = false
 
@@ -257,6 +260,7 @@ module api './app/api.bicep' = {
     operatorGroups: operatorGroups
     operatorRoles: operatorRoles
     upstreamHosts: upstreamHosts
+    mcpHosts: mcpHosts
   }
   // The identity must hold its roles before the host starts: it reads its deployment package,
   // host storage and the encryption key with them.

@@ -26,6 +26,14 @@ Routes:
 * ``GET /openai/models``, ``/openai/v1/models``
 * ``GET /_sim/stats``, ``GET|POST /_sim/config``, ``POST /_sim/reset``
 
+MCP tools of the Responses API: ``tools: [{"type": "mcp", "server_label", "server_url",
+"headers", "allowed_tools"}]`` makes the simulator connect to each server with the MCP Python
+SDK's client (streamable HTTP, the given headers), list its tools into an ``mcp_list_tools``
+output item (only ``allowed_tools``, a list or ``{"tool_names": [...]}``, when given), and call
+the tools the input asks for with a ``[mcp:TOOL {json arguments}]`` marker (a model would
+choose; the simulator is told), each an ``mcp_call`` item with its output or error, before the
+message. A server that cannot be listed gives an ``mcp_list_tools`` item with ``error``.
+
 Per-request directives: a ``[sim:key=value flag ...]`` marker anywhere in a message content,
 prompt or embedding input applies settings to that request only, on top of the server-wide
 settings from ``/_sim/config``. See ``SETTING_TYPES`` for the accepted keys.
@@ -125,6 +133,7 @@ SETTING_TYPES: dict[str, type] = {
 }
 
 DIRECTIVE_RE = re.compile(r"\[sim:([^\]]*)\]")
+MCP_CALL_RE = re.compile(r"\[mcp:([A-Za-z0-9_.-]+)\s*(\{[^\]]*\})?\]")
 
 # Words that are a single cl100k token both as " word" and as " Word"/"Word", so that every
 # generated piece below is exactly one token and the generated text tokenizes piece by piece.
@@ -1377,7 +1386,7 @@ def _response_object(
         "temperature": body.get("temperature", 1.0),
         "text": {"format": {"type": "text"}},
         "tool_choice": "auto",
-        "tools": [],
+        "tools": [{k: v for k, v in t.items() if k != "headers"} for t in _mcp_tools_of(body)],
         "top_p": body.get("top_p", 1.0),
         "truncation": "disabled",
         "usage": None,
@@ -1501,7 +1510,7 @@ async def _create_response(
 
     response_id = _new_id("resp_")
     created = int(time.time())
-    output: list[dict[str, Any]] = []
+    output: list[dict[str, Any]] = await _mcp_items(body)
     if reasoning_tokens:
         include = body.get("include") if isinstance(body.get("include"), list) else []
         sealed = (
@@ -1569,6 +1578,92 @@ async def _create_response(
     return _json_response(200, obj, headers)
 
 
+def _mcp_tools_of(body: dict[str, Any]) -> list[dict[str, Any]]:
+    tools = body.get("tools")
+    return [t for t in tools if isinstance(t, dict) and t.get("type") == "mcp"] if isinstance(
+        tools, list
+    ) else []  # fmt: skip
+
+
+async def _mcp_items(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The output items of the request's MCP tools: each server's tools listed, and the calls
+    the input's ``[mcp:TOOL {...}]`` markers ask for (see the module's docstring)."""
+    tools = _mcp_tools_of(body)
+    if not tools:
+        return []
+    wanted: list[tuple[str, dict[str, Any]]] = []
+    for text in _iter_strings(KIND_RESPONSES, body):
+        for match in MCP_CALL_RE.finditer(text):
+            try:
+                arguments = json.loads(match.group(2) or "{}")
+            except ValueError:
+                arguments = {}
+            wanted.append((match.group(1), arguments if isinstance(arguments, dict) else {}))
+    items: list[dict[str, Any]] = []
+    for tool in tools:
+        items += await _mcp_server_items(tool, wanted)
+    return items
+
+
+async def _mcp_server_items(
+    tool: dict[str, Any], wanted: list[tuple[str, dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    import httpx2  # the MCP SDK's HTTP client; only requests with MCP tools need them
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    label = str(tool.get("server_label") or "mcp")
+    allowed = tool.get("allowed_tools")
+    if isinstance(allowed, dict):
+        allowed = allowed.get("tool_names")
+    allowed = set(allowed) if isinstance(allowed, list) else None
+    headers = tool.get("headers") if isinstance(tool.get("headers"), dict) else {}
+    listing: dict[str, Any] = {"id": _new_id("mcpl_"), "type": "mcp_list_tools",
+                               "server_label": label, "tools": [], "error": None}  # fmt: skip
+    items = [listing]
+    try:
+        async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+            transport = streamable_http_client(str(tool.get("server_url")), http_client=http)
+            async with Client(transport, mode="legacy") as client:
+                for found in (await client.list_tools()).tools:
+                    if allowed is None or found.name in allowed:
+                        listing["tools"].append({
+                            "name": found.name, "description": found.description,
+                            "input_schema": found.input_schema, "annotations": None,
+                        })  # fmt: skip
+                names = {t["name"] for t in listing["tools"]}
+                for name, arguments in wanted:
+                    if name in names:
+                        items.append(await _mcp_call(client, label, name, arguments))
+    except Exception as exc:  # the server's failure is the item's error, as OpenAI reports it
+        text = str(exc) or type(exc).__name__
+        for inner in getattr(exc, "exceptions", ()):
+            text = str(inner) or text
+        listing["error"] = f"Error retrieving tool list from MCP server: '{label}'. {text}"[:500]
+    return items
+
+
+async def _mcp_call(client: Any, label: str, name: str, arguments: dict[str, Any]) -> dict:
+    item: dict[str, Any] = {"id": _new_id("mcp_"), "type": "mcp_call", "server_label": label,
+                            "name": name, "arguments": json.dumps(arguments), "output": None,
+                            "error": None, "approval_request_id": None}  # fmt: skip
+    try:
+        result = await client.call_tool(name, arguments)
+    except Exception as exc:  # a JSON-RPC error: the proxy's refusals among them
+        item["error"] = {"type": "mcp_protocol_error", "code": -32000, "message": str(exc)[:500]}
+        item["status"] = "failed"
+        return item
+    text = "".join(getattr(part, "text", "") for part in result.content)
+    if result.is_error:
+        content = [{"type": "text", "text": text}]
+        item["error"] = {"type": "mcp_tool_execution_error", "content": content}
+        item["status"] = "failed"
+    else:
+        item["output"] = text
+        item["status"] = "completed"
+    return item
+
+
 def _event(kind: str, sequence: int, **fields: Any) -> bytes:
     return f"event: {kind}\ndata: {_dumps({'type': kind, 'sequence_number': sequence, **fields})}\n\n".encode()
 
@@ -1607,13 +1702,14 @@ async def _stream_response(
         await resp.write(_event("response.created", next(sequence), response=started))
         await resp.write(_event("response.in_progress", next(sequence), response=started))
         for index, item in enumerate(final["output"]):
-            if item["type"] == "reasoning":
+            if item["type"] != "message":  # reasoning, and MCP tools' list and calls
+                added = {**item, "encrypted_content": None} if item["type"] == "reasoning" else item
                 await resp.write(
                     _event(
                         "response.output_item.added",
                         next(sequence),
                         output_index=index,
-                        item={**item, "encrypted_content": None},
+                        item=added,
                     )
                 )
                 await resp.write(

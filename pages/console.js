@@ -324,7 +324,8 @@ async function loadCatalog() {
   fill($("#catalog-rows"), attached.map((r) => h("tr", { dataset: { resourceId: r.id } },
     h("td", {}, h("strong", {}, r.deployment)),
     h("td", {}, r.model_class),
-    h("td", {}, r.name, h("div", { class: "faint small" }, r.endpoint)),
+    h("td", {}, r.name, h("div", { class: "faint small" }, r.endpoint),
+      r.model_class === "mcp" ? mcpDetails(r) : null),
     h("td", {}, `${r.priority} / ${r.weight}`),
     h("td", {}, quotaText(r)),
     h("td", { class: "actions" }, h("button", {
@@ -341,6 +342,16 @@ async function loadCatalog() {
     ? free.map((r) => h("option", { value: r.id }, `${r.deployment} · ${r.model_class} · ${r.name}`))
     : h("option", { value: "" }, "Every resource is attached; add a new one below"));
   $("#attach").disabled = free.length === 0;
+}
+
+/** An MCP server's tools and the URL attendees give their MCP clients. */
+function mcpDetails(resource) {
+  const tools = resource.allowed_tools === null || resource.allowed_tools === undefined
+    ? "every tool of the server"
+    : (resource.allowed_tools.join(", ") || "no tool");
+  return h("div", { class: "small", dataset: { tools: resource.deployment } },
+    h("div", {}, `Tools: ${tools}`),
+    h("div", { class: "faint" }, `Attendees' MCP URL: ${location.origin}${base}/mcp/${resource.deployment}`));
 }
 
 function quotaText(resource) {
@@ -369,7 +380,9 @@ async function addResource() {
     quota_tokens_per_minute: Number.parseInt(value("#res-quota-tokens") || "0", 10),
   };
   if (value("#res-upstream")) body.upstream_deployment = value("#res-upstream");
-  if (body.auth === "key") body.api_key = $("#res-key").value;
+  if (body.auth === "key" || body.auth === "bearer") body.api_key = $("#res-key").value;
+  const tools = value("#res-tools").split(",").map((t) => t.trim()).filter(Boolean);
+  if (body.model_class === "mcp" && tools.length) body.allowed_tools = tools;
   const created = await manage("/resources", { method: "POST", body });
   await attach(created.id);
   $("#resource-form").reset();
@@ -462,6 +475,7 @@ async function loadUsage() {
   ].map(([label, value]) => h("div", { class: "tile" }, h("span", { class: "label" }, label),
     h("span", { class: "value" }, number(value)))));
   renderRefusals(byAttendee);
+  renderToolCalls(await manage(`/events/${eventId}/toolcalls`));
 
   const days = byDay.rows;
   const dayLabels = days.map((r) => new Date(`${r.day}T12:00:00Z`).toLocaleDateString(undefined, { day: "numeric", month: "short", timeZone: "UTC" }));
@@ -515,6 +529,17 @@ function renderRefusals(byAttendee) {
     reasons.map((reason) => h("td", { class: "num", dataset: { reason } }, number(r.refused[reason]))))));
   $("#refusals-wrap").hidden = rows.length === 0;
   $("#refusals-empty").hidden = rows.length > 0;
+}
+
+/** MCP tool calls by attendee, server and tool, busiest first (as the API sorts them). */
+function renderToolCalls(rows) {
+  fill($("#toolcall-rows"), rows.map((r) => h("tr", { dataset: { attendeeId: r.attendee_id, tool: r.tool } },
+    h("td", {}, r.user || r.attendee_id), h("td", {}, r.deployment), h("td", {}, r.tool),
+    h("td", { class: "num" }, number(r.calls)), h("td", { class: "num" }, number(r.ok)),
+    h("td", { class: "num" }, number(r.failed)), h("td", { class: "num" }, number(r.unfinished)),
+    h("td", { class: "num" }, number(r.average_ms)))));
+  $("#toolcalls-wrap").hidden = rows.length === 0;
+  $("#toolcalls-empty").hidden = rows.length > 0;
 }
 
 async function downloadCsv() {

@@ -4,7 +4,7 @@
 // sessionStorage only.
 
 import {
-  $, ApiError, KEY_STORAGE, badge, call, callJson, duration, fill, h, number, session,
+  $, ApiError, KEY_STORAGE, badge, base, call, callJson, duration, fill, h, number, session,
   showError, windowText,
 } from "./common.js";
 
@@ -116,6 +116,72 @@ function showEvent(info, first = true, models = []) {
   fill($("#image-model"), images.map((name) => h("option", { value: name }, name)));
   $("#tab-images").hidden = images.length === 0;
   selectTab("chat");
+  showTools((info.deployments && info.deployments.mcp) || []);
+}
+
+// --- MCP tools --------------------------------------------------------------------------
+
+const MCP_PROTOCOL = "2025-06-18";
+
+/** One JSON-RPC message to an MCP server of the event: its answer (JSON or the event stream's
+ * answer to it) and the session id. */
+async function mcpMessage(name, message, sessionId = "") {
+  const headers = {
+    authorization: `Bearer ${state.key}`, "content-type": "application/json",
+    accept: "application/json, text/event-stream", "mcp-protocol-version": MCP_PROTOCOL,
+  };
+  if (sessionId) headers["mcp-session-id"] = sessionId;
+  const response = await fetch(`${base}/mcp/${encodeURIComponent(name)}`,
+    { method: "POST", headers, body: JSON.stringify(message) });
+  const text = await response.text();
+  let answer = null;
+  if ((response.headers.get("content-type") || "").startsWith("text/event-stream")) {
+    for (const event of text.split(/\r?\n\r?\n/)) {
+      const data = event.split(/\r?\n/).filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
+      if (!data) continue;
+      const parsed = JSON.parse(data);
+      if (parsed.id === message.id) answer = parsed;
+    }
+  } else if (text) {
+    answer = JSON.parse(text);
+  }
+  if (answer && answer.error) throw new ApiError((answer.error.data || {}).code || "", answer.error.message);
+  if (!response.ok) throw new ApiError("", `The MCP server answered ${response.status}.`);
+  return { answer, sessionId: response.headers.get("mcp-session-id") || sessionId };
+}
+
+/** The tools of one MCP server, as tools/list shows them to this key. */
+async function mcpTools(name) {
+  const init = await mcpMessage(name, { jsonrpc: "2.0", id: 1, method: "initialize", params: {
+    protocolVersion: MCP_PROTOCOL, capabilities: {}, clientInfo: { name: "playground", version: "1" } } });
+  const sessionId = init.sessionId;
+  await mcpMessage(name, { jsonrpc: "2.0", method: "notifications/initialized" }, sessionId);
+  const listed = await mcpMessage(name, { jsonrpc: "2.0", id: 2, method: "tools/list", params: {} }, sessionId);
+  if (sessionId) {
+    fetch(`${base}/mcp/${encodeURIComponent(name)}`, { method: "DELETE", headers: {
+      authorization: `Bearer ${state.key}`, "mcp-session-id": sessionId, "mcp-protocol-version": MCP_PROTOCOL } })
+      .catch(() => {});
+  }
+  return (listed.answer && listed.answer.result && listed.answer.result.tools) || [];
+}
+
+async function showTools(servers) {
+  $("#tools-card").hidden = servers.length === 0;
+  fill($("#mcp-servers"), servers.map((name) => h("div", { class: "field", dataset: { server: name } },
+    h("strong", {}, name),
+    h("div", {}, h("code", { class: "small" }, `${location.origin}${base}/mcp/${name}`)),
+    h("ul", { class: "small tools" }, h("li", { class: "muted" }, "Listing tools…")))));
+  for (const name of servers) {
+    const list = $(`#mcp-servers [data-server="${CSS.escape(name)}"] ul`);
+    try {
+      const tools = await mcpTools(name);
+      fill(list, tools.length
+        ? tools.map((t) => h("li", { dataset: { tool: t.name } }, h("code", {}, t.name), t.description ? ` — ${t.description}` : ""))
+        : h("li", { class: "muted" }, "No tools."));
+    } catch (error) {
+      fill(list, h("li", { class: "muted" }, error.message || "The tools could not be listed."));
+    }
+  }
 }
 
 function selectTab(name) {

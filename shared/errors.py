@@ -11,9 +11,9 @@ branches on code strings. The answer body is the same whatever the class.
     ├── Unauthenticated   401 unauthorized (no credential at all)
     │   ├── WrongCredential   401 invalid_api_key, invalid_token (counted against the client)
     │   └── Revoked           401 key_revoked
-    ├── Forbidden         403 forbidden, registration_refused
+    ├── Forbidden         403 forbidden, registration_refused, tool_not_allowed
     │   └── OutsideEvent      403 event_not_started, event_ended, event_inactive
-    ├── NotFound          404 not_found, deployment_not_found
+    ├── NotFound          404 not_found, deployment_not_found, session_not_found
     ├── InConflict        409 conflict
     ├── TooManyRequests   429 the daily caps, rate_limit_exceeded, too_many_failed_keys
     │   └── NoCapacity        429 no_capacity (no member of the pool can take the call now)
@@ -117,7 +117,14 @@ class Revoked(Unauthenticated, codes={"key_revoked": 401}):
     """A credential that was right until the organiser revoked it."""
 
 
-class Forbidden(ProxyError, codes={"forbidden": 403, "registration_refused": 403}):
+class Forbidden(
+    ProxyError,
+    codes={
+        "forbidden": 403,
+        "registration_refused": 403,
+        "tool_not_allowed": 403,  # an MCP tool the event's catalog entry does not allow
+    },
+):
     """The caller is known, and not allowed this."""
 
 
@@ -127,7 +134,14 @@ class OutsideEvent(
     """The caller's event is not running now."""
 
 
-class NotFound(ProxyError, codes={"not_found": 404, "deployment_not_found": 404}):
+class NotFound(
+    ProxyError,
+    codes={
+        "not_found": 404,
+        "deployment_not_found": 404,
+        "session_not_found": 404,  # an MCP session id that is not this key's, or ended
+    },
+):
     """No such thing, or none the caller may see."""
 
 

@@ -94,13 +94,32 @@ async def test_a_resource_stored_before_its_quotas_and_region_loads(azurite: Azu
         assert found.has_api_key is True
         assert found.to_json() == {**{k: v for k, v in old.items() if "Key" not in k},
                                    "id": "r1", "region": "", "quota_requests_per_minute": 0,
-                                   "quota_tokens_per_minute": 0}  # fmt: skip
+                                   "quota_tokens_per_minute": 0,
+                                   "allowed_tools": None}  # fmt: skip
         assert set(found.to_json()) == set(ResourceView.model_fields)
         found.weight = 5
         await catalog.resources.save(found)
         assert await catalog.resources.get("r1") == found
         row = await tables.get(RESOURCES_TABLE, "resource", "r1")
         assert row is not None and row["weight"] == 5 and "id" not in row
+    finally:
+        await tables.close()
+
+
+async def test_an_mcp_servers_tools_keep_null_apart_from_none(azurite: Azurite) -> None:
+    """allowed_tools null is every tool, [] is none: stored as JSON text, not joined."""
+    tables = tables_for(azurite, "mcptools")
+    try:
+        catalog = CatalogStore(tables)
+        for ident, tools in (("all", None), ("none", []), ("two", ["search", "get.doc"])):
+            resource = Resource(id=ident, name=ident, deployment="docs", model_class="mcp",
+                                endpoint="https://tools.example.com/mcp", auth="none",
+                                upstream_deployment="docs", allowed_tools=tools)  # fmt: skip
+            await catalog.resources.save(resource)
+            row = await tables.get(RESOURCES_TABLE, "resource", ident)
+            assert row is not None and isinstance(row["allowed_tools"], str)
+            found = await catalog.resources.get(ident)
+            assert found is not None and found.allowed_tools == tools
     finally:
         await tables.close()
 

@@ -51,6 +51,9 @@ param organizerRoles string = ''
 @description('Upstream hosts beyond Azure AI services organisers may name (AIPROXY_UPSTREAM_HOSTS).')
 param upstreamHosts string = ''
 
+@description('Hosts MCP servers may be on; empty: any public https host on 443 (AIPROXY_MCP_HOSTS).')
+param mcpHosts string = ''
+
 @description('Entra groups (object ids) and app roles whose principals are operators (every event) by token, commas.')
 param operatorGroups string = ''
 param operatorRoles string = ''
@@ -218,6 +221,7 @@ var settings = {
   // Upstream endpoints: Azure AI services' hosts and these (shared/directory/endpoints.py).
   // Loopback upstreams are for the local simulator only, never on Azure.
   AIPROXY_UPSTREAM_HOSTS: upstreamHosts
+  AIPROXY_MCP_HOSTS: mcpHosts
   AIPROXY_ALLOW_LOOPBACK_UPSTREAMS: 'false'
   // Only App Service authentication strips a client's own X-MS-CLIENT-PRINCIPAL header, so the
   // app may trust that header exactly when sign-in is switched on.
@@ -263,8 +267,9 @@ resource appSettings 'Microsoft.Web/sites/config@2025-03-01' = {
 // requests still pass (attendees use event keys), and the routes that take an event key are left
 // out entirely: OpenAI clients send the key as a bearer token, which sign-in would otherwise try
 // to validate as an Entra token and refuse. None of those routes reads the principal header.
-// Both search routes are covered: /indexes/{index}/... and /indexes('{index}')/..., and the same
-// routes again under the seed's /api/v1.
+// Both search routes are covered: /indexes/{index}/... and /indexes('{index}')/..., the MCP
+// servers' /mcp/{name} (MCP clients send the key as a bearer token too), and the same routes
+// again under the seed's /api/v1.
 resource auth 'Microsoft.Web/sites/config@2025-03-01' = {
   parent: app
   name: 'authsettingsV2'
@@ -280,6 +285,7 @@ resource auth 'Microsoft.Web/sites/config@2025-03-01' = {
         '/api/indexes/*'
         '/api/indexes(*'
         '/api/eventinfo'
+        '/api/mcp/*'
         '/api/v1/*'
       ]
     }

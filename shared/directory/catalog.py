@@ -57,8 +57,9 @@ def patch_resource(resource: Resource, body: dict[str, Any]) -> str | None:
     fields = dict(parse(ResourceCreate, {**current, **body}, has_api_key=resource.has_api_key))
     api_key = fields.pop("api_key")
     moved = fields["endpoint"] != resource.endpoint.rstrip("/")
-    to_key = fields["auth"] == "key" and resource.auth != "key"
-    if fields["auth"] == "key" and (moved or to_key) and api_key is None:
+    keyed = fields["auth"] in ("key", "bearer")  # a key, or an MCP server's token
+    to_key = keyed and resource.auth != fields["auth"]
+    if keyed and (moved or to_key) and api_key is None:
         raise invalid(
             "api_key",
             "is required when endpoint or auth changes",

@@ -13,6 +13,16 @@ tests use the simulator on 127.0.0.1 over http.
 Names are not resolved: a private endpoint of an allowed service resolves to a private address
 by design, and the hosts allowed are ones only Azure's DNS answers for.
 
+MCP servers (model class `mcp`) live anywhere on the internet, so the allow-list of Azure hosts
+does not fit them. Their rule (`mcp_endpoint_problem`): https on port 443 to a public host name,
+never an IP literal, `localhost`, a single label (an intranet name) or a name under a suffix
+reserved for private networks (.local, .internal, .lan, .home.arpa, .localhost, …); the
+operator narrows it to a list of hosts with AIPROXY_MCP_HOSTS (same syntax as
+AIPROXY_UPSTREAM_HOSTS, ports other than 443 allowed there). A public name can still resolve to
+a private address: the client connects to MCP servers through a resolver that refuses every
+address that is not globally routable (shared/upstreams/client.py), so the check holds for the
+address actually used. Loopback is allowed over http only with AIPROXY_ALLOW_LOOPBACK_UPSTREAMS.
+
 Only the standard library and settings are needed: the command line imports the models.
 """
 
@@ -56,10 +66,15 @@ class EndpointPolicy:
 
     extra: tuple[tuple[str, int], ...] = ()
     allow_loopback: bool = False
+    mcp_hosts: tuple[tuple[str, int], ...] = ()  # empty: any public host on 443
 
     @classmethod
     def of(cls, settings: Settings) -> EndpointPolicy:
-        return cls(parse_hosts(settings.upstream_hosts), settings.allow_loopback_upstreams)
+        return cls(
+            parse_hosts(settings.upstream_hosts),
+            settings.allow_loopback_upstreams,
+            parse_hosts(settings.mcp_hosts),
+        )
 
 
 @lru_cache(maxsize=16)
@@ -93,7 +108,10 @@ def _ip_literal(host: str) -> bool:
 
 
 def _listed(host: str, port: int, policy: EndpointPolicy) -> bool:
-    pairs = [(suffix, 443) for suffix in AZURE_AI_SUFFIXES] + list(policy.extra)
+    return _in(host, port, [(suffix, 443) for suffix in AZURE_AI_SUFFIXES] + list(policy.extra))
+
+
+def _in(host: str, port: int, pairs: list[tuple[str, int]]) -> bool:
     for entry, allowed_port in pairs:
         if allowed_port != port:
             continue
@@ -110,31 +128,73 @@ def endpoint_problem(endpoint: str, policy: EndpointPolicy) -> str | None:
     """Why the proxy must not call `endpoint` (as stored: no trailing '/'), or None.
 
     The verdict is cached per endpoint string: it is asked before every upstream call."""
-    try:
-        parts = urlsplit(endpoint)
-        port = parts.port
-    except ValueError:
-        return "is not a valid URL"
-    host = (parts.hostname or "").lower()
-    if parts.scheme not in ("https", "http") or not host:
-        return "must be an https URL such as https://NAME.openai.azure.com"
-    if "@" in parts.netloc:
-        return "must not carry a user name or password ('user@' before the host)"
-    if parts.query or parts.fragment or endpoint.endswith(("?", "#")):
-        return "must not carry a query or fragment"
-    if _PATH.match(parts.path) is None or any(s in (".", "..") for s in parts.path.split("/")):
-        return "may have a plain path only (letters, digits and '._~-' between slashes)"
-    loopback = host in LOOPBACK_HOSTS
-    if loopback and policy.allow_loopback:
-        return None  # the simulator of a local run or of the tests, on any port, http or https
-    if loopback or _ip_literal(host):
-        return "must name a host, not an IP address or localhost"
-    if _HOST.match(host) is None:
-        return "must name a host of letters, digits, '-' and '.'"
-    if parts.scheme != "https":
-        return "must be https"
+    found, parts = _shape_problem(endpoint, policy)
+    if found is not None or parts is None:
+        return found
+    host, port = parts
     if not _listed(host, 443 if port is None else port, policy):
         if port not in (None, 443):
             return f"names port {port}, which is not allowed for this host"
         return "is not on an Azure AI service host this proxy may call"
     return None
+
+
+# Suffixes of names that only private networks answer for (RFC 6761, 6762, 8375 and common use).
+PRIVATE_SUFFIXES = (
+    ".local", ".localhost", ".internal", ".intranet", ".lan", ".home", ".corp", ".private",
+    ".home.arpa", ".localdomain", ".test", ".invalid", ".example", ".arpa",
+)  # fmt: skip
+
+MCP_ENDPOINT_FIX = (
+    "Send the MCP server's streamable HTTP URL, e.g. https://mcp.example.com/mcp: https:// and "
+    "a public host name, with no port, user name, query or fragment. Hosts on other ports are "
+    "added by the app's operator (AIPROXY_MCP_HOSTS)."
+)
+
+
+@lru_cache(maxsize=4096)
+def mcp_endpoint_problem(endpoint: str, policy: EndpointPolicy) -> str | None:
+    """Why the proxy must not call the MCP server at `endpoint`, or None (the module's rule)."""
+    found, parts = _shape_problem(endpoint, policy)
+    if found is not None or parts is None:
+        return found
+    host, port = parts
+    if "." not in host or host.endswith(PRIVATE_SUFFIXES):
+        return "must name a public host (a name with a public domain)"
+    if policy.mcp_hosts:
+        if not _in(host, 443 if port is None else port, list(policy.mcp_hosts)):
+            return "is not on a host the operator allows MCP servers on"
+    elif port not in (None, 443):
+        return f"names port {port}; MCP servers are called on port 443"
+    return None
+
+
+def _shape_problem(
+    endpoint: str, policy: EndpointPolicy
+) -> tuple[str | None, tuple[str, int | None] | None]:
+    """What every endpoint must be: (its problem, None) or (None, (host, port)); (None, None)
+    for a loopback endpoint the policy allows."""
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port
+    except ValueError:
+        return "is not a valid URL", None
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("https", "http") or not host:
+        return "must be an https URL such as https://NAME.openai.azure.com", None
+    if "@" in parts.netloc:
+        return "must not carry a user name or password ('user@' before the host)", None
+    if parts.query or parts.fragment or endpoint.endswith(("?", "#")):
+        return "must not carry a query or fragment", None
+    if _PATH.match(parts.path) is None or any(s in (".", "..") for s in parts.path.split("/")):
+        return "may have a plain path only (letters, digits and '._~-' between slashes)", None
+    loopback = host in LOOPBACK_HOSTS
+    if loopback and policy.allow_loopback:
+        return None, None  # the simulator of a local run or the tests, any port, http or https
+    if loopback or _ip_literal(host):
+        return "must name a host, not an IP address or localhost", None
+    if _HOST.match(host) is None:
+        return "must name a host of letters, digits, '-' and '.'", None
+    if parts.scheme != "https":
+        return "must be https", None
+    return None, (host, port)

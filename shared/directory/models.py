@@ -33,7 +33,13 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from shared.directory.endpoints import ENDPOINT_FIX, EndpointPolicy, endpoint_problem
+from shared.directory.endpoints import (
+    ENDPOINT_FIX,
+    MCP_ENDPOINT_FIX,
+    EndpointPolicy,
+    endpoint_problem,
+    mcp_endpoint_problem,
+)
 from shared.platform import settings
 
 # Caps and limits are stored as 32-bit integers; no event needs more.
@@ -46,9 +52,14 @@ ModelClass = Literal[
     "openai-images",
     "openai-audio",
     "azure-ai-search",
+    "mcp",
 ]
 MODEL_CLASSES: tuple[str, ...] = get_args(ModelClass)
-Auth = Literal["key", "managed_identity"]
+Auth = Literal["key", "managed_identity", "bearer", "none"]
+# The ways of calling only an MCP server takes: its token as Authorization: Bearer, or nothing.
+MCP_ONLY_AUTH = ("bearer", "none")
+# An MCP tool name (the specification: 1 to 128 of these characters).
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 SelfRegistration = Literal["auto", "code", "sign_in", "both", "none"]
 SELF_REGISTRATION: tuple[str, ...] = get_args(SelfRegistration)
 AUTH_KINDS: tuple[str, ...] = get_args(Auth)
@@ -160,12 +171,31 @@ UpstreamName = Annotated[
 ]
 
 
-def _endpoint(value: str) -> str:
+def _endpoint(value: str, info: ValidationInfo) -> str:
     value = value.rstrip("/")
-    found = endpoint_problem(value, EndpointPolicy.of(settings.get()))
+    policy = EndpointPolicy.of(settings.get())
+    if info.data.get("model_class") == "mcp":
+        found = mcp_endpoint_problem(value, policy)
+        if found is not None:
+            raise problem(found, MCP_ENDPOINT_FIX)
+        return value
+    found = endpoint_problem(value, policy)
     if found is not None:
         raise problem(found, ENDPOINT_FIX)
     return value
+
+
+def _tool_names(value: list[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    for name in value:
+        if TOOL_NAME.match(name) is None:
+            raise problem(
+                f"holds {name[:130]!r}, which is not a tool name",
+                "Send the MCP server's tool names as it lists them: 1 to 128 letters, digits, "
+                "'_', '-' and '.'.",
+            )
+    return list(dict.fromkeys(value))
 
 
 def _entra_ids(limit: int, what: str, each: str) -> Any:
@@ -372,7 +402,10 @@ class ResourceFields(Body):
         "", max_length=64, description="its deployment name upstream; empty: the same"
     )
     auth: Auth = Field(
-        "key", description="how the app calls it: with its key, or with the app's own identity"
+        "key",
+        description="how the app calls it: with its key (api-key header), the app's own "
+        "identity, or for an MCP server also its token as Authorization: Bearer ('bearer', the "
+        "token in api_key) or nothing ('none')",
     )
     priority: Annotated[int, Field(ge=0, le=1000)] = Field(
         1, description="lower is used first; higher only while lower ones cool down"
@@ -390,6 +423,35 @@ class ResourceFields(Body):
     quota_tokens_per_minute: Limit = Field(
         0, description="its tokens-per-minute quota in Azure; 0 or null: not known"
     )
+    allowed_tools: Annotated[
+        list[Annotated[str, StringConstraints(max_length=128)]] | None,
+        Field(max_length=500),
+        AfterValidator(_tool_names),
+    ] = Field(
+        None,
+        description="MCP servers only: the tools attendees may list and call; null: all of them",
+    )
+
+    @field_validator("auth")
+    @classmethod
+    def _auth_of_class(cls, value: str, info: ValidationInfo) -> str:
+        model_class = info.data.get("model_class")
+        if value in MCP_ONLY_AUTH and model_class is not None and model_class != "mcp":
+            raise problem(
+                f"'{value}' is for MCP servers only",
+                "Use auth 'key' with the deployment's api_key, or 'managed_identity'.",
+            )
+        return value
+
+    @field_validator("allowed_tools")
+    @classmethod
+    def _tools_of_mcp(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        model_class = info.data.get("model_class")
+        if value is not None and model_class is not None and model_class != "mcp":
+            raise problem(
+                "is for MCP servers only", "Leave allowed_tools out for a model deployment."
+            )
+        return value
 
 
 class ResourceCreate(ResourceFields):
@@ -410,10 +472,12 @@ class ResourceCreate(ResourceFields):
     def _key_for_key_auth(cls, value: str | None, info: ValidationInfo) -> str | None:
         # A patch passes has_api_key: the key stored before still counts.
         stored = (info.context or {}).get("has_api_key", False)
-        if value is None and info.data.get("auth") == "key" and not stored:
+        auth = info.data.get("auth")
+        if value is None and auth in ("key", "bearer") and not stored:
             raise problem(
-                "is required when auth is 'key'",
-                "Send the resource's key as 'api_key', or use auth 'managed_identity'.",
+                f"is required when auth is '{auth}'",
+                "Send the resource's key (an MCP server's token for 'bearer') as 'api_key', "
+                "or use auth 'managed_identity'.",
             )
         return value
 
@@ -566,7 +630,9 @@ class UsageNumbers(BaseModel):
     completion_tokens: int = Field(ge=0, description="completion tokens")
     total_tokens: int = Field(ge=0, description="prompt plus completion tokens")
     units: int = Field(
-        ge=0, description="images, audio seconds or searches, for models not counted in tokens"
+        ge=0,
+        description="images, audio seconds, searches or MCP tool calls, for what is not "
+        "counted in tokens",
     )
 
 

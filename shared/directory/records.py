@@ -5,7 +5,8 @@ models, and their rows in Table Storage.
 the model's defaults. A record is built without validation: the model checked a body before it
 became a record, and what was checked when written is trusted when read. `to_entity` and
 `from_entity` turn a record into a table row and back, each field by its type (tables hold no
-lists or date-times: a list is its items joined by commas, a date-time its ISO 8601 text); a
+lists or date-times: a list is its items joined by commas, a date-time its ISO 8601 text, and
+a list that may be null, where null and empty mean different things, is JSON text); a
 field a row lacks, or holds empty, takes its default, so rows written before a field existed
 still load. `Rows` keeps the records of one kind in one partition of a table.
 """
@@ -13,12 +14,14 @@ still load. `Rows` keeps the records of one kind in one partition of a table.
 from __future__ import annotations
 
 import inspect
+import json
 import secrets
+import types
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import datetime
 from functools import cache
-from typing import Any, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from pydantic import BaseModel
 
@@ -75,19 +78,36 @@ def _encode(value: Any) -> Any:
     return value
 
 
-def _decoder(kind: Any) -> Callable[[Any], Any]:
+def _nullable_list(kind: Any) -> bool:
+    """`list[...] | None`: null (say, "all of them") is not the empty list."""
+    if get_origin(kind) not in (Union, types.UnionType):
+        return False
+    args = get_args(kind)
+    return type(None) in args and any(get_origin(arg) is list for arg in args)
+
+
+def _codec(kind: Any) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """(encoder, decoder) of a field's stored value, by its type."""
+    if _nullable_list(kind):
+        return json.dumps, lambda value: json.loads(str(value))
     if kind is datetime:
-        return lambda value: datetime.fromisoformat(str(value))
+        return _encode, lambda value: datetime.fromisoformat(str(value))
     if get_origin(kind) is list:
-        return lambda value: [part for part in str(value).split(",") if part]
+        return _encode, lambda value: [part for part in str(value).split(",") if part]
     if kind in (int, bool):
-        return kind
-    return lambda value: value
+        return _encode, kind
+    return _encode, lambda value: value
+
+
+_Layout = tuple[
+    tuple[str, Callable[[Any], Any], Callable[[Any], Any], Callable[[], Any] | None], ...
+]
 
 
 @cache
-def _layout(cls: type) -> tuple[tuple[str, Callable[[Any], Any], Callable[[], Any] | None], ...]:
-    """(name, decoder, what makes its default) of each field a row holds; None: required."""
+def _layout(cls: type) -> _Layout:
+    """(name, encoder, decoder, what makes its default) of each field a row holds; None:
+    required."""
     hints = get_type_hints(cls)
     found = []
     for spec in fields(cls):
@@ -97,7 +117,7 @@ def _layout(cls: type) -> tuple[tuple[str, Callable[[Any], Any], Callable[[], An
             default = spec.default_factory
         else:
             default = None if spec.default is MISSING else (lambda value=spec.default: value)
-        found.append((spec.name, _decoder(hints[spec.name]), default))
+        found.append((spec.name, *_codec(hints[spec.name]), default))
     return tuple(found)
 
 
@@ -105,7 +125,7 @@ def to_entity(item: Any, partition: str = "") -> dict[str, Any]:
     """A record as a table row: its id the row key, its partition key field (or `partition`)
     the partition key, its other fields the properties."""
     key = type(item)._partition_key
-    data = {name: _encode(getattr(item, name)) for name, _, _ in _layout(type(item))}
+    data = {name: encode(getattr(item, name)) for name, encode, _, _ in _layout(type(item))}
     return {"PartitionKey": getattr(item, key) if key else partition, "RowKey": item.id, **data}
 
 
@@ -115,7 +135,7 @@ def from_entity[R](cls: type[R], entity: dict[str, Any]) -> R:
     key = cls._partition_key
     if key:
         values[key] = entity["PartitionKey"]
-    for name, decode, default in _layout(cls):
+    for name, _, decode, default in _layout(cls):
         stored = entity.get(name)
         if stored is not None and (stored != "" or default is None):
             values[name] = decode(stored)

@@ -103,9 +103,11 @@ class Journal:
 class UsageRecord:
     """What one request used. `outcome` is ok, upstream_status, upstream_error, upstream_timeout,
     no_capacity, cut, client_gone or worker_lost (recorded at its worst case by another
-    instance: shared/governance/journal.py); a background response has two records: `background` for
-    the call that started it (no tokens yet) and `background_result` with its tokens, written
-    when a call to the proxy first sees it finished."""
+    instance: shared/governance/journal.py); an MCP tool call's also tool_error (the tool
+    reported a failure) or rpc_error (the server answered a JSON-RPC error). A background
+    response has two records: `background` for the call that started it (no tokens yet) and
+    `background_result` with its tokens, written when a call to the proxy first sees it
+    finished."""
 
     event_id: str
     attendee_id: str
@@ -125,6 +127,7 @@ class UsageRecord:
     outcome: str = "ok"
     units: int = 0  # images generated, audio seconds, speech characters, searches
     reasoning_tokens: int = 0  # of completion_tokens, those the model spent reasoning
+    tool: str = ""  # an MCP tool call's tool (model_class mcp; deployment: the MCP server)
 
     @property
     def partition(self) -> str:

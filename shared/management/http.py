@@ -183,6 +183,11 @@ USAGE_FORMATS = ("json", "csv")
 
 
 @managed
+async def tool_calls(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    return _json(await manage.tool_calls(runtime, caller, _param(request, "event_id")))
+
+
+@managed
 async def usage_report(runtime: Runtime, caller: Caller, request: Request) -> Response:
     event_id = _param(request, "event_id")
     group_by = request.query_params.get("group_by", "attendee")

@@ -18,9 +18,8 @@ from shared.directory.events import Event, new_event, patch_event
 from shared.directory.models import AttendeeCreate
 from shared.directory.records import Rows
 from shared.directory.validation import is_id, parse
-from shared.errors import ProxyError, invalid
+from shared.errors import ProxyError, StorageUnavailable, invalid
 from shared.platform import clock
-from shared.platform.tables import StorageUnavailable
 from shared.runtime import Runtime
 
 
@@ -136,7 +135,7 @@ async def update_resource(
     found = await resource(runtime, caller, resource_id)
     api_key = patch_resource(found, body)
     _check_managed_identity(caller, found)
-    if found.auth == "managed_identity":
+    if found.auth in ("managed_identity", "none"):
         if found.has_api_key:  # a key unused from now on is not kept
             await runtime.secrets.delete(found.secret_name)
             found.has_api_key = False
@@ -247,6 +246,16 @@ async def usage_report(
         pass  # the report reads storage too: it answers 503 if storage stays away
     users = {a.id: a.user for a in await runtime.attendees.list(found_event.id)}
     return await rollups.report(runtime.tables, found_event.id, group_by, users)
+
+
+async def tool_calls(runtime: Runtime, caller: Caller, event_id: str) -> list[dict[str, Any]]:
+    """The event's MCP tool calls by attendee, server and tool."""
+    from shared.governance.toolcalls import tool_calls as grouped
+
+    found_event = await event(runtime, caller, event_id)
+    await runtime.usage.flush_quietly()
+    users = {a.id: a.user for a in await runtime.attendees.list(found_event.id)}
+    return await grouped(runtime.tables, found_event.id, users)
 
 
 async def attendees_with_totals(

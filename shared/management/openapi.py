@@ -111,6 +111,7 @@ _TAGS = [
             "AzureOpenAI(azure_endpoint=<base>/v1) works unchanged"
         ),
     },
+    {"name": "mcp", "description": "The event's MCP servers (streamable HTTP), with an event key"},
     {"name": "attendees", "description": "Event info and self-registration"},
     {"name": "pages", "description": "Web pages"},
     {"name": "operations", "description": "Health and this document"},

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from shared import pipeline
 from shared.directory import models
 from shared.governance.rollups import GROUPS, UsageReport
+from shared.governance.toolcalls import ToolCalls
 from shared.management import http, openapi
 from shared.management.routing import (
     ANONYMOUS,
@@ -147,6 +148,11 @@ MANAGEMENT: tuple[Route, ...] = (
                "Usage totals by attendee, deployment, day or hour",
                Answer(200, "The report", UsageReport, ("application/json", "text/csv")),
                ids=True, query=_USAGE),
+    )),
+    Route("manage_tool_calls", "manage/events/{event_id}/toolcalls", MANAGER, "management", (
+        manage("GET", http.tool_calls, "toolCalls",
+               "MCP tool calls by attendee, server and tool (from the usage records)",
+               ok(list[ToolCalls]), ids=True),
     )),
 )  # fmt: skip
 
@@ -340,6 +346,55 @@ PROXY: tuple[Route, ...] = (
             "One of the event's models"),
 )  # fmt: skip
 
+# --- MCP servers: the streamable HTTP transport (shared/pipeline/mcp.py) --------------------
+
+
+async def _mcp(request: Request) -> Response:
+    return await pipeline.mcp_call(request, request.path_params["name"])
+
+
+_MCP_NOTE = (
+    "MCP's streamable HTTP transport (revisions 2025-03-26 and 2025-06-18): the attendee's key "
+    "as `Authorization: Bearer` or `api-key`; `MCP-Protocol-Version`, `Accept` and "
+    "`Last-Event-ID` passed through; `Mcp-Session-Id` sealed to the attendee. Refusals are "
+    "JSON-RPC errors with the contract's code in `error.data.code`."
+)
+# Refusals of MCP messages: JSON-RPC errors at the contract's status (docs/api.md#mcp-servers).
+_MCP_REFUSALS = tuple(
+    Answer(status, text, pipeline.JsonRpcError)
+    for status, text in (
+        (400, "Not JSON (-32700), a malformed message or a batch (-32600)"),
+        (401, "Missing or wrong key (data.code invalid_api_key, key_revoked, invalid_token)"),
+        (403, "Outside the event's window, or a tool the event does not allow (-32602)"),
+        (404, "No such MCP server in the event's catalog, or a session that is not yours"),
+        (413, "A message above 4 MiB"),
+        (429, "A daily cap or per-minute limit, counted per tool call; see Retry-After"),
+        (502, "The MCP server failed, refused the proxy's credential or may not be called"),
+        (503, "Storage unavailable"),
+        (504, "The MCP server did not answer in time"),
+    )
+)
+
+
+def mcp(method: str, operation_id: str, summary: str, *answers: Answer, **more: Any) -> Endpoint:
+    return Endpoint(method, _mcp, operation_id, summary, (*answers, *_MCP_REFUSALS),
+                    description=_MCP_NOTE, **more)  # fmt: skip
+
+
+MCP: tuple[Route, ...] = (
+    Route("mcp_server", "mcp/{name}", ATTENDEE, "mcp", (
+        mcp("POST", "mcpMessage", "Send one JSON-RPC message to the event's MCP server",
+            Answer(200, "The answer, as JSON or as an event stream", pipeline.JsonRpcMessage,
+                   STREAMS),
+            Answer(202, "Accepted: a notification or a response", None, ()),
+            body=pipeline.JsonRpcMessage),
+        mcp("GET", "mcpStream", "The server's own event stream (its 405 when it offers none)",
+            Answer(200, "The server's event stream", None, ("text/event-stream",))),
+        mcp("DELETE", "mcpEndSession", "End the MCP session (Mcp-Session-Id)",
+            Answer(200, "The session ended", None, ())),
+    )),
+)  # fmt: skip
+
 # --- anonymous: attendees, health, the document, pages -------------------------------------
 
 
@@ -421,6 +476,6 @@ OTHERS: tuple[Route, ...] = (
 )  # fmt: skip
 
 # Every route the app serves, the seed layout's copies under /v1 included.
-ROUTES: tuple[Route, ...] = with_seed_copies(MANAGEMENT + PROXY + OTHERS)
+ROUTES: tuple[Route, ...] = with_seed_copies(MANAGEMENT + PROXY + MCP + OTHERS)
 
 __all__ = ["JSON", "ROUTES", "Route"]

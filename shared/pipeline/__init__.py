@@ -5,7 +5,8 @@ requests), `call` (one call's steps, from its arrival to its usage record), `led
 call reserves and records), `forwarding` (the
 upstream request, tried on the members in order), `relays` (answers passed on as they arrive),
 `streaming` (their meters), `answers` (request ids and errors), `eventinfo`, `models`,
-`responses` (the Responses API and its affinity). The routes in function_app.py use the names
+`responses` (the Responses API and its affinity), `mcp` (MCP servers behind the
+attendee's key). The routes in function_app.py use the names
 below.
 
 May import: everything in shared/ but shared.web and shared.management.
@@ -27,6 +28,7 @@ from shared.pipeline.kinds import (
     TRANSLATIONS,
     CallKind,
 )
+from shared.pipeline.mcp import JsonRpcError, JsonRpcMessage, mcp_call
 from shared.pipeline.models import Model, ModelList, list_models, one_model
 from shared.pipeline.responses import by_id as response_by_id
 from shared.pipeline.responses import create as create_response
@@ -45,6 +47,8 @@ __all__ = [
     "TRANSLATIONS",
     "CallKind",
     "EventInfo",
+    "JsonRpcError",
+    "JsonRpcMessage",
     "Model",
     "ModelList",
     "ProxyCall",
@@ -52,6 +56,7 @@ __all__ = [
     "error_response",
     "event_info",
     "list_models",
+    "mcp_call",
     "new_request_id",
     "one_model",
     "proxy_call",

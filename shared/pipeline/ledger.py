@@ -37,6 +37,7 @@ class Ledger:
     counter: Counter | None = None
     admission: Admission | None = None  # its place in the per-minute counts
     entry: Entry | None = None  # its entry among the calls in flight, until recorded
+    tool: str = ""  # an MCP tool call's tool
 
     async def admit(
         self, event: Event, body_size: int, limit: Any, *, streamed: bool = False
@@ -210,6 +211,7 @@ class Ledger:
             outcome=outcome,
             units=units,
             reasoning_tokens=reasoning,
+            tool=self.tool,
         )
 
     def record_result(

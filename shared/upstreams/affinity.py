@@ -8,6 +8,10 @@ instance opens them again without storage, from the first millisecond; nobody el
 read them. Sealing is deterministic (a fixed nonce, which GCM-SIV allows at the cost of showing
 that two ids are equal): the same upstream id always gives the same proxy id, so a response
 fetched again has the id it was created with.
+
+An MCP server's session id (`Mcp-Session-Id`) is sealed the same way, with the MCP resource and
+the attendee: any instance sends the session's next message to the server that holds it, and
+an id another attendee sends does not open (the proxy answers 404, as for an ended session).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ _VERSION = 1
 _NONCE = bytes(12)  # fixed: deterministic sealing (see the module's docstring)
 _ID_AAD = b"aiproxy response id"
 _CONTENT_AAD = b"aiproxy encrypted content"
+_SESSION_AAD = b"aiproxy mcp session"
+SESSION_PREFIX = "aipmcp1."
 _HEX16 = re.compile(r"^[0-9a-f]{16}$")
 _HEX_ID = re.compile(r"^resp_((?:[0-9a-f]{2})+)$")
 
@@ -108,6 +114,28 @@ class AffinitySeal:
             attendee_id, at = _unpack_id(plain, at)
             kind, rest = plain[at], plain[at + 1 :]
             upstream = RESPONSE_PREFIX + rest.hex() if kind == 0 else rest.decode()
+        except (IndexError, UnicodeDecodeError):
+            return None
+        return Sealed(resource_id, attendee_id, upstream)
+
+    # --- MCP sessions ---------------------------------------------------------------------
+
+    def seal_session(self, upstream_id: str, resource_id: str, attendee_id: str) -> str:
+        """The Mcp-Session-Id the caller sees for an MCP server's session id."""
+        plain = _pack_id(resource_id) + _pack_id(attendee_id) + upstream_id.encode()
+        return SESSION_PREFIX + self._seal(plain, _SESSION_AAD)
+
+    def open_session(self, proxy_id: str) -> Sealed | None:
+        """What a sealed session id holds; None for anything this app did not seal."""
+        if not proxy_id.startswith(SESSION_PREFIX) or len(proxy_id) > 2000:
+            return None
+        plain = self._open(proxy_id[len(SESSION_PREFIX) :], _SESSION_AAD)
+        if plain is None:
+            return None
+        try:
+            resource_id, at = _unpack_id(plain, 0)
+            attendee_id, at = _unpack_id(plain, at)
+            upstream = plain[at:].decode()
         except (IndexError, UnicodeDecodeError):
             return None
         return Sealed(resource_id, attendee_id, upstream)

@@ -9,10 +9,13 @@ callable `(method, url, headers, body) -> UpstreamAnswer`, for example one that 
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 
 from shared.platform.settings import Settings
 
@@ -154,17 +157,49 @@ class _Chunks:
         return data
 
 
+class PublicResolver(AbstractResolver):
+    """Resolves names to globally routable addresses only (the MCP servers' session): a public
+    name that resolves to a private, loopback, link-local or reserved address is not connected
+    to, and the check holds for the address the connection uses. Loopback names pass only when
+    loopback upstreams are allowed (local runs and tests)."""
+
+    def __init__(self, allow_loopback: bool) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+        self._allow_loopback = allow_loopback
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[dict[str, Any]]:
+        found = await self._inner.resolve(host, port, family)
+        allowed = [r for r in found if self._may_connect(r["host"])]
+        if not allowed:
+            raise OSError(f"{host} resolves to no public address")
+        return allowed  # type: ignore[return-value]
+
+    def _may_connect(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return ip.is_global or (self._allow_loopback and ip.is_loopback)
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
 class UpstreamClient:
     """Sends requests to upstreams over one pooled aiohttp session, or through `transport`
-    when one is given (tests: canned answers instead of the network)."""
+    when one is given (tests: canned answers instead of the network). MCP servers, which may be
+    anywhere, are called over a session of their own that connects to public addresses only."""
 
     def __init__(self, settings: Settings, transport: Transport | None = None) -> None:
         self._settings = settings
         self._session: aiohttp.ClientSession | None = None
+        self._public: aiohttp.ClientSession | None = None
         self._transport = transport
 
-    def _open_session(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300)
+    def _open_session(self, public_only: bool = False) -> aiohttp.ClientSession:
+        resolver = PublicResolver(self._settings.allow_loopback_upstreams) if public_only else None
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=0, ttl_dns_cache=300, resolver=resolver
+        )
         timeout = aiohttp.ClientTimeout(
             total=None,
             connect=self._settings.upstream_connect_timeout,
@@ -177,16 +212,29 @@ class UpstreamClient:
         )
 
     async def send(
-        self, method: str, url: str, headers: dict[str, str], body: bytes
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes,
+        *,
+        public_only: bool = False,
     ) -> UpstreamAnswer:
-        """Send a request and wait for the response headers."""
+        """Send a request and wait for the response headers; `public_only` connects to
+        globally routable addresses only (see PublicResolver)."""
         if self._transport is not None:
             return await self._transport(method, url, headers, body)
-        if self._session is None or self._session.closed:
-            self._session = self._open_session()
+        if public_only:
+            if self._public is None or self._public.closed:
+                self._public = self._open_session(public_only=True)
+            session = self._public
+        else:
+            if self._session is None or self._session.closed:
+                self._session = self._open_session()
+            session = self._session
         try:
             # Never to another place: the request carries the upstream's key or the app's token.
-            response = await self._session.request(
+            response = await session.request(
                 method, url, headers=headers, data=body, allow_redirects=False
             )
         except TimeoutError as exc:
@@ -198,5 +246,6 @@ class UpstreamClient:
         return _AiohttpAnswer(response)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._public):
+            if session is not None:
+                await session.close()
