@@ -648,7 +648,7 @@ def test_the_operator_narrows_mcp_hosts() -> None:
     assert mcp_endpoint_problem("https://mcp.contoso.com/mcp", anywhere) is None
     assert mcp_endpoint_problem("https://mcp.contoso.com:8443/mcp", anywhere)
     assert mcp_endpoint_problem("https://127.0.0.1:8443/mcp", anywhere)  # loopback not allowed
-    listed = EndpointPolicy(mcp_hosts=parse_hosts(".tools.example.org, mcp.contoso.com:8443"))
+    listed = EndpointPolicy(mcp_hosts=parse_hosts((".tools.example.org", "mcp.contoso.com:8443")))
     assert mcp_endpoint_problem("https://a.tools.example.org/mcp", listed) is None
     assert mcp_endpoint_problem("https://mcp.contoso.com:8443/mcp", listed) is None
     assert "operator allows" in (mcp_endpoint_problem("https://other.com/mcp", listed) or "")

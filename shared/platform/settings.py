@@ -61,9 +61,9 @@ class Settings:
     # localhost and [::1] are allowed (local runs and tests only: never on Azure).
     upstream_hosts: Names = ()
     allow_loopback_upstreams: bool = False
-    # MCP servers (model class mcp): "" lets resources name any public https host on 443; a
+    # MCP servers (model class mcp): none lets resources name any public https host on 443; a
     # list (same syntax as upstream_hosts) allows only those hosts.
-    mcp_hosts: str = ""
+    mcp_hosts: Names = ()
     trust_easyauth: bool = False
     # Self-registration (shared/access/codes.py): wrong shared codes an event answers in any
     # minute, over all instances, before it refuses the wrong ones with 429; and new attendees
