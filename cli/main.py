@@ -28,6 +28,7 @@ OK, API_ERROR, USAGE_ERROR, UNREACHABLE = 0, 1, 2, 3
 OUTPUT_CLOSED = 141
 PROG = "aiproxy"
 USAGE_NUMBERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "units")
+USAGE_COST = ("cached_tokens", "reasoning_tokens", "cost", "unpriced")  # with --cost
 USAGE_KEYS = {
     "attendee": ("attendee_id", "user"),
     "deployment": ("deployment",),
@@ -272,7 +273,8 @@ def usage(api: Api, args: argparse.Namespace) -> None:
         extra = ["refused"]
         rows = [{**row, "refused": sum(row["refused"].values())} for row in rows]
         footer["refused"] = sum(footer["refused"].values())
-    table(rows, [*keys, *USAGE_NUMBERS, *extra], footer=footer)
+    numbers = [*USAGE_NUMBERS, *USAGE_COST] if args.cost else USAGE_NUMBERS
+    table(rows, [*keys, *numbers, *extra], footer=footer)
 
 
 # --- the parser ---------------------------------------------------------------------------
@@ -508,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.set_defaults(run=usage)
     sub.add_argument("--event", required=True, help="the event's id")
+    sub.add_argument(
+        "--cost",
+        action="store_true",
+        help="also cached and reasoning tokens, the cost (in the prices' currency) and the "
+        "calls no price covers (unpriced)",
+    )
     sub.add_argument(
         "--group-by",
         choices=tuple(USAGE_KEYS),

@@ -34,6 +34,7 @@ class Resource:
     active: bool = True
     quota_requests_per_minute: int = 0  # the deployment's quota in Azure; 0: not known
     quota_tokens_per_minute: int = 0
+    prices: str = ""  # its own prices over the table's (shared.governance.prices)
     owner: str = ""
     created_at: str = ""
     has_api_key: bool = False

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import secrets
 from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, ClassVar, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -166,6 +167,44 @@ def _endpoint(value: str) -> str:
     if found is not None:
         raise problem(found, ENDPOINT_FIX)
     return value
+
+
+# A resource's own prices: per 1M tokens (input, cached_input, output, audio_input), per
+# image, per audio minute, per 1M characters (speech). The event's currency.
+PRICE_KINDS = ("input", "cached_input", "output", "audio_input", "image", "audio_minute",
+               "characters")  # fmt: skip
+_PRICES_FIX = (
+    "Send figures as 'input=0.15,cached_input=0.075,output=0.60' (per 1M tokens; image per "
+    f"image, audio_minute per minute, characters per 1M), named from: {', '.join(PRICE_KINDS)}."
+)
+
+
+def parse_prices(text: str) -> dict[str, Decimal]:
+    """A resource's prices: 'input=0.15,output=0.6' -> their figures (ValueError if bad)."""
+    figures: dict[str, Decimal] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition("=")
+        name = name.strip().lower()
+        if not sep or name not in PRICE_KINDS or name in figures:
+            raise ValueError(f"'{part.strip()[:40]}' is not one figure of {', '.join(PRICE_KINDS)}")
+        try:
+            figure = Decimal(value.strip())
+        except InvalidOperation:
+            raise ValueError(f"'{value.strip()[:40]}' is not a number") from None
+        if not figure.is_finite() or figure < 0 or figure > 1_000_000 or figure != round(figure, 9):
+            raise ValueError(f"{name} must be from 0 to 1000000 with at most 9 decimals")
+        figures[name] = figure
+    return figures
+
+
+def _prices(value: str) -> str:
+    try:
+        figures = parse_prices(value)
+    except ValueError as exc:
+        raise problem(str(exc), _PRICES_FIX) from None
+    return ",".join(f"{name}={figures[name]}" for name in PRICE_KINDS if name in figures)
 
 
 def _entra_ids(limit: int, what: str, each: str) -> Any:
@@ -390,6 +429,13 @@ class ResourceFields(Body):
     quota_tokens_per_minute: Limit = Field(
         0, description="its tokens-per-minute quota in Azure; 0 or null: not known"
     )
+    prices: Annotated[Text, AfterValidator(_prices)] = Field(
+        "",
+        max_length=300,
+        description="its own prices, over the shipped table's for the model that answers: "
+        "'input=0.15,cached_input=0.075,output=0.60' per 1M tokens (also audio_input), "
+        "image per image, audio_minute per minute, characters per 1M; empty: the table's",
+    )
 
 
 class ResourceCreate(ResourceFields):
@@ -568,6 +614,12 @@ class UsageNumbers(BaseModel):
     units: int = Field(
         ge=0, description="images, audio seconds or searches, for models not counted in tokens"
     )
+    cached_tokens: int = Field(ge=0, description="of the prompt tokens, read from the cache")
+    reasoning_tokens: int = Field(ge=0, description="of the completion tokens, reasoning")
+    audio_tokens: int = Field(ge=0, description="of the prompt tokens, audio")
+    cost_nano: int = Field(ge=0, description="what the priced calls cost, in billionths")
+    cost: str = Field(description="what the priced calls cost, e.g. '0.0012345'")
+    unpriced: int = Field(ge=0, description="calls whose cost is not known: no price covers them")
 
 
 class AttendeeWithTotals(AttendeeView, UsageNumbers):

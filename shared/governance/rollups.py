@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field, create_model
 
 from shared.directory.models import UsageNumbers
 from shared.governance.caps import COUNTERS_TABLE
+from shared.governance.prices import as_amount
 from shared.governance.usage import DAYS_TABLE, USAGE_TABLE
 from shared.platform.tables import Tables
 
@@ -33,7 +34,10 @@ log = logging.getLogger(__name__)
 
 PARTS_TABLE = "rollupparts"
 ROLLUPS_TABLE = "rollups"
-NUMBERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "units")
+NUMBERS = (
+    "requests", "prompt_tokens", "completion_tokens", "total_tokens", "units",
+    "cached_tokens", "reasoning_tokens", "audio_tokens", "cost_nano", "unpriced",
+)  # fmt: skip
 _TOKEN_FIELDS = NUMBERS[1:]
 _CHUNK = 30_000  # characters per string property (Table Storage allows 32K)
 _SLICE = 200  # records summed between two chances for requests to run (about 0.2 ms)
@@ -58,26 +62,30 @@ class Totals:
     completion_tokens: int = 0
     total_tokens: int = 0
     units: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    audio_tokens: int = 0
+    cost_nano: int = 0  # billionths of the currency, of the priced calls
+    unpriced: int = 0  # calls whose cost is not known (no price for what they used)
 
     def add(self, row: dict[str, Any], requests: int = 1) -> None:
         self.requests += requests
-        self.prompt_tokens += int(row.get("prompt_tokens", 0))
-        self.completion_tokens += int(row.get("completion_tokens", 0))
-        self.total_tokens += int(row.get("total_tokens", 0))
-        self.units += int(row.get("units", 0))
+        for name in _TOKEN_FIELDS:  # a record's `unpriced` is a bool: it counts as 0 or 1
+            setattr(self, name, getattr(self, name) + int(row.get(name) or 0))
 
     def add_numbers(self, numbers: list[int]) -> None:
-        self.requests += numbers[0]
-        self.prompt_tokens += numbers[1]
-        self.completion_tokens += numbers[2]
-        self.total_tokens += numbers[3]
-        self.units += numbers[4]
+        # Subtotals stored before a number was added are shorter: the missing ones are 0.
+        for name, number in zip(NUMBERS, numbers, strict=False):
+            setattr(self, name, getattr(self, name) + number)
 
     def as_list(self) -> list[int]:
         return [getattr(self, name) for name in NUMBERS]
 
-    def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in NUMBERS}
+    def as_dict(self) -> dict[str, Any]:
+        """The numbers, and the cost as a decimal amount of the currency."""
+        numbers: dict[str, Any] = {name: getattr(self, name) for name in NUMBERS}
+        numbers["cost"] = as_amount(self.cost_nano)
+        return numbers
 
 
 @dataclass
@@ -396,9 +404,9 @@ def to_csv(report_data: dict[str, Any]) -> str:
         extra = ["active_attendees", "new_attendees"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*heads, *NUMBERS, *extra])
+    writer.writerow([*heads, *NUMBERS, "cost", *extra])
     for row in report_data["rows"]:
-        values = [row[n] for n in (*heads, *NUMBERS)]
+        values = [row[n] for n in (*heads, *NUMBERS, "cost")]
         if group_by == "hour":
             values += [row["active_attendees"], row["new_attendees"]]
         elif extra:

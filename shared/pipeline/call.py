@@ -32,9 +32,9 @@ from shared.pipeline.kinds import (
     TOKEN_CLASSES,
     CallKind,
     apply_token_cap,
+    details_of,
     estimated_usage,
     find_pool,
-    reasoning_of,
     supports_stream_options,
     units_of,
     usage_numbers,
@@ -212,7 +212,7 @@ class ProxyCall:
                     if usage is not None
                     else estimated_usage(payload, meter.estimate_completion_tokens()),
                     estimated=usage is None,
-                    reasoning=reasoning_of(usage),
+                    details=details_of(usage, meter.model),
                 )
 
             return self.relayed(answer, meter, finish, STREAM_CUT_EVENT)
@@ -245,7 +245,7 @@ class ProxyCall:
             estimated=estimated,
             outcome="ok" if answer.status < 400 else "upstream_status",
             units=units_of(self.kind, parsed) if answer.status == 200 else 0,
-            reasoning=reasoning_of(usage),
+            details=details_of(usage, parsed.get("model") if isinstance(parsed, dict) else None),
         )
         return Response(content, answer.status, self.answer_headers(answer))
 

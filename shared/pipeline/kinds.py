@@ -139,6 +139,36 @@ def usage_numbers(usage: dict[str, Any] | None) -> tuple[int, int, int]:
     return prompt, completion, total
 
 
+@dataclass(frozen=True)
+class Details:
+    """What a usage object says beyond its totals, and the model that answered (its `model`,
+    which names a dated version, or under a model router differs from call to call)."""
+
+    reasoning: int = 0  # of the completion (output) tokens
+    cached: int = 0  # of the prompt (input) tokens, read from the prompt cache
+    audio: int = 0  # of the prompt (input) tokens, audio
+    model: str = ""
+
+
+NO_DETAILS = Details()
+
+
+def _count(details: Any, name: str) -> int:
+    value = details.get(name) if isinstance(details, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def details_of(usage: dict[str, Any] | None, model: Any = None) -> Details:
+    """The details of a chat, completions or Responses usage object, and the answer's model."""
+    model = model[:100] if isinstance(model, str) else ""
+    if not usage:
+        return Details(model=model) if model else NO_DETAILS
+    prompt = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+    return Details(
+        reasoning_of(usage), _count(prompt, "cached_tokens"), _count(prompt, "audio_tokens"), model
+    )
+
+
 def reasoning_of(usage: dict[str, Any] | None) -> int:
     """Reasoning tokens, part of the completion (chat) or output (Responses) tokens."""
     if not usage:

@@ -8,13 +8,15 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from shared.directory.catalog import Resource
 from shared.directory.events import Event
 from shared.errors import ProxyError
+from shared.governance import prices
 from shared.governance.caps import Counter
 from shared.governance.ratelimits import Admission
 from shared.governance.usage import UsageRecord
 from shared.pipeline.forwarding import UpstreamRequest
-from shared.pipeline.kinds import TOKEN_CLASSES
+from shared.pipeline.kinds import NO_DETAILS, TOKEN_CLASSES, Details
 from shared.platform import clock, telemetry
 from shared.runtime import Access, Runtime
 
@@ -88,12 +90,13 @@ class Ledger:
         estimated: bool = False,
         units: int = 0,
         reasoning: int = 0,
+        details: Details = NO_DETAILS,
     ) -> None:
         """A relayed answer's record once it ended: ok, cut by the upstream, or client_gone."""
         status = 200 if outcome == "ok" else 502 if outcome == "cut" else 499
         self.record(
             status, usage, streamed=True, estimated=estimated, outcome=outcome, units=units,
-            reasoning=reasoning,
+            reasoning=reasoning, details=details,
         )  # fmt: skip
 
     def record(
@@ -107,6 +110,7 @@ class Ledger:
         units: int = 0,
         reasoning: int = 0,
         charge: int | None = None,
+        details: Details = NO_DETAILS,
     ) -> None:
         """The call's usage record; its tokens (or `charge`) count against today's cap."""
         assert self.access is not None
@@ -121,6 +125,7 @@ class Ledger:
         resource, deployment = self.upstream.member, self.upstream.deployment
         now = clock.now()
         latency_ms = (time.perf_counter() - self.started) * 1000
+        cost = self.cost(resource, usage, units, details)
         telemetry.call_finished(
             {
                 "request_id": self.request_id,
@@ -155,13 +160,32 @@ class Ledger:
                 request_id=self.request_id,
                 outcome=outcome,
                 units=units,
-                reasoning_tokens=reasoning,
+                reasoning_tokens=details.reasoning or reasoning,
+                cached_tokens=details.cached,
+                audio_tokens=details.audio,
+                model=details.model,
+                cost_nano=cost.nano,
+                unpriced=not cost.priced,
+                price_source=cost.source,
             )
         )
 
+    def cost(
+        self, resource: Resource | None, usage: tuple[int, int, int], units: int, details: Details
+    ) -> prices.Cost:
+        """What the call cost at the prices of the model that answered (the resource's own
+        over the table's), fixed now: a later change of prices leaves the record as it is."""
+        model = details.model or (resource.upstream_deployment if resource else "")
+        price = prices.price_of(model, resource.prices if resource else "")
+        return prices.cost_of(
+            price, self.model_class, prompt=usage[0], cached=details.cached,
+            audio=details.audio, completion=usage[1], units=units,
+        )  # fmt: skip
+
     def record_result(
-        self, response_id: str, created: Any, usage: tuple[int, int, int], reasoning: int
-    ) -> None:
+        self, response_id: str, created: Any, usage: tuple[int, int, int], reasoning: int,
+        details: Details = NO_DETAILS,
+    ) -> None:  # fmt: skip
         """The tokens of a finished background response (by the member that answered).
 
         Its record's row key comes from the response (creation time, id), so the same result
@@ -171,6 +195,7 @@ class Ledger:
         resource = self.upstream.member
         assert self.access is not None and resource is not None
         event = self.access.event
+        cost = self.cost(resource, usage, 0, details)
         when = (
             datetime.fromtimestamp(created, UTC)
             if isinstance(created, int | float)
@@ -195,5 +220,11 @@ class Ledger:
                 request_id="bg" + hashlib.sha256(response_id.encode()).hexdigest()[:14],
                 outcome="background_result",
                 reasoning_tokens=reasoning,
+                cached_tokens=details.cached,
+                audio_tokens=details.audio,
+                model=details.model,
+                cost_nano=cost.nano,
+                unpriced=not cost.priced,
+                price_source=cost.source,
             )
         )
