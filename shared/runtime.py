@@ -20,7 +20,7 @@ from shared.directory import (
     CatalogStore,
     EventStore,
 )
-from shared.governance import Caps, FairShare, RateLimits, UsageWriter
+from shared.governance import Budgets, Caps, FairShare, RateLimits, UsageWriter
 from shared.platform import hosting
 from shared.platform import settings as settings_module
 from shared.platform.settings import Settings
@@ -51,6 +51,7 @@ class Runtime:
         self.upstream = UpstreamClient(settings)
         self.balancer = Balancer(self.tables, settings.sync_seconds)
         self.caps = Caps(self.tables, settings.sync_seconds)
+        self.budgets = Budgets(self.tables, settings.sync_seconds)
         self.limits = RateLimits(self.caps, FairShare(self.tables, settings.sync_seconds))
         spill_dir = Path(
             settings.usage_spill_dir
@@ -81,6 +82,7 @@ class Runtime:
         await self.balancer.close()
         await self.limits.close()
         await self.caps.close()
+        await self.budgets.close()
         await self.usage.close()
         await self.plugins.close()
         await self.upstream.close()

@@ -38,6 +38,10 @@ class Event:
     event_daily_token_cap: int = 0  # all attendees together; 0: none
     requests_per_minute: int = 0  # per attendee; 0: no limit
     tokens_per_minute: int = 0  # per attendee; 0: no limit
+    currency: str = "USD"  # of the budgets (and of resources' own prices)
+    budget: str = ""  # amounts of the currency, decimal strings; empty: none
+    attendee_budget: str = ""
+    attendee_daily_budget: str = ""
     description_markdown: str = ""
     organizer_name: str = ""
     organizer_email: str = ""
@@ -175,6 +179,10 @@ class Event:
             event_daily_token_cap=int(entity.get("event_daily_token_cap", 0)),
             requests_per_minute=int(entity.get("requests_per_minute", 0)),
             tokens_per_minute=int(entity.get("tokens_per_minute", 0)),
+            currency=entity.get("currency") or "USD",
+            budget=entity.get("budget", ""),
+            attendee_budget=entity.get("attendee_budget", ""),
+            attendee_daily_budget=entity.get("attendee_daily_budget", ""),
             description_markdown=entity.get("description_markdown", ""),
             organizer_name=entity.get("organizer_name", ""),
             organizer_email=entity.get("organizer_email", ""),

@@ -207,6 +207,24 @@ def _prices(value: str) -> str:
     return ",".join(f"{name}={figures[name]}" for name in PRICE_KINDS if name in figures)
 
 
+def _amount(value: str) -> str:
+    """A budget: an amount of the event's currency, at most 9 decimals; empty or 0: none."""
+    try:
+        amount = Decimal(value or "0")
+    except InvalidOperation:
+        amount = Decimal(-1)
+    if not amount.is_finite() or not 0 <= amount <= 1_000_000_000 or amount != round(amount, 9):
+        raise problem(
+            "must be an amount from 0 to 1000000000 with at most 9 decimals",
+            "Send an amount of the event's currency such as '250' or '12.50'; '' or '0' for none.",
+        )
+    return "" if amount == 0 else f"{amount.normalize():f}"
+
+
+Money = Annotated[Text, AfterValidator(_amount)]
+"""A budget in the event's currency, as a decimal string; empty: none."""
+
+
 def _entra_ids(limit: int, what: str, each: str) -> Any:
     """A list of Entra ids (tenants, users, apps, groups), lower-cased, each once; null: none."""
 
@@ -319,6 +337,22 @@ class EventCreate(Body):
         0,
         description="tokens per attendee in any minute (a call counts its worst case until it "
         "answers); 0 or null for no limit",
+    )
+    currency: Annotated[str, StringConstraints(pattern="^[A-Z]{3}$")] = Field(
+        "USD",
+        description="ISO 4217 code the budgets and prices are in; the shipped prices are USD "
+        "(other currencies need each resource's own prices)",
+    )
+    budget: Money = Field(
+        "", max_length=30, description="spend of all attendees together, ever; empty: none"
+    )
+    attendee_budget: Money = Field(
+        "", max_length=30, description="spend per attendee over the whole event; empty: none"
+    )
+    attendee_daily_budget: Money = Field(
+        "",
+        max_length=30,
+        description="spend per attendee per day (event time zone); empty: none",
     )
     description_markdown: Text = Field("", max_length=20_000, description="registration page text")
     organizer_name: Text = Field("", max_length=200, description="shown on the registration page")

@@ -1,12 +1,13 @@
 """What is allowed and what is counted: daily caps, per-minute limits, the fair share of a
-deployment near its quota, usage records and their rollups, token estimates.
+deployment near its quota, prices and budgets, usage records and their rollups, token estimates.
 
 May import: shared.errors, shared.platform, shared.directory, shared.access.
 """
 
+from shared.governance.budgets import Budgets
 from shared.governance.caps import Caps
 from shared.governance.fairshare import FairShare
 from shared.governance.ratelimits import RateLimits
 from shared.governance.usage import UsageWriter
 
-__all__ = ["Caps", "FairShare", "RateLimits", "UsageWriter"]
+__all__ = ["Budgets", "Caps", "FairShare", "RateLimits", "UsageWriter"]

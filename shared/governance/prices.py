@@ -53,6 +53,9 @@ class Cost:
 
 
 FREE = Cost(0, True, "")
+# The model each resource last answered with, by resource id: a deployment's own name need not
+# be a model's, so its worst case is priced as what it answered before.
+ANSWERED: dict[str, str] = {}
 
 
 @functools.cache

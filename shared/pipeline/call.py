@@ -20,6 +20,7 @@ from starlette.responses import Response
 from shared.directory import Event, Resource
 from shared.errors import NoCapacity, ProxyError, UpstreamFailed
 from shared.pipeline.answers import (
+    BUDGET_HEADER,
     PASSED_HEADERS,
     REQUEST_ID_HEADER,
     error_response,
@@ -38,6 +39,7 @@ from shared.pipeline.kinds import (
     supports_stream_options,
     units_of,
     usage_numbers,
+    worst_units,
 )
 from shared.pipeline.ledger import Ledger
 from shared.pipeline.relays import (
@@ -87,7 +89,7 @@ class ProxyCall:
         stream, hide_usage = self.limit_stream(payload, api_version)
         capped = self.cap(payload, event.max_token_cap, api_version)
         limit = payload.get("max_completion_tokens") or payload.get("max_tokens") or 0
-        await self.ledger.admit(event, len(body), limit)
+        await self.ledger.admit(event, len(body), limit, worst_units(self.kind, payload))
         self.rewrite(
             payload, body, api_version, changed=capped or hide_usage,
             model_in_body=deployment is None,
@@ -292,6 +294,9 @@ class ProxyCall:
         """The upstream's headers the caller may see, and the call's request id."""
         headers = {name: answer.headers[name] for name in PASSED_HEADERS if name in answer.headers}
         headers[REQUEST_ID_HEADER] = self.request_id
+        left = self.ledger.budget_left()
+        if left is not None:
+            headers[BUDGET_HEADER] = left
         return headers
 
     def relayed(

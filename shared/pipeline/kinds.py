@@ -124,6 +124,18 @@ def units_of(kind: CallKind, answer: Any) -> int:
     return 0
 
 
+def worst_units(kind: CallKind, payload: dict[str, Any]) -> int:
+    """The most of its own unit a call may use, known before it runs: the images asked for, the
+    characters to say; 0 where it is not known (the length of an uploaded recording)."""
+    if kind.model_class == "openai-images":
+        n = payload.get("n", 1)
+        return n if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 100 else 1
+    if kind.binary:
+        said = payload.get("input")
+        return len(said) if isinstance(said, str) else 0
+    return 0
+
+
 def estimated_usage(payload: dict[str, Any], completion: int = 0) -> tuple[int, int, int]:
     """The usage of a call whose upstream told none: its prompt counted here, and `completion`."""
     prompt = tokens.prompt_tokens(payload)

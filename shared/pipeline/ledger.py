@@ -8,7 +8,6 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from shared.directory.catalog import Resource
 from shared.directory.events import Event
 from shared.errors import ProxyError
 from shared.governance import prices
@@ -38,8 +37,9 @@ class Ledger:
         self.worst_case_tokens = 0
         self.counter: Counter | None = None
         self.admission: Admission | None = None  # its place in the per-minute counts
+        self.hold: Any = None  # its worst case taken from the event's budgets (a Hold)
 
-    async def admit(self, event: Event, body_size: int, limit: Any) -> None:
+    async def admit(self, event: Event, body_size: int, limit: Any, units: int = 0) -> None:
         """Take one request from today's cap and this minute's limits (and the pool's fair
         share near its quota), reserving the call's worst case in tokens."""
         assert self.access is not None
@@ -54,6 +54,23 @@ class Ledger:
             event, attendee_id, self.counter, upstream.deployment, upstream.members,
             self.worst_case_tokens,
         )  # fmt: skip
+        if event.budget or event.attendee_budget or event.attendee_daily_budget:
+            worst = self.worst_cost(body_size, limit if isinstance(limit, int) else 0, units)
+            self.hold = await self.runtime.budgets.admit(event, attendee_id, clock.now(), worst)
+
+    def worst_cost(self, body_size: int, limit: int, units: int) -> int:
+        """The most the call may cost (billionths): every byte of its body a token, and all
+        the output it may ask for, at the dearest member's prices; 1 when none is priced."""
+        worst = 1  # every call needs some room: a budget spent is spent, priced or not
+        prompt = body_size if self.model_class in TOKEN_CLASSES else 0
+        for member in self.upstream.members:
+            model = prices.ANSWERED.get(member.id) or member.upstream_deployment
+            cost = prices.cost_of(
+                prices.price_of(model, member.prices), self.model_class, prompt=prompt,
+                completion=limit, units=units,
+            )  # fmt: skip
+            worst = max(worst, cost.nano)
+        return worst
 
     def unsent(self) -> None:
         """Nothing reached a deployment: the call uses none of this minute's quota."""
@@ -67,6 +84,8 @@ class Ledger:
         if self.counter is not None:
             self.runtime.caps.settle(self.counter, self.worst_case_tokens, 0)
             self.counter = None
+        self.runtime.budgets.settle(self.hold, 0)
+        self.hold = None
 
     def refused(self, error: ProxyError) -> None:
         """A refusal, logged; one of 429 counted for the organiser's reports."""
@@ -126,6 +145,8 @@ class Ledger:
         now = clock.now()
         latency_ms = (time.perf_counter() - self.started) * 1000
         cost = self.cost(resource, usage, units, details)
+        self.runtime.budgets.settle(self.hold, cost.nano)
+        self.hold = None
         telemetry.call_finished(
             {
                 "request_id": self.request_id,
@@ -170,11 +191,23 @@ class Ledger:
             )
         )
 
+    def budget_left(self) -> str | None:
+        """What is left of the caller's own budget (None: the event gives them none)."""
+        access = self.access
+        if access is None:
+            return None
+        event = access.event
+        if not (event.attendee_budget or event.attendee_daily_budget):
+            return None
+        return self.runtime.budgets.remaining(event, access.attendee.id, clock.now())
+
     def cost(
-        self, resource: Resource | None, usage: tuple[int, int, int], units: int, details: Details
+        self, resource: Any, usage: tuple[int, int, int], units: int, details: Details
     ) -> prices.Cost:
         """What the call cost at the prices of the model that answered (the resource's own
         over the table's), fixed now: a later change of prices leaves the record as it is."""
+        if resource is not None and details.model:
+            prices.ANSWERED[resource.id] = details.model
         model = details.model or (resource.upstream_deployment if resource else "")
         price = prices.price_of(model, resource.prices if resource else "")
         return prices.cost_of(
