@@ -42,6 +42,8 @@ class Event:
     budget: str = ""  # amounts of the currency, decimal strings; empty: none
     attendee_budget: str = ""
     attendee_daily_budget: str = ""
+    budget_alerts: str = "50,80,100"  # percentages of `budget`, each fired once
+    alert_webhook_url: str = ""
     description_markdown: str = ""
     organizer_name: str = ""
     organizer_email: str = ""
@@ -183,6 +185,8 @@ class Event:
             budget=entity.get("budget", ""),
             attendee_budget=entity.get("attendee_budget", ""),
             attendee_daily_budget=entity.get("attendee_daily_budget", ""),
+            budget_alerts=entity.get("budget_alerts", "50,80,100"),
+            alert_webhook_url=entity.get("alert_webhook_url", ""),
             description_markdown=entity.get("description_markdown", ""),
             organizer_name=entity.get("organizer_name", ""),
             organizer_email=entity.get("organizer_email", ""),

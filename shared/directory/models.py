@@ -34,7 +34,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from shared.directory.endpoints import ENDPOINT_FIX, EndpointPolicy, endpoint_problem
+from shared.directory.endpoints import (
+    ENDPOINT_FIX,
+    EndpointPolicy,
+    endpoint_problem,
+    webhook_problem,
+)
 from shared.platform import settings
 
 # Caps and limits are stored as 32-bit integers; no event needs more.
@@ -225,6 +230,27 @@ Money = Annotated[Text, AfterValidator(_amount)]
 """A budget in the event's currency, as a decimal string; empty: none."""
 
 
+def _webhook(value: str) -> str:
+    found = webhook_problem(value, EndpointPolicy.of(settings.get())) if value else None
+    if found is not None:
+        raise problem(found, "Send an https URL on a public host, or '' for no webhook.")
+    return value
+
+
+def _thresholds(value: str) -> str:
+    """Percentages of the event's budget, each fired once: '50,80,100'."""
+    try:
+        found = sorted({int(part) for part in value.split(",") if part.strip()})
+    except ValueError:
+        found = [0]
+    if any(not 1 <= n <= 1000 for n in found) or len(found) > 10:
+        raise problem(
+            "must be up to 10 whole percentages from 1 to 1000, separated by commas",
+            "Send percentages of the event's budget such as '50,80,100'; '' for no alerts.",
+        )
+    return ",".join(map(str, found))
+
+
 def _entra_ids(limit: int, what: str, each: str) -> Any:
     """A list of Entra ids (tenants, users, apps, groups), lower-cased, each once; null: none."""
 
@@ -353,6 +379,18 @@ class EventCreate(Body):
         "",
         max_length=30,
         description="spend per attendee per day (event time zone); empty: none",
+    )
+    budget_alerts: Annotated[Text, AfterValidator(_thresholds)] = Field(
+        "50,80,100",
+        max_length=60,
+        description="percentages of `budget` at which an alert fires, once each: a webhook "
+        "POST and a console banner; empty: none",
+    )
+    alert_webhook_url: Annotated[Text, AfterValidator(_webhook)] = Field(
+        "",
+        max_length=2_000,
+        description="https URL the alerts are POSTed to, signed with the event's alert secret "
+        "(x-aiproxy-signature: sha256=HMAC of the body); empty: console only",
     )
     description_markdown: Text = Field("", max_length=20_000, description="registration page text")
     organizer_name: Text = Field("", max_length=200, description="shown on the registration page")
@@ -658,3 +696,27 @@ class UsageNumbers(BaseModel):
 
 class AttendeeWithTotals(AttendeeView, UsageNumbers):
     """An attendee in the event's list: without its key, with its all-time totals."""
+
+
+class AlertView(BaseModel):
+    """A budget threshold that fired (once, whichever instance saw it first)."""
+
+    model_config = ANSWER
+
+    threshold_percent: int = Field(description="the percentage of the event's budget")
+    spent: str = Field(description="what the event had spent when it fired")
+    budget: str = Field(description="the budget then")
+    currency: str = Field(description="of both amounts")
+    fired_at: str = Field(description="when it fired, UTC", json_schema_extra=_UTC)
+    delivered: bool = Field(description="the webhook answered 2xx (false: no webhook, or none)")
+
+
+class AlertSecret(BaseModel):
+    """The event's new alert secret, shown this once."""
+
+    model_config = ANSWER
+
+    secret: str = Field(
+        description="the key of the webhook's x-aiproxy-signature (sha256=HMAC-SHA256 of the "
+        "body); the previous secret stops signing"
+    )

@@ -4,10 +4,11 @@ deployment near its quota, prices and budgets, usage records and their rollups, 
 May import: shared.errors, shared.platform, shared.directory, shared.access.
 """
 
+from shared.governance.alerts import Alerts
 from shared.governance.budgets import Budgets
 from shared.governance.caps import Caps
 from shared.governance.fairshare import FairShare
 from shared.governance.ratelimits import RateLimits
 from shared.governance.usage import UsageWriter
 
-__all__ = ["Budgets", "Caps", "FairShare", "RateLimits", "UsageWriter"]
+__all__ = ["Alerts", "Budgets", "Caps", "FairShare", "RateLimits", "UsageWriter"]

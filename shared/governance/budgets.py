@@ -35,6 +35,7 @@ from typing import Any
 
 from shared.directory.events import Event
 from shared.errors import ProxyError
+from shared.governance.alerts import Alerts
 from shared.governance.prices import NANO, as_amount
 from shared.platform.background import repeat
 from shared.platform.tables import Conflict, StorageUnavailable, Tables
@@ -59,6 +60,7 @@ class Pot:
     row: str
     limit: int  # billionths
     kind: str  # "event", "attendee" or "daily"
+    event: Event  # as last seen by a call (for its alerts)
     allowance: int = 0  # granted here, not held by a call
     in_flight: int = 0  # worst cases of calls admitted here and not settled
     spent_unflushed: int = 0
@@ -91,9 +93,14 @@ class Budgets:
     """Admits calls against the event's budgets and counts what they cost."""
 
     def __init__(
-        self, tables: Tables, sync_seconds: float = 1.0, idle_seconds: float = 5.0
+        self,
+        tables: Tables,
+        sync_seconds: float = 1.0,
+        idle_seconds: float = 5.0,
+        alerts: Alerts | None = None,
     ) -> None:
         self._tables = tables
+        self._alerts = alerts
         self._sync_seconds = sync_seconds
         self._idle_seconds = idle_seconds
         self._pots: dict[tuple[str, str], Pot] = {}
@@ -112,8 +119,8 @@ class Budgets:
             key = (event.id, row)
             pot = self._pots.get(key)
             if pot is None:
-                pot = self._pots[key] = Pot(event.id, row, nano_of(amount), kind)
-            pot.limit = nano_of(amount)  # the organiser may change it
+                pot = self._pots[key] = Pot(event.id, row, nano_of(amount), kind, event)
+            pot.limit, pot.event = nano_of(amount), event  # the organiser may change them
             found.append(pot)
         return found
 
@@ -130,6 +137,8 @@ class Budgets:
                 if pot.allowance < worst:
                     await self._reserve(pot, worst)
                     if pot.allowance < worst:
+                        if pot.kind == "event" and self._alerts is not None:
+                            self._alerts.spent(event, pot.spent_seen, pot.limit, exhausted=True)
                         raise budget_error(event, pot, worst, now)
             # No await from here on: concurrent calls see each other's takings.
             if all(pot.allowance >= worst for pot in pots):
@@ -214,6 +223,8 @@ class Budgets:
             pot.allowance += block
             pot.granted_seen = entity["granted"]
             pot.spent_seen = entity["spent"]
+            if pot.kind == "event" and self._alerts is not None:
+                self._alerts.spent(pot.event, pot.spent_seen, pot.limit)
             return
         raise StorageUnavailable(f"budget {pot.partition}/{pot.row} is contended")
 
