@@ -111,6 +111,12 @@ def test_answers_carry_what_is_left_and_the_event_budget_has_its_own_code(
     assert error["code"] == "event_budget_exhausted"
     assert "for all attendees together" in error["message"]
     assert spent(storage, setup.id, 3) == 3 * one
+    # The playground's view: the key's budgets and what is left, read fresh from storage.
+    info = host.http.get("/eventinfo", headers={"api-key": setup.key}).json()["budget"]
+    assert info == {
+        "currency": "USD", "attendee_budget": "1", "attendee_daily_budget": "",
+        "left": str(1 - Decimal(3 * one) / 10**9),
+    }  # fmt: skip
     # No budget on the event: no header.
     plain = EventSetup(host, sim)
     assert "x-aiproxy-budget-remaining" not in chat(host, plain.key, SMALL).headers

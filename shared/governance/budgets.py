@@ -161,6 +161,15 @@ class Budgets:
                 pot.overdrawn += cost - hold.worst
         hold.pots = []  # settled once
 
+    async def refresh(self, event: Event, attendee_id: str, now: datetime) -> None:
+        """Read the attendee's budget rows now (what other instances spent)."""
+        for pot in self.pots(event, attendee_id, now):
+            try:
+                async with pot.lock:
+                    await self._write(pot)
+            except StorageUnavailable:
+                pass
+
     def remaining(self, event: Event, attendee_id: str, now: datetime) -> str | None:
         """What is left of the attendee's tightest budget, as this instance knows it."""
         own = [pot for pot in self.pots(event, attendee_id, now) if pot.kind != "event"]
