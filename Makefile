@@ -61,6 +61,7 @@ lint: setup
 bench: setup
 	$(PY) -m bench.run
 	$(PY) -m bench.limits
+	$(PY) -m bench.budgets
 	$(PY) -m bench.plugins
 	[ "$${BENCH_LOAD:-1}" = 0 ] || $(PY) -m bench.load
 	[ "$${BENCH_CONCURRENCY:-1}" = 0 ] || $(PY) -m bench.concurrency
