@@ -457,6 +457,8 @@ const REFUSALS = {
   daily_token_cap: "Daily tokens",
   event_daily_request_cap: "Event's daily requests",
   event_daily_token_cap: "Event's daily tokens",
+  attendee_budget: "Attendee's budget",
+  event_budget: "Event's budget",
   no_capacity: "No capacity",
 };
 

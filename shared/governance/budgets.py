@@ -280,6 +280,7 @@ def budget_error(event: Event, pot: Pot, worst: int, now: datetime) -> ProxyErro
             f"together ({left} {cur} left, not held by calls running now). {at_most}{lower}, "
             "or ask the organiser to raise the budget.",
             headers={"Retry-After": "60"},
+            reason="event_budget",
         )
     if pot.kind == "daily":
         wait = event.seconds_to_local_midnight(now)
@@ -289,9 +290,11 @@ def budget_error(event: Event, pot: Pot, worst: int, now: datetime) -> ProxyErro
             f"left). {at_most}{lower}. The daily budget resets at midnight {event.time_zone} "
             f"(in {wait} seconds).",
             headers={"Retry-After": str(wait)},
+            reason="attendee_budget",
         )
     return ProxyError(
         "attendee_budget_exhausted",
         f"You have spent your budget of {limit} {cur} for '{event.name}' ({left} {cur} left). "
         f"{at_most}{lower}, or ask the organiser to raise it.",
+        reason="attendee_budget",
     )

@@ -227,6 +227,8 @@ REFUSALS = (
     "daily_token_cap",
     "event_daily_request_cap",
     "event_daily_token_cap",
+    "attendee_budget",
+    "event_budget",
     "no_capacity",
 )
 
