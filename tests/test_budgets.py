@@ -95,7 +95,7 @@ async def test_the_budget_holds_across_two_instances(
     answers = await spread([host, second_host], setup.key, 50)
     check_bound(answers, budget, one, storage, setup.id)
     rows: list[dict[str, Any]] = storage.rows("budgets", f"PartitionKey eq '{setup.id}'")
-    assert [int(r["granted"]) <= budget for r in rows] == [True]
+    assert [int(r["granted"]) <= budget for r in rows] == [True]  # stored as text: 64 bits
 
 
 def test_answers_carry_what_is_left_and_the_event_budget_has_its_own_code(

@@ -189,6 +189,18 @@ def test_a_model_without_a_price_is_unpriced_never_free_and_a_resource_can_price
         priced["cost_nano"] == priced["prompt_tokens"] * 1500 + priced["completion_tokens"] * 2000
     )
 
+    # A dear price: costs past 2**31 billionths (2.15 dollars) are kept whole, in reports too.
+    setup.add_resource(
+        sim.url, "instruct-dear", "openai-completions",
+        upstream_deployment="gpt-35-turbo-instruct", prices="input=1000000,output=1000000",
+    )  # fmt: skip
+    client.completions.create(model="instruct-dear", prompt="Say hi", max_tokens=3)
+    dear = storage.usage(setup.id, expect=5)[-1]
+    expected = (dear["prompt_tokens"] + dear["completion_tokens"]) * 10**9
+    report = host.manage.get(f"/events/{setup.id}/usage", params={"group_by": "deployment"})
+    row = next(r for r in report.json()["rows"] if r["deployment"] == "instruct-dear")
+    assert row["cost_nano"] == expected > 2**31 and Decimal(row["cost"]) == expected // 10**9
+
 
 def test_prices_that_are_not_figures_are_refused(host: AppHost, sim: Simulator) -> None:
     body = {

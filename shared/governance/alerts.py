@@ -94,8 +94,8 @@ class Alerts:
             "PartitionKey": event.id,
             "RowKey": f"budget-{pct:04d}",
             "threshold": pct,
-            "spent_nano": spent,
-            "budget_nano": budget,
+            "spent_nano": str(spent),  # 64-bit numbers, kept as text
+            "budget_nano": str(budget),
             "currency": event.currency,
             "fired_at": now,
             "delivered": False,

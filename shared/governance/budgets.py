@@ -205,7 +205,7 @@ class Budgets:
             spent, overdrawn, provisional = pot.spent_unflushed, pot.overdrawn, pot.provisional
             found = await self._tables.get_versioned(BUDGETS_TABLE, pot.partition, pot.row)
             row: dict[str, Any] = found[0] if found else {}
-            granted = int(row.get("granted", 0)) + overdrawn + provisional - give_back
+            granted = int(row.get("granted") or 0) + overdrawn + provisional - give_back
             block = 0
             free = pot.limit - granted
             if reserve and free >= reserve:
@@ -213,8 +213,9 @@ class Budgets:
             entity = {
                 "PartitionKey": pot.partition,
                 "RowKey": pot.row,
-                "granted": granted + block,
-                "spent": int(row.get("spent", 0)) + spent,
+                # Strings: billionths pass 2**31 soon, and the rows are read back as they went.
+                "granted": str(granted + block),
+                "spent": str(int(row.get("spent") or 0) + spent),
             }
             try:
                 if not (spent or overdrawn or provisional or give_back or block):
@@ -230,8 +231,8 @@ class Budgets:
             pot.overdrawn -= overdrawn
             pot.provisional -= provisional
             pot.allowance += block
-            pot.granted_seen = entity["granted"]
-            pot.spent_seen = entity["spent"]
+            pot.granted_seen = int(entity["granted"])
+            pot.spent_seen = int(entity["spent"])
             if pot.kind == "event" and self._alerts is not None:
                 self._alerts.spent(pot.event, pot.spent_seen, pot.limit)
             return

@@ -55,6 +55,12 @@ def _prefixed(pk: str, prefix: str) -> dict[str, str]:
     return {"pk": pk, "low": prefix, "high": prefix + "~"}
 
 
+def _whole(value: Any) -> int:
+    """A stored number: Table Storage answers a 64-bit one (a cost above 2.1 in billionths) as
+    a typed property or, without metadata, as a string."""
+    return int(getattr(value, "value", value) or 0)
+
+
 @dataclass
 class Totals:
     requests: int = 0
@@ -71,7 +77,7 @@ class Totals:
     def add(self, row: dict[str, Any], requests: int = 1) -> None:
         self.requests += requests
         for name in _TOKEN_FIELDS:  # a record's `unpriced` is a bool: it counts as 0 or 1
-            setattr(self, name, getattr(self, name) + int(row.get(name) or 0))
+            setattr(self, name, getattr(self, name) + _whole(row.get(name)))
 
     def add_numbers(self, numbers: list[int]) -> None:
         # Subtotals stored before a number was added are shorter: the missing ones are 0.
