@@ -504,6 +504,7 @@ async function loadUsage() {
   fill($("#usage-totals"), [
     ["Requests", t.requests], ["Prompt tokens", t.prompt_tokens],
     ["Completion tokens", t.completion_tokens], ["Total tokens", t.total_tokens],
+    ["Cached prompt tokens", t.cached_tokens], ["Reasoning tokens", t.reasoning_tokens],
     ["Attendees active", byHour.totals.active_attendees], ["Calls refused", refusedTotal],
     [`Spend (${currency})`, t.cost], ["Unpriced calls", t.unpriced],
   ].map(([label, value]) => h("div", { class: "tile" }, h("span", { class: "label" }, label),
