@@ -229,3 +229,24 @@ def test_model_names_map_to_their_priced_base_model() -> None:
     audio = prices.cost_of(prices.price_of("gpt-4o"), "openai-chat", prompt=100, audio=50)
     assert not audio.priced
     assert prices.as_amount(1_234_500) == "0.0012345"
+
+
+def test_audio_prompt_tokens_need_an_audio_price(
+    host: AppHost, setup: EventSetup, sim: Simulator, storage: Storage
+) -> None:
+    setup.add_resource(
+        sim.url, "voice-chat", "openai-chat", upstream_deployment="gpt-4o-mini",
+        prices="input=2.5,output=10,audio_input=40",
+    )  # fmt: skip
+    client = azure(host, setup.key)
+    heard = [{"role": "user", "content": "[sim:audio_tokens=5] what did I say"}]
+    for deployment in ("voice-chat", "gpt-4o-mini"):
+        answer = client.chat.completions.create(model=deployment, messages=heard, max_tokens=4)
+        assert answer.usage is not None and answer.usage.prompt_tokens_details.audio_tokens == 5
+    priced, unpriced = storage.usage(setup.id, expect=2)
+    assert priced["audio_tokens"] == unpriced["audio_tokens"] == 5
+    text = priced["prompt_tokens"] - 5
+    assert priced["cost_nano"] == text * 2500 + 5 * 40_000 + priced["completion_tokens"] * 10_000
+    assert not priced["unpriced"] and priced["price_source"] == "resource+gpt-4o-mini@2025-06-01"
+    # The table has no audio price for gpt-4o-mini: unpriced, not charged as text.
+    assert unpriced["unpriced"] and unpriced["cost_nano"] == 0
