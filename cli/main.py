@@ -188,6 +188,16 @@ def catalog_list(api: Api, args: argparse.Namespace) -> None:
     print_json(found) if args.json else table(found, RESOURCE_COLUMNS)
 
 
+def alerts_list(api: Api, args: argparse.Namespace) -> None:
+    found = api.json("GET", f"/events/{args.event}/alerts")
+    columns = ["threshold_percent", "spent", "budget", "currency", "fired_at", "delivered"]
+    print_json(found) if args.json else table(found, columns)
+
+
+def alerts_secret(api: Api, args: argparse.Namespace) -> None:
+    print(api.json("POST", f"/events/{args.event}/alerts/secret")["secret"])
+
+
 def _attendee_id(api: Api, args: argparse.Namespace) -> str:
     if args.attendee:
         return args.attendee
@@ -459,6 +469,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command(catalog, "list", catalog_list, "List an event's catalog.")
     sub.add_argument("--event", required=True, help="the event's id")
     _json_flag(sub)
+
+    alerts = group("alerts", "the budget alerts of an event and the secret that signs them")
+    sub = command(alerts, "list", alerts_list, "List the budget thresholds the event reached.")
+    sub.add_argument("--event", required=True, help="the event's id")
+    _json_flag(sub)
+    sub = command(
+        alerts,
+        "secret",
+        alerts_secret,
+        "Make a new secret signing the event's alert webhooks and print it (shown once; the "
+        "previous one stops signing).",
+    )
+    sub.add_argument("--event", required=True, help="the event's id")
 
     attendees = group("attendees", "keys for the people at an event")
     sub = command(

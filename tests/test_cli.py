@@ -715,3 +715,7 @@ def test_prices_budgets_and_the_cost_report(host: AppHost, sim: Simulator) -> No
     rows, total = parse_table(ok(cli(host, "usage", "--event", event_id, "--cost")))
     assert total is not None and Decimal(total["cost"]) == cost and total["unpriced"] == "0"
     assert [Decimal(r["cost"]) for r in rows if int(r["requests"])] == [cost]
+
+    secret = ok(cli(host, "alerts", "secret", "--event", event_id)).strip()
+    assert secret.startswith("whsec_")
+    assert "threshold_percent" in ok(cli(host, "alerts", "list", "--event", event_id))
