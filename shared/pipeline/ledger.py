@@ -145,7 +145,10 @@ class Ledger:
         now = clock.now()
         latency_ms = (time.perf_counter() - self.started) * 1000
         cost = self.cost(resource, usage, units, details)
-        self.runtime.budgets.settle(self.hold, cost.nano)
+        # A background response's tokens come with a later record, which any instance may
+        # write: its budgets keep the call's worst case, as today's token cap does.
+        spent = self.hold.worst if outcome == "background" and self.hold else cost.nano
+        self.runtime.budgets.settle(self.hold, spent)
         self.hold = None
         telemetry.call_finished(
             {
