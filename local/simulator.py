@@ -29,6 +29,12 @@ Routes:
 Per-request directives: a ``[sim:key=value flag ...]`` marker anywhere in a message content,
 prompt or embedding input applies settings to that request only, on top of the server-wide
 settings from ``/_sim/config``. See ``SETTING_TYPES`` for the accepted keys.
+
+Usage details as Azure reports them: each answer names a dated model (``MODEL_VERSIONS`` by
+deployment name, or a ``model`` directive, as a model router would); chat answers detail their
+tokens: cached (a prompt of 1024 tokens or more seen before by this simulator, or
+``cached_tokens``), audio (``audio_tokens``) and reasoning (o-series deployments, or
+``reasoning_tokens``).
 """
 
 from __future__ import annotations
