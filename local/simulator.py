@@ -1559,7 +1559,7 @@ async def _create_response(
         return failed
 
     reasoning_tokens = 0
-    if isinstance(body.get("reasoning"), dict):
+    if isinstance(body.get("reasoning"), dict) or _reasons(str(model)):
         reasoning_tokens = int(settings.get("reasoning_tokens", DEFAULT_REASONING_TOKENS))
     limit = body.get("max_output_tokens")
     wanted = settings.get("tokens")

@@ -101,7 +101,9 @@ def test_reasoning_tokens_are_output_and_priced_so(
         )
     )  # fmt: skip
     assert streamed[-1].usage is not None
-    for record in storage.usage(setup.id, expect=2):
+    reply = client.responses.create(model="o4-mini", input="Think.", max_output_tokens=40)
+    assert reply.usage is not None and reply.usage.output_tokens_details.reasoning_tokens == 8
+    for record in storage.usage(setup.id, expect=3):
         assert record["reasoning_tokens"] == 8 and record["model"] == "o4-mini-2025-04-16"
         assert record["completion_tokens"] == 16 + 8
         assert record["cost_nano"] == by_hand(record, O4_MINI)
