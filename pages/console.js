@@ -231,7 +231,8 @@ function openEditor(event = null) {
   const e = event || {
     name: "", starts_at: localInput(1, 9), ends_at: localInput(1, 17), time_zone: visitorZone,
     max_token_cap: 1024, daily_request_cap: 200, daily_token_cap: 0, shared_code: "",
-    requests_per_minute: 0, tokens_per_minute: 0,
+    requests_per_minute: 0, tokens_per_minute: 0, currency: "USD", budget: "", attendee_budget: "",
+    attendee_daily_budget: "", budget_alerts: "50,80,100", alert_webhook_url: "",
     organizer_name: "", organizer_email: "", image_url: "", description_markdown: "", active: true,
   };
   $("#editor-title").textContent = event ? `Edit ${event.name}` : "New event";
@@ -246,6 +247,12 @@ function openEditor(event = null) {
   $("#ev-daily-token-cap").value = e.daily_token_cap || 0;
   $("#ev-requests-per-minute").value = e.requests_per_minute || 0;
   $("#ev-tokens-per-minute").value = e.tokens_per_minute || 0;
+  $("#ev-currency").value = e.currency || "USD";
+  $("#ev-budget").value = e.budget || "";
+  $("#ev-attendee-budget").value = e.attendee_budget || "";
+  $("#ev-attendee-daily-budget").value = e.attendee_daily_budget || "";
+  $("#ev-budget-alerts").value = e.budget_alerts ?? "50,80,100";
+  $("#ev-alert-webhook").value = e.alert_webhook_url || "";
   $("#ev-shared-code").value = e.shared_code || "";
   $("#ev-organizer-name").value = e.organizer_name || "";
   $("#ev-organizer-email").value = e.organizer_email || "";
@@ -268,6 +275,12 @@ function editorBody() {
     daily_token_cap: whole("#ev-daily-token-cap"),
     requests_per_minute: whole("#ev-requests-per-minute"),
     tokens_per_minute: whole("#ev-tokens-per-minute"),
+    currency: $("#ev-currency").value.trim().toUpperCase() || "USD",
+    budget: $("#ev-budget").value.trim(),
+    attendee_budget: $("#ev-attendee-budget").value.trim(),
+    attendee_daily_budget: $("#ev-attendee-daily-budget").value.trim(),
+    budget_alerts: $("#ev-budget-alerts").value.trim(),
+    alert_webhook_url: $("#ev-alert-webhook").value.trim(),
     shared_code: $("#ev-shared-code").value.trim(),
     organizer_name: $("#ev-organizer-name").value.trim(),
     organizer_email: $("#ev-organizer-email").value.trim(),
@@ -457,23 +470,58 @@ const REFUSALS = {
   daily_token_cap: "Daily tokens",
   event_daily_request_cap: "Event's daily requests",
   event_daily_token_cap: "Event's daily tokens",
+  attendee_budget: "Attendee's budget",
+  event_budget: "Event's budget",
   no_capacity: "No capacity",
 };
 
 const sum = (values) => values.reduce((total, value) => total + (value || 0), 0);
 
+/** The budget alerts that fired, as a banner; the forecast of the event budget. */
+function renderBudget(event, alerts, total, byHour) {
+  const currency = event.currency || "USD";
+  const banner = $("#budget-banner");
+  const last = alerts[alerts.length - 1];
+  banner.hidden = !last;
+  if (last) {
+    banner.textContent = `Budget alert: ${last.threshold_percent}% of the event budget reached `
+      + `(${last.spent} of ${last.budget} ${currency} spent at ${new Date(last.fired_at).toLocaleString()}).`;
+  }
+  const forecast = $("#budget-forecast");
+  const budget = Number(event.budget || 0);
+  forecast.hidden = !budget;
+  if (!budget) return;
+  const left = budget - total;
+  const dayAgo = Date.now() - 24 * 3600 * 1000;
+  const lastDay = sum(byHour.rows.filter((r) => new Date(r.hour).getTime() >= dayAgo).map((r) => Number(r.cost)));
+  if (left <= 0) {
+    forecast.textContent = `The event budget of ${budget} ${currency} is spent.`;
+  } else if (lastDay <= 0) {
+    forecast.textContent = `${left.toFixed(4)} of ${budget} ${currency} left; nothing spent in the last 24 hours.`;
+  } else {
+    const until = new Date(Date.now() + (left / lastDay) * 24 * 3600 * 1000);
+    forecast.textContent = `${left.toFixed(4)} of ${budget} ${currency} left. At the last 24 hours' rate `
+      + `(${lastDay.toFixed(4)} ${currency} a day) the budget lasts until ${until.toLocaleString()}.`;
+  }
+}
+
 async function loadUsage() {
   const eventId = state.selected.id;
   const [byDay, byDeployment, byAttendee, byHour] = await Promise.all(["day", "deployment", "attendee", "hour"]
     .map((group) => manage(`/events/${eventId}/usage?group_by=${group}`)));
+  const alerts = await manage(`/events/${eventId}/alerts`);
   const t = byDay.totals;
+  const currency = state.selected.currency || "USD";
+  renderBudget(state.selected, alerts, Number(t.cost), byHour);
   const refusedTotal = sum(Object.values(byAttendee.totals.refused || {}));
   fill($("#usage-totals"), [
     ["Requests", t.requests], ["Prompt tokens", t.prompt_tokens],
     ["Completion tokens", t.completion_tokens], ["Total tokens", t.total_tokens],
+    ["Cached prompt tokens", t.cached_tokens], ["Reasoning tokens", t.reasoning_tokens],
     ["Attendees active", byHour.totals.active_attendees], ["Calls refused", refusedTotal],
+    [`Spend (${currency})`, t.cost], ["Unpriced calls", t.unpriced],
   ].map(([label, value]) => h("div", { class: "tile" }, h("span", { class: "label" }, label),
-    h("span", { class: "value" }, number(value)))));
+    h("span", { class: "value" }, typeof value === "string" ? value : number(value)))));
   renderRefusals(byAttendee);
   renderToolCalls(await manage(`/events/${eventId}/toolcalls`));
 
@@ -483,6 +531,8 @@ async function loadUsage() {
   const hourLabels = hours.map((r) => new Date(r.hour).toLocaleString(undefined, { day: "numeric", month: "short", hour: "2-digit", minute: "2-digit" }));
   const deployments = [...byDeployment.rows].sort((a, b) => b.total_tokens - a.total_tokens);
   const top = [...byAttendee.rows].sort((a, b) => b.total_tokens - a.total_tokens).slice(0, TOP_ATTENDEES);
+  const spenders = [...byAttendee.rows].filter((r) => Number(r.cost) > 0)
+    .sort((a, b) => Number(b.cost) - Number(a.cost)).slice(0, TOP_ATTENDEES);
   const cards = [
     chartCard("chart-requests-per-day", "Requests per day", (width) => days.length && columnChart({
       width, labels: dayLabels, series: [{ name: "requests", className: "bar-requests", values: days.map((r) => r.requests) }],
@@ -495,6 +545,15 @@ async function loadUsage() {
         { name: "completion", className: "bar-completion", values: days.map((r) => r.completion_tokens) },
       ],
     }), days.length ? legend(["prompt", "prompt"], ["completion", "completion"]) : null),
+    chartCard("chart-spend-per-day", `Spend per day (${currency})`, (width) => days.length && columnChart({
+      width, labels: dayLabels, series: [{ name: "spend", className: "bar-tokens", values: days.map((r) => Number(r.cost)) }],
+    })),
+    chartCard("chart-spend-deployments", `Spend per deployment (${currency})`, (width) => deployments.length && barList({
+      width, labels: deployments.map((r) => r.deployment), values: deployments.map((r) => Number(r.cost)), className: "bar-tokens", unit: ` ${currency}`,
+    })),
+    chartCard("chart-spend-attendees", `Top ${TOP_ATTENDEES} attendees by spend (${currency})`, (width) => spenders.length && barList({
+      width, labels: spenders.map((r) => r.user || r.attendee_id), values: spenders.map((r) => Number(r.cost)), className: "bar-requests", unit: ` ${currency}`,
+    })),
     chartCard("chart-active", "Active attendees per hour", (width) => hours.length && columnChart({
       width,
       labels: hourLabels,

@@ -75,6 +75,23 @@ function setMeter(el, left, cap) {
   el.classList.toggle("low", share < 0.15);
 }
 
+// The key's budget: what is left of the tighter of its budgets (also updated from the
+// x-aiproxy-budget-remaining header of each answer).
+function showBudget(budget, left) {
+  if (!budget || budget.left === null || budget.left === undefined) {
+    $("#budget-facts").hidden = true;
+    $("#budget-meter").hidden = true;
+    return;
+  }
+  if (left !== undefined && left !== null) budget.left = left;
+  const total = Number(budget.attendee_daily_budget || budget.attendee_budget);
+  const per = budget.attendee_daily_budget ? " today" : "";
+  $("#budget-left").textContent = `${budget.left} of ${total} ${budget.currency}${per}`;
+  setMeter($("#budget-meter"), Number(budget.left), total);
+  $("#budget-facts").hidden = false;
+  $("#budget-meter").hidden = false;
+}
+
 function showEvent(info, first = true, models = []) {
   $("#event-name").textContent = info.name;
   fill($("#event-status"), badge(info.status));
@@ -91,6 +108,7 @@ function showEvent(info, first = true, models = []) {
     $("#tokens-left").textContent = "no daily cap";
     $("#tokens-meter").hidden = true;
   }
+  showBudget(info.budget);
   $("#max-cap").textContent = number(info.max_token_cap);
   const perMinute = [
     info.requests_per_minute && `${number(info.requests_per_minute)} requests`,
@@ -326,6 +344,8 @@ async function send(text) {
   try {
     const [path, options] = turnRequest(model, text);
     const response = await call(path, { ...options, signal: state.controller.signal });
+    const left = response.headers.get("x-aiproxy-budget-remaining");
+    if (left !== null && state.info) showBudget(state.info.budget, left);
     let answerId = null;
     for await (const chunk of events(response)) {
       const { error, usage: used, delta, filtered, id } = readEvent(chunk);

@@ -158,6 +158,8 @@ class TooManyRequests(
         "event_daily_token_cap_exceeded": 429,
         "rate_limit_exceeded": 429,
         "too_many_failed_keys": 429,
+        "attendee_budget_exhausted": 429,
+        "event_budget_exhausted": 429,
     },
 ):
     """Over a cap or a limit: retry later (most carry Retry-After)."""

@@ -20,7 +20,15 @@ from shared.directory import (
     CatalogStore,
     EventStore,
 )
-from shared.governance import CallJournal, Caps, FairShare, RateLimits, UsageWriter
+from shared.governance import (
+    Alerts,
+    Budgets,
+    CallJournal,
+    Caps,
+    FairShare,
+    RateLimits,
+    UsageWriter,
+)
 from shared.platform import hosting
 from shared.platform import settings as settings_module
 from shared.platform.settings import Settings
@@ -51,6 +59,8 @@ class Runtime:
         self.upstream = UpstreamClient(settings)
         self.balancer = Balancer(self.tables, settings.sync_seconds)
         self.caps = Caps(self.tables, settings.sync_seconds)
+        self.alerts = Alerts(self.tables, self.sealer, self._post)
+        self.budgets = Budgets(self.tables, settings.sync_seconds, alerts=self.alerts)
         self.limits = RateLimits(self.caps, FairShare(self.tables, settings.sync_seconds))
         spill_dir = Path(
             settings.usage_spill_dir
@@ -77,6 +87,14 @@ class Runtime:
         )
         self.callers = Callers(settings, self.entra, self.guard)  # who manages: manage/*
 
+    async def _post(self, url: str, headers: dict[str, str], body: bytes) -> int:
+        """POST to an organiser's webhook (alerts), answering the status."""
+        answer = await self.upstream.send("POST", url, headers, body)
+        try:
+            return answer.status
+        finally:
+            answer.close()
+
     async def close(self) -> None:
         if self.pruning is not None:
             self.pruning.cancel()
@@ -84,6 +102,8 @@ class Runtime:
         await self.limits.close()
         await self.caps.close()
         await self.journal.close()
+        await self.budgets.close()
+        await self.alerts.close()
         await self.usage.close()
         await self.plugins.close()
         await self.upstream.close()

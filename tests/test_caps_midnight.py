@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
 
 import httpx
 import pytest
@@ -41,14 +42,14 @@ def travel_to(app: tuple[App, StandIns]) -> Callable[[str], None]:
     return app[1].travel_to
 
 
-async def berlin_event(client: httpx.AsyncClient, sim: Simulator, cap: int) -> str:
+async def berlin_event(client: httpx.AsyncClient, sim: Simulator, cap: int, **more: str) -> str:
     manage = OPERATOR
     event = await client.post(
         "/manage/events",
         headers=manage,
         json={"name": "Autumn school", "starts_at": "2026-10-20T00:00:00",
               "ends_at": "2026-10-30T00:00:00", "time_zone": "Europe/Berlin",
-              "max_token_cap": 100, "daily_request_cap": cap},
+              "max_token_cap": 100, "daily_request_cap": cap, **more},
     )  # fmt: skip
     resource = await client.post(
         "/manage/resources",
@@ -96,3 +97,26 @@ async def test_cap_day_follows_the_event_zone_not_utc(
     assert (await client.post(CHAT, json=HELLO, headers={"api-key": key})).status_code == 429
     travel_to("2026-10-21T22:00:30")  # past midnight in Berlin, still the 21st in UTC
     assert (await client.post(CHAT, json=HELLO, headers={"api-key": key})).status_code == 200
+
+
+async def test_a_daily_budget_resets_at_local_midnight(
+    client: httpx.AsyncClient, sim: Simulator, travel_to: Callable[[str], None]
+) -> None:
+    travel_to("2026-10-22T21:00:00")  # 23:00 in Berlin (CEST)
+    key = await berlin_event(client, sim, cap=1000, attendee_daily_budget="0.00003")
+    codes = []
+    for _ in range(30):  # a few calls fit, then the day's budget refuses
+        answer = await client.post(CHAT, json=HELLO, headers={"api-key": key})
+        codes.append(answer.status_code)
+        if answer.status_code == 429:
+            break
+    assert 200 in codes and codes[-1] == 429, codes
+    error = answer.json()["error"]
+    assert error["code"] == "attendee_budget_exhausted"
+    assert "today's budget of 0.00003 USD" in error["message"]
+    assert "midnight Europe/Berlin" in error["message"]
+    assert abs(int(answer.headers["retry-after"]) - 3600) <= 5  # midnight CEST is 22:00 UTC
+    travel_to("2026-10-22T22:00:30")  # the 23rd in Berlin: a new day, a new budget
+    again = await client.post(CHAT, json=HELLO, headers={"api-key": key})
+    assert again.status_code == 200, again.text
+    assert Decimal(again.headers["x-aiproxy-budget-remaining"]) <= Decimal("0.00003")

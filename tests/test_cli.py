@@ -18,6 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -676,3 +677,45 @@ def test_organisers_manage_their_own_events_with_a_token_or_the_azure_cli(
     assert f"cannot get an Entra token for {AUDIENCE}/.default" in line and "az login" in line
     line = failed(cli(None, "events", "list", "--entra-scope", AUDIENCE, env={**endpoint, **az}), 2)
     assert "api://<client id>/.default" in line
+
+
+def test_prices_budgets_and_the_cost_report(host: AppHost, sim: Simulator) -> None:
+    resource = ok(
+        cli(
+            host,
+            *("resources", "add", "--name", "priced", "--deployment", "gpt-4o-mini"),
+            *("--model-class", "openai-chat", "--url", sim.url, "--api-key", "-"),
+            *("--prices", "input=2, output=4"),
+            stdin=SIM_KEY + "\n",
+        )
+    ).strip()
+    assert host.manage.get(f"/resources/{resource}").json()["prices"] == "input=2,output=4"
+    span = window(zone="UTC")
+    event_id = ok(
+        cli(
+            host,
+            *("events", "create", "--name", "Costed", "--starts-at", span["starts_at"]),
+            *("--ends-at", span["ends_at"], "--time-zone", "UTC", "--max-token-cap", "256"),
+            *("--daily-request-cap", "100", "--currency", "EUR", "--budget", "25"),
+            *("--attendee-daily-budget", "0.5"),
+        )
+    ).strip()
+    event = host.manage.get(f"/events/{event_id}").json()
+    assert (event["currency"], event["budget"], event["attendee_daily_budget"]) == (
+        "EUR", "25", "0.5",
+    )  # fmt: skip
+    ok(cli(host, "catalog", "attach", "--event", event_id, "--resource", resource))
+    key = host.manage.post(f"/events/{event_id}/attendees", json={"user": "c@example.com"})
+    usage = chat(host.base, key.json()["api_key"], "what does it cost")
+    cost = Decimal(usage["prompt_tokens"] * 2 + usage["completion_tokens"] * 4) / 10**6
+    report = f"/events/{event_id}/usage"
+    wait_until(lambda: host.manage.get(report).json()["totals"]["requests"] >= 1, timeout=30)
+    plain, _ = parse_table(ok(cli(host, "usage", "--event", event_id)))
+    assert "cost" not in plain[0]
+    rows, total = parse_table(ok(cli(host, "usage", "--event", event_id, "--cost")))
+    assert total is not None and Decimal(total["cost"]) == cost and total["unpriced"] == "0"
+    assert [Decimal(r["cost"]) for r in rows if int(r["requests"])] == [cost]
+
+    secret = ok(cli(host, "alerts", "secret", "--event", event_id)).strip()
+    assert secret.startswith("whsec_")
+    assert "threshold_percent" in ok(cli(host, "alerts", "list", "--event", event_id))

@@ -95,7 +95,7 @@ async def test_a_resource_stored_before_its_quotas_and_region_loads(azurite: Azu
         assert found.to_json() == {**{k: v for k, v in old.items() if "Key" not in k},
                                    "id": "r1", "region": "", "quota_requests_per_minute": 0,
                                    "quota_tokens_per_minute": 0,
-                                   "allowed_tools": None}  # fmt: skip
+                                   "prices": "", "allowed_tools": None}  # fmt: skip
         assert set(found.to_json()) == set(ResourceView.model_fields)
         found.weight = 5
         await catalog.resources.save(found)

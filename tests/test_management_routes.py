@@ -305,7 +305,8 @@ def test_usage_report_answers_and_names_bad_query_fields(host: AppHost, event: E
     csv = host.manage.get(f"/events/{event.id}/usage?group_by=deployment&format=csv")
     assert csv.headers["content-type"].startswith("text/csv")
     assert csv.text.splitlines()[0] == (
-        "deployment,requests,prompt_tokens,completion_tokens,total_tokens,units"
+        "deployment,requests,prompt_tokens,completion_tokens,total_tokens,units,"
+        "cached_tokens,reasoning_tokens,audio_tokens,cost_nano,unpriced,cost"
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -13,7 +14,10 @@ import openai
 from shared.governance.rollups import REFUSALS
 from tests.harness import CHAT, FUNCTION_KEY, AppHost, EventSetup, Simulator, Storage
 
-NUMBERS = ("prompt_tokens", "completion_tokens", "total_tokens", "units")
+NUMBERS = (
+    "prompt_tokens", "completion_tokens", "total_tokens", "units",
+    "cached_tokens", "reasoning_tokens", "audio_tokens", "cost_nano", "unpriced",
+)  # fmt: skip
 
 
 def run_timer(host: AppHost, name: str) -> None:
@@ -49,7 +53,7 @@ def expected(records: list[dict[str, Any]], key: str) -> dict[str, dict[str, int
         group = totals.setdefault(record[key], Counter())
         group["requests"] += 1
         for name in NUMBERS:
-            group[name] += record[name]
+            group[name] += int(record[name])
     return {k: dict(v) for k, v in totals.items()}
 
 
@@ -69,6 +73,12 @@ def test_report_by_attendee_and_deployment_equals_the_records(
     }  # fmt: skip
     assert by_attendee["totals"]["requests"] == 9
     assert by_attendee["totals"]["total_tokens"] == sum(r["total_tokens"] for r in records)
+    # Every call here is priced (gpt-4o-mini, text-embedding-3-small), at the table's prices.
+    assert by_attendee["totals"]["unpriced"] == 0
+    assert by_attendee["totals"]["cost_nano"] == sum(r["cost_nano"] for r in records) > 0
+    assert {r["price_source"].partition("@")[0] for r in records} == {
+        "gpt-4o-mini", "text-embedding-3-small"
+    }  # fmt: skip
     by_deployment = host.manage.get(f"/events/{event.id}/usage", params={"group_by": "deployment"})
     rows = {r["deployment"]: r for r in by_deployment.json()["rows"]}
     assert rows["gpt-4o-mini"]["requests"] == 6 and rows["text-embedding-3-small"]["requests"] == 3
@@ -85,9 +95,12 @@ def test_csv_report_has_the_same_totals(host: AppHost, event: EventSetup, storag
     assert response.headers["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(response.text)))
     refused = [f"refused_{reason}" for reason in REFUSALS]
-    assert list(rows[0]) == ["attendee_id", "user", "requests", *NUMBERS, *refused]
+    assert list(rows[0]) == ["attendee_id", "user", "requests", *NUMBERS, "cost", *refused]
     assert sum(int(r["requests"]) for r in rows) == len(records) == 5
     assert sum(int(r["total_tokens"]) for r in rows) == sum(r["total_tokens"] for r in records)
+    spent = sum(r["cost_nano"] for r in records)
+    assert spent > 0 and sum(int(r["cost_nano"]) for r in rows) == spent
+    assert sum(Decimal(r["cost"]) for r in rows) == Decimal(spent) / 10**9
 
 
 def test_attendee_names_cannot_act_as_formulas_in_the_csv(

@@ -123,6 +123,33 @@ def _in(host: str, port: int, pairs: list[tuple[str, int]]) -> bool:
     return False
 
 
+def webhook_problem(url: str, policy: EndpointPolicy) -> str | None:
+    """Why the proxy must not POST an organiser's alerts to `url`, or None: an https URL on a
+    public host name (any host: it receives only the alert and its signature), never an IP
+    literal or localhost, except loopback where the operator allows it (local runs, tests)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        return "is not a valid URL"
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("https", "http") or not host:
+        return "must be an https URL such as https://hooks.example.com/aiproxy"
+    if "@" in parts.netloc:
+        return "must not carry a user name or password ('user@' before the host)"
+    if parts.fragment or url.endswith("#"):
+        return "must not carry a fragment"
+    if host in LOOPBACK_HOSTS and policy.allow_loopback:
+        return None
+    if host in LOOPBACK_HOSTS or _ip_literal(host) or host.endswith((".localhost", ".internal")):
+        return "must name a public host, not an IP address or localhost"
+    if _HOST.match(host) is None or "." not in host:
+        return "must name a public host of letters, digits, '-' and '.'"
+    if parts.scheme != "https":
+        return "must be https"
+    return None
+
+
 @lru_cache(maxsize=4096)
 def endpoint_problem(endpoint: str, policy: EndpointPolicy) -> str | None:
     """Why the proxy must not call `endpoint` (as stored: no trailing '/'), or None.

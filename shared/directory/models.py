@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import secrets
 from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, ClassVar, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -39,6 +40,7 @@ from shared.directory.endpoints import (
     EndpointPolicy,
     endpoint_problem,
     mcp_endpoint_problem,
+    webhook_problem,
 )
 from shared.platform import settings
 
@@ -198,6 +200,83 @@ def _tool_names(value: list[str] | None) -> list[str] | None:
     return list(dict.fromkeys(value))
 
 
+# A resource's own prices: per 1M tokens (input, cached_input, output, audio_input), per
+# image, per audio minute, per 1M characters (speech). The event's currency.
+PRICE_KINDS = ("input", "cached_input", "output", "audio_input", "image", "audio_minute",
+               "characters")  # fmt: skip
+_PRICES_FIX = (
+    "Send figures as 'input=0.15,cached_input=0.075,output=0.60' (per 1M tokens; image per "
+    f"image, audio_minute per minute, characters per 1M), named from: {', '.join(PRICE_KINDS)}."
+)
+
+
+def parse_prices(text: str) -> dict[str, Decimal]:
+    """A resource's prices: 'input=0.15,output=0.6' -> their figures (ValueError if bad)."""
+    figures: dict[str, Decimal] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition("=")
+        name = name.strip().lower()
+        if not sep or name not in PRICE_KINDS or name in figures:
+            raise ValueError(f"'{part.strip()[:40]}' is not one figure of {', '.join(PRICE_KINDS)}")
+        try:
+            figure = Decimal(value.strip())
+        except InvalidOperation:
+            raise ValueError(f"'{value.strip()[:40]}' is not a number") from None
+        if not figure.is_finite() or figure < 0 or figure > 1_000_000 or figure != round(figure, 9):
+            raise ValueError(f"{name} must be from 0 to 1000000 with at most 9 decimals")
+        figures[name] = figure
+    return figures
+
+
+def _prices(value: str) -> str:
+    try:
+        figures = parse_prices(value)
+    except ValueError as exc:
+        raise problem(str(exc), _PRICES_FIX) from None
+    return ",".join(f"{name}={figures[name]}" for name in PRICE_KINDS if name in figures)
+
+
+def _amount(value: str) -> str:
+    """A budget: an amount of the event's currency, at most 9 decimals; empty or 0: none."""
+    try:
+        amount = Decimal(value or "0")
+    except InvalidOperation:
+        amount = Decimal(-1)
+    if not amount.is_finite() or not 0 <= amount <= 1_000_000_000 or amount != round(amount, 9):
+        raise problem(
+            "must be an amount from 0 to 1000000000 with at most 9 decimals",
+            "Send an amount of the event's currency such as '250' or '12.50'; '' or '0' for none.",
+        )
+    return "" if amount == 0 else f"{amount.normalize():f}"
+
+
+Money = Annotated[Text, AfterValidator(_amount)]
+"""A budget in the event's currency, as a decimal string; empty: none."""
+
+
+def _webhook(value: str) -> str:
+    found = webhook_problem(value, EndpointPolicy.of(settings.get())) if value else None
+    if found is not None:
+        raise problem(found, "Send an https URL on a public host, or '' for no webhook.")
+    return value
+
+
+def _thresholds(value: str) -> str:
+    """Percentages of the event's budget, each fired once: '50,80,100'."""
+    try:
+        found = sorted({int(part) for part in value.split(",") if part.strip()})
+    except ValueError:
+        found = [0]
+    if any(not 1 <= n <= 1000 for n in found) or len(found) > 10:
+        raise problem(
+            "must be up to 10 whole percentages from 1 to 1000, separated by commas",
+            "Send percentages of the event's budget such as '50,80,100'; '' for no alerts.",
+        )
+    return ",".join(map(str, found))
+
+
 def _entra_ids(limit: int, what: str, each: str) -> Any:
     """A list of Entra ids (tenants, users, apps, groups), lower-cased, each once; null: none."""
 
@@ -310,6 +389,34 @@ class EventCreate(Body):
         0,
         description="tokens per attendee in any minute (a call counts its worst case until it "
         "answers); 0 or null for no limit",
+    )
+    currency: Annotated[str, StringConstraints(pattern="^[A-Z]{3}$")] = Field(
+        "USD",
+        description="ISO 4217 code the budgets and prices are in; the shipped prices are USD "
+        "(other currencies need each resource's own prices)",
+    )
+    budget: Money = Field(
+        "", max_length=30, description="spend of all attendees together, ever; empty: none"
+    )
+    attendee_budget: Money = Field(
+        "", max_length=30, description="spend per attendee over the whole event; empty: none"
+    )
+    attendee_daily_budget: Money = Field(
+        "",
+        max_length=30,
+        description="spend per attendee per day (event time zone); empty: none",
+    )
+    budget_alerts: Annotated[Text, AfterValidator(_thresholds)] = Field(
+        "50,80,100",
+        max_length=60,
+        description="percentages of `budget` at which an alert fires, once each: a webhook "
+        "POST and a console banner; empty: none",
+    )
+    alert_webhook_url: Annotated[Text, AfterValidator(_webhook)] = Field(
+        "",
+        max_length=2_000,
+        description="https URL the alerts are POSTed to, signed with the event's alert secret "
+        "(x-aiproxy-signature: sha256=HMAC of the body); empty: console only",
     )
     description_markdown: Text = Field("", max_length=20_000, description="registration page text")
     organizer_name: Text = Field("", max_length=200, description="shown on the registration page")
@@ -452,6 +559,14 @@ class ResourceFields(Body):
                 "is for MCP servers only", "Leave allowed_tools out for a model deployment."
             )
         return value
+
+    prices: Annotated[Text, AfterValidator(_prices)] = Field(
+        "",
+        max_length=300,
+        description="its own prices, over the shipped table's for the model that answers: "
+        "'input=0.15,cached_input=0.075,output=0.60' per 1M tokens (also audio_input), "
+        "image per image, audio_minute per minute, characters per 1M; empty: the table's",
+    )
 
 
 class ResourceCreate(ResourceFields):
@@ -634,7 +749,37 @@ class UsageNumbers(BaseModel):
         description="images, audio seconds, searches or MCP tool calls, for what is not "
         "counted in tokens",
     )
+    cached_tokens: int = Field(ge=0, description="of the prompt tokens, read from the cache")
+    reasoning_tokens: int = Field(ge=0, description="of the completion tokens, reasoning")
+    audio_tokens: int = Field(ge=0, description="of the prompt tokens, audio")
+    cost_nano: int = Field(ge=0, description="what the priced calls cost, in billionths")
+    cost: str = Field(description="what the priced calls cost, e.g. '0.0012345'")
+    unpriced: int = Field(ge=0, description="calls whose cost is not known: no price covers them")
 
 
 class AttendeeWithTotals(AttendeeView, UsageNumbers):
     """An attendee in the event's list: without its key, with its all-time totals."""
+
+
+class AlertView(BaseModel):
+    """A budget threshold that fired (once, whichever instance saw it first)."""
+
+    model_config = ANSWER
+
+    threshold_percent: int = Field(description="the percentage of the event's budget")
+    spent: str = Field(description="what the event had spent when it fired")
+    budget: str = Field(description="the budget then")
+    currency: str = Field(description="of both amounts")
+    fired_at: str = Field(description="when it fired, UTC", json_schema_extra=_UTC)
+    delivered: bool = Field(description="the webhook answered 2xx (false: no webhook, or none)")
+
+
+class AlertSecret(BaseModel):
+    """The event's new alert secret, shown this once."""
+
+    model_config = ANSWER
+
+    secret: str = Field(
+        description="the key of the webhook's x-aiproxy-signature (sha256=HMAC-SHA256 of the "
+        "body); the previous secret stops signing"
+    )

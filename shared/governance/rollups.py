@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field, create_model
 
 from shared.directory.models import UsageNumbers
 from shared.governance.caps import COUNTERS_TABLE
+from shared.governance.prices import as_amount
 from shared.governance.usage import DAYS_TABLE, USAGE_TABLE
 from shared.platform.tables import Tables
 
@@ -33,7 +34,9 @@ log = logging.getLogger(__name__)
 
 PARTS_TABLE = "rollupparts"
 ROLLUPS_TABLE = "rollups"
-NUMBERS = tuple(UsageNumbers.model_fields)  # requests, prompt_tokens, ...: declared there
+# requests, prompt_tokens, ...: UsageNumbers' whole numbers, in its order (its `cost` is
+# cost_nano as an amount, worked out when shown)
+NUMBERS = tuple(name for name, info in UsageNumbers.model_fields.items() if info.annotation is int)
 _TOKEN_FIELDS = NUMBERS[1:]  # what a usage record holds of them (it is one request)
 _CHUNK = 30_000  # characters per string property (Table Storage allows 32K)
 _SLICE = 200  # records summed between two chances for requests to run (about 0.2 ms)
@@ -51,6 +54,12 @@ def _prefixed(pk: str, prefix: str) -> dict[str, str]:
     return {"pk": pk, "low": prefix, "high": prefix + "~"}
 
 
+def _whole(value: Any) -> int:
+    """A stored number: Table Storage answers a 64-bit one (a cost above 2.1 in billionths) as
+    a typed property or, without metadata, as a string; a record's `unpriced` is a bool."""
+    return int(getattr(value, "value", value) or 0)
+
+
 class Totals:
     """Sums of the usage NUMBERS, in their order."""
 
@@ -61,7 +70,7 @@ class Totals:
 
     def add(self, row: dict[str, Any], requests: int = 1) -> None:
         """A usage record (one request) or a total row (`requests` given): its numbers."""
-        self.add_numbers([requests, *(int(row.get(name, 0)) for name in _TOKEN_FIELDS)])
+        self.add_numbers([requests, *(_whole(row.get(name)) for name in _TOKEN_FIELDS)])
 
     def add_numbers(self, numbers: list[int]) -> None:
         """Numbers in NUMBERS' order (a list stored before a number was added lacks it)."""
@@ -71,8 +80,11 @@ class Totals:
     def as_list(self) -> list[int]:
         return list(self.numbers)
 
-    def as_dict(self) -> dict[str, int]:
-        return dict(zip(NUMBERS, self.numbers, strict=True))
+    def as_dict(self) -> dict[str, Any]:
+        """The numbers, and the cost as a decimal amount of the currency."""
+        numbers: dict[str, Any] = dict(zip(NUMBERS, self.numbers, strict=True))
+        numbers["cost"] = as_amount(numbers["cost_nano"])
+        return numbers
 
 
 @dataclass
@@ -214,6 +226,8 @@ REFUSALS = (
     "daily_token_cap",
     "event_daily_request_cap",
     "event_daily_token_cap",
+    "attendee_budget",
+    "event_budget",
     "no_capacity",
 )
 
@@ -391,9 +405,9 @@ def to_csv(report_data: dict[str, Any]) -> str:
         extra = ["active_attendees", "new_attendees"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([*heads, *NUMBERS, *extra])
+    writer.writerow([*heads, *NUMBERS, "cost", *extra])
     for row in report_data["rows"]:
-        values = [row[n] for n in (*heads, *NUMBERS)]
+        values = [row[n] for n in (*heads, *NUMBERS, "cost")]
         if group_by == "hour":
             values += [row["active_attendees"], row["new_attendees"]]
         elif extra:

@@ -127,6 +127,12 @@ class UsageRecord:
     outcome: str = "ok"
     units: int = 0  # images generated, audio seconds, speech characters, searches
     reasoning_tokens: int = 0  # of completion_tokens, those the model spent reasoning
+    cached_tokens: int = 0  # of prompt_tokens, those read from the prompt cache
+    audio_tokens: int = 0  # of prompt_tokens, audio
+    model: str = ""  # the model that answered, as the answer names it (empty: not told)
+    cost_nano: int = 0  # what the call cost, in billionths of the currency, when priced
+    unpriced: bool = False  # it used something no price covers: its cost is not known
+    price_source: str = ""  # the price it was costed at: "<model>@<date>", "resource", ...
     tool: str = ""  # an MCP tool call's tool (model_class mcp; deployment: the MCP server)
 
     @property

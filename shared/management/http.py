@@ -179,6 +179,17 @@ async def rotate_attendee_key(runtime: Runtime, caller: Caller, request: Request
     return _json({**found.to_json(), "api_key": key})
 
 
+@managed
+async def list_alerts(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    return _json(await manage.alerts(runtime, caller, _param(request, "event_id")))
+
+
+@managed
+async def rotate_alert_secret(runtime: Runtime, caller: Caller, request: Request) -> Response:
+    secret = await manage.new_alert_secret(runtime, caller, _param(request, "event_id"))
+    return _json({"secret": secret})
+
+
 USAGE_FORMATS = ("json", "csv")
 
 

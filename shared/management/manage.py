@@ -258,6 +258,18 @@ async def tool_calls(runtime: Runtime, caller: Caller, event_id: str) -> list[di
     return await grouped(runtime.tables, found_event.id, users)
 
 
+async def alerts(runtime: Runtime, caller: Caller, event_id: str) -> list[dict[str, Any]]:
+    """The budget thresholds the event has reached, each fired once."""
+    found = await event(runtime, caller, event_id)
+    return await runtime.alerts.fired(found.id)
+
+
+async def new_alert_secret(runtime: Runtime, caller: Caller, event_id: str) -> str:
+    """A new key for signing the event's alert webhooks (shown once)."""
+    found = await event(runtime, caller, event_id)
+    return await runtime.alerts.new_secret(found.id)
+
+
 async def attendees_with_totals(
     runtime: Runtime, caller: Caller, event_id: str
 ) -> list[dict[str, Any]]:
@@ -267,5 +279,5 @@ async def attendees_with_totals(
     found = await list_attendees(runtime, caller, event_id)
     await runtime.usage.flush_quietly()
     totals = await rollups.attendee_totals(runtime.tables, event_id)
-    empty = dict.fromkeys(rollups.NUMBERS, 0)
+    empty = rollups.Totals().as_dict()
     return [{**a.to_json(), **totals.get(a.id, empty)} for a in found]

@@ -143,6 +143,17 @@ MANAGEMENT: tuple[Route, ...] = (
                "A new key for the attendee; the old one stops working",
                ok(models.AttendeeWithKeyView), ids=True),
     )),
+    Route("manage_alerts", "manage/events/{event_id}/alerts", MANAGER, "management", (
+        manage("GET", http.list_alerts, "listAlerts",
+               "The budget thresholds the event reached, each fired once",
+               ok(list[models.AlertView]), ids=True),
+    )),
+    Route("manage_alert_secret", "manage/events/{event_id}/alerts/secret", MANAGER,
+          "management", (
+        manage("POST", http.rotate_alert_secret, "rotateAlertSecret",
+               "A new secret signing the event's alert webhooks, shown once",
+               ok(models.AlertSecret), ids=True),
+    )),
     Route("manage_usage", "manage/events/{event_id}/usage", MANAGER, "management", (
         manage("GET", http.usage_report, "usageReport",
                "Usage totals by attendee, deployment, day or hour",

@@ -9,6 +9,8 @@ from starlette.responses import Response
 
 from shared.errors import ProxyError
 
+# Successful answers of attendees with a budget: what is left of it, in the event's currency.
+BUDGET_HEADER = "x-aiproxy-budget-remaining"
 REQUEST_ID_HEADER = "x-aiproxy-request-id"
 # Response headers of the upstream that the caller gets to see.
 PASSED_HEADERS = (

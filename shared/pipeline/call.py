@@ -20,6 +20,7 @@ from starlette.responses import Response
 from shared.directory import Event, Resource
 from shared.errors import NoCapacity, ProxyError, UpstreamFailed
 from shared.pipeline.answers import (
+    BUDGET_HEADER,
     PASSED_HEADERS,
     REQUEST_ID_HEADER,
     error_response,
@@ -32,12 +33,13 @@ from shared.pipeline.kinds import (
     TOKEN_CLASSES,
     CallKind,
     apply_token_cap,
+    details_of,
     estimated_usage,
     find_pool,
-    reasoning_of,
     supports_stream_options,
     units_of,
     usage_numbers,
+    worst_units,
 )
 from shared.pipeline.ledger import Ledger
 from shared.pipeline.relays import (
@@ -87,7 +89,9 @@ class ProxyCall:
         stream, hide_usage = self.limit_stream(payload, api_version)
         capped = self.cap(payload, event.max_token_cap, api_version)
         limit = payload.get("max_completion_tokens") or payload.get("max_tokens") or 0
-        await self.ledger.admit(event, len(body), limit, streamed=stream)
+        await self.ledger.admit(
+            event, len(body), limit, worst_units(self.kind, payload), streamed=stream
+        )
         self.rewrite(
             payload, body, api_version, changed=capped or hide_usage,
             model_in_body=deployment is None,
@@ -217,7 +221,7 @@ class ProxyCall:
                     if usage is not None
                     else estimated_usage(payload, meter.estimate_completion_tokens()),
                     estimated=usage is None,
-                    reasoning=reasoning_of(usage),
+                    details=details_of(usage, meter.model),
                 )
 
             return self.relayed(answer, meter, finish, STREAM_CUT_EVENT)
@@ -250,7 +254,7 @@ class ProxyCall:
             estimated=estimated,
             outcome="ok" if answer.status < 400 else "upstream_status",
             units=units_of(self.kind, parsed) if answer.status == 200 else 0,
-            reasoning=reasoning_of(usage),
+            details=details_of(usage, parsed.get("model") if isinstance(parsed, dict) else None),
         )
         return Response(content, answer.status, self.answer_headers(answer))
 
@@ -297,6 +301,9 @@ class ProxyCall:
         """The upstream's headers the caller may see, and the call's request id."""
         headers = {name: answer.headers[name] for name in PASSED_HEADERS if name in answer.headers}
         headers[REQUEST_ID_HEADER] = self.request_id
+        left = self.ledger.budget_left()
+        if left is not None:
+            headers[BUDGET_HEADER] = left
         return headers
 
     def relayed(

@@ -37,6 +37,15 @@ class Today(BaseModel):
     resets_in_seconds: int = Field(ge=0, description="seconds to the next local midnight")
 
 
+class Budget(BaseModel):
+    """This key's budgets, in the event's currency (amounts as decimal strings)."""
+
+    currency: str = Field(description="ISO 4217 code of the amounts")
+    attendee_budget: str = Field(description="this key's budget over the event; empty: none")
+    attendee_daily_budget: str = Field(description="this key's budget per day; empty: none")
+    left: str | None = Field(description="what is left of the tighter of the two; null: no budget")
+
+
 class AttendeeName(BaseModel):
     """Who the key is."""
 
@@ -50,6 +59,7 @@ EventInfo = create_model(
     __doc__="The event of a key: its window, caps and the deployments the key may use",
     status=(Literal["upcoming", "live", "ended", "inactive"], Field(description="the event now")),
     today=(Today, Field(description="this key's use of today's caps")),
+    budget=(Budget, Field(description="this key's budgets and what is left")),
     attendee=(AttendeeName, Field(description="who the key is")),
     **event_fields(*CAPS),
     deployments=(
@@ -89,10 +99,19 @@ async def event_info(request: Request) -> Response:
             ),
             "resets_in_seconds": event.seconds_to_local_midnight(now),
         }
+        if event.attendee_budget or event.attendee_daily_budget:
+            await runtime.budgets.refresh(event, access.attendee.id, now)
+        budget = {
+            "currency": event.currency,
+            "attendee_budget": event.attendee_budget,
+            "attendee_daily_budget": event.attendee_daily_budget,
+            "left": runtime.budgets.remaining(event, access.attendee.id, now),
+        }
         info = {
             **event.public(),
             "status": status,
             "today": today,
+            "budget": budget,
             "attendee": {"id": access.attendee.id, "user": access.attendee.user},
             **{cap: getattr(event, cap) for cap in CAPS},
             "deployments": by_class,

@@ -124,6 +124,18 @@ def units_of(kind: CallKind, answer: Any) -> int:
     return 0
 
 
+def worst_units(kind: CallKind, payload: dict[str, Any]) -> int:
+    """The most of its own unit a call may use, known before it runs: the images asked for, the
+    characters to say; 0 where it is not known (the length of an uploaded recording)."""
+    if kind.model_class == "openai-images":
+        n = payload.get("n", 1)
+        return n if isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 100 else 1
+    if kind.binary:
+        said = payload.get("input")
+        return len(said) if isinstance(said, str) else 0
+    return 0
+
+
 def estimated_usage(payload: dict[str, Any], completion: int = 0) -> tuple[int, int, int]:
     """The usage of a call whose upstream told none: its prompt counted here, and `completion`."""
     prompt = tokens.prompt_tokens(payload)
@@ -137,6 +149,36 @@ def usage_numbers(usage: dict[str, Any] | None) -> tuple[int, int, int]:
     completion = int(usage.get("completion_tokens") or 0)
     total = int(usage.get("total_tokens") or prompt + completion)
     return prompt, completion, total
+
+
+@dataclass(frozen=True)
+class Details:
+    """What a usage object says beyond its totals, and the model that answered (its `model`,
+    which names a dated version, or under a model router differs from call to call)."""
+
+    reasoning: int = 0  # of the completion (output) tokens
+    cached: int = 0  # of the prompt (input) tokens, read from the prompt cache
+    audio: int = 0  # of the prompt (input) tokens, audio
+    model: str = ""
+
+
+NO_DETAILS = Details()
+
+
+def _count(details: Any, name: str) -> int:
+    value = details.get(name) if isinstance(details, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def details_of(usage: dict[str, Any] | None, model: Any = None) -> Details:
+    """The details of a chat, completions or Responses usage object, and the answer's model."""
+    model = model[:100] if isinstance(model, str) else ""
+    if not usage:
+        return Details(model=model) if model else NO_DETAILS
+    prompt = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+    return Details(
+        reasoning_of(usage), _count(prompt, "cached_tokens"), _count(prompt, "audio_tokens"), model
+    )
 
 
 def reasoning_of(usage: dict[str, Any] | None) -> int:

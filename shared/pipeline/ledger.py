@@ -11,12 +11,13 @@ from typing import Any
 
 from shared.directory.events import Event
 from shared.errors import ProxyError
+from shared.governance import prices
 from shared.governance.caps import Counter
 from shared.governance.journal import Entry
 from shared.governance.ratelimits import Admission
 from shared.governance.usage import UsageRecord
 from shared.pipeline.forwarding import UpstreamRequest
-from shared.pipeline.kinds import TOKEN_CLASSES
+from shared.pipeline.kinds import NO_DETAILS, TOKEN_CLASSES, Details
 from shared.platform import clock, telemetry
 from shared.runtime import Access, Runtime
 
@@ -38,9 +39,10 @@ class Ledger:
     admission: Admission | None = None  # its place in the per-minute counts
     entry: Entry | None = None  # its entry among the calls in flight, until recorded
     tool: str = ""  # an MCP tool call's tool
+    hold: Any = None  # its worst case taken from the event's budgets (a Hold)
 
     async def admit(
-        self, event: Event, body_size: int, limit: Any, *, streamed: bool = False
+        self, event: Event, body_size: int, limit: Any, units: int = 0, *, streamed: bool = False
     ) -> None:
         """Take one request from today's cap and this minute's limits (and the pool's fair
         share near its quota), reserving the call's worst case in tokens; then start writing
@@ -57,7 +59,24 @@ class Ledger:
             event, attendee_id, self.counter, upstream.deployment, upstream.members,
             self.worst_case_tokens,
         )  # fmt: skip
+        if event.budget or event.attendee_budget or event.attendee_daily_budget:
+            worst = self.worst_cost(body_size, limit if isinstance(limit, int) else 0, units)
+            self.hold = await self.runtime.budgets.admit(event, attendee_id, clock.now(), worst)
         self.journal(body_size, limit, streamed)
+
+    def worst_cost(self, body_size: int, limit: int, units: int) -> int:
+        """The most the call may cost (billionths): every byte of its body a token, and all
+        the output it may ask for, at the dearest member's prices; 1 when none is priced."""
+        worst = 1  # every call needs some room: a budget spent is spent, priced or not
+        prompt = body_size if self.model_class in TOKEN_CLASSES else 0
+        for member in self.upstream.members:
+            model = prices.ANSWERED.get(member.id) or member.upstream_deployment
+            cost = prices.cost_of(
+                prices.price_of(model, member.prices), self.model_class, prompt=prompt,
+                completion=limit, units=units,
+            )  # fmt: skip
+            worst = max(worst, cost.nano)
+        return worst
 
     def journal(self, body_size: int, limit: Any, streamed: bool) -> None:
         """The call's provisional record, at its worst case: its usage record if it never
@@ -65,9 +84,12 @@ class Ledger:
         if not self.runtime.journal.enabled:
             return
         prompt = min(body_size // 4, self.worst_case_tokens)
+        # Its cost is what its budgets hold for it: the worst case at its pool's prices.
+        held = self.hold.worst if self.hold is not None else 0
         provisional = self.usage_record(
             502, (prompt, self.worst_case_tokens - prompt, self.worst_case_tokens),
             streamed=streamed, estimated=True, outcome="worker_lost", latency_ms=0.0,
+            cost=prices.Cost(held, True, "worst case") if held else prices.FREE,
         )  # fmt: skip
         counter = self.counter
         whole = counter is not None and counter.whole is not None
@@ -91,6 +113,8 @@ class Ledger:
         if self.counter is not None:
             self.runtime.caps.settle(self.counter, self.worst_case_tokens, 0)
             self.counter = None
+        self.runtime.budgets.settle(self.hold, 0)
+        self.hold = None
 
     def refused(self, error: ProxyError) -> None:
         """A refusal, logged; one of 429 counted for the organiser's reports."""
@@ -114,12 +138,13 @@ class Ledger:
         estimated: bool = False,
         units: int = 0,
         reasoning: int = 0,
+        details: Details = NO_DETAILS,
     ) -> None:
         """A relayed answer's record once it ended: ok, cut by the upstream, or client_gone."""
         status = 200 if outcome == "ok" else 502 if outcome == "cut" else 499
         self.record(
             status, usage, streamed=True, estimated=estimated, outcome=outcome, units=units,
-            reasoning=reasoning,
+            reasoning=reasoning, details=details,
         )  # fmt: skip
 
     def record(
@@ -133,6 +158,7 @@ class Ledger:
         units: int = 0,
         reasoning: int = 0,
         charge: int | None = None,
+        details: Details = NO_DETAILS,
     ) -> None:
         """The call's usage record; its tokens (or `charge`) count against today's cap."""
         assert self.access is not None
@@ -146,6 +172,12 @@ class Ledger:
         event, attendee_id = self.access.event, self.access.attendee.id
         resource, deployment = self.upstream.member, self.upstream.deployment
         latency_ms = (time.perf_counter() - self.started) * 1000
+        cost = self.cost(resource, usage, units, details)
+        # A background response's tokens come with a later record, which any instance may
+        # write: its budgets keep the call's worst case, as today's token cap does.
+        spent = self.hold.worst if outcome == "background" and self.hold else cost.nano
+        self.runtime.budgets.settle(self.hold, spent)
+        self.hold = None
         telemetry.call_finished(
             {
                 "request_id": self.request_id,
@@ -164,7 +196,8 @@ class Ledger:
         self.runtime.usage.append(
             self.usage_record(
                 status, usage, streamed=streamed, estimated=estimated, outcome=outcome,
-                latency_ms=latency_ms, units=units, reasoning=reasoning,
+                latency_ms=latency_ms, units=units, reasoning=reasoning, details=details,
+                cost=cost,
             )
         )  # fmt: skip
         self.settle_entry()
@@ -186,8 +219,11 @@ class Ledger:
         latency_ms: float,
         units: int = 0,
         reasoning: int = 0,
+        details: Details = NO_DETAILS,
+        cost: prices.Cost = prices.FREE,
     ) -> UsageRecord:
-        """The call's usage record as of now: every record of a call is made here."""
+        """The call's usage record as of now: every record of a call but a background
+        response's result is made here."""
         assert self.access is not None
         event, attendee_id = self.access.event, self.access.attendee.id
         resource, deployment = self.upstream.member, self.upstream.deployment
@@ -210,13 +246,44 @@ class Ledger:
             request_id=self.request_id,
             outcome=outcome,
             units=units,
-            reasoning_tokens=reasoning,
+            reasoning_tokens=details.reasoning or reasoning,
+            cached_tokens=details.cached,
+            audio_tokens=details.audio,
+            model=details.model,
+            cost_nano=cost.nano,
+            unpriced=not cost.priced,
+            price_source=cost.source,
             tool=self.tool,
         )
 
+    def budget_left(self) -> str | None:
+        """What is left of the caller's own budget (None: the event gives them none)."""
+        access = self.access
+        if access is None:
+            return None
+        event = access.event
+        if not (event.attendee_budget or event.attendee_daily_budget):
+            return None
+        return self.runtime.budgets.remaining(event, access.attendee.id, clock.now())
+
+    def cost(
+        self, resource: Any, usage: tuple[int, int, int], units: int, details: Details
+    ) -> prices.Cost:
+        """What the call cost at the prices of the model that answered (the resource's own
+        over the table's), fixed now: a later change of prices leaves the record as it is."""
+        if resource is not None and details.model:
+            prices.ANSWERED[resource.id] = details.model
+        model = details.model or (resource.upstream_deployment if resource else "")
+        price = prices.price_of(model, resource.prices if resource else "")
+        return prices.cost_of(
+            price, self.model_class, prompt=usage[0], cached=details.cached,
+            audio=details.audio, completion=usage[1], units=units,
+        )  # fmt: skip
+
     def record_result(
-        self, response_id: str, created: Any, usage: tuple[int, int, int], reasoning: int
-    ) -> None:
+        self, response_id: str, created: Any, usage: tuple[int, int, int], reasoning: int,
+        details: Details = NO_DETAILS,
+    ) -> None:  # fmt: skip
         """The tokens of a finished background response (by the member that answered).
 
         Its record's row key comes from the response (creation time, id), so the same result
@@ -226,6 +293,7 @@ class Ledger:
         resource = self.upstream.member
         assert self.access is not None and resource is not None
         event = self.access.event
+        cost = self.cost(resource, usage, 0, details)
         when = (
             datetime.fromtimestamp(created, UTC)
             if isinstance(created, int | float)
@@ -250,5 +318,11 @@ class Ledger:
                 request_id="bg" + hashlib.sha256(response_id.encode()).hexdigest()[:14],
                 outcome="background_result",
                 reasoning_tokens=reasoning,
+                cached_tokens=details.cached,
+                audio_tokens=details.audio,
+                model=details.model,
+                cost_nano=cost.nano,
+                unpriced=not cost.priced,
+                price_source=cost.source,
             )
         )

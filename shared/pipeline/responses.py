@@ -27,7 +27,7 @@ from shared.errors import NoCapacity, ProxyError
 from shared.governance import tokens
 from shared.pipeline.bodies import read_body
 from shared.pipeline.call import ProxyCall, answer_call
-from shared.pipeline.kinds import RESPONSES, apply_token_cap, reasoning_of
+from shared.pipeline.kinds import RESPONSES, apply_token_cap, details_of, reasoning_of
 from shared.pipeline.relays import RESPONSE_CUT_EVENT, is_event_stream
 from shared.pipeline.streaming import ResponseStreamMeter
 from shared.runtime import Runtime, get_runtime
@@ -217,6 +217,7 @@ class ResponsesCall(ProxyCall):
                 self.record_created(
                     meter.usage, payload, outcome, stream=True,
                     estimate=meter.estimate_output_tokens,
+                    model=(meter.response or {}).get("model"),
                 )  # fmt: skip
 
             return self.relay_events(answer, finish)
@@ -228,7 +229,7 @@ class ResponsesCall(ProxyCall):
                 self.record_background(parsed, streamed=False)
             else:
                 usage = parsed.get("usage") if isinstance(parsed.get("usage"), dict) else None
-                self.record_created(usage, payload, "ok")
+                self.record_created(usage, payload, "ok", model=parsed.get("model"))
 
         return await self.answer_read(answer, stream, record)
 
@@ -304,6 +305,7 @@ class ResponsesCall(ProxyCall):
         stream: bool = False,
         status: int = 200,
         estimate: Any = None,
+        model: Any = None,
     ) -> None:
         estimated = usage is None and outcome != "upstream_status"
         if usage is not None:
@@ -324,7 +326,7 @@ class ResponsesCall(ProxyCall):
             streamed=stream,
             estimated=estimated,
             outcome=outcome,
-            reasoning=reasoning_of(usage),
+            details=details_of(usage, model),
         )
 
     # --- by id --------------------------------------------------------------------------------
@@ -381,7 +383,7 @@ class ResponsesCall(ProxyCall):
         total = int(usage.get("total_tokens") or prompt + completion)
         self.ledger.record_result(
             response_id, response.get("created_at"), (prompt, completion, total),
-            reasoning_of(usage),
+            reasoning_of(usage), details_of(usage, response.get("model")),
         )  # fmt: skip
 
 

@@ -120,6 +120,7 @@ class StreamMeter(_EventMeter):
     def __init__(self, *, hide_usage: bool) -> None:
         super().__init__()
         self._hide_usage = hide_usage
+        self.model: str | None = None  # the answering model, as the usage chunk names it
 
     def feed(self, chunk: bytes) -> bytes:
         """Bytes to send on now: every complete event so far, less a hidden usage chunk."""
@@ -155,6 +156,8 @@ class StreamMeter(_EventMeter):
         usage = value.get("usage") if value else None
         if isinstance(usage, dict):
             self.usage = usage
+            model = value.get("model") if value else None
+            self.model = model if isinstance(model, str) and model else None
             if self._hide_usage and not value.get("choices"):
                 return complete[:start] + complete[end:]
         return complete
