@@ -38,6 +38,7 @@ class Event:
     event_daily_token_cap: int = 0  # all attendees together; 0: none
     requests_per_minute: int = 0  # per attendee; 0: no limit
     tokens_per_minute: int = 0  # per attendee; 0: no limit
+    realtime_max_session_seconds: int = 600  # longest realtime voice call
     description_markdown: str = ""
     organizer_name: str = ""
     organizer_email: str = ""
@@ -175,6 +176,7 @@ class Event:
             event_daily_token_cap=int(entity.get("event_daily_token_cap", 0)),
             requests_per_minute=int(entity.get("requests_per_minute", 0)),
             tokens_per_minute=int(entity.get("tokens_per_minute", 0)),
+            realtime_max_session_seconds=int(entity.get("realtime_max_session_seconds", 600)),
             description_markdown=entity.get("description_markdown", ""),
             organizer_name=entity.get("organizer_name", ""),
             organizer_email=entity.get("organizer_email", ""),

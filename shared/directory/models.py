@@ -45,6 +45,7 @@ ModelClass = Literal[
     "openai-embeddings",
     "openai-images",
     "openai-audio",
+    "openai-realtime",
     "azure-ai-search",
 ]
 MODEL_CLASSES: tuple[str, ...] = get_args(ModelClass)
@@ -280,6 +281,13 @@ class EventCreate(Body):
         0,
         description="tokens per attendee in any minute (a call counts its worst case until it "
         "answers); 0 or null for no limit",
+    )
+    realtime_max_session_seconds: int = Field(
+        600,
+        ge=10,
+        le=3600,
+        description="longest realtime voice session (WebRTC call) in seconds; the proxy ends "
+        "a call when it passes this",
     )
     description_markdown: Text = Field("", max_length=20_000, description="registration page text")
     organizer_name: Text = Field("", max_length=200, description="shown on the registration page")

@@ -5,7 +5,7 @@ requests), `call` (one call's steps, from its arrival to its usage record), `led
 call reserves and records), `forwarding` (the
 upstream request, tried on the members in order), `relays` (answers passed on as they arrive),
 `streaming` (their meters), `answers` (request ids and errors), `eventinfo`, `models`,
-`responses` (the Responses API and its affinity). The routes in function_app.py use the names
+`responses` (the Responses API and its affinity), `realtime` (WebRTC calls' setup). The routes in function_app.py use the names
 below.
 
 May import: everything in shared/ but shared.web and shared.management.
@@ -28,6 +28,7 @@ from shared.pipeline.kinds import (
     CallKind,
 )
 from shared.pipeline.models import Model, ModelList, list_models, one_model
+from shared.pipeline.realtime import realtime_call, realtime_client_secret
 from shared.pipeline.responses import by_id as response_by_id
 from shared.pipeline.responses import create as create_response
 
@@ -55,5 +56,7 @@ __all__ = [
     "new_request_id",
     "one_model",
     "proxy_call",
+    "realtime_call",
+    "realtime_client_secret",
     "response_by_id",
 ]
