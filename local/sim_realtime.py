@@ -17,7 +17,7 @@ Routes (added to the simulator's app by `add_routes`):
 A response is made for each `turn_seconds` of audio received (server VAD's turn, by default
 1 s; ``realtime_turn_seconds`` in /_sim/config), or on ``response.create``. Its usage is
 Azure's shape: input tokens (text: the instructions; audio: 10 per second heard), of which the
-earlier turns' input is cached; output tokens (text and audio) up to max_output_tokens.
+earlier turns (input and output) are cached; output tokens (text and audio) up to max_output_tokens.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class Call:
     unanswered_seconds: float = 0.0  # heard since the last response
     responses: list[dict[str, Any]] = field(default_factory=list)
     input_so_far: int = 0  # what later turns find cached
+    audio_so_far: int = 0  # of which audio
     ended: str = ""  # why, once ended
     tasks: set[asyncio.Task] = field(default_factory=set)
     events: int = 0
@@ -276,7 +277,7 @@ class Realtime:
         call.unanswered_seconds = 0.0
         text_in = max(1, len(str(call.session.get("instructions") or "")) // 4)
         input_tokens = text_in + heard + call.input_so_far
-        cached = (call.input_so_far // 64) * 64
+        cached, cached_audio = call.input_so_far, call.audio_so_far  # the earlier turns
         text_out, audio_out = OUTPUT_TEXT_TOKENS, OUTPUT_AUDIO_TOKENS
         status, details = "completed", None
         if isinstance(limit, int) and text_out + audio_out > limit:
@@ -285,14 +286,15 @@ class Realtime:
             status, details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
         output_tokens = text_out + audio_out
         call.input_so_far = input_tokens + output_tokens
-        cached_audio = min(cached, max(0, cached - text_in))
+        call.audio_so_far += heard + audio_out
+        audio_in = heard + cached_audio
         usage = {
             "total_tokens": input_tokens + output_tokens,
             "input_tokens": input_tokens,
             "output_tokens": output_tokens,
             "input_token_details": {
-                "text_tokens": input_tokens - heard,
-                "audio_tokens": heard,
+                "text_tokens": input_tokens - audio_in,
+                "audio_tokens": audio_in,
                 "image_tokens": 0,
                 "cached_tokens": cached,
                 "cached_tokens_details": {
