@@ -158,8 +158,9 @@ def main() -> None:
     env = {**os.environ}
     for name, value in values.items():
         env.setdefault(name, str(value))
-    azurite = Azurite(AZURITE_PORT, DATA_DIR / "azurite").start()
+    azurite = Azurite(AZURITE_PORT, DATA_DIR / "azurite", queue_port=AZURITE_PORT - 1).start()
     env["AIPROXY_STORAGE_CONNECTION_STRING"] = azurite.connection_string
+    env["AzureWebJobsStorage"] = azurite.connection_string  # the queue triggers' storage
     # The demo's upstream is the simulator on 127.0.0.1 (settings written before it was needed).
     env.setdefault("AIPROXY_ALLOW_LOOPBACK_UPSTREAMS", "true")
     children = []

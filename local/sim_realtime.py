@@ -172,13 +172,13 @@ class Realtime:
         return call
 
     async def hear(self, call: Call, track: Any) -> None:
-        turn = float(self.config().get("realtime_turn_seconds") or 1.0)
         with contextlib.suppress(Exception):
             while not call.ended:
                 frame = await track.recv()
                 seconds = frame.samples / frame.sample_rate
                 call.audio_seconds += seconds
                 call.unanswered_seconds += seconds
+                turn = float(self.config().get("realtime_turn_seconds") or 1.0)
                 if call.unanswered_seconds >= turn:
                     self.respond(call)
 

@@ -13,6 +13,8 @@ import pytest
 from tests.harness import AppHost, EventSetup, Simulator, Storage, window
 from tests.realtime_peer import Caller, eventually, form, sim_call
 
+pytestmark = pytest.mark.e2e  # the call waits for the queue function to meter it
+
 REALTIME = "gpt-realtime"
 CALLS = "/openai/v1/realtime/calls"
 SECRETS = "/openai/v1/realtime/client_secrets"

@@ -104,7 +104,8 @@ class UsageRecord:
     """What one request used. `outcome` is ok, upstream_status, upstream_error, upstream_timeout,
     no_capacity, cut or client_gone; a background response has two records: `background` for
     the call that started it (no tokens yet) and `background_result` with its tokens, written
-    when a call to the proxy first sees it finished."""
+    when a call to the proxy first sees it finished; a realtime call has one for its setup
+    (`ok`, one unit: the session) and one `realtime_response` per response its sideband saw."""
 
     event_id: str
     attendee_id: str
@@ -124,6 +125,8 @@ class UsageRecord:
     outcome: str = "ok"
     units: int = 0  # images generated, audio seconds, speech characters, searches
     reasoning_tokens: int = 0  # of completion_tokens, those the model spent reasoning
+    cached_tokens: int = 0  # of prompt_tokens, those read from the cache (realtime)
+    audio_tokens: int = 0  # of all the tokens, those of audio in and out (realtime)
 
     @property
     def partition(self) -> str:

@@ -6,7 +6,7 @@ the event's `max_token_cap`), and sent to a realtime deployment of the event's c
 resource's credential. The SDP answer comes back with the call's id in `Location`; the media
 then flows between the browser and Azure, never through the proxy. The call's setup is
 recorded (one session); what the session uses is metered through the call's sideband
-(`announce` hands the call to the metering queue, shared/pipeline/sideband.py).
+(sideband.py): the SDP answer goes back only once the metering has joined it.
 
 Ephemeral client secrets are admitted and capped the same way, with a short lifetime; the
 calls a browser makes with one go straight to the deployment, so only their setup is counted.
@@ -14,8 +14,8 @@ calls a browser makes with one go straight to the deployment, so only their setu
 
 from __future__ import annotations
 
+import logging
 import secrets
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +24,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from shared.directory.catalog import Resource, valid_deployment_name
+from shared.directory.events import Event
 from shared.errors import ProxyError
+from shared.pipeline import sideband
 from shared.pipeline.bodies import parse_json_body, read_body
 from shared.pipeline.call import ProxyCall, answer_call, form_field
-from shared.pipeline.forwarding import UpstreamRequest
+from shared.pipeline.forwarding import Forwarder, UpstreamRequest
 from shared.pipeline.kinds import (
     REALTIME_CALLS,
     REALTIME_CLIENT_SECRETS,
@@ -38,6 +40,8 @@ from shared.pipeline.kinds import (
 from shared.runtime import get_runtime
 from shared.upstreams.client import UpstreamAnswer
 
+log = logging.getLogger(__name__)
+
 # What Azure takes as a response's max_output_tokens (an integer up to this, or "inf").
 MAX_OUTPUT_TOKENS = 4096
 # The longest an ephemeral client secret lives; a caller may ask for less.
@@ -47,15 +51,6 @@ CALLS_URL_HEADER = "x-aiproxy-realtime-calls-url"
 SDP = "application/sdp"
 # The most of an SDP offer the proxy takes (a browser's is a few KiB).
 MAX_SDP_BYTES = 64 * 1024
-
-# Called with each admitted call once it is set up (the metering queue; None: not metered).
-Announce = Callable[["RealtimeCall", str], Awaitable[None]]
-_announcers: list[Announce] = []
-
-
-def on_call(announce: Announce) -> None:
-    """Have `announce(call, call_id)` run for every call set up (the sideband's metering)."""
-    _announcers.append(announce)
 
 
 @dataclass
@@ -154,12 +149,11 @@ class RealtimeCall(ProxyCall):
         if answer.status not in (200, 201) or not call_id:
             return self.failed(answer, content)
         self.call_id = call_id
+        await self.metered(event, call_id)
         # The setup counts as one session; its tokens come from the sideband's metering.
         self.ledger.record(
             answer.status, (0, 0, 0), streamed=False, estimated=False, outcome="ok", units=1
         )
-        for announce in _announcers:
-            await announce(self, call_id)
         headers = self.answer_headers(answer)
         headers["location"] = f"{self.request.url.path.rstrip('/')}/{call_id}"
         return Response(content, answer.status, headers, media_type=SDP)
@@ -197,6 +191,40 @@ class RealtimeCall(ProxyCall):
         return Response(orjson.dumps(secret), 200, headers, media_type="application/json")
 
     # --- what the steps use -------------------------------------------------------------------
+
+    async def metered(self, event: Event, call_id: str) -> None:
+        """The call handed to its metering, which has joined its sideband; otherwise the call
+        is hung up before any media flows, and refused."""
+        upstream, access = self.upstream, self.access
+        assert upstream.member is not None and access is not None
+        ticket = sideband.ticket_of(
+            call_id, event, access.attendee.id, upstream.member, upstream.deployment,
+            self.request_id,
+        )  # fmt: skip
+        try:
+            await sideband.enqueue(self.runtime, ticket)
+            if await sideband.attached(self.runtime, ticket):
+                return
+        except Exception as error:  # storage away: the call cannot be metered
+            log.error("realtime %s: not handed to its metering: %s", call_id, error)
+        await self.hang_up(call_id)
+        raise ProxyError(
+            "storage_unavailable",
+            "The call could not be metered, so it was ended before it started. Retry in a few "
+            "seconds.",
+            retry_after=5,
+        )
+
+    async def hang_up(self, call_id: str) -> None:
+        member = self.upstream.member
+        assert member is not None
+        headers = await Forwarder(self.runtime).headers(member)
+        url = f"{member.endpoint}/openai/v1/realtime/calls/{call_id}/hangup"
+        try:
+            answer = await self.runtime.upstream.send("POST", url, headers, b"")
+            answer.close()
+        except Exception as error:  # the call ends by itself when no media comes
+            log.warning("realtime %s: hangup: %s", call_id, error)
 
     async def read_offer(self) -> tuple[bytes, Any]:
         """The SDP offer and the session asked for: an application/sdp body (the deployment
