@@ -67,10 +67,10 @@ async def test_a_call_is_set_up_capped_and_its_audio_reaches_the_deployments_pee
         await eventually(lambda: _async("session.created" in caller.types()))
     finally:
         await caller.close()
-    records = storage.usage(setup.id, expect=1)
+    records = [r for r in storage.usage(setup.id, expect=1) if r["outcome"] == "ok"]
     assert [(r["deployment"], r["model_class"], r["units"], r["status"]) for r in records] == [
         (REALTIME, "openai-realtime", 1, 201)
-    ]
+    ]  # the session; its responses are metered through the sideband (test_realtime_metering)
 
 
 async def _async(value: Any) -> Any:
