@@ -231,11 +231,12 @@ class RealtimeCall(ProxyCall):
         in ?model=), or a multipart form with `sdp` and `session` (JSON) fields."""
         limit = min(self.runtime.settings.max_body_bytes, MAX_SDP_BYTES)
         body = await read_body(self.request, limit)
-        content_type = (self.request.headers.get("content-type") or "").lower()
+        content_type = self.request.headers.get("content-type") or ""  # the boundary's case
+        kind = content_type.lower()
         query_model = self.request.query_params.get("model")
-        if content_type.startswith(SDP):
+        if kind.startswith(SDP):
             offer, session = body, {"model": query_model} if query_model else {}
-        elif content_type.startswith("multipart/form-data"):
+        elif kind.startswith("multipart/form-data"):
             offer = form_field(body, content_type, "sdp").encode()
             text = form_field(body, content_type, "session")
             try:
