@@ -15,6 +15,7 @@ calls a browser makes with one go straight to the deployment, so only their setu
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,8 @@ CLIENT_SECRET_SECONDS = 60
 # The header naming where a client secret's holder posts its SDP offer.
 CALLS_URL_HEADER = "x-aiproxy-realtime-calls-url"
 SDP = "application/sdp"
+# What a call id may be (Azure's are rtc_ and hex).
+CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # The most of an SDP offer the proxy takes (a browser's is a few KiB).
 MAX_SDP_BYTES = 64 * 1024
 
@@ -146,6 +149,8 @@ class RealtimeCall(ProxyCall):
         content = await self.read_answer(answer, False)
         location = answer.headers.get("location", "")
         call_id = location.rstrip("/").rpartition("/")[2]
+        if not CALL_ID.fullmatch(call_id):
+            call_id = ""  # never put into a header or a URL
         if answer.status not in (200, 201) or not call_id:
             return self.failed(answer, content)
         self.call_id = call_id

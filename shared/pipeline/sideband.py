@@ -202,6 +202,9 @@ class CallMeter:
             if isinstance(response, dict):
                 await self.settle(response)
             try:
+                # The event as its organiser has it now (switched off, or its window over).
+                self.event = await self.runtime.directory.event(self.event.id) or self.event
+                self.event.check_open()
                 self.runtime.caps.check_tokens(self.event, self.ticket.attendee_id, clock.now())
             except ProxyError as error:
                 await self.end(socket, error.code, error.message)
