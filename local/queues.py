@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("host.queues")
+# The Storage SDK logs every request at INFO: the host's log keeps its own lines only.
+logging.getLogger("azure").setLevel(logging.WARNING)
 
 # The extension takes messages out of sight for 10 minutes and renews that while the function
 # runs (at half the time); the stand-in takes the lease as an argument so tests can shorten it.

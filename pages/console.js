@@ -231,7 +231,7 @@ function openEditor(event = null) {
   const e = event || {
     name: "", starts_at: localInput(1, 9), ends_at: localInput(1, 17), time_zone: visitorZone,
     max_token_cap: 1024, daily_request_cap: 200, daily_token_cap: 0, shared_code: "",
-    requests_per_minute: 0, tokens_per_minute: 0,
+    requests_per_minute: 0, tokens_per_minute: 0, realtime_max_session_seconds: 600,
     organizer_name: "", organizer_email: "", image_url: "", description_markdown: "", active: true,
   };
   $("#editor-title").textContent = event ? `Edit ${event.name}` : "New event";
@@ -246,6 +246,7 @@ function openEditor(event = null) {
   $("#ev-daily-token-cap").value = e.daily_token_cap || 0;
   $("#ev-requests-per-minute").value = e.requests_per_minute || 0;
   $("#ev-tokens-per-minute").value = e.tokens_per_minute || 0;
+  $("#ev-realtime-seconds").value = e.realtime_max_session_seconds || 600;
   $("#ev-shared-code").value = e.shared_code || "";
   $("#ev-organizer-name").value = e.organizer_name || "";
   $("#ev-organizer-email").value = e.organizer_email || "";
@@ -268,6 +269,7 @@ function editorBody() {
     daily_token_cap: whole("#ev-daily-token-cap"),
     requests_per_minute: whole("#ev-requests-per-minute"),
     tokens_per_minute: whole("#ev-tokens-per-minute"),
+    realtime_max_session_seconds: whole("#ev-realtime-seconds"),
     shared_code: $("#ev-shared-code").value.trim(),
     organizer_name: $("#ev-organizer-name").value.trim(),
     organizer_email: $("#ev-organizer-email").value.trim(),
