@@ -47,6 +47,7 @@ class QueueHost:
             azurite.connection_string, f"{self.queue_name}-poison"
         )
         self.queue.create_queue()  # as the app's sender does
+        self.env, self.log_dir = env, log_dir
         self.host = AppHost(log_dir, env, name="queues")
 
     def send(self, **body: Any) -> str:
@@ -100,7 +101,7 @@ def test_a_failing_message_is_retried_then_poisoned_after_max_dequeue_count(
     poisoned = wait_until(queues.poisoned, timeout=30)
     assert [d["dequeue_count"] for d in queues.deliveries(sent)] == list(range(1, most + 1))
     assert any("fail" in content for content in poisoned)
-    assert queues.waiting() == 0
+    wait_until(lambda: queues.waiting() == 0, timeout=10)  # deleted once the copy is made
 
 
 def test_the_lease_is_renewed_while_the_function_runs(queues: QueueHost) -> None:
@@ -117,6 +118,18 @@ def test_a_message_whose_worker_died_comes_again(queues: QueueHost) -> None:
     assert [d["dequeue_count"] for d in queues.deliveries(sent)] == [1, 2]
     assert queues.host.status()["worker"]["restarts"] == restarts + 1
     wait_until(lambda: queues.waiting() == 0, timeout=30)
+
+
+def test_a_message_whose_host_died_comes_again_once_its_lease_ends(queues: QueueHost) -> None:
+    sent = queues.send(do="sleep", seconds=20)
+    wait_until(lambda: queues.deliveries(sent), timeout=30)
+    dead = queues.host
+    dead.proc.process.kill()  # the whole instance: nothing releases the message
+    dead.proc.process.wait()
+    dead.stop()
+    queues.host = AppHost(queues.log_dir, queues.env, name="queues-again")
+    wait_until(lambda: len(queues.deliveries(sent)) >= 2, timeout=60)  # the 2 s lease ended
+    assert [d["dequeue_count"] for d in queues.deliveries(sent)] == [1, 2]
 
 
 def test_host_json_time_spans_are_read_as_the_host_reads_them() -> None:
