@@ -130,7 +130,8 @@ class QueueListener:
         self.poisoned = 0
 
     async def run(self) -> None:
-        """Poll until stopped: a batch whenever fewer than the threshold run."""
+        """Poll until stopped: a batch of `batchSize` whenever at most `newBatchThreshold`
+        run (so up to both together run at once)."""
         from azure.core.exceptions import ResourceExistsError
 
         try:
@@ -139,11 +140,10 @@ class QueueListener:
             pass
         wait = MIN_POLLING_SECONDS
         while not self.stopping:
-            room = self.options.batch_size - len(self.running)
             got = 0
-            if len(self.running) <= self.options.new_batch_threshold and room > 0:
+            if len(self.running) <= self.options.new_batch_threshold:
                 try:
-                    got = await self.poll(room)
+                    got = await self.poll(self.options.batch_size)
                 except Exception as error:  # storage away: try again later
                     log.warning("queue %s: %s", self.queue_name, error)
             if got:

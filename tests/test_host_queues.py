@@ -111,6 +111,21 @@ def test_the_lease_is_renewed_while_the_function_runs(queues: QueueHost) -> None
     assert [d["dequeue_count"] for d in queues.deliveries(sent)] == [1]
 
 
+def test_a_new_batch_is_taken_while_at_most_new_batch_threshold_run(queues: QueueHost) -> None:
+    options = QueueOptions.read(Path(__file__).resolve().parent.parent)
+    assert options.new_batch_threshold >= options.batch_size  # long-running calls to meter
+    count = options.batch_size + 4
+    sent = [queues.send(do="sleep", seconds=4) for _ in range(count)]
+
+    def running() -> int:
+        [queue] = queues.host.status()["queues"]
+        return queue["running"]
+
+    wait_until(lambda: running() == count, timeout=30)  # more than one batch at once
+    wait_until(lambda: queues.waiting() == 0, timeout=30)
+    assert all(len(queues.deliveries(s)) == 1 for s in sent)
+
+
 def test_a_message_whose_worker_died_comes_again(queues: QueueHost) -> None:
     restarts = queues.host.status()["worker"]["restarts"]
     sent = queues.send(do="die")
