@@ -91,6 +91,35 @@ def test_a_voice_call_is_metered_exactly_and_ended_at_the_token_cap(
         sim.configure(realtime_turn_seconds=None)
 
 
+def test_a_call_outside_the_event_is_refused_before_any_media_flows(
+    app_host: AppHost, sim: Simulator, browser: Browser
+) -> None:
+    event = EventSetup(app_host, sim)
+    event.add_resource(sim.url, REALTIME, "openai-realtime")
+    with tab(browser) as opened:
+        page = opened.page
+        connect(opened, app_host, event.key)
+        switched = app_host.manage.patch(f"/events/{event.id}", json={"active": False})
+        assert switched.status_code == 200
+        # Every instance knows within the key cache's TTL; this one at once.
+        wait_until(lambda: _status(app_host, event.key) == "inactive")
+        calls = len(sim_calls(sim))
+        page.click("#tab-voice")
+        page.click("#voice-start")
+        refused = page.locator("#voice-error")
+        refused.wait_for(state="visible")
+        assert refused.get_attribute("data-code") == "event_inactive"
+        assert "switched off" in refused.inner_text()
+        assert len(sim_calls(sim)) == calls  # nothing reached the deployment
+        wait_until(lambda: page.locator("#voice-start").is_enabled())
+        assert page.locator("#voice-stop").is_hidden()
+        opened.assert_clean()
+
+
+def _status(host: AppHost, key: str) -> str:
+    return host.http.get("/eventinfo", headers={"api-key": key}).json().get("status", "")
+
+
 def test_the_voice_tab_shows_only_with_a_realtime_deployment(
     app_host: AppHost, sim: Simulator, browser: Browser
 ) -> None:

@@ -216,3 +216,22 @@ async def _restarted(host: AppHost, before: int) -> bool:
     except httpx.HTTPError:
         return False
     return status["worker"]["restarts"] > before and status["state"] == "Running"
+
+
+def test_usage_is_read_from_what_the_sideband_sends_whatever_it_is() -> None:
+    from shared.pipeline.sideband import Ticket, usage_of
+
+    usage = {
+        "input_tokens": 120,
+        "output_tokens": 30,
+        "total_tokens": 150,
+        "input_token_details": {"cached_tokens": 64, "audio_tokens": 100, "text_tokens": 20},
+        "output_token_details": {"audio_tokens": 24, "text_tokens": 6},
+    }
+    assert usage_of({"usage": usage}) == (120, 30, 150, 64, 124)
+    for hostile in (None, "lots", [], {"input_tokens": True, "output_tokens": -5},
+                    {"input_tokens": "9", "input_token_details": "x"}):  # fmt: skip
+        assert usage_of({"usage": hostile}) == (0, 0, 0, 0, 0)
+    assert usage_of({"usage": {"input_tokens": 7, "output_tokens": 3}}) == (7, 3, 10, 0, 0)
+    assert Ticket.parse(b"not json") is None
+    assert Ticket.parse(b'{"call_id": "rtc_1"}') is None
