@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.harness import AppHost, EventSetup, Simulator, Storage
+from local.azurite import Azurite, free_port
+from tests.harness import AppHost, EventSetup, Simulator, Storage, unique_prefix
 from tests.realtime_peer import Caller, eventually, form, sim_call
 
 pytestmark = pytest.mark.e2e
@@ -216,6 +218,35 @@ async def _restarted(host: AppHost, before: int) -> bool:
     except httpx.HTTPError:
         return False
     return status["worker"]["restarts"] > before and status["state"] == "Running"
+
+
+@pytest.mark.slow
+async def test_a_call_the_metering_cannot_join_is_hung_up_and_refused(
+    app_hosts: Callable[..., AppHost], sim: Simulator, azurite: Azurite
+) -> None:
+    # The queue trigger's storage is away (the app's own tables and queue are not): the ticket
+    # is written, nothing takes it, so the metering never joins the call. Tables and queue of
+    # its own, so that no other host of the run takes the ticket.
+    prefix = unique_prefix("unmetered")
+    unmetered = app_hosts(
+        "unmetered", prefix=prefix, AzureWebJobsStorage=Azurite(free_port()).connection_string
+    )
+    storage = Storage(azurite.connection_string, prefix)
+    setup = realtime_event(unmetered, sim)
+    before = {c["id"] for c in await _calls(sim)}
+    refused = await _offer(unmetered, setup.key)
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "storage_unavailable"
+    assert refused.headers["retry-after"] == "5"
+    [call] = [c for c in await _calls(sim) if c["id"] not in before]
+    assert call["ended"] == "hangup"  # set up upstream, then ended before any media
+    records = storage.usage(setup.id, expect=1, timeout=3)  # none comes
+    assert [r for r in records if r["units"]] == []  # not counted as a session
+
+
+async def _calls(sim: Simulator) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient() as client:
+        return (await client.get(f"{sim.url}/_sim/realtime")).json()["calls"]
 
 
 def test_usage_is_read_from_what_the_sideband_sends_whatever_it_is() -> None:
