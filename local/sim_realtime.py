@@ -36,6 +36,7 @@ AUDIO_TOKENS_PER_SECOND = 10  # heard
 OUTPUT_TEXT_TOKENS = 12
 OUTPUT_AUDIO_TOKENS = 48
 SECRET_SECONDS_DEFAULT = 600
+KEEP_ENDED = 200  # ended calls whose stats /_sim/realtime still shows
 
 
 @dataclass
@@ -134,6 +135,9 @@ class Realtime:
 
         peer = RTCPeerConnection()
         call = Call(id=f"rtc_{secrets.token_hex(16)}", session=_session(session), peer=peer)
+        ended = [c for c in self.calls if self.calls[c].ended]
+        for old in ended[: max(0, len(ended) - KEEP_ENDED)]:
+            del self.calls[old]  # the oldest ended calls' stats
         self.calls[call.id] = call
 
         @peer.on("datachannel")
@@ -197,7 +201,9 @@ class Realtime:
         if not isinstance(seconds, int) or not 10 <= seconds <= 7200:
             return _error(400, "invalid_request_error", "expires_after.seconds: 10 to 7200")
         value = f"ek_{secrets.token_hex(16)}"
-        expires = time.time() + seconds
+        now = time.time()
+        self.secrets = {k: v for k, v in self.secrets.items() if v[0] > now}
+        expires = now + seconds
         session = _session(body["session"])
         self.secrets[value] = (expires, session)
         return web.json_response({"value": value, "expires_at": int(expires), "session": session})
