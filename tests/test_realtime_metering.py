@@ -151,6 +151,32 @@ async def _offer(host: AppHost, key: str) -> httpx.Response:
         await caller.close()
 
 
+async def test_a_revoked_attendee_s_call_ends_at_its_next_response(
+    app_host: AppHost, sim: Simulator, storage: Storage
+) -> None:
+    setup = realtime_event(app_host, sim)
+    sim.configure(realtime_turn_seconds=1000)
+    caller = Caller()
+    try:
+        call_id = await call(app_host, setup.key, caller)
+        revoked = app_host.manage.delete(f"/events/{setup.id}/attendees/{setup.attendee['id']}")
+        assert revoked.status_code == 200
+        sim.configure(realtime_turn_seconds=0.4)
+
+        async def ended() -> str:
+            seen = await sim_call(sim.url, call_id)
+            return seen["ended"] if seen else ""
+
+        assert await eventually(ended, timeout=30) == "hangup"
+        notices = [e for e in caller.events if e.get("type") == "conversation.item.created"]
+        assert notices and "revoked by the organiser" in str(notices[-1])
+    finally:
+        sim.configure(realtime_turn_seconds=None)
+        await caller.close()
+    [row] = storage.rows("realtimecalls", f"RowKey eq '{call_id}'")
+    assert row["ended"] == "key_revoked"
+
+
 @pytest.mark.slow
 async def test_the_session_length_limit_ends_the_call(
     app_host: AppHost, sim: Simulator, storage: Storage

@@ -202,13 +202,23 @@ class CallMeter:
             if isinstance(response, dict):
                 await self.settle(response)
             try:
-                # The event as its organiser has it now (switched off, or its window over).
+                # The event as its organiser has it now (switched off, or its window over),
+                # and the attendee (revoked).
                 self.event = await self.runtime.directory.event(self.event.id) or self.event
                 self.event.check_open()
+                await self.check_attendee()
                 self.runtime.caps.check_tokens(self.event, self.ticket.attendee_id, clock.now())
             except ProxyError as error:
                 await self.end(socket, error.code, error.message)
                 return True
+
+    async def check_attendee(self) -> None:
+        attendee = await self.runtime.attendees.get(self.event.id, self.ticket.attendee_id)
+        if attendee is None or attendee.revoked_at:
+            raise ProxyError(
+                "key_revoked",
+                "Your access to this event was revoked by the organiser. Ask them about it.",
+            )
 
     async def settle(self, response: dict[str, Any]) -> None:
         """One response's usage, recorded once (its id keeps a record written again in place)."""
