@@ -362,11 +362,13 @@ class Host:
         await self._wait_for_http_server()
         http = sum(f.kind == "httpTrigger" for f in functions)
         log.info(
-            "worker %s ready: azure-functions-runtime %s, %d HTTP functions, %d timers",
+            "worker %s ready: azure-functions-runtime %s, %d HTTP functions, %d timers, %d queue "
+            "functions",
             worker_id[:8],
             self.runtime_version,
             http,
-            len(functions) - http,
+            sum(f.kind == "timerTrigger" for f in functions),
+            sum(f.kind == "queueTrigger" for f in functions),
         )
 
     async def _within(self, work: Awaitable[Any]) -> Any:
