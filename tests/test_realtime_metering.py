@@ -103,6 +103,12 @@ async def test_every_response_of_a_call_is_recorded_exactly_once(
     assert all(r["audio_tokens"] > 0 and r["attendee_id"] == setup.attendee["id"] for r in records)
     row = storage.rows("realtimecalls", f"RowKey eq '{call_id}'")[0]
     assert row["responses"] == len(responses) and row["ended"] == "call_over"
+    # The organiser's report: one request (the call), every token of its responses.
+    report = app_host.manage.get(f"/events/{setup.id}/usage", params={"group_by": "deployment"})
+    assert report.status_code == 200, report.text
+    [line] = [r for r in report.json()["rows"] if r["deployment"] == REALTIME]
+    assert (line["requests"], line["units"]) == (1, 1)
+    assert line["total_tokens"] == totals(responses)[2]
 
 
 async def test_a_crossed_token_cap_ends_the_call_with_a_last_message(
