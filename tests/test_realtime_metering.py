@@ -5,13 +5,16 @@ metering function that died resumed by the queue's redelivery without counting t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
+from azure.storage.queue import QueueClient, TextBase64EncodePolicy
 
 from local.azurite import Azurite, free_port
 from tests.harness import AppHost, EventSetup, Simulator, Storage, unique_prefix
@@ -109,6 +112,46 @@ async def test_every_response_of_a_call_is_recorded_exactly_once(
     [line] = [r for r in report.json()["rows"] if r["deployment"] == REALTIME]
     assert (line["requests"], line["units"]) == (1, 1)
     assert line["total_tokens"] == totals(responses)[2]
+
+
+async def test_two_deliveries_of_one_call_count_each_response_once(
+    app_host: AppHost, sim: Simulator, storage: Storage, azurite: Azurite, prefix: str
+) -> None:
+    setup = realtime_event(app_host, sim)
+    sim.configure(realtime_turn_seconds=1000)
+    caller = Caller()
+    try:
+        call_id = await call(app_host, setup.key, caller)
+        # The same ticket again, as a lost lease would deliver it while the first still runs.
+        [resource] = [r for r in setup.resources.values() if r["deployment"] == REALTIME]
+        ticket = {
+            "call_id": call_id, "event_id": setup.id, "attendee_id": setup.attendee["id"],
+            "resource_id": resource["id"], "deployment": REALTIME, "request_id": "again",
+            "started": time.time(), "max_seconds": 600,
+        }  # fmt: skip
+        queue = QueueClient.from_connection_string(
+            azurite.connection_string,
+            f"{prefix[:50]}-realtime",
+            message_encode_policy=TextBase64EncodePolicy(),
+        )
+        with queue:
+            queue.send_message(json.dumps(ticket))
+
+        async def sidebands() -> bool:
+            seen = await sim_call(sim.url, call_id)
+            return bool(seen and seen["sidebands"] == 2)
+
+        await eventually(sidebands, timeout=30)
+        sim.configure(realtime_turn_seconds=0.4)
+        await responses_at_least(sim, call_id, 4)
+        await hang_up(sim, call_id)
+    finally:
+        sim.configure(realtime_turn_seconds=None)
+        await caller.close()
+    responses = (await sim_call(sim.url, call_id))["responses"]
+    records = realtime_records(storage, setup.id, len(responses))
+    assert len(records) == len(responses)  # seen twice, counted once
+    assert recorded(records) == totals(responses)
 
 
 async def test_a_crossed_token_cap_ends_the_call_with_a_last_message(

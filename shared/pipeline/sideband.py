@@ -7,8 +7,9 @@ every `response.done`'s usage becomes a usage record and counts against the atte
 caps; once a cap is crossed, or the event's `realtime_max_session_seconds` has passed, it
 tells the caller why (a system message on the call) and hangs up. A sideband that drops is
 joined again; a function whose instance died gets the ticket again (the queue delivers it once
-its lease ends) and resumes. The call's progress row remembers the responses settled, so no
-usage is counted twice.
+its lease ends) and resumes. Each response is claimed once in `realtimecalls` (a row per call
+and response id) before it is recorded, so no usage is counted twice, even by two deliveries
+of one ticket holding the call at once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from shared.governance.usage import UsageRecord
 from shared.pipeline.forwarding import Forwarder
 from shared.platform import clock
 from shared.platform.settings import binding_setting
+from shared.platform.tables import Conflict
 from shared.runtime import Runtime
 from shared.upstreams.client import Sideband, UpstreamTimeout, UpstreamUnreachable
 
@@ -228,6 +230,14 @@ class CallMeter:
         prompt, completion, total, cached, audio = usage_of(response)
         now = clock.now()
         ticket, event = self.ticket, self.event
+        # Claimed once for all: another delivery of the ticket may hold the call too (a lease
+        # lost while this one still ran) and see the same response.
+        claim = {"PartitionKey": event.id, "RowKey": f"{ticket.call_id}|{response_id}"}
+        try:
+            await self.runtime.tables.insert(PROGRESS_TABLE, {**claim, "tokens": total})
+        except Conflict:
+            self.row.settled.append(response_id)
+            return
         self.runtime.usage.append(
             UsageRecord(
                 event_id=event.id,
