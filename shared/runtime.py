@@ -31,6 +31,7 @@ from shared.governance import (
 )
 from shared.platform import hosting
 from shared.platform import settings as settings_module
+from shared.platform.queues import Queues
 from shared.platform.settings import Settings
 from shared.platform.tables import Tables
 from shared.platform.vault import Sealer, SecretStore, secret_store
@@ -47,6 +48,7 @@ class Runtime:
         self.plugins: Plugins = load_plugins(settings)  # first: one that fails leaves nothing open
         self.pruning: asyncio.Task[None] | None = None  # the worker runtime's leak (hosting)
         self.tables = Tables(settings)
+        self.queues = Queues(settings)  # realtime calls to meter
         self.sealer = Sealer(settings.encryption_key)
         self.affinity = AffinitySeal(settings.encryption_key)
         self.secrets: SecretStore = secret_store(settings, self.tables, self.sealer)
@@ -108,6 +110,7 @@ class Runtime:
         await self.plugins.close()
         await self.upstream.close()
         await self.entra.close()
+        await self.queues.close()
         await self.tables.close()
 
 

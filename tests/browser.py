@@ -16,7 +16,7 @@ from typing import Any
 
 from playwright.sync_api import Browser, ConsoleMessage, Page, Playwright, Route, sync_playwright
 
-__all__ = ["Browser", "Route", "Tab", "chromium", "chromium_path", "tab"]
+__all__ = ["FAKE_MICROPHONE", "Browser", "Route", "Tab", "chromium", "chromium_path", "tab"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
@@ -44,22 +44,27 @@ def chromium_path() -> str | None:
     return os.environ.get("AIPROXY_CHROMIUM") or shutil.which("chromium")
 
 
+# A microphone without a microphone: Chromium's fake device (a beep) and no permission prompt.
+FAKE_MICROPHONE = ("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream")
+
+
 @contextmanager
-def chromium() -> Iterator[Browser]:
-    """One headless Chromium; each test opens its own context (a fresh profile)."""
+def chromium(*flags: str) -> Iterator[Browser]:
+    """One headless Chromium (with `flags` besides ours); each test opens its own context (a
+    fresh profile)."""
     path = chromium_path()
     assert path, "Chromium is missing: `make test` installs Debian's chromium"
     with sync_playwright() as playwright:
-        browser = _launch(playwright, path)
+        browser = _launch(playwright, path, flags)
         try:
             yield browser
         finally:
             browser.close()
 
 
-def _launch(playwright: Playwright, path: str) -> Browser:
+def _launch(playwright: Playwright, path: str, flags: tuple[str, ...] = ()) -> Browser:
     return playwright.chromium.launch(
-        executable_path=path, headless=True, args=CHROMIUM_FLAGS, timeout=30_000
+        executable_path=path, headless=True, args=[*CHROMIUM_FLAGS, *flags], timeout=30_000
     )
 
 

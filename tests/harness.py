@@ -120,6 +120,9 @@ def host_env(storage: str, prefix: str, **overrides: str) -> dict[str, str]:
     env = {
         **os.environ,
         "AIPROXY_STORAGE_CONNECTION_STRING": storage,
+        # The queue trigger's storage, and a realtime queue of the tables' own.
+        "AzureWebJobsStorage": storage,
+        "AIPROXY_REALTIME_QUEUE": f"{prefix[:50]}-realtime",
         "AIPROXY_TABLE_PREFIX": prefix,
         "AIPROXY_ENCRYPTION_KEY": ENCRYPTION_KEY,
         "AIPROXY_FUNCTION_KEY": FUNCTION_KEY,

@@ -285,8 +285,8 @@ async def test_tokens_of_a_lost_call_are_added_to_the_attendees_and_the_events_d
     caps = Caps(tables, sync_seconds=60)
     await tables.upsert("counters", {"PartitionKey": "ev_20260101", "RowKey": "a1",
                                      "granted": 10, "used": 3, "tokens": 40})  # fmt: skip
-    caps.charge("ev_20260101", "a1", 600, whole=True)
-    caps.charge("ev_20260101", "a2", 50, whole=False)
+    caps.charge_unsettled("ev_20260101", "a1", 600, whole=True)
+    caps.charge_unsettled("ev_20260101", "a2", 50, whole=False)
     await caps.sync()
     rows = {r["RowKey"]: r for r in await tables.partition("counters", "ev_20260101")}
     await caps.close()

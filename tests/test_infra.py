@@ -70,6 +70,7 @@ FLEX_REJECTED_SETTINGS = {
 # Built-in role definition ids (the same in every tenant).
 ROLES = {
     "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3": "Storage Table Data Contributor",
+    "974c5e8b-45b9-4653-ba55-5f855dd0fb88": "Storage Queue Data Contributor",
     "b7e6dc6d-f1e8-4753-8033-0f276bb0955b": "Storage Blob Data Owner",
     "b86a8fe4-44ce-4948-aee5-eccb2c155cd7": "Key Vault Secrets Officer",
     "5e0bd9bd-7b93-4f28-af87-19fc36ad61bd": "Cognitive Services OpenAI User",
@@ -799,6 +800,7 @@ def test_app_identity_holds_the_roles_the_app_needs() -> None:
     }
     assert held == {
         ("Storage Table Data Contributor", STORAGE),
+        ("Storage Queue Data Contributor", STORAGE),
         ("Storage Blob Data Owner", STORAGE),
         ("Key Vault Secrets Officer", VAULT),
         ("Monitoring Metrics Publisher", APP_INSIGHTS),

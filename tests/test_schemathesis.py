@@ -450,7 +450,7 @@ def test_no_server_error_and_every_error_in_the_contract_shape(fuzz: Fuzz) -> No
     assert {"POST /manage/events", "GET /eventinfo", "POST /events/{event_id}/register"} <= set(
         labels
     )
-    assert sum(label.startswith(("POST /openai/", "POST /indexes")) for label in labels) == 21
+    assert sum(label.startswith(("POST /openai/", "POST /indexes")) for label in labels) == 23
     assert sum("/responses/{response_id}" in label for label in labels) == 8
     assert sum(label.startswith("GET /manage/") for label in labels) >= 7
     assert statuses[200] > 200 and statuses[201] > 0, statuses

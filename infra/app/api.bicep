@@ -243,6 +243,7 @@ var settings = {
   AIPROXY_ENTRA_OPERATOR_ROLES: managementTokens ? operatorRoles : ''
   AIPROXY_ROLLUP_SCHEDULE: '0 */5 * * * *'
   AIPROXY_RETENTION_SCHEDULE: '0 30 3 * * *'
+  AIPROXY_REALTIME_QUEUE: 'aiproxy-realtime'
   // Plugins (docs/plugins.md): none by default. Name them here, and add each one's
   // AIPROXY_PLUGIN_<NAME> config beside them: a setting changed in the portal lasts only until
   // the next azd provision.

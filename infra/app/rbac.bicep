@@ -2,6 +2,8 @@
 //
 // The app's identity:
 //   Storage Table Data Contributor  storage account  the app's tables (created on first use)
+//   Storage Queue Data Contributor  storage account  the realtime queue: calls to meter, taken by
+//                                                    the queue trigger (created on first use)
 //   Storage Blob Data Owner         storage account  the deployment package container and the
 //                                                    host's own containers (function keys,
 //                                                    timer locks), which the host creates itself
@@ -26,6 +28,7 @@ param keyVaultName string
 param appInsightsName string
 
 var storageTableDataContributor = '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
+var storageQueueDataContributor = '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
 var storageBlobDataOwner = 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
 var keyVaultSecretsOfficer = 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7'
 var monitoringMetricsPublisher = '3913510d-42f4-4e42-8a64-420c390055eb'
@@ -47,6 +50,16 @@ resource appTables 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   scope: storage
   properties: {
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageTableDataContributor)
+    principalId: identityPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+resource appQueues 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(storage.id, identityPrincipalId, storageQueueDataContributor)
+  scope: storage
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', storageQueueDataContributor)
     principalId: identityPrincipalId
     principalType: 'ServicePrincipal'
   }

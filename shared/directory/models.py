@@ -53,6 +53,7 @@ ModelClass = Literal[
     "openai-embeddings",
     "openai-images",
     "openai-audio",
+    "openai-realtime",
     "azure-ai-search",
     "mcp",
 ]
@@ -418,6 +419,13 @@ class EventCreate(Body):
         description="https URL the alerts are POSTed to, signed with the event's alert secret "
         "(x-aiproxy-signature: sha256=HMAC of the body); empty: console only",
     )
+    realtime_max_session_seconds: int = Field(
+        600,
+        ge=10,
+        le=3600,
+        description="longest realtime voice session (WebRTC call) in seconds; the proxy ends "
+        "a call when it passes this",
+    )
     description_markdown: Text = Field("", max_length=20_000, description="registration page text")
     organizer_name: Text = Field("", max_length=200, description="shown on the registration page")
     organizer_email: Text = Field(
@@ -755,6 +763,7 @@ class UsageNumbers(BaseModel):
     cost_nano: int = Field(ge=0, description="what the priced calls cost, in billionths")
     cost: str = Field(description="what the priced calls cost, e.g. '0.0012345'")
     unpriced: int = Field(ge=0, description="calls whose cost is not known: no price covers them")
+    audio_output_tokens: int = Field(ge=0, description="of the completion tokens, audio")
 
 
 class AttendeeWithTotals(AttendeeView, UsageNumbers):

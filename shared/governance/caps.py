@@ -245,7 +245,9 @@ class Caps:
                 taken.tokens_in_flight = max(0, taken.tokens_in_flight - worst_case_tokens)
                 taken.tokens_unflushed += tokens
 
-    def charge(self, partition: str, attendee_id: str, tokens: int, *, whole: bool) -> None:
+    def charge_unsettled(
+        self, partition: str, attendee_id: str, tokens: int, *, whole: bool
+    ) -> None:
         """Tokens of a call admitted elsewhere that never settled (its worker is gone), added
         to the attendee's day (and the event's, `whole`) at the next sync."""
         rows = (attendee_id, EVENT_ROW) if whole else (attendee_id,)
@@ -255,6 +257,21 @@ class Caps:
                 counter = self._counters[(partition, row)] = Counter(partition, row)
             counter.tokens_unflushed += tokens
         self._start()
+
+    def charge(self, event: Event, attendee_id: str, now: datetime, tokens: int) -> None:
+        """Tokens used outside a call's admission (a realtime session's responses, metered
+        through its sideband), counted like a settled call's."""
+        self._start()
+        counter = self._attendee(event, attendee_id, now)
+        if event.event_daily_request_cap or event.event_daily_token_cap or counter.whole:
+            counter.whole = self._counter(event, EVENT_ROW, now, event.event_daily_request_cap)
+        self.settle(counter, 0, tokens)
+
+    def check_tokens(self, event: Event, attendee_id: str, now: datetime) -> None:
+        """Raise the token cap's error when today's tokens (the attendee's, or the event's) are
+        used up: a running realtime session is ended then."""
+        counter = self._attendee(event, attendee_id, now)
+        self._check_all(counter, counter.whole, event, now)
 
     async def _reserve_ahead(self, counter: Counter, cap: int) -> None:
         """The next block, before this one runs out (calls only wait when storage is slow)."""

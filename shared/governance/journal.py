@@ -239,7 +239,7 @@ class CallJournal:
                 continue  # another instance took it, or it was settled
             record = orjson.loads(entity["record"])
             usage.append_entity(record)  # on this instance's disk journal from here
-            caps.charge(
+            caps.charge_unsettled(
                 record["PartitionKey"],
                 record["attendee_id"],
                 int(record.get("total_tokens", 0)),

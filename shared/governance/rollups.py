@@ -136,14 +136,16 @@ async def _roll_up_bucket(
         USAGE_TABLE,
         _PREFIX_RANGE,
         _prefixed(f"{event_id}_{day}", bucket),
-        select=["attendee_id", "deployment", *_TOKEN_FIELDS],  # a third of each record
+        select=["attendee_id", "deployment", "outcome", *_TOKEN_FIELDS],  # a third of each
     )
     asked = time.monotonic()
     async for page in pages:
         await asyncio.sleep((time.monotonic() - asked) * _REST)
         for start in range(0, len(page), _SLICE):
             for record in page[start : start + _SLICE]:
-                groups[f"{record['attendee_id']}|{record['deployment']}"].add(record)
+                # A realtime call is one request (its setup), however many responses it had.
+                calls = 0 if record.get("outcome") == "realtime_response" else 1
+                groups[f"{record['attendee_id']}|{record['deployment']}"].add(record, calls)
             await asyncio.sleep(0)  # a busy bucket must not hold requests back
         result.records += len(page)
         asked = time.monotonic()

@@ -107,7 +107,8 @@ class UsageRecord:
     reported a failure) or rpc_error (the server answered a JSON-RPC error). A background
     response has two records: `background` for the call that started it (no tokens yet) and
     `background_result` with its tokens, written when a call to the proxy first sees it
-    finished."""
+    finished; a realtime call has one for its setup (`ok`, one unit: the session) and one
+    `realtime_response` per response its sideband saw."""
 
     event_id: str
     attendee_id: str
@@ -129,6 +130,7 @@ class UsageRecord:
     reasoning_tokens: int = 0  # of completion_tokens, those the model spent reasoning
     cached_tokens: int = 0  # of prompt_tokens, those read from the prompt cache
     audio_tokens: int = 0  # of prompt_tokens, audio
+    audio_output_tokens: int = 0  # of completion_tokens, audio (realtime)
     model: str = ""  # the model that answered, as the answer names it (empty: not told)
     cost_nano: int = 0  # what the call cost, in billionths of the currency, when priced
     unpriced: bool = False  # it used something no price covers: its cost is not known

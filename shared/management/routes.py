@@ -332,6 +332,18 @@ PROXY: tuple[Route, ...] = (
     call("v1_audio_speech", "openai/v1/audio/speech", on_model(pipeline.SPEECH),
          "v1AudioSpeech", f"Text to speech {_V1}", shapes.SpeechRequest,
          Answer(200, "The audio", None, AUDIO)),
+    # realtime voice: a WebRTC call's setup (SDP offer in, SDP answer out), client secrets
+    call("v1_realtime_calls", "openai/v1/realtime/calls", pipeline.realtime_call,
+         "v1RealtimeCalls",
+         "Set up a realtime voice call (WebRTC): the SDP offer as multipart (sdp, session) or "
+         "application/sdp (?model=); answers 201 with the SDP answer and the call in Location, "
+         "metered per response through its sideband",
+         shapes.RealtimeCallRequest, Answer(201, "The SDP answer", None, ("application/sdp",)),
+         body_type=_FORM),
+    call("v1_realtime_client_secrets", "openai/v1/realtime/client_secrets",
+         pipeline.realtime_client_secret, "v1RealtimeClientSecrets",
+         "An ephemeral key for one realtime session, at most 60 seconds to start it; only the "
+         "session's start is counted", shapes.RealtimeClientSecretRequest),
     # the Responses API on both paths; calls by id go to the member that holds the response
     *response_routes("openai/", False, "AzureOpenAI path, api-version 2025-03-01-preview or later"),
     *response_routes("openai/v1/", True, "OpenAI v1 path"),

@@ -6,7 +6,7 @@ call reserves and records), `forwarding` (the
 upstream request, tried on the members in order), `relays` (answers passed on as they arrive),
 `streaming` (their meters), `answers` (request ids and errors), `eventinfo`, `models`,
 `responses` (the Responses API and its affinity), `mcp` (MCP servers behind the
-attendee's key). The routes in function_app.py use the names
+attendee's key), `realtime` (WebRTC calls' setup). The routes in function_app.py use the names
 below.
 
 May import: everything in shared/ but shared.web and shared.management.
@@ -30,6 +30,7 @@ from shared.pipeline.kinds import (
 )
 from shared.pipeline.mcp import JsonRpcError, JsonRpcMessage, mcp_call
 from shared.pipeline.models import Model, ModelList, list_models, one_model
+from shared.pipeline.realtime import realtime_call, realtime_client_secret
 from shared.pipeline.responses import by_id as response_by_id
 from shared.pipeline.responses import create as create_response
 
@@ -60,5 +61,7 @@ __all__ = [
     "new_request_id",
     "one_model",
     "proxy_call",
+    "realtime_call",
+    "realtime_client_secret",
     "response_by_id",
 ]

@@ -27,12 +27,14 @@ class CallKind:
     token_capped: bool = False
     multipart: bool = False  # forwarded as it came (audio uploads); never parsed
     binary: bool = False  # answers bytes (speech), passed on as they arrive
+    v1: bool = False  # upstream on Azure's /openai/v1 path (the deployment goes in the body)
     # The path after a member's endpoint, DEPLOYMENT standing for its deployment.
     upstream_path: str = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         where = "indexes" if self.model_class == "azure-ai-search" else "openai/deployments"
-        object.__setattr__(self, "upstream_path", f"{where}/{DEPLOYMENT}/{self.path}")
+        path = f"openai/v1/{self.path}" if self.v1 else f"{where}/{DEPLOYMENT}/{self.path}"
+        object.__setattr__(self, "upstream_path", path)
 
 
 CHAT = CallKind("openai-chat", "chat/completions", streams=True, token_capped=True)
@@ -47,6 +49,12 @@ TRANSLATIONS = CallKind("openai-audio", "audio/translations", multipart=True)
 SPEECH = CallKind("openai-audio", "audio/speech", binary=True)
 SEARCH = CallKind("azure-ai-search", "docs/search")
 RESPONSES = CallKind("openai-chat", "responses", streams=True, token_capped=True)
+# Realtime voice (WebRTC): the call's setup (an SDP offer for an SDP answer), and ephemeral
+# client secrets; both name the deployment in the session's `model` (shared/pipeline/realtime.py).
+REALTIME_CALLS = CallKind("openai-realtime", "realtime/calls", token_capped=True, v1=True)
+REALTIME_CLIENT_SECRETS = CallKind(
+    "openai-realtime", "realtime/client_secrets", token_capped=True, v1=True
+)
 # Azure AI Search has api-versions of its own.
 SEARCH_API_VERSION = "2024-07-01"
 
@@ -107,7 +115,9 @@ def find_pool(
 
 
 # Model classes whose calls are counted in tokens even without a daily token cap.
-TOKEN_CLASSES = frozenset({"openai-chat", "openai-completions", "openai-embeddings"})
+TOKEN_CLASSES = frozenset(
+    {"openai-chat", "openai-completions", "openai-embeddings", "openai-realtime"}
+)
 
 
 def units_of(kind: CallKind, answer: Any) -> int:

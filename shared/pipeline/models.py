@@ -28,6 +28,7 @@ _CAPABILITIES: dict[str, dict[str, bool]] = {
     "openai-embeddings": {"embeddings": True},
     "openai-images": {"image_generation": True},
     "openai-audio": {"audio": True},
+    "openai-realtime": {"realtime": True},
 }
 
 

@@ -141,6 +141,30 @@ class ResponseRequest(ProxyBody):
     store: bool = Field(None, description="keep the response upstream (default true)")
 
 
+class RealtimeCallRequest(ProxyBody):
+    """A WebRTC call's setup: the SDP offer and the session (or the offer alone as
+    application/sdp, the deployment in ?model=)."""
+
+    sdp: str = Field(description="the peer connection's SDP offer")
+    session: str = Field(
+        None,
+        description='JSON: {"type": "realtime", "model": "<deployment>", ...}; '
+        "max_output_tokens at most the event's max_token_cap (set to it when missing)",
+    )
+
+
+class RealtimeClientSecretRequest(ProxyBody):
+    """An ephemeral key for one realtime session (used with the deployment itself)."""
+
+    session: dict[str, Any] = Field(
+        description='{"type": "realtime", "model": "<deployment>", ...}; max_output_tokens '
+        "at most the event's max_token_cap"
+    )
+    expires_after: dict[str, Any] = Field(
+        None, description='{"anchor": "created_at", "seconds": N}, N from 10 to 60 (the most)'
+    )
+
+
 class SearchRequest(ProxyBody):
     """An Azure AI Search query, passed through."""
 

@@ -20,6 +20,7 @@ AZURITE_CONNECTION_STRING = (
     "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
     f"AccountKey={AZURITE_ACCOUNT_KEY};"
     "TableEndpoint=http://127.0.0.1:10002/devstoreaccount1;"
+    "QueueEndpoint=http://127.0.0.1:10001/devstoreaccount1;"
 )
 
 
@@ -109,11 +110,19 @@ _ENV_NAMES = {
     for field in fields(Settings)
 }
 
-# Settings the Functions host resolves itself (timer schedules written as %NAME%).
+# Settings the Functions host resolves itself (%NAME% in bindings: the timers' schedules, the
+# queue trigger's queue); the app reads them with `binding_setting`.
 SCHEDULE_SETTINGS = {
     "AIPROXY_ROLLUP_SCHEDULE": "0 */5 * * * *",
     "AIPROXY_RETENTION_SCHEDULE": "0 30 3 * * *",
+    # The Storage queue of realtime calls to meter (function_app.py's queue trigger).
+    "AIPROXY_REALTIME_QUEUE": "aiproxy-realtime",
 }
+
+
+def binding_setting(name: str) -> str:
+    """A setting of SCHEDULE_SETTINGS, as the Functions host resolves it for the bindings."""
+    return os.environ.get(name) or SCHEDULE_SETTINGS[name]
 
 
 def env_names() -> list[str]:

@@ -22,7 +22,11 @@ from shared.platform.settings import Settings
 
 class UpstreamUnreachable(Exception):
     """Connection refused or reset, DNS failure, TLS failure: no answer at all, or the
-    connection failed midway through the body."""
+    connection failed midway through the body (`status`: a WebSocket the upstream refused)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class UpstreamTimeout(Exception):
@@ -184,6 +188,34 @@ class PublicResolver(AbstractResolver):
         await self._inner.close()
 
 
+class Sideband:
+    """A WebSocket of JSON text events (a realtime call's sideband)."""
+
+    def __init__(self, socket: aiohttp.ClientWebSocketResponse) -> None:
+        self._socket = socket
+
+    async def receive(self, timeout: float | None = None) -> str | None:
+        """The next text event; None once the socket closed (or `timeout` passed: "")."""
+        try:
+            message = await self._socket.receive(timeout=timeout)
+        except TimeoutError:
+            return ""
+        if message.type == aiohttp.WSMsgType.TEXT:
+            return str(message.data)
+        if message.type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.PING):
+            return ""
+        return None
+
+    async def send(self, text: str) -> None:
+        try:
+            await self._socket.send_str(text)
+        except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
+            raise UpstreamUnreachable(str(exc)) from exc
+
+    async def close(self) -> None:
+        await self._socket.close()
+
+
 class UpstreamClient:
     """Sends requests to upstreams over one pooled aiohttp session, or through `transport`
     when one is given (tests: canned answers instead of the network). MCP servers, which may be
@@ -244,6 +276,21 @@ class UpstreamClient:
         except aiohttp.ClientError as exc:
             raise UpstreamUnreachable(str(exc)) from exc
         return _AiohttpAnswer(response)
+
+    async def websocket(self, url: str, headers: dict[str, str]) -> Sideband:
+        """A WebSocket to an upstream (a realtime call's sideband); raises UpstreamUnreachable
+        (with the status when the upstream answered, e.g. 404 for a call that is over)."""
+        if self._session is None or self._session.closed:
+            self._session = self._open_session()
+        try:
+            socket = await self._session.ws_connect(
+                url, headers=headers, heartbeat=20, autoping=True, max_msg_size=16 * 2**20
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            raise UpstreamUnreachable(f"{exc.status} {exc.message}", status=exc.status) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamUnreachable(str(exc)) from exc
+        return Sideband(socket)
 
     async def close(self) -> None:
         for session in (self._session, self._public):
