@@ -25,10 +25,25 @@ pytestmark = pytest.mark.e2e
 REALTIME = "gpt-realtime"
 
 
-def realtime_event(host: AppHost, sim: Simulator, **fields: Any) -> EventSetup:
+# Per 1M tokens, the resource's own: realtime models are not in the shipped price table.
+PRICES = "input=5,cached_input=2.5,output=20,audio_input=40,audio_output=80"
+
+
+def realtime_event(host: AppHost, sim: Simulator, prices: str = "", **fields: Any) -> EventSetup:
     setup = EventSetup(host, sim, **fields)
-    setup.add_resource(sim.url, REALTIME, "openai-realtime")
+    setup.add_resource(sim.url, REALTIME, "openai-realtime", prices=prices)
     return setup
+
+
+def priced(record: dict[str, Any]) -> int:
+    """A response's cost at PRICES, in billionths (a figure per 1M tokens is 1000 a token)."""
+    prompt, cached = record["prompt_tokens"], record["cached_tokens"]
+    audio = min(record["audio_tokens"], prompt - cached)
+    out_audio = record["audio_output_tokens"]
+    text_in, text_out = prompt - cached - audio, record["completion_tokens"] - out_audio
+    return (
+        5_000 * text_in + 2_500 * cached + 40_000 * audio + 20_000 * text_out + 80_000 * out_audio
+    )
 
 
 async def call(host: AppHost, key: str, caller: Caller) -> str:
@@ -89,7 +104,7 @@ def recorded(records: list[dict[str, Any]]) -> tuple[int, int, int, int]:
 async def test_every_response_of_a_call_is_recorded_exactly_once(
     app_host: AppHost, sim: Simulator, storage: Storage
 ) -> None:
-    setup = realtime_event(app_host, sim)
+    setup = realtime_event(app_host, sim, prices=PRICES)
     sim.configure(realtime_turn_seconds=0.4)
     caller = Caller()
     try:
@@ -109,6 +124,8 @@ async def test_every_response_of_a_call_is_recorded_exactly_once(
         and r["attendee_id"] == setup.attendee["id"]
         for r in records
     )
+    # Each response priced at the resource's own figures, output audio apart from text.
+    assert all(not r["unpriced"] and int(r["cost_nano"]) == priced(r) > 0 for r in records)
     row = storage.rows("realtimecalls", f"RowKey eq '{call_id}'")[0]
     assert row["responses"] == len(responses) and row["ended"] == "call_over"
     # The organiser's report: one request (the call), every token of its responses.

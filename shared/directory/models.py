@@ -201,10 +201,11 @@ def _tool_names(value: list[str] | None) -> list[str] | None:
     return list(dict.fromkeys(value))
 
 
-# A resource's own prices: per 1M tokens (input, cached_input, output, audio_input), per
+# A resource's own prices: per 1M tokens (input, cached_input, output, audio_input,
+# audio_output: output audio where it is priced apart from output text), per
 # image, per audio minute, per 1M characters (speech). The event's currency.
-PRICE_KINDS = ("input", "cached_input", "output", "audio_input", "image", "audio_minute",
-               "characters")  # fmt: skip
+PRICE_KINDS = ("input", "cached_input", "output", "audio_input", "audio_output", "image",
+               "audio_minute", "characters")  # fmt: skip
 _PRICES_FIX = (
     "Send figures as 'input=0.15,cached_input=0.075,output=0.60' (per 1M tokens; image per "
     f"image, audio_minute per minute, characters per 1M), named from: {', '.join(PRICE_KINDS)}."

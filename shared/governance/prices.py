@@ -97,6 +97,7 @@ def cost_of(
     cached: int = 0,
     audio: int = 0,
     completion: int = 0,
+    audio_output: int = 0,
     units: int = 0,
 ) -> Cost:
     """The cost of what a call used (tokens of each kind, and `units` of its own unit)."""
@@ -104,11 +105,13 @@ def cost_of(
         return FREE
     cached = min(cached, prompt)
     audio = min(audio, prompt - cached)
+    audio_output = min(audio_output, completion)
     # (how many, of which figure, divided by)
     used: list[tuple[int, str, Decimal]] = [
         (prompt - cached - audio, "input", _MILLION),
-        (completion, "output", _MILLION),
+        (completion - audio_output, "output", _MILLION),
         (audio, "audio_input", _MILLION),
+        (audio_output, "audio_output", _MILLION),
     ]
     if cached:
         figure = "cached_input" if price and "cached_input" in price.figures else "input"

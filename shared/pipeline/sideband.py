@@ -25,6 +25,7 @@ import orjson
 from shared.directory.catalog import Resource
 from shared.directory.events import Event
 from shared.errors import ProxyError
+from shared.governance import prices
 from shared.governance.usage import UsageRecord
 from shared.pipeline.forwarding import Forwarder
 from shared.platform import clock
@@ -233,6 +234,13 @@ class CallMeter:
             return
         prompt, completion, total, cached, audio, audio_out = usage_of(response)
         now = clock.now()
+        # Priced as the model that answered (the resource's own prices over the table's); a
+        # realtime model the table does not price is recorded unpriced, never free.
+        model = str(response.get("model") or "") or self.resource.upstream_deployment
+        cost = prices.cost_of(
+            prices.price_of(model, self.resource.prices), "openai-realtime", prompt=prompt,
+            cached=cached, audio=audio, completion=completion, audio_output=audio_out,
+        )  # fmt: skip
         ticket, event = self.ticket, self.event
         # Claimed once for all: another delivery of the ticket may hold the call too (a lease
         # lost while this one still ran) and see the same response.
@@ -263,6 +271,10 @@ class CallMeter:
                 cached_tokens=cached,
                 audio_tokens=audio,
                 audio_output_tokens=audio_out,
+                model=model,
+                cost_nano=cost.nano,
+                unpriced=not cost.priced,
+                price_source=cost.source,
             )
         )
         self.runtime.caps.charge(event, ticket.attendee_id, now, total)
@@ -314,7 +326,7 @@ async def meter(runtime: Runtime, body: bytes | str) -> None:
     if row.ended:
         return
     event = await runtime.directory.event(ticket.event_id)
-    resource = await runtime.catalog.resource(ticket.resource_id)
+    resource = await runtime.catalog.resources.get(ticket.resource_id)
     if event is None or resource is None:
         log.error("realtime %s: its event or resource is gone", ticket.call_id)
         return
