@@ -118,14 +118,10 @@ class Revoked(Unauthenticated, codes={"key_revoked": 401}):
 
 
 class Forbidden(
-    ProxyError,
-    codes={
-        "forbidden": 403,
-        "registration_refused": 403,
-        "tool_not_allowed": 403,  # an MCP tool the event's catalog entry does not allow
-    },
+    ProxyError, codes=dict.fromkeys(("forbidden", "registration_refused", "tool_not_allowed"), 403)
 ):
-    """The caller is known, and not allowed this."""
+    """The caller is known, and not allowed this (tool_not_allowed: an MCP tool the event's
+    catalog entry does not allow)."""
 
 
 class OutsideEvent(
@@ -135,14 +131,10 @@ class OutsideEvent(
 
 
 class NotFound(
-    ProxyError,
-    codes={
-        "not_found": 404,
-        "deployment_not_found": 404,
-        "session_not_found": 404,  # an MCP session id that is not this key's, or ended
-    },
+    ProxyError, codes=dict.fromkeys(("not_found", "deployment_not_found", "session_not_found"), 404)
 ):
-    """No such thing, or none the caller may see."""
+    """No such thing, or none the caller may see (session_not_found: an MCP session id that is
+    not this key's, or ended)."""
 
 
 class InConflict(ProxyError, codes={"conflict": 409}):

@@ -15,7 +15,14 @@ import httpx
 import pytest
 
 from local.azurite import Azurite
-from shared.directory.endpoints import ENDPOINT_FIX, EndpointPolicy, endpoint_problem, parse_hosts
+from shared.directory.endpoints import (
+    ENDPOINT_FIX,
+    EndpointPolicy,
+    endpoint_problem,
+    mcp_endpoint_problem,
+    parse_hosts,
+    webhook_problem,
+)
 from tests.harness import (
     CHAT,
     AppHost,
@@ -87,6 +94,24 @@ def test_the_operator_adds_hosts_and_suffixes_with_their_ports_and_loopback() ->
         assert endpoint_problem(endpoint, loopback) is None
     for endpoint in ("http://10.0.0.4", "http://127.0.0.2:7080", "http://user@127.0.0.1:7080"):
         assert endpoint_problem(endpoint, loopback) is not None
+
+
+def test_webhooks_and_mcp_servers_follow_one_public_host_rule() -> None:
+    policy = EndpointPolicy()
+    for url in (
+        "https://hooks.corp.lan/x", "https://printer.local/x", "https://intranet/x",
+        "https://[::1]/x", "https://0x7f.1/x", "https://meta.internal/x",
+        "http://hooks.example.com/x", "https://user@hooks.example.com/x", "https://hooks.example.com/x#frag",
+    ):  # fmt: skip
+        assert webhook_problem(url, policy) is not None, url
+        assert mcp_endpoint_problem(url, policy) is not None, url
+    # Where they differ: a webhook may name any port and carry a query (its receiver's token).
+    assert webhook_problem("https://hooks.example.com:8443/x/../y?token=1", policy) is None
+    assert "port 443" in (mcp_endpoint_problem("https://mcp.example.com:8443/mcp", policy) or "")
+    assert "query" in (mcp_endpoint_problem("https://mcp.example.com/mcp?token=1", policy) or "")
+    loopback = EndpointPolicy(allow_loopback=True)
+    assert webhook_problem("http://127.0.0.1:9000/hook", loopback) is None
+    assert mcp_endpoint_problem("http://127.0.0.1:9000/mcp", loopback) is None
 
 
 # --- through the worker -----------------------------------------------------------------------

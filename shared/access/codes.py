@@ -27,7 +27,7 @@ from shared.directory.keys import same_secret
 from shared.errors import ProxyError
 from shared.platform import clock
 from shared.platform.settings import Settings
-from shared.platform.tables import Conflict, StorageUnavailable, Tables
+from shared.platform.tables import StorageUnavailable, Tables
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,9 @@ class Windows:
             if earlier + count >= limit:
                 return wait
             entity = {"PartitionKey": scope, "RowKey": row, "count": count + 1}
-            try:
-                if found is None:
-                    await self._tables.insert(ATTEMPTS_TABLE, entity)
-                else:
-                    await self._tables.update(ATTEMPTS_TABLE, entity, etag=found[1])
+            if await self._tables.put_versioned(ATTEMPTS_TABLE, entity, found):
                 return 0
-            except Conflict:
-                continue  # another instance counted first: read again
+            # Another instance counted first: read again.
         return wait  # so contended that the limit is surely near: refuse rather than spin
 
     async def forget(self, scope: str) -> None:

@@ -22,6 +22,8 @@ AIPROXY_UPSTREAM_HOSTS, ports other than 443 allowed there). A public name can s
 a private address: the client connects to MCP servers through a resolver that refuses every
 address that is not globally routable (shared/upstreams/client.py), so the check holds for the
 address actually used. Loopback is allowed over http only with AIPROXY_ALLOW_LOOPBACK_UPSTREAMS.
+Alert webhooks (`webhook_problem`) follow the same rule (`public_url_problem`), with what differs
+as its parameters: any port, any path and a query, and no operator's list.
 
 Only the standard library and settings are needed: the command line imports the models.
 """
@@ -123,33 +125,6 @@ def _in(host: str, port: int, pairs: list[tuple[str, int]]) -> bool:
     return False
 
 
-def webhook_problem(url: str, policy: EndpointPolicy) -> str | None:
-    """Why the proxy must not POST an organiser's alerts to `url`, or None: an https URL on a
-    public host name (any host: it receives only the alert and its signature), never an IP
-    literal or localhost, except loopback where the operator allows it (local runs, tests)."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        return "is not a valid URL"
-    host = (parts.hostname or "").lower()
-    if parts.scheme not in ("https", "http") or not host:
-        return "must be an https URL such as https://hooks.example.com/aiproxy"
-    if "@" in parts.netloc:
-        return "must not carry a user name or password ('user@' before the host)"
-    if parts.fragment or url.endswith("#"):
-        return "must not carry a fragment"
-    if host in LOOPBACK_HOSTS and policy.allow_loopback:
-        return None
-    if host in LOOPBACK_HOSTS or _ip_literal(host) or host.endswith((".localhost", ".internal")):
-        return "must name a public host, not an IP address or localhost"
-    if _HOST.match(host) is None or "." not in host:
-        return "must name a public host of letters, digits, '-' and '.'"
-    if parts.scheme != "https":
-        return "must be https"
-    return None
-
-
 @lru_cache(maxsize=4096)
 def endpoint_problem(endpoint: str, policy: EndpointPolicy) -> str | None:
     """Why the proxy must not call `endpoint` (as stored: no trailing '/'), or None.
@@ -182,25 +157,60 @@ MCP_ENDPOINT_FIX = (
 @lru_cache(maxsize=4096)
 def mcp_endpoint_problem(endpoint: str, policy: EndpointPolicy) -> str | None:
     """Why the proxy must not call the MCP server at `endpoint`, or None (the module's rule)."""
-    found, parts = _shape_problem(endpoint, policy)
+    return public_url_problem(
+        endpoint, policy, "MCP servers", "https://mcp.example.com/mcp", plain=True,
+        hosts=policy.mcp_hosts,
+    )  # fmt: skip
+
+
+def webhook_problem(url: str, policy: EndpointPolicy) -> str | None:
+    """Why the proxy must not POST an organiser's alerts to `url`, or None. It receives only the
+    alert and its signature: any port, and any path and query (a receiver's own token)."""
+    return public_url_problem(
+        url, policy, "alert webhooks", "https://hooks.example.com/aiproxy", plain=False,
+        any_port=True,
+    )  # fmt: skip
+
+
+def public_url_problem(
+    url: str,
+    policy: EndpointPolicy,
+    what: str,
+    example: str,
+    *,
+    plain: bool,
+    hosts: tuple[tuple[str, int], ...] = (),
+    any_port: bool = False,
+) -> str | None:
+    """The one rule for URLs on any public host (what the proxy calls beyond Azure): https to a
+    public host name, never an IP literal, `localhost`, a single label or a private suffix;
+    loopback only where the policy allows it. Where they differ: `plain` (no query, a plain
+    path), `hosts` (the operator's list, when any, is the only hosts allowed) and `any_port`
+    (else 443 only, unless the operator lists the host with its port). `what` is called there,
+    for the messages."""
+    found, parts = _shape_problem(url, policy, example, plain=plain)
     if found is not None or parts is None:
         return found
     host, port = parts
     if "." not in host or host.endswith(PRIVATE_SUFFIXES):
         return "must name a public host (a name with a public domain)"
-    if policy.mcp_hosts:
-        if not _in(host, 443 if port is None else port, list(policy.mcp_hosts)):
-            return "is not on a host the operator allows MCP servers on"
-    elif port not in (None, 443):
-        return f"names port {port}; MCP servers are called on port 443"
+    if hosts:
+        if not _in(host, 443 if port is None else port, list(hosts)):
+            return f"is not on a host the operator allows {what} on"
+    elif port not in (None, 443) and not any_port:
+        return f"names port {port}; {what} are called on port 443"
     return None
 
 
 def _shape_problem(
-    endpoint: str, policy: EndpointPolicy
+    endpoint: str,
+    policy: EndpointPolicy,
+    example: str = "https://NAME.openai.azure.com",
+    *,
+    plain: bool = True,
 ) -> tuple[str | None, tuple[str, int | None] | None]:
     """What every endpoint must be: (its problem, None) or (None, (host, port)); (None, None)
-    for a loopback endpoint the policy allows."""
+    for a loopback endpoint the policy allows. Not `plain`: any path and query."""
     try:
         parts = urlsplit(endpoint)
         port = parts.port
@@ -208,12 +218,14 @@ def _shape_problem(
         return "is not a valid URL", None
     host = (parts.hostname or "").lower()
     if parts.scheme not in ("https", "http") or not host:
-        return "must be an https URL such as https://NAME.openai.azure.com", None
+        return f"must be an https URL such as {example}", None
     if "@" in parts.netloc:
         return "must not carry a user name or password ('user@' before the host)", None
-    if parts.query or parts.fragment or endpoint.endswith(("?", "#")):
-        return "must not carry a query or fragment", None
-    if _PATH.match(parts.path) is None or any(s in (".", "..") for s in parts.path.split("/")):
+    if parts.fragment or endpoint.endswith("#"):
+        return "must not carry a fragment", None
+    if plain and (parts.query or endpoint.endswith("?")):
+        return "must not carry a query", None
+    if plain and (_PATH.match(parts.path) is None or {".", ".."} & set(parts.path.split("/"))):
         return "may have a plain path only (letters, digits and '._~-' between slashes)", None
     loopback = host in LOOPBACK_HOSTS
     if loopback and policy.allow_loopback:

@@ -651,7 +651,14 @@ ANSWER = ConfigDict(extra="ignore", json_schema_serialization_defaults_required=
 _UTC = {"format": "date-time"}
 
 
-class EventView(EventCreate):
+class Created(BaseModel):
+    """Who created a thing organisers own (an event, a resource), and when."""
+
+    owner: str = Field(description="the signed-in creator ('<idp>:<id>'); empty for operators")
+    created_at: str = Field(description="creation time, UTC", json_schema_extra=_UTC)
+
+
+class EventView(Created, EventCreate):
     """An event as its organiser sees it."""
 
     model_config = ANSWER
@@ -659,8 +666,6 @@ class EventView(EventCreate):
     id: str = Field(description="the event's id")
     starts_at_utc: str = Field(description="the start in UTC", json_schema_extra=_UTC)
     ends_at_utc: str = Field(description="the end in UTC", json_schema_extra=_UTC)
-    owner: str = Field(description="the signed-in creator ('<idp>:<id>'); empty for operators")
-    created_at: str = Field(description="creation time, UTC", json_schema_extra=_UTC)
 
 
 class RegistrationState(BaseModel):
@@ -709,14 +714,12 @@ class PublicEvent(PublicEventFields):
     registration: RegistrationState | None = Field(None, description="on the public page only")
 
 
-class ResourceView(ResourceFields):
+class ResourceView(Created, ResourceFields):
     """An upstream deployment, never with its key."""
 
     model_config = ANSWER
 
     id: str = Field(description="the resource's id")
-    owner: str = Field(description="the signed-in creator; empty for operators")
-    created_at: str = Field(description="creation time, UTC", json_schema_extra=_UTC)
     has_api_key: bool = Field(description="whether a key is stored (it is never returned)")
 
 

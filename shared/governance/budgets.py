@@ -36,15 +36,14 @@ from typing import Any
 from shared.directory.events import Event
 from shared.errors import ProxyError
 from shared.governance.alerts import Alerts
+from shared.governance.held import HeldRows
 from shared.governance.prices import NANO, as_amount
-from shared.platform.background import repeat
-from shared.platform.tables import Conflict, StorageUnavailable, Tables
+from shared.platform.tables import StorageUnavailable, Tables
 
 log = logging.getLogger(__name__)
 
 BUDGETS_TABLE = "budgets"
 EVENT_ROW = "_event"
-FORGET_SECONDS = 600.0
 
 
 def nano_of(amount: str) -> int:
@@ -89,8 +88,10 @@ class Hold:
     worst: int
 
 
-class Budgets:
+class Budgets(HeldRows[Pot]):
     """Admits calls against the event's budgets and counts what they cost."""
+
+    NAME = "budgets"
 
     def __init__(
         self,
@@ -99,12 +100,9 @@ class Budgets:
         idle_seconds: float = 5.0,
         alerts: Alerts | None = None,
     ) -> None:
+        super().__init__(sync_seconds, idle_seconds)
         self._tables = tables
         self._alerts = alerts
-        self._sync_seconds = sync_seconds
-        self._idle_seconds = idle_seconds
-        self._pots: dict[tuple[str, str], Pot] = {}
-        self._task: asyncio.Task[None] | None = None
 
     def pots(self, event: Event, attendee_id: str, now: datetime) -> list[Pot]:
         """The budgets a call of this attendee takes from (none when the event has none)."""
@@ -117,9 +115,9 @@ class Budgets:
             if not amount:
                 continue
             key = (event.id, row)
-            pot = self._pots.get(key)
+            pot = self._rows.get(key)
             if pot is None:
-                pot = self._pots[key] = Pot(event.id, row, nano_of(amount), kind, event)
+                pot = self._rows[key] = Pot(event.id, row, nano_of(amount), kind, event)
             pot.limit, pot.event = nano_of(amount), event  # the organiser may change them
             found.append(pot)
         return found
@@ -177,12 +175,6 @@ class Budgets:
             return None
         return as_amount(max(0, min(pot.left for pot in own)))
 
-    def _start(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(
-                repeat(self.sync, self._sync_seconds, "budgets", log)
-            )
-
     async def _reserve(self, pot: Pot, need: int) -> None:
         """Make the allowance here `need` at least, if the budget has room for it."""
         async with pot.lock:
@@ -217,15 +209,8 @@ class Budgets:
                 "granted": str(granted + block),
                 "spent": str(int(row.get("spent") or 0) + spent),
             }
-            try:
-                if not (spent or overdrawn or provisional or give_back or block):
-                    pass  # a read is all it needed
-                elif found is None:
-                    await self._tables.insert(BUDGETS_TABLE, entity)
-                else:
-                    await self._tables.update(BUDGETS_TABLE, entity, etag=found[1])
-            except Conflict:
-                await asyncio.sleep(0.005)
+            changed = spent or overdrawn or provisional or give_back or block  # else a read
+            if changed and not await self._tables.put_versioned(BUDGETS_TABLE, entity, found):
                 continue
             pot.spent_unflushed -= spent
             pot.overdrawn -= overdrawn
@@ -238,33 +223,15 @@ class Budgets:
             return
         raise StorageUnavailable(f"budget {pot.partition}/{pot.row} is contended")
 
-    async def sync(self) -> None:
-        """Write what was spent here, hand back what idle budgets hold, see others' spending."""
-        now = time.monotonic()
-        for key, pot in list(self._pots.items()):
-            idle = now - pot.last_used > self._idle_seconds
-            if idle and not pot.dirty and not pot.allowance:
-                if now - pot.last_used > FORGET_SECONDS and not pot.in_flight:
-                    del self._pots[key]
-                continue
-            async with pot.lock:
-                give_back = pot.allowance if idle and not pot.in_flight else 0
-                pot.allowance -= give_back
-                try:
-                    await self._write(pot, give_back=give_back)
-                except StorageUnavailable:
-                    pot.allowance += give_back
-                    raise
+    def _busy(self, row: Pot) -> bool:
+        return bool(row.in_flight)
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        for pot in self._pots.values():
-            pot.last_used = 0.0  # hand everything back
-        try:
-            await self.sync()
-        except StorageUnavailable:
-            log.warning("budgets: not flushed on shutdown")
+    def _may_give_back(self, row: Pot) -> bool:
+        # A call running here settles into the allowance: it is handed back once none runs.
+        return not row.in_flight
+
+    async def _write_back(self, key: tuple[str, str], row: Pot, give_back: int) -> None:
+        await self._write(row, give_back=give_back)
 
 
 def budget_error(event: Event, pot: Pot, worst: int, now: datetime) -> ProxyError:

@@ -41,10 +41,11 @@ from typing import Any
 
 from shared.directory.events import Event
 from shared.errors import ProxyError, TooManyRequests
+from shared.governance.held import HeldRows
 from shared.governance.minutes import SharedSlots
 from shared.platform import clock
-from shared.platform.background import Background, repeat
-from shared.platform.tables import Conflict, StorageUnavailable, Tables
+from shared.platform.background import Background
+from shared.platform.tables import StorageUnavailable, Tables
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ BLOCK_SECONDS = 2.0  # a busier attendee's block covers this long at their recen
 # Reserve the next block in the background when this share of the last one is left, so calls
 # do not wait for storage while the cap is far.
 REFILL_AT = 0.5
-FORGET_SECONDS = 600.0  # an attendee's counter unused this long is dropped from memory
 EVENT_ROW = "_event"  # the whole event's row in each day's partition (attendee ids are hex)
 
 
@@ -109,26 +109,25 @@ class Counter:
         return self.tokens_seen + self.tokens_unflushed
 
 
-class Caps:
+class Caps(HeldRows[Counter]):
     """Admits or refuses calls against the daily caps, and counts what they used."""
+
+    NAME = "caps: counters"
 
     def __init__(
         self, tables: Tables, sync_seconds: float = 1.0, idle_seconds: float = 5.0
     ) -> None:
+        super().__init__(sync_seconds, idle_seconds)
         self._tables = tables
-        self._sync_seconds = sync_seconds
-        self._idle_seconds = idle_seconds
-        self._counters: dict[tuple[str, str], Counter] = {}
         self._caps: dict[tuple[str, str], int] = {}  # counter -> request cap, for hand-backs
-        self._task: asyncio.Task[None] | None = None
         self._background = Background()
 
     def _counter(self, event: Event, row: str, now: datetime, cap: int) -> Counter:
         partition = f"{event.id}_{event.local_date(now)}"
         key = (partition, row)
-        counter = self._counters.get(key)
+        counter = self._rows.get(key)
         if counter is None:
-            counter = self._counters[key] = Counter(partition, row)
+            counter = self._rows[key] = Counter(partition, row)
         self._caps[key] = cap
         return counter
 
@@ -151,12 +150,6 @@ class Caps:
         counter = self._attendee(event, attendee_id, now)
         counter.refused[reason] = counter.refused.get(reason, 0) + 1
         self._start()
-
-    def _start(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(
-                repeat(self.sync, self._sync_seconds, "caps: counters", log)
-            )
 
     async def admit(
         self, event: Event, attendee_id: str, now: datetime, worst_case_tokens: int = 0
@@ -252,9 +245,9 @@ class Caps:
         to the attendee's day (and the event's, `whole`) at the next sync."""
         rows = (attendee_id, EVENT_ROW) if whole else (attendee_id,)
         for row in rows:
-            counter = self._counters.get((partition, row))
+            counter = self._rows.get((partition, row))
             if counter is None:
-                counter = self._counters[(partition, row)] = Counter(partition, row)
+                counter = self._rows[(partition, row)] = Counter(partition, row)
             counter.tokens_unflushed += tokens
         self._start()
 
@@ -332,16 +325,8 @@ class Caps:
             for reason, count in refused.items():
                 entity[f"refused_{reason}"] = int(row.get(f"refused_{reason}", 0)) + count
             changed = used or tokens or provisional or give_back or block or refused
-            changed = changed or minute_taken
-            try:
-                if not changed:
-                    pass  # a read is all this sync needed
-                elif found is None:
-                    await self._tables.insert(COUNTERS_TABLE, entity)
-                else:
-                    await self._tables.update(COUNTERS_TABLE, entity, etag=found[1])
-            except Conflict:
-                await asyncio.sleep(0.005)
+            changed = changed or minute_taken  # else a read is all this sync needed
+            if changed and not await self._tables.put_versioned(COUNTERS_TABLE, entity, found):
                 continue
             counter.used_unflushed -= used
             counter.tokens_unflushed -= tokens
@@ -363,28 +348,12 @@ class Caps:
             return
         raise StorageUnavailable(f"counter {counter.partition}/{counter.attendee_id} is contended")
 
-    async def sync(self) -> None:
-        """Flush what this instance counted, hand back idle allowance, see other instances'."""
-        now = time.monotonic()
-        for key, counter in list(self._counters.items()):
-            idle = now - counter.last_used > self._idle_seconds
-            dirty = counter.dirty
-            if idle and not dirty and not counter.allowance:
-                # Forget it only when no call holds it: a call would count on a copy nobody syncs.
-                held = counter.tokens_in_flight or counter.lock.locked()
-                if now - counter.last_used > FORGET_SECONDS and not held:
-                    del self._counters[key]
-                continue
-            async with counter.lock:
-                give_back = counter.allowance if idle else 0
-                counter.allowance -= give_back
-                try:
-                    await self._write(
-                        counter, self._caps.get(key, 0), reserve=False, give_back=give_back
-                    )
-                except StorageUnavailable:
-                    counter.allowance += give_back
-                    raise
+    def _busy(self, row: Counter) -> bool:
+        # A call counts on this copy (its tokens, or its wait for a block): nobody else syncs it.
+        return bool(row.tokens_in_flight or row.lock.locked())
+
+    async def _write_back(self, key: tuple[str, str], row: Counter, give_back: int) -> None:
+        await self._write(row, self._caps.get(key, 0), reserve=False, give_back=give_back)
 
     async def today(self, event: Event, attendee_id: str, now: datetime) -> tuple[int, int]:
         """(requests used, tokens used) today, as fresh as storage allows."""
@@ -397,15 +366,8 @@ class Caps:
         return counter.used, counter.tokens
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
         self._background.cancel()
-        for counter in self._counters.values():
-            counter.last_used = 0.0  # hand everything back
-        try:
-            await self.sync()
-        except StorageUnavailable:
-            log.warning("caps: counters not flushed on shutdown")
+        await super().close()
 
 
 def _cap_field(*, tokens: bool, whole: bool) -> str:

@@ -7,6 +7,7 @@ table and the models it names. A new route is one `Route` here, and nothing else
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal
 
 from starlette.requests import Request
@@ -51,16 +52,21 @@ def manage(
     operation_id: str,
     summary: str,
     *answers: Answer,
-    ids: bool = False,
     errors: tuple[int, ...] = (),
     **more: Any,
 ) -> Endpoint:
     codes = {*_MANAGE_ERRORS, *errors}
-    if ids:
-        codes.add(404)
     if more.get("body") or more.get("query"):
         codes.add(400)
     return Endpoint(method, handler, operation_id, summary, answers, tuple(sorted(codes)), **more)
+
+
+def managed(name: str, path: str, *endpoints: Endpoint) -> Route:
+    """The route `manage_<name>` at `manage/<path>`, for organisers and the operator; ids in
+    its path answer 404 when unknown (or another organiser's)."""
+    if "{" in path:
+        endpoints = tuple(replace(e, errors=tuple(sorted({*e.errors, 404}))) for e in endpoints)
+    return Route(f"manage_{name}", f"manage/{path}", MANAGER, "management", endpoints)
 
 
 def ok(model: object, text: str = "OK", status: int = 200) -> Answer:
@@ -76,95 +82,88 @@ _USAGE = (
 )
 
 MANAGEMENT: tuple[Route, ...] = (
-    Route("manage_events", "manage/events", MANAGER, "management", (
+    managed("events", "events",
         manage("GET", http.list_events, "listEvents", "List events (an owner sees its own)",
                ok(list[models.EventView])),
         manage("POST", http.create_event, "createEvent", "Create an event",
                ok(models.EventView, "Created", 201), body=models.EventCreate),
-    )),
-    Route("manage_event", "manage/events/{event_id}", MANAGER, "management", (
-        manage("GET", http.get_event, "getEvent", "One event", ok(models.EventView), ids=True),
+    ),
+    managed("event", "events/{event_id}",
+        manage("GET", http.get_event, "getEvent", "One event", ok(models.EventView)),
         manage("PATCH", http.update_event, "updateEvent", "Change an event",
-               ok(models.EventView), ids=True, body=models.EventPatch, body_required=False),
+               ok(models.EventView), body=models.EventPatch, body_required=False),
         manage("DELETE", http.delete_event, "deleteEvent",
                "Delete an event; 409 while it has attendees, unless force=true", NONE,
-               ids=True, errors=(409,), query=(_FORCE,)),
-    )),
-    Route("manage_resources", "manage/resources", MANAGER, "management", (
+               errors=(409,), query=(_FORCE,)),
+    ),
+    managed("resources", "resources",
         manage("GET", http.list_resources, "listResources", "List resources, never with secrets",
                ok(list[models.ResourceView])),
         manage("POST", http.create_resource, "createResource",
                "Add an upstream deployment; api_key is write-only",
                ok(models.ResourceView, "Created", 201), body=models.ResourceCreate),
-    )),
-    Route("manage_resource", "manage/resources/{resource_id}", MANAGER, "management", (
-        manage("GET", http.get_resource, "getResource", "One resource", ok(models.ResourceView),
-               ids=True),
+    ),
+    managed("resource", "resources/{resource_id}",
+        manage("GET", http.get_resource, "getResource", "One resource", ok(models.ResourceView)),
         manage("PATCH", http.update_resource, "updateResource", "Change a resource",
-               ok(models.ResourceView), ids=True, body=models.ResourcePatch,
-               body_required=False),
+               ok(models.ResourceView), body=models.ResourcePatch, body_required=False),
         manage("DELETE", http.delete_resource, "deleteResource",
-               "Delete a resource; 409 while an event's catalog holds it", NONE, ids=True,
-               errors=(409,)),
-    )),
-    Route("manage_event_catalog", "manage/events/{event_id}/resources", MANAGER, "management", (
+               "Delete a resource; 409 while an event's catalog holds it", NONE, errors=(409,)),
+    ),
+    managed("event_catalog", "events/{event_id}/resources",
         manage("GET", http.list_catalog, "listCatalog", "The event's catalog",
-               ok(list[models.ResourceView]), ids=True),
-    )),
-    Route("manage_event_resource", "manage/events/{event_id}/resources/{resource_id}", MANAGER,
-          "management", (
+               ok(list[models.ResourceView])),
+    ),
+    managed("event_resource", "events/{event_id}/resources/{resource_id}",
         manage("PUT", http.attach_resource, "attachResource",
-               "Add a resource to the event's catalog", ok(models.CatalogEntry), ids=True),
+               "Add a resource to the event's catalog", ok(models.CatalogEntry)),
         manage("DELETE", http.detach_resource, "detachResource",
-               "Take a resource out of the event's catalog", NONE, ids=True),
-    )),
-    Route("manage_attendees", "manage/events/{event_id}/attendees", MANAGER, "management", (
+               "Take a resource out of the event's catalog", NONE),
+    ),
+    managed("attendees", "events/{event_id}/attendees",
         manage("GET", http.list_attendees, "listAttendees",
                "The event's attendees with their totals, without keys",
-               ok(list[models.AttendeeWithTotals]), ids=True),
+               ok(list[models.AttendeeWithTotals])),
         manage("POST", http.add_attendee, "addAttendee",
                "Issue a key to a user; the same user again gets the same attendee (200)",
                ok(models.AttendeeWithKeyView, "Created", 201),
                ok(models.AttendeeWithKeyView, "The user already had a key: the same attendee "
                   "and key"),
-               ids=True, body=models.AttendeeCreate),
-    )),
-    Route("manage_attendee", "manage/events/{event_id}/attendees/{attendee_id}", MANAGER,
-          "management", (
+               body=models.AttendeeCreate),
+    ),
+    managed("attendee", "events/{event_id}/attendees/{attendee_id}",
         manage("GET", http.get_attendee, "getAttendee", "One attendee, with its key",
-               ok(models.AttendeeWithKeyView), ids=True),
+               ok(models.AttendeeWithKeyView)),
         manage("DELETE", http.revoke_attendee, "revokeAttendee",
                "Revoke the attendee's key (every instance refuses it within the cache TTL)",
-               ok(models.AttendeeView), ids=True),
-    )),
-    Route("manage_attendee_rotate", "manage/events/{event_id}/attendees/{attendee_id}/rotate",
-          MANAGER, "management", (
+               ok(models.AttendeeView)),
+    ),
+    managed("attendee_rotate", "events/{event_id}/attendees/{attendee_id}/rotate",
         manage("POST", http.rotate_attendee_key, "rotateAttendeeKey",
                "A new key for the attendee; the old one stops working",
-               ok(models.AttendeeWithKeyView), ids=True),
-    )),
-    Route("manage_alerts", "manage/events/{event_id}/alerts", MANAGER, "management", (
+               ok(models.AttendeeWithKeyView)),
+    ),
+    managed("alerts", "events/{event_id}/alerts",
         manage("GET", http.list_alerts, "listAlerts",
                "The budget thresholds the event reached, each fired once",
-               ok(list[models.AlertView]), ids=True),
-    )),
-    Route("manage_alert_secret", "manage/events/{event_id}/alerts/secret", MANAGER,
-          "management", (
+               ok(list[models.AlertView])),
+    ),
+    managed("alert_secret", "events/{event_id}/alerts/secret",
         manage("POST", http.rotate_alert_secret, "rotateAlertSecret",
                "A new secret signing the event's alert webhooks, shown once",
-               ok(models.AlertSecret), ids=True),
-    )),
-    Route("manage_usage", "manage/events/{event_id}/usage", MANAGER, "management", (
+               ok(models.AlertSecret)),
+    ),
+    managed("usage", "events/{event_id}/usage",
         manage("GET", http.usage_report, "usageReport",
                "Usage totals by attendee, deployment, day or hour",
                Answer(200, "The report", UsageReport, ("application/json", "text/csv")),
-               ids=True, query=_USAGE),
-    )),
-    Route("manage_tool_calls", "manage/events/{event_id}/toolcalls", MANAGER, "management", (
+               query=_USAGE),
+    ),
+    managed("tool_calls", "events/{event_id}/toolcalls",
         manage("GET", http.tool_calls, "toolCalls",
                "MCP tool calls by attendee, server and tool (from the usage records)",
-               ok(list[ToolCalls]), ids=True),
-    )),
+               ok(list[ToolCalls])),
+    ),
 )  # fmt: skip
 
 # --- proxy: every route that takes an event key --------------------------------------------

@@ -60,18 +60,47 @@ from shared.upstreams.client import UpstreamAnswer
 NOT_FORWARDED_QUERY = frozenset({"api-version", "api-key", "key", "code", "subscription-key"})
 
 
-class ProxyCall:
-    """One proxied request, from its arrival to its usage record."""
+class Exchange:
+    """What every proxied request has from its arrival (a model call, an MCP message): its id,
+    its upstream request and its ledger; `answer` runs it."""
 
-    def __init__(self, request: Request, kind: CallKind, runtime: Runtime) -> None:
+    def __init__(
+        self, request: Request, runtime: Runtime, model_class: str, upstream: UpstreamRequest
+    ) -> None:
         self.request = request
-        self.kind = kind
         self.runtime = runtime
         self.request_id = new_request_id()
         self.access: Access | None = None
-        self.upstream = UpstreamRequest()  # filled in by the steps
-        self.ledger = Ledger(runtime, self.request_id, kind.model_class, self.upstream)
+        self.upstream = upstream
+        self.ledger = Ledger(runtime, self.request_id, model_class, upstream)
         self.started = self.ledger.started
+
+    def refusal(self, error: ProxyError) -> Response:
+        """The answer to a refused call, in the contract's shape."""
+        return error_response(error, self.request_id)
+
+    async def answer(self, run: Callable[[], Awaitable[Response]]) -> Response:
+        """Run the call, answering its refusals and releasing what it held."""
+        try:
+            return await run()
+        except ProxyError as error:
+            self.ledger.release()
+            self.ledger.refused(error)
+            return self.refusal(error)
+        except CallerGone:
+            self.ledger.release()
+            return Response(status_code=499)  # never read: the connection is gone
+        except BaseException:
+            self.ledger.release()
+            raise
+
+
+class ProxyCall(Exchange):
+    """One proxied request, from its arrival to its usage record."""
+
+    def __init__(self, request: Request, kind: CallKind, runtime: Runtime) -> None:
+        super().__init__(request, runtime, kind.model_class, UpstreamRequest())  # filled in later
+        self.kind = kind
         self.pools: dict[str, list[Resource]] = {}  # the event's deployments and their members
 
     # --- the steps, in order --------------------------------------------------------------------
@@ -340,24 +369,8 @@ def form_field(body: bytes, content_type: str, name: str) -> str:
     return ""
 
 
-async def answer_call(call: ProxyCall, run: Callable[[], Awaitable[Response]]) -> Response:
-    """Run a call, answering its refusals in the contract's shape and releasing what it held."""
-    try:
-        return await run()
-    except ProxyError as error:
-        call.ledger.release()
-        call.ledger.refused(error)
-        return error_response(error, call.request_id)
-    except CallerGone:
-        call.ledger.release()
-        return Response(status_code=499)  # never read: the connection is gone
-    except BaseException:
-        call.ledger.release()
-        raise
-
-
 async def proxy_call(request: Request, kind: CallKind, deployment: str | None) -> Response:
     """Entry point of every OpenAI-style proxy route that names a deployment (in its path, or
     None: in the body's `model`)."""
     call = ProxyCall(request, kind, get_runtime())
-    return await answer_call(call, lambda: call.run(deployment))
+    return await call.answer(lambda: call.run(deployment))

@@ -22,6 +22,20 @@ from shared.platform import clock, telemetry
 from shared.runtime import Access, Runtime
 
 
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """What a call came to, as its usage record tells it."""
+
+    status: int
+    usage: tuple[int, int, int]  # prompt, completion, total tokens
+    streamed: bool
+    estimated: bool
+    outcome: str
+    units: int = 0
+    reasoning: int = 0
+    details: Details = NO_DETAILS
+
+
 @dataclass(eq=False)
 class Ledger:
     """One call's entries. `access` is set once the caller is known; `upstream` is the call's
@@ -86,10 +100,10 @@ class Ledger:
         prompt = min(body_size // 4, self.worst_case_tokens)
         # Its cost is what its budgets hold for it: the worst case at its pool's prices.
         held = self.hold.worst if self.hold is not None else 0
+        usage = (prompt, self.worst_case_tokens - prompt, self.worst_case_tokens)
         provisional = self.usage_record(
-            502, (prompt, self.worst_case_tokens - prompt, self.worst_case_tokens),
-            streamed=streamed, estimated=True, outcome="worker_lost", latency_ms=0.0,
-            cost=prices.Cost(held, True, "worst case") if held else prices.FREE,
+            Ending(502, usage, streamed, estimated=True, outcome="worker_lost"), 0.0,
+            prices.Cost(held, True, "worst case") if held else prices.FREE,
         )  # fmt: skip
         counter = self.counter
         whole = counter is not None and counter.whole is not None
@@ -193,13 +207,8 @@ class Ledger:
                 "latency_ms": round(latency_ms, 1),
             }
         )
-        self.runtime.usage.append(
-            self.usage_record(
-                status, usage, streamed=streamed, estimated=estimated, outcome=outcome,
-                latency_ms=latency_ms, units=units, reasoning=reasoning, details=details,
-                cost=cost,
-            )
-        )  # fmt: skip
+        ending = Ending(status, usage, streamed, estimated, outcome, units, reasoning, details)
+        self.runtime.usage.append(self.usage_record(ending, latency_ms, cost))
         self.settle_entry()
 
     def settle_entry(self) -> None:
@@ -210,43 +219,39 @@ class Ledger:
 
     def usage_record(
         self,
-        status: int,
-        usage: tuple[int, int, int],
-        *,
-        streamed: bool,
-        estimated: bool,
-        outcome: str,
+        ending: Ending,
         latency_ms: float,
-        units: int = 0,
-        reasoning: int = 0,
-        details: Details = NO_DETAILS,
         cost: prices.Cost = prices.FREE,
+        *,
+        when: datetime | None = None,
+        request_id: str = "",
     ) -> UsageRecord:
-        """The call's usage record as of now: every record of a call but a background
-        response's result is made here."""
+        """The call's usage record, as of now or `when`: every record is made here (a
+        background response's result with its own time and request id)."""
         assert self.access is not None
         event, attendee_id = self.access.event, self.access.attendee.id
         resource, deployment = self.upstream.member, self.upstream.deployment
-        now = clock.now()
+        now = when or clock.now()
+        usage, details = ending.usage, ending.details
         return UsageRecord(
             event_id=event.id,
             attendee_id=attendee_id,
             deployment=deployment,
             resource_id=resource.id if resource else "",
             model_class=self.model_class,
-            status=status,
+            status=ending.status,
             prompt_tokens=usage[0],
             completion_tokens=usage[1],
             total_tokens=usage[2],
-            streamed=streamed,
-            estimated=estimated,
+            streamed=ending.streamed,
+            estimated=ending.estimated,
             latency_ms=latency_ms,
             time=now,
             local_date=event.local_date(now),
-            request_id=self.request_id,
-            outcome=outcome,
-            units=units,
-            reasoning_tokens=details.reasoning or reasoning,
+            request_id=request_id or self.request_id,
+            outcome=ending.outcome,
+            units=ending.units,
+            reasoning_tokens=details.reasoning or ending.reasoning,
             cached_tokens=details.cached,
             audio_tokens=details.audio,
             model=details.model,
@@ -292,37 +297,16 @@ class Ledger:
         """
         resource = self.upstream.member
         assert self.access is not None and resource is not None
-        event = self.access.event
         cost = self.cost(resource, usage, 0, details)
         when = (
             datetime.fromtimestamp(created, UTC)
             if isinstance(created, int | float)
             else clock.now()
         )
+        ending = Ending(200, usage, False, False, "background_result", 0, reasoning, details)
         self.runtime.usage.append(
-            UsageRecord(
-                event_id=event.id,
-                attendee_id=self.access.attendee.id,
-                deployment=resource.deployment,
-                resource_id=resource.id,
-                model_class=self.model_class,
-                status=200,
-                prompt_tokens=usage[0],
-                completion_tokens=usage[1],
-                total_tokens=usage[2],
-                streamed=False,
-                estimated=False,
-                latency_ms=0.0,
-                time=when,
-                local_date=event.local_date(when),
+            self.usage_record(
+                ending, 0.0, cost, when=when,
                 request_id="bg" + hashlib.sha256(response_id.encode()).hexdigest()[:14],
-                outcome="background_result",
-                reasoning_tokens=reasoning,
-                cached_tokens=details.cached,
-                audio_tokens=details.audio,
-                model=details.model,
-                cost_nano=cost.nano,
-                unpriced=not cost.priced,
-                price_source=cost.source,
             )
-        )
+        )  # fmt: skip

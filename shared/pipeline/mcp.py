@@ -38,15 +38,15 @@ from starlette.responses import Response
 
 from shared.directory.catalog import Resource
 from shared.directory.endpoints import EndpointPolicy, mcp_endpoint_problem
-from shared.errors import CallerGone, ProxyError
-from shared.pipeline.answers import REQUEST_ID_HEADER, new_request_id
+from shared.errors import ProxyError
+from shared.pipeline.answers import REQUEST_ID_HEADER
 from shared.pipeline.bodies import read_body
+from shared.pipeline.call import Exchange
 from shared.pipeline.forwarding import UpstreamRequest
-from shared.pipeline.ledger import Ledger
 from shared.pipeline.relays import StreamTimes, read_whole, relay
 from shared.pipeline.streaming import EventStreamResponse
 from shared.platform.identity import upstream_token
-from shared.runtime import Access, Runtime, get_runtime
+from shared.runtime import Runtime, get_runtime
 from shared.upstreams.client import UpstreamAnswer, UpstreamTimeout, UpstreamUnreachable
 
 log = logging.getLogger(__name__)
@@ -218,20 +218,21 @@ class McpMeter:
         return b"\n".join(kept) + b"\n\n"
 
 
-class McpCall:
+class McpCall(Exchange):
     """One HTTP request of an MCP client to /api/mcp/{name}."""
 
     def __init__(self, request: Request, name: str, runtime: Runtime) -> None:
-        self.request = request
+        super().__init__(request, runtime, MODEL_CLASS, UpstreamRequest(deployment=name))
         self.name = name
-        self.runtime = runtime
-        self.request_id = new_request_id()
-        self.upstream = UpstreamRequest(deployment=name)
-        self.ledger = Ledger(runtime, self.request_id, MODEL_CLASS, self.upstream)
         self.ledger.metered = False  # only tools/call is counted
         self.message_id: Any = None
         self.parse_error: dict[str, Any] = {}
-        self.access: Access | None = None
+
+    def refusal(self, error: ProxyError) -> Response:
+        """A refusal as a JSON-RPC error answering the client's message."""
+        log.debug("mcp %s refused after %.1f ms: %s", self.name,
+                  (time.perf_counter() - self.started) * 1000, error.code)  # fmt: skip
+        return error_answer(error, self.message_id, self.request_id)
 
     async def run(self) -> Response:
         method = self.request.method
@@ -512,21 +513,7 @@ def _is_stream(answer: UpstreamAnswer) -> bool:
 async def mcp_call(request: Request, name: str) -> Response:
     """Entry point of /api/mcp/{name} (POST, GET, DELETE)."""
     call = McpCall(request, name, get_runtime())
-    started = time.perf_counter()
-    try:
-        return await call.run()
-    except ProxyError as error:
-        call.ledger.release()
-        call.ledger.refused(error)
-        log.debug("mcp %s refused after %.1f ms: %s", name, (time.perf_counter() - started) * 1000,
-                  error.code)  # fmt: skip
-        return error_answer(error, call.message_id, call.request_id)
-    except CallerGone:
-        call.ledger.release()
-        return Response(status_code=499)
-    except BaseException:
-        call.ledger.release()
-        raise
+    return await call.answer(call.run)
 
 
 class JsonRpcMessage(BaseModel):

@@ -26,7 +26,7 @@ from shared.directory.catalog import Resource
 from shared.errors import NoCapacity, ProxyError
 from shared.governance import tokens
 from shared.pipeline.bodies import read_body
-from shared.pipeline.call import ProxyCall, answer_call
+from shared.pipeline.call import ProxyCall
 from shared.pipeline.kinds import RESPONSES, apply_token_cap, details_of, reasoning_of
 from shared.pipeline.relays import RESPONSE_CUT_EVENT, is_event_stream
 from shared.pipeline.streaming import ResponseStreamMeter
@@ -390,10 +390,10 @@ class ResponsesCall(ProxyCall):
 async def create(request: Request, v1: bool) -> Response:
     """POST …/responses."""
     call = ResponsesCall(request, get_runtime(), v1)
-    return await answer_call(call, call.create)
+    return await call.answer(call.create)
 
 
 async def by_id(request: Request, v1: bool, action: str = "") -> Response:
     """GET/DELETE …/responses/{response_id}, GET …/input_items, POST …/cancel."""
     call = ResponsesCall(request, get_runtime(), v1)
-    return await answer_call(call, lambda: call.by_id(request.path_params["response_id"], action))
+    return await call.answer(lambda: call.by_id(request.path_params["response_id"], action))

@@ -145,6 +145,21 @@ class Tables:
             raise StorageUnavailable(str(exc)) from exc
         return dict(found), found.metadata["etag"]
 
+    async def put_versioned(
+        self, table: str, entity: Entity, found: tuple[Entity, str] | None
+    ) -> bool:
+        """Write `entity` over the version `get_versioned` found (insert it where none was):
+        False when another writer came first, after a pause, to read the row again and retry."""
+        try:
+            if found is None:
+                await self.insert(table, entity)
+            else:
+                await self.update(table, entity, etag=found[1])
+        except Conflict:
+            await asyncio.sleep(0.005)
+            return False
+        return True
+
     async def insert(self, table: str, entity: Entity) -> None:
         client = await self.client(table)
         try:

@@ -21,6 +21,7 @@ import binascii
 import hashlib
 import hmac
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -49,6 +50,12 @@ class Sealed:
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _upstream_response_id(sealed: bytes) -> str:
+    """An upstream response id as `seal_id` packed it: 0 and its hex as bytes, or 1 and text."""
+    kind, rest = sealed[0], sealed[1:]
+    return RESPONSE_PREFIX + rest.hex() if kind == 0 else rest.decode()
 
 
 def _unb64(text: str) -> bytes:
@@ -104,19 +111,7 @@ class AffinitySeal:
 
     def open_id(self, proxy_id: str) -> Sealed | None:
         """What a proxy response id holds; None for anything this app did not seal."""
-        if not proxy_id.startswith(RESPONSE_PREFIX) or len(proxy_id) > 1000:
-            return None
-        plain = self._open(proxy_id[len(RESPONSE_PREFIX) :], _ID_AAD)
-        if plain is None:
-            return None
-        try:
-            resource_id, at = _unpack_id(plain, 0)
-            attendee_id, at = _unpack_id(plain, at)
-            kind, rest = plain[at], plain[at + 1 :]
-            upstream = RESPONSE_PREFIX + rest.hex() if kind == 0 else rest.decode()
-        except (IndexError, UnicodeDecodeError):
-            return None
-        return Sealed(resource_id, attendee_id, upstream)
+        return self._open_ids(proxy_id, RESPONSE_PREFIX, 1000, _ID_AAD, _upstream_response_id)
 
     # --- MCP sessions ---------------------------------------------------------------------
 
@@ -127,15 +122,27 @@ class AffinitySeal:
 
     def open_session(self, proxy_id: str) -> Sealed | None:
         """What a sealed session id holds; None for anything this app did not seal."""
-        if not proxy_id.startswith(SESSION_PREFIX) or len(proxy_id) > 2000:
+        return self._open_ids(proxy_id, SESSION_PREFIX, 2000, _SESSION_AAD, bytes.decode)
+
+    def _open_ids(
+        self,
+        proxy_id: str,
+        prefix: str,
+        longest: int,
+        aad: bytes,
+        upstream_of: Callable[[bytes], str],
+    ) -> Sealed | None:
+        """The resource's and attendee's ids sealed after `prefix`, and the upstream's id
+        (`upstream_of` what follows them); None for anything this app did not seal."""
+        if not proxy_id.startswith(prefix) or len(proxy_id) > longest:
             return None
-        plain = self._open(proxy_id[len(SESSION_PREFIX) :], _SESSION_AAD)
+        plain = self._open(proxy_id[len(prefix) :], aad)
         if plain is None:
             return None
         try:
             resource_id, at = _unpack_id(plain, 0)
             attendee_id, at = _unpack_id(plain, at)
-            upstream = plain[at:].decode()
+            upstream = upstream_of(plain[at:])
         except (IndexError, UnicodeDecodeError):
             return None
         return Sealed(resource_id, attendee_id, upstream)
