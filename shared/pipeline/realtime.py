@@ -29,7 +29,7 @@ from shared.directory.events import Event
 from shared.errors import ProxyError
 from shared.pipeline import sideband
 from shared.pipeline.bodies import parse_json_body, read_body
-from shared.pipeline.call import ProxyCall, answer_call, form_field
+from shared.pipeline.call import ProxyCall, form_field
 from shared.pipeline.forwarding import Forwarder, UpstreamRequest
 from shared.pipeline.kinds import (
     REALTIME_CALLS,
@@ -328,10 +328,10 @@ class RealtimeCall(ProxyCall):
 async def realtime_call(request: Request) -> Response:
     """POST openai/v1/realtime/calls: an SDP offer in, the SDP answer out."""
     call = RealtimeCall(request, REALTIME_CALLS)
-    return await answer_call(call, call.setup)
+    return await call.answer(call.setup)
 
 
 async def realtime_client_secret(request: Request) -> Response:
     """POST openai/v1/realtime/client_secrets: a short-lived key for one realtime session."""
     call = RealtimeCall(request, REALTIME_CLIENT_SECRETS)
-    return await answer_call(call, call.client_secret)
+    return await call.answer(call.client_secret)
