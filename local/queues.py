@@ -18,7 +18,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -101,33 +101,30 @@ class Delivery:
 Invoke = Callable[[Delivery], Awaitable[bool]]
 
 
+@dataclass(eq=False)
 class QueueListener:
-    """One queue trigger: polls its queue and runs the function on each message."""
+    """One queue trigger (the function `name` on `queue_name`, in the storage account the
+    `connection` setting names): polls its queue and runs the function on each message."""
 
-    def __init__(
-        self,
-        name: str,
-        queue: str,
-        connection: str,
-        options: QueueOptions,
-        invoke: Invoke,
-        lease_seconds: float = LEASE_SECONDS,
-    ) -> None:
+    name: str
+    queue_name: str
+    connection: str
+    options: QueueOptions
+    invoke: Invoke
+    lease: float = LEASE_SECONDS  # seconds a message stays hidden while it runs, renewed
+    running: set[asyncio.Task[None]] = field(default_factory=set)
+    stopping: bool = False
+    processed: int = 0
+    poisoned: int = 0
+
+    def __post_init__(self) -> None:
         from azure.storage.queue.aio import QueueClient
 
-        self.name = name
-        self.queue_name = queue
-        self.options = options
-        self.invoke = invoke
-        self.lease = lease_seconds
-        self.queue = QueueClient.from_connection_string(connection_string(connection), queue)
-        self.poison = QueueClient.from_connection_string(
-            connection_string(connection), f"{queue}-poison"
+        account = connection_string(self.connection)
+        self.queue, self.poison = (
+            QueueClient.from_connection_string(account, queue)
+            for queue in (self.queue_name, f"{self.queue_name}-poison")
         )
-        self.running: set[asyncio.Task[None]] = set()
-        self.stopping = False
-        self.processed = 0
-        self.poisoned = 0
 
     async def run(self) -> None:
         """Poll until stopped: a batch of `batchSize` whenever at most `newBatchThreshold`

@@ -100,18 +100,13 @@ class Runtime:
     async def close(self) -> None:
         if self.pruning is not None:
             self.pruning.cancel()
-        await self.balancer.close()
-        await self.limits.close()
-        await self.caps.close()
-        await self.journal.close()
-        await self.budgets.close()
-        await self.alerts.close()
-        await self.usage.close()
-        await self.plugins.close()
-        await self.upstream.close()
-        await self.entra.close()
-        await self.queues.close()
-        await self.tables.close()
+        # In this order: what writes to storage flushes before storage itself is closed.
+        parts = (
+            self.balancer, self.limits, self.caps, self.journal, self.budgets, self.alerts,
+            self.usage, self.plugins, self.upstream, self.entra, self.queues, self.tables,
+        )  # fmt: skip
+        for part in parts:
+            await part.close()
 
 
 _runtime: Runtime | None = None

@@ -139,21 +139,25 @@ def usage_of(response: dict[str, Any]) -> tuple[int, int, int, int, int, int]:
     )  # fmt: skip
 
 
+@dataclass(eq=False)
 class CallMeter:
     """One call's metering: its sideband held, its responses recorded, its bounds kept."""
 
-    def __init__(
-        self, runtime: Runtime, ticket: Ticket, event: Event, resource: Resource, row: Progress
-    ) -> None:
-        self.runtime = runtime
-        self.ticket = ticket
-        self.event = event
-        self.resource = resource
-        self.row = row
-        self.deadline = ticket.started + ticket.max_seconds
-        endpoint = resource.endpoint.rstrip("/")
-        self.base = f"{endpoint}/openai/v1/realtime"
-        self.headers: dict[str, str] = {}
+    runtime: Runtime
+    ticket: Ticket
+    event: Event
+    resource: Resource
+    row: Progress
+    headers: dict[str, str] = field(default_factory=dict)  # the resource's credential
+
+    @property
+    def deadline(self) -> float:
+        """When the session's length runs out (clock.time())."""
+        return self.ticket.started + self.ticket.max_seconds
+
+    @property
+    def base(self) -> str:
+        return f"{self.resource.endpoint.rstrip('/')}/openai/v1/realtime"
 
     async def run(self) -> None:
         forwarder = Forwarder(self.runtime)
