@@ -6,10 +6,10 @@ loopback. The keys are real (the operator key for manage/*, the attendee key of 
 catalog points at the simulator for the rest), and path parameters and deployment names are real
 most of the time, so requests get past authentication and lookups into the code behind them.
 
-The operations are dealt into `SHARDS` tests (every `SHARDS`-th operation of the document's order,
-from a different start), so that a parallel run (docs/local.md#the-tests) fuzzes them side by side
-on workers of its own (tests/conftest.py `SPREAD`); a plain run runs them one after another on one
-fixture. Together they send what one test over every operation sends.
+The operations are dealt into `SHARDS` tests (every `SHARDS`-th operation of the document's
+order, from a different start), so that a parallel run (docs/local.md#the-tests) fuzzes them side
+by side on workers of its own (`SPREAD` in tests/conftest.py); a plain run runs them one after
+another on one fixture.
 """
 
 from __future__ import annotations
