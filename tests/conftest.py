@@ -175,6 +175,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it, never called
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """A parallel run (pytest-xdist, `make test`: `-n 4`; docs/local.md#the-tests) hands each
     worker process whole modules, in collection order: a module's tests run in their order on
