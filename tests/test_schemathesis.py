@@ -461,9 +461,9 @@ def test_no_server_error_and_every_error_in_the_contract_shape(fuzz: Fuzz, shard
     assert sum(label.startswith(("POST /openai/", "POST /indexes")) for label in labels) == 21
     assert sum("/responses/{response_id}" in label for label in labels) == 8
     assert sum(label.startswith("GET /manage/") for label in labels) >= 7
-    assert len(answered) >= len(labels) // SHARDS, (len(answered), len(labels))
     # Requests get past authentication and lookups into the code behind them: in each shard,
-    # more than a sixth of the requests are answered 200 (about 30 % in all).
+    # more than a sixth of the requests are answered 200 (27 to 31 % measured; all shards
+    # together once had to pass 200 of 1175).
     assert statuses[200] * 6 > statuses.total(), statuses
     # The operator key went with every management operation: each got past the credential check.
     locked_out = {
