@@ -6,6 +6,8 @@ PYTHON ?= $(shell for p in python3.13 $$(pyenv root 2>/dev/null)/versions/3.13*/
 VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Test worker processes: the tests mostly wait on servers and processes, so more than the cores.
+TEST_WORKERS ?= 4
 
 .PHONY: setup run test lint format bench bench-ab clean chromium vendor
 
@@ -48,7 +50,7 @@ vendor: node_modules/.installed
 test: setup chromium
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: setup
 	$(PY) -m ruff check --fix .

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,8 +139,54 @@ def event(request: pytest.FixtureRequest, host: App, sim: Simulator) -> EventSet
     return EventSetup(host, sim)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that drives the browser is marked so (`-m "not browser"` leaves them out)."""
+# Modules whose tests a parallel run may spread over its workers (each worker that runs one of
+# them sets the module's fixtures up for itself): independent tests that take long.
+SPREAD = ("test_schemathesis.py",)
+# The modules that take longest, longest first: a parallel run starts them first, so that none
+# of them is left running alone at the end (the other modules follow in their usual order).
+LONGEST_FIRST = (
+    "test_pages.py",
+    "test_schemathesis.py",
+    "test_make_run.py",
+    "test_fair_share.py",
+    "test_pools.py",
+    "test_cli.py",
+    "test_storage_outage.py",
+    "test_rate_limits.py",
+    "test_hardening.py",
+    "test_caps.py",
+    "test_responses.py",
+    "test_worker_stop.py",
+    "test_host.py",
+    "test_upstream_endpoints.py",
+    "test_registration_trust.py",
+    "test_plugins.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that drives the browser is marked so (`-m "not browser"` leaves them out). In a
+    worker of a parallel run, the longest modules come first."""
     for item in items:
         if "browser" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.browser)
+    if hasattr(config, "workerinput"):
+        rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order kept
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it, never called
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """A parallel run (pytest-xdist, `make test`: `-n 4`; docs/local.md#the-tests) hands each
+    worker process whole modules, in collection order: a module's tests run in their order on
+    one worker, with its module fixtures and the in-process host's one live configuration.
+    Only the tests of a module in `SPREAD` go one by one."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return nodeid if module.rsplit("/", 1)[-1] in SPREAD else module
+
+    config.option.loadscopereorder = False  # the collection's order: the longest first
+    return ByModule(config, log)

@@ -220,8 +220,16 @@ class InProcessHost:
         self._standins_port: int | None = None
         self.app = FunctionsApp(function_app.app, self.prefix, self.env["AIPROXY_FUNCTION_KEY"])
         self.port = free_port()
+        # Idle connections stay open as long as the host stand-in's aiohttp server keeps them
+        # (75 s): uvicorn's 5 s is also httpx's pool expiry, and a client that reuses a
+        # connection at the moment the server closes it gets "Server disconnected".
         config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off"
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
+            timeout_keep_alive=75,
         )
         self.server = uvicorn.Server(config)
         self.loop = asyncio.new_event_loop()

@@ -82,18 +82,21 @@ def test_retry_after_ms_cools_a_member_for_exactly_that_long(
     setup = pool_event(host, fresh, [{"sim": 0}, {"sim": 1}])
     fresh[0].configure(status=429, retry_after_ms=2000)
     while fresh[0].stats()["by_status"].get("429", 0) == 0:
+        # The member cools from when the proxy got its 429: after this call started, before
+        # it ended (however long a busy machine makes that).
+        sent_at = time.monotonic()
         assert chat(host, setup.key, HELLO, path=POOL).status_code == 200
-    throttled_at = time.monotonic()
+        answered_at = time.monotonic()
     fresh[0].configure(status=None, retry_after_ms=None)
     before = fresh[0].stats()["total_requests"]
     sent = 0
-    while time.monotonic() - throttled_at < 1.8 and sent < 500:
+    while time.monotonic() - sent_at < 1.8 and sent < 500:
         assert chat(host, setup.key, HELLO, path=POOL).status_code == 200
         sent += 1
         time.sleep(0.01)  # paced: the loop is bounded in requests as well as time
-    assert sent >= 10
+    assert sent >= 5
     assert fresh[0].stats()["total_requests"] == before  # nothing reached the cooled member
-    time.sleep(max(0.0, 2.2 - (time.monotonic() - throttled_at)))
+    time.sleep(max(0.0, 2.2 - (time.monotonic() - answered_at)))
     for _ in range(10):
         assert chat(host, setup.key, HELLO, path=POOL).status_code == 200
     assert fresh[0].stats()["total_requests"] - before >= 4  # used again after 2 s

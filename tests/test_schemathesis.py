@@ -5,6 +5,11 @@ requests (positive and negative data, derandomized, no shrinking) sent to the se
 loopback. The keys are real (the operator key for manage/*, the attendee key of a live event whose
 catalog points at the simulator for the rest), and path parameters and deployment names are real
 most of the time, so requests get past authentication and lookups into the code behind them.
+
+The operations are dealt into `SHARDS` tests (every `SHARDS`-th operation of the document's
+order, from a different start), so that a parallel run (docs/local.md#the-tests) fuzzes them side
+by side on workers of its own (`SPREAD` in tests/conftest.py); a plain run runs them one after
+another on one fixture.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from tests.harness import OPERATOR_KEY, AppHost, EventSetup, Simulator, window
 EXAMPLES = {GenerationMode.POSITIVE: 20, GenerationMode.NEGATIVE: 10}
 BODYLESS = {GenerationMode.POSITIVE: (6, 2), GenerationMode.NEGATIVE: (3, 1)}  # base, per parameter
 SEED = 9
+SHARDS = 4
 # Generated requests come from this loopback address, so the wrong keys of negative cases count
 # against it in the failed-key guard, not against 127.0.0.1 that the other tests share.
 CLIENT = "127.0.0.9"
@@ -423,7 +429,8 @@ def run_operation(
         pass  # negative data: this operation has nothing that can be made invalid
 
 
-def test_no_server_error_and_every_error_in_the_contract_shape(fuzz: Fuzz) -> None:
+@pytest.mark.parametrize("shard", range(SHARDS))
+def test_no_server_error_and_every_error_in_the_contract_shape(fuzz: Fuzz, shard: int) -> None:
     schema = load_schema(fuzz)
     findings: dict[tuple[str, ...], Finding] = {}
     statuses: Counter[int] = Counter()
@@ -433,10 +440,12 @@ def test_no_server_error_and_every_error_in_the_contract_shape(fuzz: Fuzz) -> No
     UPSTREAM.clear()
     with requests.Session() as session:
         session.mount("http://", FromAddress(CLIENT))
-        for result in schema.get_all_operations():
+        for index, result in enumerate(schema.get_all_operations()):
             operation = result.ok()
             assert operation.base_url.startswith("http://127.0.0.1:"), operation.base_url
             labels.append(operation.label)
+            if index % SHARDS != shard:
+                continue  # another shard's
             answered[operation.label] = set()
             for mode in EXAMPLES:
                 run_operation(
@@ -444,8 +453,9 @@ def test_no_server_error_and_every_error_in_the_contract_shape(fuzz: Fuzz) -> No
                 )
     UPSTREAM.clear()
     print(
-        f"schemathesis: {len(labels)} operations, {statuses.total()} requests "
-        f"in {time.perf_counter() - started:.1f}s, statuses {dict(sorted(statuses.items()))}"
+        f"schemathesis shard {shard}: {len(answered)} of {len(labels)} operations, "
+        f"{statuses.total()} requests in {time.perf_counter() - started:.1f}s, "
+        f"statuses {dict(sorted(statuses.items()))}"
     )
     assert {"POST /manage/events", "GET /eventinfo", "POST /events/{event_id}/register"} <= set(
         labels
@@ -453,7 +463,10 @@ def test_no_server_error_and_every_error_in_the_contract_shape(fuzz: Fuzz) -> No
     assert sum(label.startswith(("POST /openai/", "POST /indexes")) for label in labels) == 23
     assert sum("/responses/{response_id}" in label for label in labels) == 8
     assert sum(label.startswith("GET /manage/") for label in labels) >= 7
-    assert statuses[200] > 200 and statuses[201] > 0, statuses
+    # Requests get past authentication and lookups into the code behind them: in each shard,
+    # more than a sixth of the requests are answered 200 (27 to 31 % measured; all shards
+    # together once had to pass 200 of 1175).
+    assert statuses[200] * 6 > statuses.total(), statuses
     # The operator key went with every management operation: each got past the credential check.
     locked_out = {
         label: sorted(seen)
@@ -461,6 +474,9 @@ def test_no_server_error_and_every_error_in_the_contract_shape(fuzz: Fuzz) -> No
         if " /manage/" in label and not seen - {401, 429}
     }
     assert not locked_out, locked_out
+    # Creating succeeds with positive data (201) wherever an operation that creates is fuzzed.
+    for label in {"POST /manage/events", "POST /manage/resources"} & set(answered):
+        assert 201 in answered[label], (label, sorted(answered[label]))
     if findings:
         pytest.fail(
             f"{len(findings)} kinds of contract violation:\n"
