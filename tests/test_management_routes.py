@@ -306,7 +306,7 @@ def test_usage_report_answers_and_names_bad_query_fields(host: AppHost, event: E
     assert csv.headers["content-type"].startswith("text/csv")
     assert csv.text.splitlines()[0] == (
         "deployment,requests,prompt_tokens,completion_tokens,total_tokens,units,"
-        "cached_tokens,reasoning_tokens,audio_tokens,cost_nano,unpriced,cost"
+        "cached_tokens,reasoning_tokens,audio_tokens,cost_nano,unpriced,audio_output_tokens,cost"
     )
 
 

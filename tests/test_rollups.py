@@ -16,7 +16,7 @@ from tests.harness import CHAT, FUNCTION_KEY, AppHost, EventSetup, Simulator, St
 
 NUMBERS = (
     "prompt_tokens", "completion_tokens", "total_tokens", "units",
-    "cached_tokens", "reasoning_tokens", "audio_tokens", "cost_nano", "unpriced",
+    "cached_tokens", "reasoning_tokens", "audio_tokens", "cost_nano", "unpriced", "audio_output_tokens",
 )  # fmt: skip
 
 
