@@ -32,13 +32,16 @@ skips it there).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,13 +74,67 @@ TOKEN_MS = 15
 TOKENS = 64  # about 1 s a stream: shorter than most chat answers, so the per-call cost counts
 INSTANCE_MIB = 2048  # Flex Consumption's default instance memory
 RSS_LIMIT_MIB = INSTANCE_MIB // 2
-ADDED_P99_LIMIT_MS = 50.0
+ADDED_P99_LIMIT_MS = 50.0  # over the direct run, when the relay function is not measured
+FLOOR_P99_LIMIT_MS = 20.0  # over the relay function in the same runtime (the platform's floor)
+RSS_TARGET_MIB = 512
+# The relay function (bench/relay_function.py) in the same runtime, measured at each level:
+# the platform's floor, what any function costs; CONCURRENCY_FLOOR=0 leaves it out.
+FLOOR_ON = os.environ.get("CONCURRENCY_FLOOR", "1") != "0"
+# CONCURRENCY_PROFILE=1: py-spy samples the app's worker at each level (speedscope files in
+# bench/results/profiles/).
+# CONCURRENCY_WATCH=1: the app's worker preloads bench/loopwatch.py (loop lag, call stages).
+WATCH = os.environ.get("CONCURRENCY_WATCH", "") not in ("", "0")
+PROFILE = os.environ.get("CONCURRENCY_PROFILE", "") not in ("", "0")
 CALL_TIMEOUT_SECONDS = 60
 WARM_SECONDS = 3.0
 QUIET_WAIT_SECONDS = 60  # at most, before each level, for other work on this machine to end
 TRIES = 2  # a level during which other work took CPU 1 is measured once more
 OTHER_WORK = 0.1  # of CPU 1 used by none of the bench's processes: the level is suspect
 HARNESS_BUSY = 0.9  # CPU 1 (host stand-in, simulator, client) this busy: the harness limits
+
+
+def added_limit(base: dict[str, Any]) -> float:
+    return FLOOR_P99_LIMIT_MS if base["target"] == "floor" else ADDED_P99_LIMIT_MS
+
+
+@contextlib.contextmanager
+def profiled(pid: int, name: str) -> Iterator[None]:
+    """py-spy sampling `pid` meanwhile (CONCURRENCY_PROFILE=1), into a speedscope file."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not PROFILE or not Path(spy).exists():
+        yield
+        return
+    out = RESULTS / "profiles"
+    out.mkdir(parents=True, exist_ok=True)
+    args = [spy, "record", "--pid", str(pid), "--rate", "200", "--format", "speedscope",
+            "--output", str(out / f"{name}.speedscope.json"), "--nonblocking"]  # fmt: skip
+    process = subprocess.Popen(pinned(LOAD_CPU, args), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def watched(out: Path, reset: bool = False) -> dict[str, Any] | None:
+    """The worker's loop lag and call stages (bench/loopwatch.py) since the last reset."""
+    if not WATCH:
+        return None
+    if reset:
+        out.with_name(out.name + ".reset").touch()
+        deadline = time.monotonic() + 5
+        while out.with_name(out.name + ".reset").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return None
+    time.sleep(1.2)  # its next write
+    try:
+        return json.loads(out.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def levels() -> list[int]:
@@ -211,33 +268,43 @@ def measure(
     return sample
 
 
-def judge(direct: dict[str, Any], worker: dict[str, Any]) -> dict[str, Any]:
-    """The added latencies at one level and whether the level meets the criteria."""
+def judge(base: dict[str, Any], worker: dict[str, Any], direct: dict[str, Any]) -> dict[str, Any]:
+    """The added latencies at one level and whether the level meets the criteria. `base` is the
+    relay function's run (the platform's floor) or, without it, the direct run's."""
 
-    def added(name: str) -> float | None:
-        a, b = worker.get(name), direct.get(name)
+    def added(name: str, against: dict[str, Any]) -> float | None:
+        a, b = worker.get(name), against.get(name)
         return None if a is None or b is None else round(a - b, 2)
 
     row = {
         "clients": worker["clients"],
-        "added_first_byte_p50_ms": added("first_byte_p50_ms"),
-        "added_first_byte_p99_ms": added("first_byte_p99_ms"),
-        "added_whole_p50_ms": added("whole_p50_ms"),
-        "added_whole_p99_ms": added("whole_p99_ms"),
+        "against": base["target"],
+        "added_first_byte_p50_ms": added("first_byte_p50_ms", base),
+        "added_first_byte_p99_ms": added("first_byte_p99_ms", base),
+        "added_whole_p50_ms": added("whole_p50_ms", base),
+        "added_whole_p99_ms": added("whole_p99_ms", base),
+        "over_direct_first_byte_p99_ms": added("first_byte_p99_ms", direct),
+        "over_direct_whole_p99_ms": added("whole_p99_ms", direct),
     }
+    app_cpu, floor_cpu = worker.get("worker_cpu_ms_per_call"), base.get("worker_cpu_ms_per_call")
+    row["cpu_per_call_over_floor"] = (
+        round(app_cpu / floor_cpu, 2) if app_cpu and floor_cpu else None
+    )
+    failed = worker["failed"] + base["failed"] + direct["failed"]
+    limit = added_limit(base)
     reasons = []
-    if worker["failed"] or direct["failed"]:
-        reasons.append(f"{worker['failed']} failed calls through the worker, "
-                       f"{direct['failed']} direct")  # fmt: skip
+    if failed:
+        reasons.append(f"{worker['failed']} failed calls through the app, "
+                       f"{base['failed']} {base['target']}, {direct['failed']} direct")  # fmt: skip
     for name in ("added_first_byte_p99_ms", "added_whole_p99_ms"):
         value = row[name]
-        if value is None or value >= ADDED_P99_LIMIT_MS:
+        if value is None or value >= limit:
             reasons.append(f"{name.removeprefix('added_')} added {value} ms")
     rss = worker.get("worker_rss_peak_mib") or 0.0
     if rss >= RSS_LIMIT_MIB:
         reasons.append(f"worker RSS {rss} MiB")
-    busy = max(direct.get("cpu1_busy") or 0.0, worker.get("cpu1_busy") or 0.0)
-    other = max(direct.get("cpu1_other") or 0.0, worker.get("cpu1_other") or 0.0)
+    busy = max(s.get("cpu1_busy") or 0.0 for s in (base, worker, direct))
+    other = max(s.get("cpu1_other") or 0.0 for s in (base, worker, direct))
     row["harness_saturated"] = busy >= HARNESS_BUSY
     row["other_work"] = other >= OTHER_WORK
     row["other_share"] = round(other, 3)
@@ -350,19 +417,29 @@ def main() -> int:
                           "--api-key", SIM_KEY, "--latency-ms-per-token", str(TOKEN_MS)]),
         cwd=ROOT, stdout=subprocess.DEVNULL,
     )  # fmt: skip
+    watch_out = work / "loopwatch.json"
+    watch = {"AIPROXY_WORKER_PRELOAD": "bench.loopwatch", "BENCH_LOOPWATCH_OUT": str(watch_out)}
     worker = WorkerApp(
         work,
         azurite.connection_string,
         HOST_CPU if two_cores else None,
         WORKER_CPU if two_cores else None,
         PREFIX,
+        **(watch if WATCH else {}),
     )
+    floor = WorkerApp(
+        work, azurite.connection_string, HOST_CPU if two_cores else None,
+        WORKER_CPU if two_cores else None, "concfloor", name="worker-relay-function",
+        AIPROXY_WORKER_PRELOAD="bench.relay_function", BENCH_RELAY_UPSTREAM=f"http://127.0.0.1:{sim_port}",
+    ) if FLOOR_ON else None  # fmt: skip
     rows: list[dict[str, Any]] = []
     try:
         wait_for_port(sim_port, process=simulator)
         simulator_url = f"http://127.0.0.1:{sim_port}"
         httpx.post(f"{simulator_url}/_sim/config", json={"tokens": tokens}).raise_for_status()
         worker.wait()
+        if floor is not None:
+            floor.wait()
         base = f"{worker.base}/api"
         _event, key = set_up(base, simulator_url)
         path = "/openai/deployments/chat/chat/completions?api-version=2024-10-21"
@@ -370,6 +447,9 @@ def main() -> int:
         assert azurite.process is not None
         pids = {"simulator": simulator.pid, "client": os.getpid(), "azurite": azurite.process.pid}
         measure("worker", base + path, key, 16, WARM_SECONDS, pids)  # warm: caches, pools
+        if floor is not None:
+            floor.repin()
+            measure("floor", f"{floor.base}/api" + path, SIM_KEY, 16, WARM_SECONDS, pids)
         for clients in levels():
             tries = []
             for _ in range(TRIES):
@@ -380,14 +460,29 @@ def main() -> int:
                 direct = measure("direct", simulator_url + path, SIM_KEY, clients, seconds, pids)
                 print(f"concurrency: {time.strftime('%H:%M:%S')} {clients} clients: worker",
                       flush=True)  # fmt: skip
+                f = None
+                if floor is not None:
+                    print(f"concurrency: {time.strftime('%H:%M:%S')} {clients} clients: "
+                          "relay function", flush=True)  # fmt: skip
+                    floor.repin()
+                    with profiled(floor.worker_pid, f"floor-{clients}"):
+                        f = measure(
+                            "floor", f"{floor.base}/api" + path, SIM_KEY, clients, seconds,
+                            {**pids, "worker": floor.worker_pid, "host": floor.host_pid},
+                        ).summary()  # fmt: skip
                 worker.repin()
-                through = measure(
-                    "worker", base + path, key, clients, seconds,
-                    {**pids, "worker": worker.worker_pid, "host": worker.host_pid},
-                )  # fmt: skip
+                watched(watch_out, reset=True)
+                with profiled(worker.worker_pid, f"app-{clients}"):
+                    through = measure(
+                        "worker", base + path, key, clients, seconds,
+                        {**pids, "worker": worker.worker_pid, "host": worker.host_pid},
+                    )  # fmt: skip
                 d, w = direct.summary(), through.summary()
-                judged = judge(d, w)
-                tries.append({"busy_before": quiet, "direct": d, "worker": w, "judged": judged})
+                if WATCH:
+                    w["loopwatch"] = watched(watch_out)
+                judged = judge(f or d, w, d)
+                tries.append({"busy_before": quiet, "direct": d, "floor": f, "worker": w,
+                              "judged": judged})  # fmt: skip
                 if not judged["other_work"]:
                     break
                 print("   other work on the machine during the level: once more", flush=True)
@@ -407,6 +502,8 @@ def main() -> int:
         restarts = worker.status()["worker"].get("restarts")
     finally:
         worker.stop()
+        if floor is not None:
+            floor.stop()
         stop(simulator)
         azurite.stop()
     problems = log_problems(worker.log())
