@@ -321,6 +321,9 @@ def judge(base: dict[str, Any], worker: dict[str, Any], direct: dict[str, Any]) 
 
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
+    floor = report.get("floor", False)
+    limit = FLOOR_P99_LIMIT_MS if floor else ADDED_P99_LIMIT_MS
+    against = "the relay function's run" if floor else "the direct run's"
     lines = [
         "# Concurrency: how many streams one worker holds",
         "",
@@ -340,23 +343,30 @@ def markdown(report: dict[str, Any]) -> str:
             if report["host_cpu"] == WORKER_CPU
             else ""
         )
-        + f"; the simulator, the client and Azurite on CPU {LOAD_CPU}.",
+        + f"; the simulator, the client and Azurite on CPU {LOAD_CPU}."
+        + (
+            " The platform's floor: the same runtime and host stand-in serving only a relay "
+            "function (bench/relay_function.py), pinned alike."
+            if floor
+            else ""
+        ),
         f"- Each level: N clients sending streamed calls back to back for "
-        f"{report['seconds']:g} s, first straight at the simulator, then through the worker. "
-        "First byte: the first body bytes (the first SSE event); whole: until `data: [DONE]`. "
-        "Added: the worker run's percentile minus the direct run's.",
+        f"{report['seconds']:g} s: straight at the simulator, "
+        + ("through the relay function, " if floor else "")
+        + "then through the app. First byte: the first body bytes (the first SSE event); "
+        f"whole: until `data: [DONE]`. Added: the app's percentile minus {against}.",
         f"- Criteria: no failed call, p99 added latency of the first byte and of the whole "
-        f"stream under {ADDED_P99_LIMIT_MS:g} ms, worker RSS under {RSS_LIMIT_MIB} MiB (half of "
+        f"stream under {limit:g} ms, worker RSS under {RSS_LIMIT_MIB} MiB (half of "
         f"a {INSTANCE_MIB} MB instance). A level during which other work took at least "
         f"{OTHER_WORK:.0%} of CPU {LOAD_CPU} was measured once more and the less disturbed try "
         "is shown; still disturbed, it is inconclusive. The answer: the highest level passing "
         "below the first that fails.",
         "",
         "| clients | calls/s | failed | added first byte p50 / p99 ms | added whole p50 / p99 ms "
-        "| direct whole p50 / p99 ms | worker CPU | worker CPU/call ms | worker RSS peak MiB | "
-        "host stand-in CPU | client CPU | simulator CPU | CPU 1 busy (other work) | "
-        "cores busy before | verdict |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| relay function first byte p50 / p99 ms | direct whole p50 / p99 ms | worker CPU | "
+        "worker CPU/call ms (relay function's, ratio) | worker RSS peak MiB | "
+        "host stand-in CPU | CPU 1 busy (other work) | cores busy before | verdict |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
     def ms(value: float | None) -> str:
@@ -367,15 +377,18 @@ def markdown(report: dict[str, Any]) -> str:
 
     for level in report["levels"]:
         d, w, j = level["direct"], level["worker"], level["judged"]
+        f = level.get("floor") or {}
+        others = [x.get("cpu1_other") or 0 for x in (d, w, f) if x]
         lines.append(
             f"| {w['clients']} | {w['calls_per_second']:,.0f} | {w['failed']} | "
             f"{ms(j['added_first_byte_p50_ms'])} / {ms(j['added_first_byte_p99_ms'])} | "
             f"{ms(j['added_whole_p50_ms'])} / {ms(j['added_whole_p99_ms'])} | "
+            f"{ms(f.get('first_byte_p50_ms'))} / {ms(f.get('first_byte_p99_ms'))} | "
             f"{ms(d['whole_p50_ms'])} / {ms(d['whole_p99_ms'])} | "
-            f"{share(w['worker_cpu_busy'])} | {w['worker_cpu_ms_per_call']} | "
+            f"{share(w['worker_cpu_busy'])} | {w['worker_cpu_ms_per_call']} "
+            f"({f.get('worker_cpu_ms_per_call', '—')}, {j.get('cpu_per_call_over_floor') or '—'}) | "
             f"{ms(w['worker_rss_peak_mib'])} | {share(w['host_cpu_busy'])} | "
-            f"{share(w['client_cpu_busy'])} | {share(w['simulator_cpu_busy'])} | "
-            f"{share(w['cpu1_busy'])} ({share(max(w['cpu1_other'] or 0, d['cpu1_other'] or 0))}) | "
+            f"{share(w['cpu1_busy'])} ({share(max(others))}) | "
             + " / ".join(share(v) for v in level.get("busy_before", {}).values())
             + f" | {j.get('verdict', 'passes' if j['passes'] else 'fails')}"
             + (f": {j['why_not']}" if j["why_not"] else "")
@@ -391,10 +404,38 @@ def markdown(report: dict[str, Any]) -> str:
         ),
         "",
         "CPU shares are of one core. The host stand-in stands for the Functions host, which on "
-        "Azure runs on the same instance as the worker; CPU 1 also carries the simulator and "
-        "the client, so where it is near 100% part of the added latency is the harness's; "
-        "other work: CPU 1 used by none of the bench's processes (this machine is shared).",
+        "Azure runs on the same instance as the worker; CPU 1 also carries the simulator, "
+        "Azurite and the client, so where it is near 100% part of the added latency is the "
+        "harness's; other work: CPU 1 used by none of the bench's processes (this machine is "
+        "shared).",
     ]
+    watched = [lv for lv in report["levels"] if lv["worker"].get("loopwatch")]
+    if watched:
+        lines += [
+            "",
+            "## Where a call's time goes in the app's worker (bench/loopwatch.py)",
+            "",
+            "Loop lag: how late a task asking to wake every 2 ms woke (a callback holding the "
+            "loop shows here). Stages: each step of a call as the worker timed it, p50 / p99 ms.",
+            "",
+            "| clients | loop lag p50 / p99 / max ms | "
+            + " | ".join(
+                name.split(" ", 1)[1]
+                for name in sorted(watched[0]["worker"]["loopwatch"]["stages_ms"])
+            )
+            + " |",
+            "|---:|---:|" + "---:|" * len(watched[0]["worker"]["loopwatch"]["stages_ms"]),
+        ]
+        for lv in watched:
+            lw = lv["worker"]["loopwatch"]
+            lag = lw["lag_ms"]
+            cells = [
+                f"{ms(st['p50'])} / {ms(st['p99'])}" for _, st in sorted(lw["stages_ms"].items())
+            ]
+            lines.append(
+                f"| {lv['worker']['clients']} | {ms(lag['p50'])} / {ms(lag['p99'])} / "
+                f"{ms(lag['max'])} | " + " | ".join(cells) + " |"
+            )
     if report["log_errors"]:
         lines += ["", f"Errors in the host's and worker's log: {report['log_errors']}."]
     return "\n".join(lines) + "\n"
@@ -520,6 +561,8 @@ def main() -> int:
         "runtime_version": worker.runtime_version,
         "busy_before": busy_before,
         "host_cpu": HOST_CPU,
+        "floor": FLOOR_ON,
+        "watched": WATCH,
         "tokens": tokens,
         "token_ms": TOKEN_MS,
         "seconds": seconds,
