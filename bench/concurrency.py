@@ -499,8 +499,6 @@ def main() -> int:
                 stamp = time.strftime("%H:%M:%S")
                 print(f"concurrency: {stamp} {clients} clients: direct", flush=True)
                 direct = measure("direct", simulator_url + path, SIM_KEY, clients, seconds, pids)
-                print(f"concurrency: {time.strftime('%H:%M:%S')} {clients} clients: worker",
-                      flush=True)  # fmt: skip
                 f = None
                 if floor is not None:
                     print(f"concurrency: {time.strftime('%H:%M:%S')} {clients} clients: "
@@ -511,6 +509,8 @@ def main() -> int:
                             "floor", f"{floor.base}/api" + path, SIM_KEY, clients, seconds,
                             {**pids, "worker": floor.worker_pid, "host": floor.host_pid},
                         ).summary()  # fmt: skip
+                print(f"concurrency: {time.strftime('%H:%M:%S')} {clients} clients: app",
+                      flush=True)  # fmt: skip
                 worker.repin()
                 watched(watch_out, reset=True)
                 with profiled(worker.worker_pid, f"app-{clients}"):
