@@ -8,22 +8,26 @@ inside an instance.
 The upstream is the simulator (local/simulator.py) streaming `TOKENS` tokens at `TOKEN_MS` ms a
 token, one SSE event each, as a model does. At each level N (CONCURRENCY_LEVELS, default 16 32
 64 128 256), N clients each send streamed chat calls back to back for CONCURRENCY_SECONDS
-(default 20) and time each call's first body byte (the first SSE event) and its end: once
-straight at the simulator ("direct") and once through the app as Azure runs it (the host
-stand-in and its Python worker process, the worker alone on CPU 0). Added latency is the worker
-run's percentile minus the direct run's at the same level. Per level: p50/p99 added time to
-first byte and to the stream's end, calls, failures, the worker's CPU share and its peak RSS,
-and how busy the harness's core was (the host stand-in, simulator and client share CPU 1: when
-it is saturated the added latency is partly the harness's).
+(default 20) and time each call's first body byte (the first SSE event) and its end: straight
+at the simulator ("direct"), through the same worker runtime serving only a relay function
+(bench/relay_function.py: the platform's floor, "floor"; CONCURRENCY_FLOOR=0 leaves it out) and
+through the app as Azure runs it (the host stand-in and its Python worker process, each worker
+alone on CPU 0). Added latency is the app's percentile minus the floor's at the same level (the
+direct run's without the floor). Per level: p50/p99 added time to first byte and to the
+stream's end, calls, failures, the worker's CPU share and CPU per call (and the floor's), its
+peak RSS, and how busy the harness's core was (the host stand-in, simulator and client share
+CPU 1: when it is saturated the added latency is partly the harness's).
 
 A level passes when no call failed, the p99 added latency of both the first byte and the whole
-stream is under ADDED_P99_LIMIT_MS (50 ms), and the worker's peak RSS is under
-RSS_LIMIT_MIB (half of a 2048 MB Flex instance). This machine is shared: before each level the
-sweep waits (a minute at most) for other work to end, and a level that fails while other work
-took CPU 1 is measured once more, the less disturbed try kept; a level still disturbed gets no
-verdict ("inconclusive"), and the answer is the highest level passing below the first failing. CONCURRENCY_HOST_CPU=0 puts the
-host stand-in on the worker's core instead (an instance's view). Writes
-bench/results/concurrency.md and concurrency.json.
+stream is under FLOOR_P99_LIMIT_MS (20 ms over the floor; ADDED_P99_LIMIT_MS, 50 ms, over
+direct without it), and the worker's peak RSS is under RSS_LIMIT_MIB (half of a 2048 MB Flex
+instance). This machine is shared: before each level the sweep waits (a minute at most) for
+other work to end, and a level during which other work took CPU 1 is measured once more, the
+less disturbed try kept; a level still disturbed gets no verdict ("inconclusive"), and the
+answer is the highest level passing below the first failing. CONCURRENCY_HOST_CPU=0 puts the
+host stand-in on the worker's core instead (an instance's view). CONCURRENCY_WATCH=1 loads
+bench/loopwatch.py into the app's worker (loop lag, call stages); CONCURRENCY_PROFILE=1 samples
+it with py-spy. Writes bench/results/concurrency.md and concurrency.json.
 
 Run: python -m bench.concurrency (make bench runs it after bench.load; BENCH_CONCURRENCY=0
 skips it there).
