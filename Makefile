@@ -59,7 +59,7 @@ lint: setup
 # Throughput, latency, CPU per request and memory against the peers' harness, through the
 # worker beside a bare relay and the in-process figures; the CPU per call of the per-minute
 # checks and of the plugin hook points; then the 200-client load run (BENCH_LOAD=0 skips it)
-# and the concurrency sweep (BENCH_CONCURRENCY=0). Results: bench/results/.
+# and the concurrency sweep (BENCH_CONCURRENCY=0); the cold start. Results: bench/results/.
 bench: setup
 	$(PY) -m bench.run
 	$(PY) -m bench.limits
@@ -69,6 +69,7 @@ bench: setup
 	$(PY) -m bench.mcp
 	[ "$${BENCH_LOAD:-1}" = 0 ] || $(PY) -m bench.load
 	[ "$${BENCH_CONCURRENCY:-1}" = 0 ] || $(PY) -m bench.concurrency
+	$(PY) -m bench.coldstart
 
 # A change measured against a commit, in alternating rounds: make bench-ab COMMIT=HEAD~1
 bench-ab: setup

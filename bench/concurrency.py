@@ -8,22 +8,26 @@ inside an instance.
 The upstream is the simulator (local/simulator.py) streaming `TOKENS` tokens at `TOKEN_MS` ms a
 token, one SSE event each, as a model does. At each level N (CONCURRENCY_LEVELS, default 16 32
 64 128 256), N clients each send streamed chat calls back to back for CONCURRENCY_SECONDS
-(default 20) and time each call's first body byte (the first SSE event) and its end: once
-straight at the simulator ("direct") and once through the app as Azure runs it (the host
-stand-in and its Python worker process, the worker alone on CPU 0). Added latency is the worker
-run's percentile minus the direct run's at the same level. Per level: p50/p99 added time to
-first byte and to the stream's end, calls, failures, the worker's CPU share and its peak RSS,
-and how busy the harness's core was (the host stand-in, simulator and client share CPU 1: when
-it is saturated the added latency is partly the harness's).
+(default 20) and time each call's first body byte (the first SSE event) and its end: straight
+at the simulator ("direct"), through the same worker runtime serving only a relay function
+(bench/relay_function.py: the platform's floor, "floor"; CONCURRENCY_FLOOR=0 leaves it out) and
+through the app as Azure runs it (the host stand-in and its Python worker process, each worker
+alone on CPU 0). Added latency is the app's percentile minus the floor's at the same level (the
+direct run's without the floor). Per level: p50/p99 added time to first byte and to the
+stream's end, calls, failures, the worker's CPU share and CPU per call (and the floor's), its
+peak RSS, and how busy the harness's core was (the host stand-in, simulator and client share
+CPU 1: when it is saturated the added latency is partly the harness's).
 
 A level passes when no call failed, the p99 added latency of both the first byte and the whole
-stream is under ADDED_P99_LIMIT_MS (50 ms), and the worker's peak RSS is under
-RSS_LIMIT_MIB (half of a 2048 MB Flex instance). This machine is shared: before each level the
-sweep waits (a minute at most) for other work to end, and a level that fails while other work
-took CPU 1 is measured once more, the less disturbed try kept; a level still disturbed gets no
-verdict ("inconclusive"), and the answer is the highest level passing below the first failing. CONCURRENCY_HOST_CPU=0 puts the
-host stand-in on the worker's core instead (an instance's view). Writes
-bench/results/concurrency.md and concurrency.json.
+stream is under FLOOR_P99_LIMIT_MS (20 ms over the floor; ADDED_P99_LIMIT_MS, 50 ms, over
+direct without it), and the worker's peak RSS is under RSS_LIMIT_MIB (half of a 2048 MB Flex
+instance). This machine is shared: before each level the sweep waits (a minute at most) for
+other work to end, and a level during which other work took CPU 1 is measured once more, the
+less disturbed try kept; a level still disturbed gets no verdict ("inconclusive"), and the
+answer is the highest level passing below the first failing. CONCURRENCY_HOST_CPU=0 puts the
+host stand-in on the worker's core instead (an instance's view). CONCURRENCY_WATCH=1 loads
+bench/loopwatch.py into the app's worker (loop lag, call stages); CONCURRENCY_PROFILE=1 samples
+it with py-spy. Writes bench/results/concurrency.md and concurrency.json.
 
 Run: python -m bench.concurrency (make bench runs it after bench.load; BENCH_CONCURRENCY=0
 skips it there).
@@ -32,13 +36,16 @@ skips it there).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,13 +78,67 @@ TOKEN_MS = 15
 TOKENS = 64  # about 1 s a stream: shorter than most chat answers, so the per-call cost counts
 INSTANCE_MIB = 2048  # Flex Consumption's default instance memory
 RSS_LIMIT_MIB = INSTANCE_MIB // 2
-ADDED_P99_LIMIT_MS = 50.0
+ADDED_P99_LIMIT_MS = 50.0  # over the direct run, when the relay function is not measured
+FLOOR_P99_LIMIT_MS = 20.0  # over the relay function in the same runtime (the platform's floor)
+RSS_TARGET_MIB = 512
+# The relay function (bench/relay_function.py) in the same runtime, measured at each level:
+# the platform's floor, what any function costs; CONCURRENCY_FLOOR=0 leaves it out.
+FLOOR_ON = os.environ.get("CONCURRENCY_FLOOR", "1") != "0"
+# CONCURRENCY_PROFILE=1: py-spy samples the app's worker at each level (speedscope files in
+# bench/results/profiles/).
+# CONCURRENCY_WATCH=1: the app's worker preloads bench/loopwatch.py (loop lag, call stages).
+WATCH = os.environ.get("CONCURRENCY_WATCH", "") not in ("", "0")
+PROFILE = os.environ.get("CONCURRENCY_PROFILE", "") not in ("", "0")
 CALL_TIMEOUT_SECONDS = 60
 WARM_SECONDS = 3.0
 QUIET_WAIT_SECONDS = 60  # at most, before each level, for other work on this machine to end
 TRIES = 2  # a level during which other work took CPU 1 is measured once more
 OTHER_WORK = 0.1  # of CPU 1 used by none of the bench's processes: the level is suspect
 HARNESS_BUSY = 0.9  # CPU 1 (host stand-in, simulator, client) this busy: the harness limits
+
+
+def added_limit(base: dict[str, Any]) -> float:
+    return FLOOR_P99_LIMIT_MS if base["target"] == "floor" else ADDED_P99_LIMIT_MS
+
+
+@contextlib.contextmanager
+def profiled(pid: int, name: str) -> Iterator[None]:
+    """py-spy sampling `pid` meanwhile (CONCURRENCY_PROFILE=1), into a speedscope file."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not PROFILE or not Path(spy).exists():
+        yield
+        return
+    out = RESULTS / "profiles"
+    out.mkdir(parents=True, exist_ok=True)
+    args = [spy, "record", "--pid", str(pid), "--rate", "200", "--format", "speedscope",
+            "--output", str(out / f"{name}.speedscope.json"), "--nonblocking"]  # fmt: skip
+    process = subprocess.Popen(pinned(LOAD_CPU, args), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def watched(out: Path, reset: bool = False) -> dict[str, Any] | None:
+    """The worker's loop lag and call stages (bench/loopwatch.py) since the last reset."""
+    if not WATCH:
+        return None
+    if reset:
+        out.with_name(out.name + ".reset").touch()
+        deadline = time.monotonic() + 5
+        while out.with_name(out.name + ".reset").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return None
+    time.sleep(1.2)  # its next write
+    try:
+        return json.loads(out.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def levels() -> list[int]:
@@ -211,33 +272,43 @@ def measure(
     return sample
 
 
-def judge(direct: dict[str, Any], worker: dict[str, Any]) -> dict[str, Any]:
-    """The added latencies at one level and whether the level meets the criteria."""
+def judge(base: dict[str, Any], worker: dict[str, Any], direct: dict[str, Any]) -> dict[str, Any]:
+    """The added latencies at one level and whether the level meets the criteria. `base` is the
+    relay function's run (the platform's floor) or, without it, the direct run's."""
 
-    def added(name: str) -> float | None:
-        a, b = worker.get(name), direct.get(name)
+    def added(name: str, against: dict[str, Any]) -> float | None:
+        a, b = worker.get(name), against.get(name)
         return None if a is None or b is None else round(a - b, 2)
 
     row = {
         "clients": worker["clients"],
-        "added_first_byte_p50_ms": added("first_byte_p50_ms"),
-        "added_first_byte_p99_ms": added("first_byte_p99_ms"),
-        "added_whole_p50_ms": added("whole_p50_ms"),
-        "added_whole_p99_ms": added("whole_p99_ms"),
+        "against": base["target"],
+        "added_first_byte_p50_ms": added("first_byte_p50_ms", base),
+        "added_first_byte_p99_ms": added("first_byte_p99_ms", base),
+        "added_whole_p50_ms": added("whole_p50_ms", base),
+        "added_whole_p99_ms": added("whole_p99_ms", base),
+        "over_direct_first_byte_p99_ms": added("first_byte_p99_ms", direct),
+        "over_direct_whole_p99_ms": added("whole_p99_ms", direct),
     }
+    app_cpu, floor_cpu = worker.get("worker_cpu_ms_per_call"), base.get("worker_cpu_ms_per_call")
+    row["cpu_per_call_over_floor"] = (
+        round(app_cpu / floor_cpu, 2) if app_cpu and floor_cpu else None
+    )
+    failed = worker["failed"] + base["failed"] + direct["failed"]
+    limit = added_limit(base)
     reasons = []
-    if worker["failed"] or direct["failed"]:
-        reasons.append(f"{worker['failed']} failed calls through the worker, "
-                       f"{direct['failed']} direct")  # fmt: skip
+    if failed:
+        reasons.append(f"{worker['failed']} failed calls through the app, "
+                       f"{base['failed']} {base['target']}, {direct['failed']} direct")  # fmt: skip
     for name in ("added_first_byte_p99_ms", "added_whole_p99_ms"):
         value = row[name]
-        if value is None or value >= ADDED_P99_LIMIT_MS:
+        if value is None or value >= limit:
             reasons.append(f"{name.removeprefix('added_')} added {value} ms")
     rss = worker.get("worker_rss_peak_mib") or 0.0
     if rss >= RSS_LIMIT_MIB:
         reasons.append(f"worker RSS {rss} MiB")
-    busy = max(direct.get("cpu1_busy") or 0.0, worker.get("cpu1_busy") or 0.0)
-    other = max(direct.get("cpu1_other") or 0.0, worker.get("cpu1_other") or 0.0)
+    busy = max(s.get("cpu1_busy") or 0.0 for s in (base, worker, direct))
+    other = max(s.get("cpu1_other") or 0.0 for s in (base, worker, direct))
     row["harness_saturated"] = busy >= HARNESS_BUSY
     row["other_work"] = other >= OTHER_WORK
     row["other_share"] = round(other, 3)
@@ -254,6 +325,9 @@ def judge(direct: dict[str, Any], worker: dict[str, Any]) -> dict[str, Any]:
 
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
+    floor = report.get("floor", False)
+    limit = FLOOR_P99_LIMIT_MS if floor else ADDED_P99_LIMIT_MS
+    against = "the relay function's run" if floor else "the direct run's"
     lines = [
         "# Concurrency: how many streams one worker holds",
         "",
@@ -273,23 +347,30 @@ def markdown(report: dict[str, Any]) -> str:
             if report["host_cpu"] == WORKER_CPU
             else ""
         )
-        + f"; the simulator, the client and Azurite on CPU {LOAD_CPU}.",
+        + f"; the simulator, the client and Azurite on CPU {LOAD_CPU}."
+        + (
+            " The platform's floor: the same runtime and host stand-in serving only a relay "
+            "function (bench/relay_function.py), pinned alike."
+            if floor
+            else ""
+        ),
         f"- Each level: N clients sending streamed calls back to back for "
-        f"{report['seconds']:g} s, first straight at the simulator, then through the worker. "
-        "First byte: the first body bytes (the first SSE event); whole: until `data: [DONE]`. "
-        "Added: the worker run's percentile minus the direct run's.",
+        f"{report['seconds']:g} s: straight at the simulator, "
+        + ("through the relay function, " if floor else "")
+        + "then through the app. First byte: the first body bytes (the first SSE event); "
+        f"whole: until `data: [DONE]`. Added: the app's percentile minus {against}.",
         f"- Criteria: no failed call, p99 added latency of the first byte and of the whole "
-        f"stream under {ADDED_P99_LIMIT_MS:g} ms, worker RSS under {RSS_LIMIT_MIB} MiB (half of "
+        f"stream under {limit:g} ms, worker RSS under {RSS_LIMIT_MIB} MiB (half of "
         f"a {INSTANCE_MIB} MB instance). A level during which other work took at least "
         f"{OTHER_WORK:.0%} of CPU {LOAD_CPU} was measured once more and the less disturbed try "
         "is shown; still disturbed, it is inconclusive. The answer: the highest level passing "
         "below the first that fails.",
         "",
         "| clients | calls/s | failed | added first byte p50 / p99 ms | added whole p50 / p99 ms "
-        "| direct whole p50 / p99 ms | worker CPU | worker CPU/call ms | worker RSS peak MiB | "
-        "host stand-in CPU | client CPU | simulator CPU | CPU 1 busy (other work) | "
-        "cores busy before | verdict |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| relay function first byte p50 / p99 ms | direct whole p50 / p99 ms | worker CPU | "
+        "worker CPU/call ms (relay function's, ratio) | worker RSS peak MiB | "
+        "host stand-in CPU | CPU 1 busy (other work) | cores busy before | verdict |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
     def ms(value: float | None) -> str:
@@ -300,15 +381,18 @@ def markdown(report: dict[str, Any]) -> str:
 
     for level in report["levels"]:
         d, w, j = level["direct"], level["worker"], level["judged"]
+        f = level.get("floor") or {}
+        others = [x.get("cpu1_other") or 0 for x in (d, w, f) if x]
         lines.append(
             f"| {w['clients']} | {w['calls_per_second']:,.0f} | {w['failed']} | "
             f"{ms(j['added_first_byte_p50_ms'])} / {ms(j['added_first_byte_p99_ms'])} | "
             f"{ms(j['added_whole_p50_ms'])} / {ms(j['added_whole_p99_ms'])} | "
+            f"{ms(f.get('first_byte_p50_ms'))} / {ms(f.get('first_byte_p99_ms'))} | "
             f"{ms(d['whole_p50_ms'])} / {ms(d['whole_p99_ms'])} | "
-            f"{share(w['worker_cpu_busy'])} | {w['worker_cpu_ms_per_call']} | "
+            f"{share(w['worker_cpu_busy'])} | {w['worker_cpu_ms_per_call']} "
+            f"({f.get('worker_cpu_ms_per_call', '—')}, {j.get('cpu_per_call_over_floor') or '—'}) | "
             f"{ms(w['worker_rss_peak_mib'])} | {share(w['host_cpu_busy'])} | "
-            f"{share(w['client_cpu_busy'])} | {share(w['simulator_cpu_busy'])} | "
-            f"{share(w['cpu1_busy'])} ({share(max(w['cpu1_other'] or 0, d['cpu1_other'] or 0))}) | "
+            f"{share(w['cpu1_busy'])} ({share(max(others))}) | "
             + " / ".join(share(v) for v in level.get("busy_before", {}).values())
             + f" | {j.get('verdict', 'passes' if j['passes'] else 'fails')}"
             + (f": {j['why_not']}" if j["why_not"] else "")
@@ -324,10 +408,38 @@ def markdown(report: dict[str, Any]) -> str:
         ),
         "",
         "CPU shares are of one core. The host stand-in stands for the Functions host, which on "
-        "Azure runs on the same instance as the worker; CPU 1 also carries the simulator and "
-        "the client, so where it is near 100% part of the added latency is the harness's; "
-        "other work: CPU 1 used by none of the bench's processes (this machine is shared).",
+        "Azure runs on the same instance as the worker; CPU 1 also carries the simulator, "
+        "Azurite and the client, so where it is near 100% part of the added latency is the "
+        "harness's; other work: CPU 1 used by none of the bench's processes (this machine is "
+        "shared).",
     ]
+    watched = [lv for lv in report["levels"] if lv["worker"].get("loopwatch")]
+    if watched:
+        lines += [
+            "",
+            "## Where a call's time goes in the app's worker (bench/loopwatch.py)",
+            "",
+            "Loop lag: how late a task asking to wake every 2 ms woke (a callback holding the "
+            "loop shows here). Stages: each step of a call as the worker timed it, p50 / p99 ms.",
+            "",
+            "| clients | loop lag p50 / p99 / max ms | "
+            + " | ".join(
+                name.split(" ", 1)[1]
+                for name in sorted(watched[0]["worker"]["loopwatch"]["stages_ms"])
+            )
+            + " |",
+            "|---:|---:|" + "---:|" * len(watched[0]["worker"]["loopwatch"]["stages_ms"]),
+        ]
+        for lv in watched:
+            lw = lv["worker"]["loopwatch"]
+            lag = lw["lag_ms"]
+            cells = [
+                f"{ms(st['p50'])} / {ms(st['p99'])}" for _, st in sorted(lw["stages_ms"].items())
+            ]
+            lines.append(
+                f"| {lv['worker']['clients']} | {ms(lag['p50'])} / {ms(lag['p99'])} / "
+                f"{ms(lag['max'])} | " + " | ".join(cells) + " |"
+            )
     if report["log_errors"]:
         lines += ["", f"Errors in the host's and worker's log: {report['log_errors']}."]
     return "\n".join(lines) + "\n"
@@ -350,19 +462,29 @@ def main() -> int:
                           "--api-key", SIM_KEY, "--latency-ms-per-token", str(TOKEN_MS)]),
         cwd=ROOT, stdout=subprocess.DEVNULL,
     )  # fmt: skip
+    watch_out = work / "loopwatch.json"
+    watch = {"AIPROXY_WORKER_PRELOAD": "bench.loopwatch", "BENCH_LOOPWATCH_OUT": str(watch_out)}
     worker = WorkerApp(
         work,
         azurite.connection_string,
         HOST_CPU if two_cores else None,
         WORKER_CPU if two_cores else None,
         PREFIX,
+        **(watch if WATCH else {}),
     )
+    floor = WorkerApp(
+        work, azurite.connection_string, HOST_CPU if two_cores else None,
+        WORKER_CPU if two_cores else None, "concfloor", name="worker-relay-function",
+        AIPROXY_WORKER_PRELOAD="bench.relay_function", BENCH_RELAY_UPSTREAM=f"http://127.0.0.1:{sim_port}",
+    ) if FLOOR_ON else None  # fmt: skip
     rows: list[dict[str, Any]] = []
     try:
         wait_for_port(sim_port, process=simulator)
         simulator_url = f"http://127.0.0.1:{sim_port}"
         httpx.post(f"{simulator_url}/_sim/config", json={"tokens": tokens}).raise_for_status()
         worker.wait()
+        if floor is not None:
+            floor.wait()
         base = f"{worker.base}/api"
         _event, key = set_up(base, simulator_url)
         path = "/openai/deployments/chat/chat/completions?api-version=2024-10-21"
@@ -370,6 +492,9 @@ def main() -> int:
         assert azurite.process is not None
         pids = {"simulator": simulator.pid, "client": os.getpid(), "azurite": azurite.process.pid}
         measure("worker", base + path, key, 16, WARM_SECONDS, pids)  # warm: caches, pools
+        if floor is not None:
+            floor.repin()
+            measure("floor", f"{floor.base}/api" + path, SIM_KEY, 16, WARM_SECONDS, pids)
         for clients in levels():
             tries = []
             for _ in range(TRIES):
@@ -378,16 +503,31 @@ def main() -> int:
                 stamp = time.strftime("%H:%M:%S")
                 print(f"concurrency: {stamp} {clients} clients: direct", flush=True)
                 direct = measure("direct", simulator_url + path, SIM_KEY, clients, seconds, pids)
-                print(f"concurrency: {time.strftime('%H:%M:%S')} {clients} clients: worker",
+                f = None
+                if floor is not None:
+                    print(f"concurrency: {time.strftime('%H:%M:%S')} {clients} clients: "
+                          "relay function", flush=True)  # fmt: skip
+                    floor.repin()
+                    with profiled(floor.worker_pid, f"floor-{clients}"):
+                        f = measure(
+                            "floor", f"{floor.base}/api" + path, SIM_KEY, clients, seconds,
+                            {**pids, "worker": floor.worker_pid, "host": floor.host_pid},
+                        ).summary()  # fmt: skip
+                print(f"concurrency: {time.strftime('%H:%M:%S')} {clients} clients: app",
                       flush=True)  # fmt: skip
                 worker.repin()
-                through = measure(
-                    "worker", base + path, key, clients, seconds,
-                    {**pids, "worker": worker.worker_pid, "host": worker.host_pid},
-                )  # fmt: skip
+                watched(watch_out, reset=True)
+                with profiled(worker.worker_pid, f"app-{clients}"):
+                    through = measure(
+                        "worker", base + path, key, clients, seconds,
+                        {**pids, "worker": worker.worker_pid, "host": worker.host_pid},
+                    )  # fmt: skip
                 d, w = direct.summary(), through.summary()
-                judged = judge(d, w)
-                tries.append({"busy_before": quiet, "direct": d, "worker": w, "judged": judged})
+                if WATCH:
+                    w["loopwatch"] = watched(watch_out)
+                judged = judge(f or d, w, d)
+                tries.append({"busy_before": quiet, "direct": d, "floor": f, "worker": w,
+                              "judged": judged})  # fmt: skip
                 if not judged["other_work"]:
                     break
                 print("   other work on the machine during the level: once more", flush=True)
@@ -407,6 +547,8 @@ def main() -> int:
         restarts = worker.status()["worker"].get("restarts")
     finally:
         worker.stop()
+        if floor is not None:
+            floor.stop()
         stop(simulator)
         azurite.stop()
     problems = log_problems(worker.log())
@@ -423,6 +565,8 @@ def main() -> int:
         "runtime_version": worker.runtime_version,
         "busy_before": busy_before,
         "host_cpu": HOST_CPU,
+        "floor": FLOOR_ON,
+        "watched": WATCH,
         "tokens": tokens,
         "token_ms": TOKEN_MS,
         "seconds": seconds,

@@ -96,7 +96,7 @@ param maximumInstanceCount int = 100
 @minValue(1)
 @maxValue(1000)
 @description('Concurrent HTTP calls one instance takes before another is added. Unset, Flex Consumption gives Python apps 1. The default comes from a measurement (docs/deploy.md, HTTP concurrency per instance).')
-param httpPerInstanceConcurrency int = 16
+param httpPerInstanceConcurrency int = 64
 
 // Always-ready instances count towards maximumInstanceCount. Bicep cannot compare two
 // parameters before deploying (assert is experimental), so the preprovision hook refuses more.

@@ -349,11 +349,11 @@ def test_http_concurrency_per_instance_comes_from_the_azd_environment() -> None:
     main, api = bicep("main"), bicep("app/api")
     for doc in (main, api):
         param = doc["parameters"]["httpPerInstanceConcurrency"]
-        assert param["default"] == 16
+        assert param["default"] == 64
         assert (decorators(param)["min_value"], decorators(param)["max_value"]) == (1, 1000)
     passed = unwrap(main["modules"]["api"])[0]["params"]
     assert passed["httpPerInstanceConcurrency"] == "httpPerInstanceConcurrency"
-    assert azd_option("httpPerInstanceConcurrency") == ("AIPROXY_HTTP_CONCURRENCY", "16")
+    assert azd_option("httpPerInstanceConcurrency") == ("AIPROXY_HTTP_CONCURRENCY", "64")
 
 
 def test_always_ready_instances_are_sent_for_the_http_group_only_when_asked_for() -> None:
@@ -1012,7 +1012,7 @@ def test_hook_accepts_whole_numbers_as_azd_reads_them(value: str) -> None:
 @pytest.mark.parametrize("value", ["16.0", "1_6", " 16", "16\n", "sixteen", "\u0661\u0666", "0x10"])
 def test_hook_refuses_numbers_azd_would_replace_by_the_default(value: str) -> None:
     (problem,) = load_hook().problems(with_key(AIPROXY_HTTP_CONCURRENCY=value))
-    assert repr(value) in problem and "azd env set AIPROXY_HTTP_CONCURRENCY 16" in problem
+    assert repr(value) in problem and "azd env set AIPROXY_HTTP_CONCURRENCY 64" in problem
 
 
 @pytest.mark.parametrize(

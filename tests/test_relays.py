@@ -87,6 +87,57 @@ async def test_a_stream_that_stalls_is_cut_after_the_idle_time() -> None:
     assert out == CHUNK + STREAM_CUT_EVENT and outcomes == ["cut"]
 
 
+async def test_a_stream_past_its_total_time_is_cut_while_it_waits() -> None:
+    started = time.perf_counter()
+    out, outcomes = await relayed(
+        StalledAnswer(200, SSE), StreamMeter(hide_usage=False), times=times(idle=30, total=0.3)
+    )
+    assert 0.3 <= time.perf_counter() - started < 5  # the total time, not the idle time
+    assert out == CHUNK + STREAM_CUT_EVENT and outcomes == ["cut"]
+
+
+class SlowAnswer(CannedAnswer):
+    """Each chunk after `gap` seconds."""
+
+    def __init__(self, parts: list[bytes], gap: float) -> None:
+        super().__init__(200, SSE, parts)
+        self.gap = gap
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        for part in self._parts:
+            await asyncio.sleep(self.gap)
+            yield part
+
+
+async def test_only_waits_for_the_upstream_count_as_idle_never_a_slow_caller() -> None:
+    # Chunks 0.1 s apart under a 0.25 s idle time, read by a caller who takes 0.3 s over each:
+    # the stream is never silent for the idle time while the relay waits for it.
+    answer = SlowAnswer([CHUNK, CHUNK, USAGE, DONE], gap=0.1)
+    outcomes: list[str] = []
+    parts = []
+    async for part in relay(answer, StreamMeter(hide_usage=False), times(idle=0.25), outcomes.append,
+                            cut_event=STREAM_CUT_EVENT):  # fmt: skip
+        parts.append(part)
+        await asyncio.sleep(0.3)
+    assert b"".join(parts) == CHUNK + CHUNK + USAGE + DONE and outcomes == ["ok"]
+
+
+async def test_a_caller_cancelled_while_the_relay_waits_is_not_taken_for_a_stall() -> None:
+    answer = StalledAnswer(200, SSE)
+    outcomes: list[str] = []
+
+    async def read() -> list[bytes]:
+        return [part async for part in relay(answer, StreamMeter(hide_usage=False),
+                                             times(idle=0.2), outcomes.append)]  # fmt: skip
+
+    task = asyncio.create_task(read())
+    await asyncio.sleep(0.19)
+    task.cancel()  # the caller's own cancellation, about when the idle time runs out
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert outcomes == ["client_gone"] and answer.closed
+
+
 async def test_a_caller_who_leaves_finishes_the_relay_as_client_gone() -> None:
     answer = StalledAnswer(200, SSE)
     outcomes: list[str] = []

@@ -23,7 +23,7 @@ param maximumInstanceCount int = 100
 @minValue(1)
 @maxValue(1000)
 @description('Concurrent HTTP calls one instance takes before Flex Consumption adds another (the http scale group).')
-param httpPerInstanceConcurrency int = 16
+param httpPerInstanceConcurrency int = 64
 
 @minValue(0)
 @maxValue(1000)

@@ -54,7 +54,7 @@ BOOL_OPTIONS = ("AIPROXY_AUTH_ENABLED", "AIPROXY_CREATE_OPENAI")
 # infra/main.bicep (tests/test_infra.py keeps the two in step).
 INT_OPTIONS = {
     "AIPROXY_MAXIMUM_INSTANCE_COUNT": (40, 1000, 100),
-    "AIPROXY_HTTP_CONCURRENCY": (1, 1000, 16),
+    "AIPROXY_HTTP_CONCURRENCY": (1, 1000, 64),
     "AIPROXY_ALWAYS_READY": (0, 1000, 0),
 }
 

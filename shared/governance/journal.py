@@ -52,6 +52,10 @@ RECLAIM_SECONDS = 60.0
 # Entries waiting to be written past which new ones are not journaled (storage hangs): memory
 # stays bounded, the calls go on as without the journal.
 MAX_QUEUED = 10_000
+# Writes under way at once: a call admitted while one is under way starts its own rather than
+# waiting for it to end (one storage round trip before its first byte, not two); past this many,
+# entries wait and go together in the next one free.
+WRITERS = 4
 ROW_TIME = "%Y%m%dT%H%M%S%f"  # how a usage record's row key starts (UsageRecord.to_entity)
 
 
@@ -87,9 +91,9 @@ class CallJournal:
         self.instance = secrets.token_hex(6)
         self._live: set[str] = set()  # request ids of this instance's calls not yet ended
         self._ended: dict[str, list[str]] = defaultdict(list)  # partition -> entries to delete
-        # Entries waiting for the write under way: they go together in the next one.
+        # Entries waiting for a write to end (WRITERS under way): they go together in the next.
         self._queue: list[tuple[dict[str, Any], asyncio.Future[bool]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._writers: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._background = Background()
         self.failures = 0  # entries storage did not take
@@ -117,13 +121,15 @@ class CallJournal:
             return entry
         self._live.add(entry.request_id)
         self._queue.append((entity, entry.writing))
-        if self._writer is None or self._writer.done():
-            self._writer = loop.create_task(self._write())
+        if len(self._writers) < WRITERS:
+            writer = loop.create_task(self._write())
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
         return entry
 
     async def _write(self) -> None:
         """Write what is queued: one request for one entry, one transaction for those that
-        came while the last write was under way (group commit: no timer, no added wait)."""
+        came while WRITERS writes were under way (group commit: no timer, no added wait)."""
         while self._queue:
             group, self._queue = self._queue[:_BATCH], self._queue[_BATCH:]
             results = [False] * len(group)
@@ -287,8 +293,8 @@ class CallJournal:
         """Wait for entries being written, delete those of ended calls."""
         if self._task is not None:
             self._task.cancel()
-        if self._writer is not None and not self._writer.done():
-            await asyncio.wait([self._writer], timeout=HOLD_SECONDS)
+        if self._writers:
+            await asyncio.wait(list(self._writers), timeout=HOLD_SECONDS)
         self._background.cancel()
         try:
             await self.flush()

@@ -84,6 +84,87 @@ STREAM_CUT_EVENT = _stream_error_event()
 RESPONSE_CUT_EVENT = _response_error_event()
 
 
+class _Watchdog:
+    """The idle and total time of one relay's waits for a chunk, with one timer per stream.
+
+    A timeout scope per chunk costs a timer set and cancelled for every chunk (hundreds a
+    stream); here each wait only notes when it began, and one timer, when it fires, either cuts
+    the wait under way that took too long (cancelling the relay's task, as a timeout scope does)
+    or sets itself again for when the current wait would be too long. Only waits are timed:
+    while the caller is slow to take what was passed on, the stream is not idle.
+    """
+
+    __slots__ = ("_cancelling", "_due", "_fired", "_handle", "_loop", "_since", "_task", "times",
+                 "why")  # fmt: skip
+
+    def __init__(self, times: StreamTimes) -> None:
+        self.times = times
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[object] | None = None
+        self._since: float | None = None  # loop time the wait under way began
+        self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0
+        self._fired = False
+        self._cancelling = 0
+        self.why = ""
+
+    def _limit(self, since: float) -> float:
+        """When a wait that began at `since` (loop time) is too long."""
+        left = self.times.deadline - time.perf_counter()
+        return min(since + self.times.idle, self._loop.time() + left)
+
+    def waiting(self) -> None:
+        now = self._loop.time()
+        self._since = now
+        if self._handle is None:
+            self._task = asyncio.current_task()
+            self._arm(self._limit(now))
+        elif self._limit(now) < self._due:  # the total time ends first
+            self._handle.cancel()
+            self._arm(self._limit(now))
+
+    def received(self) -> None:
+        self._since = None
+
+    def _arm(self, due: float) -> None:
+        self._due = due
+        self._handle = self._loop.call_at(due, self._check)
+
+    def _check(self) -> None:
+        since = self._since
+        if since is None:  # not waiting: set again for a wait that would begin now
+            self._arm(self._limit(self._loop.time()))
+            return
+        due = self._limit(since)
+        if self._loop.time() < due - 0.001:
+            self._arm(due)
+            return
+        task = self._task
+        if task is None or task.done():
+            return
+        self._fired = True
+        self._handle = None
+        self._cancelling = task.cancelling()
+        self.why = (
+            f"no data for {self.times.idle}s"
+            if since + self.times.idle <= self._loop.time() + 0.001
+            else f"the stream ran longer than {self.times.total}s"
+        )
+        task.cancel()
+
+    def fired(self) -> bool:
+        """The cancellation being handled is this watchdog's alone (not the caller's too)."""
+        if not self._fired or self._task is None:
+            return False
+        self._fired = False
+        return self._task.uncancel() <= self._cancelling
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 async def relay(
     answer: UpstreamAnswer,
     meter: Meter,
@@ -98,20 +179,25 @@ async def relay(
     `finish(outcome)` called however the relay ends."""
     outcome = "ok"
     chunks = answer.chunks()
+    watch = _Watchdog(times)
     try:
         while True:
             # Azure ends HTTP responses at 230 s: stop cleanly before the platform does.
-            remaining = times.deadline - time.perf_counter()
-            if remaining <= 0:
+            if times.deadline - time.perf_counter() <= 0:
                 raise StreamCut(f"the stream ran longer than {times.total}s")
+            watch.waiting()
             try:
-                # A timeout scope, not wait_for: no task per chunk.
-                async with asyncio.timeout(min(times.idle, remaining)):
-                    chunk = await anext(chunks)
+                chunk = await anext(chunks)
             except StopAsyncIteration:
                 break
             except (TimeoutError, UpstreamTimeout, UpstreamUnreachable) as exc:
                 raise StreamCut(str(exc) or type(exc).__name__) from exc
+            except asyncio.CancelledError:
+                if watch.fired():
+                    raise StreamCut(watch.why) from None
+                raise
+            finally:
+                watch.received()
             out = meter.feed(chunk)
             if out:
                 yield out
@@ -129,5 +215,6 @@ async def relay(
         outcome = "client_gone"
         raise
     finally:
+        watch.stop()
         answer.close()
         finish(outcome)

@@ -109,6 +109,12 @@ class _AiohttpAnswer:
             self._response.release()
 
     def chunks(self) -> AsyncIterator[bytes]:
+        # The read timeout is the wait for the first byte; a relayed body's silences are the
+        # relay's to time (its idle timeout), so the socket's timer is no longer set again on
+        # every read. Each request sets its own again on the pooled connection.
+        connection = self._response.connection
+        if connection is not None and connection.protocol is not None:
+            connection.protocol.read_timeout = None
         return _Chunks(self._response.content)
 
     def close(self) -> None:
