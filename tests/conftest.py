@@ -24,6 +24,7 @@ from tests.harness import (  # noqa: E402
     E2E,
     App,
     AppHost,
+    ClientAddress,
     EventSetup,
     Simulator,
     Storage,
@@ -31,6 +32,18 @@ from tests.harness import (  # noqa: E402
     unique_prefix,
 )
 from tests.inprocess import Configured, InProcessHost  # noqa: E402
+
+_modules_seen = [0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def client_address() -> Iterator[str]:
+    """Each module calls the hosts from a loopback address of its own (harness.ClientAddress):
+    one module's wrong keys do not slow the next one's calls on a host they share."""
+    _modules_seen[0] += 1
+    address = f"127.0.2.{_modules_seen[0] % 250 + 1}"
+    ClientAddress.move_to(address)
+    yield address
 
 
 @pytest.fixture(scope="session")
@@ -147,7 +160,12 @@ SPREAD = ("test_schemathesis.py",)
 LONGEST_FIRST = (
     "test_pages.py",
     "test_schemathesis.py",
+    "test_realtime_metering.py",
     "test_make_run.py",
+    "test_mcp.py",
+    "test_call_journal.py",
+    "test_pages_voice.py",
+    "test_host_queues.py",
     "test_fair_share.py",
     "test_pools.py",
     "test_cli.py",

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import httpx
 from azure.data.tables import TableServiceClient
@@ -37,6 +37,47 @@ E2E, BROWSER, SLOW = "e2e", "browser", "slow"
 API_VERSION = "2024-10-21"
 CHAT = f"/openai/deployments/gpt-4o-mini/chat/completions?api-version={API_VERSION}"
 HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+class ClientAddress:
+    """The loopback address the tests of one module call the app from, and the app objects
+    (hosts of either tier) whose `http` and `manage` clients use it. The failed-key guard and
+    the other per-address limits count by the caller's address, which the host takes from the
+    connection as Azure's front end does: tests that send wrong keys from one module's address
+    never slow the next module's calls on a host the two share (conftest gives each module its
+    own, in 127.0.2.0/24; tests that need particular addresses use 127.0.0.x)."""
+
+    address = "127.0.0.1"
+    _apps: ClassVar[list[Any]] = []
+
+    @classmethod
+    def connect(cls, app: Any) -> None:
+        """`app.http` and `app.manage` from the current address (again, when it changes)."""
+        if app not in cls._apps:
+            cls._apps.append(app)
+        for name in ("http", "manage"):
+            old = getattr(app, name, None)
+            if old is not None:
+                old.close()
+        transport = httpx.HTTPTransport(local_address=cls.address)
+        app.manage = httpx.Client(
+            base_url=f"{app.base}/manage", headers=OPERATOR, timeout=30, transport=transport
+        )
+        app.http = httpx.Client(
+            base_url=app.base, timeout=30, transport=httpx.HTTPTransport(local_address=cls.address)
+        )
+
+    @classmethod
+    def move_to(cls, address: str) -> None:
+        """Every live app's clients now call from `address`."""
+        cls.address = address
+        for app in cls._apps:
+            cls.connect(app)
+
+    @classmethod
+    def forget(cls, app: Any) -> None:
+        if app in cls._apps:
+            cls._apps.remove(app)
 
 
 def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
@@ -148,8 +189,7 @@ class AppHost:
         self.proc = Process(args, env, log_dir / f"{name}-{self.port}.log")
         wait_for_port(self.port, timeout=90, process=self.proc.process)
         self.base = f"http://127.0.0.1:{self.port}/api"
-        self.manage = httpx.Client(base_url=f"{self.base}/manage", headers=OPERATOR, timeout=30)
-        self.http = httpx.Client(base_url=self.base, timeout=30)
+        ClientAddress.connect(self)  # self.http, self.manage
 
     def status(self) -> dict[str, Any]:
         """The host's status, with its worker process (pid, runtime version, restarts)."""
@@ -171,6 +211,7 @@ class AppHost:
         return set(self.status()["unanswered_invocations"])
 
     def stop(self) -> None:
+        ClientAddress.forget(self)
         self.manage.close()
         self.http.close()
         self.proc.stop()

@@ -28,12 +28,19 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-import httpx
 import pytest
 
 from local.azurite import free_port, wait_for_port
 from local.host import _routing_path, compile_route, load_local_settings, route_prefix
-from tests.harness import E2E, EXAMPLE_SETTINGS, OPERATOR, ROOT, App, StandIns, host_env
+from tests.harness import (
+    E2E,
+    EXAMPLE_SETTINGS,
+    ROOT,
+    App,
+    ClientAddress,
+    StandIns,
+    host_env,
+)
 
 log = logging.getLogger("tests.inprocess")
 
@@ -243,8 +250,7 @@ class InProcessHost:
         root.addHandler(self.logs)
         self.configure(self.env)
         self.base = f"http://127.0.0.1:{self.port}/{self.prefix}"
-        self.manage = httpx.Client(base_url=f"{self.base}/manage", headers=OPERATOR, timeout=30)
-        self.http = httpx.Client(base_url=self.base, timeout=30)
+        ClientAddress.connect(self)  # self.http, self.manage
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -324,6 +330,7 @@ class InProcessHost:
     def stop(self) -> None:
         from shared import runtime
 
+        ClientAddress.forget(self)
         self.manage.close()
         self.http.close()
         with contextlib.suppress(Exception):

@@ -2,8 +2,9 @@
 from an address flooding wrong ones, while what the flood costs storage stays bounded.
 
 The host stand-in, like Azure's front end, appends the connection's address to
-X-Forwarded-For, so every call here comes from one client, 127.0.0.1: a classroom behind one
-address, where one person's wrong attempts are everybody's. Storage lookups are counted in the
+X-Forwarded-For, so every call here comes from one client, this module's address
+(`client_address`): a classroom behind one address, where one person's wrong attempts are
+everybody's. Storage lookups are counted in the
 access log of an Azurite of this module's own (one line per request it served), so the counts
 are what the worker really read."""
 
