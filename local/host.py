@@ -766,9 +766,11 @@ class Host:
         await self.start_grpc()
         await self.start_worker()
         self._session = aiohttp.ClientSession(
-            # The worker's uvicorn closes a connection idle for 5 s: one reused at that moment
-            # fails the call ("Can not write request body"), so none is reused after 2 s.
-            connector=aiohttp.TCPConnector(limit=0, force_close=False, keepalive_timeout=2.0),
+            # The worker's uvicorn closes a connection idle for 5 s, counted from when it wrote
+            # the last answer: one reused at that moment fails the call ("Server disconnected").
+            # This side counts from when it took the whole answer in, which on a busy machine
+            # can be seconds later (300 answers at once), so none is reused after 1 s.
+            connector=aiohttp.TCPConnector(limit=0, force_close=False, keepalive_timeout=1.0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
         )

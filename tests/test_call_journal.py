@@ -33,8 +33,9 @@ from tests.harness import (
 pytestmark = pytest.mark.e2e  # a worker process killed mid-stream
 
 STREAMS = 20
-MAX_TOKENS = 300  # at 40 ms a token, a stream runs for 12 s: the worker dies long before
-SLOW = "[sim:latency_ms_per_token=40]"
+MAX_TOKENS = 300  # at 100 ms a token, a stream runs for 30 s: the worker dies long before,
+# even on a busy machine (the test waits up to 20 s for the day's count before the kill)
+SLOW = "[sim:latency_ms_per_token=100]"
 EXPIRY = 3  # seconds after admission an unended call is taken for lost (test setting)
 
 
