@@ -480,8 +480,23 @@ const REFUSALS = {
 
 const sum = (values) => values.reduce((total, value) => total + (value || 0), 0);
 
-/** The budget alerts that fired, as a banner; the forecast of the event budget. */
-function renderBudget(event, alerts, total, byHour) {
+/** An amount ("12.5") in billionths, exactly; "" is 0. */
+function nanoOf(text) {
+  const [whole, fraction = ""] = String(text || "0").split(".");
+  return Number(whole || 0) * 1e9 + Number(fraction.slice(0, 9).padEnd(9, "0"));
+}
+
+/** Billionths as the API writes amounts: 1234500 -> "0.0012345". */
+function amountOf(nano) {
+  const sign = nano < 0 ? "-" : "";
+  const n = Math.abs(Math.round(nano));
+  const fraction = String(n % 1e9).padStart(9, "0").replace(/0+$/, "");
+  return `${sign}${Math.floor(n / 1e9)}${fraction ? `.${fraction}` : ""}`;
+}
+
+/** The budget alerts that fired, as a banner; the forecast of the event budget (exact
+ * amounts: the spend of a few calls is a few millionths). */
+function renderBudget(event, alerts, spentNano, byHour) {
   const currency = event.currency || "USD";
   const banner = $("#budget-banner");
   const last = alerts[alerts.length - 1];
@@ -491,20 +506,21 @@ function renderBudget(event, alerts, total, byHour) {
       + `(${last.spent} of ${last.budget} ${currency} spent at ${new Date(last.fired_at).toLocaleString()}).`;
   }
   const forecast = $("#budget-forecast");
-  const budget = Number(event.budget || 0);
+  const budget = nanoOf(event.budget);
   forecast.hidden = !budget;
   if (!budget) return;
-  const left = budget - total;
+  const left = budget - spentNano;
   const dayAgo = Date.now() - 24 * 3600 * 1000;
-  const lastDay = sum(byHour.rows.filter((r) => new Date(r.hour).getTime() >= dayAgo).map((r) => Number(r.cost)));
+  const lastDay = sum(byHour.rows.filter((r) => new Date(r.hour).getTime() >= dayAgo).map((r) => r.cost_nano));
+  const of = `${amountOf(Math.max(0, left))} of ${amountOf(budget)} ${currency} left`;
   if (left <= 0) {
-    forecast.textContent = `The event budget of ${budget} ${currency} is spent.`;
+    forecast.textContent = `The event budget of ${amountOf(budget)} ${currency} is spent.`;
   } else if (lastDay <= 0) {
-    forecast.textContent = `${left.toFixed(4)} of ${budget} ${currency} left; nothing spent in the last 24 hours.`;
+    forecast.textContent = `${of}; nothing spent in the last 24 hours.`;
   } else {
     const until = new Date(Date.now() + (left / lastDay) * 24 * 3600 * 1000);
-    forecast.textContent = `${left.toFixed(4)} of ${budget} ${currency} left. At the last 24 hours' rate `
-      + `(${lastDay.toFixed(4)} ${currency} a day) the budget lasts until ${until.toLocaleString()}.`;
+    forecast.textContent = `${of}. At the last 24 hours' rate `
+      + `(${amountOf(lastDay)} ${currency} a day) the budget lasts until ${until.toLocaleString()}.`;
   }
 }
 
@@ -515,7 +531,7 @@ async function loadUsage() {
   const alerts = await manage(`/events/${eventId}/alerts`);
   const t = byDay.totals;
   const currency = state.selected.currency || "USD";
-  renderBudget(state.selected, alerts, Number(t.cost), byHour);
+  renderBudget(state.selected, alerts, t.cost_nano, byHour);
   const refusedTotal = sum(Object.values(byAttendee.totals.refused || {}));
   fill($("#usage-totals"), [
     ["Requests", t.requests], ["Prompt tokens", t.prompt_tokens],
@@ -533,6 +549,7 @@ async function loadUsage() {
   const hours = byHour.rows;
   const hourLabels = hours.map((r) => new Date(r.hour).toLocaleString(undefined, { day: "numeric", month: "short", hour: "2-digit", minute: "2-digit" }));
   const deployments = [...byDeployment.rows].sort((a, b) => b.total_tokens - a.total_tokens);
+  const costly = [...byDeployment.rows].sort((a, b) => b.cost_nano - a.cost_nano);
   const top = [...byAttendee.rows].sort((a, b) => b.total_tokens - a.total_tokens).slice(0, TOP_ATTENDEES);
   const spenders = [...byAttendee.rows].filter((r) => Number(r.cost) > 0)
     .sort((a, b) => Number(b.cost) - Number(a.cost)).slice(0, TOP_ATTENDEES);
@@ -549,13 +566,14 @@ async function loadUsage() {
       ],
     }), days.length ? legend(["prompt", "prompt"], ["completion", "completion"]) : null),
     chartCard("chart-spend-per-day", `Spend per day (${currency})`, (width) => days.length && columnChart({
-      width, labels: dayLabels, series: [{ name: "spend", className: "bar-tokens", values: days.map((r) => Number(r.cost)) }],
+      width, labels: dayLabels, whole: false,
+      series: [{ name: "spend", className: "bar-tokens", values: days.map((r) => Number(r.cost)), texts: days.map((r) => r.cost) }],
     })),
-    chartCard("chart-spend-deployments", `Spend per deployment (${currency})`, (width) => deployments.length && barList({
-      width, labels: deployments.map((r) => r.deployment), values: deployments.map((r) => Number(r.cost)), className: "bar-tokens", unit: ` ${currency}`,
+    chartCard("chart-spend-deployments", `Spend per deployment (${currency})`, (width) => costly.length && barList({
+      width, labels: costly.map((r) => r.deployment), values: costly.map((r) => Number(r.cost)), texts: costly.map((r) => r.cost), className: "bar-tokens", unit: ` ${currency}`,
     })),
     chartCard("chart-spend-attendees", `Top ${TOP_ATTENDEES} attendees by spend (${currency})`, (width) => spenders.length && barList({
-      width, labels: spenders.map((r) => r.user || r.attendee_id), values: spenders.map((r) => Number(r.cost)), className: "bar-requests", unit: ` ${currency}`,
+      width, labels: spenders.map((r) => r.user || r.attendee_id), values: spenders.map((r) => Number(r.cost)), texts: spenders.map((r) => r.cost), className: "bar-requests", unit: ` ${currency}`,
     })),
     chartCard("chart-active", "Active attendees per hour", (width) => hours.length && columnChart({
       width,
