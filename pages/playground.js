@@ -86,9 +86,12 @@ function showBudget(budget, left) {
     return;
   }
   if (left !== undefined && left !== null) budget.left = left;
-  const total = Number(budget.attendee_daily_budget || budget.attendee_budget);
-  const per = budget.attendee_daily_budget ? " today" : "";
-  $("#budget-left").textContent = `${budget.left} of ${total} ${budget.currency}${per}`;
+  const { attendee_budget: whole, attendee_daily_budget: daily, currency } = budget;
+  // With both, what is left is of whichever is tighter now, which the answer does not name.
+  $("#budget-left").textContent = whole && daily
+    ? `${budget.left} ${currency} (budgets: ${whole} for the event, ${daily} a day)`
+    : `${budget.left} of ${whole || daily} ${currency}${daily ? " today" : ""}`;
+  const total = Math.min(...[whole, daily].filter(Boolean).map(Number));
   setMeter($("#budget-meter"), Number(budget.left), total);
   $("#budget-facts").hidden = false;
   $("#budget-meter").hidden = false;

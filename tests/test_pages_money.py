@@ -327,3 +327,13 @@ def test_playground_shows_the_budget_left_from_each_answer_and_the_refusal(
         assert page.input_value("#prompt") == "One more, please"
         opened.screenshot("playground-budget-spent")
         opened.assert_clean()
+
+    # Both budgets: what is left is of the tighter, so both are named, not one as its total.
+    both = EventSetup(host, sim, attendee_budget="2", attendee_daily_budget="0.75")
+    with tab(browser) as opened:
+        opened.page.goto(f"{host.base}/playground")
+        opened.page.fill("#key", both.key)
+        opened.page.click("#connect")
+        opened.page.wait_for_selector("#play-view:not([hidden])")
+        assert opened.text("#budget-left") == "0.75 USD (budgets: 2 for the event, 0.75 a day)"
+        opened.assert_clean()
