@@ -117,7 +117,10 @@ const ERROR_HELP = {
 /** {title, action, detail} for an error: a sentence from the table, else the server's. */
 export function explain(error) {
   const help = ERROR_HELP[error.code];
-  const detail = error.message ? `${error.message}${error.code ? ` (${error.code})` : ""}` : error.code || "";
+  // One bad field: its fix after the message, which names only the problem.
+  const [only] = (error.details || []).length === 1 ? error.details : [];
+  const message = only && only.fix && !String(error.message).includes(only.fix) ? `${error.message} ${only.fix}` : error.message;
+  const detail = message ? `${message}${error.code ? ` (${error.code})` : ""}` : error.code || "";
   if (help) {
     const [title, action] = help(error);
     return { title, action: action.trim(), detail };

@@ -160,6 +160,9 @@ def test_console_editor_sets_the_currency_budgets_and_alerts(
         page.locator("#console-error").wait_for(state="visible")
         assert "attendee_budget" in opened.text("#console-error")
         assert "must be an amount" in opened.text("#console-error")
+        assert "Send an amount of the event's currency such as '250'" in opened.text(
+            "#console-error"
+        )
         assert host.manage.get(f"/events/{event_id}").json()["attendee_budget"] == "12.5"
         opened.screenshot("console-money-editor")
         opened.assert_clean()
