@@ -29,16 +29,19 @@ function niceStep(max, count = 4, whole = true) {
  * whose grid may step below 1). Returns an <svg> `width` pixels wide, so its text keeps its size.
  */
 export function columnChart({ labels, series, width = 560, height = 220, whole = true }) {
-  const left = 48, right = 8, top = 10, bottom = 28;
+  const right = 8, top = 10, bottom = 28;
   const totals = labels.map((_, i) => series.reduce((sum, s) => sum + (s.values[i] || 0), 0));
   const step = niceStep(Math.max(0, ...totals), 4, whole);
   const top_value = Math.max(step, Math.ceil(Math.max(0, ...totals) / step) * step);
+  const ticks = [];
+  for (let line = 0; line * step <= top_value * (1 + 1e-9); line += 1) ticks.push(line * step);
+  // Room for the longest grid label (small amounts are long: 0.000015).
+  const left = Math.max(48, 10 + 7 * Math.max(...ticks.map((v) => compact.format(v).length)));
   const plotW = width - left - right, plotH = height - top - bottom;
   const y = (value) => top + plotH - (value / top_value) * plotH;
   const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, width, height, role: "img", class: "chart-svg" });
 
-  for (let line = 0; line * step <= top_value * (1 + 1e-9); line += 1) {
-    const value = line * step;
+  for (const value of ticks) {
     root.append(svg("line", { x1: left, x2: width - right, y1: y(value), y2: y(value), class: value ? "grid" : "axis" }));
     root.append(svg("text", { x: left - 6, y: y(value) + 4, "text-anchor": "end" }, compact.format(value)));
   }
