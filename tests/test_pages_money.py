@@ -329,6 +329,12 @@ def test_playground_shows_the_budget_left_from_each_answer_and_the_refusal(
             f"({left} USD left)." in said
         )
         assert page.input_value("#prompt") == "One more, please"
+        # A long amount stays inside its card.
+        card = page.locator("#budget-facts").evaluate(
+            "el => el.closest('.card').getBoundingClientRect().right"
+        )
+        shown = page.locator("#budget-left").evaluate("el => el.getBoundingClientRect().right")
+        assert shown <= card
         opened.screenshot("playground-budget-spent")
         opened.assert_clean()
 
