@@ -31,7 +31,7 @@ SMALL = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12}
 EMBED = "/openai/deployments/text-embedding-3-small/embeddings?api-version=2024-10-21"
 MINI = (150, 600)  # gpt-4o-mini, billionths of a dollar per input and per output token
 STREAMED = "Tell me a story [sim:tokens=40 latency_ms_per_token=60]"
-# What the console's usage tab and the playground's panel show, each change kept in order.
+# Every text an element shows, in order (the playground's budget changes twice per answer).
 WATCH = """(selector) => {
   window.__seen = window.__seen || {};
   const seen = window.__seen[selector] = [];
@@ -206,6 +206,8 @@ def test_console_shows_the_spend_the_report_gives_the_forecast_and_the_alert(
         page.click("#refresh-usage")
         banner = page.locator("#budget-banner")
         banner.wait_for(state="visible")
+        for chart in ("spend-per-day", "spend-deployments", "spend-attendees"):  # drawn last
+            page.wait_for_selector(f"#chart-{chart} svg rect")
         [alert] = alerts()
         assert (
             alert["threshold_percent"] == 50 and Decimal(alert["budget"]) == Decimal(budget) / 10**9
