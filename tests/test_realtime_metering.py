@@ -190,10 +190,11 @@ async def test_a_crossed_token_cap_ends_the_call_with_a_last_message(
             return bool(seen and seen["ended"])
 
         await eventually(ended, timeout=30)
-        notices = [
-            e for e in caller.events if e.get("type") == "conversation.item.created"
-        ]  # what the caller heard last, on its data channel
-        assert notices and "used today's 250 tokens" in str(notices[-1])
+
+        async def noticed() -> list[dict[str, Any]]:  # what the caller heard last, on its channel
+            return [e for e in caller.events if e.get("type") == "conversation.item.created"]
+
+        assert "used today's 250 tokens" in str((await eventually(noticed, timeout=10))[-1])
     finally:
         sim.configure(realtime_turn_seconds=None)
         await caller.close()
@@ -239,8 +240,11 @@ async def test_a_revoked_attendee_s_call_ends_at_its_next_response(
             return seen["ended"] if seen else ""
 
         assert await eventually(ended, timeout=30) == "hangup"
-        notices = [e for e in caller.events if e.get("type") == "conversation.item.created"]
-        assert notices and "revoked by the organiser" in str(notices[-1])
+
+        async def noticed() -> list[dict[str, Any]]:
+            return [e for e in caller.events if e.get("type") == "conversation.item.created"]
+
+        assert "revoked by the organiser" in str((await eventually(noticed, timeout=10))[-1])
     finally:
         sim.configure(realtime_turn_seconds=None)
         await caller.close()
@@ -263,8 +267,12 @@ async def test_the_session_length_limit_ends_the_call(
             return seen["ended"] if seen else ""
 
         assert await eventually(ended, timeout=25) == "hangup"
-        notices = [e for e in caller.events if e.get("type") == "conversation.item.created"]
-        assert notices and "10 seconds" in str(notices[-1])
+
+        async def noticed() -> list[dict[str, Any]]:  # the data channel's last message
+            return [e for e in caller.events if e.get("type") == "conversation.item.created"]
+
+        notices = await eventually(noticed, timeout=10)
+        assert "10 seconds" in str(notices[-1])
     finally:
         sim.configure(realtime_turn_seconds=None)
         await caller.close()
