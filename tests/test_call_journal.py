@@ -82,7 +82,7 @@ def test_calls_of_a_killed_worker_are_recorded_at_their_worst_case_by_its_succes
     journaled_host: tuple[AppHost, Storage], sim: Simulator
 ) -> None:
     host, storage = journaled_host
-    setup = EventSetup(host, sim)
+    setup = EventSetup(host, sim, attendee_budget="1000")  # calls hold their worst case
     client = openai.AzureOpenAI(
         azure_endpoint=host.base, api_key=setup.key, api_version="2024-10-21", max_retries=0
     )
@@ -162,6 +162,10 @@ def test_calls_of_a_killed_worker_are_recorded_at_their_worst_case_by_its_succes
         assert record["completion_tokens"] == MAX_TOKENS
         assert record["prompt_tokens"] > 0
         assert record["total_tokens"] == record["prompt_tokens"] + MAX_TOKENS
+        # And the money its budgets held for it: priced, at its worst case, never free.
+        assert record["unpriced"] is False and record["price_source"] == "worst case"
+    cost = {request_id: int(by_id[request_id]["cost_nano"]) for request_id in by_id}
+    assert min(cost[r] for r in streamed) > max(cost[r] for r in finished) > 0
     assert not storage.rows("inflight")  # each entry taken once, then gone
 
     # The usage report and the attendee's daily counts include them.
@@ -171,6 +175,7 @@ def test_calls_of_a_killed_worker_are_recorded_at_their_worst_case_by_its_succes
     totals = report.json()["totals"]
     assert totals["requests"] == 3 + STREAMS
     assert totals["total_tokens"] == sum(row["total_tokens"] for row in rows)
+    assert totals["cost_nano"] == sum(cost.values())  # the lost calls' money is in the report
     expected_tokens = before["tokens_used"] + worst
     wait_until(lambda: today(host, setup.key)["tokens_used"] == expected_tokens, timeout=20)
     assert today(host, setup.key)["requests_used"] == 3 + STREAMS
