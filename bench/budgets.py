@@ -11,13 +11,11 @@ Run: python -m bench.budgets [calls]
 from __future__ import annotations
 
 import asyncio
-import platform
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from bench.cpu import per_call, per_call_async, report
 from shared.directory.events import Event
 from shared.governance import prices
 from shared.governance.budgets import Budgets
@@ -30,25 +28,6 @@ def event(**budgets: str) -> Event:
     start = datetime.now(UTC).replace(tzinfo=None)
     return Event(id="bench", name="Bench", starts_at=start, ends_at=start + timedelta(days=1),
                  time_zone="UTC", max_token_cap=512, daily_request_cap=10**9, **budgets)  # fmt: skip
-
-
-def per_call(run: Callable[[int], None], calls: int) -> float:
-    """Microseconds of CPU per call, the best of three rounds."""
-    best = float("inf")
-    for _ in range(3):
-        started = time.process_time()
-        run(calls)
-        best = min(best, time.process_time() - started)
-    return best / calls * 1e6
-
-
-async def per_call_async(run: Callable[[int], Awaitable[None]], calls: int) -> float:
-    best = float("inf")
-    for _ in range(3):
-        started = time.process_time()
-        await run(calls)
-        best = min(best, time.process_time() - started)
-    return best / calls * 1e6
 
 
 async def measure(calls: int) -> list[tuple[str, float]]:
@@ -103,22 +82,7 @@ async def measure(calls: int) -> list[tuple[str, float]]:
 
 def main() -> None:
     calls = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
-    results = asyncio.run(measure(calls))
-    lines = [
-        "# Pricing and budgets: CPU per call",
-        "",
-        f"{datetime.now(UTC):%Y-%m-%d}, Python {platform.python_version()}, "
-        f"{platform.machine()}, {calls:,} calls per case, best of three.",
-        "",
-        "| case | µs per call |",
-        "|---|---:|",
-        *(f"| {name} | {cost:.1f} |" for name, cost in results),
-        "",
-    ]
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    report(RESULTS, "Pricing and budgets: CPU per call", calls, asyncio.run(measure(calls)))
 
 
 if __name__ == "__main__":

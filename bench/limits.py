@@ -10,13 +10,11 @@ Run: python -m bench.limits [calls]
 from __future__ import annotations
 
 import asyncio
-import platform
 import sys
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from bench.cpu import per_call, report
 from shared.directory.catalog import Resource
 from shared.directory.events import Event
 from shared.errors import ProxyError
@@ -37,16 +35,6 @@ def event(**limits: int) -> Event:
 def resource(**quota: int) -> Resource:
     return Resource(id="r1", name="r1", deployment="chat", model_class="openai-chat",
                     endpoint="https://example.com", upstream_deployment="chat", **quota)  # fmt: skip
-
-
-def per_call(run: Callable[[int], None], calls: int) -> float:
-    """Microseconds of CPU per call, the best of three rounds."""
-    best = float("inf")
-    for _ in range(3):
-        started = time.process_time()
-        run(calls)
-        best = min(best, time.process_time() - started)
-    return best / calls * 1e6
 
 
 def measure(calls: int) -> list[tuple[str, float]]:
@@ -98,22 +86,7 @@ def measure(calls: int) -> list[tuple[str, float]]:
 
 def main() -> None:
     calls = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
-    results = asyncio.run(_measure(calls))
-    lines = [
-        "# Per-minute checks: CPU per call",
-        "",
-        f"{datetime.now(UTC):%Y-%m-%d}, Python {platform.python_version()}, "
-        f"{platform.machine()}, {calls:,} calls per case, best of three.",
-        "",
-        "| case | µs per call |",
-        "|---|---:|",
-        *(f"| {name} | {cost:.1f} |" for name, cost in results),
-        "",
-    ]
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    report(RESULTS, "Per-minute checks: CPU per call", calls, asyncio.run(_measure(calls)))
 
 
 async def _measure(calls: int) -> list[tuple[str, float]]:

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import platform
 import sys
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.cpu import per_call, per_call_async, report
 from shared.plugins import Plugin, Plugins, RequestContext
 from shared.plugins.csv_usage import CsvUsage
 from shared.plugins.wordfilter import WordFilter
@@ -79,25 +77,6 @@ class Nothing(Plugin):
 
     async def on_usage(self, records: list[dict[str, Any]]) -> None:
         return None
-
-
-def per_call(run: Callable[[int], Any], calls: int) -> float:
-    """Microseconds of CPU per call, the best of three rounds."""
-    best = float("inf")
-    for _ in range(3):
-        started = time.process_time()
-        run(calls)
-        best = min(best, time.process_time() - started)
-    return best / calls * 1e6
-
-
-async def per_call_async(run: Callable[[int], Awaitable[None]], calls: int) -> float:
-    best = float("inf")
-    for _ in range(3):
-        started = time.process_time()
-        await run(calls)
-        best = min(best, time.process_time() - started)
-    return best / calls * 1e6
 
 
 def context() -> RequestContext:
@@ -186,24 +165,13 @@ async def _measure(calls: int) -> list[tuple[str, float]]:
 
 def main() -> None:
     calls = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
-    results = asyncio.run(_measure(calls))
-    lines = [
-        "# Plugin hook points: CPU per call",
-        "",
-        f"{datetime.now(UTC):%Y-%m-%d}, Python {platform.python_version()}, "
-        f"{platform.machine()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
-        f"cores, {calls:,} calls per case, best of three. Request hook cases exclude building "
-        "the body. A proxied call costs 440 to 1,400 µs of CPU (docs/performance.md).",
-        "",
-        "| case | µs per call |",
-        "|---|---:|",
-        *(f"| {name} | {cost:.3f} |" for name, cost in results),
-        "",
-    ]
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    report(
+        RESULTS, "Plugin hook points: CPU per call", calls, asyncio.run(_measure(calls)),
+        machine=f", load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+        after=" Request hook cases exclude building the body. A proxied call costs 440 to "
+        "1,400 µs of CPU (docs/performance.md).",
+        digits=3,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
