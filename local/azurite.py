@@ -73,23 +73,9 @@ class Azurite:
         return connection_string(self.port, self.queue_port)
 
     def start(self) -> Azurite:
-        binary = str(BINARY) if BINARY.exists() else shutil.which("azurite-table")
-        if binary is None:
-            raise RuntimeError("Azurite is not installed: run `npm ci` (make does it for you)")
-        args = [
-            binary,
-            "--tableHost", "127.0.0.1",
-            "--tablePort", str(self.port),
-            "--disableTelemetry",
-            "--skipApiVersionCheck",
-        ]  # fmt: skip
+        args = self._service("table", BINARY, self.port, self.location)
         if self.access_log is None:
             args.append("--silent")
-        if self.location is None:
-            args.append("--inMemoryPersistence")
-        else:
-            self.location.mkdir(parents=True, exist_ok=True)
-            args += ["--location", str(self.location)]
         out = subprocess.DEVNULL if self.access_log is None else open(self.access_log, "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
             args, stdout=out, stderr=subprocess.PIPE, start_new_session=True
@@ -101,26 +87,33 @@ class Azurite:
         return self
 
     def start_queue(self) -> None:
-        binary = str(QUEUE_BINARY) if QUEUE_BINARY.exists() else shutil.which("azurite-queue")
-        if binary is None:
-            raise RuntimeError("Azurite is not installed: run `npm ci` (make does it for you)")
-        args = [
-            binary,
-            "--queueHost", "127.0.0.1",
-            "--queuePort", str(self.queue_port),
-            "--disableTelemetry",
-            "--skipApiVersionCheck",
-            "--silent",
-        ]  # fmt: skip
-        if self.location is None:
-            args.append("--inMemoryPersistence")
-        else:
-            args += ["--location", str(self.location / "queues")]
-            (self.location / "queues").mkdir(parents=True, exist_ok=True)
+        queues = None if self.location is None else self.location / "queues"
+        args = [*self._service("queue", QUEUE_BINARY, self.queue_port, queues), "--silent"]
         self.queue_process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
         )
         wait_for_port(self.queue_port, process=self.queue_process)
+
+    @staticmethod
+    def _service(name: str, local: Path, port: int, location: Path | None) -> list[str]:
+        """The command that starts Azurite's `name` service (table, queue) on `port`, its data
+        in memory or under `location`."""
+        binary = str(local) if local.exists() else shutil.which(f"azurite-{name}")
+        if binary is None:
+            raise RuntimeError("Azurite is not installed: run `npm ci` (make does it for you)")
+        args = [
+            binary,
+            f"--{name}Host", "127.0.0.1",
+            f"--{name}Port", str(port),
+            "--disableTelemetry",
+            "--skipApiVersionCheck",
+        ]  # fmt: skip
+        if location is None:
+            args.append("--inMemoryPersistence")
+        else:
+            location.mkdir(parents=True, exist_ok=True)
+            args += ["--location", str(location)]
+        return args
 
     def stop(self) -> None:
         if self.process is not None:
