@@ -4,14 +4,22 @@ instance or two; refused with codes of their own; what is left in a header of ea
 
 from __future__ import annotations
 
-import asyncio
 from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.harness import CHAT, AppHost, EventSetup, Simulator, Storage, chat, wait_until
+from tests.harness import (
+    CHAT,
+    AppHost,
+    EventSetup,
+    Simulator,
+    Storage,
+    burst,
+    chat,
+    wait_until,
+)
 
 SMALL = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12}
 MINI = (150, 600)  # gpt-4o-mini, billionths of a dollar per input and per output token
@@ -32,21 +40,6 @@ def spent(storage: Storage, event_id: str, admitted: int) -> int:
     records = storage.usage(event_id, expect=admitted, timeout=20)
     assert len(records) == admitted
     return sum(int(r["cost_nano"]) for r in records)
-
-
-async def spread(hosts: list[AppHost], key: str, count: int) -> list[httpx.Response]:
-    """`count` calls of one key at once, alternating between the hosts."""
-    clients = [httpx.AsyncClient(base_url=h.base, timeout=30) for h in hosts]
-    try:
-        return await asyncio.gather(
-            *(
-                clients[i % len(clients)].post(CHAT, json=SMALL, headers={"api-key": key})
-                for i in range(count)
-            )
-        )
-    finally:
-        for client in clients:
-            await client.aclose()
 
 
 def check_bound(
@@ -70,7 +63,7 @@ async def test_fifty_calls_at_once_never_spend_more_than_the_budget(
     budget = 10 * one
     setup = EventSetup(host, sim, attendee_daily_budget=amount(budget))
     assert setup.event["attendee_daily_budget"] == amount(budget)
-    answers = await spread([host], setup.key, 50)
+    answers = await burst(CHAT, SMALL, [host], setup.key, 50)
     admitted = check_bound(answers, budget, one, storage, setup.id)
 
     def refused_for_budget() -> int:
@@ -92,7 +85,7 @@ async def test_the_budget_holds_across_two_instances(
     one = cost_of_small(host, sim)
     budget = 10 * one
     setup = EventSetup(host, sim, attendee_budget=amount(budget))
-    answers = await spread([host, second_host], setup.key, 50)
+    answers = await burst(CHAT, SMALL, [host, second_host], setup.key, 50)
     check_bound(answers, budget, one, storage, setup.id)
     rows: list[dict[str, Any]] = storage.rows("budgets", f"PartitionKey eq '{setup.id}'")
     assert [int(r["granted"]) <= budget for r in rows] == [True]  # stored as text: 64 bits
