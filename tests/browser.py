@@ -62,6 +62,18 @@ def chromium(*flags: str) -> Iterator[Browser]:
             browser.close()
 
 
+@contextmanager
+def for_tests(*flags: str) -> Iterator[Browser]:
+    """Chromium for a module's tests (the `browser` fixture); they are skipped where none is
+    installed, but never in CI, where `make test` installs it."""
+    import pytest
+
+    if chromium_path() is None and not os.environ.get("CI"):
+        pytest.skip("Chromium is not installed (`make test` installs Debian's chromium)")
+    with chromium(*flags) as launched:
+        yield launched
+
+
 def _launch(playwright: Playwright, path: str, flags: tuple[str, ...] = ()) -> Browser:
     return playwright.chromium.launch(
         executable_path=path, headless=True, args=[*CHROMIUM_FLAGS, *flags], timeout=30_000

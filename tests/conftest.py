@@ -46,6 +46,15 @@ def client_address() -> Iterator[str]:
     yield address
 
 
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Chromium for the module's page tests (tests/browser.py)."""
+    from tests.browser import for_tests
+
+    with for_tests() as launched:
+        yield launched
+
+
 @pytest.fixture(scope="session")
 def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")

@@ -682,16 +682,6 @@ def test_the_sdks_default_mode_works_through_the_proxy(
 # --- the pages (last: the browser leaves an event loop running in this thread) --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from tests.browser import chromium, chromium_path
-
-    if chromium_path() is None and not __import__("os").environ.get("CI"):
-        pytest.skip("Chromium is not installed (`make test` installs Debian's chromium)")
-    with chromium() as launched:
-        yield launched
-
-
 @pytest.mark.browser
 def test_the_playground_lists_the_events_tools_and_the_console_its_servers_and_calls(
     app_host: AppHost, sim: Simulator, mcp_sse: McpServer, mcp_json: McpServer, browser: Any

@@ -5,11 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -19,7 +18,7 @@ import pytest
 from openai import AzureOpenAI
 
 from shared.web import pages
-from tests.browser import Browser, Route, Tab, chromium, chromium_path, tab
+from tests.browser import Browser, Route, Tab, tab
 from tests.harness import (
     OPERATOR_KEY,
     SIM_KEY,
@@ -47,14 +46,6 @@ Bring **a laptop** and read the [guide](https://example.com/guide).
 
 [click me](javascript:window.__pwned=1)
 """
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if chromium_path() is None and not os.environ.get("CI"):
-        pytest.skip("Chromium is not installed (`make test` installs Debian's chromium)")
-    with chromium() as launched:
-        yield launched
 
 
 def images_event(host: AppHost, sim: Simulator, **fields: object) -> EventSetup:

@@ -5,16 +5,14 @@ from the event's info, and a refusal for the budget in words."""
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
 
-from tests.browser import Browser, Tab, chromium, chromium_path, tab
+from tests.browser import Browser, Tab, tab
 from tests.harness import (
     OPERATOR_KEY,
     AppHost,
@@ -40,14 +38,6 @@ WATCH = """(selector) => {
   new MutationObserver(() => seen.push(el.textContent))
     .observe(el, { childList: true, characterData: true, subtree: true });
 }"""
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if chromium_path() is None and not os.environ.get("CI"):
-        pytest.skip("Chromium is not installed (`make test` installs Debian's chromium)")
-    with chromium() as launched:
-        yield launched
 
 
 def amount(nano: int) -> str:

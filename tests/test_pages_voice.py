@@ -5,14 +5,13 @@ shown before any media flows."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.browser import FAKE_MICROPHONE, Browser, Tab, chromium, chromium_path, tab
+from tests.browser import FAKE_MICROPHONE, Browser, Tab, for_tests, tab
 from tests.harness import AppHost, EventSetup, Simulator, Storage, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -22,9 +21,7 @@ REALTIME = "gpt-realtime"
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if chromium_path() is None and not os.environ.get("CI"):
-        pytest.skip("Chromium is not installed (`make test` installs Debian's chromium)")
-    with chromium(*FAKE_MICROPHONE) as launched:
+    with for_tests(*FAKE_MICROPHONE) as launched:  # the shared fixture's, with a microphone
         yield launched
 
 
