@@ -217,6 +217,18 @@ class AppHost:
         self.proc.stop()
 
 
+def run_timer(host: AppHost, name: str) -> None:
+    """The host's admin API, as an operator triggers a timer on Azure: the timer runs now, in
+    the host's worker (answered once it is done)."""
+    response = httpx.post(
+        f"http://127.0.0.1:{host.port}/admin/functions/{name}",
+        headers={"x-functions-key": FUNCTION_KEY},
+        json={"input": ""},
+        timeout=60,
+    )
+    assert response.status_code == 202, response.text
+
+
 async def burst(
     path: str, body: dict[str, Any], hosts: list[AppHost], key: str, count: int
 ) -> list[httpx.Response]:

@@ -20,12 +20,12 @@ import pytest
 
 from local.azurite import Azurite
 from tests.harness import (
-    FUNCTION_KEY,
     AppHost,
     EventSetup,
     Simulator,
     Storage,
     host_env,
+    run_timer,
     unique_prefix,
     wait_until,
 )
@@ -37,17 +37,6 @@ MAX_TOKENS = 300  # at 100 ms a token, a stream runs for 30 s: the worker dies l
 # even on a busy machine (the test waits up to 20 s for the day's count before the kill)
 SLOW = "[sim:latency_ms_per_token=100]"
 EXPIRY = 3  # seconds after admission an unended call is taken for lost (test setting)
-
-
-def run_timer(host: AppHost, name: str) -> None:
-    """The host's admin API: the timer runs now, in the host's worker (answers when done)."""
-    response = httpx.post(
-        f"http://127.0.0.1:{host.port}/admin/functions/{name}",
-        headers={"x-functions-key": FUNCTION_KEY},
-        json={"input": ""},
-        timeout=60,
-    )
-    assert response.status_code == 202, response.text
 
 
 def worker_pid(host: AppHost) -> int | None:

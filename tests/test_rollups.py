@@ -12,23 +12,12 @@ import httpx
 import openai
 
 from shared.governance.rollups import REFUSALS
-from tests.harness import CHAT, FUNCTION_KEY, AppHost, EventSetup, Simulator, Storage
+from tests.harness import CHAT, AppHost, EventSetup, Simulator, Storage, run_timer
 
 NUMBERS = (
     "prompt_tokens", "completion_tokens", "total_tokens", "units",
     "cached_tokens", "reasoning_tokens", "audio_tokens", "cost_nano", "unpriced", "audio_output_tokens",
 )  # fmt: skip
-
-
-def run_timer(host: AppHost, name: str) -> None:
-    """The host's admin API, as an operator would trigger a timer on Azure."""
-    response = httpx.post(
-        f"http://127.0.0.1:{host.port}/admin/functions/{name}",
-        headers={"x-functions-key": FUNCTION_KEY},
-        json={"input": ""},
-        timeout=60,
-    )
-    assert response.status_code == 202, response.text
 
 
 def traffic(host: AppHost, setup: EventSetup, users: int = 3) -> list[str]:
