@@ -153,7 +153,26 @@ def every_route(world: dict[str, Any], own_event: str = "") -> list[tuple[str, s
         ("GET", f"/events/{event}/usage", None),
         ("GET", f"/events/{event}/alerts", None),
         ("POST", f"/events/{event}/alerts/secret", None),
+        ("GET", f"/events/{event}/toolcalls", None),
     ]
+
+
+def test_the_walk_covers_every_management_route() -> None:
+    """every_route names each method of each manage/* route of the route table: a route
+    added there is walked by the tests below, or this fails."""
+    from shared.management.routes import ROUTES
+    from shared.management.routing import MANAGER
+
+    declared = {
+        (method, route.path.removeprefix("manage"))
+        for route in ROUTES
+        if route.access == MANAGER
+        for method in route.methods
+    }
+    world = {"event": {"id": "{event_id}"}, "resource": {"id": "{resource_id}"},
+             "attendee": {"id": "{attendee_id}"}}  # fmt: skip
+    walked = {(method, path.split("?")[0]) for method, path, _ in every_route(world)}
+    assert walked == declared
 
 
 def alice_untouched(host: AppHost, world: dict[str, Any], upstream: Simulator) -> None:
@@ -184,7 +203,7 @@ def test_an_organiser_cannot_reach_another_organisers_things(
             continue  # Bob's own lists and creations: below
         refusal(bob.call(method, path, body), 404, "not_found")
         walked += 1
-    assert walked == 17
+    assert walked == 18
     assert [e["id"] for e in bob.ok("GET", "/events")] == [bobs_event["id"]]
     assert bob.ok("GET", "/resources") == []
     alice_untouched(host, alice_world, upstreams[0])
