@@ -90,8 +90,10 @@ class Runtime:
         self.callers = Callers(settings, self.entra, self.guard)  # who manages: manage/*
 
     async def _post(self, url: str, headers: dict[str, str], body: bytes) -> int:
-        """POST to an organiser's webhook (alerts), answering the status."""
-        answer = await self.upstream.send("POST", url, headers, body)
+        """POST to an organiser's webhook (alerts), answering the status. Connected to public
+        addresses only, checked on the address the connection uses (a name that resolves to a
+        private address when the alert fires is not called, whatever it resolved to when set)."""
+        answer = await self.upstream.send("POST", url, headers, body, public_only=True)
         try:
             return answer.status
         finally:

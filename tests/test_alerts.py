@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import CHAT, AppHost, EventSetup, Simulator, chat, wait_until
+from local.azurite import Azurite
+from tests.harness import CHAT, AppHost, EventSetup, Simulator, chat, host_env, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -126,3 +127,33 @@ def test_webhook_urls_must_be_https_on_a_public_host(host: AppHost, sim: Simulat
     # Alerts and their secret belong to the event's organiser: unknown events are 404.
     assert host.manage.get("/events/0123456789abcdef/alerts").status_code == 404
     assert host.manage.post("/events/0123456789abcdef/alerts/secret").status_code == 404
+
+
+def test_a_webhook_whose_name_resolves_inside_is_not_called(
+    receiver: Receiver, azurite: Azurite, prefix: str
+) -> None:
+    """The URL rule is checked when the webhook is set and when it fires; what the name resolves
+    to is checked on the address the POST connects to, so a name pointed inside between the
+    check and the connection (DNS rebinding) reaches nothing."""
+    import asyncio
+
+    from shared.platform import settings
+    from shared.runtime import Runtime
+    from shared.upstreams.client import UpstreamUnreachable
+
+    url = receiver.url.replace("127.0.0.1", "localhost")  # a name, resolving to loopback
+
+    async def post(allow_loopback: bool) -> int:
+        env = host_env(azurite.connection_string, prefix)
+        env["AIPROXY_ALLOW_LOOPBACK_UPSTREAMS"] = str(allow_loopback).lower()
+        runtime = Runtime(settings.load(env))
+        try:
+            return await runtime._post(url, {"content-type": "application/json"}, b"{}")
+        finally:
+            await runtime.close()
+
+    with pytest.raises(UpstreamUnreachable, match="no public address"):
+        asyncio.run(post(False))
+    assert receiver.received == []
+    assert asyncio.run(post(True)) == 204  # where the operator allows loopback (local runs)
+    assert len(receiver.received) == 1

@@ -14,13 +14,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import ipaddress
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 
@@ -37,33 +35,14 @@ log = logging.getLogger(__name__)
 ALERTS_TABLE = "alerts"
 SECRET_ROW = "_secret"
 SIGNATURE_HEADER = "x-aiproxy-signature"
-# POSTs a body with headers to a URL and answers the status (the runtime's upstream client).
+# POSTs a body with headers to a URL and answers the status (the runtime's upstream client,
+# connecting to public addresses only: shared/upstreams/client.py PublicResolver).
 Post = Callable[[str, dict[str, str], bytes], Awaitable[int]]
 
 
 def signature(secret: str, body: bytes) -> str:
     """The signature header's value for a body: sha256=<hex HMAC-SHA256>."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
-async def _private_address(url: str, allow_loopback: bool) -> str | None:
-    """Why the URL's host must not be called as it resolves now (a private, loopback,
-    link-local or reserved address), or None."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    try:
-        found = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443)
-    except OSError as exc:
-        return f"does not resolve ({exc})"
-    for *_, address in found:
-        ip = ipaddress.ip_address(address[0])
-        if ip.is_loopback and allow_loopback:
-            continue
-        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved:
-            return f"resolves to {ip}, which is not a public address"
-        if ip.is_multicast or ip.is_unspecified:
-            return f"resolves to {ip}, which is not a public address"
-    return None
 
 
 class Alerts:
@@ -134,8 +113,6 @@ class Alerts:
         # Checked again at sending: the operator's policy may have changed since it was set.
         policy = EndpointPolicy.of(settings.get())
         problem = webhook_problem(event.alert_webhook_url, policy)
-        if problem is None:
-            problem = await _private_address(event.alert_webhook_url, policy.allow_loopback)
         if problem is not None:
             log.warning("alerts: webhook of event %s not called: it %s", event.id, problem)
             return False

@@ -9,6 +9,7 @@ callable `(method, url, headers, body) -> UpstreamAnswer`, for example one that 
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -183,7 +184,8 @@ class PublicResolver(AbstractResolver):
         found = await self._inner.resolve(host, port, family)
         allowed = [r for r in found if self._may_connect(r["host"])]
         if not allowed:
-            raise OSError(f"{host} resolves to no public address")
+            # With an errno, so that aiohttp's connection error says why.
+            raise OSError(errno.EADDRNOTAVAIL, f"{host} resolves to no public address")
         return allowed  # type: ignore[return-value]
 
     def _may_connect(self, address: str) -> bool:
