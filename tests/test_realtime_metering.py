@@ -216,6 +216,41 @@ async def test_a_crossed_token_cap_ends_the_call_with_a_last_message(
     assert refused.status_code == 429  # and no new call today
 
 
+async def test_a_spent_budget_ends_the_call_with_a_last_message(
+    app_host: AppHost, sim: Simulator, storage: Storage
+) -> None:
+    budget = 50_000_000  # billionths: 0.05 USD, a few responses at PRICES
+    setup = realtime_event(app_host, sim, prices=PRICES, attendee_budget="0.05")
+    sim.configure(realtime_turn_seconds=0.4)
+    caller = Caller()
+    try:
+        call_id = await call(app_host, setup.key, caller)
+
+        async def ended() -> bool:
+            seen = await sim_call(sim.url, call_id)
+            return bool(seen and seen["ended"])
+
+        await eventually(ended, timeout=30)
+
+        assert "spent your budget of 0.05 USD" in await last_notice(caller)
+    finally:
+        sim.configure(realtime_turn_seconds=None)
+        await caller.close()
+    seen = await sim_call(sim.url, call_id)
+    assert seen["ended"] == "hangup"
+    records = realtime_records(storage, setup.id, len(seen["responses"]))
+    assert recorded(records) == totals(seen["responses"])
+    costs = [int(r["cost_nano"]) for r in records]
+    assert len(costs) >= 2 and all(c == priced(r) > 0 for c, r in zip(costs, records, strict=True))
+    assert sum(costs) >= budget  # spent: passed by at most the response that crossed it
+    assert sum(costs) - costs[-1] < budget
+    [row] = storage.rows("realtimecalls", f"RowKey eq '{call_id}'")
+    assert row["ended"] == "attendee_budget_exhausted"
+    refused = await _offer(app_host, setup.key)
+    assert refused.status_code == 429  # and no new call
+    assert refused.json()["error"]["code"] == "attendee_budget_exhausted"
+
+
 async def _offer(host: AppHost, key: str) -> httpx.Response:
     caller = Caller()
     try:

@@ -159,6 +159,22 @@ class Budgets(HeldRows[Pot]):
                 pot.overdrawn += cost - hold.worst
         hold.pots = []  # settled once
 
+    def charge(self, event: Event, attendee_id: str, now: datetime, cost: int) -> None:
+        """Spending no admitted worst case held: a realtime call's responses, priced as the
+        sideband reports them. Added to the budgets' rows at the next sync (or `check`)."""
+        pots = self.pots(event, attendee_id, now)
+        if pots and cost > 0:
+            self._start()
+            self.settle(Hold(pots, 0), cost)
+
+    async def check(self, event: Event, attendee_id: str, now: datetime) -> None:
+        """Raise the refusal of the first budget that is spent, as storage has it now (what
+        this instance spent written first): a running realtime call ends on it."""
+        await self.refresh(event, attendee_id, now)
+        for pot in self.pots(event, attendee_id, now):
+            if pot.left <= 0:
+                raise budget_error(event, pot, 0, now)
+
     async def refresh(self, event: Event, attendee_id: str, now: datetime) -> None:
         """Read the attendee's budget rows now (what other instances spent)."""
         for pot in self.pots(event, attendee_id, now):
@@ -236,17 +252,23 @@ class Budgets(HeldRows[Pot]):
 
 def budget_error(event: Event, pot: Pot, worst: int, now: datetime) -> ProxyError:
     """The refusal of a call its budget cannot hold: which budget, what is left, and when a
-    daily one starts again."""
+    daily one starts again (`worst` 0: a running call ended because the budget is spent)."""
     limit, left = as_amount(pot.limit), as_amount(max(0, pot.left))
     cur = event.currency
-    at_most = f"This call may cost up to {as_amount(worst)} {cur}"
-    lower = "; ask for fewer output tokens (max_tokens) or a cheaper deployment"
+    # What the caller can do: ask for less, or (a call ended) nothing but wait or ask.
+    lower = (
+        f" This call may cost up to {as_amount(worst)} {cur}; ask for fewer output tokens "
+        "(max_tokens) or a cheaper deployment"
+        if worst
+        else ""
+    )
     if pot.kind == "event":
         return ProxyError(
             "event_budget_exhausted",
             f"Event '{event.name}' has spent its budget of {limit} {cur} for all attendees "
-            f"together ({left} {cur} left, not held by calls running now). {at_most}{lower}, "
-            "or ask the organiser to raise the budget.",
+            f"together ({left} {cur} left, not held by calls running now).{lower}"
+            + (", or ask" if worst else " Ask")
+            + " the organiser to raise the budget.",
             headers={"Retry-After": "60"},
             reason="event_budget",
         )
@@ -255,14 +277,14 @@ def budget_error(event: Event, pot: Pot, worst: int, now: datetime) -> ProxyErro
         return ProxyError(
             "attendee_budget_exhausted",
             f"You have spent today's budget of {limit} {cur} for '{event.name}' ({left} {cur} "
-            f"left). {at_most}{lower}. The daily budget resets at midnight {event.time_zone} "
-            f"(in {wait} seconds).",
+            f"left).{lower}{'.' if worst else ''} The daily budget resets at midnight "
+            f"{event.time_zone} (in {wait} seconds).",
             headers={"Retry-After": str(wait)},
             reason="attendee_budget",
         )
     return ProxyError(
         "attendee_budget_exhausted",
-        f"You have spent your budget of {limit} {cur} for '{event.name}' ({left} {cur} left). "
-        f"{at_most}{lower}, or ask the organiser to raise it.",
+        f"You have spent your budget of {limit} {cur} for '{event.name}' ({left} {cur} left)."
+        f"{lower}" + (", or ask" if worst else " Ask") + " the organiser to raise it.",
         reason="attendee_budget",
     )

@@ -4,7 +4,8 @@ A call's setup (realtime.py) puts a ticket on the realtime queue and answers the
 once the queue-triggered function (function_app.py) has attached to the call's sideband: no
 media flows before the metering sees it. The function holds the sideband while the call lasts:
 every `response.done`'s usage becomes a usage record and counts against the attendee's token
-caps; once a cap is crossed, or the event's `realtime_max_session_seconds` has passed, it
+caps and, priced, against the event's budgets; once a cap is crossed, a budget is spent, or the
+event's `realtime_max_session_seconds` has passed, it
 tells the caller why (a system message on the call) and hangs up. A sideband that drops is
 joined again; a function whose instance died gets the ticket again (the queue delivers it once
 its lease ends) and resumes. Each response is claimed once in `realtimecalls` (a row per call
@@ -219,6 +220,7 @@ class CallMeter:
                 self.event.check_open()
                 await self.check_attendee()
                 self.runtime.caps.check_tokens(self.event, self.ticket.attendee_id, clock.now())
+                await self.runtime.budgets.check(self.event, self.ticket.attendee_id, clock.now())
             except ProxyError as error:
                 await self.end(socket, error.code, error.message)
                 return True
@@ -282,6 +284,7 @@ class CallMeter:
             )
         )
         self.runtime.caps.charge(event, ticket.attendee_id, now, total)
+        self.runtime.budgets.charge(event, ticket.attendee_id, now, cost.nano)
         self.row.settled.append(response_id)
         await self.save(responses=self.row.responses + 1, tokens=self.row.tokens + total)
 
