@@ -43,8 +43,8 @@ settings from ``/_sim/config``. See ``SETTING_TYPES`` for the accepted keys.
 Usage details as Azure reports them: each answer names a dated model (``MODEL_VERSIONS`` by
 deployment name, or a ``model`` directive, as a model router would); chat answers detail their
 tokens: cached (a prompt of 1024 tokens or more seen before by this simulator, or
-``cached_tokens``), audio (``audio_tokens``) and reasoning (o-series deployments, or
-``reasoning_tokens``).
+``cached_tokens``), audio in (``audio_tokens``) and out (``audio_output_tokens``) and reasoning
+(o-series deployments, or ``reasoning_tokens``).
 """
 
 from __future__ import annotations
@@ -158,6 +158,7 @@ SETTING_TYPES: dict[str, type] = {
     "reasoning_tokens": int,  # reasoning tokens (Responses: when the request asks for reasoning)
     "cached_tokens": int,  # of the prompt's tokens, those reported as read from the prompt cache
     "audio_tokens": int,  # of the prompt's tokens, those reported as audio
+    "audio_output_tokens": int,  # of the completion's tokens, those reported as audio (chat)
     "model": str,  # the model the answer names (a model router's pick, a dated version)
     "background_ms": int,  # Responses: how long a background response stays queued
     "quota_requests_per_minute": int,
@@ -894,7 +895,7 @@ async def _serve(
         audio = max(0, min(int(settings.get("audio_tokens") or 0), prompt_tokens - cached))
         usage["completion_tokens_details"] = {
             "accepted_prediction_tokens": 0,
-            "audio_tokens": 0,
+            "audio_tokens": max(0, min(int(settings.get("audio_output_tokens") or 0), n_tokens)),
             "reasoning_tokens": reasoning,
             "rejected_prediction_tokens": 0,
         }

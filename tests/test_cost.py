@@ -233,6 +233,29 @@ def test_model_names_map_to_their_priced_base_model() -> None:
     assert prices.as_amount(1_234_500) == "0.0012345"
 
 
+def test_spoken_answers_are_recorded_and_priced_as_audio_output(
+    host: AppHost, setup: EventSetup, sim: Simulator, storage: Storage
+) -> None:
+    setup.add_resource(
+        sim.url, "voice-out", "openai-chat", upstream_deployment="gpt-4o-mini",
+        prices="input=2.5,output=10,audio_output=80",
+    )  # fmt: skip
+    client = azure(host, setup.key)
+    spoken = [{"role": "user", "content": "[sim:audio_output_tokens=3] say hello"}]
+    for deployment in ("voice-out", "gpt-4o-mini"):
+        answer = client.chat.completions.create(model=deployment, messages=spoken, max_tokens=8)
+        assert answer.usage is not None
+        assert answer.usage.completion_tokens_details.audio_tokens == 3
+    priced, unpriced = storage.usage(setup.id, expect=2)
+    assert priced["audio_output_tokens"] == unpriced["audio_output_tokens"] == 3
+    spoken_text = priced["completion_tokens"] - 3
+    assert priced["cost_nano"] == (
+        priced["prompt_tokens"] * 2500 + spoken_text * 10_000 + 3 * 80_000
+    )
+    # The table has no audio output price for gpt-4o-mini: unpriced, not charged as text.
+    assert unpriced["unpriced"] and unpriced["cost_nano"] == 0
+
+
 def test_audio_prompt_tokens_need_an_audio_price(
     host: AppHost, setup: EventSetup, sim: Simulator, storage: Storage
 ) -> None:

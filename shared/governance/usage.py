@@ -130,7 +130,7 @@ class UsageRecord:
     reasoning_tokens: int = 0  # of completion_tokens, those the model spent reasoning
     cached_tokens: int = 0  # of prompt_tokens, those read from the prompt cache
     audio_tokens: int = 0  # of prompt_tokens, audio
-    audio_output_tokens: int = 0  # of completion_tokens, audio (realtime)
+    audio_output_tokens: int = 0  # of completion_tokens, audio (a spoken answer, realtime)
     model: str = ""  # the model that answered, as the answer names it (empty: not told)
     cost_nano: int = 0  # what the call cost, in billionths of the currency, when priced
     unpriced: bool = False  # it used something no price covers: its cost is not known

@@ -170,6 +170,7 @@ class Details:
     cached: int = 0  # of the prompt (input) tokens, read from the prompt cache
     audio: int = 0  # of the prompt (input) tokens, audio
     model: str = ""
+    audio_output: int = 0  # of the completion (output) tokens, audio (a spoken answer)
 
 
 NO_DETAILS = Details()
@@ -186,9 +187,11 @@ def details_of(usage: dict[str, Any] | None, model: Any = None) -> Details:
     if not usage:
         return Details(model=model) if model else NO_DETAILS
     prompt = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
+    output = usage.get("completion_tokens_details") or usage.get("output_tokens_details")
     return Details(
-        reasoning_of(usage), _count(prompt, "cached_tokens"), _count(prompt, "audio_tokens"), model
-    )
+        reasoning_of(usage), _count(prompt, "cached_tokens"), _count(prompt, "audio_tokens"),
+        model, _count(output, "audio_tokens"),
+    )  # fmt: skip
 
 
 def reasoning_of(usage: dict[str, Any] | None) -> int:

@@ -254,6 +254,7 @@ class Ledger:
             reasoning_tokens=details.reasoning or ending.reasoning,
             cached_tokens=details.cached,
             audio_tokens=details.audio,
+            audio_output_tokens=details.audio_output,
             model=details.model,
             cost_nano=cost.nano,
             unpriced=not cost.priced,
@@ -282,7 +283,8 @@ class Ledger:
         price = prices.price_of(model, resource.prices if resource else "")
         return prices.cost_of(
             price, self.model_class, prompt=usage[0], cached=details.cached,
-            audio=details.audio, completion=usage[1], units=units,
+            audio=details.audio, completion=usage[1], audio_output=details.audio_output,
+            units=units,
         )  # fmt: skip
 
     def record_result(
