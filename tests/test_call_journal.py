@@ -169,9 +169,18 @@ def test_calls_of_a_killed_worker_are_recorded_at_their_worst_case_by_its_succes
     wait_until(lambda: today(host, setup.key)["tokens_used"] == expected_tokens, timeout=20)
     assert today(host, setup.key)["requests_used"] == 3 + STREAMS
 
-    # Another pass finds nothing left to record.
+    # And the attendee's budget has spent them: the lost calls at the worst case they held.
+    def budget_spent() -> int:
+        rows = storage.rows("budgets", f"PartitionKey eq '{setup.id}'")
+        return sum(int(row["spent"]) for row in rows if row["RowKey"] == setup.attendee["id"])
+
+    assert wait_until(lambda: budget_spent() == sum(cost.values()), timeout=20)
+
+    # Another pass finds nothing left to record, nor to spend again.
     run_timer(host, "rollup_usage")
     assert len(storage.rows("usage", f"event_id eq '{setup.id}'")) == 3 + STREAMS
+    run_timer(host, "rollup_usage")  # (a second pass after the first's writes have synced)
+    assert budget_spent() == sum(cost.values())
 
 
 def test_a_call_that_ends_leaves_one_record_settled_not_estimated(

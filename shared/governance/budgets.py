@@ -167,6 +167,16 @@ class Budgets(HeldRows[Pot]):
             self._start()
             self.settle(Hold(pots, 0), cost)
 
+    def count_lost(self, event: Event, attendee_id: str, when: datetime, cost: int) -> None:
+        """A call admitted elsewhere whose worker was lost, recorded at its worst case: its
+        cost is added to what the budgets have spent at the next sync. What it held stays
+        granted (its instance never handed it back), so the grants do not move."""
+        pots = self.pots(event, attendee_id, when)
+        if pots and cost > 0:
+            self._start()
+            for pot in pots:
+                pot.spent_unflushed += cost
+
     async def check(self, event: Event, attendee_id: str, now: datetime) -> None:
         """Raise the refusal of the first budget that is spent, as storage has it now (what
         this instance spent written first): a running realtime call ends on it."""

@@ -203,9 +203,9 @@ class CallJournal:
                 del rows[: len(chunk)]
             del self._ended[partition]
 
-    async def recover(self, usage: UsageWriter, caps: Caps) -> int:
+    async def recover(self, usage: UsageWriter, caps: Caps) -> list[dict[str, Any]]:
         """Write the provisional record of every expired entry (a call whose worker is gone)
-        as its usage record, once across instances; returns how many this pass wrote."""
+        as its usage record, once across instances; returns the records this pass wrote."""
         now = clock.time()
         expired = await self._tables.query(INFLIGHT_TABLE, "expires lt @now", {"now": now})
         expired = [
@@ -217,7 +217,8 @@ class CallJournal:
             and float(row.get("claimed_at", 0)) <= now - RECLAIM_SECONDS
         ]
         recorded = await self._recorded(expired)
-        taken = cleared = 0
+        taken: list[dict[str, Any]] = []
+        cleared = 0
         for row in expired:
             if row["RowKey"] in recorded:
                 # It has its record (written after its worker stopped, from its disk journal,
@@ -252,7 +253,7 @@ class CallJournal:
                 whole=bool(entity.get("whole")),
             )
             await self._tables.delete(INFLIGHT_TABLE, entity["PartitionKey"], entity["RowKey"])
-            taken += 1
+            taken.append(record)
             log.warning(
                 "journal: call %s of instance %s never ended; recorded at its worst case, "
                 "%d tokens",
@@ -262,7 +263,7 @@ class CallJournal:
             )
         if cleared:
             log.info("journal: %d expired entries of recorded calls deleted", cleared)
-        self.recovered += taken
+        self.recovered += len(taken)
         return taken
 
     async def _recorded(self, expired: list[dict[str, Any]]) -> set[str]:

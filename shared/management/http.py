@@ -20,7 +20,7 @@ from shared.directory import Event, Resource
 from shared.directory.validation import json_object
 from shared.errors import ProxyError
 from shared.governance.rollups import to_csv
-from shared.management import manage
+from shared.management import manage, reports
 from shared.pipeline import error_response, new_request_id
 from shared.platform.tables import StorageUnavailable
 from shared.runtime import Runtime, get_runtime
@@ -146,7 +146,7 @@ async def detach_resource(runtime: Runtime, caller: Caller, request: Request) ->
 @managed
 async def list_attendees(runtime: Runtime, caller: Caller, request: Request) -> Response:
     event_id = _param(request, "event_id")
-    return _json(await manage.attendees_with_totals(runtime, caller, event_id))
+    return _json(await reports.attendees_with_totals(runtime, caller, event_id))
 
 
 @managed
@@ -195,7 +195,7 @@ USAGE_FORMATS = ("json", "csv")
 
 @managed
 async def tool_calls(runtime: Runtime, caller: Caller, request: Request) -> Response:
-    return _json(await manage.tool_calls(runtime, caller, _param(request, "event_id")))
+    return _json(await reports.tool_calls(runtime, caller, _param(request, "event_id")))
 
 
 @managed
@@ -205,7 +205,7 @@ async def usage_report(runtime: Runtime, caller: Caller, request: Request) -> Re
     answer_format = request.query_params.get("format", "json")
     if answer_format not in USAGE_FORMATS:
         raise ProxyError("invalid_request", "Query 'format' must be json or csv.", param="format")
-    report = await manage.usage_report(runtime, caller, event_id, group_by)
+    report = await reports.usage_report(runtime, caller, event_id, group_by)
     if answer_format == "csv":
         return Response(
             to_csv(report),

@@ -18,7 +18,7 @@ from shared.directory.events import Event, new_event, patch_event
 from shared.directory.models import AttendeeCreate
 from shared.directory.records import Rows
 from shared.directory.validation import is_id, parse
-from shared.errors import ProxyError, StorageUnavailable, invalid
+from shared.errors import ProxyError
 from shared.platform import clock
 from shared.runtime import Runtime
 
@@ -225,39 +225,6 @@ async def rotate(runtime: Runtime, caller: Caller, event_id: str, attendee_id: s
     return key
 
 
-async def usage_report(
-    runtime: Runtime, caller: Caller, event_id: str, group_by: str
-) -> dict[str, Any]:
-    """Totals of an event grouped by attendee, deployment, day or hour (fresh: rolls up
-    first), with refusals by reason by attendee and by day."""
-    from shared.governance import rollups
-
-    if group_by not in rollups.GROUPS:
-        raise invalid("group_by", f"must be one of {', '.join(rollups.GROUPS)}")
-    found_event = await event(runtime, caller, event_id)
-    try:  # calls of lost workers past their expiry, as the rollup timer records them
-        await runtime.journal.recover(runtime.usage, runtime.caps)
-    except StorageUnavailable:
-        pass
-    await runtime.usage.flush_quietly()
-    try:
-        await runtime.caps.sync()  # this instance's refusals; others write theirs each second
-    except StorageUnavailable:
-        pass  # the report reads storage too: it answers 503 if storage stays away
-    users = {a.id: a.user for a in await runtime.attendees.list(found_event.id)}
-    return await rollups.report(runtime.tables, found_event.id, group_by, users)
-
-
-async def tool_calls(runtime: Runtime, caller: Caller, event_id: str) -> list[dict[str, Any]]:
-    """The event's MCP tool calls by attendee, server and tool."""
-    from shared.governance.toolcalls import tool_calls as grouped
-
-    found_event = await event(runtime, caller, event_id)
-    await runtime.usage.flush_quietly()
-    users = {a.id: a.user for a in await runtime.attendees.list(found_event.id)}
-    return await grouped(runtime.tables, found_event.id, users)
-
-
 async def alerts(runtime: Runtime, caller: Caller, event_id: str) -> list[dict[str, Any]]:
     """The budget thresholds the event has reached, each fired once."""
     found = await event(runtime, caller, event_id)
@@ -268,16 +235,3 @@ async def new_alert_secret(runtime: Runtime, caller: Caller, event_id: str) -> s
     """A new key for signing the event's alert webhooks (shown once)."""
     found = await event(runtime, caller, event_id)
     return await runtime.alerts.new_secret(found.id)
-
-
-async def attendees_with_totals(
-    runtime: Runtime, caller: Caller, event_id: str
-) -> list[dict[str, Any]]:
-    """The attendee list, each with all-time request and token totals."""
-    from shared.governance import rollups
-
-    found = await list_attendees(runtime, caller, event_id)
-    await runtime.usage.flush_quietly()
-    totals = await rollups.attendee_totals(runtime.tables, event_id)
-    empty = rollups.Totals().as_dict()
-    return [{**a.to_json(), **totals.get(a.id, empty)} for a in found]
