@@ -1,5 +1,6 @@
-"""`make run`: Azurite, the simulated upstream and the app (host stand-in and Python worker),
-plus a demo event to try.
+"""`make run`: Azurite, the simulated upstream, a small MCP server and the app (host stand-in
+and Python worker), plus a demo event to try: chat, completions, embeddings, images, audio,
+search, realtime voice and MCP tools, all served by the simulator and the MCP server.
 
 Data lives in .data/azurite, so a restart keeps events and keys. Ctrl-C stops everything.
 """
@@ -26,6 +27,8 @@ HOST_PORT = int(os.environ.get("AIPROXY_PORT", "7071"))
 AZURITE_PORT = int(os.environ.get("AIPROXY_AZURITE_PORT", "10002"))
 SIMULATOR_PORT = int(os.environ.get("AIPROXY_SIMULATOR_PORT", "7080"))
 SIMULATOR_KEY = "simulated-upstream-key"
+MCP_PORT = int(os.environ.get("AIPROXY_MCP_PORT", "7081"))
+MCP_TOKEN = "demo-mcp-token"
 DEMO_USER = "demo@example.com"
 # Overridable so a test can run `make run` beside a developer's own instance.
 SETTINGS_PATH = Path(os.environ.get("AIPROXY_LOCAL_SETTINGS", ROOT / "local.settings.json"))
@@ -58,6 +61,20 @@ def ensure_local_settings() -> dict[str, str]:
     return data["Values"]
 
 
+# The demo event's catalog: (deployment, model class, more of the resource).
+DEMO_CATALOG: tuple[tuple[str, str, dict[str, object]], ...] = (
+    ("gpt-4o-mini", "openai-chat", {}),  # chat and the Responses API
+    ("gpt-35-turbo-instruct", "openai-completions", {}),
+    ("text-embedding-3-small", "openai-embeddings", {}),
+    ("dall-e-3", "openai-images", {}),
+    ("whisper", "openai-audio", {}),
+    ("tts", "openai-audio", {"upstream_deployment": "tts-hd"}),
+    ("hotels", "azure-ai-search", {}),
+    ("gpt-realtime", "openai-realtime", {}),  # the playground's voice tab
+    ("tools", "mcp", {"allowed_tools": ["add", "slow", "spell", "ask"]}),
+)
+
+
 def seed_demo(base: str, operator_key: str) -> str:
     """Create the demo event once (wired to the simulator); return the demo attendee's key."""
     manage = httpx.Client(
@@ -87,26 +104,23 @@ def seed_demo(base: str, operator_key: str) -> str:
             .json()
         )
         simulator = f"http://127.0.0.1:{SIMULATOR_PORT}"
-        for deployment, model_class in (
-            ("gpt-4o-mini", "openai-chat"),
-            ("gpt-35-turbo-instruct", "openai-completions"),
-            ("text-embedding-3-small", "openai-embeddings"),
-        ):
-            resource = (
-                manage.post(
-                    "/resources",
-                    json={
-                        "name": f"simulated {deployment}",
-                        "deployment": deployment,
-                        "model_class": model_class,
-                        "endpoint": simulator,
-                        "auth": "key",
-                        "api_key": SIMULATOR_KEY,
-                    },
-                )
-                .raise_for_status()
-                .json()
-            )
+        for deployment, model_class, extra in DEMO_CATALOG:
+            body = {
+                "name": f"simulated {deployment}",
+                "deployment": deployment,
+                "model_class": model_class,
+                "endpoint": simulator,
+                "auth": "key",
+                "api_key": SIMULATOR_KEY,
+                **extra,
+            }
+            if model_class == "mcp":
+                body.update(endpoint=f"http://127.0.0.1:{MCP_PORT}/mcp", api_key=MCP_TOKEN)
+                body.update(name="demo MCP tools", auth="bearer")
+            made = manage.post("/resources", json=body)
+            if made.status_code != 201:
+                raise SystemExit(f"the demo's {deployment} was refused: {made.text}")
+            resource = made.json()
             manage.put(f"/events/{demo['id']}/resources/{resource['id']}").raise_for_status()
         print(f"created the demo event {demo['id']}")
     attendee = manage.post(f"/events/{demo['id']}/attendees", json={"user": DEMO_USER})
@@ -126,6 +140,9 @@ Manage events and resources as the operator (the key is in {SETTINGS_PATH.name})
   .venv/bin/aiproxy events list
 
 or in the console, {base}/console, signed in with the operator key.
+
+Attendees' playground (chat, images, voice) with the demo key: {base}/playground
+MCP tools for agents, the demo key as a bearer token: {base}/mcp/tools
 
 Try it with curl:
 
@@ -173,6 +190,12 @@ def main() -> None:
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
         )  # fmt: skip
         children.append(simulator)
+        mcp = subprocess.Popen(
+            [sys.executable, "-m", "local.mcpserver", "--port", str(MCP_PORT),
+             "--token", MCP_TOKEN],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        children.append(mcp)
         host = subprocess.Popen(
             [sys.executable, "-m", "local.host", "--port", str(HOST_PORT),
              "--settings", str(SETTINGS_PATH)],
@@ -180,6 +203,7 @@ def main() -> None:
         )  # fmt: skip
         children.append(host)
         wait_for_port(SIMULATOR_PORT, process=simulator)
+        wait_for_port(MCP_PORT, process=mcp)
         wait_for_port(HOST_PORT, timeout=90, process=host)
         base = f"http://127.0.0.1:{HOST_PORT}/api"
         key = seed_demo(base, env["AIPROXY_OPERATOR_KEY"])

@@ -3,6 +3,7 @@ keeps its data."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -30,6 +31,7 @@ def start_make_run(tmp: Path, ports: dict[str, int]) -> tuple[subprocess.Popen[s
         "AIPROXY_PORT": str(ports["devhost"]),
         "AIPROXY_AZURITE_PORT": str(ports["azurite"]),
         "AIPROXY_SIMULATOR_PORT": str(ports["simulator"]),
+        "AIPROXY_MCP_PORT": str(ports["mcp"]),
     }
     process = subprocess.Popen(
         ["make", "--no-print-directory", "run"],
@@ -64,7 +66,7 @@ def stop(process: subprocess.Popen[str]) -> None:
 
 @pytest.fixture
 def ports() -> Iterator[dict[str, int]]:
-    yield {"devhost": free_port(), "azurite": free_port(), "simulator": free_port()}
+    yield {name: free_port() for name in ("devhost", "azurite", "simulator", "mcp")}
 
 
 def test_make_run_prints_a_key_whose_examples_work_and_survives_a_restart(
@@ -85,9 +87,16 @@ def test_make_run_prints_a_key_whose_examples_work_and_survives_a_restart(
         assert ran.returncode == 0, ran.stderr
         assert len(ran.stdout.split()) >= 5  # the simulated answer, printed
 
+        # The demo catalog beyond chat: the MCP tools behind the demo key, and the playground.
+        base = re.search(r"running at (\S+)", output).group(1)  # type: ignore[union-attr]
+        assert f"{base}/playground" in output
+        mcp_url = re.search(r"bearer token: (\S+)", output).group(1)  # type: ignore[union-attr]
+        assert asyncio.run(mcp_tools(mcp_url, key)) == ["add", "ask", "slow", "spell"]
+        models = httpx.get(f"{base}/openai/v1/models", headers={"api-key": key}).json()
+        assert {"gpt-realtime", "dall-e-3", "whisper", "tts"} <= {m["id"] for m in models["data"]}
+
         operator_key = operator_key_of(output, tmp_path)
         assert "AI Proxy demo" in cli_snippet(output)
-        base = re.search(r"running at (\S+)", output).group(1)  # type: ignore[union-attr]
         assert f"{base}/console" in output and httpx.get(f"{base}/console").status_code == 200
         # The function key in the same file opens nothing under manage/*.
         settings = json.loads((tmp_path / "local.settings.json").read_text())["Values"]
@@ -113,6 +122,19 @@ def test_make_run_prints_a_key_whose_examples_work_and_survives_a_restart(
         assert {k: v for k, v in kept.items() if k != "AIPROXY_OPERATOR_KEY"} == data["Values"]
     finally:
         stop(again)
+
+
+async def mcp_tools(url: str, key: str) -> list[str]:
+    """The tools the official MCP client sees through the proxy with the attendee's key."""
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        transport = streamable_http_client(url, http_client=http)
+        async with Client(transport, mode="legacy") as mcp:
+            return sorted(tool.name for tool in (await mcp.list_tools()).tools)
 
 
 def operator_key_of(output: str, tmp: Path) -> str:
