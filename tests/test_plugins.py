@@ -498,6 +498,57 @@ def test_a_backtracking_filter_pattern_fails_its_call_within_the_budget_only(
     assert "plugin strict: request hook" in logged(plugin_host, request_id)
 
 
+@pytest.mark.e2e
+def test_a_catastrophic_pattern_in_the_worker_stalls_no_other_call(
+    app_hosts: Callable[..., AppHost], plugin_sim: Simulator
+) -> None:
+    """Through the host stand-in and the worker, attendees on the official SDK: while one call's
+    text keeps a backtracking pattern busy for the whole budget, other calls go on being
+    answered, and the busy one is refused at its budget without reaching the upstream."""
+    budget = 3.0
+    host = app_hosts(
+        "plugins-worker",
+        prefix=unique_prefix("plugw"),
+        AIPROXY_PLUGINS="strict=wordfilter",
+        AIPROXY_PLUGIN_STRICT=json.dumps({"patterns": ["^(a|aa)+$"]}),
+        AIPROXY_PLUGINS_REQUEST_BUDGET_MS=str(int(budget * 1000)),
+    )
+    party = EventSetup(host, plugin_sim)
+    crafted_client, quick_client = azure(host, party.key), azure(host, party.key)
+    messages = [{"role": "user", "content": "a" * 60 + "b"}]
+    sent = upstream_calls(plugin_sim)
+    quick: list[float] = []  # when each other call was answered
+    refused_at: list[float] = []
+
+    def crafted_call() -> Any:
+        try:
+            return crafted_client.chat.completions.create(
+                model="gpt-4o-mini", messages=messages, max_tokens=5
+            )
+        finally:
+            refused_at.append(time.monotonic())
+
+    with ThreadPoolExecutor(1) as pool:
+        crafted = pool.submit(crafted_call)
+        for _ in range(500):  # bounded: a frozen worker would end the loop by its timeouts
+            if crafted.done():
+                break
+            answer = quick_client.with_options(timeout=10).chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+            )
+            assert answer.choices
+            quick.append(time.monotonic())
+        with pytest.raises(openai.APIStatusError) as refused:
+            crafted.result(timeout=30)
+    assert refused.value.status_code == 503 and refused.value.code == "plugin_failed"
+    assert "'strict'" in refused.value.message
+    # The pattern ran the whole budget, so calls answered in its second half were answered
+    # while it ran (a frozen worker answers none until it ends, then one at most).
+    during = [when for when in quick if refused_at[0] - budget / 2 < when < refused_at[0]]
+    assert len(during) >= 3, (len(quick), [round(refused_at[0] - when, 3) for when in quick])
+    assert upstream_calls(plugin_sim) == sent + len(quick)  # the crafted call was never sent
+
+
 def test_more_text_than_the_filter_checks_is_refused_naming_the_field(
     plugin_host: AppHost, party: EventSetup, plugin_sim: Simulator
 ) -> None:

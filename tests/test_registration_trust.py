@@ -21,6 +21,8 @@ CODE = "SPRING-2026"
 WRONG_PER_MINUTE = 6
 NEW_PER_HOUR = 3
 
+pytestmark = pytest.mark.e2e  # registrations and code keys through the worker
+
 
 @pytest.fixture(scope="module")
 def pair(app_hosts: Callable[..., AppHost]) -> tuple[AppHost, AppHost]:
@@ -100,7 +102,6 @@ def test_a_code_key_does_not_reach_the_issued_attendees_responses(
     assert owner.responses.retrieve(created.id).id == created.id
 
 
-@pytest.mark.e2e
 def test_names_that_look_like_a_signed_in_user_are_refused_everywhere(
     pair: tuple[AppHost, AppHost], sim: Simulator
 ) -> None:
@@ -170,7 +171,6 @@ def test_shared_codes_are_long_enough_or_generated(
     assert again.status_code == 400 and again.json()["error"]["param"] == "shared_code"
 
 
-@pytest.mark.e2e
 def test_wrong_codes_add_up_over_instances_while_the_right_code_passes(
     pair: tuple[AppHost, AppHost], sim: Simulator
 ) -> None:
@@ -200,7 +200,6 @@ def test_wrong_codes_add_up_over_instances_while_the_right_code_passes(
         assert chat(client, code_key(setup, "keyed@example.com")).status_code == 200
 
 
-@pytest.mark.e2e
 def test_new_attendees_by_code_are_limited_per_address_and_hour(
     pair: tuple[AppHost, AppHost], sim: Simulator
 ) -> None:
@@ -228,7 +227,6 @@ def test_new_attendees_by_code_are_limited_per_address_and_hour(
     assert "n4@example.com" in users and "code:n5@example.com" not in users
 
 
-@pytest.mark.e2e
 def test_sign_in_registration_follows_the_events_policy(
     pair: tuple[AppHost, AppHost], sim: Simulator
 ) -> None:
