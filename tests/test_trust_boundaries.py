@@ -359,7 +359,7 @@ INSIDE = [
     "http://10.0.0.4:8080",
     "https://[::ffff:a9fe:a9fe]",  # the metadata service as an IPv4-mapped IPv6 address
     "https://0x7f000001",  # loopback, spelled in hex
-    "https://localhost",
+    "https://sql-server.internal",  # a name only a private network answers for
     "https://contoso.openai.azure.com.evil.example",
     "https://evil.example\\@contoso.openai.azure.com",
 ]
