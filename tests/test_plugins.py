@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import regex
 
 from local.azurite import Azurite
 from shared.errors import ProxyError
@@ -27,6 +28,7 @@ from shared.plugins.wordfilter import WordFilter
 from tests.harness import (
     API_VERSION,
     CHAT,
+    ROOT,
     App,
     AppHost,
     EventSetup,
@@ -41,6 +43,8 @@ from tests.inprocess import Configured
 # AIPROXY_PLUGINS_REQUEST_BUDGET_MS below: room for the quick calls on a busy machine.
 REQUEST_BUDGET = 1.0
 STRICT_MAX_TEXT = 20_000  # the 'strict' word filter's max_text
+# The e-mail pattern of docs/plugins.md: possessive, and starting only where a name can start.
+EMAIL_PATTERN = r"(?<![\w.+-])[\w.+-]++@[\w-]++(?:\.[\w-]++)+"
 USAGE_BUDGET = 1.0  # AIPROXY_PLUGINS_USAGE_BUDGET_SECONDS below
 PLUGINS = ",".join(
     [
@@ -147,7 +151,7 @@ def plugin_host(
         "AIPROXY_PLUGIN_WORDFILTER": json.dumps({"words": ["falcon", "project kestrel"]}),
         "AIPROXY_PLUGIN_PII": json.dumps(
             {
-                "patterns": [r"(?<![\w.+-])[\w.+-]++@[\w-]++(?:\.[\w-]++)+"],
+                "patterns": [EMAIL_PATTERN],
                 "action": "mask",
                 "replacement": "[email]",
             }
@@ -603,6 +607,31 @@ def test_a_plugin_that_cannot_load_stops_start_up_naming_it(
 
 
 # --- in one process: the parts the HTTP tests cannot reach -----------------------------------
+
+
+def test_the_documented_email_pattern_stays_linear_on_hostile_text() -> None:
+    """The docs' example is the pattern tested here, and on the most text a call may carry it
+    ends far within a budget that the textbook pattern runs out of."""
+    line = next(
+        line
+        for line in (ROOT / "docs" / "plugins.md").read_text().splitlines()
+        if line.startswith("AIPROXY_PLUGIN_PII=")
+    )
+    (documented,) = json.loads(line.split("=", 1)[1].strip("'"))["patterns"]
+    assert documented == EMAIL_PATTERN
+    masker = WordFilter({"patterns": [documented], "action": "mask", "replacement": "[email]"})
+    masker.seconds = REQUEST_BUDGET
+    context = RequestContext("r", "e", "a", "u", "chat/completions", "openai-chat", "d")
+    hostile = "a" * 32_768 + "@" + "a-" * 16_383  # 65,536 characters: the default max_text
+    textbook = regex.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+    with pytest.raises(TimeoutError):  # quadratic: every start runs to the end
+        textbook.sub("[email]", hostile, timeout=REQUEST_BUDGET)
+    for text in (hostile, "a@" * 32_768, "a@a." * 16_384, "x." * 32_768):
+        body = {"messages": [{"role": "user", "content": text}]}
+        masker.on_request(context, body)  # within the budget, else TimeoutError
+    body = {"messages": [{"role": "user", "content": "write to ada.l@ex-ample.co.uk today"}]}
+    assert masker.on_request(context, body) is body
+    assert body["messages"][0]["content"] == "write to [email] today"
 
 
 def test_the_word_filter_reads_only_the_text_a_model_gets() -> None:
