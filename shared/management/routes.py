@@ -129,7 +129,7 @@ MANAGEMENT: tuple[Route, ...] = (
                "new key if it registered itself with the event's code",
                ok(models.AttendeeWithKeyView, "Created", 201),
                ok(models.AttendeeWithKeyView, "The user already had a key: the same attendee "
-                  "and key"),
+                  "and key (a new key if it registered itself with the event's code)"),
                body=models.AttendeeCreate),
     ),
     managed("attendee", "events/{event_id}/attendees/{attendee_id}",
