@@ -135,11 +135,16 @@ async def test_an_attendee_is_stored_in_its_events_partition(azurite: Azurite) -
         assert row is not None
         assert set(row) - {"Timestamp"} == {
             "PartitionKey", "RowKey", "user", "key_hash", "key_sealed", "active", "created_at",
-            "revoked_at",
+            "revoked_at", "self_registered",
         }  # fmt: skip
         assert (row["user"], row["active"], row["revoked_at"]) == ("Ada@example.com", True, "")
+        assert row["self_registered"] is False
         found = await store.get("ev9", added.id)
         assert found == added and isinstance(found, Attendee)
+        # A row stored before the field existed reads as issued, not self-registered.
+        older = {k: v for k, v in row.items() if k not in ("Timestamp", "self_registered")}
+        await tables.upsert(ATTENDEES_TABLE, older, replace=True)
+        assert (await store.get("ev9", added.id)) == added
         shown = found.to_json(sealer)
         assert set(shown) == {*AttendeeView.model_fields, "api_key"}
         assert shown["event_id"] == "ev9" and shown["api_key"].startswith("aip-")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from tests.inprocess import Configured
 
 HELLO = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 REFETCH_SECONDS = 1.0
+
+pytestmark = pytest.mark.e2e  # tokens verified by the worker, callers on the official SDK
 ORGANISERS = str(uuid.uuid4())  # the organisers' tenant
 ORGANISER_AUDIENCE = "api://aiproxy-console"
 ORGANISER_GROUP = str(uuid.uuid4())
@@ -330,6 +333,32 @@ def test_wrong_tokens_count_toward_the_failed_key_guard(
     # Anyone else is not affected.
     other = from_address(host, "127.0.0.35")
     assert other.post(CHAT, json=HELLO, headers=bearer(issuer.token(contoso))).status_code == 200
+
+
+def test_random_event_ids_in_the_event_header_are_throttled_while_a_known_one_passes(
+    host: App, upstream: Simulator, issuer: LocalIssuer
+) -> None:
+    contoso = tenant()
+    known = EventSetup(host, upstream, entra_tenants=[contoso])
+    token = issuer.token(contoso, oid=str(uuid.uuid4()))
+    flooding = from_address(host, "127.0.0.36")
+
+    def named(event_id: str) -> httpx.Response:
+        headers = bearer(token, **{"x-aiproxy-event": event_id})
+        return flooding.post(CHAT, json=HELLO, headers=headers)
+
+    first = [named(uuid.uuid4().hex[:12]) for _ in range(20)]
+    assert {r.json()["error"]["code"] for r in first} == {"invalid_token"}
+    with ThreadPoolExecutor(20) as pool:  # at once: past 20, two lookups a second
+        burst = list(pool.map(named, [uuid.uuid4().hex[:12] for _ in range(20)]))
+    throttled = [r for r in burst if r.status_code == 429]
+    assert len(throttled) >= 10, [r.text for r in burst]
+    assert {r.json()["error"]["code"] for r in throttled} == {"too_many_failed_keys"}
+    assert "event ids" in throttled[0].json()["error"]["message"]
+    # The known event, named from the same address, always answers.
+    for _ in range(3):
+        answer = named(known.id)
+        assert answer.status_code == 200, answer.text
 
 
 # --- which event -------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
+import openai
 import pytest
 
 from tests.harness import (
+    API_VERSION,
     CHAT,
     AppHost,
     EventSetup,
@@ -22,6 +24,8 @@ from tests.harness import (
     wait_until,
     window,
 )
+
+pytestmark = pytest.mark.e2e  # the ceilings as the worker applies them
 
 SMALL = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 12}  # 20 tokens a call
 
@@ -76,6 +80,30 @@ def test_event_token_ceiling_refuses_an_attendee_who_spent_nothing(
     assert abs(int(refused.headers["retry-after"]) - seconds_to_midnight("UTC")) <= 3
 
 
+def test_invented_emails_on_the_events_code_bring_no_fresh_quota(
+    host: AppHost, sim: Simulator
+) -> None:
+    """A code holder making up a new email for each call (keys made of the event's code, on the
+    official SDK): the event's ceiling bounds them all together."""
+    code = "ROOM-4242-KEYS"
+    setup = EventSetup(host, sim, shared_code=code, event_daily_request_cap=3)
+
+    def as_new_person(n: int) -> openai.AzureOpenAI:
+        key = f"{setup.id}@{code}/made-up-{n}@example.com"
+        return openai.AzureOpenAI(azure_endpoint=host.base, api_key=key,
+                                  api_version=API_VERSION, max_retries=0)  # fmt: skip
+
+    for n in range(3):
+        as_new_person(n).chat.completions.create(model="gpt-4o-mini", **SMALL)
+    with pytest.raises(openai.RateLimitError) as refused:
+        as_new_person(3).chat.completions.create(model="gpt-4o-mini", **SMALL)
+    assert refused.value.code == "event_daily_request_cap_exceeded"
+    made = host.manage.get(f"/events/{setup.id}/attendees").json()
+    assert sorted(a["user"] for a in made if a["user"].startswith("code:")) == [
+        f"code:made-up-{n}@example.com" for n in range(4)
+    ]
+
+
 def test_event_caps_are_optional_and_validated(host: AppHost) -> None:
     body = {"name": "x", **window(), "max_token_cap": 10, "daily_request_cap": 10}
     bad = host.manage.post("/events", json={**body, "event_daily_request_cap": -1})
@@ -101,7 +129,6 @@ async def spread(hosts: list[AppHost], calls: list[str]) -> list[httpx.Response]
             await client.aclose()
 
 
-@pytest.mark.e2e
 async def test_event_request_ceiling_holds_across_two_instances(
     host: AppHost, second_host: AppHost, sim: Simulator, storage: Storage
 ) -> None:

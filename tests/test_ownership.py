@@ -54,6 +54,8 @@ def easyauth(
     }
 
 
+pytestmark = pytest.mark.e2e  # signed-in organisers through the host stand-in and the worker
+
 ALICE = easyauth("aad", "oid-alice", "alice@contoso.com")
 BOB = easyauth("aad", "oid-bob", "bob@contoso.com")
 
@@ -234,7 +236,6 @@ def test_malformed_principal_is_no_principal(trusted: AppHost) -> None:
         assert refused.json()["error"]["code"] == "unauthorized"
 
 
-@pytest.mark.e2e
 def test_forged_principal_is_nobody_without_trust(app_host: AppHost, world: dict[str, Any]) -> None:
     host = app_host  # an instance that does not trust the headers
     forged = Organiser(host, BOB)
@@ -295,7 +296,6 @@ def test_organisers_let_only_their_own_tenant_into_events(
     assert github.call("POST", "/events", {**body, "entra_tenants": [own]}).status_code == 403
 
 
-@pytest.mark.e2e
 def test_once_organiser_roles_are_named_a_sign_in_needs_one(
     azurite: Azurite, log_dir: Path, prefix: str
 ) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import regex
 
 from local.azurite import Azurite
 from shared.errors import ProxyError
@@ -27,6 +28,7 @@ from shared.plugins.wordfilter import WordFilter
 from tests.harness import (
     API_VERSION,
     CHAT,
+    ROOT,
     App,
     AppHost,
     EventSetup,
@@ -41,6 +43,8 @@ from tests.inprocess import Configured
 # AIPROXY_PLUGINS_REQUEST_BUDGET_MS below: room for the quick calls on a busy machine.
 REQUEST_BUDGET = 1.0
 STRICT_MAX_TEXT = 20_000  # the 'strict' word filter's max_text
+# The e-mail pattern of docs/plugins.md: possessive, and starting only where a name can start.
+EMAIL_PATTERN = r"(?<![\w.+-])[\w.+-]++@[\w-]++(?:\.[\w-]++)+"
 USAGE_BUDGET = 1.0  # AIPROXY_PLUGINS_USAGE_BUDGET_SECONDS below
 PLUGINS = ",".join(
     [
@@ -147,7 +151,7 @@ def plugin_host(
         "AIPROXY_PLUGIN_WORDFILTER": json.dumps({"words": ["falcon", "project kestrel"]}),
         "AIPROXY_PLUGIN_PII": json.dumps(
             {
-                "patterns": [r"(?<![\w.+-])[\w.+-]++@[\w-]++(?:\.[\w-]++)+"],
+                "patterns": [EMAIL_PATTERN],
                 "action": "mask",
                 "replacement": "[email]",
             }
@@ -498,6 +502,57 @@ def test_a_backtracking_filter_pattern_fails_its_call_within_the_budget_only(
     assert "plugin strict: request hook" in logged(plugin_host, request_id)
 
 
+@pytest.mark.e2e
+def test_a_catastrophic_pattern_in_the_worker_stalls_no_other_call(
+    app_hosts: Callable[..., AppHost], plugin_sim: Simulator
+) -> None:
+    """Through the host stand-in and the worker, attendees on the official SDK: while one call's
+    text keeps a backtracking pattern busy for the whole budget, other calls go on being
+    answered, and the busy one is refused at its budget without reaching the upstream."""
+    budget = 3.0
+    host = app_hosts(
+        "plugins-worker",
+        prefix=unique_prefix("plugw"),
+        AIPROXY_PLUGINS="strict=wordfilter",
+        AIPROXY_PLUGIN_STRICT=json.dumps({"patterns": ["^(a|aa)+$"]}),
+        AIPROXY_PLUGINS_REQUEST_BUDGET_MS=str(int(budget * 1000)),
+    )
+    party = EventSetup(host, plugin_sim)
+    crafted_client, quick_client = azure(host, party.key), azure(host, party.key)
+    messages = [{"role": "user", "content": "a" * 60 + "b"}]
+    sent = upstream_calls(plugin_sim)
+    quick: list[float] = []  # when each other call was answered
+    refused_at: list[float] = []
+
+    def crafted_call() -> Any:
+        try:
+            return crafted_client.chat.completions.create(
+                model="gpt-4o-mini", messages=messages, max_tokens=5
+            )
+        finally:
+            refused_at.append(time.monotonic())
+
+    with ThreadPoolExecutor(1) as pool:
+        crafted = pool.submit(crafted_call)
+        for _ in range(500):  # bounded: a frozen worker would end the loop by its timeouts
+            if crafted.done():
+                break
+            answer = quick_client.with_options(timeout=10).chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+            )
+            assert answer.choices
+            quick.append(time.monotonic())
+        with pytest.raises(openai.APIStatusError) as refused:
+            crafted.result(timeout=30)
+    assert refused.value.status_code == 503 and refused.value.code == "plugin_failed"
+    assert "'strict'" in refused.value.message
+    # The pattern ran the whole budget, so calls answered in its second half were answered
+    # while it ran (a frozen worker answers none until it ends, then one at most).
+    during = [when for when in quick if refused_at[0] - budget / 2 < when < refused_at[0]]
+    assert len(during) >= 3, (len(quick), [round(refused_at[0] - when, 3) for when in quick])
+    assert upstream_calls(plugin_sim) == sent + len(quick)  # the crafted call was never sent
+
+
 def test_more_text_than_the_filter_checks_is_refused_naming_the_field(
     plugin_host: AppHost, party: EventSetup, plugin_sim: Simulator
 ) -> None:
@@ -552,6 +607,31 @@ def test_a_plugin_that_cannot_load_stops_start_up_naming_it(
 
 
 # --- in one process: the parts the HTTP tests cannot reach -----------------------------------
+
+
+def test_the_documented_email_pattern_stays_linear_on_hostile_text() -> None:
+    """The docs' example is the pattern tested here, and on the most text a call may carry it
+    ends far within a budget that the textbook pattern runs out of."""
+    line = next(
+        line
+        for line in (ROOT / "docs" / "plugins.md").read_text().splitlines()
+        if line.startswith("AIPROXY_PLUGIN_PII=")
+    )
+    (documented,) = json.loads(line.split("=", 1)[1].strip("'"))["patterns"]
+    assert documented == EMAIL_PATTERN
+    masker = WordFilter({"patterns": [documented], "action": "mask", "replacement": "[email]"})
+    masker.seconds = REQUEST_BUDGET
+    context = RequestContext("r", "e", "a", "u", "chat/completions", "openai-chat", "d")
+    hostile = "a" * 32_768 + "@" + "a-" * 16_383  # 65,536 characters: the default max_text
+    textbook = regex.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+    with pytest.raises(TimeoutError):  # quadratic: every start runs to the end
+        textbook.sub("[email]", hostile, timeout=REQUEST_BUDGET)
+    for text in (hostile, "a@" * 32_768, "a@a." * 16_384, "x." * 32_768):
+        body = {"messages": [{"role": "user", "content": text}]}
+        masker.on_request(context, body)  # within the budget, else TimeoutError
+    body = {"messages": [{"role": "user", "content": "write to ada.l@ex-ample.co.uk today"}]}
+    assert masker.on_request(context, body) is body
+    assert body["messages"][0]["content"] == "write to [email] today"
 
 
 def test_the_word_filter_reads_only_the_text_a_model_gets() -> None:

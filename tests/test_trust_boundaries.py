@@ -1,6 +1,8 @@
 """Organisers by Entra token keep to their own events, attendees and resources; without their
 token they reach nothing; the operator's powers (everything, the app's managed identity, any
-tenant) stay the operator's; and a stored upstream key never follows a new endpoint."""
+tenant) stay the operator's; an organiser's endpoints cannot aim inside; and a stored upstream
+key never follows a new endpoint. Through the host stand-in and the worker, attendees calling
+with the official openai SDK."""
 
 from __future__ import annotations
 
@@ -11,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from azure.data.tables import TableServiceClient
 
 from local.azurite import Azurite
 from tests.entra_issuer import LocalIssuer
 from tests.harness import (
+    API_VERSION,
     FUNCTION_KEY,
     HELLO,
     OPERATOR_KEY,
@@ -38,6 +42,8 @@ ORGANISER_ROLE = "Event.Organizer"
 OPERATOR_GROUP = str(uuid.uuid4())
 OPERATOR_ROLE = "AIProxy.Operator"
 CHAT = "/openai/deployments/{}/chat/completions?api-version=2024-10-21"
+
+pytestmark = pytest.mark.e2e  # organisers' tokens and attendees' calls through the worker
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +190,10 @@ def alice_untouched(host: AppHost, world: dict[str, Any], upstream: Simulator) -
     assert resource["endpoint"] == upstream.url and resource["has_api_key"] is True
     catalog = host.manage.get(f"/events/{world['event']['id']}/resources").json()
     assert [r["id"] for r in catalog] == [world["resource"]["id"]]
-    key = world["attendee"]["api_key"]
-    answer = host.http.post(CHAT.format("alice-gpt"), json=HELLO, headers={"api-key": key})
-    assert answer.status_code == 200, answer.text
+    sdk = openai.AzureOpenAI(azure_endpoint=host.base, api_key=world["attendee"]["api_key"],
+                             api_version=API_VERSION, max_retries=0)  # fmt: skip
+    answer = sdk.chat.completions.create(model="alice-gpt", **HELLO)
+    assert answer.choices and answer.usage is not None
 
 
 # --- organisers keep to their own ---------------------------------------------------------
@@ -338,6 +345,43 @@ def test_a_new_endpoint_takes_its_key_in_the_same_body(
     assert answer.status_code == 200, answer.text
     assert second.stats()["last_requests"][-1]["headers"]["api-key"]["valid"] is True
     assert first.stats()["total_requests"] == before
+    # Switched to the app's identity (the operator may), its key is gone; back to 'key', the
+    # switch takes a key in the same body too.
+    switched = host.manage.patch(path, json={"auth": "managed_identity"})
+    assert switched.status_code == 200 and switched.json()["has_api_key"] is False
+    error = refusal(host.manage.patch(path, json={"auth": "key"}), 400, "invalid_request")
+    assert [d["field"] for d in error["details"]] == ["api_key"]
+    assert host.manage.get(path).json()["auth"] == "managed_identity"
+
+
+INSIDE = [
+    "https://169.254.169.254/metadata/identity/oauth2/token",  # the platform's metadata service
+    "http://10.0.0.4:8080",
+    "https://[::ffff:a9fe:a9fe]",  # the metadata service as an IPv4-mapped IPv6 address
+    "https://0x7f000001",  # loopback, spelled in hex
+    "https://sql-server.internal",  # a name only a private network answers for
+    "https://contoso.openai.azure.com.evil.example",
+    "https://evil.example\\@contoso.openai.azure.com",
+]
+
+
+def test_an_organisers_endpoint_cannot_aim_inside_on_create_or_change(
+    host: AppHost, issuer: LocalIssuer, upstreams: tuple[Simulator, Simulator]
+) -> None:
+    gus = token_of(issuer, host, oid=str(uuid.uuid4()), groups=[ORGANISER_GROUP])
+    for endpoint in INSIDE:
+        error = refusal(gus.call("POST", "/resources", resource_body(endpoint, "g")), 400,
+                        "invalid_request")  # fmt: skip
+        assert [d["field"] for d in error["details"]] == ["endpoint"], (endpoint, error)
+    assert gus.ok("GET", "/resources") == []
+    made = gus.ok("POST", "/resources", resource_body(upstreams[0].url, "gus-gpt"), 201)
+    path = f"/resources/{made['id']}"
+    for endpoint in INSIDE:
+        error = refusal(gus.call("PATCH", path, {"endpoint": endpoint, "api_key": "k"}), 400,
+                        "invalid_request")  # fmt: skip
+        assert [d["field"] for d in error["details"]] == ["endpoint"], (endpoint, error)
+    kept = gus.ok("GET", path)
+    assert (kept["endpoint"], kept["has_api_key"]) == (upstreams[0].url, True)
 
 
 # --- Entra tenants on events ---------------------------------------------------------------

@@ -36,6 +36,8 @@ from tests.harness import (
 BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 ON_AZURE = EndpointPolicy()  # as deployed: no extra hosts, no loopback
 
+pytestmark = pytest.mark.e2e  # made and called through the host stand-in and the worker
+
 REFUSED = [
     "http://contoso.openai.azure.com",  # not https
     "https://contoso.example.com",  # not an Azure AI service
@@ -161,7 +163,6 @@ def test_an_organiser_cannot_change_a_resource_to_aim_inside(host: AppHost, sim:
     assert host.manage.get(path).json()["endpoint"] == sim.url
 
 
-@pytest.mark.e2e
 def test_a_stored_resource_no_longer_allowed_is_not_called(
     azurite: Azurite, log_dir: Path, sim: Simulator
 ) -> None:

@@ -21,7 +21,7 @@ CODE_KEY_USER = "code:"
 
 @record(
     AttendeeView,
-    defaults={"active": True, "created_at": "", "revoked_at": ""},
+    defaults={"active": True, "created_at": "", "revoked_at": "", "self_registered": False},
     partition_key="event_id",
 )
 class Attendee:
@@ -52,12 +52,19 @@ class AttendeeStore:
         self._sealer = sealer
 
     async def add(
-        self, event_id: str, user: str, *, now: datetime, identity: str = ""
+        self,
+        event_id: str,
+        user: str,
+        *,
+        now: datetime,
+        identity: str = "",
+        self_registered: bool = False,
     ) -> tuple[Attendee, bool]:
         """The attendee for this user, created with a fresh key if new; True when created.
 
         `identity`, when given, is what makes the attendee (an Entra object id, where names
-        change); otherwise the user name does.
+        change); otherwise the user name does. `self_registered`: made by a registration with
+        the event's code, whose key whoever registered has seen.
         """
         ident = attendee_id(event_id, identity or user)
         existing = await self.get(event_id, ident)
@@ -71,6 +78,7 @@ class AttendeeStore:
             key_hash=hash_key(key),
             key_sealed=self._sealer.seal(key),
             created_at=now.isoformat(),
+            self_registered=self_registered,
         )
         # The index row goes first: an attendee row never points at a key nobody can find.
         await self._index(attendee)
@@ -116,11 +124,13 @@ class AttendeeStore:
         await self._tables.upsert(ATTENDEES_TABLE, to_entity(attendee), replace=True)
 
     async def rotate(self, attendee: Attendee) -> str:
-        """Give the attendee a new key; the old one stops working."""
+        """Give the attendee a new key, which only its organiser sees; the old one stops
+        working."""
         old_hash = attendee.key_hash
         key = new_key()
         attendee.key_hash = hash_key(key)
         attendee.key_sealed = self._sealer.seal(key)
+        attendee.self_registered = False
         await self._index(attendee)
         await self._tables.upsert(ATTENDEES_TABLE, to_entity(attendee), replace=True)
         await self._tables.delete(KEYS_TABLE, old_hash, "")

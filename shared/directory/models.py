@@ -741,6 +741,11 @@ class AttendeeView(BaseModel):
     active: bool = Field(description="false once revoked")
     created_at: str = Field(description="creation time, UTC", json_schema_extra=_UTC)
     revoked_at: str = Field(description="revocation time, UTC; empty while active")
+    self_registered: bool = Field(
+        description="registered itself with the event's code, so its key was shown to whoever "
+        "registered; the organiser adding the same user, or rotating the key, gives it a new "
+        "key only the organiser sees, and makes this false"
+    )
 
 
 class AttendeeWithKeyView(AttendeeView):

@@ -194,7 +194,14 @@ async def add_attendee(
 ) -> tuple[Attendee, bool]:
     found_event = await event(runtime, caller, event_id)
     user = parse(AttendeeCreate, body).user
-    return await runtime.attendees.add(found_event.id, user, now=clock.now())
+    found, created = await runtime.attendees.add(found_event.id, user, now=clock.now())
+    if found.self_registered:
+        # Whoever registered with the event's code saw that key, and may not be this user: the
+        # organiser hands out a key nobody else has seen.
+        old_hash = found.key_hash
+        await runtime.attendees.rotate(found)
+        runtime.gate.forget_key(old_hash)
+    return found, created
 
 
 async def attendee(runtime: Runtime, caller: Caller, event_id: str, attendee_id: str) -> Attendee:

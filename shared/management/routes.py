@@ -125,10 +125,11 @@ MANAGEMENT: tuple[Route, ...] = (
                "The event's attendees with their totals, without keys",
                ok(list[models.AttendeeWithTotals])),
         manage("POST", http.add_attendee, "addAttendee",
-               "Issue a key to a user; the same user again gets the same attendee (200)",
+               "Issue a key to a user; the same user again gets the same attendee (200), with a "
+               "new key if it registered itself with the event's code",
                ok(models.AttendeeWithKeyView, "Created", 201),
                ok(models.AttendeeWithKeyView, "The user already had a key: the same attendee "
-                  "and key"),
+                  "and key (a new key if it registered itself with the event's code)"),
                body=models.AttendeeCreate),
     ),
     managed("attendee", "events/{event_id}/attendees/{attendee_id}",

@@ -169,7 +169,9 @@ async def register_email(
         if found is not None:
             raise taken(found)
         await runtime.codes.admit_new(event, client)
-        found, created = await runtime.attendees.add(event.id, email, now=clock.now())
+        found, created = await runtime.attendees.add(
+            event.id, email, now=clock.now(), self_registered=True
+        )
     except StorageUnavailable as exc:
         raise storage_down() from exc
     if not created:  # another registration for the same email won the race
