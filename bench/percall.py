@@ -41,6 +41,12 @@ FLOOR = "relay function"
 APP = "app"
 PROFILE = os.environ.get("PERCALL_PROFILE", "") not in ("", "0")
 PROFILE_SECONDS = 10
+# PERCALL_PROFILE_CONNECTIONS: the connections of the profiled runs (16); PERCALL_GIL=1 samples
+# only the thread holding the GIL (Python's own CPU, without threads waiting for it).
+PROFILE_CONNECTIONS = int(os.environ.get("PERCALL_PROFILE_CONNECTIONS", "16") or 16)
+GIL = os.environ.get("PERCALL_GIL", "") not in ("", "0")
+# PERCALL_CASES: which cases to measure, e.g. "json,1 stream,16" (all four by default).
+ONLY = os.environ.get("PERCALL_CASES", "").split()
 RATE = 250  # py-spy samples per second
 TOP = 25
 
@@ -99,6 +105,8 @@ def main(argv: list[str]) -> int:
         results: dict[str, dict[str, list[float]]] = {}
         errors = 0
         for mode, connections in CASES:
+            if ONLY and f"{mode},{connections}" not in ONLY:
+                continue
             case = f"{mode}, c{connections}"
             results[case] = {name: [] for name in names}
             for round_ in range(rounds):
@@ -149,12 +157,12 @@ def profile_all(
             pid = app.repin()
             path = folder / f"percall-{name.replace(' ', '-')}-{mode}.txt"
             args = [spy, "record", "--pid", str(pid), "--rate", str(RATE), "--format", "raw",
-                    "--output", str(path), "--nonblocking"]  # fmt: skip
+                    "--output", str(path), "--nonblocking", *(["--gil"] if GIL else [])]  # fmt: skip
             spying = subprocess.Popen(
                 pinned(bench.LOAD_CPU if bench.CPUS >= 2 else None, args),
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
-            found = bench.wrk(targets[name], mode, 16, PROFILE_SECONDS)
+            found = bench.wrk(targets[name], mode, PROFILE_CONNECTIONS, PROFILE_SECONDS)
             spying.send_signal(signal.SIGINT)
             try:
                 spying.wait(60)
@@ -244,7 +252,10 @@ def write(
             row += f" {by[older] / by[FLOOR]:.2f}× |"
         lines.append(row)
     for mode, by in profiles.items():
-        lines += ["", f"## Where the worker's CPU goes: {mode}, 16 connections (py-spy)", ""]
+        where = f"{mode}, {PROFILE_CONNECTIONS} connection(s)" + (
+            ", GIL holder only" if GIL else ""
+        )
+        lines += ["", f"## Where the worker's CPU goes: {where} (py-spy)", ""]
         lines.append(
             "Microseconds per call of each worker's samples (py-spy, 250 a second, idle threads "
             "left out, over one run): inclusive is anywhere on the stack, self the innermost "
