@@ -40,7 +40,7 @@ WARM_UP = 3_000  # requests through each target before the rounds
 FLOOR = "relay function"
 APP = "app"
 PROFILE = os.environ.get("PERCALL_PROFILE", "") not in ("", "0")
-PROFILE_SECONDS = 10
+PROFILE_SECONDS = int(os.environ.get("PERCALL_PROFILE_SECONDS", "10") or 10)
 # PERCALL_PROFILE_CONNECTIONS: the connections of the profiled runs (16); PERCALL_GIL=1 samples
 # only the thread holding the GIL (Python's own CPU, without threads waiting for it).
 PROFILE_CONNECTIONS = int(os.environ.get("PERCALL_PROFILE_CONNECTIONS", "16") or 16)
@@ -59,6 +59,10 @@ def main(argv: list[str]) -> int:
     from bench.nginx import API_KEY, FakeUpstream
     from local.azurite import Azurite, free_port
 
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
     two_cores = bench.CPUS >= 2
     if two_cores:
         os.sched_setaffinity(0, {bench.LOAD_CPU})
@@ -125,6 +129,7 @@ def main(argv: list[str]) -> int:
                     print(f"  {case:<11} {name:<24} {run.rps:>7,.0f} req/s  "
                           f"CPU/call {cpu:.3f} ms", flush=True)  # fmt: skip
         profiles = profile_all(apps, targets) if PROFILE else {}
+        results = {case: by for case, by in results.items() if any(by.values())}
         write(results, names, older, rounds, seconds, errors, profiles)
         return 1 if errors else 0
     finally:
