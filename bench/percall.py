@@ -49,6 +49,25 @@ GIL = os.environ.get("PERCALL_GIL", "") not in ("", "0")
 ONLY = os.environ.get("PERCALL_CASES", "").split()
 RATE = 250  # py-spy samples per second
 TOP = 25
+# The parts of a call the profile's samples are put in: the first part whose prefix a frame of
+# the sample's stack starts with (most specific first); the rest is the runtime's.
+PARTS = (
+    ("the journal of calls in flight (entry written, deleted)",
+     ("shared/governance/journal.py", "shared/platform/tablewire.py",
+      "shared/platform/tables.py")),
+    ("the usage record (ledger, usage writer, prices)",
+     ("shared/pipeline/ledger.py:Ledger.record", "shared/governance/usage.py",
+      "shared/governance/prices.py")),
+    ("the upstream request (forwarding, pooled client)",
+     ("shared/pipeline/forwarding.py", "shared/upstreams/")),
+    ("the relay and the stream's meter", ("shared/pipeline/relays.py",
+                                         "shared/pipeline/streaming.py")),
+    ("the gate (key, event)", ("shared/access/",)),
+    ("admission (caps, limits, fair share, budgets)",
+     ("shared/pipeline/ledger.py:Ledger.admit", "shared/governance/")),
+    ("the rest of the app's call (body, rewrite, answer)", ("shared/", "function_app.py")),
+)  # fmt: skip
+RUNTIME = "the runtime: worker, HTTP server, event loop, gRPC (no frame of the app)"
 
 
 def main(argv: list[str]) -> int:
@@ -185,6 +204,7 @@ def shares(path: Path) -> dict[str, Any]:
     """Samples per function (self: the innermost frame; inclusive: anywhere on the stack)."""
     own: collections.Counter[str] = collections.Counter()
     within: collections.Counter[str] = collections.Counter()
+    parts: collections.Counter[str] = collections.Counter()
     total = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -199,7 +219,16 @@ def shares(path: Path) -> dict[str, Any]:
         own[frames[-1]] += samples
         for frame in set(frames):
             within[frame] += samples
-    return {"samples": total, "self": own.most_common(), "inclusive": within.most_common()}
+        parts[part_of(frames)] += samples
+    return {"samples": total, "self": own.most_common(), "inclusive": within.most_common(),
+            "parts": parts.most_common()}  # fmt: skip
+
+
+def part_of(frames: list[str]) -> str:
+    for name, prefixes in PARTS:
+        if any(frame.startswith(prefixes) for frame in frames):
+            return name
+    return RUNTIME
 
 
 def frame_name(frame: str) -> str:
@@ -266,6 +295,20 @@ def write(
             "left out, over one run): inclusive is anywhere on the stack, self the innermost "
             "frame. The top by the app's inclusive figure over the relay function's."
         )
+        lines += [
+            "",
+            "By part of the call (µs per call):",
+            "",
+            "| part | " + " | ".join(by) + " |",
+            "|---|" + "---:|" * len(by),
+        ]
+        per_call = {
+            n: {k: v * 1e6 / RATE / max(p["requests"], 1) for k, v in p.get("parts", [])}
+            for n, p in by.items()
+        }
+        for part in [name for name, _ in PARTS] + [RUNTIME]:
+            lines.append(f"| {part} | " + " | ".join(
+                f"{per_call[n].get(part, 0):.0f}" for n in by) + " |")  # fmt: skip
         lines += ["", "| function | " + " | ".join(f"{n} incl. | self" for n in by) + " |",
                   "|---|" + "---:|---:|" * len(by)]  # fmt: skip
         us = {

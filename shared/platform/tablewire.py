@@ -29,7 +29,7 @@ STORAGE_SCOPE = "https://storage.azure.com/.default"
 CONNECT_SECONDS, READ_SECONDS = 5.0, 20.0  # as the SDK's clients of the app (tables.py)
 # Answers worth asking again: the service was briefly unable, the request itself was fine.
 _RETRIED = frozenset({408, 429, 500, 502, 503, 504})
-RETRY_SECONDS = 0.2  # before the one retry
+RETRY_SECONDS = 0.2  # before the one retry of an answer storage was unable to give
 
 
 class Tokens(Protocol):
@@ -121,7 +121,8 @@ class Wire:
                     raise StorageUnavailable(
                         f"{method} {path}: {type(exc).__name__}: {exc}"
                     ) from exc
-                await asyncio.sleep(RETRY_SECONDS)
+                # Most often a kept-alive connection storage had closed: again at once, on a
+                # new one (an outage refuses that one as fast).
                 continue
             if status in _RETRIED and attempt == 1:
                 await asyncio.sleep(RETRY_SECONDS)
