@@ -220,7 +220,7 @@ def shares(path: Path) -> dict[str, Any]:
         for frame in set(frames):
             within[frame] += samples
         parts[part_of(frames)] += samples
-    return {"samples": total, "self": own.most_common(), "inclusive": within.most_common(),
+    return {"samples": total, "self": own.most_common(60), "inclusive": within.most_common(60),
             "parts": parts.most_common()}  # fmt: skip
 
 
