@@ -9,13 +9,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 import shared.platform.tables
-from local.azurite import Azurite
+from local.azurite import Azurite, free_port
 from shared.governance.rollups import roll_up
 from shared.governance.usage import UsageRecord, UsageWriter
 from shared.platform.settings import load
-from shared.platform.tables import Tables
+from shared.platform.tables import Refused, StorageUnavailable, Tables
+from shared.platform.tablewire import STORAGE_SCOPE, Wire
 from tests.harness import unique_prefix
 
 
@@ -130,8 +132,9 @@ async def test_a_rollup_rests_between_pages_as_long_as_storage_took(azurite: Azu
 async def test_pages_and_batches_take_the_sdks_way_when_its_insides_change(
     azurite: Azurite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The lean paths use the table client's private pipeline; if a new SDK moves it, the
-    same calls still work through the SDK's public (slower) methods."""
+    """The lean pages use the table client's private pipeline; if a new SDK moves it (or a
+    batch cannot be sent the lean way), the same calls still work through the SDK's public
+    (slower) methods."""
 
     async def moved(*args: Any, **kwargs: Any) -> Any:
         raise AttributeError("'TableClient' object has no attribute '_client'")
@@ -141,7 +144,7 @@ async def test_pages_and_batches_take_the_sdks_way_when_its_insides_change(
         raise AttributeError("'TableClient' object has no attribute '_client'")
 
     monkeypatch.setattr(shared.platform.tables, "_lean_pages", moved)
-    monkeypatch.setattr(shared.platform.tables, "_send_upsert_batch", moved_batch)
+    monkeypatch.setattr(Tables, "_send_batch", moved_batch)
     tables = tables_for(azurite, "moved")
     rows = [{"PartitionKey": "p'1", "RowKey": f"r{n:04d}", "n": n} for n in range(250)]
     for start in range(0, len(rows), 100):
@@ -179,3 +182,130 @@ async def test_lean_inserts_and_deletes_keep_values_and_tell_conflicts(azurite: 
     left = sorted(row["RowKey"] for row in await tables.partition("t", pk))
     await tables.close()
     assert left == [f"b{n}" for n in range(40, 50)]
+
+
+async def test_the_request_paths_writes_skip_the_sdk_signed_with_the_accounts_key(
+    azurite: Azurite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inserts and batches go on a wire of our own (no azure-core pipeline), signed with the
+    connection string's key: Azurite checks the signature, and a wrong key is refused."""
+    tables = tables_for(azurite, "wire")
+    assert tables._wire is not None
+
+    async def no_pipeline(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the request path's writes went through the SDK's pipeline")
+
+    client = await tables.client("t")
+    monkeypatch.setattr(client._client, "send_request", no_pipeline)
+    pk = "wire"
+    await tables.insert_lean("t", {"PartitionKey": pk, "RowKey": "one", "n": 1})
+    await tables.insert_batch("t", [{"PartitionKey": pk, "RowKey": f"b{n}"} for n in range(3)])
+    await tables.upsert_batch("t", [{"PartitionKey": pk, "RowKey": "one", "n": 2}])
+    await tables.delete_batch("t", pk, ["b0", "b1"])
+    monkeypatch.undo()
+    rows = {row["RowKey"]: row for row in await tables.partition("t", pk)}
+    assert sorted(rows) == ["b2", "one"] and rows["one"]["n"] == 2
+
+    wrong = Wire(
+        tables._wire._base, "2019-02-02", account="devstoreaccount1", key="d3Jvbmcga2V5"
+    )  # "wrong key", base64
+    headers = {"Content-Type": "application/json", "Accept": "application/json;odata=nometadata"}
+    body = b'{"PartitionKey": "wire", "RowKey": "forged"}'
+    status, answer = await wrong.send("POST", f"/{tables.name('t')}", body, headers)
+    await wrong.close()
+    assert status == 403, answer
+    assert await tables.get("t", pk, "forged") is None
+    await tables.close()
+
+
+async def test_the_wire_tells_an_outage_from_a_refusal() -> None:
+    """Storage gone: StorageUnavailable (after one retry), never a hang; the callers' error
+    mapping (Conflict, Refused, StorageUnavailable) stays as through the SDK."""
+    server = Azurite(free_port()).start()
+    tables = Tables(load({"AIPROXY_STORAGE_CONNECTION_STRING": server.connection_string,
+                          "AIPROXY_TABLE_PREFIX": unique_prefix("wireout")}))  # fmt: skip
+    try:
+        await tables.insert_lean("t", {"PartitionKey": "p", "RowKey": "r"})
+        with pytest.raises(Refused):  # 400: an entity Table Storage cannot take
+            await tables.insert_lean("t", {"PartitionKey": "p", "RowKey": "bad/key"})
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable):
+            await tables.insert_lean("t", {"PartitionKey": "p", "RowKey": "r2"})
+        with pytest.raises(StorageUnavailable):
+            await tables.insert_batch(
+                "t", [{"PartitionKey": "p", "RowKey": f"x{n}"} for n in range(2)]
+            )
+        with pytest.raises(StorageUnavailable):
+            await tables.upsert_batch("t", [{"PartitionKey": "p", "RowKey": "r"}])
+        with pytest.raises(StorageUnavailable):
+            await tables.delete_batch("t", "p", ["r"])
+        assert time.monotonic() - started < 10
+    finally:
+        await tables.close()
+        server.stop()
+
+
+class TokenChecker:
+    """A loopback stand-in for a table endpoint on Azure: it answers 204 to a request with the
+    expected bearer token, 403 otherwise, and keeps what it was sent."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.seen: list[dict[str, str]] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.seen.append(dict(request.headers))
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.Response(
+                status=403, text='{"odata.error": {"code": "AuthenticationFailed"}}'
+            )
+        return web.Response(status=204)
+
+
+async def test_the_wire_signs_with_the_apps_token_on_azure() -> None:
+    """With a table endpoint (no key), requests carry a bearer token of the app's identity for
+    Storage's audience, asked once and reused until shortly before it expires."""
+    from shared.platform.identity import TokenSource
+
+    class Credential:
+        def __init__(self) -> None:
+            self.asked: list[str] = []
+
+        async def get_token(self, scope: str) -> Any:
+            self.asked.append(scope)
+            return type(
+                "Token", (), {"token": f"t{len(self.asked)}", "expires_on": time.time() + 3600}
+            )()
+
+    checker = TokenChecker("t1")
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", checker.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    credential = Credential()
+    wire = Wire.of(
+        f"http://127.0.0.1:{port}", "2019-02-02", credential, TokenSource(credential, STORAGE_SCOPE)
+    )
+    assert wire is not None
+    try:
+        for _ in range(3):
+            status, _ = await wire.send(
+                "POST", "/$batch", b"--x--", {"Content-Type": "multipart/mixed"}
+            )
+            assert status == 204
+        checker.token = "another"  # the stored token is refused: the answer says so
+        status, _ = await wire.send(
+            "POST", "/aiproxyt", b"{}", {"Content-Type": "application/json"}
+        )
+        assert status == 403
+    finally:
+        await wire.close()
+        await runner.cleanup()
+    assert credential.asked == [STORAGE_SCOPE]
+    assert [h["x-ms-version"] for h in checker.seen] == ["2019-02-02"] * 4
+    assert all(h.get("x-ms-date") for h in checker.seen)
+    assert Wire.of("http://127.0.0.1", "2019-02-02", object()) is None  # a SAS: the SDK's way

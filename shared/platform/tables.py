@@ -28,6 +28,7 @@ from azure.data.tables.aio import TableClient, TableServiceClient
 
 from shared.errors import StorageUnavailable
 from shared.platform.settings import Settings
+from shared.platform.tablewire import STORAGE_SCOPE, Wire
 
 Entity = dict[str, Any]
 
@@ -89,19 +90,23 @@ class Tables:
             "connection_timeout": 5,
             "read_timeout": 20,
         }
+        tokens = None
         if settings.storage_table_endpoint:
-            from shared.platform.identity import storage_credential
+            from shared.platform.identity import TokenSource, storage_credential
 
+            credential = storage_credential(settings)
+            tokens = TokenSource(credential, STORAGE_SCOPE)
             self._service = TableServiceClient(
-                endpoint=settings.storage_table_endpoint,
-                credential=storage_credential(settings),
-                **options,
+                endpoint=settings.storage_table_endpoint, credential=credential, **options
             )
         else:
             self._service = TableServiceClient.from_connection_string(
                 settings.storage_connection_string, **options
             )
+            credential = self._service.credential
         self._base = f"{self._service.scheme}://{self._service._primary_hostname}"
+        # The request path's writes (insert_lean, the batches) skip azure-core's pipeline.
+        self._wire = Wire.of(self._base, self._service.api_version, credential, tokens)
         self._clients: dict[str, TableClient] = {}
         self._ready: set[str] = set()
         self._lock = asyncio.Lock()
@@ -212,27 +217,20 @@ class Tables:
         """`insert` without the SDK's entity handling (a third of its CPU): for the request
         path's one write per call (shared/governance/journal.py)."""
         client = await self.client(table)
-        request = HttpRequest(
-            "POST",
-            f"{self._base}/{self.name(table)}",
-            headers={
-                "x-ms-version": client.api_version,
-                "DataServiceVersion": "3.0",
-                "Content-Type": "application/json",
-                "Accept": "application/json;odata=nometadata",
-                "Prefer": "return-no-content",
-            },
-            content=_entity_json(entity),
-        )
+        headers = {
+            "DataServiceVersion": "3.0",
+            "Content-Type": "application/json",
+            "Accept": "application/json;odata=nometadata",
+            "Prefer": "return-no-content",
+        }
+        path = f"/{self.name(table)}"
         try:
-            response = await client._client.send_request(request, stream=True)
-            body = await response.read()
+            status, body = await self._send(client, "POST", path, _entity_json(entity), headers)
         except (AttributeError, TypeError):  # the SDK changed its insides: its own way
             await self.insert(table, entity)
             return
         except AzureError as exc:
             raise StorageUnavailable(str(exc)) from exc
-        status = response.status_code
         if status == 409:
             raise Conflict(f"{entity['PartitionKey']}/{entity['RowKey']} exists")
         if not 200 <= status < 300:
@@ -254,7 +252,7 @@ class Tables:
         ).encode()
         parts = [head + _entity_json(entity) + b"\r\n" for entity in entities]
         try:
-            failed, body = await _send_batch(client, self._base, parts)
+            failed, body = await self._send_batch(client, parts)
         except (AttributeError, TypeError):  # the SDK changed its insides: one by one
             for entity in entities:
                 await self.insert(table, entity)
@@ -283,7 +281,7 @@ class Tables:
             for rk in rks
         ]
         try:
-            failed, body = await _send_batch(client, self._base, parts)
+            failed, body = await self._send_batch(client, parts)
         except (AttributeError, TypeError):  # the SDK changed its insides: one by one
             failed, body = 404, b""
         except AzureError as exc:
@@ -390,7 +388,7 @@ class Tables:
             return
         client = await self.client(table)
         try:
-            await _send_upsert_batch(client, self._base, rows)
+            failed, body = await self._send_batch(client, [row.part for row in rows])
         except (AttributeError, TypeError):
             # The SDK changed its insides: take its own, slower way.
             operations = [
@@ -401,10 +399,57 @@ class Tables:
             except (TableTransactionError, AzureError) as exc:
                 refused = getattr(exc, "status_code", None) in _REFUSALS
                 raise (Refused if refused else StorageUnavailable)(str(exc)) from exc
+            return
         except AzureError as exc:
             raise StorageUnavailable(str(exc)) from exc
+        if failed is not None:
+            kind = Refused if failed in _REFUSALS else StorageUnavailable
+            raise kind(f"batch of {len(rows)} failed: {failed} {body[:300]!r}")
+
+    async def _send(
+        self, client: TableClient, method: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        """One request under the account's endpoint: on the wire of our own when the
+        credential allows (a key or a token), else through the table client's pipeline."""
+        if self._wire is not None:
+            return await self._wire.send(method, path, body, headers)
+        request = HttpRequest(
+            method,
+            f"{self._base}{path}",
+            headers={"x-ms-version": client.api_version, **headers},
+            content=body,
+        )
+        response = await client._client.send_request(request, stream=True)
+        return response.status_code, await response.read()
+
+    async def _send_batch(
+        self, client: TableClient, operations: list[bytes]
+    ) -> tuple[int | None, bytes]:
+        """One transaction of encoded operations: (the first failed status or None, the body)."""
+        batch, changeset = f"batch_{uuid4()}", f"changeset_{uuid4()}"
+        line = f"--{changeset}\r\n".encode()
+        parts = [
+            f"--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n".encode()
+        ]
+        for operation in operations:
+            parts += (line, operation)
+        parts.append(f"--{changeset}--\r\n\r\n--{batch}--\r\n".encode())
+        headers = {
+            "DataServiceVersion": "3.0",
+            "MaxDataServiceVersion": "3.0;NetFx",
+            "Content-Type": f"multipart/mixed; boundary={batch}",
+            "Accept": "application/json",
+        }
+        failed: int | None
+        failed, body = await self._send(client, "POST", "/$batch", b"".join(parts), headers)
+        if failed == 202:  # the batch was read; each operation has its own status
+            statuses = (int(code) for code in _STATUS_LINE.findall(body))
+            failed = next((code for code in statuses if not 200 <= code < 300), None)
+        return failed, body
 
     async def close(self) -> None:
+        if self._wire is not None:
+            await self._wire.close()
         for client in self._clients.values():
             await client.close()
         await self._service.close()
@@ -481,41 +526,3 @@ async def _lean_pages(
             params["NextRowKey"] = next_rk
         else:
             params.pop("NextRowKey", None)
-
-
-async def _send_upsert_batch(client: TableClient, base: str, rows: list[EncodedRow]) -> None:
-    failed, body = await _send_batch(client, base, [row.part for row in rows])
-    if failed is not None:
-        kind = Refused if failed in _REFUSALS else StorageUnavailable
-        raise kind(f"batch of {len(rows)} failed: {failed} {body[:300]!r}")
-
-
-async def _send_batch(
-    client: TableClient, base: str, operations: list[bytes]
-) -> tuple[int | None, bytes]:
-    """One transaction of encoded operations: (the first failed status or None, the body)."""
-    batch, changeset = f"batch_{uuid4()}", f"changeset_{uuid4()}"
-    line = f"--{changeset}\r\n".encode()
-    parts = [f"--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n".encode()]
-    for operation in operations:
-        parts += (line, operation)
-    parts.append(f"--{changeset}--\r\n\r\n--{batch}--\r\n".encode())
-    request = HttpRequest(
-        "POST",
-        f"{base}/$batch",
-        headers={
-            "x-ms-version": client.api_version,
-            "DataServiceVersion": "3.0",
-            "MaxDataServiceVersion": "3.0;NetFx",
-            "Content-Type": f"multipart/mixed; boundary={batch}",
-            "Accept": "application/json",
-        },
-        content=b"".join(parts),
-    )
-    response = await client._client.send_request(request, stream=True)
-    body = await response.read()
-    failed: int | None = response.status_code
-    if failed == 202:  # the batch was read; each operation has its own status
-        statuses = (int(code) for code in _STATUS_LINE.findall(body))
-        failed = next((code for code in statuses if not 200 <= code < 300), None)
-    return failed, body
