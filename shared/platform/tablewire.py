@@ -57,6 +57,7 @@ class Wire:
         self._key = base64.b64decode(key) if key else b""
         self._tokens = tokens
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False  # after close(): each request on a session of its own
         self._date = (0, "")
 
     @classmethod
@@ -102,6 +103,14 @@ class Wire:
         """One request to `path` (under the account's endpoint, already encoded); its status
         and body. StorageUnavailable when no answer came (asked twice) or storage was unable
         twice; other statuses are the caller's to read."""
+        if self._closed:
+            # A writer flushing after the app closed storage (shutdown): the write still goes,
+            # and leaves no open session behind.
+            self._closed = False
+            try:
+                return await self.send(method, path, body, headers)
+            finally:
+                await self.close()
         session = self._open()
         url = URL(self._base + path, encoded=True)
         content_type = headers.get("Content-Type", "")
@@ -131,6 +140,7 @@ class Wire:
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
