@@ -199,11 +199,13 @@ def test_a_call_that_ends_leaves_one_record_settled_not_estimated(
         pass
     [record] = storage.usage(setup.id, expect=1)
     wait_until(lambda: not storage.rows("inflight", f"RowKey eq '{request_id}'"), timeout=20)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # past its expiry, a pass leaves it alone
+    expired = datetime.fromisoformat(record["time"]).timestamp() + EXPIRY + 1
+
+    def passed_after_its_expiry() -> bool:  # past its expiry too, a pass leaves it alone
         run_timer(host, "rollup_usage")
-        if time.time() > datetime.fromisoformat(record["time"]).timestamp() + EXPIRY + 1:
-            break
+        return time.time() > expired
+
+    wait_until(passed_after_its_expiry, timeout=60, interval=0.5)
     records = storage.rows("usage", f"event_id eq '{setup.id}'")
     assert [r["request_id"] for r in records] == [request_id]
     assert records[0]["estimated"] is False and records[0]["outcome"] == "ok"

@@ -8,13 +8,11 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from local.azurite import Azurite
 from shared.directory.endpoints import (
     ENDPOINT_FIX,
     EndpointPolicy,
@@ -28,8 +26,6 @@ from tests.harness import (
     AppHost,
     EventSetup,
     Simulator,
-    host_env,
-    unique_prefix,
     wait_until,
 )
 
@@ -164,30 +160,22 @@ def test_an_organiser_cannot_change_a_resource_to_aim_inside(host: AppHost, sim:
 
 
 def test_a_stored_resource_no_longer_allowed_is_not_called(
-    azurite: Azurite, log_dir: Path, sim: Simulator
+    app_host: AppHost, app_hosts: Any, sim: Simulator
 ) -> None:
-    """Stored while loopback was allowed, then the app runs without it: nothing is sent."""
-    prefix = unique_prefix("narrowed")
-    before = AppHost(log_dir, host_env(azurite.connection_string, prefix), name="wide")
-    try:
-        setup = EventSetup(before, sim)
-    finally:
-        before.stop()
-    env = host_env(azurite.connection_string, prefix, AIPROXY_ALLOW_LOOPBACK_UPSTREAMS="false")
-    after = AppHost(log_dir, env, name="narrowed")
-    try:
-        sent = sim.stats()["total_requests"]
-        answer = after.http.post(CHAT, json=BODY, headers={"api-key": setup.key})
-        assert answer.status_code == 502, answer.text
-        error = answer.json()["error"]
-        assert error["code"] == "upstream_error"
-        assert "not one this proxy may call" in error["message"]
-        assert "127.0.0.1" not in answer.text and str(sim.port) not in answer.text
-        assert sim.stats()["total_requests"] == sent
-        [resource_id] = [r for r, v in setup.resources.items() if v["deployment"] == "gpt-4o-mini"]
-        wait_until(lambda: f"resource {resource_id}: endpoint {sim.url}" in after.log(), 10)
-    finally:
-        after.stop()
+    """Stored while loopback was allowed, then the app runs without it (another instance on
+    the same storage): nothing is sent."""
+    setup = EventSetup(app_host, sim)
+    after = app_hosts("narrowed", AIPROXY_ALLOW_LOOPBACK_UPSTREAMS="false")
+    sent = sim.stats()["total_requests"]
+    answer = after.http.post(CHAT, json=BODY, headers={"api-key": setup.key})
+    assert answer.status_code == 502, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "upstream_error"
+    assert "not one this proxy may call" in error["message"]
+    assert "127.0.0.1" not in answer.text and str(sim.port) not in answer.text
+    assert sim.stats()["total_requests"] == sent
+    [resource_id] = [r for r, v in setup.resources.items() if v["deployment"] == "gpt-4o-mini"]
+    wait_until(lambda: f"resource {resource_id}: endpoint {sim.url}" in after.log(), 10)
 
 
 # --- redirects ----------------------------------------------------------------------------------
