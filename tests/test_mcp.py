@@ -190,6 +190,31 @@ def test_events_are_relayed_as_they_arrive(app_host: AppHost, setup: EventSetup,
     assert asyncio.run(run()).content[0].text == "released"
 
 
+def test_a_server_that_goes_silent_ends_the_tool_call_with_a_reason(
+    app_host: AppHost, setup: EventSetup, storage: Storage
+) -> None:
+    """The proxy cuts a stream the server leaves silent past the idle limit (3 s here): the
+    client's call ends with a JSON-RPC error saying so, not with a stream that just stops."""
+
+    async def run() -> Any:
+        async with keyed(setup.key) as http, client(app_host, "tools", setup.key, http) as mcp:
+            return await mcp.call_tool("hold", {})  # never released: silent after its progress
+
+    with pytest.raises(Exception) as raised:
+        asyncio.run(run())
+    # The SDK's task group wraps what the call raised.
+    found = [raised.value]
+    while isinstance(found[-1], BaseExceptionGroup):
+        found.append(found[-1].exceptions[0])
+    assert "MCP server stopped answering" in str(found[-1]), found
+
+    def cut() -> list[dict[str, Any]]:
+        rows = storage.rows("usage", f"event_id eq '{setup.id}'")
+        return [r for r in rows if r.get("tool") == "hold" and r["outcome"] == "cut"]
+
+    assert wait_until(cut)
+
+
 def test_a_tool_that_streams_log_messages_and_a_tool_error(
     app_host: AppHost, setup: EventSetup, storage: Storage
 ) -> None:

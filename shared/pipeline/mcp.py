@@ -177,6 +177,20 @@ class McpMeter:
             out += b"event: message\ndata: " + orjson.dumps(error) + b"\n\n"
         return bytes(out)
 
+    def cut(self, why: str) -> bytes:
+        """The last event of a stream the server cut before answering the watched request: a
+        JSON-RPC error for it, so the client's call ends with a reason, not a broken stream."""
+        if self.watched is None or self.done:
+            return b""
+        self.done = True
+        error = rpc_error(
+            self.watched, REFUSED,
+            f"The MCP server stopped answering before its answer came ({why}); whether the "
+            "tool finished is not known. Retry, or ask the organiser about the server.",
+            {"code": "upstream_error", "status": 502},
+        )  # fmt: skip
+        return b"event: message\ndata: " + orjson.dumps(error) + b"\n\n"
+
     def rest(self) -> bytes:
         """What came after the last complete event: read as one more event (a server may end
         without the blank line), so nothing leaves unread."""
@@ -482,7 +496,9 @@ class McpCall(Exchange):
         settings = self.runtime.settings
         total = settings.upstream_total_timeout
         times = StreamTimes(self.ledger.started + total, total, settings.stream_idle_timeout)
-        events = relay(answer, meter, times, finish, request_id=self.request_id)
+        events = relay(
+            answer, meter, times, finish, cut_event=meter.cut, request_id=self.request_id
+        )
         headers = self.answer_headers(answer, resource)
         headers.pop("content-type", None)
         headers["cache-control"] = "no-cache"

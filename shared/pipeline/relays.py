@@ -171,12 +171,13 @@ async def relay(
     times: StreamTimes,
     finish: Callable[[str], None],
     *,
-    cut_event: bytes = b"",
+    cut_event: bytes | Callable[[str], bytes] = b"",
     request_id: str = "",
 ) -> AsyncIterator[bytes]:
-    """The answer's body through `meter`, chunk by chunk; `cut_event` ends a stream the upstream
-    cut (binary answers have none: the client sees a short body). The answer is closed and
-    `finish(outcome)` called however the relay ends."""
+    """The answer's body through `meter`, chunk by chunk; `cut_event` (or what it makes of why
+    the stream was cut) ends a stream the upstream cut (binary answers have none: the client
+    sees a short body). The answer is closed and `finish(outcome)` called however the relay
+    ends."""
     outcome = "ok"
     chunks = answer.chunks()
     watch = _Watchdog(times)
@@ -209,8 +210,9 @@ async def relay(
     except StreamCut as exc:
         outcome = "cut"
         log.warning("stream %s cut by upstream: %s", request_id, exc)
-        if cut_event:
-            yield cut_event
+        last = cut_event(str(exc)) if callable(cut_event) else cut_event
+        if last:
+            yield last
     except (asyncio.CancelledError, GeneratorExit):
         outcome = "client_gone"
         raise
