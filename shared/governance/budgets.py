@@ -165,7 +165,12 @@ class Budgets(HeldRows[Pot]):
         pots = self.pots(event, attendee_id, now)
         if pots and cost > 0:
             self._start()
-            self.settle(Hold(pots, 0), cost)
+            for pot in pots:
+                # Out of what this instance holds first (granted already), the rest overdrawn.
+                taken = min(max(pot.allowance, 0), cost)
+                pot.allowance -= taken
+                pot.spent_unflushed += cost
+                pot.overdrawn += cost - taken
 
     def count_lost(self, event: Event, attendee_id: str, when: datetime, cost: int) -> None:
         """A call admitted elsewhere whose worker was lost, recorded at its worst case: its
