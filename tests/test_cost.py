@@ -233,45 +233,32 @@ def test_model_names_map_to_their_priced_base_model() -> None:
     assert prices.as_amount(1_234_500) == "0.0012345"
 
 
-def test_spoken_answers_are_recorded_and_priced_as_audio_output(
-    host: AppHost, setup: EventSetup, sim: Simulator, storage: Storage
+@pytest.mark.parametrize("direction", ["input", "output"])
+def test_audio_tokens_are_recorded_and_need_an_audio_price(
+    host: AppHost, setup: EventSetup, sim: Simulator, storage: Storage, direction: str
 ) -> None:
+    """Audio heard in the prompt or spoken in the answer: recorded, priced at the resource's
+    audio figure, and unpriced where no price has one (the table's gpt-4o-mini has none)."""
+    field = "audio_tokens" if direction == "input" else "audio_output_tokens"
     setup.add_resource(
-        sim.url, "voice-out", "openai-chat", upstream_deployment="gpt-4o-mini",
-        prices="input=2.5,output=10,audio_output=80",
+        sim.url, f"voice-{direction}", "openai-chat", upstream_deployment="gpt-4o-mini",
+        prices=f"input=2.5,output=10,audio_{direction}=80",
     )  # fmt: skip
     client = azure(host, setup.key)
-    spoken = [{"role": "user", "content": "[sim:audio_output_tokens=3] say hello"}]
-    for deployment in ("voice-out", "gpt-4o-mini"):
-        answer = client.chat.completions.create(model=deployment, messages=spoken, max_tokens=8)
+    said = [{"role": "user", "content": f"[sim:{field}=3] hello"}]
+    for deployment in (f"voice-{direction}", "gpt-4o-mini"):
+        answer = client.chat.completions.create(model=deployment, messages=said, max_tokens=8)
         assert answer.usage is not None
-        assert answer.usage.completion_tokens_details.audio_tokens == 3
+        usage = answer.usage
+        details = (
+            usage.prompt_tokens_details if direction == "input" else usage.completion_tokens_details
+        )
+        assert details is not None and details.audio_tokens == 3
     priced, unpriced = storage.usage(setup.id, expect=2)
-    assert priced["audio_output_tokens"] == unpriced["audio_output_tokens"] == 3
-    spoken_text = priced["completion_tokens"] - 3
-    assert priced["cost_nano"] == (
-        priced["prompt_tokens"] * 2500 + spoken_text * 10_000 + 3 * 80_000
-    )
-    # The table has no audio output price for gpt-4o-mini: unpriced, not charged as text.
-    assert unpriced["unpriced"] and unpriced["cost_nano"] == 0
-
-
-def test_audio_prompt_tokens_need_an_audio_price(
-    host: AppHost, setup: EventSetup, sim: Simulator, storage: Storage
-) -> None:
-    setup.add_resource(
-        sim.url, "voice-chat", "openai-chat", upstream_deployment="gpt-4o-mini",
-        prices="input=2.5,output=10,audio_input=40",
-    )  # fmt: skip
-    client = azure(host, setup.key)
-    heard = [{"role": "user", "content": "[sim:audio_tokens=5] what did I say"}]
-    for deployment in ("voice-chat", "gpt-4o-mini"):
-        answer = client.chat.completions.create(model=deployment, messages=heard, max_tokens=4)
-        assert answer.usage is not None and answer.usage.prompt_tokens_details.audio_tokens == 5
-    priced, unpriced = storage.usage(setup.id, expect=2)
-    assert priced["audio_tokens"] == unpriced["audio_tokens"] == 5
-    text = priced["prompt_tokens"] - 5
-    assert priced["cost_nano"] == text * 2500 + 5 * 40_000 + priced["completion_tokens"] * 10_000
+    assert priced[field] == unpriced[field] == 3
+    text_in = priced["prompt_tokens"] - (3 if direction == "input" else 0)
+    text_out = priced["completion_tokens"] - (3 if direction == "output" else 0)
+    assert priced["cost_nano"] == text_in * 2500 + text_out * 10_000 + 3 * 80_000
     assert not priced["unpriced"] and priced["price_source"] == "resource+gpt-4o-mini@2025-06-01"
-    # The table has no audio price for gpt-4o-mini: unpriced, not charged as text.
+    # No audio price: unpriced, not charged as text.
     assert unpriced["unpriced"] and unpriced["cost_nano"] == 0

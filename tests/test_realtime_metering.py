@@ -186,14 +186,16 @@ async def test_two_deliveries_of_one_call_count_each_response_once(
     assert recorded(records) == totals(responses)
 
 
-async def test_a_crossed_token_cap_ends_the_call_with_a_last_message(
-    app_host: AppHost, sim: Simulator, storage: Storage
-) -> None:
-    setup = realtime_event(app_host, sim, daily_token_cap=250)
+async def ended_by_the_proxy(
+    host: AppHost, sim: Simulator, storage: Storage, setup: EventSetup, notice: str
+) -> list[dict[str, Any]]:
+    """A call that runs (a response every 0.4 s of audio) until the proxy ends it: the caller's
+    last message says `notice`, the call was hung up, and every response has its exact record
+    (returned, in order)."""
     sim.configure(realtime_turn_seconds=0.4)
     caller = Caller()
     try:
-        call_id = await call(app_host, setup.key, caller)
+        call_id = await call(host, setup.key, caller)
 
         async def ended() -> bool:
             seen = await sim_call(sim.url, call_id)
@@ -201,7 +203,7 @@ async def test_a_crossed_token_cap_ends_the_call_with_a_last_message(
 
         await eventually(ended, timeout=30)
 
-        assert "used today's 250 tokens" in await last_notice(caller)
+        assert notice in await last_notice(caller)
     finally:
         sim.configure(realtime_turn_seconds=None)
         await caller.close()
@@ -209,6 +211,14 @@ async def test_a_crossed_token_cap_ends_the_call_with_a_last_message(
     assert seen["ended"] == "hangup"
     records = realtime_records(storage, setup.id, len(seen["responses"]))
     assert recorded(records) == totals(seen["responses"])
+    return records
+
+
+async def test_a_crossed_token_cap_ends_the_call_with_a_last_message(
+    app_host: AppHost, sim: Simulator, storage: Storage
+) -> None:
+    setup = realtime_event(app_host, sim, daily_token_cap=250)
+    records = await ended_by_the_proxy(app_host, sim, storage, setup, "used today's 250 tokens")
     used = sum(r["total_tokens"] for r in records)
     assert used >= 250  # crossed: at most one response beyond (its max_output_tokens)
     assert used - records[-1]["total_tokens"] < 250
@@ -221,31 +231,14 @@ async def test_a_spent_budget_ends_the_call_with_a_last_message(
 ) -> None:
     budget = 50_000_000  # billionths: 0.05 USD, a few responses at PRICES
     setup = realtime_event(app_host, sim, prices=PRICES, attendee_budget="0.05")
-    sim.configure(realtime_turn_seconds=0.4)
-    caller = Caller()
-    try:
-        call_id = await call(app_host, setup.key, caller)
-
-        async def ended() -> bool:
-            seen = await sim_call(sim.url, call_id)
-            return bool(seen and seen["ended"])
-
-        await eventually(ended, timeout=30)
-
-        assert "spent your budget of 0.05 USD" in await last_notice(caller)
-    finally:
-        sim.configure(realtime_turn_seconds=None)
-        await caller.close()
-    seen = await sim_call(sim.url, call_id)
-    assert seen["ended"] == "hangup"
-    records = realtime_records(storage, setup.id, len(seen["responses"]))
-    assert recorded(records) == totals(seen["responses"])
+    notice = "spent your budget of 0.05 USD"
+    records = await ended_by_the_proxy(app_host, sim, storage, setup, notice)
     costs = [int(r["cost_nano"]) for r in records]
     assert len(costs) >= 2 and all(c == priced(r) > 0 for c, r in zip(costs, records, strict=True))
     assert sum(costs) >= budget  # spent: passed by at most the response that crossed it
     assert sum(costs) - costs[-1] < budget
-    [row] = storage.rows("realtimecalls", f"RowKey eq '{call_id}'")
-    assert row["ended"] == "attendee_budget_exhausted"
+    rows = storage.rows("realtimecalls", f"PartitionKey eq '{setup.id}'")
+    assert [row["ended"] for row in rows if "ended" in row] == ["attendee_budget_exhausted"]
     refused = await _offer(app_host, setup.key)
     assert refused.status_code == 429  # and no new call
     assert refused.json()["error"]["code"] == "attendee_budget_exhausted"
