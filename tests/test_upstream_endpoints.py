@@ -145,13 +145,13 @@ def refused_endpoint(answer: httpx.Response) -> dict[str, Any]:
         "https://0x7f000001",
     ],
 )
-def test_an_organiser_cannot_create_a_resource_aimed_inside(host: AppHost, endpoint: str) -> None:
+def test_a_resource_aimed_inside_is_refused_on_create(host: AppHost, endpoint: str) -> None:
     detail = refused_endpoint(host.manage.post("/resources", json=resource_body(endpoint)))
     assert ".openai.azure.com" in detail["fix"] and "AIPROXY_UPSTREAM_HOSTS" in detail["fix"]
     assert all(r["endpoint"] != endpoint for r in host.manage.get("/resources").json())
 
 
-def test_an_organiser_cannot_change_a_resource_to_aim_inside(host: AppHost, sim: Simulator) -> None:
+def test_a_resource_cannot_be_changed_to_aim_inside(host: AppHost, sim: Simulator) -> None:
     made = host.manage.post("/resources", json=resource_body(sim.url, auth="key", api_key="k"))
     assert made.status_code == 201, made.text
     path = f"/resources/{made.json()['id']}"
