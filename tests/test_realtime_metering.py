@@ -187,21 +187,33 @@ async def test_two_deliveries_of_one_call_count_each_response_once(
 
 
 async def ended_by_the_proxy(
-    host: AppHost, sim: Simulator, storage: Storage, setup: EventSetup, notice: str
-) -> list[dict[str, Any]]:
-    """A call that runs (a response every 0.4 s of audio) until the proxy ends it: the caller's
-    last message says `notice`, the call was hung up, and every response has its exact record
-    (returned, in order)."""
-    sim.configure(realtime_turn_seconds=0.4)
+    host: AppHost,
+    sim: Simulator,
+    storage: Storage,
+    setup: EventSetup,
+    notice: str,
+    *,
+    turn: float = 0.4,
+    meanwhile: Callable[[], None] | None = None,
+    timeout: float = 30,
+) -> tuple[str, list[dict[str, Any]]]:
+    """A call that runs (a response every `turn` seconds of audio; none until `meanwhile`, if
+    given, has run once the call is up) until the proxy ends it: the caller's last message says
+    `notice`, the call was hung up, and every response has its exact record. Returns the call's
+    id and those records, in order."""
+    sim.configure(realtime_turn_seconds=turn if meanwhile is None else 1000)
     caller = Caller()
     try:
         call_id = await call(host, setup.key, caller)
+        if meanwhile is not None:
+            meanwhile()
+            sim.configure(realtime_turn_seconds=turn)
 
         async def ended() -> bool:
             seen = await sim_call(sim.url, call_id)
             return bool(seen and seen["ended"])
 
-        await eventually(ended, timeout=30)
+        await eventually(ended, timeout=timeout)
 
         assert notice in await last_notice(caller)
     finally:
@@ -211,14 +223,14 @@ async def ended_by_the_proxy(
     assert seen["ended"] == "hangup"
     records = realtime_records(storage, setup.id, len(seen["responses"]))
     assert recorded(records) == totals(seen["responses"])
-    return records
+    return call_id, records
 
 
 async def test_a_crossed_token_cap_ends_the_call_with_a_last_message(
     app_host: AppHost, sim: Simulator, storage: Storage
 ) -> None:
     setup = realtime_event(app_host, sim, daily_token_cap=250)
-    records = await ended_by_the_proxy(app_host, sim, storage, setup, "used today's 250 tokens")
+    _, records = await ended_by_the_proxy(app_host, sim, storage, setup, "used today's 250 tokens")
     used = sum(r["total_tokens"] for r in records)
     assert used >= 250  # crossed: at most one response beyond (its max_output_tokens)
     assert used - records[-1]["total_tokens"] < 250
@@ -232,13 +244,13 @@ async def test_a_spent_budget_ends_the_call_with_a_last_message(
     budget = 50_000_000  # billionths: 0.05 USD, a few responses at PRICES
     setup = realtime_event(app_host, sim, prices=PRICES, attendee_budget="0.05")
     notice = "spent your budget of 0.05 USD"
-    records = await ended_by_the_proxy(app_host, sim, storage, setup, notice)
+    call_id, records = await ended_by_the_proxy(app_host, sim, storage, setup, notice)
     costs = [int(r["cost_nano"]) for r in records]
     assert len(costs) >= 2 and all(c == priced(r) > 0 for c, r in zip(costs, records, strict=True))
     assert sum(costs) >= budget  # spent: passed by at most the response that crossed it
     assert sum(costs) - costs[-1] < budget
-    rows = storage.rows("realtimecalls", f"PartitionKey eq '{setup.id}'")
-    assert [row["ended"] for row in rows if "ended" in row] == ["attendee_budget_exhausted"]
+    [row] = storage.rows("realtimecalls", f"RowKey eq '{call_id}'")
+    assert row["ended"] == "attendee_budget_exhausted"
     refused = await _offer(app_host, setup.key)
     assert refused.status_code == 429  # and no new call
     assert refused.json()["error"]["code"] == "attendee_budget_exhausted"
@@ -262,24 +274,13 @@ async def test_a_revoked_attendee_s_call_ends_at_its_next_response(
     app_host: AppHost, sim: Simulator, storage: Storage
 ) -> None:
     setup = realtime_event(app_host, sim)
-    sim.configure(realtime_turn_seconds=1000)
-    caller = Caller()
-    try:
-        call_id = await call(app_host, setup.key, caller)
+
+    def revoke() -> None:
         revoked = app_host.manage.delete(f"/events/{setup.id}/attendees/{setup.attendee['id']}")
         assert revoked.status_code == 200
-        sim.configure(realtime_turn_seconds=0.4)
 
-        async def ended() -> str:
-            seen = await sim_call(sim.url, call_id)
-            return seen["ended"] if seen else ""
-
-        assert await eventually(ended, timeout=30) == "hangup"
-
-        assert "revoked by the organiser" in await last_notice(caller)
-    finally:
-        sim.configure(realtime_turn_seconds=None)
-        await caller.close()
+    notice = "revoked by the organiser"
+    call_id, _ = await ended_by_the_proxy(app_host, sim, storage, setup, notice, meanwhile=revoke)
     [row] = storage.rows("realtimecalls", f"RowKey eq '{call_id}'")
     assert row["ended"] == "key_revoked"
 
@@ -289,21 +290,10 @@ async def test_the_session_length_limit_ends_the_call(
     app_host: AppHost, sim: Simulator, storage: Storage
 ) -> None:
     setup = realtime_event(app_host, sim, realtime_max_session_seconds=10)
-    sim.configure(realtime_turn_seconds=1000)
-    caller = Caller()
-    try:
-        call_id = await call(app_host, setup.key, caller)
-
-        async def ended() -> str:
-            seen = await sim_call(sim.url, call_id)
-            return seen["ended"] if seen else ""
-
-        assert await eventually(ended, timeout=25) == "hangup"
-
-        assert "10 seconds" in await last_notice(caller)
-    finally:
-        sim.configure(realtime_turn_seconds=None)
-        await caller.close()
+    # No response at all (one per 1000 s of audio): only the session's length ends it.
+    call_id, _ = await ended_by_the_proxy(
+        app_host, sim, storage, setup, "10 seconds", turn=1000, timeout=25
+    )
     row = storage.rows("realtimecalls", f"RowKey eq '{call_id}'")[0]
     assert row["ended"] == "session_length"
 
