@@ -234,8 +234,7 @@ class Tables:
         if status == 409:
             raise Conflict(f"{entity['PartitionKey']}/{entity['RowKey']} exists")
         if not 200 <= status < 300:
-            kind = Refused if status in _REFUSALS else StorageUnavailable
-            raise kind(f"insert failed: {status} {body[:300]!r}")
+            raise _failed(status, "insert", body)
 
     async def insert_batch(self, table: str, entities: list[Entity]) -> None:
         """Insert entities of one partition in one transaction (at most 100); Conflict when one
@@ -262,8 +261,7 @@ class Tables:
         if failed == 409:
             raise Conflict(f"one of {len(entities)} entities exists")
         if failed is not None:
-            kind = Refused if failed in _REFUSALS else StorageUnavailable
-            raise kind(f"inserts failed: {failed} {body[:300]!r}")
+            raise _failed(failed, "inserts", body)
 
     async def delete_batch(self, table: str, pk: str, rks: list[str]) -> None:
         """Delete entities of one partition in one transaction (at most 100); when one of them
@@ -403,8 +401,7 @@ class Tables:
         except AzureError as exc:
             raise StorageUnavailable(str(exc)) from exc
         if failed is not None:
-            kind = Refused if failed in _REFUSALS else StorageUnavailable
-            raise kind(f"batch of {len(rows)} failed: {failed} {body[:300]!r}")
+            raise _failed(failed, f"batch of {len(rows)}", body)
 
     async def _send(
         self, client: TableClient, method: str, path: str, body: bytes, headers: dict[str, str]
@@ -456,6 +453,13 @@ class Tables:
 
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.1 (\d{3})")
+
+
+def _failed(status: int, what: str, body: bytes) -> StorageUnavailable:
+    """The error of a write storage answered `status` to: Refused when it will never take the
+    request (400, 413), StorageUnavailable otherwise."""
+    kind = Refused if status in _REFUSALS else StorageUnavailable
+    return kind(f"{what} failed: {status} {body[:300]!r}")
 
 
 def _odata_value(value: Any) -> tuple[Any, str | None]:
