@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -66,12 +65,9 @@ def main(argv: list[str]) -> int:
     load_cpu = bench.LOAD_CPU if two_cores else None
     work = Path(tempfile.mkdtemp(prefix="aiproxy-ab-"))
     tree = work / "a"
-    added = subprocess.run(
-        ["git", "worktree", "add", "--detach", str(tree), commit],
-        cwd=bench.ROOT, capture_output=True, text=True,
-    )  # fmt: skip
-    if added.returncode:
-        print(f"bench.ab: no worktree for {commit!r}: {added.stderr.strip()}", file=sys.stderr)
+    problem = bench.checkout(commit, tree)
+    if problem:
+        print(f"bench.ab: no worktree for {commit!r}: {problem}", file=sys.stderr)
         return 2
     on_worker = (tree / "local" / "host.py").exists()
     label = {"A": f"A ({commit})", "B": "B (working tree)"}
@@ -104,9 +100,7 @@ def main(argv: list[str]) -> int:
             app.wait()
             _event, key = bench.set_up_event(app.base, upstream.urls)
             targets[name] = bench.Target("proxy", app.base, "/api", key)
-            bench.smoke(targets[name])
-            bench.wrk(targets[name], "json", 16, 120, stop_after=WARM_UP, mix=True)
-            bench.settle(app.measured_pid)
+            bench.warm_up(targets[name], app.measured_pid, WARM_UP)
         where = "worker" if on_worker else "in-process"
         print(f"bench.ab: {where}, {mode}, {connections} connection(s), {rounds} rounds of "
               f"{seconds} s")  # fmt: skip
@@ -117,14 +111,9 @@ def main(argv: list[str]) -> int:
                 app = apps[name]
                 if on_worker:
                     app.repin()
-                pid = app.measured_pid
-                before = bench.cpu_seconds(pid)
-                run = bench.to_run(
-                    targets[name], mode, connections,
-                    bench.wrk(targets[name], mode, connections, seconds),
-                )  # fmt: skip
-                bench.settle(pid)
-                cpu = (bench.cpu_seconds(pid) - before) * 1000 / max(run.requests, 1)
+                run, cpu = bench.measured_run(
+                    app.measured_pid, targets[name], mode, connections, seconds
+                )
                 errors += run.non_2xx + run.socket_errors
                 results[name].append((run.rps, run.p50_ms, run.p99_ms, cpu))
                 print(
@@ -146,10 +135,7 @@ def main(argv: list[str]) -> int:
             upstream.stop()
         if azurite is not None:
             azurite.stop()
-        subprocess.run(
-            ["git", "worktree", "remove", "--force", str(tree)],
-            cwd=bench.ROOT, capture_output=True,
-        )  # fmt: skip
+        bench.remove_checkout(tree)
 
 
 if __name__ == "__main__":

@@ -91,12 +91,9 @@ def main(argv: list[str]) -> int:
     tree = work / "before"
     older = f"app at {commit}" if commit else ""
     if commit:
-        added = subprocess.run(
-            ["git", "worktree", "add", "--detach", str(tree), commit],
-            cwd=bench.ROOT, capture_output=True, text=True,
-        )  # fmt: skip
-        if added.returncode:
-            print(f"bench.percall: no worktree for {commit!r}: {added.stderr}", file=sys.stderr)
+        problem = bench.checkout(commit, tree)
+        if problem:
+            print(f"bench.percall: no worktree for {commit!r}: {problem}", file=sys.stderr)
             return 2
     azurite = upstream = None
     apps: dict[str, WorkerApp] = {}
@@ -121,9 +118,7 @@ def main(argv: list[str]) -> int:
             else:
                 _event, key = bench.set_up_event(app.base, upstream.urls)
                 targets[name] = bench.Target(name, app.base, "/api", key)
-            bench.smoke(targets[name])
-            bench.wrk(targets[name], "json", 16, 120, stop_after=WARM_UP, mix=True)
-            bench.settle(app.measured_pid)
+            bench.warm_up(targets[name], app.measured_pid, WARM_UP)
         names = list(apps)
         results: dict[str, dict[str, list[float]]] = {}
         errors = 0
@@ -137,12 +132,9 @@ def main(argv: list[str]) -> int:
                 for name in order:
                     app = apps[name]
                     app.repin()
-                    pid = app.measured_pid
-                    before = bench.cpu_seconds(pid)
-                    found = bench.wrk(targets[name], mode, connections, seconds)
-                    run = bench.to_run(targets[name], mode, connections, found)
-                    bench.settle(pid)
-                    cpu = (bench.cpu_seconds(pid) - before) * 1000 / max(run.requests, 1)
+                    run, cpu = bench.measured_run(
+                        app.measured_pid, targets[name], mode, connections, seconds
+                    )
                     errors += run.non_2xx + run.socket_errors
                     results[case][name].append(cpu)
                     print(f"  {case:<11} {name:<24} {run.rps:>7,.0f} req/s  "
@@ -159,10 +151,7 @@ def main(argv: list[str]) -> int:
         if azurite is not None:
             azurite.stop()
         if commit:
-            subprocess.run(
-                ["git", "worktree", "remove", "--force", str(tree)],
-                cwd=bench.ROOT, capture_output=True,
-            )  # fmt: skip
+            bench.remove_checkout(tree)
 
 
 def profile_all(

@@ -475,6 +475,38 @@ def to_run(target: Target, mode: str, connections: int, result: dict[str, Any]) 
     )
 
 
+def measured_run(
+    pid: int, target: Target, mode: str, connections: int, seconds: int
+) -> tuple[Run, float]:
+    """One wrk run at `target`, and the CPU process `pid` spent per request on it (ms), counted
+    until the process is quiet again (A/B rounds: bench/ab.py, bench/percall.py)."""
+    before = cpu_seconds(pid)
+    run = to_run(target, mode, connections, wrk(target, mode, connections, seconds))
+    settle(pid)
+    return run, (cpu_seconds(pid) - before) * 1000 / max(run.requests, 1)
+
+
+def warm_up(target: Target, pid: int, requests: int) -> None:
+    """Check `target` answers, send it `requests` mixed calls, and wait until `pid` is quiet."""
+    smoke(target)
+    wrk(target, "json", 16, 120, stop_after=requests, mix=True)
+    settle(pid)
+
+
+def checkout(commit: str, tree: Path) -> str:
+    """`commit` in a temporary git worktree at `tree`: '' when done, else why not."""
+    added = subprocess.run(
+        ["git", "worktree", "add", "--detach", str(tree), commit],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    return added.stderr.strip() if added.returncode else ""
+
+
+def remove_checkout(tree: Path) -> None:
+    subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT,
+                   capture_output=True)  # fmt: skip
+
+
 # --- time to first byte ---------------------------------------------------------------------
 
 
