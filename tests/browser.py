@@ -108,6 +108,20 @@ class Tab:
     def text(self, selector: str) -> str:
         return self.page.locator(selector).inner_text()
 
+    def connect(self, base: str, key: str) -> None:
+        """The playground at `base` (the app's /api), connected with an attendee's key."""
+        self.page.goto(f"{base}/playground")
+        self.page.fill("#key", key)
+        self.page.click("#connect")
+        self.page.wait_for_selector("#play-view:not([hidden])")
+
+    def sign_in(self, base: str, operator_key: str) -> None:
+        """The console at `base` (the app's /api), signed in with the operator key."""
+        self.page.goto(f"{base}/console")
+        self.page.fill("#operator-key", operator_key)
+        self.page.click("#sign-in")
+        self.page.wait_for_selector("#console-view:not([hidden])")
+
 
 @contextmanager
 def tab(browser: Browser, **context: Any) -> Iterator[Tab]:

@@ -722,10 +722,7 @@ def test_the_playground_lists_the_events_tools_and_the_console_its_servers_and_c
 
     with tab(browser) as opened:
         page = opened.page
-        page.goto(f"{app_host.base}/playground")
-        page.fill("#key", setup.key)
-        page.click("#connect")
-        page.wait_for_selector("#play-view:not([hidden])")
+        opened.connect(app_host.base, setup.key)
         tools = page.locator('#mcp-servers [data-server="tools"] li[data-tool]')
         wait_until(lambda: sorted(tools.evaluate_all("items => items.map((li) => li.dataset.tool)"))
                    == sorted(ALLOWED))  # fmt: skip
@@ -738,10 +735,7 @@ def test_the_playground_lists_the_events_tools_and_the_console_its_servers_and_c
 
     with tab(browser) as opened:
         page = opened.page
-        page.goto(f"{app_host.base}/console")
-        page.fill("#operator-key", OPERATOR_KEY)
-        page.click("#sign-in")
-        page.wait_for_selector("#console-view:not([hidden])")
+        opened.sign_in(app_host.base, OPERATOR_KEY)
         page.click(f"#event-list button[data-event-id='{setup.id}']")
         page.wait_for_selector("#event-view:not([hidden])")
         details = page.locator('#catalog-rows [data-tools="tools"]')

@@ -54,13 +54,6 @@ def images_event(host: AppHost, sim: Simulator, **fields: object) -> EventSetup:
     return event
 
 
-def connect(opened: Tab, host: AppHost, key: str) -> None:
-    opened.page.goto(f"{host.base}/playground")
-    opened.page.fill("#key", key)
-    opened.page.click("#connect")
-    opened.page.wait_for_selector("#play-view:not([hidden])")
-
-
 # --- served with a strict policy --------------------------------------------------------
 
 
@@ -123,7 +116,7 @@ def test_playground_streams_an_answer_and_shows_the_recorded_usage(
                          requests_per_minute=60)  # fmt: skip
     with tab(browser) as opened:
         page = opened.page
-        connect(opened, host, event.key)
+        opened.connect(host.base, event.key)
         assert opened.text("#event-name") == "Playground day"
         assert opened.text("#max-cap") == "800"
         assert opened.text("#per-minute") == "60 requests"
@@ -171,7 +164,7 @@ def test_playground_keeps_a_responses_conversation_upstream(
     event.add_resource(sim.url, "gpt-4.1", "openai-chat")
     with tab(browser) as opened:
         page = opened.page
-        connect(opened, host, event.key)
+        opened.connect(host.base, event.key)
         # The event's chat models, from its model list.
         assert page.locator("#model option").all_inner_texts() == ["gpt-4.1", "gpt-4o-mini"]
         page.select_option("#model", "gpt-4o-mini")
@@ -202,7 +195,7 @@ def test_playground_renders_a_generated_image(
     event = images_event(host, sim)
     with tab(browser) as opened:
         page = opened.page
-        connect(opened, host, event.key)
+        opened.connect(host.base, event.key)
         page.click("#tab-images")
         page.fill("#image-prompt", "A lighthouse at dawn")
         page.click("#generate")
@@ -217,7 +210,7 @@ def test_playground_explains_a_revoked_key(host: AppHost, sim: Simulator, browse
     event = EventSetup(host, sim)
     with tab(browser) as opened:
         page = opened.page
-        connect(opened, host, event.key)
+        opened.connect(host.base, event.key)
         revoked = host.manage.delete(f"/events/{event.id}/attendees/{event.attendee['id']}")
         assert revoked.status_code == 200
         page.fill("#prompt", "Are you still there?")
@@ -495,10 +488,7 @@ def test_console_finds_events_by_name_and_status_and_shows_who_was_slowed(
 
     with tab(browser) as opened:
         page = opened.page
-        page.goto(f"{host.base}/console")
-        page.fill("#operator-key", OPERATOR_KEY)
-        page.click("#sign-in")
-        page.wait_for_selector("#console-view:not([hidden])")
+        opened.sign_in(host.base, OPERATOR_KEY)
         names = lambda: page.locator("#event-list .name").all_text_contents()  # noqa: E731
         page.fill("#event-search", tag.upper())  # any case
         wait_until(lambda: len(names()) == 3)

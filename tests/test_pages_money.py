@@ -51,13 +51,6 @@ def cost_of_small(host: AppHost, sim: Simulator) -> int:
     return usage["prompt_tokens"] * MINI[0] + usage["completion_tokens"] * MINI[1]
 
 
-def sign_in(opened: Tab, host: AppHost) -> None:
-    opened.page.goto(f"{host.base}/console")
-    opened.page.fill("#operator-key", OPERATOR_KEY)
-    opened.page.click("#sign-in")
-    opened.page.wait_for_selector("#console-view:not([hidden])")
-
-
 def open_usage(opened: Tab, event_id: str) -> None:
     page = opened.page
     page.click(f"#event-list button[data-event-id='{event_id}']")
@@ -101,7 +94,7 @@ def test_console_editor_sets_the_currency_budgets_and_alerts(
     name = f"Budgeted lab {datetime.now(UTC).timestamp()}"
     with tab(browser) as opened:
         page = opened.page
-        sign_in(opened, host)
+        opened.sign_in(host.base, OPERATOR_KEY)
         page.click("#new-event")
         # A new event starts from the defaults: USD, no budgets, alerts at 50, 80 and 100 %.
         assert page.input_value("#ev-currency") == "USD"
@@ -172,7 +165,7 @@ def test_console_shows_the_spend_the_report_gives_the_forecast_and_the_alert(
     ada, grace = event.key, event.add_attendee("grace@example.com")["api_key"]
     with tab(browser, timezone_id="UTC") as opened:
         page = opened.page
-        sign_in(opened, host)
+        opened.sign_in(host.base, OPERATOR_KEY)
         open_usage(opened, event.id)
         # Nothing spent yet: no banner, the whole budget left.
         assert page.locator("#budget-banner").is_hidden()
@@ -263,10 +256,7 @@ def test_playground_shows_the_budget_left_from_each_answer_and_the_refusal(
     event = EventSetup(host, sim, name="Budget day", attendee_budget="0.5")
     with tab(browser) as opened:
         page = opened.page
-        page.goto(f"{host.base}/playground")
-        page.fill("#key", event.key)
-        page.click("#connect")
-        page.wait_for_selector("#play-view:not([hidden])")
+        opened.connect(host.base, event.key)
         assert opened.text("#budget-left") == "0.5 of 0.5 USD"
         assert page.locator("#budget-meter").is_visible()
         page.evaluate(WATCH, "#budget-left")
@@ -304,10 +294,7 @@ def test_playground_shows_the_budget_left_from_each_answer_and_the_refusal(
     assert statuses[0] == 200 and statuses[-1] == 429, statuses
     with tab(browser) as opened:
         page = opened.page
-        page.goto(f"{host.base}/playground")
-        page.fill("#key", tight.key)
-        page.click("#connect")
-        page.wait_for_selector("#play-view:not([hidden])")
+        opened.connect(host.base, tight.key)
         left = host.http.get("/eventinfo", headers={"api-key": tight.key}).json()["budget"]["left"]
         assert opened.text("#budget-left") == f"{left} of {tight.event['attendee_budget']} USD"
         page.fill("#prompt", "One more, please")
@@ -334,9 +321,6 @@ def test_playground_shows_the_budget_left_from_each_answer_and_the_refusal(
     # Both budgets: what is left is of the tighter, so both are named, not one as its total.
     both = EventSetup(host, sim, attendee_budget="2", attendee_daily_budget="0.75")
     with tab(browser) as opened:
-        opened.page.goto(f"{host.base}/playground")
-        opened.page.fill("#key", both.key)
-        opened.page.click("#connect")
-        opened.page.wait_for_selector("#play-view:not([hidden])")
+        opened.connect(host.base, both.key)
         assert opened.text("#budget-left") == "0.75 USD (budgets: 2 for the event, 0.75 a day)"
         opened.assert_clean()

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.browser import FAKE_MICROPHONE, Browser, Tab, for_tests, tab
+from tests.browser import FAKE_MICROPHONE, Browser, for_tests, tab
 from tests.harness import AppHost, EventSetup, Simulator, Storage, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -23,13 +23,6 @@ REALTIME = "gpt-realtime"
 def browser() -> Iterator[Browser]:
     with for_tests(*FAKE_MICROPHONE) as launched:  # the shared fixture's, with a microphone
         yield launched
-
-
-def connect(opened: Tab, host: AppHost, key: str) -> None:
-    opened.page.goto(f"{host.base}/playground")
-    opened.page.fill("#key", key)
-    opened.page.click("#connect")
-    opened.page.wait_for_selector("#play-view:not([hidden])")
 
 
 def sim_calls(sim: Simulator) -> list[dict[str, Any]]:
@@ -46,7 +39,7 @@ def test_a_voice_call_is_metered_exactly_and_ended_at_the_token_cap(
     try:
         with tab(browser) as opened:
             page = opened.page
-            connect(opened, app_host, event.key)
+            opened.connect(app_host.base, event.key)
             page.click("#tab-voice")
             assert page.locator("#voice-model option").all_inner_texts() == [REALTIME]
             page.fill("#voice-instructions", "Answer briefly.")
@@ -95,7 +88,7 @@ def test_a_call_outside_the_event_is_refused_before_any_media_flows(
     event.add_resource(sim.url, REALTIME, "openai-realtime")
     with tab(browser) as opened:
         page = opened.page
-        connect(opened, app_host, event.key)
+        opened.connect(app_host.base, event.key)
         switched = app_host.manage.patch(f"/events/{event.id}", json={"active": False})
         assert switched.status_code == 200
         # Every instance knows within the key cache's TTL; this one at once.
@@ -122,6 +115,6 @@ def test_the_voice_tab_shows_only_with_a_realtime_deployment(
 ) -> None:
     event = EventSetup(app_host, sim)  # chat, completions, embeddings: no realtime
     with tab(browser) as opened:
-        connect(opened, app_host, event.key)
+        opened.connect(app_host.base, event.key)
         assert opened.page.locator("#tab-voice").is_hidden()
         opened.assert_clean()
