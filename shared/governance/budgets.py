@@ -270,20 +270,21 @@ def budget_error(event: Event, pot: Pot, worst: int, now: datetime) -> ProxyErro
     daily one starts again (`worst` 0: a running call ended because the budget is spent)."""
     limit, left = as_amount(pot.limit), as_amount(max(0, pot.left))
     cur = event.currency
-    # What the caller can do: ask for less, or (a call ended) nothing but wait or ask.
+    # What the caller can do: ask for less, or ask the organiser (a running call that ended
+    # can only do the latter).
     lower = (
         f" This call may cost up to {as_amount(worst)} {cur}; ask for fewer output tokens "
         "(max_tokens) or a cheaper deployment"
         if worst
         else ""
     )
+    ask = ", or ask" if worst else " Ask"
     if pot.kind == "event":
         return ProxyError(
             "event_budget_exhausted",
             f"Event '{event.name}' has spent its budget of {limit} {cur} for all attendees "
-            f"together ({left} {cur} left, not held by calls running now).{lower}"
-            + (", or ask" if worst else " Ask")
-            + " the organiser to raise the budget.",
+            f"together ({left} {cur} left, not held by calls running now).{lower}{ask} the "
+            "organiser to raise the budget.",
             headers={"Retry-After": "60"},
             reason="event_budget",
         )
@@ -300,6 +301,6 @@ def budget_error(event: Event, pot: Pot, worst: int, now: datetime) -> ProxyErro
     return ProxyError(
         "attendee_budget_exhausted",
         f"You have spent your budget of {limit} {cur} for '{event.name}' ({left} {cur} left)."
-        f"{lower}" + (", or ask" if worst else " Ask") + " the organiser to raise it.",
+        f"{lower}{ask} the organiser to raise it.",
         reason="attendee_budget",
     )
