@@ -10,6 +10,7 @@ record of every tool call, and hostile input.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -750,3 +751,19 @@ def test_the_playground_lists_the_events_tools_and_the_console_its_servers_and_c
         assert cells[:5] == ["attendee@example.com", "tools", "add", "1", "1"]
         opened.screenshot("console-mcp")
         opened.assert_clean()
+
+
+def test_an_event_larger_than_the_proxy_relays_ends_the_request_with_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from shared.pipeline import mcp as proxy_mcp
+
+    monkeypatch.setattr(proxy_mcp, "MAX_EVENT_BYTES", 100)
+    answered: dict[str, Any] = {}
+    meter = proxy_mcp.McpMeter(7, proxy_mcp.ToolFilter(None), answered.update)
+    out = meter.feed(b"event: message\ndata: " + b"x" * 200)  # no end of event in sight
+    assert meter.done and answered["id"] == 7
+    assert answered["error"]["data"] == {"code": "upstream_error", "status": 502}
+    sent = json.loads(out.split(b"data: ", 1)[1])
+    assert sent == answered and "larger than the proxy relays" in sent["error"]["message"]
+    assert meter.cut("late") == b""  # answered once: a cut after it adds nothing

@@ -76,6 +76,11 @@ def rpc_error(message_id: Any, code: int, message: str, data: dict[str, Any]) ->
                                                           "data": data}}  # fmt: skip
 
 
+def _event_of(message: dict[str, Any]) -> bytes:
+    """One JSON-RPC message as an event of a server's stream."""
+    return b"event: message\ndata: " + orjson.dumps(message) + b"\n\n"
+
+
 def error_answer(error: ProxyError, message_id: Any, request_id: str) -> Response:
     """A refusal as a JSON-RPC error with the contract's code in `data`, at its HTTP status."""
     if error.code == "tool_not_allowed":
@@ -170,11 +175,10 @@ class McpMeter:
         del self._buffer[:start]
         if len(self._buffer) > MAX_EVENT_BYTES:
             self._buffer.clear()
-            error = rpc_error(self.watched, REFUSED, "The MCP server sent an event larger than "
-                              "the proxy relays.", {"code": "upstream_error", "status": 502})  # fmt: skip
-            self.done = True
+            error = self._upstream_error("The MCP server sent an event larger than the proxy "
+                                         "relays.")  # fmt: skip
             self.answered(error)
-            out += b"event: message\ndata: " + orjson.dumps(error) + b"\n\n"
+            out += _event_of(error)
         return bytes(out)
 
     def cut(self, why: str) -> bytes:
@@ -182,14 +186,16 @@ class McpMeter:
         JSON-RPC error for it, so the client's call ends with a reason, not a broken stream."""
         if self.watched is None or self.done:
             return b""
-        self.done = True
-        error = rpc_error(
-            self.watched, REFUSED,
+        return _event_of(self._upstream_error(
             f"The MCP server stopped answering before its answer came ({why}); whether the "
-            "tool finished is not known. Retry, or ask the organiser about the server.",
-            {"code": "upstream_error", "status": 502},
-        )  # fmt: skip
-        return b"event: message\ndata: " + orjson.dumps(error) + b"\n\n"
+            "tool finished is not known. Retry, or ask the organiser about the server."
+        ))  # fmt: skip
+
+    def _upstream_error(self, message: str) -> dict[str, Any]:
+        """The proxy's answer to the watched request when the server's stream cannot give it
+        (the stream ends here)."""
+        self.done = True
+        return rpc_error(self.watched, REFUSED, message, {"code": "upstream_error", "status": 502})
 
     def rest(self) -> bytes:
         """What came after the last complete event: read as one more event (a server may end
