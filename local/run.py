@@ -61,7 +61,8 @@ def ensure_local_settings() -> dict[str, str]:
     return data["Values"]
 
 
-# The demo event's catalog: (deployment, model class, more of the resource).
+# The demo event's catalog: (deployment, model class, the resource's own fields over the
+# simulator's defaults).
 DEMO_CATALOG: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("gpt-4o-mini", "openai-chat", {}),  # chat and the Responses API
     ("gpt-35-turbo-instruct", "openai-completions", {}),
@@ -71,8 +72,11 @@ DEMO_CATALOG: tuple[tuple[str, str, dict[str, object]], ...] = (
     ("tts", "openai-audio", {"upstream_deployment": "tts-hd"}),
     ("hotels", "azure-ai-search", {}),
     ("gpt-realtime", "openai-realtime", {}),  # the playground's voice tab
-    ("tools", "mcp", {"allowed_tools": ["add", "slow", "spell", "ask"]}),
-)
+    ("tools", "mcp", {  # the MCP server make run starts beside the simulator
+        "name": "demo MCP tools", "endpoint": f"http://127.0.0.1:{MCP_PORT}/mcp",
+        "auth": "bearer", "api_key": MCP_TOKEN, "allowed_tools": ["add", "slow", "spell", "ask"],
+    }),
+)  # fmt: skip
 
 
 def seed_demo(base: str, operator_key: str) -> str:
@@ -114,9 +118,6 @@ def seed_demo(base: str, operator_key: str) -> str:
                 "api_key": SIMULATOR_KEY,
                 **extra,
             }
-            if model_class == "mcp":
-                body.update(endpoint=f"http://127.0.0.1:{MCP_PORT}/mcp", api_key=MCP_TOKEN)
-                body.update(name="demo MCP tools", auth="bearer")
             made = manage.post("/resources", json=body)
             if made.status_code != 201:
                 raise SystemExit(f"the demo's {deployment} was refused: {made.text}")
