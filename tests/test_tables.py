@@ -182,6 +182,14 @@ async def test_lean_inserts_and_deletes_keep_values_and_tell_conflicts(azurite: 
     left = sorted(row["RowKey"] for row in await tables.partition("t", pk))
     await tables.close()
     assert left == [f"b{n}" for n in range(40, 50)]
+    # A writer flushing after storage was closed (shutdown): the write lands, and the wire
+    # keeps no session open behind it.
+    await tables.insert_lean("t", {"PartitionKey": pk, "RowKey": "late"})
+    assert tables._wire is not None and tables._wire._session is None
+    from azure.data.tables import TableServiceClient
+
+    service = TableServiceClient.from_connection_string(azurite.connection_string)
+    assert service.get_table_client(tables.name("t")).get_entity(pk, "late")["RowKey"] == "late"
 
 
 async def test_the_request_paths_writes_skip_the_sdk_signed_with_the_accounts_key(

@@ -88,14 +88,13 @@ class Wire:
         digest = hmac.new(self._key, signed.encode(), hashlib.sha256).digest()
         return f"SharedKey {self._account}:{base64.b64encode(digest).decode()}"
 
-    def _open(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-                timeout=aiohttp.ClientTimeout(sock_connect=CONNECT_SECONDS, sock_read=READ_SECONDS),
-                skip_auto_headers=("User-Agent",),
-            )
-        return self._session
+    @staticmethod
+    def _new_session() -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(sock_connect=CONNECT_SECONDS, sock_read=READ_SECONDS),
+            skip_auto_headers=("User-Agent",),
+        )
 
     async def send(
         self, method: str, path: str, body: bytes, headers: dict[str, str]
@@ -105,13 +104,21 @@ class Wire:
         twice; other statuses are the caller's to read."""
         if self._closed:
             # A writer flushing after the app closed storage (shutdown): the write still goes,
-            # and leaves no open session behind.
-            self._closed = False
-            try:
-                return await self.send(method, path, body, headers)
-            finally:
-                await self.close()
-        session = self._open()
+            # on a session of its own that it leaves closed.
+            async with self._new_session() as session:
+                return await self._exchange(session, method, path, body, headers)
+        if self._session is None or self._session.closed:
+            self._session = self._new_session()
+        return await self._exchange(self._session, method, path, body, headers)
+
+    async def _exchange(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+    ) -> tuple[int, bytes]:
         url = URL(self._base + path, encoded=True)
         content_type = headers.get("Content-Type", "")
         for attempt in (1, 2):
