@@ -648,14 +648,14 @@ class ResourcePatch(ResourceCreate):
 
 # Answers are described, never validated; they always carry every field.
 ANSWER = ConfigDict(extra="ignore", json_schema_serialization_defaults_required=True)
-_UTC = {"format": "date-time"}
+UTC_TIME = {"format": "date-time"}
 
 
 class Created(BaseModel):
     """Who created a thing organisers own (an event, a resource), and when."""
 
     owner: str = Field(description="the signed-in creator ('<idp>:<id>'); empty for operators")
-    created_at: str = Field(description="creation time, UTC", json_schema_extra=_UTC)
+    created_at: str = Field(description="creation time, UTC", json_schema_extra=UTC_TIME)
 
 
 class EventView(Created, EventCreate):
@@ -664,8 +664,8 @@ class EventView(Created, EventCreate):
     model_config = ANSWER
 
     id: str = Field(description="the event's id")
-    starts_at_utc: str = Field(description="the start in UTC", json_schema_extra=_UTC)
-    ends_at_utc: str = Field(description="the end in UTC", json_schema_extra=_UTC)
+    starts_at_utc: str = Field(description="the start in UTC", json_schema_extra=UTC_TIME)
+    ends_at_utc: str = Field(description="the end in UTC", json_schema_extra=UTC_TIME)
 
 
 class RegistrationState(BaseModel):
@@ -739,7 +739,7 @@ class AttendeeView(BaseModel):
     event_id: str = Field(description="the event")
     user: str = Field(description="as given when added or registered")
     active: bool = Field(description="false once revoked")
-    created_at: str = Field(description="creation time, UTC", json_schema_extra=_UTC)
+    created_at: str = Field(description="creation time, UTC", json_schema_extra=UTC_TIME)
     revoked_at: str = Field(description="revocation time, UTC; empty while active")
     self_registered: bool = Field(
         description="registered itself with the event's code, so its key was shown to whoever "
@@ -777,19 +777,6 @@ class UsageNumbers(BaseModel):
 
 class AttendeeWithTotals(AttendeeView, UsageNumbers):
     """An attendee in the event's list: without its key, with its all-time totals."""
-
-
-class AlertView(BaseModel):
-    """A budget threshold that fired (once, whichever instance saw it first)."""
-
-    model_config = ANSWER
-
-    threshold_percent: int = Field(description="the percentage of the event's budget")
-    spent: str = Field(description="what the event had spent when it fired")
-    budget: str = Field(description="the budget then")
-    currency: str = Field(description="of both amounts")
-    fired_at: str = Field(description="when it fired, UTC", json_schema_extra=_UTC)
-    delivered: bool = Field(description="the webhook answered 2xx (false: no webhook, or none)")
 
 
 class AlertSecret(BaseModel):

@@ -18,12 +18,13 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
 
 import orjson
+from pydantic import BaseModel, Field
 
 from shared.directory.endpoints import EndpointPolicy, webhook_problem
 from shared.directory.events import Event
+from shared.directory.models import ANSWER, UTC_TIME
 from shared.governance.prices import as_amount
 from shared.platform import settings
 from shared.platform.background import Background
@@ -38,6 +39,19 @@ SIGNATURE_HEADER = "x-aiproxy-signature"
 # POSTs a body with headers to a URL and answers the status (the runtime's upstream client,
 # connecting to public addresses only: shared/upstreams/client.py PublicResolver).
 Post = Callable[[str, dict[str, str], bytes], Awaitable[int]]
+
+
+class AlertView(BaseModel):
+    """A budget threshold that fired (once, whichever instance saw it first)."""
+
+    model_config = ANSWER
+
+    threshold_percent: int = Field(description="the percentage of the event's budget")
+    fired_at: str = Field(description="when it fired, UTC", json_schema_extra=UTC_TIME)
+    delivered: bool = Field(description="the webhook answered 2xx (false: no webhook, or none)")
+    spent: str = Field(description="what the event had spent when it fired")
+    budget: str = Field(description="the budget then")
+    currency: str = Field(description="of both amounts")
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -146,18 +160,18 @@ class Alerts:
         )
         return secret
 
-    async def fired(self, event_id: str) -> list[dict[str, Any]]:
+    async def fired(self, event_id: str) -> list[AlertView]:
         """The thresholds fired for the event, lowest first."""
         rows = await self._tables.partition(ALERTS_TABLE, event_id)
         return [
-            {
-                "threshold_percent": int(row["threshold"]),
-                "spent": as_amount(int(row["spent_nano"])),
-                "budget": as_amount(int(row["budget_nano"])),
-                "currency": row.get("currency", "USD"),
-                "fired_at": row["fired_at"],
-                "delivered": bool(row.get("delivered")),
-            }
+            AlertView(
+                threshold_percent=int(row["threshold"]),
+                fired_at=row["fired_at"],
+                delivered=bool(row.get("delivered")),
+                spent=as_amount(int(row["spent_nano"])),
+                budget=as_amount(int(row["budget_nano"])),
+                currency=row.get("currency", "USD"),
+            )
             for row in sorted(rows, key=lambda r: r["RowKey"])
             if row["RowKey"] != SECRET_ROW
         ]

@@ -19,6 +19,7 @@ from shared.directory.models import AttendeeCreate
 from shared.directory.records import Rows
 from shared.directory.validation import is_id, parse
 from shared.errors import ProxyError
+from shared.governance.alerts import AlertView
 from shared.platform import clock
 from shared.runtime import Runtime
 
@@ -232,7 +233,7 @@ async def rotate(runtime: Runtime, caller: Caller, event_id: str, attendee_id: s
     return key
 
 
-async def alerts(runtime: Runtime, caller: Caller, event_id: str) -> list[dict[str, Any]]:
+async def alerts(runtime: Runtime, caller: Caller, event_id: str) -> list[AlertView]:
     """The budget thresholds the event has reached, each fired once."""
     found = await event(runtime, caller, event_id)
     return await runtime.alerts.fired(found.id)

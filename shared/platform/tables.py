@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import Any, NamedTuple
 from urllib.parse import quote
@@ -224,17 +224,12 @@ class Tables:
             "Prefer": "return-no-content",
         }
         path = f"/{self.name(table)}"
-        try:
-            status, body = await self._send(client, "POST", path, _entity_json(entity), headers)
-        except (AttributeError, TypeError):  # the SDK changed its insides: its own way
-            await self.insert(table, entity)
-            return
-        except AzureError as exc:
-            raise StorageUnavailable(str(exc)) from exc
-        if status == 409:
-            raise Conflict(f"{entity['PartitionKey']}/{entity['RowKey']} exists")
-        if not 200 <= status < 300:
-            raise _failed(status, "insert", body)
+        await self._insert_by_hand(
+            self._send(client, "POST", path, _entity_json(entity), headers),
+            lambda: self.insert(table, entity),  # the SDK changed its insides: its own way
+            "insert",
+            f"{entity['PartitionKey']}/{entity['RowKey']} exists",
+        )
 
     async def insert_batch(self, table: str, entities: list[Entity]) -> None:
         """Insert entities of one partition in one transaction (at most 100); Conflict when one
@@ -250,18 +245,38 @@ class Tables:
             "DataServiceVersion: 3.0\r\n\r\n"
         ).encode()
         parts = [head + _entity_json(entity) + b"\r\n" for entity in entities]
-        try:
-            failed, body = await self._send_batch(client, parts)
-        except (AttributeError, TypeError):  # the SDK changed its insides: one by one
+
+        async def one_by_one() -> None:  # the SDK changed its insides
             for entity in entities:
                 await self.insert(table, entity)
+
+        await self._insert_by_hand(
+            self._send_batch(client, parts),
+            one_by_one,
+            "inserts",
+            f"one of {len(entities)} entities exists",
+        )
+
+    async def _insert_by_hand(
+        self,
+        sending: Awaitable[tuple[int | None, bytes]],
+        the_sdks_way: Callable[[], Awaitable[None]],
+        what: str,
+        conflict: str,
+    ) -> None:
+        """Await a request made by hand (a status, None for a whole batch's success); when the
+        SDK's insides it relies on have changed, insert `the_sdks_way`."""
+        try:
+            status, body = await sending
+        except (AttributeError, TypeError):
+            await the_sdks_way()
             return
         except AzureError as exc:
             raise StorageUnavailable(str(exc)) from exc
-        if failed == 409:
-            raise Conflict(f"one of {len(entities)} entities exists")
-        if failed is not None:
-            raise _failed(failed, "inserts", body)
+        if status == 409:
+            raise Conflict(conflict)
+        if status is not None and not 200 <= status < 300:
+            raise _failed(status, what, body)
 
     async def delete_batch(self, table: str, pk: str, rks: list[str]) -> None:
         """Delete entities of one partition in one transaction (at most 100); when one of them
