@@ -5,12 +5,26 @@ calls in flight, token estimates.
 May import: shared.errors, shared.platform, shared.directory, shared.access.
 """
 
-from shared.governance.alerts import Alerts
+from shared.governance.alerts import Alerts, AlertView
 from shared.governance.budgets import Budgets
 from shared.governance.caps import Caps
 from shared.governance.fairshare import FairShare
 from shared.governance.journal import CallJournal
 from shared.governance.ratelimits import RateLimits
+from shared.governance.rollups import GROUPS, UsageReport
+from shared.governance.toolcalls import ToolCalls
 from shared.governance.usage import UsageWriter
 
-__all__ = ["Alerts", "Budgets", "CallJournal", "Caps", "FairShare", "RateLimits", "UsageWriter"]
+__all__ = [
+    "GROUPS",
+    "AlertView",
+    "Alerts",
+    "Budgets",
+    "CallJournal",
+    "Caps",
+    "FairShare",
+    "RateLimits",
+    "ToolCalls",
+    "UsageReport",
+    "UsageWriter",
+]

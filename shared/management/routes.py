@@ -15,9 +15,7 @@ from starlette.responses import Response
 
 from shared import pipeline
 from shared.directory import models
-from shared.governance.alerts import AlertView
-from shared.governance.rollups import GROUPS, UsageReport
-from shared.governance.toolcalls import ToolCalls
+from shared.governance import GROUPS, AlertView, ToolCalls, UsageReport
 from shared.management import http, openapi
 from shared.management.routing import (
     ANONYMOUS,
