@@ -352,7 +352,10 @@ async def test_a_call_the_metering_cannot_join_is_hung_up_and_refused(
     # its own, so that no other host of the run takes the ticket.
     prefix = unique_prefix("unmetered")
     unmetered = app_hosts(
-        "unmetered", prefix=prefix, AzureWebJobsStorage=Azurite(free_port()).connection_string
+        "unmetered",
+        prefix=prefix,
+        AzureWebJobsStorage=Azurite(free_port()).connection_string,
+        AIPROXY_REALTIME_ATTACH_SECONDS="3",
     )
     storage = Storage(azurite.connection_string, prefix)
     setup = realtime_event(unmetered, sim)

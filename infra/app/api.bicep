@@ -218,6 +218,7 @@ var settings = {
   AIPROXY_STREAM_IDLE_TIMEOUT: '60'
   AIPROXY_UPSTREAM_TOTAL_TIMEOUT: '220'
   AIPROXY_CALL_EXPIRY_SECONDS: '300'
+  AIPROXY_REALTIME_ATTACH_SECONDS: '20'
   // Upstream endpoints: Azure AI services' hosts and these (shared/directory/endpoints.py).
   // Loopback upstreams are for the local simulator only, never on Azure.
   AIPROXY_UPSTREAM_HOSTS: upstreamHosts

@@ -208,7 +208,8 @@ class RealtimeCall(ProxyCall):
         )  # fmt: skip
         try:
             await sideband.enqueue(self.runtime, ticket)
-            if await sideband.attached(self.runtime, ticket):
+            within = self.runtime.settings.realtime_attach_seconds
+            if await sideband.attached(self.runtime, ticket, within):
                 return
         except Exception as error:  # storage away: the call cannot be metered
             log.error("realtime %s: not handed to its metering: %s", call_id, error)

@@ -41,7 +41,6 @@ QUEUE_SETTING = "AIPROXY_REALTIME_QUEUE"
 PROGRESS_TABLE = "realtimecalls"
 KEEP_SETTLED = 64  # response ids remembered per call (they come in order)
 RECONNECTS = 6  # tries in a row to join the sideband again (0.5 s doubling: about 30 s)
-ATTACH_SECONDS = 20.0  # how long a call's setup waits for the metering to attach
 GONE = (400, 404, 410)  # the sideband's answer for a call that is over
 
 
@@ -103,7 +102,7 @@ async def enqueue(runtime: Runtime, ticket: Ticket) -> None:
     await runtime.queues.send(binding_setting(QUEUE_SETTING), asdict(ticket))
 
 
-async def attached(runtime: Runtime, ticket: Ticket, within: float = ATTACH_SECONDS) -> bool:
+async def attached(runtime: Runtime, ticket: Ticket, within: float) -> bool:
     """Whether the metering joined the call's sideband within `within` seconds."""
     deadline = asyncio.get_running_loop().time() + within
     wait = 0.05

@@ -57,6 +57,9 @@ class Settings:
     # How long after its admission a call that wrote no usage record is taken for lost with its
     # worker (then recorded at its worst case): longer than a call may run. 0: no journal.
     call_expiry_seconds: float = 300.0
+    # How long a realtime call's setup waits for its metering to join the call's sideband
+    # before it hangs the call up and refuses it (503 storage_unavailable).
+    realtime_attach_seconds: float = 20.0
     # Upstream endpoints beyond Azure AI services' hosts (shared/directory/endpoints.py): exact
     # hosts or '.suffixes', each optionally ':port', commas; and whether http://127.0.0.1,
     # localhost and [::1] are allowed (local runs and tests only: never on Azure).
