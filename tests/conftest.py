@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,16 +21,15 @@ if str(ROOT) not in sys.path:
 
 # A run starts a hundred or so Python processes (pytest-xdist's workers, app hosts and their
 # workers, simulators) that import the same modules. Where the environment turns writing
-# bytecode off (PYTHONDONTWRITEBYTECODE), each one would compile them again, and pytest would
-# rewrite the asserts of every module of its plugins' packages (hypothesis, schemathesis: some
-# 300) again in each of its processes, about 1.5 CPU-seconds each. The run keeps bytecode in
-# one folder outside the source tree instead (PYTHONPYCACHEPREFIX), for this process from here
-# on and for every process it starts.
-if sys.dont_write_bytecode and not sys.pycache_prefix:
-    PYCACHE = str(Path(tempfile.gettempdir()) / "aiproxy-tests-pycache")
+# bytecode off (PYTHONDONTWRITEBYTECODE), each one would compile them again (pip compiled the
+# installed packages, but the project's modules have no bytecode yet), and pytest would rewrite
+# the asserts of every module of its plugins' packages (hypothesis, schemathesis: some 300)
+# again in each of its processes, about 1.5 CPU-seconds each. So the run writes bytecode, for
+# this process from here on and for every process it starts: into the `__pycache__` folders
+# git ignores, where the installed packages' bytecode already is.
+if sys.dont_write_bytecode:
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    os.environ["PYTHONPYCACHEPREFIX"] = PYCACHE
-    sys.dont_write_bytecode, sys.pycache_prefix = False, PYCACHE
+    sys.dont_write_bytecode = False
 
 from local.azurite import Azurite, free_port  # noqa: E402
 from tests.entra_issuer import LocalIssuer  # noqa: E402
