@@ -79,7 +79,7 @@ def _timed(name: str, wrapped: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _instrument() -> None:
-    from shared.governance import journal
+    from shared.governance import caps, journal
     from shared.pipeline import call, ledger
     from shared.upstreams import client
 
@@ -90,6 +90,8 @@ def _instrument() -> None:
         (call.ProxyCall, "arrive", "1 arrive (key, event)"),
         (call.ProxyCall, "parse", "2 parse (body, pools)"),
         (ledger.Ledger, "admit", "3 admit (caps, rate limits, journal)"),
+        (caps.Caps, "admit", "3a caps' admission"),
+        (caps.Caps, "_reserve", "3b a block of requests reserved (storage)"),
         (call.ProxyCall, "dispatch", "4 dispatch (balancer + upstream headers)"),
         (call.ProxyCall, "run", "0 run (arrival to answer's headers)"),
     ):

@@ -82,13 +82,23 @@ class StandIns:
         app = web.Application()
         app.router.add_post("/clock", self._clock)
         app.router.add_post("/shutdown", self._shutdown)
-        app.router.add_get("/vault", lambda _: web.json_response(self.vault.secrets))
-        app.router.add_get("/credential", lambda _: web.json_response(self.credential.scopes))
+        app.router.add_get("/vault", self._vault)
+        app.router.add_get("/credential", self._credential)
         app.router.add_get("/telemetry", self._telemetry)
         app.router.add_get("/invocations", self._invocations)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    async def _vault(self, _: Any) -> Any:
+        from aiohttp import web
+
+        return web.json_response(self.vault.secrets)
+
+    async def _credential(self, _: Any) -> Any:
+        from aiohttp import web
+
+        return web.json_response(self.credential.scopes)
 
     async def _clock(self, request: Any) -> Any:
         """{"shift": seconds} sets the clock that far from the real time; {} resets it."""
