@@ -41,6 +41,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,10 +90,19 @@ FLOOR_ON = os.environ.get("CONCURRENCY_FLOOR", "1") != "0"
 # CONCURRENCY_WATCH=1: the app's worker preloads bench/loopwatch.py (loop lag, call stages).
 WATCH = os.environ.get("CONCURRENCY_WATCH", "") not in ("", "0")
 PROFILE = os.environ.get("CONCURRENCY_PROFILE", "") not in ("", "0")
+# CONCURRENCY_AA=1: the A/A control. The relay function is measured twice at each level, the
+# second time in the app's place, so the "added" figures are what the harness alone makes of
+# two runs of one target (the noise any verdict at that level sits in). Writes
+# concurrency-aa.md/.json.
+AA = os.environ.get("CONCURRENCY_AA", "") not in ("", "0")
 CALL_TIMEOUT_SECONDS = 60
 WARM_SECONDS = 3.0
 QUIET_WAIT_SECONDS = 60  # at most, before each level, for other work on this machine to end
 TRIES = 2  # a level during which other work took CPU 1 is measured once more
+# CONCURRENCY_ROUNDS=N: each level is measured N times, the relay function and the app in turns
+# (the app first in every other round: whichever runs first after the direct run fares worse at
+# p99, concurrency-aa.md), and judged on the median of the rounds' added figures.
+ROUNDS = max(1, int(os.environ.get("CONCURRENCY_ROUNDS", "1") or 1))
 OTHER_WORK = 0.1  # of CPU 1 used by none of the bench's processes: the level is suspect
 HARNESS_BUSY = 0.9  # CPU 1 (host stand-in, simulator, client) this busy: the harness limits
 
@@ -323,6 +333,41 @@ def judge(base: dict[str, Any], worker: dict[str, Any], direct: dict[str, Any]) 
     return row
 
 
+def combined(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One level's rounds as one row: the round whose added first-byte p99 is the median, its
+    verdict taken again on the medians of the rounds' added figures (no failed call in any)."""
+    if len(rounds) == 1:
+        return rounds[0]
+    judged = [r["judged"] for r in rounds]
+    ordered = sorted(rounds, key=lambda r: r["judged"]["added_first_byte_p99_ms"] or 0.0)
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    verdict = dict(row["judged"])
+    for name in ("added_first_byte_p50_ms", "added_first_byte_p99_ms", "added_whole_p50_ms",
+                 "added_whole_p99_ms", "cpu_per_call_over_floor"):  # fmt: skip
+        values = [j[name] for j in judged if j.get(name) is not None]
+        verdict[name] = round(statistics.median(values), 2) if values else None
+    limit = added_limit(row["floor"] or row["direct"])
+    failed = sum(r["worker"]["failed"] + (r["floor"] or {}).get("failed", 0) for r in rounds)
+    rss = max(r["worker"].get("worker_rss_peak_mib") or 0.0 for r in rounds)
+    reasons = [f"{failed} failed calls"] if failed else []
+    for name in ("added_first_byte_p99_ms", "added_whole_p99_ms"):
+        if verdict[name] is None or verdict[name] >= limit:
+            reasons.append(f"median {name.removeprefix('added_')} added {verdict[name]} ms")
+    if rss >= RSS_LIMIT_MIB:
+        reasons.append(f"worker RSS {rss} MiB")
+    inconclusive = sum(j["other_work"] for j in judged) * 2 > len(judged)
+    verdict["verdict"] = "inconclusive" if inconclusive else "fails" if reasons else "passes"
+    verdict["passes"] = verdict["verdict"] == "passes"
+    verdict["why_not"] = "; ".join(reasons)
+    verdict["rounds"] = [
+        {key: j[key] for key in ("added_first_byte_p99_ms", "added_whole_p99_ms", "verdict")}
+        | {"app_first": r["app_first"]}
+        for r, j in zip(rounds, judged, strict=True)
+    ]
+    row["judged"] = verdict
+    return row
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     floor = report.get("floor", False)
@@ -333,6 +378,14 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"- Date: {m['date']}, commit `{m['commit']}`"
         + (" with uncommitted changes in the working tree" if m["uncommitted_changes"] else ""),
+        *(
+            [
+                "- **A/A control** (CONCURRENCY_AA=1): the app's columns are a second run of the "
+                "relay function, so every 'added' figure is the harness's own noise."
+            ]
+            if AA
+            else []
+        ),
         f"- Machine: {m['cpu_model']}, {m['cores']} cores; Python {m['python']}; "
         f"azure-functions-runtime {report['runtime_version']}",
         "- Before the run the cores were busy: "
@@ -365,6 +418,15 @@ def markdown(report: dict[str, Any]) -> str:
         f"{OTHER_WORK:.0%} of CPU {LOAD_CPU} was measured once more and the less disturbed try "
         "is shown; still disturbed, it is inconclusive. The answer: the highest level passing "
         "below the first that fails.",
+        *(
+            [
+                f"- Rounds: each level {report['rounds']} times, the relay function and the app "
+                "in turns (the app first in every other round); a level's added figures and "
+                "CPU ratio are the medians of its rounds, the other columns its median round's."
+            ]
+            if report.get("rounds", 1) > 1
+            else []
+        ),
         "",
         "| clients | calls/s | failed | added first byte p50 / p99 ms | added whole p50 / p99 ms "
         "| relay function first byte p50 / p99 ms | direct whole p50 / p99 ms | worker CPU | "
@@ -399,6 +461,15 @@ def markdown(report: dict[str, Any]) -> str:
             + " |"
         )
     best = report["highest_passing"]
+    for level in report["levels"]:
+        if level["judged"].get("rounds"):
+            each = "; ".join(
+                f"{r['added_first_byte_p99_ms']} / {r['added_whole_p99_ms']} ms"
+                f" ({'app' if r['app_first'] else 'relay function'} first, {r['verdict']})"
+                for r in level["judged"]["rounds"]
+            )
+            lines += ["", f"{level['worker']['clients']} streams, added p99 first byte / whole "
+                      f"by round: {each}."]  # fmt: skip
     lines += [
         "",
         (
@@ -495,45 +566,64 @@ def main() -> int:
         if floor is not None:
             floor.repin()
             measure("floor", f"{floor.base}/api" + path, SIM_KEY, 16, WARM_SECONDS, pids)
-        for clients in levels():
+
+        def relay_function(clients: int) -> dict[str, Any] | None:
+            if floor is None:
+                return None
+            print(f"concurrency: {time.strftime('%H:%M:%S')} {clients} clients: "
+                  "relay function", flush=True)  # fmt: skip
+            floor.repin()
+            with profiled(floor.worker_pid, f"floor-{clients}"):
+                return measure(
+                    "floor", f"{floor.base}/api" + path, SIM_KEY, clients, seconds,
+                    {**pids, "worker": floor.worker_pid, "host": floor.host_pid},
+                ).summary()  # fmt: skip
+
+        def app(clients: int) -> dict[str, Any]:
+            print(f"concurrency: {time.strftime('%H:%M:%S')} {clients} clients: "
+                  + ("relay function again (A/A)" if AA else "app"), flush=True)  # fmt: skip
+            target = floor if AA and floor is not None else worker
+            target.repin()
+            watched(watch_out, reset=True)
+            with profiled(target.worker_pid, f"app-{clients}"):
+                w = measure(
+                    "worker", (f"{floor.base}/api" + path) if target is floor else base + path,
+                    SIM_KEY if target is floor else key, clients, seconds,
+                    {**pids, "worker": target.worker_pid, "host": target.host_pid},
+                ).summary()  # fmt: skip
+            if WATCH:
+                w["loopwatch"] = watched(watch_out)
+            return w
+
+        def one_round(clients: int, app_first: bool) -> dict[str, Any]:
             tries = []
             for _ in range(TRIES):
                 quiet = wait_for_quiet(QUIET_WAIT_SECONDS)
                 warn_if_busy(quiet, "concurrency")
                 stamp = time.strftime("%H:%M:%S")
                 print(f"concurrency: {stamp} {clients} clients: direct", flush=True)
-                direct = measure("direct", simulator_url + path, SIM_KEY, clients, seconds, pids)
-                f = None
-                if floor is not None:
-                    print(f"concurrency: {time.strftime('%H:%M:%S')} {clients} clients: "
-                          "relay function", flush=True)  # fmt: skip
-                    floor.repin()
-                    with profiled(floor.worker_pid, f"floor-{clients}"):
-                        f = measure(
-                            "floor", f"{floor.base}/api" + path, SIM_KEY, clients, seconds,
-                            {**pids, "worker": floor.worker_pid, "host": floor.host_pid},
-                        ).summary()  # fmt: skip
-                print(f"concurrency: {time.strftime('%H:%M:%S')} {clients} clients: app",
-                      flush=True)  # fmt: skip
-                worker.repin()
-                watched(watch_out, reset=True)
-                with profiled(worker.worker_pid, f"app-{clients}"):
-                    through = measure(
-                        "worker", base + path, key, clients, seconds,
-                        {**pids, "worker": worker.worker_pid, "host": worker.host_pid},
-                    )  # fmt: skip
-                d, w = direct.summary(), through.summary()
-                if WATCH:
-                    w["loopwatch"] = watched(watch_out)
+                d = measure("direct", simulator_url + path, SIM_KEY, clients, seconds, pids)
+                d = d.summary()
+                if app_first:
+                    w = app(clients)
+                    f = relay_function(clients)
+                else:
+                    f = relay_function(clients)
+                    w = app(clients)
                 judged = judge(f or d, w, d)
                 tries.append({"busy_before": quiet, "direct": d, "floor": f, "worker": w,
-                              "judged": judged})  # fmt: skip
+                              "judged": judged, "app_first": app_first})  # fmt: skip
                 if not judged["other_work"]:
                     break
                 print("   other work on the machine during the level: once more", flush=True)
             # Of the tries, the one least disturbed by other work.
             row = min(tries, key=lambda t: (t["judged"]["other_work"], t["judged"]["other_share"]))
             row["tries"] = len(tries)
+            return row
+
+        for clients in levels():
+            rounds = [one_round(clients, app_first=n % 2 == 1) for n in range(ROUNDS)]
+            row = combined(rounds)
             rows.append(row)
             d, w, judged = row["direct"], row["worker"], row["judged"]
             print(
@@ -570,6 +660,7 @@ def main() -> int:
         "tokens": tokens,
         "token_ms": TOKEN_MS,
         "seconds": seconds,
+        "rounds": ROUNDS,
         "criteria": {
             "added_p99_ms_below": ADDED_P99_LIMIT_MS,
             "worker_rss_mib_below": RSS_LIMIT_MIB,
@@ -584,6 +675,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = markdown(report)
     name = "concurrency" if HOST_CPU == LOAD_CPU else f"concurrency-host-on-cpu{HOST_CPU}"
+    name += "-aa" if AA else ""
     (RESULTS / f"{name}.md").write_text(text)
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     print()

@@ -6,6 +6,7 @@ worker's loop:
   callback that holds the loop shows as lag);
 - slow-callback reporting: each callback (uvloop's or asyncio's handles) that ran longer than
   SLOW_MS ms, counted by what it ran;
+- the garbage collector's passes, timed by generation;
 - per-stage waits of the app's calls: how long the first byte waited for the call's journal
   entry (`Entry.landed`), an upstream request took to its headers (`UpstreamClient.send`), the
   admission's storage reads took.
@@ -17,6 +18,7 @@ after each level. Nothing here runs in the app unless a bench preloads it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import time
@@ -32,6 +34,7 @@ lags: list[float] = []
 slow: Counter[str] = Counter()
 slow_ms: Counter[str] = Counter()
 stages: dict[str, list[float]] = {}
+collections: dict[int, list[float]] = {}  # the garbage collector's passes, ms, by generation
 
 
 def reset() -> None:
@@ -39,6 +42,7 @@ def reset() -> None:
     slow.clear()
     slow_ms.clear()
     stages.clear()
+    collections.clear()
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -64,7 +68,25 @@ def summary() -> dict[str, Any]:
             {"callback": k, "count": n, "ms": round(slow_ms[k], 1)} for k, n in slow.most_common(15)
         ],
         "stages_ms": {name: dist(values) for name, values in sorted(stages.items())},
+        "gc_ms": {
+            f"generation {generation}": {**dist(values), "total": round(sum(values), 1)}
+            for generation, values in sorted(collections.items())
+        },
     }
+
+
+def _watch_collections() -> None:
+    """Time each pass of the garbage collector (it holds the loop while it runs)."""
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            spent = (time.perf_counter() - started[0]) * 1000
+            collections.setdefault(info["generation"], []).append(spent)
+
+    gc.callbacks.append(callback)
 
 
 def _timed(name: str, wrapped: Callable[..., Any]) -> Callable[..., Any]:
@@ -139,6 +161,7 @@ async def _probe() -> None:
 
 
 _instrument()
+_watch_collections()
 try:
     _loop = asyncio.get_running_loop()
 except RuntimeError:
