@@ -31,7 +31,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def _json(data: Any, status: int = 200) -> Response:
-    """JSON of plain values and of the answer models (shared/directory/models.py) among them."""
+    """JSON of plain values, and of the pydantic answer models among them."""
     return Response(orjson.dumps(data, default=_plain), status, media_type="application/json")
 
 
