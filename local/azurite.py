@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import signal
 import socket
@@ -28,9 +29,31 @@ def connection_string(port: int, queue_port: int | None = None) -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A free port on 127.0.0.1 for a server that binds it a moment later, outside the system's
+    ephemeral range: a port from that range (what binding port 0 gives) can be handed to
+    another socket in that moment, another server's or an outgoing connection's own end, and
+    a busy test run makes thousands of those."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = 15_000 + secrets.randbelow(low - 15_000)  # not `random`: tests seed it
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # every try taken: the system's choice
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    """The first port of the system's ephemeral range (Linux; 32768 elsewhere)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return max(low, 20_000)
 
 
 def wait_for_port(

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 import wave
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -385,23 +386,41 @@ class StandIns:
         return self.http.get("/invocations").json()["held"]
 
 
+def standins_settings(log_dir: Path) -> tuple[dict[str, str], Path]:
+    """The settings that load the tests' stand-ins into a host's worker (tests/standins.py),
+    and the file where the worker writes the port of their control API."""
+    told = log_dir / f"standins-{uuid.uuid4().hex}.port"
+    return {
+        "AIPROXY_WORKER_PRELOAD": "tests.standins",
+        "AIPROXY_STANDINS_PORT_FILE": str(told),
+    }, told
+
+
+def standins_told(told: Path) -> StandIns:
+    """The control API of the stand-ins whose worker writes its port to `told`."""
+
+    def port() -> int | None:
+        try:
+            return int(told.read_text())
+        except (OSError, ValueError):
+            return None
+
+    return StandIns(wait_until(port, timeout=30))
+
+
 @contextmanager
 def host_with_standins(
     log_dir: Path, storage: str, prefix: str, name: str, **overrides: str
 ) -> Iterator[tuple[AppHost, StandIns]]:
     """An app host whose worker carries the tests' stand-ins, and their control API."""
-    port = free_port()
-    env = host_env(
-        storage,
-        prefix,
-        AIPROXY_WORKER_PRELOAD="tests.standins",
-        AIPROXY_STANDINS_PORT=str(port),
-        **overrides,
-    )
-    host = AppHost(log_dir, env, name=name)
-    control = StandIns(port)
+    settings, told = standins_settings(log_dir)
+    host = AppHost(log_dir, host_env(storage, prefix, **settings, **overrides), name=name)
     try:
-        wait_for_port(port, timeout=30)
+        control = standins_told(told)
+    except BaseException:
+        host.stop()
+        raise
+    try:
         yield host, control
     finally:
         control.http.close()

@@ -30,7 +30,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from local.azurite import free_port, wait_for_port
+from local.azurite import free_port
 from local.host import _routing_path, compile_route, load_local_settings, route_prefix
 from tests.harness import (
     E2E,
@@ -40,6 +40,8 @@ from tests.harness import (
     ClientAddress,
     StandIns,
     host_env,
+    standins_settings,
+    standins_told,
 )
 
 log = logging.getLogger("tests.inprocess")
@@ -300,8 +302,7 @@ class InProcessHost:
         from tests import standins
 
         if self._standins_port is None:
-            self._standins_port = free_port()
-            self.run(standins.standins.serve(self._standins_port))
+            self._standins_port = self.run(standins.standins.serve())
         standins.standins.reset()
         return StandIns(self._standins_port)
 
@@ -383,11 +384,8 @@ class Configured:
             app_hosts = self.request.getfixturevalue("app_hosts")
             if not standins:
                 return app_hosts(name, **overrides), None
-            port = free_port()
-            preload = {"AIPROXY_WORKER_PRELOAD": "tests.standins"}
-            host = app_hosts(name, **preload, AIPROXY_STANDINS_PORT=str(port), **overrides)
-            wait_for_port(port, timeout=30)
-            return host, StandIns(port)
+            settings, told = standins_settings(self.request.getfixturevalue("log_dir"))
+            return app_hosts(name, **settings, **overrides), standins_told(told)
         prefix = overrides.pop("prefix", self.prefix)
         self.inprocess = self.request.getfixturevalue("inprocess")
         control = self.inprocess.configure(host_env(self.storage, prefix, **overrides), standins)

@@ -3,8 +3,11 @@
 The host stand-in's worker imports this module before it indexes the app when the setting
 `AIPROXY_WORKER_PRELOAD` names it (local/worker.py; never on Azure). It puts a Key Vault and an
 Entra credential behind the app's one seam for them (shared/platform/identity.py), keeps OpenTelemetry's
-spans and metrics in memory, and serves a control API on 127.0.0.1:`AIPROXY_STANDINS_PORT` so
-the test process can move the worker's clock and read what the stand-ins saw.
+spans and metrics in memory, and serves a control API on 127.0.0.1 so the test process can move
+the worker's clock and read what the stand-ins saw. The worker binds that port itself (one the
+system picks, or the one an earlier worker of the same host had) and writes it to the file
+`AIPROXY_STANDINS_PORT_FILE` names: a port chosen by the test beforehand could be taken by
+another process before the worker got to it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import os
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from azure.core.credentials import AccessToken
@@ -76,7 +80,8 @@ class StandIns:
         identity.set_key_vault_client(self.vault)
         identity.set_credential(self.credential)
 
-    async def serve(self, port: int) -> None:
+    async def serve(self, port: int = 0) -> int:
+        """Serve the control API on `port` (0: one the system picks); the port it took."""
         from aiohttp import web
 
         app = web.Application()
@@ -89,6 +94,7 @@ class StandIns:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner.addresses[0][1]
 
     async def _vault(self, _: Any) -> Any:
         from aiohttp import web
@@ -151,7 +157,20 @@ class StandIns:
         return web.json_response({"spans": spans, "metrics": points})
 
 
+async def _serve_and_tell(told: Path) -> None:
+    """Serve the control API on the port this host's earlier worker had (a worker started
+    again), else on one the system picks; write it to `told` for the test process."""
+    try:
+        port = int(told.read_text())
+    except (OSError, ValueError):
+        port = 0
+    bound = await standins.serve(port)
+    partial = told.with_name(told.name + ".partial")
+    partial.write_text(str(bound))
+    partial.replace(told)
+
+
 standins = StandIns()
-_port = int(os.environ.get("AIPROXY_STANDINS_PORT", "0"))
-if _port:
-    _server = asyncio.get_running_loop().create_task(standins.serve(_port))
+_told = os.environ.get("AIPROXY_STANDINS_PORT_FILE", "")
+if _told:
+    _server = asyncio.get_running_loop().create_task(_serve_and_tell(Path(_told)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -336,3 +337,14 @@ def test_the_runtimes_finished_invocations_do_not_pile_up(
     while (held := standins.invocations_held()) > 20:
         assert time.monotonic() < deadline, f"{held} finished invocations still held"
         time.sleep(0.2)
+
+
+def test_free_ports_are_bindable_and_outside_the_ephemeral_range() -> None:
+    # A port chosen for a server that binds it later must not be one the system hands to
+    # another socket meanwhile (binding port 0, an outgoing connection's own end).
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(50)]
+    assert all(15_000 <= port < low for port in ports), ports
+    assert len(set(ports)) > 40  # spread, not one port over and over
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports[-1]))  # free as promised
