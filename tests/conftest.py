@@ -108,10 +108,12 @@ def app_host(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def second_host(azurite: Azurite, log_dir: Path, prefix: str) -> Iterator[AppHost]:
     """Another instance of the app on the same storage (and so the same keys), in a process of
-    its own: with `host`, two instances, whichever tier `host` is in."""
+    its own: with `host`, two instances, whichever tier `host` is in. Shared by the modules of
+    a test process like `app_host` (each module's events and keys are its own): no module
+    stops it or changes its settings."""
     server = AppHost(log_dir, host_env(azurite.connection_string, prefix), name="second")
     yield server
     server.stop()
