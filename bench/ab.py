@@ -58,11 +58,7 @@ def main(argv: list[str]) -> int:
     from bench.nginx import FakeUpstream
     from local.azurite import Azurite, free_port
 
-    two_cores = bench.CPUS >= 2
-    if two_cores:
-        os.sched_setaffinity(0, {bench.LOAD_CPU})
-    proxy_cpu = bench.PROXY_CPU if two_cores else None
-    load_cpu = bench.LOAD_CPU if two_cores else None
+    proxy_cpu, load_cpu = bench.pin_to_cores()
     work = Path(tempfile.mkdtemp(prefix="aiproxy-ab-"))
     tree = work / "a"
     problem = bench.checkout(commit, tree)
@@ -129,12 +125,7 @@ def main(argv: list[str]) -> int:
         print(f"\nMedians of {rounds} rounds each ({where}); non-2xx and socket errors: {errors}.")
         return 1 if errors else 0
     finally:
-        for app in apps.values():
-            app.stop()
-        if upstream is not None:
-            upstream.stop()
-        if azurite is not None:
-            azurite.stop()
+        bench.stop_all(*apps.values(), upstream, azurite)
         bench.remove_checkout(tree)
 
 

@@ -82,11 +82,7 @@ def main(argv: list[str]) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    two_cores = bench.CPUS >= 2
-    if two_cores:
-        os.sched_setaffinity(0, {bench.LOAD_CPU})
-    proxy_cpu = bench.PROXY_CPU if two_cores else None
-    load_cpu = bench.LOAD_CPU if two_cores else None
+    proxy_cpu, load_cpu = bench.pin_to_cores()
     work = Path(tempfile.mkdtemp(prefix="aiproxy-percall-"))
     tree = work / "before"
     older = f"app at {commit}" if commit else ""
@@ -144,12 +140,7 @@ def main(argv: list[str]) -> int:
         write(results, names, older, rounds, seconds, errors, profiles)
         return 1 if errors else 0
     finally:
-        for app in apps.values():
-            app.stop()
-        if upstream is not None:
-            upstream.stop()
-        if azurite is not None:
-            azurite.stop()
+        bench.stop_all(*apps.values(), upstream, azurite)
         if commit:
             bench.remove_checkout(tree)
 

@@ -502,6 +502,23 @@ def checkout(commit: str, tree: Path) -> str:
     return added.stderr.strip() if added.returncode else ""
 
 
+def pin_to_cores() -> tuple[int | None, int | None]:
+    """With two cores or more, this process (the load: wrk, nginx, Azurite are started from it)
+    moves to the load core; the proxy's core and the load core, to pin the rest to (None, None
+    on one core)."""
+    if CPUS < 2:
+        return None, None
+    os.sched_setaffinity(0, {LOAD_CPU})
+    return PROXY_CPU, LOAD_CPU
+
+
+def stop_all(*servers: Any) -> None:
+    """Stop what a bench started, in order; None stands for one it never got to start."""
+    for server in servers:
+        if server is not None:
+            server.stop()
+
+
 def remove_checkout(tree: Path) -> None:
     subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT,
                    capture_output=True)  # fmt: skip
@@ -1225,11 +1242,8 @@ def main() -> int:
     from bench.servers import InProcessApp, RelayServer
     from local.azurite import Azurite, free_port
 
-    two_cores = CPUS >= 2
-    proxy_cpu = PROXY_CPU if two_cores else None
-    load_cpu = LOAD_CPU if two_cores else None
-    if two_cores:
-        os.sched_setaffinity(0, {LOAD_CPU})  # this process, Azurite and nginx: the load core
+    proxy_cpu, load_cpu = pin_to_cores()  # this process, Azurite and nginx: the load core
+    if proxy_cpu is not None:
         pinning = (
             f"relay, in-process server and worker process each on CPU {PROXY_CPU} (one measured "
             f"at a time); nginx, wrk, Azurite, the host stand-in and the TTFB client on CPU "
@@ -1464,12 +1478,7 @@ def main() -> int:
         print("bench: interrupted", file=sys.stderr)
         return 130
     finally:
-        for server in servers.values():
-            server.stop()
-        if upstream is not None:
-            upstream.stop()
-        if azurite is not None:
-            azurite.stop()
+        stop_all(*servers.values(), upstream, azurite)
         shutil.rmtree(work, ignore_errors=True)
 
 
