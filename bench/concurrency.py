@@ -602,8 +602,8 @@ def main() -> int:
                 warn_if_busy(quiet, "concurrency")
                 stamp = time.strftime("%H:%M:%S")
                 print(f"concurrency: {stamp} {clients} clients: direct", flush=True)
-                d = measure("direct", simulator_url + path, SIM_KEY, clients, seconds, pids)
-                d = d.summary()
+                url = simulator_url + path
+                d = measure("direct", url, SIM_KEY, clients, seconds, pids).summary()
                 if app_first:
                     w = app(clients)
                     f = relay_function(clients)
