@@ -77,6 +77,39 @@ def ok(model: object, text: str = "OK", status: int = 200) -> Answer:
 
 NONE = Answer(204, "Done: no content", types=())
 
+
+def owned(noun: str, *summaries: str, delete_query: tuple[Query, ...] = ()) -> tuple[Route, Route]:
+    """The two routes of what organisers own and change (events, resources): `manage/<noun>s`
+    (list, create) and `manage/<noun>s/{<noun>_id}` (get, change, delete; 409 while in use).
+    Handlers and models go by the noun: http.list_events, models.EventView, EventCreate,
+    EventPatch; the summaries in that order: list, create, get, change, delete."""
+    lists, creates, gets, changes, deletes = summaries
+    view, create, patch = (
+        getattr(models, noun.title() + kind) for kind in ("View", "Create", "Patch")
+    )
+    handler = {
+        name: getattr(http, f"{name}_{noun}") for name in ("create", "get", "update", "delete")
+    }
+    return (
+        managed(f"{noun}s", f"{noun}s",
+            manage("GET", getattr(http, f"list_{noun}s"), lists, ok(list[view])),
+            manage("POST", handler["create"], creates, ok(view, "Created", 201), body=create),
+        ),
+        managed(noun, f"{noun}s/{{{noun}_id}}",
+            manage("GET", handler["get"], gets, ok(view)),
+            manage("PATCH", handler["update"], changes, ok(view), body=patch, body_required=False),
+            manage("DELETE", handler["delete"], deletes, NONE, errors=(409,), query=delete_query),
+        ),
+    )  # fmt: skip
+
+
+def listed(name: str, below: str, handler: Handler, model: object, summary: str) -> Route:
+    """A list of the event's (`manage/events/{event_id}/<below>`, GET only): `list[model]`."""
+    return managed(
+        name, f"events/{{event_id}}/{below}", manage("GET", handler, summary, ok(list[model]))
+    )
+
+
 _FORCE = Query("force", bool, "true also deletes the event's attendees and their keys", False)
 _USAGE = (
     Query("group_by", Literal[tuple(GROUPS)], "how to group the totals", "attendee"),
@@ -84,36 +117,14 @@ _USAGE = (
 )
 
 MANAGEMENT: tuple[Route, ...] = (
-    managed("events", "events",
-        manage("GET", http.list_events, "List events (an owner sees its own)",
-               ok(list[models.EventView])),
-        manage("POST", http.create_event, "Create an event",
-               ok(models.EventView, "Created", 201), body=models.EventCreate),
-    ),
-    managed("event", "events/{event_id}",
-        manage("GET", http.get_event, "One event", ok(models.EventView)),
-        manage("PATCH", http.update_event, "Change an event",
-               ok(models.EventView), body=models.EventPatch, body_required=False),
-        manage("DELETE", http.delete_event,
-               "Delete an event; 409 while it has attendees, unless force=true", NONE,
-               errors=(409,), query=(_FORCE,)),
-    ),
-    managed("resources", "resources",
-        manage("GET", http.list_resources, "List resources, never with secrets",
-               ok(list[models.ResourceView])),
-        manage("POST", http.create_resource, "Add an upstream deployment; api_key is write-only",
-               ok(models.ResourceView, "Created", 201), body=models.ResourceCreate),
-    ),
-    managed("resource", "resources/{resource_id}",
-        manage("GET", http.get_resource, "One resource", ok(models.ResourceView)),
-        manage("PATCH", http.update_resource, "Change a resource",
-               ok(models.ResourceView), body=models.ResourcePatch, body_required=False),
-        manage("DELETE", http.delete_resource,
-               "Delete a resource; 409 while an event's catalog holds it", NONE, errors=(409,)),
-    ),
-    managed("event_catalog", "events/{event_id}/resources",
-        manage("GET", http.list_catalog, "The event's catalog", ok(list[models.ResourceView])),
-    ),
+    *owned("event", "List events (an owner sees its own)", "Create an event", "One event",
+           "Change an event", "Delete an event; 409 while it has attendees, unless force=true",
+           delete_query=(_FORCE,)),
+    *owned("resource", "List resources, never with secrets",
+           "Add an upstream deployment; api_key is write-only", "One resource",
+           "Change a resource", "Delete a resource; 409 while an event's catalog holds it"),
+    listed("event_catalog", "resources", http.list_catalog, models.ResourceView,
+           "The event's catalog"),
     managed("event_resource", "events/{event_id}/resources/{resource_id}",
         manage("PUT", http.attach_resource, "Add a resource to the event's catalog",
                ok(models.CatalogEntry)),
@@ -142,10 +153,8 @@ MANAGEMENT: tuple[Route, ...] = (
                "A new key for the attendee; the old one stops working",
                ok(models.AttendeeWithKeyView)),
     ),
-    managed("alerts", "events/{event_id}/alerts",
-        manage("GET", http.list_alerts, "The budget thresholds the event reached, each fired once",
-               ok(list[AlertView])),
-    ),
+    listed("alerts", "alerts", http.list_alerts, AlertView,
+           "The budget thresholds the event reached, each fired once"),
     managed("alert_secret", "events/{event_id}/alerts/secret",
         manage("POST", http.rotate_alert_secret,
                "A new secret signing the event's alert webhooks, shown once",
@@ -156,11 +165,8 @@ MANAGEMENT: tuple[Route, ...] = (
                Answer(200, "The report", UsageReport, ("application/json", "text/csv")),
                query=_USAGE),
     ),
-    managed("tool_calls", "events/{event_id}/toolcalls",
-        manage("GET", http.tool_calls,
-               "MCP tool calls by attendee, server and tool (from the usage records)",
-               ok(list[ToolCalls])),
-    ),
+    listed("tool_calls", "toolcalls", http.tool_calls, ToolCalls,
+           "MCP tool calls by attendee, server and tool (from the usage records)"),
 )  # fmt: skip
 
 # --- proxy: every route that takes an event key --------------------------------------------
