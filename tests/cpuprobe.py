@@ -1,8 +1,9 @@
 """Where a test run's CPU goes, module by module: a pytest plugin that is off unless named.
 
 `pytest -p tests.cpuprobe` (with `-n 4` too) appends one JSON line per module to
-`CPUPROBE_OUT` (default: cpu-by-module.jsonl in the system's temp folder): the module's wall
-time, the CPU of the test process itself ("own"), of the processes it started and reaped during
+`CPUPROBE_OUT` (default: cpu-by-module.jsonl in the system's temp folder): the test process
+("worker"), when the module started ("at", seconds from that process's session start) and its
+wall time, the CPU of the test process itself ("own"), of the processes it started and reaped during
 the module ("reaped": hosts, simulators, Chromium, `make run`), and of those still running
 below it ("live", and by kind: azurite, host, worker, sim). A session server's CPU counts in the
 module that was running meanwhile. Sum the lines to see the suite's CPU by module.
@@ -48,6 +49,14 @@ def _tree() -> dict[str, Any]:
     }
 
 
+_SESSION_START = time.monotonic()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global _SESSION_START
+    _SESSION_START = time.monotonic()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _cpu_by_module(request: pytest.FixtureRequest) -> Iterator[None]:
     before, started = _tree(), time.monotonic()
@@ -59,6 +68,8 @@ def _cpu_by_module(request: pytest.FixtureRequest) -> Iterator[None]:
         by_kind[kind] = round(by_kind.get(kind, 0.0) + spent - earlier, 2)
     line = {
         "module": request.node.nodeid,
+        "worker": os.environ.get("PYTEST_XDIST_WORKER", ""),
+        "at": round(started - _SESSION_START, 2),  # seconds from this process's session start
         "wall": round(time.monotonic() - started, 2),
         "own": round(after["own"] - before["own"], 2),
         "reaped": round(after["reaped"] - before["reaped"], 2),
