@@ -94,6 +94,10 @@ async def test_an_application_sdp_offer_names_the_deployment_in_the_query(
         assert answer.status_code == 201, answer.text
         call = await sim_call(sim.url, answer.headers["location"].rpartition("/")[2])
         assert call is not None and call["session"]["max_output_tokens"] == 512
+        # Connected, so that closing ends the call (one never connected lasts until its
+        # connection attempt fails, its metering with it).
+        await caller.answer(answer.text)
+        await eventually(lambda: _async("session.created" in caller.types()))
     finally:
         await caller.close()
 
@@ -133,20 +137,24 @@ async def test_the_window_the_key_and_the_daily_cap_are_checked(
 ) -> None:
     ended = realtime_event(host, sim, **window(hours_before=3, hours_after=-1))
     session = {"model": REALTIME}
-    caller = Caller()
+    caller, connected = Caller(), Caller()
     try:
         answer = await post_offer(host, ended.key, caller, session)
         assert answer.status_code == 403 and answer.json()["error"]["code"] == "event_ended"
         wrong = await post_offer(host, "aip-" + "0" * 40, caller, session)
         assert wrong.status_code == 401
         capped = realtime_event(host, sim, daily_request_cap=1)
-        first = await post_offer(host, capped.key, Caller(), session)
+        first = await post_offer(host, capped.key, connected, session)
         assert first.status_code == 201, first.text
         second = await post_offer(host, capped.key, caller, session)
         assert second.status_code == 429
         assert second.json()["error"]["code"] == "daily_request_cap_exceeded"
+        # The call that was let in is connected, so that closing it ends it.
+        await connected.answer(first.text)
+        await eventually(lambda: _async("session.created" in connected.types()))
     finally:
         await caller.close()
+        await connected.close()
 
 
 async def test_bodies_that_are_no_offer_are_refused(host: AppHost, sim: Simulator) -> None:
