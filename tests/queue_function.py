@@ -3,8 +3,9 @@
 The worker imports this module before it indexes the app (AIPROXY_WORKER_PRELOAD) and it
 stands in for `function_app`. Each message is JSON naming what the function does with it:
 "ok", "fail" (raises), "die" (the worker process exits, on the first delivery only) or
-"sleep" (for `seconds`, then ok). Every delivery is appended as a JSON line to the file
-TEST_QUEUE_LOG names: the message's id, dequeue count, body and metadata.
+"sleep" (for `seconds`, then ok; with "first_only", on the first delivery only). Every
+delivery is appended as a JSON line to the file TEST_QUEUE_LOG names: the message's id,
+dequeue count, body and metadata.
 """
 
 from __future__ import annotations
@@ -39,5 +40,5 @@ async def take(msg: func.QueueMessage) -> None:
         raise RuntimeError("asked to fail")
     if action == "die" and msg.dequeue_count == 1:
         os._exit(3)
-    if action == "sleep":
+    if action == "sleep" and (msg.dequeue_count == 1 or not body.get("first_only")):
         await asyncio.sleep(float(body["seconds"]))

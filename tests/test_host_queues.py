@@ -138,7 +138,7 @@ def test_a_message_whose_worker_died_comes_again(queues: QueueHost) -> None:
 
 
 def test_a_message_whose_host_died_comes_again_once_its_lease_ends(queues: QueueHost) -> None:
-    sent = queues.send(do="sleep", seconds=20)
+    sent = queues.send(do="sleep", seconds=20, first_only=True)  # the next delivery ends at once
     wait_until(lambda: queues.deliveries(sent), timeout=30)
     dead = queues.host
     dead.proc.process.kill()  # the whole instance: nothing releases the message
@@ -147,6 +147,7 @@ def test_a_message_whose_host_died_comes_again_once_its_lease_ends(queues: Queue
     queues.host = AppHost(queues.log_dir, queues.env, name="queues-again")
     wait_until(lambda: len(queues.deliveries(sent)) >= 2, timeout=60)  # the 4 s lease ended
     assert [d["dequeue_count"] for d in queues.deliveries(sent)] == [1, 2]
+    wait_until(lambda: queues.waiting() == 0, timeout=30)  # done the second time: deleted
 
 
 def test_host_json_time_spans_are_read_as_the_host_reads_them() -> None:
