@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tests.browser import FAKE_MICROPHONE, Browser, for_tests, tab
 from tests.harness import AppHost, EventSetup, Simulator, Storage, wait_until
@@ -71,7 +72,15 @@ def test_a_voice_call_is_metered_exactly_and_ended_at_the_token_cap(
             calls = len(sim_calls(sim))
             page.click("#voice-start")
             refused = page.locator("#voice-error")
-            refused.wait_for(state="visible")
+            try:
+                refused.wait_for(state="visible")
+            except PlaywrightTimeout as timeout:  # what the page went through, to see why
+                opened.screenshot("playground-voice-not-refused")
+                said = [m.text for m in opened.console]
+                raise AssertionError(
+                    f"no refusal shown; state {opened.text('#voice-state')!r}, "
+                    f"log {opened.text('#voice-log')!r}, console {said}"
+                ) from timeout
             assert refused.get_attribute("data-code") == "daily_token_cap_exceeded"
             assert len(sim_calls(sim)) == calls
             wait_until(lambda: opened.text("#tokens-left").startswith("0 of 400"))
