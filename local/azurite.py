@@ -96,6 +96,12 @@ class Azurite:
         return connection_string(self.port, self.queue_port)
 
     def start(self) -> Azurite:
+        """Both services, once they listen."""
+        return self.launch().ready()
+
+    def launch(self) -> Azurite:
+        """Start both services side by side (node takes seconds to load each) without waiting
+        for them: `ready` waits."""
         args = self._service("table", BINARY, self.port, self.location)
         if self.access_log is None:
             args.append("--silent")
@@ -105,17 +111,18 @@ class Azurite:
         )
         if self.access_log is not None:
             out.close()  # the child holds its own copy
-        wait_for_port(self.port, process=self.process)
-        self.start_queue()
-        return self
-
-    def start_queue(self) -> None:
         queues = None if self.location is None else self.location / "queues"
         args = [*self._service("queue", QUEUE_BINARY, self.queue_port, queues), "--silent"]
         self.queue_process = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
         )
-        wait_for_port(self.queue_port, process=self.queue_process)
+        return self
+
+    def ready(self, timeout: float = 30.0) -> Azurite:
+        """Wait until both services listen (an error if one of those started here exits)."""
+        wait_for_port(self.port, timeout, process=self.process)
+        wait_for_port(self.queue_port, timeout, process=self.queue_process)
+        return self
 
     @staticmethod
     def _service(name: str, local: Path, port: int, location: Path | None) -> list[str]:

@@ -73,8 +73,36 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
 
 
+# In a parallel run one Azurite serves every test process (each has its own table prefix and
+# queue names): the run's first process starts it while the test processes start and collect,
+# instead of each waiting for one of its own (node loads each service for seconds).
+SHARED_AZURITE = "aiproxy_azurite"
+_STARTED = pytest.StashKey[Azurite]()
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it, never called
+def pytest_configure_node(node: Any) -> None:
+    """The shared Azurite's ports, to each test process of a parallel run."""
+    stash = node.config.stash
+    if _STARTED not in stash:
+        stash[_STARTED] = Azurite(free_port()).launch()
+    shared = stash[_STARTED]
+    node.workerinput[SHARED_AZURITE] = f"{shared.port},{shared.queue_port}"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _STARTED in config.stash:
+        config.stash[_STARTED].stop()
+
+
 @pytest.fixture(scope="session")
-def azurite() -> Iterator[Azurite]:
+def azurite(request: pytest.FixtureRequest) -> Iterator[Azurite]:
+    """The run's Azurite: the shared one in a parallel run, else one of this process's own."""
+    shared = getattr(request.config, "workerinput", {}).get(SHARED_AZURITE)
+    if shared:
+        port, queue_port = (int(part) for part in shared.split(","))
+        yield Azurite(port, queue_port=queue_port).ready(timeout=60)
+        return
     server = Azurite(free_port()).start()
     yield server
     server.stop()
