@@ -20,6 +20,7 @@ from local.queues import QueueOptions, timespan
 from tests.harness import AppHost, host_env, unique_prefix, wait_until
 
 pytestmark = pytest.mark.e2e
+LEASE = 10.0  # seconds a running message stays out of sight (the host stand-in's setting)
 
 
 class QueueHost:
@@ -77,9 +78,10 @@ class QueueHost:
 def queues(
     azurite: Azurite, log_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[QueueHost]:
-    # The host's lease is 10 minutes; 4 s here, renewed every 2 s: a renewal must reach
-    # storage within 2 s of the last, which a busy machine has missed with 1 s (2 s lease).
-    server = QueueHost(azurite, log_dir, tmp_path_factory.mktemp("queues"), lease=4.0)
+    # The host's lease is 10 minutes; 10 s here, renewed every 5 s: a renewal must reach
+    # storage within 5 s of the last. On a busy machine renewals came more than 1 s late
+    # (a 2 s lease), and 2 s (a 4 s lease): the message was taken again and delivered twice.
+    server = QueueHost(azurite, log_dir, tmp_path_factory.mktemp("queues"), lease=LEASE)
     yield server
     server.stop()
 
@@ -107,7 +109,7 @@ def test_a_failing_message_is_retried_then_poisoned_after_max_dequeue_count(
 
 
 def test_the_lease_is_renewed_while_the_function_runs(queues: QueueHost) -> None:
-    sent = queues.send(do="sleep", seconds=9)  # over two 4 s leases: renewed every 2 s
+    sent = queues.send(do="sleep", seconds=LEASE + 2)  # past its lease: renewed meanwhile
     wait_until(lambda: queues.deliveries(sent), timeout=30)
     wait_until(lambda: queues.waiting() == 0, timeout=30)
     assert [d["dequeue_count"] for d in queues.deliveries(sent)] == [1]
@@ -145,7 +147,7 @@ def test_a_message_whose_host_died_comes_again_once_its_lease_ends(queues: Queue
     dead.proc.process.wait()
     dead.stop()
     queues.host = AppHost(queues.log_dir, queues.env, name="queues-again")
-    wait_until(lambda: len(queues.deliveries(sent)) >= 2, timeout=60)  # the 4 s lease ended
+    wait_until(lambda: len(queues.deliveries(sent)) >= 2, timeout=60)  # its lease ended
     assert [d["dequeue_count"] for d in queues.deliveries(sent)] == [1, 2]
     wait_until(lambda: queues.waiting() == 0, timeout=30)  # done the second time: deleted
 
