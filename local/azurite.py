@@ -8,8 +8,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from local.process import stop
 from shared.platform.settings import AZURITE_ACCOUNT_KEY
@@ -90,6 +92,7 @@ class Azurite:
         self.access_log = access_log  # one line per table request served (tests count lookups)
         self.process: subprocess.Popen | None = None
         self.queue_process: subprocess.Popen | None = None
+        self._errors: dict[str, Any] = {}  # service -> the file its stderr goes to
 
     @property
     def connection_string(self) -> str:
@@ -101,28 +104,45 @@ class Azurite:
 
     def launch(self) -> Azurite:
         """Start both services side by side (node takes seconds to load each) without waiting
-        for them: `ready` waits."""
+        for them: `ready` waits. What they write to stderr goes to a file of each (a pipe
+        nobody reads would stop a service once it filled), read when one fails to start."""
         args = self._service("table", BINARY, self.port, self.location)
         if self.access_log is None:
             args.append("--silent")
         out = subprocess.DEVNULL if self.access_log is None else open(self.access_log, "ab")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            args, stdout=out, stderr=subprocess.PIPE, start_new_session=True
-        )
+        self.process = self._popen(args, out, "table")
         if self.access_log is not None:
             out.close()  # the child holds its own copy
         queues = None if self.location is None else self.location / "queues"
         args = [*self._service("queue", QUEUE_BINARY, self.queue_port, queues), "--silent"]
-        self.queue_process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-        )
+        self.queue_process = self._popen(args, subprocess.DEVNULL, "queue")
         return self
 
+    def _popen(self, args: list[str], out: Any, name: str) -> subprocess.Popen:
+        errors = tempfile.TemporaryFile()  # noqa: SIM115 - the child holds its own copy
+        self._errors[name] = errors
+        return subprocess.Popen(args, stdout=out, stderr=errors, start_new_session=True)
+
     def ready(self, timeout: float = 30.0) -> Azurite:
-        """Wait until both services listen (an error if one of those started here exits)."""
-        wait_for_port(self.port, timeout, process=self.process)
-        wait_for_port(self.queue_port, timeout, process=self.queue_process)
+        """Wait until both services listen (an error, with what it said, if one of those
+        started here exits)."""
+        for name, port, process in (
+            ("table", self.port, self.process),
+            ("queue", self.queue_port, self.queue_process),
+        ):
+            try:
+                wait_for_port(port, timeout, process=process)
+            except RuntimeError as error:
+                said = self._said(name)
+                raise RuntimeError(f"Azurite's {name} service: {error}: {said}") from None
         return self
+
+    def _said(self, name: str) -> str:
+        errors = self._errors.get(name)
+        if errors is None:
+            return ""
+        errors.seek(0)
+        return errors.read()[-2000:].decode(errors="replace").strip()
 
     @staticmethod
     def _service(name: str, local: Path, port: int, location: Path | None) -> list[str]:
@@ -153,3 +173,6 @@ class Azurite:
         if self.queue_process is not None:
             stop(self.queue_process, signal.SIGINT)
         self.queue_process = None
+        for errors in self._errors.values():
+            errors.close()
+        self._errors.clear()

@@ -348,3 +348,16 @@ def test_free_ports_are_bindable_and_outside_the_ephemeral_range() -> None:
     assert len(set(ports)) > 40  # spread, not one port over and over
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", ports[-1]))  # free as promised
+
+
+def test_an_azurite_that_cannot_listen_says_why() -> None:
+    # Its port taken (bound, not listening): the service exits, and the error carries what it
+    # wrote to stderr (a file, not a pipe nobody reads, which would stop it once full).
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        storage = Azurite(taken.getsockname()[1])
+        try:
+            with pytest.raises(RuntimeError, match=r"table service.*EADDRINUSE"):
+                storage.start()
+        finally:
+            storage.stop()
