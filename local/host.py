@@ -779,6 +779,7 @@ class Host:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
         await site.start()
+        port = runner.addresses[0][1] if runner.addresses else port  # 0: the one bound
         self.start_timers()
         self.start_queues()
         if on_ready:
@@ -869,7 +870,7 @@ def build(root: Path = ROOT, settings_file: Path | None = None) -> Host:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve the Function app locally (no Core Tools).")
-    parser.add_argument("--port", type=int, default=7071)
+    parser.add_argument("--port", type=int, default=7071, help="0 picks a free port")
     parser.add_argument(
         "--settings",
         type=Path,

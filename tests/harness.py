@@ -6,6 +6,7 @@ import asyncio
 import io
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -21,7 +22,6 @@ import httpx
 from azure.data.tables import TableServiceClient
 from cryptography.fernet import Fernet
 
-from local.azurite import free_port, wait_for_port
 from local.process import stop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,17 +132,35 @@ class Process:
         self._log.close()
 
 
+def listening(proc: Process, said: str, timeout: float = 90.0) -> int:
+    """The port a server started with `--port 0` bound, from the line it logs once it listens
+    (`said`, a pattern with the port as its group): no other process can take that port in
+    between, as one picked here and bound there later could be. An error with the log's end
+    if the server exits first."""
+    pattern = re.compile(said)
+    deadline = time.monotonic() + timeout
+    while True:
+        found = pattern.search(proc.log())
+        if found:
+            return int(found.group(1))
+        if proc.process.poll() is not None:
+            raise RuntimeError(f"exited with {proc.process.returncode}: {proc.log()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not listening after {timeout} s: {proc.log()[-2000:]}")
+        time.sleep(0.05)
+
+
 class Simulator:
     """One simulated Azure OpenAI upstream."""
 
     def __init__(self, log_dir: Path, name: str = "sim", **options: Any) -> None:
-        self.port = free_port()
-        args = [sys.executable, "-m", "local.simulator", "--port", str(self.port)]
+        args = [sys.executable, "-m", "local.simulator", "--port", "0"]
         args += ["--api-key", SIM_KEY, "--name", name]
         for option, value in options.items():
             args += [f"--{option.replace('_', '-')}", str(value)]
-        self.proc = Process(args, dict(os.environ), log_dir / f"simulator-{name}-{self.port}.log")
-        wait_for_port(self.port, process=self.proc.process)
+        log = log_dir / f"simulator-{name}-{secrets.token_hex(3)}.log"
+        self.proc = Process(args, dict(os.environ), log)
+        self.port = listening(self.proc, r"simulator listening on http://127\.0\.0\.1:(\d+)")
         self.url = f"http://127.0.0.1:{self.port}"
 
     def stats(self) -> dict[str, Any]:
@@ -183,12 +201,11 @@ class AppHost:
     """One host stand-in process on a free port, with its Python worker process."""
 
     def __init__(self, log_dir: Path, env: dict[str, str], name: str = "host") -> None:
-        self.port = free_port()
         self.env = env
-        args = [sys.executable, "-m", "local.host", "--port", str(self.port)]
+        args = [sys.executable, "-m", "local.host", "--port", "0"]
         args += ["--settings", str(EXAMPLE_SETTINGS), "--log-level", "info"]
-        self.proc = Process(args, env, log_dir / f"{name}-{self.port}.log")
-        wait_for_port(self.port, timeout=90, process=self.proc.process)
+        self.proc = Process(args, env, log_dir / f"{name}-{secrets.token_hex(3)}.log")
+        self.port = listening(self.proc, r"host: listening on http://127\.0\.0\.1:(\d+)/")
         self.base = f"http://127.0.0.1:{self.port}/api"
         ClientAddress.connect(self)  # self.http, self.manage
 

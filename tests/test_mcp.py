@@ -23,14 +23,13 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types import ElicitResult
 
-from local.azurite import free_port
+from local.azurite import free_port, wait_for_port
 from tests.harness import (
     AppHost,
     EventSetup,
     Process,
     Simulator,
     Storage,
-    wait_for_port,
     wait_until,
     window,
 )
