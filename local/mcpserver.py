@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 from typing import Any
 
 import anyio
@@ -133,11 +134,16 @@ def app(token: str, json_response: bool = False) -> Guard:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     parser.add_argument("--token", default="mcp-test-token")
     parser.add_argument("--json", action="store_true", help="answer requests as JSON, not SSE")
     args = parser.parse_args()
-    uvicorn.run(app(args.token, args.json), host="127.0.0.1", port=args.port, log_level="warning")
+    # Bound here, so the port it names is this server's (0: one the system picks).
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", args.port))
+    print(f"mcp server on http://127.0.0.1:{sock.getsockname()[1]}/mcp", flush=True)
+    config = uvicorn.Config(app(args.token, args.json), log_level="warning")
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -23,13 +23,14 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types import ElicitResult
 
-from local.azurite import free_port, wait_for_port
+from local.azurite import wait_for_port
 from tests.harness import (
     AppHost,
     EventSetup,
     Process,
     Simulator,
     Storage,
+    listening,
     wait_until,
     window,
 )
@@ -45,12 +46,12 @@ class McpServer:
     """local/mcpserver.py in a process of its own on 127.0.0.1."""
 
     def __init__(self, log_dir: Path, *, json_response: bool = False) -> None:
-        self.port = free_port()
-        args = [sys.executable, "-m", "local.mcpserver", "--port", str(self.port)]
+        args = [sys.executable, "-m", "local.mcpserver", "--port", "0"]
         args += ["--token", TOKEN] + (["--json"] if json_response else [])
         name = "json" if json_response else "sse"
         self.proc = Process(args, {**__import__("os").environ}, log_dir / f"mcp-{name}.log")
-        wait_for_port(self.port, process=self.proc.process)
+        self.port = listening(self.proc, r"mcp server on http://127\.0\.0\.1:(\d+)/")
+        wait_for_port(self.port, process=self.proc.process)  # bound when named; listening soon
         self.url = f"http://127.0.0.1:{self.port}/mcp"
 
     def stats(self) -> dict[str, Any]:
