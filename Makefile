@@ -7,9 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 # Test worker processes: the tests mostly wait on servers and processes, so more than the cores.
-# Three took as long as four on this 2-core machine (four alternating pairs of clean-clone runs:
-# 211.0 s against 213.1 s on average) with 8-10 % less CPU.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 4
 
 .PHONY: setup run test lint format bench bench-ab clean chromium vendor
 

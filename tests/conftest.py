@@ -247,7 +247,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it, never called
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """A parallel run (pytest-xdist, `make test`: `-n 3`; docs/local.md#the-tests) hands each
+    """A parallel run (pytest-xdist, `make test`: `-n 4`; docs/local.md#the-tests) hands each
     worker process whole modules, in collection order: a module's tests run in their order on
     one worker, with its module fixtures and the in-process host's one live configuration.
     Only the tests of a module in `SPREAD` go one by one."""

@@ -1,6 +1,6 @@
 """Where a test run's CPU goes, module by module: a pytest plugin that is off unless named.
 
-`pytest -p tests.cpuprobe` (with `-n 3` too) appends one JSON line per module to
+`pytest -p tests.cpuprobe` (with `-n 4` too) appends one JSON line per module to
 `CPUPROBE_OUT` (default: cpu-by-module.jsonl in the system's temp folder): the test process
 ("worker"), when the module started ("at", seconds from that process's session start) and its
 wall time, the CPU of the test process itself ("own"), of the processes it started and reaped during
