@@ -64,7 +64,7 @@ from bench.run import (
     wait_for_quiet,
     warn_if_busy,
 )
-from bench.servers import WorkerApp, pinned
+from bench.servers import WorkerApp, pinned, threads
 from local.azurite import Azurite, free_port, wait_for_port
 from local.process import stop
 
@@ -116,10 +116,10 @@ HARNESS_BUSY = 0.9  # CPU 1 (host stand-in, simulator, client) this busy: the ha
 
 
 def prioritise(pid: int, nice: int) -> None:
-    """Every thread of `pid` at the nice value (Linux sets it per thread)."""
-    for task in os.listdir(f"/proc/{pid}/task"):
+    """Every thread of `pid` at the nice value."""
+    for thread in threads(pid):
         with contextlib.suppress(ProcessLookupError):
-            os.setpriority(os.PRIO_PROCESS, int(task), nice)
+            os.setpriority(os.PRIO_PROCESS, thread, nice)
 
 
 def added_limit(base: dict[str, Any]) -> float:

@@ -32,13 +32,18 @@ def pinned(cpu: int | None, args: list[str]) -> list[str]:
     return args if cpu is None else ["taskset", "-c", str(cpu), *args]
 
 
+def threads(pid: int) -> list[int]:
+    """The threads of `pid` (Linux sets affinity and priority per thread)."""
+    return [int(task) for task in os.listdir(f"/proc/{pid}/task")]
+
+
 def pin_process(pid: int, cpu: int) -> int:
     """Every thread of `pid` onto `cpu` (sched_setaffinity on a pid moves its main thread
     only); threads started later inherit it. Returns how many threads were moved."""
     moved = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
+    for thread in threads(pid):
         try:
-            os.sched_setaffinity(int(task), {cpu})
+            os.sched_setaffinity(thread, {cpu})
             moved += 1
         except (ProcessLookupError, FileNotFoundError):
             pass  # a thread that just ended

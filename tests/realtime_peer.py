@@ -35,6 +35,16 @@ class Caller:
     async def answer(self, sdp: str) -> None:
         await self.peer.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
 
+    async def connect(self, sdp: str) -> None:
+        """`answer(sdp)`, then wait until the session has begun on the data channel: the call
+        is up, so closing this peer ends it."""
+        await self.answer(sdp)
+
+        async def begun() -> bool:
+            return "session.created" in self.types()
+
+        await eventually(begun)
+
     def types(self) -> list[str]:
         return [e.get("type", "") for e in self.events]
 

@@ -72,7 +72,7 @@ def test_a_voice_call_is_metered_exactly_and_ended_at_the_token_cap(
             # instance of this run takes the realtime queue too and may have metered the call:
             # this one refuses once it has seen those tokens, within two syncs
             # (docs/operating.md), as the page's own panel shows.
-            wait_until(lambda: _tokens_left(app_host, event.key) == 0)
+            wait_until(lambda: _info(app_host, event.key)["today"]["tokens_left"] == 0)
             calls = len(sim_calls(sim))
             page.click("#voice-start")
             refused = page.locator("#voice-error")
@@ -105,7 +105,7 @@ def test_a_call_outside_the_event_is_refused_before_any_media_flows(
         switched = app_host.manage.patch(f"/events/{event.id}", json={"active": False})
         assert switched.status_code == 200
         # Every instance knows within the key cache's TTL; this one at once.
-        wait_until(lambda: _status(app_host, event.key) == "inactive")
+        wait_until(lambda: _info(app_host, event.key).get("status") == "inactive")
         calls = len(sim_calls(sim))
         page.click("#tab-voice")
         page.click("#voice-start")
@@ -119,12 +119,9 @@ def test_a_call_outside_the_event_is_refused_before_any_media_flows(
         opened.assert_clean()
 
 
-def _status(host: AppHost, key: str) -> str:
-    return host.http.get("/eventinfo", headers={"api-key": key}).json().get("status", "")
-
-
-def _tokens_left(host: AppHost, key: str) -> int | None:
-    return host.http.get("/eventinfo", headers={"api-key": key}).json()["today"]["tokens_left"]
+def _info(host: AppHost, key: str) -> dict[str, Any]:
+    """What the attendee's page shows of its event (GET /eventinfo)."""
+    return host.http.get("/eventinfo", headers={"api-key": key}).json()
 
 
 def test_the_voice_tab_shows_only_with_a_realtime_deployment(

@@ -96,8 +96,7 @@ async def test_an_application_sdp_offer_names_the_deployment_in_the_query(
         assert call is not None and call["session"]["max_output_tokens"] == 512
         # Connected, so that closing ends the call (one never connected lasts until its
         # connection attempt fails, its metering with it).
-        await caller.answer(answer.text)
-        await eventually(lambda: _async("session.created" in caller.types()))
+        await caller.connect(answer.text)
     finally:
         await caller.close()
 
@@ -149,9 +148,7 @@ async def test_the_window_the_key_and_the_daily_cap_are_checked(
         second = await post_offer(host, capped.key, caller, session)
         assert second.status_code == 429
         assert second.json()["error"]["code"] == "daily_request_cap_exceeded"
-        # The call that was let in is connected, so that closing it ends it.
-        await connected.answer(first.text)
-        await eventually(lambda: _async("session.created" in connected.types()))
+        await connected.connect(first.text)  # so that closing it ends the call let in
     finally:
         await caller.close()
         await connected.close()
