@@ -8,7 +8,9 @@ module marked `e2e`. `pytest -m "not e2e"` runs the fast tier alone.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -75,37 +77,47 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # In a parallel run one Azurite serves every test process (each has its own table prefix and
 # queue names): the run's first process starts it while the test processes start and collect,
-# instead of each waiting for one of its own (node loads each service for seconds).
+# instead of each waiting for one of its own (node loads each service for seconds). Its table
+# service logs each request it serves (tests count the reads of their own tables).
 SHARED_AZURITE = "aiproxy_azurite"
 _STARTED = pytest.StashKey[Azurite]()
 
 
+def _logging_azurite() -> Azurite:
+    folder = Path(tempfile.mkdtemp(prefix="aiproxy-azurite-"))
+    return Azurite(free_port(), access_log=folder / "access.log")
+
+
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it, never called
 def pytest_configure_node(node: Any) -> None:
-    """The shared Azurite's ports, to each test process of a parallel run."""
+    """The shared Azurite's ports and access log, to each test process of a parallel run."""
     stash = node.config.stash
     if _STARTED not in stash:
-        stash[_STARTED] = Azurite(free_port()).launch()
+        stash[_STARTED] = _logging_azurite().launch()
     shared = stash[_STARTED]
-    node.workerinput[SHARED_AZURITE] = f"{shared.port},{shared.queue_port}"
+    node.workerinput[SHARED_AZURITE] = f"{shared.port},{shared.queue_port},{shared.access_log}"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _STARTED in config.stash:
-        config.stash[_STARTED].stop()
+        shared = config.stash[_STARTED]
+        shared.stop()
+        shutil.rmtree(Path(str(shared.access_log)).parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def azurite(request: pytest.FixtureRequest) -> Iterator[Azurite]:
-    """The run's Azurite: the shared one in a parallel run, else one of this process's own."""
+    """The run's Azurite: the shared one in a parallel run, else one of this process's own
+    (`access_log`: the table service's line for each request, as it answers)."""
     shared = getattr(request.config, "workerinput", {}).get(SHARED_AZURITE)
     if shared:
-        port, queue_port = (int(part) for part in shared.split(","))
-        yield Azurite(port, queue_port=queue_port).ready(timeout=60)
+        port, queue_port, log = shared.split(",", 2)
+        yield Azurite(int(port), queue_port=int(queue_port), access_log=Path(log)).ready(60)
         return
-    server = Azurite(free_port()).start()
+    server = _logging_azurite().start()
     yield server
     server.stop()
+    shutil.rmtree(Path(str(server.access_log)).parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

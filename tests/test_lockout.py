@@ -4,24 +4,23 @@ from an address flooding wrong ones, while what the flood costs storage stays bo
 The host stand-in, like Azure's front end, appends the connection's address to
 X-Forwarded-For, so every call here comes from one client, this module's address
 (`client_address`): a classroom behind one address, where one person's wrong attempts are
-everybody's. Storage lookups are counted in the
-access log of an Azurite of this module's own (one line per request it served), so the counts
-are what the worker really read."""
+everybody's. Storage lookups are counted in the run's Azurite's access log (one line per
+request it served) on tables of this module's own, so the counts are what the worker really
+read."""
 
 from __future__ import annotations
 
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from local.azurite import Azurite, free_port
+from local.azurite import Azurite
 from tests.harness import (
     API_VERSION,
     App,
@@ -44,30 +43,31 @@ pytestmark = pytest.mark.e2e  # the host stand-in adds the client address as Azu
 
 
 class Lookups:
-    """Reads of one table by point (PartitionKey, RowKey), as Azurite logged them."""
+    """Reads of one table by point (PartitionKey, RowKey), as the run's Azurite logged them
+    (its access log holds every process's requests; the table's name is this module's own).
+    The count goes on from where the last one stopped reading."""
 
-    def __init__(self, log: Path, table: str) -> None:
-        self.log = log
-        self.pattern = re.compile(rf'"GET /devstoreaccount1/{table}\(PartitionKey=')
+    def __init__(self, azurite: Azurite, table: str) -> None:
+        assert azurite.access_log is not None, "the run's Azurite logs its requests"
+        self.log = azurite.access_log
+        self.pattern = re.compile(rf'"GET /devstoreaccount1/{table}\(PartitionKey='.encode())
+        self.read_to, self.seen = 0, 0
 
     def count(self) -> int:
-        return len(self.pattern.findall(self.log.read_text(errors="replace")))
+        with open(self.log, "rb") as log:
+            log.seek(self.read_to)
+            lines = log.read()
+        whole = lines[: lines.rfind(b"\n") + 1]  # a line still being written waits
+        self.read_to += len(whole)
+        self.seen += len(self.pattern.findall(whole))
+        return self.seen
 
 
 @pytest.fixture(scope="module")
-def logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
-    log = tmp_path_factory.mktemp("azurite") / "access.log"
-    server = Azurite(free_port(), access_log=log).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def guarded(logged: Azurite, configured: Configured) -> tuple[App, str]:
-    """The app on the Azurite whose access log counts the lookups."""
+def guarded(configured: Configured) -> tuple[App, str]:
+    """The app, on tables of this module's own whose reads the run's Azurite logs."""
     prefix = unique_prefix("lock")
-    storage = logged.connection_string
-    return configured("lockout", prefix=prefix, AIPROXY_STORAGE_CONNECTION_STRING=storage), prefix
+    return configured("lockout", prefix=prefix), prefix
 
 
 def burst(calls: list[Callable[[], httpx.Response]]) -> list[httpx.Response]:
@@ -94,7 +94,7 @@ def settled(lookups: Lookups) -> int:
 
 
 def test_forty_wrong_keys_leave_a_right_key_working_after_its_cache_entry_aged(
-    guarded: tuple[AppHost, str], logged: Azurite, sim: Simulator
+    guarded: tuple[AppHost, str], azurite: Azurite, sim: Simulator
 ) -> None:
     host, prefix = guarded
     setup = EventSetup(host, sim)
@@ -103,7 +103,7 @@ def test_forty_wrong_keys_leave_a_right_key_working_after_its_cache_entry_aged(
                                api_version=API_VERSION, max_retries=0,
                                http_client=host.http)  # fmt: skip
     assert chat(host, setup.key, BODY).status_code == 200  # cached from now on
-    keys = Lookups(logged.access_log, f"{prefix}keys")  # type: ignore[arg-type]
+    keys = Lookups(azurite, f"{prefix}keys")
     before = settled(keys)
     started = time.monotonic()
     answers = [chat(host, wrong_key(), BODY) for _ in range(THRESHOLD)]
@@ -137,10 +137,10 @@ def test_forty_wrong_keys_leave_a_right_key_working_after_its_cache_entry_aged(
 
 
 def test_a_wrong_key_sent_again_reads_no_storage(
-    guarded: tuple[AppHost, str], logged: Azurite
+    guarded: tuple[AppHost, str], azurite: Azurite
 ) -> None:
     host, prefix = guarded
-    keys = Lookups(logged.access_log, f"{prefix}keys")  # type: ignore[arg-type]
+    keys = Lookups(azurite, f"{prefix}keys")
     key = wrong_key()
     before = settled(keys)
     # Over the budget after the test before: sent until its lookup's turn comes.
@@ -182,11 +182,11 @@ def test_ten_wrong_codes_leave_a_right_code_working(
 
 
 def test_random_event_ids_are_throttled_while_a_known_event_answers(
-    guarded: tuple[AppHost, str], logged: Azurite, sim: Simulator
+    guarded: tuple[AppHost, str], azurite: Azurite, sim: Simulator
 ) -> None:
     host, prefix = guarded
     setup = EventSetup(host, sim, shared_code=CODE)
-    events = Lookups(logged.access_log, f"{prefix}events")  # type: ignore[arg-type]
+    events = Lookups(azurite, f"{prefix}events")
     before = settled(events)
     started = time.monotonic()
 
