@@ -138,12 +138,14 @@ def main() -> None:
     parser.add_argument("--token", default="mcp-test-token")
     parser.add_argument("--json", action="store_true", help="answer requests as JSON, not SSE")
     args = parser.parse_args()
-    # Bound here, so the port it names is this server's (0: one the system picks). Reusable
-    # as uvicorn's own are: `make run` restarted binds its port again while the last run's
-    # connections to it linger.
+    # Bound and listening here, so the port it names is this server's (0: one the system
+    # picks) and takes connections from then on (they wait in the backlog until uvicorn serves
+    # them). Reusable as uvicorn's own are: `make run` restarted binds its port again while the
+    # last run's connections to it linger.
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", args.port))
+    sock.listen(2048)  # uvicorn's backlog
     print(f"mcp server on http://127.0.0.1:{sock.getsockname()[1]}/mcp", flush=True)
     config = uvicorn.Config(app(args.token, args.json), log_level="warning")
     uvicorn.Server(config).run(sockets=[sock])

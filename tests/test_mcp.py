@@ -23,7 +23,6 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types import ElicitResult
 
-from local.azurite import wait_for_port
 from tests.harness import (
     AppHost,
     EventSetup,
@@ -51,7 +50,6 @@ class McpServer:
         name = "json" if json_response else "sse"
         self.proc = Process(args, {**__import__("os").environ}, log_dir / f"mcp-{name}.log")
         self.port = listening(self.proc, r"mcp server on http://127\.0\.0\.1:(\d+)/")
-        wait_for_port(self.port, process=self.proc.process)  # bound when named; listening soon
         self.url = f"http://127.0.0.1:{self.port}/mcp"
 
     def stats(self) -> dict[str, Any]:
