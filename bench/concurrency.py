@@ -10,10 +10,20 @@ token, one SSE event each, as a model does. At each level N (CONCURRENCY_LEVELS,
 64 128 256), N clients each send streamed chat calls back to back for CONCURRENCY_SECONDS
 (default 20) and time each call's first body byte (the first SSE event) and its end: straight
 at the simulator ("direct"), through the same worker runtime serving only a relay function
-(bench/relay_function.py: the platform's floor, "floor"; CONCURRENCY_FLOOR=0 leaves it out) and
-through the app as Azure runs it (the host stand-in and its Python worker process, each worker
-alone on CPU 0). Added latency is the app's percentile minus the floor's at the same level (the
-direct run's without the floor). Per level: p50/p99 added time to first byte and to the
+(bench/relay_function.py: the platform's floor, "floor") and through the app as Azure runs it
+(the host stand-in and its Python worker process). Added latency is the app's percentile minus
+the floor's at the same level.
+
+The relay function and the app are measured at the same time (paired), N clients each, both
+workers on CPU 0, their calls interleaved in one client, so whatever the harness or the machine
+does to the tail falls on both alike; the clients start spread over one stream's length, so
+calls arrive evenly rather than in step; and Azurite runs ahead of the harness on CPU 1 (nice
+-10, its scheduling group included), as Table Storage is a service of its own. Each of these
+took a noise band of 21-121 ms at p99 between two runs of one target down to 2 ms
+(concurrency-paired-aa.md). CONCURRENCY_PAIRED=0 measures them one after the other instead
+(CONCURRENCY_FLOOR=0 then leaves the floor out and judges against the direct run),
+CONCURRENCY_SPREAD=0 starts the clients at once, CONCURRENCY_STORAGE_NICE=0 leaves Azurite as
+it comes. Per level: p50/p99 added time to first byte and to the
 stream's end, calls, failures, the worker's CPU share and CPU per call (and the floor's), its
 peak RSS, and how busy the harness's core was (the host stand-in, simulator and client share
 CPU 1: when it is saturated the added latency is partly the harness's).
@@ -95,7 +105,18 @@ PROFILE = os.environ.get("CONCURRENCY_PROFILE", "") not in ("", "0")
 # two runs of one target (the noise any verdict at that level sits in). Writes
 # concurrency-aa.md/.json.
 AA = os.environ.get("CONCURRENCY_AA", "") not in ("", "0")
+# Paired (the default): the app and the relay function are measured at the same time, N clients
+# each (both workers on CPU 0, both host stand-ins on CPU 1), their calls interleaved in one
+# client: every stall of the harness, the machine's other work and the order of runs falls on
+# both alike, so the difference of their percentiles is the app's own. With CONCURRENCY_AA=1 a
+# second relay function takes the app's place. CONCURRENCY_PAIRED=0: one after the other, as
+# before (writes concurrency-sequential(-aa).md/.json).
+PAIRED = os.environ.get("CONCURRENCY_PAIRED", "1") not in ("", "0")
 CALL_TIMEOUT_SECONDS = 60
+# How far apart the clients of a level start: over one stream's length (main sets it from the
+# tokens a stream), so calls arrive evenly; CONCURRENCY_SPREAD=0 starts them all at once.
+SPREAD = 0.0
+SPREAD_ON = os.environ.get("CONCURRENCY_SPREAD", "1") != "0"
 WARM_SECONDS = 3.0
 QUIET_WAIT_SECONDS = 60  # at most, before each level, for other work on this machine to end
 TRIES = 2  # a level during which other work took CPU 1 is measured once more
@@ -103,23 +124,36 @@ TRIES = 2  # a level during which other work took CPU 1 is measured once more
 # (the app first in every other round: whichever runs first after the direct run fares worse at
 # p99, concurrency-aa.md), and judged on the median of the rounds' added figures.
 ROUNDS = max(1, int(os.environ.get("CONCURRENCY_ROUNDS", "1") or 1))
-# CONCURRENCY_STORAGE_NICE=N: Azurite's scheduling priority on CPU 1 (a nice value; 0 leaves
-# it as the harness's). On Azure, Table Storage is a service of its own whose latency does not
+# CONCURRENCY_STORAGE_NICE=N: Azurite's scheduling priority on CPU 1 (a nice value, -10 unless
+# set; 0 leaves it as the harness's). On Azure, Table Storage is a service of its own whose latency does not
 # depend on how busy the proxy's neighbours are; here it shares CPU 1 with the client, the
 # simulator and the host stand-in, which at 64 streams keep that core over half busy and make a
 # journal write wait behind them (p99 58-68 ms, against 5.5 ms with Azurite alone:
 # storagelat.md). Ahead of them it stands closer to the service. The relay function writes
-# nothing, so only the app's runs see storage at all.
-STORAGE_NICE = int(os.environ.get("CONCURRENCY_STORAGE_NICE", "0") or 0)
+# nothing, so only the app's runs see storage at all. The kernel's autogroups share CPU between
+# sessions first (Azurite runs in one of its own), so the nice is set on its group too: without
+# that, as before 2026-12-06, the setting changed nothing measurable.
+STORAGE_NICE = int(os.environ.get("CONCURRENCY_STORAGE_NICE", "-10") or 0)
+# CONCURRENCY_STORAGE_CPU=0: Azurite on the workers' core instead of the harness's.
+STORAGE_CPU = int(os.environ.get("CONCURRENCY_STORAGE_CPU", str(LOAD_CPU)))
 OTHER_WORK = 0.1  # of CPU 1 used by none of the bench's processes: the level is suspect
 HARNESS_BUSY = 0.9  # CPU 1 (host stand-in, simulator, client) this busy: the harness limits
 
 
 def prioritise(pid: int, nice: int) -> None:
-    """Every thread of `pid` at the nice value."""
-    for thread in threads(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.setpriority(os.PRIO_PROCESS, thread, nice)
+    """Every thread of `pid` at the nice value, and its session's scheduling group too: with
+    the kernel's autogroups on (sched_autogroup_enabled), a process's own nice only orders it
+    within its session's group, and CPU is shared between groups by the group's nice."""
+    try:
+        for thread in threads(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.setpriority(os.PRIO_PROCESS, thread, nice)
+        group = Path(f"/proc/{pid}/autogroup")
+        if group.exists():
+            group.write_text(f"{nice}\n")
+    except OSError as error:  # a nice below 0 needs CAP_SYS_NICE
+        print(f"concurrency: Azurite's priority not set ({error}): storage shares CPU "
+              f"{LOAD_CPU} with the harness as it comes", flush=True)  # fmt: skip
 
 
 def added_limit(base: dict[str, Any]) -> float:
@@ -210,8 +244,14 @@ class Sample:
         return out
 
 
-async def drive(url: str, key: str, clients: int, seconds: float, sample: Sample) -> None:
-    """`clients` loops of streamed chat calls for `seconds` (each call at most 60 s)."""
+async def drive(
+    url: str, key: str, clients: int, seconds: float, sample: Sample, phase: float = 0.0
+) -> None:
+    """`clients` loops of streamed chat calls for `seconds` (each call at most 60 s).
+
+    The clients start SPREAD seconds apart over one stream's length (`phase` of a step later),
+    so calls arrive evenly, as a room's do: started at once, they would stay in step, and every
+    stream's end would bring a burst of N calls whose order in it sets the first byte's tail."""
     body = json.dumps(
         {
             "messages": [{"role": "user", "content": "Tell me about the sea."}],
@@ -224,7 +264,8 @@ async def drive(url: str, key: str, clients: int, seconds: float, sample: Sample
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_SECONDS)
 
-    async def client(session: aiohttp.ClientSession) -> None:
+    async def client(session: aiohttp.ClientSession, index: int) -> None:
+        await asyncio.sleep(SPREAD * (index + phase) / clients)
         while time.monotonic() < deadline:
             sample.calls += 1
             started = time.perf_counter()
@@ -248,53 +289,86 @@ async def drive(url: str, key: str, clients: int, seconds: float, sample: Sample
             sample.errors[reason] = sample.errors.get(reason, 0) + 1
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(*(client(session) for _ in range(clients)))
+        await asyncio.gather(*(client(session, n) for n in range(clients)))
 
 
 def measure(
     target: str, url: str, key: str, clients: int, seconds: float, pids: dict[str, int]
 ) -> Sample:
     """One level at one target, with the CPU of the processes in `pids` meanwhile."""
-    sample = Sample(target, clients)
-    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    worker = {name: pids[name] for name in ("worker", "host") if name in pids}
+    common = {name: pid for name, pid in pids.items() if name not in worker}
+    return measure_many([(target, url, key, worker)], clients, seconds, common)[0]
+
+
+def measure_many(
+    targets: list[tuple[str, str, str, dict[str, int]]],
+    clients: int,
+    seconds: float,
+    pids: dict[str, int],
+) -> list[Sample]:
+    """One level at each of `targets` (name, url, key, its worker's and host's pids) at the same
+    time, `clients` clients each, with the CPU of every process meanwhile."""
+    samples = [Sample(target, clients) for target, _, _, _ in targets]
+    own = [own_pids for _, _, _, own_pids in targets]
+    every = dict(pids)
+    for n, own_pids in enumerate(own):
+        every.update({f"{name}{n}": pid for name, pid in own_pids.items()})
+    cpu_before = {name: cpu_seconds(pid) for name, pid in every.items()}
     system_before = cpu_times()
-    peak = {"rss": 0.0}
+    peaks = [0.0] * len(targets)
 
     async def main() -> None:
         async def watch() -> None:
             while True:
-                if "worker" in pids:
-                    peak["rss"] = max(peak["rss"], rss_kib(pids["worker"]) / 1024)
+                for n, own_pids in enumerate(own):
+                    if "worker" in own_pids:
+                        peaks[n] = max(peaks[n], rss_kib(own_pids["worker"]) / 1024)
                 await asyncio.sleep(0.25)
 
         watcher = asyncio.create_task(watch())
         try:
-            await drive(url, key, clients, seconds, sample)
+            await asyncio.gather(
+                *(
+                    drive(url, key, clients, seconds, sample, phase=n / len(targets))
+                    for n, ((_, url, key, _), sample) in enumerate(
+                        zip(targets, samples, strict=True)
+                    )
+                )
+            )
         finally:
             watcher.cancel()
 
     started = time.monotonic()
     asyncio.run(main())
-    sample.seconds = round(time.monotonic() - started, 2)
+    elapsed = round(time.monotonic() - started, 2)
     system_after = cpu_times()
-    used = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+    used = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in every.items()}
+    cpu1_busy = None
     if LOAD_CPU in system_after:
         busy = system_after[LOAD_CPU][0] - system_before[LOAD_CPU][0]
         total = system_after[LOAD_CPU][2] - system_before[LOAD_CPU][2]
-        sample.cpu1_busy = round(busy / total, 3) if total else None
-    sample.simulator_cpu_busy = round(used["simulator"] / sample.seconds, 3)
-    sample.client_cpu_busy = round(used["client"] / sample.seconds, 3)
-    sample.azurite_cpu_busy = round(used["azurite"] / sample.seconds, 3)
-    if sample.cpu1_busy is not None:
-        on_cpu1 = ["simulator", "client", "azurite"] + (["host"] if HOST_CPU == LOAD_CPU else [])
-        ours = sum(used[name] for name in on_cpu1 if name in used) / sample.seconds
-        sample.cpu1_other = round(max(0.0, sample.cpu1_busy - ours), 3)
-    if "worker" in pids:
-        sample.worker_cpu_busy = round(used["worker"] / sample.seconds, 3)
-        sample.worker_cpu_ms_per_call = round(used["worker"] * 1000 / max(sample.calls, 1), 3)
-        sample.worker_rss_peak_mib = round(max(peak["rss"], rss_kib(pids["worker"]) / 1024), 1)
-        sample.host_cpu_busy = round(used["host"] / sample.seconds, 3)
-    return sample
+        cpu1_busy = round(busy / total, 3) if total else None
+    on_cpu1 = ["simulator", "client", "azurite"]
+    if HOST_CPU == LOAD_CPU:
+        on_cpu1 += [name for name in every if name.startswith("host")]
+    ours = sum(used[name] for name in on_cpu1 if name in used) / elapsed
+    for n, sample in enumerate(samples):
+        sample.seconds = elapsed
+        sample.cpu1_busy = cpu1_busy
+        sample.simulator_cpu_busy = round(used["simulator"] / elapsed, 3)
+        sample.client_cpu_busy = round(used["client"] / elapsed, 3)
+        sample.azurite_cpu_busy = round(used["azurite"] / elapsed, 3)
+        if cpu1_busy is not None:
+            sample.cpu1_other = round(max(0.0, cpu1_busy - ours), 3)
+        if f"worker{n}" in used:
+            worker_cpu = used[f"worker{n}"]
+            sample.worker_cpu_busy = round(worker_cpu / elapsed, 3)
+            sample.worker_cpu_ms_per_call = round(worker_cpu * 1000 / max(sample.calls, 1), 3)
+            peak = max(peaks[n], rss_kib(own[n]["worker"]) / 1024)
+            sample.worker_rss_peak_mib = round(peak, 1)
+            sample.host_cpu_busy = round(used[f"host{n}"] / elapsed, 3)
+    return samples
 
 
 def judge(base: dict[str, Any], worker: dict[str, Any], direct: dict[str, Any]) -> dict[str, Any]:
@@ -433,7 +507,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['seconds']:g} s: straight at the simulator, "
         + ("through the relay function, " if floor else "")
         + "then through the app. First byte: the first body bytes (the first SSE event); "
-        f"whole: until `data: [DONE]`. Added: the app's percentile minus {against}.",
+        f"whole: until `data: [DONE]`. Added: the app's percentile minus {against}."
+        + (
+            f" The clients start {report['spread_seconds']:g} s apart in all (over one "
+            "stream's length), so calls arrive evenly rather than in bursts of N."
+            if report.get("spread_seconds")
+            else " The clients start at once (their calls stay in step: bursts of N)."
+        ),
         f"- Criteria: no failed call, p99 added latency of the first byte and of the whole "
         f"stream under {limit:g} ms, worker RSS under {RSS_LIMIT_MIB} MiB (half of "
         f"a {INSTANCE_MIB} MB instance). A level during which other work took at least "
@@ -442,8 +522,25 @@ def markdown(report: dict[str, Any]) -> str:
         "below the first that fails.",
         *(
             [
-                f"- Rounds: each level {report['rounds']} times, the relay function and the app "
-                "in turns (the app first in every other round); a level's added figures and "
+                "- **Paired** (CONCURRENCY_PAIRED=1): the relay function and the app ran at the "
+                "same time, N clients each, both workers on CPU 0 and both host stand-ins on "
+                "CPU 1, their calls interleaved in one client; so the harness's stalls, other "
+                "work and the order of runs fall on both alike. CPU 1 carries twice the "
+                "streams of a run of one target. The direct run: once a level, alone."
+            ]
+            if report.get("paired")
+            else []
+        ),
+        *(
+            [
+                f"- Rounds: each level {report['rounds']} times, "
+                + (
+                    "the app's clients started first in every other round"
+                    if report.get("paired")
+                    else "the relay function and the app in turns (the app first in every "
+                    "other round)"
+                )
+                + "; a level's added figures and "
                 "CPU ratio are the medians of its rounds, the other columns its median round's."
             ]
             if report.get("rounds", 1) > 1
@@ -541,6 +638,8 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> int:
     seconds = float(os.environ.get("CONCURRENCY_SECONDS", "20"))
     tokens = int(os.environ.get("CONCURRENCY_TOKENS", str(TOKENS)))
+    global SPREAD
+    SPREAD = tokens * TOKEN_MS / 1000 if SPREAD_ON else 0.0
     two_cores = len(os.sched_getaffinity(0)) >= 2
     if two_cores:
         os.sched_setaffinity(0, {LOAD_CPU})  # the client stays off the worker's core
@@ -549,6 +648,12 @@ def main() -> int:
     warn_if_busy(busy_before, "concurrency")
     work = Path(tempfile.mkdtemp(prefix="aiproxy-concurrency-"))
     azurite = Azurite(free_port()).start()
+    if two_cores and STORAGE_CPU != LOAD_CPU:
+        for process in (azurite.process, azurite.queue_process):
+            if process is not None:
+                for thread in threads(process.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.sched_setaffinity(thread, {STORAGE_CPU})
     if STORAGE_NICE:
         for process in (azurite.process, azurite.queue_process):
             if process is not None:
@@ -573,15 +678,22 @@ def main() -> int:
         work, azurite.connection_string, HOST_CPU if two_cores else None,
         WORKER_CPU if two_cores else None, "concfloor", name="worker-relay-function",
         AIPROXY_WORKER_PRELOAD="bench.relay_function", BENCH_RELAY_UPSTREAM=f"http://127.0.0.1:{sim_port}",
-    ) if FLOOR_ON else None  # fmt: skip
+    ) if FLOOR_ON or PAIRED else None  # fmt: skip
+    # The paired A/A control's second relay function, in the app's place.
+    twin = WorkerApp(
+        work, azurite.connection_string, HOST_CPU if two_cores else None,
+        WORKER_CPU if two_cores else None, "conctwin", name="worker-relay-function-2",
+        AIPROXY_WORKER_PRELOAD="bench.relay_function", BENCH_RELAY_UPSTREAM=f"http://127.0.0.1:{sim_port}",
+    ) if PAIRED and AA else None  # fmt: skip
     rows: list[dict[str, Any]] = []
     try:
         wait_for_port(sim_port, process=simulator)
         simulator_url = f"http://127.0.0.1:{sim_port}"
         httpx.post(f"{simulator_url}/_sim/config", json={"tokens": tokens}).raise_for_status()
         worker.wait()
-        if floor is not None:
-            floor.wait()
+        for other in (floor, twin):
+            if other is not None:
+                other.wait()
         base = f"{worker.base}/api"
         _event, key = set_up(base, simulator_url)
         path = "/openai/deployments/chat/chat/completions?api-version=2024-10-21"
@@ -621,16 +733,50 @@ def main() -> int:
                 w["loopwatch"] = watched(watch_out)
             return w
 
+        def both(clients: int, app_first: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+            """The relay function and the app (or its twin) at the same time (PAIRED)."""
+            assert floor is not None
+            print(f"concurrency: {time.strftime('%H:%M:%S')} {clients} clients each: relay "
+                  "function and " + ("its twin (A/A)" if AA else "app") + ", paired",
+                  flush=True)  # fmt: skip
+            target = twin if twin is not None else worker
+            floor.repin()
+            target.repin()
+            watched(watch_out, reset=True)
+            sides = [
+                ("floor", f"{floor.base}/api" + path, SIM_KEY,
+                 {"worker": floor.worker_pid, "host": floor.host_pid}),
+                ("worker", (f"{target.base}/api" + path) if target is twin else base + path,
+                 SIM_KEY if target is twin else key,
+                 {"worker": target.worker_pid, "host": target.host_pid}),
+            ]  # fmt: skip
+            if app_first:
+                sides.reverse()
+            with profiled(target.worker_pid, f"app-{clients}"):
+                samples = measure_many(sides, clients, seconds, pids)
+            by_name = {sample.target: sample.summary() for sample in samples}
+            if WATCH and target is worker:
+                by_name["worker"]["loopwatch"] = watched(watch_out)
+            return by_name["floor"], by_name["worker"]
+
+        directs: dict[int, dict[str, Any]] = {}
+
         def one_round(clients: int, app_first: bool) -> dict[str, Any]:
             tries = []
             for _ in range(TRIES):
                 quiet = wait_for_quiet(QUIET_WAIT_SECONDS)
                 warn_if_busy(quiet, "concurrency")
                 stamp = time.strftime("%H:%M:%S")
-                print(f"concurrency: {stamp} {clients} clients: direct", flush=True)
                 url = simulator_url + path
-                d = measure("direct", url, SIM_KEY, clients, seconds, pids).summary()
-                if app_first:
+                if not PAIRED or clients not in directs:  # paired: once a level
+                    print(f"concurrency: {stamp} {clients} clients: direct", flush=True)
+                    directs[clients] = measure(
+                        "direct", url, SIM_KEY, clients, seconds, pids
+                    ).summary()
+                d = directs[clients]
+                if PAIRED:
+                    f, w = both(clients, app_first)
+                elif app_first:
                     w = app(clients)
                     f = relay_function(clients)
                 else:
@@ -663,8 +809,9 @@ def main() -> int:
         restarts = worker.status()["worker"].get("restarts")
     finally:
         worker.stop()
-        if floor is not None:
-            floor.stop()
+        for other in (floor, twin):
+            if other is not None:
+                other.stop()
         stop(simulator)
         azurite.stop()
     problems = log_problems(worker.log())
@@ -682,12 +829,15 @@ def main() -> int:
         "busy_before": busy_before,
         "host_cpu": HOST_CPU,
         "storage_nice": STORAGE_NICE,
+        "storage_cpu": STORAGE_CPU,
         "floor": FLOOR_ON,
         "watched": WATCH,
         "tokens": tokens,
         "token_ms": TOKEN_MS,
         "seconds": seconds,
         "rounds": ROUNDS,
+        "paired": PAIRED,
+        "spread_seconds": SPREAD,
         "criteria": {
             "added_p99_ms_below": ADDED_P99_LIMIT_MS,
             "worker_rss_mib_below": RSS_LIMIT_MIB,
@@ -702,6 +852,7 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     text = markdown(report)
     name = "concurrency" if HOST_CPU == LOAD_CPU else f"concurrency-host-on-cpu{HOST_CPU}"
+    name += "" if PAIRED else "-sequential"
     name += "-aa" if AA else ""
     (RESULTS / f"{name}.md").write_text(text)
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
