@@ -846,6 +846,9 @@ def main() -> int:
                 f"CPU 1 {w['cpu1_busy']:.0%}: {judged['verdict']}",
                 flush=True,
             )
+            if judged["verdict"] == "harness-limited":
+                print("   the harness cannot carry more: the levels above are not measured")
+                break
         restarts = worker.status()["worker"].get("restarts")
     finally:
         worker.stop()
