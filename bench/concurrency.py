@@ -33,8 +33,10 @@ stream is under FLOOR_P99_LIMIT_MS (20 ms over the floor; ADDED_P99_LIMIT_MS, 50
 direct without it), and the worker's peak RSS is under RSS_LIMIT_MIB (half of a 2048 MB Flex
 instance). This machine is shared: before each level the sweep waits (a minute at most) for
 other work to end, and a level during which other work took CPU 1 is measured once more, the
-less disturbed try kept; a level still disturbed gets no verdict ("inconclusive"), and the
-answer is the highest level passing below the first failing. CONCURRENCY_HOST_CPU=0 puts the
+less disturbed try kept; a level still disturbed gets no verdict ("inconclusive"), nor does
+one the harness cannot carry ("harness-limited": the relay function's streams over
+HARNESS_SLOWED longer than direct ones; the sweep stops there), and the answer is the highest
+level passing below the first failing or harness-limited. CONCURRENCY_HOST_CPU=0 puts the
 host stand-in on the worker's core instead (an instance's view). CONCURRENCY_WATCH=1 loads
 bench/loopwatch.py into the app's worker (loop lag, call stages); CONCURRENCY_PROFILE=1 samples
 it with py-spy. Writes bench/results/concurrency.md and concurrency.json.
@@ -490,6 +492,18 @@ def combined(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
+def highest_passing(rows: list[dict[str, Any]]) -> int | None:
+    """The highest level that passes below the first that fails or that the harness cannot
+    carry (inconclusive ones neither)."""
+    passing = []
+    for row in rows:
+        if row["judged"]["verdict"] in ("fails", "harness-limited"):
+            break
+        if row["judged"]["passes"]:
+            passing.append(row["judged"]["clients"])
+    return max(passing) if passing else None
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     floor = report.get("floor", False)
@@ -859,14 +873,6 @@ def main() -> int:
         azurite.stop()
     problems = log_problems(worker.log())
     shutil.rmtree(work, ignore_errors=True)
-    # The highest level that passes below the first that fails or that the harness cannot
-    # carry (inconclusive ones neither).
-    passing = []
-    for row in rows:
-        if row["judged"]["verdict"] in ("fails", "harness-limited"):
-            break
-        if row["judged"]["passes"]:
-            passing.append(row["judged"]["clients"])
     report = {
         "machine": machine(),
         "runtime_version": worker.runtime_version,
@@ -888,7 +894,7 @@ def main() -> int:
             "instance_mib": INSTANCE_MIB,
         },
         "levels": rows,
-        "highest_passing": max(passing) if passing else None,
+        "highest_passing": highest_passing(rows),
         "worker_restarts": restarts,
         "log_errors": problems["errors"],
         "distinct_log_errors": problems["distinct_errors"][:10],
