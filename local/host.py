@@ -232,6 +232,12 @@ class Host:
         finally:
             reader.cancel()
             channel.closed.set()
+            if channel is self.channel:
+                # No invocation goes to this worker any more: new ones wait for the next (its
+                # process exits without its stream, and is started again once it has). Without
+                # this, a queue message taken again between the stream's end and the process's
+                # was sent down the closed stream and waited there for good, its lease renewed.
+                self.ready.clear()
             for future in channel.waiting.values():
                 if not future.done():
                     future.set_exception(ConnectionError("the worker's stream closed"))
@@ -261,6 +267,8 @@ class Host:
     async def ask(self, key: str, **content: Any) -> Any:
         """Send a message and wait for the answer paired with `key` (kind:id)."""
         channel = self.channel
+        if channel.closed.is_set():  # nothing would ever answer
+            raise ConnectionError("the worker's stream closed")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         channel.waiting[key] = future
         channel.outbox.put_nowait(self.protos.StreamingMessage(request_id="host", **content))

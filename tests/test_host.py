@@ -3,13 +3,14 @@ runtime, routes and keys from the indexed metadata, timers, restarts, and the ho
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ import httpx
 import pytest
 
 from local.azurite import Azurite, free_port, wait_for_port
-from local.host import compile_route, next_firing, resolve_setting
+from local.host import Host, compile_route, next_firing, resolve_setting
 from tests.harness import (
     FUNCTION_KEY,
     AppHost,
@@ -285,6 +286,39 @@ def test_a_worker_that_dies_is_reported_and_started_again(
         headers={"api-key": setup.key},
     )
     assert answer.status_code == 200, answer.text
+
+
+async def test_a_closed_worker_stream_takes_no_invocation_until_the_next_worker() -> None:
+    """A worker's stream can end before its process's exit is seen. An invocation sent in
+    between (a queue message taken again at once) went down the closed stream and waited for
+    an answer for good, its lease renewed; it now fails at once, and new ones wait for the
+    next worker (`ready`)."""
+    host = Host(Path(__file__).resolve().parent.parent, FUNCTION_KEY)
+    host.ready.set()
+    protos = host.protos
+
+    def invocation(invocation_id: str) -> dict[str, object]:
+        return {"invocation_request": protos.InvocationRequest(invocation_id=invocation_id)}
+
+    in_flight = asyncio.ensure_future(host.ask("invocation_response:a", **invocation("a")))
+    await asyncio.sleep(0)  # sent: waiting for its answer
+    written: list[object] = []
+
+    class Context:
+        async def write(self, message: object) -> None:
+            written.append(message)
+
+    async def the_worker_is_gone() -> AsyncIterator[object]:
+        for _ in ():
+            yield _
+
+    await asyncio.wait_for(host._serve_stream(the_worker_is_gone(), Context()), 10)
+    with pytest.raises(ConnectionError, match="stream closed"):
+        await asyncio.wait_for(in_flight, 10)
+    assert not host.ready.is_set()  # new invocations wait for the next worker
+    with pytest.raises(ConnectionError, match="stream closed"):  # and none waits here for good
+        await asyncio.wait_for(host.ask("invocation_response:b", **invocation("b")), 10)
+    assert host.channel.waiting == {}
 
 
 def test_logs_carry_the_apps_lines_not_per_call_library_chatter(
