@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 from collections import Counter
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -12,8 +14,13 @@ import httpx
 import openai
 import pytest
 
+from local.azurite import Azurite
+from shared.governance import rollups
 from shared.governance.rollups import REFUSALS
-from tests.harness import CHAT, AppHost, EventSetup, Simulator, Storage, run_timer
+from shared.governance.usage import DAYS_TABLE, UsageRecord, UsageWriter
+from shared.platform.settings import load
+from shared.platform.tables import Tables
+from tests.harness import CHAT, AppHost, EventSetup, Simulator, Storage, run_timer, unique_prefix
 
 NUMBERS = (
     "prompt_tokens", "completion_tokens", "total_tokens", "units",
@@ -206,6 +213,57 @@ def test_a_rollup_reads_only_the_buckets_written_since_the_last_one(
         for m in storage.rows("usagedays", f"PartitionKey eq '{event.id}'")
     }
     assert again == rolled
+
+
+def race_record(n: int, now: datetime) -> UsageRecord:
+    return UsageRecord(
+        event_id="race", attendee_id=f"a{n}", deployment="d", resource_id="r",
+        model_class="openai-chat", status=200, prompt_tokens=10, completion_tokens=2,
+        total_tokens=12, streamed=False, estimated=False, latency_ms=1.0, time=now,
+        local_date=now.strftime("%Y%m%d"), request_id=f"race{n}",
+    )  # fmt: skip
+
+
+async def test_a_report_while_another_rolls_up_reads_fresh_totals(
+    azurite: Azurite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console asks for four reports at once, and each rolls up first. One that found the
+    buckets marked rolled up while another request was still writing the day's totals read the
+    totals of before (a chart of the console stayed empty once): buckets are marked only once
+    their day's totals are written."""
+    tables = Tables(load({"AIPROXY_STORAGE_CONNECTION_STRING": azurite.connection_string,
+                          "AIPROXY_TABLE_PREFIX": unique_prefix("rollrace")}))  # fmt: skip
+    writer = UsageWriter(tables, flush_seconds=0.05)
+    now = datetime.now(UTC)
+    for n in range(3):
+        writer.append(race_record(n, now))
+    await writer.close()  # written, and their bucket marked as written to
+    paused, go = asyncio.Event(), asyncio.Event()
+    sum_day = rollups._sum_day
+
+    async def first_waits(*args: Any) -> None:  # the first roll-up stops before the totals
+        if not paused.is_set():
+            paused.set()
+            await go.wait()
+        await sum_day(*args)
+
+    monkeypatch.setattr(rollups, "_sum_day", first_waits)
+    first = asyncio.create_task(rollups.roll_up(tables, "race"))
+    try:
+        await asyncio.wait_for(paused.wait(), 30)
+        fresh = await asyncio.wait_for(rollups.report(tables, "race", "attendee", {}), 30)
+        assert fresh["totals"]["requests"] == 3
+        assert sorted(row["attendee_id"] for row in fresh["rows"]) == ["a0", "a1", "a2"]
+        go.set()
+        await asyncio.wait_for(first, 30)
+        # Both roll-ups ended: the day's totals still hold every call, once.
+        rows = await tables.partition(rollups.ROLLUPS_TABLE, "race")
+        assert sum(int(row.get("requests", 0)) for row in rows) == 3
+        markers = await tables.partition(DAYS_TABLE, "race")
+        assert markers and all(m["rolled_at"] >= m["last_write"] for m in markers)
+    finally:
+        go.set()
+        await tables.close()
 
 
 def test_reports_show_refusals_by_reason_and_attendees_active_by_hour(

@@ -103,7 +103,7 @@ async def roll_up(tables: Tables, event_id: str | None = None) -> RollupResult:
         markers = await tables.all(DAYS_TABLE)
     else:
         markers = await tables.partition(DAYS_TABLE, event_id)
-    days: set[tuple[str, str]] = set()
+    days: dict[tuple[str, str], list[tuple[str, float]]] = defaultdict(list)
     for marker in markers:
         if float(marker.get("rolled_at", 0)) >= float(marker.get("last_write", 0)):
             continue
@@ -115,16 +115,19 @@ async def roll_up(tables: Tables, event_id: str | None = None) -> RollupResult:
             continue
         started = time.time()  # records written from now on make the bucket dirty again
         await _roll_up_bucket(tables, event, day, bucket, result)
-        await tables.upsert(
-            DAYS_TABLE,
-            {"PartitionKey": event, "RowKey": marker["RowKey"], "rolled_at": started},
-        )
-        days.add((event, day))
+        days[(event, day)].append((marker["RowKey"], started))
         result.buckets += 1
         await asyncio.sleep(0)  # let requests in between buckets
-    for event, day in sorted(days):
+    for (event, day), rolled in sorted(days.items()):
         await _sum_day(tables, event, day, result)
         result.days += 1
+        # Only now are the buckets rolled up: a report that finds them so (another request,
+        # another instance, while this one ran) reads totals that hold them. Marked before
+        # the day's totals were written, they let such a report read the totals of before.
+        for row_key, started in rolled:
+            await tables.upsert(
+                DAYS_TABLE, {"PartitionKey": event, "RowKey": row_key, "rolled_at": started}
+            )
     return result
 
 
