@@ -54,6 +54,12 @@ def test_storage_down_at_start_is_reported_then_recovers_without_restart(
         refused = host.http.post(CHAT, json={}, headers={"api-key": "aip-" + "C" * 32})
         contract_error(refused, 503, "storage_unavailable")
         assert refused.headers["retry-after"] == "5"
+        # The console's calls too; the operator's log says what storage answered.
+        listed = host.manage.get("/events")
+        contract_error(listed, 503, "storage_unavailable")
+        wait_until(
+            lambda: "/api/manage/events" in host.log() and "storage unavailable:" in host.log()
+        )
         storage.start()
         assert host.http.get("/health").status_code == 200
         setup = EventSetup(host, sim)

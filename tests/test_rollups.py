@@ -248,7 +248,8 @@ async def test_a_report_while_another_rolls_up_reads_fresh_totals(
         await sum_day(*args)
 
     monkeypatch.setattr(rollups, "_sum_day", first_waits)
-    first = asyncio.create_task(rollups.roll_up(tables, "race"))
+    # Another instance's roll-up: this process's own ones wait for each other (below).
+    first = asyncio.create_task(rollups._roll_up(tables, "race"))
     try:
         await asyncio.wait_for(paused.wait(), 30)
         fresh = await asyncio.wait_for(rollups.report(tables, "race", "attendee", {}), 30)
@@ -264,6 +265,37 @@ async def test_a_report_while_another_rolls_up_reads_fresh_totals(
     finally:
         go.set()
         await tables.close()
+
+
+async def test_reports_asked_at_once_roll_each_bucket_up_once(
+    azurite: Azurite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tables = Tables(load({"AIPROXY_STORAGE_CONNECTION_STRING": azurite.connection_string,
+                          "AIPROXY_TABLE_PREFIX": unique_prefix("rollonce")}))  # fmt: skip
+    writer = UsageWriter(tables, flush_seconds=0.05)
+    now = datetime.now(UTC)
+    for n in range(3):
+        writer.append(race_record(n, now))
+    await writer.close()
+    rolled: list[str] = []
+    roll_up_bucket = rollups._roll_up_bucket
+
+    async def counted(*args: Any) -> None:
+        rolled.append(args[3])  # the bucket
+        await roll_up_bucket(*args)
+
+    monkeypatch.setattr(rollups, "_roll_up_bucket", counted)
+    try:
+        reports = await asyncio.wait_for(
+            asyncio.gather(
+                *(rollups.report(tables, "race", group, {}) for group in rollups.GROUPS)
+            ),
+            30,
+        )
+    finally:
+        await tables.close()
+    assert all(report["totals"]["requests"] == 3 for report in reports)
+    assert len(rolled) == 1  # the first rolled the bucket up; the others found it done
 
 
 def test_reports_show_refusals_by_reason_and_attendees_active_by_hour(

@@ -96,8 +96,24 @@ class RollupResult:
     errors: list[str] = field(default_factory=list)
 
 
+# This process's roll-ups under way, by loop and event (None: every event): a report that asks
+# while one runs waits for it, then finds its buckets rolled up, instead of reading them again
+# (the console asks for four reports at once). Other instances may still roll up alongside.
+_rolling: dict[int, tuple[asyncio.AbstractEventLoop, dict[str | None, asyncio.Lock]]] = {}
+
+
 async def roll_up(tables: Tables, event_id: str | None = None) -> RollupResult:
     """Recompute the buckets written to since they were last rolled up, then their days."""
+    loop = asyncio.get_running_loop()
+    held = _rolling.get(id(loop))
+    if held is None or held[0] is not loop:
+        held = _rolling[id(loop)] = (loop, {})
+    lock = held[1].setdefault(event_id, asyncio.Lock())
+    async with lock:
+        return await _roll_up(tables, event_id)
+
+
+async def _roll_up(tables: Tables, event_id: str | None) -> RollupResult:
     result = RollupResult()
     if event_id is None:
         markers = await tables.all(DAYS_TABLE)

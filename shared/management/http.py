@@ -7,6 +7,7 @@ without a function key, and a function key alone grants nothing.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,6 +26,8 @@ from shared.management import manage, reports
 from shared.pipeline import error_response, new_request_id
 from shared.platform.tables import StorageUnavailable
 from shared.runtime import Runtime, get_runtime
+
+log = logging.getLogger(__name__)
 
 Work = Callable[[Runtime, Caller, Request], Awaitable[Response]]
 Handler = Callable[[Request], Awaitable[Response]]
@@ -52,11 +55,15 @@ def managed(work: Work) -> Handler:
             return await work(runtime, caller, request)
         except ProxyError as error:
             return error_response(error, new_request_id())
-        except StorageUnavailable:
+        except StorageUnavailable as exc:
             error = ProxyError(
                 "storage_unavailable", "Storage is not reachable. Retry in a few seconds."
             )
-            return error_response(error, new_request_id())
+            request_id = new_request_id()
+            # The caller learns to retry; the operator's log says what storage answered.
+            log.warning("%s %s (%s): storage unavailable: %s", request.method,
+                        request.url.path, request_id, str(exc)[:500])  # fmt: skip
+            return error_response(error, request_id)
 
     handler.__name__ = handler.__qualname__ = work.__name__
     handler.__doc__ = work.__doc__
