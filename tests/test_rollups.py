@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -296,6 +297,94 @@ async def test_reports_asked_at_once_roll_each_bucket_up_once(
         await tables.close()
     assert all(report["totals"]["requests"] == 3 for report in reports)
     assert len(rolled) == 1  # the first rolled the bucket up; the others found it done
+
+
+async def tables_with_records(azurite: Azurite, name: str, count: int = 3) -> Tables:
+    tables = Tables(load({"AIPROXY_STORAGE_CONNECTION_STRING": azurite.connection_string,
+                          "AIPROXY_TABLE_PREFIX": unique_prefix(name)}))  # fmt: skip
+    await write_records(tables, count)
+    return tables
+
+
+async def write_records(tables: Tables, count: int, first: int = 0) -> None:
+    writer = UsageWriter(tables, flush_seconds=0.05)
+    now = datetime.now(UTC)
+    for n in range(first, first + count):
+        writer.append(race_record(n, now))
+    await writer.close()  # written, and their bucket marked as written to
+
+
+async def test_a_report_waits_for_another_instances_roll_up_of_its_event(
+    azurite: Azurite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tables = await tables_with_records(azurite, "rolllease")
+    paused, go, refused = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    rolled: list[str] = []
+    sum_day, roll_up_bucket, take_lease = (
+        rollups._sum_day, rollups._roll_up_bucket, rollups._take_lease
+    )  # fmt: skip
+
+    async def first_waits(*args: Any) -> None:
+        if not paused.is_set():
+            paused.set()
+            await go.wait()
+        await sum_day(*args)
+
+    async def counted(*args: Any) -> None:
+        rolled.append(args[3])
+        await roll_up_bucket(*args)
+
+    async def watched(*args: Any) -> bool:
+        taken = await take_lease(*args)
+        if not taken:
+            refused.set()
+        return taken
+
+    monkeypatch.setattr(rollups, "_sum_day", first_waits)
+    monkeypatch.setattr(rollups, "_roll_up_bucket", counted)
+    monkeypatch.setattr(rollups, "_take_lease", watched)
+    try:
+        # Another instance's roll-up of the event, holding its lease, stops before the totals.
+        other = asyncio.create_task(rollups._roll_up_leased(tables, "race", 0.0))
+        await asyncio.wait_for(paused.wait(), 30)
+        report = asyncio.create_task(rollups.report(tables, "race", "attendee", {}))
+        await asyncio.wait_for(refused.wait(), 30)  # the report found the lease held
+        assert not report.done()
+        go.set()
+        fresh = await asyncio.wait_for(report, 30)
+        await asyncio.wait_for(other, 30)
+        assert fresh["totals"]["requests"] == 3
+        assert len(rolled) == 1  # the report read the other's totals, not the records again
+        lease = await tables.get(rollups.LEASES_TABLE, "race", rollups.LEASE_ROW)
+        assert lease is not None and lease["holder"] == "" and lease["until"] == 0.0  # given back
+    finally:
+        go.set()
+        await tables.close()
+
+
+async def test_a_lease_is_taken_over_once_it_expires_and_the_timer_passes_a_held_one_by(
+    azurite: Azurite,
+) -> None:
+    tables = await tables_with_records(azurite, "rollexpiry")
+    try:
+        lease = {"PartitionKey": "race", "RowKey": rollups.LEASE_ROW, "holder": "gone",
+                 "until": time.time() - 1}  # fmt: skip
+        await tables.insert(rollups.LEASES_TABLE, lease)  # its holder died: it expired
+        done = await asyncio.wait_for(rollups.roll_up(tables, "race"), 30)
+        assert done.buckets == 1
+
+        await write_records(tables, 2, first=3)  # the bucket has records to roll up again
+        held = {**lease, "holder": "alive", "until": time.time() + 60}
+        await tables.upsert(rollups.LEASES_TABLE, held)  # another instance is rolling it up
+        passed_by = await asyncio.wait_for(rollups.roll_up(tables), 30)  # the timer's pass
+        assert passed_by.buckets == 0  # left to the holder
+        await tables.upsert(rollups.LEASES_TABLE, {**held, "until": time.time() - 1})
+        timer = await asyncio.wait_for(rollups.roll_up(tables), 30)
+        assert timer.buckets == 1
+        report = await rollups.report(tables, "race", "day", {})
+        assert report["totals"]["requests"] == 5
+    finally:
+        await tables.close()
 
 
 def test_reports_show_refusals_by_reason_and_attendees_active_by_hour(

@@ -15,6 +15,7 @@ import asyncio
 import csv
 import io
 import logging
+import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from shared.directory.models import UsageNumbers
 from shared.governance.caps import COUNTERS_TABLE
 from shared.governance.prices import as_amount
 from shared.governance.usage import DAYS_TABLE, USAGE_TABLE
-from shared.platform.tables import Tables
+from shared.platform.tables import Conflict, Entity, StorageUnavailable, Tables
 
 log = logging.getLogger(__name__)
 
@@ -95,37 +96,107 @@ class RollupResult:
     rows: int = 0
     errors: list[str] = field(default_factory=list)
 
+    def add(self, other: RollupResult) -> None:
+        self.buckets += other.buckets
+        self.days += other.days
+        self.records += other.records
+        self.rows += other.rows
+        self.errors += other.errors
+
 
 # This process's roll-ups under way, by loop and event (None: every event): a report that asks
 # while one runs waits for it, then finds its buckets rolled up, instead of reading them again
-# (the console asks for four reports at once). Other instances may still roll up alongside.
+# (the console asks for four reports at once).
 _rolling: dict[int, tuple[asyncio.AbstractEventLoop, dict[str | None, asyncio.Lock]]] = {}
+# Across instances, an event's roll-up holds a lease: an entity of `rollupleases`, taken by
+# insert or, once expired, by an update conditional on its ETag. Two roll-ups of one event at
+# once could store the older of their subtotals or day sums last, to stand until the bucket's
+# next record.
+LEASES_TABLE = "rollupleases"
+LEASE_ROW = "rolling"
+LEASE_SECONDS = 120.0  # a holder that died frees the lease after this long
+LEASE_WAIT_SECONDS = 30.0  # a report waits this long at most, then rolls up alongside
+LEASE_POLL_SECONDS = 0.1
 
 
 async def roll_up(tables: Tables, event_id: str | None = None) -> RollupResult:
-    """Recompute the buckets written to since they were last rolled up, then their days."""
+    """Recompute the buckets written to since they were last rolled up, then their days: one
+    event's (a report's, waiting for another instance's roll-up of it), or every event's (the
+    timer's, passing by events another instance is rolling up)."""
     loop = asyncio.get_running_loop()
     held = _rolling.get(id(loop))
     if held is None or held[0] is not loop:
         held = _rolling[id(loop)] = (loop, {})
     lock = held[1].setdefault(event_id, asyncio.Lock())
     async with lock:
-        return await _roll_up(tables, event_id)
-
-
-async def _roll_up(tables: Tables, event_id: str | None) -> RollupResult:
-    result = RollupResult()
-    if event_id is None:
+        if event_id is not None:
+            return await _roll_up_leased(tables, event_id, LEASE_WAIT_SECONDS)
+        result = RollupResult()
         markers = await tables.all(DAYS_TABLE)
-    else:
-        markers = await tables.partition(DAYS_TABLE, event_id)
+        for event in sorted({m["PartitionKey"] for m in markers if _dirty(m)}):
+            result.add(await _roll_up_leased(tables, event, 0.0))
+        return result
+
+
+def _dirty(marker: Entity) -> bool:
+    """A bucket's marker written to since it was last rolled up."""
+    return "|" in marker["RowKey"] and float(marker.get("rolled_at", 0)) < float(
+        marker.get("last_write", 0)
+    )
+
+
+async def _roll_up_leased(tables: Tables, event_id: str, wait: float) -> RollupResult:
+    """The event's roll-up under its lease; waiting `wait` seconds at most for another's to
+    end (0: none, and the event is left to it)."""
+    holder = secrets.token_hex(8)
+    deadline = time.monotonic() + wait
+    while not await _take_lease(tables, event_id, holder):
+        if not wait:
+            return RollupResult()
+        if time.monotonic() >= deadline:
+            log.warning(
+                "rollup: %s has been rolled up elsewhere for %.0f s; rolling up alongside",
+                event_id, wait,
+            )  # fmt: skip
+            return await _roll_up(tables, event_id)
+        await asyncio.sleep(LEASE_POLL_SECONDS)
+    try:
+        return await _roll_up(tables, event_id)
+    finally:
+        await _release_lease(tables, event_id, holder)
+
+
+async def _take_lease(tables: Tables, event_id: str, holder: str) -> bool:
+    found = await tables.get_versioned(LEASES_TABLE, event_id, LEASE_ROW)
+    now = time.time()
+    if found is not None and float(found[0].get("until", 0)) > now:
+        return False
+    lease = {"PartitionKey": event_id, "RowKey": LEASE_ROW, "holder": holder,
+             "until": now + LEASE_SECONDS}  # fmt: skip
+    return await tables.put_versioned(LEASES_TABLE, lease, found)
+
+
+async def _release_lease(tables: Tables, event_id: str, holder: str) -> None:
+    try:
+        found = await tables.get_versioned(LEASES_TABLE, event_id, LEASE_ROW)
+        if found is None or found[0].get("holder") != holder:
+            return  # it expired, and another took it
+        freed = {"PartitionKey": event_id, "RowKey": LEASE_ROW, "holder": "", "until": 0.0}
+        await tables.update(LEASES_TABLE, freed, etag=found[1])
+    except (Conflict, StorageUnavailable) as exc:
+        log.warning("rollup: the lease of %s not given back (it ends by itself): %s",
+                    event_id, str(exc)[:200])  # fmt: skip
+
+
+async def _roll_up(tables: Tables, event_id: str) -> RollupResult:
+    """The event's buckets written to since they were last rolled up, then their days."""
+    result = RollupResult()
+    markers = await tables.partition(DAYS_TABLE, event_id)
     days: dict[tuple[str, str], list[tuple[str, float]]] = defaultdict(list)
     for marker in markers:
-        if float(marker.get("rolled_at", 0)) >= float(marker.get("last_write", 0)):
-            continue
+        if not _dirty(marker):
+            continue  # rolled up since its last record (or an older layout's day marker)
         event, (day, _, bucket) = marker["PartitionKey"], marker["RowKey"].partition("|")
-        if not bucket:
-            continue  # a day marker of an older layout: nothing to recompute
         if marker.get("pruned"):
             log.warning("rollup: records arrived for %s/%s after it was pruned", event, day)
             continue
