@@ -76,7 +76,7 @@ from bench.run import (
     wait_for_quiet,
     warn_if_busy,
 )
-from bench.servers import WorkerApp, pinned, threads
+from bench.servers import WorkerApp, pin_process, pinned, threads
 from local.azurite import Azurite, free_port, wait_for_port
 from local.process import stop
 
@@ -425,15 +425,8 @@ def judge(base: dict[str, Any], worker: dict[str, Any], direct: dict[str, Any]) 
     )
     row["harness_slowed"] = None if slowed is None else round(slowed, 3)
     # Other work during either run skews the difference either way: no verdict.
-    row["verdict"] = (
-        "inconclusive"
-        if row["other_work"]
-        else "harness-limited"
-        if slowed is not None and slowed > HARNESS_SLOWED
-        else "fails"
-        if reasons
-        else "passes"
-    )
+    limited = slowed is not None and slowed > HARNESS_SLOWED
+    row["verdict"] = verdict_of(row["other_work"], limited, bool(reasons))
     row["passes"] = row["verdict"] == "passes"
     if row["verdict"] == "harness-limited":
         reasons.append(
@@ -446,6 +439,16 @@ def judge(base: dict[str, Any], worker: dict[str, Any], direct: dict[str, Any]) 
         reasons.append(f"other work took up to {other:.0%} of CPU {LOAD_CPU}")
     row["why_not"] = "; ".join(reasons)
     return row
+
+
+def verdict_of(disturbed: bool, limited: bool, failing: bool) -> str:
+    """A level's verdict: none when other work or the harness set its figures, else whether
+    the app met the criteria."""
+    if disturbed:
+        return "inconclusive"
+    if limited:
+        return "harness-limited"
+    return "fails" if failing else "passes"
 
 
 def combined(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -472,15 +475,7 @@ def combined(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         reasons.append(f"worker RSS {rss} MiB")
     inconclusive = sum(j["other_work"] for j in judged) * 2 > len(judged)
     limited = sum(j.get("verdict") == "harness-limited" for j in judged) * 2 > len(judged)
-    verdict["verdict"] = (
-        "inconclusive"
-        if inconclusive
-        else "harness-limited"
-        if limited
-        else "fails"
-        if reasons
-        else "passes"
-    )
+    verdict["verdict"] = verdict_of(inconclusive, limited, bool(reasons))
     verdict["passes"] = verdict["verdict"] == "passes"
     verdict["why_not"] = "; ".join(reasons)
     verdict["rounds"] = [
@@ -702,16 +697,13 @@ def main() -> int:
     warn_if_busy(busy_before, "concurrency")
     work = Path(tempfile.mkdtemp(prefix="aiproxy-concurrency-"))
     azurite = Azurite(free_port()).start()
-    if two_cores and STORAGE_CPU != LOAD_CPU:
-        for process in (azurite.process, azurite.queue_process):
-            if process is not None:
-                for thread in threads(process.pid):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.sched_setaffinity(thread, {STORAGE_CPU})
-    if STORAGE_NICE:
-        for process in (azurite.process, azurite.queue_process):
-            if process is not None:
-                prioritise(process.pid, STORAGE_NICE)
+    for process in (azurite.process, azurite.queue_process):
+        if process is None:
+            continue
+        if two_cores and STORAGE_CPU != LOAD_CPU:
+            pin_process(process.pid, STORAGE_CPU)
+        if STORAGE_NICE:
+            prioritise(process.pid, STORAGE_NICE)
     sim_port = free_port()
     simulator = subprocess.Popen(
         pinned(load_cpu, [sys.executable, "-m", "local.simulator", "--port", str(sim_port),
