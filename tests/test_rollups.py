@@ -225,6 +225,50 @@ def race_record(n: int, now: datetime) -> UsageRecord:
     )  # fmt: skip
 
 
+async def tables_with_records(azurite: Azurite, name: str, count: int = 3) -> Tables:
+    tables = Tables(load({"AIPROXY_STORAGE_CONNECTION_STRING": azurite.connection_string,
+                          "AIPROXY_TABLE_PREFIX": unique_prefix(name)}))  # fmt: skip
+    await write_records(tables, count)
+    return tables
+
+
+async def write_records(tables: Tables, count: int, first: int = 0) -> None:
+    writer = UsageWriter(tables, flush_seconds=0.05)
+    now = datetime.now(UTC)
+    for n in range(first, first + count):
+        writer.append(race_record(n, now))
+    await writer.close()  # written, and their bucket marked as written to
+
+
+def first_sum_waits(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """The first roll-up's day sum stops before it writes the totals: `paused` once it does,
+    until `go`."""
+    paused, go = asyncio.Event(), asyncio.Event()
+    sum_day = rollups._sum_day
+
+    async def first_waits(*args: Any) -> None:
+        if not paused.is_set():
+            paused.set()
+            await go.wait()
+        await sum_day(*args)
+
+    monkeypatch.setattr(rollups, "_sum_day", first_waits)
+    return paused, go
+
+
+def buckets_rolled(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The buckets each roll-up reads, in order, from now on."""
+    rolled: list[str] = []
+    roll_up_bucket = rollups._roll_up_bucket
+
+    async def counted(*args: Any) -> None:
+        rolled.append(args[3])  # the bucket
+        await roll_up_bucket(*args)
+
+    monkeypatch.setattr(rollups, "_roll_up_bucket", counted)
+    return rolled
+
+
 async def test_a_report_while_another_rolls_up_reads_fresh_totals(
     azurite: Azurite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -232,23 +276,8 @@ async def test_a_report_while_another_rolls_up_reads_fresh_totals(
     buckets marked rolled up while another request was still writing the day's totals read the
     totals of before (a chart of the console stayed empty once): buckets are marked only once
     their day's totals are written."""
-    tables = Tables(load({"AIPROXY_STORAGE_CONNECTION_STRING": azurite.connection_string,
-                          "AIPROXY_TABLE_PREFIX": unique_prefix("rollrace")}))  # fmt: skip
-    writer = UsageWriter(tables, flush_seconds=0.05)
-    now = datetime.now(UTC)
-    for n in range(3):
-        writer.append(race_record(n, now))
-    await writer.close()  # written, and their bucket marked as written to
-    paused, go = asyncio.Event(), asyncio.Event()
-    sum_day = rollups._sum_day
-
-    async def first_waits(*args: Any) -> None:  # the first roll-up stops before the totals
-        if not paused.is_set():
-            paused.set()
-            await go.wait()
-        await sum_day(*args)
-
-    monkeypatch.setattr(rollups, "_sum_day", first_waits)
+    tables = await tables_with_records(azurite, "rollrace")
+    paused, go = first_sum_waits(monkeypatch)
     # Another instance's roll-up: this process's own ones wait for each other (below).
     first = asyncio.create_task(rollups._roll_up(tables, "race"))
     try:
@@ -271,21 +300,8 @@ async def test_a_report_while_another_rolls_up_reads_fresh_totals(
 async def test_reports_asked_at_once_roll_each_bucket_up_once(
     azurite: Azurite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tables = Tables(load({"AIPROXY_STORAGE_CONNECTION_STRING": azurite.connection_string,
-                          "AIPROXY_TABLE_PREFIX": unique_prefix("rollonce")}))  # fmt: skip
-    writer = UsageWriter(tables, flush_seconds=0.05)
-    now = datetime.now(UTC)
-    for n in range(3):
-        writer.append(race_record(n, now))
-    await writer.close()
-    rolled: list[str] = []
-    roll_up_bucket = rollups._roll_up_bucket
-
-    async def counted(*args: Any) -> None:
-        rolled.append(args[3])  # the bucket
-        await roll_up_bucket(*args)
-
-    monkeypatch.setattr(rollups, "_roll_up_bucket", counted)
+    tables = await tables_with_records(azurite, "rollonce")
+    rolled = buckets_rolled(monkeypatch)
     try:
         reports = await asyncio.wait_for(
             asyncio.gather(
@@ -299,40 +315,14 @@ async def test_reports_asked_at_once_roll_each_bucket_up_once(
     assert len(rolled) == 1  # the first rolled the bucket up; the others found it done
 
 
-async def tables_with_records(azurite: Azurite, name: str, count: int = 3) -> Tables:
-    tables = Tables(load({"AIPROXY_STORAGE_CONNECTION_STRING": azurite.connection_string,
-                          "AIPROXY_TABLE_PREFIX": unique_prefix(name)}))  # fmt: skip
-    await write_records(tables, count)
-    return tables
-
-
-async def write_records(tables: Tables, count: int, first: int = 0) -> None:
-    writer = UsageWriter(tables, flush_seconds=0.05)
-    now = datetime.now(UTC)
-    for n in range(first, first + count):
-        writer.append(race_record(n, now))
-    await writer.close()  # written, and their bucket marked as written to
-
-
 async def test_a_report_waits_for_another_instances_roll_up_of_its_event(
     azurite: Azurite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tables = await tables_with_records(azurite, "rolllease")
-    paused, go, refused = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    rolled: list[str] = []
-    sum_day, roll_up_bucket, take_lease = (
-        rollups._sum_day, rollups._roll_up_bucket, rollups._take_lease
-    )  # fmt: skip
-
-    async def first_waits(*args: Any) -> None:
-        if not paused.is_set():
-            paused.set()
-            await go.wait()
-        await sum_day(*args)
-
-    async def counted(*args: Any) -> None:
-        rolled.append(args[3])
-        await roll_up_bucket(*args)
+    paused, go = first_sum_waits(monkeypatch)
+    rolled = buckets_rolled(monkeypatch)
+    refused = asyncio.Event()
+    take_lease = rollups._take_lease
 
     async def watched(*args: Any) -> bool:
         taken = await take_lease(*args)
@@ -340,8 +330,6 @@ async def test_a_report_waits_for_another_instances_roll_up_of_its_event(
             refused.set()
         return taken
 
-    monkeypatch.setattr(rollups, "_sum_day", first_waits)
-    monkeypatch.setattr(rollups, "_roll_up_bucket", counted)
     monkeypatch.setattr(rollups, "_take_lease", watched)
     try:
         # Another instance's roll-up of the event, holding its lease, stops before the totals.
