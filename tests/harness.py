@@ -46,7 +46,8 @@ class ClientAddress:
     the other per-address limits count by the caller's address, which the host takes from the
     connection as Azure's front end does: tests that send wrong keys from one module's address
     never slow the next module's calls on a host the two share (conftest gives each module its
-    own, in 127.0.2.0/24; tests that need particular addresses use 127.0.0.x)."""
+    own, in 127.0.2.0/24; tests that need particular addresses use 127.0.0.x, and the lock-out
+    tests one each in 127.0.3.0/24)."""
 
     address = "127.0.0.1"
     _apps: ClassVar[list[Any]] = []
