@@ -4,6 +4,7 @@ rotated keys are fetched once, and organisers manage their own events by token."
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typing import Any
 import httpx
 import jwt
 import openai
+import orjson
 import pytest
 
 from local.azurite import Azurite
@@ -69,6 +71,7 @@ def setup(configured: Configured, issuer: LocalIssuer) -> tuple[App, str]:
         AIPROXY_ENTRA_ORGANIZER_AUDIENCE=ORGANISER_AUDIENCE,
         AIPROXY_ENTRA_ORGANIZER_GROUPS=ORGANISER_GROUP,
         AIPROXY_ENTRA_ORGANIZER_ROLES=ORGANISER_ROLE,
+        AIPROXY_TRUST_EASYAUTH="true",  # behind App Service sign-in, for the registration page
     )
     return server, prefix
 
@@ -174,6 +177,32 @@ async def test_async_sdk_token_provider_works_too(
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert text == reply.choices[0].message.content
     assert attendee_of(host, event.id, "aad:grace@contoso.com")["requests"] == 2
+
+
+def test_a_page_sign_in_and_a_token_of_one_person_are_one_attendee(
+    host: App, upstream: Simulator, issuer: LocalIssuer
+) -> None:
+    contoso, oid = tenant(), str(uuid.uuid4())
+    event = EventSetup(host, upstream, entra_tenants=[contoso], self_registration="sign_in")
+    # App Service's headers for the same user signed in on the registration page.
+    principal = {"auth_typ": "aad", "claims": [{"typ": "oid", "val": oid}]}
+    signed_in = {
+        "x-ms-client-principal": base64.b64encode(orjson.dumps(principal)).decode(),
+        "x-ms-client-principal-id": oid,
+        "x-ms-client-principal-idp": "aad",
+        "x-ms-client-principal-name": "ada@contoso.com",
+    }
+    registered = host.http.post(f"/events/{event.id}/register", headers=signed_in)
+    assert registered.status_code == 201, registered.text
+    key = registered.json()["api_key"]
+    assert host.http.post(CHAT, json=HELLO, headers={"api-key": key}).status_code == 200
+    token = issuer.token(contoso, oid=oid, name="ada@contoso.com")
+    assert host.http.post(CHAT, json=HELLO, headers=bearer(token)).status_code == 200
+    info = host.http.get("/eventinfo", headers=bearer(token)).json()
+    assert info["attendee"]["id"] == registered.json()["attendee_id"]
+    assert info["today"]["requests_used"] == 2  # one quota, whichever way the person calls
+    attendee = attendee_of(host, event.id, "aad:ada@contoso.com")  # exactly one
+    assert attendee["requests"] == 2
 
 
 def test_upstream_gets_the_proxys_credentials_never_the_callers_token(

@@ -185,6 +185,28 @@ def test_signed_in_attendee_registers_without_a_code(trusted: AppHost, sim: Simu
 
 
 @pytest.mark.e2e
+def test_a_signed_in_attendee_is_its_id_at_the_provider_never_its_name(
+    trusted: AppHost, sim: Simulator
+) -> None:
+    setup = EventSetup(trusted, sim, self_registration="sign_in")
+    first = register(trusted, setup.id, headers=easyauth("github", "4001", "hubot"))
+    assert first.status_code == 201, first.text
+    # The same person renamed: its own attendee and key still.
+    renamed = register(trusted, setup.id, headers=easyauth("github", "4001", "hubot-renamed"))
+    assert renamed.status_code == 200, renamed.text
+    assert renamed.json()["api_key"] == first.json()["api_key"]
+    assert renamed.json()["attendee_id"] == first.json()["attendee_id"]
+    # Somebody else who took the freed name: a new attendee, never the first one's key.
+    taker = register(trusted, setup.id, headers=easyauth("github", "4002", "hubot"))
+    assert taker.status_code == 201, taker.text
+    assert taker.json()["api_key"] != first.json()["api_key"]
+    assert taker.json()["attendee_id"] != first.json()["attendee_id"]
+    listing = trusted.manage.get(f"/events/{setup.id}/attendees").json()
+    signed_in = sorted(a["user"] for a in listing if a["user"].startswith("github:"))
+    assert signed_in == ["github:hubot", "github:hubot"]
+
+
+@pytest.mark.e2e
 def test_trusted_instance_without_principal_still_takes_the_code(
     trusted: AppHost, sim: Simulator
 ) -> None:

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from shared.access.guard import client_address
-from shared.access.principal import principal
+from shared.access.principal import Principal, principal
 from shared.directory.attendees import CODE_KEY_USER, Attendee, attendee_id
 from shared.directory.events import Event
 from shared.directory.models import Body, Filled, PublicEventFields, problem
@@ -136,10 +136,16 @@ def _revoked(event: Event) -> ProxyError:
     )
 
 
-async def register_user(runtime: Runtime, event: Event, user: str) -> Registration:
-    """A signed-in user's attendee and key for the event, created on first registration."""
+async def register_user(runtime: Runtime, event: Event, signed_in: Principal) -> Registration:
+    """A signed-in user's attendee and key for the event, created on first registration.
+
+    The attendee is the user's stable id at its provider (`owner`), never its name: a name can
+    change hands (a renamed GitHub login, a reassigned UPN), and its next holder must not get
+    the key. An Entra sign-in and an Entra token of the same person are one attendee."""
     try:
-        found, created = await runtime.attendees.add(event.id, user, now=clock.now())
+        found, created = await runtime.attendees.add(
+            event.id, signed_in.user, now=clock.now(), identity=signed_in.owner
+        )
     except StorageUnavailable as exc:
         raise storage_down() from exc
     if not found.active:
@@ -218,7 +224,7 @@ async def register(runtime: Runtime, request: Request, event_id: str) -> Respons
                     "Sign-in with a provider named 'code' cannot register: its users would be "
                     "the attendees of keys made of the event's code. Ask the operator.",
                 )
-            registration = await register_user(runtime, event, signed_in.user)
+            registration = await register_user(runtime, event, signed_in)
         elif event.takes_code:
             body = parse(RegistrationRequest, await read_json(request))
             await check_shared_code(runtime, event, body.shared_code, client)
