@@ -119,6 +119,9 @@ CALL_TIMEOUT_SECONDS = 60
 # tokens a stream), so calls arrive evenly; CONCURRENCY_SPREAD=0 starts them all at once.
 SPREAD = 0.0
 SPREAD_ON = os.environ.get("CONCURRENCY_SPREAD", "1") != "0"
+# CONCURRENCY_JOURNAL=0: the app without its journal of calls in flight
+# (AIPROXY_CALL_EXPIRY_SECONDS=0), to see what that guarantee costs at the level measured.
+JOURNAL_ON = os.environ.get("CONCURRENCY_JOURNAL", "1") != "0"
 WARM_SECONDS = 3.0
 QUIET_WAIT_SECONDS = 60  # at most, before each level, for other work on this machine to end
 TRIES = 2  # a level during which other work took CPU 1 is measured once more
@@ -581,6 +584,16 @@ def markdown(report: dict[str, Any]) -> str:
             else []
         ),
         *(
+            []
+            if report.get("journal", True)
+            else [
+                "- **The app without its journal of calls in flight** "
+                "(CONCURRENCY_JOURNAL=0: AIPROXY_CALL_EXPIRY_SECONDS=0): no entry is written "
+                "before a call's first byte nor deleted after it; a worker lost mid-call leaves "
+                "that call unrecorded."
+            ]
+        ),
+        *(
             [
                 f"- Rounds: each level {report['rounds']} times, "
                 + (
@@ -719,6 +732,7 @@ def main() -> int:
         WORKER_CPU if two_cores else None,
         PREFIX,
         **(watch if WATCH else {}),
+        **({} if JOURNAL_ON else {"AIPROXY_CALL_EXPIRY_SECONDS": "0"}),
     )
     floor = WorkerApp(
         work, azurite.connection_string, HOST_CPU if two_cores else None,
@@ -879,6 +893,7 @@ def main() -> int:
         "seconds": seconds,
         "rounds": ROUNDS,
         "paired": PAIRED,
+        "journal": JOURNAL_ON,
         "spread_seconds": SPREAD,
         "criteria": {
             "added_p99_ms_below": ADDED_P99_LIMIT_MS,
@@ -896,6 +911,7 @@ def main() -> int:
     name = "concurrency" if HOST_CPU == LOAD_CPU else f"concurrency-host-on-cpu{HOST_CPU}"
     name += "" if PAIRED else "-sequential"
     name += "-aa" if AA else ""
+    name += "" if JOURNAL_ON else "-nojournal"
     (RESULTS / f"{name}.md").write_text(text)
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     print()

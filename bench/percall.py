@@ -13,7 +13,8 @@ connections and prints the functions with the largest share of the samples (self
 inclusive), the app's against the relay function's: where the app's own CPU goes.
 
 Run: python -m bench.percall [COMMIT]. BENCH_SECONDS per round (5), BENCH_ROUNDS (3).
-Writes bench/results/cpu-per-call.md and cpu-per-call.json.
+Writes bench/results/cpu-per-call.md and cpu-per-call.json (…-journal-off.* with
+PERCALL_JOURNAL_OFF=1, which adds the app without its journal as a third target).
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ PROFILE_CONNECTIONS = int(os.environ.get("PERCALL_PROFILE_CONNECTIONS", "16") or
 GIL = os.environ.get("PERCALL_GIL", "") not in ("", "0")
 # PERCALL_CASES: which cases to measure, e.g. "json,1 stream,16" (all four by default).
 ONLY = os.environ.get("PERCALL_CASES", "").split()
+# PERCALL_JOURNAL_OFF=1: the app a second time, without its journal of calls in flight
+# (AIPROXY_CALL_EXPIRY_SECONDS=0), measured in the same rounds: what that guarantee costs.
+JOURNAL_OFF = os.environ.get("PERCALL_JOURNAL_OFF", "") not in ("", "0")
+NO_JOURNAL = "app, journal off"
 RATE = 250  # py-spy samples per second
 TOP = 25
 # The parts of a call the profile's samples are put in: the first part whose prefix a frame of
@@ -102,6 +107,11 @@ def main(argv: list[str]) -> int:
             AIPROXY_WORKER_PRELOAD="bench.relay_function", BENCH_RELAY_UPSTREAM=upstream.urls[0],
         )  # fmt: skip
         apps[APP] = WorkerApp(work, storage, load_cpu, proxy_cpu, "pcapp", name="app")
+        if JOURNAL_OFF:
+            apps[NO_JOURNAL] = WorkerApp(
+                work, storage, load_cpu, proxy_cpu, "pcnojournal", name="app-no-journal",
+                AIPROXY_CALL_EXPIRY_SECONDS="0",
+            )  # fmt: skip
         if commit:
             apps[older] = WorkerApp(
                 work, storage, load_cpu, proxy_cpu, "pcbefore", root=tree, name="app-before"
@@ -143,6 +153,7 @@ def main(argv: list[str]) -> int:
         bench.stop_all(*apps.values(), upstream, azurite)
         if commit:
             bench.remove_checkout(tree)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def profile_all(
@@ -243,8 +254,11 @@ def write(
         for case, by in results.items()
     }
     head = "| case | " + " | ".join(f"{n} ms" for n in names) + f" | {APP} / {FLOOR} |"
+    if NO_JOURNAL in names:
+        head += f" {NO_JOURNAL} / {FLOOR} |"
     if older:
         head += f" {older} / {FLOOR} |"
+    extra = (NO_JOURNAL in names) + bool(older)
     lines = [
         "# Worker CPU per proxied call: the app against the relay function",
         "",
@@ -254,14 +268,22 @@ def write(
         "alone on the proxy's core, wrk, nginx, Azurite and the stand-ins on the other. "
         f"{rounds} rounds of {seconds} s per case and target, the order rotating each round; "
         "the worker's CPU per call, median of the rounds. Journal and usage records on "
-        f"(the defaults). Non-2xx and socket errors: {errors}. `python -m bench.percall`.",
+        "(the defaults)"
+        + (
+            f"; '{NO_JOURNAL}' is the app with AIPROXY_CALL_EXPIRY_SECONDS=0"
+            if NO_JOURNAL in names
+            else ""
+        )
+        + f". Non-2xx and socket errors: {errors}. `python -m bench.percall`.",
         "",
         head,
-        "|---|" + "---:|" * (len(names) + (2 if older else 1)),
+        "|---|" + "---:|" * (len(names) + 1 + extra),
     ]
     for case, by in medians.items():
         row = f"| {case} | " + " | ".join(f"{by[n]:.3f}" for n in names)
         row += f" | {by[APP] / by[FLOOR]:.2f}× |"
+        if NO_JOURNAL in by:
+            row += f" {by[NO_JOURNAL] / by[FLOOR]:.2f}× |"
         if older:
             row += f" {by[older] / by[FLOOR]:.2f}× |"
         lines.append(row)
@@ -320,9 +342,10 @@ def write(
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     bench.RESULTS.mkdir(parents=True, exist_ok=True)
-    (bench.RESULTS / "cpu-per-call.md").write_text(text)
+    name = "cpu-per-call" + ("-journal-off" if NO_JOURNAL in names else "")
+    (bench.RESULTS / f"{name}.md").write_text(text)
     data = {"medians": medians, "rounds": results, "profiles": profiles}
-    (bench.RESULTS / "cpu-per-call.json").write_text(json.dumps(data, indent=1) + "\n")
+    (bench.RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
 
 
 if __name__ == "__main__":
