@@ -42,6 +42,7 @@ from tests.harness import (  # noqa: E402
     ClientAddress,
     EventSetup,
     Simulator,
+    SpillRoot,
     Storage,
     host_env,
     unique_prefix,
@@ -73,6 +74,13 @@ def browser() -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def spill_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The apps' usage journals under pytest's temporary folder (harness.SpillRoot)."""
+    SpillRoot.path = tmp_path_factory.mktemp("spill")
+    return SpillRoot.path
 
 
 # In a parallel run one Azurite serves every test process (each has its own table prefix and

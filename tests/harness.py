@@ -177,7 +177,16 @@ class Simulator:
         self.proc.stop()
 
 
+class SpillRoot:
+    """Where the apps of this test run keep their usage journals (AIPROXY_USAGE_SPILL_DIR, one
+    folder per table prefix): under pytest's own temporary folder (conftest sets it), which
+    pytest prunes, rather than a folder per prefix left in the machine's /tmp."""
+
+    path: Path | None = None
+
+
 def host_env(storage: str, prefix: str, **overrides: str) -> dict[str, str]:
+    spill = {"AIPROXY_USAGE_SPILL_DIR": str(SpillRoot.path / prefix)} if SpillRoot.path else {}
     env = {
         **os.environ,
         "AIPROXY_STORAGE_CONNECTION_STRING": storage,
@@ -193,6 +202,7 @@ def host_env(storage: str, prefix: str, **overrides: str) -> dict[str, str]:
         "AIPROXY_UPSTREAM_READ_TIMEOUT": "3",
         "AIPROXY_STREAM_IDLE_TIMEOUT": "3",
         "AIPROXY_ALLOW_LOOPBACK_UPSTREAMS": "true",  # the simulator is on 127.0.0.1
+        **spill,
     }
     env.update(overrides)
     return env
