@@ -232,7 +232,7 @@ function openEditor(event = null) {
     name: "", starts_at: localInput(1, 9), ends_at: localInput(1, 17), time_zone: visitorZone,
     max_token_cap: 1024, daily_request_cap: 200, daily_token_cap: 0, shared_code: "",
     requests_per_minute: 0, tokens_per_minute: 0, realtime_max_session_seconds: 600,
-    currency: "USD", budget: "", attendee_budget: "",
+    realtime_client_secrets: false, currency: "USD", budget: "", attendee_budget: "",
     attendee_daily_budget: "", budget_alerts: "50,80,100", alert_webhook_url: "",
     organizer_name: "", organizer_email: "", image_url: "", description_markdown: "", active: true,
   };
@@ -255,6 +255,7 @@ function openEditor(event = null) {
   $("#ev-budget-alerts").value = e.budget_alerts ?? "50,80,100";
   $("#ev-alert-webhook").value = e.alert_webhook_url || "";
   $("#ev-realtime-seconds").value = e.realtime_max_session_seconds || 600;
+  $("#ev-realtime-secrets").checked = e.realtime_client_secrets === true;
   $("#ev-shared-code").value = e.shared_code || "";
   $("#ev-organizer-name").value = e.organizer_name || "";
   $("#ev-organizer-email").value = e.organizer_email || "";
@@ -284,6 +285,7 @@ function editorBody() {
     budget_alerts: $("#ev-budget-alerts").value.trim(),
     alert_webhook_url: $("#ev-alert-webhook").value.trim(),
     realtime_max_session_seconds: whole("#ev-realtime-seconds"),
+    realtime_client_secrets: $("#ev-realtime-secrets").checked,
     shared_code: $("#ev-shared-code").value.trim(),
     organizer_name: $("#ev-organizer-name").value.trim(),
     organizer_email: $("#ev-organizer-email").value.trim(),

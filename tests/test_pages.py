@@ -529,9 +529,12 @@ def test_console_finds_events_by_name_and_status_and_shows_who_was_slowed(
         assert page.input_value("#ev-requests-per-minute") == "2"
         page.fill("#ev-requests-per-minute", "7")
         page.fill("#ev-tokens-per-minute", "9000")
+        assert not page.is_checked("#ev-realtime-secrets")  # off unless the organiser says so
+        page.check("#ev-realtime-secrets")
         page.click("#save-event")
         wait_until(lambda: host.manage.get(f"/events/{live.id}").json()["requests_per_minute"] == 7)
-        assert host.manage.get(f"/events/{live.id}").json()["tokens_per_minute"] == 9000
+        saved = host.manage.get(f"/events/{live.id}").json()
+        assert saved["tokens_per_minute"] == 9000 and saved["realtime_client_secrets"] is True
 
         # Several bad fields at once: each is listed with what to do.
         page.click("#edit-event")

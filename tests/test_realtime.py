@@ -178,10 +178,33 @@ async def test_bodies_that_are_no_offer_are_refused(host: AppHost, sim: Simulato
         assert bad_json.status_code == 400 and bad_json.json()["error"]["param"] == "session"
 
 
+def test_client_secrets_are_refused_unless_the_event_allows_them(
+    host: AppHost, sim: Simulator, storage: Storage
+) -> None:
+    setup = realtime_event(host, sim)  # realtime_client_secrets: false, the default
+    assert host.manage.get(f"/events/{setup.id}").json()["realtime_client_secrets"] is False
+    body = {"session": {"type": "realtime", "model": REALTIME}}
+    refused = host.http.post(SECRETS, json=body, headers={"api-key": setup.key})
+    assert refused.status_code == 403, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "forbidden" and error["status"] == 403
+    assert "/openai/v1/realtime/calls" in error["message"]
+    assert "realtime_client_secrets" in error["message"]
+    assert "x-aiproxy-realtime-calls-url" not in refused.headers  # no endpoint is named
+    # The organiser turns them on: the next ask gets its key.
+    changed = host.manage.patch(f"/events/{setup.id}", json={"realtime_client_secrets": True})
+    assert changed.status_code == 200 and changed.json()["realtime_client_secrets"] is True
+    answer = host.http.post(SECRETS, json=body, headers={"api-key": setup.key})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["value"].startswith("ek_")
+    records = storage.usage(setup.id, expect=1)  # the key only: the refusal reached nothing
+    assert [(r["units"], r["status"]) for r in records] == [(1, 200)]
+
+
 def test_a_client_secret_is_capped_short_lived_and_opens_a_call_at_the_deployment(
     host: AppHost, sim: Simulator, storage: Storage
 ) -> None:
-    setup = realtime_event(host, sim, max_token_cap=200)
+    setup = realtime_event(host, sim, max_token_cap=200, realtime_client_secrets=True)
     body = {
         "expires_after": {"anchor": "created_at", "seconds": 3600},
         "session": {"type": "realtime", "model": REALTIME, "instructions": "Be brief"},
@@ -212,7 +235,7 @@ def test_a_client_secret_is_capped_short_lived_and_opens_a_call_at_the_deploymen
 async def test_the_client_secret_holder_calls_the_deployment_itself(
     host: AppHost, sim: Simulator
 ) -> None:
-    setup = realtime_event(host, sim)
+    setup = realtime_event(host, sim, realtime_client_secrets=True)
     body = {"session": {"type": "realtime", "model": REALTIME}}
     async with httpx.AsyncClient(base_url=host.base, timeout=30) as client:
         answer = await client.post(SECRETS, json=body, headers={"api-key": setup.key})

@@ -427,6 +427,12 @@ class EventCreate(Body):
         description="longest realtime voice session (WebRTC call) in seconds; the proxy ends "
         "a call when it passes this",
     )
+    realtime_client_secrets: bool = Field(
+        False,
+        description="whether attendees may get ephemeral keys (realtime/client_secrets) whose "
+        "sessions go straight to the deployment: only the key is counted, not the session's "
+        "tokens, and no cap, budget or session limit of the event ends such a session",
+    )
     description_markdown: Text = Field("", max_length=20_000, description="registration page text")
     organizer_name: Text = Field("", max_length=200, description="shown on the registration page")
     organizer_email: Text = Field(

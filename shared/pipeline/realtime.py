@@ -164,8 +164,17 @@ class RealtimeCall(ProxyCall):
         return Response(content, answer.status, headers, media_type=SDP)
 
     async def client_secret(self) -> Response:
-        """An ephemeral key for a realtime session, capped, living briefly."""
+        """An ephemeral key for a realtime session, capped, living briefly: only where the
+        event allows them (its sessions go straight to the deployment, unmetered)."""
         event = await self.arrive()
+        if not event.realtime_client_secrets:
+            raise ProxyError(
+                "forbidden",
+                f"Event '{event.name}' gives no ephemeral realtime keys: their sessions would "
+                "bypass its caps and metering. Start the call through the proxy instead (POST "
+                "/openai/v1/realtime/calls with your key, the SDP offer as application/sdp), or "
+                "ask the organiser to turn on realtime_client_secrets.",
+            )
         body = await read_body(self.request, self.runtime.settings.max_body_bytes)
         payload = parse_json_body(body, self.request.headers.get("content-type"))
         upstream = self.upstream
