@@ -79,6 +79,15 @@ def _add_fields(parser: argparse.ArgumentParser, model: type[Body], *, create: b
             text += f" (default {info.default})"
         if _is_list(info.annotation):
             text += "; separated by commas ('' clears it)"
+        if info.annotation is bool:  # --name turns it on, --no-name off; left out: unchanged
+            parser.add_argument(
+                "--" + name.replace("_", "-"),
+                dest=f"field_{name}",
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=text,
+            )
+            continue
         parser.add_argument(
             _FLAGS.get(name, "--" + name.replace("_", "-")),
             dest=f"field_{name}",

@@ -284,6 +284,13 @@ def test_everyday_commands(host: AppHost, sim: Simulator) -> None:
     code = re.search(r'"shared_code": "([^"]*)"', coded).group(1)
     assert re.fullmatch(r"[A-Z2-9]{4}-[A-Z2-9]{4}-[A-Z2-9]{4}", code)
     assert '"self_registration": "code"' in coded
+    # A yes-or-no field is a switch pair; left out, it stays as it is.
+    on = ok(cli(host, "events", "update", event_id, "--realtime-client-secrets"))
+    assert '"realtime_client_secrets": true' in on
+    kept = ok(cli(host, "events", "update", event_id, "--daily-request-cap", "8"))
+    assert '"realtime_client_secrets": true' in kept
+    off = ok(cli(host, "events", "update", event_id, "--no-realtime-client-secrets"))
+    assert '"realtime_client_secrets": false' in off
 
     resource = ok(
         cli(
