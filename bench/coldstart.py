@@ -40,11 +40,12 @@ LIMIT_SECONDS = 90.0
 
 
 def boot_time() -> float:
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("btime"):
-                return float(line.split()[1])
-    raise RuntimeError("no btime in /proc/stat")
+    """When the machine booted, in seconds since the epoch, to the microsecond.
+
+    Not /proc/stat's `btime`: it is cut to a whole second, so a process's start read from it
+    was up to a second early, and every cold start as much too long (0.64 s on this machine
+    the day it was found). The real-time clock less the time since boot is exact."""
+    return time.clock_gettime(time.CLOCK_REALTIME) - time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def started_at(pid: int) -> float:
