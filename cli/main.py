@@ -250,10 +250,19 @@ def _attendee_id(api: Api, args: argparse.Namespace) -> str:
     if args.attendee:
         return args.attendee
     wanted = args.user.strip().lower()
-    for attendee in api.json("GET", f"/events/{args.event}/attendees"):
-        if attendee["user"].strip().lower() == wanted:
-            return attendee["id"]
-    raise ApiError(404, "not_found", f"No attendee '{args.user}' in event {args.event}.")
+    named = [
+        attendee["id"]
+        for attendee in api.json("GET", f"/events/{args.event}/attendees")
+        if attendee["user"].strip().lower() == wanted
+    ]
+    if not named:
+        raise ApiError(404, "not_found", f"No attendee '{args.user}' in event {args.event}.")
+    if len(named) > 1:  # signed-in users are their ids: a renamed login's name can come back
+        raise UsageError(
+            f"{len(named)} attendees of event {args.event} are named '{args.user}' "
+            f"(ids {', '.join(named)}): name one with --attendee ID."
+        )
+    return named[0]
 
 
 def attendees_add(api: Api, args: argparse.Namespace) -> None:

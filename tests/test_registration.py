@@ -204,6 +204,18 @@ def test_a_signed_in_attendee_is_its_id_at_the_provider_never_its_name(
     listing = trusted.manage.get(f"/events/{setup.id}/attendees").json()
     signed_in = sorted(a["user"] for a in listing if a["user"].startswith("github:"))
     assert signed_in == ["github:hubot", "github:hubot"]
+    # The command line asks which one, rather than revoke the first of the two.
+    from tests.test_cli import cli, failed
+
+    both = (first.json()["attendee_id"], taker.json()["attendee_id"])
+    revoke = ("attendees", "revoke", "--event", setup.id)
+    asked = failed(cli(trusted, *revoke, "--user", "github:hubot"), 2)
+    assert "--attendee" in asked and all(ident in asked for ident in both)
+    assert cli(trusted, *revoke, "--attendee", both[1]).returncode == 0
+    users = {
+        a["id"]: a["active"] for a in trusted.manage.get(f"/events/{setup.id}/attendees").json()
+    }
+    assert users[both[0]] is True and users[both[1]] is False
 
 
 @pytest.mark.e2e
