@@ -19,6 +19,7 @@ BENCH_ROUNDS (5).
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -127,6 +128,7 @@ def main(argv: list[str]) -> int:
     finally:
         bench.stop_all(*apps.values(), upstream, azurite)
         bench.remove_checkout(tree)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

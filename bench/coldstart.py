@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -131,6 +132,7 @@ def main() -> int:
     finally:
         stop(simulator)
         azurite.stop()
+        shutil.rmtree(work, ignore_errors=True)
     worker_times = [
         r["worker_start_to_first_answer_s"] for r in runs if r.get("worker_start_to_first_answer_s")
     ]

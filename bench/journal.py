@@ -20,6 +20,7 @@ Run: python -m bench.journal [calls per round] [rounds]
 from __future__ import annotations
 
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -192,6 +193,7 @@ def measure(calls: int, rounds: int) -> dict[str, Any]:
             app.stop()
         sim.stop()
         azurite.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -123,6 +124,7 @@ def run(calls: int) -> dict[str, Any]:
         app.stop()
         mcp.stop()
         azurite.stop()
+        shutil.rmtree(work, ignore_errors=True)
     return {
         "calls": calls,
         "direct_p50_ms": statistics.median(direct_times) * 1000,
