@@ -177,6 +177,38 @@ class Simulator:
         self.proc.stop()
 
 
+class TableReads:
+    """Reads of one table by point (PartitionKey, RowKey), as the run's Azurite logged them
+    (its access log holds every process's requests: name a table of the test's own prefix).
+    The count goes on from where the last one stopped reading."""
+
+    def __init__(self, azurite: Any, table: str) -> None:
+        assert azurite.access_log is not None, "the run's Azurite logs its requests"
+        self.log = azurite.access_log
+        self.pattern = re.compile(rf'"GET /devstoreaccount1/{table}\(PartitionKey='.encode())
+        self.read_to, self.seen = 0, 0
+
+    def count(self) -> int:
+        with open(self.log, "rb") as log:
+            log.seek(self.read_to)
+            lines = log.read()
+        whole = lines[: lines.rfind(b"\n") + 1]  # a line still being written waits
+        self.read_to += len(whole)
+        self.seen += len(self.pattern.findall(whole))
+        return self.seen
+
+    def settled(self) -> int:
+        """The count once the log stops growing (Azurite writes its line as it answers)."""
+        last = [-1]
+
+        def still() -> tuple[int] | None:  # a count of 0 is an answer too
+            now = self.count()
+            same, last[0] = now == last[0], now
+            return (now,) if same else None
+
+        return wait_until(still, timeout=10, interval=0.2)[0]
+
+
 class SpillRoot:
     """Where the apps of this test run keep their usage journals (AIPROXY_USAGE_SPILL_DIR, one
     folder per table prefix): under pytest's own temporary folder (conftest sets it), which

@@ -81,3 +81,82 @@ async def test_first_load_failure_reaches_the_caller() -> None:
 
     with pytest.raises(Outage):
         await cache.get_or_load("missing", outage, (Outage,))
+
+
+async def test_callers_asking_while_a_first_load_runs_share_it() -> None:
+    cache: TTLCache[str, int] = TTLCache(ttl=60)
+    loads: list[int] = []
+    release = asyncio.Event()
+
+    async def load() -> int:
+        loads.append(1)
+        await release.wait()
+        return 7
+
+    waiting = [asyncio.create_task(cache.get_or_load("event", load)) for _ in range(10)]
+    await asyncio.sleep(0)
+    release.set()
+    assert await asyncio.gather(*waiting) == [7] * 10
+    assert len(loads) == 1
+    assert await cache.get_or_load("event", load) == 7 and len(loads) == 1  # kept
+
+
+async def test_a_shared_first_load_fails_for_all_and_the_next_caller_reads_again() -> None:
+    cache: TTLCache[str, int] = TTLCache(ttl=60)
+    release = asyncio.Event()
+    loads: list[int] = []
+
+    async def outage() -> int:
+        loads.append(1)
+        await release.wait()
+        raise Outage
+
+    waiting = [asyncio.create_task(cache.get_or_load("event", outage)) for _ in range(3)]
+    await asyncio.sleep(0)
+    release.set()
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert [type(r) for r in results] == [Outage] * 3 and len(loads) == 1
+
+    async def back() -> int:
+        return 8
+
+    assert await cache.get_or_load("event", back) == 8
+
+
+async def test_a_caller_that_gives_up_does_not_end_the_load_for_the_others() -> None:
+    cache: TTLCache[str, int] = TTLCache(ttl=60)
+    release = asyncio.Event()
+
+    async def load() -> int:
+        await release.wait()
+        return 9
+
+    first = asyncio.create_task(cache.get_or_load("event", load))
+    second = asyncio.create_task(cache.get_or_load("event", load))
+    await asyncio.sleep(0)
+    first.cancel()  # its caller hung up
+    release.set()
+    assert await second == 9
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert cache.get("event") == (True, 9)
+
+
+async def test_a_caller_after_an_invalidation_does_not_join_the_load_before_it() -> None:
+    cache: TTLCache[str, str] = TTLCache(ttl=60)
+    release = asyncio.Event()
+
+    async def before_revoke() -> str:
+        await release.wait()
+        return "active"
+
+    async def after_revoke() -> str:
+        return "revoked"
+
+    early = asyncio.create_task(cache.get_or_load("key", before_revoke))
+    await asyncio.sleep(0)
+    cache.invalidate("key")  # revoked while the first read was under way
+    assert await cache.get_or_load("key", after_revoke) == "revoked"
+    release.set()
+    assert await early == "active"  # it asked before the revoke
+    assert await cache.get_or_load("key", before_revoke) == "revoked"  # not written over

@@ -4,13 +4,12 @@ from an address flooding wrong ones, while what the flood costs storage stays bo
 The host stand-in, like Azure's front end, appends the connection's address to
 X-Forwarded-For, so every call of a test comes from one client, an address of the test's own
 (`own_address`): a classroom behind one address, where one person's wrong attempts are
-everybody's. Each test starts from a fresh budget, in whatever order the tests run. Storage lookups are counted in the run's Azurite's access log (one line per
-request it served) on tables of this module's own, so the counts are what the worker really
-read."""
+everybody's. Each test starts from a fresh budget, in whatever order the tests run.
+Storage lookups are counted in the run's Azurite's access log (one line per request it
+served) on tables of this module's own, so the counts are what the worker really read."""
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from tests.harness import (
     ClientAddress,
     EventSetup,
     Simulator,
+    TableReads,
     chat,
     unique_prefix,
     wait_until,
@@ -41,27 +41,6 @@ THRESHOLD, LOOKUPS_PER_SECOND = 20, 2.0
 CODE = "Sesame-Open-42"
 
 pytestmark = pytest.mark.e2e  # the host stand-in adds the client address as Azure does
-
-
-class Lookups:
-    """Reads of one table by point (PartitionKey, RowKey), as the run's Azurite logged them
-    (its access log holds every process's requests; the table's name is this module's own).
-    The count goes on from where the last one stopped reading."""
-
-    def __init__(self, azurite: Azurite, table: str) -> None:
-        assert azurite.access_log is not None, "the run's Azurite logs its requests"
-        self.log = azurite.access_log
-        self.pattern = re.compile(rf'"GET /devstoreaccount1/{table}\(PartitionKey='.encode())
-        self.read_to, self.seen = 0, 0
-
-    def count(self) -> int:
-        with open(self.log, "rb") as log:
-            log.seek(self.read_to)
-            lines = log.read()
-        whole = lines[: lines.rfind(b"\n") + 1]  # a line still being written waits
-        self.read_to += len(whole)
-        self.seen += len(self.pattern.findall(whole))
-        return self.seen
 
 
 _tests_seen = [0]
@@ -96,18 +75,6 @@ def wrong_key() -> str:
     return "aip-" + secrets.token_hex(16)  # well formed: 32 letters and digits
 
 
-def settled(lookups: Lookups) -> int:
-    """The count once the log stops growing (Azurite writes its line as it answers)."""
-    last = [-1]
-
-    def still() -> tuple[int] | None:  # a count of 0 is an answer too
-        now = lookups.count()
-        same, last[0] = now == last[0], now
-        return (now,) if same else None
-
-    return wait_until(still, timeout=10, interval=0.2)[0]
-
-
 def test_forty_wrong_keys_leave_a_right_key_working_after_its_cache_entry_aged(
     guarded: tuple[AppHost, str], azurite: Azurite, sim: Simulator
 ) -> None:
@@ -118,8 +85,8 @@ def test_forty_wrong_keys_leave_a_right_key_working_after_its_cache_entry_aged(
                                api_version=API_VERSION, max_retries=0,
                                http_client=host.http)  # fmt: skip
     assert chat(host, setup.key, BODY).status_code == 200  # cached from now on
-    keys = Lookups(azurite, f"{prefix}keys")
-    before = settled(keys)
+    keys = TableReads(azurite, f"{prefix}keys")
+    before = keys.settled()
     started = time.monotonic()
     answers = [chat(host, wrong_key(), BODY) for _ in range(THRESHOLD)]
     answers += burst([lambda: chat(host, wrong_key(), BODY) for _ in range(40 - THRESHOLD)])
@@ -145,7 +112,7 @@ def test_forty_wrong_keys_leave_a_right_key_working_after_its_cache_entry_aged(
     elapsed = time.monotonic() - started
     # Looked up are the first THRESHOLD unknown keys and then 2 a second at most; the right
     # key's own refreshes are one per TTL (at most 3 here).
-    looked_up = settled(keys) - before
+    looked_up = keys.settled() - before
     bound = THRESHOLD + int(elapsed * LOOKUPS_PER_SECOND) + 1 + 3
     assert looked_up <= bound, (looked_up, elapsed)
     assert looked_up < sent
@@ -155,16 +122,16 @@ def test_a_wrong_key_sent_again_reads_no_storage(
     guarded: tuple[AppHost, str], azurite: Azurite
 ) -> None:
     host, prefix = guarded
-    keys = Lookups(azurite, f"{prefix}keys")
+    keys = TableReads(azurite, f"{prefix}keys")
     key = wrong_key()
-    before = settled(keys)
+    before = keys.settled()
     assert chat(host, key, BODY).json()["error"]["code"] == "invalid_api_key"
-    assert settled(keys) == before + 1
+    assert keys.settled() == before + 1
     started = time.monotonic()
     wait_until(lambda: time.monotonic() > started + CACHE_TTL + 0.5, timeout=CACHE_TTL + 5)
     for _ in range(5):  # past the cache's TTL: still known as unknown
         assert chat(host, key, BODY).json()["error"]["code"] == "invalid_api_key"
-    assert settled(keys) == before + 1
+    assert keys.settled() == before + 1
 
 
 def test_ten_wrong_codes_leave_a_right_code_working(
@@ -199,8 +166,8 @@ def test_random_event_ids_are_throttled_while_a_known_event_answers(
 ) -> None:
     host, prefix = guarded
     setup = EventSetup(host, sim, shared_code=CODE)
-    events = Lookups(azurite, f"{prefix}events")
-    before = settled(events)
+    events = TableReads(azurite, f"{prefix}events")
+    before = events.settled()
     started = time.monotonic()
 
     def page() -> httpx.Response:
@@ -235,7 +202,7 @@ def test_random_event_ids_are_throttled_while_a_known_event_answers(
     }
     assert sum(r.status_code == 429 for r in refused) >= 4, [r.text for r in refused]
     elapsed = time.monotonic() - started
-    looked_up = settled(events) - before
+    looked_up = events.settled() - before
     # Past the first THRESHOLD, 2 a second; plus the known event's reads after each edit.
     assert looked_up <= THRESHOLD + int(elapsed * LOOKUPS_PER_SECOND) + 1 + 3 * 3, looked_up
     assert looked_up < 61

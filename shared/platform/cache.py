@@ -3,6 +3,7 @@ names known not to exist."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -22,6 +23,9 @@ class TTLCache[K, V]:
         self._keep_none = keep_none
         self._entries: dict[K, tuple[float, V]] = {}
         self._refreshing: set[K] = set()
+        # First loads under way, one per key (and event loop): callers asking meanwhile wait
+        # for it rather than each reading storage.
+        self._loading: dict[K, tuple[asyncio.AbstractEventLoop, asyncio.Task[V]]] = {}
         self._generation = 0  # bumped by every invalidation
         self._background = Background()
 
@@ -52,18 +56,44 @@ class TTLCache[K, V]:
         request path waits for storage only the first time a key is seen. A failed background
         load keeps the old value (and is tried again by the next request) when it fails with
         `stale_on` (storage outages); any other failure drops the entry.
+
+        The first time, callers asking for a key while it loads wait for that one load (a
+        burst on a cold instance reads each event once, not once a call); it fails for all of
+        them alike, and a caller that gives up does not end it for the others.
         """
         entry = self._entries.get(key)
         if entry is None:
-            value = await load()
-            if value is not None or self._keep_none:
-                self.put(key, value)
-            return value
+            return await asyncio.shield(self._first_load(key, load))
         if entry[0] < time.monotonic() and key not in self._refreshing:
             self._refreshing.add(key)
             generation = self._generation
             self._background.spawn(self._refresh(key, load, stale_on, generation))
         return entry[1]
+
+    def _first_load(self, key: K, load: Callable[[], Awaitable[V]]) -> asyncio.Task[V]:
+        loop = asyncio.get_running_loop()
+        under_way = self._loading.get(key)
+        if under_way is not None and under_way[0] is loop:
+            return under_way[1]
+        task = loop.create_task(self._load_first(key, load, self._generation))
+        self._loading[key] = (loop, task)
+        task.add_done_callback(lambda done: self._loaded(key, done))
+        return task
+
+    async def _load_first(self, key: K, load: Callable[[], Awaitable[V]], generation: int) -> V:
+        value = await load()
+        # Kept unless an invalidation came while it loaded (a revoke, an edit): then the next
+        # caller reads again.
+        if generation == self._generation and (value is not None or self._keep_none):
+            self.put(key, value)
+        return value
+
+    def _loaded(self, key: K, done: asyncio.Task[V]) -> None:
+        under_way = self._loading.get(key)
+        if under_way is not None and under_way[1] is done:
+            del self._loading[key]
+        if not done.cancelled():
+            done.exception()  # retrieved: its callers may all have given up
 
     async def _refresh(
         self,
@@ -91,11 +121,13 @@ class TTLCache[K, V]:
     def invalidate(self, key: K) -> None:
         self._entries.pop(key, None)
         self._refreshing.discard(key)
+        self._loading.pop(key, None)  # who asks from now on reads what is stored now
         self._generation += 1
 
     def clear(self) -> None:
         self._entries.clear()
         self._refreshing.clear()
+        self._loading.clear()
         self._generation += 1
 
     def _evict(self) -> None:
