@@ -13,6 +13,21 @@ class Outage(Exception):
     pass
 
 
+class Held[V]:
+    """A load that answers `value` (or raises it, an exception) once released: a storage read
+    still under way while other callers ask. `calls` counts the loads."""
+
+    def __init__(self, value: V | Exception) -> None:
+        self.value, self.calls, self.release = value, 0, asyncio.Event()
+
+    async def __call__(self) -> V:
+        self.calls += 1
+        await self.release.wait()
+        if isinstance(self.value, Exception):
+            raise self.value
+        return self.value
+
+
 async def test_expired_value_is_served_while_one_background_load_replaces_it() -> None:
     cache: TTLCache[str, int] = TTLCache(ttl=0.05)
     loads = []
@@ -85,57 +100,36 @@ async def test_first_load_failure_reaches_the_caller() -> None:
 
 async def test_callers_asking_while_a_first_load_runs_share_it() -> None:
     cache: TTLCache[str, int] = TTLCache(ttl=60)
-    loads: list[int] = []
-    release = asyncio.Event()
-
-    async def load() -> int:
-        loads.append(1)
-        await release.wait()
-        return 7
-
+    load = Held(7)
     waiting = [asyncio.create_task(cache.get_or_load("event", load)) for _ in range(10)]
     await asyncio.sleep(0)
-    release.set()
+    load.release.set()
     assert await asyncio.gather(*waiting) == [7] * 10
-    assert len(loads) == 1
-    assert await cache.get_or_load("event", load) == 7 and len(loads) == 1  # kept
+    assert load.calls == 1
+    assert await cache.get_or_load("event", load) == 7 and load.calls == 1  # kept
 
 
 async def test_a_shared_first_load_fails_for_all_and_the_next_caller_reads_again() -> None:
     cache: TTLCache[str, int] = TTLCache(ttl=60)
-    release = asyncio.Event()
-    loads: list[int] = []
-
-    async def outage() -> int:
-        loads.append(1)
-        await release.wait()
-        raise Outage
-
+    outage: Held[int] = Held(Outage())
     waiting = [asyncio.create_task(cache.get_or_load("event", outage)) for _ in range(3)]
     await asyncio.sleep(0)
-    release.set()
+    outage.release.set()
     results = await asyncio.gather(*waiting, return_exceptions=True)
-    assert [type(r) for r in results] == [Outage] * 3 and len(loads) == 1
-
-    async def back() -> int:
-        return 8
-
+    assert [type(r) for r in results] == [Outage] * 3 and outage.calls == 1
+    back = Held(8)
+    back.release.set()
     assert await cache.get_or_load("event", back) == 8
 
 
 async def test_a_caller_that_gives_up_does_not_end_the_load_for_the_others() -> None:
     cache: TTLCache[str, int] = TTLCache(ttl=60)
-    release = asyncio.Event()
-
-    async def load() -> int:
-        await release.wait()
-        return 9
-
+    load = Held(9)
     first = asyncio.create_task(cache.get_or_load("event", load))
     second = asyncio.create_task(cache.get_or_load("event", load))
     await asyncio.sleep(0)
     first.cancel()  # its caller hung up
-    release.set()
+    load.release.set()
     assert await second == 9
     with pytest.raises(asyncio.CancelledError):
         await first
@@ -144,19 +138,12 @@ async def test_a_caller_that_gives_up_does_not_end_the_load_for_the_others() -> 
 
 async def test_a_caller_after_an_invalidation_does_not_join_the_load_before_it() -> None:
     cache: TTLCache[str, str] = TTLCache(ttl=60)
-    release = asyncio.Event()
-
-    async def before_revoke() -> str:
-        await release.wait()
-        return "active"
-
-    async def after_revoke() -> str:
-        return "revoked"
-
+    before_revoke, after_revoke = Held("active"), Held("revoked")
+    after_revoke.release.set()
     early = asyncio.create_task(cache.get_or_load("key", before_revoke))
     await asyncio.sleep(0)
     cache.invalidate("key")  # revoked while the first read was under way
     assert await cache.get_or_load("key", after_revoke) == "revoked"
-    release.set()
+    before_revoke.release.set()
     assert await early == "active"  # it asked before the revoke
     assert await cache.get_or_load("key", before_revoke) == "revoked"  # not written over
