@@ -20,7 +20,7 @@ does to the tail falls on both alike; the clients start spread over one stream's
 calls arrive evenly rather than in step; and Azurite runs ahead of the harness on CPU 1 (nice
 -10, its scheduling group included), as Table Storage is a service of its own. Each of these
 took a noise band of 21-121 ms at p99 between two runs of one target down to 2 ms
-(concurrency-paired-aa.md). CONCURRENCY_PAIRED=0 measures them one after the other instead
+(concurrency-64-paired-aa.md). CONCURRENCY_PAIRED=0 measures them one after the other instead
 (CONCURRENCY_FLOOR=0 then leaves the floor out and judges against the direct run),
 CONCURRENCY_SPREAD=0 starts the clients at once, CONCURRENCY_STORAGE_NICE=0 leaves Azurite as
 it comes. Per level: p50/p99 added time to first byte and to the
@@ -725,26 +725,27 @@ def main() -> int:
     )  # fmt: skip
     watch_out = work / "loopwatch.json"
     watch = {"AIPROXY_WORKER_PRELOAD": "bench.loopwatch", "BENCH_LOOPWATCH_OUT": str(watch_out)}
+    cpus = (HOST_CPU, WORKER_CPU) if two_cores else (None, None)
     worker = WorkerApp(
         work,
         azurite.connection_string,
-        HOST_CPU if two_cores else None,
-        WORKER_CPU if two_cores else None,
+        *cpus,
         PREFIX,
         **(watch if WATCH else {}),
         **({} if JOURNAL_ON else {"AIPROXY_CALL_EXPIRY_SECONDS": "0"}),
     )
-    floor = WorkerApp(
-        work, azurite.connection_string, HOST_CPU if two_cores else None,
-        WORKER_CPU if two_cores else None, "concfloor", name="worker-relay-function",
-        AIPROXY_WORKER_PRELOAD="bench.relay_function", BENCH_RELAY_UPSTREAM=f"http://127.0.0.1:{sim_port}",
-    ) if FLOOR_ON or PAIRED else None  # fmt: skip
+
+    def relay_app(prefix: str, name: str) -> WorkerApp:
+        """The same runtime and host stand-in serving only a relay to the simulator."""
+        return WorkerApp(
+            work, azurite.connection_string, *cpus, prefix, name=name,
+            AIPROXY_WORKER_PRELOAD="bench.relay_function",
+            BENCH_RELAY_UPSTREAM=f"http://127.0.0.1:{sim_port}",
+        )  # fmt: skip
+
+    floor = relay_app("concfloor", "worker-relay-function") if FLOOR_ON or PAIRED else None
     # The paired A/A control's second relay function, in the app's place.
-    twin = WorkerApp(
-        work, azurite.connection_string, HOST_CPU if two_cores else None,
-        WORKER_CPU if two_cores else None, "conctwin", name="worker-relay-function-2",
-        AIPROXY_WORKER_PRELOAD="bench.relay_function", BENCH_RELAY_UPSTREAM=f"http://127.0.0.1:{sim_port}",
-    ) if PAIRED and AA else None  # fmt: skip
+    twin = relay_app("conctwin", "worker-relay-function-2") if PAIRED and AA else None
     rows: list[dict[str, Any]] = []
     try:
         wait_for_port(sim_port, process=simulator)
