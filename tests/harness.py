@@ -22,6 +22,7 @@ import httpx
 from azure.data.tables import TableServiceClient
 from cryptography.fernet import Fernet
 
+from local.azurite import Azurite
 from local.process import stop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,7 +183,7 @@ class TableReads:
     (its access log holds every process's requests: name a table of the test's own prefix).
     The count goes on from where the last one stopped reading."""
 
-    def __init__(self, azurite: Any, table: str) -> None:
+    def __init__(self, azurite: Azurite, table: str) -> None:
         assert azurite.access_log is not None, "the run's Azurite logs its requests"
         self.log = azurite.access_log
         self.pattern = re.compile(rf'"GET /devstoreaccount1/{table}\(PartitionKey='.encode())

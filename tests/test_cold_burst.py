@@ -6,19 +6,18 @@ module's own."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from local.azurite import Azurite
-from tests.harness import AppHost, EventSetup, Simulator, TableReads, chat, unique_prefix
+from tests.harness import CHAT, AppHost, EventSetup, Simulator, TableReads, burst, unique_prefix
 
 pytestmark = pytest.mark.e2e  # a new worker process is the cold instance
 CALLS = 16
 BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 
-def test_a_burst_on_a_cold_instance_reads_its_event_and_key_once(
+async def test_a_burst_on_a_cold_instance_reads_its_event_and_key_once(
     app_hosts: Callable[..., AppHost], azurite: Azurite, sim: Simulator
 ) -> None:
     prefix = unique_prefix("burst")
@@ -28,8 +27,7 @@ def test_a_burst_on_a_cold_instance_reads_its_event_and_key_once(
     cold = app_hosts("burst-cold", prefix=prefix, AIPROXY_CACHE_TTL_SECONDS="600")
     events, keys = TableReads(azurite, f"{prefix}events"), TableReads(azurite, f"{prefix}keys")
     before = events.settled(), keys.settled()
-    with ThreadPoolExecutor(max_workers=CALLS) as pool:
-        answers = list(pool.map(lambda _: chat(cold, setup.key, BODY), range(CALLS)))
+    answers = await burst(CHAT, BODY, [cold], setup.key, CALLS)
     assert [a.status_code for a in answers] == [200] * CALLS, [a.text for a in answers]
     assert all(a.json()["choices"][0]["message"]["content"] for a in answers)
     assert events.settled() - before[0] == 1
