@@ -525,12 +525,17 @@ def test_every_command_has_help(command: tuple[str, ...]) -> None:
     assert len(description) > 15
 
 
+BULK_CONCURRENCY = 8
+
+
 class CountingApi(ThreadingHTTPServer):
     """A stand-in management API that counts how many key requests are in flight at once."""
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), CountingHandler)
         self.lock = threading.Lock()
+        self.arrived = threading.Condition(self.lock)
+        self.holding = True  # until one held call has waited in vain: then none waits
         self.in_flight = 0
         self.most = 0
         self.posts: Counter[str] = Counter()
@@ -560,6 +565,16 @@ class CountingHandler(BaseHTTPRequestHandler):
             first_try = self.server.posts[user] == 1
             self.server.in_flight += 1
             self.server.most = max(self.server.most, self.server.in_flight)
+            self.server.arrived.notify_all()
+            # The first calls are held until as many are in flight as the command may send at
+            # once, however slowly this machine starts them: the most in flight is then its
+            # concurrency, not how many happened to overlap.
+            full = self.server.arrived.wait_for(
+                lambda: self.server.most >= BULK_CONCURRENCY or not self.server.holding, 10
+            )
+            if not full:
+                self.server.holding = False
+                self.server.arrived.notify_all()
         time.sleep(0.2)  # a slow API: the command's calls overlap, as its concurrency allows
         with self.server.lock:
             self.server.in_flight -= 1
@@ -582,7 +597,7 @@ def test_bulk_keeps_at_most_the_concurrency_in_flight_and_retries(tmp_path: Path
         }
         result = cli(
             None,
-            *("attendees", "bulk", "--event", "e", "--concurrency", "8"),
+            *("attendees", "bulk", "--event", "e", "--concurrency", str(BULK_CONCURRENCY)),
             *("--input", str(tmp_path / "users.csv"), "--output", "-"),
             env=env,
         )
@@ -593,7 +608,7 @@ def test_bulk_keeps_at_most_the_concurrency_in_flight_and_retries(tmp_path: Path
     assert [r["user"] for r in rows] == users
     assert rows[-1] == {"user": "flaky", "attendee_id": "id-flaky", "api_key": "key-flaky"}
     assert server.posts["flaky"] == 2  # retried after the 503
-    assert server.most == 8
+    assert server.most == BULK_CONCURRENCY
 
 
 # --- organisers: an Entra token, pasted or fetched ---------------------------------------------
